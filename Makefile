@@ -1,0 +1,36 @@
+# fastssl: `make demo` and `make test` each set up everything they need on a fresh machine
+# (system packages when missing, a .venv at the repository root, the package installed
+# into it) and are cheap to run again once set up.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastssl-installed
+DEMO_DATA := data/demo
+EXTRAS ?= test
+
+.PHONY: setup demo test test-fast clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml tools/setup_system.sh
+	@bash tools/setup_system.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@touch $@
+
+$(DEMO_DATA)/manifest.json: tools/make_demo_dataset.py | $(STAMP)
+	$(PY) tools/make_demo_dataset.py $(DEMO_DATA)
+
+demo: setup $(DEMO_DATA)/manifest.json
+	@$(PY) recipes/mira_demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean-demo:
+	rm -rf $(DEMO_DATA) runs/demo

@@ -1,0 +1,64 @@
+"""Command-line entry shared by all recipes: `python recipes/X.py [--resume] [--section.field VALUE ...]`."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from fastssl.config import Config, ConfigError, apply_overrides, validate
+from pipelines.folder import DataLayoutError
+
+USAGE = """usage: {prog} [--resume] [--print-config] [--section.field VALUE ...]
+
+  --resume          continue the run in --train.run_dir from its last checkpoint
+  --print-config    print the resolved configuration and exit
+  --section.field   override any field of the recipe, e.g. --data.train /imagenet/train
+
+fields (recipe value):
+{fields}"""
+
+
+def usage(cfg: Config, prog: str) -> str:
+    lines = []
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"  --{section.name}.{f.name} = {getattr(getattr(cfg, section.name), f.name)!r}")
+    return USAGE.format(prog=prog, fields="\n".join(lines))
+
+
+def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
+    """Split the flags from the field overrides and apply the overrides to `cfg`."""
+    flags = {"resume": False, "print_config": False, "help": False}
+    rest = []
+    for arg in argv:
+        if arg in ("--resume", "--print-config", "--help", "-h"):
+            flags[{"--resume": "resume", "--print-config": "print_config"}.get(arg, "help")] = True
+        else:
+            rest.append(arg)
+    return apply_overrides(cfg, rest), flags
+
+
+def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Parse the command line into `cfg` and train; bad input exits with code 2 and a clear message."""
+    from fastssl.engine import train  # imported late so `--help` is instant
+
+    argv = sys.argv[1:] if argv is None else argv
+    prog = prog or sys.argv[0]
+    try:
+        cfg, flags = parse(cfg, argv)
+        if flags["help"]:
+            print(usage(cfg, prog))
+            sys.exit(0)
+        validate(cfg)
+        if flags["print_config"]:
+            from fastssl.config import dumps
+
+            print(dumps(cfg))
+            sys.exit(0)
+        results = train(cfg, resume=flags["resume"])
+    except (ConfigError, DataLayoutError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if "interrupted" in results:
+        sys.exit(143 if results["interrupted"] == "SIGTERM" else 130)
+    return results

@@ -1,0 +1,319 @@
+"""Typed run configuration, command-line overrides and up-front validation.
+
+A recipe is a Python file that builds a `Config`; every field can then be overridden
+from the command line as `--section.field value` (e.g. `--data.train /imagenet/train
+--optim.base_lr 0.05`). Every invalid value is reported before any work starts,
+naming the field and how to fix it, so that a typo never costs a GPU hour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.augment import MultiCropRecipe
+
+BACKENDS = ("torchvision", "synthetic", "dali", "ffcv")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are loaded."""
+
+    backend: str = "torchvision"  # torchvision | synthetic | dali | ffcv
+    train: str = ""  # ImageNet-layout folder: train/<class>/<image>.JPEG
+    val: str = ""  # same layout; used by the online k-NN ("" = no k-NN)
+    num_workers: int = -1  # loader workers per process; -1 = all cores / processes
+    synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
+    synthetic_classes: int = 1000
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, projector and prototypes (MIRA Sec. 4.1 and the authors' code)."""
+
+    arch: str = "resnet50"  # resnet18 | resnet50
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+    num_prototypes: int = 3000
+    sync_bn: bool = True  # SyncBN over every BN layer in distributed CUDA runs
+
+
+@dataclass
+class MiraConfig:
+    """The pseudo-labelling method and its schedules."""
+
+    assignment: str = "mira"  # mira | sinkhorn (SwAV's equipartition baseline)
+    tau_student: float = 0.1
+    tau_teacher: float = 0.225
+    beta_start: float = 0.75  # cosine-scheduled per step to beta_end
+    beta_end: float = 2 / 3
+    num_iters: int = 30  # fixed-point steps of Eq. 7
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 3
+    ema: bool = True  # EMA teacher (backbone + projector); head copied each step
+    ema_momentum_start: float = 0.99
+    ema_momentum_end: float = 1.0
+    freeze_prototypes_epochs: int = 1
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (linear scaling rule: lr = base_lr x batch/256)."""
+
+    name: str = "sgd"  # sgd | lars
+    base_lr: float = 0.03
+    final_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lars_eta: float = 0.001
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, length, precision, checkpoints, logs."""
+
+    run_dir: str = "runs/mira"
+    epochs: int = 100
+    global_batch_size: int = 512
+    micro_batch_size: int = 0  # per-process chunk for gradient accumulation; 0 = no split
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp16 | no  (auto: bf16 on GPUs that have it, else no)
+    compile: bool = False  # torch.compile the student
+    channels_last: bool = True
+    cpu: bool = False  # force CPU even when a GPU is present
+    steps_per_epoch: int = 0  # cap steps per epoch (smoke tests, profiling); 0 = the whole epoch
+    log_every: int = 10  # steps between CSV/TensorBoard rows
+    checkpoint_every: int = 1  # epochs between resumable checkpoints
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Online k-NN on the val split (DINO protocol), with teacher features."""
+
+    knn_every: int = 10  # epochs; 0 = only after the last epoch; -1 = never
+    knn_at_start: bool = False  # also evaluate the random-initialised network
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 256
+    image_size: int = 0  # 0 = the recipe's global crop size
+
+
+@dataclass
+class Config:
+    """The whole run. Recipes build one; `--section.field` overrides any field."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: MultiCropRecipe = field(default_factory=MultiCropRecipe)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MiraConfig = field(default_factory=MiraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _parse_value(text: str, typ: Any, name: str) -> Any:
+    """Convert a command-line string to the field's declared type."""
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(eval_fraction(text))
+        if typ is str:
+            return text
+        if origin is tuple:
+            args = typing.get_args(typ)
+            parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+            if len(parts) != len(args):
+                raise ValueError(f"expected {len(args)} comma-separated values")
+            return tuple(_parse_value(p.strip(), a, name) for p, a in zip(parts, args))
+    except ValueError as err:
+        raise ConfigError(f"--{name}: cannot read {text!r} as {_type_name(typ)} ({err})") from None
+    raise ConfigError(f"--{name}: fields of type {typ} cannot be set from the command line")
+
+
+def eval_fraction(text: str) -> float:
+    """Read a float, also written as a fraction such as `2/3` (beta's paper value)."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", str(typ))
+
+
+def field_names(cfg: Config) -> list[str]:
+    """All `section.field` names, for error messages and `--help`."""
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def set_field(cfg: Config, dotted: str, text: str) -> None:
+    """Set `section.field` from its command-line text; unknown names are an error."""
+    section_name, _, name = dotted.partition(".")
+    section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
+    types = _field_types(section) if section is not None else {}
+    if section is None or name not in types:
+        close = [n for n in field_names(cfg) if n.split(".")[-1] == dotted.split(".")[-1] or n.startswith(dotted)]
+        hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        raise ConfigError(f"--{dotted}: unknown recipe field.{hint} Run with --help to list every field.")
+    setattr(section, name, _parse_value(text, types[name], dotted))
+
+
+def apply_overrides(cfg: Config, args: list[str]) -> Config:
+    """Apply `--section.field value` / `--section.field=value` pairs in order."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: fields are set as --section.field VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key}: missing value")
+            value = args[i + 1]
+            i += 2
+        set_field(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run directory's config.json)."""
+    cfg = Config()
+    for section_name, values in data.items():
+        section = getattr(cfg, section_name, None)
+        if section is None:
+            raise ConfigError(f"{section_name}: unknown config section in saved config")
+        types = _field_types(section)
+        for name, value in values.items():
+            if name not in types:
+                raise ConfigError(f"{section_name}.{name}: unknown field in saved config")
+            if typing.get_origin(types[name]) is tuple:
+                value = tuple(value)
+            setattr(section, name, value)
+    return cfg
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def config_errors(cfg: Config) -> list[str]:
+    """Every invalid value, as `section.field: problem (fix)`. Pure: touches no files."""
+    e: list[str] = []
+    d, m, mt, o, t, ev = cfg.data, cfg.model, cfg.method, cfg.optim, cfg.train, cfg.eval
+    if d.backend not in BACKENDS:
+        e.append(f"data.backend: unknown backend {d.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if d.backend != "synthetic" and not d.train:
+        e.append("data.train: no training data given; pass --data.train /path/to/train "
+                 "(ImageNet layout: train/<class>/<image>.JPEG) or use --data.backend synthetic")
+    if d.synthetic_size < 1 or d.synthetic_classes < 1:
+        e.append("data.synthetic_size/synthetic_classes: must be positive")
+    e += [f"aug.{msg}" for msg in cfg.aug.errors()]
+    if m.arch not in ("resnet18", "resnet50"):
+        e.append(f"model.arch: unknown architecture {m.arch!r}; choose resnet18 or resnet50")
+    for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
+        if getattr(m, name) < 1:
+            e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
+    if mt.assignment not in ("mira", "sinkhorn"):
+        e.append(f"method.assignment: unknown {mt.assignment!r}; choose mira or sinkhorn")
+    for name in ("tau_student", "tau_teacher", "sinkhorn_eps"):
+        if not getattr(mt, name) > 0:
+            e.append(f"method.{name}: temperatures must be positive, got {getattr(mt, name)}")
+    for name in ("beta_start", "beta_end"):
+        if not 0 <= getattr(mt, name) < 1:
+            e.append(f"method.{name}: beta must lie in [0, 1) (Proposition 1), got {getattr(mt, name)}")
+    if mt.num_iters < 0 or mt.sinkhorn_iters < 0:
+        e.append("method.num_iters/sinkhorn_iters: must be >= 0")
+    for name in ("ema_momentum_start", "ema_momentum_end"):
+        if not 0 <= getattr(mt, name) <= 1:
+            e.append(f"method.{name}: EMA momentum must lie in [0, 1], got {getattr(mt, name)}")
+    if mt.freeze_prototypes_epochs < 0:
+        e.append("method.freeze_prototypes_epochs: must be >= 0")
+    if o.name not in ("sgd", "lars"):
+        e.append(f"optim.name: unknown optimiser {o.name!r}; choose sgd or lars")
+    for name in ("base_lr", "final_lr", "warmup_epochs", "momentum", "weight_decay", "lars_eta"):
+        value = getattr(o, name)
+        if not (math.isfinite(value) and value >= 0):
+            e.append(f"optim.{name}: must be a finite number >= 0, got {value}")
+    if t.epochs < 1:
+        e.append(f"train.epochs: must be >= 1, got {t.epochs}")
+    if o.warmup_epochs > t.epochs:
+        e.append(f"optim.warmup_epochs: {o.warmup_epochs} is longer than train.epochs={t.epochs}")
+    if t.global_batch_size < 2:
+        e.append(f"train.global_batch_size: must be >= 2, got {t.global_batch_size}")
+    if t.micro_batch_size < 0:
+        e.append("train.micro_batch_size: must be >= 0 (0 = no gradient accumulation)")
+    if t.precision not in ("auto", "bf16", "fp16", "no"):
+        e.append(f"train.precision: unknown {t.precision!r}; choose auto, bf16, fp16 or no")
+    if t.steps_per_epoch < 0 or t.log_every < 1 or t.checkpoint_every < 1:
+        e.append("train.steps_per_epoch must be >= 0, log_every and checkpoint_every >= 1")
+    if not t.run_dir:
+        e.append("train.run_dir: must name a directory for logs and checkpoints")
+    if ev.knn_k < 1:
+        e.append(f"eval.knn_k: must be >= 1, got {ev.knn_k}")
+    if not ev.knn_temperature > 0:
+        e.append(f"eval.knn_temperature: temperatures must be positive, got {ev.knn_temperature}")
+    if ev.batch_size < 1 or ev.image_size < 0:
+        e.append("eval.batch_size must be >= 1 and eval.image_size >= 0")
+    return e
+
+
+def batch_errors(cfg: Config, num_processes: int) -> list[str]:
+    """Checks that need the process count (known once Accelerate has started)."""
+    t = cfg.train
+    if t.global_batch_size % num_processes:
+        return [f"train.global_batch_size: {t.global_batch_size} is not divisible by the "
+                f"{num_processes} processes; pick a multiple of {num_processes} "
+                f"(e.g. {num_processes * max(1, t.global_batch_size // num_processes)})"]
+    per_process = t.global_batch_size // num_processes
+    if t.micro_batch_size and per_process % t.micro_batch_size:
+        return [f"train.micro_batch_size: {t.micro_batch_size} does not divide the per-process "
+                f"batch {per_process}; choose a divisor of {per_process}"]
+    return []
+
+
+def validate(cfg: Config, num_processes: int | None = None) -> None:
+    """Raise one ConfigError listing every problem, or return quietly."""
+    errors = config_errors(cfg)
+    if num_processes is not None:
+        errors += batch_errors(cfg, num_processes)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,218 @@
+"""The training loop: Accelerate owns processes and devices; everything else is called from here.
+
+`train(cfg)` validates the whole config before any work, builds the loader, networks
+and optimiser, then runs epochs of `method.train_step`, with logs, checkpoints, online
+k-NN and a clean stop on SIGTERM/SIGINT. `train(cfg, resume=True)` continues the run in
+`cfg.train.run_dir` exactly where its last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import pipelines
+from fastssl import checkpoint as ckpt
+from fastssl.config import Config, ConfigError, to_dict, validate
+from fastssl.eval.online import OnlineKnn
+from fastssl.method import train_step
+from fastssl.models import MiraNetwork, make_teacher, unwrap
+from fastssl.optim import build_optimizer
+from fastssl.profiling import ThroughputMeter, peak_memory_mb, reset_peak_memory
+from fastssl.run_log import RunLog, write_json
+from fastssl.runtime import GracefulStop, build_accelerator, default_num_workers, seed_everything
+from fastssl.schedules import scaled_lr, step_schedule
+
+# Fields that may differ when resuming (they do not change what is computed).
+RESUMABLE_CHANGES = {"data.train", "data.val", "data.num_workers", "train.progress", "train.log_every",
+                     "train.compile", "eval.batch_size"}
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Run (or continue) one training run; returns the run's results (also in results.json)."""
+    validate(cfg)
+    accelerator = build_accelerator(cfg.train)
+    validate(cfg, accelerator.num_processes)
+    run_dir = prepare_run_dir(cfg, resume, accelerator)
+    seed_everything(cfg.train.seed, accelerator.process_index)
+    workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
+    loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, workers))
+    knn = build_knn(cfg, accelerator, workers)
+
+    student, teacher = build_networks(cfg, accelerator)
+    optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
+                                lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                lars_eta=cfg.optim.lars_eta)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if cfg.train.compile:
+        student = torch.compile(student)
+
+    state = ckpt.TrainState()
+    results: dict = {"knn": []}
+    if resume:
+        state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
+                                     scaler=accelerator.scaler, rank=accelerator.process_index)
+        results = read_results(run_dir)
+    steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
+    log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else None)
+    stop = GracefulStop()
+    if knn and cfg.eval.knn_at_start and state.step == 0:
+        results["knn_random_init"] = knn(teacher.backbone)
+    try:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            epoch_row = run_epoch(cfg, accelerator, loader, student, teacher, optimizer, state, steps_per_epoch,
+                                  log, stop)
+            if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state)
+                results["interrupted"] = stop.signal_name or "signal"
+                finish(run_dir, accelerator, results)
+                accelerator.print(f"stopped by {results['interrupted']} at epoch {state.epoch} step {state.step}: "
+                                  f"checkpoint saved in {run_dir}; continue with --resume")
+                return results
+            last = state.epoch == cfg.train.epochs
+            if knn and should_eval(cfg.eval.knn_every, state.epoch, last):
+                scores = knn(teacher.backbone)
+                results["knn"].append({"epoch": state.epoch, **scores})
+                epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
+            log.epoch(epoch_row)
+            if last or state.epoch % cfg.train.checkpoint_every == 0:
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state)
+            finish(run_dir, accelerator, results)
+    finally:
+        stop.close()
+        log.close()
+    results.pop("interrupted", None)
+    finish(run_dir, accelerator, results)
+    return results
+
+
+def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, state: ckpt.TrainState,
+              steps_per_epoch: int, log: RunLog, stop: GracefulStop) -> dict | None:
+    """One epoch (or its remainder after a resume); None when a stop was requested."""
+    loader.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+    window, whole = ThroughputMeter(cfg.train.global_batch_size), ThroughputMeter(cfg.train.global_batch_size)
+    reset_peak_memory(accelerator.device)
+    losses, skipped, started = [], 0, time.perf_counter()
+    bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
+               disable=not (cfg.train.progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    for batch in window.wrap(whole.wrap(loader)):
+        sched = step_schedule(cfg, state.step, steps_per_epoch)
+        loss = train_step(student, teacher, optimizer, accelerator, batch.views, sched, cfg.method,
+                          cfg.train.micro_batch_size)
+        losses.append(loss)
+        skipped += batch.num_skipped
+        state.step += 1
+        state.batch_in_epoch += 1
+        bar.update(1)
+        if state.step % cfg.train.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
+            row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses[-cfg.train.log_every:], accelerator),
+                   "lr": sched.lr, "beta": sched.beta, "ema_momentum": sched.ema_momentum,
+                   "skipped_images": skipped, **window.summary()}
+            window.reset()
+            log.step(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
+                            wait=f"{100 * row['data_wait_share']:.0f}%")
+            if stop.agreed(accelerator):
+                bar.close()
+                return None
+        elif accelerator.num_processes == 1 and stop.requested:
+            bar.close()
+            return None
+        if state.batch_in_epoch >= steps_per_epoch:
+            break
+    bar.close()
+    row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses, accelerator),
+           "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_images": skipped,
+           "seconds": time.perf_counter() - started, **whole.summary()}
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    return row
+
+
+def mean_loss(losses: list[torch.Tensor], accelerator) -> float:
+    """Mean over the given steps and all processes (one sync, only when logging)."""
+    if not losses:
+        return float("nan")
+    local = torch.stack(losses).mean()
+    return accelerator.reduce(local, reduction="mean").item()
+
+
+def should_eval(every: int, epoch: int, last: bool) -> bool:
+    """knn_every: N = every N epochs and at the end; 0 = only at the end; -1 = never."""
+    return every >= 0 and (last or (every > 0 and epoch % every == 0))
+
+
+def build_networks(cfg: Config, accelerator) -> tuple[MiraNetwork, MiraNetwork]:
+    m = cfg.model
+    student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes)
+    if m.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    if cfg.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    teacher = make_teacher(student).to(accelerator.device)
+    return student, teacher
+
+
+def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
+    return pipelines.LoaderSpec(
+        path=cfg.data.train, recipe=cfg.aug, batch_size=cfg.train.global_batch_size // accelerator.num_processes,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
+        num_workers=workers, device=accelerator.device, channels_last=cfg.train.channels_last,
+        synthetic_size=cfg.data.synthetic_size, synthetic_classes=cfg.data.synthetic_classes)
+
+
+def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
+    if not cfg.data.val or cfg.eval.knn_every < 0 or cfg.data.backend == "synthetic":
+        return None
+    return OnlineKnn(cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
+                     cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+def prepare_run_dir(cfg: Config, resume: bool, accelerator) -> Path:
+    """Create the run directory; refuse to overwrite another run; check a resume matches."""
+    run_dir = Path(cfg.train.run_dir)
+    saved = ckpt.saved_config(run_dir)
+    if resume and saved is not None:
+        changed = config_changes(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+        if changed:
+            raise ConfigError(f"--resume: these fields differ from the run being resumed in {run_dir}: "
+                              f"{', '.join(sorted(changed))}; drop those overrides or start a new --train.run_dir")
+    elif resume:
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume")
+    elif saved is not None:
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
+                          f"--train.run_dir (nothing was overwritten)")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", to_dict(cfg))
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def config_changes(old: dict, new: dict) -> set[str]:
+    return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]}
+
+
+def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, state: ckpt.TrainState) -> None:
+    accelerator.wait_for_everyone()
+    ckpt.save_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
+                         scaler=accelerator.scaler, state=state, config=to_dict(cfg),
+                         rank=accelerator.process_index, is_main=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        ckpt.export_backbone(teacher.backbone, run_dir / f"backbone_{cfg.model.arch}.pth")
+    accelerator.wait_for_everyone()
+
+
+def read_results(run_dir: Path) -> dict:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {"knn": []}
+
+
+def finish(run_dir: Path, accelerator, results: dict) -> None:
+    if accelerator.is_main_process:
+        write_json(run_dir / "results.json", results)

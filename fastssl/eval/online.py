@@ -1,0 +1,59 @@
+"""Online k-NN during training: teacher backbone features of train (bank) and val (queries).
+
+DINO protocol: L2-normalised features, cosine similarity, k = 20, votes weighted by
+exp(sim / 0.07). Each rank embeds its share of each split; the shares are gathered so
+every rank computes the same accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastssl.eval.knn import knn_accuracy
+from pipelines.eval import EvalLoader
+
+
+@torch.no_grad()
+def embed(backbone: torch.nn.Module, loader: EvalLoader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of the whole split, in dataset order, on every rank."""
+    feats, labels, index = [], [], []
+    was_training = backbone.training
+    backbone.eval()
+    for images, y, i in loader:
+        with accelerator.autocast():
+            feats.append(backbone(images).float())
+        labels.append(y.to(accelerator.device))
+        index.append(i.to(accelerator.device))
+    backbone.train(was_training)
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, 1, device=accelerator.device)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        feats_t, labels_t, index_t = (accelerator.pad_across_processes(t, pad_index=-1) for t in
+                                      (feats_t, labels_t, index_t))
+        feats_t, labels_t, index_t = (accelerator.gather(t) for t in (feats_t, labels_t, index_t))
+        keep = index_t >= 0
+        feats_t, labels_t, index_t = feats_t[keep], labels_t[keep], index_t[keep]
+    order = torch.argsort(index_t)
+    return feats_t[order], labels_t[order]
+
+
+class OnlineKnn:
+    """Builds the two eval loaders once (so a bad val path fails before training)."""
+
+    def __init__(self, train_root: str, val_root: str, image_size: int, batch_size: int, accelerator,
+                 num_workers: int, k: int = 20, temperature: float = 0.07):
+        common = dict(size=image_size, batch_size=batch_size, rank=accelerator.process_index,
+                      world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device)
+        self.bank = EvalLoader(train_root, **common)
+        self.queries = EvalLoader(val_root, **common)
+        if self.bank.classes != self.queries.classes:
+            raise ValueError(f"the k-NN needs the same class folders in train ({train_root}) and val ({val_root}); "
+                             f"found {len(self.bank.classes)} and {len(self.queries.classes)} classes")
+        self.accelerator, self.k, self.temperature = accelerator, k, temperature
+
+    def __call__(self, backbone: torch.nn.Module) -> dict:
+        bank_x, bank_y = embed(backbone, self.bank, self.accelerator)
+        query_x, query_y = embed(backbone, self.queries, self.accelerator)
+        return knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(self.bank.classes),
+                            k=self.k, temperature=self.temperature)

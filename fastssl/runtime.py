@@ -1,0 +1,82 @@
+"""Process-level set-up: Accelerate, precision, seeds, devices, graceful stop."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from fastssl.config import TrainConfig
+
+
+def resolve_precision(precision: str, use_cuda: bool) -> str:
+    """`auto`: bf16 on GPUs that support it, fp16 (with a grad scaler) on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if not use_cuda:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def build_accelerator(train: TrainConfig) -> Accelerator:
+    """The Accelerator that owns processes, devices and autocast for this run."""
+    use_cpu = train.cpu or not torch.cuda.is_available()
+    return Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(train.precision, not use_cpu),
+                       step_scheduler_with_optimizer=False)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """One run seed; each rank derives its own so ranks do not draw identical noise.
+
+    Model initialisation happens after this with the SAME seed on every rank (DDP also
+    broadcasts rank 0's weights), so only per-rank randomness differs.
+    """
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_num_workers(requested: int, num_processes: int) -> int:
+    """-1 means: share this machine's cores among the local processes."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, num_processes))
+
+
+class GracefulStop:
+    """Turns the first SIGTERM/SIGINT into a flag the loop checks between steps.
+
+    The loop then writes a checkpoint and exits cleanly; a second signal falls back to
+    the default behaviour (immediate exit) for users who really mean it.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True when any process was asked to stop (all ranks must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -1,0 +1,66 @@
+"""Schedules as pure functions of (step, total steps).
+
+Everything the loop varies over training (learning rate, EMA momentum, MIRA's beta)
+is a function of the global optimiser step, so a resumed run that restores the step
+counter continues every schedule exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fastssl.config import Config
+
+
+def cosine(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half-cosine from `start` (step 0) to `end` (step `total_steps`), clamped after it.
+
+    Used for the EMA momentum (0.99 -> 1) and for beta (0.75 -> 2/3), per step, as in
+    the authors' code.
+    """
+    if total_steps <= 0:
+        return end
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then per-step cosine to `final`.
+
+    The warm-up reaches `peak` at step `warmup_steps` (step 0 uses lr = peak / warmup_steps,
+    never exactly 0, so the first step is not wasted).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
+
+
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+    """The linear scaling rule (Goyal et al.): lr = base_lr x batch / 256."""
+    return base_lr * global_batch_size / 256
+
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """The scheduled values of one optimiser step."""
+
+    lr: float
+    beta: float
+    ema_momentum: float
+    freeze_prototypes: bool
+
+
+def step_schedule(cfg: Config, step: int, steps_per_epoch: int) -> StepSchedule:
+    """All scheduled values at global `step` (per-step schedules, as the authors' code)."""
+    o, m, t = cfg.optim, cfg.method, cfg.train
+    total = t.epochs * steps_per_epoch
+    peak = scaled_lr(o.base_lr, t.global_batch_size)
+    return StepSchedule(
+        lr=warmup_cosine(step, total, round(o.warmup_epochs * steps_per_epoch), peak, o.final_lr),
+        beta=cosine(step, total, m.beta_start, m.beta_end),
+        # Without EMA the teacher is a fresh copy of the student at every step.
+        ema_momentum=cosine(step, total, m.ema_momentum_start, m.ema_momentum_end) if m.ema else 0.0,
+        freeze_prototypes=step < m.freeze_prototypes_epochs * steps_per_epoch,
+    )

@@ -1,0 +1,90 @@
+"""The multi-crop augmentation recipe as data.
+
+Every backend (torchvision reference, DALI, FFCV) reads its crop sizes, scales and
+per-view probabilities from one `MultiCropRecipe`, so that they cannot drift apart.
+Defaults are DINO's / MIRA's ResNet-50 recipe (see shared NOTES.md): 2 x 224 global
+crops at scale (0.14, 1), 6 x 96 local crops at scale (0.05, 0.14), colour jitter
+(0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur with p 1.0 / 0.1 /
+0.5 on global view 0 / global view 1 / locals (sigma 0.1-2), solarize p 0.2 on
+global view 1 only, horizontal flip p 0.5, ImageNet mean and std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NUM_GLOBAL_VIEWS = 2
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What one view (one crop of the source image) gets: resolved from the recipe."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+@dataclass
+class MultiCropRecipe:
+    """Crop geometry and augmentation probabilities, shared by all backends."""
+
+    global_size: int = 224
+    local_size: int = 96
+    num_local: int = 6
+    global_scale: tuple[float, float] = (0.14, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.14)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    # Blur probability for global view 0, global view 1, and every local view.
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # Solarize probability for global view 0, global view 1, and every local view.
+    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def num_views(self) -> int:
+        return NUM_GLOBAL_VIEWS + self.num_local
+
+    def view(self, v: int) -> ViewSpec:
+        """The spec of view `v`: 0 and 1 are the global views, the rest are local."""
+        if not 0 <= v < self.num_views:
+            raise IndexError(f"view {v} out of range for {self.num_views} views")
+        slot = min(v, 2)
+        if v < NUM_GLOBAL_VIEWS:
+            return ViewSpec(self.global_size, self.global_scale, self.blur_p[slot], self.solarize_p[slot])
+        return ViewSpec(self.local_size, self.local_scale, self.blur_p[slot], self.solarize_p[slot])
+
+    def views(self) -> list[ViewSpec]:
+        return [self.view(v) for v in range(self.num_views)]
+
+    def errors(self) -> list[str]:
+        """Every problem with the values, as `field: what is wrong (fix)` strings."""
+        out: list[str] = []
+        for name in ("global_size", "local_size"):
+            if getattr(self, name) < 8:
+                out.append(f"{name}: must be at least 8 pixels, got {getattr(self, name)}")
+        if self.num_local < 0:
+            out.append(f"num_local: must be >= 0, got {self.num_local}")
+        for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                out.append(f"{name}: needs 0 < low <= high, got ({lo}, {hi})")
+        for name in ("global_scale", "local_scale"):
+            if getattr(self, name)[1] > 1:
+                out.append(f"{name}: the area fraction cannot exceed 1, got {getattr(self, name)}")
+        probs = [("flip_p", self.flip_p), ("jitter_p", self.jitter_p), ("grayscale_p", self.grayscale_p)]
+        probs += [(f"blur_p[{i}]", p) for i, p in enumerate(self.blur_p)]
+        probs += [(f"solarize_p[{i}]", p) for i, p in enumerate(self.solarize_p)]
+        out += [f"{n}: a probability must lie in [0, 1], got {p}" for n, p in probs if not 0 <= p <= 1]
+        if any(s <= 0 for s in self.std):
+            out.append(f"std: must be positive, got {self.std}")
+        return out

@@ -1,0 +1,28 @@
+"""The one contract between loaders and the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MultiCropBatch:
+    """Augmented views of one batch of source images, ready for the model.
+
+    `views` holds the 2 global views first (B x 3 x Hg x Wg), then the local views
+    (B x 3 x Hl x Wl): normalised, channels_last, on the training device. Every view
+    of row i is cut from the same source image `index[i]`. `label` is for evaluation
+    and debugging only, never for training. `num_skipped` counts unreadable source
+    images that were replaced by another image of the epoch while building this batch.
+    """
+
+    views: list[torch.Tensor]
+    index: torch.Tensor
+    label: torch.Tensor | None = None
+    num_skipped: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.views[0].shape[0]

@@ -1,0 +1,80 @@
+"""Evaluation loader: resize + centre crop of a labelled folder, sharded across ranks.
+
+The DINO/MIRA evaluation transform scaled to the crop size: resize the shorter side
+to size / 0.875 (256 for 224), centre-crop `size`, normalise.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.folder import scan_image_folder
+from pipelines.torchvision import UNREADABLE, load_rgb
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    return T.Compose([
+        T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class EvalFolder(Dataset):
+    """(image, label, index) of an ImageNet-layout folder; unreadable images are dropped."""
+
+    def __init__(self, root: str, size: int):
+        self.samples, self.classes = scan_image_folder(root)
+        self.transform = eval_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return self.transform(load_rgb(path)), label, i
+        except UNREADABLE as err:
+            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
+            return None
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return (torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]),
+            torch.tensor([it[2] for it in items]))
+
+
+class EvalLoader:
+    """This rank's share (every world_size-th image) of a labelled folder, in order."""
+
+    def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True):
+        self.dataset = EvalFolder(root, size)
+        self.classes = self.dataset.classes
+        self.indices = list(range(rank, len(self.dataset), world_size))
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.device = device or torch.device("cpu")
+        self.channels_last = channels_last
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        batches = [self.indices[i : i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                            collate_fn=_collate, pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            if batch is None:
+                continue
+            images, labels, index = batch
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels, index

@@ -1,0 +1,45 @@
+"""Epoch order and per-rank shards, as pure functions of (seed, epoch).
+
+Every backend shards the same way: a permutation of all images drawn from
+(seed, epoch), dealt round-robin to the ranks, cut to whole batches. Because the order
+is a function of (seed, epoch), a resumed run replays exactly the epochs it missed,
+and `start_batch` skips the batches it had already trained on without loading them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the whole dataset in `epoch` (the same on every rank)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randperm(num_items, generator=g)
+
+
+def batches_per_epoch(num_items: int, batch_size: int, world_size: int) -> int:
+    """Whole per-rank batches per epoch; the remainder of the epoch is dropped."""
+    return (num_items // world_size) // batch_size
+
+
+def shard_batches(num_items: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                  start_batch: int = 0) -> list[list[int]]:
+    """This rank's batches of dataset indices for `epoch`, from batch `start_batch` on.
+
+    Ranks get disjoint shards of equal length (so DDP never waits on a rank that ran
+    out); all shards together cover the epoch except fewer than world_size x batch_size
+    images, which differ each epoch.
+    """
+    n = batches_per_epoch(num_items, batch_size, world_size)
+    if n == 0:
+        raise ValueError(f"the dataset has {num_items} images, fewer than one global batch of "
+                         f"{batch_size * world_size}; lower train.global_batch_size or add images")
+    perm = epoch_permutation(num_items, seed, epoch)
+    mine = perm[rank : n * batch_size * world_size : world_size]
+    return [mine[b * batch_size : (b + 1) * batch_size].tolist() for b in range(start_batch, n)]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one (epoch, image): independent of workers and ranks."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])

@@ -1,0 +1,31 @@
+"""What the training loop tells a loader: the seam every backend plugs into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipelines.augment import MultiCropRecipe
+
+
+@dataclass
+class LoaderSpec:
+    """Everything a backend needs to produce this rank's `MultiCropBatch`es."""
+
+    path: str
+    recipe: MultiCropRecipe
+    batch_size: int  # per process
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    num_workers: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    channels_last: bool = True
+    synthetic_size: int = 1_281_167
+    synthetic_classes: int = 1000
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Move one view to the training device in the training memory format."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -1,0 +1,139 @@
+"""The reference loader: PIL + torchvision transforms + a DataLoader.
+
+The yardstick for the fast pipelines, both for speed and for augmentation statistics.
+Each (epoch, image) draws its augmentation from its own seed (`sample_seed`), so the
+batches are the same whatever the worker count, and a resumed run sees the same
+augmentations as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from pipelines.augment import MultiCropRecipe, ViewSpec
+from pipelines.batch import MultiCropBatch
+from pipelines.folder import scan_image_folder
+from pipelines.sampler import batches_per_epoch, sample_seed, shard_batches
+from pipelines.spec import LoaderSpec
+
+# Errors PIL raises on truncated, corrupt or non-image files.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+MAX_REPLACEMENTS = 16
+
+
+class PILGaussianBlur:
+    """Gaussian blur with sigma ~ U(lo, hi), as DINO/MIRA (PIL's blur, radius = sigma)."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        lo, hi = self.sigma
+        radius = lo + (hi - lo) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+def view_transform(recipe: MultiCropRecipe, view: ViewSpec) -> T.Compose:
+    """PIL image -> normalised tensor for one view, from the shared recipe."""
+    b, c, s, h = recipe.jitter
+    return T.Compose([
+        T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(p=recipe.flip_p),
+        T.RandomApply([T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=recipe.jitter_p),
+        T.RandomGrayscale(p=recipe.grayscale_p),
+        T.RandomApply([PILGaussianBlur(recipe.blur_sigma)], p=view.blur_p),
+        T.RandomSolarize(threshold=128, p=view.solarize_p),
+        T.ToTensor(),
+        T.Normalize(recipe.mean, recipe.std),
+    ])
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode fully (so truncation is found here, not later) and convert CMYK/L/P/RGBA to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class MultiCropFolder(Dataset):
+    """An ImageNet-layout folder whose items are all views of one image.
+
+    Items are addressed by (epoch, index) so that the augmentation seed is a function
+    of the sample, not of the worker that happens to load it.
+    """
+
+    def __init__(self, root: str, recipe: MultiCropRecipe, seed: int):
+        self.samples, self.classes = scan_image_folder(root)
+        self.transforms = [view_transform(recipe, v) for v in recipe.views()]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        skipped = 0
+        for attempt in range(MAX_REPLACEMENTS):
+            i = (index + attempt) % len(self.samples)
+            path, label = self.samples[i]
+            try:
+                img = load_rgb(path)
+                break
+            except UNREADABLE as err:
+                skipped += 1
+                warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
+        else:
+            raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row near {path}; is the data corrupt?")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            views = [t(img) for t in self.transforms]  # every transform draws from torch's RNG
+        return views, i, label, skipped
+
+
+def collate_views(items) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    views = [torch.stack([it[0][v] for it in items]) for v in range(len(items[0][0]))]
+    index = torch.tensor([it[1] for it in items])
+    label = torch.tensor([it[2] for it in items])
+    return views, index, label, sum(it[3] for it in items)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers are processes: one thread each avoids oversubscription
+
+
+class TorchvisionLoader:
+    """Multi-crop batches from a JPEG folder via PIL and DataLoader workers."""
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        self.dataset = MultiCropFolder(spec.path, spec.recipe, spec.seed)
+        self.num_images = len(self.dataset)
+        self.epoch, self.start_batch = 0, 0
+        if len(self) == 0:  # raises the clear "fewer than one global batch" error
+            shard_batches(self.num_images, spec.batch_size, spec.rank, spec.world_size, spec.seed, 0)
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        s = self.spec
+        batches = shard_batches(self.num_images, s.batch_size, s.rank, s.world_size, s.seed, self.epoch,
+                                self.start_batch)
+        keyed = [[(self.epoch, i) for i in b] for b in batches]
+        loader = DataLoader(self.dataset, batch_sampler=keyed, num_workers=s.num_workers,
+                            collate_fn=collate_views, pin_memory=s.device.type == "cuda",
+                            worker_init_fn=_worker_init if s.num_workers else None,
+                            prefetch_factor=4 if s.num_workers else None)
+        for views, index, label, skipped in loader:
+            yield MultiCropBatch(views=[s.to_device(v) for v in views], index=index, label=label,
+                                 num_skipped=skipped)

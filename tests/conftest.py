@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny image folders made on the fly (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def index_colour(i: int) -> tuple[int, int, int]:
+    """A colour that encodes an integer < 4096 in steps of 16 per channel (robust to JPEG)."""
+    return (16 * (i % 16) + 8, 16 * ((i // 16) % 16) + 8, 16 * ((i // 256) % 16) + 8)
+
+
+def decode_index(rgb) -> int:
+    r, g, b = (int(round((c - 8) / 16)) for c in rgb)
+    return r + 16 * g + 256 * b
+
+
+def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 6, size: int = 40) -> list[Path]:
+    """ImageNet layout of uniformly coloured JPEGs; image k (global order) has colour index_colour(k)."""
+    paths, k = [], 0
+    for c in range(num_classes):
+        folder = root / f"class_{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            path = folder / f"img_{j:03d}.JPEG"
+            Image.fromarray(np.full((size, size + 7, 3), index_colour(k), np.uint8)).save(path, quality=95)
+            paths.append(path)
+            k += 1
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "train"
+    make_image_folder(root)
+    return root

@@ -1,0 +1,95 @@
+"""Config overrides and up-front validation: every bad value named with its fix."""
+
+import pytest
+
+from fastssl.config import Config, ConfigError, apply_overrides, batch_errors, from_dict, to_dict, validate
+
+
+def valid() -> Config:
+    cfg = Config()
+    cfg.data.train = "/some/train"
+    return cfg
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(valid(), ["--optim.base_lr", "0.05", "--train.epochs=3", "--method.beta_end", "2/3",
+                                    "--aug.global_scale", "0.2,0.9", "--method.ema", "false"])
+    assert cfg.optim.base_lr == 0.05 and cfg.train.epochs == 3
+    assert cfg.method.beta_end == pytest.approx(2 / 3)
+    assert cfg.aug.global_scale == (0.2, 0.9)
+    assert cfg.method.ema is False
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--optim.lrr", "1"], "optim.lrr: unknown recipe field"),
+    (["--nosuch.field", "1"], "unknown recipe field"),
+    (["--train.epochs", "three"], "cannot read 'three' as int"),
+    (["--aug.global_scale", "0.2"], "expected 2 comma-separated values"),
+    (["--train.epochs"], "missing value"),
+    (["positional"], "unexpected argument"),
+])
+def test_bad_overrides(args, needle):
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(valid(), args)
+
+
+def test_unknown_field_suggests_close_names():
+    with pytest.raises(ConfigError, match="--data.train"):
+        apply_overrides(valid(), ["--train", "/x"])
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("method.beta_start", 1.0, "beta must lie in \\[0, 1\\)"),
+    ("method.beta_end", -0.1, "beta must lie in \\[0, 1\\)"),
+    ("method.tau_student", 0.0, "temperatures must be positive"),
+    ("method.tau_teacher", -1.0, "temperatures must be positive"),
+    ("eval.knn_temperature", 0.0, "temperatures must be positive"),
+    ("data.backend", "nope", "unknown backend"),
+    ("model.arch", "vit", "unknown architecture"),
+    ("train.precision", "fp8", "unknown 'fp8'"),
+    ("optim.warmup_epochs", 200.0, "longer than train.epochs"),
+    ("aug.flip_p", 1.5, "probability must lie in \\[0, 1\\]"),
+])
+def test_invalid_values_are_named(field, value, needle):
+    cfg = valid()
+    section, name = field.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=needle) as err:
+        validate(cfg)
+    assert field.split(".")[0] in str(err.value)
+
+
+def test_missing_train_path_says_layout():
+    with pytest.raises(ConfigError, match="ImageNet layout"):
+        validate(Config())
+
+
+def test_synthetic_needs_no_path():
+    cfg = Config()
+    cfg.data.backend = "synthetic"
+    validate(cfg)
+
+
+def test_batch_divisibility():
+    cfg = valid()
+    cfg.train.global_batch_size = 510
+    assert batch_errors(cfg, 1) == []
+    (msg,) = batch_errors(cfg, 4)
+    assert "not divisible by the 4 processes" in msg and "multiple of 4" in msg
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 512, 48
+    (msg,) = batch_errors(cfg, 8)
+    assert "does not divide the per-process batch 64" in msg
+
+
+def test_all_errors_reported_at_once():
+    cfg = Config()
+    cfg.method.beta_start, cfg.method.tau_student = 2.0, 0.0
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    assert "data.train" in text and "method.beta_start" in text and "method.tau_student" in text
+
+
+def test_dict_round_trip():
+    cfg = apply_overrides(valid(), ["--aug.local_scale", "0.06,0.2", "--train.seed", "7"])
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)

@@ -1,0 +1,55 @@
+"""The multi-crop swapped-prediction loss against a hand computation."""
+
+import math
+
+import pytest
+import torch
+
+from fastssl.losses import swapped_prediction_loss
+
+
+def hand_loss(student, targets, tau):
+    """Plain Python loops in float64, straight from Eq. 8 and NOTES.md's multi-crop rule."""
+    def ce(u, z):
+        total = 0.0
+        for i in range(len(u)):
+            logq = [zj / tau - math.log(sum(math.exp(zk / tau) for zk in z[i])) for zj in z[i]]
+            total -= sum(uj * lj for uj, lj in zip(u[i], logq))
+        return total / len(u)
+
+    halves = []
+    for t, u in enumerate(targets):
+        terms = [ce(u, s) for v, s in enumerate(student) if v != t]
+        halves.append(sum(terms) / len(terms))
+    return sum(halves) / len(halves)
+
+
+@pytest.mark.parametrize("num_views", [2, 4])
+def test_matches_hand_computation(num_views):
+    g = torch.Generator().manual_seed(num_views)
+    student = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(num_views)]
+    targets = [torch.softmax(torch.randn(3, 4, generator=g, dtype=torch.float64), 1) for _ in range(2)]
+    got = swapped_prediction_loss(student, targets, tau_student=0.1)
+    want = hand_loss([s.tolist() for s in student], [t.tolist() for t in targets], 0.1)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_two_views_is_half_of_eq8():
+    g = torch.Generator().manual_seed(1)
+    q1, q2 = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    u1, u2 = torch.softmax(torch.randn(5, 7, generator=g), 1), torch.softmax(torch.randn(5, 7, generator=g), 1)
+    eq8 = (-(u1 * torch.log_softmax(q2 / 0.1, 1)).sum(1).mean() - (u2 * torch.log_softmax(q1 / 0.1, 1)).sum(1).mean())
+    assert swapped_prediction_loss([q1, q2], [u1, u2], 0.1).item() == pytest.approx(eq8.item() / 2, rel=1e-6)
+
+
+def test_target_never_supervises_its_own_view():
+    g = torch.Generator().manual_seed(2)
+    student = [torch.randn(2, 3, generator=g) for _ in range(3)]
+    target0 = torch.softmax(torch.randn(2, 3, generator=g), 1)
+    base = swapped_prediction_loss(student, [target0], 0.1)
+    moved = [student[0] + 5 * torch.randn(2, 3, generator=g)] + student[1:]
+    # the half of target 0 ignores student view 0 entirely ...
+    assert swapped_prediction_loss(moved, [target0], 0.1).item() == pytest.approx(base.item(), rel=1e-7)
+    # ... but not student view 1
+    moved = [student[0], student[1] + 5 * torch.randn(2, 3, generator=g), student[2]]
+    assert abs(swapped_prediction_loss(moved, [target0], 0.1).item() - base.item()) > 1e-3

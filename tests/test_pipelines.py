@@ -1,0 +1,171 @@
+"""The reference loader and the shared sampler: layout errors, shards, determinism, bad images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import decode_index, make_image_folder
+from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.folder import DataLayoutError, scan_image_folder
+from pipelines.sampler import batches_per_epoch, shard_batches
+
+
+def plain_recipe(**kw) -> MultiCropRecipe:
+    """Crops only: no colour change, so a view's mean colour still names its source image."""
+    return MultiCropRecipe(global_size=16, local_size=8, num_local=2, flip_p=0.5, jitter_p=0.0, grayscale_p=0.0,
+                           blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0), **kw)
+
+
+def unnormalise_mean(view: torch.Tensor) -> list[int]:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((view * std + mean) * 255).mean(dim=(1, 2)).round().int().tolist()
+
+
+# ------------------------------------------------------------------ folder scanning
+
+
+def test_scan_maps_classes_like_imagefolder(image_folder):
+    samples, classes = scan_image_folder(image_folder)
+    assert classes == ["class_00", "class_01", "class_02"]
+    assert len(samples) == 18 and samples[0][1] == 0 and samples[-1][1] == 2
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "does not exist"),
+    ("file", "is a file, not a folder"),
+    ("empty", "has no class folders \\(it is empty\\)"),
+    ("flat", "holds 2 images but no class folders"),
+    ("empty_class", "has no images"),
+    ("parent", "point at"),
+])
+def test_scan_errors_name_the_problem(tmp_path, case, needle):
+    root = tmp_path / "data"
+    if case == "file":
+        root.write_text("x")
+    elif case == "empty":
+        root.mkdir()
+    elif case == "flat":
+        root.mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(root / f"{i}.JPEG")
+    elif case == "empty_class":
+        make_image_folder(root, 2, 2)
+        (root / "class_zz").mkdir()
+    elif case == "parent":
+        make_image_folder(root / "train", 2, 2)
+        make_image_folder(root / "val", 2, 2)
+    with pytest.raises(DataLayoutError, match=needle) as err:
+        scan_image_folder(root)
+    assert "ImageNet layout" in str(err.value) or case in ("empty_class", "parent")
+
+
+# ------------------------------------------------------------------ sharding
+
+
+@pytest.mark.parametrize("n, batch, world", [(100, 8, 2), (37, 4, 3), (64, 8, 1)])
+def test_shards_are_disjoint_and_cover_the_epoch(n, batch, world):
+    shards = [sum(shard_batches(n, batch, r, world, seed=3, epoch=5), []) for r in range(world)]
+    flat = sum(shards, [])
+    assert len(flat) == len(set(flat))  # disjoint
+    assert len(flat) == batches_per_epoch(n, batch, world) * batch * world
+    assert n - len(flat) < batch * world  # only the remainder of the epoch is dropped
+    assert all(len(s) == len(shards[0]) for s in shards)  # equal length: no rank waits
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    a = shard_batches(50, 5, 0, 2, seed=1, epoch=0)
+    assert a == shard_batches(50, 5, 0, 2, seed=1, epoch=0)
+    assert a != shard_batches(50, 5, 0, 2, seed=1, epoch=1)
+    assert a != shard_batches(50, 5, 0, 2, seed=2, epoch=0)
+    assert shard_batches(50, 5, 0, 2, seed=1, epoch=0, start_batch=2) == a[2:]
+
+
+def test_too_small_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        shard_batches(10, 8, 0, 2, seed=0, epoch=0)
+
+
+# ------------------------------------------------------------------ the torchvision loader
+
+
+def spec_for(root, recipe=None, **kw) -> LoaderSpec:
+    return LoaderSpec(path=str(root), recipe=recipe or plain_recipe(), batch_size=kw.pop("batch_size", 4), **kw)
+
+
+def test_batches_have_the_contract_shapes(image_folder):
+    loader = build_train_loader("torchvision", spec_for(image_folder))
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4
+    b = batches[0]
+    assert [tuple(v.shape) for v in b.views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in b.views)
+    assert b.label.tolist() == [i // 6 for i in b.index.tolist()]
+
+
+def test_every_view_comes_from_its_source_image(image_folder):
+    loader = build_train_loader("torchvision", spec_for(image_folder))
+    for batch in loader:
+        for row, index in enumerate(batch.index.tolist()):
+            for view in batch.views:
+                assert decode_index(unnormalise_mean(view[row])) == index
+
+
+def test_augmentations_do_not_depend_on_workers(image_folder):
+    full = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
+    runs = []
+    for workers in (0, 2):
+        loader = build_train_loader("torchvision", spec_for(image_folder, full, num_workers=workers, seed=4))
+        loader.set_epoch(1)
+        runs.append(list(loader))
+    for a, b in zip(*runs):
+        assert torch.equal(a.index, b.index)
+        for va, vb in zip(a.views, b.views):
+            torch.testing.assert_close(va, vb)
+
+
+def test_resume_mid_epoch_replays_the_rest(image_folder):
+    loader = build_train_loader("torchvision", spec_for(image_folder, seed=9))
+    loader.set_epoch(2)
+    whole = list(loader)
+    loader.set_epoch(2, start_batch=3)
+    rest = list(loader)
+    assert len(rest) == 1 and torch.equal(rest[0].index, whole[3].index)
+    torch.testing.assert_close(rest[0].views[2], whole[3].views[2])
+
+
+def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path):
+    root = tmp_path / "train"
+    make_image_folder(root, 2, 4)
+    odd = root / "class_00"
+    Image.new("CMYK", (30, 30), (10, 20, 30, 0)).save(odd / "cmyk.JPEG")
+    Image.new("L", (30, 30), 128).save(odd / "gray.JPEG")
+    Image.new("RGBA", (30, 30)).save(odd / "png_named.JPEG", format="PNG")
+    good = (odd / "img_000.JPEG").read_bytes()
+    (odd / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    (odd / "not_an_image.JPEG").write_text("hello")
+    loader = build_train_loader("torchvision", spec_for(root, batch_size=13))
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        batches = list(loader)
+    assert sum(b.num_skipped for b in batches) == 2
+    assert all(torch.isfinite(v).all() for b in batches for v in b.views)
+    assert batches[0].batch_size == 13  # replaced, so the batch keeps its size
+
+
+def test_unknown_backend_is_named(image_folder):
+    with pytest.raises(ValueError, match="unknown data backend 'nope'"):
+        build_train_loader("nope", spec_for(image_folder))
+
+
+def test_synthetic_backend_shapes():
+    spec = LoaderSpec(path="", recipe=plain_recipe(), batch_size=3, synthetic_size=12)
+    loader = build_train_loader("synthetic", spec)
+    batches = list(loader)
+    assert len(batches) == 4
+    assert [tuple(v.shape) for v in batches[0].views] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 2
+    assert not torch.equal(batches[0].views[0], batches[1].views[0])
+    assert np.isfinite(batches[0].views[0].numpy()).all()

@@ -1,0 +1,51 @@
+"""Schedule endpoints and shapes (EMA momentum 0.99 -> 1, beta 0.75 -> 2/3, warm-up + cosine lr)."""
+
+import math
+
+import pytest
+
+from fastssl.config import Config
+from fastssl.schedules import cosine, scaled_lr, step_schedule, warmup_cosine
+
+
+def test_cosine_endpoints_and_midpoint():
+    assert cosine(0, 100, 0.99, 1.0) == pytest.approx(0.99)
+    assert cosine(100, 100, 0.99, 1.0) == pytest.approx(1.0)
+    assert cosine(50, 100, 0.75, 2 / 3) == pytest.approx((0.75 + 2 / 3) / 2)
+    assert cosine(1000, 100, 0.75, 2 / 3) == pytest.approx(2 / 3)  # clamped after the end
+
+
+def test_cosine_is_monotone():
+    values = [cosine(s, 37, 0.99, 1.0) for s in range(38)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_warmup_then_cosine():
+    peak, warm, total = 0.06, 10, 110
+    lrs = [warmup_cosine(s, total, warm, peak, 0.0) for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(peak / warm)
+    assert lrs[warm - 1] == pytest.approx(peak)  # warm-up reaches the peak
+    assert lrs[warm] == pytest.approx(peak)  # cosine starts at the peak
+    assert lrs[total] == pytest.approx(0.0, abs=1e-12)
+    assert all(b >= a for a, b in zip(lrs[:warm], lrs[1:warm]))
+    # per-step cosine: halfway through the decay the lr is half the peak
+    assert lrs[warm + (total - warm) // 2] == pytest.approx(peak / 2)
+
+
+def test_linear_scaling_rule():
+    assert scaled_lr(0.03, 512) == pytest.approx(0.06)
+    assert scaled_lr(0.3, 4096) == pytest.approx(4.8)
+
+
+def test_step_schedule_endpoints():
+    cfg = Config()
+    cfg.train.epochs, cfg.optim.warmup_epochs = 4, 1
+    spe = 25
+    first, last = step_schedule(cfg, 0, spe), step_schedule(cfg, 4 * spe, spe)
+    assert first.beta == pytest.approx(0.75) and last.beta == pytest.approx(2 / 3)
+    assert first.ema_momentum == pytest.approx(0.99) and last.ema_momentum == pytest.approx(1.0)
+    assert first.freeze_prototypes and not step_schedule(cfg, spe, spe).freeze_prototypes
+    assert step_schedule(cfg, spe - 1, spe).lr == pytest.approx(scaled_lr(cfg.optim.base_lr, 512))
+    cfg.method.ema = False
+    assert step_schedule(cfg, 10, spe).ema_momentum == 0.0
+    assert math.isclose(last.lr, cfg.optim.final_lr, abs_tol=1e-12)

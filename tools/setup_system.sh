@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System packages fastssl needs beyond Python, installed only when missing.
+# Called by `make setup`; safe to run again (it checks before it installs).
+set -euo pipefail
+
+need=()
+python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
+command -v gcc >/dev/null || need+=(build-essential)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "setup: installing system packages: ${need[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
