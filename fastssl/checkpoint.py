@@ -21,11 +21,17 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 @dataclass
 class TrainState:
-    """Where the run is: epoch, global optimiser step, batches done in this epoch."""
+    """Where the run is: epoch, global optimiser step, batches done in this epoch.
+
+    The loss of an epoch interrupted mid-way is carried as (sum, steps) so that the
+    resumed run reports the same epoch loss as an uninterrupted one.
+    """
 
     epoch: int = 0
     step: int = 0
     batch_in_epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
 
 
 def atomic_save(obj, path: Path) -> None:

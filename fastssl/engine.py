@@ -97,7 +97,7 @@ def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, sta
     loader.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
     window, whole = ThroughputMeter(cfg.train.global_batch_size), ThroughputMeter(cfg.train.global_batch_size)
     reset_peak_memory(accelerator.device)
-    losses, skipped, started = [], 0, time.perf_counter()
+    losses, skipped, started, stopping = [], 0, time.perf_counter(), False
     bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
                disable=not (cfg.train.progress and accelerator.is_local_main_process), dynamic_ncols=True)
     for batch in window.wrap(whole.wrap(loader)):
@@ -117,20 +117,21 @@ def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, sta
             log.step(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
                             wait=f"{100 * row['data_wait_share']:.0f}%")
-            if stop.agreed(accelerator):
-                bar.close()
-                return None
-        elif accelerator.num_processes == 1 and stop.requested:
-            bar.close()
-            return None
-        if state.batch_in_epoch >= steps_per_epoch:
+            stopping = stop.agreed(accelerator)
+        else:
+            stopping = accelerator.num_processes == 1 and stop.requested
+        if stopping or state.batch_in_epoch >= steps_per_epoch:
             break
     bar.close()
-    row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses, accelerator),
+    if losses:
+        state.epoch_loss_sum += mean_loss(losses, accelerator) * len(losses)
+        state.epoch_loss_steps += len(losses)
+    if stopping:
+        return None
+    row = {"epoch": state.epoch, "step": state.step, "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
            "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_images": skipped,
            "seconds": time.perf_counter() - started, **whole.summary()}
-    state.epoch += 1
-    state.batch_in_epoch = 0
+    state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
     return row
 
 

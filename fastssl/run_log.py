@@ -53,14 +53,14 @@ class RunLog:
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def step(self, row: dict) -> None:
-        self._write(self.steps, row, "train")
+        if self.enabled:
+            self._write(self.steps, row, "train")
 
     def epoch(self, row: dict) -> None:
-        self._write(self.epochs, row, "epoch")
+        if self.enabled:
+            self._write(self.epochs, row, "epoch")
 
     def _write(self, log: CsvLog, row: dict, prefix: str) -> None:
-        if not self.enabled:
-            return
         log.append(row)
         for key, value in row.items():
             if key not in ("epoch", "step") and isinstance(value, (int, float)) and value != "":

@@ -1,0 +1,191 @@
+"""The loop end to end on tiny data: outputs, refusals, resume, k-NN, two real processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_image_folder
+from fastssl.config import Config, ConfigError
+from fastssl.engine import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, epochs: int = 2) -> Config:
+    train_dir, val_dir = tmp_path / "data" / "train", tmp_path / "data" / "val"
+    if not train_dir.exists():
+        make_image_folder(train_dir, num_classes=3, per_class=8, size=24)
+        make_image_folder(val_dir, num_classes=3, per_class=3, size=24)
+    cfg = Config()
+    cfg.data.train, cfg.data.val, cfg.data.num_workers = str(train_dir), str(val_dir), 0
+    cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
+    cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
+    cfg.train.epochs, cfg.train.global_batch_size, cfg.train.log_every = epochs, 8, 1
+    cfg.train.run_dir, cfg.train.progress = str(tmp_path / "run"), False
+    cfg.optim.warmup_epochs = 1
+    cfg.eval.knn_every, cfg.eval.knn_at_start, cfg.eval.batch_size = 1, True, 16
+    return cfg
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_every_output(tmp_path):
+    cfg = tiny_config(tmp_path)
+    results = train(cfg)
+    run = Path(cfg.train.run_dir)
+    for name in ("config.json", "checkpoint.pt", "backbone_resnet18.pth", "results.json", "train_log.csv",
+                 "epochs.csv"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    steps, epochs = read_csv(run / "train_log.csv"), read_csv(run / "epochs.csv")
+    assert [int(r["step"]) for r in steps] == list(range(1, 7))  # 24 images / 8 = 3 steps x 2 epochs
+    assert [int(r["epoch"]) for r in epochs] == [0, 1]
+    assert all(0 <= float(r["data_wait_share"]) <= 1 for r in steps)
+    assert all(r["knn_top1"] != "" for r in epochs)
+    assert [k["epoch"] for k in results["knn"]] == [1, 2]
+    assert 0 <= results["knn_random_init"]["top1"] <= 100
+    assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_refuses_to_overwrite_and_checks_resume(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.eval.knn_every = -1
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        train(cfg, resume=True)
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+    cfg.optim.base_lr = 0.5
+    with pytest.raises(ConfigError, match="optim.base_lr"):
+        train(cfg, resume=True)
+
+
+def test_bad_data_fails_before_work(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.data.train = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="does not exist"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_prototypes_frozen_in_first_epoch(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2)
+    cfg.eval.knn_every = -1
+    cfg.train.checkpoint_every = 1
+    from fastssl.models import MiraNetwork
+
+    torch.manual_seed(cfg.train.seed)
+    initial = MiraNetwork("resnet18", 32, 16, 12).prototypes.weight.detach().clone()
+    cfg.train.epochs = 1
+    train(cfg)
+    after_one = torch.load(Path(cfg.train.run_dir) / "checkpoint.pt", weights_only=False)["student"]
+    torch.testing.assert_close(after_one["prototypes.weight"], initial)
+    assert not torch.equal(after_one["projector.0.weight"], MiraNetwork("resnet18", 32, 16, 12).projector[0].weight)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from test_engine import tiny_config
+    from fastssl.cli import run
+    cfg = tiny_config(Path({tmp!r}), epochs=5)
+    cfg.eval.knn_every = -1
+    run(cfg, sys.argv[1:])
+""")
+
+
+def launch(tmp_path: Path, *args: str) -> subprocess.Popen:
+    script = tmp_path / "run_tiny.py"
+    script.write_text(SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path)))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(script), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    # uninterrupted reference
+    ref = launch(a, "--train.run_dir", str(a / "run"))
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    # killed with SIGTERM once the first epoch is in the log, then resumed
+    proc = launch(b, "--train.run_dir", str(b / "run"))
+    epochs_csv = b / "run" / "epochs.csv"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not epochs_csv.exists() or len(read_csv(epochs_csv)) < 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 143, out
+    assert "continue with --resume" in out
+    stopped_at = torch.load(b / "run" / "checkpoint.pt", weights_only=False)["state"]["step"]
+    assert 3 <= stopped_at < 15
+    resumed = launch(b, "--train.run_dir", str(b / "run"), "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+
+    ref_steps, got_steps = read_csv(a / "run" / "train_log.csv"), read_csv(b / "run" / "train_log.csv")
+    assert [r["step"] for r in got_steps] == [r["step"] for r in ref_steps]
+    for r, g in zip(ref_steps, got_steps):
+        assert float(g["loss"]) == pytest.approx(float(r["loss"]), rel=1e-5, abs=1e-6), r["step"]
+        assert float(g["lr"]) == pytest.approx(float(r["lr"]), rel=1e-9)
+    ref_epochs, got_epochs = read_csv(a / "run" / "epochs.csv"), read_csv(b / "run" / "epochs.csv")
+    assert [float(r["loss"]) for r in got_epochs] == pytest.approx([float(r["loss"]) for r in ref_epochs], rel=1e-5)
+    ref_w = torch.load(a / "run" / "backbone_resnet18.pth")
+    got_w = torch.load(b / "run" / "backbone_resnet18.pth")
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=1e-6)
+
+
+ACCELERATE_2PROC = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+DIST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch.distributed as dist
+    from fastssl.cli import run
+    from fastssl.config import Config
+    cfg = Config()
+    cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
+    cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
+    cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
+    cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress = 1, 8, False
+    cfg.optim.warmup_epochs = 0
+    run(cfg, sys.argv[1:])
+    Path(f"rank{dist.get_rank()}.json").write_text(json.dumps({"world": dist.get_world_size()}))
+""")
+
+
+@pytest.mark.slow
+def test_two_real_processes_with_accelerate_launch(tmp_path):
+    script = tmp_path / "dist_run.py"
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    ok = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run")],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for rank in (0, 1):  # both processes ran in one world of 2
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"world": 2}
+    # 32 images, global batch 8 (4 per process): 4 steps in the one epoch
+    assert [r["step"] for r in read_csv(tmp_path / "run" / "train_log.csv")] == ["4"]
+    bad = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run2"),
+                          "--train.global_batch_size", "9"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0
+    assert "not divisible by the 2 processes" in bad.stderr
