@@ -1,0 +1,129 @@
+"""Weighted k-NN classifier on frozen features (DINO evaluation protocol).
+
+Why this protocol: it needs no training (so it is cheap enough to run during
+pretraining) and is the number papers report, so ours must match DINO's
+``knn_classifier`` exactly: L2-normalised features, cosine similarity, the
+top-k neighbours from the training bank vote for their label with weight
+``exp(sim / T)``, and the class scores are the summed votes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["knn_predict", "knn_accuracy"]
+
+
+def _validate(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query_features: Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    chunk_size: int,
+) -> None:
+    """Fail early with a readable message instead of a shape error deep in topk/scatter."""
+    if train_features.ndim != 2 or query_features.ndim != 2:
+        raise ValueError(
+            "train_features and query_features must be 2-D (N x D), got shapes "
+            f"{tuple(train_features.shape)} and {tuple(query_features.shape)}"
+        )
+    if train_features.shape[1] != query_features.shape[1]:
+        raise ValueError(
+            f"feature dimensions differ: train {train_features.shape[1]} vs query {query_features.shape[1]}"
+        )
+    if train_features.shape[0] == 0:
+        raise ValueError("the training bank is empty")
+    if train_labels.ndim != 1 or train_labels.shape[0] != train_features.shape[0]:
+        raise ValueError(
+            f"train_labels must be 1-D with one label per training feature "
+            f"({train_features.shape[0]}), got shape {tuple(train_labels.shape)}"
+        )
+    if train_labels.dtype.is_floating_point or train_labels.dtype.is_complex or train_labels.dtype == torch.bool:
+        raise ValueError(f"train_labels must be an integer tensor, got {train_labels.dtype}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if train_labels.numel() and (int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes):
+        raise ValueError(
+            f"train_labels must lie in [0, {num_classes}), got range "
+            f"[{int(train_labels.min())}, {int(train_labels.max())}]"
+        )
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query_features: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Class scores (Q x C) of each query from its k nearest training features.
+
+    Features are L2-normalised here (callers need not), so similarity is
+    cosine.  Queries are processed ``chunk_size`` at a time so the Q x N
+    similarity matrix never has to fit in memory at once; results do not
+    depend on ``chunk_size``.  ``k`` larger than the bank is clamped to the
+    bank size.  Scores are in the dtype of the (promoted) features, on their
+    device.
+    """
+    _validate(train_features, train_labels, query_features, num_classes, k, temperature, chunk_size)
+    dtype = torch.promote_types(train_features.dtype, query_features.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    bank = torch.nn.functional.normalize(train_features.to(dtype), dim=1)
+    queries = torch.nn.functional.normalize(query_features.to(device=bank.device, dtype=dtype), dim=1)
+    labels = train_labels.to(device=bank.device, dtype=torch.long)
+    k = min(k, bank.shape[0])
+
+    scores = []
+    for chunk in queries.split(chunk_size):
+        sims, idx = (chunk @ bank.T).topk(k, dim=1)  # (q, k), largest first
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(chunk.shape[0], num_classes, dtype=dtype, device=bank.device)
+        votes.scatter_add_(1, labels[idx], weights)
+        scores.append(votes)
+    if not scores:
+        return torch.zeros(0, num_classes, dtype=dtype, device=bank.device)
+    return torch.cat(scores)
+
+
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query_features: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy in percent of the weighted k-NN classifier.
+
+    With fewer than 5 classes, top-5 is computed over all classes (=100%).
+    """
+    if query_labels.ndim != 1 or query_labels.shape[0] != query_features.shape[0]:
+        raise ValueError(
+            f"query_labels must be 1-D with one label per query ({query_features.shape[0]}), "
+            f"got shape {tuple(query_labels.shape)}"
+        )
+    if query_features.shape[0] == 0:
+        raise ValueError("no queries to evaluate")
+    scores = knn_predict(train_features, train_labels, query_features, num_classes, k=k, temperature=temperature)
+    target = query_labels.to(scores.device, torch.long)[:, None]
+    ranked = scores.topk(min(5, num_classes), dim=1).indices
+    correct = ranked == target
+    n = float(query_labels.shape[0])
+    return {
+        "top1": 100.0 * correct[:, :1].any(dim=1).sum().item() / n,
+        "top5": 100.0 * correct.any(dim=1).sum().item() / n,
+    }

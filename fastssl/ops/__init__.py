@@ -1,0 +1,13 @@
+"""Pure tensor ops of the method: the pseudo-label assignments (no model, no engine imports).
+
+- :func:`mira_assign`: MIRA's mutual-information-regularised assignment (Eq. 5-7).
+- :func:`sinkhorn_assign`: SwAV's Sinkhorn-Knopp equipartition baseline.
+
+Both are reference implementations in log space over the global batch (``group``); fused
+kernels behind the same signatures are held to them.
+"""
+
+from .mira import mira_assign
+from .sinkhorn import sinkhorn_assign
+
+__all__ = ["mira_assign", "sinkhorn_assign"]

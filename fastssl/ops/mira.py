@@ -1,0 +1,120 @@
+"""MIRA pseudo-label assignment (Lee et al., NeurIPS 2022, "Unsupervised Representation
+Learning via Mutual Information Regularized Assignment"), Sec. 3.1-3.2, Eq. 1-7.
+
+This is the exact REFERENCE implementation: later fused kernels (one all-gather + one CUDA
+kernel) are tested against it, so it favours clarity and exactness over speed.
+
+Problem (Eq. 4), per global mini-batch of B samples and K clusters, p_i = softmax(z_i / tau):
+
+    W* = argmin_{W in simplex^B}  -1/B sum_ij w_ij log p_ij
+                                  + (1-beta)/B sum_ij w_ij log w_ij
+                                  + beta sum_j wbar_j log wbar_j,     wbar = colmean(W)
+
+which is the KL to the model probabilities minus beta times the mini-batch mutual information
+between pseudo-labels and samples (Eq. 1-3). It is strictly convex for 0 <= beta < 1
+(Proposition 1) and its optimum satisfies (Eq. 5)
+
+    w*_ij  proportional to  wbar*_j^(-beta/(1-beta)) * p_ij^(1/(1-beta)),
+
+with the marginal wbar* the fixed point of Eq. 6, found by the iteration of Eq. 7.
+
+The authors' code (NOTES.md) runs Eq. 7 in probability space with
+P = softmax(z / tau / (1-beta)) (= rownorm(p^(1/(1-beta)))):
+
+    u <- (colmean P)^(1-beta)
+    repeat num_iters:  T = P / rowsum(P * u^(-beta/(1-beta)));   u <- (colmean T)^(1-beta)
+    W = rownorm(P * u^(-beta/(1-beta)))
+
+In probability space a cluster that no sample likes underflows to u_j = 0 and u_j^(-a) = inf
+(NaN targets). Here every quantity is carried as a logarithm (log_softmax / logsumexp), which is
+the same iteration, step for step, but finite for logits of +-1e4, empty clusters and bf16/fp16
+input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ._common import check_iters, check_logits, check_positive, compute_dtype
+from ._dist import global_count, global_logsumexp_cols
+
+__all__ = ["mira_assign"]
+
+
+def _check_beta(beta: Any) -> float:
+    """0 <= beta < 1: Proposition 1 needs beta < 1 for strict convexity (and 1/(1-beta))."""
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}") from None
+    if not (0.0 <= b < 1.0):
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    return b
+
+
+def _add_log_prior(log_p: Tensor, log_u: Tensor, a: float) -> Tensor:
+    """``log(P * u^(-a))`` elementwise, i.e. ``log_p - a * log_u`` broadcast over rows.
+
+    Where P_ij = 0 exactly (a logit of -inf), the product is 0 whatever u_j is; without the
+    mask a column that is -inf everywhere would give -inf - a*(-inf) = NaN.
+    """
+    out = log_p - a * log_u
+    return torch.where(log_p == float("-inf"), log_p, out)
+
+
+def _mira_log_u_step(log_p: Tensor, log_u: Tensor, a: float, beta: float, log_n: Tensor,
+                     group: Optional[Any]) -> Tensor:
+    """One fixed-point step of Eq. 7 in log space; returns log u^(n+1).
+
+    T_ij = P_ij / sum_k P_ik u_k^(-a)               (the inner fraction of Eq. 7)
+    u_j  = (1/B sum_i T_ij)^(1-beta)                (B and the sum: GLOBAL batch)
+    """
+    log_row = torch.logsumexp(_add_log_prior(log_p, log_u, a), dim=1, keepdim=True)
+    log_t = log_p - log_row
+    return (1.0 - beta) * (global_logsumexp_cols(log_t, group) - log_n)
+
+
+@torch.no_grad()
+def mira_assign(logits: Tensor, tau: float = 0.225, beta: float = 2 / 3, num_iters: int = 30,
+                group: Optional[Any] = None) -> Tensor:
+    """MIRA pseudo-labels (Eq. 5) for teacher ``logits`` (B x K), via ``num_iters`` steps of Eq. 7.
+
+    Args:
+        logits: B x K teacher logits of THIS rank's samples (any float dtype; each row needs at
+            least one finite entry). A logit of -inf means "probability exactly 0".
+        tau: teacher temperature tau_t (p = softmax(logits / tau)); > 0.
+        beta: weight of the mutual-information term, 0 <= beta < 1 (beta = 0: targets = p).
+        num_iters: fixed-point steps of Eq. 7 (0 = the authors' initial guess only); >= 0.
+        group: process group for the global marginal; None = default group if initialised.
+
+    Returns:
+        B x K targets, rows summing to 1, float32 (float64 for float64 input), no gradient
+        (pseudo-labels are constants for the swapped-prediction loss, Eq. 8). In a distributed
+        run the cluster marginal is over the GLOBAL batch (ranks may hold different numbers
+        of rows) and each rank gets back the rows of its own samples. Every rank must call
+        this with the same K, tau, beta and num_iters (it issues 1 + 1 + num_iters collectives).
+    """
+    x = check_logits(logits)
+    tau = check_positive("tau", tau)
+    beta = _check_beta(beta)
+    num_iters = check_iters("num_iters", num_iters, 0)
+
+    x = x.to(compute_dtype(x.dtype))
+    a = beta / (1.0 - beta)  # exponent of the marginal in Eq. 5-7
+    log_n = torch.log(global_count(x.shape[0], x.device, x.dtype, group))
+
+    # Sec. 3.1: p = softmax(z / tau); Eq. 5-7 only use p^(1/(1-beta)), and row-normalising it
+    # gives the authors' P = softmax(z / tau / (1 - beta)).
+    log_p = torch.log_softmax(x / tau / (1.0 - beta), dim=1)
+
+    # Initial guess (authors' code): u^(0) = (colmean P)^(1-beta).
+    log_u = (1.0 - beta) * (global_logsumexp_cols(log_p, group) - log_n)
+
+    for _ in range(num_iters):
+        log_u = _mira_log_u_step(log_p, log_u, a, beta, log_n, group)  # Eq. 7
+
+    # Eq. 5 with wbar* ~ u^(n): w_ij proportional to u_j^(-beta/(1-beta)) p_ij^(1/(1-beta)).
+    return torch.softmax(_add_log_prior(log_p, log_u, a), dim=1)

@@ -1,0 +1,250 @@
+"""Run a function in N real processes with torch.distributed (gloo, CPU) from a pytest test.
+
+Why: "computed over the global batch" bugs (a mean taken over the local rows, a missing
+all-reduce, uneven shards) only show up with real collectives between real processes. This
+helper gives every test the same short, hang-proof way to get them, with no GPU, no launcher
+and no fixed port.
+
+Usage::
+
+    from dist_utils import run_distributed, requires_gloo
+
+    def _worker(rank: int, world_size: int, x: torch.Tensor) -> torch.Tensor:
+        # runs in a fresh (spawned) process; the default process group is already initialised
+        return my_global_op(x.chunk(world_size)[rank])
+
+    @requires_gloo
+    def test_global_op():
+        outs = run_distributed(_worker, world_size=2, args=(torch.randn(8, 3),))
+        torch.testing.assert_close(torch.cat(outs), my_global_op(x))
+
+Rules and behaviour:
+
+- ``fn`` must be picklable: a TOP-LEVEL function of an importable module (a test module is
+  fine, lambdas and closures are not). It is called as ``fn(rank, world_size, *args,
+  **kwargs)``. ``args``/``kwargs`` and the return value must be picklable (tensors are fine);
+  return values are sent back with ``torch.save``/``torch.load`` through files, so large
+  results do not deadlock a pipe.
+- Processes are started with the ``spawn`` method (safe with threads and with CUDA in the
+  parent). Each child inherits ``sys.path``, so modules importable in the test process are
+  importable there. (pytest's default "prepend" import mode puts ``tests/`` on ``sys.path``,
+  which is what makes ``from dist_utils import ...`` and test-module functions importable in
+  the children; ``--import-mode=importlib`` would break that.) Spawning costs a couple of seconds per run (each child imports torch):
+  put several cases into one ``fn`` rather than calling this many times.
+- Before ``fn`` runs, each child has the environment a launcher (torchrun / accelerate launch)
+  would give it: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+  ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT`` (a port that was free a moment ago), and
+  ``OMP_NUM_THREADS``; ``torch.set_num_threads(num_threads)`` is applied (default 1, so 2
+  processes on a 2-core CI box do not oversubscribe). Extra variables: ``env={...}``.
+- ``init_group=True`` (default): the child calls ``torch.distributed.init_process_group``
+  with ``backend`` (default ``"gloo"``) on a FileStore in a private temporary directory (no
+  port races), and destroys it after ``fn`` returns. Accelerate's ``Accelerator(cpu=True)``
+  created inside ``fn`` then finds the group already initialised and uses it (MULTI_CPU).
+  ``init_group=False``: nothing is initialised; ``fn`` (or Accelerate) must do it itself,
+  e.g. with ``init_method="env://"`` using the variables above.
+- Failures: if any child raises, the others are terminated and :class:`DistributedTestError`
+  is raised in the parent with every failing child's full traceback. A child that dies
+  without a Python exception (segfault, ``os._exit``) is reported with its exit code. If the
+  whole run takes longer than ``timeout`` seconds (e.g. a rank waits in a collective its peer
+  never joins), all children are killed and :class:`DistributedTestError` says which ranks
+  were still running. The process-group timeout is set to the same value so blocked
+  collectives also fail on their own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as _mp
+import multiprocessing.connection as _mp_connection
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["run_distributed", "DistributedTestError", "gloo_available", "requires_gloo", "free_port"]
+
+
+class DistributedTestError(RuntimeError):
+    """A child process failed, died, or the run timed out."""
+
+
+def gloo_available() -> bool:
+    """True when torch.distributed with the gloo backend can be used here."""
+    return dist.is_available() and dist.is_gloo_available()
+
+
+try:  # a ready-made skip marker; the helper itself does not need pytest
+    import pytest as _pytest
+
+    requires_gloo = _pytest.mark.skipif(not gloo_available(), reason="torch.distributed gloo backend unavailable")
+except ImportError:  # pragma: no cover
+    requires_gloo = None  # type: ignore[assignment]
+
+
+def free_port() -> int:
+    """A localhost TCP port that was free when asked (for MASTER_PORT; may race, which is why
+    the default initialisation uses a FileStore instead)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _result_path(tmp: str, rank: int) -> str:
+    return os.path.join(tmp, f"result_{rank}.pt")
+
+
+def _error_path(tmp: str, rank: int) -> str:
+    return os.path.join(tmp, f"error_{rank}.txt")
+
+
+def _write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Write via a temporary name then rename, so the parent never reads a half-written file."""
+    part = path + ".part"
+    write(part)
+    os.replace(part, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _child(rank: int, world_size: int, fn: Callable[..., Any], args: Sequence[Any],
+           kwargs: Mapping[str, Any], tmp: str, backend: str, timeout: float,
+           num_threads: int, port: int, env: Mapping[str, str], init_group: bool) -> None:
+    """Entry point of each spawned process (top level so that spawn can pickle it)."""
+    os.environ.update({
+        "RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": str(num_threads),
+    })
+    os.environ.update({k: str(v) for k, v in env.items()})
+    torch.set_num_threads(num_threads)
+    ok = False
+    try:
+        if init_group:
+            dist.init_process_group(
+                backend, init_method="file://" + os.path.join(tmp, "filestore"),
+                rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout),
+            )
+        result = fn(rank, world_size, *args, **kwargs)
+        _write_atomic(_result_path(tmp, rank), lambda p: torch.save(result, p))
+        ok = True
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit
+        tb = traceback.format_exc()
+        _write_atomic(_error_path(tmp, rank), lambda p: _write_text(p, tb))
+    finally:
+        if ok and dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - teardown problems must not mask the result
+                pass
+    if not ok:
+        # Skip interpreter teardown: a peer may be blocked in a collective with us.
+        os._exit(1)
+
+
+def _stop(procs: Sequence[Any]) -> None:
+    """Terminate, then kill, every child still alive (only the processes we started)."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
+
+
+def _collect_errors(tmp: str, world_size: int) -> dict[int, str]:
+    errs = {}
+    for r in range(world_size):
+        path = _error_path(tmp, r)
+        if os.path.exists(path):
+            with open(path) as f:
+                errs[r] = f.read()
+    return errs
+
+
+def _format_errors(errs: Mapping[int, str]) -> str:
+    return "\n".join(f"--- rank {r} traceback ---\n{tb}" for r, tb in sorted(errs.items()))
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: Sequence[Any] = (),
+                    kwargs: Optional[Mapping[str, Any]] = None, *, backend: str = "gloo",
+                    timeout: float = 120.0, num_threads: int = 1,
+                    env: Optional[Mapping[str, str]] = None, init_group: bool = True) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` spawned processes.
+
+    Returns the list of return values, indexed by rank. Raises :class:`DistributedTestError`
+    (with the children's tracebacks) if a child fails, dies, or the run exceeds ``timeout``
+    seconds. See the module docstring for the environment each child gets.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    kwargs = dict(kwargs or {})
+    env = dict(env or {})
+    ctx = _mp.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="fastssl_dist_")
+    port = free_port()
+    procs = []
+    try:
+        for rank in range(world_size):
+            p = ctx.Process(
+                target=_child, name=f"dist-test-rank{rank}",
+                args=(rank, world_size, fn, tuple(args), kwargs, tmp, backend, float(timeout),
+                      num_threads, port, env, init_group),
+            )
+            p.start()
+            procs.append(p)
+
+        deadline = time.monotonic() + timeout
+        while True:
+            errs = _collect_errors(tmp, world_size)
+            if errs:
+                _stop(procs)
+                errs = _collect_errors(tmp, world_size)  # peers may have failed too
+                raise DistributedTestError(
+                    f"{len(errs)} of {world_size} processes failed running "
+                    f"{getattr(fn, '__qualname__', fn)}:\n{_format_errors(errs)}")
+            crashed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode not in (None, 0)}
+            if crashed and not _collect_errors(tmp, world_size):
+                # died without a Python traceback (segfault, os._exit, OOM kill): peers may be
+                # blocked in a collective with it, so stop now instead of waiting for the timeout
+                _stop(procs)
+                raise DistributedTestError(
+                    f"rank(s) {sorted(crashed)} died with exit code(s) {list(crashed.values())} "
+                    f"without a Python exception running {getattr(fn, '__qualname__', fn)} "
+                    "(killed or crashed?)")
+            if all(not p.is_alive() for p in procs):
+                break
+            if time.monotonic() > deadline:
+                alive = [r for r, p in enumerate(procs) if p.is_alive()]
+                _stop(procs)
+                raise DistributedTestError(
+                    f"timed out after {timeout:.0f}s running {getattr(fn, '__qualname__', fn)}; "
+                    f"ranks still running: {alive} (a collective that not every rank joined?)")
+            _mp_connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.05)
+
+        results = []
+        for rank, p in enumerate(procs):
+            path = _result_path(tmp, rank)
+            if p.exitcode != 0 or not os.path.exists(path):
+                errs = _collect_errors(tmp, world_size)
+                raise DistributedTestError(
+                    f"rank {rank} exited with code {p.exitcode} without a result"
+                    + (f":\n{_format_errors(errs)}" if errs else " (killed or crashed?)"))
+            results.append(torch.load(path, weights_only=False))
+        return results
+    finally:
+        _stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,286 @@
+"""Tests for tools/make_demo_dataset.py (the embedded default dataset).
+
+Besides layout and reproducibility, these check the property the demo relies
+on: the label is carried by shape/texture, not by colour.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool():
+    """Import the script by path (tools/ is not a package); register it so the
+    worker pool can pickle its functions by module name."""
+    name = "make_demo_dataset"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "make_demo_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+mdd = _load_tool()
+
+TINY = dict(num_classes=3, train_per_class=4, val_per_class=2, image_size=40, seed=3)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    out = tmp_path / "demo"
+    mdd.make_demo_dataset(out, progress=False, workers=1, **TINY)
+    return out
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_byte_identical_across_runs_and_worker_counts(tmp_path: Path) -> None:
+    a = mdd.make_demo_dataset(tmp_path / "a", progress=False, workers=1, **TINY)
+    b = mdd.make_demo_dataset(tmp_path / "b", progress=False, workers=2, **TINY)
+    files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert files_a == files_b
+    assert a["sha256"] == b["sha256"] == mdd.content_hash(tmp_path / "a")
+
+
+def test_seed_changes_content(tmp_path: Path) -> None:
+    a = mdd.make_demo_dataset(tmp_path / "a", progress=False, workers=1, **TINY)
+    b = mdd.make_demo_dataset(tmp_path / "b", progress=False, workers=1, **{**TINY, "seed": 4})
+    assert a["sha256"] != b["sha256"]
+
+
+def test_render_is_independent_of_generation_order() -> None:
+    # Per-image seeding: rendering image 5 alone equals rendering it after others.
+    rng = lambda: mdd.image_rng(0, "train", 1, 5)  # noqa: E731
+    first = mdd.render_image("star", "dots", 48, rng())
+    mdd.render_image("ring", "checker", 48, mdd.image_rng(0, "train", 0, 0))
+    assert np.array_equal(first, mdd.render_image("star", "dots", 48, rng()))
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_layout_counts_and_images(tiny: Path) -> None:
+    names = mdd.class_names(TINY["num_classes"])
+    assert names == sorted(names), "sorted folder order must equal label order"
+    assert len(set(mdd.class_specs(10))) == 10
+    for split, per_class in (("train", TINY["train_per_class"]), ("val", TINY["val_per_class"])):
+        assert sorted(p.name for p in (tiny / split).iterdir()) == names
+        for name in names:
+            files = sorted((tiny / split / name).iterdir())
+            assert len(files) == per_class
+            for f in files:
+                assert f.suffix == ".JPEG"
+                with Image.open(f) as im:
+                    assert im.format == "JPEG" and im.mode == "RGB"
+                    assert im.size == (TINY["image_size"], TINY["image_size"])
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    assert manifest["classes"] == names
+    assert manifest["counts"] == {"train": 12, "val": 6}
+    assert manifest["arguments"]["seed"] == TINY["seed"]
+    assert manifest["sha256"] == mdd.content_hash(tiny)
+    assert sorted(p.name for p in tiny.parent.iterdir()) == ["demo"], "no temporary directory left behind"
+
+
+def test_default_classes_mix_shape_and_texture() -> None:
+    specs = mdd.class_specs(mdd.DEFAULT_NUM_CLASSES)
+    shapes = [s for s, _ in specs]
+    textures = [t for _, t in specs]
+    # Neither attribute alone determines the class.
+    assert len(set(shapes)) < len(specs) and len(set(textures)) < len(specs)
+    assert all(name.split("_", 1)[1] == f"{s}_{t}" for name, (s, t) in zip(mdd.class_names(10), specs))
+
+
+# --------------------------------------------------------------------------- idempotence / refusal
+
+
+def test_second_run_is_a_noop(tiny: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in tiny.rglob("*")}
+    result = mdd.make_demo_dataset(tiny, progress=False, **TINY)
+    assert result["status"] == "exists"
+    assert {p: p.stat().st_mtime_ns for p in tiny.rglob("*")} == before
+
+
+def test_other_arguments_refused_then_forced(tiny: Path) -> None:
+    other = {**TINY, "val_per_class": 3}
+    with pytest.raises(mdd.DatasetExistsError, match="different arguments.*--force"):
+        mdd.make_demo_dataset(tiny, progress=False, **other)
+    result = mdd.make_demo_dataset(tiny, progress=False, force=True, workers=1, **other)
+    assert result["status"] == "created"
+    assert json.loads((tiny / "manifest.json").read_text())["counts"]["val"] == 9
+    assert sorted(p.name for p in tiny.parent.iterdir()) == ["demo"]
+
+
+def test_incomplete_directory_refused(tiny: Path) -> None:
+    (tiny / "manifest.json").unlink()
+    with pytest.raises(mdd.DatasetExistsError, match="not a complete.*--force"):
+        mdd.make_demo_dataset(tiny, progress=False, **TINY)
+
+
+def test_missing_images_refused(tiny: Path) -> None:
+    next((tiny / "val").rglob("*.JPEG")).unlink()
+    with pytest.raises(mdd.DatasetExistsError, match="not a complete"):
+        mdd.make_demo_dataset(tiny, progress=False, **TINY)
+
+
+def test_empty_directory_is_filled(tmp_path: Path) -> None:
+    (tmp_path / "demo").mkdir()
+    assert mdd.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)["status"] == "created"
+
+
+def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = mdd.render_image
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mdd, "render_image", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        mdd.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- CLI / validation
+
+
+def test_cli_creates_then_reports_up_to_date(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [str(tmp_path / "d"), "--num-classes", "2", "--train-per-class", "2", "--val-per-class", "1",
+            "--image-size", "32", "--no-progress", "--workers", "1"]
+    assert mdd.main(argv) == 0
+    assert "wrote 4 train / 2 val" in capsys.readouterr().out
+    assert mdd.main(argv) == 0
+    assert "already up to date" in capsys.readouterr().out
+    assert mdd.main(argv[:-2] + ["--seed", "1"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--train-per-class", "0"), ("--val-per-class", "-1"), ("--image-size", "31"),
+     ("--num-classes", "1"), ("--num-classes", str(mdd.MAX_CLASSES + 1)), ("--seed", "x")],
+)
+def test_cli_rejects_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        mdd.main([str(tmp_path / "d"), flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"train_per_class": 0}, {"val_per_class": -2}, {"image_size": 16}, {"num_classes": 1}, {"seed": -1}],
+)
+def test_function_rejects_bad_values(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        mdd.make_demo_dataset(tmp_path / "d", progress=False, **{**TINY, **kwargs})
+
+
+# --------------------------------------------------------------------------- the label is shape, not colour
+
+
+def _load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for label, folder in enumerate(sorted((root / split).iterdir())):
+        for f in sorted(folder.iterdir()):
+            with Image.open(f) as im:
+                images.append(np.asarray(im, dtype=np.float32) / 255.0)
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def _mean_rgb(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=(1, 2))
+
+
+def _polar_spectrum(x: np.ndarray, rbins: int = 8, orders: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10)) -> np.ndarray:
+    """Colour-blind, translation- and rotation-invariant shape/texture features.
+
+    Power spectrum of the contrast-normalised grayscale image (translation
+    invariant), pooled in radial bands (texture frequency) plus the magnitudes
+    of its angular Fourier modes (n-fold symmetry of edges: rotation invariant).
+    """
+    g = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    g = g - g.mean(axis=(1, 2), keepdims=True)
+    g = g / (g.std(axis=(1, 2), keepdims=True) + 1e-6)
+    power = (np.abs(np.fft.fft2(g)) ** 2).reshape(len(g), -1)
+    f = np.fft.fftfreq(g.shape[1])
+    fx, fy = np.meshgrid(f, f)
+    band = np.minimum((np.hypot(fx, fy) / 0.5 * rbins).astype(int), rbins).reshape(-1)
+    onehot = np.stack([band == b for b in range(rbins)]).astype(np.float64).T  # HW x B (corners dropped)
+    radial = power @ onehot
+    feats = [np.log(radial / radial.sum(1, keepdims=True) + 1e-8)]
+    angle = np.arctan2(fy, fx).reshape(-1)
+    for m in orders:
+        feats.append(np.abs((power * np.exp(1j * m * angle)) @ onehot) / (radial + 1e-8))
+    return np.concatenate(feats, axis=1)
+
+
+def _nearest_mean_accuracy(ftr, ytr, fva, yva) -> float:
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-8
+    ftr, fva = (ftr - mu) / sd, (fva - mu) / sd
+    means = np.stack([ftr[ytr == c].mean(0) for c in range(ytr.max() + 1)])
+    pred = ((fva[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    return float((pred == yva).mean())
+
+
+def _logistic_accuracy(ftr, ytr, fva, yva) -> float:
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-8
+    a = torch.tensor((ftr - mu) / sd, dtype=torch.float32)
+    b = torch.tensor((fva - mu) / sd, dtype=torch.float32)
+    y = torch.tensor(ytr)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(a.shape[1], int(ytr.max()) + 1)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=300)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(a), y) + 1e-3 * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((model(b).argmax(1).numpy() == yva).mean())
+
+
+@pytest.fixture(scope="module")
+def stats_split(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("stats") / "demo"
+    mdd.make_demo_dataset(out, num_classes=10, train_per_class=60, val_per_class=20, image_size=64, seed=1,
+                          progress=False)
+    return _load_split(out, "train"), _load_split(out, "val")
+
+
+def test_mean_colour_does_not_separate_classes(stats_split) -> None:
+    (xtr, ytr), (xva, yva) = stats_split
+    ftr, fva = _mean_rgb(xtr), _mean_rgb(xva)
+    # Chance is 10%; 200 queries -> std ~2 points.
+    assert _nearest_mean_accuracy(ftr, ytr, fva, yva) < 0.22
+    assert _logistic_accuracy(ftr, ytr, fva, yva) < 0.22
+
+
+def test_colour_blind_shape_features_do(stats_split) -> None:
+    (xtr, ytr), (xva, yva) = stats_split
+    ftr, fva = _polar_spectrum(xtr), _polar_spectrum(xva)
+    assert _logistic_accuracy(ftr, ytr, fva, yva) > 0.33  # > 3x chance
