@@ -37,11 +37,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
     validate(cfg, accelerator.num_processes)
-    run_dir = prepare_run_dir(cfg, resume, accelerator)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
     loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, workers))
-    knn = build_knn(cfg, accelerator, workers)
+    knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
+    run_dir = prepare_run_dir(cfg, resume, accelerator)
 
     student, teacher = build_networks(cfg, accelerator)
     optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),

@@ -1,0 +1,76 @@
+"""Recipes build the settings they promise; the command line fails early and clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastssl.config import validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.config()
+
+
+def test_table8_recipe():
+    cfg = load_recipe("mira_bs512")
+    assert (cfg.train.global_batch_size, cfg.train.epochs) == (512, 100)
+    assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.momentum) == ("sgd", 0.03, 1e-4, 0.9)
+    assert (cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local) == (224, 96, 6)
+    assert cfg.method.ema and cfg.model.arch == "resnet50" and cfg.model.num_prototypes == 3000
+    assert (cfg.method.tau_student, cfg.method.tau_teacher, cfg.method.num_iters) == (0.1, 0.225, 30)
+    cfg.data.train = "/imagenet/train"
+    validate(cfg, num_processes=8)
+    assert cfg.train.global_batch_size // 8 == 64
+
+
+def test_lars_recipe():
+    cfg = load_recipe("mira_bs4096_lars")
+    assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs) == ("lars", 0.3, 1e-6, 10)
+    assert (cfg.train.global_batch_size, cfg.train.epochs) == (4096, 400)
+
+
+def test_demo_recipe_is_cpu_sized():
+    cfg = load_recipe("mira_demo")
+    assert cfg.model.arch == "resnet18" and cfg.aug.global_size <= 64
+    assert cfg.eval.knn_at_start and cfg.data.val
+    validate(cfg)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "recipes" / "mira_bs512.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_field():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    assert "--data.train" in out.stdout and "--method.beta_end" in out.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--optim.lrr", "1", "--data.train", "/x"], "optim.lrr: unknown recipe field"),
+    (["--method.beta_start", "1.5", "--data.train", "/x"], "beta must lie in [0, 1)"),
+    (["--method.tau_teacher", "0", "--data.train", "/x"], "temperatures must be positive"),
+    ([], "no training data given"),
+])
+def test_cli_errors_exit_2_with_the_field(args, needle):
+    out = run_cli(*args)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_data_path_creates_no_run_directory(tmp_path):
+    out = run_cli("--data.train", str(tmp_path / "missing"), "--train.run_dir", str(tmp_path / "run"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert not (tmp_path / "run").exists()
