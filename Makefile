@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml tools/setup_system.sh
 	@touch $@
 
 $(DEMO_DATA)/manifest.json: tools/make_demo_dataset.py | $(STAMP)
-	$(PY) tools/make_demo_dataset.py $(DEMO_DATA)
+	$(PY) tools/make_demo_dataset.py $(DEMO_DATA) --force
 
 demo: setup $(DEMO_DATA)/manifest.json
 	@$(PY) recipes/mira_demo.py

@@ -189,3 +189,15 @@ def test_two_real_processes_with_accelerate_launch(tmp_path):
                          timeout=600)
     assert bad.returncode != 0
     assert "not divisible by the 2 processes" in bad.stderr
+
+
+def test_gradient_accumulation_runs_and_splits_rows(tmp_path):
+    from fastssl.method import micro_batches
+
+    assert micro_batches(8, 0) == [slice(0, 8)]
+    assert micro_batches(8, 4) == [slice(0, 4), slice(4, 8)]
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.train.micro_batch_size, cfg.eval.knn_every = 4, -1
+    train(cfg)
+    losses = [float(r["loss"]) for r in read_csv(Path(cfg.train.run_dir) / "train_log.csv")]
+    assert len(losses) == 3 and all(map(lambda x: x == x and x > 0, losses))
