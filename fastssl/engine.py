@@ -9,6 +9,7 @@ k-NN and a clean stop on SIGTERM/SIGINT. `train(cfg, resume=True)` continues the
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, sta
                    "skipped_images": skipped, **window.summary()}
             window.reset()
             log.step(row)
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"the loss is {row['loss']} at step {state.step}: training diverged; resume "
+                                         f"from the last checkpoint with a lower --optim.base_lr or "
+                                         f"--train.precision no")
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
                             wait=f"{100 * row['data_wait_share']:.0f}%")
             stopping = stop.agreed(accelerator)
