@@ -34,6 +34,18 @@ def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 6, size
 
 
 @pytest.fixture
+def one_thread():
+    """Math tests run on one intra-op thread: on a small shared CI box, 2 OpenMP threads
+    contending with other processes made elementwise ops on ~40k-element tensors 100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     root = tmp_path / "train"
     make_image_folder(root)

@@ -25,26 +25,22 @@ TAU = 0.225
 BETA = 2 / 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests check math, not speed: run them on one intra-op thread. On a small shared
-    CI box, 2 OpenMP threads contending with other processes made each elementwise op on a
-    ~40k-element tensor take milliseconds (100x slower than one thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- references
-def ref_mira_np(logits, tau: float, beta: float, num_iters: int) -> np.ndarray:
-    """The authors' assignment, literally, in float64 probability space (no log tricks)."""
+def _ref_start(logits, tau: float, beta: float):
+    """P = softmax(z / tau / (1 - beta)), the exponent a = beta / (1 - beta), and u^(0), in float64."""
     z = np.asarray(logits, dtype=np.float64) / tau / (1.0 - beta)
     z = z - z.max(axis=1, keepdims=True)
     P = np.exp(z)
     P = P / P.sum(axis=1, keepdims=True)
-    a = beta / (1.0 - beta)
-    u = P.mean(axis=0) ** (1.0 - beta)
+    return P, beta / (1.0 - beta), P.mean(axis=0) ** (1.0 - beta)
+
+
+def ref_mira_np(logits, tau: float, beta: float, num_iters: int) -> np.ndarray:
+    """The authors' assignment, literally, in float64 probability space (no log tricks)."""
+    P, a, u = _ref_start(logits, tau, beta)
     for _ in range(num_iters):
         T = P / (P * u ** (-a)).sum(axis=1, keepdims=True)
         u = T.mean(axis=0) ** (1.0 - beta)
@@ -54,12 +50,7 @@ def ref_mira_np(logits, tau: float, beta: float, num_iters: int) -> np.ndarray:
 
 def ref_mira_np_snapshots(logits, tau: float, beta: float, iters: list[int]) -> dict[int, np.ndarray]:
     """Same as ref_mira_np, returning the target after each n in ``iters`` from one run."""
-    z = np.asarray(logits, dtype=np.float64) / tau / (1.0 - beta)
-    z = z - z.max(axis=1, keepdims=True)
-    P = np.exp(z)
-    P = P / P.sum(axis=1, keepdims=True)
-    a = beta / (1.0 - beta)
-    u = P.mean(axis=0) ** (1.0 - beta)
+    P, a, u = _ref_start(logits, tau, beta)
     out = {}
     for n in range(max(iters) + 1):
         if n in iters:
@@ -72,12 +63,7 @@ def ref_mira_np_snapshots(logits, tau: float, beta: float, iters: list[int]) -> 
 
 def ref_mira_converged(logits, tau: float, beta: float, max_iters: int = 20000) -> np.ndarray:
     """Eq. 7 iterated to its fixed point (|du| < 1e-14) in float64; asserts convergence."""
-    z = np.asarray(logits, dtype=np.float64) / tau / (1.0 - beta)
-    z = z - z.max(axis=1, keepdims=True)
-    P = np.exp(z)
-    P = P / P.sum(axis=1, keepdims=True)
-    a = beta / (1.0 - beta)
-    u = P.mean(axis=0) ** (1.0 - beta)
+    P, a, u = _ref_start(logits, tau, beta)
     for _ in range(max_iters):
         T = P / (P * u ** (-a)).sum(axis=1, keepdims=True)
         u_new = T.mean(axis=0) ** (1.0 - beta)

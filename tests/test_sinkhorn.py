@@ -19,15 +19,7 @@ except ImportError:  # tests/ imported as a package
 EPS = 0.05
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests check math, not speed: run them on one intra-op thread. On a small shared
-    CI box, 2 OpenMP threads contending with other processes made each elementwise op on a
-    ~40k-element tensor take milliseconds (100x slower than one thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ref_sinkhorn_np(scores, eps: float, num_iters: int) -> np.ndarray:
