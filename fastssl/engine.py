@@ -58,7 +58,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if resume:
         state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
                                      scaler=accelerator.scaler, rank=accelerator.process_index)
-        results = read_results(run_dir)
+        results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
+        results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
     steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
     log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else None)
     stop = GracefulStop()
