@@ -9,6 +9,7 @@ naming the field and how to fix it, so that a typo never costs a GPU hour.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import typing
@@ -181,7 +182,10 @@ def set_field(cfg: Config, dotted: str, text: str) -> None:
     section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
     types = _field_types(section) if section is not None else {}
     if section is None or name not in types:
-        close = [n for n in field_names(cfg) if n.split(".")[-1] == dotted.split(".")[-1] or n.startswith(dotted)]
+        names = field_names(cfg)
+        close = [n for n in names if n.split(".")[-1] == dotted.split(".")[-1] or n.startswith(dotted)]
+        close = close or difflib.get_close_matches(dotted, names, n=3, cutoff=0.6)
+        close = close or [n for n in names if n.startswith(section_name + ".") and name and name in n]
         hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
         raise ConfigError(f"--{dotted}: unknown recipe field.{hint} Run with --help to list every field.")
     setattr(section, name, _parse_value(text, types[name], dotted))

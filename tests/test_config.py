@@ -93,3 +93,10 @@ def test_all_errors_reported_at_once():
 def test_dict_round_trip():
     cfg = apply_overrides(valid(), ["--aug.local_scale", "0.06,0.2", "--train.seed", "7"])
     assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+
+
+def test_misspelt_field_gets_suggestions():
+    with pytest.raises(ConfigError, match="Did you mean --train.epochs"):
+        apply_overrides(valid(), ["--train.epoch", "3"])
+    with pytest.raises(ConfigError, match="--optim.base_lr"):
+        apply_overrides(valid(), ["--optim.lr", "0.1"])
