@@ -23,6 +23,15 @@ def batches_per_epoch(num_items: int, batch_size: int, world_size: int) -> int:
     return (num_items // world_size) // batch_size
 
 
+def check_batches_per_epoch(num_items: int, batch_size: int, world_size: int) -> int:
+    """`batches_per_epoch`, or a clear error when the data cannot fill one global batch."""
+    n = batches_per_epoch(num_items, batch_size, world_size)
+    if n == 0:
+        raise ValueError(f"the dataset has {num_items} images, fewer than one global batch of "
+                         f"{batch_size * world_size}; lower train.global_batch_size or add images")
+    return n
+
+
 def shard_batches(num_items: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                   start_batch: int = 0) -> list[list[int]]:
     """This rank's batches of dataset indices for `epoch`, from batch `start_batch` on.
@@ -31,10 +40,7 @@ def shard_batches(num_items: int, batch_size: int, rank: int, world_size: int, s
     out); all shards together cover the epoch except fewer than world_size x batch_size
     images, which differ each epoch.
     """
-    n = batches_per_epoch(num_items, batch_size, world_size)
-    if n == 0:
-        raise ValueError(f"the dataset has {num_items} images, fewer than one global batch of "
-                         f"{batch_size * world_size}; lower train.global_batch_size or add images")
+    n = check_batches_per_epoch(num_items, batch_size, world_size)
     perm = epoch_permutation(num_items, seed, epoch)
     mine = perm[rank : n * batch_size * world_size : world_size]
     return [mine[b * batch_size : (b + 1) * batch_size].tolist() for b in range(start_batch, n)]

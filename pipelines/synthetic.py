@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from pipelines.batch import MultiCropBatch
-from pipelines.sampler import batches_per_epoch
+from pipelines.sampler import batches_per_epoch, check_batches_per_epoch
 from pipelines.spec import LoaderSpec
 
 POOL = 4  # distinct batches cycled through, generated once
@@ -23,8 +23,8 @@ class SyntheticLoader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
         self.num_images = spec.synthetic_size
-        self.classes = [f"class_{i}" for i in range(spec.synthetic_classes)]
         self.epoch, self.start_batch = 0, 0
+        check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)  # fail before training
         g = torch.Generator().manual_seed(spec.seed * 1000 + spec.rank)
         self.pool = [self._make(g) for _ in range(POOL)]
 

@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
 from pipelines.folder import scan_image_folder
-from pipelines.sampler import batches_per_epoch, sample_seed, shard_batches
+from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, sample_seed, shard_batches
 from pipelines.spec import LoaderSpec
 
 # Errors PIL raises on truncated, corrupt or non-image files.
@@ -116,8 +116,7 @@ class TorchvisionLoader:
         self.dataset = MultiCropFolder(spec.path, spec.recipe, spec.seed)
         self.num_images = len(self.dataset)
         self.epoch, self.start_batch = 0, 0
-        if len(self) == 0:  # raises the clear "fewer than one global batch" error
-            shard_batches(self.num_images, spec.batch_size, spec.rank, spec.world_size, spec.seed, 0)
+        check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)  # fail before training
 
     def __len__(self) -> int:
         return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)

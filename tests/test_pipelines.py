@@ -169,3 +169,10 @@ def test_synthetic_backend_shapes():
     assert [tuple(v.shape) for v in batches[0].views] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 2
     assert not torch.equal(batches[0].views[0], batches[1].views[0])
     assert np.isfinite(batches[0].views[0].numpy()).all()
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "synthetic"])
+def test_loaders_refuse_data_smaller_than_one_global_batch(image_folder, backend):
+    spec = spec_for(image_folder, batch_size=10, world_size=2, synthetic_size=18)
+    with pytest.raises(ValueError, match="fewer than one global batch of 20"):
+        build_train_loader(backend, spec)
