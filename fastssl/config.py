@@ -35,6 +35,7 @@ class DataConfig:
     num_workers: int = -1  # loader workers per process; -1 = all cores / processes
     synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
     synthetic_classes: int = 1000
+    dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
 
 
 @dataclass
@@ -250,6 +251,8 @@ def config_errors(cfg: Config) -> list[str]:
                  "(ImageNet layout: train/<class>/<image>.JPEG) or use --data.backend synthetic")
     if d.synthetic_size < 1 or d.synthetic_classes < 1:
         e.append("data.synthetic_size/synthetic_classes: must be positive")
+    if not 0 <= d.dali_hw_decoder_load <= 1:
+        e.append(f"data.dali_hw_decoder_load: a share must lie in [0, 1], got {d.dali_hw_decoder_load}")
     e += [f"aug.{msg}" for msg in cfg.aug.errors()]
     if m.arch not in ("resnet18", "resnet50"):
         e.append(f"model.arch: unknown architecture {m.arch!r}; choose resnet18 or resnet50")

@@ -55,3 +55,45 @@ def _walk_files(folder: Path) -> list[str]:
     for dirpath, _, names in os.walk(folder, followlinks=True):
         out.extend(os.path.join(dirpath, n) for n in names)
     return out
+
+
+LIST_HINT = "expected one `relative/path/to/image.JPEG <label>` per line (paths relative to the list's folder)"
+
+
+def scan_file_list(list_file: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs from a text file list, as DALI's `file_list` format.
+
+    Each non-empty line is `path label`; relative paths are resolved against the
+    list's folder; `#` starts a comment. Class names are the label numbers, since a
+    list carries no folder names. Missing files are reported before any training work.
+    """
+    list_file = Path(list_file).expanduser()
+    base = list_file.parent
+    samples: list[tuple[str, int]] = []
+    missing: list[str] = []
+    for lineno, raw in enumerate(list_file.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        path, _, label = line.rpartition(" ")
+        if not path or not label.strip().lstrip("-").isdigit() or int(label) < 0:
+            raise DataLayoutError(f"{list_file}:{lineno}: cannot read {raw!r}; {LIST_HINT}")
+        full = path.strip() if os.path.isabs(path.strip()) else str(base / path.strip())
+        if not os.path.isfile(full):
+            missing.append(full)
+        samples.append((full, int(label)))
+    if not samples:
+        raise DataLayoutError(f"file list {str(list_file)!r} lists no images; {LIST_HINT}")
+    if missing:
+        raise DataLayoutError(f"file list {str(list_file)!r} names {len(missing)} missing files, e.g. "
+                              f"{missing[0]!r}; fix the paths (relative to {str(base)!r}) or remove those lines")
+    classes = [str(c) for c in range(max(label for _, label in samples) + 1)]
+    return samples, classes
+
+
+def scan_source(path: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """An ImageNet-layout folder, or a text file list (`*.txt`): see the two scanners."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".txt":
+        return scan_file_list(p)
+    return scan_image_folder(p)

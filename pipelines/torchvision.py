@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
-from pipelines.folder import scan_image_folder
+from pipelines.folder import scan_source
 from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, sample_seed, shard_batches
 from pipelines.spec import LoaderSpec
 
@@ -70,7 +70,7 @@ class MultiCropFolder(Dataset):
     """
 
     def __init__(self, root: str, recipe: MultiCropRecipe, seed: int):
-        self.samples, self.classes = scan_image_folder(root)
+        self.samples, self.classes = scan_source(root)
         self.transforms = [view_transform(recipe, v) for v in recipe.views()]
         self.seed = seed
 

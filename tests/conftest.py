@@ -9,6 +9,20 @@ import pytest
 from PIL import Image
 
 
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+requires_dali = pytest.mark.skipif(not _importable("nvidia.dali"), reason="DALI is not installed ([dali] extra)")
+requires_ffcv = pytest.mark.skipif(not _importable("ffcv"), reason="FFCV is not installed ([ffcv] extra)")
+# Backends that read a JPEG folder; each test parametrised over them runs once per backend.
+FILE_BACKENDS = ["torchvision", pytest.param("dali", marks=requires_dali)]
+
+
 def index_colour(i: int) -> tuple[int, int, int]:
     """A colour that encodes an integer < 4096 in steps of 16 per channel (robust to JPEG)."""
     return (16 * (i % 16) + 8, 16 * ((i // 16) % 16) + 8, 16 * ((i // 256) % 16) + 8)

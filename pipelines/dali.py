@@ -1,0 +1,230 @@
+"""The DALI loader: decode each source image ONCE, then cut and augment every view from it.
+
+Why: the authors' MIRA code turns DALI off as soon as local crops are used, so their
+multi-crop decodes on CPU workers; decoding once per view multiplies the JPEG cost by 8.
+Here one decode (nvJPEG `mixed`, with the hardware decoder taking `hw_decoder_load` of
+the images, on a GPU; libjpeg-turbo on CPU-only machines) feeds 2 global and N local
+random-resized crops, and each view gets its augmentations per sample.
+
+* Order and sharding are the shared sampler's (`pipelines.sampler`): the same epoch
+  permutation from the run seed as every backend, dealt to ranks from Accelerate's
+  process index and count, so a resumed run continues the data order.
+* Skipped augmentations cost nothing: each optional step sits under a DALI conditional
+  (`if coin_flip:`), which runs the op only on the samples that drew it.
+* Bad files never stop an epoch: DALI fails the whole pipeline on one undecodable
+  sample, so every file's bytes are screened first (`pipelines.sniff`), and an error
+  that still gets through is traced to its file, which is then replaced and counted, and
+  the epoch goes on from the failed batch.
+* Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
+  epoch, rank, first batch): runs are repeatable, but unlike the torchvision reference
+  a resumed epoch draws other augmentations than the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipelines.augment import MultiCropRecipe, ViewSpec
+from pipelines.batch import MultiCropBatch
+from pipelines.folder import scan_source
+from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, shard_batches
+from pipelines.sniff import problem
+from pipelines.spec import LoaderSpec
+
+OUTPUT_NAMES_EXTRA = ("index", "label", "skipped")
+MAX_REPLACEMENTS = 16
+MAX_PIPELINE_ERRORS = 8  # rebuilds per epoch before giving up: something else is wrong
+DEGREES_PER_HUE_UNIT = 360.0  # torchvision's hue is a fraction of the colour wheel; DALI's is degrees
+
+
+class _ShardSource:
+    """DALI external source: this rank's batches of one epoch, as encoded bytes.
+
+    Each file is screened before DALI sees it; a bad file is replaced by the next good
+    image in dataset order (as the torchvision reference does) and counted.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], batches: list[list[int]], bad: dict[int, str]):
+        self.samples, self.batches, self.bad = samples, batches, bad
+        self.sent: list[list[int]] = []  # dataset indices handed to DALI, per batch (it prefetches ahead)
+
+    def __iter__(self) -> "_ShardSource":
+        return self
+
+    def __next__(self):
+        if len(self.sent) >= len(self.batches):
+            raise StopIteration
+        blobs, index, label, skipped = [], [], [], []
+        for i in self.batches[len(self.sent)]:
+            data, j, n_bad = self._read_good(i)
+            blobs.append(data)
+            index.append(np.array([j], dtype=np.int64))
+            label.append(np.array([self.samples[j][1]], dtype=np.int64))
+            skipped.append(np.array([n_bad], dtype=np.int64))
+        self.sent.append([int(i[0]) for i in index])
+        return blobs, index, label, skipped
+
+    def _read_good(self, index: int) -> tuple[np.ndarray, int, int]:
+        for attempt in range(MAX_REPLACEMENTS):
+            j = (index + attempt) % len(self.samples)
+            if j in self.bad:
+                continue
+            path = self.samples[j][0]
+            try:
+                data = np.fromfile(path, dtype=np.uint8)
+            except OSError as err:
+                reason = f"unreadable: {err}"
+            else:
+                reason = problem(memoryview(data))
+                if reason is None:
+                    return data, j, attempt
+            self.bad[j] = reason
+            warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
+        raise RuntimeError(f"{MAX_REPLACEMENTS} bad images in a row near {self.samples[index][0]}; is the data corrupt?")
+
+
+def _coin(p: float):
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def _solarize(img):
+    """x -> 255 - x for x >= 128 (torchvision's threshold 128), exactly, on uint8."""
+    x = fn.cast(img, dtype=types.INT16)
+    return fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+
+
+def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype):
+    """One view of every sample: crop, then each optional step under its own coin.
+
+    The `if` statements on DataNodes are DALI conditionals: each branch runs only on the
+    samples that took it. Probabilities of exactly 0 or 1 build no coin at all.
+    """
+    img = fn.random_resized_crop(images, size=[view.size, view.size], random_area=list(view.scale),
+                                 random_aspect_ratio=list(recipe.ratio), interp_type=types.INTERP_CUBIC,
+                                 antialias=True)
+    b, c, s, h = recipe.jitter
+    if recipe.jitter_p > 0:
+        if recipe.jitter_p >= 1 or _coin(recipe.jitter_p):
+            img = fn.color_twist(img, brightness=fn.random.uniform(range=[1 - b, 1 + b]),
+                                 contrast=fn.random.uniform(range=[1 - c, 1 + c]),
+                                 saturation=fn.random.uniform(range=[1 - s, 1 + s]),
+                                 hue=fn.random.uniform(range=[-h * DEGREES_PER_HUE_UNIT, h * DEGREES_PER_HUE_UNIT]))
+    if recipe.grayscale_p > 0:
+        if recipe.grayscale_p >= 1 or _coin(recipe.grayscale_p):
+            img = fn.saturation(img, saturation=0.0)
+    if view.blur_p > 0:
+        if view.blur_p >= 1 or _coin(view.blur_p):
+            # No window_size: DALI sizes the kernel from sigma (2 * ceil(3 sigma) + 1), so a
+            # small sigma costs a small window.
+            img = fn.gaussian_blur(img, sigma=fn.random.uniform(range=list(recipe.blur_sigma)))
+    if view.solarize_p > 0:
+        if view.solarize_p >= 1 or _coin(view.solarize_p):
+            img = _solarize(img)
+    mirror = fn.random.coin_flip(probability=recipe.flip_p) if recipe.flip_p > 0 else 0
+    return fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="HWC", mirror=mirror,
+                                    mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std])
+
+
+@pipeline_def(enable_conditionals=True)
+def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_device: str,
+                       hw_decoder_load: float, out_dtype):
+    """Encoded bytes -> one decode -> every view of the recipe, plus index, label, skipped."""
+    jpegs, index, label, skipped = fn.external_source(source=source, num_outputs=4, batch=True,
+                                                      dtype=[types.UINT8, types.INT64, types.INT64, types.INT64])
+    decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {}
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
+    views = [_augment_view(images, recipe, view, out_dtype) for view in recipe.views()]
+    return (*views, index, label, skipped)
+
+
+def _pipeline_seed(seed: int, epoch: int, rank: int, start_batch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, start_batch]).generate_state(1)[0] % (2**31 - 1))
+
+
+def _find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
+    """Decode each file fully with PIL: the ones that fail are why DALI failed."""
+    from pipelines.torchvision import UNREADABLE, load_rgb
+
+    bad = {}
+    for i in indices:
+        try:
+            load_rgb(samples[i][0])
+        except UNREADABLE as err:
+            bad[i] = f"undecodable: {type(err).__name__}: {err}"
+    return bad
+
+
+class DaliLoader:
+    """Multi-crop batches from a JPEG folder (or a `.txt` file list) through DALI."""
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        self.samples, self.classes = scan_source(spec.path)
+        self.num_images = len(self.samples)
+        check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)  # fail before training
+        self.on_gpu = spec.device.type == "cuda"
+        self.decoder_device = "mixed" if self.on_gpu else "cpu"
+        self.device_id = (spec.device.index if spec.device.index is not None else torch.cuda.current_device()) \
+            if self.on_gpu else None
+        self.num_threads = max(1, spec.num_workers or os.cpu_count() or 1)
+        self.bad: dict[int, str] = {}  # dataset index -> why it is skipped (kept across epochs)
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    @property
+    def _out_dtype(self):
+        return types.FLOAT16 if self.spec.dtype == torch.float16 else types.FLOAT
+
+    def _iterator(self, source: _ShardSource, first_batch: int) -> DALIGenericIterator:
+        """A fresh pipeline over `source` (built per epoch: cheap, and no reset-mid-epoch state)."""
+        pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, self.spec.dali_hw_decoder_load,
+                                  self._out_dtype, batch_size=self.spec.batch_size, num_threads=self.num_threads,
+                                  device_id=self.device_id, prefetch_queue_depth=2,
+                                  seed=_pipeline_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch))
+        names = [f"view{v}" for v in range(self.spec.recipe.num_views)] + list(OUTPUT_NAMES_EXTRA)
+        return DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        s = self.spec
+        batches = shard_batches(self.num_images, s.batch_size, s.rank, s.world_size, s.seed, self.epoch,
+                                self.start_batch)
+        done, errors = 0, 0
+        while done < len(batches):
+            remaining = batches[done:]
+            source = _ShardSource(self.samples, remaining, self.bad)
+            yielded = 0
+            try:
+                for out in self._iterator(source, self.start_batch + done):
+                    yield self._to_batch(out[0])
+                    done, yielded = done + 1, yielded + 1
+            except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
+                errors += 1
+                in_flight = {i for b in source.sent[yielded:] for i in b}
+                found = _find_bad_files(self.samples, sorted(in_flight))
+                if not found or errors > MAX_PIPELINE_ERRORS:
+                    raise
+                for i, reason in found.items():
+                    warnings.warn(f"skipping image {self.samples[i][0]}: {reason}", stacklevel=2)
+                self.bad.update(found)  # the next attempt replaces them and restarts at the failed batch
+
+    def _to_batch(self, out: dict[str, torch.Tensor]) -> MultiCropBatch:
+        s = self.spec
+        views = []
+        for v in range(s.recipe.num_views):
+            x = out[f"view{v}"].permute(0, 3, 1, 2)  # HWC memory = NCHW channels_last, no copy
+            x = x.to(s.device, dtype=s.dtype, non_blocking=True)
+            views.append(x if s.channels_last else x.contiguous())
+        return MultiCropBatch(views=views, index=out["index"].reshape(-1).cpu(), label=out["label"].reshape(-1).cpu(),
+                              num_skipped=int(out["skipped"].sum()))

@@ -1,0 +1,183 @@
+"""Every backend draws its augmentations from the one recipe: checked statistically.
+
+Each test feeds probe images whose pixels make one augmentation measurable (a coordinate
+ramp for crops and flips, a flat colour for jitter, grayscale and solarize, a fine checker
+for blur), switches the other augmentations off, and compares the observed rates with the
+recipe's probabilities by a binomial test at about 4.5 standard deviations (a wrong rate,
+say 0.3 for 0.2, fails with certainty at these sample sizes; a right one passes except with
+probability ~1e-5, and the seeds are fixed, so a pass is repeatable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FILE_BACKENDS
+from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+
+SOURCE = 64  # probe images are SOURCE x SOURCE
+COPIES = 64  # images in the probe folder (one batch of 32 per epoch... two per epoch)
+BATCH = 32
+EPOCHS = 8  # 8 epochs x 64 images = 512 samples per view
+
+pytestmark = pytest.mark.parametrize("backend", FILE_BACKENDS)
+
+QUIET = MultiCropRecipe(global_size=32, local_size=16, num_local=2, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                        blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0))
+
+
+def probe_folder(root: Path, pixels: np.ndarray) -> Path:
+    """COPIES identical lossless (PNG) images in 2 class folders."""
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(COPIES // 2):
+            Image.fromarray(pixels).save(root / f"c{c}" / f"img{i:03d}.png")
+    return root
+
+
+def collect(backend: str, root: Path, recipe: MultiCropRecipe) -> list[torch.Tensor]:
+    """Every view of EPOCHS epochs, un-normalised to [0, 255] float64, each N x 3 x H x W."""
+    loader = build_train_loader(backend, LoaderSpec(path=str(root), recipe=recipe, batch_size=BATCH, seed=3))
+    per_view: list[list[torch.Tensor]] = [[] for _ in range(recipe.num_views)]
+    for epoch in range(EPOCHS):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            for v, x in enumerate(batch.views):
+                per_view[v].append(x.double().cpu())
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    return [(torch.cat(xs) * std + mean) * 255 for xs in per_view]
+
+
+def assert_rate(hits: torch.Tensor, p: float, what: str) -> None:
+    """Binomial test of a 0/1 vector against probability p (exact at p = 0 or 1)."""
+    n, k = hits.numel(), int(hits.sum())
+    slack = 4.5 * math.sqrt(n * p * (1 - p))
+    assert abs(k - n * p) <= slack, f"{what}: {k}/{n} = {k / n:.3f}, expected {p}"
+
+
+def assert_independent(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Sample correlation of two per-sample draws is zero within 4.5 / sqrt(n)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    r = float((a * b).sum() / (a.norm() * b.norm()))
+    assert abs(r) <= 4.5 / math.sqrt(a.numel()), f"{what}: correlation {r:.3f}"
+
+
+def within_batch_agreement(x: torch.Tensor) -> float:
+    """Share of samples whose 0/1 draw equals the first sample's of their batch.
+
+    One draw per BATCH instead of per sample gives 1.0; independent draws at rate p give
+    p^2 + (1-p)^2 (0.5 for a fair coin)."""
+    rows = x.view(-1, BATCH).double()
+    return float((rows == rows[:, :1]).double().mean())
+
+
+# ------------------------------------------------------------------ crops and flips
+
+
+def ramp_image() -> np.ndarray:
+    """R = 4x, G = 4y (+2): the crop box and the flip can be read back from any view."""
+    ramp = np.arange(SOURCE) * (256 // SOURCE) + 2
+    img = np.zeros((SOURCE, SOURCE, 3), np.uint8)
+    img[..., 0] = ramp[None, :]
+    img[..., 1] = ramp[:, None]
+    img[..., 2] = 128
+    return img
+
+
+def crop_geometry(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(area fraction, aspect ratio w/h, flipped) of each view of the ramp image.
+
+    The ramp value at the first and last output pixel centres spans (size - 1) / size of
+    the crop, so the crop extent in source pixels is span / 4 * size / (size - 1).
+    """
+    size = view.shape[-1]
+    red, green = view[:, 0], view[:, 1]
+    width = (red.amax(dim=(1, 2)) - red.amin(dim=(1, 2))) / (256 // SOURCE) * size / (size - 1)
+    height = (green.amax(dim=(1, 2)) - green.amin(dim=(1, 2))) / (256 // SOURCE) * size / (size - 1)
+    flipped = red[:, :, -1].mean(1) < red[:, :, 0].mean(1)
+    return width * height / SOURCE**2, width / height, flipped
+
+
+def test_crops_cover_the_configured_scale_and_ratio(backend, tmp_path):
+    recipe = replace(QUIET, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), flip_p=0.5)
+    views = collect(backend, probe_folder(tmp_path / "ramp", ramp_image()), recipe)
+    areas, flips = [], []
+    for v, view in enumerate(views):
+        lo, hi = recipe.view(v).scale
+        area, aspect, flipped = crop_geometry(view)
+        # Inside the range (5% slack for pixel rounding of the crop box) ...
+        assert area.min() >= lo * 0.9 - 0.01 and area.max() <= hi * 1.05 + 0.01, (v, area.min(), area.max())
+        assert aspect.min() >= recipe.ratio[0] * 0.85 and aspect.max() <= recipe.ratio[1] / 0.85, v
+        # ... and covering it: both ends of each range are reached.
+        assert area.min() <= lo + 0.15 * (hi - lo) and area.max() >= hi - 0.15 * (hi - lo), (v, area.min(), area.max())
+        assert aspect.min() <= 0.85 and aspect.max() >= 1 / 0.85, (v, aspect.min(), aspect.max())
+        assert_rate(flipped, recipe.flip_p, f"flip rate of view {v}")
+        areas.append(area)
+        flips.append(flipped)
+    assert_independent(areas[0], areas[1], "crop areas of the two global views")
+    assert_independent(areas[2], areas[3], "crop areas of two local views")
+    assert_independent(flips[0], flips[1], "flips of the two global views")
+    assert abs(within_batch_agreement(flips[0]) - 0.5) < 0.1, "one flip per batch, not per sample"
+
+
+# ------------------------------------------------------------------ colour operations
+
+FLAT = (200, 120, 40)  # R >= 128 > G, B: solarize changes R only; far from gray
+
+
+def flat_views(backend: str, tmp_path: Path, recipe: MultiCropRecipe) -> list[torch.Tensor]:
+    pixels = np.broadcast_to(np.array(FLAT, np.uint8), (SOURCE, SOURCE, 3)).copy()
+    views = collect(backend, probe_folder(tmp_path / "flat", pixels), recipe)
+    return [v.mean(dim=(2, 3)) for v in views]  # N x 3 mean colour per view
+
+
+def test_colour_jitter_rate_and_independence(backend, tmp_path):
+    recipe = replace(QUIET, jitter_p=0.8)
+    colours = flat_views(backend, tmp_path, recipe)
+    jittered = [(c - torch.tensor(FLAT)).abs().amax(dim=1) > 2.0 for c in colours]
+    for v, hits in enumerate(jittered):
+        assert_rate(hits, 0.8, f"jitter rate of view {v}")
+    assert_independent(jittered[0], jittered[1], "jitter draws of the two global views")
+    assert_independent(colours[0][:, 0], colours[1][:, 0], "jittered red of the two global views")
+    assert abs(within_batch_agreement(jittered[2]) - (0.8**2 + 0.2**2)) < 0.1, "one jitter draw per batch"
+
+
+def test_grayscale_rate(backend, tmp_path):
+    recipe = replace(QUIET, grayscale_p=0.2)
+    for v, colour in enumerate(flat_views(backend, tmp_path, recipe)):
+        gray = (colour.amax(dim=1) - colour.amin(dim=1)) < 3.0
+        assert_rate(gray, 0.2, f"grayscale rate of view {v}")
+
+
+def test_solarize_only_on_the_second_global_view(backend, tmp_path):
+    recipe = replace(QUIET, solarize_p=(0.0, 0.2, 0.0))
+    for v, colour in enumerate(flat_views(backend, tmp_path, recipe)):
+        solarized = colour[:, 0] < 128  # 200 -> 55; G and B (< 128) stay
+        assert_rate(solarized, recipe.view(v).solarize_p, f"solarize rate of view {v}")
+        torch.testing.assert_close(colour[:, 1:], torch.tensor(FLAT[1:], dtype=torch.float64).expand(len(colour), 2),
+                                   atol=2.0, rtol=0)
+
+
+def test_blur_rates_per_view(backend, tmp_path):
+    # Crops of the whole image at its own size, so only the blur changes sharpness; sigma
+    # from 1 up, where a 2-pixel checker loses most of its contrast (sigma 0.1 would not).
+    recipe = replace(QUIET, global_size=SOURCE, local_size=SOURCE, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
+                     ratio=(1.0, 1.0), blur_p=(1.0, 0.1, 0.5), blur_sigma=(1.0, 2.0))
+    yy, xx = np.mgrid[:SOURCE, :SOURCE]
+    checker = np.where(((xx // 2) + (yy // 2)) % 2 == 0, 230, 25).astype(np.uint8)
+    views = collect(backend, probe_folder(tmp_path / "checker", np.stack([checker] * 3, axis=-1)), recipe)
+    for v, view in enumerate(views):
+        contrast = view[:, 0].std(dim=(1, 2))  # 102 unblurred; under 40 from sigma 1
+        blurred = contrast < 60
+        assert_rate(blurred, recipe.view(v).blur_p, f"blur rate of view {v}")
+    assert_independent(views[2][:, 0].std(dim=(1, 2)) < 60, views[3][:, 0].std(dim=(1, 2)) < 60,
+                       "blur draws of two local views")
