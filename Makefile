@@ -8,7 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastssl-installed
 DEMO_DATA := data/demo
-EXTRAS ?= test
+# The pipelines' extras are part of the default install: their tests run in CI (CPU mode).
+EXTRAS ?= all
 
 .PHONY: setup demo test test-fast clean-demo
 

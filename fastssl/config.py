@@ -36,6 +36,8 @@ class DataConfig:
     synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
     synthetic_classes: int = 1000
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
+    ffcv_order: str = "sampler"  # FFCV: sampler (shared with all backends, resumable) | random | quasi_random | sequential
+    ffcv_os_cache: bool = True  # FFCV: page-cache reads (True) or FFCV's process cache (False)
 
 
 @dataclass
@@ -251,6 +253,8 @@ def config_errors(cfg: Config) -> list[str]:
                  "(ImageNet layout: train/<class>/<image>.JPEG) or use --data.backend synthetic")
     if d.synthetic_size < 1 or d.synthetic_classes < 1:
         e.append("data.synthetic_size/synthetic_classes: must be positive")
+    if d.ffcv_order not in ("sampler", "random", "quasi_random", "sequential"):
+        e.append(f"data.ffcv_order: unknown {d.ffcv_order!r}; choose sampler, random, quasi_random or sequential")
     if not 0 <= d.dali_hw_decoder_load <= 1:
         e.append(f"data.dali_hw_decoder_load: a share must lie in [0, 1], got {d.dali_hw_decoder_load}")
     e += [f"aug.{msg}" for msg in cfg.aug.errors()]

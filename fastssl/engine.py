@@ -30,7 +30,8 @@ from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"data.train", "data.val", "data.num_workers", "train.progress", "train.log_every",
-                     "train.compile", "eval.batch_size", "data.dali_hw_decoder_load"}
+                     "train.compile", "eval.batch_size", "data.dali_hw_decoder_load",
+                     "data.ffcv_os_cache"}
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -173,7 +174,8 @@ def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
         num_workers=workers, device=accelerator.device, channels_last=cfg.train.channels_last,
         dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32),
-        dali_hw_decoder_load=cfg.data.dali_hw_decoder_load,
+        dali_hw_decoder_load=cfg.data.dali_hw_decoder_load, ffcv_order=cfg.data.ffcv_order,
+        ffcv_os_cache=cfg.data.ffcv_os_cache,
         synthetic_size=cfg.data.synthetic_size, synthetic_classes=cfg.data.synthetic_classes)
 
 

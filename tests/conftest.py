@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,31 @@ def _importable(module: str) -> bool:
 requires_dali = pytest.mark.skipif(not _importable("nvidia.dali"), reason="DALI is not installed ([dali] extra)")
 requires_ffcv = pytest.mark.skipif(not _importable("ffcv"), reason="FFCV is not installed ([ffcv] extra)")
 # Backends that read a JPEG folder; each test parametrised over them runs once per backend.
-FILE_BACKENDS = ["torchvision", pytest.param("dali", marks=requires_dali)]
+FILE_BACKENDS = ["torchvision", pytest.param("dali", marks=requires_dali), pytest.param("ffcv", marks=requires_ffcv)]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (tools/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def data_path(backend: str, folder: Path, write_mode: str = "raw") -> str:
+    """What `backend` reads for this image folder: the folder, or a `.beton` converted from it
+    (raw pixels by default, so that probe images reach the crops unchanged)."""
+    if backend != "ffcv":
+        return str(folder)
+    out = folder.parent / f"{folder.name}-{write_mode}.beton"
+    if not out.exists():
+        load_tool("convert_imagenet_to_ffcv").convert(folder, out, write_mode=write_mode, num_workers=1,
+                                                      progress=False)
+    return str(out)
 
 
 def index_colour(i: int) -> tuple[int, int, int]:

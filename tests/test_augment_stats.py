@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FILE_BACKENDS
+from conftest import FILE_BACKENDS, data_path
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 
@@ -45,7 +45,8 @@ def probe_folder(root: Path, pixels: np.ndarray) -> Path:
 
 def collect(backend: str, root: Path, recipe: MultiCropRecipe) -> list[torch.Tensor]:
     """Every view of EPOCHS epochs, un-normalised to [0, 255] float64, each N x 3 x H x W."""
-    loader = build_train_loader(backend, LoaderSpec(path=str(root), recipe=recipe, batch_size=BATCH, seed=3))
+    spec = LoaderSpec(path=data_path(backend, root), recipe=recipe, batch_size=BATCH, seed=3)
+    loader = build_train_loader(backend, spec)
     per_view: list[list[torch.Tensor]] = [[] for _ in range(recipe.num_views)]
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import FILE_BACKENDS, decode_index, make_image_folder
+from conftest import FILE_BACKENDS, data_path, decode_index, make_image_folder
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import DataLayoutError, scan_image_folder
@@ -93,13 +96,14 @@ def test_too_small_dataset_is_a_clear_error():
 # ------------------------------------------------------------------ the torchvision loader
 
 
-def spec_for(root, recipe=None, **kw) -> LoaderSpec:
-    return LoaderSpec(path=str(root), recipe=recipe or plain_recipe(), batch_size=kw.pop("batch_size", 4), **kw)
+def spec_for(root, recipe=None, backend: str = "torchvision", **kw) -> LoaderSpec:
+    return LoaderSpec(path=data_path(backend, root), recipe=recipe or plain_recipe(), batch_size=kw.pop("batch_size", 4),
+                      **kw)
 
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_batches_have_the_contract_shapes(image_folder, backend):
-    loader = build_train_loader(backend, spec_for(image_folder))
+    loader = build_train_loader(backend, spec_for(image_folder, backend=backend))
     batches = list(loader)
     assert len(batches) == len(loader) == 4
     b = batches[0]
@@ -110,7 +114,7 @@ def test_batches_have_the_contract_shapes(image_folder, backend):
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_every_view_comes_from_its_source_image(image_folder, backend):
-    loader = build_train_loader(backend, spec_for(image_folder))
+    loader = build_train_loader(backend, spec_for(image_folder, backend=backend))
     for batch in loader:
         for row, index in enumerate(batch.index.tolist()):
             for view in batch.views:
@@ -142,7 +146,7 @@ def test_resume_mid_epoch_replays_the_rest(image_folder):
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_resume_continues_the_data_order(image_folder, backend):
-    loader = build_train_loader(backend, spec_for(image_folder, seed=9))
+    loader = build_train_loader(backend, spec_for(image_folder, backend=backend, seed=9))
     loader.set_epoch(2)
     whole = [b.index for b in loader]
     loader.set_epoch(2, start_batch=1)
@@ -167,6 +171,15 @@ def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path, backend):
     (odd / "bad_header.JPEG").write_bytes(good[:4] + bytes(200) + good[204:])
     (odd / "not_an_image.JPEG").write_text("hello")
     Image.new("RGB", (3, 2), (200, 10, 10)).save(odd / "smaller_than_a_crop.JPEG")
+    if backend == "ffcv":  # the converter skips and reports; the .beton holds only good images
+        spec = LoaderSpec(path=data_path(backend, root, write_mode="jpg"), recipe=plain_recipe(), batch_size=12)
+        summary = json.loads(Path(spec.path + ".json").read_text())
+        assert sorted(Path(s["path"]).name for s in summary["skipped"]) == \
+            ["bad_header.JPEG", "not_an_image.JPEG", "truncated.JPEG"]
+        batches = list(build_train_loader(backend, spec))
+        assert len({i for b in batches for i in b.index.tolist()}) == 12
+        assert all(torch.isfinite(v).all() for b in batches for v in b.views)
+        return
     loader = build_train_loader(backend, spec_for(root, batch_size=15))
     with pytest.warns(UserWarning, match="skipping"):
         batches = list(loader)
@@ -194,6 +207,7 @@ def test_synthetic_backend_shapes():
 
 @pytest.mark.parametrize("backend", [*FILE_BACKENDS, "synthetic"])
 def test_loaders_refuse_data_smaller_than_one_global_batch(image_folder, backend):
-    spec = spec_for(image_folder, batch_size=10, world_size=2, synthetic_size=18)
+    spec = spec_for(image_folder, backend=backend if backend != "synthetic" else "torchvision", batch_size=10,
+                    world_size=2, synthetic_size=18)
     with pytest.raises(ValueError, match="fewer than one global batch of 20"):
         build_train_loader(backend, spec)

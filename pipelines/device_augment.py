@@ -1,0 +1,139 @@
+"""The recipe's photometric augmentations as batched tensor ops, on whatever device the batch is on.
+
+Why: FFCV ships no hue, grayscale, blur or solarize, and running them per sample on CPU
+workers is what makes multi-crop loading slow. Here each step draws its coin and its
+parameters per SAMPLE (one brightness factor, one blur sigma per image), then runs once
+on the rows that drew it: no Python loop over samples, and a skipped step costs an index
+select, not a compute-and-blend. Any loader that delivers crops (uint8, N x H x W x 3) can
+finish them here, on the GPU or on the CPU.
+
+The definitions follow torchvision's tensor ops: ColorJitter's brightness, contrast,
+saturation and hue (applied in that fixed order), grayscale with torchvision's weights, Gaussian blur with
+sigma ~ U(blur_sigma) and a window of 2 * ceil(3 sigma) + 1, solarize at 128 / 255.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.augment import MultiCropRecipe, ViewSpec
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+SOLARIZE_THRESHOLD = 128 / 255
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+
+
+def _coin(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
+    """Indices of the rows that draw this step (all of them at p = 1, none at p = 0)."""
+    if p <= 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if p >= 1:
+        return torch.arange(n, device=device)
+    return (torch.rand(n, generator=g, device=device) < p).nonzero().squeeze(1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W -> N x 1 x H x W luma, with torchvision's weights."""
+    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    safe = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = torch.stack([torch.stack(c, dim=1) for c in
+                           ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], dim=0)
+    return choices.gather(0, i.unsqueeze(0).unsqueeze(2).expand(1, -1, 3, *i.shape[1:])).squeeze(0)
+
+
+def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+                 hue: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter with one factor per sample (each a length-N tensor), in [0, 1]."""
+    view = (-1, 1, 1, 1)
+    x = (x * brightness.view(view)).clamp(0, 1)
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = (mean + (x - mean) * contrast.view(view)).clamp(0, 1)
+    gray = grayscale(x)
+    x = (gray + (x - gray) * saturation.view(view)).clamp(0, 1)
+    hsv = _rgb_to_hsv(x)
+    hsv = torch.cat([((hsv[:, :1] + hue.view(view)) % 1.0), hsv[:, 1:]], dim=1)
+    return _hsv_to_rgb(hsv).clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample: one grouped conv per axis.
+
+    The window is sized for the largest sigma in the batch (2 * ceil(3 sigma) + 1); smaller
+    sigmas get kernels that are ~0 in the outer taps. Borders are reflected, as torchvision.
+    """
+    n, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    radius = min(radius, (min(h, w) - 1))  # reflect padding needs pad < size
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c) x k
+    y = x.reshape(1, n * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
+
+
+def augment_view(crops: torch.Tensor, recipe: MultiCropRecipe, view: ViewSpec, generator: torch.Generator,
+                 dtype: torch.dtype = torch.float32, flip: bool = True) -> torch.Tensor:
+    """uint8 crops (N x H x W x 3) -> augmented, normalised N x 3 x H x W (channels_last) in `dtype`.
+
+    Steps and order as the torchvision reference: flip, jitter (p), grayscale (p), blur (p,
+    per view), solarize (p, per view), normalise. `flip=False` when the loader already flipped.
+    """
+    dev = crops.device
+    x = crops.permute(0, 3, 1, 2).float().div_(255)  # channels_last memory, values in [0, 1]
+    n = x.shape[0]
+    if flip:
+        rows = _coin(n, recipe.flip_p, generator, dev)
+        x[rows] = x[rows].flip(-1)
+    b, c, s, h = recipe.jitter
+    rows = _coin(n, recipe.jitter_p, generator, dev)
+    if len(rows):
+        k = len(rows)
+        x[rows] = color_jitter(x[rows], _uniform(k, max(0.0, 1 - b), 1 + b, generator, dev),
+                               _uniform(k, max(0.0, 1 - c), 1 + c, generator, dev),
+                               _uniform(k, max(0.0, 1 - s), 1 + s, generator, dev), _uniform(k, -h, h, generator, dev))
+    rows = _coin(n, recipe.grayscale_p, generator, dev)
+    if len(rows):
+        x[rows] = grayscale(x[rows]).expand(-1, 3, -1, -1)
+    rows = _coin(n, view.blur_p, generator, dev)
+    if len(rows):
+        x[rows] = gaussian_blur(x[rows], _uniform(len(rows), *recipe.blur_sigma, generator, dev))
+    rows = _coin(n, view.solarize_p, generator, dev)
+    if len(rows):
+        x[rows] = solarize(x[rows])
+    mean = torch.tensor(recipe.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std, device=dev).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.to(dtype=dtype, memory_format=torch.channels_last)

@@ -1,0 +1,209 @@
+"""The FFCV loader: a `.beton` -> ONE decode per image -> every crop -> device -> batched augmentations.
+
+FFCV's own multi-view recipe decodes the JPEG again for every view (8 decodes per image
+here). `MultiCropDecoder` is an FFCV decoder compiled with numba that decodes once and
+cuts all the views' random-resized crops from that buffer into one flat uint8 row per
+image; on the training device the row is split into views, and the photometric steps run
+as batched tensor ops with per-sample parameters (`pipelines.device_augment`).
+
+* Order: by default the shared sampler's (`pipelines.sampler`: the same permutation as
+  every backend, sharded across ranks, resumable mid-epoch). `order` = "random",
+  "quasi_random" or "sequential" uses FFCV's own traversal instead (with
+  `distributed=True` on several processes); a resumed epoch then skips the batches it had
+  already trained on.
+* Compilation: numba compiles FFCV's pipeline in every process on its first batch. The
+  stages that can be cached are compiled with `cache=True` (on disk, under
+  `__pycache__` or NUMBA_CACHE_DIR), so later runs start in seconds; the decoder holds
+  ctypes pointers and is compiled anew each run.
+* Crops are resized with OpenCV's INTER_AREA (FFCV's resize), not bicubic.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
+from ffcv.libffcv import imdecode
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.state import State
+from ffcv.reader import Reader
+from ffcv.transforms import ToDevice, ToTensor
+from ffcv.traversal_order.base import TraversalOrder
+
+from pipelines.augment import MultiCropRecipe
+from pipelines.batch import MultiCropBatch
+from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, check_beton
+from pipelines.device_augment import augment_view
+from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, epoch_permutation, sample_seed
+from pipelines.spec import LoaderSpec
+
+FFCV_ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
+               "sequential": OrderOption.SEQUENTIAL}
+ORDERS = ("sampler", *FFCV_ORDERS)
+
+
+def _cached_compile(code, signature=None):
+    """FFCV's `Compiler.compile` with numba's on-disk cache (uncacheable stages fall back)."""
+    from numba import njit
+
+    parallel = bool(getattr(code, "is_parallel", False)) and Compiler.num_threads > 1
+    if not Compiler.is_enabled:
+        return code
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "cannot cache ..." for closures over ctypes pointers
+        return njit(signature, fastmath=True, nogil=True, error_model="numpy", parallel=parallel, cache=True)(code)
+
+
+Compiler.compile = classmethod(lambda cls, code, signature=None: _cached_compile(code, signature))
+# numba warns, at first call, about each stage it cannot cache: expected for the decoder.
+warnings.filterwarnings("ignore", message="Cannot cache compiled function")
+
+
+class MultiCropDecoder(ResizedCropRGBImageDecoder):
+    """Decode each image once; emit every view's random-resized crop into one flat uint8 row.
+
+    Row layout: view 0 (s0 x s0 x 3), view 1, ..., in recipe order. Crop boxes are drawn
+    independently per view and per image (FFCV's torchvision-equivalent `get_random_crop`).
+    """
+
+    def __init__(self, recipe: MultiCropRecipe):
+        views = recipe.views()
+        self.sizes = np.array([v.size for v in views], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(3 * self.sizes**2)]).astype(np.int64)
+        self.scales = np.array([v.scale for v in views], dtype=np.float64)
+        self.ratio = np.array(recipe.ratio, dtype=np.float64)
+        super().__init__((int(self.offsets[-1]), 1))
+
+    @property
+    def get_crop_generator(self):
+        return get_random_crop
+
+    def declare_state_and_memory(self, previous_state: State):
+        self.max_width = np.uint64(self.metadata["width"].max())
+        self.max_height = np.uint64(self.metadata["height"].max())
+        shape, dtype = (int(self.offsets[-1]),), np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
+                (AllocationQuery(shape, dtype), AllocationQuery((self.max_height * self.max_width * np.uint64(3),), dtype)))
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        from ffcv.libffcv import resize_crop
+        resize_crop_c = Compiler.compile(resize_crop)
+        get_crop_c = Compiler.compile(get_random_crop)
+        sizes, offsets, scales, ratio = self.sizes, self.offsets, self.scales, self.ratio
+        num_views = len(sizes)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:  # the one decode of this image
+                    temp = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = temp.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                for v in range(num_views):
+                    i, j, h, w = get_crop_c(height, width, scales[v], ratio)
+                    out = destination[dst_ix, offsets[v]:offsets[v + 1]].reshape(sizes[v], sizes[v], 3)
+                    resize_crop_c(image, i, i + h, j, j + w, out)
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class _PlanOrder(TraversalOrder):
+    """FFCV traversal that reads the order planned by `FfcvLoader` for the coming epoch.
+
+    (FFCV's Loader calls an order *instance* with itself, so the instance is its own factory.)
+    """
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def __call__(self, loader) -> "_PlanOrder":
+        TraversalOrder.__init__(self, loader)
+        return self
+
+    def sample_order(self, epoch: int):
+        return self.plan(epoch)
+
+
+class FfcvLoader:
+    """Multi-crop batches from a `.beton` written by tools/convert_imagenet_to_ffcv.py."""
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        self.classes = check_beton(spec.path)  # clear error naming the converter
+        self.num_images = int(Reader(spec.path).num_samples)
+        check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)
+        if spec.ffcv_order not in ORDERS:
+            raise ValueError(f"data.ffcv_order: unknown {spec.ffcv_order!r}; choose one of {', '.join(ORDERS)}")
+        if spec.ffcv_order == "quasi_random" and spec.world_size > 1:
+            raise ValueError("data.ffcv_order: FFCV's quasi_random order does not support several processes; "
+                             "use sampler or random")
+        self.epoch, self.start_batch = 0, 0
+        self._loader: Loader | None = None
+        self._inner_order: TraversalOrder | None = None
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _plan(self, epoch: int) -> np.ndarray:
+        """This rank's indices for `epoch`, from `start_batch` on, whole batches only."""
+        s, n = self.spec, len(self)
+        if self._inner_order is None:
+            perm = epoch_permutation(self.num_images, s.seed, epoch).numpy()
+            mine = perm[s.rank : n * s.batch_size * s.world_size : s.world_size]
+        else:
+            mine = np.asarray(self._inner_order.sample_order(epoch))[: n * s.batch_size]
+        return mine[self.start_batch * s.batch_size :].astype(np.uint64)
+
+    def _build(self) -> Loader:
+        s = self.spec
+        plan_order = _PlanOrder(self._plan)
+        device = s.device if s.device.type == "cuda" else torch.device("cpu")
+        loader = Loader(s.path, batch_size=s.batch_size, num_workers=max(1, s.num_workers or 1),
+                        order=plan_order, distributed=False, seed=s.seed, os_cache=s.ffcv_os_cache, drop_last=True,
+                        pipelines={IMAGE_FIELD: [MultiCropDecoder(s.recipe), ToTensor(),
+                                                 ToDevice(device, non_blocking=True)],
+                                   LABEL_FIELD: [IntDecoder(), ToTensor()]})
+        if s.ffcv_order != "sampler":  # FFCV's own order, dealt to ranks by FFCV (distributed=True)
+            probe = Loader(s.path, batch_size=s.batch_size, num_workers=1, order=FFCV_ORDERS[s.ffcv_order],
+                           distributed=s.world_size > 1, seed=s.seed, pipelines={IMAGE_FIELD: None, LABEL_FIELD: None})
+            self._inner_order = probe.traversal_order
+        return loader
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        if self._loader is None:
+            self._loader = self._build()
+        s, recipe = self.spec, self.spec.recipe
+        self._loader.next_epoch = self.epoch
+        offsets = np.concatenate([[0], np.cumsum([3 * v.size**2 for v in recipe.views()])])
+        plan = self._plan(self.epoch)
+        for b, (rows, label) in enumerate(self._loader):
+            batch_no = self.start_batch + b
+            g = torch.Generator(device=rows.device).manual_seed(sample_seed(s.seed, self.epoch, batch_no * 65537 + s.rank))
+            views = []
+            for v, view in enumerate(recipe.views()):
+                crops = rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)
+                x = augment_view(crops.to(s.device, non_blocking=True), recipe, view, g, dtype=s.dtype)
+                views.append(x if s.channels_last else x.contiguous())
+            index = torch.from_numpy(plan[b * s.batch_size : (b + 1) * s.batch_size].astype(np.int64))
+            yield MultiCropBatch(views=views, index=index, label=label.reshape(-1).long().cpu().clone())

@@ -1,0 +1,62 @@
+"""The batched, per-sample photometric ops equal torchvision's per-image functional ops (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.transforms import functional as TF
+
+from pipelines.augment import MultiCropRecipe
+from pipelines.device_augment import augment_view, color_jitter, gaussian_blur, grayscale, solarize
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(6, 3, 20, 24, generator=g, dtype=torch.float64)
+
+
+def test_color_jitter_equals_torchvision_per_sample(images):
+    g = torch.Generator().manual_seed(1)
+    n = len(images)
+    b, c, s = (0.6 + 0.8 * torch.rand(n, generator=g, dtype=torch.float64) for _ in range(3))
+    h = -0.1 + 0.2 * torch.rand(n, generator=g, dtype=torch.float64)
+    out = color_jitter(images, b, c, s, h)
+    for i in range(n):
+        ref = TF.adjust_brightness(images[i], float(b[i]))
+        ref = TF.adjust_contrast(ref, float(c[i]))
+        ref = TF.adjust_saturation(ref, float(s[i]))
+        ref = TF.adjust_hue(ref, float(h[i]))
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
+
+
+def test_blur_has_one_sigma_per_image_and_equals_torchvision(images):
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.7], dtype=torch.float64)
+    out = gaussian_blur(images, sigma)
+    window = 2 * math.ceil(3 * float(sigma.max())) + 1
+    for i in range(len(images)):
+        ref = TF.gaussian_blur(images[i], kernel_size=[window, window], sigma=[float(sigma[i])] * 2)
+        torch.testing.assert_close(out[i], ref, atol=1e-9, rtol=0)
+
+
+def test_grayscale_and_solarize_equal_torchvision(images):
+    torch.testing.assert_close(grayscale(images), TF.rgb_to_grayscale(images), atol=1e-12, rtol=0)
+    torch.testing.assert_close(solarize(images), TF.solarize(images, 128 / 255), atol=0, rtol=0)
+
+
+def test_augment_view_contract():
+    recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
+    crops = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    x = augment_view(crops, recipe, recipe.view(1), g, dtype=torch.bfloat16)
+    assert x.shape == (5, 3, 16, 16) and x.dtype == torch.bfloat16
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(x.float()).all()
+    # With every step off, it is exactly normalisation.
+    quiet = MultiCropRecipe(global_size=16, local_size=8, num_local=2, flip_p=0, jitter_p=0, grayscale_p=0,
+                            blur_p=(0, 0, 0), solarize_p=(0, 0, 0))
+    y = augment_view(crops, quiet, quiet.view(0), g)
+    mean, std = torch.tensor(quiet.mean).view(1, 3, 1, 1), torch.tensor(quiet.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(y, (crops.permute(0, 3, 1, 2).float() / 255 - mean) / std)
