@@ -32,6 +32,7 @@ class DataConfig:
     backend: str = "torchvision"  # torchvision | synthetic | dali | ffcv
     train: str = ""  # ImageNet-layout folder: train/<class>/<image>.JPEG
     val: str = ""  # same layout; used by the online k-NN ("" = no k-NN)
+    knn_train: str = ""  # JPEG folder for the k-NN memory bank ("" = data.train; required with ffcv)
     num_workers: int = -1  # loader workers per process; -1 = all cores / processes
     synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
     synthetic_classes: int = 1000
@@ -253,6 +254,9 @@ def config_errors(cfg: Config) -> list[str]:
                  "(ImageNet layout: train/<class>/<image>.JPEG) or use --data.backend synthetic")
     if d.synthetic_size < 1 or d.synthetic_classes < 1:
         e.append("data.synthetic_size/synthetic_classes: must be positive")
+    if d.backend == "ffcv" and d.val and not d.knn_train:
+        e.append("data.knn_train: the ffcv backend trains from a .beton but the online k-NN reads JPEG "
+                 "folders; pass --data.knn_train /path/to/imagenet/train, or drop --data.val")
     if d.ffcv_order not in ("sampler", "random", "quasi_random", "sequential"):
         e.append(f"data.ffcv_order: unknown {d.ffcv_order!r}; choose sampler, random, quasi_random or sequential")
     if not 0 <= d.dali_hw_decoder_load <= 1:

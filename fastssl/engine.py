@@ -29,7 +29,8 @@ from fastssl.runtime import GracefulStop, build_accelerator, default_num_workers
 from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"data.train", "data.val", "data.num_workers", "train.progress", "train.log_every",
+RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "train.progress",
+                     "train.log_every",
                      "train.compile", "eval.batch_size", "data.dali_hw_decoder_load",
                      "data.ffcv_os_cache"}
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
@@ -182,7 +183,7 @@ def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
 def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
     if not cfg.data.val or cfg.eval.knn_every < 0 or cfg.data.backend == "synthetic":
         return None
-    return OnlineKnn(cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
+    return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
                      cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder
+from conftest import data_path, make_image_folder, requires_dali, requires_ffcv
 from fastssl.config import Config, ConfigError
 from fastssl.engine import train
 
@@ -217,3 +218,24 @@ def test_compiled_student_matches_eager(tmp_path):
     # same first step; later steps drift by fused-kernel rounding (0.24% by step 3 seen here)
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4)
     assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("dali", marks=requires_dali), pytest.param("ffcv", marks=requires_ffcv)])
+def test_fast_backends_train_through_the_unchanged_loop(tmp_path, backend):
+    """Choosing the backend in the config is all it takes (the k-NN bank stays a JPEG folder)."""
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.data.backend = backend
+    if backend == "ffcv":
+        cfg.data.knn_train = cfg.data.train
+        cfg.data.train = data_path("ffcv", Path(cfg.data.train), write_mode="jpg")
+    results = train(cfg)
+    rows = read_csv(Path(cfg.train.run_dir) / "train_log.csv")
+    assert len(rows) == 3 and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert results["knn"][-1]["top1"] >= 0
+
+
+def test_ffcv_without_a_knn_folder_is_a_config_error(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.data.backend = "ffcv"
+    with pytest.raises(ConfigError, match="data.knn_train"):
+        train(cfg)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import FILE_BACKENDS, data_path, decode_index, make_image_folder
+from dist_utils import requires_gloo, run_distributed
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import DataLayoutError, scan_image_folder
@@ -211,3 +212,25 @@ def test_loaders_refuse_data_smaller_than_one_global_batch(image_folder, backend
                     world_size=2, synthetic_size=18)
     with pytest.raises(ValueError, match="fewer than one global batch of 20"):
         build_train_loader(backend, spec)
+
+
+def _shard_indices(rank: int, world_size: int, backend: str, path: str) -> list[int]:
+    """In a real process of a 2-process gloo group: this rank's indices of epoch 1."""
+    import torch.distributed as dist
+
+    spec = LoaderSpec(path=path, recipe=plain_recipe(), batch_size=3, rank=dist.get_rank(),
+                      world_size=dist.get_world_size(), seed=5)
+    loader = build_train_loader(backend, spec)
+    loader.set_epoch(1)
+    return [i for b in loader for i in b.index.tolist()]
+
+
+@requires_gloo
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_two_processes_get_disjoint_shards_that_cover_the_epoch(image_folder, backend):
+    path = data_path(backend, image_folder)
+    shards = run_distributed(_shard_indices, world_size=2, args=(backend, path), timeout=300)
+    assert len(shards[0]) == len(shards[1]) == 9  # 18 images = 2 ranks x 3 batches of 3
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(18))

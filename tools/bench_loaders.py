@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Loader-only throughput of every available backend, in SOURCE images/s (each with all its crops).
+
+    python tools/bench_loaders.py                                  # embedded demo data, full 8-crop recipe
+    python tools/bench_loaders.py --data /imagenet/train --beton train.beton --json out.json
+
+Same images, same recipe, same batch size for every backend; the backends are
+interleaved within each repetition (torchvision, dali, ffcv, synthetic, then again), so
+that a noisy shared machine slows them alike, and the median over repetitions is
+reported with its spread. Each repetition is a fresh epoch: its first `--warmup`
+batches (pipeline start-up, worker spawn) are not timed. On a GPU the views are
+delivered to it and the clock stops after a synchronise.
+
+torchvision runs with one worker per core (the reference); DALI and FFCV get the same
+thread count. FFCV reads a `.beton` converted from the same folder (made on the fly
+under data/bench/ when `--beton` is not given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader  # noqa: E402
+
+ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
+DEFAULT_DATA = "data/demo/train"
+
+
+def available(backend: str) -> bool:
+    module = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def beton_for(folder: Path) -> Path:
+    """A .beton of `folder` under data/bench/, converted once (JPEG storage, as ImageNet's would be)."""
+    out = Path("data/bench") / f"{folder.resolve().parent.name}_{folder.name}.beton"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("convert", Path(__file__).with_name("convert_imagenet_to_ffcv.py"))
+        conv = importlib.util.module_from_spec(spec)
+        sys.modules["convert"] = conv
+        spec.loader.exec_module(conv)
+        print(f"converting {folder} -> {out} for the ffcv backend")
+        conv.convert(folder, out, write_mode="jpg", progress=False)
+    return out
+
+
+def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device) -> float:
+    """Source images/s over `batches` batches after `warmup` untimed ones."""
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += next(it).batch_size
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    it.close() if hasattr(it, "close") else None
+    return images / seconds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=DEFAULT_DATA, help=f"JPEG folder in ImageNet layout (default {DEFAULT_DATA})")
+    ap.add_argument("--beton", help="the same data as a .beton for ffcv (default: converted under data/bench/)")
+    ap.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of " + ", ".join(ALL_BACKENDS))
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of each repetition")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers / threads per backend")
+    ap.add_argument("--global-size", type=int, default=224)
+    ap.add_argument("--local-size", type=int, default=96)
+    ap.add_argument("--num-local", type=int, default=6)
+    ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    unknown = set(args.backends.split(",")) - set(ALL_BACKENDS)
+    if unknown:
+        ap.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS)}")
+    if min(args.batch_size, args.batches, args.repeats, args.workers) < 1 or args.warmup < 0:
+        ap.error("--batch-size, --batches, --repeats and --workers must be positive; --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    data = Path(args.data)
+    if not data.is_dir():
+        hint = " (run `make demo` once to generate it)" if args.data == DEFAULT_DATA else ""
+        sys.exit(f"error: data folder {data} does not exist{hint}")
+    recipe = MultiCropRecipe(global_size=args.global_size, local_size=args.local_size, num_local=args.num_local)
+    names = [b for b in args.backends.split(",") if available(b)]
+    skipped = [b for b in args.backends.split(",") if b not in names]
+    loaders = {}
+    for name in names:
+        path = str(args.beton or beton_for(data)) if name == "ffcv" else str(data)
+        spec = LoaderSpec(path=path, recipe=recipe, batch_size=args.batch_size, num_workers=args.workers,
+                          device=device, seed=0, synthetic_size=100_000)
+        loaders[name] = build_train_loader(name, spec)
+        need = args.warmup + args.batches
+        if len(loaders[name]) < need:
+            sys.exit(f"error: {name}: {len(loaders[name])} batches per epoch, need {need}; "
+                     "use more data or fewer --batches/--warmup")
+    print(f"warming up {', '.join(names)} (first batches compile/spawn) ...", flush=True)
+    for name, loader in loaders.items():
+        time_epoch(loader, 10_000, 0, 1, device)
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        for name in names:  # interleaved: every repetition measures every backend
+            runs[name].append(time_epoch(loaders[name], rep, args.warmup, args.batches, device))
+            print(f"  repeat {rep + 1}/{args.repeats} {name:12s} {runs[name][-1]:9.1f} images/s", flush=True)
+
+    ref = statistics.median(runs["torchvision"]) if "torchvision" in runs else None
+    results = {}
+    print(f"\n{'backend':12s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}")
+    for name in names:
+        med = statistics.median(runs[name])
+        results[name] = {"images_per_s": med, "min": min(runs[name]), "max": max(runs[name]), "runs": runs[name],
+                         "vs_torchvision": med / ref if ref else None}
+        ratio = f"{med / ref:14.2f}" if ref else f"{'-':>14s}"
+        print(f"{name:12s} {med:10.1f} {min(runs[name]):9.1f} {max(runs[name]):9.1f} {ratio}")
+    if skipped:
+        print(f"not installed, skipped: {', '.join(skipped)}")
+    report = {
+        "backends": results,
+        "config": {"data": str(data), "batch_size": args.batch_size, "batches": args.batches, "warmup": args.warmup,
+                   "repeats": args.repeats, "workers": args.workers, "views": recipe.num_views,
+                   "global_size": args.global_size, "local_size": args.local_size, "device": str(device)},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
