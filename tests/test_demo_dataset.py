@@ -98,12 +98,14 @@ def test_layout_counts_and_images(tiny: Path) -> None:
     assert sorted(p.name for p in tiny.parent.iterdir()) == ["demo"], "no temporary directory left behind"
 
 
-def test_default_classes_mix_shape_and_texture() -> None:
+def test_default_classes_differ_in_shape_and_in_texture() -> None:
     specs = mdd.class_specs(mdd.DEFAULT_NUM_CLASSES)
     shapes = [s for s, _ in specs]
     textures = [t for _, t in specs]
-    # Neither attribute alone determines the class.
-    assert len(set(shapes)) < len(specs) and len(set(textures)) < len(specs)
+    # Every default class has its own shape and its own texture; beyond that, reuse is even.
+    assert len(set(shapes)) == len(specs) == len(set(textures))
+    more = mdd.class_specs(mdd.MAX_CLASSES)
+    assert len(set(more)) == mdd.MAX_CLASSES
     assert all(name.split("_", 1)[1] == f"{s}_{t}" for name, (s, t) in zip(mdd.class_names(10), specs))
 
 
