@@ -57,7 +57,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state: TrainState, config: dict,
-                    rank: int, is_main: bool) -> None:
+                    rank: int, is_main: bool, critic=None) -> None:
     """Every rank writes its RNG state; the main process writes the shared state."""
     rng_dir = run_dir / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
@@ -70,10 +70,11 @@ def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": asdict(state),
             "config": config,
+            "critic": critic.state_dict() if critic is not None else None,  # the key queue
         }, run_dir / CHECKPOINT_NAME)
 
 
-def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank: int) -> TrainState:
+def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank: int, critic=None) -> TrainState:
     """Restore everything `save_checkpoint` wrote; returns where to continue."""
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
@@ -83,6 +84,8 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
     student.load_state_dict(ckpt["student"])
     teacher.load_state_dict(ckpt["teacher"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if critic is not None and ckpt.get("critic") is not None:
+        critic.load_state_dict(ckpt["critic"])
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     rng_path = run_dir / "rng" / f"rank{rank}.pt"

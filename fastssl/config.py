@@ -37,6 +37,7 @@ class DataConfig:
     synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
     synthetic_classes: int = 1000
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
+    device_augment: bool = False  # torchvision: workers only crop; flip/colour/blur/solarize run batched on the device
     ffcv_order: str = "sampler"  # FFCV: sampler (shared with all backends, resumable) | random | quasi_random | sequential
     ffcv_os_cache: bool = True  # FFCV: page-cache reads (True) or FFCV's process cache (False)
 
@@ -56,6 +57,8 @@ class ModelConfig:
 class MiraConfig:
     """The pseudo-labelling method and its schedules."""
 
+    objective: str = "mira"  # mira | mlcpc | mira+mlcpc (the critic on the projector embeddings)
+    mlcpc_weight: float = 1.0  # weight of the ML-CPC loss in mira+mlcpc
     assignment: str = "mira"  # mira | sinkhorn (SwAV's equipartition baseline)
     tau_student: float = 0.1
     tau_teacher: float = 0.225
@@ -68,6 +71,20 @@ class MiraConfig:
     ema_momentum_start: float = 0.99
     ema_momentum_end: float = 1.0
     freeze_prototypes_epochs: int = 1
+
+
+OBJECTIVES = ("mira", "mlcpc", "mira+mlcpc")
+
+
+@dataclass
+class CriticConfig:
+    """The queue-based ML-CPC critic (Song & Ermon 2020), used by the mlcpc objectives."""
+
+    queue_size: int = 65536  # keys of earlier steps, gathered from all ranks; < dataset size
+    temperature: float = 0.07  # separable critic q . k / T
+    alpha_start: float = 10.0  # geometric curriculum start -> end (Sec. 5.3: 10 -> 0.1)
+    alpha_end: float = 0.1
+    alpha_per: str = "epoch"  # epoch | step: how often alpha moves
 
 
 @dataclass
@@ -122,6 +139,7 @@ class Config:
     aug: MultiCropRecipe = field(default_factory=MultiCropRecipe)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MiraConfig = field(default_factory=MiraConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -267,6 +285,19 @@ def config_errors(cfg: Config) -> list[str]:
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
+    if mt.objective not in OBJECTIVES:
+        e.append(f"method.objective: unknown {mt.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if mt.mlcpc_weight <= 0:
+        e.append(f"method.mlcpc_weight: must be positive, got {mt.mlcpc_weight}")
+    cr = cfg.critic
+    if cr.queue_size < 1:
+        e.append(f"critic.queue_size: must be positive, got {cr.queue_size}")
+    if cr.temperature <= 0:
+        e.append(f"critic.temperature: must be positive, got {cr.temperature}")
+    if cr.alpha_start <= 0 or cr.alpha_end <= 0:
+        e.append(f"critic.alpha_start/alpha_end: alpha must be positive, got {cr.alpha_start} -> {cr.alpha_end}")
+    if cr.alpha_per not in ("epoch", "step"):
+        e.append(f"critic.alpha_per: choose epoch or step, got {cr.alpha_per!r}")
     if mt.assignment not in ("mira", "sinkhorn"):
         e.append(f"method.assignment: unknown {mt.assignment!r}; choose mira or sinkhorn")
     for name in ("tau_student", "tau_teacher", "sinkhorn_eps"):

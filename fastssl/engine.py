@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 import pipelines
 from fastssl import checkpoint as ckpt
 from fastssl.config import Config, ConfigError, to_dict, validate
+from fastssl.critic import MlCpcCritic
 from fastssl.eval.online import OnlineKnn
 from fastssl.method import train_step
 from fastssl.models import MiraNetwork, make_teacher, unwrap
@@ -45,6 +46,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
     loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, workers))
+    critic = build_critic(cfg, loader, accelerator)  # a queue longer than the data fails here, before output
     knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
     run_dir = prepare_run_dir(cfg, resume, accelerator)
 
@@ -61,7 +63,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     results: dict = {"knn": []}
     if resume:
         state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
-                                     scaler=accelerator.scaler, rank=accelerator.process_index)
+                                     scaler=accelerator.scaler, rank=accelerator.process_index, critic=critic)
         results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
         results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
     steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
@@ -72,9 +74,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, accelerator, loader, student, teacher, optimizer, state, steps_per_epoch,
-                                  log, stop)
+                                  log, stop, critic)
             if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state)
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic)
                 results["interrupted"] = stop.signal_name or "signal"
                 finish(run_dir, accelerator, results)
                 accelerator.print(f"stopped by {results['interrupted']} at epoch {state.epoch} step {state.step}: "
@@ -87,7 +89,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             log.epoch(epoch_row)
             if last or state.epoch % cfg.train.checkpoint_every == 0:
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state)
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic)
             finish(run_dir, accelerator, results)
     finally:
         stop.close()
@@ -98,19 +100,21 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
 
 def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, state: ckpt.TrainState,
-              steps_per_epoch: int, log: RunLog, stop: GracefulStop) -> dict | None:
+              steps_per_epoch: int, log: RunLog, stop: GracefulStop, critic: MlCpcCritic | None = None) -> dict | None:
     """One epoch (or its remainder after a resume); None when a stop was requested."""
     loader.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
     window, whole = ThroughputMeter(cfg.train.global_batch_size), ThroughputMeter(cfg.train.global_batch_size)
     reset_peak_memory(accelerator.device)
-    losses, skipped, started, stopping = [], 0, time.perf_counter(), False
+    losses, mi_estimates, skipped, started, stopping = [], [], 0, time.perf_counter(), False
     bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
                disable=not (cfg.train.progress and accelerator.is_local_main_process), dynamic_ncols=True)
     for batch in window.wrap(whole.wrap(loader)):
         sched = step_schedule(cfg, state.step, steps_per_epoch)
         loss = train_step(student, teacher, optimizer, accelerator, batch.views, sched, cfg.method,
-                          cfg.train.micro_batch_size)
+                          cfg.train.micro_batch_size, critic)
         losses.append(loss)
+        if critic is not None:
+            mi_estimates.append(critic.last_mi_nats)
         skipped += batch.num_skipped
         state.step += 1
         state.batch_in_epoch += 1
@@ -119,6 +123,9 @@ def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, sta
             row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses[-cfg.train.log_every:], accelerator),
                    "lr": sched.lr, "beta": sched.beta, "ema_momentum": sched.ema_momentum,
                    "skipped_images": skipped, **window.summary()}
+            if critic is not None:  # the ML-CPC estimate and the most it could report
+                row.update(alpha=sched.alpha, mi_nats=mean_loss(mi_estimates[-cfg.train.log_every:], accelerator),
+                           mi_ceiling_nats=math.log((critic.queue.size + 1) / sched.alpha))
             window.reset()
             log.step(row)
             if not math.isfinite(row["loss"]):
@@ -161,6 +168,8 @@ def should_eval(every: int, epoch: int, last: bool) -> bool:
 def build_networks(cfg: Config, accelerator) -> tuple[MiraNetwork, MiraNetwork]:
     m = cfg.model
     student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes)
+    if cfg.method.objective == "mlcpc":  # no swapped prediction: the prototypes are unused (and DDP
+        student.prototypes.requires_grad_(False)  # must not wait for their gradients)
     if m.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if cfg.train.channels_last:
@@ -176,6 +185,7 @@ def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
         num_workers=workers, device=accelerator.device, channels_last=cfg.train.channels_last,
         dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32),
         dali_hw_decoder_load=cfg.data.dali_hw_decoder_load, ffcv_order=cfg.data.ffcv_order,
+        device_augment=cfg.data.device_augment,
         ffcv_os_cache=cfg.data.ffcv_os_cache,
         synthetic_size=cfg.data.synthetic_size, synthetic_classes=cfg.data.synthetic_classes)
 
@@ -212,9 +222,19 @@ def config_changes(old: dict, new: dict) -> set[str]:
     return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]}
 
 
-def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, state: ckpt.TrainState) -> None:
+def build_critic(cfg: Config, loader, accelerator) -> MlCpcCritic | None:
+    """The ML-CPC critic for the mlcpc objectives (None for plain MIRA)."""
+    if cfg.method.objective == "mira":
+        return None
+    size = getattr(loader, "num_images", None)
+    return MlCpcCritic(cfg.critic.queue_size, cfg.model.proj_dim, cfg.critic.temperature,
+                       dataset_size=size).to(accelerator.device)
+
+
+def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, state: ckpt.TrainState,
+         critic: MlCpcCritic | None = None) -> None:
     accelerator.wait_for_everyone()
-    ckpt.save_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
+    ckpt.save_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, critic=critic,
                          scaler=accelerator.scaler, state=state, config=to_dict(cfg),
                          rank=accelerator.process_index, is_main=accelerator.is_main_process)
     if accelerator.is_main_process:

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from fastssl.config import MiraConfig
+from fastssl.critic import CriticOutput, MlCpcCritic
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import ema_update, unwrap
 from fastssl.ops import mira_assign, sinkhorn_assign
@@ -29,30 +30,54 @@ def micro_batches(batch_size: int, micro_batch_size: int) -> list[slice]:
     return [slice(lo, lo + step) for lo in range(0, batch_size, step)]
 
 
+def critic_loss(critic: MlCpcCritic, student_z: list[torch.Tensor], teacher_z: list[torch.Tensor],
+                alpha: float) -> CriticOutput:
+    """ML-CPC between the two global views, both ways in ONE denominator: student view 0
+    queries teacher view 1's key and vice versa. Nothing is enqueued here (see train_step)."""
+    queries = torch.cat([student_z[0], student_z[1]])
+    keys = torch.cat([teacher_z[1], teacher_z[0]])
+    return critic(queries, keys, alpha, enqueue=False)
+
+
 def train_step(student, teacher, optimizer, accelerator, views: list[torch.Tensor], sched: StepSchedule,
-               method: MiraConfig, micro_batch_size: int = 0) -> torch.Tensor:
+               method: MiraConfig, micro_batch_size: int = 0, critic: MlCpcCritic | None = None) -> torch.Tensor:
     """Targets from the teacher on the 2 global views, loss on all student views, one update.
 
     Targets are solved on the WHOLE batch before the student's micro-batches, so
     gradient accumulation changes memory use but not the pseudo-labels (their marginal
-    is always over the global batch). Returns the detached mean loss of this process.
+    is always over the global batch). With a critic, the teacher's keys of this step are
+    enqueued after every micro-batch has been scored, so no key is its own negative.
+    Returns the detached mean loss of this process (the critic's MI estimate of the step
+    is left in `critic.last_mi_nats`).
     """
     for group in optimizer.param_groups:
         group["lr"] = sched.lr
+    use_mira = method.objective in ("mira", "mira+mlcpc")
     with torch.no_grad(), accelerator.autocast():
-        teacher_logits = teacher(views[:2])
-    targets = assign_targets(teacher_logits, method, sched.beta)
+        teacher_logits, teacher_z = teacher(views[:2], with_embeddings=True)
+    targets = assign_targets(teacher_logits, method, sched.beta) if use_mira else None
+    weight = method.mlcpc_weight if use_mira else 1.0
 
     chunks = micro_batches(views[0].shape[0], micro_batch_size)
     total = torch.zeros((), device=views[0].device)
+    mi = torch.zeros((), device=views[0].device)
     for c, rows in enumerate(chunks):
         sync = nullcontext() if c == len(chunks) - 1 else accelerator.no_sync(student)
         with sync:
             with accelerator.autocast():
-                student_logits = student([v[rows] for v in views])
-            loss = swapped_prediction_loss(student_logits, [t[rows] for t in targets], method.tau_student)
+                student_logits, student_z = student([v[rows] for v in views], with_embeddings=True)
+            loss = torch.zeros((), device=views[0].device)
+            if use_mira:
+                loss = swapped_prediction_loss(student_logits, [t[rows] for t in targets], method.tau_student)
+            if critic is not None:
+                out = critic_loss(critic, student_z, [z[rows] for z in teacher_z], sched.alpha)
+                loss = loss + weight * out.loss
+                mi += out.mi_nats / len(chunks)
             accelerator.backward(loss / len(chunks))
         total += loss.detach() / len(chunks)
+    if critic is not None:
+        critic.queue.push(torch.cat(teacher_z))
+        critic.last_mi_nats = mi
 
     if sched.freeze_prototypes:  # prototypes do not move during the first epoch(s)
         unwrap(student).prototypes.weight.grad = None

@@ -50,6 +50,7 @@ class StepSchedule:
     beta: float
     ema_momentum: float
     freeze_prototypes: bool
+    alpha: float = 1.0  # ML-CPC re-weighting (only used by the critic objectives)
 
 
 def step_schedule(cfg: Config, step: int, steps_per_epoch: int) -> StepSchedule:
@@ -63,4 +64,21 @@ def step_schedule(cfg: Config, step: int, steps_per_epoch: int) -> StepSchedule:
         # Without EMA the teacher is a fresh copy of the student at every step.
         ema_momentum=cosine(step, total, m.ema_momentum_start, m.ema_momentum_end) if m.ema else 0.0,
         freeze_prototypes=step < m.freeze_prototypes_epochs * steps_per_epoch,
+        alpha=alpha_schedule(critic_progress(cfg, step, steps_per_epoch), cfg.critic.alpha_start, cfg.critic.alpha_end),
     )
+
+
+def alpha_schedule(progress: float, start: float, end: float) -> float:
+    """Geometric curriculum: log(alpha) moves linearly from log(start) to log(end) as
+    `progress` goes 0 -> 1 (10 -> 0.1 passes 1.0 halfway, as in the paper's Sec. 5.3)."""
+    if start <= 0 or end <= 0:
+        raise ValueError(f"alpha must be positive, got start={start}, end={end}")
+    p = min(max(progress, 0.0), 1.0)
+    return math.exp(math.log(start) + p * (math.log(end) - math.log(start)))
+
+
+def critic_progress(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """0 -> 1 over the run, moving once per epoch (the paper) or once per step."""
+    if cfg.critic.alpha_per == "epoch":
+        return (step // steps_per_epoch) / max(cfg.train.epochs - 1, 1)
+    return step / max(cfg.train.epochs * steps_per_epoch - 1, 1)

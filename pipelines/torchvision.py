@@ -18,6 +18,7 @@ from torchvision import transforms as T
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
+from pipelines.device_augment import augment_view
 from pipelines.folder import scan_source
 from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, sample_seed, shard_batches
 from pipelines.spec import LoaderSpec
@@ -39,8 +40,15 @@ class PILGaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
-def view_transform(recipe: MultiCropRecipe, view: ViewSpec) -> T.Compose:
-    """PIL image -> normalised tensor for one view, from the shared recipe."""
+def view_transform(recipe: MultiCropRecipe, view: ViewSpec, photometric: bool = True) -> T.Compose:
+    """PIL image -> normalised tensor for one view, from the shared recipe.
+
+    `photometric=False` stops after the crop (uint8, C x H x W): flip, colour, blur and
+    solarize then run batched on the training device (`pipelines.device_augment`).
+    """
+    if not photometric:
+        return T.Compose([T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
+                                              interpolation=T.InterpolationMode.BICUBIC), T.PILToTensor()])
     b, c, s, h = recipe.jitter
     return T.Compose([
         T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
@@ -69,9 +77,9 @@ class MultiCropFolder(Dataset):
     of the sample, not of the worker that happens to load it.
     """
 
-    def __init__(self, root: str, recipe: MultiCropRecipe, seed: int):
+    def __init__(self, root: str, recipe: MultiCropRecipe, seed: int, photometric: bool = True):
         self.samples, self.classes = scan_source(root)
-        self.transforms = [view_transform(recipe, v) for v in recipe.views()]
+        self.transforms = [view_transform(recipe, v, photometric) for v in recipe.views()]
         self.seed = seed
 
     def __len__(self) -> int:
@@ -113,7 +121,7 @@ class TorchvisionLoader:
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        self.dataset = MultiCropFolder(spec.path, spec.recipe, spec.seed)
+        self.dataset = MultiCropFolder(spec.path, spec.recipe, spec.seed, photometric=not spec.device_augment)
         self.num_images = len(self.dataset)
         self.epoch, self.start_batch = 0, 0
         check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)  # fail before training
@@ -133,6 +141,18 @@ class TorchvisionLoader:
                             collate_fn=collate_views, pin_memory=s.device.type == "cuda",
                             worker_init_fn=_worker_init if s.num_workers else None,
                             prefetch_factor=4 if s.num_workers else None)
-        for views, index, label, skipped in loader:
+        for b, (views, index, label, skipped) in enumerate(loader, start=self.start_batch):
+            if s.device_augment:
+                views = self._augment_on_device(views, b)
             yield MultiCropBatch(views=[s.to_device(v) for v in views], index=index, label=label,
                                  num_skipped=skipped)
+
+    def _augment_on_device(self, crops: list[torch.Tensor], batch_no: int) -> list[torch.Tensor]:
+        """uint8 crops -> the recipe's flip and photometric steps, batched on the device.
+
+        Their randomness is drawn per (seed, epoch, batch, rank), so it does not depend on
+        the worker count either."""
+        s = self.spec
+        g = torch.Generator(device=s.device).manual_seed(sample_seed(s.seed, self.epoch, batch_no * 65537 + s.rank))
+        return [augment_view(x.to(s.device, non_blocking=True).permute(0, 2, 3, 1), s.recipe, view, g, dtype=s.dtype)
+                for x, view in zip(crops, s.recipe.views())]

@@ -28,7 +28,8 @@ COPIES = 64  # images in the probe folder (one batch of 32 per epoch... two per 
 BATCH = 32
 EPOCHS = 8  # 8 epochs x 64 images = 512 samples per view
 
-pytestmark = pytest.mark.parametrize("backend", FILE_BACKENDS)
+# "torchvision-device": the torchvision workers only crop; the rest runs in pipelines.device_augment.
+pytestmark = pytest.mark.parametrize("backend", [*FILE_BACKENDS, "torchvision-device"])
 
 QUIET = MultiCropRecipe(global_size=32, local_size=16, num_local=2, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                         blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0))
@@ -45,7 +46,10 @@ def probe_folder(root: Path, pixels: np.ndarray) -> Path:
 
 def collect(backend: str, root: Path, recipe: MultiCropRecipe) -> list[torch.Tensor]:
     """Every view of EPOCHS epochs, un-normalised to [0, 255] float64, each N x 3 x H x W."""
-    spec = LoaderSpec(path=data_path(backend, root), recipe=recipe, batch_size=BATCH, seed=3)
+    device_augment = backend == "torchvision-device"
+    backend = "torchvision" if device_augment else backend
+    spec = LoaderSpec(path=data_path(backend, root), recipe=recipe, batch_size=BATCH, seed=3,
+                      device_augment=device_augment)
     loader = build_train_loader(backend, spec)
     per_view: list[list[torch.Tensor]] = [[] for _ in range(recipe.num_views)]
     for epoch in range(EPOCHS):

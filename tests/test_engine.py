@@ -239,3 +239,35 @@ def test_ffcv_without_a_knn_folder_is_a_config_error(tmp_path):
     cfg.data.backend = "ffcv"
     with pytest.raises(ConfigError, match="data.knn_train"):
         train(cfg)
+
+
+@pytest.mark.parametrize("objective", ["mira", "mlcpc", "mira+mlcpc"])
+def test_each_objective_trains_and_its_loss_falls(tmp_path, objective):
+    cfg = tiny_config(tmp_path, epochs=4)
+    cfg.method.objective = objective
+    cfg.critic.queue_size, cfg.critic.alpha_start, cfg.critic.alpha_end = 16, 1.0, 1.0  # fixed alpha: comparable losses
+    cfg.eval.knn_every, cfg.eval.knn_at_start = -1, False
+    cfg.optim.base_lr = 0.5
+    train(cfg)
+    run = Path(cfg.train.run_dir)
+    epochs = read_csv(run / "epochs.csv")
+    losses = [float(r["loss"]) for r in epochs]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    steps = read_csv(run / "train_log.csv")
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    if objective == "mira":
+        assert steps[0]["mi_nats"] == "" and saved["critic"] is None
+    else:  # the estimate and its ceiling log((Q + 1) / alpha) are logged; the queue is checkpointed
+        assert all(math.isfinite(float(r["mi_nats"])) for r in steps)
+        assert float(steps[0]["mi_ceiling_nats"]) == pytest.approx(math.log(17), rel=1e-5)
+        assert all(float(r["mi_nats"]) <= float(r["mi_ceiling_nats"]) + 1e-6 for r in steps)
+        assert saved["critic"]["queue.keys"].shape == (16, cfg.model.proj_dim)
+
+
+def test_queue_as_long_as_the_dataset_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.method.objective, cfg.critic.queue_size = "mlcpc", 24
+    with pytest.raises(ValueError, match="not smaller than the dataset"):
+        train(cfg)
+    assert not Path(cfg.train.run_dir).exists(), "refused before any output"

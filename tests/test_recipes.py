@@ -74,3 +74,18 @@ def test_bad_data_path_creates_no_run_directory(tmp_path):
     out = run_cli("--data.train", str(tmp_path / "missing"), "--train.run_dir", str(tmp_path / "run"))
     assert out.returncode == 2 and "does not exist" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_mlcpc_recipes():
+    moco = load_recipe("mlcpc_moco")
+    assert moco.method.objective == "mlcpc" and moco.aug.num_local == 0
+    assert (moco.critic.queue_size, moco.critic.temperature) == (65536, 0.07)
+    assert (moco.critic.alpha_start, moco.critic.alpha_end) == (10.0, 0.1)
+    both = load_recipe("mira_mlcpc_bs512")
+    table8 = load_recipe("mira_bs512")
+    assert both.method.objective == "mira+mlcpc"
+    assert (both.train.global_batch_size, both.optim.base_lr, both.aug.num_local) == (
+        table8.train.global_batch_size, table8.optim.base_lr, table8.aug.num_local)
+    for cfg in (moco, both):
+        cfg.data.train = "/imagenet/train"
+        validate(cfg, num_processes=8)

@@ -37,7 +37,11 @@ class MiraNetwork(nn.Module):
         z = F.normalize(self.projector(feats), dim=1)
         return z, self.prototypes(z)
 
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Prototype logits per view, in the order of `views` (each B x K)."""
-        _, logits = self.head(self.encode(views))
+    def forward(self, views: list[torch.Tensor], with_embeddings: bool = False):
+        """Prototype logits per view, in the order of `views` (each B x K); with
+        `with_embeddings`, also the L2-normalised projections per view (each B x d), which
+        the ML-CPC critic scores."""
+        z, logits = self.head(self.encode(views))
+        if with_embeddings:
+            return list(logits.chunk(len(views))), list(z.chunk(len(views)))
         return list(logits.chunk(len(views)))

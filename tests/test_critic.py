@@ -1,0 +1,81 @@
+"""The ML-CPC critic: key queue (FIFO, wrap-around, 2-rank gather), self-exclusion, curriculum."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import requires_gloo, run_distributed
+from fastssl.critic import KeyQueue, MlCpcCritic
+from fastssl.schedules import alpha_schedule
+from fastssl.losses import ml_cpc_bound
+
+
+def unit(n: int, d: int = 4, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_queue_is_fifo_and_wraps_around():
+    q = KeyQueue(size=5, dim=4)
+    a, b, c = unit(3, seed=1), unit(3, seed=2), unit(1, seed=3)
+    q.push(a)
+    q.push(b)  # 6 keys into 5 slots: a[0] is overwritten
+    torch.testing.assert_close(q.ordered(), torch.cat([a[1:], b]))
+    q.push(c)
+    torch.testing.assert_close(q.ordered(), torch.cat([a[2:], b, c]))
+    assert int(q.ptr) == 2
+    big = unit(7, seed=4)  # more keys than slots: the newest 5 survive, in order
+    q.push(big)
+    torch.testing.assert_close(q.ordered(), big[2:])
+
+
+def test_queue_longer_than_dataset_is_an_error_that_says_so():
+    with pytest.raises(ValueError, match="not smaller than the dataset"):
+        KeyQueue(size=100, dim=4, dataset_size=100)
+
+
+def test_keys_are_scored_before_they_are_enqueued():
+    critic = MlCpcCritic(queue_size=8, dim=4, temperature=0.5)
+    queue_before = critic.queue.keys.clone()
+    q, k = unit(3, seed=5), unit(3, seed=6)
+    out = critic(q, k, alpha=1.0)
+    pos = (q * k).sum(1) / 0.5
+    neg = q @ queue_before.t() / 0.5  # the queue as it was: no key of this step among the negatives
+    torch.testing.assert_close(out.mi_nats, ml_cpc_bound(pos, neg, 1.0))
+    torch.testing.assert_close(out.loss, -ml_cpc_bound(pos, neg, 1.0))
+    torch.testing.assert_close(critic.queue.ordered()[-3:], k)
+    assert out.ceiling_nats == pytest.approx(math.log(9 / 1.0))
+    # The loss is -bound / alpha and has a gradient for the queries only.
+    q2 = unit(3, seed=7).requires_grad_()
+    out = critic(q2, unit(3, seed=8).requires_grad_(), alpha=0.25)
+    torch.testing.assert_close(out.loss, -out.mi_nats / 0.25)
+    out.loss.backward()
+    assert q2.grad is not None and torch.isfinite(q2.grad).all()
+
+
+def test_alpha_curriculum_is_geometric():
+    assert alpha_schedule(0.0, 10, 0.1) == pytest.approx(10)
+    assert alpha_schedule(0.5, 10, 0.1) == pytest.approx(1.0)
+    assert alpha_schedule(1.0, 10, 0.1) == pytest.approx(0.1)
+    assert alpha_schedule(0.25, 10, 0.1) == pytest.approx(10**0.5)
+    with pytest.raises(ValueError):
+        alpha_schedule(0.5, 0.0, 1.0)
+
+
+def _push_two_ranks(rank: int, world_size: int) -> torch.Tensor:
+    q = KeyQueue(size=6, dim=4)
+    q.push(unit(2, seed=10 + rank))
+    q.push(unit(2, seed=20 + rank))
+    return q.ordered()
+
+
+@requires_gloo
+def test_two_ranks_write_the_same_gathered_keys():
+    r0, r1 = run_distributed(_push_two_ranks, world_size=2)
+    torch.testing.assert_close(r0, r1)
+    # Step 1: rank 0's keys then rank 1's; step 2 the same, wrapping over step 1's first keys.
+    expected = torch.cat([unit(2, seed=11), unit(2, seed=20), unit(2, seed=21)])
+    torch.testing.assert_close(r0, expected)
