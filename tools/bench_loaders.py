@@ -49,9 +49,13 @@ def available(backend: str) -> bool:
     return True
 
 
+def count_images(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def beton_for(folder: Path) -> Path:
     """A .beton of `folder` under data/bench/, converted once (JPEG storage, as ImageNet's would be)."""
-    out = Path("data/bench") / f"{folder.resolve().parent.name}_{folder.name}.beton"
+    out = Path("data/bench") / f"{folder.resolve().parent.name}_{folder.name}_{count_images(folder)}.beton"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         import importlib.util
@@ -63,6 +67,32 @@ def beton_for(folder: Path) -> Path:
         print(f"converting {folder} -> {out} for the ffcv backend")
         conv.convert(folder, out, write_mode="jpg", progress=False)
     return out
+
+
+def photo_like_folder(count: int, root: Path = Path("data/bench/photo")) -> Path:
+    """`count` ImageNet-like JPEGs (about 400 x 350, quality 90, 1/f colour noise, so the
+    entropy and file size are photographic: ~100 KB), in 10 class folders; made once."""
+    import numpy as np
+    from PIL import Image
+
+    done = root / f".complete-{count}"
+    if done.exists():
+        return root
+    print(f"writing {count} photo-like JPEGs to {root} (once)")
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        h, w = int(rng.integers(300, 400)), int(rng.integers(350, 500))
+        fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+        amplitude = 1.0 / np.maximum(np.hypot(fy, fx), 1.0 / max(h, w))  # 1/f spectrum, like natural images
+        phase = rng.uniform(0, 2 * np.pi, (3, h, w // 2 + 1))
+        img = np.fft.irfft2(amplitude * np.exp(1j * phase), s=(h, w))
+        img = (img - img.mean(axis=(1, 2), keepdims=True)) / img.std(axis=(1, 2), keepdims=True)
+        pixels = np.clip(128 + 45 * img.transpose(1, 2, 0), 0, 255).astype(np.uint8)
+        folder = root / f"class_{i % 10:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"img_{i:05d}.JPEG", quality=90)
+    done.touch()
+    return root
 
 
 def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device) -> float:
@@ -86,6 +116,8 @@ def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.devi
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help=f"JPEG folder in ImageNet layout (default {DEFAULT_DATA})")
+    ap.add_argument("--photo-like", type=int, default=0, metavar="N",
+                    help="instead of --data, use N generated ImageNet-like JPEGs (~400 x 350, photographic entropy)")
     ap.add_argument("--beton", help="the same data as a .beton for ffcv (default: converted under data/bench/)")
     ap.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of " + ", ".join(ALL_BACKENDS))
     ap.add_argument("--batch-size", type=int, default=64)
@@ -111,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    data = Path(args.data)
+    data = photo_like_folder(args.photo_like) if args.photo_like else Path(args.data)
     if not data.is_dir():
         hint = " (run `make demo` once to generate it)" if args.data == DEFAULT_DATA else ""
         sys.exit(f"error: data folder {data} does not exist{hint}")
