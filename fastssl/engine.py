@@ -30,10 +30,8 @@ from fastssl.runtime import GracefulStop, build_accelerator, default_num_workers
 from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "train.progress",
-                     "train.log_every",
-                     "train.compile", "eval.batch_size", "data.dali_hw_decoder_load",
-                     "data.ffcv_os_cache"}
+RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
+                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile", "eval.batch_size"}
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

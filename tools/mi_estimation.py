@@ -126,14 +126,24 @@ def estimators(n: int, m: int) -> list[tuple[str, str, float]]:
     return out
 
 
+_OFF_DIAGONAL: dict[int, torch.Tensor] = {}
+
+
+def _off_diagonal(n: int) -> torch.Tensor:
+    """Flat indices of the off-diagonal entries of an n x n matrix, row by row (cached)."""
+    if n not in _OFF_DIAGONAL:
+        _OFF_DIAGONAL[n] = (~torch.eye(n, dtype=torch.bool)).reshape(-1).nonzero().squeeze(1)
+    return _OFF_DIAGONAL[n]
+
+
 def bounds_of(scores: torch.Tensor, specs: list[tuple[str, str, float]]) -> torch.Tensor:
     """E estimates from E score matrices (n x n: diagonal = positives)."""
     n = scores.shape[1]
-    off = ~torch.eye(n, dtype=torch.bool)
+    off = _off_diagonal(n)
     values = []
     for e, (_, bound, alpha) in enumerate(specs):
         s = scores[e]
-        pos, neg = s.diagonal(), s[off].view(n, n - 1)
+        pos, neg = s.diagonal(), s.reshape(-1)[off].view(n, n - 1)
         values.append((cpc_bound if bound == "cpc" else ml_cpc_bound)(pos, neg, alpha))
     return torch.stack(values)
 
@@ -141,7 +151,7 @@ def bounds_of(scores: torch.Tensor, specs: list[tuple[str, str, float]]) -> torc
 def run_family(family: str, iters_per_level: int, n: int, seed: int, compile_critics: bool) -> dict:
     specs = estimators(n, n)
     critics = SeparableCritics(len(specs)) if family == "separable" else JointCritics(len(specs))
-    opt = torch.optim.Adam(critics.parameters(), lr=5e-4)
+    opt = torch.optim.Adam(critics.parameters(), lr=5e-4, foreach=True)
     forward = torch.compile(critics) if compile_critics else critics
     g = torch.Generator().manual_seed(seed)
     history = {name: [] for name, _, _ in specs}
