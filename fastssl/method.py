@@ -13,14 +13,18 @@ from fastssl.config import MiraConfig
 from fastssl.critic import CriticOutput, MlCpcCritic
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import ema_update, unwrap
-from fastssl.ops import mira_assign, sinkhorn_assign
+from fastssl.ops import mira_assign_views, sinkhorn_assign
 from fastssl.schedules import StepSchedule
 
 
 def assign_targets(teacher_logits: list[torch.Tensor], method: MiraConfig, beta: float) -> list[torch.Tensor]:
-    """Pseudo-labels of each global view, solved independently per view (Sec. 3.3)."""
+    """Pseudo-labels of each global view, solved independently per view (Sec. 3.3).
+
+    MIRA goes through `mira_assign_views`: one all-gather of both views' logits per step,
+    then the global problem solved locally (the reference all-reduces at every iteration).
+    """
     if method.assignment == "mira":
-        return [mira_assign(t, tau=method.tau_teacher, beta=beta, num_iters=method.num_iters) for t in teacher_logits]
+        return mira_assign_views(teacher_logits, tau=method.tau_teacher, beta=beta, num_iters=method.num_iters)
     return [sinkhorn_assign(t, eps=method.sinkhorn_eps, num_iters=method.sinkhorn_iters) for t in teacher_logits]
 
 

@@ -2,12 +2,15 @@
 
 - :func:`mira_assign`: MIRA's mutual-information-regularised assignment (Eq. 5-7).
 - :func:`sinkhorn_assign`: SwAV's Sinkhorn-Knopp equipartition baseline.
+- :func:`mira_assign_views`: MIRA for all teacher views with one all-gather per step, behind
+  the `fastssl::mira_assign_views` custom op (traceable by torch.compile).
 
 Both are reference implementations in log space over the global batch (``group``); fused
 kernels behind the same signatures are held to them.
 """
 
 from .mira import mira_assign
+from .mira_fused import mira_assign_views
 from .sinkhorn import sinkhorn_assign
 
-__all__ = ["mira_assign", "sinkhorn_assign"]
+__all__ = ["mira_assign", "mira_assign_views", "sinkhorn_assign"]

@@ -1,0 +1,94 @@
+"""MIRA's assignment for all teacher views at once, with ONE collective per step, as a torch custom op.
+
+The reference `mira_assign` all-reduces the column marginal at every fixed-point step
+(1 + 1 + 30 collectives per view). Here the teacher logits of every view and every rank
+are gathered once (one all-gather, B_local x K per view per rank), each rank solves the
+whole global problem locally, and keeps its own rows: the same answer (the global
+problem is identical on every rank) for one collective instead of 64.
+
+The local solve is `fastssl::mira_assign_views`, a `torch.library` custom op with a fake
+(meta) implementation, so `torch.compile(fullgraph=True)` traces a training step that
+calls it with no graph break; the gather uses functional collectives, which the compiler
+traces too. The op's implementation is the log-space reference computation (Eq. 5-7)
+batched over views, on CPU and on CUDA; the fused CUDA kernel registers behind the same
+op (a later change), so callers do not change.
+
+Requirement: every rank passes the same number of rows (the training loop's per-process
+batch); the reference `mira_assign` also handles uneven shards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._common import check_iters, check_logits, check_positive, compute_dtype
+from ._dist import group_world_size
+from .mira import _add_log_prior, _check_beta
+
+__all__ = ["mira_assign_views", "solve_views"]
+
+
+def solve_views(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tensor:
+    """V x B x K logits -> V x B x K targets, each view solved over ALL of its B rows.
+
+    The same iteration as the reference (`fastssl.ops.mira`), step for step, in log space,
+    in float32 (float64 for float64 input); no collectives: the rows are already global.
+    """
+    x = logits.to(compute_dtype(logits.dtype))
+    a = beta / (1.0 - beta)
+    log_n = math.log(x.shape[1])
+    log_p = torch.log_softmax(x / tau / (1.0 - beta), dim=2)  # P = softmax(z / tau / (1 - beta))
+    log_u = (1.0 - beta) * (torch.logsumexp(log_p, dim=1, keepdim=True) - log_n)  # u(0) = colmean(P)^(1-beta)
+    for _ in range(num_iters):  # Eq. 7
+        log_row = torch.logsumexp(_add_log_prior(log_p, log_u, a), dim=2, keepdim=True)
+        log_u = (1.0 - beta) * (torch.logsumexp(log_p - log_row, dim=1, keepdim=True) - log_n)
+    return torch.softmax(_add_log_prior(log_p, log_u, a), dim=2)  # Eq. 5
+
+
+@torch.library.custom_op("fastssl::mira_assign_views", mutates_args=())
+def _mira_assign_views_op(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tensor:
+    return solve_views(logits, tau, beta, num_iters)
+
+
+@_mira_assign_views_op.register_fake
+def _(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tensor:
+    return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
+
+
+def _gather_rows(x: Tensor, group: Optional[Any]) -> Tensor:
+    """V x b x K on every rank -> V x (world * b) x K in rank order: one all-gather."""
+    from torch.distributed import _functional_collectives as funcol
+
+    g = group if group is not None else dist.group.WORLD
+    return funcol.all_gather_tensor(x.contiguous(), gather_dim=1, group=g)
+
+
+@torch.no_grad()
+def mira_assign_views(views: Sequence[Tensor], tau: float = 0.225, beta: float = 2 / 3, num_iters: int = 30,
+                      group: Optional[Any] = None) -> list[Tensor]:
+    """MIRA targets for several teacher views (each b x K, this rank's rows), one collective.
+
+    Returns one b x K target per view, rows summing to 1, float32 (float64 for float64
+    input). In a distributed run the marginal is over the GLOBAL batch of each view, exactly
+    as `mira_assign`; every rank must pass the same b.
+    """
+    views = [check_logits(v) for v in views]
+    if not views or any(v.shape != views[0].shape for v in views):
+        raise ValueError(f"views must be a non-empty list of equal-shape B x K logits, got "
+                         f"{[tuple(v.shape) for v in views]}")
+    tau = check_positive("tau", tau)
+    beta = _check_beta(beta)
+    num_iters = check_iters("num_iters", num_iters, 0)
+    stacked = torch.stack(views)  # V x b x K
+    if group_world_size(group) == 1:
+        return list(_mira_assign_views_op(stacked, tau, beta, num_iters).unbind(0))
+    rows = stacked.shape[1]
+    targets = _mira_assign_views_op(_gather_rows(stacked, group), tau, beta, num_iters)
+    rank = dist.get_rank(group)
+    return list(targets[:, rank * rows:(rank + 1) * rows].unbind(0))
