@@ -192,7 +192,13 @@ class FfcvLoader:
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
         if self._loader is None:
-            self._loader = self._build()
+            # FFCV sizes every epoch from the order it sees at construction: show it a whole
+            # epoch even when the first iteration resumes mid-epoch.
+            start, self.start_batch = self.start_batch, 0
+            try:
+                self._loader = self._build()
+            finally:
+                self.start_batch = start
         s, recipe = self.spec, self.spec.recipe
         self._loader.next_epoch = self.epoch
         offsets = np.concatenate([[0], np.cumsum([3 * v.size**2 for v in recipe.views()])])

@@ -72,3 +72,14 @@ def test_two_ranks_equal_one_process():
     single = mira_assign_views(full, tau=0.225, beta=0.7, num_iters=30)
     for v in range(2):
         torch.testing.assert_close(torch.cat([r0[v], r1[v]]), single[v], atol=1e-6, rtol=0)
+
+
+def test_bench_mira_writes_one_record_per_implementation_and_size(tmp_path):
+    from conftest import load_tool
+
+    out = tmp_path / "mira.json"
+    records = load_tool("bench_mira").main(["--sizes", "8x20,16x30", "--device", "cpu", "--repeats", "2",
+                                            "--warmup", "1", "--json", str(out)])
+    assert len(records) == 6 and {r["implementation"] for r in records} == {"reference", "views", "sinkhorn"}
+    assert all(r["median_us"] > 0 for r in records)
+    assert len(__import__("json").loads(out.read_text())["records"]) == 6

@@ -150,12 +150,15 @@ def test_resume_continues_the_data_order(image_folder, backend):
     loader = build_train_loader(backend, spec_for(image_folder, backend=backend, seed=9))
     loader.set_epoch(2)
     whole = [b.index for b in loader]
-    loader.set_epoch(2, start_batch=1)
-    rest = [b.index for b in loader]
+    resumed = build_train_loader(backend, spec_for(image_folder, backend=backend, seed=9))
+    resumed.set_epoch(2, start_batch=1)  # a resumed run's FIRST iteration starts mid-epoch
+    rest = [b.index for b in resumed]
     assert len(rest) == len(whole) - 1
     assert all(torch.equal(a, b) for a, b in zip(rest, whole[1:]))
-    loader.set_epoch(3)
-    assert not all(torch.equal(a, b) for a, b in zip([b.index for b in loader], whole))
+    resumed.set_epoch(3)  # ... and the next epoch is whole again, in a new order
+    following = [b.index for b in resumed]
+    assert len(following) == len(whole) == len(resumed)
+    assert not all(torch.equal(a, b) for a, b in zip(following, whole))
 
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
