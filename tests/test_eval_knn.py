@@ -1,0 +1,52 @@
+"""tools/eval_knn.py reproduces the loop's online k-NN and rejects bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, load_tool
+from test_engine import tiny_config
+from fastssl.engine import train
+
+TOOL = str(REPO / "tools" / "eval_knn.py")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("knn")
+    cfg = tiny_config(tmp, epochs=1)
+    cfg.eval.knn_k = 20
+    results = train(cfg)
+    return Path(cfg.train.run_dir), results
+
+
+def test_reproduces_the_online_knn_of_the_loop(trained_run, tmp_path):
+    run, results = trained_run
+    report = load_tool("eval_knn").main([str(run), "--ks", "10,20,200", "--json", str(tmp_path / "k.json")])
+    assert abs(report["k"]["20"]["top1"] - results["knn"][-1]["top1"]) <= 0.1
+    assert abs(report["k"]["20"]["top5"] - results["knn"][-1]["top5"]) <= 0.1
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert set(saved["k"]) == {"10", "20", "200"} and saved["arch"] == "resnet18"
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_is_named(trained_run, tmp_path):
+    run, _ = trained_run
+    out = run_tool(str(tmp_path / "nope"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = run_tool(str(run / "checkpoint.pt"), "--train", "x", "--val", "y")
+    assert out.returncode == 2 and "not an exported backbone" in out.stderr
+    out = run_tool(str(run / "backbone_resnet18.pth"), "--arch", "resnet50", "--train", "x", "--val", "y")
+    assert out.returncode == 2 and "another architecture" in out.stderr
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "odd.pth")
+    out = run_tool(str(tmp_path / "odd.pth"), "--train", "x", "--val", "y")
+    assert out.returncode == 2 and "another architecture" in out.stderr

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Weighted k-NN evaluation (DINO protocol) of an exported backbone or a run directory.
+
+    python tools/eval_knn.py runs/demo/20261122-065421                 # paths and arch from the run
+    python tools/eval_knn.py backbone_resnet50.pth --train /data/imagenet/train --val /data/imagenet/val
+
+L2-normalised features of the EMA teacher's backbone (the exported `backbone_<arch>.pth`),
+cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 20, 100,
+200}; top-1 and top-5 in percent. Images: resize to size / 0.875 and centre crop `size`
+(the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
+the same k = 20 figure). Writes JSON (default: RUN_DIR/eval_knn.json, or beside the
+checkpoint) that the run's report picks up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fastssl.eval.knn import knn_accuracy  # noqa: E402
+from fastssl.eval.online import embed  # noqa: E402
+from fastssl.models.backbone import FEATURE_DIMS, build_backbone  # noqa: E402
+from pipelines.eval import EvalLoader  # noqa: E402
+
+DEFAULT_KS = (10, 20, 100, 200)
+
+
+class EvalError(ValueError):
+    """Bad input: say what was wrong and how to fix it."""
+
+
+def infer_arch(state: dict) -> str:
+    """resnet50 has bottleneck blocks (conv3); resnet18 basic blocks."""
+    return "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+
+
+def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
+    """An exported backbone (torchvision keys without fc.*), checked key by key."""
+    if not path.is_file():
+        raise EvalError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled objects (checkpoint.pt), or not a torch file at all
+        raise EvalError(f"{str(path)!r} is not an exported backbone ({type(err).__name__}); use the run's "
+                        "backbone_<arch>.pth, not checkpoint.pt") from err
+    if not isinstance(state, dict) or "conv1.weight" not in state:
+        raise EvalError(f"{str(path)!r} is not an exported backbone (no conv1.weight); use the run's "
+                        "backbone_<arch>.pth, not checkpoint.pt")
+    arch = arch or infer_arch(state)
+    net = build_backbone(arch)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise EvalError(f"{str(path)!r} does not fit a {arch} ({len(missing)} missing keys, {len(unexpected)} "
+                        f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:2]}): it is "
+                        f"from another architecture; try --arch {' or '.join(a for a in FEATURE_DIMS if a != arch)}")
+    net.load_state_dict(state)
+    return net, arch
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Checkpoint, arch, data paths and image size from the run directory and the flags."""
+    target = Path(args.target)
+    if not target.exists():
+        raise EvalError(f"{str(target)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
+    found = {"train": args.train, "val": args.val, "size": args.image_size, "arch": args.arch}
+    if target.is_dir():
+        config_path = target / "config.json"
+        if not config_path.is_file():
+            raise EvalError(f"{str(target)!r} is not a run directory (no config.json)")
+        cfg = json.loads(config_path.read_text())
+        found["arch"] = found["arch"] or cfg["model"]["arch"]
+        found["train"] = found["train"] or cfg["data"].get("knn_train") or cfg["data"]["train"]
+        found["val"] = found["val"] or cfg["data"]["val"]
+        found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
+        found["checkpoint"] = target / f"backbone_{found['arch']}.pth"
+        found["out"] = Path(args.json) if args.json else target / "eval_knn.json"
+    else:
+        found["checkpoint"] = target
+        found["size"] = found["size"] or 224
+        found["out"] = Path(args.json) if args.json else target.with_name(f"{target.stem}_eval_knn.json")
+    if not found["train"] or not found["val"]:
+        raise EvalError("no data: pass --train and --val (ImageNet-layout folders)")
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
+    ap.add_argument("--train", help="memory bank folder (default: the run's data.knn_train or data.train)")
+    ap.add_argument("--val", help="query folder (default: the run's data.val)")
+    ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
+    ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
+    ap.add_argument("--temperature", type=float, default=0.07)
+    ap.add_argument("--image-size", type=int, help="centre-crop size (default: the run's eval size, else 224)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--json", help="where to write the results")
+    args = ap.parse_args(argv)
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+        if any(k < 1 for k in ks) or args.temperature <= 0:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--ks must be positive integers and --temperature positive, got {args.ks!r}, {args.temperature}")
+    try:
+        found = resolve(args)
+        net, arch = load_backbone(found["checkpoint"], found["arch"])
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    from accelerate import Accelerator
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    accelerator = Accelerator(cpu=device == "cpu")
+    net = net.to(accelerator.device).to(memory_format=torch.channels_last)
+    common = dict(size=found["size"], batch_size=args.batch_size, num_workers=args.num_workers,
+                  device=accelerator.device)
+    bank_loader, query_loader = EvalLoader(found["train"], **common), EvalLoader(found["val"], **common)
+    if bank_loader.classes != query_loader.classes:
+        print(f"error: train and val have different class folders ({len(bank_loader.classes)} vs "
+              f"{len(query_loader.classes)})", file=sys.stderr)
+        sys.exit(2)
+    start = time.perf_counter()
+    bank_x, bank_y = embed(net, bank_loader, accelerator)
+    query_x, query_y = embed(net, query_loader, accelerator)
+    results = {str(k): knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes), k=k,
+                                    temperature=args.temperature) for k in ks}
+    report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
+              "image_size": found["size"], "temperature": args.temperature, "k": results,
+              "seconds": round(time.perf_counter() - start, 2),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    found["out"].write_text(json.dumps(report, indent=2))
+    for k, r in results.items():
+        print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}")
+    print(f"wrote {found['out']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
