@@ -118,15 +118,20 @@ def launch(tmp_path: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+CRITIC_ARGS = ["--method.objective", "mira+mlcpc", "--critic.queue_size", "20"]
+
+
 @pytest.mark.slow
-def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("objective_args", [[], CRITIC_ARGS], ids=["mira", "mira+mlcpc"])
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, objective_args):
+    """With the critic, equal losses after the resume also prove the key queue was restored."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     # uninterrupted reference
-    ref = launch(a, "--train.run_dir", str(a / "run"))
+    ref = launch(a, "--train.run_dir", str(a / "run"), *objective_args)
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
     # killed with SIGTERM once the first epoch is in the log, then resumed
-    proc = launch(b, "--train.run_dir", str(b / "run"))
+    proc = launch(b, "--train.run_dir", str(b / "run"), *objective_args)
     epochs_csv = b / "run" / "epochs.csv"
     deadline = time.time() + 600
     while time.time() < deadline and (not epochs_csv.exists() or len(read_csv(epochs_csv)) < 1):
@@ -137,7 +142,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
     assert "continue with --resume" in out
     stopped_at = torch.load(b / "run" / "checkpoint.pt", weights_only=False)["state"]["step"]
     assert 3 <= stopped_at < 15
-    resumed = launch(b, "--train.run_dir", str(b / "run"), "--resume")
+    resumed = launch(b, "--train.run_dir", str(b / "run"), "--resume", *objective_args)
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
 
     ref_steps, got_steps = read_csv(a / "run" / "train_log.csv"), read_csv(b / "run" / "train_log.csv")
@@ -174,17 +179,25 @@ DIST_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_two_real_processes_with_accelerate_launch(tmp_path):
+@pytest.mark.parametrize("objective_args", [[], CRITIC_ARGS], ids=["mira", "mira+mlcpc"])
+def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     script = tmp_path / "dist_run.py"
     script.write_text(DIST_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    ok = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run")],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    ok = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run"),
+                         *objective_args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     for rank in (0, 1):  # both processes ran in one world of 2
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"world": 2}
     # 32 images, global batch 8 (4 per process): 4 steps in the one epoch
-    assert [r["step"] for r in read_csv(tmp_path / "run" / "train_log.csv")] == ["4"]
+    steps = read_csv(tmp_path / "run" / "train_log.csv")
+    assert [r["step"] for r in steps] == ["4"]
+    if objective_args:  # the critic's queue was gathered from both processes: 4 steps x 2 views x 8 keys
+        assert math.isfinite(float(steps[0]["mi_nats"]))
+        queue = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["critic"]
+        assert int(queue["queue.ptr"]) == (4 * 2 * 8) % 20  # 64 keys written into 20 slots
+    if objective_args:
+        return
     bad = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run2"),
                           "--train.global_batch_size", "9"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
