@@ -34,7 +34,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
 from pipelines.folder import scan_source
-from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, shard_batches
+from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, shard_batches
 from pipelines.sniff import problem
 from pipelines.spec import LoaderSpec
 
@@ -144,10 +144,6 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     return (*views, index, label, skipped)
 
 
-def _pipeline_seed(seed: int, epoch: int, rank: int, start_batch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank, start_batch]).generate_state(1)[0] % (2**31 - 1))
-
-
 def _find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
     """Decode each file fully with PIL: the ones that fail are why DALI failed."""
     from pipelines.torchvision import UNREADABLE, load_rgb
@@ -192,7 +188,7 @@ class DaliLoader:
         pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, self.spec.dali_hw_decoder_load,
                                   self._out_dtype, batch_size=self.spec.batch_size, num_threads=self.num_threads,
                                   device_id=self.device_id, prefetch_queue_depth=2,
-                                  seed=_pipeline_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch))
+                                  seed=batch_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch))
         names = [f"view{v}" for v in range(self.spec.recipe.num_views)] + list(OUTPUT_NAMES_EXTRA)
         return DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
-from ffcv.libffcv import imdecode
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -41,7 +41,7 @@ from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, check_beton
 from pipelines.device_augment import augment_view
-from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, epoch_permutation, sample_seed
+from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, epoch_permutation
 from pipelines.spec import LoaderSpec
 
 FFCV_ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
@@ -97,7 +97,6 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        from ffcv.libffcv import resize_crop
         resize_crop_c = Compiler.compile(resize_crop)
         get_crop_c = Compiler.compile(get_random_crop)
         sizes, offsets, scales, ratio = self.sizes, self.offsets, self.scales, self.ratio
@@ -205,7 +204,7 @@ class FfcvLoader:
         plan = self._plan(self.epoch)
         for b, (rows, label) in enumerate(self._loader):
             batch_no = self.start_batch + b
-            g = torch.Generator(device=rows.device).manual_seed(sample_seed(s.seed, self.epoch, batch_no * 65537 + s.rank))
+            g = torch.Generator(device=rows.device).manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))
             views = []
             for v, view in enumerate(recipe.views()):
                 crops = rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)

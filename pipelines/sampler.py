@@ -49,3 +49,11 @@ def shard_batches(num_items: int, batch_size: int, rank: int, world_size: int, s
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of one (epoch, image): independent of workers and ranks."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """The seed of one rank's batch (or of a DALI pipeline starting at that batch), < 2^31.
+
+    For randomness drawn per batch rather than per image: the device-side augmentations
+    and DALI's pipelines. A function of (seed, epoch, rank, batch) only."""
+    return int(np.random.SeedSequence([seed, epoch, rank, batch]).generate_state(1)[0] % (2**31 - 1))

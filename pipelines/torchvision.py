@@ -20,7 +20,7 @@ from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
 from pipelines.device_augment import augment_view
 from pipelines.folder import scan_source
-from pipelines.sampler import batches_per_epoch, check_batches_per_epoch, sample_seed, shard_batches
+from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, sample_seed, shard_batches
 from pipelines.spec import LoaderSpec
 
 # Errors PIL raises on truncated, corrupt or non-image files.
@@ -153,6 +153,6 @@ class TorchvisionLoader:
         Their randomness is drawn per (seed, epoch, batch, rank), so it does not depend on
         the worker count either."""
         s = self.spec
-        g = torch.Generator(device=s.device).manual_seed(sample_seed(s.seed, self.epoch, batch_no * 65537 + s.rank))
+        g = torch.Generator(device=s.device).manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))
         return [augment_view(x.to(s.device, non_blocking=True).permute(0, 2, 3, 1), s.recipe, view, g, dtype=s.dtype)
                 for x, view in zip(crops, s.recipe.views())]

@@ -58,14 +58,11 @@ def beton_for(folder: Path) -> Path:
     out = Path("data/bench") / f"{folder.resolve().parent.name}_{folder.name}_{count_images(folder)}.beton"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        import importlib.util
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from convert_imagenet_to_ffcv import convert
 
-        spec = importlib.util.spec_from_file_location("convert", Path(__file__).with_name("convert_imagenet_to_ffcv.py"))
-        conv = importlib.util.module_from_spec(spec)
-        sys.modules["convert"] = conv
-        spec.loader.exec_module(conv)
         print(f"converting {folder} -> {out} for the ffcv backend")
-        conv.convert(folder, out, write_mode="jpg", progress=False)
+        convert(folder, out, write_mode="jpg", progress=False)
     return out
 
 
@@ -109,7 +106,8 @@ def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.devi
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    it.close() if hasattr(it, "close") else None
+    if hasattr(it, "close"):  # end the epoch's generator now: workers and pipelines stop
+        it.close()
     return images / seconds
 
 

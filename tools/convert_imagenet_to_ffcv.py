@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path  # noqa: E402
 from pipelines.folder import is_image_file  # noqa: E402
 from pipelines.sniff import problem  # noqa: E402
+from pipelines.torchvision import UNREADABLE, load_rgb  # noqa: E402
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class ConversionError(RuntimeError):
@@ -150,13 +150,6 @@ def scan(src: Path, labels: Path | None, classes_from: Path | None, subset_per_c
 # --------------------------------------------------------------------------- checking and loading
 
 
-def load_rgb_array(path: str) -> np.ndarray:
-    """Decode fully and convert CMYK / grayscale / palette / alpha to 3-channel RGB uint8."""
-    with Image.open(path) as img:
-        img.load()
-        return np.asarray(img.convert("RGB"))
-
-
 def check_file(path: str) -> str | None:
     """Why `path` cannot be converted, or None. Decodes at reduced scale (JPEG draft mode):
     every compressed byte is still read, so truncation is caught, at a fraction of the cost."""
@@ -192,7 +185,7 @@ class ConvertDataset:
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         np.random.seed(i % (2**32))
-        return load_rgb_array(path), label
+        return np.asarray(load_rgb(path)), label  # full decode, CMYK / L / P / RGBA -> RGB
 
 
 # --------------------------------------------------------------------------- writing

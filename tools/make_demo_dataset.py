@@ -204,6 +204,16 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _dot_lattice(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, spacing: tuple[float, float],
+                 radius_frac: tuple[float, float]) -> np.ndarray:
+    """Discs on a square lattice in the rotated frame (a, b); spacing and radius drawn per image."""
+    step = rng.uniform(*spacing)
+    radius = step * rng.uniform(*radius_frac)
+    da = np.mod(a, step) - step / 2
+    db = np.mod(b, step) - step / 2
+    return da * da + db * db <= radius * radius
+
+
 def texture_mask(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Where the second colour goes (bool); pixel coordinates, random frame.
 
@@ -220,11 +230,7 @@ def texture_mask(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Gene
         period = rng.uniform(5.0, 10.0)
         return np.mod(a, period) < period / 2
     if texture == "dots":
-        spacing = rng.uniform(6.0, 10.0)
-        radius = spacing * rng.uniform(0.25, 0.35)
-        da = np.mod(a, spacing) - spacing / 2
-        db = np.mod(b, spacing) - spacing / 2
-        return da * da + db * db <= radius * radius
+        return _dot_lattice(a, b, rng, spacing=(6.0, 10.0), radius_frac=(0.25, 0.35))
     if texture == "checker":
         cell = rng.uniform(4.0, 8.0)
         return (np.floor(a / cell) + np.floor(b / cell)) % 2 == 1
@@ -243,11 +249,7 @@ def texture_mask(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Gene
         wobble = np.float32(3.0) * np.sin(b * np.float32(2 * np.pi / rng.uniform(10.0, 16.0)))
         return np.mod(a + wobble, period) < period / 2
     if texture == "big_dots":
-        spacing = rng.uniform(14.0, 20.0)
-        radius = spacing * rng.uniform(0.25, 0.32)
-        da = np.mod(a, spacing) - spacing / 2
-        db = np.mod(b, spacing) - spacing / 2
-        return da * da + db * db <= radius * radius
+        return _dot_lattice(a, b, rng, spacing=(14.0, 20.0), radius_frac=(0.25, 0.32))
     if texture == "diamonds":
         cell = rng.uniform(8.0, 12.0)
         da = np.abs(np.mod(a, cell) - cell / 2)
