@@ -212,8 +212,29 @@ def prepare_run_dir(cfg: Config, resume: bool, accelerator) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", to_dict(cfg))
+        write_run_info(cfg, run_dir, accelerator, resume)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool) -> None:
+    """run_info.json: the machine, software and recipe of the run, for `tools/report.py`.
+
+    A resumed run keeps the first record and adds the machine it resumed on.
+    """
+    from fastssl.reports.environment import describe_environment, describe_recipe
+
+    path = run_dir / "run_info.json"
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    env = describe_environment(accelerator.device)
+    if resume and path.exists():
+        info = json.loads(path.read_text())
+        info.setdefault("resumed", []).append({"date": now, "environment": env})
+    else:
+        dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
+        info = {"date": now, "environment": env,
+                "recipe": describe_recipe(cfg, run_dir.name, dtype, accelerator.num_processes)}
+    write_json(path, info)
 
 
 def config_changes(old: dict, new: dict) -> set[str]:

@@ -14,6 +14,7 @@ from fastssl.critic import CriticOutput, MlCpcCritic
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import ema_update, unwrap
 from fastssl.ops import mira_assign_views, sinkhorn_assign
+from fastssl.profiling import NO_PHASES, PhaseTimer
 from fastssl.schedules import StepSchedule
 
 
@@ -43,25 +44,15 @@ def critic_loss(critic: MlCpcCritic, student_z: list[torch.Tensor], teacher_z: l
     return critic(queries, keys, alpha, enqueue=False)
 
 
-def train_step(student, teacher, optimizer, accelerator, views: list[torch.Tensor], sched: StepSchedule,
-               method: MiraConfig, micro_batch_size: int = 0, critic: MlCpcCritic | None = None) -> torch.Tensor:
-    """Targets from the teacher on the 2 global views, loss on all student views, one update.
+def student_backward(student, accelerator, views: list[torch.Tensor], targets: list[torch.Tensor] | None,
+                     teacher_z: list[torch.Tensor], sched: StepSchedule, method: MiraConfig, micro_batch_size: int,
+                     critic: MlCpcCritic | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student forward and backward on all views, in micro-batches; (mean loss, mean MI estimate).
 
-    Targets are solved on the WHOLE batch before the student's micro-batches, so
-    gradient accumulation changes memory use but not the pseudo-labels (their marginal
-    is always over the global batch). With a critic, the teacher's keys of this step are
-    enqueued after every micro-batch has been scored, so no key is its own negative.
-    Returns the detached mean loss of this process (the critic's MI estimate of the step
-    is left in `critic.last_mi_nats`).
+    Gradients of all micro-batches accumulate; DDP's all-reduce runs on the last one only.
     """
-    for group in optimizer.param_groups:
-        group["lr"] = sched.lr
-    use_mira = method.objective in ("mira", "mira+mlcpc")
-    with torch.no_grad(), accelerator.autocast():
-        teacher_logits, teacher_z = teacher(views[:2], with_embeddings=True)
-    targets = assign_targets(teacher_logits, method, sched.beta) if use_mira else None
+    use_mira = targets is not None
     weight = method.mlcpc_weight if use_mira else 1.0
-
     chunks = micro_batches(views[0].shape[0], micro_batch_size)
     total = torch.zeros((), device=views[0].device)
     mi = torch.zeros((), device=views[0].device)
@@ -79,13 +70,39 @@ def train_step(student, teacher, optimizer, accelerator, views: list[torch.Tenso
                 mi += out.mi_nats / len(chunks)
             accelerator.backward(loss / len(chunks))
         total += loss.detach() / len(chunks)
-    if critic is not None:
-        critic.queue.push(torch.cat(teacher_z))
-        critic.last_mi_nats = mi
+    return total, mi
 
-    if sched.freeze_prototypes:  # prototypes do not move during the first epoch(s)
-        unwrap(student).prototypes.weight.grad = None
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    ema_update(teacher, unwrap(student), sched.ema_momentum)
+
+def train_step(student, teacher, optimizer, accelerator, views: list[torch.Tensor], sched: StepSchedule,
+               method: MiraConfig, micro_batch_size: int = 0, critic: MlCpcCritic | None = None,
+               phases: PhaseTimer = NO_PHASES) -> torch.Tensor:
+    """Targets from the teacher on the 2 global views, loss on all student views, one update.
+
+    Targets are solved on the WHOLE batch before the student's micro-batches, so
+    gradient accumulation changes memory use but not the pseudo-labels (their marginal
+    is always over the global batch). With a critic, the teacher's keys of this step are
+    enqueued after every micro-batch has been scored, so no key is its own negative.
+    Returns the detached mean loss of this process (the critic's MI estimate of the step
+    is left in `critic.last_mi_nats`). `phases` times the step's parts for profiling
+    (teacher, assignment, student, update); the default records nothing.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = sched.lr
+    use_mira = method.objective in ("mira", "mira+mlcpc")
+    with phases.phase("teacher_forward"), torch.no_grad(), accelerator.autocast():
+        teacher_logits, teacher_z = teacher(views[:2], with_embeddings=True)
+    with phases.phase("assignment"):
+        targets = assign_targets(teacher_logits, method, sched.beta) if use_mira else None
+    with phases.phase("student_forward_backward"):
+        total, mi = student_backward(student, accelerator, views, targets, teacher_z, sched, method,
+                                     micro_batch_size, critic)
+    with phases.phase("update"):  # optimiser step, EMA teacher, critic queue
+        if critic is not None:
+            critic.queue.push(torch.cat(teacher_z))
+            critic.last_mi_nats = mi
+        if sched.freeze_prototypes:  # prototypes do not move during the first epoch(s)
+            unwrap(student).prototypes.weight.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher, unwrap(student), sched.ema_momentum)
     return total

@@ -1,0 +1,69 @@
+"""What a figure was measured on: machine, device, software versions, recipe.
+
+A throughput figure without these is useless a week later, so every report carries them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+
+import torch
+
+from fastssl.config import Config
+
+PACKAGES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda120", "ffcv", "numba", "numpy")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that decide speed (None = not installed)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def describe_environment(device: torch.device) -> dict:
+    """Machine, device and software of this process."""
+    cuda = device.type == "cuda"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_cores": cores,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({cores} cores)",
+        "device_memory_gb": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "packages": package_versions(),
+    }
+
+
+def describe_recipe(cfg: Config, name: str, dtype: str, num_processes: int = 1) -> dict:
+    """The settings that decide the figures: model, batch, views, crop sizes, dtype."""
+    a = cfg.aug
+    return {
+        "name": name,
+        "arch": cfg.model.arch,
+        "num_prototypes": cfg.model.num_prototypes,
+        "objective": cfg.method.objective,
+        "assignment": cfg.method.assignment,
+        "num_iters": cfg.method.num_iters,
+        "global_batch_size": cfg.train.global_batch_size,
+        "batch_per_process": cfg.train.global_batch_size // max(num_processes, 1),
+        "processes": num_processes,
+        "views": f"2x{a.global_size} + {a.num_local}x{a.local_size}",
+        "num_views": a.num_views,
+        "dtype": dtype,
+        "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile,
+        "backend": cfg.data.backend,
+        "data": cfg.data.train or None,
+    }

@@ -1,0 +1,154 @@
+"""The report of one run directory (finished or still running), from the loop's own logs.
+
+Reads what every run writes: config.json, run_info.json (machine and recipe, written at
+start), train_log.csv (every `log_every` steps), epochs.csv (per epoch: images/s, data-wait
+share, step time, peak memory, k-NN), results.json, and the evaluation tools' JSON
+(eval_knn.json, eval_linear.json, eval_semi*.json) when present.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from fastssl.config import ConfigError, from_dict
+
+from . import charts
+from .environment import describe_environment, describe_recipe
+from .schema import ReportError, new_report
+
+EVAL_FILES = ("eval_knn.json", "eval_linear.json")
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows with numbers as floats ('' -> None); a missing file (run just started) gives no rows."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: _number(v) for k, v in r.items()} for r in rows if r.get("step")]
+
+
+def _number(v: str | None):
+    if v in (None, ""):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def run_info(run_dir: Path) -> tuple[dict, dict, str]:
+    """(environment, recipe, note) from run_info.json, or from config.json and this machine for old runs."""
+    info_path = run_dir / "run_info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return info["environment"], info["recipe"], ""
+    try:
+        cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (ConfigError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ReportError(f"{run_dir}/config.json cannot be read as a fastssl config ({err})") from err
+    import torch
+
+    return (describe_environment(torch.device("cpu")), describe_recipe(cfg, run_dir.name, "unknown"),
+            "This run predates run_info.json: machine and software above are the machine rendering the report.")
+
+
+def evaluations(run_dir: Path, results: dict) -> dict:
+    """Final figures of every evaluation found in the run directory."""
+    out = {}
+    if results.get("knn"):
+        last = results["knn"][-1]
+        out["online k-NN (loop)"] = {"top1": last["top1"], "top5": last["top5"], "detail": f"epoch {last['epoch']}, k = 20"}
+    files = [run_dir / n for n in EVAL_FILES] + sorted(run_dir.glob("eval_semi*.json"))
+    for path in files:
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        top1, top5 = _headline(data)
+        out[path.stem] = {"top1": top1, "top5": top5, "detail": path.name}
+    return out
+
+
+def _headline(data: dict) -> tuple[float | None, float | None]:
+    """top-1/top-5 of an evaluation JSON: top-level keys, or k = 20 of eval_knn's per-k table."""
+    if "top1" in data:
+        return data.get("top1"), data.get("top5")
+    for key in ("k", "results", "knn"):
+        table = data.get(key)
+        if isinstance(table, dict):
+            best = table.get("20") or table.get(20) or next(iter(table.values()), {})
+            if isinstance(best, dict):
+                return best.get("top1"), best.get("top5")
+    return None, None
+
+
+def run_verdict(epochs: list[dict], steps: list[dict]) -> str:
+    """One paragraph: progress, throughput, data wait, memory, and the bottleneck."""
+    if not steps:
+        return "No training step has been logged yet."
+    rows = epochs or steps
+    ips = [r["images_per_s"] for r in rows if r.get("images_per_s")]
+    waits = [r["data_wait_share"] for r in rows if r.get("data_wait_share") is not None]
+    mean_ips = sum(ips) / len(ips) if ips else 0.0
+    mean_wait = sum(waits) / len(waits) if waits else 0.0
+    last = steps[-1]
+    text = (f"{len(epochs)} epoch(s) finished, step {int(last['step'])}, last logged loss {last['loss']:.4f}. "
+            f"Mean {mean_ips:.1f} images/s; the loop waited for data {100 * mean_wait:.0f}% of the time, so the "
+            + ("loader is the bottleneck." if mean_wait > 0.10 else "model step is the bottleneck, not the loader."))
+    peaks = [r["peak_memory_mb"] for r in epochs if r.get("peak_memory_mb")]
+    if peaks:
+        text += f" Peak device memory {max(peaks):.0f} MB per process."
+    return text
+
+
+def build_run_report(run_dir: Path, out: Path, date: str) -> dict:
+    """report.json content for `run_dir`; charts are written into `out`."""
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory {str(run_dir)!r} does not exist; pass a directory under runs/ that a "
+                          "recipe wrote (it holds config.json and train_log.csv)")
+    if not (run_dir / "config.json").is_file():
+        raise ReportError(f"{str(run_dir)!r} is not a run directory (no config.json); pass the directory a recipe "
+                          "printed as its run directory")
+    environment, recipe, note = run_info(run_dir)
+    epochs, steps = read_csv(run_dir / "epochs.csv"), read_csv(run_dir / "train_log.csv")
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    report = new_report("run", environment, recipe, date)
+    report.update(run_dir=str(run_dir), epochs=epochs, steps=steps, evaluations=evaluations(run_dir, results),
+                  verdict=run_verdict(epochs, steps) + (f" {note}" if note else ""))
+    report["charts"] = run_charts(report, out)
+    return report
+
+
+def run_charts(report: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    steps, epochs, found = report["steps"], report["epochs"], {}
+    if steps:
+        x = [r["step"] for r in steps]
+        found["loss"] = charts.line_chart(out / "loss.png", {"loss": (x, [r["loss"] for r in steps])}, "step",
+                                          "loss", "Training loss")
+        found["throughput"] = charts.line_chart(out / "throughput.png",
+                                                {"images/s": (x, [r["images_per_s"] for r in steps])}, "step",
+                                                "images/s", "Images/s over steps")
+        mi = [(r["step"], r["mi_nats"]) for r in steps if r.get("mi_nats") is not None]
+        if mi:
+            ceiling = [(r["step"], r["mi_ceiling_nats"]) for r in steps if r.get("mi_ceiling_nats") is not None]
+            series = {"ML-CPC estimate": ([s for s, _ in mi], [v for _, v in mi])}
+            if ceiling:
+                series["ceiling log(m / alpha)"] = ([s for s, _ in ceiling], [v for _, v in ceiling])
+            found["mi"] = charts.line_chart(out / "mi.png", series, "step", "nats", "Mutual information estimate")
+    knn = [(r["epoch"] + 1, r["knn_top1"]) for r in epochs if r.get("knn_top1") is not None]
+    if knn:
+        found["knn"] = charts.line_chart(out / "knn.png", {"top-1": ([e for e, _ in knn], [v for _, v in knn])},
+                                         "epoch", "k-NN top-1 (%)", "Online k-NN")
+    if epochs:
+        last = epochs[-1]
+        if last.get("step_time_s") and last.get("data_wait_share") is not None:
+            ms = 1e3 * last["step_time_s"]
+            found["breakdown"] = charts.stacked_breakdown(
+                out / "breakdown.png", {"data wait": ms * last["data_wait_share"],
+                                        "model step and the rest": ms * (1 - last["data_wait_share"])},
+                f"Step time, epoch {int(last['epoch']) + 1}")
+    return found
