@@ -167,7 +167,15 @@ def augment_view(crops: torch.Tensor, recipe: MultiCropRecipe, view: ViewSpec, g
     rows = _coin(n, view.solarize_p, generator, dev)
     if len(rows):
         x[rows] = solarize(x[rows])
-    mean = torch.tensor(recipe.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(recipe.std, device=dev).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.to(dtype=dtype, memory_format=torch.channels_last)
+    return _normalize(x, recipe, dtype)
+
+
+def normalize_crops(crops: torch.Tensor, recipe: MultiCropRecipe, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 crops (N x H x W x 3) already augmented -> normalised N x 3 x H x W (channels_last) in `dtype`."""
+    return _normalize(crops.permute(0, 3, 1, 2).float().div_(255), recipe, dtype)
+
+
+def _normalize(x: torch.Tensor, recipe: MultiCropRecipe, dtype: torch.dtype) -> torch.Tensor:
+    mean = torch.tensor(recipe.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype=dtype, memory_format=torch.channels_last)

@@ -4,7 +4,10 @@ FFCV's own multi-view recipe decodes the JPEG again for every view (8 decodes pe
 here). `MultiCropDecoder` is an FFCV decoder compiled with numba that decodes once and
 cuts all the views' random-resized crops from that buffer into one flat uint8 row per
 image; on the training device the row is split into views, and the photometric steps run
-as batched tensor ops with per-sample parameters (`pipelines.device_augment`).
+as batched tensor ops with per-sample parameters (`pipelines.device_augment`). When the
+training device is the CPU, the photometric steps run instead inside the decoder, per crop,
+on uint8 pixels in FFCV's threads (`pipelines.cpu_augment`): the main process then only
+normalises, and the model keeps the cores it would have spent on float32 tensor ops.
 
 * Order: by default the shared sampler's (`pipelines.sampler`: the same permutation as
   every backend, sharded across ranks, resumable mid-epoch). `order` = "random",
@@ -40,7 +43,8 @@ from ffcv.traversal_order.base import TraversalOrder
 from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, check_beton
-from pipelines.device_augment import augment_view
+from pipelines.cpu_augment import augment_crop_u8, crop_params
+from pipelines.device_augment import augment_view, normalize_crops
 from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, epoch_permutation
 from pipelines.spec import LoaderSpec
 
@@ -71,10 +75,14 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
 
     Row layout: view 0 (s0 x s0 x 3), view 1, ..., in recipe order. Crop boxes are drawn
     independently per view and per image (FFCV's torchvision-equivalent `get_random_crop`).
+    With `photometric=True` each crop also gets the recipe's flip, jitter, grayscale, blur
+    and solarize right after it is cut (`pipelines.cpu_augment`, uint8, in FFCV's threads).
     """
 
-    def __init__(self, recipe: MultiCropRecipe):
+    def __init__(self, recipe: MultiCropRecipe, photometric: bool = False):
         views = recipe.views()
+        self.photometric = photometric
+        self.params = np.stack([crop_params(recipe, v) for v in views])
         self.sizes = np.array([v.size for v in views], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(3 * self.sizes**2)]).astype(np.int64)
         self.scales = np.array([v.scale for v in views], dtype=np.float64)
@@ -100,7 +108,7 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
         resize_crop_c = Compiler.compile(resize_crop)
         get_crop_c = Compiler.compile(get_random_crop)
         sizes, offsets, scales, ratio = self.sizes, self.offsets, self.scales, self.ratio
-        num_views = len(sizes)
+        num_views, photometric, params = len(sizes), self.photometric, self.params
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -118,6 +126,8 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
                     i, j, h, w = get_crop_c(height, width, scales[v], ratio)
                     out = destination[dst_ix, offsets[v]:offsets[v + 1]].reshape(sizes[v], sizes[v], 3)
                     resize_crop_c(image, i, i + h, j, j + w, out)
+                    if photometric:
+                        augment_crop_u8(out, params[v])
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -161,6 +171,11 @@ class FfcvLoader:
     def __len__(self) -> int:
         return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
 
+    @property
+    def photometric_in_loader(self) -> bool:
+        """CPU training: the photometric steps run in the decoder's threads, not as tensor ops."""
+        return self.spec.device.type != "cuda"
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
@@ -178,9 +193,10 @@ class FfcvLoader:
         s = self.spec
         plan_order = _PlanOrder(self._plan)
         device = s.device if s.device.type == "cuda" else torch.device("cpu")
+        decoder = MultiCropDecoder(s.recipe, photometric=self.photometric_in_loader)
         loader = Loader(s.path, batch_size=s.batch_size, num_workers=max(1, s.num_workers or 1),
                         order=plan_order, distributed=False, seed=s.seed, os_cache=s.ffcv_os_cache, drop_last=True,
-                        pipelines={IMAGE_FIELD: [MultiCropDecoder(s.recipe), ToTensor(),
+                        pipelines={IMAGE_FIELD: [decoder, ToTensor(),
                                                  ToDevice(device, non_blocking=True)],
                                    LABEL_FIELD: [IntDecoder(), ToTensor()]})
         if s.ffcv_order != "sampler":  # FFCV's own order, dealt to ranks by FFCV (distributed=True)
@@ -208,7 +224,10 @@ class FfcvLoader:
             views = []
             for v, view in enumerate(recipe.views()):
                 crops = rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)
-                x = augment_view(crops.to(s.device, non_blocking=True), recipe, view, g, dtype=s.dtype)
+                if self.photometric_in_loader:
+                    x = normalize_crops(crops, recipe, dtype=s.dtype)
+                else:
+                    x = augment_view(crops.to(s.device, non_blocking=True), recipe, view, g, dtype=s.dtype)
                 views.append(x if s.channels_last else x.contiguous())
             index = torch.from_numpy(plan[b * s.batch_size : (b + 1) * s.batch_size].astype(np.int64))
             yield MultiCropBatch(views=views, index=index, label=label.reshape(-1).long().cpu().clone())

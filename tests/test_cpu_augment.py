@@ -1,0 +1,84 @@
+"""The numba uint8 photometric steps equal the float64 tensor ops within uint8 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import cpu_augment as ca
+from pipelines import device_augment as da
+from pipelines.augment import MultiCropRecipe
+
+
+def images(n: int = 6, h: int = 23, w: int = 31, seed: int = 0) -> np.ndarray:
+    """Random uint8 crops with smooth and noisy parts (odd sizes catch index slips)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    base[:, : h // 2] = (np.linspace(0, 255, w)[None, None, :, None] * np.ones((n, h // 2, 1, 3))).astype(np.uint8)
+    return base
+
+
+def as_float64(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2).double() / 255
+
+
+def max_level_error(ours: np.ndarray, reference: torch.Tensor) -> float:
+    """Largest difference in uint8 levels between our crops and the float reference."""
+    ref = (reference * 255).permute(0, 2, 3, 1).numpy()
+    return float(np.abs(ours.astype(np.float64) - ref).max())
+
+
+def test_flip_and_solarize_are_exact():
+    x = images()
+    y = x.copy()
+    for img in y:
+        ca.flip_u8(img)
+    np.testing.assert_array_equal(y, x[:, :, ::-1])
+    for img in y:
+        ca.solarize_u8(img)
+    ref = da.solarize(as_float64(x[:, :, ::-1].copy()))
+    assert max_level_error(y, ref) <= 1e-9
+
+
+def test_grayscale_matches_the_tensor_op():
+    x = images()
+    y = x.copy()
+    for img in y:
+        ca.grayscale_u8(img)
+    assert max_level_error(y, da.grayscale(as_float64(x)).expand(-1, 3, -1, -1)) <= 0.5
+
+
+@pytest.mark.parametrize("factors", [(1.0, 1.0, 1.0, 0.0), (1.4, 0.6, 1.2, 0.1), (0.6, 1.4, 0.8, -0.1),
+                                     (1.0, 1.0, 1.0, 0.5), (0.0, 1.0, 1.0, 0.0)])
+def test_colour_jitter_matches_the_tensor_op(factors):
+    x = images()
+    y = x.copy()
+    for img in y:
+        ca.jitter_u8(img, *factors)
+    n = len(x)
+    ref = da.color_jitter(as_float64(x), *(torch.full((n,), f, dtype=torch.float64) for f in factors))
+    assert max_level_error(y, ref) <= 0.5 + 1e-6  # one rounding at the end
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
+def test_blur_matches_the_tensor_op(sigma):
+    x = images()
+    y = x.copy()
+    for img in y:
+        ca.blur_u8(img, sigma)
+    ref = da.gaussian_blur(as_float64(x), torch.full((len(x),), sigma, dtype=torch.float64))
+    assert max_level_error(y, ref) <= 0.5 + 1e-6
+
+
+def test_the_coins_follow_the_recipe():
+    """augment_crop_u8's steps fire at the recipe's rates (binomial, 4.5 sigma)."""
+    recipe = MultiCropRecipe(flip_p=0.0, jitter_p=0.0, grayscale_p=0.3, blur_p=(0.0, 0.0, 0.0),
+                             solarize_p=(0.0, 0.0, 0.0))
+    params = ca.crop_params(recipe, recipe.view(0))
+    n, hits = 2000, 0
+    for _ in range(n):
+        img = np.full((4, 4, 3), (200, 120, 40), np.uint8)
+        ca.augment_crop_u8(img, params)
+        hits += int(img[0, 0, 0] == img[0, 0, 1])
+    assert abs(hits - 0.3 * n) <= 4.5 * np.sqrt(n * 0.3 * 0.7)
