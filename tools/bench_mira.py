@@ -8,7 +8,9 @@ For each (B, K): 2 teacher views, 30 MIRA iterations (Sinkhorn: 3), the median o
 `--repeats` timed calls after `--warmup` untimed ones; on CUDA with device events. The
 implementations, interleaved within each size:
   reference  `mira_assign` per view (log space, one reduction per iteration)
-  views      `mira_assign_views` (both views in the `fastssl::mira_assign_views` op)
+  views      `mira_assign_views` (both views in the `fastssl::mira_assign_views` op: on CUDA
+             the fused kernel of fastssl/ops/csrc when it builds, else the batched reference;
+             the table says which ran)
   sinkhorn   `sinkhorn_assign` per view, 3 iterations
 Prints a table and, with --json, writes one record per (implementation, B, K, device)
 with its median microseconds. On CUDA it also lists, from the torch profiler, the kernels
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fastssl.ops import mira_assign, mira_assign_views, sinkhorn_assign  # noqa: E402
+from fastssl.ops import _cuda_ext, mira_assign, mira_assign_views, sinkhorn_assign  # noqa: E402
 
 GPU_SIZES = ("64x3000", "512x3000", "4096x3000", "64x16384", "512x16384", "4096x16384")
 CPU_SIZES = ("64x3000", "512x3000")
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             census = kernel_census(implementations(args.iters)["views"], views)
             print(f"        views: {census['count']} kernels, triton: {census['triton']}, {census['distinct'][:6]}")
             records[-2]["kernels"] = census
+            records[-2]["fused"] = _cuda_ext.status()["fused_calls"] > 0
+    if device.type == "cuda":
+        st = _cuda_ext.status()
+        print(f"views ran the fused CUDA kernel: {'yes' if st['fused_calls'] else 'no'}"
+              + (f" ({st['reason']})" if st["reason"] else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                                "torch": torch.__version__, "records": records}, indent=2))

@@ -9,9 +9,15 @@ problem is identical on every rank) for one collective instead of 64.
 The local solve is `fastssl::mira_assign_views`, a `torch.library` custom op with a fake
 (meta) implementation, so `torch.compile(fullgraph=True)` traces a training step that
 calls it with no graph break; the gather uses functional collectives, which the compiler
-traces too. The op's implementation is the log-space reference computation (Eq. 5-7)
-batched over views, on CPU and on CUDA; the fused CUDA kernel registers behind the same
-op (a later change), so callers do not change.
+traces too. Its implementations:
+
+- CPU, and float64 anywhere: `solve_views`, the log-space reference computation (Eq. 5-7)
+  batched over views.
+- CUDA (fp32/bf16/fp16 logits): the fused kernel of `csrc/mira_fused.cu`, one cooperative
+  launch for all views and all iterations, built just in time by `fastssl.ops._cuda_ext` on
+  first use and self-checked against `solve_views`. When it cannot be built or loaded (no
+  nvcc, a compile error, ``FASTSSL_FUSED_MIRA=0``, a failed self-check) one warning says why
+  and `solve_views` runs on CUDA instead; callers do not change either way.
 
 Requirement: every rank passes the same number of rows (the training loop's per-process
 batch); the reference `mira_assign` also handles uneven shards.
@@ -27,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _cuda_ext
 from ._common import check_iters, check_logits, check_positive, compute_dtype
 from ._dist import group_world_size
 from .mira import _add_log_prior, _check_beta
@@ -53,6 +60,16 @@ def solve_views(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tens
 
 @torch.library.custom_op("fastssl::mira_assign_views", mutates_args=())
 def _mira_assign_views_op(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tensor:
+    return solve_views(logits, tau, beta, num_iters)
+
+
+@_mira_assign_views_op.register_kernel("cuda")
+def _(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tensor:
+    """The fused kernel when it is available; float64 (and any other dtype) keeps the reference."""
+    if logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ext = _cuda_ext.fused_for(logits.device)
+        if ext is not None:
+            return _cuda_ext.mira_assign_views_fused(ext, logits, tau, beta, num_iters)
     return solve_views(logits, tau, beta, num_iters)
 
 

@@ -1,0 +1,237 @@
+"""Just-in-time build and load of the fused CUDA MIRA kernel (`csrc/mira_fused.cu`).
+
+Why JIT: the kernel is one .cu file and the package ships as pure Python; building on first
+CUDA use with `torch.utils.cpp_extension.load` matches whatever torch/CUDA the user has. The
+build is cached under ``$FASTSSL_EXT_DIR`` (default ``~/.cache/fastssl/torch_extensions/<torch
+version>/``) in a folder named after a hash of the source, the target archs and the flags, so
+an edit to the .cu rebuilds and an unchanged one loads in milliseconds.
+
+Why a fallback and not an error: the fused kernel is an optimisation of `solve_views`. When it
+cannot be had (``FASTSSL_FUSED_MIRA=0``, no nvcc, a compile error, no GPU and no
+``TORCH_CUDA_ARCH_LIST``, or a failed self-check against the reference) `load_fused` returns
+None, ONE warning per process says why, and callers use the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["SOURCES", "build", "fused_for", "load_fused", "mira_assign_views_fused", "status"]
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "mira_binding.cpp", CSRC / "mira_fused.cu")  # g++ and nvcc, built in parallel
+HEADERS = (CSRC / "mira_fused.h",)
+ENV_DISABLE = "FASTSSL_FUSED_MIRA"
+ENV_DIR = "FASTSSL_EXT_DIR"
+CUDA_FLAGS = ("-O3",)
+SELF_CHECK_TOL = 1e-4
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {}
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded module, the failure reason, the warning and the self-checks."""
+    with _lock:
+        _state.clear()
+        _state.update(attempted=False, module=None, reason=None, warned=False, checked={}, fused_calls=0)
+
+
+_reset_for_tests()
+
+
+def _disabled_by_env() -> bool:
+    return os.environ.get(ENV_DISABLE, "1").strip().lower() in {"0", "false", "no", "off"}
+
+
+def arch_list() -> Optional[str]:
+    """The archs to compile for: ``$TORCH_CUDA_ARCH_LIST`` (works with no GPU), else the visible GPUs'."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if not torch.cuda.is_available():
+        return None
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps)
+
+
+def nvcc_path() -> Optional[Path]:
+    """nvcc of the CUDA toolkit torch's extension builder will use (CUDA_HOME), if it exists."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if not home:
+        return None
+    nvcc = Path(home) / "bin" / "nvcc"
+    return nvcc if nvcc.is_file() and os.access(nvcc, os.X_OK) else None
+
+
+def toolkit_root(nvcc: Path) -> Optional[Path]:
+    """The CUDA toolkit folder of `nvcc`, as nvcc itself reports it (``TOP=`` of ``--dryrun``).
+
+    Why: torch guesses CUDA_HOME as the parent of the nvcc on PATH and takes cuda_runtime.h and
+    -lcudart from there; when that nvcc is a wrapper (here /usr/local/bin/nvcc execs
+    /usr/local/cuda-13.0/bin/nvcc) the guess is /usr/local and the g++/link steps fail.
+    """
+    try:
+        out = subprocess.run([str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    tops = [ln.split("TOP=", 1)[1].strip() for ln in (out.stdout + out.stderr).splitlines() if "TOP=" in ln]
+    return Path(tops[0]).resolve() if tops else None
+
+
+def toolkit_flags(nvcc: Path) -> tuple[list[str], list[str]]:
+    """Include folders and -L flags of the real toolkit (those that exist), for g++ and the linker."""
+    top = toolkit_root(nvcc)
+    if top is None:
+        return [], []
+    targets = top / "targets" / "x86_64-linux"
+    includes = [str(d) for d in (top / "include", targets / "include") if (d / "cuda_runtime.h").exists()]
+    libs = [f"-L{d}" for d in (top / "lib64", targets / "lib") if (d / "libcudart.so").exists()]
+    return includes, libs
+
+
+def cache_root() -> Path:
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fastssl" / "torch_extensions" / torch.__version__.replace("+", "_")
+
+
+def extension_name(sources: Sequence[Path], archs: str) -> str:
+    """Module name keyed by source bytes, archs, flags and torch version: a change rebuilds."""
+    h = hashlib.sha256()
+    for path in sources:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    h.update(f"{archs}|{CUDA_FLAGS}|{torch.__version__}|{torch.version.cuda}".encode())
+    return f"fastssl_mira_fused_{h.hexdigest()[:16]}"
+
+
+def _log_head(exc: BaseException, lines: int = 8) -> str:
+    """The first error lines of a failed build (all of ninja's log is too long for a warning)."""
+    text = str(exc).splitlines()
+    errors = [ln.strip() for ln in text if "error" in ln.lower()]
+    return "\n".join((errors or [ln.strip() for ln in text if ln.strip()])[:lines])
+
+
+def build(verbose: bool = False, sources: Sequence[Path] = SOURCES,
+          headers: Sequence[Path] = HEADERS) -> ModuleType:
+    """Compile (or load the cached build of) `sources`; raises RuntimeError saying why it cannot."""
+    from torch.utils import cpp_extension
+
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise RuntimeError(f"nvcc not found (CUDA_HOME={cpp_extension.CUDA_HOME!r}); install the CUDA toolkit "
+                           f"or set CUDA_HOME")
+    archs = arch_list()
+    if archs is None:
+        raise RuntimeError("no CUDA device is visible and TORCH_CUDA_ARCH_LIST is not set, so there is no "
+                           "architecture to compile for")
+    name = extension_name([*sources, *headers], archs)
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    includes, libs = toolkit_flags(nvcc)
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension for the -gencode flags
+    try:
+        return cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(build_dir),
+                                  extra_cflags=["-O3"], extra_cuda_cflags=list(CUDA_FLAGS),
+                                  extra_include_paths=includes, extra_ldflags=libs, verbose=verbose)
+    except Exception as exc:  # ninja/nvcc failures arrive as RuntimeError, a bad .so as ImportError
+        raise RuntimeError(f"building the extension in {build_dir} failed:\n{_log_head(exc)}") from exc
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def _fail(reason: str) -> None:
+    """Record why the fused kernel is off and warn about it once per process."""
+    _state["module"], _state["reason"] = None, reason
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(f"fastssl: the fused CUDA MIRA kernel is not used: {reason}. The reference implementation "
+                      f"(fastssl.ops.mira_fused.solve_views) is used instead.", RuntimeWarning, stacklevel=3)
+
+
+def load_fused(verbose: bool = False) -> Optional[ModuleType]:
+    """The compiled extension, or None (after one warning per process) when it cannot be had."""
+    with _lock:
+        if not _state["attempted"]:
+            _state["attempted"] = True
+            if _disabled_by_env():
+                _fail(f"disabled by the environment ({ENV_DISABLE}={os.environ.get(ENV_DISABLE)})")
+            else:
+                try:
+                    _state["module"] = build(verbose=verbose)
+                except Exception as exc:
+                    _fail(str(exc))
+        return _state["module"]
+
+
+def _self_check(module: ModuleType, device: torch.device) -> Optional[str]:
+    """Kernel vs float64 `solve_views` on a small problem with a -inf column; None if they agree."""
+    from .mira_fused import solve_views
+
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 * torch.randn(2, 24, 40, generator=g)
+    x[:, :, 5] = float("-inf")  # a cluster nobody can take (masked prior)
+    x[0, 3, 7] = float("-inf")
+    x[1, :, 9] -= 40.0  # an empty cluster (hugely negative log-marginal)
+    x = x.to(device)
+    got = module.mira_assign_views_cuda(x, 0.225, 0.7, 10)
+    err = (got.double() - solve_views(x.double(), 0.225, 0.7, 10)).abs().max().item()
+    if not err <= SELF_CHECK_TOL:  # also catches NaN
+        return f"self-check on {device} failed: max abs error {err:.3g} vs the float64 reference"
+    return None
+
+
+def fused_for(device: torch.device) -> Optional[ModuleType]:
+    """The extension if it loads and passed its self-check on `device` (checked on first use)."""
+    module = load_fused()
+    if module is None:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        verdict = _state["checked"].get(index)
+        if verdict is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None  # cannot synchronise inside a CUDA graph capture; check later
+            with torch.no_grad():
+                try:
+                    failure = _self_check(module, torch.device("cuda", index))
+                except Exception as exc:  # e.g. a launch error on an unsupported device
+                    failure = f"self-check on cuda:{index} raised {type(exc).__name__}: {exc}"
+            verdict = failure is None
+            _state["checked"][index] = verdict
+            if failure:
+                _fail(failure)
+        return module if verdict and _state["module"] is not None else None
+
+
+def mira_assign_views_fused(module: ModuleType, logits: torch.Tensor, tau: float, beta: float,
+                            num_iters: int) -> torch.Tensor:
+    """One fused launch (counted, so tests can see the custom op really took this path)."""
+    _state["fused_calls"] += 1
+    return module.mira_assign_views_cuda(logits.contiguous(), float(tau), float(beta), int(num_iters))
+
+
+def status() -> dict[str, Any]:
+    """Whether the fused kernel loaded, why not, per-device self-check verdicts, fused calls so far."""
+    with _lock:
+        return {"attempted": _state["attempted"], "loaded": _state["module"] is not None,
+                "reason": _state["reason"], "self_check": dict(_state["checked"]),
+                "fused_calls": _state["fused_calls"]}
