@@ -15,83 +15,28 @@ checkpoint) that the run's report picks up.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, resolve_target,  # noqa: E402
+                                        utc_now, write_report)
 from fastssl.eval.knn import knn_accuracy  # noqa: E402
 from fastssl.eval.online import embed  # noqa: E402
-from fastssl.models.backbone import FEATURE_DIMS, build_backbone  # noqa: E402
+from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
 from pipelines.eval import EvalLoader  # noqa: E402
 
 DEFAULT_KS = (10, 20, 100, 200)
 
 
-class EvalError(ValueError):
-    """Bad input: say what was wrong and how to fix it."""
-
-
-def infer_arch(state: dict) -> str:
-    """resnet50 has bottleneck blocks (conv3); resnet18 basic blocks."""
-    return "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
-
-
-def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
-    """An exported backbone (torchvision keys without fc.*), checked key by key."""
-    if not path.is_file():
-        raise EvalError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled objects (checkpoint.pt), or not a torch file at all
-        raise EvalError(f"{str(path)!r} is not an exported backbone ({type(err).__name__}); use the run's "
-                        "backbone_<arch>.pth, not checkpoint.pt") from err
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise EvalError(f"{str(path)!r} is not an exported backbone (no conv1.weight); use the run's "
-                        "backbone_<arch>.pth, not checkpoint.pt")
-    arch = arch or infer_arch(state)
-    net = build_backbone(arch)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise EvalError(f"{str(path)!r} does not fit a {arch} ({len(missing)} missing keys, {len(unexpected)} "
-                        f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:2]}): it is "
-                        f"from another architecture; try --arch {' or '.join(a for a in FEATURE_DIMS if a != arch)}")
-    net.load_state_dict(state)
-    return net, arch
-
-
 def resolve(args: argparse.Namespace) -> dict:
     """Checkpoint, arch, data paths and image size from the run directory and the flags."""
-    target = Path(args.target)
-    if not target.exists():
-        raise EvalError(f"{str(target)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
-    found = {"train": args.train, "val": args.val, "size": args.image_size, "arch": args.arch}
-    if target.is_dir():
-        config_path = target / "config.json"
-        if not config_path.is_file():
-            raise EvalError(f"{str(target)!r} is not a run directory (no config.json)")
-        cfg = json.loads(config_path.read_text())
-        found["arch"] = found["arch"] or cfg["model"]["arch"]
-        found["train"] = found["train"] or cfg["data"].get("knn_train") or cfg["data"]["train"]
-        found["val"] = found["val"] or cfg["data"]["val"]
-        found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
-        found["checkpoint"] = target / f"backbone_{found['arch']}.pth"
-        found["out"] = Path(args.json) if args.json else target / "eval_knn.json"
-    else:
-        found["checkpoint"] = target
-        found["size"] = found["size"] or 224
-        found["out"] = Path(args.json) if args.json else target.with_name(f"{target.stem}_eval_knn.json")
-    if not found["train"] or not found["val"]:
-        raise EvalError("no data: pass --train and --val (ImageNet-layout folders)")
-    return found
+    return resolve_target(args.target, tool="eval_knn", train=args.train, val=args.val, image_size=args.image_size,
+                          arch=args.arch, json_path=args.json, train_keys=("knn_train", "train"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -118,8 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         found = resolve(args)
         net, arch = load_backbone(found["checkpoint"], found["arch"])
     except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     from accelerate import Accelerator
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
@@ -130,9 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
                   device=accelerator.device)
     bank_loader, query_loader = EvalLoader(found["train"], **common), EvalLoader(found["val"], **common)
     if bank_loader.classes != query_loader.classes:
-        print(f"error: train and val have different class folders ({len(bank_loader.classes)} vs "
-              f"{len(query_loader.classes)})", file=sys.stderr)
-        sys.exit(2)
+        exit_with(f"train and val have different class folders ({len(bank_loader.classes)} vs "
+                  f"{len(query_loader.classes)})")
     start = time.perf_counter()
     bank_x, bank_y = embed(net, bank_loader, accelerator)
     query_x, query_y = embed(net, query_loader, accelerator)
@@ -141,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
               "image_size": found["size"], "temperature": args.temperature, "k": results,
               "seconds": round(time.perf_counter() - start, 2),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    found["out"].write_text(json.dumps(report, indent=2))
+              "date": utc_now()}
+    write_report(found["out"], report)
     for k, r in results.items():
         print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}")
     print(f"wrote {found['out']}")

@@ -3,7 +3,7 @@
 Reads what every run writes: config.json, run_info.json (machine and recipe, written at
 start), train_log.csv (every `log_every` steps), epochs.csv (per epoch: images/s, data-wait
 share, step time, peak memory, k-NN), results.json, and the evaluation tools' JSON
-(eval_knn.json, eval_linear.json, eval_semi*.json) when present.
+(eval_knn.json, eval_linear.json, finetune_semi*.json) when present.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def evaluations(run_dir: Path, results: dict) -> dict:
     if results.get("knn"):
         last = results["knn"][-1]
         out["online k-NN (loop)"] = {"top1": last["top1"], "top5": last["top5"], "detail": f"epoch {last['epoch']}, k = 20"}
-    files = [run_dir / n for n in EVAL_FILES] + sorted(run_dir.glob("eval_semi*.json"))
+    files = [run_dir / n for n in EVAL_FILES] + sorted(run_dir.glob("finetune_semi*.json"))
     for path in files:
         if not path.is_file():
             continue

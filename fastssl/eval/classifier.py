@@ -1,0 +1,167 @@
+"""Pieces shared by the linear probe (tools/eval_linear.py) and semi-supervised fine-tuning
+(tools/finetune_semi.py): the training augmentation, a labelled image list, seeded epoch
+orders, the new linear head, feature extraction and top-k accuracy.
+
+Both protocols (MIRA's appendix follows SimCLR/BYOL/SwAV) train on random-resized crops
++ horizontal flips and test on the resize / centre-crop transform of `pipelines.eval`,
+so the two tools must agree on these details; keeping them in one place makes sure.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.torchvision import UNREADABLE, load_rgb
+
+# torchvision's RandomResizedCrop default, as the authors' eval_linear.py and SwAV's eval_semisup.py.
+TRAIN_SCALE = (0.08, 1.0)
+
+
+def train_transform(size: int, scale: tuple[float, float] = TRAIN_SCALE, mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD) -> T.Compose:
+    """Random-resized crop to `size` + horizontal flip (bilinear, as the reference scripts)."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class LabelledImages(Dataset):
+    """(image, label, index) of a list of (path, label); unreadable images come back as None
+    (and are dropped by `collate`), as in the evaluation loader, so one bad file does not stop
+    a long evaluation."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return self.transform(load_rgb(path)), label, i
+        except UNREADABLE as err:
+            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
+            return None
+
+
+def collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return (torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]),
+            torch.tensor([it[2] for it in items]))
+
+
+def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 0) -> Iterator:
+    """(images, labels, index) for exactly these batches of indices, in this order, skipping
+    batches whose images were all unreadable."""
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate)
+    return (batch for batch in loader if batch is not None)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_singleton: bool = False) -> list[list[int]]:
+    """A seeded random order of range(n) cut into batches (the last may be short).
+
+    Drawn from its own generator so that the cached-feature and per-epoch linear probes see
+    the same order. `drop_singleton` drops a last batch of one image, which BatchNorm in
+    training mode cannot normalise.
+    """
+    order = torch.randperm(n, generator=generator).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if drop_singleton and batches and len(batches[-1]) == 1 and n > 1:
+        batches.pop()
+    return batches
+
+
+def step_decay(epoch: int, base: float, milestones: Sequence[int], gamma: float) -> float:
+    """`base * gamma ** (number of milestones <= epoch)`: SwAV's semi-supervised schedule
+    (MultiStepLR at epochs 12 and 16, gamma 0.2), as a pure function of the epoch."""
+    return base * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def new_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """A linear classifier initialised N(0, 0.01) with zero bias (the authors' eval_linear.py),
+    from its own seed so that two runs of the same settings start from the same head."""
+    head = nn.Linear(feature_dim, num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    return head
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (as the training loop); full precision on CPU, where bf16 is slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device,
+            bar=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features N x D float32 on CPU, labels N, readable mask N) in dataset order.
+
+    The backbone runs in eval mode (BatchNorm running statistics), as in every frozen-feature
+    protocol; rows of unreadable images stay zero and are masked out.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    feats: torch.Tensor | None = None
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for images, y, index in batches:
+        with autocast(device):
+            out = backbone(to_device(images, device)).float().cpu()
+        if feats is None:
+            feats = torch.zeros(n, out.shape[1])
+        feats[index], labels[index] = out, y
+        if bar is not None:
+            bar.update(len(index))
+    backbone.train(was_training)
+    if feats is None:
+        raise ValueError("no readable images to extract features from")
+    return feats, labels, labels >= 0
+
+
+def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], transform, batch_size: int,
+                    num_workers: int, device: torch.device, bar=None) -> tuple[torch.Tensor, ...]:
+    """`extract` over a list of (path, label) in order, `batch_size` images per forward."""
+    dataset = LabelledImages(samples, transform)
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    return extract(backbone, batches_loader(dataset, batches, num_workers), len(dataset), device, bar)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 / top-5 in percent (top-5 over all classes when there are fewer than 5)."""
+    if logits.shape[0] == 0:
+        raise ValueError("no images to evaluate")
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    correct = ranked == labels.to(ranked.device)[:, None]
+    n = float(labels.shape[0])
+    return {"top1": round(100.0 * correct[:, :1].any(dim=1).sum().item() / n, 3),
+            "top5": round(100.0 * correct.any(dim=1).sum().item() / n, 3)}
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
+    """A tqdm bar (a dependency of the project; the training loop uses one), or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

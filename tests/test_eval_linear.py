@@ -1,0 +1,171 @@
+"""tools/eval_linear.py is exact on a separable toy set, its two feeding modes agree, and bad
+input is named.
+
+The toy set: uniformly coloured images whose class is the dominant colour channel (red,
+green or blue), so every crop of an image is the same image and a fixed random-init
+ResNet-18 (BatchNorm statistics fitted to the set) maps the classes to linearly separable
+features.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load_tool
+from fastssl.eval.classifier import epoch_batches, step_decay
+from fastssl.models.backbone import build_backbone
+from fastssl.schedules import cosine
+from pipelines.eval import eval_transform
+
+TOY_SIZE = 32  # the fake run's crop size; the images are 40 x 47 px
+
+
+def make_colour_folder(root: Path, per_class: int, seed: int) -> list[Path]:
+    """root/<class>/<class>_<j>.JPEG, class c has channel c near 230 and the others near 40."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for c, name in enumerate(("c0_red", "c1_green", "c2_blue")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            colour = rng.integers(20, 60, size=3)
+            colour[c] = rng.integers(210, 250)
+            path = root / name / f"{name}_s{seed}_{j:03d}.JPEG"
+            Image.fromarray(np.full((40, 47, 3), colour, np.uint8)).save(path, quality=95)
+            paths.append(path)
+    return paths
+
+
+def fitted_backbone(arch: str, images: list[Path]) -> torch.nn.Module:
+    """Random-init weights whose BatchNorm statistics are those of `images` (as a trained
+    backbone's fit its data), so that fine-tuning with BatchNorm in training mode and testing
+    in eval mode see the same normalisation even after a handful of steps."""
+    torch.manual_seed(0)
+    net = build_backbone(arch)
+    batch = torch.stack([eval_transform(TOY_SIZE)(Image.open(p).convert("RGB")) for p in images])
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the one batch: exactly its statistics
+    with torch.no_grad():
+        net.train()(batch)
+    for m in norms:
+        m.momentum = 0.1
+    return net.eval()
+
+
+def make_toy_run(root: Path, arch: str = "resnet18") -> Path:
+    """A run directory as the loop leaves it (config.json + backbone_<arch>.pth) on the toy set."""
+    train = make_colour_folder(root / "data" / "train", per_class=6, seed=1)
+    make_colour_folder(root / "data" / "val", per_class=3, seed=2)
+    run = root / "run"
+    run.mkdir()
+    torch.save(fitted_backbone(arch, train).state_dict(), run / f"backbone_{arch}.pth")
+    data = {"train": str(root / "data" / "train"), "val": str(root / "data" / "val")}
+    # eval.image_size wins over the global crop, as in eval_knn.
+    config = {"model": {"arch": arch}, "data": data, "eval": {"image_size": TOY_SIZE}, "aug": {"global_size": 56}}
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    return make_toy_run(tmp_path_factory.mktemp("linear"))
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("eval_linear")
+
+
+TOY_ARGS = ["--epochs", "15", "--batch-size", "6", "--base-lr", "4.0", "--no-progress", "--extract-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small tensors on a shared 2-core box: one intra-op thread is faster and steadier."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def per_epoch_report(tool, toy_run, single_thread) -> dict:
+    return tool.main([str(toy_run), *TOY_ARGS])
+
+
+def test_linear_probe_is_exact_on_a_separable_set(per_epoch_report, toy_run):
+    report = per_epoch_report
+    assert report["top1"] == 100.0 and report["top5"] == 100.0
+    assert report["features"] == "per-epoch augmentation" and report["image_size"] == TOY_SIZE
+    assert report["lr"] == pytest.approx(4.0 * 6 / 256) and report["momentum"] == 0.9
+    assert report["weight_decay"] == 0.0 and report["epochs"] == 15
+    assert report["loss_per_epoch"][-1] < report["loss_per_epoch"][0]
+    saved = json.loads((toy_run / "eval_linear.json").read_text())  # the run directory is the default place
+    assert saved["top1"] == 100.0 and saved["num_train"] == 18 and saved["num_val"] == 9
+
+
+def test_cached_features_agree_with_per_epoch_augmentation(tool, toy_run, per_epoch_report, tmp_path):
+    """Every crop of a uniform image is the same image, so the cached copies equal the fresh
+    crops and both modes must take the same steps (same order, same head initialisation)."""
+    cached = tool.main([str(toy_run), *TOY_ARGS, "--cached-features", "--cached-views", "3",
+                        "--json", str(tmp_path / "c.json")])
+    assert cached["top1"] == 100.0 and cached["features"] == "cached" and cached["cached_views"] == 3
+    assert "3 copies per image drawn once" in cached["train_augmentation"]
+    np.testing.assert_allclose(cached["loss_per_epoch"], per_epoch_report["loss_per_epoch"], rtol=1e-4, atol=2e-5)
+    centre = tool.main([str(toy_run), *TOY_ARGS, "--cached-features", "--cached-views", "0",
+                        "--json", str(tmp_path / "c0.json")])
+    np.testing.assert_allclose(centre["loss_per_epoch"], per_epoch_report["loss_per_epoch"], rtol=1e-4, atol=2e-5)
+
+
+def error_of(tool, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_named(tool, toy_run, tmp_path, capsys):
+    assert "does not exist" in error_of(tool, [str(tmp_path / "no_such_run")], capsys)
+    (tmp_path / "not_a_run").mkdir()
+    assert "not a run directory" in error_of(tool, [str(tmp_path / "not_a_run")], capsys)
+    backbone = str(toy_run / "backbone_resnet18.pth")
+    assert "no data" in error_of(tool, [backbone], capsys)
+    data = ["--train", str(toy_run.parent / "data" / "train"), "--val", str(toy_run.parent / "data" / "val")]
+    assert "another architecture" in error_of(tool, [backbone, "--arch", "resnet50", *data], capsys)
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1)}, tmp_path / "odd.pth")
+    assert "another architecture" in error_of(tool, [str(tmp_path / "odd.pth"), *data], capsys)
+    torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
+    assert "not an exported backbone" in error_of(tool, [str(tmp_path / "checkpoint.pt"), *data], capsys)
+    (tmp_path / "other_val" / "zebra").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "other_val" / "zebra" / "z.JPEG")
+    err = error_of(tool, [backbone, "--train", data[1], "--val", str(tmp_path / "other_val")], capsys)
+    assert "different class folders" in err
+    assert "does not exist" in error_of(tool, [backbone, "--train", str(tmp_path / "nope"), "--val", data[3]], capsys)
+
+
+def test_epoch_orders_are_seeded_permutations():
+    a = epoch_batches(10, 4, torch.Generator().manual_seed(5))
+    b = epoch_batches(10, 4, torch.Generator().manual_seed(5))
+    assert a == b and [len(x) for x in a] == [4, 4, 2] and sorted(sum(a, [])) == list(range(10))
+    assert [len(x) for x in epoch_batches(9, 4, torch.Generator(), drop_singleton=True)] == [4, 4]
+
+
+def test_linear_schedule_is_the_per_epoch_cosine():
+    """The probe's lr at epoch e of E is peak * (1 + cos(pi e / E)) / 2 (the authors' schedule)."""
+    for e in range(0, 100, 7):
+        assert cosine(e, 100, 0.3, 0.0) == pytest.approx(0.3 * 0.5 * (1 + np.cos(np.pi * e / 100)))
+
+
+def test_step_decay_matches_its_closed_form():
+    milestones, gamma = [12, 16], 0.2
+    for epoch in range(20):
+        expected = 0.01 * (1.0 if epoch < 12 else 0.2 if epoch < 16 else 0.04)
+        assert step_decay(epoch, 0.01, milestones, gamma) == pytest.approx(expected)
+    assert step_decay(5, 1.0, [], 0.1) == 1.0

@@ -1,0 +1,91 @@
+"""tools/finetune_semi.py fine-tunes to 100% on a separable toy set from a labelled subset, and
+names bad subset files (missing, empty, unmatched or ambiguous lines)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_tool
+from test_eval_linear import make_toy_run
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    return make_toy_run(tmp_path_factory.mktemp("semi"))
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("finetune_semi")
+
+
+def train_images(run: Path) -> list[Path]:
+    return sorted((run.parent / "data" / "train").glob("*/*.JPEG"))
+
+
+def write_subset(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_finetuning_on_a_subset_is_exact(tool, toy_run, tmp_path):
+    images = train_images(toy_run)
+    picked = [p for p in images if p.stem.endswith(("000", "001", "002", "003"))]  # 4 of 6 per class
+    # SimCLR-style bare file names, one train-relative path, a comment, a repeat and a blank line.
+    lines = ["# toy subset", *[p.name for p in picked[1:]], f"{picked[0].parent.name}/{picked[0].name}",
+             picked[1].name, ""]
+    subset = write_subset(tmp_path / "subset.txt", lines)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = tool.main([str(toy_run), "--subset", str(subset), "--epochs", "10", "--batch-size", "6",
+                            "--milestones", "6,8", "--no-progress"])
+    finally:
+        torch.set_num_threads(n)
+    assert report["top1"] == 100.0 and report["top5"] == 100.0
+    assert report["loss_per_epoch"][-1] < report["loss_per_epoch"][0]
+    assert report["num_subset"] == 12 and report["num_train"] == 18
+    assert report["labels_perc_preset"] == "10"  # 12 / 18 of the train folder: the 10% preset
+    assert report["lr_backbone"] == pytest.approx(0.01 * 6 / 256) and report["lr_head"] == pytest.approx(0.2 * 6 / 256)
+    saved = json.loads((toy_run / "finetune_semi.json").read_text())
+    assert saved["top1"] == 100.0 and saved["subset"] == str(subset)
+
+
+def error_of(tool, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_subsets_are_named(tool, toy_run, tmp_path, capsys):
+    run = str(toy_run)
+    err = error_of(tool, [run, "--subset", str(tmp_path / "1percent.txt")], capsys)
+    assert "subset file" in err and "does not exist" in err
+    empty = write_subset(tmp_path / "empty.txt", ["", "# nothing here", "   "])
+    assert "is empty" in error_of(tool, [run, "--subset", str(empty)], capsys)
+    name = train_images(toy_run)[0].name
+    bad = write_subset(tmp_path / "bad.txt", [name, "n01440764_10026.JPEG", "c0_red/missing.JPEG",
+                                              f"train/c0_red/{name}"])
+    err = error_of(tool, [run, "--subset", str(bad)], capsys)
+    assert "3 of 4 subset lines match no image" in err and "n01440764_10026.JPEG" in err
+    assert "c0_red/missing.JPEG" in err
+    assert "does not exist" in error_of(tool, [str(tmp_path / "no_run"), "--subset", str(bad)], capsys)
+    err = error_of(tool, [str(toy_run / "backbone_resnet18.pth"), "--arch", "resnet50", "--subset", str(bad),
+                          "--train", "x", "--val", "y"], capsys)
+    assert "another architecture" in err
+
+
+def test_the_same_file_name_in_two_classes_is_ambiguous(tool, toy_run, tmp_path, capsys):
+    root = tmp_path / "train"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "same.JPEG").write_bytes(b"")
+    samples = [(str(root / "a" / "same.JPEG"), 0), (str(root / "b" / "same.JPEG"), 1)]
+    with pytest.raises(tool.EvalError, match="several class folders"):
+        tool.match_subset(["same.JPEG"], samples, str(root))
+    assert tool.match_subset(["b/same.JPEG"], samples, str(root)) == [samples[1]]
