@@ -182,7 +182,8 @@ def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
         num_workers=workers, device=accelerator.device, channels_last=cfg.train.channels_last,
         dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32),
-        dali_hw_decoder_load=cfg.data.dali_hw_decoder_load, ffcv_order=cfg.data.ffcv_order,
+        dali_hw_decoder_load=cfg.data.dali_hw_decoder_load, dali_cpu_fast=cfg.data.dali_cpu_fast,
+        ffcv_order=cfg.data.ffcv_order,
         device_augment=cfg.data.device_augment,
         ffcv_os_cache=cfg.data.ffcv_os_cache,
         synthetic_size=cfg.data.synthetic_size, synthetic_classes=cfg.data.synthetic_classes)

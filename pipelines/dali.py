@@ -15,6 +15,11 @@ random-resized crops, and each view gets its augmentations per sample.
   sample, so every file's bytes are screened first (`pipelines.sniff`), and an error
   that still gets through is traced to its file, which is then replaced and counted, and
   the epoch goes on from the failed batch.
+* CPU mode (no GPU) resamples the crops with antialiased bilinear (triangle) filters and
+  decodes with libjpeg-turbo's fast integer IDCT unless `dali_cpu_fast` is off: DALI's
+  CPU resampler spends most of the loader's time on the bicubic crops, and this is ~1.4x
+  faster on 2 cores (docs/benchmarks.md). On a GPU the crops stay bicubic, as the
+  reference (torchvision's bicubic RandomResizedCrop).
 * Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
   epoch, rank, first batch): runs are repeatable, but unlike the torchvision reference
   a resumed epoch draws other augmentations than the interrupted one would have.
@@ -94,31 +99,70 @@ def _coin(p: float):
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
+SOLARIZE_TABLE = [v if v < 128 else 255 - v for v in range(256)]  # torchvision's threshold 128
+
+
 def _solarize(img):
-    """x -> 255 - x for x >= 128 (torchvision's threshold 128), exactly, on uint8."""
-    x = fn.cast(img, dtype=types.INT16)
-    return fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+    """x -> 255 - x for x >= 128, exactly, on uint8: one table lookup per value."""
+    return fn.lookup_table(img, keys=list(range(256)), values=SOLARIZE_TABLE, dtype=types.UINT8)
 
 
-def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype):
+def _flag(p: float):
+    """Per-sample 0/1 float: 1 with probability p (a constant at p = 0 or 1)."""
+    if p <= 0 or p >= 1:
+        return float(p >= 1)
+    return fn.cast(_coin(p), dtype=types.FLOAT)
+
+
+def _colour(img, recipe: MultiCropRecipe):
+    """Colour jitter (p) and grayscale (p) as ONE `color_twist`, run only on the samples that drew either.
+
+    DALI's colour twist is one linear map in YIQ space: brightness and contrast scale all of
+    it, saturation scales I and Q, hue rotates I and Q. Saturation 0 therefore yields the
+    luma of the brightness- and contrast-adjusted image whatever the hue, which is exactly
+    grayscale applied after the jitter (the reference's order). So a sample that drew
+    grayscale gets saturation x 0, one that did not draw jitter gets the identity factors,
+    and a sample that drew neither skips the op. One conditional instead of two halves the
+    batch splits and merges, which cost as much as the ops on a CPU.
+    """
+    jp, gp = recipe.jitter_p, recipe.grayscale_p
+    if jp <= 0 and gp <= 0:
+        return img
+    b, c, s, h = recipe.jitter
+    jitter, gray = _flag(jp), _flag(gp)
+
+    def factor(lo: float, hi: float, identity: float):
+        return identity + jitter * (fn.random.uniform(range=[lo, hi]) - identity)
+
+    def twist(x):
+        return fn.color_twist(x, brightness=factor(max(0.0, 1 - b), 1 + b, 1.0),
+                              contrast=factor(max(0.0, 1 - c), 1 + c, 1.0),
+                              saturation=factor(max(0.0, 1 - s), 1 + s, 1.0) * (1.0 - gray),
+                              hue=factor(-h * DEGREES_PER_HUE_UNIT, h * DEGREES_PER_HUE_UNIT, 0.0))
+
+    if jp >= 1 or gp >= 1:
+        return twist(img)
+    if _either(jitter, gray):
+        img = twist(img)
+    return img
+
+
+def _either(a, b):
+    """Per-sample `a or b` of two 0/1 flags, as a DALI boolean (a constant when both are)."""
+    if not isinstance(a, float) or not isinstance(b, float):
+        return fn.cast(a + b, dtype=types.BOOL)
+    return bool(a or b)
+
+
+def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, interp=types.INTERP_CUBIC):
     """One view of every sample: crop, then each optional step under its own coin.
 
     The `if` statements on DataNodes are DALI conditionals: each branch runs only on the
     samples that took it. Probabilities of exactly 0 or 1 build no coin at all.
     """
     img = fn.random_resized_crop(images, size=[view.size, view.size], random_area=list(view.scale),
-                                 random_aspect_ratio=list(recipe.ratio), interp_type=types.INTERP_CUBIC,
-                                 antialias=True)
-    b, c, s, h = recipe.jitter
-    if recipe.jitter_p > 0:
-        if recipe.jitter_p >= 1 or _coin(recipe.jitter_p):
-            img = fn.color_twist(img, brightness=fn.random.uniform(range=[1 - b, 1 + b]),
-                                 contrast=fn.random.uniform(range=[1 - c, 1 + c]),
-                                 saturation=fn.random.uniform(range=[1 - s, 1 + s]),
-                                 hue=fn.random.uniform(range=[-h * DEGREES_PER_HUE_UNIT, h * DEGREES_PER_HUE_UNIT]))
-    if recipe.grayscale_p > 0:
-        if recipe.grayscale_p >= 1 or _coin(recipe.grayscale_p):
-            img = fn.saturation(img, saturation=0.0)
+                                 random_aspect_ratio=list(recipe.ratio), interp_type=interp, antialias=True)
+    img = _colour(img, recipe)
     if view.blur_p > 0:
         if view.blur_p >= 1 or _coin(view.blur_p):
             # No window_size: DALI sizes the kernel from sigma (2 * ceil(3 sigma) + 1), so a
@@ -134,13 +178,15 @@ def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype):
 
 @pipeline_def(enable_conditionals=True)
 def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_device: str,
-                       hw_decoder_load: float, out_dtype):
+                       hw_decoder_load: float, out_dtype, cpu_fast: bool = True):
     """Encoded bytes -> one decode -> every view of the recipe, plus index, label, skipped."""
     jpegs, index, label, skipped = fn.external_source(source=source, num_outputs=4, batch=True,
                                                       dtype=[types.UINT8, types.INT64, types.INT64, types.INT64])
-    decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {}
+    fast = cpu_fast and decoder_device == "cpu"
+    decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {"use_fast_idct": fast}
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
-    views = [_augment_view(images, recipe, view, out_dtype) for view in recipe.views()]
+    interp = types.INTERP_LINEAR if fast else types.INTERP_CUBIC
+    views = [_augment_view(images, recipe, view, out_dtype, interp) for view in recipe.views()]
     return (*views, index, label, skipped)
 
 
@@ -186,7 +232,7 @@ class DaliLoader:
     def _iterator(self, source: _ShardSource, first_batch: int) -> DALIGenericIterator:
         """A fresh pipeline over `source` (built per epoch: cheap, and no reset-mid-epoch state)."""
         pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, self.spec.dali_hw_decoder_load,
-                                  self._out_dtype, batch_size=self.spec.batch_size, num_threads=self.num_threads,
+                                  self._out_dtype, self.spec.dali_cpu_fast, batch_size=self.spec.batch_size, num_threads=self.num_threads,
                                   device_id=self.device_id, prefetch_queue_depth=2,
                                   seed=batch_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch))
         names = [f"view{v}" for v in range(self.spec.recipe.num_views)] + list(OUTPUT_NAMES_EXTRA)

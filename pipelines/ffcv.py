@@ -23,7 +23,10 @@ normalises, and the model keeps the cores it would have spent on float32 tensor 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -151,6 +154,22 @@ class _PlanOrder(TraversalOrder):
         return self.plan(epoch)
 
 
+_LIVE_LOADERS: "weakref.WeakSet[FfcvLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _release_ffcv_loaders() -> None:
+    """Drop FFCV's loaders before the interpreter tears down.
+
+    An FFCV Loader still alive at exit in a process that also ran a DALI pipeline made the
+    process abort ("terminate called without an active exception", exit code 134) after
+    its work was done; releasing the loaders first avoids it.
+    """
+    for loader in list(_LIVE_LOADERS):
+        loader._loader = None
+    gc.collect()
+
+
 class FfcvLoader:
     """Multi-crop batches from a `.beton` written by tools/convert_imagenet_to_ffcv.py."""
 
@@ -167,6 +186,7 @@ class FfcvLoader:
         self.epoch, self.start_batch = 0, 0
         self._loader: Loader | None = None
         self._inner_order: TraversalOrder | None = None
+        _LIVE_LOADERS.add(self)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FILE_BACKENDS, data_path, decode_index, make_image_folder
+from conftest import requires_dali, FILE_BACKENDS, data_path, decode_index, make_image_folder
 from dist_utils import requires_gloo, run_distributed
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -116,6 +116,16 @@ def test_batches_have_the_contract_shapes(image_folder, backend):
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_every_view_comes_from_its_source_image(image_folder, backend):
     loader = build_train_loader(backend, spec_for(image_folder, backend=backend))
+    for batch in loader:
+        for row, index in enumerate(batch.index.tolist()):
+            for view in batch.views:
+                assert decode_index(unnormalise_mean(view[row])) == index
+
+
+@requires_dali
+def test_dali_cpu_can_keep_the_gpu_resampling(image_folder):
+    """`dali_cpu_fast=False`: bicubic crops and the accurate IDCT on CPU, as on a GPU."""
+    loader = build_train_loader("dali", spec_for(image_folder, backend="dali", dali_cpu_fast=False))
     for batch in loader:
         for row, index in enumerate(batch.index.tolist()):
             for view in batch.views:
