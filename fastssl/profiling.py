@@ -6,6 +6,7 @@ near 0 means the model step is the bottleneck, near 1 means the loader is.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable, Iterator
 
@@ -72,6 +73,7 @@ class PhaseTimer:
         self.device, self.enabled = device, enabled
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.samples: dict[str, list[float]] = {}
 
     def phase(self, name: str) -> "_Phase":
         return _Phase(self, name)
@@ -81,8 +83,12 @@ class PhaseTimer:
             torch.cuda.synchronize(self.device)
 
     def mean_ms(self) -> dict[str, float]:
-        """Mean milliseconds per call of each phase."""
+        """Mean milliseconds per call of each phase (shares of the step add up)."""
         return {k: 1e3 * v / max(self.calls[k], 1) for k, v in self.seconds.items()}
+
+    def median_ms(self) -> dict[str, float]:
+        """Median milliseconds per call of each phase (robust to a stall on a shared machine)."""
+        return {k: 1e3 * statistics.median(v) for k, v in self.samples.items()}
 
 
 class _Phase:
@@ -97,9 +103,10 @@ class _Phase:
     def __exit__(self, *exc) -> None:
         if self.timer.enabled:
             self.timer._sync()
-            t = self.timer
-            t.seconds[self.name] = t.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
+            t, took = self.timer, time.perf_counter() - self.start
+            t.seconds[self.name] = t.seconds.get(self.name, 0.0) + took
             t.calls[self.name] = t.calls.get(self.name, 0) + 1
+            t.samples.setdefault(self.name, []).append(took)
 
 
 NO_PHASES = PhaseTimer()  # the training loop's default: records nothing

@@ -19,8 +19,11 @@ real run, with global_batch / G rows):
      the global batch (tools/bench_mira.py's timing);
   5. peak memory, and one ImageNet epoch projected on 1 and 8 devices.
 Cross-checks, in the same run: the training loop itself (`fastssl.engine.train`) runs the
-same number of steps and its logged images/s is compared with stage 3; the assignment
-time measured inside real steps (stage 2's instrumented pass) is compared with stage 4.
+same number of steps halfway through stage 3 and its logged images/s is compared with
+stage 3's; the assignment time measured inside real steps (stage 2's instrumented pass) is
+compared with bench_mira's timing of the same shape taken just before and after that pass.
+Interleaving the measurements that are compared keeps a noisy shared machine from biasing
+one of them.
 
 Writes DIR/report.md (tables, verdict naming the bottleneck), DIR/report.json (schema:
 docs/report_schema.md) and PNG charts. Any `--section.field VALUE` overrides the recipe,
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -134,8 +138,14 @@ class StepRunner:
         self.step_index += 1
 
 
-def measure_model_step(runner: StepRunner, cfg: Config, accelerator, args) -> tuple[dict, dict]:
-    """Images/s of the step alone on a synthetic batch on the device; then the per-part breakdown."""
+def measure_model_step(runner: StepRunner, cfg: Config, accelerator, args,
+                       bench_assignment: Callable[[], float] | None = None) -> tuple[dict, PhaseTimer, float | None]:
+    """Images/s of the step alone on a synthetic batch on the device; then the per-part breakdown.
+
+    `bench_assignment` (the assignment timed alone) runs just before and just after the
+    instrumented pass, so that the two measurements of the assignment sample the same
+    stretch of a noisy machine; their mean is returned.
+    """
     c = copy.deepcopy(cfg)
     c.data.backend, c.data.synthetic_size = "synthetic", 64 * cfg.train.global_batch_size
     views = next(iter(pipelines.build_train_loader("synthetic", loader_spec(c, accelerator, 1)))).views
@@ -150,14 +160,22 @@ def measure_model_step(runner: StepRunner, cfg: Config, accelerator, args) -> tu
     seconds = time.perf_counter() - start
     step = {"images_per_s": analysis.images_per_s(args.steps * cfg.train.global_batch_size, seconds),
             "step_ms": 1e3 * seconds / args.steps, "steps": args.steps, "warmup": args.warmup_steps}
+    around = [bench_assignment()] if bench_assignment else []
     phases = PhaseTimer(device, enabled=True)
-    for _ in range(max(args.steps // 2, 3)):
+    for _ in range(max(args.steps, 3)):
         runner(views, phases)
-    return step, phases.mean_ms()
+    if bench_assignment:
+        around.append(bench_assignment())
+    return step, phases, statistics.fmean(around) if around else None
 
 
-def measure_end_to_end(runner: StepRunner, cfg: Config, accelerator, args) -> dict:
-    """The recipe's loader feeding the step: per-step data wait and step time."""
+def measure_end_to_end(runner: StepRunner, cfg: Config, accelerator, args,
+                       midway: Callable[[], None] | None = None) -> dict:
+    """The recipe's loader feeding the step: per-step data wait and step time.
+
+    `midway` (the training-loop cross-check) runs after half of the timed steps, so that the
+    profile's figure and the loop's own sample the same stretch of a noisy machine.
+    """
     loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, args.workers))
     need = args.warmup_steps + args.steps
     if len(loader) < need:
@@ -167,6 +185,8 @@ def measure_end_to_end(runner: StepRunner, cfg: Config, accelerator, args) -> di
     device, waits, steps = accelerator.device, [], []
     it = iter(loader)
     for i in range(need):
+        if midway is not None and i == args.warmup_steps + args.steps // 2:
+            midway()
         t0 = time.perf_counter()
         batch = next(it)
         sync(device)
@@ -188,6 +208,17 @@ def measure_end_to_end(runner: StepRunner, cfg: Config, accelerator, args) -> di
 
 
 # ----------------------------------------------------------------------------- stage 4
+def assignment_bench(cfg: Config, device: torch.device, args) -> Callable[[], float]:
+    """Median microseconds of `mira_assign_views` on random logits of this process's shape (bench_mira)."""
+    from bench_mira import implementations, time_call
+
+    g = torch.Generator(device=device).manual_seed(0)
+    views = [torch.randn(cfg.train.global_batch_size, cfg.model.num_prototypes, generator=g, device=device)
+             for _ in range(2)]
+    fn = implementations(cfg.method.num_iters)["views"]
+    return lambda: time_call(fn, views, device, args.assign_warmup, args.assign_repeats)
+
+
 def measure_assignment(cfg: Config, device: torch.device, gpus: int, args) -> dict:
     """The assignment alone on random logits, 2 views (tools/bench_mira.py's timing)."""
     from bench_mira import implementations, time_call
@@ -239,7 +270,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--backends", default="torchvision,dali,ffcv,synthetic", help="loaders for the loader-only stage")
     ap.add_argument("--beton", help="the data as a .beton for ffcv (default: converted under data/bench/)")
     ap.add_argument("--workers", type=int, default=-1, help="loader workers / threads (-1: all cores)")
-    ap.add_argument("--steps", type=int, default=8 if cpu else 50, help="timed steps per stage")
+    ap.add_argument("--steps", type=int, default=10 if cpu else 50, help="timed steps per stage")
     ap.add_argument("--warmup-steps", type=int, default=2 if cpu else 10)
     ap.add_argument("--loader-batches", type=int, default=6 if cpu else 40)
     ap.add_argument("--warmup-batches", type=int, default=2 if cpu else 5)
@@ -298,29 +329,38 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
     print("2/5 model step only (synthetic batch on the device)", flush=True)
     reset_peak_memory(device)
     runner = StepRunner(cfg, accelerator)
-    model_step, breakdown = measure_model_step(runner, cfg, accelerator, args)
+    uses_mira = cfg.method.assignment == "mira" and cfg.method.objective != "mlcpc"
+    model_step, phases, assign_alone = measure_model_step(
+        runner, cfg, accelerator, args, assignment_bench(cfg, device, args) if uses_mira else None)
+    breakdown = phases.mean_ms()
     print(f"    {model_step['images_per_s']:.1f} images/s", flush=True)
-    print(f"3/5 end to end ({cfg.data.backend})", flush=True)
-    e2e = measure_end_to_end(runner, cfg, accelerator, args)
+    print(f"3/5 end to end ({cfg.data.backend}), with the training loop's own run of as many steps midway",
+          flush=True)
+    loop: dict = {}
+
+    def run_loop() -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            loop["images_per_s"], loop["per_step"] = loop_logged_images_per_s(cfg, args, Path(scratch))
+
+    e2e = measure_end_to_end(runner, cfg, accelerator, args, None if args.no_cross_check else run_loop)
     peak_device = peak_memory_mb(device) if device.type == "cuda" else None
     print(f"    {e2e['images_per_s']:.1f} images/s, data wait {100 * e2e['data_wait_share']:.0f}%", flush=True)
     print("4/5 assignment alone", flush=True)
     assignment = measure_assignment(cfg, device, args.gpus, args)
-    checks = {}
-    per_step_loop: list[float] = []
     print("5/5 cross-checks", flush=True)
-    if not args.no_cross_check:
-        with tempfile.TemporaryDirectory() as scratch:
-            loop_ips, per_step_loop = loop_logged_images_per_s(cfg, args, Path(scratch))
+    checks = {}
+    if loop:
         checks["end_to_end_images_per_s"] = ratio_check(
-            e2e["images_per_s"], loop_ips, "End to end: this profile's own loop vs the images/s the training loop "
-            "(fastssl.engine.train) logged in train_log.csv over the same number of steps after the same warm-up.")
-    key = "views (this process)" if args.gpus > 1 else "views"
-    if cfg.method.assignment == "mira" and cfg.method.objective != "mlcpc" and key in assignment:
+            e2e["images_per_s"], loop["images_per_s"], "End to end: this profile's own loop vs the images/s the "
+            "training loop (fastssl.engine.train) logged in train_log.csv over the same number of steps after the "
+            "same warm-up, run midway through the profile's own steps.")
+    if assign_alone is not None:
         checks["assignment_us"] = ratio_check(
-            1e3 * breakdown.get("assignment", 0.0), assignment[key]["median_us"],
-            "Assignment: time inside real training steps (instrumented pass, real teacher logits) vs "
-            "tools/bench_mira.py's timing of the same op on random logits of the same shape.")
+            1e3 * phases.median_ms()["assignment"], assign_alone,
+            "Assignment: median time inside real training steps (instrumented pass, real teacher logits) vs "
+            "tools/bench_mira.py's timing of the same op on random logits of the same shape, taken just before "
+            "and just after that pass.")
+    per_step_loop = loop.get("per_step", [])
 
     env = describe_environment(device)
     dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")

@@ -15,10 +15,13 @@ def _pyplot():
 
 
 def bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> str:
-    """One bar per label, its value written above it."""
+    """One bar per label, its value written above it; a log axis when the values span > 100x."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 3.6))
     bars = ax.bar(labels, values, color="#4878a8")
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 100 * min(positive):
+        ax.set_yscale("log")
     for bar, v in zip(bars, values):
         ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
@@ -34,7 +37,7 @@ def bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str, t
 def stacked_breakdown(path: Path, parts: dict[str, float], title: str) -> str:
     """One horizontal bar split into the step's parts (milliseconds)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 2.4))
+    fig, ax = plt.subplots(figsize=(7, 3.0))
     left = 0.0
     colors = plt.get_cmap("tab10")
     for i, (name, ms) in enumerate(parts.items()):
@@ -43,8 +46,9 @@ def stacked_breakdown(path: Path, parts: dict[str, float], title: str) -> str:
     ax.set_yticks([])
     ax.set_xlabel("milliseconds per step")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, frameon=False)
     fig.tight_layout()
+    fig.subplots_adjust(bottom=0.42)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
