@@ -19,6 +19,7 @@ from typing import Any
 from pipelines.augment import MultiCropRecipe
 
 BACKENDS = ("torchvision", "synthetic", "dali", "ffcv")
+EVAL_LOADERS = ("torchvision", "dali")  # pipelines.eval.EVAL_BACKENDS, without importing torchvision here
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     batch_size: int = 256
     image_size: int = 0  # 0 = the recipe's global crop size
+    loader: str = "torchvision"  # torchvision | dali: who reads the k-NN images (same transform)
 
 
 @dataclass
@@ -340,6 +342,8 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"eval.knn_temperature: temperatures must be positive, got {ev.knn_temperature}")
     if ev.batch_size < 1 or ev.image_size < 0:
         e.append("eval.batch_size must be >= 1 and eval.image_size >= 0")
+    if ev.loader not in EVAL_LOADERS:
+        e.append(f"eval.loader: unknown {ev.loader!r}; choose one of {', '.join(EVAL_LOADERS)}")
     return e
 
 

@@ -31,7 +31,8 @@ from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
-                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile", "eval.batch_size"}
+                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile", "eval.batch_size",
+                     "eval.loader"}
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -193,7 +194,8 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
     if not cfg.data.val or cfg.eval.knn_every < 0 or cfg.data.backend == "synthetic":
         return None
     return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
-                     cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature)
+                     cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature,
+                     cfg.eval.loader)
 
 
 def prepare_run_dir(cfg: Config, resume: bool, accelerator) -> Path:
@@ -239,7 +241,9 @@ def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool) -> Non
 
 
 def config_changes(old: dict, new: dict) -> set[str]:
-    return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]}
+    """Fields whose value differs; a field the saved run predates counts as its default value."""
+    default = to_dict(Config())
+    return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k, default[s].get(k)) != new[s][k]}
 
 
 def build_critic(cfg: Config, loader, accelerator) -> MlCpcCritic | None:

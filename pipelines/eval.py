@@ -1,11 +1,15 @@
 """Evaluation loader: resize + centre crop of a labelled folder, sharded across ranks.
 
 The DINO/MIRA evaluation transform scaled to the crop size: resize the shorter side
-to size / 0.875 (256 for 224), centre-crop `size`, normalise.
+to size / 0.875 (256 for 224), centre-crop `size`, normalise. `EvalLoader` does it with
+PIL in DataLoader workers; `pipelines.dali_eval.DaliEvalLoader` with DALI (same
+arguments, same batches). `build_eval_loader` picks one by name, importing DALI only
+when it is chosen.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Iterator
 
@@ -78,3 +82,34 @@ class EvalLoader:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels, index
+
+
+# name -> "module:Class"; each takes EvalLoader's arguments and yields (images, labels, indices).
+EVAL_BACKENDS = {
+    "torchvision": "pipelines.eval:EvalLoader",
+    "dali": "pipelines.dali_eval:DaliEvalLoader",
+}
+
+
+class EvalBackendError(ValueError):
+    """An unknown or uninstalled evaluation loader: the message names the fix."""
+
+
+def eval_loader_class(backend: str) -> type:
+    """The loader class of `backend`, imported now so that a missing DALI fails before any work."""
+    if backend not in EVAL_BACKENDS:
+        raise EvalBackendError(f"unknown eval loader {backend!r}; choose one of {', '.join(EVAL_BACKENDS)}")
+    module_name, cls_name = EVAL_BACKENDS[backend].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise EvalBackendError(f"the {backend!r} eval loader is not available ({err}); install it with "
+                               f"`.venv/bin/pip install -e '.[{backend}]'` or use --loader torchvision") from err
+    return getattr(module, cls_name)
+
+
+def build_eval_loader(backend: str, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                      num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True):
+    """This rank's evaluation loader of `root` through `backend` ("torchvision" or "dali")."""
+    return eval_loader_class(backend)(root, size, batch_size, rank=rank, world_size=world_size,
+                                      num_workers=num_workers, device=device, channels_last=channels_last)

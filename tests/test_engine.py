@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import data_path, make_image_folder, requires_dali, requires_ffcv
-from fastssl.config import Config, ConfigError
+from fastssl.config import Config, ConfigError, to_dict
 from fastssl.engine import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,18 @@ def test_refuses_to_overwrite_and_checks_resume(tmp_path):
     cfg.optim.base_lr = 0.5
     with pytest.raises(ConfigError, match="optim.base_lr"):
         train(cfg, resume=True)
+
+
+def test_config_changes_treat_fields_a_run_predates_as_defaults():
+    """A run saved before a field existed resumes, unless the new value differs from the default."""
+    from fastssl.engine import config_changes
+
+    new = to_dict(Config())
+    old = to_dict(Config())  # as checkpoint.pt stores it
+    del old["data"]["dali_cpu_fast"], old["eval"]["loader"]
+    assert config_changes(old, new) == set()
+    new["data"]["dali_cpu_fast"] = not new["data"]["dali_cpu_fast"]
+    assert config_changes(old, new) == {"data.dali_cpu_fast"}
 
 
 def test_bad_data_fails_before_work(tmp_path):

@@ -8,8 +8,9 @@ L2-normalised features of the EMA teacher's backbone (the exported `backbone_<ar
 cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 20, 100,
 200}; top-1 and top-5 in percent. Images: resize to size / 0.875 and centre crop `size`
 (the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
-the same k = 20 figure). Writes JSON (default: RUN_DIR/eval_knn.json, or beside the
-checkpoint) that the run's report picks up.
+the same k = 20 figure; `--loader dali` reads them through DALI with the same geometry,
+within a fraction of a grey level). Writes JSON (default: RUN_DIR/eval_knn.json, or
+beside the checkpoint) that the run's report picks up.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, res
 from fastssl.eval.knn import knn_accuracy  # noqa: E402
 from fastssl.eval.online import embed  # noqa: E402
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
-from pipelines.eval import EvalLoader  # noqa: E402
+from pipelines.eval import EVAL_BACKENDS, EvalBackendError, build_eval_loader, eval_loader_class  # noqa: E402
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--temperature", type=float, default=0.07)
     ap.add_argument("--image-size", type=int, help="centre-crop size (default: the run's eval size, else 224)")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
+    ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision",
+                    help="image reader: torchvision (PIL in workers) or dali (nvJPEG + GPU resize; same transform)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results")
     args = ap.parse_args(argv)
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         found = resolve(args)
         net, arch = load_backbone(found["checkpoint"], found["arch"])
-    except EvalError as err:
+        eval_loader_class(args.loader)  # a missing DALI fails here, before any work
+    except (EvalError, EvalBackendError) as err:
         exit_with(err)
     from accelerate import Accelerator
 
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
     common = dict(size=found["size"], batch_size=args.batch_size, num_workers=args.num_workers,
                   device=accelerator.device)
-    bank_loader, query_loader = EvalLoader(found["train"], **common), EvalLoader(found["val"], **common)
+    bank_loader = build_eval_loader(args.loader, found["train"], **common)
+    query_loader = build_eval_loader(args.loader, found["val"], **common)
     if bank_loader.classes != query_loader.classes:
         exit_with(f"train and val have different class folders ({len(bank_loader.classes)} vs "
                   f"{len(query_loader.classes)})")
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {str(k): knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes), k=k,
                                     temperature=args.temperature) for k in ks}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
-              "image_size": found["size"], "temperature": args.temperature, "k": results,
+              "image_size": found["size"], "loader": args.loader, "temperature": args.temperature, "k": results,
               "seconds": round(time.perf_counter() - start, 2),
               "date": utc_now()}
     write_report(found["out"], report)

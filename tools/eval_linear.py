@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
                                         resolve_target, run_knn_figure, utc_now, write_report)
 from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches,  # noqa: E402
-                                     extract_samples, new_head, progress_bar, to_device, topk_accuracy,
-                                     train_transform)
+                                     extract_eval, extract_samples, new_head, progress_bar, to_device,
+                                     topk_accuracy, train_transform)
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
 from fastssl.schedules import cosine, scaled_lr  # noqa: E402
-from pipelines.eval import eval_transform  # noqa: E402
+from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
 from pipelines.folder import DataLayoutError, scan_image_folder  # noqa: E402
 
 # (features, labels) for one batch of training-set indices, given the epoch.
@@ -79,7 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extract-batch-size", type=int, default=256, help="batch for running the frozen backbone")
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
+    ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision",
+                    help="reader of the resize + centre-crop images (val, and the --cached-views 0 cache): "
+                         "torchvision or dali; the random-resized-crop training images always use torchvision")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -160,16 +163,19 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
     return losses
 
 
-def cache_train_features(backbone, samples, size: int, args, device) -> tuple[torch.Tensor, ...]:
-    """K augmented copies (or one centre crop) of every training image through the backbone,
-    as one preallocated K x N x D tensor (no second copy of an ImageNet-sized cache)."""
+def cache_train_features(backbone, root: str, samples, size: int, args, device) -> tuple[torch.Tensor, ...]:
+    """K augmented copies (or one centre crop, read by --loader) of every training image through
+    the backbone, as one preallocated K x N x D tensor (no second copy of an ImageNet-sized cache)."""
     copies = max(args.cached_views, 1)
-    transform = train_transform(size) if args.cached_views else eval_transform(size)
     bar = progress_bar(copies * len(samples), "caching train features", not args.no_progress, unit="img")
     cache, labels, valid = None, None, None
     for view in range(copies):
-        feats, labels, valid = extract_samples(backbone, samples, transform, args.extract_batch_size,
-                                               args.num_workers, device, bar)
+        if args.cached_views:
+            feats, labels, valid = extract_samples(backbone, samples, train_transform(size), args.extract_batch_size,
+                                                   args.num_workers, device, bar)
+        else:
+            feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
+                                                args.num_workers, device, bar)
         if cache is None:
             cache = torch.empty((copies, *feats.shape), dtype=getattr(torch, args.cache_dtype))
         cache[view] = feats
@@ -178,11 +184,11 @@ def cache_train_features(backbone, samples, size: int, args, device) -> tuple[to
     return cache, labels, valid
 
 
-def evaluate(backbone, head, samples, size: int, args, device) -> dict[str, float]:
-    """Top-1 / top-5 of the head on the frozen features of the val transform."""
+def evaluate(backbone, head, root: str, samples, size: int, args, device) -> dict[str, float]:
+    """Top-1 / top-5 of the head on the frozen features of the val transform (read by --loader)."""
     bar = progress_bar(len(samples), "val features", not args.no_progress, unit="img")
-    feats, labels, valid = extract_samples(backbone, samples, eval_transform(size), args.extract_batch_size,
-                                           args.num_workers, device, bar)
+    feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
+                                        args.num_workers, device, bar)
     if bar is not None:
         bar.close()
     with torch.no_grad():
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                                image_size=args.image_size, arch=args.arch, json_path=args.json)
         backbone, arch = load_backbone(found["checkpoint"], found["arch"])
         train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
-    except EvalError as err:
+        eval_loader_class(args.loader)  # a missing DALI fails here, not after training
+    except (EvalError, EvalBackendError) as err:
         exit_with(err)
     device, size = pick_device(args.device), found["size"]
     torch.manual_seed(args.seed)  # the random crops
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     head = new_head(FEATURE_DIMS[arch], len(classes), args.seed).to(device)
     start = time.perf_counter()
     if args.cached_features:
-        feats, labels, valid = cache_train_features(backbone, train_samples, size, args, device)
+        feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, size, args, device)
         source = cached_source(feats, labels, valid, device, args.seed)
     else:
         source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(size)), device,
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start - features_s
-    acc = evaluate(backbone, head, val_samples, size, args, device)
+    acc = evaluate(backbone, head, found["val"], val_samples, size, args, device)
     report = {
         "checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
         "num_train": len(train_samples), "num_val": len(val_samples), "num_classes": len(classes),
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lr": scaled_lr(args.base_lr, args.batch_size), "schedule": "cosine per epoch to 0",
         "optimizer": "sgd", "momentum": args.momentum, "weight_decay": args.weight_decay, "seed": args.seed,
         "train_augmentation": train_augmentation(args, size),
-        "val_transform": f"resize {round(size / 0.875)} + centre crop {size}",
+        "val_transform": f"resize {round(size / 0.875)} + centre crop {size}", "loader": args.loader,
         "loss_per_epoch": losses, "run_knn": run_knn_figure(Path(args.target)),
         "seconds": {"features": round(features_s, 2), "train": round(train_s, 2),
                     "total": round(time.perf_counter() - start, 2)},

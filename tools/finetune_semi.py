@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
                                         resolve_target, run_knn_figure, utc_now, write_report)
 from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches,  # noqa: E402
-                                     extract_samples, new_head, progress_bar, step_decay, to_device,
+                                     extract_eval, new_head, progress_bar, step_decay, to_device,
                                      topk_accuracy, train_transform)
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
 from fastssl.schedules import scaled_lr  # noqa: E402
-from pipelines.eval import eval_transform  # noqa: E402
+from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
 from pipelines.folder import DataLayoutError, scan_image_folder  # noqa: E402
 
 # SwAV's eval_semisup.py (README commands), at batch 256: (backbone lr, head lr).
@@ -77,7 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--eval-batch-size", type=int, default=256)
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
+    ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision",
+                    help="reader of the val images (resize + centre crop): torchvision or dali; "
+                         "the fine-tuning crops always use torchvision")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -185,11 +188,11 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
     return losses
 
 
-def evaluate(model: torch.nn.Sequential, samples, size: int, args, device) -> dict[str, float]:
-    """Top-1 / top-5 of the fine-tuned network (eval mode) on the val transform."""
+def evaluate(model: torch.nn.Sequential, root: str, samples, size: int, args, device) -> dict[str, float]:
+    """Top-1 / top-5 of the fine-tuned network (eval mode) on the val transform (read by --loader)."""
     bar = progress_bar(len(samples), "val", not args.no_progress, unit="img")
-    feats, labels, valid = extract_samples(model[0], samples, eval_transform(size), args.eval_batch_size,
-                                           args.num_workers, device, bar)
+    feats, labels, valid = extract_eval(model[0], root, samples, size, args.loader, args.eval_batch_size,
+                                        args.num_workers, device, bar)
     if bar is not None:
         bar.close()
     model.eval()
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                                image_size=args.image_size, arch=args.arch, json_path=args.json)
         backbone, arch = load_backbone(found["checkpoint"], found["arch"])
         subset, train_samples, val_samples, classes = load_data(found, args.subset)
-    except EvalError as err:
+        eval_loader_class(args.loader)  # a missing DALI fails here, not after fine-tuning
+    except (EvalError, EvalBackendError) as err:
         exit_with(err)
     device, size = pick_device(args.device), found["size"]
     torch.manual_seed(args.seed)  # the random crops
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start
-    acc = evaluate(model, val_samples, size, args, device)
+    acc = evaluate(model, found["val"], val_samples, size, args, device)
     report = {
         "checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
         "subset": str(args.subset), "num_subset": len(subset), "num_train": len(train_samples),
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "schedule": f"x{args.gamma} at epochs {args.milestones}", "optimizer": "sgd", "momentum": args.momentum,
         "weight_decay": args.weight_decay, "seed": args.seed,
         "train_augmentation": f"RandomResizedCrop({size}, scale=(0.08, 1)) + horizontal flip",
-        "val_transform": f"resize {round(size / 0.875)} + centre crop {size}",
+        "val_transform": f"resize {round(size / 0.875)} + centre crop {size}", "loader": args.loader,
         "loss_per_epoch": losses, "run_knn": run_knn_figure(args.target),
         "seconds": {"train": round(train_s, 2), "total": round(time.perf_counter() - start, 2)},
         "device": str(device), "date": utc_now(),

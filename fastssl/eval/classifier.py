@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.eval import build_eval_loader, eval_transform
 from pipelines.torchvision import UNREADABLE, load_rgb
 
 # torchvision's RandomResizedCrop default, as the authors' eval_linear.py and SwAV's eval_semisup.py.
@@ -145,6 +146,20 @@ def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], tra
     dataset = LabelledImages(samples, transform)
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
     return extract(backbone, batches_loader(dataset, batches, num_workers), len(dataset), device, bar)
+
+
+def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int, loader: str,
+                 batch_size: int, num_workers: int, device: torch.device, bar=None) -> tuple[torch.Tensor, ...]:
+    """`extract` of the eval transform (resize + centre crop) of the whole folder `root`, whose
+    scan is `samples`, read by `loader` ("torchvision" or "dali", as tools' --loader).
+
+    Why a root and not only samples: the DALI loader scans the folder itself, and its
+    dataset indices are positions in that same scan, so they index `samples` directly.
+    """
+    if loader == "torchvision":
+        return extract_samples(backbone, samples, eval_transform(size), batch_size, num_workers, device, bar)
+    batches = build_eval_loader(loader, root, size, batch_size, num_workers=num_workers, device=device)
+    return extract(backbone, iter(batches), len(samples), device, bar)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -7,14 +7,16 @@ every rank computes the same accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from fastssl.eval.knn import knn_accuracy
-from pipelines.eval import EvalLoader
+from pipelines.eval import build_eval_loader
 
 
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, loader: EvalLoader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(backbone: torch.nn.Module, loader: Iterable, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of the whole split, in dataset order, on every rank."""
     feats, labels, index = [], [], []
     was_training = backbone.training
@@ -39,14 +41,17 @@ def embed(backbone: torch.nn.Module, loader: EvalLoader, accelerator) -> tuple[t
 
 
 class OnlineKnn:
-    """Builds the two eval loaders once (so a bad val path fails before training)."""
+    """Builds the two eval loaders once (so a bad val path, or a missing DALI, fails before training).
+
+    `loader` is the eval backend (`pipelines.eval.EVAL_BACKENDS`, config `eval.loader`).
+    """
 
     def __init__(self, train_root: str, val_root: str, image_size: int, batch_size: int, accelerator,
-                 num_workers: int, k: int = 20, temperature: float = 0.07):
+                 num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision"):
         common = dict(size=image_size, batch_size=batch_size, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device)
-        self.bank = EvalLoader(train_root, **common)
-        self.queries = EvalLoader(val_root, **common)
+        self.bank = build_eval_loader(loader, train_root, **common)
+        self.queries = build_eval_loader(loader, val_root, **common)
         if self.bank.classes != self.queries.classes:
             raise ValueError(f"the k-NN needs the same class folders in train ({train_root}) and val ({val_root}); "
                              f"found {len(self.bank.classes)} and {len(self.queries.classes)} classes")

@@ -1,0 +1,224 @@
+"""The DALI evaluation loader: `pipelines.eval.EvalLoader`'s contract, with DALI's decoder and resizer.
+
+Why: evaluation reads every val (and, for the k-NN, every train) image once per call;
+on a GPU the PIL decode + bicubic resize in DataLoader workers is the bottleneck, while
+nvJPEG (`mixed`, with the hardware decoder taking `hw_decoder_load` of the images) and
+DALI's GPU resampler keep up with the backbone. On a CPU-only machine DALI decodes with
+libjpeg-turbo and resamples on its own threads.
+
+Same transform as `pipelines.eval.eval_transform`: shorter side to round(size / 0.875)
+with an antialiased cubic filter (torchvision's bicubic resize of a PIL image also
+antialiases), centre crop `size`, ImageNet normalisation, with torchvision's output
+sizes and crop offsets to the pixel. The two cubic resamplers differ in detail, so
+pixels agree closely but not exactly (tests/test_eval_loaders.py measures it).
+
+Same iteration contract: (images N x 3 x S x S float on `device`, labels, dataset
+indices), this rank's share (every world_size-th image) in dataset order, every readable
+image exactly once, the last batch partial. Bad files are dropped with a warning, as
+EvalLoader drops them: DALI fails the whole pipeline on one undecodable sample, so each
+file's bytes are screened first (`pipelines.sniff`), and an error that still gets through
+is traced to its file with PIL and the pass goes on after the last delivered batch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.folder import scan_image_folder
+from pipelines.sniff import problem
+
+OUTPUT_NAMES = ("images", "label", "index")
+MAX_PIPELINE_ERRORS = 8  # rebuilds per pass before giving up: something else is wrong
+
+
+class _EvalSource:
+    """DALI external source: this rank's files from position `start` on, as encoded bytes.
+
+    Screens each file before DALI sees it and drops a bad one (with a warning); batches
+    are filled with good images, so only the last one is short. `ends[b]` is the position
+    in `order` after batch b, which is where a pass restarts after a decode failure.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], order: list[int], start: int, batch_size: int,
+                 bad: dict[int, str]):
+        self.samples, self.order, self.pos, self.batch_size, self.bad = samples, order, start, batch_size, bad
+        self.sent: list[list[int]] = []  # dataset indices handed to DALI, per batch (it prefetches ahead)
+        self.ends: list[int] = []
+        self.pending = self._next_batch()  # read ahead, so an all-bad shard builds no pipeline
+
+    def __iter__(self) -> "_EvalSource":
+        return self
+
+    def __next__(self):
+        batch, self.pending = self.pending, None
+        if batch is None or not batch[0]:
+            raise StopIteration
+        self.pending = self._next_batch()
+        blobs, index, end = batch
+        self.sent.append(index)
+        self.ends.append(end)
+        labels = [np.array([self.samples[i][1]], dtype=np.int64) for i in index]
+        return blobs, labels, [np.array([i], dtype=np.int64) for i in index]
+
+    @property
+    def empty(self) -> bool:
+        return self.pending is None or not self.pending[0]
+
+    def _next_batch(self) -> tuple[list[np.ndarray], list[int], int]:
+        blobs, index = [], []
+        while len(blobs) < self.batch_size and self.pos < len(self.order):
+            i = self.order[self.pos]
+            self.pos += 1
+            data = self._read_good(i)
+            if data is not None:
+                blobs.append(data)
+                index.append(i)
+        return blobs, index, self.pos
+
+    def _read_good(self, i: int) -> np.ndarray | None:
+        """The file's bytes, or None (warned once, remembered) when it would not decode."""
+        if i in self.bad:
+            return None
+        path = self.samples[i][0]
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as err:
+            reason = f"unreadable: {err}"
+        else:
+            reason = problem(memoryview(data))
+            if reason is None:
+                return data
+        self.bad[i] = reason
+        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+        return None
+
+
+def _half_even(d):
+    """round(d / 2) with Python's ties-to-even, on per-sample integers: torchvision's CenterCrop offset."""
+    k = d // 2
+    return k + (d - 2 * k) * (k - 2 * (k // 2))
+
+
+def _torchvision_geometry(images, size: int):
+    """Per-sample resized (height, width) and normalised crop positions that equal torchvision's.
+
+    Why not `resize_shorter` + crop_pos 0.5: DALI rounds the long side (torchvision
+    truncates it) and rounds a half-pixel crop offset away from zero (torchvision to even),
+    so about half of the images came out shifted by one pixel, which moves pixels as much
+    as the whole resampler difference. Integer arithmetic here reproduces both rules
+    exactly; DALI's crop anchor is round(pos * (extent - crop)), so pos = offset / (extent - crop)
+    lands on the offset.
+    """
+    short = round(size / 0.875)
+    shape = images.shape()
+    h, w = shape[0], shape[1]
+    tall = fn.cast(h > w, dtype=types.INT64)
+    new_h = short + tall * ((short * h) // w - short)
+    new_w = short + (1 - tall) * ((short * w) // h - short)
+
+    def pos(extent):
+        d = extent - size
+        return fn.cast(_half_even(d), dtype=types.FLOAT) / fn.cast(d + fn.cast(d == 0, dtype=types.INT64),
+                                                                     dtype=types.FLOAT)
+
+    return fn.cast(new_h, dtype=types.FLOAT), fn.cast(new_w, dtype=types.FLOAT), pos(new_h), pos(new_w)
+
+
+@pipeline_def
+def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decoder_load: float, layout: str):
+    """Encoded bytes -> decode -> shorter side round(size / 0.875), cubic + antialias -> centre crop -> normalise."""
+    jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
+                                             dtype=[types.UINT8, types.INT64, types.INT64])
+    decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {}
+    # adjust_orientation=False: PIL (EvalLoader) ignores EXIF rotation, so DALI must too, or a
+    # rotated photo would be cropped from another region than in the torchvision figures.
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
+                               **decode_args)
+    new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size)
+    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                                      dtype=types.FLOAT, output_layout=layout,
+                                      mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+    return images, label, index
+
+
+def _find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
+    """Decode each file fully with PIL: the ones that fail are why DALI failed."""
+    from pipelines.torchvision import UNREADABLE, load_rgb
+
+    bad = {}
+    for i in indices:
+        try:
+            load_rgb(samples[i][0])
+        except UNREADABLE as err:
+            bad[i] = f"undecodable: {type(err).__name__}: {err}"
+    return bad
+
+
+class DaliEvalLoader:
+    """This rank's share (every world_size-th image) of a labelled folder, in order, through DALI.
+
+    Takes `EvalLoader`'s arguments; `num_workers` is DALI's CPU thread count (0: one per
+    core). `hw_decoder_load` is the share of images nvJPEG's hardware decoder takes on GPUs
+    that have one (the training loader's default).
+    """
+
+    def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
+                 hw_decoder_load: float = 0.65):
+        self.samples, self.classes = scan_image_folder(root)
+        self.indices = list(range(rank, len(self.samples), world_size))
+        self.size, self.batch_size = size, batch_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.channels_last, self.hw_decoder_load = channels_last, hw_decoder_load
+        on_gpu = self.device.type == "cuda"
+        self.decoder_device = "mixed" if on_gpu else "cpu"
+        self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if on_gpu else None
+        self.num_threads = max(1, num_workers or os.cpu_count() or 1)
+        self.bad: dict[int, str] = {}  # dataset index -> why it is skipped (kept across passes)
+
+    def _iterator(self, source: _EvalSource) -> DALIGenericIterator:
+        """A fresh pipeline over `source` (built per pass: cheap next to decoding a split)."""
+        # HWC memory read as NCHW is channels_last without a copy; CHW when contiguous NCHW is wanted.
+        layout = "HWC" if self.channels_last else "CHW"
+        pipe = eval_pipeline(source, self.size, self.decoder_device, self.hw_decoder_load, layout,
+                             batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                             prefetch_queue_depth=2)
+        return DALIGenericIterator(pipe, list(OUTPUT_NAMES), last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        start, errors = 0, 0
+        while True:
+            source = _EvalSource(self.samples, self.indices, start, self.batch_size, self.bad)
+            if source.empty:
+                return
+            yielded = 0
+            try:
+                for out in self._iterator(source):
+                    yield self._to_batch(out[0])
+                    start, yielded = source.ends[yielded], yielded + 1
+                return
+            except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
+                errors += 1
+                found = _find_bad_files(self.samples, sorted({i for b in source.sent[yielded:] for i in b}))
+                if not found or errors > MAX_PIPELINE_ERRORS:
+                    raise
+                for i, reason in found.items():
+                    warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {reason}", stacklevel=2)
+                self.bad.update(found)  # the next pass drops them and restarts after the last batch delivered
+
+    def _to_batch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = out["images"]
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC memory = NCHW channels_last, no copy
+        images = images.to(self.device, non_blocking=True)
+        return images, out["label"].reshape(-1).cpu(), out["index"].reshape(-1).cpu()
