@@ -333,6 +333,8 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
     model_step, phases, assign_alone = measure_model_step(
         runner, cfg, accelerator, args, assignment_bench(cfg, device, args) if uses_mira else None)
     breakdown = phases.mean_ms()
+    # Peak memory of the training step alone (the cross-check below builds a second model).
+    peak_device = peak_memory_mb(device) if device.type == "cuda" else None
     print(f"    {model_step['images_per_s']:.1f} images/s", flush=True)
     print(f"3/5 end to end ({cfg.data.backend}), with the training loop's own run of as many steps midway",
           flush=True)
@@ -343,7 +345,6 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
             loop["images_per_s"], loop["per_step"] = loop_logged_images_per_s(cfg, args, Path(scratch))
 
     e2e = measure_end_to_end(runner, cfg, accelerator, args, None if args.no_cross_check else run_loop)
-    peak_device = peak_memory_mb(device) if device.type == "cuda" else None
     print(f"    {e2e['images_per_s']:.1f} images/s, data wait {100 * e2e['data_wait_share']:.0f}%", flush=True)
     print("4/5 assignment alone", flush=True)
     assignment = measure_assignment(cfg, device, args.gpus, args)
