@@ -16,9 +16,10 @@ random-resized crops, and each view gets its augmentations per sample.
   that still gets through is traced to its file, which is then replaced and counted, and
   the epoch goes on from the failed batch.
 * CPU mode (no GPU) resamples the crops with antialiased bilinear (triangle) filters and
-  decodes with libjpeg-turbo's fast integer IDCT unless `dali_cpu_fast` is off: DALI's
-  CPU resampler spends most of the loader's time on the bicubic crops, and this is ~1.4x
-  faster on 2 cores (docs/benchmarks.md). On a GPU the crops stay bicubic, as the
+  decodes with libjpeg-turbo's fast integer IDCT unless `dali_cpu_fast` is off: the
+  antialiased bicubic crops were the largest cost of DALI's CPU mode (with this change
+  the loader went from 1.56x to 1.86x the PIL reference on 2 cores, docs/benchmarks.md).
+  On a GPU the crops stay bicubic, as the
   reference (torchvision's bicubic RandomResizedCrop).
 * Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
   epoch, rank, first batch): runs are repeatable, but unlike the torchvision reference
@@ -47,6 +48,20 @@ OUTPUT_NAMES_EXTRA = ("index", "label", "skipped")
 MAX_REPLACEMENTS = 16
 MAX_PIPELINE_ERRORS = 8  # rebuilds per epoch before giving up: something else is wrong
 DEGREES_PER_HUE_UNIT = 360.0  # torchvision's hue is a fraction of the colour wheel; DALI's is degrees
+
+
+def read_screened(path: str) -> tuple[np.ndarray | None, str | None]:
+    """(the file's bytes, None), or (None, why) when it cannot be read or would not decode.
+
+    DALI fails a whole batch on one undecodable file, so every file is screened
+    (`pipelines.sniff`) before DALI sees it.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        return None, f"unreadable: {err}"
+    reason = problem(memoryview(data))
+    return (data, None) if reason is None else (None, reason)
 
 
 class _ShardSource:
@@ -82,14 +97,9 @@ class _ShardSource:
             if j in self.bad:
                 continue
             path = self.samples[j][0]
-            try:
-                data = np.fromfile(path, dtype=np.uint8)
-            except OSError as err:
-                reason = f"unreadable: {err}"
-            else:
-                reason = problem(memoryview(data))
-                if reason is None:
-                    return data, j, attempt
+            data, reason = read_screened(path)
+            if data is not None:
+                return data, j, attempt
             self.bad[j] = reason
             warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
         raise RuntimeError(f"{MAX_REPLACEMENTS} bad images in a row near {self.samples[index][0]}; is the data corrupt?")
@@ -190,7 +200,7 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     return (*views, index, label, skipped)
 
 
-def _find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
+def find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
     """Decode each file fully with PIL: the ones that fail are why DALI failed."""
     from pipelines.torchvision import UNREADABLE, load_rgb
 
@@ -254,7 +264,7 @@ class DaliLoader:
             except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
                 errors += 1
                 in_flight = {i for b in source.sent[yielded:] for i in b}
-                found = _find_bad_files(self.samples, sorted(in_flight))
+                found = find_bad_files(self.samples, sorted(in_flight))
                 if not found or errors > MAX_PIPELINE_ERRORS:
                     raise
                 for i, reason in found.items():

@@ -33,7 +33,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
-from pipelines.sniff import problem
+from pipelines.dali import find_bad_files, read_screened
 
 OUTPUT_NAMES = ("images", "label", "index")
 MAX_PIPELINE_ERRORS = 8  # rebuilds per pass before giving up: something else is wrong
@@ -88,14 +88,9 @@ class _EvalSource:
         if i in self.bad:
             return None
         path = self.samples[i][0]
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except OSError as err:
-            reason = f"unreadable: {err}"
-        else:
-            reason = problem(memoryview(data))
-            if reason is None:
-                return data
+        data, reason = read_screened(path)
+        if data is not None:
+            return data
         self.bad[i] = reason
         warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
         return None
@@ -150,19 +145,6 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     return images, label, index
 
 
-def _find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
-    """Decode each file fully with PIL: the ones that fail are why DALI failed."""
-    from pipelines.torchvision import UNREADABLE, load_rgb
-
-    bad = {}
-    for i in indices:
-        try:
-            load_rgb(samples[i][0])
-        except UNREADABLE as err:
-            bad[i] = f"undecodable: {type(err).__name__}: {err}"
-    return bad
-
-
 class DaliEvalLoader:
     """This rank's share (every world_size-th image) of a labelled folder, in order, through DALI.
 
@@ -209,7 +191,7 @@ class DaliEvalLoader:
                 return
             except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
                 errors += 1
-                found = _find_bad_files(self.samples, sorted({i for b in source.sent[yielded:] for i in b}))
+                found = find_bad_files(self.samples, sorted({i for b in source.sent[yielded:] for i in b}))
                 if not found or errors > MAX_PIPELINE_ERRORS:
                     raise
                 for i, reason in found.items():

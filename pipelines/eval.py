@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,12 +31,12 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose
     ])
 
 
-class EvalFolder(Dataset):
-    """(image, label, index) of an ImageNet-layout folder; unreadable images are dropped."""
+class LabelledImages(Dataset):
+    """(image, label, index) of a list of (path, label); an unreadable image comes back as
+    None (and `collate` drops it), so one bad file does not stop a long evaluation."""
 
-    def __init__(self, root: str, size: int):
-        self.samples, self.classes = scan_image_folder(root)
-        self.transform = eval_transform(size)
+    def __init__(self, samples: Sequence[tuple[str, int]], transform):
+        self.samples, self.transform = list(samples), transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -50,7 +50,16 @@ class EvalFolder(Dataset):
             return None
 
 
-def _collate(items):
+class EvalFolder(LabelledImages):
+    """(image, label, index) of an ImageNet-layout folder with the evaluation transform."""
+
+    def __init__(self, root: str, size: int):
+        samples, self.classes = scan_image_folder(root)
+        super().__init__(samples, eval_transform(size))
+
+
+def collate(items):
+    """Stack the readable items of a batch; None when none of them was readable."""
     items = [it for it in items if it is not None]
     if not items:
         return None
@@ -73,7 +82,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         batches = [self.indices[i : i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                            collate_fn=_collate, pin_memory=self.device.type == "cuda")
+                            collate_fn=collate, pin_memory=self.device.type == "cuda")
         for batch in loader:
             if batch is None:
                 continue

@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
                                         resolve_target, run_knn_figure, utc_now, write_report)
 from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches,  # noqa: E402
-                                     extract_eval, extract_samples, new_head, progress_bar, to_device,
-                                     topk_accuracy, train_transform)
+                                     evaluate_head, extract_eval, extract_samples, new_head, progress_bar, to_device,
+                                     train_transform)
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
 from fastssl.schedules import cosine, scaled_lr  # noqa: E402
 from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
@@ -184,17 +184,6 @@ def cache_train_features(backbone, root: str, samples, size: int, args, device) 
     return cache, labels, valid
 
 
-def evaluate(backbone, head, root: str, samples, size: int, args, device) -> dict[str, float]:
-    """Top-1 / top-5 of the head on the frozen features of the val transform (read by --loader)."""
-    bar = progress_bar(len(samples), "val features", not args.no_progress, unit="img")
-    feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
-                                        args.num_workers, device, bar)
-    if bar is not None:
-        bar.close()
-    with torch.no_grad():
-        return topk_accuracy(head.cpu()(feats[valid]), labels[valid])
-
-
 def train_augmentation(args: argparse.Namespace, size: int) -> str:
     if args.cached_features and args.cached_views == 0:
         return f"none: one centre crop per image, cached (resize {round(size / 0.875)} + centre crop {size})"
@@ -232,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start - features_s
-    acc = evaluate(backbone, head, found["val"], val_samples, size, args, device)
+    acc = evaluate_head(backbone, head, found["val"], val_samples, size, args.loader, args.extract_batch_size,
+                        args.num_workers, device, not args.no_progress, "val features")
     report = {
         "checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
         "num_train": len(train_samples), "num_val": len(val_samples), "num_classes": len(classes),

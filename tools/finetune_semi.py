@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
                                         resolve_target, run_knn_figure, utc_now, write_report)
 from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches,  # noqa: E402
-                                     extract_eval, new_head, progress_bar, step_decay, to_device,
-                                     topk_accuracy, train_transform)
+                                     evaluate_head, new_head, progress_bar, step_decay, to_device,
+                                     train_transform)
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
 from fastssl.schedules import scaled_lr  # noqa: E402
 from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
@@ -188,18 +188,6 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
     return losses
 
 
-def evaluate(model: torch.nn.Sequential, root: str, samples, size: int, args, device) -> dict[str, float]:
-    """Top-1 / top-5 of the fine-tuned network (eval mode) on the val transform (read by --loader)."""
-    bar = progress_bar(len(samples), "val", not args.no_progress, unit="img")
-    feats, labels, valid = extract_eval(model[0], root, samples, size, args.loader, args.eval_batch_size,
-                                        args.num_workers, device, bar)
-    if bar is not None:
-        bar.close()
-    model.eval()
-    with torch.no_grad():
-        return topk_accuracy(model[1].cpu()(feats[valid]), labels[valid])
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
@@ -224,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start
-    acc = evaluate(model, found["val"], val_samples, size, args, device)
+    acc = evaluate_head(model[0], model[1], found["val"], val_samples, size, args.loader, args.eval_batch_size,
+                        args.num_workers, device, not args.no_progress)
     report = {
         "checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
         "subset": str(args.subset), "num_subset": len(subset), "num_train": len(train_samples),

@@ -9,7 +9,6 @@ so the two tools must agree on these details; keeping them in one place makes su
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
@@ -19,8 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.eval import build_eval_loader, eval_transform
-from pipelines.torchvision import UNREADABLE, load_rgb
+from pipelines.eval import LabelledImages, build_eval_loader, collate, eval_transform
 
 # torchvision's RandomResizedCrop default, as the authors' eval_linear.py and SwAV's eval_semisup.py.
 TRAIN_SCALE = (0.08, 1.0)
@@ -35,34 +33,6 @@ def train_transform(size: int, scale: tuple[float, float] = TRAIN_SCALE, mean=IM
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
-
-
-class LabelledImages(Dataset):
-    """(image, label, index) of a list of (path, label); unreadable images come back as None
-    (and are dropped by `collate`), as in the evaluation loader, so one bad file does not stop
-    a long evaluation."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform):
-        self.samples, self.transform = list(samples), transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            return self.transform(load_rgb(path)), label, i
-        except UNREADABLE as err:
-            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
-            return None
-
-
-def collate(items):
-    items = [it for it in items if it is not None]
-    if not items:
-        return None
-    return (torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]),
-            torch.tensor([it[2] for it in items]))
 
 
 def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 0) -> Iterator:
@@ -160,6 +130,18 @@ def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, in
         return extract_samples(backbone, samples, eval_transform(size), batch_size, num_workers, device, bar)
     batches = build_eval_loader(loader, root, size, batch_size, num_workers=num_workers, device=device)
     return extract(backbone, iter(batches), len(samples), device, bar)
+
+
+def evaluate_head(backbone: nn.Module, head: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int,
+                  loader: str, batch_size: int, num_workers: int, device: torch.device, progress: bool,
+                  desc: str = "val") -> dict[str, float]:
+    """Top-1 / top-5 of `head` on `backbone`'s features (eval mode, see `extract`) of the val transform."""
+    bar = progress_bar(len(samples), desc, progress, unit="img")
+    feats, labels, valid = extract_eval(backbone, root, samples, size, loader, batch_size, num_workers, device, bar)
+    if bar is not None:
+        bar.close()
+    with torch.no_grad():
+        return topk_accuracy(head.cpu()(feats[valid]), labels[valid])
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
