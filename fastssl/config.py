@@ -38,7 +38,7 @@ class DataConfig:
     synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
     synthetic_classes: int = 1000
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
-    dali_cpu_fast: bool = True  # DALI on CPU: antialiased bilinear crops + fast IDCT (False: bicubic, as on GPU)
+    dali_cpu_fast: bool = True  # DALI on CPU: bilinear crops, fast IDCT, numba photometric steps (False: the GPU graph)
     device_augment: bool = False  # torchvision: workers only crop; flip/colour/blur/solarize run batched on the device
     ffcv_order: str = "sampler"  # FFCV: sampler (shared with all backends, resumable) | random | quasi_random | sequential
     ffcv_os_cache: bool = True  # FFCV: page-cache reads (True) or FFCV's process cache (False)

@@ -9,18 +9,20 @@ random-resized crops, and each view gets its augmentations per sample.
 * Order and sharding are the shared sampler's (`pipelines.sampler`): the same epoch
   permutation from the run seed as every backend, dealt to ranks from Accelerate's
   process index and count, so a resumed run continues the data order.
-* Skipped augmentations cost nothing: each optional step sits under a DALI conditional
-  (`if coin_flip:`), which runs the op only on the samples that drew it.
+* Skipped augmentations cost nothing: on a GPU each optional step sits under a DALI
+  conditional (`if coin_flip:`), which runs the op only on the samples that drew it; in
+  CPU mode the steps run as one numba function per sample (`pipelines.dali_photometric`),
+  where a step not drawn is an `if` in compiled code.
 * Bad files never stop an epoch: DALI fails the whole pipeline on one undecodable
   sample, so every file's bytes are screened first (`pipelines.sniff`), and an error
   that still gets through is traced to its file, which is then replaced and counted, and
   the epoch goes on from the failed batch.
-* CPU mode (no GPU) resamples the crops with antialiased bilinear (triangle) filters and
-  decodes with libjpeg-turbo's fast integer IDCT unless `dali_cpu_fast` is off: the
-  antialiased bicubic crops were the largest cost of DALI's CPU mode (with this change
-  the loader went from 1.56x to 1.86x the PIL reference on 2 cores, docs/benchmarks.md).
-  On a GPU the crops stay bicubic, as the
-  reference (torchvision's bicubic RandomResizedCrop).
+* CPU mode (no GPU), unless `dali_cpu_fast` is off: crops resampled with antialiased
+  bilinear (triangle) filters, libjpeg-turbo's fast integer IDCT, and the photometric
+  steps as numba functions instead of DALI's CPU colour twist, blur and the conditionals'
+  batch splits and merges (docs/benchmarks.md has the figures of each change). With
+  `dali_cpu_fast` off, the CPU runs the GPU's graph: bicubic crops (as torchvision's
+  RandomResizedCrop), the accurate IDCT, DALI operators under conditionals.
 * Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
   epoch, rank, first batch): runs are repeatable, but unlike the torchvision reference
   a resumed epoch draws other augmentations than the interrupted one would have.
@@ -39,6 +41,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
+from pipelines.dali_photometric import photometric, uniform
 from pipelines.folder import scan_source
 from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, shard_batches
 from pipelines.sniff import problem
@@ -142,7 +145,7 @@ def _colour(img, recipe: MultiCropRecipe):
     jitter, gray = _flag(jp), _flag(gp)
 
     def factor(lo: float, hi: float, identity: float):
-        return identity + jitter * (fn.random.uniform(range=[lo, hi]) - identity)
+        return identity + jitter * (uniform(lo, hi) - identity)
 
     def twist(x):
         return fn.color_twist(x, brightness=factor(max(0.0, 1 - b), 1 + b, 1.0),
@@ -164,26 +167,38 @@ def _either(a, b):
     return bool(a or b)
 
 
-def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, interp=types.INTERP_CUBIC):
-    """One view of every sample: crop, then each optional step under its own coin.
+def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, interp=types.INTERP_CUBIC,
+                  numba_photometric: bool = False):
+    """One view of every sample: crop, the photometric steps each sample drew, flip and normalise.
 
-    The `if` statements on DataNodes are DALI conditionals: each branch runs only on the
-    samples that took it. Probabilities of exactly 0 or 1 build no coin at all.
+    The photometric steps run either as DALI operators under conditionals (the `if`
+    statements on DataNodes: each branch runs only on the samples that took it;
+    probabilities of exactly 0 or 1 build no coin at all) or, in CPU mode, as one numba
+    function per sample (`pipelines.dali_photometric`).
     """
     img = fn.random_resized_crop(images, size=[view.size, view.size], random_area=list(view.scale),
                                  random_aspect_ratio=list(recipe.ratio), interp_type=interp, antialias=True)
+    if numba_photometric:
+        img = photometric(img, recipe, view)
+    else:
+        img = _conditional_photometric(img, recipe, view)
+    mirror = fn.random.coin_flip(probability=recipe.flip_p) if recipe.flip_p > 0 else 0
+    return fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="HWC", mirror=mirror,
+                                    mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std])
+
+
+def _conditional_photometric(img, recipe: MultiCropRecipe, view: ViewSpec):
+    """Jitter, grayscale, blur and solarize as DALI operators, each under its own conditional (the GPU graph)."""
     img = _colour(img, recipe)
     if view.blur_p > 0:
         if view.blur_p >= 1 or _coin(view.blur_p):
             # No window_size: DALI sizes the kernel from sigma (2 * ceil(3 sigma) + 1), so a
             # small sigma costs a small window.
-            img = fn.gaussian_blur(img, sigma=fn.random.uniform(range=list(recipe.blur_sigma)))
+            img = fn.gaussian_blur(img, sigma=uniform(*recipe.blur_sigma))
     if view.solarize_p > 0:
         if view.solarize_p >= 1 or _coin(view.solarize_p):
             img = _solarize(img)
-    mirror = fn.random.coin_flip(probability=recipe.flip_p) if recipe.flip_p > 0 else 0
-    return fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="HWC", mirror=mirror,
-                                    mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std])
+    return img
 
 
 @pipeline_def(enable_conditionals=True)
@@ -196,7 +211,7 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {"use_fast_idct": fast}
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
     interp = types.INTERP_LINEAR if fast else types.INTERP_CUBIC
-    views = [_augment_view(images, recipe, view, out_dtype, interp) for view in recipe.views()]
+    views = [_augment_view(images, recipe, view, out_dtype, interp, numba_photometric=fast) for view in recipe.views()]
     return (*views, index, label, skipped)
 
 

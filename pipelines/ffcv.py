@@ -157,15 +157,32 @@ class _PlanOrder(TraversalOrder):
 _LIVE_LOADERS: "weakref.WeakSet[FfcvLoader]" = weakref.WeakSet()
 
 
+EPOCH_THREAD_JOIN_S = 120.0  # FFCV's thread finishes its batch in flight, then sees the stop
+
+
+def _stop_epoch_thread(epoch_it) -> None:
+    """Stop FFCV's epoch thread and wait for it, then free its memory.
+
+    FFCV's `EpochIterator` is a daemon thread that keeps decoding until its queue is full
+    and only then looks at its stop flag; `close()` neither waits for it nor stops it
+    first. A thread still running when the interpreter shuts down drops a tensor after
+    Python has gone and the process aborts ("terminate called without an active
+    exception", exit code 134, seen after a benchmark's work was done). So: flag, join,
+    then close.
+    """
+    epoch_it.terminate_event.set()
+    if epoch_it.is_alive():
+        epoch_it.join(timeout=EPOCH_THREAD_JOIN_S)
+    epoch_it.close()
+
+
 @atexit.register
 def _release_ffcv_loaders() -> None:
-    """Drop FFCV's loaders before the interpreter tears down.
-
-    An FFCV Loader still alive at exit in a process that also ran a DALI pipeline made the
-    process abort ("terminate called without an active exception", exit code 134) after
-    its work was done; releasing the loaders first avoids it.
-    """
+    """Stop every epoch thread still running and drop FFCV's loaders before the interpreter tears down."""
     for loader in list(_LIVE_LOADERS):
+        if loader._epoch_it is not None:
+            _stop_epoch_thread(loader._epoch_it)
+            loader._epoch_it = None
         loader._loader = None
     gc.collect()
 
@@ -185,6 +202,7 @@ class FfcvLoader:
                              "use sampler or random")
         self.epoch, self.start_batch = 0, 0
         self._loader: Loader | None = None
+        self._epoch_it = None  # FFCV's EpochIterator (a thread) of the epoch being read
         self._inner_order: TraversalOrder | None = None
         _LIVE_LOADERS.add(self)
 
@@ -234,11 +252,22 @@ class FfcvLoader:
                 self._loader = self._build()
             finally:
                 self.start_batch = start
-        s, recipe = self.spec, self.spec.recipe
         self._loader.next_epoch = self.epoch
-        offsets = np.concatenate([[0], np.cumsum([3 * v.size**2 for v in recipe.views()])])
         plan = self._plan(self.epoch)
-        for b, (rows, label) in enumerate(self._loader):
+        if self._epoch_it is not None:  # an earlier epoch left unfinished
+            _stop_epoch_thread(self._epoch_it)
+        epoch_it = self._epoch_it = iter(self._loader)
+        try:
+            yield from self._batches(epoch_it, plan)
+        finally:  # also when the caller stops early: the thread must not outlive the epoch
+            _stop_epoch_thread(epoch_it)
+            if self._epoch_it is epoch_it:
+                self._epoch_it = None
+
+    def _batches(self, epoch_it, plan: np.ndarray) -> Iterator[MultiCropBatch]:
+        s, recipe = self.spec, self.spec.recipe
+        offsets = np.concatenate([[0], np.cumsum([3 * v.size**2 for v in recipe.views()])])
+        for b, (rows, label) in enumerate(epoch_it):
             batch_no = self.start_batch + b
             g = torch.Generator(device=rows.device).manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))
             views = []

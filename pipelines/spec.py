@@ -26,7 +26,7 @@ class LoaderSpec:
     # float32 otherwise. The model's first layer would cast to it anyway.
     dtype: torch.dtype = torch.float32
     dali_hw_decoder_load: float = 0.65  # share of images nvJPEG sends to the hardware decoder
-    dali_cpu_fast: bool = True  # CPU mode only: antialiased bilinear crops and the fast IDCT
+    dali_cpu_fast: bool = True  # CPU mode only: bilinear crops, fast IDCT, numba photometric steps
     device_augment: bool = False  # torchvision backend: photometric steps batched on the device
     ffcv_order: str = "sampler"  # sampler (shared, resumable) | random | quasi_random | sequential
     ffcv_os_cache: bool = True  # FFCV: read through the OS page cache (False: its own process cache)

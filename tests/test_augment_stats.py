@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FILE_BACKENDS, data_path
+from conftest import FILE_BACKENDS, data_path, requires_dali
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 
@@ -29,7 +29,10 @@ BATCH = 32
 EPOCHS = 8  # 8 epochs x 64 images = 512 samples per view
 
 # "torchvision-device": the torchvision workers only crop; the rest runs in pipelines.device_augment.
-pytestmark = pytest.mark.parametrize("backend", [*FILE_BACKENDS, "torchvision-device"])
+# "dali-conditionals": DALI's GPU graph (DALI operators under conditionals) run on the CPU;
+# plain "dali" on a CPU runs the photometric steps as numba functions (pipelines.dali_photometric).
+pytestmark = pytest.mark.parametrize("backend", [*FILE_BACKENDS, "torchvision-device",
+                                                 pytest.param("dali-conditionals", marks=requires_dali)])
 
 QUIET = MultiCropRecipe(global_size=32, local_size=16, num_local=2, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                         blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0))
@@ -47,9 +50,10 @@ def probe_folder(root: Path, pixels: np.ndarray) -> Path:
 def collect(backend: str, root: Path, recipe: MultiCropRecipe) -> list[torch.Tensor]:
     """Every view of EPOCHS epochs, un-normalised to [0, 255] float64, each N x 3 x H x W."""
     device_augment = backend == "torchvision-device"
-    backend = "torchvision" if device_augment else backend
+    dali_cpu_fast = backend != "dali-conditionals"
+    backend = {"torchvision-device": "torchvision", "dali-conditionals": "dali"}.get(backend, backend)
     spec = LoaderSpec(path=data_path(backend, root), recipe=recipe, batch_size=BATCH, seed=3,
-                      device_augment=device_augment)
+                      device_augment=device_augment, dali_cpu_fast=dali_cpu_fast)
     loader = build_train_loader(backend, spec)
     per_view: list[list[torch.Tensor]] = [[] for _ in range(recipe.num_views)]
     for epoch in range(EPOCHS):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import requires_dali, FILE_BACKENDS, data_path, decode_index, make_image_folder
+from conftest import requires_dali, requires_ffcv, FILE_BACKENDS, data_path, decode_index, make_image_folder
 from dist_utils import requires_gloo, run_distributed
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -130,6 +130,44 @@ def test_dali_cpu_can_keep_the_gpu_resampling(image_folder):
         for row, index in enumerate(batch.index.tolist()):
             for view in batch.views:
                 assert decode_index(unnormalise_mean(view[row])) == index
+
+
+@requires_dali
+@pytest.mark.parametrize("cpu_fast", [True, False], ids=["numba-steps", "conditionals"])
+def test_dali_augmentations_repeat_from_the_seed_whatever_the_threads(image_folder, cpu_fast):
+    """Every draw is a DALI random op seeded by the pipeline: 1 or 2 threads, the same views.
+
+    The recipe has empty ranges (hue 0, one blur sigma), which DALI's uniform refuses.
+    """
+    recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2, jitter=(0.4, 0.4, 0.2, 0.0),
+                             blur_sigma=(1.0, 1.0), solarize_p=(0.5, 0.5, 0.5))
+    runs = []
+    for threads in (1, 2):
+        loader = build_train_loader("dali", spec_for(image_folder, recipe, backend="dali", num_workers=threads,
+                                                     seed=4, dali_cpu_fast=cpu_fast))
+        loader.set_epoch(1)
+        runs.append(list(loader))
+    for a, b in zip(*runs):
+        assert torch.equal(a.index, b.index)
+        for va, vb in zip(a.views, b.views):
+            torch.testing.assert_close(va, vb, rtol=0, atol=0)
+    assert not torch.equal(runs[0][0].views[2], runs[0][0].views[3])  # the views do differ
+
+
+@requires_ffcv
+def test_ffcv_epoch_thread_stops_when_the_caller_stops_early(image_folder):
+    """FFCV's epoch thread outliving its epoch made processes abort at exit (code 134)."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    loader = build_train_loader("ffcv", spec_for(image_folder, backend="ffcv", batch_size=2))
+    it = iter(loader)
+    next(it)
+    assert any(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())
+    it.close()
+    assert not any(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())
+    assert len(list(loader)) == len(loader)  # and the next epoch runs whole
 
 
 def test_augmentations_do_not_depend_on_workers(image_folder):

@@ -35,10 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader  # noqa: E402
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
+# Opt-in ablations (name -> backend and LoaderSpec overrides), measured only when named in --backends.
+VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False})}  # the GPU's DALI graph run on the CPU
 DEFAULT_DATA = "data/demo/train"
 
 
 def available(backend: str) -> bool:
+    backend = VARIANTS.get(backend, (backend,))[0]
     module = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend)
     if module is None:
         return True
@@ -117,7 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--photo-like", type=int, default=0, metavar="N",
                     help="instead of --data, use N generated ImageNet-like JPEGs (~400 x 350, photographic entropy)")
     ap.add_argument("--beton", help="the same data as a .beton for ffcv (default: converted under data/bench/)")
-    ap.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of " + ", ".join(ALL_BACKENDS))
+    ap.add_argument("--backends", default=",".join(ALL_BACKENDS),
+                    help="comma-separated subset of " + ", ".join(ALL_BACKENDS) + "; opt-in ablation: "
+                    "dali-gpu-graph (DALI with --data.dali_cpu_fast off: bicubic crops, accurate IDCT, "
+                    "DALI operators under conditionals, as on a GPU)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of each repetition")
@@ -129,9 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    unknown = set(args.backends.split(",")) - set(ALL_BACKENDS)
+    unknown = set(args.backends.split(",")) - set(ALL_BACKENDS) - set(VARIANTS)
     if unknown:
-        ap.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS)}")
+        ap.error(f"unknown backends {sorted(unknown)}; choose from {', '.join([*ALL_BACKENDS, *VARIANTS])}")
     if min(args.batch_size, args.batches, args.repeats, args.workers) < 1 or args.warmup < 0:
         ap.error("--batch-size, --batches, --repeats and --workers must be positive; --warmup >= 0")
     return args
@@ -150,10 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
     skipped = [b for b in args.backends.split(",") if b not in names]
     loaders = {}
     for name in names:
-        path = str(args.beton or beton_for(data)) if name == "ffcv" else str(data)
+        backend, overrides = VARIANTS.get(name, (name, {}))
+        path = str(args.beton or beton_for(data)) if backend == "ffcv" else str(data)
         spec = LoaderSpec(path=path, recipe=recipe, batch_size=args.batch_size, num_workers=args.workers,
-                          device=device, seed=0, synthetic_size=100_000)
-        loaders[name] = build_train_loader(name, spec)
+                          device=device, seed=0, synthetic_size=100_000, **overrides)
+        loaders[name] = build_train_loader(backend, spec)
         need = args.warmup + args.batches
         if len(loaders[name]) < need:
             sys.exit(f"error: {name}: {len(loaders[name])} batches per epoch, need {need}; "
@@ -165,17 +172,17 @@ def main(argv: list[str] | None = None) -> dict:
     for rep in range(args.repeats):
         for name in names:  # interleaved: every repetition measures every backend
             runs[name].append(time_epoch(loaders[name], rep, args.warmup, args.batches, device))
-            print(f"  repeat {rep + 1}/{args.repeats} {name:12s} {runs[name][-1]:9.1f} images/s", flush=True)
+            print(f"  repeat {rep + 1}/{args.repeats} {name:14s} {runs[name][-1]:9.1f} images/s", flush=True)
 
     ref = statistics.median(runs["torchvision"]) if "torchvision" in runs else None
     results = {}
-    print(f"\n{'backend':12s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}")
+    print(f"\n{'backend':14s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}")
     for name in names:
         med = statistics.median(runs[name])
         results[name] = {"images_per_s": med, "min": min(runs[name]), "max": max(runs[name]), "runs": runs[name],
                          "vs_torchvision": med / ref if ref else None}
         ratio = f"{med / ref:14.2f}" if ref else f"{'-':>14s}"
-        print(f"{name:12s} {med:10.1f} {min(runs[name]):9.1f} {max(runs[name]):9.1f} {ratio}")
+        print(f"{name:14s} {med:10.1f} {min(runs[name]):9.1f} {max(runs[name]):9.1f} {ratio}")
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}")
     report = {

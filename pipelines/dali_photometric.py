@@ -1,0 +1,74 @@
+"""DALI's CPU mode: every photometric step of a view as ONE compiled numba function per sample.
+
+Why: on a CPU, DALI's own colour twist and blur, and the batch split and merge around
+each conditional, cost more than the decode and all 8 crops together (docs/benchmarks.md:
+the loader without photometric steps ran twice as fast as with them). Here the numba
+uint8 steps of `pipelines.cpu_augment` (torchvision's definitions; FFCV's CPU decoder
+runs the same ones) run per sample in DALI's threads through `numba_function`. A step a
+sample did not draw is an `if` in compiled code, so it costs nothing, and no batch is
+split or merged.
+
+The draws (coins, factors, sigma) are DALI random ops, so a run stays repeatable from
+the pipeline seed. The numba function is compiled once per process (seconds; numba
+caches the steps on disk, DALI's C wrapper is rebuilt) and shared by every view and
+pipeline. On a GPU, `pipelines.dali` keeps its conditional graph of DALI operators.
+"""
+
+from __future__ import annotations
+
+from nvidia.dali import fn, types
+from nvidia.dali.plugin.numba import NumbaFunction
+
+from pipelines.augment import MultiCropRecipe, ViewSpec
+from pipelines.cpu_augment import NUM_DRAWN, apply_drawn_u8
+
+_OPERATOR: NumbaFunction | None = None
+
+
+def _same_shape(outs, ins):
+    """DALI setup function: the output crop has its input's shape."""
+    for i in range(len(outs[0])):
+        for d in range(3):
+            outs[0][i][d] = ins[0][i][d]
+
+
+def _augment_sample(out0, in0, in1):
+    """DALI run function (one sample): copy the crop, then run the steps it drew (`in1`)."""
+    out0[:] = in0
+    apply_drawn_u8(out0, in1)
+
+
+def _operator() -> NumbaFunction:
+    """The compiled operator, built on first use and shared (each build costs a compile)."""
+    global _OPERATOR
+    if _OPERATOR is None:
+        _OPERATOR = NumbaFunction(run_fn=_augment_sample, setup_fn=_same_shape, in_types=[types.UINT8, types.FLOAT],
+                                  ins_ndim=[3, 1], out_types=[types.UINT8], outs_ndim=[3], device="cpu")
+    return _OPERATOR
+
+
+def uniform(lo: float, hi: float):
+    """Per-sample U(lo, hi) as float32; the constant lo when the range is empty (DALI refuses it)."""
+    if hi <= lo:
+        return fn.cast(types.Constant(float(lo)), dtype=types.FLOAT)
+    return fn.random.uniform(range=[lo, hi])
+
+
+def coin(p: float):
+    """Per-sample 0/1 float32, 1 with probability p (a coin of probability 0 or 1 is constant)."""
+    return fn.cast(fn.random.coin_flip(probability=min(max(p, 0.0), 1.0)), dtype=types.FLOAT)
+
+
+def draws(recipe: MultiCropRecipe, view: ViewSpec):
+    """Per sample, the row `apply_drawn_u8` reads (layout `cpu_augment.DRAWN_*`), drawn by DALI."""
+    b, c, s, h = recipe.jitter
+    row = [coin(recipe.jitter_p), uniform(max(0.0, 1 - b), 1 + b), uniform(max(0.0, 1 - c), 1 + c),
+           uniform(max(0.0, 1 - s), 1 + s), uniform(-h, h), coin(recipe.grayscale_p), coin(view.blur_p),
+           uniform(*recipe.blur_sigma), coin(view.solarize_p)]
+    assert len(row) == NUM_DRAWN
+    return fn.stack(*row)
+
+
+def photometric(crops, recipe: MultiCropRecipe, view: ViewSpec):
+    """Jitter, grayscale, blur and solarize of one view (uint8 HWC crops in and out)."""
+    return _operator()(crops, draws(recipe, view))

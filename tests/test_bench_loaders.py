@@ -1,0 +1,39 @@
+"""tools/bench_loaders.py: every requested backend measured, the JSON the issue specifies, bad input named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import _importable, load_tool
+
+SMALL = ["--batch-size", "4", "--batches", "2", "--warmup", "1", "--repeats", "2", "--workers", "1",
+         "--global-size", "16", "--local-size", "8", "--num-local", "2"]
+
+
+def test_every_backend_is_measured_and_written(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the .beton for ffcv is converted under ./data/bench
+    bench = load_tool("bench_loaders")
+    wanted = ["torchvision", "synthetic"] + [b for b in ("dali", "dali-gpu-graph", "ffcv")
+                                             if _importable("ffcv" if b == "ffcv" else "nvidia.dali")]
+    out = tmp_path / "bench.json"
+    report = bench.main(["--data", str(image_folder), "--backends", ",".join(wanted), "--json", str(out), *SMALL])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(report))
+    assert set(written["backends"]) == set(wanted)
+    for name, r in written["backends"].items():
+        assert len(r["runs"]) == 2 and r["min"] <= r["images_per_s"] <= r["max"] and r["images_per_s"] > 0, name
+        assert r["vs_torchvision"] == pytest.approx(r["images_per_s"] / written["backends"]["torchvision"]["images_per_s"])
+    assert written["config"]["views"] == 4 and written["machine"]["cpus"] >= 1
+
+
+def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
+    bench = load_tool("bench_loaders")
+    with pytest.raises(SystemExit):
+        bench.main(["--backends", "torchvision,nope"])
+    assert "unknown backends ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.main(["--data", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="batches per epoch, need"):
+        bench.main(["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "16", "--batches", "5"])
