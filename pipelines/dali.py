@@ -41,6 +41,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
+from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import photometric, uniform
 from pipelines.folder import scan_source
 from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, shard_batches
@@ -203,15 +204,20 @@ def _conditional_photometric(img, recipe: MultiCropRecipe, view: ViewSpec):
 
 @pipeline_def(enable_conditionals=True)
 def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_device: str,
-                       hw_decoder_load: float, out_dtype, cpu_fast: bool = True):
-    """Encoded bytes -> one decode -> every view of the recipe, plus index, label, skipped."""
+                       hw_decoder_load: float, out_dtype, cpu_fast: bool = True, numba_steps: bool = False):
+    """Encoded bytes -> one decode -> every view of the recipe, plus index, label, skipped.
+
+    `numba_steps` (CPU mode only): the photometric steps as numba functions
+    (`pipelines.dali_photometric`; the caller checks that they could be built).
+    """
     jpegs, index, label, skipped = fn.external_source(source=source, num_outputs=4, batch=True,
                                                       dtype=[types.UINT8, types.INT64, types.INT64, types.INT64])
     fast = cpu_fast and decoder_device == "cpu"
     decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {"use_fast_idct": fast}
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
     interp = types.INTERP_LINEAR if fast else types.INTERP_CUBIC
-    views = [_augment_view(images, recipe, view, out_dtype, interp, numba_photometric=fast) for view in recipe.views()]
+    numba_steps = numba_steps and decoder_device == "cpu"
+    views = [_augment_view(images, recipe, view, out_dtype, interp, numba_steps) for view in recipe.views()]
     return (*views, index, label, skipped)
 
 
@@ -251,13 +257,19 @@ class DaliLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     @property
+    def _numba_steps(self) -> bool:
+        """CPU mode with `dali_cpu_fast`: photometric steps as numba functions, if they can be built."""
+        return not self.on_gpu and self.spec.dali_cpu_fast and numba_photometric_available()
+
+    @property
     def _out_dtype(self):
         return types.FLOAT16 if self.spec.dtype == torch.float16 else types.FLOAT
 
     def _iterator(self, source: _ShardSource, first_batch: int) -> DALIGenericIterator:
         """A fresh pipeline over `source` (built per epoch: cheap, and no reset-mid-epoch state)."""
         pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, self.spec.dali_hw_decoder_load,
-                                  self._out_dtype, self.spec.dali_cpu_fast, batch_size=self.spec.batch_size, num_threads=self.num_threads,
+                                  self._out_dtype, self.spec.dali_cpu_fast, self._numba_steps,
+                                  batch_size=self.spec.batch_size, num_threads=self.num_threads,
                                   device_id=self.device_id, prefetch_queue_depth=2,
                                   seed=batch_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch))
         names = [f"view{v}" for v in range(self.spec.recipe.num_views)] + list(OUTPUT_NAMES_EXTRA)

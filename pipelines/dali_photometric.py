@@ -16,6 +16,8 @@ pipeline. On a GPU, `pipelines.dali` keeps its conditional graph of DALI operato
 
 from __future__ import annotations
 
+import warnings
+
 from nvidia.dali import fn, types
 from nvidia.dali.plugin.numba import NumbaFunction
 
@@ -23,6 +25,7 @@ from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.cpu_augment import NUM_DRAWN, apply_drawn_u8
 
 _OPERATOR: NumbaFunction | None = None
+_UNAVAILABLE: str | None = None  # why the operator could not be built (warned once)
 
 
 def _same_shape(outs, ins):
@@ -38,13 +41,22 @@ def _augment_sample(out0, in0, in1):
     apply_drawn_u8(out0, in1)
 
 
-def _operator() -> NumbaFunction:
-    """The compiled operator, built on first use and shared (each build costs a compile)."""
-    global _OPERATOR
-    if _OPERATOR is None:
-        _OPERATOR = NumbaFunction(run_fn=_augment_sample, setup_fn=_same_shape, in_types=[types.UINT8, types.FLOAT],
-                                  ins_ndim=[3, 1], out_types=[types.UINT8], outs_ndim=[3], device="cpu")
-    return _OPERATOR
+def available() -> bool:
+    """Build the shared operator on first use (each build costs a compile); False, with one
+    warning naming why, when DALI's numba plugin cannot build it (the caller then runs
+    DALI's own operators under conditionals: slower on a CPU, the same augmentations)."""
+    global _OPERATOR, _UNAVAILABLE
+    if _OPERATOR is None and _UNAVAILABLE is None:
+        try:
+            _OPERATOR = NumbaFunction(run_fn=_augment_sample, setup_fn=_same_shape,
+                                      in_types=[types.UINT8, types.FLOAT], ins_ndim=[3, 1],
+                                      out_types=[types.UINT8], outs_ndim=[3], device="cpu")
+        except Exception as err:  # a numba/DALI version mismatch surfaces as anything
+            _UNAVAILABLE = f"{type(err).__name__}: {err}"
+            warnings.warn("DALI CPU mode: the numba photometric steps could not be built "
+                          f"({_UNAVAILABLE.splitlines()[0]}); using DALI's operators under conditionals "
+                          "instead (slower on a CPU, same augmentations)", stacklevel=2)
+    return _OPERATOR is not None
 
 
 def uniform(lo: float, hi: float):
@@ -70,5 +82,7 @@ def draws(recipe: MultiCropRecipe, view: ViewSpec):
 
 
 def photometric(crops, recipe: MultiCropRecipe, view: ViewSpec):
-    """Jitter, grayscale, blur and solarize of one view (uint8 HWC crops in and out)."""
-    return _operator()(crops, draws(recipe, view))
+    """Jitter, grayscale, blur and solarize of one view (uint8 HWC crops in and out); needs `available()`."""
+    if not available():
+        raise RuntimeError(f"the numba photometric operator is unavailable: {_UNAVAILABLE}")
+    return _OPERATOR(crops, draws(recipe, view))

@@ -285,3 +285,24 @@ def test_two_processes_get_disjoint_shards_that_cover_the_epoch(image_folder, ba
     assert len(shards[0]) == len(shards[1]) == 9  # 18 images = 2 ranks x 3 batches of 3
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(18))
+
+
+@requires_dali
+def test_dali_cpu_falls_back_to_its_operators_when_numba_steps_cannot_be_built(image_folder, monkeypatch):
+    """A numba/DALI mismatch costs speed, not the run: one warning, the conditional graph."""
+    import pipelines.dali_photometric as dp
+
+    def broken(*args, **kwargs):
+        raise TypeError("numba plugin says no")
+
+    monkeypatch.setattr(dp, "NumbaFunction", broken)
+    monkeypatch.setattr(dp, "_OPERATOR", None)
+    monkeypatch.setattr(dp, "_UNAVAILABLE", None)
+    with pytest.warns(UserWarning, match="could not be built.*numba plugin says no.*conditionals"):
+        loader = build_train_loader("dali", spec_for(image_folder, MultiCropRecipe(global_size=16, local_size=8,
+                                                                                   num_local=2), backend="dali"))
+        batches = list(loader)
+    assert len(batches) == len(loader)
+    assert [tuple(v.shape) for v in batches[0].views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    assert all(torch.isfinite(v).all() for b in batches for v in b.views)
+    assert not dp.available()  # decided once per process: no second build, no second warning
