@@ -169,7 +169,7 @@ def _either(a, b):
 
 
 def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, interp=types.INTERP_CUBIC,
-                  numba_photometric: bool = False):
+                  numba_steps: bool = False):
     """One view of every sample: crop, the photometric steps each sample drew, flip and normalise.
 
     The photometric steps run either as DALI operators under conditionals (the `if`
@@ -179,7 +179,7 @@ def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, in
     """
     img = fn.random_resized_crop(images, size=[view.size, view.size], random_area=list(view.scale),
                                  random_aspect_ratio=list(recipe.ratio), interp_type=interp, antialias=True)
-    if numba_photometric:
+    if numba_steps:
         img = photometric(img, recipe, view)
     else:
         img = _conditional_photometric(img, recipe, view)
