@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import atexit
 import gc
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import replace
+from queue import Empty
 
 import numpy as np
 import torch
@@ -164,15 +166,24 @@ def _stop_epoch_thread(epoch_it) -> None:
     """Stop FFCV's epoch thread and wait for it, then free its memory.
 
     FFCV's `EpochIterator` is a daemon thread that keeps decoding until its queue is full
-    and only then looks at its stop flag; `close()` neither waits for it nor stops it
-    first. A thread still running when the interpreter shuts down drops a tensor after
-    Python has gone and the process aborts ("terminate called without an active
-    exception", exit code 134, seen after a benchmark's work was done). So: flag, join,
-    then close.
+    and only then looks at its stop flag, and its end-of-epoch marker is put with no
+    timeout at all; `close()` neither stops it nor waits. A thread still running when the
+    interpreter shuts down drops a tensor after Python has gone and the process aborts
+    ("terminate called without an active exception", exit code 134, seen after a
+    benchmark's work was done). So: flag, then empty the queue (so that no put blocks)
+    until the thread has ended, then close.
     """
     epoch_it.terminate_event.set()
+    deadline = time.monotonic() + EPOCH_THREAD_JOIN_S
+    while epoch_it.is_alive() and time.monotonic() < deadline:
+        try:
+            while True:
+                epoch_it.output_queue.get_nowait()
+        except Empty:
+            pass
+        epoch_it.join(timeout=0.05)
     if epoch_it.is_alive():
-        epoch_it.join(timeout=EPOCH_THREAD_JOIN_S)
+        warnings.warn(f"FFCV's epoch thread did not stop within {EPOCH_THREAD_JOIN_S:.0f} s", stacklevel=2)
     epoch_it.close()
 
 

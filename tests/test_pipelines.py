@@ -167,6 +167,30 @@ def test_ffcv_epoch_thread_stops_when_the_caller_stops_early(image_folder):
     assert len(list(loader)) == len(loader)  # and the next epoch runs whole
 
 
+@requires_ffcv
+def test_ffcv_stop_does_not_hang_on_the_end_of_epoch_marker(image_folder, monkeypatch):
+    """Stopping when FFCV has queued every remaining batch: its end marker's put blocks with
+    no timeout, so only emptying the queue lets the thread end."""
+    import time
+    import warnings
+
+    import pipelines.ffcv as pf
+
+    monkeypatch.setattr(pf, "EPOCH_THREAD_JOIN_S", 5.0)
+    loader = build_train_loader("ffcv", spec_for(image_folder, backend="ffcv", batch_size=2))
+    it = iter(loader)
+    next(it)
+    ahead = loader._loader.batches_ahead  # the queue's size
+    for _ in range(len(loader) - ahead - 1):  # leave exactly a full queue unread
+        next(it)
+    epoch_thread = loader._epoch_it
+    time.sleep(1.0)  # the thread decodes the rest and blocks on its end-of-epoch marker
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "did not stop within" would fail here
+        it.close()
+    assert not epoch_thread.is_alive()
+
+
 def test_augmentations_do_not_depend_on_workers(image_folder):
     full = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
     runs = []
