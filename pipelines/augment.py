@@ -81,6 +81,10 @@ class MultiCropRecipe:
         for name in ("global_scale", "local_scale"):
             if getattr(self, name)[1] > 1:
                 out.append(f"{name}: the area fraction cannot exceed 1, got {getattr(self, name)}")
+        b, c, s, h = self.jitter
+        if min(b, c, s) < 0 or not 0 <= h <= 0.5:
+            out.append(f"jitter: (brightness, contrast, saturation, hue) need values >= 0 and hue <= 0.5 "
+                       f"(torchvision's ColorJitter), got {self.jitter}")
         probs = [("flip_p", self.flip_p), ("jitter_p", self.jitter_p), ("grayscale_p", self.grayscale_p)]
         probs += [(f"blur_p[{i}]", p) for i, p in enumerate(self.blur_p)]
         probs += [(f"solarize_p[{i}]", p) for i, p in enumerate(self.solarize_p)]
