@@ -71,9 +71,7 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device | None = None, enabled: bool = False):
         self.device, self.enabled = device, enabled
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.samples: dict[str, list[float]] = {}
+        self.samples: dict[str, list[float]] = {}  # seconds of every call, per phase
 
     def phase(self, name: str) -> "_Phase":
         return _Phase(self, name)
@@ -82,9 +80,14 @@ class PhaseTimer:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Total seconds of each phase."""
+        return {k: sum(v) for k, v in self.samples.items()}
+
     def mean_ms(self) -> dict[str, float]:
         """Mean milliseconds per call of each phase (shares of the step add up)."""
-        return {k: 1e3 * v / max(self.calls[k], 1) for k, v in self.seconds.items()}
+        return {k: 1e3 * statistics.fmean(v) for k, v in self.samples.items()}
 
     def median_ms(self) -> dict[str, float]:
         """Median milliseconds per call of each phase (robust to a stall on a shared machine)."""
@@ -103,10 +106,7 @@ class _Phase:
     def __exit__(self, *exc) -> None:
         if self.timer.enabled:
             self.timer._sync()
-            t, took = self.timer, time.perf_counter() - self.start
-            t.seconds[self.name] = t.seconds.get(self.name, 0.0) + took
-            t.calls[self.name] = t.calls.get(self.name, 0) + 1
-            t.samples.setdefault(self.name, []).append(took)
+            self.timer.samples.setdefault(self.name, []).append(time.perf_counter() - self.start)
 
 
 NO_PHASES = PhaseTimer()  # the training loop's default: records nothing

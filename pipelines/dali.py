@@ -221,6 +221,29 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     return (*views, index, label, skipped)
 
 
+def placement(device: torch.device, num_workers: int) -> tuple[str, int | None, int]:
+    """(decoder device, DALI device_id, CPU threads) for a loader delivering to `device`:
+    nvJPEG `mixed` on that GPU, or libjpeg-turbo with no device id; threads: one per core
+    when `num_workers` is 0."""
+    threads = max(1, num_workers or os.cpu_count() or 1)
+    if device.type != "cuda":
+        return "cpu", None, threads
+    return "mixed", device.index if device.index is not None else torch.cuda.current_device(), threads
+
+
+def retire_bad_files(samples: list[tuple[str, int]], in_flight: set[int], bad: dict[int, str], errors: int) -> bool:
+    """After DALI failed a batch: find the in-flight files PIL cannot decode, warn about each
+    and add them to `bad`, so that the rebuilt pipeline skips them. False when none is found
+    or after MAX_PIPELINE_ERRORS failures: then something else is wrong, and the caller re-raises."""
+    found = find_bad_files(samples, sorted(in_flight))
+    if not found or errors > MAX_PIPELINE_ERRORS:
+        return False
+    for i, reason in found.items():
+        warnings.warn(f"skipping unreadable image {samples[i][0]}: {reason}", stacklevel=3)
+    bad.update(found)
+    return True
+
+
 def find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
     """Decode each file fully with PIL: the ones that fail are why DALI failed."""
     from pipelines.torchvision import UNREADABLE, load_rgb
@@ -242,11 +265,7 @@ class DaliLoader:
         self.samples, self.classes = scan_source(spec.path)
         self.num_images = len(self.samples)
         check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)  # fail before training
-        self.on_gpu = spec.device.type == "cuda"
-        self.decoder_device = "mixed" if self.on_gpu else "cpu"
-        self.device_id = (spec.device.index if spec.device.index is not None else torch.cuda.current_device()) \
-            if self.on_gpu else None
-        self.num_threads = max(1, spec.num_workers or os.cpu_count() or 1)
+        self.decoder_device, self.device_id, self.num_threads = placement(spec.device, spec.num_workers)
         self.bad: dict[int, str] = {}  # dataset index -> why it is skipped (kept across epochs)
         self.epoch, self.start_batch = 0, 0
 
@@ -259,7 +278,7 @@ class DaliLoader:
     @property
     def _numba_steps(self) -> bool:
         """CPU mode with `dali_cpu_fast`: photometric steps as numba functions, if they can be built."""
-        return not self.on_gpu and self.spec.dali_cpu_fast and numba_photometric_available()
+        return self.decoder_device == "cpu" and self.spec.dali_cpu_fast and numba_photometric_available()
 
     @property
     def _out_dtype(self):
@@ -291,12 +310,9 @@ class DaliLoader:
             except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
                 errors += 1
                 in_flight = {i for b in source.sent[yielded:] for i in b}
-                found = find_bad_files(self.samples, sorted(in_flight))
-                if not found or errors > MAX_PIPELINE_ERRORS:
+                if not retire_bad_files(self.samples, in_flight, self.bad, errors):
                     raise
-                for i, reason in found.items():
-                    warnings.warn(f"skipping image {self.samples[i][0]}: {reason}", stacklevel=2)
-                self.bad.update(found)  # the next attempt replaces them and restarts at the failed batch
+                # the next attempt replaces them and restarts at the failed batch
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> MultiCropBatch:
         s = self.spec

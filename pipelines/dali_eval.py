@@ -22,7 +22,6 @@ is traced to its file with PIL and the pass goes on after the last delivered bat
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -33,10 +32,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
-from pipelines.dali import find_bad_files, read_screened
+from pipelines.dali import placement, read_screened, retire_bad_files
 
 OUTPUT_NAMES = ("images", "label", "index")
-MAX_PIPELINE_ERRORS = 8  # rebuilds per pass before giving up: something else is wrong
 
 
 class _EvalSource:
@@ -161,11 +159,7 @@ class DaliEvalLoader:
         self.size, self.batch_size = size, batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.channels_last, self.hw_decoder_load = channels_last, hw_decoder_load
-        on_gpu = self.device.type == "cuda"
-        self.decoder_device = "mixed" if on_gpu else "cpu"
-        self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-            if on_gpu else None
-        self.num_threads = max(1, num_workers or os.cpu_count() or 1)
+        self.decoder_device, self.device_id, self.num_threads = placement(self.device, num_workers)
         self.bad: dict[int, str] = {}  # dataset index -> why it is skipped (kept across passes)
 
     def _iterator(self, source: _EvalSource) -> DALIGenericIterator:
@@ -191,12 +185,9 @@ class DaliEvalLoader:
                 return
             except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
                 errors += 1
-                found = find_bad_files(self.samples, sorted({i for b in source.sent[yielded:] for i in b}))
-                if not found or errors > MAX_PIPELINE_ERRORS:
+                if not retire_bad_files(self.samples, {i for b in source.sent[yielded:] for i in b}, self.bad, errors):
                     raise
-                for i, reason in found.items():
-                    warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {reason}", stacklevel=2)
-                self.bad.update(found)  # the next pass drops them and restarts after the last batch delivered
+                # the next pass drops them and restarts after the last batch delivered
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = out["images"]

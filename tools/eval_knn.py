@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, resolve_target,  # noqa: E402
-                                        utc_now, write_report)
+from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
+                                        resolve_target, utc_now, write_report)
 from fastssl.eval.knn import knn_accuracy  # noqa: E402
 from fastssl.eval.online import embed  # noqa: E402
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         exit_with(err)
     from accelerate import Accelerator
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
-    accelerator = Accelerator(cpu=device == "cpu")
+    accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
     common = dict(size=found["size"], batch_size=args.batch_size, num_workers=args.num_workers,
                   device=accelerator.device)

@@ -49,12 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
                                         resolve_target, run_knn_figure, utc_now, write_report)
 from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches,  # noqa: E402
-                                     evaluate_head, extract_eval, extract_samples, new_head, progress_bar, to_device,
-                                     train_transform)
+                                     evaluate_head, extract_eval, extract_samples, new_head, progress_bar,
+                                     scan_splits, sgd_step, to_device, train_transform)
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
 from fastssl.schedules import cosine, scaled_lr  # noqa: E402
 from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
-from pipelines.folder import DataLayoutError, scan_image_folder  # noqa: E402
 
 # (features, labels) for one batch of training-set indices, given the epoch.
 FeatureSource = Callable[[int, list[list[int]]], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -93,19 +92,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.cached_views < 0 or args.base_lr <= 0:
         ap.error(f"--cached-views must be >= 0 and --base-lr > 0, got {args.cached_views}, {args.base_lr}")
     return args
-
-
-def scan_splits(train: str, val: str) -> tuple[list, list, list[str]]:
-    """Both folders, with the same classes (the head's outputs are the train classes)."""
-    try:
-        train_samples, classes = scan_image_folder(train)
-        val_samples, val_classes = scan_image_folder(val)
-    except DataLayoutError as err:
-        raise EvalError(str(err)) from err
-    if classes != val_classes:
-        raise EvalError(f"train and val have different class folders ({len(classes)} vs {len(val_classes)}, "
-                        f"e.g. {sorted(set(classes) ^ set(val_classes))[:3]})")
-    return train_samples, val_samples, classes
 
 
 def per_epoch_source(backbone: torch.nn.Module, dataset: LabelledImages, device: torch.device,
@@ -151,14 +137,8 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
             group["lr"] = cosine(epoch, args.epochs, peak, 0.0)
         total, count = 0.0, 0
         for feats, labels in source(epoch, epoch_batches(n, args.batch_size, order)):
-            loss = F.cross_entropy(head(feats), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(labels), count + len(labels)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            loss = sgd_step(opt, F.cross_entropy(head(feats), labels), bar, epoch)
+            total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
     return losses
 

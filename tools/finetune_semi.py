@@ -47,12 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
                                         resolve_target, run_knn_figure, utc_now, write_report)
 from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches,  # noqa: E402
-                                     evaluate_head, new_head, progress_bar, step_decay, to_device,
-                                     train_transform)
+                                     evaluate_head, new_head, progress_bar, scan_splits, sgd_step, step_decay,
+                                     to_device, train_transform)
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
 from fastssl.schedules import scaled_lr  # noqa: E402
 from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
-from pipelines.folder import DataLayoutError, scan_image_folder  # noqa: E402
 
 # SwAV's eval_semisup.py (README commands), at batch 256: (backbone lr, head lr).
 PRESETS = {"1": (0.02, 5.0), "10": (0.01, 0.2)}
@@ -139,13 +138,7 @@ def match_subset(names: list[str], samples: list[tuple[str, int]], root: str) ->
 
 def load_data(found: dict, subset_file: str) -> tuple[list, list, list, list[str]]:
     """(subset samples, all train samples, val samples, classes), with clear errors."""
-    try:
-        train_samples, classes = scan_image_folder(found["train"])
-        val_samples, val_classes = scan_image_folder(found["val"])
-    except DataLayoutError as err:
-        raise EvalError(str(err)) from err
-    if classes != val_classes:
-        raise EvalError(f"train and val have different class folders ({len(classes)} vs {len(val_classes)})")
+    train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
     subset = match_subset(read_subset_lines(Path(subset_file)), train_samples, str(found["train"]))
     return subset, train_samples, val_samples, classes
 
@@ -176,14 +169,8 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
         for images, labels, _ in batches_loader(dataset, batches, args.num_workers):
             with autocast(device):
                 logits = model(to_device(images, device))
-            loss = F.cross_entropy(logits.float(), labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(labels), count + len(labels)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            loss = sgd_step(opt, F.cross_entropy(logits.float(), labels.to(device)), bar, epoch)
+            total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
     return losses
 

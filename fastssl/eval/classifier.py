@@ -17,8 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from fastssl.eval.checkpoint_io import EvalError
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.eval import LabelledImages, build_eval_loader, collate, eval_transform
+from pipelines.folder import DataLayoutError, scan_image_folder
 
 # torchvision's RandomResizedCrop default, as the authors' eval_linear.py and SwAV's eval_semisup.py.
 TRAIN_SCALE = (0.08, 1.0)
@@ -33,6 +35,32 @@ def train_transform(size: int, scale: tuple[float, float] = TRAIN_SCALE, mean=IM
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+def scan_splits(train: str, val: str) -> tuple[list, list, list[str]]:
+    """(train samples, val samples, classes) of both folders, which must have the same classes
+    (the head's outputs are the train classes)."""
+    try:
+        train_samples, classes = scan_image_folder(train)
+        val_samples, val_classes = scan_image_folder(val)
+    except DataLayoutError as err:
+        raise EvalError(str(err)) from err
+    if classes != val_classes:
+        raise EvalError(f"train and val have different class folders ({len(classes)} vs {len(val_classes)}, "
+                        f"e.g. {sorted(set(classes) ^ set(val_classes))[:3]})")
+    return train_samples, val_samples, classes
+
+
+def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor, bar=None, epoch: int = 0) -> float:
+    """One optimiser step on `loss`; advances the progress bar; the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = loss.item()
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+    return value
 
 
 def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 0) -> Iterator:
