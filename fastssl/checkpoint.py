@@ -4,12 +4,19 @@ A checkpoint holds everything a resumed run needs to continue the SAME run: stud
 teacher (EMA), optimiser, grad scaler, the step/epoch counters (all schedules are
 functions of the step), each rank's RNG state and the position inside the epoch (the
 data order is a function of seed and epoch, so the loader skips what was consumed).
+
+Every file is written to `<name>.tmp` and renamed, after checking the disk has room for
+it: a full disk or a kill never leaves half a file, never costs the previous checkpoint,
+and never leaves a checkpoint-sized temporary file that keeps the disk full.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +24,15 @@ import numpy as np
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# Free space asked for on top of the payload's tensor bytes: pickled metadata, zip records
+# and their 64-byte alignment (a few KiB per tensor), and a little room for everything else.
+SPACE_MARGIN_BYTES = 16 * 2**20
+SPACE_MARGIN_SHARE = 0.05
+MIB = 2**20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file, the cause and the fix."""
 
 
 @dataclass
@@ -32,13 +48,78 @@ class TrainState:
     batch_in_epoch: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_steps: int = 0
+    initial_weight_norm: float = 0.0  # the divergence guard's reference (0: not measured yet)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor / array inside nested dicts, lists and tuples (what torch.save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def bytes_needed(obj, path: Path) -> int:
+    """What writing `obj` to `path` will take: its tensors plus a margin, and never less than the
+    file it replaces (the old file stays until the rename, so both must fit at once)."""
+    estimate = int(tensor_bytes(obj) * (1 + SPACE_MARGIN_SHARE)) + SPACE_MARGIN_BYTES
+    return max(estimate, path.stat().st_size if path.is_file() else 0)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse before writing when `folder`'s disk has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise CheckpointError(
+            f"not enough free space to save {what} in {folder}: it needs about {needed / MIB:,.0f} MiB and the disk "
+            f"has {free / MIB:,.0f} MiB free (disk full); nothing was written and the previous checkpoint is kept. "
+            f"Free space on that disk (e.g. delete old runs) or move the run directory to a larger disk")
+
+
+def _is_disk_full(err: BaseException, folder: Path, needed: int) -> bool:
+    """ENOSPC/EDQUOT, or PyTorch's zip writer failing ("unexpected pos ...") on a disk now short of room."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    if "No space left" in str(err) or "Disk quota" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < needed
+    except OSError:
+        return False
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves half a file."""
+    """torch.save to a temporary file, then rename: a kill or a full disk never leaves half a file.
+
+    The free space is checked first; a failed write removes its temporary file (so the disk is
+    not left full) and keeps the file it would have replaced.
+    """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)  # a killed earlier save's leftover: it only takes room
+    needed = bytes_needed(obj, path)
+    check_free_space(path.parent, needed, path.name)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):
+            raise
+        if _is_disk_full(err, path.parent, needed):
+            cause = (f"the disk is full (it needs about {needed / MIB:,.0f} MiB free, "
+                     f"{shutil.disk_usage(path.parent).free / MIB:,.0f} MiB are)")
+        else:
+            cause = "the disk may be full, read-only or out of quota"
+        kept = "the previous file is kept" if path.exists() else "no earlier file existed"
+        raise CheckpointError(f"could not write {path}: {cause} ({type(err).__name__}: {str(err).strip()[:200]}); "
+                              f"the partial file was removed and {kept}. Free space on that disk (e.g. delete "
+                              f"old runs) or move the run directory to a larger disk") from err
 
 
 def rng_state() -> dict:
@@ -57,13 +138,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state: TrainState, config: dict,
-                    rank: int, is_main: bool, critic=None) -> None:
-    """Every rank writes its RNG state; the main process writes the shared state."""
+                    rank: int, is_main: bool, critic=None, extra_bytes: int = 0) -> None:
+    """Every rank writes its RNG state; the main process writes the shared state.
+
+    The main process checks first that the checkpoint, its RNG file and `extra_bytes` (the
+    backbone exported next) all fit, so a full disk fails before any file changes. The
+    checkpoint is written before the RNG file: a failed checkpoint leaves both old ones.
+    """
     rng_dir = run_dir / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(rng_state(), rng_dir / f"rank{rank}.pt")
+    rng, rng_path = rng_state(), rng_dir / f"rank{rank}.pt"
     if is_main:
-        atomic_save({
+        payload = {
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -71,7 +157,30 @@ def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state
             "state": asdict(state),
             "config": config,
             "critic": critic.state_dict() if critic is not None else None,  # the key queue
-        }, run_dir / CHECKPOINT_NAME)
+        }
+        path = run_dir / CHECKPOINT_NAME
+        check_free_space(run_dir, bytes_needed(payload, path) + bytes_needed(rng, rng_path) + extra_bytes,
+                         f"{CHECKPOINT_NAME}, {rng_path.relative_to(run_dir)} and the backbone")
+        atomic_save(payload, path)
+    atomic_save(rng, rng_path)
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    if isinstance(err, PermissionError):
+        return CheckpointError(f"cannot read {path}: permission denied; run as the user who owns the run directory "
+                               f"or fix the file's permissions")
+    return CheckpointError(
+        f"{path} is corrupt or truncated and cannot be read ({type(err).__name__}: {str(err).strip()[:160]}); "
+        f"it was probably cut short by a full disk or a crash. The state it held is lost: restore the file from a "
+        f"backup, or start a new run with another --train.run_dir (or delete {path.name} to start this one afresh)")
+
+
+def _load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, ImportError,
+            pickle.UnpicklingError) as err:  # torch's zip reader raises RuntimeError on a cut file
+        raise _unreadable(path, err) from err
 
 
 def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank: int, critic=None) -> TrainState:
@@ -80,7 +189,9 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; start the run without --resume "
                                 f"or point --train.run_dir at the run to continue")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = _load(path)
+    if not isinstance(ckpt, dict) or not {"student", "teacher", "optimizer", "state"} <= ckpt.keys():
+        raise _unreadable(path, KeyError("student/teacher/optimizer/state"))
     student.load_state_dict(ckpt["student"])
     teacher.load_state_dict(ckpt["teacher"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -90,18 +201,26 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
         scaler.load_state_dict(ckpt["scaler"])
     rng_path = run_dir / "rng" / f"rank{rank}.pt"
     if rng_path.is_file():
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(_load(rng_path))
     return TrainState(**ckpt["state"])
 
 
 def saved_config(run_dir: Path) -> dict | None:
+    """The config stored in the run's checkpoint; None when there is no checkpoint."""
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)["config"]
+    ckpt = _load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise _unreadable(path, KeyError("config"))
+    return ckpt["config"]
+
+
+def backbone_state(backbone: torch.nn.Module) -> dict:
+    """The encoder's weights with torchvision's keys, on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
 
 
 def export_backbone(backbone: torch.nn.Module, path: Path) -> None:
     """The encoder's weights with torchvision's keys (loads into resnet50() but for fc.*)."""
-    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    atomic_save(state, path)
+    atomic_save(backbone_state(backbone), path)

@@ -40,7 +40,8 @@ def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
 
 def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:
     """Parse the command line into `cfg` and train; bad input exits with code 2 and a clear message."""
-    from fastssl.engine import train  # imported late so `--help` is instant
+    from fastssl.checkpoint import CheckpointError
+    from fastssl.engine import TrainingDiverged, train  # imported late so `--help` is instant
 
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or sys.argv[0]
@@ -55,8 +56,8 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
 
             print(dumps(cfg))
             sys.exit(0)
-        results = train(cfg, resume=flags["resume"])
-    except (ConfigError, DataLayoutError, FileNotFoundError) as err:
+        results = train(cfg, resume=flags["resume"], command=["python", prog, *argv])
+    except (ConfigError, DataLayoutError, FileNotFoundError, CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if "interrupted" in results:

@@ -4,12 +4,19 @@
 and optimiser, then runs epochs of `method.train_step`, with logs, checkpoints, online
 k-NN and a clean stop on SIGTERM/SIGINT. `train(cfg, resume=True)` continues the run in
 `cfg.train.run_dir` exactly where its last checkpoint left it.
+
+Faults end in an exception whose message says what to do next, naming the run directory
+(the demo's is a new timestamp each start, so "the same command plus --resume" is not
+enough): `ckpt.CheckpointError` (full disk, unreadable checkpoint) and `TrainingDiverged`;
+the command line turns both into exit code 2. A diverged run never writes a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -33,12 +40,28 @@ from fastssl.schedules import scaled_lr, step_schedule
 RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
                      "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile", "eval.batch_size",
                      "eval.loader"}
+# Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
+# would. They are how a diverged run continues from its last good checkpoint.
+RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
+# The divergence guard (checked at log steps and before every checkpoint): the weights grew this many
+# times past their norm at the start of the run, or the loss left its running level by this many times.
+DIVERGED_WEIGHT_GROWTH = 1000.0
+DIVERGED_LOSS_FACTOR = 10.0
+LOSS_WARM_ROWS = 5
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run (or continue) one training run; returns the run's results (also in results.json)."""
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights stopped being finite, or exploded; the message says how to continue."""
+
+
+def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -> dict:
+    """Run (or continue) one training run; returns the run's results (also in results.json).
+
+    `command` (the user's command line, from `fastssl.cli`) lets messages print the exact
+    command that continues the run.
+    """
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
     validate(cfg, accelerator.num_processes)
@@ -47,7 +70,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, workers))
     critic = build_critic(cfg, loader, accelerator)  # a queue longer than the data fails here, before output
     knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
-    run_dir = prepare_run_dir(cfg, resume, accelerator)
+    run_dir = prepare_run_dir(cfg, resume, accelerator, command)
 
     student, teacher = build_networks(cfg, accelerator)
     optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
@@ -66,20 +89,26 @@ def train(cfg: Config, resume: bool = False) -> dict:
         results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
         results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
     steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
-    log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else None)
+    # A fresh start keeps no log rows: a run directory without a checkpoint may hold the logs of an
+    # attempt killed before its first checkpoint, whose steps are about to be run again.
+    log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else 0)
+    guard = DivergenceGuard(student, teacher, state)
+    saved_step = state.step if resume else None  # the step of the checkpoint on disk
     stop = GracefulStop()
     if knn and cfg.eval.knn_at_start and state.step == 0:
         results["knn_random_init"] = knn(teacher.backbone)
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, accelerator, loader, student, teacher, optimizer, state, steps_per_epoch,
-                                  log, stop, critic)
+                                  log, stop, critic, guard)
             if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic)
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard)
+                saved_step = state.step
                 results["interrupted"] = stop.signal_name or "signal"
                 finish(run_dir, accelerator, results)
                 accelerator.print(f"stopped by {results['interrupted']} at epoch {state.epoch} step {state.step}: "
-                                  f"checkpoint saved in {run_dir}; continue with --resume")
+                                  f"checkpoint saved in {run_dir}; continue with: "
+                                  f"{rerun_command(command, run_dir)}")
                 return results
             last = state.epoch == cfg.train.epochs
             if knn and should_eval(cfg.eval.knn_every, state.epoch, last):
@@ -88,8 +117,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             log.epoch(epoch_row)
             if last or state.epoch % cfg.train.checkpoint_every == 0:
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic)
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard)
+                saved_step = state.step
             finish(run_dir, accelerator, results)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"{err}; {continue_advice(cfg, command, run_dir, saved_step, accelerator)}") from None
+    except ckpt.CheckpointError as err:
+        where = (f"continue from the checkpoint of step {saved_step} with: {rerun_command(command, run_dir)}"
+                 if saved_step is not None else
+                 f"start again with: {rerun_command(command, run_dir, resume=False)}")
+        raise ckpt.CheckpointError(f"{err}; then {where}") from err
     finally:
         stop.close()
         log.close()
@@ -99,7 +136,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
 
 def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, state: ckpt.TrainState,
-              steps_per_epoch: int, log: RunLog, stop: GracefulStop, critic: MlCpcCritic | None = None) -> dict | None:
+              steps_per_epoch: int, log: RunLog, stop: GracefulStop, critic: MlCpcCritic | None = None,
+              guard: DivergenceGuard | None = None) -> dict | None:
     """One epoch (or its remainder after a resume); None when a stop was requested."""
     loader.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
     window, whole = ThroughputMeter(cfg.train.global_batch_size), ThroughputMeter(cfg.train.global_batch_size)
@@ -127,10 +165,8 @@ def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, sta
                            mi_ceiling_nats=math.log((critic.queue.size + 1) / sched.alpha))
             window.reset()
             log.step(row)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"the loss is {row['loss']} at step {state.step}: training diverged; resume "
-                                         f"from the last checkpoint with a lower --optim.base_lr or "
-                                         f"--train.precision no")
+            if guard is not None:
+                guard.check(row["loss"], state.step)
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
                             wait=f"{100 * row['data_wait_share']:.0f}%")
             stopping = stop.agreed(accelerator)
@@ -162,6 +198,87 @@ def mean_loss(losses: list[torch.Tensor], accelerator) -> float:
 def should_eval(every: int, epoch: int, last: bool) -> bool:
     """knn_every: N = every N epochs and at the end; 0 = only at the end; -1 = never."""
     return every >= 0 and (last or (every > 0 and epoch % every == 0))
+
+
+class DivergenceGuard:
+    """Catches a run that diverged, at log steps (one sync) and before each checkpoint.
+
+    Diverged means: the loss is not finite; or the weights (parameters and buffers of student
+    and teacher) are not finite, or their norm grew DIVERGED_WEIGHT_GROWTH times past its value
+    at the start of the run (kept in the checkpoint, so a resume compares with the same
+    reference); or, after LOSS_WARM_ROWS logged rows, the loss left its running mean by more
+    than DIVERGED_LOSS_FACTOR times max(|mean|, 1). MIRA's loss is a cross-entropy of cosine
+    logits / tau, bounded near log K + 2 / tau_student whatever the weights do (the demo at
+    --optim.base_lr 1e6 logged losses of 1 to 20 while its weights reached 1e29), so the weights
+    are what shows MIRA's divergence; the loss rule catches objectives whose loss is unbounded.
+    """
+
+    def __init__(self, student, teacher, state: ckpt.TrainState):
+        self.modules, self.state = (student, teacher), state
+        if not state.initial_weight_norm:
+            state.initial_weight_norm = self.weight_norm()
+        self.loss_mean: float | None = None
+        self.rows = 0
+
+    def weight_norm(self) -> float:
+        """L2 norm over every floating parameter and buffer (inf/nan when any is)."""
+        norms = [t.detach().float().norm() for m in self.modules for t in (*m.parameters(), *m.buffers())
+                 if t.is_floating_point()]
+        return torch.stack(norms).norm().item() if norms else 0.0
+
+    def check_weights(self, step: int) -> None:
+        norm, start = self.weight_norm(), self.state.initial_weight_norm
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite")
+        if start > 0 and norm > DIVERGED_WEIGHT_GROWTH * start:
+            raise TrainingDiverged(f"training diverged at step {step}: the weights' norm is {norm:.3g}, "
+                                   f"{norm / start:.3g} times its {start:.3g} at the start of the run")
+
+    def check(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}")
+        mean = self.loss_mean
+        if (mean is not None and self.rows >= LOSS_WARM_ROWS
+                and abs(loss - mean) > DIVERGED_LOSS_FACTOR * max(abs(mean), 1.0)):
+            raise TrainingDiverged(f"training diverged at step {step}: the loss jumped to {loss:.4g} from a running "
+                                   f"mean of {mean:.4g}")
+        self.loss_mean = loss if mean is None else 0.9 * mean + 0.1 * loss
+        self.rows += 1
+        self.check_weights(step)
+
+
+def rerun_command(command: list[str] | None, run_dir: Path, resume: bool = True,
+                  overrides: dict[str, str] | None = None) -> str:
+    """The user's command (["python", script, *args]) with `--resume` (or without), an explicit
+    `--train.run_dir` and `overrides` ({"optim.base_lr": "0.1"}) replacing those fields, quoted for a shell."""
+    fields = {"train.run_dir": str(run_dir), **(overrides or {})}
+    head, args = (command[:2], command[2:]) if command else (["<your command>"], [])
+    kept, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if arg == "--resume":
+            i += 1
+        elif key in fields:
+            i += 1 if "=" in arg else 2
+        else:
+            kept.append(arg)
+            i += 1
+    tail = (["--resume"] if resume else []) + [t for k, v in fields.items() for t in (f"--{k}", v)]
+    return " ".join([*head[:1], *map(shlex.quote, [*head[1:], *kept, *tail])])
+
+
+def continue_advice(cfg: Config, command: list[str] | None, run_dir: Path, saved_step: int | None,
+                    accelerator) -> str:
+    """How to go on after a divergence: from the last good checkpoint, with a lower learning rate."""
+    lower = f"{cfg.optim.base_lr / 10:g}"
+    precision = (" (or --train.precision no instead of mixed precision)"
+                 if accelerator.mixed_precision in ("bf16", "fp16") else "")
+    if saved_step is None:
+        return (f"no checkpoint was written, so start again with a lower --optim.base_lr{precision}: "
+                f"{rerun_command(command, run_dir, resume=False, overrides={'optim.base_lr': lower})}")
+    return (f"no checkpoint was written after it, so continue from the last good one (step {saved_step}) with a "
+            f"lower --optim.base_lr{precision}: {rerun_command(command, run_dir, overrides={'optim.base_lr': lower})}")
 
 
 def build_networks(cfg: Config, accelerator) -> tuple[MiraNetwork, MiraNetwork]:
@@ -198,32 +315,58 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
                      cfg.eval.loader)
 
 
-def prepare_run_dir(cfg: Config, resume: bool, accelerator) -> Path:
-    """Create the run directory; refuse to overwrite another run; check a resume matches."""
+def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> Path:
+    """Create the run directory; refuse to overwrite another run; check a resume matches.
+
+    A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning.
+    """
     run_dir = Path(cfg.train.run_dir)
     saved = ckpt.saved_config(run_dir)
+    warned: dict[str, list] = {}
     if resume and saved is not None:
-        changed = config_changes(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+        changes = config_changes(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+        changed = changes - RESUMABLE_WITH_WARNING
         if changed:
             raise ConfigError(f"--resume: these fields differ from the run being resumed in {run_dir}: "
                               f"{', '.join(sorted(changed))}; drop those overrides or start a new --train.run_dir")
+        default = to_dict(Config())
+        for name in sorted(changes):
+            section, field = name.split(".")
+            warned[name] = [saved.get(section, {}).get(field, default[section][field]), to_dict(cfg)[section][field]]
+            if accelerator.is_main_process:
+                print(f"warning: --resume with {name} changed from {warned[name][0]!r} to {warned[name][1]!r}: the "
+                      f"run continues with the new value, so it no longer matches an uninterrupted run",
+                      file=sys.stderr)
     elif resume:
-        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume")
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume"
+                          f"{latest_run_hint(run_dir, command)}")
     elif saved is not None:
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
-                          f"--train.run_dir (nothing was overwritten)")
+        raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
+                          f"or choose another --train.run_dir (nothing was overwritten)")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", to_dict(cfg))
-        write_run_info(cfg, run_dir, accelerator, resume)
+        write_run_info(cfg, run_dir, accelerator, resume, warned)
     accelerator.wait_for_everyone()
     return run_dir
 
 
-def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool) -> None:
+def latest_run_hint(run_dir: Path, command: list[str] | None) -> str:
+    """For a --resume that found no checkpoint: the newest sibling run that has one (the demo's
+    run directory is a new timestamp each start, so its resume must name the old one)."""
+    parent = run_dir.parent
+    runs = [p for p in parent.iterdir() if (p / ckpt.CHECKPOINT_NAME).is_file()] if parent.is_dir() else []
+    if not runs:
+        return "; to continue an earlier run, pass its directory: --resume --train.run_dir <dir>"
+    latest = max(runs, key=lambda p: (p / ckpt.CHECKPOINT_NAME).stat().st_mtime)
+    return f"; to continue the latest run in {parent}: {rerun_command(command, latest)}"
+
+
+def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None) -> None:
     """run_info.json: the machine, software and recipe of the run, for `tools/report.py`.
 
-    A resumed run keeps the first record and adds the machine it resumed on.
+    A resumed run keeps the first record and adds the machine it resumed on (and the fields
+    it changed, as [old, new]).
     """
     from fastssl.reports.environment import describe_environment, describe_recipe
 
@@ -232,7 +375,7 @@ def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool) -> Non
     env = describe_environment(accelerator.device)
     if resume and path.exists():
         info = json.loads(path.read_text())
-        info.setdefault("resumed", []).append({"date": now, "environment": env})
+        info.setdefault("resumed", []).append({"date": now, "environment": env, **({"changed": changed} if changed else {})})
     else:
         dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
         info = {"date": now, "environment": env,
@@ -256,13 +399,30 @@ def build_critic(cfg: Config, loader, accelerator) -> MlCpcCritic | None:
 
 
 def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, state: ckpt.TrainState,
-         critic: MlCpcCritic | None = None) -> None:
+         critic: MlCpcCritic | None = None, guard: DivergenceGuard | None = None) -> None:
+    """Checkpoint and backbone, only of finite weights; a failure on any process fails all of them."""
+    if guard is not None:  # the weights are the same on every process: all decide alike
+        guard.check_weights(state.step)
     accelerator.wait_for_everyone()
-    ckpt.save_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, critic=critic,
-                         scaler=accelerator.scaler, state=state, config=to_dict(cfg),
-                         rank=accelerator.process_index, is_main=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        ckpt.export_backbone(teacher.backbone, run_dir / f"backbone_{cfg.model.arch}.pth")
+    error: ckpt.CheckpointError | None = None
+    try:
+        backbone = ckpt.backbone_state(teacher.backbone) if accelerator.is_main_process else None
+        backbone_path = run_dir / f"backbone_{cfg.model.arch}.pth"
+        ckpt.save_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, critic=critic,
+                             scaler=accelerator.scaler, state=state, config=to_dict(cfg),
+                             rank=accelerator.process_index, is_main=accelerator.is_main_process,
+                             extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0)
+        if backbone is not None:
+            ckpt.atomic_save(backbone, backbone_path)
+    except ckpt.CheckpointError as err:
+        error = err
+    if accelerator.num_processes > 1:  # all agree, or the others would wait for the failed one forever
+        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
+            error = ckpt.CheckpointError(f"another process could not write its part of the checkpoint in {run_dir} "
+                                         f"(its message says why)")
+    if error is not None:
+        raise error
     accelerator.wait_for_everyone()
 
 

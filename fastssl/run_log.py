@@ -13,26 +13,31 @@ EPOCH_FIELDS = ["epoch", "step", "loss", "images_per_s", "data_wait_share", "ste
 
 
 class CsvLog:
-    """Append-only CSV with a fixed header; rows past `keep_until_step` are dropped on resume."""
+    """Append-only CSV with a fixed header; rows past `keep_until_step` are dropped when it is given
+    (a resume keeps the rows up to its checkpoint's step, a fresh start passes 0 and keeps none)."""
 
     def __init__(self, path: Path, fields: list[str], keep_until_step: int | None = None):
         self.path, self.fields = path, fields
         if keep_until_step is not None and path.exists():
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
-            self._write(rows, "w")
+            with path.open(newline="") as f:  # a row cut by a kill has no whole step: dropped too
+                rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
+                        and int(r["step"]) <= keep_until_step]
+            self._rewrite(rows)
         elif not path.exists():
-            self._write([], "w")
+            self._rewrite([])
 
-    def _write(self, rows: list[dict], mode: str) -> None:
-        with self.path.open(mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields)
-            if mode == "w":
-                writer.writeheader()
+    def _rewrite(self, rows: list[dict]) -> None:
+        """Header and rows through a temporary file: a kill keeps the old rows."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            writer.writeheader()
             writer.writerows(rows)
+        tmp.replace(self.path)
 
     def append(self, row: dict) -> None:
-        self._write([{k: _fmt(row.get(k, "")) for k in self.fields}], "a")
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
 
 
 def _fmt(value):
@@ -40,7 +45,12 @@ def _fmt(value):
 
 
 class RunLog:
-    """train_log.csv (every few steps), epochs.csv (every epoch) and TensorBoard events."""
+    """train_log.csv (every few steps), epochs.csv (every epoch) and TensorBoard events.
+
+    `resume_step`: the step the run continues from (0 for a fresh start); rows and events past it,
+    left by an attempt killed after its last checkpoint, are dropped, so each step is logged once.
+    None appends to whatever is there.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
@@ -50,7 +60,9 @@ class RunLog:
         self.epochs = CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, resume_step)
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        # TensorBoard hides earlier events at steps >= purge_step; the checkpoint's own step stays
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                purge_step=None if resume_step is None else resume_step + 1)
 
     def step(self, row: dict) -> None:
         if self.enabled:

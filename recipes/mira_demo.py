@@ -5,7 +5,8 @@
 ResNet-18, 56 px global and 28 px local crops (grayscale), a few epochs; k-NN (DINO protocol) of
 the randomly initialised network and of the trained one on the demo's val split. The
 last line printed is `demo: knn_top1 trained=<x> random_init=<y>` and the same figures
-go to demo.json in the run directory.
+go to demo.json in the run directory (`k-NN off` in place of the figures when the k-NN
+did not run, e.g. with `--data.val=` or `--eval.knn_every -1`).
 """
 
 import time
@@ -55,15 +56,27 @@ def config() -> Config:
     return cfg
 
 
+def summary(results: dict) -> tuple[dict, str]:
+    """demo.json's figures and the last line printed; either k-NN may be missing (val off, no knn_at_start)."""
+    trained = results["knn"][-1]["top1"] if results.get("knn") else None
+    random_init = results.get("knn_random_init", {}).get("top1")
+    figures = {"knn_top1_trained": trained, "knn_top1_random_init": random_init,
+               "knn": results.get("knn", []), "knn_random_init": results.get("knn_random_init")}
+    if trained is None and random_init is None:
+        return figures, "demo: k-NN off (no --data.val, or --eval.knn_every -1): trained without evaluation"
+    shown = [f"{name}={'off' if v is None else f'{v:.1f}'}" for name, v in (("trained", trained),
+                                                                            ("random_init", random_init))]
+    return figures, f"demo: knn_top1 {' '.join(shown)}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = config()
     results = run(cfg, argv)  # applies the command-line overrides to cfg in place
     run_dir = Path(cfg.train.run_dir)
-    trained, random_init = results["knn"][-1]["top1"], results["knn_random_init"]["top1"]
-    write_json(run_dir / "demo.json", {"knn_top1_trained": trained, "knn_top1_random_init": random_init,
-                                       "knn": results["knn"], "knn_random_init": results["knn_random_init"]})
+    figures, line = summary(results)
+    write_json(run_dir / "demo.json", figures)
     print(f"run directory: {run_dir}")
-    print(f"demo: knn_top1 trained={trained:.1f} random_init={random_init:.1f}")
+    print(line)
     return results
 
 

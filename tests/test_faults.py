@@ -1,0 +1,310 @@
+"""Faults end in a clear message with nothing lost: full disk, cut checkpoints, divergence,
+restarts' logs, the demo without k-NN, and messages that name the run directory to continue."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_engine import read_csv, tiny_config
+import fastssl.engine as engine
+from fastssl import checkpoint as ckpt
+from fastssl.cli import run
+from fastssl.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+Usage = namedtuple("Usage", "total used free")
+
+
+def quick_config(tmp_path: Path, epochs: int = 2):
+    """tiny_config without k-NN: 3 steps per epoch, a log row per step, a checkpoint per epoch."""
+    cfg = tiny_config(tmp_path, epochs=epochs)
+    cfg.eval.knn_every, cfg.eval.knn_at_start = -1, False
+    return cfg
+
+
+def saved_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["step"]
+
+
+def leftovers(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob("*.tmp"))
+
+
+def tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps TensorBoard shows for `tag`, after it applies the purges of restarts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def exit_of(cfg, argv: list[str], capsys, prog: str = "recipes/tiny.py") -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        run(cfg, argv, prog=prog)
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+# ---- full disk ----------------------------------------------------------------------------------------------------
+
+def test_full_disk_is_refused_before_writing_and_exits_2(tmp_path, monkeypatch, capsys):
+    cfg = quick_config(tmp_path, epochs=1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    code, _, err = exit_of(cfg, [], capsys)
+    run_dir = Path(cfg.train.run_dir)
+    assert code == 2, err
+    assert err.startswith("error: not enough free space") and err.count("\n") == 1, err
+    assert "disk full" in err and "MiB free" in err and str(run_dir) in err
+    assert f"--train.run_dir {run_dir}" in err  # how to start again once there is room
+    assert "Traceback" not in err
+    assert not (run_dir / "checkpoint.pt").exists() and not leftovers(run_dir)
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4246"),
+], ids=["ENOSPC", "pytorch-writer"])
+def test_failed_save_removes_its_tmp_keeps_the_previous_checkpoint_and_resumes(tmp_path, monkeypatch, failure):
+    """The second epoch's save fails half-way (as on a full disk); the first checkpoint survives,
+    the disk gets its room back, and the resumed run logs every step once (CSV and TensorBoard)."""
+    cfg = quick_config(tmp_path, epochs=2)
+    run_dir = Path(cfg.train.run_dir)
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *args, **kwargs):
+        if "state" in obj and isinstance(obj["state"], dict) and obj["state"]["step"] > 3:
+            Path(path).write_bytes(b"x" * 4096)  # what a writer leaves when the disk fills up
+            raise failure
+        calls.append(path)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        engine.train(cfg)
+    message = str(info.value)
+    assert f"could not write {run_dir / 'checkpoint.pt'}" in message
+    assert "full" in message and "previous file is kept" in message
+    assert f"continue from the checkpoint of step 3 with: <your command> --resume --train.run_dir {run_dir}" in message
+    assert not leftovers(run_dir)
+    assert saved_step(run_dir) == 3
+    torch.load(run_dir / "backbone_resnet18.pth")  # the previous backbone is whole too
+    monkeypatch.setattr(torch, "save", real_save)
+
+    engine.train(cfg, resume=True)
+    assert saved_step(run_dir) == 6
+    assert [int(r["step"]) for r in read_csv(run_dir / "train_log.csv")] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["epoch"]) for r in read_csv(run_dir / "epochs.csv")] == [0, 1]
+    # the checkpoint's own step (3) stays in TensorBoard; the failed attempt's 4..6 are replaced
+    assert tensorboard_steps(run_dir, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_steps(run_dir, "epoch/loss") == [3, 6]
+
+
+def test_free_space_estimate_covers_the_payload_and_the_file_it_replaces(tmp_path):
+    obj = {"w": torch.zeros(1000, 1000), "opt": [torch.zeros(10, dtype=torch.float64)]}
+    assert ckpt.tensor_bytes(obj) == 4_000_000 + 80
+    assert ckpt.bytes_needed(obj, tmp_path / "a.pt") > 4_000_080
+    big = tmp_path / "b.pt"
+    big.write_bytes(b"\0" * (30 * 2**20))
+    assert ckpt.bytes_needed(obj, big) >= 30 * 2**20
+
+
+# ---- unreadable checkpoints ---------------------------------------------------------------------------------------
+
+def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys):
+    cfg = quick_config(tmp_path, epochs=1)
+    engine.train(cfg)
+    path = Path(cfg.train.run_dir) / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for resume in (True, False):  # load_checkpoint's and saved_config's reads
+        with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated") as info:
+            engine.train(cfg, resume=resume)
+        assert str(path) in str(info.value)
+        assert "restore the file from a backup" in str(info.value) and "--train.run_dir" in str(info.value)
+    code, _, err = exit_of(cfg, ["--resume"], capsys)
+    assert code == 2 and err.startswith(f"error: {path} is corrupt or truncated") and "Traceback" not in err
+
+
+def test_corrupt_rng_file_is_named(tmp_path):
+    cfg = quick_config(tmp_path, epochs=1)
+    engine.train(cfg)
+    rng = Path(cfg.train.run_dir) / "rng" / "rank0.pt"
+    rng.write_bytes(rng.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=f"{rng} is corrupt or truncated"):
+        engine.train(cfg, resume=True)
+
+
+# ---- divergence ---------------------------------------------------------------------------------------------------
+
+def test_exploding_learning_rate_is_caught_and_exits_2_with_a_command(tmp_path, capsys):
+    """--optim.base_lr 1e6 used to run to the end, weights at 1e29, loss bounded by construction."""
+    cfg = quick_config(tmp_path, epochs=2)
+    code, _, err = exit_of(cfg, ["--optim.base_lr", "1e6"], capsys)
+    run_dir = Path(cfg.train.run_dir)
+    assert code == 2, err
+    assert err.startswith("error: training diverged at step") and "Traceback" not in err
+    assert (f"start again with a lower --optim.base_lr: python recipes/tiny.py --train.run_dir {run_dir} "
+            f"--optim.base_lr 100000") in err
+    assert not (run_dir / "checkpoint.pt").exists()  # never a checkpoint of diverged weights
+
+
+def poison_at(step: int):
+    """A train_step that, from `step` on, makes the student's weights non-finite (a divergence)."""
+    real, count = engine.train_step, [0]
+
+    def step_fn(student, *args, **kwargs):
+        loss = real(student, *args, **kwargs)
+        count[0] += 1
+        if count[0] >= step:
+            with torch.no_grad():
+                next(iter(student.parameters())).fill_(float("nan"))
+        return loss
+    return step_fn
+
+
+def test_divergence_advice_resumes_the_last_good_checkpoint_with_a_lower_lr(tmp_path, monkeypatch, capsys):
+    cfg = quick_config(tmp_path, epochs=2)
+    run_dir = Path(cfg.train.run_dir)
+    monkeypatch.setattr(engine, "train_step", poison_at(5))
+    with pytest.raises(engine.TrainingDiverged) as info:
+        engine.train(cfg, command=["python", "recipes/tiny.py", "--optim.base_lr", "0.03"])
+    message = str(info.value)
+    assert "training diverged at step 5: the weights are no longer finite" in message
+    assert ("continue from the last good one (step 3) with a lower --optim.base_lr: python recipes/tiny.py --resume "
+            f"--train.run_dir {run_dir} --optim.base_lr 0.003") in message
+    assert saved_step(run_dir) == 3
+    monkeypatch.undo()
+
+    cfg.optim.base_lr = 0.003  # the advised command: --resume accepts the lower learning rate, with a warning
+    engine.train(cfg, resume=True)
+    assert "warning: --resume with optim.base_lr changed from 0.03 to 0.003" in capsys.readouterr().err
+    assert saved_step(run_dir) == 6
+    assert [int(r["step"]) for r in read_csv(run_dir / "train_log.csv")] == [1, 2, 3, 4, 5, 6]
+    info_json = json.loads((run_dir / "run_info.json").read_text())
+    assert info_json["resumed"][-1]["changed"] == {"optim.base_lr": [0.03, 0.003]}
+    cfg.optim.momentum = 0.5  # other fields stay refused
+    with pytest.raises(ConfigError, match="optim.momentum"):
+        engine.train(cfg, resume=True)
+
+
+class StopAt:
+    """Replaces GracefulStop: asks to stop once `step` steps ran (as a SIGINT would)."""
+
+    counter = [0]
+
+    def __init__(self):
+        self.signal_name = ""
+
+    @property
+    def requested(self) -> bool:
+        return self.counter[0] >= self.step
+
+    def agreed(self, accelerator) -> bool:
+        return self.requested
+
+    def close(self) -> None:
+        pass
+
+
+def counting(step_fn):
+    def wrapped(*args, **kwargs):
+        StopAt.counter[0] += 1
+        return step_fn(*args, **kwargs)
+    return wrapped
+
+
+def test_no_checkpoint_of_non_finite_weights_even_on_a_stop(tmp_path, monkeypatch):
+    """A stop mid-epoch saves without a log row; the save itself refuses diverged weights."""
+    cfg = quick_config(tmp_path, epochs=2)
+    cfg.train.log_every = 100  # step 5 is no log step: only the save's own check can see it
+    StopAt.counter[0], StopAt.step = 0, 5
+    monkeypatch.setattr(engine, "GracefulStop", StopAt)
+    monkeypatch.setattr(engine, "train_step", counting(poison_at(5)))
+    with pytest.raises(engine.TrainingDiverged, match="step 5: the weights are no longer finite"):
+        engine.train(cfg)
+    assert saved_step(Path(cfg.train.run_dir)) == 3
+
+
+# ---- logs after restarts ------------------------------------------------------------------------------------------
+
+def test_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    cfg = quick_config(tmp_path, epochs=1)
+    run_dir = Path(cfg.train.run_dir)
+    engine.train(cfg)
+    for name in ("checkpoint.pt", "results.json"):  # as if killed just before its first checkpoint
+        (run_dir / name).unlink()
+    engine.train(cfg)
+    assert [int(r["step"]) for r in read_csv(run_dir / "train_log.csv")] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in read_csv(run_dir / "epochs.csv")] == [0]
+    assert tensorboard_steps(run_dir, "train/loss") == [1, 2, 3]
+    assert tensorboard_steps(run_dir, "epoch/loss") == [3]
+
+
+def test_csv_log_drops_a_row_cut_by_a_kill(tmp_path):
+    from fastssl.run_log import CsvLog
+
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,step,loss\n0,1,2.5\n0,2,2.4\n0,")
+    CsvLog(path, ["epoch", "step", "loss"], keep_until_step=5)
+    assert read_csv(path) == [{"epoch": "0", "step": "1", "loss": "2.5"}, {"epoch": "0", "step": "2", "loss": "2.4"}]
+
+
+# ---- messages that name the run directory -------------------------------------------------------------------------
+
+def test_stop_message_names_the_run_directory(tmp_path, monkeypatch, capsys):
+    cfg = quick_config(tmp_path, epochs=2)
+    StopAt.counter[0], StopAt.step = 0, 2
+    monkeypatch.setattr(engine, "GracefulStop", StopAt)
+    monkeypatch.setattr(engine, "train_step", counting(engine.train_step))
+    code, out, _ = exit_of(cfg, ["--train.epochs", "2"], capsys)
+    run_dir = Path(cfg.train.run_dir)
+    assert code == 130
+    assert f"continue with: python recipes/tiny.py --train.epochs 2 --resume --train.run_dir {run_dir}" in out
+    assert saved_step(run_dir) == 2
+
+
+def test_resume_without_checkpoint_points_at_the_latest_run(tmp_path):
+    cfg = quick_config(tmp_path, epochs=1)
+    runs = tmp_path / "runs"
+    (runs / "20250101-000000").mkdir(parents=True)
+    (runs / "20250101-000000" / "checkpoint.pt").write_bytes(b"")
+    cfg.train.run_dir = str(runs / "20250102-000000")  # the demo's new timestamp
+    with pytest.raises(ConfigError, match="holds no checkpoint") as info:
+        engine.train(cfg, resume=True, command=["python", "recipes/mira_demo.py", "--resume"])
+    assert (f"continue the latest run in {runs}: python recipes/mira_demo.py --resume "
+            f"--train.run_dir {runs / '20250101-000000'}") in str(info.value)
+
+
+def test_rerun_command_replaces_fields_in_both_spellings():
+    cmd = ["python", "r.py", "--resume", "--train.run_dir=a b", "--optim.base_lr", "1", "--data.val="]
+    assert (engine.rerun_command(cmd, Path("runs/x"), overrides={"optim.base_lr": "0.1"})
+            == "python r.py --data.val= --resume --train.run_dir runs/x --optim.base_lr 0.1")
+    assert engine.rerun_command(None, Path("d"), resume=False) == "<your command> --train.run_dir d"
+
+
+# ---- the demo without k-NN ----------------------------------------------------------------------------------------
+
+def test_demo_without_knn_prints_what_it_can(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("mira_demo", REPO / "recipes" / "mira_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    cfg = quick_config(tmp_path)
+    run_dir = tmp_path / "demo_run"
+    demo.main(["--data.train", cfg.data.train, "--data.val=", "--data.num_workers", "0", "--train.epochs", "1",
+               "--train.run_dir", str(run_dir), "--train.global_batch_size", "8", "--train.progress", "false",
+               "--model.proj_hidden_dim", "32", "--model.proj_dim", "16", "--model.num_prototypes", "12",
+               "--aug.global_size", "16", "--aug.local_size", "8"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("demo: k-NN off")
+    assert json.loads((run_dir / "demo.json").read_text())["knn_top1_trained"] is None
+    figures, line = demo.summary({"knn": [], "knn_random_init": {"top1": 12.5}})
+    assert line == "demo: knn_top1 trained=off random_init=12.5"
