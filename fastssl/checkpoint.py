@@ -77,8 +77,14 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     if free < needed:
         raise CheckpointError(
             f"not enough free space to save {what} in {folder}: it needs about {needed / MIB:,.0f} MiB and the disk "
-            f"has {free / MIB:,.0f} MiB free (disk full); nothing was written and the previous checkpoint is kept. "
+            f"has {free / MIB:,.0f} MiB free (disk full); nothing was written, what {folder} held is kept. "
             f"Free space on that disk (e.g. delete old runs) or move the run directory to a larger disk")
+
+
+def _reason(err: BaseException) -> str:
+    """The exception's type and first sentence (PyTorch's reader errors run on for lines)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text.split('. ')[0][:160]}"
 
 
 def _is_disk_full(err: BaseException, folder: Path, needed: int) -> bool:
@@ -117,7 +123,7 @@ def atomic_save(obj, path: Path) -> None:
         else:
             cause = "the disk may be full, read-only or out of quota"
         kept = "the previous file is kept" if path.exists() else "no earlier file existed"
-        raise CheckpointError(f"could not write {path}: {cause} ({type(err).__name__}: {str(err).strip()[:200]}); "
+        raise CheckpointError(f"could not write {path}: {cause} ({_reason(err)}); "
                               f"the partial file was removed and {kept}. Free space on that disk (e.g. delete "
                               f"old runs) or move the run directory to a larger disk") from err
 
@@ -170,7 +176,7 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
         return CheckpointError(f"cannot read {path}: permission denied; run as the user who owns the run directory "
                                f"or fix the file's permissions")
     return CheckpointError(
-        f"{path} is corrupt or truncated and cannot be read ({type(err).__name__}: {str(err).strip()[:160]}); "
+        f"{path} is corrupt or truncated and cannot be read ({_reason(err)}); "
         f"it was probably cut short by a full disk or a crash. The state it held is lost: restore the file from a "
         f"backup, or start a new run with another --train.run_dir (or delete {path.name} to start this one afresh)")
 

@@ -43,9 +43,11 @@ RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_worke
 # Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
 # would. They are how a diverged run continues from its last good checkpoint.
 RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
-# The divergence guard (checked at log steps and before every checkpoint): the weights grew this many
-# times past their norm at the start of the run, or the loss left its running level by this many times.
-DIVERGED_WEIGHT_GROWTH = 1000.0
+# The divergence guard (checked at log steps and before every checkpoint): the weights' norm grew this
+# many times past its value at the start of the run, or this many times since the previous check, or the
+# loss left its running level by this many times.
+DIVERGED_WEIGHT_GROWTH = 1e4
+DIVERGED_WEIGHT_JUMP = 10.0
 DIVERGED_LOSS_FACTOR = 10.0
 LOSS_WARM_ROWS = 5
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
@@ -204,9 +206,10 @@ class DivergenceGuard:
     """Catches a run that diverged, at log steps (one sync) and before each checkpoint.
 
     Diverged means: the loss is not finite; or the weights (parameters and buffers of student
-    and teacher) are not finite, or their norm grew DIVERGED_WEIGHT_GROWTH times past its value
-    at the start of the run (kept in the checkpoint, so a resume compares with the same
-    reference); or, after LOSS_WARM_ROWS logged rows, the loss left its running mean by more
+    and teacher) are not finite, or their norm grew DIVERGED_WEIGHT_JUMP times since the previous
+    check (a few steps; healthy training changes it by a few percent), or DIVERGED_WEIGHT_GROWTH
+    times past its value at the start of the run (kept in the checkpoint, so a resume compares
+    with the same reference: a slow blow-up); or, after LOSS_WARM_ROWS logged rows, the loss left its running mean by more
     than DIVERGED_LOSS_FACTOR times max(|mean|, 1). MIRA's loss is a cross-entropy of cosine
     logits / tau, bounded near log K + 2 / tau_student whatever the weights do (the demo at
     --optim.base_lr 1e6 logged losses of 1 to 20 while its weights reached 1e29), so the weights
@@ -215,24 +218,32 @@ class DivergenceGuard:
 
     def __init__(self, student, teacher, state: ckpt.TrainState):
         self.modules, self.state = (student, teacher), state
+        self.previous = self.weight_norm()
         if not state.initial_weight_norm:
-            state.initial_weight_norm = self.weight_norm()
+            state.initial_weight_norm = self.previous
         self.loss_mean: float | None = None
         self.rows = 0
 
     def weight_norm(self) -> float:
-        """L2 norm over every floating parameter and buffer (inf/nan when any is)."""
-        norms = [t.detach().float().norm() for m in self.modules for t in (*m.parameters(), *m.buffers())
-                 if t.is_floating_point()]
-        return torch.stack(norms).norm().item() if norms else 0.0
+        """L2 norm over every floating parameter and buffer (inf/nan when any is); one sync."""
+        tensors = [t.detach() for m in self.modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return 0.0
+        foreach = getattr(torch, "_foreach_norm", None)  # one fused kernel per dtype (clip_grad_norm_ uses it)
+        norms = foreach(tensors) if foreach is not None else [t.norm() for t in tensors]
+        return torch.stack([n.float() for n in norms]).norm().item()
 
     def check_weights(self, step: int) -> None:
-        norm, start = self.weight_norm(), self.state.initial_weight_norm
+        norm, start, previous = self.weight_norm(), self.state.initial_weight_norm, self.previous
         if not math.isfinite(norm):
             raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite")
+        if previous > 0 and norm > DIVERGED_WEIGHT_JUMP * previous:
+            raise TrainingDiverged(f"training diverged at step {step}: the weights' norm jumped to {norm:.3g}, "
+                                   f"{norm / previous:.3g} times its {previous:.3g} at the previous check")
         if start > 0 and norm > DIVERGED_WEIGHT_GROWTH * start:
             raise TrainingDiverged(f"training diverged at step {step}: the weights' norm is {norm:.3g}, "
                                    f"{norm / start:.3g} times its {start:.3g} at the start of the run")
+        self.previous = norm
 
     def check(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
