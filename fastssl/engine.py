@@ -209,8 +209,8 @@ class DivergenceGuard:
     and teacher) are not finite, or their norm grew DIVERGED_WEIGHT_JUMP times since the previous
     check (a few steps; healthy training changes it by a few percent), or DIVERGED_WEIGHT_GROWTH
     times past its value at the start of the run (kept in the checkpoint, so a resume compares
-    with the same reference: a slow blow-up); or, after LOSS_WARM_ROWS logged rows, the loss left its running mean by more
-    than DIVERGED_LOSS_FACTOR times max(|mean|, 1). MIRA's loss is a cross-entropy of cosine
+    with the same reference: a slow blow-up); or, after LOSS_WARM_ROWS logged rows, the loss
+    left its running mean by more than DIVERGED_LOSS_FACTOR times max(|mean|, 1). MIRA's loss is a cross-entropy of cosine
     logits / tau, bounded near log K + 2 / tau_student whatever the weights do (the demo at
     --optim.base_lr 1e6 logged losses of 1 to 20 while its weights reached 1e29), so the weights
     are what shows MIRA's divergence; the loss rule catches objectives whose loss is unbounded.
@@ -226,7 +226,8 @@ class DivergenceGuard:
 
     def weight_norm(self) -> float:
         """L2 norm over every floating parameter and buffer (inf/nan when any is); one sync."""
-        tensors = [t.detach() for m in self.modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        tensors = [t.detach() for m in self.modules for t in (*m.parameters(), *m.buffers())
+                   if t.is_floating_point()]
         if not tensors:
             return 0.0
         foreach = getattr(torch, "_foreach_norm", None)  # one fused kernel per dtype (clip_grad_norm_ uses it)
@@ -386,7 +387,8 @@ def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, change
     env = describe_environment(accelerator.device)
     if resume and path.exists():
         info = json.loads(path.read_text())
-        info.setdefault("resumed", []).append({"date": now, "environment": env, **({"changed": changed} if changed else {})})
+        entry = {"date": now, "environment": env, **({"changed": changed} if changed else {})}
+        info.setdefault("resumed", []).append(entry)
     else:
         dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
         info = {"date": now, "environment": env,
