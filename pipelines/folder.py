@@ -66,9 +66,10 @@ def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True
         samples.extend((f, idx) for f in files)
     if len(classes) == 1:
         nested = any(e.is_dir() for e in os.scandir(root / classes[0]))
-        hint = (f"; if {str(root / classes[0])!r} holds the class folders, point at it instead" if nested else "")
+        hint = (f"; if the class folders are inside {str(root / classes[0])!r}, point at the folder that holds "
+                "them" if nested else "")
         check_class_count(classes, need_labels, f"data path {str(root)!r}",
-                          f"has one class folder ({classes[0]!r}, {len(samples)} images){hint}")
+                          f"has one class folder ({classes[0]!r}, {len(samples)} images)", hint)
     return samples, classes
 
 
@@ -85,7 +86,7 @@ def check_not_splits(classes: Sequence[str], where: str, fix) -> None:
     raise DataLayoutError(f"{where} holds only split folders ({folders}) where class folders belong; {fix(pick)}")
 
 
-def check_class_count(classes: Sequence[str], need_labels: bool, where: str, found: str) -> None:
+def check_class_count(classes: Sequence[str], need_labels: bool, where: str, found: str, hint: str = "") -> None:
     """One class: refused for evaluation data (`need_labels`), a one-time warning for training data.
 
     Self-supervised training ignores labels, so a single folder of unlabelled images is
@@ -98,13 +99,14 @@ def check_class_count(classes: Sequence[str], need_labels: bool, where: str, fou
         raise DataLayoutError(f"{where} {found}: the k-NN and linear evaluations need labelled images in at "
                               f"least {EVAL_NEEDS_CLASSES} class folders (with one class every prediction is "
                               "right); pass a folder with one sub-folder per class (a recipe's online k-NN reads "
-                              "--data.val and --data.knn_train, else --data.train; --eval.knn_every -1 turns it off)")
+                              "--data.val and --data.knn_train, else --data.train; --eval.knn_every -1 turns it off)"
+                              f"{hint}")
     if where in _WARNED_SINGLE_CLASS:
         return
     _WARNED_SINGLE_CLASS.add(where)
     warnings.warn(f"{where} {found}: training on it as unlabelled images (self-supervised training does not "
                   "use labels; only the k-NN and linear evaluations do, and they need their own labelled "
-                  "data with at least 2 classes)", UserWarning, stacklevel=3)
+                  f"data with at least 2 classes){hint}", UserWarning, stacklevel=3)
 
 
 def _walk_files(folder: Path) -> list[str]:

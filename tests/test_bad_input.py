@@ -69,6 +69,12 @@ def test_single_class_training_data_is_used_with_one_warning(tmp_path, backend):
     assert single_class_warnings(second) == []  # once
 
 
+def test_one_folder_holding_the_classes_is_named(tmp_path):
+    make_image_folder(tmp_path / "data" / "imagenet" / "train", 2, 2)  # --data.train at /data, one level too high
+    with pytest.warns(UserWarning, match="point at the folder that holds them"):
+        scan_source(tmp_path / "data")
+
+
 def test_single_label_file_list_warns(tmp_path):
     make_image_folder(tmp_path / "imgs", 1, 3)
     lst = tmp_path / "list.txt"
@@ -102,7 +108,7 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
 def assert_clean_error(out: subprocess.CompletedProcess, needle: str) -> None:
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
-    assert f"error: " in out.stderr and needle in out.stderr, out.stderr
+    assert "error: " in out.stderr and needle in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("case, needle", [
