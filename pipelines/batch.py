@@ -14,8 +14,11 @@ class MultiCropBatch:
     `views` holds the 2 global views first (B x 3 x Hg x Wg), then the local views
     (B x 3 x Hl x Wl): normalised, channels_last, on the training device. Every view
     of row i is cut from the same source image `index[i]`. `label` is for evaluation
-    and debugging only, never for training. `num_skipped` counts unreadable source
-    images that were replaced by another image of the epoch while building this batch.
+    and debugging only, never for training. `num_skipped` counts the unreadable source
+    images (distinct files) that this batch was the first of its epoch to meet and
+    replace by another image, so the sum over an epoch's batches is the number of bad
+    files this rank met in the epoch (`skipped_images` in the logs), however many
+    lookups passed over each.
     """
 
     views: list[torch.Tensor]

@@ -48,7 +48,7 @@ from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_e
 from pipelines.sniff import problem
 from pipelines.spec import LoaderSpec
 
-OUTPUT_NAMES_EXTRA = ("index", "label", "skipped")
+OUTPUT_NAMES_EXTRA = ("index", "label")
 MAX_REPLACEMENTS = 16
 MAX_PIPELINE_ERRORS = 8  # rebuilds per epoch before giving up: something else is wrong
 DEGREES_PER_HUE_UNIT = 360.0  # torchvision's hue is a fraction of the colour wheel; DALI's is degrees
@@ -72,12 +72,14 @@ class _ShardSource:
     """DALI external source: this rank's batches of one epoch, as encoded bytes.
 
     Each file is screened before DALI sees it; a bad file is replaced by the next good
-    image in dataset order (as the torchvision reference does) and counted.
+    image in dataset order (as the torchvision reference does), and the bad files each
+    batch passed over are recorded (`passed_over`) for the loader to count.
     """
 
     def __init__(self, samples: list[tuple[str, int]], batches: list[list[int]], bad: dict[int, str]):
         self.samples, self.batches, self.bad = samples, batches, bad
         self.sent: list[list[int]] = []  # dataset indices handed to DALI, per batch (it prefetches ahead)
+        self.passed_over: list[set[int]] = []  # per batch sent: the bad files replaced in it
 
     def __iter__(self) -> "_ShardSource":
         return self
@@ -85,26 +87,29 @@ class _ShardSource:
     def __next__(self):
         if len(self.sent) >= len(self.batches):
             raise StopIteration
-        blobs, index, label, skipped = [], [], [], []
+        blobs, index, label, passed_over = [], [], [], set()
         for i in self.batches[len(self.sent)]:
-            data, j, n_bad = self._read_good(i)
+            data, j = self._read_good(i, passed_over)
             blobs.append(data)
             index.append(np.array([j], dtype=np.int64))
             label.append(np.array([self.samples[j][1]], dtype=np.int64))
-            skipped.append(np.array([n_bad], dtype=np.int64))
         self.sent.append([int(i[0]) for i in index])
-        return blobs, index, label, skipped
+        self.passed_over.append(passed_over)
+        return blobs, index, label
 
-    def _read_good(self, index: int) -> tuple[np.ndarray, int, int]:
+    def _read_good(self, index: int, passed_over: set[int]) -> tuple[np.ndarray, int]:
+        """The bytes and index of `index`, or of the next good image; adds the bad ones to `passed_over`."""
         for attempt in range(MAX_REPLACEMENTS):
             j = (index + attempt) % len(self.samples)
             if j in self.bad:
+                passed_over.add(j)
                 continue
             path = self.samples[j][0]
             data, reason = read_screened(path)
             if data is not None:
-                return data, j, attempt
+                return data, j
             self.bad[j] = reason
+            passed_over.add(j)
             warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
         raise RuntimeError(f"{MAX_REPLACEMENTS} bad images in a row near {self.samples[index][0]}; is the data corrupt?")
 
@@ -205,20 +210,20 @@ def _conditional_photometric(img, recipe: MultiCropRecipe, view: ViewSpec):
 @pipeline_def(enable_conditionals=True)
 def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_device: str,
                        hw_decoder_load: float, out_dtype, cpu_fast: bool = True, numba_steps: bool = False):
-    """Encoded bytes -> one decode -> every view of the recipe, plus index, label, skipped.
+    """Encoded bytes -> one decode -> every view of the recipe, plus index and label.
 
     `numba_steps` (CPU mode only): the photometric steps as numba functions
     (`pipelines.dali_photometric`; the caller checks that they could be built).
     """
-    jpegs, index, label, skipped = fn.external_source(source=source, num_outputs=4, batch=True,
-                                                      dtype=[types.UINT8, types.INT64, types.INT64, types.INT64])
+    jpegs, index, label = fn.external_source(source=source, num_outputs=3, batch=True,
+                                             dtype=[types.UINT8, types.INT64, types.INT64])
     fast = cpu_fast and decoder_device == "cpu"
     decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {"use_fast_idct": fast}
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
     interp = types.INTERP_LINEAR if fast else types.INTERP_CUBIC
     numba_steps = numba_steps and decoder_device == "cpu"
     views = [_augment_view(images, recipe, view, out_dtype, interp, numba_steps) for view in recipe.views()]
-    return (*views, index, label, skipped)
+    return (*views, index, label)
 
 
 def placement(device: torch.device, num_workers: int) -> tuple[str, int | None, int]:
@@ -299,13 +304,17 @@ class DaliLoader:
         batches = shard_batches(self.num_images, s.batch_size, s.rank, s.world_size, s.seed, self.epoch,
                                 self.start_batch)
         done, errors = 0, 0
+        met: set[int] = set()  # bad files met this epoch: each counts once (MultiCropBatch.num_skipped)
         while done < len(batches):
             remaining = batches[done:]
             source = _ShardSource(self.samples, remaining, self.bad)
             yielded = 0
             try:
                 for out in self._iterator(source, self.start_batch + done):
-                    yield self._to_batch(out[0])
+                    # DALI returns batches in the order the source sent them: this is batch `yielded`.
+                    passed_over = source.passed_over[yielded]
+                    yield self._to_batch(out[0], len(passed_over - met))
+                    met |= passed_over
                     done, yielded = done + 1, yielded + 1
             except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
                 errors += 1
@@ -314,7 +323,7 @@ class DaliLoader:
                     raise
                 # the next attempt replaces them and restarts at the failed batch
 
-    def _to_batch(self, out: dict[str, torch.Tensor]) -> MultiCropBatch:
+    def _to_batch(self, out: dict[str, torch.Tensor], num_skipped: int) -> MultiCropBatch:
         s = self.spec
         views = []
         for v in range(s.recipe.num_views):
@@ -322,4 +331,4 @@ class DaliLoader:
             x = x.to(s.device, dtype=s.dtype, non_blocking=True)
             views.append(x if s.channels_last else x.contiguous())
         return MultiCropBatch(views=views, index=out["index"].reshape(-1).cpu(), label=out["label"].reshape(-1).cpu(),
-                              num_skipped=int(out["skipped"].sum()))
+                              num_skipped=num_skipped)

@@ -50,6 +50,7 @@ from pipelines.batch import MultiCropBatch
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, check_beton
 from pipelines.cpu_augment import augment_crop_u8, crop_params
 from pipelines.device_augment import augment_view, normalize_crops
+from pipelines.folder import check_class_count, check_not_splits
 from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, epoch_permutation
 from pipelines.spec import LoaderSpec
 
@@ -204,6 +205,12 @@ class FfcvLoader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
         self.classes = check_beton(spec.path)  # clear error naming the converter
+        # The folder scanner's checks, on the class names the converter recorded (when known).
+        check_not_splits(self.classes, f"{spec.path!r} was converted from a folder that",
+                         lambda split: f"convert its {split}/ folder instead: python tools/convert_imagenet_to_ffcv.py "
+                                       f"SRC/{split} OUT.beton")
+        if len(self.classes) == 1:
+            check_class_count(self.classes, False, repr(str(spec.path)), f"has one class ({self.classes[0]!r})")
         self.num_images = int(Reader(spec.path).num_samples)
         check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)
         if spec.ffcv_order not in ORDERS:

@@ -86,8 +86,13 @@ class MultiCropFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]):
+        """(views, index of the image used, its label, indices of the unreadable images passed over).
+
+        The unreadable ones are returned by index, not counted: consecutive bad files are
+        passed over by several lookups, and only the loader sees them all to count each once.
+        """
         epoch, index = key
-        skipped = 0
+        bad: list[int] = []
         for attempt in range(MAX_REPLACEMENTS):
             i = (index + attempt) % len(self.samples)
             path, label = self.samples[i]
@@ -95,21 +100,21 @@ class MultiCropFolder(Dataset):
                 img = load_rgb(path)
                 break
             except UNREADABLE as err:
-                skipped += 1
+                bad.append(i)
                 warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
         else:
             raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row near {path}; is the data corrupt?")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
             views = [t(img) for t in self.transforms]  # every transform draws from torch's RNG
-        return views, i, label, skipped
+        return views, i, label, bad
 
 
-def collate_views(items) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+def collate_views(items) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, set[int]]:
     views = [torch.stack([it[0][v] for it in items]) for v in range(len(items[0][0]))]
     index = torch.tensor([it[1] for it in items])
     label = torch.tensor([it[2] for it in items])
-    return views, index, label, sum(it[3] for it in items)
+    return views, index, label, {i for it in items for i in it[3]}
 
 
 def _worker_init(_: int) -> None:
@@ -141,11 +146,13 @@ class TorchvisionLoader:
                             collate_fn=collate_views, pin_memory=s.device.type == "cuda",
                             worker_init_fn=_worker_init if s.num_workers else None,
                             prefetch_factor=4 if s.num_workers else None)
-        for b, (views, index, label, skipped) in enumerate(loader, start=self.start_batch):
+        met: set[int] = set()  # unreadable images met this epoch: each counts once (MultiCropBatch.num_skipped)
+        for b, (views, index, label, bad) in enumerate(loader, start=self.start_batch):
             if s.device_augment:
                 views = self._augment_on_device(views, b)
             yield MultiCropBatch(views=[s.to_device(v) for v in views], index=index, label=label,
-                                 num_skipped=skipped)
+                                 num_skipped=len(bad - met))
+            met |= bad
 
     def _augment_on_device(self, crops: list[torch.Tensor], batch_no: int) -> list[torch.Tensor]:
         """uint8 crops -> the recipe's flip and photometric steps, batched on the device.

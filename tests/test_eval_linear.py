@@ -143,8 +143,9 @@ def test_bad_input_is_named(tool, toy_run, tmp_path, capsys):
     assert "another architecture" in error_of(tool, [str(tmp_path / "odd.pth"), *data], capsys)
     torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
     assert "not an exported backbone" in error_of(tool, [str(tmp_path / "checkpoint.pt"), *data], capsys)
-    (tmp_path / "other_val" / "zebra").mkdir(parents=True)
-    Image.new("RGB", (40, 40)).save(tmp_path / "other_val" / "zebra" / "z.JPEG")
+    for name in ("yak", "zebra"):  # two classes: a single class is refused before the classes are compared
+        (tmp_path / "other_val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(tmp_path / "other_val" / name / "z.JPEG")
     err = error_of(tool, [backbone, "--train", data[1], "--val", str(tmp_path / "other_val")], capsys)
     assert "different class folders" in err
     assert "does not exist" in error_of(tool, [backbone, "--train", str(tmp_path / "nope"), "--val", data[3]], capsys)

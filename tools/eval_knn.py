@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
                                         resolve_target, utc_now, write_report)
 from fastssl.eval.knn import knn_accuracy  # noqa: E402
-from fastssl.eval.online import embed  # noqa: E402
+from fastssl.eval.online import embed, knn_loaders  # noqa: E402
 from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
-from pipelines.eval import EVAL_BACKENDS, EvalBackendError, build_eval_loader, eval_loader_class  # noqa: E402
+from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
+from pipelines.folder import DataLayoutError  # noqa: E402
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -62,23 +63,20 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError
     except ValueError:
         ap.error(f"--ks must be positive integers and --temperature positive, got {args.ks!r}, {args.temperature}")
+    from accelerate import Accelerator
+
     try:
         found = resolve(args)
         net, arch = load_backbone(found["checkpoint"], found["arch"])
         eval_loader_class(args.loader)  # a missing DALI fails here, before any work
-    except (EvalError, EvalBackendError) as err:
+        accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
+        # Scans both folders: a bad layout, one class or different classes fail here, before any work.
+        bank_loader, query_loader = knn_loaders(args.loader, found["train"], found["val"], size=found["size"],
+                                                batch_size=args.batch_size, num_workers=args.num_workers,
+                                                device=accelerator.device)
+    except (EvalError, EvalBackendError, DataLayoutError) as err:
         exit_with(err)
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
-    common = dict(size=found["size"], batch_size=args.batch_size, num_workers=args.num_workers,
-                  device=accelerator.device)
-    bank_loader = build_eval_loader(args.loader, found["train"], **common)
-    query_loader = build_eval_loader(args.loader, found["val"], **common)
-    if bank_loader.classes != query_loader.classes:
-        exit_with(f"train and val have different class folders ({len(bank_loader.classes)} vs "
-                  f"{len(query_loader.classes)})")
     start = time.perf_counter()
     bank_x, bank_y = embed(net, bank_loader, accelerator)
     query_x, query_y = embed(net, query_loader, accelerator)

@@ -13,6 +13,7 @@ import torch
 
 from fastssl.eval.knn import knn_accuracy
 from pipelines.eval import build_eval_loader
+from pipelines.folder import DataLayoutError
 
 
 @torch.no_grad()
@@ -40,6 +41,24 @@ def embed(backbone: torch.nn.Module, loader: Iterable, accelerator) -> tuple[tor
     return feats_t[order], labels_t[order]
 
 
+def knn_loaders(backend: str, train_root: str, val_root: str, **common) -> tuple:
+    """The memory-bank (train) and query (val) eval loaders, which must have the same classes.
+
+    Shared by the loop's online k-NN and tools/eval_knn.py. A bad folder, or two folders
+    with different classes, raise `DataLayoutError`: a user error that the recipes' command
+    line and the tool report in one line (exit 2), before any work.
+    """
+    bank = build_eval_loader(backend, train_root, **common)
+    queries = build_eval_loader(backend, val_root, **common)
+    if bank.classes != queries.classes:
+        differ = sorted(set(bank.classes) ^ set(queries.classes))
+        example = f", e.g. {differ[:3]} in only one of them" if differ else " (in another order)"
+        raise DataLayoutError(f"the k-NN needs the same class folders in train ({train_root!r}) and val "
+                              f"({val_root!r}); found {len(bank.classes)} and {len(queries.classes)} classes"
+                              f"{example}; pass a val folder with the train folder's classes")
+    return bank, queries
+
+
 class OnlineKnn:
     """Builds the two eval loaders once (so a bad val path, or a missing DALI, fails before training).
 
@@ -50,11 +69,7 @@ class OnlineKnn:
                  num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision"):
         common = dict(size=image_size, batch_size=batch_size, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device)
-        self.bank = build_eval_loader(loader, train_root, **common)
-        self.queries = build_eval_loader(loader, val_root, **common)
-        if self.bank.classes != self.queries.classes:
-            raise ValueError(f"the k-NN needs the same class folders in train ({train_root}) and val ({val_root}); "
-                             f"found {len(self.bank.classes)} and {len(self.queries.classes)} classes")
+        self.bank, self.queries = knn_loaders(loader, train_root, val_root, **common)
         self.accelerator, self.k, self.temperature = accelerator, k, temperature
 
     def __call__(self, backbone: torch.nn.Module) -> dict:

@@ -1,0 +1,176 @@
+"""Data that is almost certainly a mistake, and bad data paths, end in one clear line, not a traceback.
+
+- a data path whose only "classes" are split folders (the parent of train/) is refused, naming the folder;
+- one class: allowed for self-supervised training (with one warning), refused for evaluation data;
+- k-NN train and val folders with other classes: `error:` and exit 2 from a recipe and from tools/eval_knn.py;
+- `skipped_images` counts bad files, not the lookups that passed over them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FILE_BACKENDS, REPO, make_image_folder, requires_dali
+from test_pipelines import spec_for
+from fastssl.eval.checkpoint_io import EvalError
+from fastssl.eval.classifier import scan_splits
+from pipelines import build_train_loader
+from pipelines.eval import build_eval_loader
+from pipelines.folder import DataLayoutError, scan_image_folder, scan_source
+
+EVAL_BACKENDS = ["torchvision", pytest.param("dali", marks=requires_dali)]
+
+
+def single_class_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "has one class" in str(w.message)]
+
+
+# ------------------------------------------------------------------ split folders instead of class folders
+
+
+@pytest.mark.parametrize("split", ["train", "val", "Validation"])
+def test_the_parent_of_a_lone_split_is_refused_naming_the_split(tmp_path, split):
+    make_image_folder(tmp_path / "data" / split, 2, 2)
+    for scan in (scan_source, scan_image_folder):  # training and evaluation scanners
+        with pytest.raises(DataLayoutError, match="only split folders") as err:
+            scan(tmp_path / "data")
+        assert repr(str(tmp_path / "data" / split)) in str(err.value)
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_every_training_backend_refuses_a_lone_split(tmp_path, backend):
+    make_image_folder(tmp_path / "data" / "train", 2, 4)
+    with pytest.raises(DataLayoutError, match="only split folders .*train/"):
+        build_train_loader(backend, spec_for(tmp_path / "data", backend=backend))
+
+
+# ------------------------------------------------------------------ one class
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_single_class_training_data_is_used_with_one_warning(tmp_path, backend):
+    root = tmp_path / "unlabelled"
+    make_image_folder(root, 1, 8)
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        loader = build_train_loader(backend, spec_for(root, backend=backend))
+    assert len(loader) == 2  # 8 images, batch 4: trained on
+    [message] = single_class_warnings(first)
+    assert "k-NN and linear evaluations" in message and "class_00" in message
+    with warnings.catch_warnings(record=True) as second:
+        warnings.simplefilter("always")
+        build_train_loader(backend, spec_for(root, backend=backend))
+    assert single_class_warnings(second) == []  # once
+
+
+def test_one_folder_holding_the_classes_is_named(tmp_path):
+    make_image_folder(tmp_path / "data" / "imagenet" / "train", 2, 2)  # --data.train at /data, one level too high
+    with pytest.warns(UserWarning, match="point at the folder that holds them"):
+        scan_source(tmp_path / "data")
+
+
+def test_single_label_file_list_warns(tmp_path):
+    make_image_folder(tmp_path / "imgs", 1, 3)
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"imgs/class_00/img_{j:03d}.JPEG 0\n" for j in range(3)))
+    with pytest.warns(UserWarning, match="has one label"):
+        samples, _ = scan_source(lst)
+    assert len(samples) == 3
+
+
+@pytest.mark.parametrize("backend", EVAL_BACKENDS)
+def test_single_class_evaluation_data_is_refused(tmp_path, backend):
+    make_image_folder(tmp_path / "val", 1, 4)
+    with pytest.raises(DataLayoutError, match="at least 2 class folders"):
+        build_eval_loader(backend, str(tmp_path / "val"), 16, 4)
+
+
+def test_single_class_linear_eval_data_is_refused(tmp_path):
+    make_image_folder(tmp_path / "train", 1, 4)
+    make_image_folder(tmp_path / "val", 1, 2)
+    with pytest.raises(EvalError, match="at least 2 class folders"):
+        scan_splits(str(tmp_path / "train"), str(tmp_path / "val"))
+
+
+# ------------------------------------------------------------------ the command lines: error, exit 2, no traceback
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_error(out: subprocess.CompletedProcess, needle: str) -> None:
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "error: " in out.stderr and needle in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("mismatch", "the k-NN needs the same class folders"),
+    ("one_class", "at least 2 class folders"),
+])
+def test_recipe_with_unusable_knn_data_exits_2_before_any_output(tmp_path, case, needle):
+    make_image_folder(tmp_path / "train", 1 if case == "one_class" else 3, 4, size=24)
+    make_image_folder(tmp_path / "val", 2, 2, size=24)
+    out = run(str(REPO / "recipes" / "mira_demo.py"), "--data.train", str(tmp_path / "train"),
+              "--data.val", str(tmp_path / "val"), "--train.run_dir", str(tmp_path / "run"),
+              "--train.global_batch_size", "4", "--data.num_workers", "0")
+    assert_clean_error(out, needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    """An exported backbone (weights do not matter: every case fails before the first forward)."""
+    from fastssl.models.backbone import build_backbone
+
+    path = tmp_path_factory.mktemp("bb") / "backbone_resnet18.pth"
+    torch.save(build_backbone("resnet18").state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "does not exist"),
+    ("flat", "no class folders"),
+    ("mismatch", "the k-NN needs the same class folders"),
+    ("one_class", "at least 2 class folders"),
+])
+def test_eval_knn_reports_bad_data_in_one_line(tmp_path, backbone, case, needle):
+    train, val = tmp_path / "train", tmp_path / "val"
+    make_image_folder(train, 1 if case == "one_class" else 3, 2, size=24)
+    if case == "flat":
+        val.mkdir()
+        (train / "class_00" / "img_000.JPEG").rename(val / "loose.JPEG")
+    elif case != "missing":
+        make_image_folder(val, 1 if case == "one_class" else 2, 2, size=24)
+    out = run(str(REPO / "tools" / "eval_knn.py"), str(backbone), "--train", str(train), "--val", str(val),
+              "--image-size", "16", "--device", "cpu", "--json", str(tmp_path / "k.json"))
+    assert_clean_error(out, needle)
+    assert not (tmp_path / "k.json").exists()
+
+
+# ------------------------------------------------------------------ skipped_images counts bad files
+
+
+@pytest.mark.parametrize("batch_size", [1, 11])
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=requires_dali)])
+def test_three_corrupt_jpegs_count_three_skips_per_epoch(tmp_path, backend, batch_size):
+    root = tmp_path / "train"
+    make_image_folder(root, 2, 4, size=24)
+    good = (root / "class_00" / "img_000.JPEG").read_bytes()
+    for j in range(3):  # consecutive in the sorted order: a lookup passes over several of them
+        (root / "class_00" / f"bad_{j}.JPEG").write_bytes(good[: len(good) // 3])
+    loader = build_train_loader(backend, spec_for(root, batch_size=batch_size))
+    for epoch in range(2):  # each epoch counts the bad files it met; DALI remembers them but still counts
+        loader.set_epoch(epoch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batches = list(loader)
+        assert sum(len(b.index) for b in batches) == 11
+        assert sum(b.num_skipped for b in batches) == 3
