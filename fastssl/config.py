@@ -4,6 +4,9 @@ A recipe is a Python file that builds a `Config`; every field can then be overri
 from the command line as `--section.field value` (e.g. `--data.train /imagenet/train
 --optim.base_lr 0.05`). Every invalid value is reported before any work starts,
 naming the field and how to fix it, so that a typo never costs a GPU hour.
+
+The `# comment` beside a field is its `--help` text (one line, with its choices or
+range): every field needs one (tests/test_config.py checks).
 """
 
 from __future__ import annotations
@@ -63,9 +66,9 @@ class ModelConfig:
 class MiraConfig:
     """The pseudo-labelling method and its schedules."""
 
-    objective: str = "mira"  # mira | mlcpc | mira+mlcpc (the critic on the projector embeddings)
+    objective: str = "mira"  # loss: mira | mlcpc | mira+mlcpc (the critic on the projector embeddings)
     mlcpc_weight: float = 1.0  # weight of the ML-CPC loss in mira+mlcpc
-    assignment: str = "mira"  # mira | sinkhorn (SwAV's equipartition baseline)
+    assignment: str = "mira"  # pseudo-labels: mira | sinkhorn (SwAV's equipartition baseline)
     tau_student: float = 0.1  # temperature of the student's softmax over the prototypes (> 0)
     tau_teacher: float = 0.225  # temperature of the teacher's logits fed to the assignment (> 0)
     beta_start: float = 0.75  # MIRA's mutual-information weight in [0, 1) at step 0; cosine to beta_end
@@ -87,8 +90,8 @@ class CriticConfig:
     """The queue-based ML-CPC critic (Song & Ermon 2020), used by the mlcpc objectives."""
 
     queue_size: int = 65536  # keys of earlier steps, gathered from all ranks; < dataset size
-    temperature: float = 0.07  # separable critic q . k / T
-    alpha_start: float = 10.0  # geometric curriculum start -> end (Sec. 5.3: 10 -> 0.1)
+    temperature: float = 0.07  # T of the separable critic q . k / T (> 0)
+    alpha_start: float = 10.0  # ML-CPC alpha at the start; geometric curriculum to alpha_end (Sec. 5.3: 10 -> 0.1)
     alpha_end: float = 0.1  # alpha at the end of training (> 0)
     alpha_per: str = "epoch"  # epoch | step: how often alpha moves
 
@@ -129,12 +132,12 @@ class TrainConfig:
 class EvalConfig:
     """Online k-NN on the val split (DINO protocol), with teacher features."""
 
-    knn_every: int = 10  # epochs; 0 = only after the last epoch; -1 = never
-    knn_at_start: bool = False  # also evaluate the random-initialised network
+    knn_every: int = 10  # epochs between online k-NN evaluations; 0 = only after the last epoch; -1 = never
+    knn_at_start: bool = False  # also run the k-NN on the randomly initialised network (a baseline)
     knn_k: int = 20  # neighbours that vote (DINO: 20)
     knn_temperature: float = 0.07  # votes weighted by exp(cosine / T) (DINO: 0.07)
     batch_size: int = 256  # images per batch when extracting k-NN features
-    image_size: int = 0  # 0 = the recipe's global crop size
+    image_size: int = 0  # k-NN centre-crop size in pixels; 0 = the recipe's global crop size
     loader: str = "torchvision"  # torchvision | dali: who reads the k-NN images (same transform)
 
 

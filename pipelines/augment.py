@@ -39,7 +39,7 @@ class MultiCropRecipe:
     local_scale: tuple[float, float] = (0.05, 0.14)  # area fraction range of the local random-resized crops
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of every random-resized crop
     flip_p: float = 0.5  # probability of a horizontal flip, per view
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # colour jitter: brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue jitter
     jitter_p: float = 0.8  # probability of colour jitter, per view
     grayscale_p: float = 0.2  # probability of grayscale, per view
     # Blur probability for global view 0, global view 1, and every local view.
