@@ -68,10 +68,15 @@ def line_chart(path: Path, series: dict[str, tuple[list[float], list[float]]], x
         few = len(xs) < 30
         ax.plot(xs, ys, marker="o" if few else None, markersize=5 if name in (labels or {}) else 3, label=name)
         for x, y, text in zip(xs, ys, (labels or {}).get(name, [])):
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+            # the texts of the end points run inwards, away from the axes
+            ha = "center" if len(xs) == 1 else "left" if x == min(xs) else "right" if x == max(xs) else "center"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 7), ha=ha, fontsize=8)
     if labels:
         ax.margins(x=0.08, y=0.15)  # room for the texts of the first, last and highest points
-    if integer_x:
+    xs_all = sorted({x for xs, _ in series.values() for x in xs})
+    if integer_x and len(xs_all) <= 12:
+        ax.set_xticks(xs_all)  # a tick at each measured epoch (also when there is a single one)
+    elif integer_x:
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -157,7 +157,8 @@ def run_charts(report: dict, out: Path) -> dict:
     knn = knn_points(epochs, report.get("knn_random_init"))
     if knn:
         found["knn"] = charts.line_chart(
-            out / "knn.png", {"top-1": ([e for e, _ in knn], [v for _, v in knn])}, "epoch (0 = random init)",
+            out / "knn.png", {"top-1": ([e for e, _ in knn], [v for _, v in knn])},
+            "epoch (0 = random init)" if knn[0][0] == 0 else "epoch",
             "k-NN top-1 (%)", "Online k-NN", integer_x=True,
             labels={"top-1": [f"{v:.1f}" + (" (random init)" if e == 0 else "") for e, v in knn]})
     if epochs:
