@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from fastssl.config import Config, ConfigError, apply_overrides, validate
+from fastssl.config import Config, ConfigError, apply_overrides, field_help, validate
 from pipelines.folder import DataLayoutError
 
 USAGE = """usage: {prog} [--resume] [--print-config] [--section.field VALUE ...]
@@ -14,15 +14,19 @@ USAGE = """usage: {prog} [--resume] [--print-config] [--section.field VALUE ...]
   --print-config    print the resolved configuration and exit
   --section.field   override any field of the recipe, e.g. --data.train /imagenet/train
 
-fields (recipe value):
+fields (= the recipe's value), each with what it means:
 {fields}"""
 
 
 def usage(cfg: Config, prog: str) -> str:
+    """Every field with the recipe's value and, on the next line, its help (the comment beside it in config.py)."""
+    helps = field_help(cfg)
     lines = []
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            lines.append(f"  --{section.name}.{f.name} = {getattr(getattr(cfg, section.name), f.name)!r}")
+            name = f"{section.name}.{f.name}"
+            lines.append(f"  --{name} = {getattr(getattr(cfg, section.name), f.name)!r}")
+            lines.append(f"      {helps.get(name) or '(no description)'}")
     return USAGE.format(prog=prog, fields="\n".join(lines))
 
 

@@ -4,14 +4,21 @@ A recipe is a Python file that builds a `Config`; every field can then be overri
 from the command line as `--section.field value` (e.g. `--data.train /imagenet/train
 --optim.base_lr 0.05`). Every invalid value is reported before any work starts,
 naming the field and how to fix it, so that a typo never costs a GPU hour.
+
+The `# comment` beside a field is its `--help` text (one line, with its choices or
+range): every field needs one (tests/test_config.py checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
 import json
 import math
+import re
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +37,13 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the images come from and how they are loaded."""
 
-    backend: str = "torchvision"  # torchvision | synthetic | dali | ffcv
-    train: str = ""  # ImageNet-layout folder: train/<class>/<image>.JPEG
+    backend: str = "torchvision"  # who reads and augments the training images: torchvision | synthetic | dali | ffcv
+    train: str = ""  # ImageNet-layout folder train/<class>/<image>.JPEG (a .beton for ffcv)
     val: str = ""  # same layout; used by the online k-NN ("" = no k-NN)
     knn_train: str = ""  # JPEG folder for the k-NN memory bank ("" = data.train; required with ffcv)
     num_workers: int = -1  # loader workers per process; -1 = all cores / processes
     synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
-    synthetic_classes: int = 1000
+    synthetic_classes: int = 1000  # labels of the synthetic backend's images
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
     dali_cpu_fast: bool = True  # DALI on CPU: bilinear crops, fast IDCT, numba photometric steps (False: the GPU graph)
     device_augment: bool = False  # torchvision: workers only crop; flip/colour/blur/solarize run batched on the device
@@ -48,10 +55,10 @@ class DataConfig:
 class ModelConfig:
     """Backbone, projector and prototypes (MIRA Sec. 4.1 and the authors' code)."""
 
-    arch: str = "resnet50"  # resnet18 | resnet50
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 256
-    num_prototypes: int = 3000
+    arch: str = "resnet50"  # backbone: resnet18 | resnet50
+    proj_hidden_dim: int = 2048  # hidden width of the projector MLP
+    proj_dim: int = 256  # output width of the projector (the embedding the prototypes score)
+    num_prototypes: int = 3000  # K: prototypes, i.e. pseudo-label classes
     sync_bn: bool = True  # SyncBN over every BN layer in distributed CUDA runs
 
 
@@ -59,20 +66,20 @@ class ModelConfig:
 class MiraConfig:
     """The pseudo-labelling method and its schedules."""
 
-    objective: str = "mira"  # mira | mlcpc | mira+mlcpc (the critic on the projector embeddings)
+    objective: str = "mira"  # loss: mira | mlcpc | mira+mlcpc (the critic on the projector embeddings)
     mlcpc_weight: float = 1.0  # weight of the ML-CPC loss in mira+mlcpc
-    assignment: str = "mira"  # mira | sinkhorn (SwAV's equipartition baseline)
-    tau_student: float = 0.1
-    tau_teacher: float = 0.225
-    beta_start: float = 0.75  # cosine-scheduled per step to beta_end
-    beta_end: float = 2 / 3
-    num_iters: int = 30  # fixed-point steps of Eq. 7
-    sinkhorn_eps: float = 0.05
-    sinkhorn_iters: int = 3
+    assignment: str = "mira"  # pseudo-labels: mira | sinkhorn (SwAV's equipartition baseline)
+    tau_student: float = 0.1  # temperature of the student's softmax over the prototypes (> 0)
+    tau_teacher: float = 0.225  # temperature of the teacher's logits fed to the assignment (> 0)
+    beta_start: float = 0.75  # MIRA's mutual-information weight in [0, 1) at step 0; cosine to beta_end
+    beta_end: float = 2 / 3  # beta at the last step, in [0, 1)
+    num_iters: int = 30  # fixed-point steps of Eq. 7 per assignment
+    sinkhorn_eps: float = 0.05  # entropy weight of the Sinkhorn baseline (assignment sinkhorn)
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations of the baseline
     ema: bool = True  # EMA teacher (backbone + projector); head copied each step
-    ema_momentum_start: float = 0.99
-    ema_momentum_end: float = 1.0
-    freeze_prototypes_epochs: int = 1
+    ema_momentum_start: float = 0.99  # teacher EMA momentum in [0, 1] at step 0; cosine to ema_momentum_end
+    ema_momentum_end: float = 1.0  # teacher EMA momentum at the last step
+    freeze_prototypes_epochs: int = 1  # epochs at the start during which the prototypes are not updated
 
 
 OBJECTIVES = ("mira", "mlcpc", "mira+mlcpc")
@@ -83,9 +90,9 @@ class CriticConfig:
     """The queue-based ML-CPC critic (Song & Ermon 2020), used by the mlcpc objectives."""
 
     queue_size: int = 65536  # keys of earlier steps, gathered from all ranks; < dataset size
-    temperature: float = 0.07  # separable critic q . k / T
-    alpha_start: float = 10.0  # geometric curriculum start -> end (Sec. 5.3: 10 -> 0.1)
-    alpha_end: float = 0.1
+    temperature: float = 0.07  # T of the separable critic q . k / T (> 0)
+    alpha_start: float = 10.0  # ML-CPC alpha at the start; geometric curriculum to alpha_end (Sec. 5.3: 10 -> 0.1)
+    alpha_end: float = 0.1  # alpha at the end of training (> 0)
     alpha_per: str = "epoch"  # epoch | step: how often alpha moves
 
 
@@ -93,44 +100,44 @@ class CriticConfig:
 class OptimConfig:
     """Optimiser and learning-rate schedule (linear scaling rule: lr = base_lr x batch/256)."""
 
-    name: str = "sgd"  # sgd | lars
-    base_lr: float = 0.03
-    final_lr: float = 0.0
-    warmup_epochs: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lars_eta: float = 0.001
+    name: str = "sgd"  # optimiser: sgd | lars
+    base_lr: float = 0.03  # learning rate per 256 images; the peak lr is base_lr x global_batch_size / 256
+    final_lr: float = 0.0  # learning rate at the end of the per-step cosine decay
+    warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr (fractions allowed)
+    momentum: float = 0.9  # SGD / LARS momentum
+    weight_decay: float = 1e-4  # L2 weight decay
+    lars_eta: float = 0.001  # LARS trust coefficient (optim.name lars only)
 
 
 @dataclass
 class TrainConfig:
     """The loop: batch, length, precision, checkpoints, logs."""
 
-    run_dir: str = "runs/mira"
-    epochs: int = 100
-    global_batch_size: int = 512
+    run_dir: str = "runs/mira"  # where logs, checkpoints and the exported backbone go (one run per directory)
+    epochs: int = 100  # training epochs
+    global_batch_size: int = 512  # images per step over all processes (divisible by the process count)
     micro_batch_size: int = 0  # per-process chunk for gradient accumulation; 0 = no split
-    seed: int = 0
+    seed: int = 0  # random seed (data order, augmentations, initialisation)
     precision: str = "auto"  # auto | bf16 | fp16 | no  (auto: bf16 on GPUs that have it, else no)
     compile: bool = False  # torch.compile the student
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout for the convolutions (faster on GPUs)
     cpu: bool = False  # force CPU even when a GPU is present
     steps_per_epoch: int = 0  # cap steps per epoch (smoke tests, profiling); 0 = the whole epoch
     log_every: int = 10  # steps between CSV/TensorBoard rows
     checkpoint_every: int = 1  # epochs between resumable checkpoints
-    progress: bool = True
+    progress: bool = True  # progress bars (epochs, k-NN) on the main process
 
 
 @dataclass
 class EvalConfig:
     """Online k-NN on the val split (DINO protocol), with teacher features."""
 
-    knn_every: int = 10  # epochs; 0 = only after the last epoch; -1 = never
-    knn_at_start: bool = False  # also evaluate the random-initialised network
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    batch_size: int = 256
-    image_size: int = 0  # 0 = the recipe's global crop size
+    knn_every: int = 10  # epochs between online k-NN evaluations; 0 = only after the last epoch; -1 = never
+    knn_at_start: bool = False  # also run the k-NN on the randomly initialised network (a baseline)
+    knn_k: int = 20  # neighbours that vote (DINO: 20)
+    knn_temperature: float = 0.07  # votes weighted by exp(cosine / T) (DINO: 0.07)
+    batch_size: int = 256  # images per batch when extracting k-NN features
+    image_size: int = 0  # k-NN centre-crop size in pixels; 0 = the recipe's global crop size
     loader: str = "torchvision"  # torchvision | dali: who reads the k-NN images (same transform)
 
 
@@ -199,6 +206,48 @@ def _type_name(typ: Any) -> str:
 def field_names(cfg: Config) -> list[str]:
     """All `section.field` names, for error messages and `--help`."""
     return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def field_help(cfg: Config) -> dict[str, str]:
+    """`section.field` -> its one-line help, for `--help`.
+
+    The help of a field is the `# comment` on its line (or the comment lines right above
+    it): the comment beside the declaration is the single place that says what a field
+    means and which values it takes, so `--help` reads it instead of a second copy that
+    could drift. A field without a comment gets "" (tests/test_config.py forbids that).
+    """
+    return {f"{s.name}.{name}": text for s in dataclasses.fields(cfg)
+            for name, text in _comment_help(type(getattr(cfg, s.name))).items()}
+
+
+def _comment_help(cls: type) -> dict[str, str]:
+    """Each dataclass field's comment, read from the class source ("" when there is none)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (a frozen build): help is empty, not an error
+        return dict.fromkeys(names, "")
+    comments: dict[int, tuple[str, bool]] = {}  # line index -> (text, the comment is the whole line)
+    source = "\n".join(lines) + "\n"
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start[0] - 1, tok.start[1]
+            comments[row] = (tok.string.lstrip("#").strip(), not lines[row][:col].strip())
+    found: dict[str, str] = {}
+    for row, line in enumerate(lines):
+        match = re.match(r"\s+(\w+)\s*:", line)
+        name = match.group(1) if match else None
+        if name not in names or name in found:
+            continue
+        text, whole_line = comments.get(row, ("", True))
+        if not text or whole_line:  # no comment on the line: the block of comment lines above it
+            above, r = [], row - 1
+            while r in comments and comments[r][1]:
+                above.insert(0, comments[r][0])
+                r -= 1
+            text = " ".join(above)
+        found[name] = text
+    return {name: found.get(name, "") for name in names}
 
 
 def set_field(cfg: Config, dotted: str, text: str) -> None:

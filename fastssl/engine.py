@@ -98,7 +98,7 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
     saved_step = state.step if resume else None  # the step of the checkpoint on disk
     stop = GracefulStop()
     if knn and cfg.eval.knn_at_start and state.step == 0:
-        results["knn_random_init"] = knn(teacher.backbone)
+        results["knn_random_init"] = knn(teacher.backbone, "the randomly initialised network")
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, accelerator, loader, student, teacher, optimizer, state, steps_per_epoch,
@@ -324,7 +324,7 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
         return None
     return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
                      cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                     cfg.eval.loader)
+                     cfg.eval.loader, progress=cfg.train.progress)
 
 
 def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> Path:
@@ -393,6 +393,7 @@ def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, change
         dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
         info = {"date": now, "environment": env,
                 "recipe": describe_recipe(cfg, run_dir.name, dtype, accelerator.num_processes)}
+    info["cwd"] = str(Path.cwd())  # config.json's relative data paths are relative to it (tools/eval_*.py)
     write_json(path, info)
 
 

@@ -32,23 +32,23 @@ class ViewSpec:
 class MultiCropRecipe:
     """Crop geometry and augmentation probabilities, shared by all backends."""
 
-    global_size: int = 224
-    local_size: int = 96
-    num_local: int = 6
-    global_scale: tuple[float, float] = (0.14, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.14)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
+    global_size: int = 224  # side in pixels of the 2 global crops
+    local_size: int = 96  # side in pixels of the local crops
+    num_local: int = 6  # local crops per image (0 = only the 2 global views)
+    global_scale: tuple[float, float] = (0.14, 1.0)  # area fraction range of the global random-resized crops
+    local_scale: tuple[float, float] = (0.05, 0.14)  # area fraction range of the local random-resized crops
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of every random-resized crop
+    flip_p: float = 0.5  # probability of a horizontal flip, per view
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue jitter
+    jitter_p: float = 0.8  # probability of colour jitter, per view
+    grayscale_p: float = 0.2  # probability of grayscale, per view
     # Blur probability for global view 0, global view 1, and every local view.
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # range of the Gaussian blur's sigma, in pixels
     # Solarize probability for global view 0, global view 1, and every local view.
     solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean subtracted after augmentation (RGB, 0..1)
+    std: tuple[float, float, float] = IMAGENET_STD  # per-channel std divided by after augmentation (RGB, 0..1)
 
     @property
     def num_views(self) -> int:

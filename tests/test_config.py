@@ -102,3 +102,49 @@ def test_misspelt_field_gets_suggestions():
         apply_overrides(valid(), ["--train.epoch", "3"])
     with pytest.raises(ConfigError, match="--optim.base_lr"):
         apply_overrides(valid(), ["--optim.lr", "0.1"])
+
+
+# ------------------------------------------------------------------ --help: what each field means
+def test_every_field_has_a_one_line_help():
+    from fastssl.config import field_help, field_names
+
+    helps = field_help(Config())
+    assert sorted(helps) == sorted(field_names(Config()))
+    missing = [name for name, text in helps.items() if not text.strip()]
+    assert not missing, f"fields without a comment beside them in their dataclass: {missing}"
+    assert all("\n" not in text for text in helps.values())
+    assert helps["data.backend"].endswith("torchvision | synthetic | dali | ffcv")
+    assert helps["aug.blur_p"].startswith("Blur probability for global view 0")  # the comment line above the field
+
+
+def test_help_is_the_comment_beside_the_field_or_above_it():
+    import dataclasses
+
+    from fastssl.config import _comment_help
+
+    @dataclasses.dataclass
+    class Section:
+        plain: int = 1  # the comment on its line
+        # the comment above,
+        # over two lines
+        above: str = "#not a comment"
+        bare: float = 0.5
+        both: int = 2  # its own line wins  # even with a second hash
+
+    assert _comment_help(Section) == {"plain": "the comment on its line", "above": "the comment above, over two lines",
+                                      "bare": "", "both": "its own line wins  # even with a second hash"}
+
+
+def test_usage_shows_each_field_with_the_recipe_value_and_its_help():
+    from fastssl.cli import usage
+    from fastssl.config import field_help, field_names
+
+    cfg = valid()
+    cfg.optim.base_lr = 0.125
+    lines = usage(cfg, "recipe.py").splitlines()
+    helps = field_help(cfg)
+    for name in field_names(cfg):
+        i = next(i for i, line in enumerate(lines) if line.startswith(f"  --{name} = "))
+        assert lines[i + 1].strip() == helps[name]
+    assert "  --optim.base_lr = 0.125" in lines
+    assert "  --data.train = '/some/train'" in lines

@@ -50,3 +50,37 @@ def test_bad_input_is_named(trained_run, tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "odd.pth")
     out = run_tool(str(tmp_path / "odd.pth"), "--train", "x", "--val", "y")
     assert out.returncode == 2 and "another architecture" in out.stderr
+
+
+def test_a_run_with_relative_data_paths_evaluates_from_any_directory(tmp_path, monkeypatch):
+    """Recipes store paths as typed (data/demo/train); the tools take them from where the run started."""
+    project = tmp_path / "project"
+    cfg = tiny_config(project, epochs=1)
+    cfg.data.train, cfg.data.val, cfg.train.run_dir = "data/train", "data/val", "runs/r1"
+    cfg.eval.knn_at_start = False
+    monkeypatch.chdir(project)
+    train(cfg)
+    assert json.loads((project / "runs/r1/run_info.json").read_text())["cwd"] == str(project)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    report = load_tool("eval_knn").main([str(project / "runs/r1"), "--ks", "5"])
+    assert report["train"] == str(project / "data/train") and report["val"] == str(project / "data/val")
+    assert 0 <= report["k"]["5"]["top1"] <= 100 and (project / "runs/r1/eval_knn.json").is_file()
+
+
+def test_start_directory_of_runs_that_predate_its_record(tmp_path):
+    from fastssl.eval.checkpoint_io import from_run, start_dir
+
+    run = tmp_path / "runs" / "demo" / "x"
+    run.mkdir(parents=True)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    cfg = {"train": {"run_dir": "runs/demo/x"}}
+    assert start_dir(run, cfg) == tmp_path  # runs/demo/x found at tmp/runs/demo/x was started in tmp
+    assert start_dir(run, {"train": {"run_dir": "other/x"}}) is None  # moved or renamed: cannot tell
+    assert start_dir(run, {"train": {"run_dir": str(run)}}) is None  # absolute: nothing to recover
+    (run / "run_info.json").write_text(json.dumps({"cwd": "/somewhere"}))
+    assert start_dir(run, cfg) == Path("/somewhere")  # the record wins
+    assert from_run("data/train", tmp_path) == str(tmp_path / "data/train")
+    assert from_run("/abs/train", tmp_path) == "/abs/train"
+    assert from_run("data/val", None) == "data/val"

@@ -55,6 +55,7 @@ def test_help_lists_every_field():
     out = run_cli("--help")
     assert out.returncode == 0
     assert "--data.train" in out.stdout and "--method.beta_end" in out.stdout
+    assert "ImageNet-layout folder" in out.stdout  # each field's help, beside the recipe's value
 
 
 @pytest.mark.parametrize("args, needle", [

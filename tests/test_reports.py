@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_tool
+from conftest import load_tool, requires_ffcv
 from test_engine import tiny_config
 from fastssl.config import to_dict
 from fastssl.engine import train
@@ -156,6 +156,7 @@ def test_profile_writes_a_complete_report(profile_report):
         assert (profile_report / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in md
     assert report["verdict"] in md and "bottleneck" in report["verdict"]
+    assert not list(profile_report.glob(".scratch-*"))  # the temporary folder is gone
 
 
 def test_compare_two_reports(profile_report, tmp_path):
@@ -192,6 +193,9 @@ def test_run_report_of_a_finished_run(tmp_path):
     assert len(report["steps"]) == 6 and all(math.isfinite(s["loss"]) for s in report["steps"])
     assert report["evaluations"]["eval_knn"]["top1"] == 55.5
     assert report["evaluations"]["online k-NN (loop)"]["top1"] == pytest.approx(report["epochs"][-1]["knn_top1"], abs=1e-3)
+    random_init = json.loads((run / "results.json").read_text())["knn_random_init"]
+    assert report["knn_random_init"] == random_init
+    assert report["evaluations"]["online k-NN, random init"]["top1"] == random_init["top1"]
     assert set(report["charts"]) >= {"loss", "throughput", "knn", "breakdown"}
     md = (run / "report" / "report.md").read_text()
     for png in report["charts"].values():
@@ -204,3 +208,75 @@ def test_run_report_rejects_missing_and_foreign_directories(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert tool.main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_knn_chart_starts_at_the_random_init_figure_and_labels_every_point(tmp_path, monkeypatch):
+    """A demo-like run (k-NN only at the start and the end) gives a line from 0, not one lone dot."""
+    from fastssl.reports import charts, run_report
+
+    drawn = {}
+
+    def record(path, series, xlabel, ylabel, title, labels=None, integer_x=False):
+        drawn[path.name] = (series, labels)
+        return path.name
+
+    monkeypatch.setattr(charts, "line_chart", record)
+    epochs = [{"epoch": e, "knn_top1": None} for e in range(9)] + [{"epoch": 9, "knn_top1": 24.6}]
+    report = {"steps": [], "epochs": epochs, "knn_random_init": {"top1": 11.4, "top5": 50.0}}
+    assert run_report.run_charts(report, tmp_path)["knn"] == "knn.png"
+    series, labels = drawn["knn.png"]
+    assert series == {"top-1": ([0, 10], [11.4, 24.6])}
+    assert labels == {"top-1": ["11.4 (random init)", "24.6"]}
+    drawn.clear()
+    run_report.run_charts({**report, "knn_random_init": None}, tmp_path)  # runs without knn_at_start
+    assert drawn["knn.png"] == ({"top-1": ([10], [24.6])}, {"top-1": ["24.6"]})
+
+
+def test_labelled_line_chart_of_one_point_is_a_png(tmp_path):
+    from fastssl.reports import charts
+
+    name = charts.line_chart(tmp_path / "one.png", {"top-1": ([10], [24.6])}, "epoch", "%", "t",
+                             labels={"top-1": ["24.6"]}, integer_x=True)
+    assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failed_cross_check_warns_on_the_console(capsys):
+    tool = load_tool("profile_throughput")
+    checks = {"end_to_end_images_per_s": tool.ratio_check(100.0, 60.0, "note"),
+              "assignment_us": tool.ratio_check(50.0, 49.0, "note"),
+              "nothing_to_compare": tool.ratio_check(5.0, 0.0, "note")}
+    assert tool.print_checks(checks) == 2
+    out, err = capsys.readouterr()
+    assert "check end_to_end_images_per_s: profile 100.0 vs independent 60.0 (ratio 1.667)" in out
+    assert "ratio n/a" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "end_to_end_images_per_s FAILED" in warnings[0] and "1.667" in warnings[0]
+    assert "assignment_us" not in err
+
+
+@requires_ffcv
+def test_profile_converts_its_beton_into_the_scratch_folder(tmp_path, monkeypatch):
+    """The ffcv stage's .beton goes to the folder it is given (under --out), not data/bench/ of the cwd."""
+    import argparse
+
+    import pipelines
+
+    tool = load_tool("profile_throughput")
+    bench = load_tool("bench_loaders")
+    cfg = tiny_config(tmp_path, epochs=1)
+    paths = []
+
+    def fake_loader(name, spec):
+        paths.append(Path(spec.path))
+        return object()
+
+    monkeypatch.setattr(pipelines, "build_train_loader", fake_loader)
+    monkeypatch.setattr(bench, "time_epoch", lambda *a: 1.0)
+    monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "out" / ".scratch-x"
+    scratch.mkdir(parents=True)
+    args = argparse.Namespace(beton=None, workers=0, repeats=1, warmup_batches=0, loader_batches=1)
+    accelerator = argparse.Namespace(device=torch.device("cpu"), num_processes=1, process_index=0, mixed_precision="no")
+    result = tool.measure_loaders(cfg, accelerator, ["ffcv"], args, scratch)
+    assert set(result) == {"ffcv"} and paths[0].parent == scratch and paths[0].suffix == ".beton"
+    assert paths[0].is_file() and not (tmp_path / "data" / "bench").exists()

@@ -90,9 +90,13 @@ def host_peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- stage 1
-def measure_loaders(cfg: Config, accelerator, backends: list[str], args) -> dict:
-    """Loader-only source images/s per backend, interleaved repetitions (bench_loaders' timing)."""
-    from bench_loaders import available, beton_for, time_epoch
+def measure_loaders(cfg: Config, accelerator, backends: list[str], args, scratch: Path) -> dict:
+    """Loader-only source images/s per backend, interleaved repetitions (bench_loaders' timing).
+
+    The ffcv backend reads `--beton`, else a conversion of the recipe's folder written
+    under `scratch` (the caller's temporary directory: nothing lands in the repository).
+    """
+    from bench_loaders import available, time_epoch
 
     names = [b for b in backends if available(b) and (b == "synthetic" or cfg.data.train)]
     loaders = {}
@@ -100,7 +104,7 @@ def measure_loaders(cfg: Config, accelerator, backends: list[str], args) -> dict
         c = copy.deepcopy(cfg)
         c.data.backend = name
         if name == "ffcv" and not str(c.data.train).endswith(".beton"):
-            c.data.train = str(args.beton or beton_for(Path(cfg.data.train)))
+            c.data.train = str(args.beton or scratch_beton(Path(cfg.data.train), scratch))
         elif name != "ffcv" and str(c.data.train).endswith(".beton"):
             continue  # a .beton feeds only ffcv
         loaders[name] = pipelines.build_train_loader(name, loader_spec(c, accelerator, args.workers))
@@ -112,6 +116,17 @@ def measure_loaders(cfg: Config, accelerator, backends: list[str], args) -> dict
             runs[name].append(time_epoch(loader, rep, args.warmup_batches, args.loader_batches, accelerator.device))
             print(f"  loader {name:12s} repeat {rep + 1}/{args.repeats}: {runs[name][-1]:9.1f} images/s", flush=True)
     return {n: {"images_per_s": statistics.median(r), "min": min(r), "max": max(r), "runs": r} for n, r in runs.items()}
+
+
+def scratch_beton(folder: Path, scratch: Path) -> Path:
+    """`folder` converted to a .beton in `scratch`, for the ffcv loader-only stage (deleted with `scratch`)."""
+    from convert_imagenet_to_ffcv import convert
+
+    out = scratch / f"{folder.name}.beton"
+    print(f"  converting {folder} to a temporary {out.name} for the ffcv backend (pass --beton FILE to reuse one)",
+          flush=True)
+    convert(folder, out, write_mode="jpg", progress=False)
+    return out
 
 
 # ----------------------------------------------------------------------------- stage 2 and 3
@@ -268,7 +283,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two report directories or JSON files")
     ap.add_argument("--gpus", type=int, default=1, help="processes of the real run: this one gets global batch / G")
     ap.add_argument("--backends", default="torchvision,dali,ffcv,synthetic", help="loaders for the loader-only stage")
-    ap.add_argument("--beton", help="the data as a .beton for ffcv (default: converted under data/bench/)")
+    ap.add_argument("--beton", help="the data as a .beton for ffcv (default: converted into a temporary folder "
+                    "under --out, deleted at the end)")
     ap.add_argument("--workers", type=int, default=-1, help="loader workers / threads (-1: all cores)")
     ap.add_argument("--steps", type=int, default=10 if cpu else 50, help="timed steps per stage")
     ap.add_argument("--warmup-steps", type=int, default=2 if cpu else 10)
@@ -325,7 +341,9 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
     print(f"profiling {args.recipe.name} on {device} ({cfg.train.global_batch_size} images per step)", flush=True)
 
     print("1/5 loader only", flush=True)
-    loaders = measure_loaders(cfg, accelerator, args.backends.split(","), args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=args.out) as scratch:  # a .beton of the data, if any
+        loaders = measure_loaders(cfg, accelerator, args.backends.split(","), args, Path(scratch))
     print("2/5 model step only (synthetic batch on the device)", flush=True)
     reset_peak_memory(device)
     runner = StepRunner(cfg, accelerator)
@@ -403,6 +421,23 @@ def write_charts(report: dict, out: Path) -> dict:
     }
 
 
+def print_checks(checks: dict) -> int:
+    """One line per cross-check; a failed one also gets a warning on stderr (the JSON alone goes unread).
+
+    Returns the number of failed checks.
+    """
+    failed = 0
+    for name, c in checks.items():
+        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}"
+        print(f"check {name}: profile {c['profile']:.1f} vs independent {c['independent']:.1f} (ratio {ratio})")
+        if not c["within_15_percent"]:
+            failed += 1
+            print(f"warning: cross-check {name} FAILED: this profile and the independent measurement differ by more "
+                  f"than 15% (ratio {ratio}), so the profile's figures are doubtful; rerun it on an idle machine "
+                  f"(another job sharing the cores or the GPU is the usual cause)", file=sys.stderr, flush=True)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -416,9 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / "report.json", report)
     (args.out / "report.md").write_text(profile_markdown(report))
     print(f"\n{report['verdict']}\n")
-    for name, c in report["checks"].items():
-        print(f"check {name}: profile {c['profile']:.1f} vs independent {c['independent']:.1f} "
-              f"(ratio {c['ratio']:.3f})")
+    print_checks(report["checks"])
     print(f"wrote {args.out / 'report.md'} and report.json ({report['seconds']:.0f} s)")
     return 0
 

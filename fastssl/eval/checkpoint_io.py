@@ -19,8 +19,8 @@ import torch
 
 from fastssl.models.backbone import FEATURE_DIMS, build_backbone
 
-__all__ = ["EvalError", "infer_arch", "load_backbone", "resolve_target", "run_knn_figure", "write_report",
-           "pick_device", "exit_with", "utc_now"]
+__all__ = ["EvalError", "infer_arch", "load_backbone", "resolve_target", "start_dir", "from_run", "run_knn_figure",
+           "write_report", "pick_device", "exit_with", "utc_now"]
 
 
 class EvalError(ValueError):
@@ -74,8 +74,10 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     """Checkpoint, arch, data paths, image size and report path from a run directory and the flags.
 
     Flags win over the run's config.json. `train_keys` are the config.data fields tried in
-    order for the training folder (the k-NN prefers its own `knn_train`). The report goes
-    to RUN_DIR/<tool>.json, or <stem>_<tool>.json beside a bare backbone file.
+    order for the training folder (the k-NN prefers its own `knn_train`). Relative data
+    paths of the config are taken from the directory the run was started in (`start_dir`),
+    so the tools work from any directory; flags are relative to this one, as usual. The
+    report goes to RUN_DIR/<tool>.json, or <stem>_<tool>.json beside a bare backbone file.
     """
     target = Path(target)
     if not target.exists():
@@ -86,9 +88,11 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         if not config_path.is_file():
             raise EvalError(f"{str(target)!r} is not a run directory (no config.json)")
         cfg = json.loads(config_path.read_text())
+        start = start_dir(target, cfg)
+        saved_train = next((cfg["data"][k] for k in train_keys if cfg["data"].get(k)), None)
         found["arch"] = found["arch"] or cfg["model"]["arch"]
-        found["train"] = found["train"] or next((cfg["data"][k] for k in train_keys if cfg["data"].get(k)), None)
-        found["val"] = found["val"] or cfg["data"]["val"]
+        found["train"] = found["train"] or (saved_train and from_run(saved_train, start))
+        found["val"] = found["val"] or (cfg["data"]["val"] and from_run(cfg["data"]["val"], start))
         found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
         found["checkpoint"] = target / f"backbone_{found['arch']}.pth"
         found["out"] = Path(json_path) if json_path else target / f"{tool}.json"
@@ -99,6 +103,42 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     if (need_train and not found["train"]) or not found["val"]:
         raise EvalError("no data: pass --train and --val (ImageNet-layout folders)")
     return found
+
+
+def start_dir(run_dir: Path, cfg: dict) -> Path | None:
+    """The directory a run was started in: its config.json's relative data paths are relative to it.
+
+    Recipes store paths as typed (`data/demo/train`), so from another directory they would
+    point nowhere. run_info.json records the start directory (`cwd`); for runs that predate
+    it, a relative train.run_dir tells it too (`runs/demo/X`, found at /repo/runs/demo/X, was
+    started in /repo). None when neither says.
+    """
+    try:
+        cwd = json.loads((Path(run_dir) / "run_info.json").read_text()).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        cwd = None
+    if cwd:
+        return Path(cwd)
+    saved = Path(cfg.get("train", {}).get("run_dir") or "")
+    here = Path(run_dir).resolve()
+    n = len(saved.parts)
+    if n and not saved.is_absolute() and len(here.parts) > n and here.parts[-n:] == saved.parts:
+        return here.parents[n - 1]
+    return None
+
+
+def from_run(path: str, start: Path | None) -> str:
+    """A data path of a run's config, made usable from here (absolute paths are kept as they are).
+
+    Taken from the start directory when the path exists there, or when it exists from
+    nowhere (then the error names the absolute path the run used); from this directory only
+    when just that works (the run's data moved along with it, say).
+    """
+    p = Path(path)
+    if p.is_absolute() or start is None:
+        return path
+    anchored = start / p
+    return str(anchored) if anchored.exists() or not p.exists() else path
 
 
 def run_knn_figure(target: str | Path) -> dict | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from fastssl.eval.knn import knn_accuracy
 from pipelines.eval import build_eval_loader
@@ -17,16 +18,25 @@ from pipelines.folder import DataLayoutError
 
 
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, loader: Iterable, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, labels) of the whole split, in dataset order, on every rank."""
+def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bool = False,
+          desc: str = "k-NN features") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of the whole split, in dataset order, on every rank.
+
+    `progress` shows a bar (images of this rank) on the local main process: a split of
+    ImageNet takes minutes, and silence that long looks like a hang.
+    """
     feats, labels, index = [], [], []
     was_training = backbone.training
     backbone.eval()
+    bar = tqdm(total=len(getattr(loader, "indices", ())) or None, desc=desc, unit="img", dynamic_ncols=True,
+               leave=False, disable=not (progress and accelerator.is_local_main_process))
     for images, y, i in loader:
         with accelerator.autocast():
             feats.append(backbone(images).float())
         labels.append(y.to(accelerator.device))
         index.append(i.to(accelerator.device))
+        bar.update(len(y))
+    bar.close()
     backbone.train(was_training)
     feats_t = torch.cat(feats) if feats else torch.zeros(0, 1, device=accelerator.device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
@@ -59,6 +69,11 @@ def knn_loaders(backend: str, train_root: str, val_root: str, **common) -> tuple
     return bank, queries
 
 
+def split_size(loader) -> int:
+    """Images in the whole split (all ranks) of an eval loader (`EvalLoader` or `DaliEvalLoader`)."""
+    return len(loader.dataset) if hasattr(loader, "dataset") else len(loader.samples)
+
+
 class OnlineKnn:
     """Builds the two eval loaders once (so a bad val path, or a missing DALI, fails before training).
 
@@ -66,14 +81,19 @@ class OnlineKnn:
     """
 
     def __init__(self, train_root: str, val_root: str, image_size: int, batch_size: int, accelerator,
-                 num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision"):
+                 num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision",
+                 progress: bool = False):
         common = dict(size=image_size, batch_size=batch_size, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device)
         self.bank, self.queries = knn_loaders(loader, train_root, val_root, **common)
-        self.accelerator, self.k, self.temperature = accelerator, k, temperature
+        self.accelerator, self.k, self.temperature, self.progress = accelerator, k, temperature, progress
 
-    def __call__(self, backbone: torch.nn.Module) -> dict:
-        bank_x, bank_y = embed(backbone, self.bank, self.accelerator)
-        query_x, query_y = embed(backbone, self.queries, self.accelerator)
+    def __call__(self, backbone: torch.nn.Module, what: str = "the teacher") -> dict:
+        """Top-1/top-5 of `backbone`, announced by one line (a split can take minutes); bars with `progress`."""
+        bank, queries = split_size(self.bank), split_size(self.queries)
+        self.accelerator.print(f"k-NN of {what} on {bank + queries} images ({bank} memory bank, {queries} queries): "
+                               "extracting features...", flush=True)
+        bank_x, bank_y = embed(backbone, self.bank, self.accelerator, self.progress, "k-NN memory bank")
+        query_x, query_y = embed(backbone, self.queries, self.accelerator, self.progress, "k-NN queries")
         return knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(self.bank.classes),
                             k=self.k, temperature=self.temperature)

@@ -55,12 +55,31 @@ def stacked_breakdown(path: Path, parts: dict[str, float], title: str) -> str:
 
 
 def line_chart(path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
-               title: str) -> str:
-    """One line per named (x, y) series."""
+               title: str, labels: dict[str, list[str]] | None = None, integer_x: bool = False) -> str:
+    """One line per named (x, y) series.
+
+    `labels` writes a text beside each point of the named series (a chart of two or three
+    k-NN figures says more with the numbers on it); `integer_x` keeps ticks on whole numbers
+    (epochs).
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+        few = len(xs) < 30
+        ax.plot(xs, ys, marker="o" if few else None, markersize=5 if name in (labels or {}) else 3, label=name)
+        for x, y, text in zip(xs, ys, (labels or {}).get(name, [])):
+            # the texts of the end points run inwards, away from the axes
+            ha = "center" if len(xs) == 1 else "left" if x == min(xs) else "right" if x == max(xs) else "center"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 7), ha=ha, fontsize=8)
+    if labels:
+        ax.margins(x=0.08, y=0.15)  # room for the texts of the first, last and highest points
+    xs_all = sorted({x for xs, _ in series.values() for x in xs})
+    if integer_x and len(xs_all) <= 12:
+        ax.set_xticks(xs_all)  # a tick at each measured epoch (also when there is a single one)
+    elif integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

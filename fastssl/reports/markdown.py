@@ -64,9 +64,10 @@ def profile_markdown(report: dict) -> str:
     lines += ["The multi-device line assumes ideal linear scaling (no communication): a lower bound on the time.",
               "", "## Images/s over steps", "", f"![images/s over steps]({charts['over_steps']})", "",
               "## Cross-checks", ""]
-    rows = [[k.replace("_", " "), _num(v.get("profile")), _num(v.get("independent")), _num(v.get("ratio"), "{:.3f}")]
+    rows = [[k.replace("_", " "), _num(v.get("profile")), _num(v.get("independent")), _num(v.get("ratio"), "{:.3f}"),
+             "yes" if v.get("within_15_percent") else "**no: figures doubtful**"]
             for k, v in report["checks"].items()]
-    lines += _table(["figure", "this profile", "independent measurement", "ratio"], rows)
+    lines += _table(["figure", "this profile", "independent measurement", "ratio", "within 15%"], rows)
     lines += [c["note"] for c in report["checks"].values() if c.get("note")]
     return "\n".join(lines) + "\n"
 

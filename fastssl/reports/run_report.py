@@ -58,6 +58,10 @@ def run_info(run_dir: Path) -> tuple[dict, dict, str]:
 def evaluations(run_dir: Path, results: dict) -> dict:
     """Final figures of every evaluation found in the run directory."""
     out = {}
+    if results.get("knn_random_init"):
+        first = results["knn_random_init"]
+        out["online k-NN, random init"] = {"top1": first["top1"], "top5": first["top5"],
+                                           "detail": "before training (knn_at_start), k = 20"}
     if results.get("knn"):
         last = results["knn"][-1]
         out["online k-NN (loop)"] = {"top1": last["top1"], "top5": last["top5"], "detail": f"epoch {last['epoch']}, k = 20"}
@@ -117,9 +121,20 @@ def build_run_report(run_dir: Path, out: Path, date: str) -> dict:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     report = new_report("run", environment, recipe, date)
     report.update(run_dir=str(run_dir), epochs=epochs, steps=steps, evaluations=evaluations(run_dir, results),
+                  knn_random_init=results.get("knn_random_init"),
                   verdict=run_verdict(epochs, steps) + (f" {note}" if note else ""))
     report["charts"] = run_charts(report, out)
     return report
+
+
+def knn_points(epochs: list[dict], random_init: dict | None) -> list[tuple[int, float]]:
+    """(epochs trained, k-NN top-1) of the online k-NN, the random-init network's at epoch 0.
+
+    Demo-like runs measure the k-NN only at the start and at the end: without the
+    random-init point their chart would be a single dot that compares with nothing.
+    """
+    points = [(0, random_init["top1"])] if random_init and random_init.get("top1") is not None else []
+    return points + [(int(r["epoch"]) + 1, r["knn_top1"]) for r in epochs if r.get("knn_top1") is not None]
 
 
 def run_charts(report: dict, out: Path) -> dict:
@@ -139,10 +154,13 @@ def run_charts(report: dict, out: Path) -> dict:
             if ceiling:
                 series["ceiling log(m / alpha)"] = ([s for s, _ in ceiling], [v for _, v in ceiling])
             found["mi"] = charts.line_chart(out / "mi.png", series, "step", "nats", "Mutual information estimate")
-    knn = [(r["epoch"] + 1, r["knn_top1"]) for r in epochs if r.get("knn_top1") is not None]
+    knn = knn_points(epochs, report.get("knn_random_init"))
     if knn:
-        found["knn"] = charts.line_chart(out / "knn.png", {"top-1": ([e for e, _ in knn], [v for _, v in knn])},
-                                         "epoch", "k-NN top-1 (%)", "Online k-NN")
+        found["knn"] = charts.line_chart(
+            out / "knn.png", {"top-1": ([e for e, _ in knn], [v for _, v in knn])},
+            "epoch (0 = random init)" if knn[0][0] == 0 else "epoch",
+            "k-NN top-1 (%)", "Online k-NN", integer_x=True,
+            labels={"top-1": [f"{v:.1f}" + (" (random init)" if e == 0 else "") for e, v in knn]})
     if epochs:
         last = epochs[-1]
         if last.get("step_time_s") and last.get("data_wait_share") is not None:

@@ -1,0 +1,34 @@
+"""The online k-NN says what it is doing: before epoch 1 it can take minutes without a step logged."""
+
+from __future__ import annotations
+
+from test_engine import tiny_config
+from fastssl.engine import train
+
+
+def test_knn_before_the_first_epoch_announces_itself_and_shows_progress(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.train.progress, cfg.eval.knn_every = True, 0
+    train(cfg)
+    out, err = capsys.readouterr()
+    # 3 classes x 8 train + 3 classes x 3 val images (tiny_config)
+    assert "k-NN of the randomly initialised network on 33 images (24 memory bank, 9 queries)" in out
+    assert "k-NN of the teacher on 33 images" in out
+    assert out.index("randomly initialised") < out.index("of the teacher")
+    assert "k-NN memory bank" in err and "k-NN queries" in err  # the tqdm bars (stderr)
+    assert "/24 " in err and "/9 " in err  # counted in images of each split
+
+
+def test_no_knn_bars_without_progress(tmp_path, capsys):
+    from fastssl.eval.online import OnlineKnn
+    from fastssl.models.backbone import build_backbone
+    from fastssl.runtime import build_accelerator
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    accelerator = build_accelerator(cfg.train)
+    knn = OnlineKnn(cfg.data.train, cfg.data.val, 16, 16, accelerator, 0, progress=False)
+    scores = knn(build_backbone("resnet18"), "a test network")
+    out, err = capsys.readouterr()
+    assert "k-NN of a test network on 33 images" in out  # the line stays: it is one line per evaluation
+    assert "k-NN memory bank" not in err
+    assert 0 <= scores["top1"] <= 100
