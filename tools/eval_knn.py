@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="image reader: torchvision (PIL in workers) or dali (nvJPEG + GPU resize; same transform)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     try:
         ks = [int(k) for k in args.ks.split(",")]
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         exit_with(err)
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    bank_x, bank_y = embed(net, bank_loader, accelerator)
-    query_x, query_y = embed(net, query_loader, accelerator)
+    bank_x, bank_y = embed(net, bank_loader, accelerator, not args.no_progress, "memory bank")
+    query_x, query_y = embed(net, query_loader, accelerator, not args.no_progress, "queries")
     results = {str(k): knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes), k=k,
                                     temperature=args.temperature) for k in ks}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
