@@ -26,6 +26,7 @@ from typing import Any
 from pipelines.augment import MultiCropRecipe
 
 BACKENDS = ("torchvision", "synthetic", "dali", "ffcv")
+BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
 EVAL_LOADERS = ("torchvision", "dali")  # pipelines.eval.EVAL_BACKENDS, without importing torchvision here
 
 
@@ -59,7 +60,8 @@ class ModelConfig:
     proj_hidden_dim: int = 2048  # hidden width of the projector MLP
     proj_dim: int = 256  # output width of the projector (the embedding the prototypes score)
     num_prototypes: int = 3000  # K: prototypes, i.e. pseudo-label classes
-    sync_bn: bool = True  # SyncBN over every BN layer in distributed CUDA runs
+    bn_stats: str = "per_view"  # per_view: each view normalised on its own (the authors'); per_forward: views pooled
+    sync_bn: bool = True  # BN statistics over the global batch in distributed runs (per_view: gloo too)
 
 
 @dataclass
@@ -334,6 +336,8 @@ def config_errors(cfg: Config) -> list[str]:
     e += [f"aug.{msg}" for msg in cfg.aug.errors()]
     if m.arch not in ("resnet18", "resnet50"):
         e.append(f"model.arch: unknown architecture {m.arch!r}; choose resnet18 or resnet50")
+    if m.bn_stats not in BN_STATS:
+        e.append(f"model.bn_stats: unknown {m.bn_stats!r}; choose one of {', '.join(BN_STATS)}")
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")

@@ -295,10 +295,11 @@ def continue_advice(cfg: Config, command: list[str] | None, run_dir: Path, saved
 
 def build_networks(cfg: Config, accelerator) -> tuple[MiraNetwork, MiraNetwork]:
     m = cfg.model
-    student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes)
+    student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes, m.bn_stats, m.sync_bn)
     if cfg.method.objective == "mlcpc":  # no swapped prediction: the prototypes are unused (and DDP
         student.prototypes.requires_grad_(False)  # must not wait for their gradients)
-    if m.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+    if (m.bn_stats == "per_forward" and m.sync_bn and accelerator.num_processes > 1
+            and accelerator.device.type == "cuda"):  # per_view BN gathers its own global statistics
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)

@@ -8,24 +8,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastssl.config import BN_STATS
 from fastssl.models.backbone import build_backbone
 from fastssl.models.heads import CosinePrototypes, build_projector
+from fastssl.models.per_view_bn import convert_to_per_view, set_rows_per_view
 
 
 class MiraNetwork(nn.Module):
     """Encoder f, projector g and prototypes h: logits = h(normalize(g(f(x))))."""
 
-    def __init__(self, arch: str, proj_hidden_dim: int = 2048, proj_dim: int = 256, num_prototypes: int = 3000):
+    def __init__(self, arch: str, proj_hidden_dim: int = 2048, proj_dim: int = 256, num_prototypes: int = 3000,
+                 bn_stats: str = "per_view", sync_bn: bool = True):
+        """`bn_stats`: "per_view" normalises every view with its own batch statistics, as the
+        authors' one-forward-per-view code does (over the global batch when `sync_bn` and a
+        process group exist); "per_forward" normalises all views of one forward together."""
         super().__init__()
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats: unknown {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
+        self.bn_stats = bn_stats
         self.backbone = build_backbone(arch)
         self.projector = build_projector(self.backbone.feature_dim, proj_hidden_dim, proj_dim)
         self.prototypes = CosinePrototypes(proj_dim, num_prototypes)
+        if bn_stats == "per_view":
+            convert_to_per_view(self, sync=sync_bn)
 
     def encode(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Backbone features of all views, one forward per run of equal resolution.
 
-        Batching the 2 global views together and the 6 local views together keeps BN
-        statistics over many samples and launches two forwards instead of eight.
+        Two forwards instead of eight: with per-view BatchNorm each view is still
+        normalised on its own, so this only saves launches and small-batch inefficiency.
         """
         feats = []
         for _, group in itertools.groupby(views, key=lambda v: tuple(v.shape[-2:])):
@@ -40,7 +51,9 @@ class MiraNetwork(nn.Module):
     def forward(self, views: list[torch.Tensor], with_embeddings: bool = False):
         """Prototype logits per view, in the order of `views` (each B x K); with
         `with_embeddings`, also the L2-normalised projections per view (each B x d), which
-        the ML-CPC critic scores."""
+        the ML-CPC critic scores. Every view must have the same batch size."""
+        if self.bn_stats == "per_view":
+            set_rows_per_view(self, views[0].shape[0])
         z, logits = self.head(self.encode(views))
         if with_embeddings:
             return list(logits.chunk(len(views))), list(z.chunk(len(views)))
