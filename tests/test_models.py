@@ -12,7 +12,7 @@ from fastssl.models import MiraNetwork, ema_update, make_teacher
 def test_projector_and_prototypes_as_notes():
     net = MiraNetwork("resnet50")
     layers = list(net.projector)
-    kinds = [type(m) for m in layers]
+    kinds = [nn.BatchNorm1d if isinstance(m, nn.BatchNorm1d) else type(m) for m in layers]  # per-view BN is one
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert (layers[0].in_features, layers[0].out_features, layers[0].bias) == (2048, 2048, None)
     assert (layers[3].in_features, layers[3].out_features, layers[3].bias) == (2048, 2048, None)
