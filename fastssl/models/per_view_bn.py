@@ -9,8 +9,11 @@ authors' semantics: the batch is read as `num_views` consecutive blocks of equal
 (how `MiraNetwork` stacks its views), and every block is normalised with its own mean
 and variance.
 
-Distributed: each view's statistics are over the GLOBAL batch (the view's rows on every
-process), as SyncBN's are. All views of a layer travel in ONE all-gather of
+In one process every block goes through PyTorch's own BatchNorm kernel (so the result and
+the running statistics are those of per-view forwards, bit for bit, and the cost is close
+to one pooled BatchNorm: no second pass, only V small launches). Distributed: each view's
+statistics are over the GLOBAL batch (the view's rows on every process), as SyncBN's
+are. All views of a layer travel in ONE all-gather of
 (count, mean, variance) per view, combined with Chan's parallel formula (exact, no
 sum-of-squares cancellation); the backward is one all-reduce. Both work on gloo and NCCL.
 """
@@ -75,18 +78,25 @@ class _PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} rows is not a whole number of "
                              f"views of {rows} rows; stack views of equal batch size")
         num_views = x.shape[0] // rows
+        group = self._group()
+        if group is None:  # each view through the native kernel: what per-view forwards compute, bit for bit
+            if num_views == 1:
+                return super().forward(x)
+            return torch.cat([super(_PerViewBatchNorm, self).forward(view) for view in x.split(rows)])
+        return self._global_forward(x, rows, num_views, group)
+
+    def _global_forward(self, x: torch.Tensor, rows: int, num_views: int, group) -> torch.Tensor:
+        """Every view normalised with its statistics over all processes: one all-gather for all views."""
         # Statistics and the affine map in float32 or better (as cuDNN's BatchNorm under autocast).
         xv = x.reshape(num_views, rows, *x.shape[1:])  # splits only the outermost dimension
         xv = xv.to(torch.promote_types(x.dtype, torch.float32))
         dims = (1,) + tuple(range(3, xv.dim()))  # every dimension but the view and the channel
         var, mean = torch.var_mean(xv, dim=dims, correction=0)  # V x C each
         count = torch.full((num_views,), float(xv[0].numel() // xv.shape[2]), dtype=mean.dtype, device=x.device)
-        group = self._group()
-        if group is not None:
-            local = torch.cat([count.unsqueeze(1), mean, var], dim=1)  # V x (1 + 2C): one collective
-            gathered = _AllGatherStats.apply(local, group)
-            c = mean.shape[1]
-            count, mean, var = combine_view_stats(gathered[..., 0], gathered[..., 1:1 + c], gathered[..., 1 + c:])
+        local = torch.cat([count.unsqueeze(1), mean, var], dim=1)  # V x (1 + 2C): one collective
+        gathered = _AllGatherStats.apply(local, group)
+        c = mean.shape[1]
+        count, mean, var = combine_view_stats(gathered[..., 0], gathered[..., 1:1 + c], gathered[..., 1 + c:])
         if self.training and self.track_running_stats:
             self._update_running_stats(count, mean.detach(), var.detach())
         shape = (num_views, 1, -1) + (1,) * (xv.dim() - 3)
@@ -94,7 +104,7 @@ class _PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
         shift = -mean * scale
         if self.affine:
             scale, shift = scale * self.weight, shift * self.weight + self.bias
-        y = xv * scale.view(shape) + shift.view(shape)
+        y = torch.addcmul(shift.view(shape), xv, scale.view(shape))
         return y.reshape(x.shape).to(x.dtype)
 
     def _group(self):
