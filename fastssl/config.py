@@ -105,7 +105,8 @@ class OptimConfig:
     name: str = "sgd"  # optimiser: sgd | lars
     base_lr: float = 0.03  # learning rate per 256 images; the peak lr is base_lr x global_batch_size / 256
     final_lr: float = 0.0  # learning rate at the end of the per-step cosine decay
-    warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr (fractions allowed)
+    warmup_epochs: float = 10.0  # linear warm-up from warmup_start_lr to the peak lr (fractions allowed)
+    warmup_start_lr: float = 0.0  # lr at the start of the warm-up, NOT batch-scaled (the authors' LARS recipe: 0.3)
     momentum: float = 0.9  # SGD / LARS momentum
     weight_decay: float = 1e-4  # L2 weight decay
     lars_eta: float = 0.001  # LARS trust coefficient (optim.name lars only)
@@ -371,7 +372,7 @@ def config_errors(cfg: Config) -> list[str]:
         e.append("method.freeze_prototypes_epochs: must be >= 0")
     if o.name not in ("sgd", "lars"):
         e.append(f"optim.name: unknown optimiser {o.name!r}; choose sgd or lars")
-    for name in ("base_lr", "final_lr", "warmup_epochs", "momentum", "weight_decay", "lars_eta"):
+    for name in ("base_lr", "final_lr", "warmup_epochs", "warmup_start_lr", "momentum", "weight_decay", "lars_eta"):
         value = getattr(o, name)
         if not (math.isfinite(value) and value >= 0):
             e.append(f"optim.{name}: must be a finite number >= 0, got {value}")

@@ -25,14 +25,17 @@ def cosine(step: int, total_steps: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then per-step cosine to `final`.
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0,
+                  start: float = 0.0) -> float:
+    """Linear warm-up from `start` to `peak` over `warmup_steps`, then per-step cosine to `final`.
 
-    The warm-up reaches `peak` at step `warmup_steps` (step 0 uses lr = peak / warmup_steps,
-    never exactly 0, so the first step is not wasted).
+    The warm-up reaches `peak` at its last step; step 0 uses start + (peak - start) /
+    warmup_steps (never exactly 0 when start is 0, so the first step is not wasted). With
+    the authors' LARS recipe (start 0.3, not batch-scaled) this is their linear warm-up
+    shifted by one step of thousands.
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return start + (peak - start) * (step + 1) / warmup_steps
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 
@@ -59,7 +62,7 @@ def step_schedule(cfg: Config, step: int, steps_per_epoch: int) -> StepSchedule:
     total = t.epochs * steps_per_epoch
     peak = scaled_lr(o.base_lr, t.global_batch_size)
     return StepSchedule(
-        lr=warmup_cosine(step, total, round(o.warmup_epochs * steps_per_epoch), peak, o.final_lr),
+        lr=warmup_cosine(step, total, round(o.warmup_epochs * steps_per_epoch), peak, o.final_lr, o.warmup_start_lr),
         beta=cosine(step, total, m.beta_start, m.beta_end),
         # Without EMA the teacher is a fresh copy of the student at every step.
         ema_momentum=cosine(step, total, m.ema_momentum_start, m.ema_momentum_end) if m.ema else 0.0,

@@ -1,15 +1,15 @@
 """The DALI evaluation loader: `pipelines.eval.EvalLoader`'s contract, with DALI's decoder and resizer.
 
 Why: evaluation reads every val (and, for the k-NN, every train) image once per call;
-on a GPU the PIL decode + bicubic resize in DataLoader workers is the bottleneck, while
+on a GPU the PIL decode + resize in DataLoader workers is the bottleneck, while
 nvJPEG (`mixed`, with the hardware decoder taking `hw_decoder_load` of the images) and
 DALI's GPU resampler keep up with the backbone. On a CPU-only machine DALI decodes with
 libjpeg-turbo and resamples on its own threads.
 
 Same transform as `pipelines.eval.eval_transform`: shorter side to round(size / 0.875)
-with an antialiased cubic filter (torchvision's bicubic resize of a PIL image also
+with an antialiased linear filter (torchvision's bilinear resize of a PIL image also
 antialiases), centre crop `size`, ImageNet normalisation, with torchvision's output
-sizes and crop offsets to the pixel. The two cubic resamplers differ in detail, so
+sizes and crop offsets to the pixel. The two resamplers differ in detail, so
 pixels agree closely but not exactly (tests/test_eval_loaders.py measures it).
 
 Same iteration contract: (images N x 3 x S x S float on `device`, labels, dataset
@@ -127,7 +127,7 @@ def _torchvision_geometry(images, size: int):
 
 @pipeline_def
 def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decoder_load: float, layout: str):
-    """Encoded bytes -> decode -> shorter side round(size / 0.875), cubic + antialias -> centre crop -> normalise."""
+    """Encoded bytes -> decode -> shorter side round(size / 0.875), linear + antialias -> centre crop -> normalise."""
     jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
     decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {}
@@ -136,7 +136,7 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
                                **decode_args)
     new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size)
-    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
                                       dtype=types.FLOAT, output_layout=layout,
                                       mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])

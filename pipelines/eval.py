@@ -1,7 +1,7 @@
 """Evaluation loader: resize + centre crop of a labelled folder, sharded across ranks.
 
-The DINO/MIRA evaluation transform scaled to the crop size: resize the shorter side
-to size / 0.875 (256 for 224), centre-crop `size`, normalise. `EvalLoader` does it with
+The MIRA authors' evaluation transform scaled to the crop size: resize the shorter side
+to size / 0.875 (256 for 224, bilinear, as their code), centre-crop `size`, normalise. `EvalLoader` does it with
 PIL in DataLoader workers; `pipelines.dali_eval.DaliEvalLoader` with DALI (same
 arguments, same batches). `build_eval_loader` picks one by name, importing DALI only
 when it is chosen.
@@ -24,7 +24,7 @@ from pipelines.torchvision import UNREADABLE, load_rgb
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
     return T.Compose([
-        T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BILINEAR),
         T.CenterCrop(size),
         T.ToTensor(),
         T.Normalize(mean, std),

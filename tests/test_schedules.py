@@ -49,3 +49,24 @@ def test_step_schedule_endpoints():
     cfg.method.ema = False
     assert step_schedule(cfg, 10, spe).ema_momentum == 0.0
     assert math.isclose(last.lr, cfg.optim.final_lr, abs_tol=1e-12)
+
+
+def test_lars_recipe_warms_up_from_the_authors_unscaled_start():
+    """The authors' LARS recipe: warm-up from warm_up_start_lr = 0.3 (not batch-scaled) to
+    0.3 x 4096/256 = 4.8, linear in the step; our step k is their linspace's step k + 1."""
+    import runpy
+    from pathlib import Path
+
+    cfg = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "mira_bs4096_lars.py"))["config"]()
+    spe = 312  # ImageNet at batch 4096
+    warm = round(cfg.optim.warmup_epochs * spe)
+    start, peak = 0.3, scaled_lr(0.3, 4096)
+    authors = [start + (peak - start) * k / (warm - 1) for k in range(warm)]  # np.linspace(start, peak, warm)
+    ours = [step_schedule(cfg, s, spe).lr for s in range(warm)]
+    assert cfg.optim.warmup_start_lr == start
+    assert ours[-1] == pytest.approx(peak) and step_schedule(cfg, warm, spe).lr == pytest.approx(peak)
+    assert max(abs(a - b) for a, b in zip(ours, authors)) <= (peak - start) / (warm - 1) + 1e-12
+    assert ours[0] == pytest.approx(start + (peak - start) / warm)
+    # the small-batch recipe keeps its warm-up from 0
+    cfg.optim.warmup_start_lr = 0.0
+    assert step_schedule(cfg, 0, spe).lr == pytest.approx(peak / warm)
