@@ -15,6 +15,7 @@ import torch
 
 from test_engine import read_csv, tiny_config
 import fastssl.engine as engine
+import fastssl.recovery as recovery
 from fastssl import checkpoint as ckpt
 from fastssl.cli import run
 from fastssl.config import ConfigError
@@ -175,7 +176,7 @@ def test_divergence_advice_resumes_the_last_good_checkpoint_with_a_lower_lr(tmp_
     cfg = quick_config(tmp_path, epochs=2)
     run_dir = Path(cfg.train.run_dir)
     monkeypatch.setattr(engine, "train_step", poison_at(5))
-    with pytest.raises(engine.TrainingDiverged) as info:
+    with pytest.raises(recovery.TrainingDiverged) as info:
         engine.train(cfg, command=["python", "recipes/tiny.py", "--optim.base_lr", "0.03"])
     message = str(info.value)
     assert "training diverged at step 5: the weights are no longer finite" in message
@@ -229,7 +230,7 @@ def test_no_checkpoint_of_non_finite_weights_even_on_a_stop(tmp_path, monkeypatc
     StopAt.counter[0], StopAt.step = 0, 5
     monkeypatch.setattr(engine, "GracefulStop", StopAt)
     monkeypatch.setattr(engine, "train_step", counting(poison_at(5)))
-    with pytest.raises(engine.TrainingDiverged, match="step 5: the weights are no longer finite"):
+    with pytest.raises(recovery.TrainingDiverged, match="step 5: the weights are no longer finite"):
         engine.train(cfg)
     assert saved_step(Path(cfg.train.run_dir)) == 3
 
@@ -286,9 +287,9 @@ def test_resume_without_checkpoint_points_at_the_latest_run(tmp_path):
 
 def test_rerun_command_replaces_fields_in_both_spellings():
     cmd = ["python", "r.py", "--resume", "--train.run_dir=a b", "--optim.base_lr", "1", "--data.val="]
-    assert (engine.rerun_command(cmd, Path("runs/x"), overrides={"optim.base_lr": "0.1"})
+    assert (recovery.rerun_command(cmd, Path("runs/x"), overrides={"optim.base_lr": "0.1"})
             == "python r.py --data.val= --resume --train.run_dir runs/x --optim.base_lr 0.1")
-    assert engine.rerun_command(None, Path("d"), resume=False) == "<your command> --train.run_dir d"
+    assert recovery.rerun_command(None, Path("d"), resume=False) == "<your command> --train.run_dir d"
 
 
 # ---- the demo without k-NN ----------------------------------------------------------------------------------------

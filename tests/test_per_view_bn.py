@@ -9,7 +9,6 @@ batch (that view's rows on both processes).
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

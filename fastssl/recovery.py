@@ -1,0 +1,132 @@
+"""When a run cannot go on: catching divergence, and the exact command that continues it.
+
+A fault's message must say what to do next and name the run directory (the demo's is a
+new timestamp at each start, so "the same command plus --resume" is not enough). The
+loop (`fastssl.engine`) raises `TrainingDiverged` from `DivergenceGuard` and builds its
+advice with `rerun_command`; the command line turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+import torch
+
+from fastssl import checkpoint as ckpt
+from fastssl.config import Config
+
+# The divergence guard (checked at log steps and before every checkpoint): the weights' norm grew this
+# many times past its value at the start of the run, or this many times since the previous check, or the
+# loss left its running level by this many times.
+DIVERGED_WEIGHT_GROWTH = 1e4
+DIVERGED_WEIGHT_JUMP = 10.0
+DIVERGED_LOSS_FACTOR = 10.0
+LOSS_WARM_ROWS = 5
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights stopped being finite, or exploded; the message says how to continue."""
+
+
+class DivergenceGuard:
+    """Catches a run that diverged, at log steps (one sync) and before each checkpoint.
+
+    Diverged means: the loss is not finite; or the weights (parameters and buffers of student
+    and teacher) are not finite, or their norm grew DIVERGED_WEIGHT_JUMP times since the previous
+    check (a few steps; healthy training changes it by a few percent), or DIVERGED_WEIGHT_GROWTH
+    times past its value at the start of the run (kept in the checkpoint, so a resume compares
+    with the same reference: a slow blow-up); or, after LOSS_WARM_ROWS logged rows, the loss
+    left its running mean by more than DIVERGED_LOSS_FACTOR times max(|mean|, 1). MIRA's loss is a cross-entropy of cosine
+    logits / tau, bounded near log K + 2 / tau_student whatever the weights do (the demo at
+    --optim.base_lr 1e6 logged losses of 1 to 20 while its weights reached 1e29), so the weights
+    are what shows MIRA's divergence; the loss rule catches objectives whose loss is unbounded.
+    """
+
+    def __init__(self, student, teacher, state: ckpt.TrainState):
+        self.modules, self.state = (student, teacher), state
+        self.previous = self.weight_norm()
+        if not state.initial_weight_norm:
+            state.initial_weight_norm = self.previous
+        self.loss_mean: float | None = None
+        self.rows = 0
+
+    def weight_norm(self) -> float:
+        """L2 norm over every floating parameter and buffer (inf/nan when any is); one sync."""
+        tensors = [t.detach() for m in self.modules for t in (*m.parameters(), *m.buffers())
+                   if t.is_floating_point()]
+        if not tensors:
+            return 0.0
+        foreach = getattr(torch, "_foreach_norm", None)  # one fused kernel per dtype (clip_grad_norm_ uses it)
+        norms = foreach(tensors) if foreach is not None else [t.norm() for t in tensors]
+        return torch.stack([n.float() for n in norms]).norm().item()
+
+    def check_weights(self, step: int) -> None:
+        norm, start, previous = self.weight_norm(), self.state.initial_weight_norm, self.previous
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite")
+        if previous > 0 and norm > DIVERGED_WEIGHT_JUMP * previous:
+            raise TrainingDiverged(f"training diverged at step {step}: the weights' norm jumped to {norm:.3g}, "
+                                   f"{norm / previous:.3g} times its {previous:.3g} at the previous check")
+        if start > 0 and norm > DIVERGED_WEIGHT_GROWTH * start:
+            raise TrainingDiverged(f"training diverged at step {step}: the weights' norm is {norm:.3g}, "
+                                   f"{norm / start:.3g} times its {start:.3g} at the start of the run")
+        self.previous = norm
+
+    def check(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}")
+        mean = self.loss_mean
+        if (mean is not None and self.rows >= LOSS_WARM_ROWS
+                and abs(loss - mean) > DIVERGED_LOSS_FACTOR * max(abs(mean), 1.0)):
+            raise TrainingDiverged(f"training diverged at step {step}: the loss jumped to {loss:.4g} from a running "
+                                   f"mean of {mean:.4g}")
+        self.loss_mean = loss if mean is None else 0.9 * mean + 0.1 * loss
+        self.rows += 1
+        self.check_weights(step)
+
+
+def rerun_command(command: list[str] | None, run_dir: Path, resume: bool = True,
+                  overrides: dict[str, str] | None = None) -> str:
+    """The user's command (["python", script, *args]) with `--resume` (or without), an explicit
+    `--train.run_dir` and `overrides` ({"optim.base_lr": "0.1"}) replacing those fields, quoted for a shell."""
+    fields = {"train.run_dir": str(run_dir), **(overrides or {})}
+    head, args = (command[:2], command[2:]) if command else (["<your command>"], [])
+    kept, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if arg == "--resume":
+            i += 1
+        elif key in fields:
+            i += 1 if "=" in arg else 2
+        else:
+            kept.append(arg)
+            i += 1
+    tail = (["--resume"] if resume else []) + [t for k, v in fields.items() for t in (f"--{k}", v)]
+    return " ".join([*head[:1], *map(shlex.quote, [*head[1:], *kept, *tail])])
+
+
+def continue_advice(cfg: Config, command: list[str] | None, run_dir: Path, saved_step: int | None,
+                    accelerator) -> str:
+    """How to go on after a divergence: from the last good checkpoint, with a lower learning rate."""
+    lower = f"{cfg.optim.base_lr / 10:g}"
+    precision = (" (or --train.precision no instead of mixed precision)"
+                 if accelerator.mixed_precision in ("bf16", "fp16") else "")
+    if saved_step is None:
+        return (f"no checkpoint was written, so start again with a lower --optim.base_lr{precision}: "
+                f"{rerun_command(command, run_dir, resume=False, overrides={'optim.base_lr': lower})}")
+    return (f"no checkpoint was written after it, so continue from the last good one (step {saved_step}) with a "
+            f"lower --optim.base_lr{precision}: {rerun_command(command, run_dir, overrides={'optim.base_lr': lower})}")
+
+
+def latest_run_hint(run_dir: Path, command: list[str] | None) -> str:
+    """For a --resume that found no checkpoint: the newest sibling run that has one (the demo's
+    run directory is a new timestamp each start, so its resume must name the old one)."""
+    parent = run_dir.parent
+    runs = [p for p in parent.iterdir() if (p / ckpt.CHECKPOINT_NAME).is_file()] if parent.is_dir() else []
+    if not runs:
+        return "; to continue an earlier run, pass its directory: --resume --train.run_dir <dir>"
+    latest = max(runs, key=lambda p: (p / ckpt.CHECKPOINT_NAME).stat().st_mtime)
+    return f"; to continue the latest run in {parent}: {rerun_command(command, latest)}"
