@@ -9,7 +9,6 @@ batch (that view's rows on both processes).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from dist_utils import requires_gloo, run_distributed
