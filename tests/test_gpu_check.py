@@ -89,6 +89,31 @@ def test_a_command_past_its_budget_is_killed_and_later_stages_are_skipped(tmp_pa
     assert later_entry["status"] == "skipped" and "out of time" in later_entry["reason"]
 
 
+def test_a_signal_to_gpu_check_kills_the_running_command_and_keeps_the_report(tmp_path):
+    """SIGTERM mid-command (as a device run's timeout would send): the command's process group
+    is killed, the stage is recorded as interrupted, the exit status is 128 + 15."""
+    pid_file = tmp_path / "child.pid"
+    code = ("import os, signal, time\n"
+            f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            "os.kill(os.getppid(), signal.SIGTERM); time.sleep(120)\n")
+
+    def stage(ctx):
+        ctx.run("victim", [sys.executable, "-c", code], timeout=60)
+        return {}
+
+    def never(ctx):
+        raise AssertionError("a stage after the interruption ran")
+
+    start = time.monotonic()
+    rc, report, md = run_main(tmp_path, [gc.Stage("one", "interrupted", 300, stage, False),
+                                         gc.Stage("two", "never", 300, never, False)])
+    assert rc == 128 + 15 and time.monotonic() - start < 40
+    assert [s["status"] for s in report["stages"]] == ["interrupted"]
+    assert "SIGTERM" in report["stages"][0]["reason"] and "interrupted" in md
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
 def test_allotment_scales_caps_to_the_budget_left():
     ctx = gc.Context(out=Path("."), scratch=Path("."), dry_run=False, cuda=True, deadline=time.monotonic() + 100)
     stages = [gc.Stage(n, n, cap, lambda c: {}) for n, cap in (("a", 100), ("b", 100))]
@@ -196,7 +221,7 @@ def test_dry_run_of_every_stage_in_a_subprocess(tmp_path):
     assert st["env"]["results"]["torch"] and "nvcc" in st["env"]["results"]
     assert st["compile"]["results"]["graph_break_count"] == 0
     assert st["model_step"]["results"]["eager"]["images_per_s"] > 0
-    assert set(st["loaders"]["results"]["bench"]["backends"]) >= {"torchvision", "torchvision-device-augment"}
+    assert set(st["loaders"]["results"]["backends"]) >= {"torchvision", "torchvision-device-augment"}
     e2e = st["end_to_end"]["results"]
     assert set(e2e) == {"synthetic", "torchvision", "dali", "ffcv"}
     ran = [r for r in e2e.values() if "skipped" not in r]

@@ -72,6 +72,19 @@ class StageSkipped(Exception):
     """Raised by a stage that cannot run here (e.g. no CUDA); recorded as skipped, not failed."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM / SIGINT to gpu_check itself: the running command's process group is killed (its
+    children live in their own sessions and would outlive us), the report written, exit 128+N."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 # ----------------------------------------------------------------------------- the runner
 @dataclass
 class Command:
@@ -149,6 +162,9 @@ class Context:
                 timed_out = True
                 _kill_group(proc)
                 rc = proc.returncode
+            except BaseException:  # Interrupted (or anything else): never leave the group running
+                _kill_group(proc)
+                raise
         seconds = time.monotonic() - start
         tail = _trim_log(log)
         cmd = Command(label, argv, rc, seconds, timed_out, str(log.relative_to(self.out)), tail[-LOG_TAIL_CHARS:],
@@ -264,6 +280,12 @@ def run_stages(stages: list[Stage], ctx: Context, report: dict, write: Callable[
             entry.update(result)
         except StageSkipped as why:
             entry["status"], entry["reason"] = "skipped", f"skipped: {why}"
+        except Interrupted as sig:
+            entry["status"], entry["reason"] = "interrupted", f"interrupted by {sig}"
+            entry["commands"] = [c.record() for c in ctx.commands]
+            entry["seconds"] = round(time.monotonic() - start, 1)
+            write(report)
+            raise
         except Exception as exc:  # the guard: record and go on with the next stage
             entry["status"], entry["error"] = "failed", f"{type(exc).__name__}: {exc}"
             entry["traceback"] = traceback.format_exc()
@@ -388,12 +410,12 @@ FUSED_GRID_DRY = {"B": [8], "K": [10, 50], "views": [1, 2], "dtypes": ["fp32", "
 BENCH_SIZES_GPU = "512x3000,64x3000,4096x3000,512x16384,4096x16384"
 
 
-def hard_logits(kind: str, v: int, b: int, k: int, seed: int):
-    """V x B x K float32 logits of one kind: randn, x50 (randn * 50), pm1e4 (+-1e4 extremes with
-    ties) or empty (clusters nobody takes: -inf columns and hugely negative ones)."""
+def hard_logits(kind: str, v: int, b: int, k: int, seed: int, device: Any = "cpu"):
+    """V x B x K float32 logits of one kind, made on `device`: randn, x50 (randn * 50), pm1e4
+    (+-1e4 extremes with ties) or empty (clusters nobody takes: -inf columns and hugely negative ones)."""
     import torch
 
-    x = torch.randn(v, b, k, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(v, b, k, generator=torch.Generator(device=device).manual_seed(seed), device=device)
     if kind == "x50":
         x = 50.0 * x
     elif kind == "pm1e4":
@@ -444,9 +466,9 @@ def worker_fused_equality(args: dict, dry_run: bool) -> dict:
         for k in grid["K"]:
             for v in grid["views"]:
                 for kind in grid["inputs"]:
-                    base = hard_logits(kind, v, b, k, seed=b * 7 + k * 3 + v)
+                    base = hard_logits(kind, v, b, k, seed=b * 7 + k * 3 + v, device=device)
                     for dname in grid["dtypes"]:
-                        x = base.to(device, dtypes[dname])
+                        x = base.to(dtypes[dname])
                         ref = solve_views(x.double(), 0.225, 0.7, grid["iters"])
                         if ext is not None:
                             got = ext.mira_assign_views_cuda(x.contiguous(), 0.225, 0.7, grid["iters"])
@@ -761,7 +783,11 @@ def ensure_dataset(ctx: Context) -> dict:
 
 
 # ----------------------------------------------------------------------------- 5 loaders
-LOADER_VARIANTS = ["torchvision", "torchvision-device-augment", "dali-hw0", "dali", "dali-hw1", "ffcv"]
+# One bench_loaders process per group (each writes its JSON when it ends, so a timeout loses one
+# group, not all); within a group the backends are interleaved. Goal-bearing loaders first.
+LOADER_GROUPS = [("dali", ["dali-hw0", "dali", "dali-hw1"]), ("ffcv", ["ffcv"]),
+                 ("torchvision", ["torchvision", "torchvision-device-augment"])]
+LOADER_VARIANTS = [v for _, group in LOADER_GROUPS for v in group]
 GPU_LOADERS = {"dali-hw0": "DALI mixed, hw decoder 0", "dali": "DALI mixed, hw decoder 0.65",
                "dali-hw1": "DALI mixed, hw decoder 1.0", "ffcv": "FFCV + device ops"}
 
@@ -769,31 +795,36 @@ GPU_LOADERS = {"dali-hw0": "DALI mixed, hw decoder 0", "dali": "DALI mixed, hw d
 def stage_loaders(ctx: Context) -> dict:
     data = ensure_dataset(ctx)
     workers = 2 if ctx.dry_run else min(16, os.cpu_count() or 1)
-    path = ctx.out / "loaders" / "bench_loaders.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    argv = [PY, "tools/bench_loaders.py", "--data", data["train"], "--beton", data["beton"], "--backends",
-            ",".join(LOADER_VARIANTS), "--workers", str(workers), "--json", str(path)]
-    if ctx.dry_run:
-        argv += ["--device", "cpu", "--batch-size", "4", "--batches", "1", "--warmup", "0", "--repeats", "1",
-                 "--global-size", "16", "--local-size", "8", "--num-local", "2"]
-    else:  # the recipe's 8 crops, 64 per batch
-        argv += ["--device", "cuda", "--batch-size", "64", "--batches", "8", "--warmup", "2", "--repeats", "2"]
-    c = ctx.run("bench_loaders", argv)
-    rep = _read_json(path)
-    if c.rc != 0:
-        ctx.errors.append(f"bench_loaders: {'timed out' if c.timed_out else f'rc {c.rc}'}")
-    backends = rep.get("backends", {})
-    cores_busy = c.cpu_seconds / c.seconds if c.seconds else None
-    rows = [[n, r["images_per_s"], r["min"], r["max"], r.get("vs_torchvision")] for n, r in backends.items()]
+    backends: dict[str, dict] = {}
+    runs, rows = {}, []
+    for i, (group, variants) in enumerate(LOADER_GROUPS):
+        path = ctx.out / "loaders" / f"bench_loaders_{group}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [PY, "tools/bench_loaders.py", "--data", data["train"], "--beton", data["beton"], "--backends",
+                ",".join(variants), "--workers", str(workers), "--json", str(path)]
+        if ctx.dry_run:
+            argv += ["--device", "cpu", "--batch-size", "4", "--batches", "1", "--warmup", "0", "--repeats", "1",
+                     "--global-size", "16", "--local-size", "8", "--num-local", "2"]
+        else:  # the recipe's 8 crops (2x224 + 6x96), 64 per batch
+            argv += ["--device", "cuda", "--batch-size", "64", "--batches", "8", "--warmup", "2", "--repeats", "2"]
+        c = ctx.run(f"bench_loaders-{group}", argv, timeout=ctx.share(len(LOADER_GROUPS) - i))
+        rep = _read_json(path)
+        if c.rc != 0:
+            ctx.errors.append(f"bench_loaders {group}: {'timed out' if c.timed_out else f'rc {c.rc}'}")
+        busy = c.cpu_seconds / c.seconds if c.seconds else None
+        runs[group] = {"seconds": c.seconds, "cpu_cores_busy_avg": busy, "config": rep.get("config")}
+        for name, r in rep.get("backends", {}).items():
+            backends[name] = r
+            rows.append([name, r["images_per_s"], r["min"], r["max"], busy])
     goals = [goal(f"{label} source images/s", backends.get(n, {}).get("images_per_s"), GOAL_LOADER_IPS, "img/s",
-                  True, "" if n in backends else "not measured (not installed, or the bench failed)")
+                  True, "" if n in backends else "not measured (not installed, or its bench failed)")
              for n, label in GPU_LOADERS.items()]
     summary = [f"Data: {data['count']} JPEGs ~{data['width']}x{data['height']} q{data['quality']} "
                f"(mean {_fmt(data.get('mean_file_kb'))} KB) in {data['train']}; .beton {data['beton']}", "",
-               f"Workers / threads per backend: {workers}; the bench process used {_fmt(cores_busy)} cores on "
-               f"average over its {_fmt(c.seconds)} s (CPU time of it and its workers / wall time).", ""]
-    summary += table(["backend", "source images/s", "min", "max", "x torchvision"], rows)
-    return {"results": {"data": data, "workers": workers, "cpu_cores_busy_avg": cores_busy, "bench": rep},
+               f"Workers / threads per backend: {workers}. 'cores busy': CPU time of the bench process and its "
+               f"workers over its wall time (start-up included), per group.", ""]
+    summary += table(["backend", "source images/s", "min", "max", "cores busy (group)"], rows)
+    return {"results": {"data": data, "workers": workers, "groups": runs, "backends": backends},
             "goals": goals, "summary": summary}
 
 
@@ -915,13 +946,13 @@ def stage_gpu_tests(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------- main
 STAGES = [
-    Stage("env", "environment", 25, stage_env, needs_cuda=False),
-    Stage("fused", "fused MIRA kernel", 110, stage_fused),  # a cold JIT build: about a minute
-    Stage("compile", "torch.compile(fullgraph=True) of a step with mira_assign_views", 70, stage_compile),
+    Stage("env", "environment", 20, stage_env, needs_cuda=False),
+    Stage("fused", "fused MIRA kernel", 100, stage_fused),  # a cold JIT build: about a minute
+    Stage("compile", "torch.compile(fullgraph=True) of a step with mira_assign_views", 60, stage_compile),
     Stage("model_step", "model step alone: ResNet-50, 64 per GPU, eager vs compiled", 110, stage_model_step),
-    Stage("loaders", "loaders on the GPU", 70, stage_loaders),
-    Stage("end_to_end", "end to end: recipes/mira_bs512.py, 64 per GPU, each loader", 100, stage_end_to_end),
-    Stage("gpu_tests", "pytest -m gpu", 60, stage_gpu_tests),
+    Stage("loaders", "loaders on the GPU", 65, stage_loaders),
+    Stage("end_to_end", "end to end: recipes/mira_bs512.py, 64 per GPU, each loader", 85, stage_end_to_end),
+    Stage("gpu_tests", "pytest -m gpu", 55, stage_gpu_tests),
 ]
 WORKERS: dict[str, Callable[[dict, bool], dict]] = {
     "env": worker_env, "fused_equality": worker_fused_equality, "compile_step": worker_compile_step}
@@ -1015,7 +1046,15 @@ def main(argv: Optional[list[str]] = None, stages: Optional[list[Stage]] = None)
         write_atomic(args.out / "gpu_check.json", json.dumps(public, indent=1, default=str))
         write_atomic(args.out / "gpu_check.md", render_markdown(public))
 
-    run_stages(selected, ctx, report, write)
+    handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_stages(selected, ctx, report, write)
+    except Interrupted as sig:
+        print(f"gpu_check: interrupted by {sig}; wrote what ran to {args.out / 'gpu_check.md'}", file=sys.stderr)
+        return 128 + sig.signum
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     goals = all_goals(report)
     print(f"gpu_check: {len(report['stages'])} stages in {report['elapsed_s']:.0f} s: "
           + ", ".join(f"{s['name']} {s['status']}" for s in report["stages"]))
