@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row[name] = record["median_us"] = us
             if device.type == "cuda":
                 census = kernel_census(fn, views)
-                print(f"        {name}: {census['count']} kernels, triton: {census['triton']}, {census['distinct'][:6]}")
+                print(f"        {name}: {census['count']} kernels, triton: {census['triton']}, "
+                      f"{census['distinct'][:6]}")
                 record["kernels"] = census
                 if name == "views":
                     record["fused"] = _cuda_ext.status()["fused_calls"] > 0

@@ -330,11 +330,13 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {i} | {s['name']} | {s['status']} | {_fmt(s['seconds'])} | {note.replace('|', '/')[:200]} |")
     goals = all_goals(report)
     if goals:
-        lines += ["", "## Goals", "", "| stage | goal | measured | target | verdict | note |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Goals", "", "| stage | goal | measured | target | verdict | note |",
+                  "|---|---|---|---|---|---|"]
         for g in goals:
             verdict = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
-            lines.append(f"| {g['stage']} | {g['goal']} | {_fmt(g['measured'])} {g['unit']} | {g['comparison']} "
-                         f"{_fmt(g['target'])} {g['unit']} | {verdict} | {g['note']} |")
+            measured = f"{_fmt(g['measured'])} {g['unit']}".strip()
+            target = f"{g['comparison']} {_fmt(g['target'])} {g['unit']}".strip()
+            lines.append(f"| {g['stage']} | {g['goal']} | {measured} | {target} | {verdict} | {g['note']} |")
     for s in report["stages"]:
         lines += ["", f"## {s['name']}: {s['title']} ({s['status']})", ""]
         lines += s.get("summary", []) or ([s["reason"]] if s.get("reason") else [])
@@ -508,7 +510,7 @@ def bench_mira_argv(ctx: Context, views: int, json_path: Path) -> list[str]:
 
 
 def stage_fused(ctx: Context) -> dict:
-    eq, cmd = ctx.worker("fused_equality", timeout=0.6 * ctx.left())  # includes the JIT build
+    eq, cmd = ctx.worker("fused_equality", timeout=0.7 * ctx.left())  # includes the JIT build (~30-60 s cold)
     if cmd.rc != 0:
         ctx.errors.append(f"equality worker: {'timed out' if cmd.timed_out else f'rc {cmd.rc}'} after "
                           f"{eq.get('cases_done', 0)} cases")
@@ -542,7 +544,8 @@ def stage_fused(ctx: Context) -> dict:
             rows.append([key, r["implementation"], r["B"], r["K"], r.get("median_us"), kern.get("count"),
                          kern.get("triton"), r.get("error", "")[:80]])
     summary = [f"JIT build: {_fmt(eq.get('build_s'))} s (cache present before: {_fmt(eq.get('build_cached'))}); "
-               f"fused loaded: {_fmt(eq.get('loaded'))}; op dispatches to it: {_fmt(eq.get('op_dispatches_to_fused'))}; "
+               f"fused loaded: {_fmt(eq.get('loaded'))}; "
+               f"op dispatches to it: {_fmt(eq.get('op_dispatches_to_fused'))}; "
                f"status: {eq.get('fused_status', {}).get('reason') or '-'}", "",
                f"Equality ({eq.get('path', '?')}): {eq.get('cases_done', 0)} cases, worst max abs error "
                f"{_fmt(eq.get('max_abs_err'))}" + ("" if eq.get("complete") else " (INCOMPLETE)"), ""]
