@@ -371,14 +371,18 @@ def stage_env(ctx: Context) -> dict:
         lines = [ln for ln in c.tail.splitlines() if ln.strip()]
         info[name] = lines[-1].strip() if lines and c.rc == 0 else f"failed (rc {c.rc})"
     for module in ("nvidia.dali", "ffcv"):
-        code = (f"import importlib.metadata as m, {module} as x\n"
-                f"v = getattr(x, '__version__', None)\n"
-                f"print(v or m.version({'ffcv' if module == 'ffcv' else 'nvidia-dali-cuda130'!r}))")
+        dist = "ffcv" if module == "ffcv" else "nvidia-dali-cuda130"
+        code = (f"import importlib.metadata as m, {module} as x\n"  # the import is the check
+                f"try:\n    v = m.version({dist!r})\n"  # ffcv's own __version__ is stale (0.0.3rc1 in 1.0.2)
+                f"except m.PackageNotFoundError:\n    v = getattr(x, '__version__', '?')\n"
+                f"print(v)")
         c = ctx.run(f"env-{module}", [PY, "-c", code], timeout=90)
         lines = [ln for ln in c.tail.splitlines() if ln.strip()]
         info[module] = lines[-1].strip() if c.rc == 0 and lines else \
             f"not importable: {lines[-1].strip() if lines else f'rc {c.rc}'}"
-    summary = table(["item", "value"], [[k, v] for k, v in info.items() if not isinstance(v, dict)])
+    rows = [[k, v] for k, v in info.items() if not isinstance(v, dict)]
+    rows += [[f"package {k}", v if v else "not installed"] for k, v in info.get("packages", {}).items()]
+    summary = table(["item", "value"], rows)
     return {"results": info, "summary": summary}
 
 
@@ -401,6 +405,13 @@ def worker_env(args: dict, dry_run: bool) -> dict:
     if cuda:
         free, total = torch.cuda.mem_get_info()
         info["gpu_memory_free_gb"] = round(free / 2**30, 1)
+    import importlib.metadata
+
+    for name in ("matplotlib", "pillow", "pytest", "tensorboard", "tqdm"):  # what the tools also need
+        try:
+            info["packages"][name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info["packages"][name] = None
     return info
 
 
