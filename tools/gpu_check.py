@@ -625,7 +625,13 @@ def worker_compile_step(args: dict, dry_run: bool) -> dict:
     compiled_fn = torch.compile(step, fullgraph=True, backend=backend)
     calls = _cuda_ext.status()["fused_calls"]
     t = time.perf_counter()
-    compiled = run(compiled_fn)
+    try:
+        compiled = run(compiled_fn)
+    except Exception as exc:  # a graph break under fullgraph=True, or a compiler error: that is the finding
+        res.update(fullgraph_ok=False, fullgraph_error=f"{type(exc).__name__}: {str(exc)[:1500]}",
+                   compile_s=time.perf_counter() - t)
+        _save(out_path, res)
+        return res
     res["compile_s"] = time.perf_counter() - t
     res["fused_calls_in_compiled"] = _cuda_ext.status()["fused_calls"] - calls
     res["fullgraph_ok"] = True
@@ -656,6 +662,8 @@ def stage_compile(ctx: Context) -> dict:
         ctx.errors.append(f"compile worker: {'timed out' if cmd.timed_out else f'rc {cmd.rc}'}"
                           + ("" if "graph_break_count" not in res else " (after explain)"))
     fullgraph = res.get("fullgraph_ok")
+    if fullgraph is False:
+        ctx.errors.append(f"torch.compile(fullgraph=True) failed: {res.get('fullgraph_error', '?')[:300]}")
     goals = [goal("graph breaks (torch._dynamo.explain)", res.get("graph_break_count"), 0, "", False,
                   f"fullgraph=True compile succeeded: {_fmt(fullgraph)}"),
              goal("loss, compiled vs eager (relative)", res.get("loss_rel_diff"), BF16_LOSS_RTOL, "", False,
@@ -665,8 +673,8 @@ def stage_compile(ctx: Context) -> dict:
     if ctx.cuda and not ctx.dry_run:
         goals.append(goal("fused kernel calls from the compiled step", res.get("fused_calls_in_compiled"), 1, "",
                           True, "the custom op inside the compiled graph dispatches to the fused kernel"))
-    keys = ["backend", "batch", "crops", "K", "graph_count", "graph_break_count", "explain_s", "compile_s",
-            "loss_eager", "loss_compiled", "loss_rel_diff", "targets_max_abs_diff", "grad_cosine",
+    keys = ["backend", "batch", "crops", "K", "graph_count", "graph_break_count", "fullgraph_ok", "explain_s",
+            "compile_s", "loss_eager", "loss_compiled", "loss_rel_diff", "targets_max_abs_diff", "grad_cosine",
             "fused_calls_in_compiled", "eager_step_ms", "compiled_step_ms"]
     summary = table(["item", "value"], [[k, res.get(k)] for k in keys if k in res])
     if res.get("break_reasons"):
