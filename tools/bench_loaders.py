@@ -36,7 +36,12 @@ from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader  # noqa: E
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
 # Opt-in ablations (name -> backend and LoaderSpec overrides), measured only when named in --backends.
-VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False})}  # the GPU's DALI graph run on the CPU
+VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}),  # the GPU's DALI graph run on the CPU
+            # torchvision workers only crop; the photometric steps run batched on the device
+            "torchvision-device-augment": ("torchvision", {"device_augment": True}),
+            # the share of JPEGs nvJPEG's hardware decoder takes on a GPU ("dali" itself: 0.65)
+            "dali-hw0": ("dali", {"dali_hw_decoder_load": 0.0}),
+            "dali-hw1": ("dali", {"dali_hw_decoder_load": 1.0})}
 DEFAULT_DATA = "data/demo/train"
 
 
@@ -123,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--backends", default=",".join(ALL_BACKENDS),
                     help="comma-separated subset of " + ", ".join(ALL_BACKENDS) + "; opt-in ablation: "
                     "dali-gpu-graph (DALI with --data.dali_cpu_fast off: bicubic crops, accurate IDCT, "
-                    "DALI operators under conditionals, as on a GPU)")
+                    "DALI operators under conditionals, as on a GPU); opt-in variants: "
+                    "torchvision-device-augment (--data.device_augment on), dali-hw0 and dali-hw1 "
+                    "(--data.dali_hw_decoder_load 0 and 1; dali itself uses 0.65)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of each repetition")

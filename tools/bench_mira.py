@@ -12,9 +12,17 @@ implementations, interleaved within each size:
              the fused kernel of fastssl/ops/csrc when it builds, else the batched reference;
              the table says which ran)
   sinkhorn   `sinkhorn_assign` per view, 3 iterations
+Opt-in with --impls (a comma-separated list of these and the above):
+  solve_views   the batched log-space reference (`solve_views`) on the stacked views: what the
+                custom op runs when the fused kernel is off
+  fused         the fused kernel's own entry (`mira_assign_views_cuda`) on pre-stacked logits,
+                without the op's dispatch (CUDA only)
+  fused_graph   that call captured once in a CUDA graph, timed as graph replays (CUDA only)
 Prints a table and, with --json, writes one record per (implementation, B, K, device)
-with its median microseconds. On CUDA it also lists, from the torch profiler, the kernels
-one `views` call launches (how many, and whether any is Triton).
+with its median microseconds (an implementation that cannot run records its "error"). On
+CUDA it also lists, from the torch profiler, the kernels one call of each implementation
+launches (how many, and whether any is Triton). --views and --dtype set the logits' shape
+and type (default: 2 views, float32).
 """
 
 from __future__ import annotations
@@ -32,17 +40,58 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fastssl.ops import _cuda_ext, mira_assign, mira_assign_views, sinkhorn_assign  # noqa: E402
+from fastssl.ops.mira_fused import solve_views  # noqa: E402
 
 GPU_SIZES = ("64x3000", "512x3000", "4096x3000", "64x16384", "512x16384", "4096x16384")
 CPU_SIZES = ("64x3000", "512x3000")
+DEFAULT_IMPLS = ("reference", "views", "sinkhorn")
+EXTRA_IMPLS = ("solve_views", "fused", "fused_graph")
+CUDA_ONLY = ("fused", "fused_graph")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TAU, BETA = 0.225, 0.7
 
 
 def implementations(num_iters: int) -> dict:
     return {
-        "reference": lambda v: [mira_assign(x, tau=0.225, beta=0.7, num_iters=num_iters) for x in v],
-        "views": lambda v: mira_assign_views(v, tau=0.225, beta=0.7, num_iters=num_iters),
+        "reference": lambda v: [mira_assign(x, tau=TAU, beta=BETA, num_iters=num_iters) for x in v],
+        "views": lambda v: mira_assign_views(v, tau=TAU, beta=BETA, num_iters=num_iters),
         "sinkhorn": lambda v: [sinkhorn_assign(x, eps=0.05, num_iters=3) for x in v],
     }
+
+
+def fused_module(device: torch.device):
+    """The fused extension (built and self-checked on `device`), or RuntimeError saying why not."""
+    if device.type != "cuda":
+        raise RuntimeError("the fused kernel needs a CUDA device")
+    ext = _cuda_ext.fused_for(device)
+    if ext is None:
+        raise RuntimeError(f"the fused kernel is not available: {_cuda_ext.status()['reason']}")
+    return ext
+
+
+def extra_implementation(name: str, views: list[torch.Tensor], num_iters: int):
+    """fn(views) for an opt-in implementation, prepared for these `views` (inputs pre-stacked).
+
+    Why prepared: `fused` and `fused_graph` time the kernel without the op's stack and
+    dispatch; a CUDA graph must be captured once on fixed buffers and then only replayed.
+    """
+    stacked = torch.stack(views).contiguous()
+    if name == "solve_views":
+        return lambda v: solve_views(torch.stack(v), TAU, BETA, num_iters)
+    ext = fused_module(stacked.device)
+    out = torch.empty(stacked.shape, dtype=torch.float32, device=stacked.device)
+    if name == "fused":
+        return lambda v: ext.mira_assign_views_cuda(stacked, TAU, BETA, num_iters, out=out)
+    side = torch.cuda.Stream(device=stacked.device)  # warm up off the default stream, as capture wants
+    side.wait_stream(torch.cuda.current_stream(stacked.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            ext.mira_assign_views_cuda(stacked, TAU, BETA, num_iters, out=out)
+    torch.cuda.current_stream(stacked.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ext.mira_assign_views_cuda(stacked, TAU, BETA, num_iters, out=out)
+    return lambda v: graph.replay()
 
 
 def time_call(fn, views, device: torch.device, warmup: int, repeats: int) -> float:
@@ -84,35 +133,61 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                    help="comma-separated implementations: " + ", ".join(DEFAULT_IMPLS + EXTRA_IMPLS)
+                    + f" (default {','.join(DEFAULT_IMPLS)}; {', '.join(CUDA_ONLY)}: CUDA only)")
+    ap.add_argument("--views", type=int, default=2, help="teacher views per call (default 2)")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="logits dtype (default fp32)")
     args = ap.parse_args(argv)
+    impls = [n for n in args.impls.split(",") if n]
+    unknown = sorted(set(impls) - set(DEFAULT_IMPLS + EXTRA_IMPLS))
+    if unknown or not impls:
+        ap.error(f"unknown implementations {unknown}; choose from {', '.join(DEFAULT_IMPLS + EXTRA_IMPLS)}")
+    if args.views < 1:
+        ap.error("--views must be >= 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     sizes = args.sizes.split(",") if args.sizes else list(GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     records = []
-    print(f"{'B':>6s} {'K':>6s} " + " ".join(f"{n:>12s}" for n in implementations(args.iters)) + "   ref/views")
+    ratio = "reference" in impls and "views" in impls
+    print(f"{'B':>6s} {'K':>6s} " + " ".join(f"{n:>12s}" for n in impls) + ("   ref/views" if ratio else ""))
     for size in sizes:
         b, k = (int(s) for s in size.lower().split("x"))
         g = torch.Generator(device=device).manual_seed(0)
-        views = [torch.randn(b, k, generator=g, device=device) for _ in range(2)]
+        views = [torch.randn(b, k, generator=g, device=device).to(DTYPES[args.dtype]) for _ in range(args.views)]
         row = {}
-        for name, fn in implementations(args.iters).items():
-            us = time_call(fn, views, device, args.warmup, args.repeats)
-            row[name] = us
-            records.append({"implementation": name, "B": b, "K": k, "device": str(device), "views": 2,
-                            "iters": args.iters if name != "sinkhorn" else 3, "median_us": us})
-        print(f"{b:6d} {k:6d} " + " ".join(f"{row[n]:12.0f}" for n in row) + f"   {row['reference'] / row['views']:8.2f}")
-        if device.type == "cuda":
-            census = kernel_census(implementations(args.iters)["views"], views)
-            print(f"        views: {census['count']} kernels, triton: {census['triton']}, {census['distinct'][:6]}")
-            records[-2]["kernels"] = census
-            records[-2]["fused"] = _cuda_ext.status()["fused_calls"] > 0
+        for name in impls:
+            record = {"implementation": name, "B": b, "K": k, "device": str(device), "views": args.views,
+                      "dtype": args.dtype, "iters": args.iters if name != "sinkhorn" else 3}
+            records.append(record)
+            try:
+                fn = implementations(args.iters)[name] if name in DEFAULT_IMPLS else \
+                    extra_implementation(name, views, args.iters)
+                us = time_call(fn, views, device, args.warmup, args.repeats)
+            except RuntimeError as exc:  # e.g. no fused kernel here, or a CUDA graph that cannot be captured
+                record["error"], row[name] = f"{type(exc).__name__}: {exc}", float("nan")
+                continue
+            row[name] = record["median_us"] = us
+            if device.type == "cuda":
+                census = kernel_census(fn, views)
+                print(f"        {name}: {census['count']} kernels, triton: {census['triton']}, "
+                      f"{census['distinct'][:6]}")
+                record["kernels"] = census
+                if name == "views":
+                    record["fused"] = _cuda_ext.status()["fused_calls"] > 0
+        print(f"{b:6d} {k:6d} " + " ".join(f"{row[n]:12.0f}" for n in row)
+              + (f"   {row['reference'] / row['views']:8.2f}" if ratio else ""))
+        for r in records[-len(impls):]:
+            if "error" in r:
+                print(f"        {r['implementation']}: {r['error']}")
     if device.type == "cuda":
         st = _cuda_ext.status()
         print(f"views ran the fused CUDA kernel: {'yes' if st['fused_calls'] else 'no'}"
               + (f" ({st['reason']})" if st["reason"] else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                               "torch": torch.__version__, "records": records}, indent=2))
+                                               "torch": torch.__version__, "fused_status": _cuda_ext.status(),
+                                               "records": records}, indent=2))
         print(f"wrote {args.json}")
     return records
 

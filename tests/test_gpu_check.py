@@ -1,0 +1,232 @@
+"""tools/gpu_check.py: the guard, the time budget and the reports (fast, in process), and the
+script itself run as a subprocess in dry-run mode on the CPU (a subset of stages here; every
+stage in the slow test), so that it is proven before any GPU minute is spent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, load_tool
+
+gc = load_tool("gpu_check")
+
+
+def read(out: Path) -> tuple[dict, str]:
+    return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+def run_main(tmp_path: Path, stages, *extra: str) -> tuple[int, dict, str]:
+    out = tmp_path / "out"
+    rc = gc.main(["--out", str(out), "--scratch", str(tmp_path / "scratch"), "--dry-run", *extra], stages=stages)
+    return (rc, *read(out))
+
+
+def test_a_failing_stage_records_its_traceback_and_the_next_stage_runs(tmp_path):
+    seen = {}
+
+    def boom(ctx):
+        raise RuntimeError("kaboom in stage one")
+
+    def second(ctx):
+        # the report on disk was rewritten after the failed stage and when this one started
+        seen["report"], _ = read(ctx.out)
+        return {"results": {"value": 42}, "goals": [gc.goal("answer", 42.0, 40.0, "", True)],
+                "summary": ["second ran"]}
+
+    def skipper(ctx):
+        raise gc.StageSkipped("nothing to do here")
+
+    stages = [gc.Stage("one", "raises", 30, boom, needs_cuda=False), gc.Stage("two", "runs", 30, second, False),
+              gc.Stage("three", "skips", 30, skipper, False)]
+    rc, report, md = run_main(tmp_path, stages)
+    assert rc == 0
+    on_disk = seen["report"]["stages"]
+    assert [s["status"] for s in on_disk] == ["failed", "running"]
+    assert "kaboom in stage one" in on_disk[0]["traceback"] and "RuntimeError" in on_disk[0]["error"]
+    one, two, three = report["stages"]
+    assert one["status"] == "failed" and "Traceback" in one["traceback"] and "kaboom" in one["traceback"]
+    assert two["status"] == "ok" and two["results"] == {"value": 42}
+    assert three["status"] == "skipped" and three["reason"] == "skipped: nothing to do here"
+    assert report["goals"] == [{"stage": "two", **gc.goal("answer", 42.0, 40.0, "", True)}]
+    assert report["goals"][0]["met"] is True
+    assert "kaboom in stage one" in md and "second ran" in md and "| two | answer |" in md
+
+
+def test_a_command_past_its_budget_is_killed_and_later_stages_are_skipped(tmp_path):
+    """--budget bounds the run: a stage's command is killed at the stage's share of it (with its
+    child), the stage is marked timeout; once the budget is spent a stage is skipped, not started."""
+    code = ("import subprocess, sys, time\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print('started', flush=True); time.sleep(120)\n")
+
+    def slow(ctx):
+        c = ctx.run("sleeper", [sys.executable, "-c", code])
+        return {"results": {"timed_out": c.timed_out, "seconds": c.seconds}}
+
+    def overrun(ctx):
+        time.sleep(ctx.left() + 4)  # in-process work the runner cannot cut short
+        return {}
+
+    def later(ctx):
+        return {"results": {"ran": True}}
+
+    stages = [gc.Stage("slow", "sleeps", 300, slow, needs_cuda=False),
+              gc.Stage("overrun", "overruns", 300, overrun, needs_cuda=False),
+              gc.Stage("later", "after", 300, later, needs_cuda=False)]
+    start = time.monotonic()
+    rc, report, _ = run_main(tmp_path, stages, "--budget", "6")
+    assert time.monotonic() - start < 40
+    slow_entry, _, later_entry = report["stages"]
+    assert slow_entry["status"] == "timeout" and slow_entry["results"]["timed_out"]
+    assert slow_entry["results"]["seconds"] < 15  # a third of the budget, plus the kill
+    assert "started" in (tmp_path / "out" / "logs" / "sleeper.log").read_text()
+    assert later_entry["status"] == "skipped" and "out of time" in later_entry["reason"]
+
+
+def test_a_signal_to_gpu_check_kills_the_running_command_and_keeps_the_report(tmp_path):
+    """SIGTERM mid-command (as a device run's timeout would send): the command's process group
+    is killed, the stage is recorded as interrupted, the exit status is 128 + 15."""
+    pid_file = tmp_path / "child.pid"
+    code = ("import os, signal, time\n"
+            f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            "os.kill(os.getppid(), signal.SIGTERM); time.sleep(120)\n")
+
+    def stage(ctx):
+        ctx.run("victim", [sys.executable, "-c", code], timeout=60)
+        return {}
+
+    def never(ctx):
+        raise AssertionError("a stage after the interruption ran")
+
+    start = time.monotonic()
+    rc, report, md = run_main(tmp_path, [gc.Stage("one", "interrupted", 300, stage, False),
+                                         gc.Stage("two", "never", 300, never, False)])
+    assert rc == 128 + 15 and time.monotonic() - start < 40
+    assert [s["status"] for s in report["stages"]] == ["interrupted"]
+    assert "SIGTERM" in report["stages"][0]["reason"] and "interrupted" in md
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_allotment_scales_caps_to_the_budget_left():
+    ctx = gc.Context(out=Path("."), scratch=Path("."), dry_run=False, cuda=True, deadline=time.monotonic() + 100)
+    stages = [gc.Stage(n, n, cap, lambda c: {}) for n, cap in (("a", 100), ("b", 100))]
+    assert gc.allotment(stages, ctx) == pytest.approx(50, abs=1)  # 200 s of caps, 100 s left
+    assert gc.allotment(stages[:1], ctx) == pytest.approx(100, abs=1)
+    ctx.deadline = time.monotonic() + 1000
+    assert gc.allotment(stages, ctx) == 100  # enough time: each stage gets its own cap
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stages", "env,warp"], "unknown stage 'warp'"),
+    (["--budget", "0"], "--budget must be positive"),
+    (["--scratch", str(REPO / "data" / "x")], "inside the checkout"),
+    ([], "--out DIR is required"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    argv = (["--out", str(tmp_path / "o")] if args else []) + args
+    assert gc.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not (REPO / "data" / "x").exists()
+
+
+def test_stages_select_by_name_or_number_in_canonical_order():
+    assert [s.name for s in gc.select_stages("7,env,fused")] == ["env", "fused", "gpu_tests"]
+    assert [s.name for s in gc.select_stages(None)] == [s.name for s in gc.STAGES]
+
+
+def test_pytest_summary_and_run_logs_are_read(tmp_path):
+    assert gc.parse_pytest_summary("...\n3 passed, 1 failed, 37 skipped, 12 deselected in 4.10s\n") == \
+        {"passed": 3, "failed": 1, "skipped": 37, "deselected": 12}
+    assert gc.parse_pytest_summary("== 2 errors in 1.0s ==") == {"errors": 2}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "epochs.csv").write_text("epoch,step,images_per_s,data_wait_share,peak_memory_mb\n"
+                                    "0,20,100.0,0.5,5000\n1,40,1000.0,0.1,6000\n2,60,1200.0,0.3,5500\n")
+    (run / "train_log.csv").write_text("epoch,step,images_per_s\n0,5,90\n")
+    logs = gc.read_run_logs(run)
+    assert logs["images_per_s"] == pytest.approx(1100.0)  # epochs 2..3: the first is start-up
+    assert logs["data_wait_share"] == pytest.approx(0.2)
+    assert logs["peak_memory_mb"] == 6000 and logs["steps"] == 60 and logs["log_images_per_s"] == [90.0]
+
+
+def test_bench_mira_opt_in_implementations_record_errors_instead_of_failing(tmp_path):
+    out = tmp_path / "m.json"
+    records = load_tool("bench_mira").main(["--sizes", "8x20", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                                            "--impls", "solve_views,fused,fused_graph", "--views", "1",
+                                            "--dtype", "bf16", "--json", str(out)])
+    by = {r["implementation"]: r for r in records}
+    assert by["solve_views"]["median_us"] > 0 and by["solve_views"]["views"] == 1
+    assert by["solve_views"]["dtype"] == "bf16"
+    assert "needs a CUDA device" in by["fused"]["error"] and "median_us" not in by["fused_graph"]
+    assert len(json.loads(out.read_text())["records"]) == 3
+
+
+def test_bench_loaders_variants_name_real_loader_settings():
+    import dataclasses
+
+    from pipelines import LoaderSpec
+
+    bl = load_tool("bench_loaders")
+    fields = {f.name for f in dataclasses.fields(LoaderSpec)}
+    assert set(gc.LOADER_VARIANTS) <= set(bl.ALL_BACKENDS) | set(bl.VARIANTS)
+    for name in gc.LOADER_VARIANTS:
+        backend, overrides = bl.VARIANTS.get(name, (name, {}))
+        assert backend in bl.ALL_BACKENDS and set(overrides) <= fields
+    assert bl.VARIANTS["dali-hw1"][1] == {"dali_hw_decoder_load": 1.0}
+    assert bl.parse_args(["--backends", ",".join(gc.LOADER_VARIANTS)]).backends
+
+
+def dry_run(tmp_path: Path, stages: str | None, timeout: int) -> tuple[dict, str]:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out),
+           "--scratch", str(tmp_path / "scratch"), "--budget", str(timeout - 30)]
+    if stages:
+        cmd += ["--stages", stages]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read(out)
+
+
+def test_dry_run_of_the_fused_stage_in_a_subprocess(tmp_path):
+    report, md = dry_run(tmp_path, "fused", timeout=240)
+    (stage,) = report["stages"]
+    assert report["dry_run"] and stage["name"] == "fused" and stage["status"] == "ok", stage
+    eq = stage["results"]["equality"]
+    assert eq["complete"] and eq["cases_done"] == 48 and eq["max_abs_err"] < 1e-4
+    impls = {r["implementation"]: r for r in stage["results"]["timings"]["2views"]}
+    assert impls["views"]["median_us"] > 0 and "error" in impls["fused_graph"]
+    assert [g["goal"] for g in report["goals"]][:1] == ["fused assignment, 2 views x 512 x 3000 x 30 iters"]
+    assert all(g["measured"] is not None for g in report["goals"])
+    assert "DRY RUN" in md and "| fused | ok |" in md
+    assert (tmp_path / "out" / "logs" / "bench_mira-2views.log").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_of_every_stage_in_a_subprocess(tmp_path):
+    """The whole script on CPU at tiny sizes: every stage runs its tools and reads their output."""
+    report, md = dry_run(tmp_path, None, timeout=600)
+    status = {s["name"]: s["status"] for s in report["stages"]}
+    assert status == {s.name: "ok" for s in gc.STAGES}, [(s["name"], s.get("error"), s.get("errors"))
+                                                        for s in report["stages"]]
+    st = {s["name"]: s for s in report["stages"]}
+    assert st["env"]["results"]["torch"] and "nvcc" in st["env"]["results"]
+    assert st["compile"]["results"]["graph_break_count"] == 0
+    assert st["model_step"]["results"]["eager"]["images_per_s"] > 0
+    assert set(st["loaders"]["results"]["backends"]) >= {"torchvision", "torchvision-device-augment"}
+    e2e = st["end_to_end"]["results"]
+    assert set(e2e) == {"synthetic", "torchvision", "dali", "ffcv"}
+    ran = [r for r in e2e.values() if "skipped" not in r]
+    assert len(ran) >= 2 and all(r["steps"] == 2 and r["images_per_s"] > 0 for r in ran)
+    assert st["gpu_tests"]["results"]["counts"].get("skipped", 0) > 0
+    data = st["loaders"]["results"]["data"]  # generated outside the checkout, under --scratch
+    assert Path(data["train"]).is_relative_to(tmp_path)
+    assert data["count"] == len(list(Path(data["train"]).rglob("*.JPEG")))
