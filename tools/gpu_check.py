@@ -729,6 +729,22 @@ def stage_model_step(ctx: Context) -> dict:
     return {"results": results, "goals": goals, "summary": summary}
 
 
+def stage_bn_stats(ctx: Context) -> dict:
+    """Per-view BatchNorm's cost: student step per_view vs per_forward vs 8 separate forwards (bench_bn_stats)."""
+    path = ctx.out / "bn_stats.json"
+    argv = [PY, "tools/bench_bn_stats.py", "--json", str(path)]
+    argv += (["--arch", "resnet18", "--batch", "4", "--global-size", "32", "--local-size", "16", "--num-local", "2",
+              "--prototypes", "20", "--steps", "1", "--rounds", "1"] if ctx.dry_run else ["--steps", "3", "--rounds", "3"])
+    c = ctx.run("bench-bn-stats", argv)
+    rep = _read_json(path)
+    if c.rc != 0 or not rep:
+        raise RuntimeError(f"bench_bn_stats: {'timed out' if c.timed_out else f'rc {c.rc}'} (see {c.log})")
+    ratio = rep["ratio_to_per_forward"]["per_view"]
+    goals = [goal("per_view student step / per_forward", ratio, 1.05, "x", False, rep["views"] + ", " + rep["precision"])]
+    rows = [[m, rep["step_ms"][m], rep["ratio_to_per_forward"][m]] for m in rep["step_ms"]]
+    return {"results": rep, "goals": goals, "summary": table(["mode", "student step ms", "x per_forward"], rows)}
+
+
 # ----------------------------------------------------------------------------- data (5, 6)
 def _photo(job: tuple[int, int, int, str, int]) -> None:
     """One ImageNet-like JPEG: 1/f colour noise (photographic entropy and file size)."""
@@ -972,6 +988,8 @@ STAGES = [
     Stage("fused", "fused MIRA kernel", 100, stage_fused),  # a cold JIT build: about a minute
     Stage("compile", "torch.compile(fullgraph=True) of a step with mira_assign_views", 60, stage_compile),
     Stage("model_step", "model step alone: ResNet-50, 64 per GPU, eager vs compiled", 110, stage_model_step),
+    Stage("bn_stats", "per-view BatchNorm: student step per_view vs per_forward vs separate forwards", 25,
+          stage_bn_stats),
     Stage("loaders", "loaders on the GPU", 65, stage_loaders),
     Stage("end_to_end", "end to end: recipes/mira_bs512.py, 64 per GPU, each loader", 85, stage_end_to_end),
     Stage("gpu_tests", "pytest -m gpu", 55, stage_gpu_tests),
