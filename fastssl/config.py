@@ -118,7 +118,7 @@ class OptimConfig:
     weight_decay: float = 1e-4  # L2 weight decay
     lars_eta: float = 0.001  # LARS trust coefficient (optim.name lars only)
     decay_bn_bias: bool = False  # also weight-decay BN and bias parameters (MoCo's: every parameter); default: not
-    lr_per: str = "step"  # step | epoch: how often the cosine lr moves (MoCo: once per epoch)
+    cosine_per: str = "step"  # step | epoch: how often the cosine lr moves (MoCo: once per epoch)
 
 
 @dataclass
@@ -395,8 +395,8 @@ def config_errors(cfg: Config) -> list[str]:
             e.append(f"method.{name}: EMA momentum must lie in [0, 1], got {getattr(mt, name)}")
     if mt.freeze_prototypes_epochs < 0:
         e.append("method.freeze_prototypes_epochs: must be >= 0")
-    if o.lr_per not in ("epoch", "step"):
-        e.append(f"optim.lr_per: choose epoch or step, got {o.lr_per!r}")
+    if o.cosine_per not in ("epoch", "step"):
+        e.append(f"optim.cosine_per: choose epoch or step, got {o.cosine_per!r}")
     if o.name not in ("sgd", "lars"):
         e.append(f"optim.name: unknown optimiser {o.name!r}; choose sgd or lars")
     for name in ("base_lr", "final_lr", "warmup_epochs", "momentum", "weight_decay", "lars_eta"):

@@ -58,7 +58,7 @@ def step_schedule(cfg: Config, step: int, steps_per_epoch: int) -> StepSchedule:
     o, m, t = cfg.optim, cfg.method, cfg.train
     total = t.epochs * steps_per_epoch
     peak = scaled_lr(o.base_lr, t.global_batch_size)
-    lr_step = step - step % steps_per_epoch if o.lr_per == "epoch" else step  # MoCo: lr set at each epoch's start
+    lr_step = step - step % steps_per_epoch if o.cosine_per == "epoch" else step  # MoCo: lr set at each epoch's start
     return StepSchedule(
         lr=warmup_cosine(lr_step, total, round(o.warmup_epochs * steps_per_epoch), peak, o.final_lr),
         beta=cosine(step, total, m.beta_start, m.beta_end),

@@ -21,7 +21,7 @@ authors' representation-learning/main_moco_cifar.py and moco_builder.py, as summ
   `--moco-dim 128`; code / MoCo-v2 `--mlp`).
 - optimiser: SGD momentum 0.9, lr 0.03 x batch/256, weight decay 1e-4 on EVERY parameter,
   BN and bias included (`optim.decay_bn_bias`; code: plain torch SGD over all parameters),
-  cosine lr set once per epoch with no warm-up (`optim.lr_per epoch`; code's
+  cosine lr set once per epoch with no warm-up (`optim.cosine_per epoch`; code's
   adjust_learning_rate), batch 256, 200 epochs (MoCo-v2).
 - key encoder momentum 0.999, constant (MoCo-v2).
 - augmentation: 2 x 224 crops at scale (0.2, 1), no local crops, colour jitter
@@ -56,7 +56,7 @@ def config() -> Config:
     cfg.method.freeze_prototypes_epochs = 0
     cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs = "sgd", 0.03, 1e-4, 0
     cfg.optim.decay_bn_bias = True
-    cfg.optim.lr_per = "epoch"
+    cfg.optim.cosine_per = "epoch"
     cfg.train.epochs = 200
     cfg.train.global_batch_size = 256
     cfg.train.run_dir = "runs/mlcpc_moco"
