@@ -27,6 +27,9 @@ from pipelines.augment import MultiCropRecipe
 
 BACKENDS = ("torchvision", "synthetic", "dali", "ffcv")
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
+HEADS = ("mira", "moco")  # ModelConfig.head
+STEMS = ("imagenet", "cifar")  # ModelConfig.stem
+DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (fastssl.critic.DIRECTIONS)
 EVAL_LOADERS = ("torchvision", "dali")  # pipelines.eval.EVAL_BACKENDS, without importing torchvision here
 
 
@@ -62,6 +65,8 @@ class ModelConfig:
     num_prototypes: int = 3000  # K: prototypes, i.e. pseudo-label classes
     bn_stats: str = "per_view"  # per_view: each view normalised on its own (the authors'); per_forward: views pooled
     sync_bn: bool = True  # BN statistics over the global batch in distributed runs (per_view: gloo too)
+    head: str = "mira"  # projector: mira (Linear-BN-ReLU x2, Linear) | moco (Linear-ReLU-Linear with biases, no BN)
+    stem: str = "imagenet"  # ResNet stem: imagenet (7x7 stride 2 + max-pool) | cifar (3x3 stride 1, no max-pool; 32 px)
 
 
 @dataclass
@@ -96,6 +101,9 @@ class CriticConfig:
     alpha_start: float = 10.0  # ML-CPC alpha at the start; geometric curriculum to alpha_end (Sec. 5.3: 10 -> 0.1)
     alpha_end: float = 0.1  # alpha at the end of training (> 0)
     alpha_per: str = "epoch"  # epoch | step: how often alpha moves
+    direction: str = "symmetric"  # symmetric (ours: both views, 2B keys/step) | one_way (authors': q view 0, k view 1)
+    shuffle_bn: bool = False  # key encoder BN on shuffled sub-batches (MoCo's shuffle-BN); needs model.bn_stats per_view
+    shuffle_bn_splits: int = 8  # one process: BN groups of the shuffled key batch (MoCo CIFAR demo: 8); else 1/process
 
 
 @dataclass
@@ -110,6 +118,8 @@ class OptimConfig:
     momentum: float = 0.9  # SGD / LARS momentum
     weight_decay: float = 1e-4  # L2 weight decay
     lars_eta: float = 0.001  # LARS trust coefficient (optim.name lars only)
+    decay_bn_bias: bool = False  # also weight-decay BN and bias parameters (MoCo's: every parameter); default: not
+    cosine_per: str = "step"  # step | epoch: how often the cosine lr moves (MoCo: once per epoch)
 
 
 @dataclass
@@ -339,6 +349,10 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"model.arch: unknown architecture {m.arch!r}; choose resnet18 or resnet50")
     if m.bn_stats not in BN_STATS:
         e.append(f"model.bn_stats: unknown {m.bn_stats!r}; choose one of {', '.join(BN_STATS)}")
+    if m.head not in HEADS:
+        e.append(f"model.head: unknown {m.head!r}; choose one of {', '.join(HEADS)}")
+    if m.stem not in STEMS:
+        e.append(f"model.stem: unknown {m.stem!r}; choose one of {', '.join(STEMS)}")
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
@@ -355,6 +369,18 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"critic.alpha_start/alpha_end: alpha must be positive, got {cr.alpha_start} -> {cr.alpha_end}")
     if cr.alpha_per not in ("epoch", "step"):
         e.append(f"critic.alpha_per: choose epoch or step, got {cr.alpha_per!r}")
+    if cr.direction not in DIRECTIONS:
+        e.append(f"critic.direction: unknown {cr.direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    if cr.shuffle_bn_splits < 1:
+        e.append(f"critic.shuffle_bn_splits: must be >= 1, got {cr.shuffle_bn_splits}")
+    if cr.shuffle_bn and mt.objective != "mlcpc":
+        e.append(f"critic.shuffle_bn: only for method.objective mlcpc (the MIRA targets need the plain teacher), "
+                 f"got {mt.objective!r}; set --critic.shuffle_bn false")
+    if cr.shuffle_bn and m.bn_stats != "per_view":
+        e.append("critic.shuffle_bn: needs --model.bn_stats per_view (pooled BN cannot keep the sub-batches apart)")
+    if cr.shuffle_bn and t.global_batch_size % cr.shuffle_bn_splits:
+        e.append(f"critic.shuffle_bn_splits: {cr.shuffle_bn_splits} does not divide train.global_batch_size "
+                 f"{t.global_batch_size}; pick a divisor")
     if mt.assignment not in ("mira", "sinkhorn"):
         e.append(f"method.assignment: unknown {mt.assignment!r}; choose mira or sinkhorn")
     for name in ("tau_student", "tau_teacher", "sinkhorn_eps"):
@@ -370,6 +396,8 @@ def config_errors(cfg: Config) -> list[str]:
             e.append(f"method.{name}: EMA momentum must lie in [0, 1], got {getattr(mt, name)}")
     if mt.freeze_prototypes_epochs < 0:
         e.append("method.freeze_prototypes_epochs: must be >= 0")
+    if o.cosine_per not in ("epoch", "step"):
+        e.append(f"optim.cosine_per: choose epoch or step, got {o.cosine_per!r}")
     if o.name not in ("sgd", "lars"):
         e.append(f"optim.name: unknown optimiser {o.name!r}; choose sgd or lars")
     for name in ("base_lr", "final_lr", "warmup_epochs", "warmup_start_lr", "momentum", "weight_decay", "lars_eta"):

@@ -7,6 +7,21 @@ from every rank), and the whole n x (1 + Q) matrix enters ONE ML-CPC denominator
 (`fastssl.losses.ml_cpc_bound`). The training loss is minus the bound divided by alpha,
 as the authors do, so that the gradient scale does not grow as alpha shrinks.
 
+Direction (`critic.direction`): "one_way" is the authors' MoCo-v2 setting (queries from
+the student on view 0, keys from the EMA teacher on view 1, B keys enqueued per step);
+"symmetric" is ours (both directions, 2B rows in ONE denominator, 2B keys enqueued).
+
+Shuffle-BN (`critic.shuffle_bn`, MoCo's): the key encoder's BatchNorm must not see the
+query's sub-batch, or the batch statistics leak which key is the positive. Across
+processes the inputs are gathered, permuted (one permutation, broadcast from rank 0),
+each process forwards its slice of the permuted batch with LOCAL BN statistics, and the
+outputs are gathered and unpermuted (moco_builder.py's `_batch_shuffle_ddp`). On one
+process the permuted batch is cut into `shuffle_bn_splits` groups, each normalised on its
+own (the per-view BatchNorm reads each group as a "view"), which is what MoCo's
+single-GPU CIFAR demo does with its SplitBatchNorm. Running statistics get one update per
+group (MoCo's SplitBatchNorm averages them into one update; each of its GPUs updates its
+own with local statistics).
+
 The current step's keys are scored BEFORE they are enqueued, so no key is ever its own
 negative; the queue must be shorter than the dataset, or stale copies of an image would
 be scored as negatives of itself.
@@ -23,6 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl.losses import ml_cpc_bound
+from fastssl.models.per_view_bn import PerViewBatchNorm1d, PerViewBatchNorm2d
+
+DIRECTIONS = ("symmetric", "one_way")
 
 
 def gather_keys(keys: Tensor) -> Tensor:
@@ -32,6 +50,52 @@ def gather_keys(keys: Tensor) -> Tensor:
     out = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
     dist.all_gather(out, keys.contiguous())
     return torch.cat(out)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def shuffled_forward(net: nn.Module, views: list[Tensor], splits: int = 8
+                     ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """`net(views, with_embeddings=True)` with shuffle-BN; (logits, embeddings, permutation).
+
+    One process: rows permuted, BN over `splits` groups of the permuted batch. Several:
+    the global batch (rank order) permuted, BN over each process's slice (local statistics,
+    whatever `sync` says). Outputs come back in the input order of this process's rows.
+    The permutation (over this process's rows, or over the global batch) is returned for tests.
+    """
+    world, b, device = _world(), views[0].shape[0], views[0].device
+    if world == 1:
+        perm, groups = torch.randperm(b, device=device), splits
+        if b % groups:
+            raise ValueError(f"shuffle-BN: {b} rows do not split into {groups} groups; pick a divisor")
+        local = [v[perm] for v in views]
+    else:
+        perm, groups = torch.randperm(world * b, device=device), 1
+        dist.broadcast(perm, src=0)
+        rank = dist.get_rank()
+        local = [gather_keys(v)[perm[rank * b:(rank + 1) * b]] for v in views]
+    bns = [m for m in net.modules() if isinstance(m, (PerViewBatchNorm1d, PerViewBatchNorm2d))]
+    syncs = [m.sync for m in bns]
+    for m in bns:
+        m.sync = False  # local statistics: the sub-batches are the point
+    try:
+        logits, z = net([chunk for v in local for chunk in v.chunk(groups)], with_embeddings=True)
+    finally:
+        for m, s in zip(bns, syncs):
+            m.sync = s
+    inverse = torch.argsort(perm)
+    outs = []
+    for parts in (logits, z):
+        per_view = [torch.cat(parts[i * groups:(i + 1) * groups]) for i in range(len(views))]
+        if world == 1:
+            outs.append([x[inverse] for x in per_view])
+        else:
+            rank = dist.get_rank()
+            outs.append([gather_keys(x)[inverse][rank * b:(rank + 1) * b] for x in per_view])
+    return outs[0], outs[1], perm
 
 
 class KeyQueue(nn.Module):
@@ -82,13 +146,32 @@ class CriticOutput:
 class MlCpcCritic(nn.Module):
     """Separable critic q . k / T against a key queue, scored with alpha-ML-CPC."""
 
-    def __init__(self, queue_size: int, dim: int, temperature: float = 0.07, dataset_size: int | None = None):
+    def __init__(self, queue_size: int, dim: int, temperature: float = 0.07, dataset_size: int | None = None,
+                 direction: str = "symmetric", shuffle_bn: bool = False, shuffle_bn_splits: int = 8):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"critic temperature must be positive, got {temperature}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"critic direction: unknown {direction!r}; choose one of {', '.join(DIRECTIONS)}")
         self.temperature = temperature
+        self.direction = direction
+        self.shuffle_bn, self.shuffle_bn_splits = shuffle_bn, shuffle_bn_splits  # read by train_step
         self.queue = KeyQueue(queue_size, dim, dataset_size)
         self.last_mi_nats = torch.zeros(())  # the latest step's estimate (set by the training step)
+
+    def pairs(self, student_z: list[Tensor], teacher_z: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(queries, keys) of the two global views for this critic's direction.
+
+        one_way (the authors'): student view 0 queries teacher view 1. symmetric (ours):
+        also student view 1 against teacher view 0, all 2B rows in one denominator.
+        """
+        if self.direction == "one_way":
+            return student_z[0], teacher_z[1]
+        return torch.cat([student_z[0], student_z[1]]), torch.cat([teacher_z[1], teacher_z[0]])
+
+    def keys_to_enqueue(self, teacher_z: list[Tensor]) -> Tensor:
+        """This step's keys for the queue: B (one_way, view 1's) or 2B (symmetric, both views)."""
+        return teacher_z[1] if self.direction == "one_way" else torch.cat(teacher_z)
 
     def scores(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
         """(positives n, negatives n x Q) log-critic scores, in float32."""

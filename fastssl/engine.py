@@ -67,7 +67,7 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
     optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
                                 lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                                lars_eta=cfg.optim.lars_eta)
+                                lars_eta=cfg.optim.lars_eta, decay_bn_bias=cfg.optim.decay_bn_bias)
     student, optimizer = accelerator.prepare(student, optimizer)
     if cfg.train.compile:
         student = torch.compile(student)
@@ -193,7 +193,8 @@ def should_eval(every: int, epoch: int, last: bool) -> bool:
 
 def build_networks(cfg: Config, accelerator) -> tuple[MiraNetwork, MiraNetwork]:
     m = cfg.model
-    student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes, m.bn_stats, m.sync_bn)
+    student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes, m.bn_stats, m.sync_bn,
+                          m.head, m.stem)
     if cfg.method.objective == "mlcpc":  # no swapped prediction: the prototypes are unused (and DDP
         student.prototypes.requires_grad_(False)  # must not wait for their gradients)
     if (m.bn_stats == "per_forward" and m.sync_bn and accelerator.num_processes > 1
@@ -297,7 +298,9 @@ def build_critic(cfg: Config, loader, accelerator) -> MlCpcCritic | None:
         return None
     size = getattr(loader, "num_images", None)
     return MlCpcCritic(cfg.critic.queue_size, cfg.model.proj_dim, cfg.critic.temperature,
-                       dataset_size=size).to(accelerator.device)
+                       dataset_size=size, direction=cfg.critic.direction,
+                       shuffle_bn=cfg.critic.shuffle_bn, shuffle_bn_splits=cfg.critic.shuffle_bn_splits
+                       ).to(accelerator.device)
 
 
 def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, state: ckpt.TrainState,

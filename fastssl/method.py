@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from fastssl.config import MiraConfig
-from fastssl.critic import CriticOutput, MlCpcCritic
+from fastssl.critic import CriticOutput, MlCpcCritic, shuffled_forward
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import ema_update, unwrap
 from fastssl.ops import mira_assign_views, sinkhorn_assign
@@ -37,10 +37,10 @@ def micro_batches(batch_size: int, micro_batch_size: int) -> list[slice]:
 
 def critic_loss(critic: MlCpcCritic, student_z: list[torch.Tensor], teacher_z: list[torch.Tensor],
                 alpha: float) -> CriticOutput:
-    """ML-CPC between the two global views, both ways in ONE denominator: student view 0
-    queries teacher view 1's key and vice versa. Nothing is enqueued here (see train_step)."""
-    queries = torch.cat([student_z[0], student_z[1]])
-    keys = torch.cat([teacher_z[1], teacher_z[0]])
+    """ML-CPC between the two global views in ONE denominator, in the critic's direction
+    (`MlCpcCritic.pairs`: one_way = the authors', symmetric = ours). Nothing is enqueued
+    here (see train_step)."""
+    queries, keys = critic.pairs(student_z, teacher_z)
     return critic(queries, keys, alpha, enqueue=False)
 
 
@@ -90,7 +90,10 @@ def train_step(student, teacher, optimizer, accelerator, views: list[torch.Tenso
         group["lr"] = sched.lr
     use_mira = method.objective in ("mira", "mira+mlcpc")
     with phases.phase("teacher_forward"), torch.no_grad(), accelerator.autocast():
-        teacher_logits, teacher_z = teacher(views[:2], with_embeddings=True)
+        if critic is not None and critic.shuffle_bn:  # MoCo's shuffle-BN in the key encoder
+            teacher_logits, teacher_z, _ = shuffled_forward(teacher, views[:2], critic.shuffle_bn_splits)
+        else:
+            teacher_logits, teacher_z = teacher(views[:2], with_embeddings=True)
     with phases.phase("assignment"):
         targets = assign_targets(teacher_logits, method, sched.beta) if use_mira else None
     with phases.phase("student_forward_backward"):
@@ -98,7 +101,7 @@ def train_step(student, teacher, optimizer, accelerator, views: list[torch.Tenso
                                      micro_batch_size, critic)
     with phases.phase("update"):  # optimiser step, EMA teacher, critic queue
         if critic is not None:
-            critic.queue.push(torch.cat(teacher_z))
+            critic.queue.push(critic.keys_to_enqueue(teacher_z))
             critic.last_mi_nats = mi
         if sched.freeze_prototypes:  # prototypes do not move during the first epoch(s)
             unwrap(student).prototypes.weight.grad = None

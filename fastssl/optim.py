@@ -2,7 +2,9 @@
 
 BN and bias parameters (every parameter with fewer than 2 dimensions) get neither
 weight decay nor LARS adaptation, as in the authors' code: decaying a BN scale towards
-zero or rescaling a bias by its own tiny norm only hurts.
+zero or rescaling a bias by its own tiny norm only hurts. MoCo (and the ML-CPC authors'
+MoCo code) decays every parameter: `decay_bn_bias=True` (`--optim.decay_bn_bias`) gives
+BN and bias the same weight decay (still no LARS adaptation).
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ def is_excluded(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two groups: regular weights (decayed, LARS-adapted) and BN/bias (neither)."""
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 decay_bn_bias: bool = False) -> list[dict]:
+    """Two groups: regular weights (decayed, LARS-adapted) and BN/bias (neither; decayed
+    too with `decay_bn_bias`)."""
     regular, excluded = [], []
     for name, p in named_params:
         if p.requires_grad:
             (excluded if is_excluded(name, p) else regular).append(p)
     return [
         {"params": regular, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": excluded, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": excluded, "weight_decay": weight_decay if decay_bn_bias else 0.0, "lars_exclude": True},
     ]
 
 
@@ -72,9 +76,9 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, momentum: float,
-                    weight_decay: float, lars_eta: float) -> torch.optim.Optimizer:
+                    weight_decay: float, lars_eta: float, decay_bn_bias: bool = False) -> torch.optim.Optimizer:
     """SGD (Table 8 setting) or LARS (the paper's batch-4096 setting) over the two groups."""
-    groups = param_groups(named_params, weight_decay)
+    groups = param_groups(named_params, weight_decay, decay_bn_bias)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "lars":

@@ -61,8 +61,10 @@ def step_schedule(cfg: Config, step: int, steps_per_epoch: int) -> StepSchedule:
     o, m, t = cfg.optim, cfg.method, cfg.train
     total = t.epochs * steps_per_epoch
     peak = scaled_lr(o.base_lr, t.global_batch_size)
+    lr_step = step - step % steps_per_epoch if o.cosine_per == "epoch" else step  # MoCo: lr set at each epoch's start
     return StepSchedule(
-        lr=warmup_cosine(step, total, round(o.warmup_epochs * steps_per_epoch), peak, o.final_lr, o.warmup_start_lr),
+        lr=warmup_cosine(lr_step, total, round(o.warmup_epochs * steps_per_epoch), peak, o.final_lr,
+                         o.warmup_start_lr),
         beta=cosine(step, total, m.beta_start, m.beta_end),
         # Without EMA the teacher is a fresh copy of the student at every step.
         ema_momentum=cosine(step, total, m.ema_momentum_start, m.ema_momentum_end) if m.ema else 0.0,

@@ -1,13 +1,35 @@
-"""ML-CPC in the MoCo-v2 setting (Song & Ermon 2020, Sec. 5.3): a key queue, T 0.07, alpha 10 -> 0.1.
+"""ML-CPC in the authors' MoCo-v2 setting (Song & Ermon 2020, Sec. 5.3): a key queue, T 0.07, alpha 10 -> 0.1.
 
     accelerate launch --multi_gpu --num_processes 8 recipes/mlcpc_moco.py \
         --data.train /data/imagenet/train --data.val /data/imagenet/val
 
-MoCo-v2's recipe: ResNet-50, 2 x 224 crops at scale (0.2, 1) (no local crops), blur p 0.5,
-no solarize, a 2048-128 projection head, SGD lr 0.03 x batch/256, wd 1e-4, batch 256,
-200 epochs, cosine lr, momentum key encoder 0.999, a queue of 65,536 keys. The loss is
-minus the alpha-ML-CPC bound divided by alpha, with the geometric curriculum 10 -> 0.1
-(alpha = 1 at half of training), moved once per epoch as in the paper.
+Each choice and its source (paper = /work/shared/papers/ml-cpc-2020.txt; code = the
+authors' representation-learning/main_moco_cifar.py and moco_builder.py, as summarised in
+/work/shared/papers/NOTES.md "ML-CPC as the authors run it"; MoCo-v2 = its ImageNet recipe):
+- loss: minus the alpha-ML-CPC bound divided by alpha, the whole N x (1 + Q) score matrix in
+  ONE denominator (paper Eq. 6; code); geometric curriculum alpha 10 -> 0.1, moved once per
+  epoch (paper Sec. 5.3).
+- ONE direction (`critic.direction one_way`): query = student on view 0, key = EMA key
+  encoder on view 1, B keys enqueued per step (code). Our `mira+mlcpc` default is symmetric.
+- shuffle-BN in the key encoder (`critic.shuffle_bn`; code / MoCo): across processes each
+  process normalises its slice of a globally shuffled batch; on one process, 8 BN groups of
+  the shuffled batch (MoCo's single-GPU CIFAR demo's SplitBatchNorm).
+- critic: scores q.k / T with T = 0.07, queue of 65,536 keys gathered from all ranks (code).
+  Keep the queue smaller than the dataset (the code's 65,536 > CIFAR's 50,000 would score
+  stale copies of an image as its own negatives; we refuse that).
+- head: Linear(2048, 2048)-ReLU-Linear(2048, 128) with biases, no BN (`model.head moco`,
+  `--moco-dim 128`; code / MoCo-v2 `--mlp`).
+- optimiser: SGD momentum 0.9, lr 0.03 x batch/256, weight decay 1e-4 on EVERY parameter,
+  BN and bias included (`optim.decay_bn_bias`; code: plain torch SGD over all parameters),
+  cosine lr set once per epoch with no warm-up (`optim.cosine_per epoch`; code's
+  adjust_learning_rate), batch 256, 200 epochs (MoCo-v2).
+- key encoder momentum 0.999, constant (MoCo-v2).
+- augmentation: 2 x 224 crops at scale (0.2, 1), no local crops, colour jitter
+  (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur p 0.5, no solarize (MoCo-v2 / code).
+  Crops are resized bilinearly in the authors' code; `aug` has no interpolation field, so this
+  recipe keeps the loader's own (torchvision: bicubic, as MIRA's) - a known difference.
+- BatchNorm of the student: per-view statistics (`model.bn_stats per_view`, as separate
+  query/key forwards).
 """
 
 from fastssl.cli import run
@@ -17,18 +39,24 @@ from fastssl.config import Config
 def config() -> Config:
     cfg = Config()
     cfg.method.objective = "mlcpc"
+    cfg.critic.direction = "one_way"
+    cfg.critic.shuffle_bn, cfg.critic.shuffle_bn_splits = True, 8
     cfg.critic.queue_size = 65536
     cfg.critic.temperature = 0.07
     cfg.critic.alpha_start, cfg.critic.alpha_end, cfg.critic.alpha_per = 10.0, 0.1, "epoch"
     cfg.model.arch = "resnet50"
+    cfg.model.head = "moco"
     cfg.model.proj_hidden_dim, cfg.model.proj_dim = 2048, 128
     cfg.aug.num_local = 0
     cfg.aug.global_scale = (0.2, 1.0)
+    cfg.aug.jitter = (0.4, 0.4, 0.4, 0.1)
     cfg.aug.blur_p = (0.5, 0.5, 0.5)
     cfg.aug.solarize_p = (0.0, 0.0, 0.0)
     cfg.method.ema_momentum_start = cfg.method.ema_momentum_end = 0.999
     cfg.method.freeze_prototypes_epochs = 0
     cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs = "sgd", 0.03, 1e-4, 0
+    cfg.optim.decay_bn_bias = True
+    cfg.optim.cosine_per = "epoch"
     cfg.train.epochs = 200
     cfg.train.global_batch_size = 256
     cfg.train.run_dir = "runs/mlcpc_moco"

@@ -51,6 +51,12 @@ def test_unknown_field_suggests_close_names():
     ("aug.flip_p", 1.5, "probability must lie in \\[0, 1\\]"),
     ("aug.jitter", (0.4, 0.4, 0.2, 0.6), "hue <= 0.5"),
     ("aug.jitter", (-0.1, 0.4, 0.2, 0.1), "values >= 0"),
+    ("model.head", "byol", "unknown 'byol'"),
+    ("model.stem", "tiny", "unknown 'tiny'"),
+    ("critic.direction", "both", "unknown 'both'"),
+    ("critic.shuffle_bn_splits", 0, "must be >= 1"),
+    ("critic.shuffle_bn", True, "only for method.objective mlcpc"),
+    ("optim.cosine_per", "iter", "choose epoch or step"),
 ])
 def test_invalid_values_are_named(field, value, needle):
     cfg = valid()
@@ -148,3 +154,13 @@ def test_usage_shows_each_field_with_the_recipe_value_and_its_help():
         assert lines[i + 1].strip() == helps[name]
     assert "  --optim.base_lr = 0.125" in lines
     assert "  --data.train = '/some/train'" in lines
+
+
+def test_shuffle_bn_needs_per_view_bn_and_a_dividing_split():
+    cfg = valid()
+    cfg.method.objective, cfg.critic.shuffle_bn = "mlcpc", True
+    validate(cfg)
+    cfg.model.bn_stats, cfg.critic.shuffle_bn_splits = "per_forward", 7
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "needs --model.bn_stats per_view" in str(err.value) and "does not divide" in str(err.value)

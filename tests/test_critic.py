@@ -79,3 +79,42 @@ def test_two_ranks_write_the_same_gathered_keys():
     # Step 1: rank 0's keys then rank 1's; step 2 the same, wrapping over step 1's first keys.
     expected = torch.cat([unit(2, seed=11), unit(2, seed=20), unit(2, seed=21)])
     torch.testing.assert_close(r0, expected)
+
+
+def _authors_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float, alpha: float) -> torch.Tensor:
+    """The authors' loss re-derived from Eq. 6 / NOTES.md, in float64: logits = [q.k+ | q.queue] / T,
+    log(alpha) added to positives, log((m - alpha)/(m - 1)) to negatives, ONE logsumexp over
+    all n*m entries, bound = mean(pos) + log(n m) - lse, loss = -bound / alpha."""
+    q, k, queue = (F.normalize(x.double(), dim=1) for x in (q, k, queue))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], dim=1) / t
+    n, m = logits.shape
+    weighted = torch.cat([logits[:, :1] + math.log(alpha), logits[:, 1:] + math.log((m - alpha) / (m - 1))], dim=1)
+    bound = logits[:, 0].mean() + math.log(n * m) - torch.logsumexp(weighted.reshape(-1), dim=0)
+    return -bound / alpha
+
+
+@pytest.mark.parametrize("alpha", [10.0, 1.0, 0.1])
+def test_one_way_direction_is_the_authors_formula(alpha):
+    from fastssl.method import critic_loss
+    critic = MlCpcCritic(queue_size=16, dim=4, temperature=0.07, direction="one_way")
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(5, 4, generator=g) for _ in range(2)]
+    teacher = [torch.randn(5, 4, generator=g) for _ in range(2)]
+    out = critic_loss(critic, student, teacher, alpha)
+    expected = _authors_loss(student[0], teacher[1], critic.queue.keys, 0.07, alpha)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-5)
+    # B keys (view 1's) go to the queue, not 2B.
+    torch.testing.assert_close(critic.keys_to_enqueue(teacher), teacher[1])
+    # Ours (symmetric) scores both directions in one denominator: another number.
+    sym = MlCpcCritic(queue_size=16, dim=4, temperature=0.07)
+    sym.queue.keys.copy_(critic.queue.keys)
+    sym_out = critic_loss(sym, student, teacher, alpha)
+    expected_sym = _authors_loss(torch.cat(student), torch.cat(teacher[::-1]), critic.queue.keys, 0.07, alpha)
+    torch.testing.assert_close(sym_out.loss.double(), expected_sym, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sym_out.loss.double(), expected, atol=1e-4)
+    assert sym.keys_to_enqueue(teacher).shape[0] == 10
+
+
+def test_unknown_direction_is_refused():
+    with pytest.raises(ValueError, match="one_way"):
+        MlCpcCritic(queue_size=4, dim=4, direction="both")

@@ -90,3 +90,18 @@ def test_mlcpc_recipes():
     for cfg in (moco, both):
         cfg.data.train = "/imagenet/train"
         validate(cfg, num_processes=8)
+
+
+def test_mlcpc_moco_recipes_are_the_authors_setting():
+    for name in ("mlcpc_moco", "mlcpc_moco_cifar"):
+        cfg = load_recipe(name)
+        assert (cfg.critic.direction, cfg.critic.shuffle_bn, cfg.model.head) == ("one_way", True, "moco")
+        assert cfg.model.proj_dim == 128 and cfg.aug.jitter == (0.4, 0.4, 0.4, 0.1)
+        assert (cfg.optim.decay_bn_bias, cfg.optim.cosine_per, cfg.optim.warmup_epochs) == (True, "epoch", 0)
+        assert cfg.critic.temperature == 0.07 and cfg.method.objective == "mlcpc"
+        cfg.data.train = "/data/train"
+        validate(cfg, num_processes=1)
+    cifar = load_recipe("mlcpc_moco_cifar")
+    assert (cifar.model.stem, cifar.aug.global_size, cifar.model.arch) == ("cifar", 32, "resnet18")
+    assert cifar.critic.queue_size < 50_000  # smaller than CIFAR-10's train set
+    assert load_recipe("mlcpc_moco").model.stem == "imagenet"

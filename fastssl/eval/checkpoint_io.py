@@ -55,7 +55,7 @@ def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
     """
     state = _read_state(Path(path))
     arch = arch or infer_arch(state)
-    net = build_backbone(arch)
+    net = build_backbone(arch, "cifar" if state["conv1.weight"].shape[-1] == 3 else "imagenet")  # stem from conv1
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -3,6 +3,11 @@
 The classifier is replaced by `Identity`, so the exported state dict has exactly the
 torchvision keys minus `fc.*` and loads into `torchvision.models.resnet50()` with
 `strict=False` reporting only the `fc` weights as missing.
+
+The "cifar" stem (for 32-px images, as the ML-CPC authors' CIFAR runs) replaces `conv1` by
+a 3x3 stride-1 convolution and `maxpool` by `Identity`: the keys do not change, only
+`conv1.weight`'s shape (64 x 3 x 3 x 3), so the export loads into a torchvision ResNet
+given the same two changes (`cifar_stem(torchvision.models.resnet18())`).
 """
 
 from __future__ import annotations
@@ -13,11 +18,22 @@ from torch import nn
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048}
 
 
-def build_backbone(arch: str) -> nn.Module:
+def cifar_stem(net: nn.Module) -> nn.Module:
+    """3x3 stride-1 conv1 and no max-pool: 32-px images keep a 32 x 32 map into layer1."""
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def build_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
     """A randomly initialised ResNet with zero-init residual branches (as the authors)."""
     if arch not in FEATURE_DIMS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(FEATURE_DIMS)}")
+    if stem not in ("imagenet", "cifar"):
+        raise ValueError(f"unknown stem {stem!r}; choose imagenet or cifar")
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    if stem == "cifar":
+        cifar_stem(net)
     net.fc = nn.Identity()
     net.feature_dim = FEATURE_DIMS[arch]
     return net

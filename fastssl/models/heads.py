@@ -24,6 +24,16 @@ def build_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
     )
 
 
+def build_moco_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear(bias)-ReLU-Linear(bias), no BN: MoCo-v2's MLP head (`--mlp`, `--moco-dim`),
+    which the ML-CPC authors' MoCo code uses. Also L2-normalised in `MiraNetwork.head`."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
 class CosinePrototypes(nn.Module):
     """Weight-normalised Linear(d, K, no bias) with the norm fixed at 1.
 

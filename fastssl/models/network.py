@@ -10,7 +10,7 @@ from torch import nn
 
 from fastssl.config import BN_STATS
 from fastssl.models.backbone import build_backbone
-from fastssl.models.heads import CosinePrototypes, build_projector
+from fastssl.models.heads import CosinePrototypes, build_moco_head, build_projector
 from fastssl.models.per_view_bn import convert_to_per_view, set_rows_per_view
 
 
@@ -18,16 +18,21 @@ class MiraNetwork(nn.Module):
     """Encoder f, projector g and prototypes h: logits = h(normalize(g(f(x))))."""
 
     def __init__(self, arch: str, proj_hidden_dim: int = 2048, proj_dim: int = 256, num_prototypes: int = 3000,
-                 bn_stats: str = "per_view", sync_bn: bool = True):
+                 bn_stats: str = "per_view", sync_bn: bool = True, head: str = "mira", stem: str = "imagenet"):
         """`bn_stats`: "per_view" normalises every view with its own batch statistics, as the
         authors' one-forward-per-view code does (over the global batch when `sync_bn` and a
-        process group exist); "per_forward" normalises all views of one forward together."""
+        process group exist); "per_forward" normalises all views of one forward together.
+        `head`: "mira" (BN projector) or "moco" (Linear-ReLU-Linear with biases, no BN);
+        `stem`: "imagenet" or "cifar" (3x3 stride-1 conv1, no max-pool)."""
         super().__init__()
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats: unknown {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
         self.bn_stats = bn_stats
-        self.backbone = build_backbone(arch)
-        self.projector = build_projector(self.backbone.feature_dim, proj_hidden_dim, proj_dim)
+        if head not in ("mira", "moco"):
+            raise ValueError(f"head: unknown {head!r}; choose mira or moco")
+        self.backbone = build_backbone(arch, stem)
+        build_head = build_moco_head if head == "moco" else build_projector
+        self.projector = build_head(self.backbone.feature_dim, proj_hidden_dim, proj_dim)
         self.prototypes = CosinePrototypes(proj_dim, num_prototypes)
         if bn_stats == "per_view":
             convert_to_per_view(self, sync=sync_bn)
