@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from fastssl.config import Config, ConfigError, apply_overrides, validate
+from pipelines.beton import BetonError
 from pipelines.folder import DataLayoutError
 
 USAGE = """usage: {prog} [--resume] [--print-config] [--section.field VALUE ...]
@@ -56,7 +57,7 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
             print(dumps(cfg))
             sys.exit(0)
         results = train(cfg, resume=flags["resume"])
-    except (ConfigError, DataLayoutError, FileNotFoundError) as err:
+    except (ConfigError, DataLayoutError, FileNotFoundError, BetonError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if "interrupted" in results:
