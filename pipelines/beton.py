@@ -89,9 +89,10 @@ class WorkerError(RuntimeError):
         self.errno = errno
 
 
-def worker_context():
+def worker_context(start: bool = False):
     """The multiprocessing context of every converter worker: a fork server preloading the
-    worker modules (see the comment above), or 'spawn' where there is no fork server."""
+    worker modules (see the comment above), or 'spawn' where there is no fork server.
+    `start` starts the server now, so that its imports overlap the caller's work."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -99,6 +100,10 @@ def worker_context():
     # Global, but it only affects the fork server (which nothing else here uses); '__main__'
     # is multiprocessing's default entry, kept so workers do not re-import the main script.
     multiprocessing.set_forkserver_preload(["__main__", *WORKER_MODULES])
+    if start:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
     return multiprocessing.get_context("forkserver")
 
 
@@ -250,7 +255,7 @@ def check_files(paths: list[str], num_workers: int, progress: bool = False) -> l
             if p.is_alive():
                 p.kill()
         pool.shutdown(wait=True, cancel_futures=True)
-        if isinstance(err, BrokenProcessPool):
+        if isinstance(err, (BrokenProcessPool, BrokenPipeError)):  # the latter: died as it started
             raise WorkerError("a worker checking the images died (killed or crashed)") from None
         raise
     pool.shutdown(wait=True)
@@ -298,7 +303,10 @@ def write_beton(path: str | Path, fields: dict, dataset, *, num_workers: int, ch
         procs = [ctx.Process(target=_write_worker, args=(errors, worker_job_indexed_dataset, args), daemon=True,
                              name=f"beton-writer-{i}") for i in range(num_workers)]
         for p in procs:
-            p.start()
+            try:
+                p.start()
+            except OSError as err:  # the fork server's child died before it got its work (EPIPE)
+                raise WorkerError(f"a writing worker died as it started ({err.strerror or err})") from err
         seen = 0
         with tqdm(total=n, desc="writing", unit="img", disable=not progress) as bar:
             while seen < n:
@@ -320,6 +328,16 @@ def write_beton(path: str | Path, fields: dict, dataset, *, num_workers: int, ch
         for p in procs:
             p.join(timeout=30)
         writer.finalize(table)
+    except Exception as err:
+        # A worker's death can surface first as another error here (a broken pipe while the
+        # next worker starts): name the death, the real cause.
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=0.2)
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead and not isinstance(err, WorkerError):
+            raise WorkerError(f"writing worker (PID {dead[0].pid}) died: {_describe_exit(dead[0].exitcode)}") from err
+        raise
     finally:
         for p in procs:
             if p.is_alive():

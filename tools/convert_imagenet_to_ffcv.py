@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.beton import (IMAGE_FIELD, LABEL_FIELD, ConvertDataset, WorkerError, check_file,  # noqa: E402,F401
-                             check_files, summary_path, write_beton)
+                             check_files, summary_path, worker_context, write_beton)
 from pipelines.folder import is_image_file  # noqa: E402
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
@@ -227,6 +227,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     """Write `out` (atomically) and `out.json`; returns the summary. Raises ConversionError
     (UsageError for a wrong source). Safe to call from a process that runs DALI or CUDA: the
     workers never fork from this process (pipelines/beton.py, `worker_context`)."""
+    worker_context(start=True)  # the fork server imports FFCV while this process does
     from ffcv.fields import IntField, RGBImageField
 
     start = time.perf_counter()
