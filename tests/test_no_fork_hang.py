@@ -65,18 +65,21 @@ def test_converter_after_dali_with_collecting_forks_never_hangs(tmp_path):
     script = tmp_path / "scenario.py"
     script.write_text(SCENARIO.format(tests=str(REPO / "tests")))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=5 * 60 + 60)
-    except subprocess.TimeoutExpired:
-        out = ""
-    finally:  # its whole process group: orphaned workers of a hung run must not outlive the test
+    log = tmp_path / "scenario.log"  # a file, not a pipe: orphaned workers of a hung run would hold a pipe open
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.wait(timeout=5 * 60 + 60)
+        except subprocess.TimeoutExpired:
             pass
-        proc.wait()
+        finally:  # its whole process group: workers of a hung run must not outlive the test
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    out = log.read_text()
     assert proc.returncode == 0 and "all converted" in out, f"status {proc.returncode}:\n{out[-4000:]}"
     assert sorted(p.name for p in tmp_path.glob("*.beton")) == [f"out{i}.beton" for i in range(5)]
     assert not list(tmp_path.glob(".*partial*"))

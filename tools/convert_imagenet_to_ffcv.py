@@ -213,7 +213,7 @@ def os_error_message(err: OSError | WorkerError, out: Path) -> str:
     folder = str(out.parent.resolve())
     if err.errno == errno.ENOSPC:
         return f"no space left on {folder}; free some space or write the .beton elsewhere (nothing was kept)"
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and isinstance(err, OSError):  # not a worker's read
         cause = os.strerror(err.errno).lower()
         return f"cannot write in {folder}: {cause}; choose an output folder you can write to"
     detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
@@ -227,9 +227,6 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     """Write `out` (atomically) and `out.json`; returns the summary. Raises ConversionError
     (UsageError for a wrong source). Safe to call from a process that runs DALI or CUDA: the
     workers never fork from this process (pipelines/beton.py, `worker_context`)."""
-    worker_context(start=True)  # the fork server imports FFCV while this process does
-    from ffcv.fields import IntField, RGBImageField
-
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -245,6 +242,9 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         raise ConversionError(os_error_message(err, out)) from None
     try:
         inv = scan(src, labels, classes_from, subset_per_class)
+        worker_context(start=True)  # the fork server imports FFCV (seconds) while this process does
+        from ffcv.fields import IntField, RGBImageField
+
         workers = num_workers or os.cpu_count() or 1
         reasons = check_files([p for p, _ in inv.samples], workers, progress)
         good = []
