@@ -209,6 +209,25 @@ def test_kill_9_of_the_converter_leaves_no_worker_and_the_next_run_removes_its_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["x.beton", "x.beton.json"]
 
 
+def test_sigterm_removes_the_partial_and_stops_the_workers(big_folder, tmp_path):
+    out = tmp_path / "x.beton"
+    proc = start_converter(big_folder, out)
+    below = set(wait_for_workers(proc, out, writing=True))
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the converter did not stop within 15 s of SIGTERM")
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # neither the .beton nor its partial file
+    deadline = time.monotonic() + 10
+    while alive(below) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(below)
+
+
 @pytest.mark.parametrize("writing", [False, True], ids=["checking", "writing"])
 def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_path, writing):
     out = tmp_path / "x.beton"

@@ -83,3 +83,15 @@ def test_converter_after_dali_with_collecting_forks_never_hangs(tmp_path):
     assert proc.returncode == 0 and "all converted" in out, f"status {proc.returncode}:\n{out[-4000:]}"
     assert sorted(p.name for p in tmp_path.glob("*.beton")) == [f"out{i}.beton" for i in range(5)]
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_every_test_runs_under_a_timeout_with_faulthandler(pytestconfig):
+    """`make test` fails a hung test (with its traceback) instead of hanging: pytest-timeout is
+    in the test extra the Makefile installs, and the limit is set for every test."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert any(req.startswith("pytest-timeout") for req in project["project"]["optional-dependencies"]["test"])
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    assert 0 < float(pytestconfig.getini("timeout")) <= 1800
+    assert 0 < float(pytestconfig.getini("faulthandler_timeout")) < float(pytestconfig.getini("timeout"))
