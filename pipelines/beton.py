@@ -139,6 +139,38 @@ def worker_init() -> None:
         threading.Thread(target=watch, daemon=True).start()
 
 
+class signals_deferred:
+    """Hold SIGINT / SIGTERM / SIGHUP while workers are being started, and act on them right
+    after: a stop request that cut a start in half would leave a child that got its work but
+    that the parent does not know of (it could not stop it, and the child could recreate the
+    partial file after the clean-up). The handlers are swapped for a recorder during the
+    block (blocking the signal would not do: another thread may take it); a no-op outside
+    the main thread, where handlers cannot be set."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.pending: list[int] = []
+        self.saved: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.saved[sig] = signal.signal(sig, lambda signum, _frame: self.pending.append(signum))
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(self.pending):
+            signal.raise_signal(sig)  # now, with the caller's handler
+
+
 def check_file(path: str) -> str | None:
     """Why `path` cannot be converted, or None. Decodes at reduced scale (JPEG draft mode):
     every compressed byte is still read, so truncation is caught, at a fraction of the cost."""
@@ -248,8 +280,9 @@ def check_files(paths: list[str], num_workers: int, progress: bool = False) -> l
         return []
     pool = ProcessPoolExecutor(max(1, num_workers), mp_context=worker_context(), initializer=worker_init)
     try:
-        results = list(tqdm(pool.map(check_file, paths, chunksize=16), total=len(paths), desc="checking",
-                            unit="img", disable=not progress))
+        with signals_deferred():  # map() submits every chunk, starting the workers, right away
+            checked = pool.map(check_file, paths, chunksize=16)
+        results = list(tqdm(checked, total=len(paths), desc="checking", unit="img", disable=not progress))
     except BaseException as err:
         for p in list((getattr(pool, "_processes", None) or {}).values()):  # private, but no public way
             if p.is_alive():
@@ -304,7 +337,8 @@ def write_beton(path: str | Path, fields: dict, dataset, *, num_workers: int, ch
                              name=f"beton-writer-{i}") for i in range(num_workers)]
         for p in procs:
             try:
-                p.start()
+                with signals_deferred():
+                    p.start()
             except OSError as err:  # the fork server's child died before it got its work (EPIPE)
                 raise WorkerError(f"a writing worker died as it started ({err.strerror or err})") from err
         seen = 0
