@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from fastssl.config import Config, ConfigError, apply_overrides, field_help, validate
+from pipelines.beton import BetonError
 from pipelines.folder import DataLayoutError
 
 USAGE = """usage: {prog} [--resume] [--print-config] [--section.field VALUE ...]
@@ -61,7 +62,7 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
             print(dumps(cfg))
             sys.exit(0)
         results = train(cfg, resume=flags["resume"], command=["python", prog, *argv])
-    except (ConfigError, DataLayoutError, FileNotFoundError, CheckpointError, TrainingDiverged) as err:
+    except (ConfigError, DataLayoutError, FileNotFoundError, BetonError, CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if "interrupted" in results:

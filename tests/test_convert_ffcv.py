@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +116,237 @@ def test_loader_names_the_converter_for_a_missing_or_foreign_file(tmp_path):
     (tmp_path / "junk.beton").write_bytes(b"\x00" * 1000)
     with pytest.raises(BetonError, match="convert_imagenet_to_ffcv"):
         check_beton(tmp_path / "junk.beton")
+
+
+# --------------------------------------------------------------------------- never hangs, nothing left behind
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """Every living process below `pid` (from /proc), mapped to its parent's PID."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                found[child] = ppid
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` that still run (zombies count as gone: they hold nothing)."""
+    living = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory) -> Path:
+    """Enough images that a conversion with 2 workers runs for a few seconds."""
+    root = tmp_path_factory.mktemp("big") / "train"
+    make_image_folder(root, num_classes=4, per_class=600, size=64)
+    return root
+
+
+def start_converter(src: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, TOOL, str(src), str(out), "--num-workers", "2", "--no-progress",
+                             "--write-mode", "jpg", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_workers(proc: subprocess.Popen, out: Path, writing: bool, limit: float = 120) -> dict[int, int]:
+    """Once the converter's workers (grandchildren: they come from its fork server) run, and,
+    with `writing`, the .beton's header is written: all its descendants."""
+    deadline = time.monotonic() + limit
+    partial = out.parent / f".{out.name}.partial-{proc.pid}"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the converter ended early: {proc.communicate()}"
+        below = descendants(proc.pid)
+        workers = [c for c, p in below.items() if p != proc.pid]
+        try:
+            started = not writing or partial.stat().st_size > 0
+        except FileNotFoundError:
+            started = False
+        if workers and started:
+            return below
+        time.sleep(0.02)
+    raise AssertionError("the converter's workers never started")
+
+
+def test_kill_9_of_the_converter_leaves_no_worker_and_the_next_run_removes_its_partial(big_folder, tmp_path):
+    out = tmp_path / "x.beton"
+    proc = start_converter(big_folder, out)
+    below = set(wait_for_workers(proc, out, writing=True))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not out.exists(), "the conversion finished before the kill: make big_folder bigger"
+    deadline = time.monotonic() + 10
+    while alive(below) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(below), f"processes of the killed converter still run: {alive(below)}"
+    stale = tmp_path / f".x.beton.partial-{proc.pid}"
+    assert stale.exists()  # SIGKILL cannot be caught: the partial stays until the next run
+    small = tmp_path / "small"
+    make_image_folder(small, num_classes=2, per_class=2)
+    run = subprocess.run([sys.executable, TOOL, str(small), str(out), "--num-workers", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"removed {stale}" in run.stderr and f"PID {proc.pid} is gone" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["x.beton", "x.beton.json"]
+
+
+def test_sigterm_removes_the_partial_and_stops_the_workers(big_folder, tmp_path):
+    out = tmp_path / "x.beton"
+    proc = start_converter(big_folder, out)
+    below = set(wait_for_workers(proc, out, writing=True))
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the converter did not stop within 15 s of SIGTERM")
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # neither the .beton nor its partial file
+    deadline = time.monotonic() + 10
+    while alive(below) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(below)
+
+
+@pytest.mark.parametrize("writing", [False, True], ids=["checking", "writing"])
+def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_path, writing):
+    out = tmp_path / "x.beton"
+    proc = start_converter(big_folder, out)
+    below = wait_for_workers(proc, out, writing)
+    victim = min(c for c, p in below.items() if p != proc.pid)  # a worker, not the fork server
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"the converter still waits {time.monotonic() - killed:.0f} s after a worker died")
+    assert proc.returncode == 1 and "worker" in err and "died" in err, err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # no .beton, no partial file
+    deadline = time.monotonic() + 10
+    while alive(set(below)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(set(below))
+
+
+def test_a_failing_worker_reports_its_error_and_leaves_nothing(conv, tmp_path, monkeypatch):
+    """An image that vanishes between the check and the write: FFCV's writer waited forever."""
+    src = tmp_path / "train"
+    paths = make_image_folder(src, num_classes=2, per_class=3)
+    real = conv.check_files
+
+    def check_then_delete(*args, **kwargs):
+        result = real(*args, **kwargs)
+        paths[4].unlink()
+        return result
+
+    monkeypatch.setattr(conv, "check_files", check_then_delete)
+    out = tmp_path / "x.beton"
+    start = time.monotonic()
+    with pytest.raises(conv.ConversionError, match=f"{paths[4]}: No such file"):
+        conv.convert(src, out, num_workers=2, progress=False)
+    assert time.monotonic() - start < 60
+    assert not list(tmp_path.glob("*.beton*")) and not list(tmp_path.glob(".x.beton*"))
+
+
+def test_full_disk_says_so_and_removes_the_partial(conv, tmp_path, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    def full(self, allocations):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(DatasetWriter, "finalize", full)
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=2)
+    with pytest.raises(conv.ConversionError, match=f"^no space left on {tmp_path}; "):
+        conv.convert(src, tmp_path / "x.beton", num_workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
+def test_unwritable_output_folder_is_one_clear_error_exit_1(tmp_path):
+    """Tests run as root, whom chmod does not stop; sysfs refuses new files even to root."""
+    folder = Path("/sys")
+    probe = folder / f"fastssl-probe-{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError:
+        pass
+    else:
+        probe.unlink()
+        pytest.skip("/sys accepts new files here")
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=2)
+    run = subprocess.run([sys.executable, TOOL, str(src), str(folder / "x.beton"), "--num-workers", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write in /sys: "), run.stderr
+    assert "permission denied" in lines[0] or "read-only file system" in lines[0]
+
+
+def test_stale_partials_of_dead_converters_are_removed_live_ones_kept(conv, tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    out = tmp_path / "x.beton"
+    stale = [tmp_path / f".x.beton.partial-{dead}", tmp_path / f".x.beton.json.partial-{dead}"]
+    live = tmp_path / f".x.beton.partial-{os.getpid()}"
+    other = tmp_path / f".y.beton.partial-{dead}"
+    for p in [*stale, live, other]:
+        p.write_bytes(b"x")
+    assert sorted(conv.remove_stale_partials(out)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    assert f"removed {stale[0]}: left by an interrupted conversion (PID {dead} is gone)" in capsys.readouterr().err
+
+
+def test_the_parent_of_the_splits_is_a_usage_error_naming_the_split(tmp_path):
+    root = tmp_path / "imagenet"
+    make_image_folder(root / "train", num_classes=2, per_class=2)
+    make_image_folder(root / "val", num_classes=2, per_class=1)
+    out = tmp_path / "x.beton"
+    run = subprocess.run([sys.executable, TOOL, str(root), str(out), "--num-workers", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and f"pass one split, e.g. '{root / 'train'}'" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet"]
+
+
+def test_beton_errors_are_user_errors_in_the_cli_and_bench_loaders(tmp_path, image_folder, capsys):
+    """A folder or a missing file for the ffcv backend: `error: ...`, exit 2, no traceback."""
+    from fastssl.cli import run
+    from test_engine import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg, ["--data.backend", "ffcv", "--data.knn_train", str(image_folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a folder" in err and "convert_imagenet_to_ffcv" in err
+    bench = load_tool("bench_loaders")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--data", str(image_folder), "--backends", "ffcv", "--beton", str(tmp_path / "nope.beton"),
+                    "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err

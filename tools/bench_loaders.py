@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader  # noqa: E402
+from pipelines.beton import BetonError  # noqa: E402
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
 # Opt-in ablations (name -> backend and LoaderSpec overrides), measured only when named in --backends.
@@ -167,7 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
         path = str(args.beton or beton_for(data)) if backend == "ffcv" else str(data)
         spec = LoaderSpec(path=path, recipe=recipe, batch_size=args.batch_size, num_workers=args.workers,
                           device=device, seed=0, synthetic_size=100_000, **overrides)
-        loaders[name] = build_train_loader(backend, spec)
+        try:
+            loaders[name] = build_train_loader(backend, spec)
+        except BetonError as err:  # --beton names a folder or a missing / foreign file
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         need = args.warmup + args.batches
         if len(loaders[name]) < need:
             sys.exit(f"error: {name}: {len(loaders[name])} batches per epoch, need {need}; "

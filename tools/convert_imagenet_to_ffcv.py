@@ -12,11 +12,20 @@ What it guarantees:
   names, in label order, are written beside the output in `OUT.beton.json`.
 * Bad input is skipped and reported, never fatal: non-image files, truncated or corrupt
   images, and empty class folders are listed with the reason in the summary;
-  CMYK, grayscale, palette and PNG-named-.JPEG images are converted to RGB. The exit
-  status is 0 whenever the `.beton` was produced (skips included) and 1 when it could
-  not be (nothing readable, a missing source, a write error); 2 is a usage error.
-* An interrupted run never leaves a file that looks whole: the `.beton` is written to a
-  temporary name in the same folder and renamed only when complete.
+  CMYK, grayscale, palette and PNG-named-.JPEG images are converted to RGB.
+* Exit status: 0 whenever the `.beton` was produced (skips included); 1 when it could not
+  be (nothing readable, a missing source, a write error such as a read-only output folder
+  or a full disk, a worker that crashed); 2 for a usage error: bad options, or a source
+  that holds splits (`train/`, `val/`) instead of class folders; the message names the
+  split folder to pass.
+* Nothing is left behind: the `.beton` is written to a hidden `.OUT.beton.partial-PID` in
+  the same folder and renamed only when complete; on any error or signal the partial file
+  is removed and the workers are stopped. Even after `kill -9` of the converter its
+  workers exit (they die with their parent), and the next run into the same folder
+  removes a partial file whose process is gone, saying so.
+* It never hangs and is safe to call from a process that has run DALI or CUDA: the
+  workers come from a fork server, never from a fork of the caller, and a worker that
+  dies fails the conversion within a second (see `pipelines/beton.py`, `worker_context`).
 * The same inputs give the same `.beton`: the JPEG-or-raw choice of `--write-mode
   proportion` is drawn from a per-image seed, not from worker timing.
 """
@@ -24,30 +33,35 @@ What it guarantees:
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
 import json
-import multiprocessing
 import os
+import signal
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path  # noqa: E402
+from pipelines.beton import (IMAGE_FIELD, LABEL_FIELD, ConvertDataset, WorkerError, check_file,  # noqa: E402,F401
+                             check_files, summary_path, worker_context, write_beton)
 from pipelines.folder import is_image_file  # noqa: E402
-from pipelines.sniff import problem  # noqa: E402
-from pipelines.torchvision import UNREADABLE, load_rgb  # noqa: E402
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
+# Folder names that mean "a split", not "a class": a source whose sub-folders are all among
+# these is the dataset root (data/imagenet) given instead of one split (data/imagenet/train).
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 
 
 class ConversionError(RuntimeError):
     """The `.beton` cannot be produced (exit status 1)."""
+
+
+class UsageError(ConversionError):
+    """The command line names the wrong input, e.g. the parent of train/ and val/ (exit status 2)."""
 
 
 @dataclass
@@ -65,9 +79,19 @@ class Inventory:
 # --------------------------------------------------------------------------- scanning
 
 
+def class_names(folder: Path) -> list[str]:
+    """ImageFolder's classes: the sorted sub-folder names. Refuses a folder of splits (UsageError)."""
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if names and {n.lower() for n in names} <= SPLIT_NAMES:
+        pick = next((n for n in names if n.lower() in ("train", "training")), names[0])
+        raise UsageError(f"{str(folder)!r} holds the splits {', '.join(names)}, not class folders; "
+                         f"pass one split, e.g. {str(folder / pick)!r}")
+    return names
+
+
 def scan_class_folders(src: Path, subset_per_class: int = 0) -> Inventory:
     """ImageFolder's mapping: every sub-folder is a class (sorted), empty ones included."""
-    inv = Inventory(classes=sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith(".")))
+    inv = Inventory(classes=class_names(src))
     for label, name in enumerate(inv.classes):
         files = sorted(str(p) for p in (src / name).rglob("*") if p.is_file())
         images = [f for f in files if is_image_file(f)]
@@ -100,7 +124,7 @@ def scan_flat_folder(src: Path, labels_file: Path, classes_from: Path | None, su
     """Flat images + a labels file (ImageNet's val): classes from `classes_from` or the file."""
     pairs = read_labels_file(labels_file)
     if classes_from is not None:
-        classes = sorted(e.name for e in os.scandir(classes_from) if e.is_dir() and not e.name.startswith("."))
+        classes = class_names(classes_from)
     else:
         classes = sorted({c for _, c in pairs if not c.isdigit()})
     inv = Inventory(classes=classes)
@@ -147,91 +171,105 @@ def scan(src: Path, labels: Path | None, classes_from: Path | None, subset_per_c
     return scan_class_folders(src, subset_per_class)
 
 
-# --------------------------------------------------------------------------- checking and loading
-
-
-def check_file(path: str) -> str | None:
-    """Why `path` cannot be converted, or None. Decodes at reduced scale (JPEG draft mode):
-    every compressed byte is still read, so truncation is caught, at a fraction of the cost."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        return f"unreadable: {err}"
-    reason = problem(data)
-    if reason is not None:
-        return reason
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-            if img.width < 1 or img.height < 1:
-                return "zero-sized image"
-    except UNREADABLE as err:
-        return f"undecodable: {type(err).__name__}: {err}"
-    return None
-
-
-class ConvertDataset:
-    """Indexable (image, label) pairs for FFCV's writer; seeds numpy per image so that the
-    writer's random JPEG-or-raw choice ('proportion' mode) is reproducible."""
-
-    def __init__(self, samples: list[tuple[str, int]]):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        np.random.seed(i % (2**32))
-        return np.asarray(load_rgb(path)), label  # full decode, CMYK / L / P / RGBA -> RGB
-
-
 # --------------------------------------------------------------------------- writing
+
+
+PARTIAL = ".partial-"
+
+
+def partial_path(out: Path, pid: int | None = None) -> Path:
+    """The hidden name `out` is written under until it is complete; it carries the writer's PID."""
+    return out.with_name(f".{out.name}{PARTIAL}{os.getpid() if pid is None else pid}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Delete partial files (the .beton's and its summary's) left by a converter that was
+    killed (kill -9, power loss): those whose PID no longer runs. Says so on stderr."""
+    removed = []
+    for name in (out.name, summary_path(out).name):
+        for path in out.parent.glob(f".{glob.escape(name)}{PARTIAL}*"):
+            pid = path.name.rsplit(PARTIAL, 1)[1]
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            with suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+                print(f"removed {path}: left by an interrupted conversion (PID {pid} is gone)", file=sys.stderr)
+    return removed
+
+
+def os_error_message(err: OSError | WorkerError, out: Path) -> str:
+    """One line naming the output folder and the real cause of a write failure."""
+    folder = str(out.parent.resolve())
+    if err.errno == errno.ENOSPC:
+        return f"no space left on {folder}; free some space or write the .beton elsewhere (nothing was kept)"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and isinstance(err, OSError):  # not a worker's read
+        cause = os.strerror(err.errno).lower()
+        return f"cannot write in {folder}: {cause}; choose an output folder you can write to"
+    detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return f"writing {str(out)!r} failed: {detail}"
 
 
 def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: Path | None = None,
             max_resolution: int = 500, jpeg_quality: int = 90, compress_probability: float = 0.5,
             write_mode: str = "proportion", num_workers: int = 0, subset_per_class: int = 0,
             force: bool = False, progress: bool = True) -> dict:
-    """Write `out` (atomically) and `out.json`; returns the summary. Raises ConversionError."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
+    """Write `out` (atomically) and `out.json`; returns the summary. Raises ConversionError
+    (UsageError for a wrong source). Safe to call from a process that runs DALI or CUDA: the
+    workers never fork from this process (pipelines/beton.py, `worker_context`)."""
     start = time.perf_counter()
+    src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise ConversionError(f"{str(out)!r} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise ConversionError(f"output folder {str(out.parent)!r} does not exist")
-    inv = scan(src, labels, classes_from, subset_per_class)
-    workers = num_workers or os.cpu_count() or 1
-
-    paths = [p for p, _ in inv.samples]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        reasons = list(tqdm(pool.imap(check_file, paths, chunksize=16), total=len(paths), desc="checking",
-                            unit="img", disable=not progress))
-    good = []
-    for (path, label), reason in zip(inv.samples, reasons):
-        if reason is None:
-            good.append((path, label))
-        else:
-            inv.skip(path, reason)
-    if not good:
-        raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped); nothing to write")
-
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                                         jpeg_quality=jpeg_quality, compress_probability=compress_probability),
-              LABEL_FIELD: IntField()}
+    remove_stale_partials(out)
+    tmp = partial_path(out)
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        writer.from_indexed_dataset(ConvertDataset(good), chunksize=32)
+        # Claim the partial file first: a folder we cannot write to fails now, with its real cause.
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except OSError as err:
+        raise ConversionError(os_error_message(err, out)) from None
+    try:
+        inv = scan(src, labels, classes_from, subset_per_class)
+        worker_context(start=True)  # the fork server imports FFCV (seconds) while this process does
+        from ffcv.fields import IntField, RGBImageField
+
+        workers = num_workers or os.cpu_count() or 1
+        reasons = check_files([p for p, _ in inv.samples], workers, progress)
+        good = []
+        for (path, label), reason in zip(inv.samples, reasons):
+            if reason is None:
+                good.append((path, label))
+            else:
+                inv.skip(path, reason)
+        if not good:
+            raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped); "
+                                  "nothing to write")
+        fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                                             jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+                  LABEL_FIELD: IntField()}
+        write_beton(tmp, fields, ConvertDataset(good), num_workers=min(workers, len(good)), progress=progress)
         os.replace(tmp, out)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a clean-up failure must not hide the real error
+            tmp.unlink()
+        if isinstance(err, ConversionError):
+            raise
+        if isinstance(err, (OSError, WorkerError)) and err.errno is not None:
+            raise ConversionError(os_error_message(err, out)) from err
         if isinstance(err, Exception):
-            raise ConversionError(f"writing {str(out)!r} failed: {type(err).__name__}: {err}") from err
+            raise ConversionError(f"writing {str(out)!r} failed: {err}") from err
         raise
     seconds = time.perf_counter() - start
     summary = {
@@ -243,9 +281,14 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
                     "compress_probability": compress_probability, "write_mode": write_mode,
                     "subset_per_class": subset_per_class},
     }
-    tmp_json = summary_path(out).with_name(f".{summary_path(out).name}.partial")
-    tmp_json.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp_json, summary_path(out))
+    tmp_json = partial_path(summary_path(out))
+    try:
+        tmp_json.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp_json, summary_path(out))
+    except OSError as err:
+        with suppress(OSError):
+            tmp_json.unlink()
+        raise ConversionError(f"the .beton was written but its summary was not: {os_error_message(err, out)}") from err
     return summary
 
 
@@ -296,8 +339,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def exit_on_signals() -> None:
+    """SIGTERM / SIGHUP end the converter like Ctrl-C does: through its clean-up (partial file
+    removed, workers stopped), with the shell's status for the signal."""
+    def stop(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_signals()
     try:
         summary = convert(args.src, args.out, labels=args.labels, classes_from=args.classes_from,
                           max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
@@ -306,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                           force=args.force, progress=not args.no_progress)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
     print_summary(summary)
     return 0
 

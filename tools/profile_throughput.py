@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import pipelines  # noqa: E402
 from fastssl.config import Config, ConfigError, apply_overrides, validate  # noqa: E402
+from pipelines.beton import BetonError  # noqa: E402
 from fastssl.engine import build_networks, loader_spec, train  # noqa: E402
 from fastssl.method import train_step  # noqa: E402
 from fastssl.optim import build_optimizer  # noqa: E402
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_compare(args)
         cfg, global_batch = configure(args, overrides)
         report = profile(args, cfg, global_batch)
-    except (ConfigError, ReportError, FileNotFoundError) as err:
+    except (ConfigError, ReportError, FileNotFoundError, BetonError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(args.out / "report.json", report)
