@@ -25,7 +25,7 @@ What it guarantees:
   removes a partial file whose process is gone, saying so.
 * It never hangs and is safe to call from a process that has run DALI or CUDA: the
   workers come from a fork server, never from a fork of the caller, and a worker that
-  dies fails the conversion within a second (see `pipelines/beton.py`, `worker_context`).
+  dies fails the conversion within a second (see `pipelines/beton_writer.py`, `worker_context`).
 * The same inputs give the same `.beton`: the JPEG-or-raw choice of `--write-mode
   proportion` is drawn from a per-image seed, not from worker timing.
 """
@@ -46,8 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.beton import (IMAGE_FIELD, LABEL_FIELD, ConvertDataset, WorkerError, check_file,  # noqa: E402,F401
-                             check_files, summary_path, worker_context, write_beton)
+from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path  # noqa: E402
+from pipelines.beton_writer import ConvertDataset, WorkerError, check_files, worker_context, write_beton  # noqa: E402
 from pipelines.folder import is_image_file  # noqa: E402
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
@@ -226,7 +226,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
             force: bool = False, progress: bool = True) -> dict:
     """Write `out` (atomically) and `out.json`; returns the summary. Raises ConversionError
     (UsageError for a wrong source). Safe to call from a process that runs DALI or CUDA: the
-    workers never fork from this process (pipelines/beton.py, `worker_context`)."""
+    workers never fork from this process (pipelines/beton_writer.py, `worker_context`)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.exists() and not force:

@@ -1,0 +1,341 @@
+"""The converter's worker processes: checking images and writing a `.beton`, never forked
+from the caller.
+
+They live in an importable module because they are started by a fork server (see
+`worker_context`), which imports their code by name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# --------------------------------------------------------------------------- writing (the converter's workers)
+#
+# Why the workers are started by a fork server and never forked from the caller:
+# `tools/convert_imagenet_to_ffcv.py`'s `convert()` is also called from processes that have
+# run DALI pipelines or touched CUDA (tests, tools/bench_loaders.py, tools/profile_throughput.py).
+# A child forked from such a process inherits DALI's objects but not its threads; when the
+# child's garbage collector runs `nvidia.dali.Pipeline.__del__` it segfaults, and FFCV's
+# writer (and `multiprocessing.Pool`) then waited forever for the dead worker. The fork
+# server is a fresh interpreter (started by fork+exec, which runs no Python in between) that
+# imports only what the workers need, once; each worker is forked from it, so it is cheap and
+# holds no state of the caller. Alternatives rejected: 'spawn' starts one interpreter per
+# worker and each pays FFCV's import, which compiles numba code (5-20 s); running the whole
+# conversion in a child interpreter pays that import on every conversion; patching the
+# start method FFCV uses globally would change it for every other library in the process.
+# FFCV's own `DatasetWriter._write_common` also polls a counter until every sample is done
+# and so hangs on a dead worker; `write_beton` below replaces that loop with one that watches
+# the workers and fails within a fraction of a second of a death.
+
+WORKER_MODULES = ["pipelines.beton_writer", "pipelines.beton", "pipelines.sniff", "pipelines.torchvision", "ffcv.fields", "ffcv.writer",
+                  "ffcv.memory_allocator"]
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class WorkerError(RuntimeError):
+    """A conversion worker failed or died; `errno` is the OSError's number when it had one (ENOSPC...)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+def worker_context(start: bool = False):
+    """The multiprocessing context of every converter worker: a fork server preloading the
+    worker modules (see the comment above), or 'spawn' where there is no fork server.
+    `start` starts the server now, so that its imports overlap the caller's work."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    # Global, but it only affects the fork server (which nothing else here uses); '__main__'
+    # is multiprocessing's default entry, kept so workers do not re-import the main script.
+    multiprocessing.set_forkserver_preload(["__main__", *WORKER_MODULES])
+    if start:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return multiprocessing.get_context("forkserver")
+
+
+def worker_init() -> None:
+    """First thing in every worker: die with the parent, even when it is killed with SIGKILL.
+
+    PR_SET_PDEATHSIG makes the kernel send SIGKILL when the parent (the fork server, which
+    itself exits as soon as the converter's end of its pipe closes) goes away; the parent-id
+    check closes the window in which the parent died before the prctl. Where prctl does not
+    exist (not Linux), a daemon thread polls the parent id instead. Ctrl-C reaches the whole
+    process group: workers ignore it and the converter stops them after cleaning up."""
+    import ctypes
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
+class signals_deferred:
+    """Hold SIGINT / SIGTERM / SIGHUP while workers are being started, and act on them right
+    after: a stop request that cut a start in half would leave a child that got its work but
+    that the parent does not know of (it could not stop it, and the child could recreate the
+    partial file after the clean-up). The handlers are swapped for a recorder during the
+    block (blocking the signal would not do: another thread may take it); a no-op outside
+    the main thread, where handlers cannot be set."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.pending: list[int] = []
+        self.saved: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.saved[sig] = signal.signal(sig, lambda signum, _frame: self.pending.append(signum))
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(self.pending):
+            signal.raise_signal(sig)  # now, with the caller's handler
+
+
+def check_file(path: str) -> str | None:
+    """Why `path` cannot be converted, or None. Decodes at reduced scale (JPEG draft mode):
+    every compressed byte is still read, so truncation is caught, at a fraction of the cost."""
+    from PIL import Image
+
+    from pipelines.sniff import problem
+    from pipelines.torchvision import UNREADABLE
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return f"unreadable: {err}"
+    reason = problem(data)
+    if reason is not None:
+        return reason
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return "zero-sized image"
+    except UNREADABLE as err:
+        return f"undecodable: {type(err).__name__}: {err}"
+    return None
+
+
+class ConvertDataset:
+    """Indexable (image, label) pairs for FFCV's writer; seeds numpy per image so that the
+    writer's random JPEG-or-raw choice ('proportion' mode) is reproducible. Pickled once per
+    worker (the sample list, about 100 bytes an image)."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+
+        from pipelines.torchvision import load_rgb
+
+        path, label = self.samples[i]
+        np.random.seed(i % (2**32))
+        try:
+            return np.asarray(load_rgb(path)), label  # full decode, CMYK / L / P / RGBA -> RGB
+        except OSError as err:
+            if err.errno is None:
+                raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
+            raise type(err)(err.errno, f"{path}: {err.strerror}") from err  # errno kept (ENOSPC, ENOENT...)
+        except Exception as err:
+            raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+def _write_worker(errors, work_fn, args) -> None:
+    """FFCV's worker function, with its failure reported to the parent (message and errno)."""
+    worker_init()
+    try:
+        work_fn(*args)
+    except BaseException as err:  # noqa: BLE001 - reported, then the worker exits 1
+        errors.put((f"{type(err).__name__}: {err}", getattr(err, "errno", None)))
+        errors.close()
+        errors.join_thread()
+        raise SystemExit(1) from None
+
+
+def _describe_exit(code: int) -> str:
+    import signal
+
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _raise_if_failed(procs: list, errors, what: str) -> None:
+    """Raise WorkerError if a worker reported an error or died; return otherwise."""
+    import queue
+
+    try:
+        message, errno = errors.get_nowait()
+    except queue.Empty:
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if not dead:
+            return
+        try:  # a worker's report is flushed before it exits; give the pipe a moment
+            message, errno = errors.get(timeout=1.0)
+        except queue.Empty:
+            p = dead[0]
+            raise WorkerError(f"{what} worker (PID {p.pid}) died: {_describe_exit(p.exitcode)}") from None
+    raise WorkerError(f"{what} worker failed: {message}", errno)
+
+
+def check_files(paths: list[str], num_workers: int, progress: bool = False) -> list[str | None]:
+    """`check_file` over `paths` in `num_workers` processes, in order. A worker that dies
+    raises WorkerError at once (ProcessPoolExecutor notices; multiprocessing.Pool would
+    silently replace the worker and wait forever for the lost task)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    if not paths:
+        return []
+    pool = ProcessPoolExecutor(max(1, num_workers), mp_context=worker_context(), initializer=worker_init)
+    try:
+        with signals_deferred():  # map() submits every chunk, starting the workers, right away
+            checked = pool.map(check_file, paths, chunksize=16)
+        results = list(tqdm(checked, total=len(paths), desc="checking", unit="img", disable=not progress))
+    except BaseException as err:
+        for p in list((getattr(pool, "_processes", None) or {}).values()):  # private, but no public way
+            if p.is_alive():
+                p.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(err, (BrokenProcessPool, BrokenPipeError)):  # the latter: died as it started
+            raise WorkerError("a worker checking the images died (killed or crashed)") from None
+        raise
+    pool.shutdown(wait=True)
+    return results
+
+
+def write_beton(path: str | Path, fields: dict, dataset, *, num_workers: int, chunksize: int = 32,
+                progress: bool = False) -> None:
+    """FFCV's `DatasetWriter.from_indexed_dataset`, with workers from `worker_context()` and
+    a parent that never waits on a dead worker: any error or death raises WorkerError, the
+    other workers are killed and the shared memory is released. Same file as FFCV writes
+    (its `prepare`, worker function and `finalize` are used unchanged)."""
+    import ctypes
+    import queue
+    import time
+    from contextlib import suppress
+    from multiprocessing.shared_memory import SharedMemory
+
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.utils import chunks
+    from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
+    from tqdm.auto import tqdm
+
+    ctx = worker_context()
+    num_workers = max(1, num_workers)
+    writer = DatasetWriter(str(path), fields, num_workers=num_workers)
+    n = len(dataset)
+    writer.num_samples = n
+    procs: list = []
+    queues: list = []
+    try:
+        writer.prepare()  # header and field descriptors; the metadata's shared memory
+        work, allocations, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        queues = [work, allocations, errors]
+        for chunk in chunks(list(enumerate(range(n))), chunksize):
+            work.put(chunk)
+        for _ in range(num_workers):
+            work.put(None)
+        done = ctx.Value(ctypes.c_uint64, 0)
+        allocator = MemoryAllocator(str(path), writer.data_region_start, writer.page_size)
+        # FFCV made these with the default (fork) context, whose locks cannot reach a fork-server child.
+        allocator.next_page_allocated = ctx.Value(ctypes.c_uint64, 0)
+        allocator.next_page_written = ctx.Value(ctypes.c_uint64, 0)
+        args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations, dataset)
+        procs = [ctx.Process(target=_write_worker, args=(errors, worker_job_indexed_dataset, args), daemon=True,
+                             name=f"beton-writer-{i}") for i in range(num_workers)]
+        for p in procs:
+            try:
+                with signals_deferred():
+                    p.start()
+            except OSError as err:  # the fork server's child died before it got its work (EPIPE)
+                raise WorkerError(f"a writing worker died as it started ({err.strerror or err})") from err
+        seen = 0
+        with tqdm(total=n, desc="writing", unit="img", disable=not progress) as bar:
+            while seen < n:
+                _raise_if_failed(procs, errors, "writing")
+                value = done.value
+                bar.update(value - seen)
+                seen = value
+                time.sleep(0.05)
+        table: list = []
+        for _ in procs:  # each worker sends its allocation table, then exits
+            while True:
+                try:
+                    table.extend(allocations.get(timeout=0.2))
+                    break
+                except queue.Empty:
+                    _raise_if_failed(procs, errors, "writing")
+                    if all(p.exitcode == 0 for p in procs) and allocations.empty():
+                        raise WorkerError("writing workers exited without sending their allocation tables")
+        for p in procs:
+            p.join(timeout=30)
+        writer.finalize(table)
+    except Exception as err:
+        # A worker's death can surface first as another error here (a broken pipe while the
+        # next worker starts): name the death, the real cause.
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=0.2)
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead and not isinstance(err, WorkerError):
+            raise WorkerError(f"writing worker (PID {dead[0].pid}) died: {_describe_exit(dead[0].exitcode)}") from err
+        raise
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=5)
+        for q in queues:
+            q.cancel_join_thread()  # unread work items must not block this process's exit
+            q.close()
+        shm = getattr(writer, "metadata_sm", None)
+        if isinstance(shm, SharedMemory):
+            shm.close()
+            with suppress(FileNotFoundError):
+                shm.unlink()
