@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -46,8 +47,14 @@ def test_the_parent_of_a_lone_split_is_refused_naming_the_split(tmp_path, split)
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_every_training_backend_refuses_a_lone_split(tmp_path, backend):
     make_image_folder(tmp_path / "data" / "train", 2, 4)
+    if backend == "ffcv":  # today's converter refuses such a source; a .beton converted elsewhere
+        spec = spec_for(tmp_path / "data" / "train", backend=backend)  # (or by an older converter)
+        summary = Path(f"{spec.path}.json")  # records the split as its one class
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "classes": ["train"]}))
+    else:
+        spec = spec_for(tmp_path / "data", backend=backend)
     with pytest.raises(DataLayoutError, match="only split folders .*train/"):
-        build_train_loader(backend, spec_for(tmp_path / "data", backend=backend))
+        build_train_loader(backend, spec)
 
 
 # ------------------------------------------------------------------ one class
