@@ -230,19 +230,28 @@ def test_sigterm_removes_the_partial_and_stops_the_workers(big_folder, tmp_path)
 
 @pytest.mark.parametrize("writing", [False, True], ids=["checking", "writing"])
 def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_path, writing):
-    out = tmp_path / "x.beton"
-    proc = start_converter(big_folder, out)
-    below = wait_for_workers(proc, out, writing)
-    victim = min(c for c, p in below.items() if p != proc.pid)  # a worker, not the fork server
-    os.kill(victim, signal.SIGKILL)
-    killed = time.monotonic()
-    try:
-        _, err = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise AssertionError(f"the converter still waits {time.monotonic() - killed:.0f} s after a worker died")
-    assert proc.returncode == 1 and "worker" in err and "died" in err, err
+    """The image check is short (draft decodes): a kill that lands after a checking worker's
+    last task costs nothing, and the conversion rightly completes. Such a late kill is
+    retried (at most 3 attempts); the test needs one kill that hit a worker with work left."""
+    for attempt in range(3):
+        out = tmp_path / "x.beton"
+        proc = start_converter(big_folder, out)
+        below = wait_for_workers(proc, out, writing)
+        victim = min(c for c, p in below.items() if p != proc.pid)  # a worker, not the fork server
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"the converter still waits {time.monotonic() - killed:.0f} s after a worker died")
+        if writing or proc.returncode != 0:
+            break
+        assert out.is_file(), err  # too late to matter: the conversion is whole
+        for leftover in tmp_path.iterdir():
+            leftover.unlink()
+    assert proc.returncode == 1 and "worker" in err and "died" in err, (attempt, err)
     assert err.count("error:") == 1 and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # no .beton, no partial file
     deadline = time.monotonic() + 10
