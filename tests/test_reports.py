@@ -135,7 +135,7 @@ def test_profile_writes_a_complete_report(profile_report):
     report = load_report(profile_report)
     assert report["kind"] == "profile"
     env, recipe = report["environment"], report["recipe"]
-    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    assert env["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]  # wheels differ on "+cu..."
     assert recipe["global_batch_size"] == 12 and recipe["batch_per_process"] == 6 and recipe["processes"] == 2
     assert recipe["views"] == "2x16 + 2x8" and recipe["dtype"] == "fp32"
     s = report["stages"]
