@@ -2,7 +2,7 @@
 
 Every backend (torchvision reference, DALI, FFCV) reads its crop sizes, scales and
 per-view probabilities from one `MultiCropRecipe`, so that they cannot drift apart.
-Defaults are DINO's / MIRA's ResNet-50 recipe (see shared NOTES.md): 2 x 224 global
+Defaults are DINO's / MIRA's ResNet-50 recipe (the authors' code): 2 x 224 global
 crops at scale (0.14, 1), 6 x 96 local crops at scale (0.05, 0.14), colour jitter
 (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur with p 1.0 / 0.1 /
 0.5 on global view 0 / global view 1 / locals (sigma 0.1-2), solarize p 0.2 on

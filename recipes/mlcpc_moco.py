@@ -3,9 +3,9 @@
     accelerate launch --multi_gpu --num_processes 8 recipes/mlcpc_moco.py \
         --data.train /data/imagenet/train --data.val /data/imagenet/val
 
-Each choice and its source (paper = /work/shared/papers/ml-cpc-2020.txt; code = the
-authors' representation-learning/main_moco_cifar.py and moco_builder.py, as summarised in
-/work/shared/papers/NOTES.md "ML-CPC as the authors run it"; MoCo-v2 = its ImageNet recipe):
+Each choice and its source (paper = Song & Ermon, "Multi-label Contrastive Predictive Coding",
+NeurIPS 2020; code = the authors' representation-learning/main_moco_cifar.py and
+moco_builder.py; MoCo-v2 = its ImageNet recipe):
 - loss: minus the alpha-ML-CPC bound divided by alpha, the whole N x (1 + Q) score matrix in
   ONE denominator (paper Eq. 6; code); geometric curriculum alpha 10 -> 0.1, moved once per
   epoch (paper Sec. 5.3).

@@ -1,4 +1,4 @@
-"""tools/bench_loaders.py: every requested backend measured, the JSON the issue specifies, bad input named."""
+"""tools/bench_loaders.py: every requested backend measured, its JSON report written, bad input named."""
 
 from __future__ import annotations
 

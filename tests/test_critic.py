@@ -82,7 +82,7 @@ def test_two_ranks_write_the_same_gathered_keys():
 
 
 def _authors_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float, alpha: float) -> torch.Tensor:
-    """The authors' loss re-derived from Eq. 6 / NOTES.md, in float64: logits = [q.k+ | q.queue] / T,
+    """The authors' loss re-derived from Eq. 6 and their code, in float64: logits = [q.k+ | q.queue] / T,
     log(alpha) added to positives, log((m - alpha)/(m - 1)) to negatives, ONE logsumexp over
     all n*m entries, bound = mean(pos) + log(n m) - lse, loss = -bound / alpha."""
     q, k, queue = (F.normalize(x.double(), dim=1) for x in (q, k, queue))

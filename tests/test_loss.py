@@ -9,7 +9,8 @@ from fastssl.losses import swapped_prediction_loss
 
 
 def hand_loss(student, targets, tau):
-    """Plain Python loops in float64, straight from Eq. 8 and NOTES.md's multi-crop rule."""
+    """Plain Python loops in float64, straight from Eq. 8 and the multi-crop rule (each global view's
+    targets against every other view, averaged)."""
     def ce(u, z):
         total = 0.0
         for i in range(len(u)):

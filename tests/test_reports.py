@@ -140,7 +140,7 @@ def test_profile_writes_a_complete_report(profile_report):
     assert recipe["views"] == "2x16 + 2x8" and recipe["dtype"] == "fp32"
     s = report["stages"]
     assert set(s["loader"]) == {"torchvision", "synthetic"}
-    assert s["model_step"]["images_per_s"] > 0 and 0 <= s["end_to_end"]["data_wait_share"] <= 1
+    assert s["model_step"]["images_per_s"] > 0 and 0 < s["end_to_end"]["data_wait_share"] < 1  # --workers 0
     assert {"views (this process)", "views (global batch)"} <= set(s["assignment"])
     assert s["assignment"]["views (global batch)"]["B"] == 12
     assert set(report["breakdown_ms"]) >= {"teacher_forward", "assignment", "student_forward_backward", "update"}

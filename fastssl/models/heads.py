@@ -1,4 +1,4 @@
-"""The projector and the weight-normalised prototypes (MIRA Sec. 4.1, NOTES.md)."""
+"""The projector and the weight-normalised prototypes (MIRA Sec. 4.1 and the authors' code)."""
 
 from __future__ import annotations
 

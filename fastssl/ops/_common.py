@@ -1,7 +1,8 @@
 """Argument checks and dtype policy shared by the assignment ops.
 
 Why: both ops are called every training step with teacher logits that may arrive in bf16/fp16
-under autocast; the targets must be computed in float32 or better (DESIGN.md, Precision), and a
+under autocast; the targets must be computed in float32 or better (the log-space iteration
+sums exponentials that bf16's 8-bit mantissa would round away), and a
 bad hyper-parameter should fail at once with the argument's name rather than as NaN targets.
 """
 

@@ -6,8 +6,6 @@ check against a hand computation.
 
 from __future__ import annotations
 
-import statistics
-
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PHASES = ("teacher_forward", "assignment", "student_forward_backward", "update")
 
@@ -34,10 +32,6 @@ def data_wait_share(wait_s: list[float], step_s: list[float]) -> float:
 
 def images_per_s(images: int, seconds: float) -> float:
     return images / seconds if seconds > 0 else 0.0
-
-
-def median_or_none(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def verdict(loader_ips: float | None, step_ips: float, e2e_ips: float, wait_share: float,

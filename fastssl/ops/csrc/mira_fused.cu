@@ -38,20 +38,10 @@
 //   + 1 (init row lse) + 1 (init column lse) + 2 (final row lse and output) once.
 //   Max-subtraction costs no exp: maxima are taken in a separate sweep over shared memory.
 //
-// ESTIMATE, 2 views x B 512 x K 3000 x 30 iterations, H100 SXM (132 SMs, ~1.75 GHz sustained):
-//   grid 132 CTAs (66 per view, 7-8 rows each), log P in shared memory.
-//   per iteration and SM: 24k elements x 2 ex2 = 48k MUFU ops / 16 per clock = 3.0k clock
-//     (the bound; ~8 FP32 ops/element = 1.5k clock and 3 shared-memory sweeps = 2.3k clock
-//     overlap with it), + 2 block all-reduces (~0.3k clock) -> ~1.9 us;
-//   30 iterations -> ~57 us of compute; 62 grid syncs x ~0.5 us -> ~31 us; 31 merges (one L2
-//   round trip + 5 shuffle rounds per column, 3 columns per warp) x ~0.3 us -> ~9 us; reading
-//   12 MB of fp32 logits + writing 12 MB of targets (~10 us at ~3 TB/s, partly hidden).
-//   Total ~100-110 us: at the 100 us goal, not safely under it. Levers if measured above it:
-//   evaluate ~1/3 of the exponentials with a degree-5 polynomial on the FMA pipe (MUFU is the
-//   bound, FMA has 8x its throughput), and per-view flag barriers instead of grid-wide syncs.
-//   A "separable" trick (reusing the row-pass exponentials for the column pass via per-row and
-//   per-column factors) would halve the MUFU work but underflows for empty clusters, so it is
-//   not used. NOT MEASURED: no GPU was available when this was written.
+// The exponentials (MUFU.EX2) should bound the kernel, then the grid syncs (an estimate, with levers:
+// docs/benchmarks.md, "Pseudo-label assignment"). A "separable" trick (reusing the row-pass
+// exponentials for the column pass via per-row and per-column factors) would halve the MUFU work
+// but underflows for empty clusters, so it is not used.
 
 // Only CUDA and standard headers here: the torch binding (ATen, pybind11, c10's error checks)
 // lives in mira_binding.cpp, which g++ compiles in parallel; nvcc over ATen took 1-3 minutes on
