@@ -404,6 +404,8 @@ def config_errors(cfg: Config) -> list[str]:
         value = getattr(o, name)
         if not (math.isfinite(value) and value >= 0):
             e.append(f"optim.{name}: must be a finite number >= 0, got {value}")
+    if o.name == "lars" and o.lars_eta == 0:  # LARS scales every update by eta: 0 would never move
+        e.append("optim.lars_eta: LARS needs a trust coefficient > 0, got 0; e.g. --optim.lars_eta 0.001")
     if t.epochs < 1:
         e.append(f"train.epochs: must be >= 1, got {t.epochs}")
     if o.warmup_epochs > t.epochs:

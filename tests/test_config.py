@@ -164,3 +164,13 @@ def test_shuffle_bn_needs_per_view_bn_and_a_dividing_split():
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert "needs --model.bn_stats per_view" in str(err.value) and "does not divide" in str(err.value)
+
+
+def test_lars_needs_a_positive_trust_coefficient():
+    """LARS refused eta 0 only when the optimiser was built, with a traceback mid-setup."""
+    cfg = valid()
+    cfg.optim.name, cfg.optim.lars_eta = "lars", 0.0
+    with pytest.raises(ConfigError, match="optim.lars_eta: LARS needs a trust coefficient > 0"):
+        validate(cfg)
+    cfg.optim.name = "sgd"  # unused by SGD
+    validate(cfg)

@@ -26,14 +26,15 @@ def cifar_stem(net: nn.Module) -> nn.Module:
 
 
 def build_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
-    """A randomly initialised ResNet with zero-init residual branches (as the authors)."""
-    if arch not in FEATURE_DIMS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(FEATURE_DIMS)}")
-    if stem not in ("imagenet", "cifar"):
-        raise ValueError(f"unknown stem {stem!r}; choose imagenet or cifar")
+    """A randomly initialised ResNet with zero-init residual branches (as the authors).
+
+    `arch` and `stem` come validated (model.arch/stem in the config, --arch choices in the
+    tools); the lookups still fail loudly on any other name.
+    """
+    feature_dim, change_stem = FEATURE_DIMS[arch], {"imagenet": None, "cifar": cifar_stem}[stem]
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
-    if stem == "cifar":
-        cifar_stem(net)
+    if change_stem is not None:
+        change_stem(net)
     net.fc = nn.Identity()
-    net.feature_dim = FEATURE_DIMS[arch]
+    net.feature_dim = feature_dim
     return net

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl.config import BN_STATS
 from fastssl.models.backbone import build_backbone
 from fastssl.models.heads import CosinePrototypes, build_moco_head, build_projector
 from fastssl.models.per_view_bn import convert_to_per_view, set_rows_per_view
@@ -25,16 +24,14 @@ class MiraNetwork(nn.Module):
         `head`: "mira" (BN projector) or "moco" (Linear-ReLU-Linear with biases, no BN);
         `stem`: "imagenet" or "cifar" (3x3 stride-1 conv1, no max-pool)."""
         super().__init__()
-        if bn_stats not in BN_STATS:
-            raise ValueError(f"bn_stats: unknown {bn_stats!r}; choose one of {', '.join(BN_STATS)}")
+        # The names are validated with the config (model.*); a lookup still fails loudly on any other.
+        per_view = {"per_view": True, "per_forward": False}[bn_stats]
         self.bn_stats = bn_stats
-        if head not in ("mira", "moco"):
-            raise ValueError(f"head: unknown {head!r}; choose mira or moco")
         self.backbone = build_backbone(arch, stem)
-        build_head = build_moco_head if head == "moco" else build_projector
+        build_head = {"mira": build_projector, "moco": build_moco_head}[head]
         self.projector = build_head(self.backbone.feature_dim, proj_hidden_dim, proj_dim)
         self.prototypes = CosinePrototypes(proj_dim, num_prototypes)
-        if bn_stats == "per_view":
+        if per_view:
             convert_to_per_view(self, sync=sync_bn)
 
     def encode(self, views: list[torch.Tensor]) -> torch.Tensor:
