@@ -129,7 +129,9 @@ class TrainConfig:
     run_dir: str = "runs/mira"  # where logs, checkpoints and the exported backbone go (one run per directory)
     epochs: int = 100  # training epochs
     global_batch_size: int = 512  # images per step over all processes (divisible by the process count)
-    micro_batch_size: int = 0  # per-process chunk for gradient accumulation; 0 = no split
+    # per-process chunk for gradient accumulation; 0 = no split. BatchNorm statistics and
+    # ML-CPC's one denominator then cover one chunk, so only MIRA's targets see the whole batch
+    micro_batch_size: int = 0
     seed: int = 0  # random seed (data order, augmentations, initialisation)
     precision: str = "auto"  # auto | bf16 | fp16 | no  (auto: bf16 on GPUs that have it, else no)
     compile: bool = False  # torch.compile the student
