@@ -207,3 +207,46 @@ def test_the_environment_can_name_one_route(chain, monkeypatch, only):
     chain["loads"] = {"nvrtc": only == "nvrtc", "nvcc": only == "nvcc"}
     got, msgs = run_chain()
     assert got.route == only and chain["tried"] == [only] and len(msgs) == 1
+
+
+# ---------------------------------------------------------------------- the launcher, CPU
+def test_launch_mirrors_mira_launch(monkeypatch):
+    """One cooperative launch per views_per_launch views on torch's stream; each gets its views'
+    pointers and the kernel arguments, read back from the kernelParams array the driver gets."""
+    launches = []
+
+    class FakeDriver:
+        class CUresult:
+            CUDA_SUCCESS = 0
+
+        @staticmethod
+        def CUstream(handle):
+            return ("stream", handle)
+
+        @staticmethod
+        def cuLaunchCooperativeKernel(fn, gx, gy, gz, bx, by, bz, smem, stream, params):
+            argv = (ctypes.c_void_p * 1).from_address(params)
+            p = _nvrtc.Params.from_address(argv[0])
+            launches.append({"fn": fn, "grid": (gx, gy, gz), "block": (bx, by, bz), "smem": smem, "stream": stream,
+                             **{name: getattr(p, name) for name, _ in _nvrtc.Params._fields_}})
+            return (0,)
+
+    class FakeStream:
+        cuda_stream = 4242
+
+    monkeypatch.setattr(_nvrtc, "_bindings", lambda name: FakeDriver)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    dev = type("Dev", (), {"functions": {name: f"fn:{name}" for name in _nvrtc.ENTRY_POINTS}})()
+    v, b, k = 5, 6, 7
+    logits = torch.zeros(v, b, k, dtype=torch.bfloat16)
+    out, partial, alu = torch.empty(v, b, k), torch.empty(2, k, 3, 2), torch.empty(2, k)
+    plan = _nvrtc.Plan(in_smem=False, cpv=3, views_per_launch=2, smem=1234)
+    _nvrtc.NvrtcFused._launch(dev, plan, logits, out, partial, alu, 0.225, 0.7, 30)
+    assert [x["grid"] for x in launches] == [(6, 1, 1), (6, 1, 1), (3, 1, 1)]  # views 0-1, 2-3, 4
+    for i, x in enumerate(launches):
+        assert x["fn"] == "fn:fastssl_mira_bf16_gmem" and x["block"] == (512, 1, 1) and x["smem"] == 1234
+        assert x["stream"] == ("stream", 4242)
+        assert x["logits"] == logits.data_ptr() + 2 * i * b * k * 2  # bf16: 2 bytes
+        assert x["out"] == out.data_ptr() + 2 * i * b * k * 4
+        assert (x["partial"], x["alu"]) == (partial.data_ptr(), alu.data_ptr())  # workspaces reused
+        assert (x["B"], x["K"], x["cpv"], x["num_iters"]) == (b, k, 3, 30)

@@ -269,7 +269,8 @@ class _DeviceKernels:
         self.smem_max = get(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         major, minor = torch.cuda.get_device_capability(index)
         self.compiled = compile_kernel(10 * major + minor)
-        self.module = _drv_check(drv.cuModuleLoadData(self.compiled.image), "cuModuleLoadData")
+        self._image = ctypes.create_string_buffer(self.compiled.image)  # NUL-terminated (PTX needs it)
+        self.module = _drv_check(drv.cuModuleLoadData(ctypes.addressof(self._image)), "cuModuleLoadData")
         self.functions = {}
         for name in ENTRY_POINTS:
             fn = _drv_check(drv.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
