@@ -54,7 +54,9 @@ __device__ __forceinline__ void grid_sync() {
     unsigned int hi, lo;
     asm("mov.u32 %0, %%envreg1;" : "=r"(hi));
     asm("mov.u32 %0, %%envreg2;" : "=r"(lo));
-    unsigned int* bar = reinterpret_cast<unsigned int*>((((unsigned long long)hi << 32) | lo) + 4);
+    const unsigned long long ws = ((unsigned long long)hi << 32) | lo;
+    if (ws == 0) __trap();  // not a cooperative launch: no workspace (cooperative_groups traps too)
+    unsigned int* bar = reinterpret_cast<unsigned int*>(ws + 4);
     const unsigned int nb = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
     unsigned int old, cur;
     asm volatile("atom.add.release.gpu.u32 %0,[%1],%2;" : "=r"(old) : "l"(bar), "r"(nb) : "memory");
