@@ -5,9 +5,9 @@
   partials merged across CTAs as the kernel merges them, log2 units, the -inf guards) against
   the float64 reference, so the algorithm is tested where the kernel cannot run.
 - slow, where nvcc exists: the extension compiles for sm_90 WITHOUT a GPU and imports.
-- GPU (skipped without CUDA): the kernel itself vs float64 `solve_views` on the issue's grid,
-  dtypes and edge cases, every output element written, and the custom op really dispatching
-  to it with no graph break under torch.compile.
+- GPU (skipped without CUDA): the kernel itself, through each route (NVRTC, nvcc), vs float64
+  `solve_views` on the issue's grid, dtypes and edge cases, every output element written, and
+  the custom op really dispatching to it with no graph break under torch.compile.
 """
 
 from __future__ import annotations
