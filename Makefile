@@ -10,15 +10,22 @@ STAMP := $(VENV)/.fastssl-installed
 DEMO_DATA := data/demo
 # The pipelines' extras are part of the default install: their tests run in CI (CPU mode).
 EXTRAS ?= all
+# DALI's build: auto = the one matching the installed torch's CUDA (CPU-only torch: CUDA 12,
+# the default), or 12 / 13 by hand (tools/dali_extra.py rewrites EXTRAS accordingly).
+DALI_CUDA ?= auto
 
 .PHONY: setup demo test test-fast clean-demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml tools/setup_system.sh
+# torch is installed first (with the package): its CUDA decides which DALI build the extras bring.
+$(STAMP): pyproject.toml tools/setup_system.sh tools/dali_extra.py
 	@bash tools/setup_system.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	@extras=$$($(PY) tools/dali_extra.py --remove-other --cuda '$(DALI_CUDA)' '$(EXTRAS)') && \
+	  echo "$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$$extras]'" && \
+	  $(PY) -m pip install --quiet --disable-pip-version-check -e ".[$$extras]"
 	@touch $@
 
 $(DEMO_DATA)/manifest.json: tools/make_demo_dataset.py | $(STAMP)

@@ -41,6 +41,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
+from pipelines.dali_decoder import decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import photometric, uniform
 from pipelines.folder import scan_source
@@ -218,7 +219,7 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     jpegs, index, label = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
     fast = cpu_fast and decoder_device == "cpu"
-    decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {"use_fast_idct": fast}
+    decode_args = decoder_args(decoder_device, hw_decoder_load, {"use_fast_idct": fast})  # + nvJPEG memory on GPU
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
     interp = types.INTERP_LINEAR if fast else types.INTERP_CUBIC
     numba_steps = numba_steps and decoder_device == "cpu"

@@ -33,6 +33,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
 from pipelines.dali import placement, read_screened, retire_bad_files
+from pipelines.dali_decoder import decoder_args
 
 OUTPUT_NAMES = ("images", "label", "index")
 
@@ -130,7 +131,7 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     """Encoded bytes -> decode -> shorter side round(size / 0.875), linear + antialias -> centre crop -> normalise."""
     jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
-    decode_args = {"hw_decoder_load": hw_decoder_load} if decoder_device == "mixed" else {}
+    decode_args = decoder_args(decoder_device, hw_decoder_load)  # + nvJPEG memory on GPU (pipelines/dali_decoder.py)
     # adjust_orientation=False: PIL (EvalLoader) ignores EXIF rotation, so DALI must too, or a
     # rotated photo would be cropped from another region than in the torchvision figures.
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,

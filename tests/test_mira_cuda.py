@@ -5,9 +5,9 @@
   partials merged across CTAs as the kernel merges them, log2 units, the -inf guards) against
   the float64 reference, so the algorithm is tested where the kernel cannot run.
 - slow, where nvcc exists: the extension compiles for sm_90 WITHOUT a GPU and imports.
-- GPU (skipped without CUDA): the kernel itself vs float64 `solve_views` on the benchmark grid,
-  dtypes and edge cases, every output element written, and the custom op really dispatching
-  to it with no graph break under torch.compile.
+- GPU (skipped without CUDA): the kernel itself, through each route (NVRTC, nvcc), vs float64
+  `solve_views` on the benchmark grid, dtypes and edge cases, every output element written, and
+  the custom op really dispatching to it with no graph break under torch.compile.
 """
 
 from __future__ import annotations
@@ -82,8 +82,7 @@ def test_missing_nvcc_warns_once_in_a_fresh_process(tmp_path):
             "msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]\n"
             "print(repr(r), len(msgs)); print(msgs[0] if msgs else '')\n")
     env = {**os.environ, "CUDA_HOME": str(tmp_path / "no-cuda"), "FASTSSL_EXT_DIR": str(tmp_path / "ext"),
-           "TORCH_CUDA_ARCH_LIST": "9.0", "PYTHONPATH": str(REPO)}
-    env.pop("FASTSSL_FUSED_MIRA", None)
+           "TORCH_CUDA_ARCH_LIST": "9.0", "PYTHONPATH": str(REPO), "FASTSSL_FUSED_MIRA": "nvcc"}  # that route only
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     first, message = out.stdout.splitlines()[:2]
@@ -99,6 +98,7 @@ def test_compile_error_reports_the_first_log_lines(fresh_loader, tmp_path, monke
     bad.write_text("this is not C++;\n")
     monkeypatch.setenv("FASTSSL_EXT_DIR", str(tmp_path / "ext"))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("FASTSSL_FUSED_MIRA", "nvcc")  # the nvcc route only (NVRTC would load on a GPU)
     with pytest.raises(RuntimeError, match="error") as info:
         _cuda_ext.build(sources=[bad], headers=[])
     assert "broken.cu" in str(info.value)
@@ -239,14 +239,26 @@ def test_kernel_decomposition_extreme_logits(one_thread, beta):
 
 
 # ------------------------------------------------------------------------------- GPU tests
-@pytest.fixture(scope="module")
-def fused():
+@pytest.fixture(scope="module", params=_cuda_ext.ROUTES)
+def fused(request):
+    """Each route's kernel on its own: NVRTC (launched from Python) and the nvcc extension."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none is visible)")
-    module = _cuda_ext.load_fused()
-    if module is None:
-        pytest.fail(f"the fused extension did not load: {_cuda_ext.status()['reason']}")
-    return module
+    if request.param == "nvcc" and _cuda_ext.nvcc_path() is None:
+        pytest.skip("nvcc not found: the extension route cannot be built")
+    if request.param == "nvrtc":
+        try:
+            import cuda.bindings.nvrtc  # noqa: F401
+        except ImportError as exc:
+            pytest.skip(f"the CUDA Python bindings are not installed ({exc}): no NVRTC route")
+    try:
+        if request.param == "nvrtc":
+            from fastssl.ops import _nvrtc
+
+            return _nvrtc.load()
+        return _cuda_ext.build()
+    except RuntimeError as exc:
+        pytest.fail(f"the fused kernel's {request.param} route did not load: {exc}")
 
 
 GRID = [(64, 3000), (512, 3000), (4096, 3000), (64, 16384), (512, 16384), (4096, 16384)]

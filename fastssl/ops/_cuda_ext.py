@@ -1,4 +1,12 @@
-"""Just-in-time build and load of the fused CUDA MIRA kernel (`csrc/mira_fused.cu`).
+"""Just-in-time build and load of the fused CUDA MIRA kernel (`csrc/mira_kernel.cuh`).
+
+Three routes, in this order, and ONE warning per process naming the one taken:
+  1. NVRTC (`fastssl.ops._nvrtc`): compiled at run time through the CUDA Python bindings that
+     pip's torch installs, launched from Python; needs no nvcc and no toolkit headers;
+  2. nvcc: the torch extension built by `build` below (`csrc/mira_fused.cu` + binding);
+  3. the reference `solve_views` (no fused kernel).
+A route that cannot be had, or whose self-check on the device fails, passes to the next.
+``FASTSSL_FUSED_MIRA`` = ``nvrtc`` or ``nvcc`` allows only that route, ``0`` none.
 
 Why JIT: the kernel is one .cu file and the package ships as pure Python; building on first
 CUDA use with `torch.utils.cpp_extension.load` matches whatever torch/CUDA the user has. The
@@ -26,11 +34,14 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["SOURCES", "build", "fused_for", "load_fused", "mira_assign_views_fused", "status"]
+__all__ = ["ROUTES", "SOURCES", "allowed_routes", "build", "fused_for", "load_fused", "mira_assign_views_fused",
+           "status"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "mira_binding.cpp", CSRC / "mira_fused.cu")  # g++ and nvcc, built in parallel
-HEADERS = (CSRC / "mira_fused.h",)
+HEADERS = (CSRC / "mira_fused.h", CSRC / "mira_kernel.cuh")
+ROUTES = ("nvrtc", "nvcc")  # tried in this order; the reference is the last resort
+ROUTE_NAMES = {"nvrtc": "NVRTC (cuda.bindings, no nvcc)", "nvcc": "the nvcc-built torch extension"}
 ENV_DISABLE = "FASTSSL_FUSED_MIRA"
 ENV_DIR = "FASTSSL_EXT_DIR"
 CUDA_FLAGS = ("-O3",)
@@ -44,7 +55,8 @@ def _reset_for_tests() -> None:
     """Forget the loaded module, the failure reason, the warning and the self-checks."""
     with _lock:
         _state.clear()
-        _state.update(attempted=False, module=None, reason=None, warned=False, checked={}, fused_calls=0)
+        _state.update(attempted=False, module=None, route=None, pending=[], reasons={}, reason=None, warned=False,
+                      checked={}, fused_calls=0)
 
 
 _reset_for_tests()
@@ -52,6 +64,12 @@ _reset_for_tests()
 
 def _disabled_by_env() -> bool:
     return os.environ.get(ENV_DISABLE, "1").strip().lower() in {"0", "false", "no", "off"}
+
+
+def allowed_routes() -> tuple[str, ...]:
+    """`ROUTES`, or the one route ``FASTSSL_FUSED_MIRA`` names (``nvrtc`` / ``nvcc``)."""
+    value = os.environ.get(ENV_DISABLE, "").strip().lower()
+    return (value,) if value in ROUTES else ROUTES
 
 
 def arch_list() -> Optional[str]:
@@ -158,31 +176,56 @@ def build(verbose: bool = False, sources: Sequence[Path] = SOURCES,
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
+def _reasons() -> str:
+    """Why each route tried so far is not used, e.g. 'NVRTC: ...; nvcc: ...'."""
+    return "; ".join(f"{'NVRTC' if r == 'nvrtc' else r}: {why}" for r, why in _state["reasons"].items())
+
+
 def _fail(reason: str) -> None:
     """Record why the fused kernel is off and warn about it once per process."""
-    _state["module"], _state["reason"] = None, reason
+    _state["module"], _state["route"], _state["reason"] = None, None, reason
     if not _state["warned"]:
         _state["warned"] = True
         warnings.warn(f"fastssl: the fused CUDA MIRA kernel is not used: {reason}. The reference implementation "
                       f"(fastssl.ops.mira_fused.solve_views) is used instead.", RuntimeWarning, stacklevel=3)
 
 
-def load_fused(verbose: bool = False) -> Optional[ModuleType]:
-    """The compiled extension, or None (after one warning per process) when it cannot be had."""
+def _load_route(route: str, verbose: bool) -> Any:
+    """The kernel of one route (an object with `mira_assign_views_cuda`); raises saying why not."""
+    if route == "nvrtc":
+        from . import _nvrtc
+
+        return _nvrtc.load()
+    return build(verbose=verbose)
+
+
+def _next_route(verbose: bool = False) -> None:
+    """Load the first remaining route that loads; none left: the reference (one warning)."""
+    while _state["pending"]:
+        route = _state["pending"].pop(0)
+        try:
+            _state["module"], _state["route"] = _load_route(route, verbose), route
+            _state["checked"] = {}
+            return
+        except Exception as exc:
+            _state["reasons"][route] = str(exc)
+    _fail(_reasons() or "no route is allowed")
+
+
+def load_fused(verbose: bool = False) -> Optional[Any]:
+    """The kernel of the first route that loads (NVRTC, then nvcc), or None (after one warning)."""
     with _lock:
         if not _state["attempted"]:
             _state["attempted"] = True
             if _disabled_by_env():
                 _fail(f"disabled by the environment ({ENV_DISABLE}={os.environ.get(ENV_DISABLE)})")
             else:
-                try:
-                    _state["module"] = build(verbose=verbose)
-                except Exception as exc:
-                    _fail(str(exc))
+                _state["pending"] = list(allowed_routes())
+                _next_route(verbose)
         return _state["module"]
 
 
-def _self_check(module: ModuleType, device: torch.device) -> Optional[str]:
+def _self_check(module: Any, device: torch.device) -> Optional[str]:
     """Kernel vs float64 `solve_views` on a small problem with a -inf column; None if they agree."""
     from .mira_fused import solve_views
 
@@ -199,30 +242,42 @@ def _self_check(module: ModuleType, device: torch.device) -> Optional[str]:
     return None
 
 
-def fused_for(device: torch.device) -> Optional[ModuleType]:
-    """The extension if it loads and passed its self-check on `device` (checked on first use)."""
-    module = load_fused()
-    if module is None:
+def fused_for(device: torch.device) -> Optional[Any]:
+    """The kernel if a route loads and passes its self-check on `device` (checked on first use).
+
+    A failed self-check moves on to the next route (and checks that one); the first passing
+    route is named in one warning, so a user sees which kernel runs.
+    """
+    if load_fused() is None:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
-        verdict = _state["checked"].get(index)
-        if verdict is None:
-            if torch.cuda.is_current_stream_capturing():
-                return None  # cannot synchronise inside a CUDA graph capture; check later
-            with torch.no_grad():
-                try:
-                    failure = _self_check(module, torch.device("cuda", index))
-                except Exception as exc:  # e.g. a launch error on an unsupported device
-                    failure = f"self-check on cuda:{index} raised {type(exc).__name__}: {exc}"
-            verdict = failure is None
-            _state["checked"][index] = verdict
-            if failure:
-                _fail(failure)
-        return module if verdict and _state["module"] is not None else None
+        while _state["module"] is not None:
+            verdict = _state["checked"].get(index)
+            if verdict is None:
+                if torch.cuda.is_current_stream_capturing():
+                    return None  # cannot synchronise inside a CUDA graph capture; check later
+                with torch.no_grad():
+                    try:
+                        failure = _self_check(_state["module"], torch.device("cuda", index))
+                    except Exception as exc:  # e.g. a launch error on an unsupported device
+                        failure = f"self-check on cuda:{index} raised {type(exc).__name__}: {exc}"
+                verdict = failure is None
+                _state["checked"][index] = verdict
+                if failure:
+                    _state["reasons"][_state["route"]] = failure
+                    _next_route()
+                    continue
+                if not _state["warned"]:
+                    _state["warned"] = True
+                    skipped = f" ({_reasons()})" if _state["reasons"] else ""
+                    warnings.warn(f"fastssl: the fused CUDA MIRA kernel runs, built by {ROUTE_NAMES[_state['route']]}"
+                                  f"{skipped}.", RuntimeWarning, stacklevel=3)
+            return _state["module"] if verdict else None
+        return None
 
 
-def mira_assign_views_fused(module: ModuleType, logits: torch.Tensor, tau: float, beta: float,
+def mira_assign_views_fused(module: Any, logits: torch.Tensor, tau: float, beta: float,
                             num_iters: int) -> torch.Tensor:
     """One fused launch (counted, so tests can see the custom op really took this path)."""
     _state["fused_calls"] += 1
@@ -230,8 +285,9 @@ def mira_assign_views_fused(module: ModuleType, logits: torch.Tensor, tau: float
 
 
 def status() -> dict[str, Any]:
-    """Whether the fused kernel loaded, why not, per-device self-check verdicts, fused calls so far."""
+    """Whether the fused kernel loaded, by which route, why not (per route), self-checks, fused calls."""
     with _lock:
         return {"attempted": _state["attempted"], "loaded": _state["module"] is not None,
+                "route": _state["route"], "route_reasons": dict(_state["reasons"]),
                 "reason": _state["reason"], "self_check": dict(_state["checked"]),
                 "fused_calls": _state["fused_calls"]}

@@ -1,0 +1,38 @@
+"""Arguments of DALI's image decoders (`fn.decoders.image`), shared by the training and evaluation pipelines.
+
+Why the nvJPEG memory settings: on the `mixed` (GPU) decoder nvJPEG grows its device and pinned
+host buffers whenever an image larger than any before arrives. Over a long ImageNet run that
+means repeated reallocations of large buffers, which fragment memory until the decoder cannot
+get what it asks for: the known out-of-memory failure of DALI SSL loaders deep into training.
+DALI's own ImageNet examples (docs/examples/use_cases/pytorch/resnet50/main.py) pad nvJPEG's
+buffers and preallocate the hardware decoder's for the largest ImageNet image up front, with
+the values below; we use them for every `mixed` decode. They do not apply to the CPU decoder
+(libjpeg-turbo), which gets only its own arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+__all__ = ["NVJPEG_MEMORY", "decoder_args"]
+
+# As DALI's ImageNet examples set them (bytes; pixels for the HW decoder's preallocation hints).
+NVJPEG_MEMORY: dict[str, int] = {
+    "device_memory_padding": 211_025_920,  # nvJPEG device buffers: the largest ImageNet sample
+    "host_memory_padding": 140_544_512,  # nvJPEG pinned host buffers
+    "preallocate_width_hint": 5980,  # the hardware JPEG decoder (A100/H100): largest ImageNet image
+    "preallocate_height_hint": 6430,
+}
+
+
+def decoder_args(decoder_device: str, hw_decoder_load: float, cpu_args: Optional[dict[str, Any]] = None) -> dict:
+    """Keyword arguments for `fn.decoders.image` on `decoder_device` ('mixed' or 'cpu').
+
+    'mixed': the hardware decoder's share and the nvJPEG memory settings above; 'cpu': only
+    `cpu_args` (e.g. ``use_fast_idct``). Pure, so the choice is tested without a GPU.
+    """
+    if decoder_device == "mixed":
+        return {"hw_decoder_load": hw_decoder_load, **NVJPEG_MEMORY}
+    if decoder_device != "cpu":
+        raise ValueError(f"decoder_device must be 'mixed' or 'cpu', got {decoder_device!r}")
+    return dict(cpu_args or {})

@@ -1,0 +1,252 @@
+"""The fused MIRA kernel without nvcc (`fastssl.ops._nvrtc`) and the route chain of `_cuda_ext`.
+
+On CPU: NVRTC compiles the real kernel for sm_80 and sm_90 (no GPU needed) into a cubin with
+the six entry points; the grid planning mirrors mira_fused.cu's rules; the argument struct
+matches the kernel's; the route chain (NVRTC, nvcc, reference) picks, falls back and warns
+once. The launch itself runs on a GPU: tests/test_mira_cuda.py's GPU tests (both routes) and
+tools/gpu_check.py's `fused` stage.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import struct
+import warnings
+
+import pytest
+import torch
+
+from fastssl.ops import _cuda_ext, _nvrtc
+
+
+def nvrtc_or_skip() -> tuple[int, int]:
+    try:
+        return _nvrtc.nvrtc_version()
+    except RuntimeError as exc:
+        pytest.skip(f"NVRTC is not available here: {exc}")
+
+
+# ------------------------------------------------------------------------------ compiling, CPU
+@pytest.mark.slow  # two real compiles: about 6 s of CPU each
+@pytest.mark.parametrize("arch", [80, 90])
+def test_nvrtc_compiles_the_kernel_to_a_cubin_without_a_gpu(arch, tmp_path, monkeypatch):
+    nvrtc_or_skip()
+    monkeypatch.setenv("FASTSSL_EXT_DIR", str(tmp_path))
+    compiled = _nvrtc.compile_kernel(arch, use_cache=False)
+    image = compiled.image
+    assert compiled.kind == "cubin" and compiled.target == f"sm_{arch}"
+    assert image[:4] == b"\x7fELF" and image[4] == 2  # ELF, 64-bit
+    assert struct.unpack_from("<H", image, 18)[0] == 190  # e_machine EM_CUDA
+    flags = struct.unpack_from("<I", image, 48)[0]
+    assert arch in {flags & 0xFF, (flags >> 8) & 0xFF}, hex(flags)  # the SM in e_flags (old / new layout)
+    for name in _nvrtc.ENTRY_POINTS:  # extern "C": the names unmangled in the symbol table
+        assert re.search(rb"\x00" + name.encode() + rb"\x00", image), name
+    assert not list(tmp_path.iterdir())  # use_cache=False writes nothing
+
+
+def test_compile_errors_name_the_line(tmp_path, monkeypatch):
+    nvrtc_or_skip()
+    monkeypatch.setenv("FASTSSL_EXT_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"mira_kernel.cu\(2\): error"):
+        _nvrtc.compile_kernel(90, source='extern "C" __global__ void k() {}\nthis is not C++;\n')
+
+
+def test_compiled_images_are_cached_on_disk(tmp_path, monkeypatch):
+    """A second process finds the image: same source, same file; another source, another file."""
+    nvrtc_or_skip()
+    monkeypatch.setenv("FASTSSL_EXT_DIR", str(tmp_path))
+    src = 'extern "C" __global__ void fastssl_tiny(float* x) { x[threadIdx.x] = 1.f; }\n'
+    first = _nvrtc.compile_kernel(90, source=src)
+    files = list((tmp_path / "nvrtc").glob("*.cubin"))
+    assert len(files) == 1 and files[0].read_bytes() == first.image
+    files[0].write_bytes(b"\x7fELF-from-the-cache")  # what a later process would load
+    _nvrtc._compiled.clear()
+    assert _nvrtc.compile_kernel(90, source=src).image == b"\x7fELF-from-the-cache"
+    _nvrtc.compile_kernel(90, source=src + "// edited\n")
+    assert len(list((tmp_path / "nvrtc").glob("*.cubin"))) == 2
+    assert not list((tmp_path / "nvrtc").glob(".*.tmp"))
+
+
+def test_a_device_newer_than_nvrtc_gets_ptx(tmp_path, monkeypatch):
+    nvrtc_or_skip()
+    monkeypatch.setenv("FASTSSL_EXT_DIR", str(tmp_path))
+    newest = max(_nvrtc.supported_archs())
+    got = _nvrtc.compile_kernel(newest + 1, source='extern "C" __global__ void fastssl_tiny() {}\n')
+    assert got.kind == "ptx" and got.target == f"compute_{newest}" and b".entry fastssl_tiny" in got.image
+
+
+# ---------------------------------------------------------------------- launch planning, CPU
+H100 = {"cooperative": True, "sms": 132, "smem_max": 227 * 1024}
+
+
+def test_plan_keeps_log_p_in_shared_memory_when_it_fits():
+    """2 x 512 x 3000 on 132 SMs: 66 CTAs per view, 8 rows each, log P in shared memory."""
+    plan = _nvrtc.plan_launch(2, 512, 3000, blocks_per_sm=lambda s, m: 1, **H100)
+    rows = 8  # ceil(512 / 66)
+    assert plan == _nvrtc.Plan(True, 66, 2, 4 * ((rows + 8) + 16 * 8 + 8 + rows * 3000))
+
+
+def test_plan_streams_from_global_memory_for_large_shapes():
+    seen = []
+
+    def occupancy(in_smem: bool, smem: int) -> int:
+        seen.append((in_smem, smem))
+        return 1
+
+    plan = _nvrtc.plan_launch(2, 4096, 16384, blocks_per_sm=occupancy, **H100)
+    assert plan.error == "" and not plan.in_smem and plan.cpv == 66 and plan.views_per_launch == 2
+    assert plan.smem == 4 * ((63 + 1) + 8 + 16 * 8 + 8)  # 63 rows per CTA, padded to 64 + one tile
+    assert seen == [(False, plan.smem)]  # 63 x 16384 floats never fit: smem variant not even asked
+
+
+def test_plan_splits_many_views_over_launches_and_refuses_what_cannot_run():
+    plan = _nvrtc.plan_launch(300, 8, 20, blocks_per_sm=lambda s, m: 2, **H100)
+    assert plan.in_smem and plan.cpv == 1 and plan.views_per_launch == 264  # 2 CTAs x 132 SMs
+    assert "cooperative" in _nvrtc.plan_launch(2, 8, 20, blocks_per_sm=lambda s, m: 1,
+                                               **{**H100, "cooperative": False}).error
+    assert "too many" in _nvrtc.plan_launch(1, 10**6, 10, blocks_per_sm=lambda s, m: 1,
+                                            **{**H100, "sms": 1, "smem_max": 1024}).error
+    assert "cannot be resident" in _nvrtc.plan_launch(2, 4096, 16384, blocks_per_sm=lambda s, m: 0, **H100).error
+
+
+def test_params_match_the_kernel_struct():
+    """The ctypes mirror has the .cuh struct's fields, in order, 64 bytes; values as mira_launch sets them."""
+    text = _nvrtc.KERNEL_SOURCE.read_text()
+    body = re.search(r"struct Params \{(.*?)\};", text, re.S).group(1)
+    names = [n for decl in re.sub(r"//[^\n]*", "", body).split(";") if decl.strip()
+             for n in re.findall(r"(\w+)\s*(?:,|$)", decl.strip())]
+    assert names == [f[0] for f in _nvrtc.Params._fields_]
+    assert ctypes.sizeof(_nvrtc.Params) == 64 and _nvrtc.Params.B.offset == 32 and _nvrtc.Params.c2.offset == 48
+    p = _nvrtc.make_params(1, 2, 3, 4, 512, 3000, 66, 30, tau=0.225, beta=0.7)
+    assert (p.B, p.K, p.cpv, p.num_iters) == (512, 3000, 66, 30)
+    assert p.c2 == pytest.approx(1.4426950408889634 / (0.225 * 0.3), rel=1e-7)
+    assert p.a == pytest.approx(0.7 / 0.3, rel=1e-7) and p.log2_b == 9.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_load_without_a_gpu_says_so():
+    nvrtc_or_skip()
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+        _nvrtc.load()
+    with pytest.raises(RuntimeError, match="CUDA tensor"):  # the extension's checks, in its order
+        _nvrtc.NvrtcFused().mira_assign_views_cuda(torch.randn(2, 3, 4, dtype=torch.float64), 0.2, 0.5, 1)
+
+
+# --------------------------------------------------------------------------- route chain, CPU
+class FakeKernel:
+    def __init__(self, route: str) -> None:
+        self.route = route
+
+
+@pytest.fixture
+def chain(monkeypatch):
+    """_cuda_ext with fake routes: `loads` and `checks` say which load and pass their self-check."""
+    _cuda_ext._reset_for_tests()
+    monkeypatch.delenv("FASTSSL_FUSED_MIRA", raising=False)
+    cfg = {"loads": {"nvrtc": True, "nvcc": True}, "checks": {"nvrtc": True, "nvcc": True}, "tried": []}
+
+    def load_route(route: str, verbose: bool):
+        cfg["tried"].append(route)
+        if not cfg["loads"][route]:
+            raise RuntimeError(f"{route} cannot load here")
+        return FakeKernel(route)
+
+    def self_check(module, device):
+        return None if cfg["checks"][module.route] else f"self-check on {device} failed: {module.route} wrong"
+
+    monkeypatch.setattr(_cuda_ext, "_load_route", load_route)
+    monkeypatch.setattr(_cuda_ext, "_self_check", self_check)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA runtime here
+    yield cfg
+    _cuda_ext._reset_for_tests()
+
+
+def run_chain(device: torch.device = torch.device("cuda", 0)):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _cuda_ext.fused_for(device)
+        again = _cuda_ext.fused_for(device)
+    assert first is again
+    return first, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_nvrtc_is_the_first_route(chain):
+    got, msgs = run_chain()
+    assert got.route == "nvrtc" and chain["tried"] == ["nvrtc"]
+    assert len(msgs) == 1 and "built by NVRTC" in msgs[0], msgs
+    assert _cuda_ext.status()["route"] == "nvrtc"
+
+
+def test_nvcc_when_nvrtc_cannot_load(chain):
+    chain["loads"]["nvrtc"] = False
+    got, msgs = run_chain()
+    assert got.route == "nvcc" and chain["tried"] == ["nvrtc", "nvcc"]
+    assert len(msgs) == 1 and "nvcc-built torch extension" in msgs[0] and "nvrtc cannot load here" in msgs[0]
+
+
+def test_a_failed_self_check_moves_to_the_next_route(chain):
+    chain["checks"]["nvrtc"] = False
+    got, msgs = run_chain()
+    assert got.route == "nvcc" and len(msgs) == 1 and "nvrtc wrong" in msgs[0], msgs
+    assert "nvrtc wrong" in _cuda_ext.status()["route_reasons"]["nvrtc"]
+
+
+def test_the_reference_when_no_route_works(chain):
+    chain["checks"]["nvrtc"] = False
+    chain["loads"]["nvcc"] = False
+    got, msgs = run_chain()
+    assert got is None and len(msgs) == 1, msgs
+    assert "not used" in msgs[0] and "nvrtc wrong" in msgs[0] and "nvcc cannot load here" in msgs[0]
+    assert "reference implementation" in msgs[0] and _cuda_ext.status()["route"] is None
+
+
+@pytest.mark.parametrize("only", ["nvcc", "nvrtc"])
+def test_the_environment_can_name_one_route(chain, monkeypatch, only):
+    monkeypatch.setenv("FASTSSL_FUSED_MIRA", only)
+    chain["loads"] = {"nvrtc": only == "nvrtc", "nvcc": only == "nvcc"}
+    got, msgs = run_chain()
+    assert got.route == only and chain["tried"] == [only] and len(msgs) == 1
+
+
+# ---------------------------------------------------------------------- the launcher, CPU
+def test_launch_mirrors_mira_launch(monkeypatch):
+    """One cooperative launch per views_per_launch views on torch's stream; each gets its views'
+    pointers and the kernel arguments, read back from the kernelParams array the driver gets."""
+    launches = []
+
+    class FakeDriver:
+        class CUresult:
+            CUDA_SUCCESS = 0
+
+        @staticmethod
+        def CUstream(handle):
+            return ("stream", handle)
+
+        @staticmethod
+        def cuLaunchCooperativeKernel(fn, gx, gy, gz, bx, by, bz, smem, stream, params):
+            argv = (ctypes.c_void_p * 1).from_address(params)
+            p = _nvrtc.Params.from_address(argv[0])
+            launches.append({"fn": fn, "grid": (gx, gy, gz), "block": (bx, by, bz), "smem": smem, "stream": stream,
+                             **{name: getattr(p, name) for name, _ in _nvrtc.Params._fields_}})
+            return (0,)
+
+    class FakeStream:
+        cuda_stream = 4242
+
+    monkeypatch.setattr(_nvrtc, "_bindings", lambda name: FakeDriver)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    dev = type("Dev", (), {"functions": {name: f"fn:{name}" for name in _nvrtc.ENTRY_POINTS}})()
+    v, b, k = 5, 6, 7
+    logits = torch.zeros(v, b, k, dtype=torch.bfloat16)
+    out, partial, alu = torch.empty(v, b, k), torch.empty(2, k, 3, 2), torch.empty(2, k)
+    plan = _nvrtc.Plan(in_smem=False, cpv=3, views_per_launch=2, smem=1234)
+    _nvrtc.NvrtcFused._launch(dev, plan, logits, out, partial, alu, 0.225, 0.7, 30)
+    assert [x["grid"] for x in launches] == [(6, 1, 1), (6, 1, 1), (3, 1, 1)]  # views 0-1, 2-3, 4
+    for i, x in enumerate(launches):
+        assert x["fn"] == "fn:fastssl_mira_bf16_gmem" and x["block"] == (512, 1, 1) and x["smem"] == 1234
+        assert x["stream"] == ("stream", 4242)
+        assert x["logits"] == logits.data_ptr() + 2 * i * b * k * 2  # bf16: 2 bytes
+        assert x["out"] == out.data_ptr() + 2 * i * b * k * 4
+        assert (x["partial"], x["alu"]) == (partial.data_ptr(), alu.data_ptr())  # workspaces reused
+        assert (x["B"], x["K"], x["cpv"], x["num_iters"]) == (b, k, 3, 30)
