@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from fastssl.objectives import Metrics, Objective
 from fastssl.profiling import NO_PHASES, PhaseTimer
 from fastssl.schedules import StepSchedule
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 @dataclass
 class StepParts:
@@ -26,7 +29,7 @@ class StepParts:
     student: nn.Module  # prepared by Accelerate (DDP), maybe compiled
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
-    accelerator: Any  # accelerate.Accelerator
+    accelerator: Accelerator
     objective: Objective
     micro_batch_size: int = 0  # rows per gradient-accumulation micro-batch; 0 = the whole batch at once
 
