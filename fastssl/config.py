@@ -89,9 +89,6 @@ class MiraConfig:
     freeze_prototypes_epochs: int = 1  # epochs at the start during which the prototypes are not updated
 
 
-OBJECTIVES = ("mira", "mlcpc", "mira+mlcpc")
-
-
 @dataclass
 class CriticConfig:
     """The queue-based ML-CPC critic (Song & Ermon 2020), used by the mlcpc objectives."""
@@ -358,6 +355,8 @@ def config_errors(cfg: Config) -> list[str]:
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
+    from fastssl.objectives import OBJECTIVES  # the registry; not at the top: it imports the models, which import this
+
     if mt.objective not in OBJECTIVES:
         e.append(f"method.objective: unknown {mt.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if mt.mlcpc_weight <= 0:

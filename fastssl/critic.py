@@ -147,7 +147,7 @@ class MlCpcCritic(nn.Module):
     """Separable critic q . k / T against a key queue, scored with alpha-ML-CPC."""
 
     def __init__(self, queue_size: int, dim: int, temperature: float = 0.07, dataset_size: int | None = None,
-                 direction: str = "symmetric", shuffle_bn: bool = False, shuffle_bn_splits: int = 8):
+                 direction: str = "symmetric"):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"critic temperature must be positive, got {temperature}")
@@ -155,9 +155,7 @@ class MlCpcCritic(nn.Module):
             raise ValueError(f"critic direction: unknown {direction!r}; choose one of {', '.join(DIRECTIONS)}")
         self.temperature = temperature
         self.direction = direction
-        self.shuffle_bn, self.shuffle_bn_splits = shuffle_bn, shuffle_bn_splits  # read by train_step
         self.queue = KeyQueue(queue_size, dim, dataset_size)
-        self.last_mi_nats = torch.zeros(())  # the latest step's estimate (set by the training step)
 
     def pairs(self, student_z: list[Tensor], teacher_z: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(queries, keys) of the two global views for this critic's direction.
@@ -182,11 +180,10 @@ class MlCpcCritic(nn.Module):
         neg = q @ self.queue.keys.float().clone().t() / self.temperature
         return pos, neg
 
-    def forward(self, queries: Tensor, keys: Tensor, alpha: float, enqueue: bool = True) -> CriticOutput:
-        """Score, then (by default) enqueue this step's keys: never their own negatives."""
+    def forward(self, queries: Tensor, keys: Tensor, alpha: float) -> CriticOutput:
+        """Score against the queue as it is; the caller enqueues the step's keys afterwards
+        (`keys_to_enqueue`, `queue.push`), once every micro-batch was scored."""
         pos, neg = self.scores(queries, keys)
         bound = ml_cpc_bound(pos, neg, alpha)
-        if enqueue:
-            self.queue.push(F.normalize(keys.float(), dim=1))
         m = neg.shape[1] + 1
         return CriticOutput(loss=-bound / alpha, mi_nats=bound.detach(), ceiling_nats=math.log(m / alpha))

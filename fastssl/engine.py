@@ -1,7 +1,7 @@
 """The training loop: Accelerate owns processes and devices; everything else is called from here.
 
-`train(cfg)` validates the whole config before any work, builds the loader, networks
-and optimiser, then runs epochs of `method.train_step`, with logs, checkpoints, online
+`train(cfg)` validates the whole config before any work, builds the loader, objective,
+networks and optimiser, then runs epochs of `method.train_step`, with logs, checkpoints, online
 k-NN and a clean stop on SIGTERM/SIGINT. `train(cfg, resume=True)` continues the run in
 `cfg.train.run_dir` exactly where its last checkpoint left it.
 
@@ -14,7 +14,6 @@ writes a checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,10 @@ from tqdm.auto import tqdm
 import pipelines
 from fastssl import checkpoint as ckpt
 from fastssl.config import Config, ConfigError, to_dict, validate
-from fastssl.critic import MlCpcCritic
 from fastssl.eval.online import OnlineKnn
-from fastssl.method import train_step
+from fastssl.method import StepParts, train_step
 from fastssl.models import MiraNetwork, make_teacher, unwrap
+from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import DivergenceGuard, TrainingDiverged, continue_advice, latest_run_hint, rerun_command
@@ -59,11 +58,12 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
     loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, workers))
-    critic = build_critic(cfg, loader, accelerator)  # a queue longer than the data fails here, before output
+    # A queue longer than the data fails here, before any output.
+    objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
     knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
     run_dir = prepare_run_dir(cfg, resume, accelerator, command)
 
-    student, teacher = build_networks(cfg, accelerator)
+    student, teacher = build_networks(cfg, accelerator, objective)
     optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
                                 lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
@@ -71,15 +71,16 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
     student, optimizer = accelerator.prepare(student, optimizer)
     if cfg.train.compile:
         student = torch.compile(student)
+    parts = StepParts(student, teacher, optimizer, accelerator, objective, cfg.train.micro_batch_size)
 
     state = ckpt.TrainState()
     results: dict = {"knn": []}
     if resume:
         state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
-                                     scaler=accelerator.scaler, rank=accelerator.process_index, critic=critic)
+                                     scaler=accelerator.scaler, rank=accelerator.process_index,
+                                     critic=objective.state)
         results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
         results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
-    steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
     # A fresh start keeps no log rows: a run directory without a checkpoint may hold the logs of an
     # attempt killed before its first checkpoint, whose steps are about to be run again.
     log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else 0)
@@ -90,10 +91,9 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
         results["knn_random_init"] = knn(teacher.backbone, "the randomly initialised network")
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
-            epoch_row = run_epoch(cfg, accelerator, loader, student, teacher, optimizer, state, steps_per_epoch,
-                                  log, stop, critic, guard)
+            epoch_row = run_epoch(cfg, parts, loader, state, log, stop, guard)
             if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard)
+                save(cfg, run_dir, parts, state, guard)
                 saved_step = state.step
                 results["interrupted"] = stop.signal_name or "signal"
                 finish(run_dir, accelerator, results)
@@ -108,7 +108,7 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             log.epoch(epoch_row)
             if last or state.epoch % cfg.train.checkpoint_every == 0:
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard)
+                save(cfg, run_dir, parts, state, guard)
                 saved_step = state.step
             finish(run_dir, accelerator, results)
     except TrainingDiverged as err:
@@ -126,34 +126,30 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
     return results
 
 
-def run_epoch(cfg: Config, accelerator, loader, student, teacher, optimizer, state: ckpt.TrainState,
-              steps_per_epoch: int, log: RunLog, stop: GracefulStop, critic: MlCpcCritic | None = None,
+def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log: RunLog, stop: GracefulStop,
               guard: DivergenceGuard | None = None) -> dict | None:
     """One epoch (or its remainder after a resume); None when a stop was requested."""
+    accelerator, every = parts.accelerator, cfg.train.log_every
+    steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
     loader.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
     window, whole = ThroughputMeter(cfg.train.global_batch_size), ThroughputMeter(cfg.train.global_batch_size)
     reset_peak_memory(accelerator.device)
-    losses, mi_estimates, skipped, started, stopping = [], [], 0, time.perf_counter(), False
+    losses, metrics, skipped, started, stopping = [], [], 0, time.perf_counter(), False
     bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
                disable=not (cfg.train.progress and accelerator.is_local_main_process), dynamic_ncols=True)
     for batch in window.wrap(whole.wrap(loader)):
         sched = step_schedule(cfg, state.step, steps_per_epoch)
-        loss = train_step(student, teacher, optimizer, accelerator, batch.views, sched, cfg.method,
-                          cfg.train.micro_batch_size, critic)
+        loss, step_metrics = train_step(parts, batch.views, sched)
         losses.append(loss)
-        if critic is not None:
-            mi_estimates.append(critic.last_mi_nats)
+        metrics.append(step_metrics)
         skipped += batch.num_skipped
         state.step += 1
         state.batch_in_epoch += 1
         bar.update(1)
-        if state.step % cfg.train.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
-            row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses[-cfg.train.log_every:], accelerator),
+        if state.step % every == 0 or state.batch_in_epoch == steps_per_epoch:
+            row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses[-every:], accelerator),
                    "lr": sched.lr, "beta": sched.beta, "ema_momentum": sched.ema_momentum,
-                   "skipped_images": skipped, **window.summary()}
-            if critic is not None:  # the ML-CPC estimate and the most it could report
-                row.update(alpha=sched.alpha, mi_nats=mean_loss(mi_estimates[-cfg.train.log_every:], accelerator),
-                           mi_ceiling_nats=math.log((critic.queue.size + 1) / sched.alpha))
+                   "skipped_images": skipped, **window.summary(), **window_metrics(metrics[-every:], accelerator)}
             window.reset()
             log.step(row)
             if guard is not None:
@@ -186,16 +182,24 @@ def mean_loss(losses: list[torch.Tensor], accelerator) -> float:
     return accelerator.reduce(local, reduction="mean").item()
 
 
+def window_metrics(metrics: list[Metrics], accelerator) -> dict[str, float]:
+    """The objective's metrics over the log window: estimates (tensors) averaged over its steps
+    and all processes, settings (numbers, e.g. ML-CPC's alpha and ceiling) as of its last step."""
+    latest = metrics[-1] if metrics else {}
+    return {name: mean_loss([m[name] for m in metrics], accelerator) if torch.is_tensor(value) else value
+            for name, value in latest.items()}
+
+
 def should_eval(every: int, epoch: int, last: bool) -> bool:
     """knn_every: N = every N epochs and at the end; 0 = only at the end; -1 = never."""
     return every >= 0 and (last or (every > 0 and epoch % every == 0))
 
 
-def build_networks(cfg: Config, accelerator) -> tuple[MiraNetwork, MiraNetwork]:
+def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[MiraNetwork, MiraNetwork]:
     m = cfg.model
     student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes, m.bn_stats, m.sync_bn,
                           m.head, m.stem)
-    if cfg.method.objective == "mlcpc":  # no swapped prediction: the prototypes are unused (and DDP
+    if not objective.uses_prototypes:  # no swapped prediction: the prototypes are unused (and DDP
         student.prototypes.requires_grad_(False)  # must not wait for their gradients)
     if (m.bn_stats == "per_forward" and m.sync_bn and accelerator.num_processes > 1
             and accelerator.device.type == "cuda"):  # per_view BN gathers its own global statistics
@@ -292,20 +296,10 @@ def config_changes(old: dict, new: dict) -> set[str]:
     return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k, default[s].get(k)) != new[s][k]}
 
 
-def build_critic(cfg: Config, loader, accelerator) -> MlCpcCritic | None:
-    """The ML-CPC critic for the mlcpc objectives (None for plain MIRA)."""
-    if cfg.method.objective == "mira":
-        return None
-    size = getattr(loader, "num_images", None)
-    return MlCpcCritic(cfg.critic.queue_size, cfg.model.proj_dim, cfg.critic.temperature,
-                       dataset_size=size, direction=cfg.critic.direction,
-                       shuffle_bn=cfg.critic.shuffle_bn, shuffle_bn_splits=cfg.critic.shuffle_bn_splits
-                       ).to(accelerator.device)
-
-
-def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, state: ckpt.TrainState,
-         critic: MlCpcCritic | None = None, guard: DivergenceGuard | None = None) -> None:
+def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
+         guard: DivergenceGuard | None = None) -> None:
     """Checkpoint and backbone, only of finite weights; a failure on any process fails all of them."""
+    accelerator, teacher = parts.accelerator, parts.teacher
     if guard is not None:  # the weights are the same on every process: all decide alike
         guard.check_weights(state.step)
     accelerator.wait_for_everyone()
@@ -313,7 +307,8 @@ def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, s
     try:
         backbone = ckpt.backbone_state(teacher.backbone) if accelerator.is_main_process else None
         backbone_path = run_dir / f"backbone_{cfg.model.arch}.pth"
-        ckpt.save_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, critic=critic,
+        ckpt.save_checkpoint(run_dir, student=unwrap(parts.student), teacher=teacher, optimizer=parts.optimizer,
+                             critic=parts.objective.state,
                              scaler=accelerator.scaler, state=state, config=to_dict(cfg),
                              rank=accelerator.process_index, is_main=accelerator.is_main_process,
                              extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0)

@@ -1,4 +1,5 @@
-"""One MIRA training step: teacher targets, student swapped-prediction loss, updates.
+"""One training step: teacher, objective, student, updates; the objective is an object
+(`fastssl.objectives`) that the step runs without knowing which one it is.
 
 Kept apart from the loop so the loop stays short and the step can be tested alone.
 """
@@ -6,27 +7,31 @@ Kept apart from the loop so the loop stays short and the step can be tested alon
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from fastssl.config import MiraConfig
-from fastssl.critic import CriticOutput, MlCpcCritic, shuffled_forward
-from fastssl.losses import swapped_prediction_loss
 from fastssl.models import ema_update, unwrap
-from fastssl.ops import mira_assign_views, sinkhorn_assign
+from fastssl.objectives import Metrics, Objective
 from fastssl.profiling import NO_PHASES, PhaseTimer
 from fastssl.schedules import StepSchedule
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
-def assign_targets(teacher_logits: list[torch.Tensor], method: MiraConfig, beta: float) -> list[torch.Tensor]:
-    """Pseudo-labels of each global view, solved independently per view (Sec. 3.3).
 
-    MIRA goes through `mira_assign_views`: one all-gather of both views' logits per step,
-    then the global problem solved locally (the reference all-reduces at every iteration).
-    """
-    if method.assignment == "mira":
-        return mira_assign_views(teacher_logits, tau=method.tau_teacher, beta=beta, num_iters=method.num_iters)
-    return [sinkhorn_assign(t, eps=method.sinkhorn_eps, num_iters=method.sinkhorn_iters) for t in teacher_logits]
+@dataclass
+class StepParts:
+    """What every step uses, built once by the loop (the networks, the optimiser, the objective)."""
+
+    student: nn.Module  # prepared by Accelerate (DDP), maybe compiled
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+    objective: Objective
+    micro_batch_size: int = 0  # rows per gradient-accumulation micro-batch; 0 = the whole batch at once
 
 
 def micro_batches(batch_size: int, micro_batch_size: int) -> list[slice]:
@@ -35,77 +40,55 @@ def micro_batches(batch_size: int, micro_batch_size: int) -> list[slice]:
     return [slice(lo, lo + step) for lo in range(0, batch_size, step)]
 
 
-def critic_loss(critic: MlCpcCritic, student_z: list[torch.Tensor], teacher_z: list[torch.Tensor],
-                alpha: float) -> CriticOutput:
-    """ML-CPC between the two global views in ONE denominator, in the critic's direction
-    (`MlCpcCritic.pairs`: one_way = the authors', symmetric = ours). Nothing is enqueued
-    here (see train_step)."""
-    queries, keys = critic.pairs(student_z, teacher_z)
-    return critic(queries, keys, alpha, enqueue=False)
-
-
-def student_backward(student, accelerator, views: list[torch.Tensor], targets: list[torch.Tensor] | None,
-                     teacher_z: list[torch.Tensor], sched: StepSchedule, method: MiraConfig, micro_batch_size: int,
-                     critic: MlCpcCritic | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student forward and backward on all views, in micro-batches; (mean loss, mean MI estimate).
+def student_backward(parts: StepParts, views: list[torch.Tensor], targets: Any,
+                     sched: StepSchedule) -> tuple[torch.Tensor, Metrics]:
+    """Student forward and backward on all views, in micro-batches; (mean loss, metrics).
 
     Gradients of all micro-batches accumulate; DDP's all-reduce runs on the last one only.
+    A tensor metric is averaged over the micro-batches, a number is kept as it is.
     """
-    use_mira = targets is not None
-    weight = method.mlcpc_weight if use_mira else 1.0
-    chunks = micro_batches(views[0].shape[0], micro_batch_size)
+    accelerator, chunks = parts.accelerator, micro_batches(views[0].shape[0], parts.micro_batch_size)
     total = torch.zeros((), device=views[0].device)
-    mi = torch.zeros((), device=views[0].device)
+    metrics: Metrics = {}
     for c, rows in enumerate(chunks):
-        sync = nullcontext() if c == len(chunks) - 1 else accelerator.no_sync(student)
+        sync = nullcontext() if c == len(chunks) - 1 else accelerator.no_sync(parts.student)
         with sync:
             with accelerator.autocast():
-                student_logits, student_z = student([v[rows] for v in views], with_embeddings=True)
-            loss = torch.zeros((), device=views[0].device)
-            if use_mira:
-                loss = swapped_prediction_loss(student_logits, [t[rows] for t in targets], method.tau_student)
-            if critic is not None:
-                out = critic_loss(critic, student_z, [z[rows] for z in teacher_z], sched.alpha)
-                loss = loss + weight * out.loss
-                mi += out.mi_nats / len(chunks)
+                student_logits, student_z = parts.student([v[rows] for v in views], with_embeddings=True)
+            loss, chunk_metrics = parts.objective.loss(student_logits, student_z, targets, rows, sched)
             accelerator.backward(loss / len(chunks))
         total += loss.detach() / len(chunks)
-    return total, mi
+        for name, value in chunk_metrics.items():
+            metrics[name] = metrics.get(name, 0) + value / len(chunks) if torch.is_tensor(value) else value
+    return total, metrics
 
 
-def train_step(student, teacher, optimizer, accelerator, views: list[torch.Tensor], sched: StepSchedule,
-               method: MiraConfig, micro_batch_size: int = 0, critic: MlCpcCritic | None = None,
-               phases: PhaseTimer = NO_PHASES) -> torch.Tensor:
-    """Targets from the teacher on the 2 global views, loss on all student views, one update.
+def train_step(parts: StepParts, views: list[torch.Tensor], sched: StepSchedule,
+               phases: PhaseTimer = NO_PHASES) -> tuple[torch.Tensor, Metrics]:
+    """The teacher on the 2 global views, the objective's loss on all student views, one update.
 
-    Targets are solved on the WHOLE batch before the student's micro-batches, so
-    gradient accumulation changes memory use but not the pseudo-labels (their marginal
-    is always over the global batch). With a critic, the teacher's keys of this step are
-    enqueued after every micro-batch has been scored, so no key is its own negative.
-    Returns the detached mean loss of this process (the critic's MI estimate of the step
-    is left in `critic.last_mi_nats`). `phases` times the step's parts for profiling
+    The objective's targets are made from the WHOLE batch before the student's
+    micro-batches, so gradient accumulation changes memory use but not the targets (MIRA's
+    marginal is always over the global batch). The objective finishes the step (ML-CPC
+    enqueues this step's keys) after every micro-batch has been scored, so no key is its
+    own negative. Returns the detached mean loss of this process and the objective's
+    metrics (`fastssl.objectives`). `phases` times the step's parts for profiling
     (teacher, assignment, student, update); the default records nothing.
     """
-    for group in optimizer.param_groups:
+    p, objective = parts, parts.objective
+    for group in p.optimizer.param_groups:
         group["lr"] = sched.lr
-    use_mira = method.objective in ("mira", "mira+mlcpc")
-    with phases.phase("teacher_forward"), torch.no_grad(), accelerator.autocast():
-        if critic is not None and critic.shuffle_bn:  # MoCo's shuffle-BN in the key encoder
-            teacher_logits, teacher_z, _ = shuffled_forward(teacher, views[:2], critic.shuffle_bn_splits)
-        else:
-            teacher_logits, teacher_z = teacher(views[:2], with_embeddings=True)
+    with phases.phase("teacher_forward"), torch.no_grad(), p.accelerator.autocast():
+        teacher = objective.teacher_forward(p.teacher, views)
     with phases.phase("assignment"):
-        targets = assign_targets(teacher_logits, method, sched.beta) if use_mira else None
+        targets = objective.targets(teacher, sched)
     with phases.phase("student_forward_backward"):
-        total, mi = student_backward(student, accelerator, views, targets, teacher_z, sched, method,
-                                     micro_batch_size, critic)
-    with phases.phase("update"):  # optimiser step, EMA teacher, critic queue
-        if critic is not None:
-            critic.queue.push(critic.keys_to_enqueue(teacher_z))
-            critic.last_mi_nats = mi
+        loss, metrics = student_backward(p, views, targets, sched)
+    with phases.phase("update"):  # the objective's end of step, optimiser step, EMA teacher
+        objective.finish_step(targets)
         if sched.freeze_prototypes:  # prototypes do not move during the first epoch(s)
-            unwrap(student).prototypes.weight.grad = None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(teacher, unwrap(student), sched.ema_momentum)
-    return total
+            unwrap(p.student).prototypes.weight.grad = None
+        p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        ema_update(p.teacher, unwrap(p.student), sched.ema_momentum)
+    return loss, metrics

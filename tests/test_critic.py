@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from dist_utils import requires_gloo, run_distributed
 from fastssl.critic import KeyQueue, MlCpcCritic
-from fastssl.schedules import alpha_schedule
 from fastssl.losses import ml_cpc_bound
+from fastssl.objectives import MlCpc, TeacherOutput, critic_loss
+from fastssl.schedules import StepSchedule, alpha_schedule
 
 
 def unit(n: int, d: int = 4, seed: int = 0) -> torch.Tensor:
@@ -38,16 +39,23 @@ def test_queue_longer_than_dataset_is_an_error_that_says_so():
 
 
 def test_keys_are_scored_before_they_are_enqueued():
-    critic = MlCpcCritic(queue_size=8, dim=4, temperature=0.5)
+    """Through the objective, as a step runs it: the loss of every micro-batch, then the queue push."""
+    critic = MlCpcCritic(queue_size=8, dim=4, temperature=0.5, direction="one_way")
+    objective = MlCpc(critic)
     queue_before = critic.queue.keys.clone()
     q, k = unit(3, seed=5), unit(3, seed=6)
-    out = critic(q, k, alpha=1.0)
+    sched = StepSchedule(lr=0.1, beta=0.7, ema_momentum=0.99, freeze_prototypes=False, alpha=1.0)
+    keys = objective.targets(TeacherOutput(logits=[], z=[unit(3, seed=9), k]), sched)
+    loss, metrics = objective.loss([], [q, unit(3, seed=10)], keys, slice(0, 3), sched)
+    torch.testing.assert_close(critic.queue.keys, queue_before)  # scoring alone enqueues nothing
+    objective.finish_step(keys)
     pos = (q * k).sum(1) / 0.5
     neg = q @ queue_before.t() / 0.5  # the queue as it was: no key of this step among the negatives
-    torch.testing.assert_close(out.mi_nats, ml_cpc_bound(pos, neg, 1.0))
-    torch.testing.assert_close(out.loss, -ml_cpc_bound(pos, neg, 1.0))
+    torch.testing.assert_close(metrics["mi_nats"], ml_cpc_bound(pos, neg, 1.0))
+    torch.testing.assert_close(loss, -ml_cpc_bound(pos, neg, 1.0))
     torch.testing.assert_close(critic.queue.ordered()[-3:], k)
-    assert out.ceiling_nats == pytest.approx(math.log(9 / 1.0))
+    assert metrics["mi_ceiling_nats"] == pytest.approx(math.log(9 / 1.0))
+    assert metrics["alpha"] == 1.0
     # The loss is -bound / alpha and has a gradient for the queries only.
     q2 = unit(3, seed=7).requires_grad_()
     out = critic(q2, unit(3, seed=8).requires_grad_(), alpha=0.25)
@@ -95,7 +103,6 @@ def _authors_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: floa
 
 @pytest.mark.parametrize("alpha", [10.0, 1.0, 0.1])
 def test_one_way_direction_is_the_authors_formula(alpha):
-    from fastssl.method import critic_loss
     critic = MlCpcCritic(queue_size=16, dim=4, temperature=0.07, direction="one_way")
     g = torch.Generator().manual_seed(3)
     student = [torch.randn(5, 4, generator=g) for _ in range(2)]

@@ -162,12 +162,12 @@ def poison_at(step: int):
     """A train_step that, from `step` on, makes the student's weights non-finite (a divergence)."""
     real, count = engine.train_step, [0]
 
-    def step_fn(student, *args, **kwargs):
-        loss = real(student, *args, **kwargs)
+    def step_fn(parts, *args, **kwargs):
+        loss = real(parts, *args, **kwargs)
         count[0] += 1
         if count[0] >= step:
             with torch.no_grad():
-                next(iter(student.parameters())).fill_(float("nan"))
+                next(iter(parts.student.parameters())).fill_(float("nan"))
         return loss
     return step_fn
 

@@ -27,6 +27,21 @@ def test_equals_the_float64_reference(one_thread, b, k, dtype):
         torch.testing.assert_close(g.double(), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("num_iters", [0, 1, 5])
+def test_one_iteration_behind_both_paths(one_thread, num_iters):
+    """`mira_assign` (all-reduced sums) and `solve_views` (gathered rows) run the same iteration,
+    step for step: equal at every iteration count, not only near the fixed point."""
+    from fastssl.ops.mira import mira_fixed_point
+    from fastssl.ops.mira_fused import solve_views
+
+    x = torch.stack([logits(32, 40, 6), logits(32, 40, 7)]).double()
+    got = solve_views(x, 0.225, 0.7, num_iters)
+    torch.testing.assert_close(got, mira_fixed_point(x, 0.225, 0.7, num_iters), atol=0, rtol=0)
+    for v in range(2):
+        torch.testing.assert_close(got[v], mira_assign(x[v], tau=0.225, beta=0.7, num_iters=num_iters),
+                                   atol=1e-12, rtol=0)
+
+
 def test_extreme_logits_and_empty_clusters(one_thread):
     x = logits(32, 50, 3, scale=1e4)
     x[:, :10] = float("-inf")  # clusters no sample can take

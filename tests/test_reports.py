@@ -83,24 +83,27 @@ def test_load_report_rejects_bad_files_clearly(tmp_path):
 # ------------------------------------------------------------------ the loop's phase timer
 def test_phase_timer_splits_a_real_step(tmp_path):
     from fastssl.engine import build_networks
-    from fastssl.method import train_step
+    from fastssl.method import StepParts, train_step
+    from fastssl.objectives import build_objective
     from fastssl.optim import build_optimizer
     from fastssl.runtime import build_accelerator
     from fastssl.schedules import step_schedule
 
     cfg = tiny_config(tmp_path)
     acc = build_accelerator(cfg.train)
-    student, teacher = build_networks(cfg, acc)
+    objective = build_objective(cfg)
+    student, teacher = build_networks(cfg, acc, objective)
     opt = build_optimizer("sgd", student.named_parameters(), lr=0.1, momentum=0.9, weight_decay=0.0,
                           lars_eta=0.001)
+    parts = StepParts(student, teacher, opt, acc, objective)
     views = [torch.randn(8, 3, s, s) for s in (16, 16, 8, 8)]
     sched = step_schedule(cfg, 0, 10)
     idle = PhaseTimer()
-    train_step(student, teacher, opt, acc, views, sched, cfg.method, phases=idle)
+    train_step(parts, views, sched, phases=idle)
     assert idle.seconds == {}
     timer = PhaseTimer(torch.device("cpu"), enabled=True)
     start = time.perf_counter()
-    train_step(student, teacher, opt, acc, views, sched, cfg.method, phases=timer)
+    train_step(parts, views, sched, phases=timer)
     wall = time.perf_counter() - start
     assert set(timer.seconds) == {"teacher_forward", "assignment", "student_forward_backward", "update"}
     assert all(v > 0 for v in timer.seconds.values())

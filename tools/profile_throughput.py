@@ -55,7 +55,8 @@ import pipelines  # noqa: E402
 from fastssl.config import Config, ConfigError, apply_overrides, validate  # noqa: E402
 from pipelines.beton import BetonError  # noqa: E402
 from fastssl.engine import build_networks, loader_spec, train  # noqa: E402
-from fastssl.method import train_step  # noqa: E402
+from fastssl.method import StepParts, train_step  # noqa: E402
+from fastssl.objectives import build_objective  # noqa: E402
 from fastssl.optim import build_optimizer  # noqa: E402
 from fastssl.profiling import PhaseTimer, peak_memory_mb, reset_peak_memory  # noqa: E402
 from fastssl.reports import analysis, charts  # noqa: E402
@@ -132,25 +133,26 @@ def scratch_beton(folder: Path, scratch: Path) -> Path:
 
 # ----------------------------------------------------------------------------- stage 2 and 3
 class StepRunner:
-    """Student, teacher and optimiser of the recipe, and one call per training step."""
+    """Student, teacher, optimiser and objective of the recipe, and one call per training step."""
 
     def __init__(self, cfg: Config, accelerator):
-        self.cfg, self.accelerator = cfg, accelerator
-        student, self.teacher = build_networks(cfg, accelerator)
+        self.cfg = cfg
+        self.objective = build_objective(cfg, None, accelerator.device)
+        student, teacher = build_networks(cfg, accelerator, self.objective)
         optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
                                     lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
                                     momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                     lars_eta=cfg.optim.lars_eta)
-        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        student, optimizer = accelerator.prepare(student, optimizer)
         if cfg.train.compile:
-            self.student = torch.compile(self.student)
+            student = torch.compile(student)
+        self.parts = StepParts(student, teacher, optimizer, accelerator, self.objective, cfg.train.micro_batch_size)
         self.step_index = 0
 
     def __call__(self, views: list[torch.Tensor], phases: PhaseTimer | None = None) -> None:
         sched = step_schedule(self.cfg, self.step_index, 1000)
         kwargs = {"phases": phases} if phases is not None else {}
-        train_step(self.student, self.teacher, self.optimizer, self.accelerator, views, sched, self.cfg.method,
-                   self.cfg.train.micro_batch_size, None, **kwargs)
+        train_step(self.parts, views, sched, **kwargs)
         self.step_index += 1
 
 
@@ -348,7 +350,7 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
     print("2/5 model step only (synthetic batch on the device)", flush=True)
     reset_peak_memory(device)
     runner = StepRunner(cfg, accelerator)
-    uses_mira = cfg.method.assignment == "mira" and cfg.method.objective != "mlcpc"
+    uses_mira = runner.objective.assignment == "mira"
     model_step, phases, assign_alone = measure_model_step(
         runner, cfg, accelerator, args, assignment_bench(cfg, device, args) if uses_mira else None)
     breakdown = phases.mean_ms()

@@ -4,6 +4,7 @@
 - :func:`sinkhorn_assign`: SwAV's Sinkhorn-Knopp equipartition baseline.
 - :func:`mira_assign_views`: MIRA for all teacher views with one all-gather per step, behind
   the `fastssl::mira_assign_views` custom op (traceable by torch.compile).
+- `mira.mira_fixed_point`: the one log-space iteration (Eq. 5-7) that both MIRA ops run.
 
 Both are reference implementations in log space over the global batch (``group``); fused
 kernels behind the same signatures are held to them.

@@ -1,8 +1,10 @@
 """MIRA pseudo-label assignment (Lee et al., NeurIPS 2022, "Unsupervised Representation
 Learning via Mutual Information Regularized Assignment"), Sec. 3.1-3.2, Eq. 1-7.
 
-This is the exact REFERENCE implementation: later fused kernels (one all-gather + one CUDA
-kernel) are tested against it, so it favours clarity and exactness over speed.
+This is the exact REFERENCE implementation, and the only one in Python: `mira_fixed_point`
+is the log-space iteration, written once; `mira_assign` runs it with the column sums
+all-reduced at every step, `fastssl.ops.mira_fused.solve_views` on rows already gathered,
+and the fused CUDA kernel is tested against it. It favours clarity and exactness over speed.
 
 Problem (Eq. 4), per global mini-batch of B samples and K clusters, p_i = softmax(z_i / tau):
 
@@ -33,7 +35,9 @@ input.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -41,7 +45,7 @@ from torch import Tensor
 from ._common import check_iters, check_logits, check_positive, compute_dtype
 from ._dist import global_count, global_logsumexp_cols
 
-__all__ = ["mira_assign"]
+__all__ = ["mira_assign", "mira_fixed_point"]
 
 
 def _check_beta(beta: Any) -> float:
@@ -65,16 +69,44 @@ def _add_log_prior(log_p: Tensor, log_u: Tensor, a: float) -> Tensor:
     return torch.where(log_p == float("-inf"), log_p, out)
 
 
-def _mira_log_u_step(log_p: Tensor, log_u: Tensor, a: float, beta: float, log_n: Tensor,
-                     group: Optional[Any]) -> Tensor:
-    """One fixed-point step of Eq. 7 in log space; returns log u^(n+1).
+def local_col_logsumexp(x: Tensor) -> Tensor:
+    """Per-column ``log sum_i exp(x_ij)`` over the rows (dim -2) of this tensor only, kept broadcastable."""
+    return torch.logsumexp(x, dim=-2, keepdim=True)
 
-    T_ij = P_ij / sum_k P_ik u_k^(-a)               (the inner fraction of Eq. 7)
-    u_j  = (1/B sum_i T_ij)^(1-beta)                (B and the sum: GLOBAL batch)
+
+def mira_fixed_point(logits: Tensor, tau: float, beta: float, num_iters: int,
+                     col_logsumexp: Callable[[Tensor], Tensor] = local_col_logsumexp,
+                     log_n: Union[Tensor, float, None] = None) -> Tensor:
+    """THE MIRA solve (Eq. 5-7) in log space: ``... x B x K`` logits -> targets of the same shape.
+
+    Every MIRA path runs this one function: `mira_assign` (the column sums all-reduced at
+    every step), `solve_views` (the rows already gathered: local sums, batched over views),
+    and through `solve_views` the reference the CUDA kernel is held to.
+
+    Args:
+        logits: rows on dim -2, clusters on dim -1 (leading dims, e.g. views, are solved apart).
+        col_logsumexp: ``x -> log sum_i exp(x_ij)`` over ALL rows of the batch, broadcastable
+            against ``x``; the default sums the rows given here, a distributed caller passes
+            its collective (the only thing that makes the batch global).
+        log_n: log of the global row count B; default ``log(logits.shape[-2])``.
+
+    Arguments are not checked here (the public ops do); float32 (float64 for float64 input).
     """
-    log_row = torch.logsumexp(_add_log_prior(log_p, log_u, a), dim=1, keepdim=True)
-    log_t = log_p - log_row
-    return (1.0 - beta) * (global_logsumexp_cols(log_t, group) - log_n)
+    x = logits.to(compute_dtype(logits.dtype))
+    if log_n is None:
+        log_n = math.log(x.shape[-2])
+    a = beta / (1.0 - beta)  # exponent of the marginal in Eq. 5-7
+    # Sec. 3.1: p = softmax(z / tau); Eq. 5-7 only use p^(1/(1-beta)), and row-normalising it
+    # gives the authors' P = softmax(z / tau / (1 - beta)).
+    log_p = torch.log_softmax(x / tau / (1.0 - beta), dim=-1)
+    # Initial guess (authors' code): u^(0) = (colmean P)^(1-beta).
+    log_u = (1.0 - beta) * (col_logsumexp(log_p) - log_n)
+    for _ in range(num_iters):
+        # Eq. 7: T_ij = P_ij / sum_k P_ik u_k^(-a) (the inner fraction), u_j = (1/B sum_i T_ij)^(1-beta).
+        log_row = torch.logsumexp(_add_log_prior(log_p, log_u, a), dim=-1, keepdim=True)
+        log_u = (1.0 - beta) * (col_logsumexp(log_p - log_row) - log_n)
+    # Eq. 5 with wbar* ~ u^(n): w_ij proportional to u_j^(-beta/(1-beta)) p_ij^(1/(1-beta)).
+    return torch.softmax(_add_log_prior(log_p, log_u, a), dim=-1)
 
 
 @torch.no_grad()
@@ -95,26 +127,12 @@ def mira_assign(logits: Tensor, tau: float = 0.225, beta: float = 2 / 3, num_ite
         (pseudo-labels are constants for the swapped-prediction loss, Eq. 8). In a distributed
         run the cluster marginal is over the GLOBAL batch (ranks may hold different numbers
         of rows) and each rank gets back the rows of its own samples. Every rank must call
-        this with the same K, tau, beta and num_iters (it issues 1 + 1 + num_iters collectives).
+        this with the same K, tau, beta and num_iters (it issues 1 + 1 + num_iters collectives:
+        the row count, then one all-reduce of the column sums per step, `mira_fixed_point`).
     """
     x = check_logits(logits)
     tau = check_positive("tau", tau)
     beta = _check_beta(beta)
     num_iters = check_iters("num_iters", num_iters, 0)
-
-    x = x.to(compute_dtype(x.dtype))
-    a = beta / (1.0 - beta)  # exponent of the marginal in Eq. 5-7
-    log_n = torch.log(global_count(x.shape[0], x.device, x.dtype, group))
-
-    # Sec. 3.1: p = softmax(z / tau); Eq. 5-7 only use p^(1/(1-beta)), and row-normalising it
-    # gives the authors' P = softmax(z / tau / (1 - beta)).
-    log_p = torch.log_softmax(x / tau / (1.0 - beta), dim=1)
-
-    # Initial guess (authors' code): u^(0) = (colmean P)^(1-beta).
-    log_u = (1.0 - beta) * (global_logsumexp_cols(log_p, group) - log_n)
-
-    for _ in range(num_iters):
-        log_u = _mira_log_u_step(log_p, log_u, a, beta, log_n, group)  # Eq. 7
-
-    # Eq. 5 with wbar* ~ u^(n): w_ij proportional to u_j^(-beta/(1-beta)) p_ij^(1/(1-beta)).
-    return torch.softmax(_add_log_prior(log_p, log_u, a), dim=1)
+    log_n = torch.log(global_count(x.shape[0], x.device, compute_dtype(x.dtype), group))
+    return mira_fixed_point(x, tau, beta, num_iters, lambda t: global_logsumexp_cols(t, group), log_n)

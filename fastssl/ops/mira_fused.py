@@ -11,8 +11,8 @@ The local solve is `fastssl::mira_assign_views`, a `torch.library` custom op wit
 calls it with no graph break; the gather uses functional collectives, which the compiler
 traces too. Its implementations:
 
-- CPU, and float64 anywhere: `solve_views`, the log-space reference computation (Eq. 5-7)
-  batched over views.
+- CPU, and float64 anywhere: `solve_views`, the reference iteration (`mira.mira_fixed_point`,
+  Eq. 5-7) batched over views.
 - CUDA (fp32/bf16/fp16 logits): the fused kernel of `csrc/mira_fused.cu`, one cooperative
   launch for all views and all iterations, built just in time by `fastssl.ops._cuda_ext` on
   first use and self-checked against `solve_views`. When it cannot be built or loaded (no
@@ -25,7 +25,6 @@ batch); the reference `mira_assign` also handles uneven shards.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -36,7 +35,7 @@ from torch import Tensor
 from . import _cuda_ext
 from ._common import check_iters, check_logits, check_positive, compute_dtype
 from ._dist import group_world_size
-from .mira import _add_log_prior, _check_beta
+from .mira import _check_beta, mira_fixed_point
 
 __all__ = ["mira_assign_views", "solve_views"]
 
@@ -44,18 +43,10 @@ __all__ = ["mira_assign_views", "solve_views"]
 def solve_views(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tensor:
     """V x B x K logits -> V x B x K targets, each view solved over ALL of its B rows.
 
-    The same iteration as the reference (`fastssl.ops.mira`), step for step, in log space,
-    in float32 (float64 for float64 input); no collectives: the rows are already global.
+    `mira_fixed_point` (the one log-space iteration, Eq. 5-7) with local column sums: the
+    rows are already global, so no collective; float32 (float64 for float64 input).
     """
-    x = logits.to(compute_dtype(logits.dtype))
-    a = beta / (1.0 - beta)
-    log_n = math.log(x.shape[1])
-    log_p = torch.log_softmax(x / tau / (1.0 - beta), dim=2)  # P = softmax(z / tau / (1 - beta))
-    log_u = (1.0 - beta) * (torch.logsumexp(log_p, dim=1, keepdim=True) - log_n)  # u(0) = colmean(P)^(1-beta)
-    for _ in range(num_iters):  # Eq. 7
-        log_row = torch.logsumexp(_add_log_prior(log_p, log_u, a), dim=2, keepdim=True)
-        log_u = (1.0 - beta) * (torch.logsumexp(log_p - log_row, dim=1, keepdim=True) - log_n)
-    return torch.softmax(_add_log_prior(log_p, log_u, a), dim=2)  # Eq. 5
+    return mira_fixed_point(logits, tau, beta, num_iters)
 
 
 @torch.library.custom_op("fastssl::mira_assign_views", mutates_args=())
