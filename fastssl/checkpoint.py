@@ -211,6 +211,17 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
     return TrainState(**ckpt["state"])
 
 
+def resolve_resume(resume: bool | str, run_dir: Path) -> bool:
+    """`--resume auto` means: continue when `run_dir` holds a checkpoint, start afresh when it does not,
+    so one command serves a job's first start and every requeue (tools/slurm/). Every process decides
+    before the run starts, i.e. before any of them can write this run's first checkpoint."""
+    if resume == "auto":
+        return (Path(run_dir) / CHECKPOINT_NAME).is_file()
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume must be True, False or 'auto', not {resume!r}")
+    return resume
+
+
 def saved_config(run_dir: Path) -> dict | None:
     """The config stored in the run's checkpoint; None when there is no checkpoint."""
     path = run_dir / CHECKPOINT_NAME

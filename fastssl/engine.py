@@ -47,12 +47,14 @@ RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -> dict:
+def train(cfg: Config, resume: bool | str = False, command: list[str] | None = None) -> dict:
     """Run (or continue) one training run; returns the run's results (also in results.json).
 
-    `command` (the user's command line, from `fastssl.cli`) lets messages print the exact
-    command that continues the run.
+    `resume="auto"` continues when the run directory holds a checkpoint and starts afresh when
+    it does not (SLURM requeues). `command` (the user's command line, from `fastssl.cli`) lets
+    messages print the exact command that continues the run.
     """
+    auto, resume = resume == "auto", ckpt.resolve_resume(resume, Path(cfg.train.run_dir))  # before any rank saves
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
     validate(cfg, accelerator.num_processes)
@@ -79,6 +81,9 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
                                      scaler=accelerator.scaler, rank=accelerator.process_index, critic=critic)
         results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
         results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
+    if auto:
+        accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
+                          f" the run in {run_dir}")
     steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
     # A fresh start keeps no log rows: a run directory without a checkpoint may hold the logs of an
     # attempt killed before its first checkpoint, whose steps are about to be run again.
