@@ -202,22 +202,41 @@ def shell(tmp_path: Path, step: str, run_dir: Path) -> list[str]:
     return ["bash", "-c", body]
 
 
-def test_requeue_only_after_the_signal_and_with_a_checkpoint(tmp_path):
-    """Steps that end on their own keep their status; a signalled step without a checkpoint is not requeued."""
+def signalled_job(tmp_path: Path, step: str, run_dir: Path, env: dict) -> tuple[int, str]:
+    """Run the batch shell around `step`, send it SIGUSR1 once the step runs; its status and output."""
+    ready = tmp_path / "ready"
+    ready.unlink(missing_ok=True)
+    proc = popen(shell(tmp_path, step, run_dir), tmp_path, **env)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc)
+    return proc.returncode, out
+
+
+def test_requeue_only_after_the_signal_and_a_checkpoint_of_this_job(tmp_path):
+    """Steps that end on their own keep their status; a signalled step is requeued only when it saved."""
     env = {"SCONTROL": str(tmp_path / "scontrol"), "SLURM_JOB_ID": "42"}
-    run_dir = tmp_path / "run"
+    calls, run_dir = tmp_path / "scontrol.calls", tmp_path / "run"
     run_dir.mkdir()
     for status in (0, 3):
         done = subprocess.run(shell(tmp_path, f"bash -c 'exit {status}'", run_dir), capture_output=True, text=True,
                               timeout=30, env={**os.environ, **env})
         assert done.returncode == status and f"job step exited with status {status}" in done.stdout
-    # signalled, but the step wrote no checkpoint: the job ends with the step's status, no requeue
-    proc = popen(shell(tmp_path, "sleep 30", run_dir), tmp_path, **env)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    out = finish(proc)
-    assert proc.returncode == 128 + signal.SIGUSR1 and "SIGUSR1 (time limit near)" in out, out
-    assert not (tmp_path / "scontrol.calls").exists()
+    # signalled; the checkpoint there is an earlier job's: not requeued (it would repeat forever)
+    (run_dir / "checkpoint.pt").write_bytes(b"old")
+    os.utime(run_dir / "checkpoint.pt", (time.time() - 3600,) * 2)
+    code, out = signalled_job(tmp_path, f"bash -c 'touch {tmp_path}/ready; exec sleep 30'", run_dir, env)
+    assert code == 128 + signal.SIGUSR1 and "SIGUSR1 (time limit near)" in out, out
+    assert "not requeued: the run wrote no checkpoint" in out and not calls.exists()
+    # signalled; the step saves and stops (as the loop does): requeued, the job itself ends well
+    step = tmp_path / "step.sh"
+    step.write_text(f"sleep 30 & trap 'echo new > {run_dir}/checkpoint.pt; kill $!; exit 138' USR1\n"
+                    f"touch {tmp_path}/ready\nwait\n")
+    code, out = signalled_job(tmp_path, f"bash {step}", run_dir, env)
+    assert code == 0 and "job step exited with status 138" in out, out
+    assert calls.read_text() == "requeue 42\n"
 
 
 @pytest.mark.slow
