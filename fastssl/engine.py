@@ -78,7 +78,8 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     results: dict = {"knn": []}
     if resume:
         state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
-                                     scaler=accelerator.scaler, rank=accelerator.process_index, critic=critic)
+                                     scaler=accelerator.scaler, rank=accelerator.process_index, critic=critic,
+                                     loader=loader)
         results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
         results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
     if auto:
@@ -98,7 +99,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
             epoch_row = run_epoch(cfg, accelerator, loader, student, teacher, optimizer, state, steps_per_epoch,
                                   log, stop, critic, guard)
             if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard)
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard, loader)
                 saved_step = state.step
                 results["interrupted"] = stop.signal_name or "signal"
                 finish(run_dir, accelerator, results)
@@ -113,7 +114,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             log.epoch(epoch_row)
             if last or state.epoch % cfg.train.checkpoint_every == 0:
-                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard)
+                save(cfg, run_dir, accelerator, student, teacher, optimizer, state, critic, guard, loader)
                 saved_step = state.step
             finish(run_dir, accelerator, results)
     except TrainingDiverged as err:
@@ -309,8 +310,10 @@ def build_critic(cfg: Config, loader, accelerator) -> MlCpcCritic | None:
 
 
 def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, state: ckpt.TrainState,
-         critic: MlCpcCritic | None = None, guard: DivergenceGuard | None = None) -> None:
-    """Checkpoint and backbone, only of finite weights; a failure on any process fails all of them."""
+         critic: MlCpcCritic | None = None, guard: DivergenceGuard | None = None, loader=None) -> None:
+    """Checkpoint and backbone, only of finite weights; a failure on any process fails all of them.
+
+    A loader with `state_dict` (DALI) adds its mid-epoch state, so a resume draws the same augmentations."""
     if guard is not None:  # the weights are the same on every process: all decide alike
         guard.check_weights(state.step)
     accelerator.wait_for_everyone()
@@ -321,7 +324,8 @@ def save(cfg: Config, run_dir: Path, accelerator, student, teacher, optimizer, s
         ckpt.save_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, critic=critic,
                              scaler=accelerator.scaler, state=state, config=to_dict(cfg),
                              rank=accelerator.process_index, is_main=accelerator.is_main_process,
-                             extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0)
+                             extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0,
+                             loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
         if backbone is not None:
             ckpt.atomic_save(backbone, backbone_path)
     except ckpt.CheckpointError as err:
