@@ -144,8 +144,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state: TrainState, config: dict,
-                    rank: int, is_main: bool, critic=None, extra_bytes: int = 0) -> None:
-    """Every rank writes its RNG state; the main process writes the shared state.
+                    rank: int, is_main: bool, critic=None, extra_bytes: int = 0, loader_state=None) -> None:
+    """Every rank writes its RNG state (and its loader's, `loader_state`: where DALI's random
+    generators stand mid-epoch); the main process writes the shared state.
 
     The main process checks first that the checkpoint, its RNG file and `extra_bytes` (the
     backbone exported next) all fit, so a full disk fails before any file changes. The
@@ -154,6 +155,8 @@ def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state
     rng_dir = run_dir / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     rng, rng_path = rng_state(), rng_dir / f"rank{rank}.pt"
+    if loader_state is not None:
+        rng["loader"] = loader_state
     if is_main:
         payload = {
             "student": student.state_dict(),
@@ -189,8 +192,9 @@ def _load(path: Path):
         raise _unreadable(path, err) from err
 
 
-def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank: int, critic=None) -> TrainState:
-    """Restore everything `save_checkpoint` wrote; returns where to continue."""
+def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank: int, critic=None,
+                    loader=None) -> TrainState:
+    """Restore everything `save_checkpoint` wrote (a loader's state into `loader`); returns where to continue."""
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; start the run without --resume "
@@ -207,8 +211,22 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
         scaler.load_state_dict(ckpt["scaler"])
     rng_path = run_dir / "rng" / f"rank{rank}.pt"
     if rng_path.is_file():
-        set_rng_state(_load(rng_path))
+        rng = _load(rng_path)
+        set_rng_state(rng)
+        if loader is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(rng.get("loader"))
     return TrainState(**ckpt["state"])
+
+
+def resolve_resume(resume: bool | str, run_dir: Path) -> bool:
+    """`--resume auto` means: continue when `run_dir` holds a checkpoint, start afresh when it does not,
+    so one command serves a job's first start and every requeue (tools/slurm/). Every process decides
+    before the run starts, i.e. before any of them can write this run's first checkpoint."""
+    if resume == "auto":
+        return (Path(run_dir) / CHECKPOINT_NAME).is_file()
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume must be True, False or 'auto', not {resume!r}")
+    return resume
 
 
 def saved_config(run_dir: Path) -> dict | None:

@@ -1,4 +1,4 @@
-"""Command-line entry shared by all recipes: `python recipes/X.py [--resume] [--section.field VALUE ...]`."""
+"""Command-line entry shared by all recipes: `python recipes/X.py [--resume [auto]] [--section.field VALUE ...]`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from fastssl.config import Config, ConfigError, apply_overrides, field_help, val
 from pipelines.beton import BetonError
 from pipelines.folder import DataLayoutError
 
-USAGE = """usage: {prog} [--resume] [--print-config] [--section.field VALUE ...]
+USAGE = """usage: {prog} [--resume [auto]] [--print-config] [--section.field VALUE ...]
 
   --resume          continue the run in --train.run_dir from its last checkpoint
+  --resume auto     continue it when --train.run_dir holds a checkpoint, start it afresh when it
+                    does not: one command for the first start and every restart (SLURM requeue)
   --print-config    print the resolved configuration and exit
   --section.field   override any field of the recipe, e.g. --data.train /imagenet/train
 
@@ -33,13 +35,22 @@ def usage(cfg: Config, prog: str) -> str:
 
 def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
     """Split the flags from the field overrides and apply the overrides to `cfg`."""
-    flags = {"resume": False, "print_config": False, "help": False}
-    rest = []
-    for arg in argv:
-        if arg in ("--resume", "--print-config", "--help", "-h"):
+    flags: dict = {"resume": False, "print_config": False, "help": False}
+    rest, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--resume" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            if argv[i + 1] != "auto":
+                raise ConfigError(f"--resume {argv[i + 1]}: --resume takes no value or 'auto'; use --resume to "
+                                  f"continue a run, --resume auto to continue it or start it when there is none")
+            flags["resume"], i = "auto", i + 1
+        elif arg == "--resume=auto":
+            flags["resume"] = "auto"
+        elif arg in ("--resume", "--print-config", "--help", "-h"):
             flags[{"--resume": "resume", "--print-config": "print_config"}.get(arg, "help")] = True
         else:
             rest.append(arg)
+        i += 1
     return apply_overrides(cfg, rest), flags
 
 
@@ -65,6 +76,8 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
     except (ConfigError, DataLayoutError, FileNotFoundError, BetonError, CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    if "interrupted" in results:
-        sys.exit(143 if results["interrupted"] == "SIGTERM" else 130)
+    if "interrupted" in results:  # checkpointed: 128 + the signal's number (SIGTERM 143, SIGUSR1 138)
+        from fastssl.runtime import stop_exit_code
+
+        sys.exit(stop_exit_code(results["interrupted"]))
     return results

@@ -46,12 +46,14 @@ RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -> dict:
+def train(cfg: Config, resume: bool | str = False, command: list[str] | None = None) -> dict:
     """Run (or continue) one training run; returns the run's results (also in results.json).
 
-    `command` (the user's command line, from `fastssl.cli`) lets messages print the exact
-    command that continues the run.
+    `resume="auto"` continues when the run directory holds a checkpoint and starts afresh when
+    it does not (SLURM requeues). `command` (the user's command line, from `fastssl.cli`) lets
+    messages print the exact command that continues the run.
     """
+    auto, resume = resume == "auto", ckpt.resolve_resume(resume, Path(cfg.train.run_dir))  # before any rank saves
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
     validate(cfg, accelerator.num_processes)
@@ -78,9 +80,12 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
     if resume:
         state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
                                      scaler=accelerator.scaler, rank=accelerator.process_index,
-                                     critic=objective.state)
+                                     critic=objective.state, loader=loader)
         results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
         results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
+    if auto:
+        accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
+                          f" the run in {run_dir}")
     # A fresh start keeps no log rows: a run directory without a checkpoint may hold the logs of an
     # attempt killed before its first checkpoint, whose steps are about to be run again.
     log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else 0)
@@ -93,7 +98,7 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, parts, loader, state, log, stop, guard)
             if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
-                save(cfg, run_dir, parts, state, guard)
+                save(cfg, run_dir, parts, state, guard, loader)
                 saved_step = state.step
                 results["interrupted"] = stop.signal_name or "signal"
                 finish(run_dir, accelerator, results)
@@ -108,7 +113,7 @@ def train(cfg: Config, resume: bool = False, command: list[str] | None = None) -
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             log.epoch(epoch_row)
             if last or state.epoch % cfg.train.checkpoint_every == 0:
-                save(cfg, run_dir, parts, state, guard)
+                save(cfg, run_dir, parts, state, guard, loader)
                 saved_step = state.step
             finish(run_dir, accelerator, results)
     except TrainingDiverged as err:
@@ -297,8 +302,10 @@ def config_changes(old: dict, new: dict) -> set[str]:
 
 
 def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
-         guard: DivergenceGuard | None = None) -> None:
-    """Checkpoint and backbone, only of finite weights; a failure on any process fails all of them."""
+         guard: DivergenceGuard | None = None, loader=None) -> None:
+    """Checkpoint and backbone, only of finite weights; a failure on any process fails all of them.
+
+    A loader with `state_dict` (DALI) adds its mid-epoch state, so a resume draws the same augmentations."""
     accelerator, teacher = parts.accelerator, parts.teacher
     if guard is not None:  # the weights are the same on every process: all decide alike
         guard.check_weights(state.step)
@@ -311,7 +318,8 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
                              critic=parts.objective.state,
                              scaler=accelerator.scaler, state=state, config=to_dict(cfg),
                              rank=accelerator.process_index, is_main=accelerator.is_main_process,
-                             extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0)
+                             extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0,
+                             loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
         if backbone is not None:
             ckpt.atomic_save(backbone, backbone_path)
     except ckpt.CheckpointError as err:

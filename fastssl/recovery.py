@@ -97,7 +97,9 @@ def rerun_command(command: list[str] | None, run_dir: Path, resume: bool = True,
     while i < len(args):
         arg = args[i]
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if arg == "--resume":
+        if arg == "--resume":  # and its value, `--resume auto`
+            i += 2 if i + 1 < len(args) and args[i + 1] == "auto" else 1
+        elif arg == "--resume=auto":
             i += 1
         elif key in fields:
             i += 1 if "=" in arg else 2

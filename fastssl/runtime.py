@@ -54,17 +54,24 @@ def default_num_workers(requested: int, num_processes: int) -> int:
 
 
 class GracefulStop:
-    """Turns the first SIGTERM/SIGINT into a flag the loop checks between steps.
+    """Turns a stop signal into a flag the loop checks between steps.
 
-    The loop then writes a checkpoint and exits cleanly; a second signal falls back to
-    the default behaviour (immediate exit) for users who really mean it.
+    SIGTERM/SIGINT: the loop writes a checkpoint and exits cleanly; a second one falls back
+    to the default behaviour (immediate exit) for users who really mean it.
+
+    SIGUSR1 is SLURM's warning before the time limit (`#SBATCH --signal=B:USR1@<s>`,
+    tools/slurm/): the loop checkpoints and exits so the job can be requeued and resumed
+    with `--resume auto`. A repeated SIGUSR1 is ignored rather than fatal, because under
+    SLURM a worker may get it twice (from the job step and forwarded by the launcher).
     """
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (getattr(signal, name) for name in self.SIGNALS if hasattr(signal, name)):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside some test runners)
@@ -72,8 +79,9 @@ class GracefulStop:
 
     def _handle(self, signum, _frame) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        if signum != getattr(signal, "SIGUSR1", None):
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
@@ -85,3 +93,14 @@ class GracefulStop:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def stop_exit_code(signal_name: str) -> int:
+    """The exit status of a run stopped by a signal after its checkpoint: 128 + the signal's number,
+    as a shell reports a process that signal ended (SIGTERM 143, SIGINT 130, SIGUSR1 138).
+
+    A process that stopped because another rank was signalled (it received none) exits 130."""
+    try:
+        return 128 + signal.Signals[signal_name].value
+    except KeyError:
+        return 128 + signal.SIGINT.value

@@ -24,8 +24,10 @@ random-resized crops, and each view gets its augmentations per sample.
   `dali_cpu_fast` off, the CPU runs the GPU's graph: bicubic crops (as torchvision's
   RandomResizedCrop), the accurate IDCT, DALI operators under conditionals.
 * Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
-  epoch, rank, first batch): runs are repeatable, but unlike the torchvision reference
-  a resumed epoch draws other augmentations than the interrupted one would have.
+  epoch, rank, first batch): runs are repeatable. A resumed epoch draws the augmentations
+  the interrupted one would have drawn: the pipelines run with DALI's checkpointing, the
+  training checkpoint keeps each rank's DALI state at the batch it stopped after
+  (`state_dict`), and the resumed epoch's pipeline is rebuilt from it (`load_state_dict`).
 """
 
 from __future__ import annotations
@@ -274,6 +276,8 @@ class DaliLoader:
         self.decoder_device, self.device_id, self.num_threads = placement(spec.device, spec.num_workers)
         self.bad: dict[int, str] = {}  # dataset index -> why it is skipped (kept across epochs)
         self.epoch, self.start_batch = 0, 0
+        self._live: tuple[DALIGenericIterator, int] | None = None  # the iterator and the batch it is at
+        self._restore: dict | None = None  # a saved state for the epoch a resume starts with
 
     def __len__(self) -> int:
         return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
@@ -290,15 +294,34 @@ class DaliLoader:
     def _out_dtype(self):
         return types.FLOAT16 if self.spec.dtype == torch.float16 else types.FLOAT
 
+    def state_dict(self) -> dict | None:
+        """Where this rank's augmentations stand: DALI's checkpoint of the pipeline after the last
+        batch handed out (random generators included), or None between epochs (a new epoch's
+        pipeline starts from its seed)."""
+        if self._live is None:
+            return None
+        iterator, batch = self._live
+        return {"epoch": self.epoch, "batch": batch, "dali": iterator.checkpoints()[0]}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue the saved epoch's augmentations where they stopped (used by the first matching epoch)."""
+        self._restore = state
+
     def _iterator(self, source: _ShardSource, first_batch: int) -> DALIGenericIterator:
         """A fresh pipeline over `source` (built per epoch: cheap, and no reset-mid-epoch state)."""
-        pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, self.spec.dali_hw_decoder_load,
-                                  self._out_dtype, self.spec.dali_cpu_fast, self._numba_steps,
-                                  batch_size=self.spec.batch_size, num_threads=self.num_threads,
-                                  device_id=self.device_id, prefetch_queue_depth=2,
-                                  seed=batch_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch))
-        names = [f"view{v}" for v in range(self.spec.recipe.num_views)] + list(OUTPUT_NAMES_EXTRA)
-        return DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)
+        state, self._restore = self._restore, None
+        restore = (state["dali"] if state and (state["epoch"], state["batch"]) == (self.epoch, first_batch)
+                   else None)
+        with warnings.catch_warnings():  # the source is ours to position: it starts at `first_batch`
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+            pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, self.spec.dali_hw_decoder_load,
+                                      self._out_dtype, self.spec.dali_cpu_fast, self._numba_steps,
+                                      batch_size=self.spec.batch_size, num_threads=self.num_threads,
+                                      device_id=self.device_id, prefetch_queue_depth=2,
+                                      seed=batch_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch),
+                                      enable_checkpointing=True, checkpoint=restore)
+            names = [f"view{v}" for v in range(self.spec.recipe.num_views)] + list(OUTPUT_NAMES_EXTRA)
+            return DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
         s = self.spec
@@ -311,18 +334,22 @@ class DaliLoader:
             source = _ShardSource(self.samples, remaining, self.bad)
             yielded = 0
             try:
-                for out in self._iterator(source, self.start_batch + done):
+                iterator = self._iterator(source, self.start_batch + done)
+                for out in iterator:
                     # DALI returns batches in the order the source sent them: this is batch `yielded`.
                     passed_over = source.passed_over[yielded]
+                    done, yielded = done + 1, yielded + 1
+                    self._live = (iterator, self.start_batch + done)
                     yield self._to_batch(out[0], len(passed_over - met))
                     met |= passed_over
-                    done, yielded = done + 1, yielded + 1
             except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
+                self._live = None
                 errors += 1
                 in_flight = {i for b in source.sent[yielded:] for i in b}
                 if not retire_bad_files(self.samples, in_flight, self.bad, errors):
                     raise
                 # the next attempt replaces them and restarts at the failed batch
+        self._live = None
 
     def _to_batch(self, out: dict[str, torch.Tensor], num_skipped: int) -> MultiCropBatch:
         s = self.spec

@@ -1,0 +1,130 @@
+"""Two "nodes" on localhost: README's multi-node command, run for real, logs what one node logs.
+
+Each node is its own `accelerate launch --num_machines 2 --machine_rank R --main_process_ip
+127.0.0.1 --main_process_port P` (the command README.md gives for several nodes), with one
+CPU process over gloo; together they must train exactly as one node with two processes does
+(same seed, same data order, same global batch), so every logged loss is equal.
+
+The launchers run concurrently with a hard deadline, each in its own session, so a rank that
+waits forever for its peer (a rendezvous or a collective nobody joins) is killed with its
+whole process group instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 240  # a run takes ~25 s on 2 loaded cores
+
+# README.md's multi-node command, as the test runs it (N = 2 machines, 1 process each, on CPU).
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import torch.distributed as dist
+    from fastssl.cli import run
+    from fastssl.config import Config
+    cfg = Config()
+    cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
+    cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
+    cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
+    cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress, cfg.train.log_every = 1, 8, False, 1
+    cfg.optim.warmup_epochs = 0
+    run(cfg, sys.argv[1:])
+    where = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK")}
+    Path(f"rank{dist.get_rank()}.json").write_text(json.dumps({"world": dist.get_world_size(), **where}))
+""")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """One launcher in its own session (so its workers can be killed with it)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([*LAUNCH, *args], cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:
+    """Every launcher exits 0 before the deadline; otherwise all are killed and the logs shown."""
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        pending = [n for n, p in procs.items() if p.poll() is None]
+        for p in procs.values():
+            if p.poll() is None:
+                kill_group(p)
+    bad = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
+    if bad:
+        shown = "\n".join(f"--- {n} ---\n{logs[n].read_text()[-3000:]}" for n in procs)
+        pytest.fail(f"launchers failed or hung ({bad}; still running at the deadline: {pending}):\n{shown}")
+
+
+@pytest.mark.slow
+def test_two_nodes_log_the_losses_of_one_node_with_two_processes(tmp_path):
+    script = tmp_path / "train_tiny.py"
+    script.write_text(SCRIPT)
+    two, one = tmp_path / "two_nodes", tmp_path / "one_node"
+    two.mkdir(), one.mkdir()
+    port = free_port()
+    procs, logs = {}, {}
+    for rank in (0, 1):  # README: the same command on each node, only --machine_rank differs
+        logs[f"node{rank}"] = tmp_path / f"node{rank}.log"
+        procs[f"node{rank}"] = start(["--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+                                      "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                                      str(script), "--train.run_dir", str(two / "run")],
+                                     two, logs[f"node{rank}"])
+    logs["one"] = tmp_path / "one.log"
+    procs["one"] = start(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+                          str(script), "--train.run_dir", str(one / "run")], one, logs["one"])
+    wait_all(procs, logs)
+
+    # two nodes really: global ranks 0 and 1, each the only process (local rank 0) of its node
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["world"], r["RANK"], r["LOCAL_RANK"], r["GROUP_RANK"]) for r in ranks] == [
+        (2, "0", "0", "0"), (2, "1", "0", "1")]
+    assert [json.loads((one / f"rank{r}.json").read_text())["GROUP_RANK"] for r in (0, 1)] == ["0", "0"]
+
+    # 32 images, global batch 8: 4 steps, each logged
+    got, ref = read_csv(two / "run" / "train_log.csv"), read_csv(one / "run" / "train_log.csv")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == ["1", "2", "3", "4"]
+    assert [float(r["loss"]) for r in got] == pytest.approx([float(r["loss"]) for r in ref], rel=1e-6)
+    assert len({r["loss"] for r in got}) > 1  # a real run, not a constant
+    got_epoch, ref_epoch = read_csv(two / "run" / "epochs.csv"), read_csv(one / "run" / "epochs.csv")
+    assert float(got_epoch[0]["loss"]) == pytest.approx(float(ref_epoch[0]["loss"]), rel=1e-6)
+    assert (two / "run" / "rng" / "rank1.pt").is_file()  # the second node's rank wrote its RNG state

@@ -1,0 +1,275 @@
+"""SLURM: the stop before the time limit (SIGUSR1), the requeue, and `--resume auto`, on CPU.
+
+A SLURM job is here: tools/slurm/requeue.sh's `run_requeueable` around tools/slurm/node_launch.sh
+(the job step `srun` would start on each node) with a stub `scontrol` that records the requeue;
+the test sends SIGUSR1 to the batch shell as `#SBATCH --signal=B:USR1@<s>` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastssl.cli import parse
+from fastssl.config import Config, ConfigError
+from fastssl.recovery import rerun_command
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "tools" / "slurm"
+BATCH_SCRIPTS = sorted(SLURM.glob("*.sbatch"))
+TIMEOUT_S = 240  # per training subprocess; each takes 10-30 s on 2 loaded cores
+
+TINY = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from test_engine import tiny_config
+    from fastssl.cli import run
+    cfg = tiny_config(Path({tmp!r}), epochs=3)
+    cfg.eval.knn_every, cfg.eval.knn_at_start = -1, False
+    run(cfg, sys.argv[1:])
+""")
+
+SYNTHETIC = textwrap.dedent("""
+    import sys
+    from fastssl.cli import run
+    from fastssl.config import Config
+    cfg = Config()
+    cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
+    cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
+    cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
+    cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress, cfg.train.log_every = 3, 8, False, 1
+    cfg.optim.warmup_epochs = 0
+    run(cfg, sys.argv[1:])
+""")
+
+
+def read_steps(run: Path) -> list[int]:
+    lines = (run / "train_log.csv").read_text().splitlines()[1:]
+    return [int(line.split(",")[1]) for line in lines]
+
+
+def wait_for_rows(proc: subprocess.Popen, run: Path, rows: int) -> None:
+    """Until the run has logged `rows` steps (its training loop is running)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(read_steps(run)) >= rows:
+                return
+        except (FileNotFoundError, IndexError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the run logged no {rows} steps (exit {proc.poll()}): {proc.communicate()[0][-3000:]}")
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Its output, after it ended; killed with its whole session past the timeout."""
+    try:
+        return proc.communicate(timeout=TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        pytest.fail(f"still running after {TIMEOUT_S} s:\n{out[-3000:]}")
+
+
+def popen(cmd: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+def test_resume_flag_parses_auto_and_refuses_other_values():
+    assert parse(Config(), ["--resume", "auto", "--train.seed", "3"])[1]["resume"] == "auto"
+    assert parse(Config(), ["--resume=auto"])[1]["resume"] == "auto"
+    cfg, flags = parse(Config(), ["--resume", "--train.seed", "3"])
+    assert flags["resume"] is True and cfg.train.seed == 3
+    assert parse(Config(), [])[1]["resume"] is False
+    with pytest.raises(ConfigError, match="--resume takes no value or 'auto'"):
+        parse(Config(), ["--resume", "yes"])
+    # the printed continue-command replaces `--resume auto` by --resume, not "auto --resume"
+    cmd = rerun_command(["python", "r.py", "--resume", "auto", "--train.seed", "3"], Path("/runs/x"))
+    assert cmd == "python r.py --train.seed 3 --resume --train.run_dir /runs/x"
+
+
+def test_resume_auto_starts_an_empty_run_dir_afresh_then_continues_it(tmp_path, capsys):
+    from fastssl.cli import run
+    from test_engine import read_csv, tiny_config
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.eval.knn_every, cfg.eval.knn_at_start = -1, False
+    run_dir = tmp_path / "run"
+    run(cfg, ["--resume", "auto", "--train.run_dir", str(run_dir)])  # nothing there: a fresh start
+    assert "--resume auto: no checkpoint, starting the run" in capsys.readouterr().out
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["step"] == 3
+    # the same command again (a requeue after the end): continues, refuses nothing, logs nothing twice
+    before = (run_dir / "checkpoint.pt").stat().st_mtime_ns
+    run(cfg, ["--resume", "auto", "--train.run_dir", str(run_dir)])
+    assert "--resume auto: continuing from step 3" in capsys.readouterr().out
+    assert [int(r["step"]) for r in read_csv(run_dir / "train_log.csv")] == [1, 2, 3]
+    assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before  # nothing left to train, nothing rewritten
+
+
+# --- the signal on a training process ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_138_and_resume_auto_finishes(tmp_path):
+    script, run = tmp_path / "tiny.py", tmp_path / "run"
+    script.write_text(TINY.format(tests=str(REPO / "tests"), tmp=str(tmp_path)))
+    cmd = [sys.executable, str(script), "--resume", "auto", "--train.run_dir", str(run)]
+    proc = popen(cmd, tmp_path)
+    wait_for_rows(proc, run, 2)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc)
+    assert proc.returncode == 138, out  # 128 + SIGUSR1, after the checkpoint
+    assert "--resume auto: no checkpoint, starting the run" in out
+    assert f"stopped by SIGUSR1 at epoch" in out and f"--resume --train.run_dir {run}" in out
+    stopped = torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"]
+    assert 2 <= stopped < 9
+    assert json.loads((run / "results.json").read_text())["interrupted"] == "SIGUSR1"
+    assert read_steps(run) == list(range(1, stopped + 1))
+
+    again = popen(cmd, tmp_path)  # the very same command continues
+    out = finish(again)
+    assert again.returncode == 0, out
+    assert f"--resume auto: continuing from step {stopped}" in out
+    assert read_steps(run) == list(range(1, 10))  # 24 images / 8 = 3 steps x 3 epochs, each logged once
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"] == 9
+    assert "interrupted" not in json.loads((run / "results.json").read_text())
+
+
+# --- the batch scripts ------------------------------------------------------------------------------------------
+
+def test_batch_scripts_parse_and_ask_for_the_signal_and_the_requeue():
+    assert {p.name for p in BATCH_SCRIPTS} == {"mira_bs512_1node.sbatch", "mira_multinode.sbatch"}
+    for path in [*BATCH_SCRIPTS, SLURM / "node_launch.sh", SLURM / "requeue.sh"]:
+        check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, f"{path.name}: {check.stderr}"
+    for path in BATCH_SCRIPTS:
+        text = path.read_text()
+        lead = int(re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M).group(1))
+        grace = int(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text).group(1))
+        assert grace + 60 <= lead, path.name  # the launcher gives up before SLURM's limit (signal +-60 s)
+        assert re.search(r"^#SBATCH --requeue$", text, re.M) and "--open-mode=append" in text
+        assert "srun --ntasks-per-node=1" in text and "tools/slurm/node_launch.sh" in text
+        assert '--train.run_dir "$RUN_DIR" --resume auto' in text
+    assert "recipes/mira_bs512.py" in (SLURM / "mira_bs512_1node.sbatch").read_text()
+    assert "#SBATCH --gpus-per-node=8" in (SLURM / "mira_bs512_1node.sbatch").read_text()
+
+
+def readme_multinode_command() -> str:
+    block = re.search(r"```bash\n(accelerate launch [^`]*--num_machines[^`]*)```", (REPO / "README.md").read_text())
+    return " ".join(block.group(1).replace("\\\n", " ").split())
+
+
+def dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SLURM / "node_launch.sh"), *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "FASTSSL_SLURM_DRY_RUN": "1", **env})
+
+
+def test_node_launcher_runs_readmes_multinode_command():
+    recipe_args = ["recipes/mira_bs512.py", "--data.train", "/data/imagenet/train", "--data.val",
+                   "/data/imagenet/val", "--train.run_dir", "/shared/runs/mira_bs512"]
+    out = dry_run(*recipe_args, SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1", MASTER_ADDR="node0",
+                  MASTER_PORT="23456", GPUS_PER_NODE="8")
+    assert out.returncode == 0, out.stderr
+    readme = readme_multinode_command().replace("--machine_rank R", "--machine_rank 1")
+    assert out.stdout.strip() == readme.replace("HOST", "node0").replace("PORT", "23456")
+    one = dry_run("recipes/mira_bs512.py", SLURM_JOB_NUM_NODES="1", MASTER_PORT="23456")
+    assert one.stdout.split() == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8",
+                                  "--main_process_port", "23456", "recipes/mira_bs512.py"]
+    none = dry_run()
+    assert none.returncode == 2 and none.stderr.startswith("error: no recipe given")
+
+
+def shell(tmp_path: Path, step: str, run_dir: Path) -> list[str]:
+    """A batch shell as the sbatch scripts run it: requeue.sh around `step`, with a stub scontrol."""
+    stub = tmp_path / "scontrol"
+    stub.write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
+    stub.chmod(0o755)
+    body = f"set -euo pipefail\nsource {SLURM / 'requeue.sh'}\nrun_requeueable {run_dir} {step}\n"
+    return ["bash", "-c", body]
+
+
+def signalled_job(tmp_path: Path, step: str, run_dir: Path, env: dict) -> tuple[int, str]:
+    """Run the batch shell around `step`, send it SIGUSR1 once the step runs; its status and output."""
+    ready = tmp_path / "ready"
+    ready.unlink(missing_ok=True)
+    proc = popen(shell(tmp_path, step, run_dir), tmp_path, **env)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc)
+    return proc.returncode, out
+
+
+def test_requeue_only_after_the_signal_and_a_checkpoint_of_this_job(tmp_path):
+    """Steps that end on their own keep their status; a signalled step is requeued only when it saved."""
+    env = {"SCONTROL": str(tmp_path / "scontrol"), "SLURM_JOB_ID": "42"}
+    calls, run_dir = tmp_path / "scontrol.calls", tmp_path / "run"
+    run_dir.mkdir()
+    for status in (0, 3):
+        done = subprocess.run(shell(tmp_path, f"bash -c 'exit {status}'", run_dir), capture_output=True, text=True,
+                              timeout=30, env={**os.environ, **env})
+        assert done.returncode == status and f"job step exited with status {status}" in done.stdout
+    # signalled; the checkpoint there is an earlier job's: not requeued (it would repeat forever)
+    (run_dir / "checkpoint.pt").write_bytes(b"old")
+    os.utime(run_dir / "checkpoint.pt", (time.time() - 3600,) * 2)
+    code, out = signalled_job(tmp_path, f"bash -c 'touch {tmp_path}/ready; exec sleep 30'", run_dir, env)
+    assert code == 128 + signal.SIGUSR1 and "SIGUSR1 (time limit near)" in out, out
+    assert "not requeued: the run wrote no checkpoint" in out and not calls.exists()
+    # signalled; the step saves and stops (as the loop does): requeued, the job itself ends well
+    step = tmp_path / "step.sh"
+    step.write_text(f"sleep 30 & trap 'echo new > {run_dir}/checkpoint.pt; kill $!; exit 138' USR1\n"
+                    f"touch {tmp_path}/ready\nwait\n")
+    code, out = signalled_job(tmp_path, f"bash {step}", run_dir, env)
+    assert code == 0 and "job step exited with status 138" in out, out
+    assert calls.read_text() == "requeue 42\n"
+
+
+@pytest.mark.slow
+def test_batch_shell_signal_checkpoints_through_the_launcher_and_requeues(tmp_path):
+    """The SLURM path on CPU: SIGUSR1 to the batch shell -> launcher (two processes) -> checkpoint ->
+    `scontrol requeue`; the requeued job's same command continues with --resume auto and finishes."""
+    script, run = tmp_path / "synthetic.py", tmp_path / "run"
+    script.write_text(SYNTHETIC)
+    step = (f"{SLURM / 'node_launch.sh'} {script} --train.run_dir {run} --resume auto")
+    env = {"SCONTROL": str(tmp_path / "scontrol"), "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "1",
+           "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "ACCELERATE_USE_CPU": "true",
+           "LAUNCH": f"{sys.executable} -m accelerate.commands.launch", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+    job = popen(shell(tmp_path, step, run), tmp_path, **env)
+    wait_for_rows(job, run, 2)
+    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@<s>` does
+    out = finish(job)
+    assert job.returncode == 0, out
+    assert "stopped by SIGUSR1" in out  # the training processes got it from the launcher
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 42\n"
+    stopped = torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"]
+    assert 2 <= stopped < 12 and (run / "rng" / "rank1.pt").is_file()
+
+    requeued = popen(shell(tmp_path, step, run), tmp_path, **{**env, "MASTER_PORT": str(free_port())})
+    out = finish(requeued)
+    assert requeued.returncode == 0 and "job step exited with status 0" in out, out
+    assert f"--resume auto: continuing from step {stopped}" in out
+    assert read_steps(run) == list(range(1, 13))  # 32 images / 8 = 4 steps x 3 epochs, each logged once
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 42\n"  # finished: not requeued again
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
