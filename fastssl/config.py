@@ -126,8 +126,8 @@ class TrainConfig:
     run_dir: str = "runs/mira"  # where logs, checkpoints and the exported backbone go (one run per directory)
     epochs: int = 100  # training epochs
     global_batch_size: int = 512  # images per step over all processes (divisible by the process count)
-    # per-process chunk for gradient accumulation; 0 = no split. BatchNorm statistics and
-    # ML-CPC's one denominator then cover one chunk, so only MIRA's targets see the whole batch
+    # per-process chunk for gradient accumulation; 0 = no split. BatchNorm statistics then cover
+    # one chunk (MIRA's targets still see the whole batch); refused with ML-CPC (one denominator)
     micro_batch_size: int = 0
     seed: int = 0  # random seed (data order, augmentations, initialisation)
     precision: str = "auto"  # auto | bf16 | fp16 | no  (auto: bf16 on GPUs that have it, else no)
@@ -359,6 +359,10 @@ def config_errors(cfg: Config) -> list[str]:
 
     if mt.objective not in OBJECTIVES:
         e.append(f"method.objective: unknown {mt.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    elif cfg.train.micro_batch_size and OBJECTIVES[mt.objective].couples_rows:
+        e.append(f"train.micro_batch_size: method.objective {mt.objective} scores every row against the whole "
+                 f"batch (ML-CPC's one denominator), which gradient accumulation over chunks would change; "
+                 f"set --train.micro_batch_size 0 (or lower --train.global_batch_size to fit memory)")
     if mt.mlcpc_weight <= 0:
         e.append(f"method.mlcpc_weight: must be positive, got {mt.mlcpc_weight}")
     cr = cfg.critic

@@ -49,6 +49,9 @@ class Objective:
     uses_prototypes: bool = True  # False: the prototypes get no gradient (frozen, so DDP does not wait for them)
     assignment: str | None = None  # the pseudo-label assignment the step runs (mira | sinkhorn), None: none
     state: nn.Module | None = None  # what the checkpoint keeps (under "critic"), None: nothing
+    # True: every row's loss depends on the whole batch (ML-CPC's one denominator), so gradient
+    # accumulation over chunks would optimise another bound; the config then refuses micro-batches.
+    couples_rows: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, dataset_size: int | None = None) -> Objective:
@@ -120,6 +123,7 @@ class MlCpc(Objective):
     """
 
     uses_prototypes = False
+    couples_rows = True
 
     def __init__(self, critic: MlCpcCritic, shuffle_bn_splits: int | None = None):
         self.critic = self.state = critic
@@ -192,6 +196,8 @@ class WeightedSum(Objective):
 
 class MiraPlusMlCpc(WeightedSum):
     """MIRA's loss plus `method.mlcpc_weight` x ML-CPC (the critic on the projector embeddings)."""
+
+    couples_rows = True
 
     @classmethod
     def from_config(cls, cfg: Config, dataset_size: int | None = None) -> MiraPlusMlCpc:

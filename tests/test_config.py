@@ -1,5 +1,7 @@
 """Config overrides and up-front validation: every bad value named with its fix."""
 
+import re
+
 import pytest
 
 from fastssl.config import Config, ConfigError, apply_overrides, batch_errors, from_dict, to_dict, validate
@@ -173,4 +175,17 @@ def test_lars_needs_a_positive_trust_coefficient():
     with pytest.raises(ConfigError, match="optim.lars_eta: LARS needs a trust coefficient > 0"):
         validate(cfg)
     cfg.optim.name = "sgd"  # unused by SGD
+    validate(cfg)
+
+
+@pytest.mark.parametrize("objective", ["mlcpc", "mira+mlcpc"])
+def test_micro_batches_are_refused_where_the_loss_couples_every_row(objective):
+    """ML-CPC scores each row against the whole batch: per-chunk denominators optimise another bound."""
+    cfg = valid()
+    cfg.method.objective, cfg.train.micro_batch_size = objective, 8
+    with pytest.raises(ConfigError, match=re.escape(f"train.micro_batch_size: method.objective {objective} scores")):
+        validate(cfg)
+    cfg.train.micro_batch_size = 0
+    validate(cfg)
+    cfg.method.objective, cfg.train.micro_batch_size = "mira", 8  # MIRA's targets stay whole-batch
     validate(cfg)
