@@ -1,0 +1,120 @@
+"""tools/export_backbone.py: torchvision's detection model loads the export strictly and computes
+with it; the detectron2 file has detectron2's layout, names and shapes, every tensor mapped once."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from conftest import load_tool
+from fastssl.models.backbone import build_backbone
+
+RESNET50_BLOCKS = {2: 3, 3: 4, 4: 6, 5: 3}
+BOTTLENECK_WIDTH = {2: 64, 3: 128, 4: 256, 5: 512}
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("export_backbone")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run directory as the loop leaves it: config.json + backbone_resnet50.pth (random weights,
+    BatchNorm statistics made non-trivial so that a dropped buffer would show)."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    net = build_backbone("resnet50")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    torch.save(net.state_dict(), run / "backbone_resnet50.pth")
+    (run / "config.json").write_text(json.dumps({"model": {"arch": "resnet50"}, "data": {"train": "", "val": ""},
+                                                 "eval": {}, "aug": {"global_size": 224}}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def written(tool, run) -> dict[str, Path]:
+    return tool.main([str(run)])
+
+
+def test_torchvision_detection_model_loads_the_export_strictly_and_runs(written, run):
+    torch.set_num_threads(1)
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                 min_size=64, max_size=64).eval()
+    state = torch.load(written["torchvision"], map_location="cpu", weights_only=True)
+    assert not any(k.endswith("num_batches_tracked") or k.startswith("fc.") for k in state)
+    model.backbone.body.load_state_dict(state, strict=True)  # every key of the body matched, none extra
+    # The weights landed: the body's layer4 map is our backbone's on the same input.
+    ours = build_backbone("resnet50")
+    ours.load_state_dict(torch.load(run / "backbone_resnet50.pth", weights_only=True))
+    ours.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = ours.layer4(ours.layer3(ours.layer2(ours.layer1(ours.maxpool(ours.relu(ours.bn1(ours.conv1(x))))))))
+        got = model.backbone.body(x)["3"]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        out = model([torch.rand(3, 48, 64)])  # the whole detector, on CPU
+    assert set(out[0]) == {"boxes", "labels", "scores"}
+
+
+def expected_detectron2_shapes() -> dict[str, tuple[int, ...]]:
+    """detectron2's ResNet-50 (STRIDE_IN_1X1 False) names and shapes, written out from its layout."""
+    shapes: dict[str, tuple[int, ...]] = {"stem.conv1.weight": (64, 3, 7, 7)}
+    norm = ("weight", "bias", "running_mean", "running_var")
+    shapes.update({f"stem.conv1.norm.{n}": (64,) for n in norm})
+    in_ch = 64
+    for stage, blocks in RESNET50_BLOCKS.items():
+        width = BOTTLENECK_WIDTH[stage]
+        for b in range(blocks):
+            p = f"res{stage}.{b}"
+            convs = {"conv1": (width, in_ch, 1, 1), "conv2": (width, width, 3, 3), "conv3": (4 * width, width, 1, 1)}
+            if b == 0:
+                convs["shortcut"] = (4 * width, in_ch, 1, 1)
+            for name, shape in convs.items():
+                shapes[f"{p}.{name}.weight"] = shape
+                shapes.update({f"{p}.{name}.norm.{n}": (shape[0],) for n in norm})
+            in_ch = 4 * width
+    return shapes
+
+
+def test_detectron2_file_has_detectron2_keys_and_shapes(written, run):
+    with open(written["detectron2"], "rb") as f:
+        ckpt = pickle.load(f)
+    assert ckpt["matching_heuristics"] is True and isinstance(ckpt["__author__"], str)
+    model = ckpt["model"]
+    expected = expected_detectron2_shapes()
+    assert set(model) == set(expected)
+    assert {k: tuple(v.shape) for k, v in model.items()} == expected
+    source = torch.load(run / "backbone_resnet50.pth", weights_only=True)
+    tensors = [k for k in source if not k.endswith("num_batches_tracked")]
+    assert len(model) == len(tensors)  # every backbone tensor mapped, once
+    # The values are the backbone's: spot-check the stem, a shortcut and a deep BatchNorm.
+    torch.testing.assert_close(torch.from_numpy(model["stem.conv1.norm.running_var"]), source["bn1.running_var"])
+    torch.testing.assert_close(torch.from_numpy(model["res3.0.shortcut.weight"]), source["layer2.0.downsample.0.weight"])
+    torch.testing.assert_close(torch.from_numpy(model["res5.2.conv3.norm.bias"]), source["layer4.2.bn3.bias"])
+
+
+def test_bad_input_exits_2(tool, tmp_path, capsys):
+    net = build_backbone("resnet18", "cifar")
+    torch.save(net.state_dict(), tmp_path / "backbone_resnet18.pth")
+    for argv, says in (([str(tmp_path / "nothing.pth")], "does not exist"),
+                       ([str(tmp_path / "backbone_resnet18.pth")], "CIFAR stem"),
+                       ([str(tmp_path / "backbone_resnet18.pth"), "--format", "onnx"], "unknown --format")):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone_resnet18.pth"]  # nothing half-written

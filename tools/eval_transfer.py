@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Linear transfer (MIRA Table 5, Ericsson et al.'s protocol) of a run's EMA-teacher backbone.
+
+    python tools/eval_transfer.py runs/demo/<timestamp> --data-root /data/torchvision --datasets all
+    python tools/eval_transfer.py backbone_resnet50.pth --data-root /data --datasets cifar10,cifar100,pets
+    python tools/eval_transfer.py runs/demo/<timestamp> --folder pets=/data/pets_imagenet_layout
+
+Frozen backbone (eval mode), pooled features of 224-px centre crops, multinomial logistic
+regression with an L2 penalty searched over wd = logspace(-6, 5, 45) on a validation split,
+refit on train + val, scored on test, with each dataset's metric (fastssl/eval/transfer.py
+has the protocol and its differences from Ericsson's code). Datasets come from
+torchvision's classes (download=False) under --data-root, in their own layout and official
+splits, or from ImageNet-layout folders (--folder NAME=DIR with DIR/train, DIR/test and
+optionally DIR/val). Writes one JSON (default RUN_DIR/eval_transfer.json, or
+<stem>_eval_transfer.json beside a backbone file) and a Markdown table beside it (.md) in
+the paper's column order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fastssl.eval.checkpoint_io import EvalError, exit_with, load_backbone, pick_device, resolve_target, utc_now, \
+    write_report
+from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
+                                   markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
+                                   torchvision_splits, transfer_transform)
+from fastssl.models.backbone import FEATURE_DIMS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
+    ap.add_argument("--data-root", help="the root given to every torchvision dataset class (their own layouts)")
+    ap.add_argument("--datasets", default="",
+                    help=f"comma-separated subset of {','.join(DATASETS)}, or all (read under --data-root)")
+    ap.add_argument("--folder", action="append", default=[], metavar="NAME=DIR",
+                    help="read dataset NAME from ImageNet-layout DIR/train, DIR/test (and DIR/val if present)")
+    ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
+    ap.add_argument("--image-size", type=int, default=224, help="resize (bicubic) + centre crop size (paper: 224)")
+    ap.add_argument("--solver", choices=("auto", "sklearn", "lbfgs"), default="auto",
+                    help="scikit-learn (the reference) or the batched PyTorch L-BFGS; auto: lbfgs on CUDA, else sklearn")
+    ap.add_argument("--wd-values", type=int, default=DEFAULT_WD_VALUES,
+                    help="size of the penalty grid logspace(-6, 5, n) (paper: 45)")
+    ap.add_argument("--max-iter", type=int, default=1000, help="solver iterations per fit")
+    ap.add_argument("--tol", type=float, default=1e-4, help="solver tolerance (max |gradient|, scikit-learn's)")
+    ap.add_argument("--seed", type=int, default=0, help="held-out validation split (Ericsson: 0)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per backbone forward")
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--json", help="where to write the results (the Markdown table goes beside it, .md)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    for name in ("image_size", "wd_values", "max_iter", "batch_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def plan(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """{dataset: ("torchvision" | "folder", root)} in the paper's order; bad names fail here."""
+    folders = {}
+    for item in args.folder:
+        name, sep, root = item.partition("=")
+        if not sep or not root:
+            raise EvalError(f"--folder takes NAME=DIR, got {item!r}")
+        folders[parse_dataset_names(name)[0]] = root
+    names = parse_dataset_names(args.datasets) if args.datasets else []
+    if names and not args.data_root:
+        raise EvalError("--datasets reads torchvision's copies: pass --data-root (or --folder NAME=DIR instead)")
+    if not names and not folders:
+        raise EvalError("no dataset to evaluate: pass --data-root DIR --datasets all (or a subset), "
+                        "or --folder NAME=DIR")
+    return {n: (("folder", folders[n]) if n in folders else ("torchvision", args.data_root))
+            for n in DATASETS if n in folders or n in names}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    solver = args.solver if args.solver != "auto" else ("lbfgs" if device.type == "cuda" else "sklearn")
+    transform = transfer_transform(args.image_size)
+    try:
+        todo = plan(args)
+        # Not a linear probe on a training folder: the data come per dataset, so `val` is a placeholder.
+        found = resolve_target(args.target, tool="eval_transfer", val="-", arch=args.arch, json_path=args.json,
+                               need_train=False)
+        backbone, arch = load_backbone(found["checkpoint"], found["arch"])
+        if solver == "sklearn":
+            import sklearn  # noqa: F401  (missing: said now, before any feature extraction)
+        # Every dataset is opened (and its splits and targets read) before any work.
+        opened = {n: (folder_splits if kind == "folder" else torchvision_splits)(n, root, transform, args.seed)
+                  for n, (kind, root) in todo.items()}
+    except ImportError:
+        exit_with("scikit-learn is not installed; pip install scikit-learn (the [all] extra) or pass --solver lbfgs")
+    except EvalError as err:
+        exit_with(err)
+    backbone = backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
+    wds = penalty_grid(args.wd_values)
+    results = {}
+    for name, (splits, num_classes, val_from) in opened.items():
+        start = time.perf_counter()
+        feats, targets = {}, {}
+        for split, data in splits.items():
+            feats[split], targets[split] = extract_split(backbone, data, args.batch_size, args.num_workers, device,
+                                                         not args.no_progress, f"{name} {split}")
+        extract_s = time.perf_counter() - start
+        spec = DATASETS[name]
+        fit = search_and_test(feats, targets, spec.metric, num_classes, solver, wds, device=device,
+                              max_iter=args.max_iter, tol=args.tol)
+        fit["seconds"]["features"] = round(extract_s, 2)
+        results[name] = {"title": spec.title, "metric": spec.metric, "metric_name": METRICS[spec.metric],
+                         "source": todo[name][0], "root": todo[name][1], "val_split": val_from,
+                         "num_classes": num_classes, **{f"num_{s}": len(t) for s, t in targets.items()}, **fit}
+        print(f"{spec.title}: {METRICS[spec.metric]} {fit['score']:.2f} (wd {fit['best_wd']:.3g}, "
+              f"val {fit['val_score']:.2f})", flush=True)
+    model = str(found["checkpoint"])
+    table = markdown_table({model: {n: r["score"] for n, r in results.items()}})
+    report = {"checkpoint": model, "arch": arch, "feature_dim": FEATURE_DIMS[arch], "image_size": args.image_size,
+              "transform": f"resize {args.image_size} (bicubic) + centre crop {args.image_size}, ImageNet normalisation",
+              "solver": solver, "wd_grid": wds, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
+              "datasets": results, "table": table, "metrics": metric_note(), "device": str(device),
+              "date": utc_now()}
+    write_report(found["out"], report)
+    md_path = found["out"].with_suffix(".md")
+    tmp = md_path.with_name(md_path.name + ".tmp")
+    tmp.write_text(f"Linear transfer (MIRA Table 5 protocol) of `{model}`\n\n{table}\n{metric_note()}\n")
+    tmp.replace(md_path)
+    print(table, end="")
+    print(f"wrote {found['out']} and {md_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Detection-ready weights: the EMA teacher's backbone for torchvision and detectron2 detectors.
+
+    python tools/export_backbone.py runs/demo/<timestamp>                 # both formats, into the run
+    python tools/export_backbone.py backbone_resnet50.pth --format detectron2 --out-dir exports/
+
+Writes (beside the backbone by default):
+- <stem>_tv_detection.pth: the state dict of torchvision's detection `backbone.body`
+  (FrozenBatchNorm2d buffers, no fc); load it with
+  `fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone.body.load_state_dict(torch.load(p))`;
+- <stem>_detectron2.pkl: detectron2's checkpoint layout and key names (MODEL.WEIGHTS), with
+  the config changes that torchvision-trained weights need (printed, and in README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import torch
+
+from fastssl.eval.checkpoint_io import EvalError, exit_with, load_backbone, resolve_target
+from fastssl.models.backbone import FEATURE_DIMS
+from fastssl.models.detection_export import (D2_CONFIG_NOTE, ExportError, detectron2_checkpoint,
+                                             torchvision_detection_state)
+
+FORMATS = ("torchvision", "detectron2")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file: a failed export leaves no half file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
+    ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
+    ap.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated subset of {', '.join(FORMATS)}")
+    ap.add_argument("--out-dir", help="where to write (default: beside the backbone)")
+    args = ap.parse_args(argv)
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    try:
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown or not formats:
+            raise EvalError(f"unknown --format {','.join(unknown) or args.format!r}; choose from {', '.join(FORMATS)}")
+        found = resolve_target(args.target, tool="export", val="-", arch=args.arch, need_train=False)
+        path = Path(found["checkpoint"])
+        # The same checks as every tool (the right file, a known architecture); the loaded weights are the file's.
+        state = load_backbone(path, found["arch"])[0].state_dict()
+        out_dir = Path(args.out_dir) if args.out_dir else path.parent
+        if not out_dir.is_dir():
+            raise EvalError(f"--out-dir {str(out_dir)!r} is not a directory; create it first")
+        body = torchvision_detection_state(state)
+        d2 = detectron2_checkpoint(state) if "detectron2" in formats else None
+    except (EvalError, ExportError) as err:
+        exit_with(err)
+    written = {}
+    if "torchvision" in formats:
+        written["torchvision"] = out_dir / f"{path.stem}_tv_detection.pth"
+        atomic_write(written["torchvision"], lambda f: torch.save(body, f))
+    if d2 is not None:
+        written["detectron2"] = out_dir / f"{path.stem}_detectron2.pkl"
+        atomic_write(written["detectron2"], lambda f: pickle.dump(d2, f))
+    for fmt, p in written.items():
+        print(f"wrote {p} ({fmt})")
+    if d2 is not None:
+        print(f"detectron2 config: MODEL.WEIGHTS {written['detectron2']}, {D2_CONFIG_NOTE}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
