@@ -102,7 +102,8 @@ def test_detectron2_file_has_detectron2_keys_and_shapes(written, run):
     assert len(model) == len(tensors)  # every backbone tensor mapped, once
     # The values are the backbone's: spot-check the stem, a shortcut and a deep BatchNorm.
     torch.testing.assert_close(torch.from_numpy(model["stem.conv1.norm.running_var"]), source["bn1.running_var"])
-    torch.testing.assert_close(torch.from_numpy(model["res3.0.shortcut.weight"]), source["layer2.0.downsample.0.weight"])
+    torch.testing.assert_close(torch.from_numpy(model["res3.0.shortcut.weight"]),
+                               source["layer2.0.downsample.0.weight"])
     torch.testing.assert_close(torch.from_numpy(model["res5.2.conv3.norm.bias"]), source["layer4.2.bn3.bias"])
 
 

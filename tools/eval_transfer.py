@@ -19,6 +19,8 @@ the paper's column order.
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 import time
 
 import torch
@@ -27,7 +29,7 @@ from fastssl.eval.checkpoint_io import EvalError, exit_with, load_backbone, pick
     write_report
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
                                    markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
-                                   torchvision_splits, transfer_transform)
+                                   spec_of, torchvision_splits, transfer_transform)
 from fastssl.models.backbone import FEATURE_DIMS
 
 
@@ -38,11 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--datasets", default="",
                     help=f"comma-separated subset of {','.join(DATASETS)}, or all (read under --data-root)")
     ap.add_argument("--folder", action="append", default=[], metavar="NAME=DIR",
-                    help="read dataset NAME from ImageNet-layout DIR/train, DIR/test (and DIR/val if present)")
+                    help="read dataset NAME from ImageNet-layout DIR/train, DIR/test (and DIR/val if present); "
+                         "a NAME outside the 11 is your own dataset, scored by top-1 in a column after avg.")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
     ap.add_argument("--image-size", type=int, default=224, help="resize (bicubic) + centre crop size (paper: 224)")
     ap.add_argument("--solver", choices=("auto", "sklearn", "lbfgs"), default="auto",
-                    help="scikit-learn (the reference) or the batched PyTorch L-BFGS; auto: lbfgs on CUDA, else sklearn")
+                    help="scikit-learn (the reference) or the batched PyTorch L-BFGS; "
+                         "auto: lbfgs on CUDA, else sklearn")
     ap.add_argument("--wd-values", type=int, default=DEFAULT_WD_VALUES,
                     help="size of the penalty grid logspace(-6, 5, n) (paper: 45)")
     ap.add_argument("--max-iter", type=int, default=1000, help="solver iterations per fit")
@@ -67,15 +71,18 @@ def plan(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         name, sep, root = item.partition("=")
         if not sep or not root:
             raise EvalError(f"--folder takes NAME=DIR, got {item!r}")
-        folders[parse_dataset_names(name)[0]] = root
+        name = name.strip().lower()
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name == "all":
+            raise EvalError(f"--folder NAME must be a plain name (letters, digits, _ -), got {name!r}")
+        folders[name] = root  # one of the 11 takes its metric; another name is the user's own (top-1)
     names = parse_dataset_names(args.datasets) if args.datasets else []
     if names and not args.data_root:
         raise EvalError("--datasets reads torchvision's copies: pass --data-root (or --folder NAME=DIR instead)")
     if not names and not folders:
         raise EvalError("no dataset to evaluate: pass --data-root DIR --datasets all (or a subset), "
                         "or --folder NAME=DIR")
-    return {n: (("folder", folders[n]) if n in folders else ("torchvision", args.data_root))
-            for n in DATASETS if n in folders or n in names}
+    order = [n for n in DATASETS if n in folders or n in names] + sorted(set(folders) - set(DATASETS))
+    return {n: (("folder", folders[n]) if n in folders else ("torchvision", args.data_root)) for n in order}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         found = resolve_target(args.target, tool="eval_transfer", val="-", arch=args.arch, json_path=args.json,
                                need_train=False)
         backbone, arch = load_backbone(found["checkpoint"], found["arch"])
-        if solver == "sklearn":
-            import sklearn  # noqa: F401  (missing: said now, before any feature extraction)
+        if solver == "sklearn":  # a missing scikit-learn is said now, before any feature extraction
+            importlib.import_module("sklearn")
         # Every dataset is opened (and its splits and targets read) before any work.
         opened = {n: (folder_splits if kind == "folder" else torchvision_splits)(n, root, transform, args.seed)
                   for n, (kind, root) in todo.items()}
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             feats[split], targets[split] = extract_split(backbone, data, args.batch_size, args.num_workers, device,
                                                          not args.no_progress, f"{name} {split}")
         extract_s = time.perf_counter() - start
-        spec = DATASETS[name]
+        spec = spec_of(name)
         fit = search_and_test(feats, targets, spec.metric, num_classes, solver, wds, device=device,
                               max_iter=args.max_iter, tol=args.tol)
         fit["seconds"]["features"] = round(extract_s, 2)
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = str(found["checkpoint"])
     table = markdown_table({model: {n: r["score"] for n, r in results.items()}})
     report = {"checkpoint": model, "arch": arch, "feature_dim": FEATURE_DIMS[arch], "image_size": args.image_size,
-              "transform": f"resize {args.image_size} (bicubic) + centre crop {args.image_size}, ImageNet normalisation",
+              "transform": f"resize {args.image_size} (bicubic) + centre crop {args.image_size}, "
+                           "ImageNet normalisation",
               "solver": solver, "wd_grid": wds, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
               "datasets": results, "table": table, "metrics": metric_note(), "device": str(device),
               "date": utc_now()}

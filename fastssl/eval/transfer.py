@@ -92,6 +92,11 @@ DATASETS: dict[str, Spec] = {
 }
 
 
+def spec_of(name: str) -> Spec:
+    """The Table 5 dataset's spec, or that of a user's own ImageNet-layout dataset (top-1)."""
+    return DATASETS.get(name) or Spec(name, "top1", "", "", False)
+
+
 def parse_dataset_names(text: str) -> list[str]:
     """'all' or a comma-separated subset of DATASETS, returned in the paper's column order."""
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
@@ -453,7 +458,9 @@ def _open(name: str, root: str, **kwargs):
     try:
         return getattr(tvd, spec.torchvision_class)(root, download=False, **kwargs)
     except (RuntimeError, FileNotFoundError, OSError) as err:
-        raise EvalError(f"{name}: torchvision's {spec.torchvision_class} found no dataset under {root!r} ({err}); "
+        said = str(err).split(". You can use download")[0]  # download=True is not what this tool does
+        raise EvalError(f"{name}: torchvision's {spec.torchvision_class} found no usable dataset under {root!r} "
+                        f"({said}); "
                         f"put it there in torchvision's layout ({root}/{spec.layout}), or pass "
                         f"--folder {name}=DIR with DIR/train and DIR/test in ImageNet layout") from err
 
@@ -536,7 +543,7 @@ def torchvision_splits(name: str, root: str, transform, seed: int = 0) -> tuple[
 def folder_splits(name: str, root: str, transform, seed: int = 0) -> tuple[dict[str, Split], int, str]:
     """The same from ImageNet-layout folders ROOT/train, ROOT/test and, if present, ROOT/val
     (else 20 % of train held out). Single-label only (VOC2007's multi-label needs torchvision's VOC)."""
-    if DATASETS[name].metric == "map11":
+    if spec_of(name).metric == "map11":
         raise EvalError(f"{name} is multi-label: the folder layout cannot hold it; pass --data-root with "
                         f"torchvision's {DATASETS[name].layout}")
     base = Path(root)
@@ -576,12 +583,15 @@ def extract_split(backbone: torch.nn.Module, split: Split, batch_size: int, num_
     return feats[valid].numpy(), split.targets[positions[valid].numpy()]
 
 
-def markdown_table(rows: dict[str, dict[str, float]], names: Sequence[str] | None = None) -> str:
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     """Table 5's layout: one row per model, the 11 columns in the paper's order and avg.;
-    '–' for a dataset not evaluated; avg. over the evaluated ones (of all 11 only when complete)."""
+    '–' for a dataset not evaluated; avg. over the evaluated ones of the 11 (of all 11 only
+    when complete). A user's own datasets (--folder NAME=DIR) come after avg., outside it."""
     cols = list(DATASETS)
+    extra = sorted({n for scores in rows.values() for n in scores if n not in DATASETS})
     header = "| model | " + " | ".join(DATASETS[c].title for c in cols) + " | avg. |"
-    lines = [header, "|" + "---|" * (len(cols) + 2)]
+    header += "".join(f" {n} |" for n in extra)
+    lines = [header, "|" + "---|" * (len(cols) + 2 + len(extra))]
     for model, scores in rows.items():
         values = [scores.get(c) for c in cols]
         done = [v for v in values if v is not None]
@@ -589,7 +599,8 @@ def markdown_table(rows: dict[str, dict[str, float]], names: Sequence[str] | Non
         if done and len(done) < len(cols):
             avg += f" ({len(done)} of {len(cols)})"
         cells = [f"{v:.2f}" if v is not None else "–" for v in values]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {avg} |")
+        own = "".join(f" {scores[n]:.2f} |" if n in scores else " – |" for n in extra)
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {avg} |" + own)
     return "\n".join(lines) + "\n"
 
 
