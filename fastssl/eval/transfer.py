@@ -446,7 +446,10 @@ def voc_targets(ds) -> np.ndarray:
         for obj in ET.parse(path).getroot().iter("object"):
             c = VOC_CLASSES.index(obj.findtext("name").strip())
             difficult = (obj.findtext("difficult") or "0").strip() == "1"
-            out[i, c] = max(out[i, c], -1 if difficult else 1)
+            if not difficult:
+                out[i, c] = 1
+            elif out[i, c] == 0:
+                out[i, c] = -1
     return out
 
 
