@@ -1,0 +1,258 @@
+"""The distillation loop (ML-CPC Sec. 5.2 in CRD's setting), on fastssl's run conventions.
+
+`train(cfg)` validates the config, reads the data and the frozen teacher, then runs epochs
+of: student and teacher forward on the same augmented batch, gamma CE + alpha_KD KD -
+beta J_alpha against the queue of teacher embeddings (`DistillObjective`), SGD step, then
+the batch's teacher keys enqueued. The run directory holds config.json, train_log.csv /
+epochs.csv (`fastssl.run_log.CsvLog`), checkpoint.pt + rng/ (`fastssl.checkpoint`, written
+atomically at epoch ends, queue included), results.json and, at the end, classifier.pt:
+the student in the TEACHER format, so any run (a CE-only run is the supervised teacher
+trainer) can teach the next one. `train(cfg, resume=True)` continues from the checkpoint
+and ends with the same weights as an uninterrupted run.
+
+Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-classifier/1",
+"arch": str, "num_classes": int, "stem": str, "state_dict": the Classifier's state dict}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastssl import checkpoint as ckpt
+from fastssl.config import ConfigError
+from fastssl.critic import MlCpcCritic
+from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
+from fastssl.distill.objective import DistillObjective
+from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
+from fastssl.run_log import CsvLog, write_json
+from pipelines.folder import DataLayoutError
+
+CLASSIFIER_FORMAT = "fastssl-classifier/1"
+CLASSIFIER_NAME = "classifier.pt"
+# mi_nats: J_alpha with student queries and teacher keys; mi_t_nats: the other direction
+STEP_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "lr", "images_per_s"]
+EPOCH_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "top1", "seconds"]
+# Fields a resume may change: where the data and teacher lie, how much is logged, how long it runs.
+RESUMABLE_CHANGES = {"data.root", "data.train", "data.val", "data.num_workers", "model.teacher", "train.log_every",
+                     "train.epochs"}  # a longer train.epochs extends a finished run (the lr steps are absolute)
+
+
+class DistillStudent(nn.Module):
+    """Everything that trains: the student classifier and the two linear embedding heads
+    (CRD's `Embed`: a Linear layer; the L2 normalisation is in the critic's scores)."""
+
+    def __init__(self, student: Classifier, teacher_dim: int | None, embed_dim: int):
+        super().__init__()
+        self.student = student
+        self.embed_s = nn.Linear(student.feature_dim, embed_dim) if teacher_dim else None
+        self.embed_t = nn.Linear(teacher_dim, embed_dim) if teacher_dim else None
+
+
+def save_classifier(model: Classifier, arch: str, num_classes: int, stem: str, path: Path) -> None:
+    """The teacher format, written atomically."""
+    ckpt.atomic_save({"format": CLASSIFIER_FORMAT, "arch": arch, "num_classes": num_classes, "stem": stem,
+                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+def load_teacher(path: str, num_classes: int) -> tuple[Classifier, str]:
+    """The frozen teacher (eval mode, no gradients) and its arch; clear errors for bad files."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"model.teacher: no teacher checkpoint at {str(p)!r}; train one first (a run "
+                                f"with --loss.kd_weight 0 --loss.mi_weight 0 writes RUN_DIR/{CLASSIFIER_NAME}) "
+                                f"and pass its path")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unreadable file: the user's input, reported, not a traceback
+        raise ConfigError(f"model.teacher: {str(p)!r} cannot be read ({type(err).__name__}); "
+                          f"pass a {CLASSIFIER_NAME} written by this trainer") from None
+    if not isinstance(data, dict) or data.get("format") != CLASSIFIER_FORMAT or data.get("arch") not in CLASSIFIER_ARCHS:
+        raise ConfigError(f"model.teacher: {str(p)!r} is not a teacher checkpoint (format {CLASSIFIER_FORMAT!r} "
+                          f"with a known arch); pass a {CLASSIFIER_NAME} written by this trainer")
+    if data["num_classes"] != num_classes:
+        raise ConfigError(f"model.teacher: the teacher predicts {data['num_classes']} classes, the data has "
+                          f"{num_classes}; use a teacher trained on the same dataset")
+    teacher = build_classifier(data["arch"], data["num_classes"], data.get("stem", "cifar"))
+    teacher.load_state_dict(data["state_dict"])
+    teacher.eval().requires_grad_(False)
+    return teacher, data["arch"]
+
+
+def lr_at(cfg: DistillConfig, epoch: int) -> float:
+    """CRD's step schedule: lr x rate^(number of decay epochs already reached)."""
+    return cfg.optim.lr * cfg.optim.decay_rate ** sum(epoch >= e for e in decay_epochs(cfg.optim.decay_epochs))
+
+
+@torch.no_grad()
+def top1(model: Classifier, loader, device: torch.device) -> float:
+    model.eval()
+    right = total = 0
+    for x, y in loader:
+        logits, _ = model(x.to(device))
+        right += (logits.argmax(1).cpu() == y).sum().item()
+        total += y.numel()
+    model.train()
+    return 100.0 * right / max(total, 1)
+
+
+def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
+    """Refuse to overwrite a run, refuse a resume that changes what is computed; write config.json."""
+    run_dir = Path(cfg.train.run_dir)
+    saved = ckpt.saved_config(run_dir)
+    if resume and saved is None:
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume")
+    if not resume and saved is not None:
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
+                          f"--train.run_dir (nothing was overwritten)")
+    if resume:
+        new = to_dict(cfg)
+        changed = {f"{s}.{k}" for s in new for k in new[s] if saved.get(s, {}).get(k) != new[s][k]}
+        changed -= RESUMABLE_CHANGES
+        if changed:
+            raise ConfigError(f"--resume: these fields differ from the run in {run_dir}: {', '.join(sorted(changed))}; "
+                              f"drop those overrides or start a new --train.run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", to_dict(cfg))
+    return run_dir
+
+
+def train(cfg: DistillConfig, resume: bool | str = False) -> dict:
+    """Run (or continue) one distillation run; returns results.json's content."""
+    from torch.utils.data import DataLoader
+
+    from fastssl.distill.data import build_datasets
+
+    resume = ckpt.resolve_resume(resume, Path(cfg.train.run_dir))
+    validate(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    torch.manual_seed(cfg.train.seed)
+    train_set, val_set, num_classes = build_datasets(cfg.data)
+    teacher = teacher_dim = None
+    lo = cfg.loss
+    if lo.kd_weight > 0 or lo.mi_weight > 0:
+        teacher, _ = load_teacher(cfg.model.teacher, num_classes)
+        teacher.to(device)
+        teacher_dim = teacher.feature_dim
+    critics: list[MlCpcCritic | None] = [None, None]
+    if lo.mi_weight > 0:  # queues of teacher and student embeddings; refuse a queue not smaller than the data
+        try:
+            critics = [MlCpcCritic(lo.queue_size, cfg.model.embed_dim, lo.temperature, dataset_size=len(train_set),
+                                   direction="one_way") for _ in range(2)]
+        except ValueError as err:
+            raise ConfigError(f"loss.queue_size: {err}") from None
+    objective = DistillObjective(ce_weight=lo.ce_weight, kd_weight=lo.kd_weight, mi_weight=lo.mi_weight,
+                                 kd_temperature=lo.kd_temperature, alpha=lo.alpha, bound=lo.bound,
+                                 critic=critics[0], student_critic=critics[1]).to(device)
+    run_dir = prepare_run_dir(cfg, resume)
+
+    model = DistillStudent(build_classifier(cfg.model.student, num_classes, cfg.model.stem),
+                           teacher_dim if lo.mi_weight > 0 else None, cfg.model.embed_dim).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    state = ckpt.TrainState()
+    results: dict = {"top1": []}
+    teacher_slot = teacher if teacher is not None else nn.Module()
+    if resume:
+        state = ckpt.load_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer, scaler=None,
+                                     rank=0, critic=objective.state)
+        path = run_dir / "results.json"
+        if path.exists():
+            import json
+
+            results = json.loads(path.read_text())
+            results["top1"] = [r for r in results.get("top1", []) if r["epoch"] <= state.epoch]
+    steps_log = CsvLog(run_dir / "train_log.csv", STEP_FIELDS, state.step)
+    epochs_log = CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step)
+    workers = cfg.data.num_workers
+    # its own generator: evaluating must not draw from the global RNG (a resumed run would diverge)
+    val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=workers,
+                            generator=torch.Generator().manual_seed(0))
+    model.train()
+    for epoch in range(state.epoch, cfg.train.epochs):
+        start = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        order = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # data order: f(seed, epoch)
+        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                            generator=order, num_workers=workers)
+        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "mi_nats": 0.0, "mi_t_nats": 0.0}
+        steps = 0
+        window_start = time.time()
+        for i, (x, y) in enumerate(loader):
+            if cfg.train.steps_per_epoch and i >= cfg.train.steps_per_epoch:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits_s, feat_s = model.student(x)
+            logits_t = emb_s = emb_t = None
+            if teacher is not None:
+                with torch.no_grad():
+                    logits_t, feat_t = teacher(x)
+                if model.embed_s is not None:
+                    emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
+            terms = objective(logits_s, y, logits_t, emb_s, emb_t)
+            if not torch.isfinite(terms.loss):
+                raise ConfigError(f"the loss is not finite at epoch {epoch} step {state.step}; lower --optim.lr "
+                                  f"and resume from the last checkpoint in {run_dir} (--resume)")
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            optimizer.step()
+            objective.finish_step(emb_s, emb_t)
+            state.step += 1
+            steps += 1
+            row = {"loss": terms.loss.item(), "ce": terms.ce.item(), "kd": terms.kd.item(),
+                   "mi_nats": terms.mi_nats.item(), "mi_t_nats": terms.mi_t_nats.item()}
+            for k, v in row.items():
+                sums[k] += v
+            if state.step % cfg.train.log_every == 0:
+                rate = x.shape[0] * cfg.train.log_every / max(time.time() - window_start, 1e-9)
+                steps_log.append({"epoch": epoch, "step": state.step, "lr": lr_at(cfg, epoch),
+                                  "images_per_s": rate, **row})
+                window_start = time.time()
+        state.epoch = epoch + 1
+        last = state.epoch == cfg.train.epochs
+        epoch_row = {"epoch": state.epoch, "step": state.step, "seconds": time.time() - start,
+                     **{k: v / max(steps, 1) for k, v in sums.items()}}
+        if last or state.epoch % cfg.train.eval_every == 0:
+            epoch_row["top1"] = top1(model.student, val_loader, device)
+            results["top1"].append({"epoch": state.epoch, "top1": epoch_row["top1"]})
+        epochs_log.append(epoch_row)
+        if last or state.epoch % cfg.train.checkpoint_every == 0:
+            ckpt.save_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer, scaler=None,
+                                 state=state, config=to_dict(cfg), rank=0, is_main=True, critic=objective.state)
+        write_json(run_dir / "results.json", results)
+    save_classifier(model.student, cfg.model.student, num_classes, cfg.model.stem, run_dir / CLASSIFIER_NAME)
+    results["final_top1"] = results["top1"][-1]["top1"] if results["top1"] else None
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Command line of the distillation recipes (`fastssl.cli`'s flags: --resume [auto], --print-config,
+    --help, --section.field VALUE); bad input exits 2 with one `error:` line."""
+    from fastssl.cli import parse, usage
+
+    argv = sys.argv[1:] if argv is None else argv
+    prog = prog or sys.argv[0]
+    try:
+        cfg, flags = parse(cfg, argv)
+        if flags["help"]:
+            print(usage(cfg, prog))
+            sys.exit(0)
+        validate(cfg)
+        if flags["print_config"]:
+            import json
+
+            print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+            sys.exit(0)
+        results = train(cfg, resume=flags["resume"])
+    except (ConfigError, DataLayoutError, FileNotFoundError, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"done: top-1 {results['final_top1']:.2f}% ({cfg.train.run_dir}/results.json)")
+    return results

@@ -1,0 +1,246 @@
+"""Knowledge distillation with ML-CPC (fastssl.distill): the math, the models, the loop, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastssl.critic import MlCpcCritic
+from fastssl.distill.config import DistillConfig
+from fastssl.distill.data import build_datasets
+from fastssl.distill.losses import kd_loss, mi_bound
+from fastssl.distill.objective import DistillObjective
+from fastssl.distill.trainer import CLASSIFIER_NAME, run, save_classifier
+from fastssl.losses import cpc_bound, ml_cpc_bound
+from fastssl.models.cifar_resnet import build_classifier
+from pipelines.folder import DataLayoutError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "distill_mlcpc_cifar100.py"
+
+
+# --------------------------------------------------------------------------- the math
+
+
+@pytest.mark.parametrize("a,T", [(3.0, 4.0), (-8.0, 2.0), (0.5, 1.0)])
+def test_kd_loss_closed_form(a: float, T: float) -> None:
+    """Two classes, student logits equal, teacher (a, 0): KL(p_t || uniform) = log 2 - H(p_t), times T^2."""
+    p = 1 / (1 + math.exp(-a / T))  # teacher softmax at temperature T
+    expected = T ** 2 * (math.log(2) + p * math.log(p) + (1 - p) * math.log(1 - p))
+    s = torch.zeros(3, 2, dtype=torch.float64)
+    t = torch.tensor([[a, 0.0]] * 3, dtype=torch.float64)
+    assert kd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-12)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-12)  # same predictions: nothing to distil
+
+
+def test_kd_loss_gradient_is_scaled_softmax_difference() -> None:
+    """d KD / d z_s = T (p_s - p_t) / n (Hinton et al. 2015, Eq. 2 times T^2 / n)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    T = 4.0
+    kd_loss(s, t, T).backward()
+    expected = T * (F.softmax(s.detach() / T, 1) - F.softmax(t / T, 1)) / 4
+    torch.testing.assert_close(s.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bound,fn", [("mlcpc", ml_cpc_bound), ("cpc", cpc_bound)])
+def test_objective_equals_bound_functions_float64(bound, fn) -> None:
+    """The distillation term is Eq. 6 (Eq. 4) of ML-CPC on <s, t>/tau scores against the queue, in float64."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    queue = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    tau, alpha = 0.07, 0.05
+    sn, tn, qn = (x / x.norm(dim=1, keepdim=True) for x in (s, t, queue))
+    pos, neg = (sn * tn).sum(1) / tau, sn @ qn.T / tau
+    expected = fn(pos, neg, alpha)
+    got = mi_bound(s, t, queue, alpha, tau, bound)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected.item(), rel=1e-13, abs=1e-13)
+    # Eq. 6 written out: one denominator over all n m pairs
+    m, n = neg.shape[1] + 1, 6
+    if bound == "mlcpc":
+        den = alpha * pos.exp().sum() + (m - alpha) / (m - 1) * neg.exp().sum()
+        assert got.item() == pytest.approx((torch.log(n * m * pos.exp() / den)).mean().item(), rel=1e-12)
+
+
+def test_objective_weights_and_queue_order() -> None:
+    """loss = gamma CE + a KD - beta (J(s -> t) + J(t -> s)); keys enter the queues only after scoring."""
+    torch.manual_seed(0)
+    critic, student_critic = (MlCpcCritic(queue_size=16, dim=8, temperature=0.07, direction="one_way")
+                              for _ in range(2))
+    obj = DistillObjective(ce_weight=1.0, kd_weight=0.9, mi_weight=0.8, kd_temperature=4.0, alpha=0.05,
+                           bound="mlcpc", critic=critic, student_critic=student_critic)
+    ls, lt, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    es, et = torch.randn(4, 8), torch.randn(4, 8)
+    teacher_queue, student_queue = critic.queue.keys.clone(), student_critic.queue.keys.clone()
+    terms = obj(ls, y, lt, es, et)
+    j_s, j_t = mi_bound(es, et, teacher_queue, 0.05, 0.07), mi_bound(et, es, student_queue, 0.05, 0.07)
+    expected = F.cross_entropy(ls, y) + 0.9 * kd_loss(ls, lt, 4.0) - 0.8 * (j_s + j_t)
+    assert terms.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert (terms.mi_nats.item(), terms.mi_t_nats.item()) == pytest.approx((j_s.item(), j_t.item()), rel=1e-6)
+    assert torch.equal(critic.queue.keys, teacher_queue)  # scoring does not enqueue
+    obj.finish_step(es, et)
+    torch.testing.assert_close(critic.queue.ordered()[-4:], F.normalize(et, dim=1))
+    torch.testing.assert_close(student_critic.queue.ordered()[-4:], F.normalize(es, dim=1))
+    assert set(obj.state.state_dict()) == {"teacher_keys.queue.keys", "teacher_keys.queue.ptr",
+                                           "student_keys.queue.keys", "student_keys.queue.ptr"}
+
+
+def test_cifar_resnets_match_crd_sizes() -> None:
+    """resnet8x4 / resnet32x4: 1.23M / 7.43M parameters on CIFAR-100 (CRD, Tian et al. 2020, Table 1's models),
+    256-d features, 100 logits from 32-px images."""
+    for arch, millions in (("resnet8x4", 1.23), ("resnet32x4", 7.43)):
+        net = build_classifier(arch, 100)
+        assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == millions
+        logits, feats = net(torch.randn(2, 3, 32, 32))
+        assert logits.shape == (2, 100) and feats.shape == (2, 256)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_folder(root: Path, classes: int = 4, per_class: int = 24, size: int = 16) -> None:
+    """Images whose class is their colour, each with its own smooth random pattern (so the
+    teacher's embeddings tell the images apart, and the student has something to match)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 8)):
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            colour = np.array([(c * 70) % 256, (c * 130 + 40) % 256, (255 - c * 60) % 256])
+            for i in range(n):
+                pattern = np.kron(rng.normal(0, 60, (4, 4, 3)), np.ones((size // 4, size // 4, 1)))
+                img = np.clip(colour + pattern + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+def test_cifar100_on_disk_format(tmp_path: Path, monkeypatch) -> None:
+    """torchvision's own cifar-100-python files (written here) are read with download=False.
+
+    Only torchvision's md5 check of the official files is bypassed; its reader runs as is."""
+    import torchvision
+
+    cfg = DistillConfig().data
+    cfg.root = str(tmp_path)
+    with pytest.raises(DataLayoutError, match="no readable cifar-100-python"):
+        build_datasets(cfg)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 6), ("test", 4)):
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": list(range(n)), "coarse_labels": [0] * n}, f)
+    with open(base / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"k{i}" for i in range(100)], "coarse_label_names": ["a"] * 20}, f)
+    train, test, classes = build_datasets(cfg)
+    x, y = train[3]
+    assert (len(train), len(test), classes, tuple(x.shape), y) == (6, 4, 100, (3, 32, 32), 3)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def tiny_args(tmp_path: Path, run: str, *extra: str) -> list[str]:
+    return ["--data.source", "folder", "--data.train", str(tmp_path / "data" / "train"),
+            "--data.val", str(tmp_path / "data" / "val"), "--data.image_size", "16", "--data.num_workers", "0",
+            "--model.student", "resnet8", "--train.batch_size", "16", "--train.log_every", "1",
+            "--train.run_dir", str(tmp_path / run), "--train.cpu", "true", "--optim.lr", "0.05",
+            "--loss.queue_size", "48", *extra]
+
+
+@pytest.fixture
+def teacher(tmp_path: Path) -> Path:
+    """Data and a (random) resnet8 teacher in the teacher format."""
+    make_folder(tmp_path / "data")
+    torch.manual_seed(123)
+    path = tmp_path / "teacher.pt"
+    save_classifier(build_classifier("resnet8", 4), "resnet8", 4, "cifar", path)
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_distillation_mi_rises_loss_falls(tmp_path: Path, teacher: Path) -> None:
+    """CE + KD + ML-CPC on generated data: once the queues hold real embeddings (from epoch 2: the
+    first epoch starts on MoCo's random unit-vector queue, an easy negative set), the ML-CPC estimate
+    between student and teacher embeddings rises and the loss falls; the student is written in the
+    teacher format."""
+    results = run(DistillConfig(), tiny_args(tmp_path, "run", "--model.teacher", str(teacher),
+                                             "--train.epochs", "10"), prog="distill")
+    rows = read_rows(tmp_path / "run" / "epochs.csv")
+    assert len(rows) == 10
+    second, last = rows[1], rows[-1]
+    assert float(last["mi_nats"]) > float(second["mi_nats"]) + 0.1
+    assert float(last["mi_t_nats"]) > min(float(r["mi_t_nats"]) for r in rows[1:]) + 0.05  # the other direction
+    assert float(last["loss"]) < float(second["loss"]) - 0.1
+    assert 0 <= results["final_top1"] <= 100
+    saved = torch.load(tmp_path / "run" / CLASSIFIER_NAME, weights_only=False)
+    assert (saved["arch"], saved["num_classes"]) == ("resnet8", 4)
+
+
+def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
+    """2 epochs in one go == 1 epoch, then --resume to 2 (queue, optimiser, RNG and data order restored)."""
+    common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3"]
+    run(DistillConfig(), tiny_args(tmp_path, "once", *common, "--train.epochs", "2"))
+    run(DistillConfig(), tiny_args(tmp_path, "twice", *common, "--train.epochs", "1"))
+    run(DistillConfig(), tiny_args(tmp_path, "twice", *common, "--train.epochs", "2") + ["--resume"])
+    a = torch.load(tmp_path / "once" / CLASSIFIER_NAME, weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "twice" / CLASSIFIER_NAME, weights_only=False)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    q1 = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=False)["critic"]
+    q2 = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)["critic"]
+    assert q1.keys() == q2.keys() and all(torch.equal(q1[k], q2[k]) for k in q1)
+    assert [r["step"] for r in read_rows(tmp_path / "twice" / "train_log.csv")] == [str(i) for i in range(1, 7)]
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) -> None:
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "1",
+                     "--train.steps_per_epoch", "1")
+    run(DistillConfig(), args)
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), args)
+    assert exc.value.code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_missing_teacher_checkpoint_exits_2(tmp_path: Path) -> None:
+    """The recipe from the command line: a missing teacher is one `error:` line and exit code 2."""
+    make_folder(tmp_path / "data", classes=2, per_class=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(RECIPE), *tiny_args(tmp_path, "run", "--model.teacher",
+                                                                    str(tmp_path / "nope.pt"))],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.teacher: no teacher checkpoint at"), proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_bad_teacher_and_kd_without_teacher_exit_2(tmp_path: Path, capsys) -> None:
+    make_folder(tmp_path / "data", classes=2, per_class=2)
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": {}}, bad)
+    for extra, message in ((["--model.teacher", str(bad)], "is not a teacher checkpoint"),
+                           ([], "KD and the ML-CPC term need a teacher")):
+        with pytest.raises(SystemExit) as exc:
+            run(DistillConfig(), tiny_args(tmp_path, "run", *extra))
+        assert exc.value.code == 2 and message in capsys.readouterr().err
