@@ -36,7 +36,8 @@ class DistillDataConfig:
 class DistillModelConfig:
     """Student, frozen teacher and the linear embedding heads (CRD's Embed: Linear, then L2 norm)."""
 
-    student: str = "resnet8x4"  # student architecture: resnet8x4 | resnet32x4 | resnet8..resnet110 | resnet18 | resnet50
+    # student architecture: resnet8x4 | resnet32x4 | resnet8 ... resnet110 (CIFAR) | resnet18 | resnet50
+    student: str = "resnet8x4"
     teacher: str = ""  # teacher checkpoint (classifier.pt of a run of this trainer); "" = none (CE only)
     embed_dim: int = 128  # width of both linear embedding heads (CRD's feat_dim)
     stem: str = "cifar"  # torchvision ResNets only: cifar (3x3 stem, 32 px) | imagenet

@@ -72,7 +72,8 @@ def load_teacher(path: str, num_classes: int) -> tuple[Classifier, str]:
     except Exception as err:  # any unreadable file: the user's input, reported, not a traceback
         raise ConfigError(f"model.teacher: {str(p)!r} cannot be read ({type(err).__name__}); "
                           f"pass a {CLASSIFIER_NAME} written by this trainer") from None
-    if not isinstance(data, dict) or data.get("format") != CLASSIFIER_FORMAT or data.get("arch") not in CLASSIFIER_ARCHS:
+    if (not isinstance(data, dict) or data.get("format") != CLASSIFIER_FORMAT
+            or data.get("arch") not in CLASSIFIER_ARCHS):
         raise ConfigError(f"model.teacher: {str(p)!r} is not a teacher checkpoint (format {CLASSIFIER_FORMAT!r} "
                           f"with a known arch); pass a {CLASSIFIER_NAME} written by this trainer")
     if data["num_classes"] != num_classes:
