@@ -238,7 +238,10 @@ def test_bad_teacher_and_kd_without_teacher_exit_2(tmp_path: Path, capsys) -> No
     make_folder(tmp_path / "data", classes=2, per_class=2)
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": {}}, bad)
+    wrong = tmp_path / "wrong.pt"
+    save_classifier(build_classifier("resnet8", 2), "resnet20", 2, "cifar", wrong)  # weights of another arch
     for extra, message in ((["--model.teacher", str(bad)], "is not a teacher checkpoint"),
+                           (["--model.teacher", str(wrong)], "does not hold a resnet20 for 2 classes"),
                            ([], "KD and the ML-CPC term need a teacher")):
         with pytest.raises(SystemExit) as exc:
             run(DistillConfig(), tiny_args(tmp_path, "run", *extra))

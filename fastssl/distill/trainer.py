@@ -80,7 +80,12 @@ def load_teacher(path: str, num_classes: int) -> tuple[Classifier, str]:
         raise ConfigError(f"model.teacher: the teacher predicts {data['num_classes']} classes, the data has "
                           f"{num_classes}; use a teacher trained on the same dataset")
     teacher = build_classifier(data["arch"], data["num_classes"], data.get("stem", "cifar"))
-    teacher.load_state_dict(data["state_dict"])
+    try:
+        teacher.load_state_dict(data["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as err:  # keys or shapes do not fit the named arch
+        raise ConfigError(f"model.teacher: {str(p)!r} does not hold a {data['arch']} for {num_classes} classes "
+                          f"({str(err).splitlines()[0][:120]}); pass a {CLASSIFIER_NAME} written by this "
+                          f"trainer") from None
     teacher.eval().requires_grad_(False)
     return teacher, data["arch"]
 
