@@ -24,35 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.augment import MultiCropRecipe
+from pipelines.spec import DataConfig, eval_backend_errors
 
-BACKENDS = ("torchvision", "synthetic", "dali", "ffcv")
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
 HEADS = ("mira", "moco")  # ModelConfig.head
 STEMS = ("imagenet", "cifar")  # ModelConfig.stem
 DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (fastssl.critic.DIRECTIONS)
-EVAL_LOADERS = ("torchvision", "dali")  # pipelines.eval.EVAL_BACKENDS, without importing torchvision here
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how they are loaded."""
-
-    backend: str = "torchvision"  # who reads and augments the training images: torchvision | synthetic | dali | ffcv
-    train: str = ""  # ImageNet-layout folder train/<class>/<image>.JPEG (a .beton for ffcv)
-    val: str = ""  # same layout; used by the online k-NN ("" = no k-NN)
-    knn_train: str = ""  # JPEG folder for the k-NN memory bank ("" = data.train; required with ffcv)
-    num_workers: int = -1  # loader workers per process; -1 = all cores / processes
-    synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
-    synthetic_classes: int = 1000  # labels of the synthetic backend's images
-    dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
-    dali_cpu_fast: bool = True  # DALI on CPU: bilinear crops, fast IDCT, numba photometric steps (False: the GPU graph)
-    device_augment: bool = False  # torchvision: workers only crop; flip/colour/blur/solarize run batched on the device
-    ffcv_order: str = "sampler"  # FFCV: sampler (shared with all backends, resumable) | random | quasi_random | sequential
-    ffcv_os_cache: bool = True  # FFCV: page-cache reads (True) or FFCV's process cache (False)
 
 
 @dataclass
@@ -155,7 +136,11 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """The whole run. Recipes build one; `--section.field` overrides any field."""
+    """The whole run. Recipes build one; `--section.field` overrides any field.
+
+    The `data` and `aug` sections are declared in `pipelines` (`pipelines.spec.DataConfig`,
+    `pipelines.augment.MultiCropRecipe`), beside the loaders that read them.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     aug: MultiCropRecipe = field(default_factory=MultiCropRecipe)
@@ -329,20 +314,7 @@ def config_errors(cfg: Config) -> list[str]:
     """Every invalid value, as `section.field: problem (fix)`. Pure: touches no files."""
     e: list[str] = []
     d, m, mt, o, t, ev = cfg.data, cfg.model, cfg.method, cfg.optim, cfg.train, cfg.eval
-    if d.backend not in BACKENDS:
-        e.append(f"data.backend: unknown backend {d.backend!r}; choose one of {', '.join(BACKENDS)}")
-    if d.backend != "synthetic" and not d.train:
-        e.append("data.train: no training data given; pass --data.train /path/to/train "
-                 "(ImageNet layout: train/<class>/<image>.JPEG) or use --data.backend synthetic")
-    if d.synthetic_size < 1 or d.synthetic_classes < 1:
-        e.append("data.synthetic_size/synthetic_classes: must be positive")
-    if d.backend == "ffcv" and d.val and not d.knn_train:
-        e.append("data.knn_train: the ffcv backend trains from a .beton but the online k-NN reads JPEG "
-                 "folders; pass --data.knn_train /path/to/imagenet/train, or drop --data.val")
-    if d.ffcv_order not in ("sampler", "random", "quasi_random", "sequential"):
-        e.append(f"data.ffcv_order: unknown {d.ffcv_order!r}; choose sampler, random, quasi_random or sequential")
-    if not 0 <= d.dali_hw_decoder_load <= 1:
-        e.append(f"data.dali_hw_decoder_load: a share must lie in [0, 1], got {d.dali_hw_decoder_load}")
+    e += [f"data.{msg}" for msg in d.errors()]
     e += [f"aug.{msg}" for msg in cfg.aug.errors()]
     if m.arch not in ("resnet18", "resnet50"):
         e.append(f"model.arch: unknown architecture {m.arch!r}; choose resnet18 or resnet50")
@@ -431,8 +403,7 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"eval.knn_temperature: temperatures must be positive, got {ev.knn_temperature}")
     if ev.batch_size < 1 or ev.image_size < 0:
         e.append("eval.batch_size must be >= 1 and eval.image_size >= 0")
-    if ev.loader not in EVAL_LOADERS:
-        e.append(f"eval.loader: unknown {ev.loader!r}; choose one of {', '.join(EVAL_LOADERS)}")
+    e += [f"eval.loader: {msg}" for msg in eval_backend_errors(ev.loader)]
     return e
 
 

@@ -59,7 +59,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     validate(cfg, accelerator.num_processes)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
-    loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, workers))
+    loader = pipelines.build_train_loader(loader_spec(cfg, accelerator, workers))
     # A queue longer than the data fails here, before any output.
     objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
     knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
@@ -216,16 +216,12 @@ def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[Mira
 
 
 def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
+    """The data section whole, with what only this process knows (rank, device, dtype, batch share)."""
     return pipelines.LoaderSpec(
-        path=cfg.data.train, recipe=cfg.aug, batch_size=cfg.train.global_batch_size // accelerator.num_processes,
+        data=cfg.data, recipe=cfg.aug, batch_size=cfg.train.global_batch_size // accelerator.num_processes,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
         num_workers=workers, device=accelerator.device, channels_last=cfg.train.channels_last,
-        dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32),
-        dali_hw_decoder_load=cfg.data.dali_hw_decoder_load, dali_cpu_fast=cfg.data.dali_cpu_fast,
-        ffcv_order=cfg.data.ffcv_order,
-        device_augment=cfg.data.device_augment,
-        ffcv_os_cache=cfg.data.ffcv_os_cache,
-        synthetic_size=cfg.data.synthetic_size, synthetic_classes=cfg.data.synthetic_classes)
+        dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32))
 
 
 def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
@@ -233,7 +229,7 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
         return None
     return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
                      cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                     cfg.eval.loader, progress=cfg.train.progress)
+                     cfg.eval.loader, progress=cfg.train.progress, data=cfg.data)
 
 
 def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> Path:

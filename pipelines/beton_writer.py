@@ -28,7 +28,7 @@ from pathlib import Path
 # and so hangs on a dead worker; `write_beton` below replaces that loop with one that watches
 # the workers and fails within a fraction of a second of a death.
 
-WORKER_MODULES = ["pipelines.beton_writer", "pipelines.beton", "pipelines.sniff", "pipelines.torchvision", "ffcv.fields", "ffcv.writer",
+WORKER_MODULES = ["pipelines.beton_writer", "pipelines.beton", "pipelines.images", "ffcv.fields", "ffcv.writer",
                   "ffcv.memory_allocator"]
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -128,8 +128,7 @@ def check_file(path: str) -> str | None:
     every compressed byte is still read, so truncation is caught, at a fraction of the cost."""
     from PIL import Image
 
-    from pipelines.sniff import problem
-    from pipelines.torchvision import UNREADABLE
+    from pipelines.images import UNREADABLE, problem
 
     try:
         with open(path, "rb") as f:
@@ -164,7 +163,7 @@ class ConvertDataset:
     def __getitem__(self, i: int):
         import numpy as np
 
-        from pipelines.torchvision import load_rgb
+        from pipelines.images import load_rgb
 
         path, label = self.samples[i]
         np.random.seed(i % (2**32))

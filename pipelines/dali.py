@@ -14,7 +14,7 @@ random-resized crops, and each view gets its augmentations per sample.
   CPU mode the steps run as one numba function per sample (`pipelines.dali_photometric`),
   where a step not drawn is an `if` in compiled code.
 * Bad files never stop an epoch: DALI fails the whole pipeline on one undecodable
-  sample, so every file's bytes are screened first (`pipelines.sniff`), and an error
+  sample, so every file's bytes are screened first (`pipelines.images`), and an error
   that still gets through is traced to its file, which is then replaced and counted, and
   the epoch goes on from the failed batch.
 * CPU mode (no GPU), unless `dali_cpu_fast` is off: crops resampled with antialiased
@@ -32,7 +32,6 @@ random-resized crops, and each view gets its augmentations per sample.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -47,28 +46,12 @@ from pipelines.dali_decoder import decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import photometric, uniform
 from pipelines.folder import scan_source
-from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, shard_batches
-from pipelines.sniff import problem
+from pipelines.images import next_readable, placement, read_unless_bad, run_retiring_bad_files
+from pipelines.sampler import ShardedLoader, batch_seed
 from pipelines.spec import LoaderSpec
 
 OUTPUT_NAMES_EXTRA = ("index", "label")
-MAX_REPLACEMENTS = 16
-MAX_PIPELINE_ERRORS = 8  # rebuilds per epoch before giving up: something else is wrong
 DEGREES_PER_HUE_UNIT = 360.0  # torchvision's hue is a fraction of the colour wheel; DALI's is degrees
-
-
-def read_screened(path: str) -> tuple[np.ndarray | None, str | None]:
-    """(the file's bytes, None), or (None, why) when it cannot be read or would not decode.
-
-    DALI fails a whole batch on one undecodable file, so every file is screened
-    (`pipelines.sniff`) before DALI sees it.
-    """
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as err:
-        return None, f"unreadable: {err}"
-    reason = problem(memoryview(data))
-    return (data, None) if reason is None else (None, reason)
 
 
 class _ShardSource:
@@ -92,7 +75,8 @@ class _ShardSource:
             raise StopIteration
         blobs, index, label, passed_over = [], [], [], set()
         for i in self.batches[len(self.sent)]:
-            data, j = self._read_good(i, passed_over)
+            data, j, passed = next_readable(self.samples, i, self._read)
+            passed_over.update(passed)
             blobs.append(data)
             index.append(np.array([j], dtype=np.int64))
             label.append(np.array([self.samples[j][1]], dtype=np.int64))
@@ -100,21 +84,8 @@ class _ShardSource:
         self.passed_over.append(passed_over)
         return blobs, index, label
 
-    def _read_good(self, index: int, passed_over: set[int]) -> tuple[np.ndarray, int]:
-        """The bytes and index of `index`, or of the next good image; adds the bad ones to `passed_over`."""
-        for attempt in range(MAX_REPLACEMENTS):
-            j = (index + attempt) % len(self.samples)
-            if j in self.bad:
-                passed_over.add(j)
-                continue
-            path = self.samples[j][0]
-            data, reason = read_screened(path)
-            if data is not None:
-                return data, j
-            self.bad[j] = reason
-            passed_over.add(j)
-            warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
-        raise RuntimeError(f"{MAX_REPLACEMENTS} bad images in a row near {self.samples[index][0]}; is the data corrupt?")
+    def _read(self, i: int) -> np.ndarray | None:
+        return read_unless_bad(self.samples, self.bad, i)
 
 
 def _coin(p: float):
@@ -229,66 +200,21 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     return (*views, index, label)
 
 
-def placement(device: torch.device, num_workers: int) -> tuple[str, int | None, int]:
-    """(decoder device, DALI device_id, CPU threads) for a loader delivering to `device`:
-    nvJPEG `mixed` on that GPU, or libjpeg-turbo with no device id; threads: one per core
-    when `num_workers` is 0."""
-    threads = max(1, num_workers or os.cpu_count() or 1)
-    if device.type != "cuda":
-        return "cpu", None, threads
-    return "mixed", device.index if device.index is not None else torch.cuda.current_device(), threads
-
-
-def retire_bad_files(samples: list[tuple[str, int]], in_flight: set[int], bad: dict[int, str], errors: int) -> bool:
-    """After DALI failed a batch: find the in-flight files PIL cannot decode, warn about each
-    and add them to `bad`, so that the rebuilt pipeline skips them. False when none is found
-    or after MAX_PIPELINE_ERRORS failures: then something else is wrong, and the caller re-raises."""
-    found = find_bad_files(samples, sorted(in_flight))
-    if not found or errors > MAX_PIPELINE_ERRORS:
-        return False
-    for i, reason in found.items():
-        warnings.warn(f"skipping unreadable image {samples[i][0]}: {reason}", stacklevel=3)
-    bad.update(found)
-    return True
-
-
-def find_bad_files(samples: list[tuple[str, int]], indices: list[int]) -> dict[int, str]:
-    """Decode each file fully with PIL: the ones that fail are why DALI failed."""
-    from pipelines.torchvision import UNREADABLE, load_rgb
-
-    bad = {}
-    for i in indices:
-        try:
-            load_rgb(samples[i][0])
-        except UNREADABLE as err:
-            bad[i] = f"undecodable: {type(err).__name__}: {err}"
-    return bad
-
-
-class DaliLoader:
+class DaliLoader(ShardedLoader):
     """Multi-crop batches from a JPEG folder (or a `.txt` file list) through DALI."""
 
     def __init__(self, spec: LoaderSpec):
-        self.spec = spec
-        self.samples, self.classes = scan_source(spec.path)
-        self.num_images = len(self.samples)
-        check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)  # fail before training
+        self.samples, _ = scan_source(spec.path)
+        super().__init__(spec, len(self.samples))
         self.decoder_device, self.device_id, self.num_threads = placement(spec.device, spec.num_workers)
         self.bad: dict[int, str] = {}  # dataset index -> why it is skipped (kept across epochs)
-        self.epoch, self.start_batch = 0, 0
         self._live: tuple[DALIGenericIterator, int] | None = None  # the iterator and the batch it is at
         self._restore: dict | None = None  # a saved state for the epoch a resume starts with
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
 
     @property
     def _numba_steps(self) -> bool:
         """CPU mode with `dali_cpu_fast`: photometric steps as numba functions, if they can be built."""
-        return self.decoder_device == "cpu" and self.spec.dali_cpu_fast and numba_photometric_available()
+        return self.decoder_device == "cpu" and self.spec.data.dali_cpu_fast and numba_photometric_available()
 
     @property
     def _out_dtype(self):
@@ -312,10 +238,11 @@ class DaliLoader:
         state, self._restore = self._restore, None
         restore = (state["dali"] if state and (state["epoch"], state["batch"]) == (self.epoch, first_batch)
                    else None)
+        data = self.spec.data
         with warnings.catch_warnings():  # the source is ours to position: it starts at `first_batch`
             warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
-            pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, self.spec.dali_hw_decoder_load,
-                                      self._out_dtype, self.spec.dali_cpu_fast, self._numba_steps,
+            pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, data.dali_hw_decoder_load,
+                                      self._out_dtype, data.dali_cpu_fast, self._numba_steps,
                                       batch_size=self.spec.batch_size, num_threads=self.num_threads,
                                       device_id=self.device_id, prefetch_queue_depth=2,
                                       seed=batch_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch),
@@ -324,31 +251,35 @@ class DaliLoader:
             return DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
-        s = self.spec
-        batches = shard_batches(self.num_images, s.batch_size, s.rank, s.world_size, s.seed, self.epoch,
-                                self.start_batch)
-        done, errors = 0, 0
+        batches = self.shard()
+        done = 0  # batches delivered: a failed pass restarts at batch `done`
         met: set[int] = set()  # bad files met this epoch: each counts once (MultiCropBatch.num_skipped)
-        while done < len(batches):
-            remaining = batches[done:]
-            source = _ShardSource(self.samples, remaining, self.bad)
-            yielded = 0
-            try:
-                iterator = self._iterator(source, self.start_batch + done)
-                for out in iterator:
-                    # DALI returns batches in the order the source sent them: this is batch `yielded`.
-                    passed_over = source.passed_over[yielded]
-                    done, yielded = done + 1, yielded + 1
-                    self._live = (iterator, self.start_batch + done)
-                    yield self._to_batch(out[0], len(passed_over - met))
-                    met |= passed_over
-            except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
-                self._live = None
-                errors += 1
-                in_flight = {i for b in source.sent[yielded:] for i in b}
-                if not retire_bad_files(self.samples, in_flight, self.bad, errors):
-                    raise
-                # the next attempt replaces them and restarts at the failed batch
+        live: DALIGenericIterator | None = None  # the pass's iterator: `state_dict` checkpoints it
+
+        def new_source() -> _ShardSource | None:
+            self._live = None  # a new pass (or the epoch's end): no iterator to checkpoint yet
+            return _ShardSource(self.samples, batches[done:], self.bad) if done < len(batches) else None
+
+        def decode(source: _ShardSource) -> DALIGenericIterator:
+            nonlocal live
+            live = self._iterator(source, self.start_batch + done)
+            return live
+
+        def deliver(source: _ShardSource, k: int, out) -> MultiCropBatch:
+            nonlocal done
+            # DALI returns batches in the order the source sent them: this is the pass's batch k.
+            passed_over = source.passed_over[k]
+            done += 1
+            self._live = (live, self.start_batch + done)  # set before the batch is handed out (and saved)
+            batch = self._to_batch(out[0], len(passed_over - met))
+            met.update(passed_over)
+            return batch
+
+        try:
+            yield from run_retiring_bad_files(self.samples, self.bad, new_source, decode, deliver)
+        except RuntimeError:
+            self._live = None
+            raise
         self._live = None
 
     def _to_batch(self, out: dict[str, torch.Tensor], num_skipped: int) -> MultiCropBatch:

@@ -2,7 +2,7 @@
 
 Why: evaluation reads every val (and, for the k-NN, every train) image once per call;
 on a GPU the PIL decode + resize in DataLoader workers is the bottleneck, while
-nvJPEG (`mixed`, with the hardware decoder taking `hw_decoder_load` of the images) and
+nvJPEG (`mixed`, with the hardware decoder taking `data.dali_hw_decoder_load` of the images) and
 DALI's GPU resampler keep up with the backbone. On a CPU-only machine DALI decodes with
 libjpeg-turbo and resamples on its own threads.
 
@@ -16,13 +16,12 @@ Same iteration contract: (images N x 3 x S x S float on `device`, labels, datase
 indices), this rank's share (every world_size-th image) in dataset order, every readable
 image exactly once, the last batch partial. Bad files are dropped with a warning, as
 EvalLoader drops them: DALI fails the whole pipeline on one undecodable sample, so each
-file's bytes are screened first (`pipelines.sniff`), and an error that still gets through
+file's bytes are screened first (`pipelines.images`), and an error that still gets through
 is traced to its file with PIL and the pass goes on after the last delivered batch.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,8 +31,10 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
-from pipelines.dali import placement, read_screened, retire_bad_files
 from pipelines.dali_decoder import decoder_args
+from pipelines.images import placement, read_unless_bad, run_retiring_bad_files
+from pipelines.sampler import rank_share
+from pipelines.spec import DataConfig
 
 OUTPUT_NAMES = ("images", "label", "index")
 
@@ -76,23 +77,11 @@ class _EvalSource:
         while len(blobs) < self.batch_size and self.pos < len(self.order):
             i = self.order[self.pos]
             self.pos += 1
-            data = self._read_good(i)
+            data = read_unless_bad(self.samples, self.bad, i)
             if data is not None:
                 blobs.append(data)
                 index.append(i)
         return blobs, index, self.pos
-
-    def _read_good(self, i: int) -> np.ndarray | None:
-        """The file's bytes, or None (warned once, remembered) when it would not decode."""
-        if i in self.bad:
-            return None
-        path = self.samples[i][0]
-        data, reason = read_screened(path)
-        if data is not None:
-            return data
-        self.bad[i] = reason
-        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
-        return None
 
 
 def _half_even(d):
@@ -148,18 +137,19 @@ class DaliEvalLoader:
     """This rank's share (every world_size-th image) of a labelled folder, in order, through DALI.
 
     Takes `EvalLoader`'s arguments; `num_workers` is DALI's CPU thread count (0: one per
-    core). `hw_decoder_load` is the share of images nvJPEG's hardware decoder takes on GPUs
-    that have one (the training loader's default).
+    core). `data` holds the DALI options, the training loader's (`data.dali_hw_decoder_load`:
+    the share of images nvJPEG's hardware decoder takes on GPUs that have one); its
+    defaults when not given.
     """
 
     def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 hw_decoder_load: float = 0.65):
+                 data: DataConfig | None = None):
         self.samples, self.classes = scan_image_folder(root)
-        self.indices = list(range(rank, len(self.samples), world_size))
+        self.indices = rank_share(len(self.samples), rank, world_size)
         self.size, self.batch_size = size, batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.channels_last, self.hw_decoder_load = channels_last, hw_decoder_load
+        self.channels_last, self.data = channels_last, data if data is not None else DataConfig()
         self.decoder_device, self.device_id, self.num_threads = placement(self.device, num_workers)
         self.bad: dict[int, str] = {}  # dataset index -> why it is skipped (kept across passes)
 
@@ -167,28 +157,24 @@ class DaliEvalLoader:
         """A fresh pipeline over `source` (built per pass: cheap next to decoding a split)."""
         # HWC memory read as NCHW is channels_last without a copy; CHW when contiguous NCHW is wanted.
         layout = "HWC" if self.channels_last else "CHW"
-        pipe = eval_pipeline(source, self.size, self.decoder_device, self.hw_decoder_load, layout,
+        pipe = eval_pipeline(source, self.size, self.decoder_device, self.data.dali_hw_decoder_load, layout,
                              batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                              prefetch_queue_depth=2)
         return DALIGenericIterator(pipe, list(OUTPUT_NAMES), last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        start, errors = 0, 0
-        while True:
+        start = 0  # position in `indices` after the last batch delivered: a failed pass restarts there
+
+        def new_source() -> _EvalSource | None:
             source = _EvalSource(self.samples, self.indices, start, self.batch_size, self.bad)
-            if source.empty:
-                return
-            yielded = 0
-            try:
-                for out in self._iterator(source):
-                    yield self._to_batch(out[0])
-                    start, yielded = source.ends[yielded], yielded + 1
-                return
-            except RuntimeError:  # DALI raises RuntimeError when a sample fails to decode
-                errors += 1
-                if not retire_bad_files(self.samples, {i for b in source.sent[yielded:] for i in b}, self.bad, errors):
-                    raise
-                # the next pass drops them and restarts after the last batch delivered
+            return None if source.empty else source
+
+        def deliver(source: _EvalSource, k: int, out):
+            nonlocal start
+            start = source.ends[k]
+            return self._to_batch(out[0])
+
+        yield from run_retiring_bad_files(self.samples, self.bad, new_source, self._iterator, deliver)
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = out["images"]

@@ -5,8 +5,8 @@ splits and merges the batch around its branch. Here the numba uint8 steps of
 `pipelines.cpu_augment` (torchvision's definitions; FFCV's CPU decoder runs the same
 ones) run per sample in DALI's threads through `numba_function`. A step a sample did
 not draw is an `if` in compiled code, so it costs nothing, and no batch is split or
-merged. With this path the DALI loader ran 3.0-3.4x the PIL reference on 2 cores, the
-GPU's graph run on the CPU (`--data.dali_cpu_fast false`) 1.8-2.0x (docs/benchmarks.md).
+merged (docs/benchmarks.md compares it with the GPU's graph run on the CPU,
+`--data.dali_cpu_fast false`).
 
 The draws (coins, factors, sigma) are DALI random ops, so a run stays repeatable from
 the pipeline seed. The numba function is compiled once per process (seconds; numba

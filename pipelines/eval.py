@@ -4,12 +4,11 @@ The MIRA authors' evaluation transform scaled to the crop size: resize the short
 to size / 0.875 (256 for 224, bilinear, as their code), centre-crop `size`, normalise. `EvalLoader` does it with
 PIL in DataLoader workers; `pipelines.dali_eval.DaliEvalLoader` with DALI (same
 arguments, same batches). `build_eval_loader` picks one by name, importing DALI only
-when it is chosen.
+when it is chosen (the names: `pipelines.spec.EVAL_BACKENDS`).
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -19,7 +18,9 @@ from torchvision import transforms as T
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
-from pipelines.torchvision import UNREADABLE, load_rgb
+from pipelines.images import UNREADABLE, load_rgb
+from pipelines.sampler import rank_share
+from pipelines.spec import EVAL_BACKENDS, DataConfig, registered_class
 
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
@@ -68,13 +69,17 @@ def collate(items):
 
 
 class EvalLoader:
-    """This rank's share (every world_size-th image) of a labelled folder, in order."""
+    """This rank's share (every world_size-th image) of a labelled folder, in order.
+
+    `data` (the run's data configuration) is accepted for the eval loaders' common
+    signature; PIL has none of the options it holds."""
 
     def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True):
+                 num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
+                 data: DataConfig | None = None):
         self.dataset = EvalFolder(root, size)
         self.classes = self.dataset.classes
-        self.indices = list(range(rank, len(self.dataset), world_size))
+        self.indices = rank_share(len(self.dataset), rank, world_size)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device = device or torch.device("cpu")
         self.channels_last = channels_last
@@ -93,32 +98,23 @@ class EvalLoader:
             yield images, labels, index
 
 
-# name -> "module:Class"; each takes EvalLoader's arguments and yields (images, labels, indices).
-EVAL_BACKENDS = {
-    "torchvision": "pipelines.eval:EvalLoader",
-    "dali": "pipelines.dali_eval:DaliEvalLoader",
-}
-
-
 class EvalBackendError(ValueError):
     """An unknown or uninstalled evaluation loader: the message names the fix."""
 
 
 def eval_loader_class(backend: str) -> type:
     """The loader class of `backend`, imported now so that a missing DALI fails before any work."""
-    if backend not in EVAL_BACKENDS:
-        raise EvalBackendError(f"unknown eval loader {backend!r}; choose one of {', '.join(EVAL_BACKENDS)}")
-    module_name, cls_name = EVAL_BACKENDS[backend].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise EvalBackendError(f"the {backend!r} eval loader is not available ({err}); install it with "
-                               f"`.venv/bin/pip install -e '.[{backend}]'` or use --loader torchvision") from err
-    return getattr(module, cls_name)
+    return registered_class(EVAL_BACKENDS, backend, "eval loader", "use --loader torchvision",
+                            unknown=EvalBackendError, missing=EvalBackendError)
 
 
 def build_eval_loader(backend: str, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                      num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True):
-    """This rank's evaluation loader of `root` through `backend` ("torchvision" or "dali")."""
+                      num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
+                      data: DataConfig | None = None):
+    """This rank's evaluation loader of `root` through `backend` (a name of `pipelines.spec.EVAL_BACKENDS`).
+
+    `data`: the run's data configuration, whose DALI options the DALI eval loader uses as
+    the training loader does (its defaults when not given)."""
     return eval_loader_class(backend)(root, size, batch_size, rank=rank, world_size=world_size,
-                                      num_workers=num_workers, device=device, channels_last=channels_last)
+                                      num_workers=num_workers, device=device, channels_last=channels_last,
+                                      data=data)

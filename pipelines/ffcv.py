@@ -51,12 +51,11 @@ from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, check_beton
 from pipelines.cpu_augment import augment_crop_u8, crop_params
 from pipelines.device_augment import augment_view, normalize_crops
 from pipelines.folder import check_class_count, check_not_splits
-from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, epoch_permutation
-from pipelines.spec import LoaderSpec
+from pipelines.sampler import ShardedLoader, batch_seed, epoch_permutation
+from pipelines.spec import ORDERS, LoaderSpec
 
-FFCV_ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
-               "sequential": OrderOption.SEQUENTIAL}
-ORDERS = ("sampler", *FFCV_ORDERS)
+# The orders of `pipelines.spec.ORDERS` that are FFCV's own ("sampler" is the shared one).
+FFCV_ORDERS = {name: OrderOption[name.upper()] for name in ORDERS if name != "sampler"}
 
 
 def _cached_compile(code, signature=None):
@@ -170,9 +169,8 @@ def _stop_epoch_thread(epoch_it) -> None:
     and only then looks at its stop flag, and its end-of-epoch marker is put with no
     timeout at all; `close()` neither stops it nor waits. A thread still running when the
     interpreter shuts down drops a tensor after Python has gone and the process aborts
-    ("terminate called without an active exception", exit code 134, seen after a
-    benchmark's work was done). So: flag, then empty the queue (so that no put blocks)
-    until the thread has ended, then close.
+    ("terminate called without an active exception", exit code 134). So: flag, then
+    empty the queue (so that no put blocks) until the thread has ended, then close.
     """
     epoch_it.terminate_event.set()
     deadline = time.monotonic() + EPOCH_THREAD_JOIN_S
@@ -199,41 +197,33 @@ def _release_ffcv_loaders() -> None:
     gc.collect()
 
 
-class FfcvLoader:
+class FfcvLoader(ShardedLoader):
     """Multi-crop batches from a `.beton` written by tools/convert_imagenet_to_ffcv.py."""
 
     def __init__(self, spec: LoaderSpec):
-        self.spec = spec
-        self.classes = check_beton(spec.path)  # clear error naming the converter
+        classes = check_beton(spec.path)  # clear error naming the converter
         # The folder scanner's checks, on the class names the converter recorded (when known).
-        check_not_splits(self.classes, f"{spec.path!r} was converted from a folder that",
+        check_not_splits(classes, f"{spec.path!r} was converted from a folder that",
                          lambda split: f"convert its {split}/ folder instead: python tools/convert_imagenet_to_ffcv.py "
                                        f"SRC/{split} OUT.beton")
-        if len(self.classes) == 1:
-            check_class_count(self.classes, False, repr(str(spec.path)), f"has one class ({self.classes[0]!r})")
-        self.num_images = int(Reader(spec.path).num_samples)
-        check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)
-        if spec.ffcv_order not in ORDERS:
-            raise ValueError(f"data.ffcv_order: unknown {spec.ffcv_order!r}; choose one of {', '.join(ORDERS)}")
-        if spec.ffcv_order == "quasi_random" and spec.world_size > 1:
+        if len(classes) == 1:
+            check_class_count(classes, False, repr(str(spec.path)), f"has one class ({classes[0]!r})")
+        super().__init__(spec, int(Reader(spec.path).num_samples))
+        order = spec.data.ffcv_order
+        if order not in ORDERS:
+            raise ValueError(f"data.ffcv_order: unknown {order!r}; choose one of {', '.join(ORDERS)}")
+        if order == "quasi_random" and spec.world_size > 1:
             raise ValueError("data.ffcv_order: FFCV's quasi_random order does not support several processes; "
                              "use sampler or random")
-        self.epoch, self.start_batch = 0, 0
         self._loader: Loader | None = None
         self._epoch_it = None  # FFCV's EpochIterator (a thread) of the epoch being read
         self._inner_order: TraversalOrder | None = None
         _LIVE_LOADERS.add(self)
 
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
-
     @property
     def photometric_in_loader(self) -> bool:
         """CPU training: the photometric steps run in the decoder's threads, not as tensor ops."""
         return self.spec.device.type != "cuda"
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
 
     def _plan(self, epoch: int) -> np.ndarray:
         """This rank's indices for `epoch`, from `start_batch` on, whole batches only."""
@@ -251,12 +241,12 @@ class FfcvLoader:
         device = s.device if s.device.type == "cuda" else torch.device("cpu")
         decoder = MultiCropDecoder(s.recipe, photometric=self.photometric_in_loader)
         loader = Loader(s.path, batch_size=s.batch_size, num_workers=max(1, s.num_workers or 1),
-                        order=plan_order, distributed=False, seed=s.seed, os_cache=s.ffcv_os_cache, drop_last=True,
+                        order=plan_order, distributed=False, seed=s.seed, os_cache=s.data.ffcv_os_cache, drop_last=True,
                         pipelines={IMAGE_FIELD: [decoder, ToTensor(),
                                                  ToDevice(device, non_blocking=True)],
                                    LABEL_FIELD: [IntDecoder(), ToTensor()]})
-        if s.ffcv_order != "sampler":  # FFCV's own order, dealt to ranks by FFCV (distributed=True)
-            probe = Loader(s.path, batch_size=s.batch_size, num_workers=1, order=FFCV_ORDERS[s.ffcv_order],
+        if s.data.ffcv_order != "sampler":  # FFCV's own order, dealt to ranks by FFCV (distributed=True)
+            probe = Loader(s.path, batch_size=s.batch_size, num_workers=1, order=FFCV_ORDERS[s.data.ffcv_order],
                            distributed=s.world_size > 1, seed=s.seed, pipelines={IMAGE_FIELD: None, LABEL_FIELD: None})
             self._inner_order = probe.traversal_order
         return loader

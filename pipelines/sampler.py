@@ -4,12 +4,16 @@ Every backend shards the same way: a permutation of all images drawn from
 (seed, epoch), dealt round-robin to the ranks, cut to whole batches. Because the order
 is a function of (seed, epoch), a resumed run replays exactly the epochs it missed,
 and `start_batch` skips the batches it had already trained on without loading them.
+`ShardedLoader` is what every training loader shares of this: its length, `set_epoch`
+and this rank's batches of the epoch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from pipelines.spec import LoaderSpec
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
@@ -57,3 +61,35 @@ def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
     For randomness drawn per batch rather than per image: the device-side augmentations
     and DALI's pipelines. A function of (seed, epoch, rank, batch) only."""
     return int(np.random.SeedSequence([seed, epoch, rank, batch]).generate_state(1)[0] % (2**31 - 1))
+
+
+def rank_share(num_items: int, rank: int, world_size: int) -> list[int]:
+    """An evaluation loader's share: every world_size-th item from `rank`, in dataset order
+    (all items are seen once, so an evaluation covers the whole split)."""
+    return list(range(rank, num_items, world_size))
+
+
+class ShardedLoader:
+    """The part every training loader shares: length, epoch and mid-epoch start, this rank's batches.
+
+    A subclass sets up its source, then calls `super().__init__(spec, num_images)`, which
+    fails before training when the data cannot fill one global batch.
+    """
+
+    def __init__(self, spec: LoaderSpec, num_images: int):
+        self.spec, self.num_images = spec, num_images
+        self.epoch, self.start_batch = 0, 0
+        check_batches_per_epoch(num_images, spec.batch_size, spec.world_size)
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration reads `epoch`, from batch `start_batch` on (a resumed run)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def shard(self) -> list[list[int]]:
+        """This rank's batches of dataset indices for the current epoch, from `start_batch` on."""
+        s = self.spec
+        return shard_batches(self.num_images, s.batch_size, s.rank, s.world_size, s.seed, self.epoch,
+                             self.start_batch)

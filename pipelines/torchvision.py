@@ -20,12 +20,9 @@ from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
 from pipelines.device_augment import augment_view
 from pipelines.folder import scan_source
-from pipelines.sampler import batch_seed, batches_per_epoch, check_batches_per_epoch, sample_seed, shard_batches
+from pipelines.images import UNREADABLE, load_rgb, next_readable
+from pipelines.sampler import ShardedLoader, batch_seed, sample_seed
 from pipelines.spec import LoaderSpec
-
-# Errors PIL raises on truncated, corrupt or non-image files.
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-MAX_REPLACEMENTS = 16
 
 
 class PILGaussianBlur:
@@ -63,13 +60,6 @@ def view_transform(recipe: MultiCropRecipe, view: ViewSpec, photometric: bool = 
     ])
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode fully (so truncation is found here, not later) and convert CMYK/L/P/RGBA to RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
-
-
 class MultiCropFolder(Dataset):
     """An ImageNet-layout folder whose items are all views of one image.
 
@@ -78,7 +68,7 @@ class MultiCropFolder(Dataset):
     """
 
     def __init__(self, root: str, recipe: MultiCropRecipe, seed: int, photometric: bool = True):
-        self.samples, self.classes = scan_source(root)
+        self.samples, _ = scan_source(root)
         self.transforms = [view_transform(recipe, v, photometric) for v in recipe.views()]
         self.seed = seed
 
@@ -92,22 +82,20 @@ class MultiCropFolder(Dataset):
         passed over by several lookups, and only the loader sees them all to count each once.
         """
         epoch, index = key
-        bad: list[int] = []
-        for attempt in range(MAX_REPLACEMENTS):
-            i = (index + attempt) % len(self.samples)
-            path, label = self.samples[i]
-            try:
-                img = load_rgb(path)
-                break
-            except UNREADABLE as err:
-                bad.append(i)
-                warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
-        else:
-            raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row near {path}; is the data corrupt?")
+        img, i, bad = next_readable(self.samples, index, self._read)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
             views = [t(img) for t in self.transforms]  # every transform draws from torch's RNG
-        return views, i, label, bad
+        return views, i, self.samples[i][1], bad
+
+    def _read(self, i: int) -> Image.Image | None:
+        """Image `i` in RGB, or None (with a warning) when PIL cannot decode it."""
+        path = self.samples[i][0]
+        try:
+            return load_rgb(path)
+        except UNREADABLE as err:
+            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
+            return None
 
 
 def collate_views(items) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, set[int]]:
@@ -121,34 +109,23 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers are processes: one thread each avoids oversubscription
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(ShardedLoader):
     """Multi-crop batches from a JPEG folder via PIL and DataLoader workers."""
 
     def __init__(self, spec: LoaderSpec):
-        self.spec = spec
-        self.dataset = MultiCropFolder(spec.path, spec.recipe, spec.seed, photometric=not spec.device_augment)
-        self.num_images = len(self.dataset)
-        self.epoch, self.start_batch = 0, 0
-        check_batches_per_epoch(self.num_images, spec.batch_size, spec.world_size)  # fail before training
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.num_images, self.spec.batch_size, self.spec.world_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+        self.dataset = MultiCropFolder(spec.path, spec.recipe, spec.seed, photometric=not spec.data.device_augment)
+        super().__init__(spec, len(self.dataset))
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
         s = self.spec
-        batches = shard_batches(self.num_images, s.batch_size, s.rank, s.world_size, s.seed, self.epoch,
-                                self.start_batch)
-        keyed = [[(self.epoch, i) for i in b] for b in batches]
+        keyed = [[(self.epoch, i) for i in b] for b in self.shard()]
         loader = DataLoader(self.dataset, batch_sampler=keyed, num_workers=s.num_workers,
                             collate_fn=collate_views, pin_memory=s.device.type == "cuda",
                             worker_init_fn=_worker_init if s.num_workers else None,
                             prefetch_factor=4 if s.num_workers else None)
         met: set[int] = set()  # unreadable images met this epoch: each counts once (MultiCropBatch.num_skipped)
         for b, (views, index, label, bad) in enumerate(loader, start=self.start_batch):
-            if s.device_augment:
+            if s.data.device_augment:
                 views = self._augment_on_device(views, b)
             yield MultiCropBatch(views=[s.to_device(v) for v in views], index=index, label=label,
                                  num_skipped=len(bad - met))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import FILE_BACKENDS, data_path, requires_dali
-from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 
 SOURCE = 64  # probe images are SOURCE x SOURCE
@@ -52,9 +52,9 @@ def collect(backend: str, root: Path, recipe: MultiCropRecipe) -> list[torch.Ten
     device_augment = backend == "torchvision-device"
     dali_cpu_fast = backend != "dali-conditionals"
     backend = {"torchvision-device": "torchvision", "dali-conditionals": "dali"}.get(backend, backend)
-    spec = LoaderSpec(path=data_path(backend, root), recipe=recipe, batch_size=BATCH, seed=3,
-                      device_augment=device_augment, dali_cpu_fast=dali_cpu_fast)
-    loader = build_train_loader(backend, spec)
+    data = DataConfig(backend=backend, train=data_path(backend, root), device_augment=device_augment,
+                      dali_cpu_fast=dali_cpu_fast)
+    loader = build_train_loader(LoaderSpec(data=data, recipe=recipe, batch_size=BATCH, seed=3))
     per_view: list[list[torch.Tensor]] = [[] for _ in range(recipe.num_views)]
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)

@@ -54,7 +54,7 @@ def test_every_training_backend_refuses_a_lone_split(tmp_path, backend):
     else:
         spec = spec_for(tmp_path / "data", backend=backend)
     with pytest.raises(DataLayoutError, match="only split folders .*train/"):
-        build_train_loader(backend, spec)
+        build_train_loader(spec)
 
 
 # ------------------------------------------------------------------ one class
@@ -66,13 +66,13 @@ def test_single_class_training_data_is_used_with_one_warning(tmp_path, backend):
     make_image_folder(root, 1, 8)
     with warnings.catch_warnings(record=True) as first:
         warnings.simplefilter("always")
-        loader = build_train_loader(backend, spec_for(root, backend=backend))
+        loader = build_train_loader(spec_for(root, backend=backend))
     assert len(loader) == 2  # 8 images, batch 4: trained on
     [message] = single_class_warnings(first)
     assert "k-NN and linear evaluations" in message and "class_00" in message
     with warnings.catch_warnings(record=True) as second:
         warnings.simplefilter("always")
-        build_train_loader(backend, spec_for(root, backend=backend))
+        build_train_loader(spec_for(root, backend=backend))
     assert single_class_warnings(second) == []  # once
 
 
@@ -173,7 +173,7 @@ def test_three_corrupt_jpegs_count_three_skips_per_epoch(tmp_path, backend, batc
     good = (root / "class_00" / "img_000.JPEG").read_bytes()
     for j in range(3):  # consecutive in the sorted order: a lookup passes over several of them
         (root / "class_00" / f"bad_{j}.JPEG").write_bytes(good[: len(good) // 3])
-    loader = build_train_loader(backend, spec_for(root, batch_size=batch_size))
+    loader = build_train_loader(spec_for(root, backend=backend, batch_size=batch_size))
     for epoch in range(2):  # each epoch counts the bad files it met; DALI remembers them but still counts
         loader.set_epoch(epoch)
         with warnings.catch_warnings():
@@ -181,3 +181,54 @@ def test_three_corrupt_jpegs_count_three_skips_per_epoch(tmp_path, backend, batc
             batches = list(loader)
         assert sum(len(b.index) for b in batches) == 11
         assert sum(b.num_skipped for b in batches) == 3
+
+
+# ------------------------------------------------------------------ a decoder that dies on a bad file
+
+
+def test_a_decoder_that_fails_a_pass_gets_the_bad_file_retired_and_restarts_after_the_last_batch(tmp_path):
+    """`pipelines.images.run_retiring_bad_files`, which both DALI loaders run, with a stand-in decoder that
+    prefetches one batch ahead and fails the pass on a file that only a full decode can refuse."""
+    from types import SimpleNamespace
+
+    from pipelines.images import run_retiring_bad_files
+
+    paths = make_image_folder(tmp_path / "d", 1, 6, size=24)
+    good = paths[2].read_bytes()
+    paths[2].write_bytes(good[:4] + bytes(200) + good[204:])  # starts and ends like a JPEG
+    samples = [(str(p), 0) for p in paths]
+    batches, bad, done, passes = [[0, 1], [2, 3], [4, 5]], {}, 0, []
+
+    def new_feeder():
+        if done >= len(batches):
+            return None
+        passes.append(done)
+        return SimpleNamespace(sent=[], batches=[[i for i in b if i not in bad] for b in batches[done:]])
+
+    def decode(feeder):
+        feeder.sent.append(feeder.batches[0])
+        for k, b in enumerate(feeder.batches):
+            if k + 1 < len(feeder.batches):
+                feeder.sent.append(feeder.batches[k + 1])  # prefetched: in flight when batch k fails
+            if 2 in b:
+                raise RuntimeError("the pipeline is no longer valid")
+            yield b
+
+    def deliver(feeder, k, out):
+        nonlocal done
+        done += 1
+        return out
+
+    with pytest.warns(UserWarning, match="skipping unreadable image .*img_002"):
+        got = list(run_retiring_bad_files(samples, bad, new_feeder, decode, deliver))
+    assert got == [[0, 1], [3], [4, 5]]  # nothing delivered twice, nothing good lost
+    assert list(bad) == [2] and passes == [0, 1]
+
+    def broken(feeder):  # a failure that no bad file explains is not swallowed
+        raise RuntimeError("out of memory")
+        yield
+
+    done, bad = 0, {}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(run_retiring_bad_files(samples, bad, new_feeder, broken, deliver))
+    assert bad == {}

@@ -189,3 +189,22 @@ def test_micro_batches_are_refused_where_the_loss_couples_every_row(objective):
     validate(cfg)
     cfg.method.objective, cfg.train.micro_batch_size = "mira", 8  # MIRA's targets stay whole-batch
     validate(cfg)
+
+
+def test_backend_and_eval_loader_names_come_from_pipelines(monkeypatch):
+    """The names are declared once, in `pipelines.spec`: registering a loader there is enough for the config."""
+    import pipelines.spec
+
+    cfg = valid()
+    cfg.data.backend, cfg.eval.loader = "mine", "mine_eval"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "data.backend: unknown backend 'mine'" in str(err.value)
+    assert "eval.loader: unknown 'mine_eval'; choose one of torchvision, dali" in str(err.value)
+    monkeypatch.setitem(pipelines.spec.BACKENDS, "mine", "my_module:MyLoader")
+    monkeypatch.setitem(pipelines.spec.EVAL_BACKENDS, "mine_eval", "my_module:MyEvalLoader")
+    validate(cfg)
+    cfg.data.ffcv_order = "shuffled"
+    with pytest.raises(ConfigError, match="data.ffcv_order: unknown 'shuffled'; choose sampler, random, "
+                                          "quasi_random or sequential"):
+        validate(cfg)

@@ -211,3 +211,32 @@ def test_eval_transform_resizes_bilinearly_as_the_authors(folder):
     ours = eval_transform(SIZE)(img)
     torch.testing.assert_close(ours, authors(img), rtol=0, atol=0)
     assert (ours - bicubic(img)).abs().max() > 1e-3  # the interpolation is visible on this image
+
+
+@requires_dali
+def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeypatch):
+    """`--data.dali_hw_decoder_load` reaches the DALI k-NN loaders' pipeline, as it does the training loader's."""
+    import argparse
+
+    import pipelines.dali_eval as de
+    from fastssl.engine import build_knn
+    from test_engine import tiny_config
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.eval.loader, cfg.data.dali_hw_decoder_load = "dali", 0.3
+    accelerator = argparse.Namespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    knn = build_knn(cfg, accelerator, 1)
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def recording_pipeline(source, size, decoder_device, hw_decoder_load, layout, **kwargs):
+        seen.append(hw_decoder_load)
+        raise Seen
+
+    monkeypatch.setattr(de, "eval_pipeline", recording_pipeline)
+    for loader in (knn.bank, knn.queries):
+        with pytest.raises(Seen):
+            next(iter(loader))
+    assert seen == [0.3, 0.3]

@@ -172,10 +172,10 @@ def test_bench_mira_opt_in_implementations_record_errors_instead_of_failing(tmp_
 def test_bench_loaders_variants_name_real_loader_settings():
     import dataclasses
 
-    from pipelines import LoaderSpec
+    from pipelines import DataConfig
 
     bl = load_tool("bench_loaders")
-    fields = {f.name for f in dataclasses.fields(LoaderSpec)}
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
     assert set(gc.LOADER_VARIANTS) <= set(bl.ALL_BACKENDS) | set(bl.VARIANTS)
     for name in gc.LOADER_VARIANTS:
         backend, overrides = bl.VARIANTS.get(name, (name, {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from conftest import requires_dali, requires_ffcv, FILE_BACKENDS, data_path, decode_index, make_image_folder
 from dist_utils import requires_gloo, run_distributed
-from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import DataLayoutError, scan_image_folder
 from pipelines.sampler import batches_per_epoch, shard_batches
@@ -97,14 +98,20 @@ def test_too_small_dataset_is_a_clear_error():
 # ------------------------------------------------------------------ the torchvision loader
 
 
+SPEC_FIELDS = {f.name for f in dataclasses.fields(LoaderSpec)}
+
+
 def spec_for(root, recipe=None, backend: str = "torchvision", **kw) -> LoaderSpec:
-    return LoaderSpec(path=data_path(backend, root), recipe=recipe or plain_recipe(), batch_size=kw.pop("batch_size", 4),
-                      **kw)
+    """`backend`'s spec for this image folder; `kw` sets LoaderSpec fields, or else DataConfig fields."""
+    kw.setdefault("batch_size", 4)
+    data = DataConfig(backend=backend, train=data_path(backend, root),
+                      **{k: v for k, v in kw.items() if k not in SPEC_FIELDS})
+    return LoaderSpec(data=data, recipe=recipe or plain_recipe(), **{k: v for k, v in kw.items() if k in SPEC_FIELDS})
 
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_batches_have_the_contract_shapes(image_folder, backend):
-    loader = build_train_loader(backend, spec_for(image_folder, backend=backend))
+    loader = build_train_loader(spec_for(image_folder, backend=backend))
     batches = list(loader)
     assert len(batches) == len(loader) == 4
     b = batches[0]
@@ -115,7 +122,7 @@ def test_batches_have_the_contract_shapes(image_folder, backend):
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_every_view_comes_from_its_source_image(image_folder, backend):
-    loader = build_train_loader(backend, spec_for(image_folder, backend=backend))
+    loader = build_train_loader(spec_for(image_folder, backend=backend))
     for batch in loader:
         for row, index in enumerate(batch.index.tolist()):
             for view in batch.views:
@@ -125,7 +132,7 @@ def test_every_view_comes_from_its_source_image(image_folder, backend):
 @requires_dali
 def test_dali_cpu_can_keep_the_gpu_resampling(image_folder):
     """`dali_cpu_fast=False`: bicubic crops and the accurate IDCT on CPU, as on a GPU."""
-    loader = build_train_loader("dali", spec_for(image_folder, backend="dali", dali_cpu_fast=False))
+    loader = build_train_loader(spec_for(image_folder, backend="dali", dali_cpu_fast=False))
     for batch in loader:
         for row, index in enumerate(batch.index.tolist()):
             for view in batch.views:
@@ -143,7 +150,7 @@ def test_dali_augmentations_repeat_from_the_seed_whatever_the_threads(image_fold
                              blur_sigma=(1.0, 1.0), solarize_p=(0.5, 0.5, 0.5))
     runs = []
     for threads in (1, 2):
-        loader = build_train_loader("dali", spec_for(image_folder, recipe, backend="dali", num_workers=threads,
+        loader = build_train_loader(spec_for(image_folder, recipe, backend="dali", num_workers=threads,
                                                      seed=4, dali_cpu_fast=cpu_fast))
         loader.set_epoch(1)
         runs.append(list(loader))
@@ -157,7 +164,7 @@ def test_dali_augmentations_repeat_from_the_seed_whatever_the_threads(image_fold
 @requires_ffcv
 def test_ffcv_epoch_thread_stops_when_the_caller_stops_early(image_folder):
     """FFCV's epoch thread outliving its epoch made processes abort at exit (code 134)."""
-    loader = build_train_loader("ffcv", spec_for(image_folder, backend="ffcv", batch_size=2))
+    loader = build_train_loader(spec_for(image_folder, backend="ffcv", batch_size=2))
     it = iter(loader)
     next(it)
     epoch_thread = loader._epoch_it
@@ -177,7 +184,7 @@ def test_ffcv_stop_does_not_hang_on_the_end_of_epoch_marker(image_folder, monkey
     import pipelines.ffcv as pf
 
     monkeypatch.setattr(pf, "EPOCH_THREAD_JOIN_S", 5.0)
-    loader = build_train_loader("ffcv", spec_for(image_folder, backend="ffcv", batch_size=2))
+    loader = build_train_loader(spec_for(image_folder, backend="ffcv", batch_size=2))
     it = iter(loader)
     next(it)
     ahead = loader._loader.batches_ahead  # the queue's size
@@ -195,7 +202,7 @@ def test_augmentations_do_not_depend_on_workers(image_folder):
     full = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
     runs = []
     for workers in (0, 2):
-        loader = build_train_loader("torchvision", spec_for(image_folder, full, num_workers=workers, seed=4))
+        loader = build_train_loader(spec_for(image_folder, full, num_workers=workers, seed=4))
         loader.set_epoch(1)
         runs.append(list(loader))
     for a, b in zip(*runs):
@@ -205,7 +212,7 @@ def test_augmentations_do_not_depend_on_workers(image_folder):
 
 
 def test_resume_mid_epoch_replays_the_rest(image_folder):
-    loader = build_train_loader("torchvision", spec_for(image_folder, seed=9))
+    loader = build_train_loader(spec_for(image_folder, seed=9))
     loader.set_epoch(2)
     whole = list(loader)
     loader.set_epoch(2, start_batch=3)
@@ -216,10 +223,10 @@ def test_resume_mid_epoch_replays_the_rest(image_folder):
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_resume_continues_the_data_order(image_folder, backend):
-    loader = build_train_loader(backend, spec_for(image_folder, backend=backend, seed=9))
+    loader = build_train_loader(spec_for(image_folder, backend=backend, seed=9))
     loader.set_epoch(2)
     whole = [b.index for b in loader]
-    resumed = build_train_loader(backend, spec_for(image_folder, backend=backend, seed=9))
+    resumed = build_train_loader(spec_for(image_folder, backend=backend, seed=9))
     resumed.set_epoch(2, start_batch=1)  # a resumed run's FIRST iteration starts mid-epoch
     rest = [b.index for b in resumed]
     assert len(rest) == len(whole) - 1
@@ -245,15 +252,16 @@ def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path, backend):
     (odd / "not_an_image.JPEG").write_text("hello")
     Image.new("RGB", (3, 2), (200, 10, 10)).save(odd / "smaller_than_a_crop.JPEG")
     if backend == "ffcv":  # the converter skips and reports; the .beton holds only good images
-        spec = LoaderSpec(path=data_path(backend, root, write_mode="jpg"), recipe=plain_recipe(), batch_size=12)
+        spec = LoaderSpec(data=DataConfig(backend=backend, train=data_path(backend, root, write_mode="jpg")),
+                          recipe=plain_recipe(), batch_size=12)
         summary = json.loads(Path(spec.path + ".json").read_text())
         assert sorted(Path(s["path"]).name for s in summary["skipped"]) == \
             ["bad_header.JPEG", "not_an_image.JPEG", "truncated.JPEG"]
-        batches = list(build_train_loader(backend, spec))
+        batches = list(build_train_loader(spec))
         assert len({i for b in batches for i in b.index.tolist()}) == 12
         assert all(torch.isfinite(v).all() for b in batches for v in b.views)
         return
-    loader = build_train_loader(backend, spec_for(root, batch_size=15))
+    loader = build_train_loader(spec_for(root, backend=backend, batch_size=15))
     with pytest.warns(UserWarning, match="skipping"):
         batches = list(loader)
     assert sum(b.num_skipped for b in batches) == 3
@@ -265,12 +273,12 @@ def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path, backend):
 
 def test_unknown_backend_is_named(image_folder):
     with pytest.raises(ValueError, match="unknown data backend 'nope'"):
-        build_train_loader("nope", spec_for(image_folder))
+        build_train_loader(spec_for(image_folder, backend="nope"))
 
 
 def test_synthetic_backend_shapes():
-    spec = LoaderSpec(path="", recipe=plain_recipe(), batch_size=3, synthetic_size=12)
-    loader = build_train_loader("synthetic", spec)
+    spec = LoaderSpec(data=DataConfig(backend="synthetic", synthetic_size=12), recipe=plain_recipe(), batch_size=3)
+    loader = build_train_loader(spec)
     batches = list(loader)
     assert len(batches) == 4
     assert [tuple(v.shape) for v in batches[0].views] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 2
@@ -280,19 +288,18 @@ def test_synthetic_backend_shapes():
 
 @pytest.mark.parametrize("backend", [*FILE_BACKENDS, "synthetic"])
 def test_loaders_refuse_data_smaller_than_one_global_batch(image_folder, backend):
-    spec = spec_for(image_folder, backend=backend if backend != "synthetic" else "torchvision", batch_size=10,
-                    world_size=2, synthetic_size=18)
+    spec = spec_for(image_folder, backend=backend, batch_size=10, world_size=2, synthetic_size=18)
     with pytest.raises(ValueError, match="fewer than one global batch of 20"):
-        build_train_loader(backend, spec)
+        build_train_loader(spec)
 
 
 def _shard_indices(rank: int, world_size: int, backend: str, path: str) -> list[int]:
     """In a real process of a 2-process gloo group: this rank's indices of epoch 1."""
     import torch.distributed as dist
 
-    spec = LoaderSpec(path=path, recipe=plain_recipe(), batch_size=3, rank=dist.get_rank(),
-                      world_size=dist.get_world_size(), seed=5)
-    loader = build_train_loader(backend, spec)
+    spec = LoaderSpec(data=DataConfig(backend=backend, train=path), recipe=plain_recipe(), batch_size=3,
+                      rank=dist.get_rank(), world_size=dist.get_world_size(), seed=5)
+    loader = build_train_loader(spec)
     loader.set_epoch(1)
     return [i for b in loader for i in b.index.tolist()]
 
@@ -320,10 +327,59 @@ def test_dali_cpu_falls_back_to_its_operators_when_numba_steps_cannot_be_built(i
     monkeypatch.setattr(dp, "_OPERATOR", None)
     monkeypatch.setattr(dp, "_UNAVAILABLE", None)
     with pytest.warns(UserWarning, match="could not be built.*numba plugin says no.*conditionals"):
-        loader = build_train_loader("dali", spec_for(image_folder, MultiCropRecipe(global_size=16, local_size=8,
+        loader = build_train_loader(spec_for(image_folder, MultiCropRecipe(global_size=16, local_size=8,
                                                                                    num_local=2), backend="dali"))
         batches = list(loader)
     assert len(batches) == len(loader)
     assert [tuple(v.shape) for v in batches[0].views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
     assert all(torch.isfinite(v).all() for b in batches for v in b.views)
     assert not dp.available()  # decided once per process: no second build, no second warning
+
+
+# ------------------------------------------------------------------ one data config, backends apart
+
+
+def test_the_loop_hands_the_data_config_to_the_loader_whole():
+    """A data option reaches the loader without a field-by-field copy (`engine.loader_spec`)."""
+    import argparse
+
+    from fastssl.config import Config
+    from fastssl.engine import loader_spec
+
+    cfg = Config()
+    cfg.data.backend, cfg.data.synthetic_size, cfg.data.synthetic_classes = "synthetic", 24, 3
+    cfg.aug, cfg.train.global_batch_size = plain_recipe(), 4
+    accelerator = argparse.Namespace(device=torch.device("cpu"), num_processes=2, process_index=1,
+                                     mixed_precision="no")
+    loader = build_train_loader(loader_spec(cfg, accelerator, 0))
+    assert loader.spec.data is cfg.data and loader.spec.path == cfg.data.train
+    assert (loader.spec.rank, loader.spec.world_size, loader.spec.batch_size) == (1, 2, 2)
+    assert len(loader) == 6  # 24 images / 2 ranks / batches of 2
+    assert all(0 <= label < 3 for b in loader for label in b.label.tolist())
+
+
+def _pipelines_imports(path: Path) -> set[str]:
+    """The `pipelines.*` modules a source file imports, anywhere in it (also inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m.startswith("pipelines.")}
+
+
+def test_no_backend_imports_another_backend():
+    """Backends share image I/O through `pipelines.images`, not through each other."""
+    from pipelines.spec import BACKENDS, EVAL_BACKENDS
+
+    backends = {target.split(":")[0] for target in [*BACKENDS.values(), *EVAL_BACKENDS.values()]}
+    backends.add("pipelines.beton_writer")  # the converter's workers
+    repo = Path(__file__).resolve().parents[1]
+    for module in sorted(backends):
+        imported = _pipelines_imports(repo / (module.replace(".", "/") + ".py"))
+        assert not imported & (backends - {module}), f"{module} imports {sorted(imported & backends)}"
+        reads_image_files = module not in ("pipelines.synthetic", "pipelines.ffcv")  # ffcv: the converter did
+        assert ("pipelines.images" in imported) == reads_image_files, module

@@ -269,7 +269,7 @@ def test_profile_converts_its_beton_into_the_scratch_folder(tmp_path, monkeypatc
     cfg = tiny_config(tmp_path, epochs=1)
     paths = []
 
-    def fake_loader(name, spec):
+    def fake_loader(spec):
         paths.append(Path(spec.path))
         return object()
 

@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines import LoaderSpec, MultiCropRecipe, build_train_loader  # noqa: E402
+from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader  # noqa: E402
 from pipelines.beton import BetonError  # noqa: E402
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
-# Opt-in ablations (name -> backend and LoaderSpec overrides), measured only when named in --backends.
+# Opt-in ablations (name -> backend and DataConfig overrides), measured only when named in --backends.
 VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}),  # the GPU's DALI graph run on the CPU
             # torchvision workers only crop; the photometric steps run batched on the device
             "torchvision-device-augment": ("torchvision", {"device_augment": True}),
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         backend, overrides = VARIANTS.get(name, (name, {}))
         path = str(args.beton or beton_for(data)) if backend == "ffcv" else str(data)
-        spec = LoaderSpec(path=path, recipe=recipe, batch_size=args.batch_size, num_workers=args.workers,
-                          device=device, seed=0, synthetic_size=100_000, **overrides)
+        spec = LoaderSpec(data=DataConfig(backend=backend, train=path, synthetic_size=100_000, **overrides),
+                          recipe=recipe, batch_size=args.batch_size, num_workers=args.workers, device=device, seed=0)
         try:
-            loaders[name] = build_train_loader(backend, spec)
+            loaders[name] = build_train_loader(spec)
         except BetonError as err:  # --beton names a folder or a missing / foreign file
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

@@ -109,7 +109,7 @@ def measure_loaders(cfg: Config, accelerator, backends: list[str], args, scratch
             c.data.train = str(args.beton or scratch_beton(Path(cfg.data.train), scratch))
         elif name != "ffcv" and str(c.data.train).endswith(".beton"):
             continue  # a .beton feeds only ffcv
-        loaders[name] = pipelines.build_train_loader(name, loader_spec(c, accelerator, args.workers))
+        loaders[name] = pipelines.build_train_loader(loader_spec(c, accelerator, args.workers))
     runs: dict[str, list[float]] = {n: [] for n in loaders}
     for name, loader in loaders.items():  # first batches compile / spawn: not timed
         time_epoch(loader, 10_000, 0, 1, accelerator.device)
@@ -166,7 +166,7 @@ def measure_model_step(runner: StepRunner, cfg: Config, accelerator, args,
     """
     c = copy.deepcopy(cfg)
     c.data.backend, c.data.synthetic_size = "synthetic", 64 * cfg.train.global_batch_size
-    views = next(iter(pipelines.build_train_loader("synthetic", loader_spec(c, accelerator, 1)))).views
+    views = next(iter(pipelines.build_train_loader(loader_spec(c, accelerator, 1)))).views
     device = accelerator.device
     for _ in range(args.warmup_steps):
         runner(views)
@@ -194,7 +194,7 @@ def measure_end_to_end(runner: StepRunner, cfg: Config, accelerator, args,
     `midway` (the training-loop cross-check) runs after half of the timed steps, so that the
     profile's figure and the loop's own sample the same stretch of a noisy machine.
     """
-    loader = pipelines.build_train_loader(cfg.data.backend, loader_spec(cfg, accelerator, args.workers))
+    loader = pipelines.build_train_loader(loader_spec(cfg, accelerator, args.workers))
     need = args.warmup_steps + args.steps
     if len(loader) < need:
         raise ConfigError(f"the {cfg.data.backend} loader has {len(loader)} batches per epoch, the profile needs "

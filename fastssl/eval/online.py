@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from fastssl.eval.knn import knn_accuracy
 from pipelines.eval import build_eval_loader
 from pipelines.folder import DataLayoutError
+from pipelines.spec import DataConfig
 
 
 @torch.no_grad()
@@ -77,14 +78,16 @@ def split_size(loader) -> int:
 class OnlineKnn:
     """Builds the two eval loaders once (so a bad val path, or a missing DALI, fails before training).
 
-    `loader` is the eval backend (`pipelines.eval.EVAL_BACKENDS`, config `eval.loader`).
+    `loader` is the eval backend (`pipelines.spec.EVAL_BACKENDS`, config `eval.loader`); `data`
+    the run's data configuration, whose DALI options the DALI eval loader shares with training.
     """
 
     def __init__(self, train_root: str, val_root: str, image_size: int, batch_size: int, accelerator,
                  num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision",
-                 progress: bool = False):
+                 progress: bool = False, data: DataConfig | None = None):
         common = dict(size=image_size, batch_size=batch_size, rank=accelerator.process_index,
-                      world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device)
+                      world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device,
+                      data=data)
         self.bank, self.queries = knn_loaders(loader, train_root, val_root, **common)
         self.accelerator, self.k, self.temperature, self.progress = accelerator, k, temperature, progress
 

@@ -1,0 +1,203 @@
+"""Image files in, pixels or screened bytes out: what every loader and the converter share of image I/O.
+
+* Decoding with PIL (`load_rgb`): fully, so a truncated file fails here and not later, and
+  converted to RGB; `UNREADABLE` are the errors PIL raises on a bad file.
+* Sniffing (`problem`): cheap checks on encoded bytes, before a decoder that cannot skip a
+  bad sample sees them. DALI's decoders fail the WHOLE pipeline on one undecodable sample
+  ("Current pipeline object is no longer valid"), so the DALI loaders screen each file's
+  bytes first. The checks read only the first and last bytes, so they cost microseconds,
+  and they catch what ImageNet-scale folders really contain: non-image files, and JPEG or
+  PNG files cut short by an interrupted copy (a truncated JPEG lacks its end-of-image
+  marker and makes libjpeg-turbo stop with "Premature end of JPEG data"). Corruption
+  inside an otherwise whole file decodes to wrong pixels, which is harmless for training.
+* Bad-file screening: `read_screened` (bytes that pass the sniff), `next_readable` (a bad
+  training image is replaced by the next good one, at most `MAX_REPLACEMENTS` in a row).
+* Decoders that die on a bad file (DALI): `run_retiring_bad_files` runs a pass, and when
+  it fails traces the failure to its files with PIL, retires them and restarts the pass
+  after the last batch delivered; `placement` says where such a decoder runs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+T = TypeVar("T")
+
+# Errors PIL raises on truncated, corrupt or non-image files.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+MAX_REPLACEMENTS = 16  # bad images in a row before a loader gives up: the data, not a file, is broken
+MAX_PIPELINE_ERRORS = 8  # restarts per pass before giving up: something else is wrong
+
+# Magic numbers of the formats DALI (nvImageCodec) and PIL both decode.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+_JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND"
+MIN_BYTES = 32
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode fully (so truncation is found here, not later) and convert CMYK/L/P/RGBA to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def image_format(head: bytes) -> str | None:
+    """'jpeg', 'png', 'bmp', 'tiff', 'webp', or None when the bytes are no image we decode."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def problem(data: bytes | memoryview) -> str | None:
+    """Why these encoded bytes would not decode (a short reason), or None if they look whole.
+
+    The reason strings are written to logs and converter reports, so they name the fix.
+    """
+    head, tail, size = bytes(data[:16]), bytes(data[-64:]), len(data)
+    if size < MIN_BYTES:
+        return f"only {size} bytes: empty or cut short"
+    fmt = image_format(head)
+    if fmt is None:
+        return "not an image (unknown file signature): remove it from the data folder"
+    # FF D9 cannot occur inside entropy-coded data (0xFF is stuffed as FF 00), so finding
+    # it among the last bytes (writers may pad after it) means the stream reached its end.
+    if fmt == "jpeg" and _JPEG_END not in tail:
+        return "truncated JPEG (no end-of-image marker): re-copy or re-download the file"
+    if fmt == "png" and _PNG_END not in tail:
+        return "truncated PNG (no IEND chunk): re-copy or re-download the file"
+    return None
+
+
+def read_screened(path: str) -> tuple[np.ndarray | None, str | None]:
+    """(the file's bytes, None), or (None, why) when it cannot be read or would not decode."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        return None, f"unreadable: {err}"
+    reason = problem(memoryview(data))
+    return (data, None) if reason is None else (None, reason)
+
+
+def read_unless_bad(samples: list[tuple[str, int]], bad: dict[int, str], i: int) -> np.ndarray | None:
+    """The screened bytes of image `i`, or None when it is known bad or fails the screening
+    (then warned about once and remembered in `bad`, so that later passes skip it silently)."""
+    if i in bad:
+        return None
+    path = samples[i][0]
+    data, reason = read_screened(path)
+    if data is None:
+        bad[i] = reason
+        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
+    return data
+
+
+def next_readable(samples: list[tuple[str, int]], index: int, read: Callable[[int], T | None]
+                  ) -> tuple[T, int, list[int]]:
+    """(`read(i)`, i, the indices passed over) for the first image from `index` on, in dataset
+    order, that `read` returns (it returns None for a bad file, after warning about it).
+
+    A bad training image is replaced rather than dropped, so every batch keeps its size;
+    after MAX_REPLACEMENTS bad images in a row the data itself is broken, and this says so.
+    """
+    passed: list[int] = []
+    for attempt in range(MAX_REPLACEMENTS):
+        i = (index + attempt) % len(samples)
+        got = read(i)
+        if got is not None:
+            return got, i, passed
+        passed.append(i)
+    raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row near {samples[index][0]}; "
+                       "is the data corrupt?")
+
+
+def find_bad_files(samples: list[tuple[str, int]], indices: Iterable[int]) -> dict[int, str]:
+    """Decode each file fully with PIL: the ones that fail are why a decoder failed a batch."""
+    bad = {}
+    for i in indices:
+        try:
+            load_rgb(samples[i][0])
+        except UNREADABLE as err:
+            bad[i] = f"undecodable: {type(err).__name__}: {err}"
+    return bad
+
+
+def retire_bad_files(samples: list[tuple[str, int]], in_flight: set[int], bad: dict[int, str], errors: int) -> bool:
+    """After a decoder failed a batch: find the in-flight files PIL cannot decode, warn about each
+    and add them to `bad`, so that the restarted pass skips them. False when none is found
+    or after MAX_PIPELINE_ERRORS failures: then something else is wrong, and the caller re-raises."""
+    found = find_bad_files(samples, sorted(in_flight))
+    if not found or errors > MAX_PIPELINE_ERRORS:
+        return False
+    for i, reason in found.items():
+        warnings.warn(f"skipping unreadable image {samples[i][0]}: {reason}", stacklevel=3)
+    bad.update(found)
+    return True
+
+
+class BatchFeeder(Protocol):
+    """What a pass's feeder records: the dataset indices of each batch handed to the decoder
+    (which prefetches ahead, so these run past the batches delivered)."""
+
+    sent: list[list[int]]
+
+
+F = TypeVar("F", bound=BatchFeeder)
+
+
+def run_retiring_bad_files(samples: list[tuple[str, int]], bad: dict[int, str],
+                           new_feeder: Callable[[], F | None], decode: Callable[[F], Iterable[Any]],
+                           deliver: Callable[[F, int, Any], T]) -> Iterator[T]:
+    """Run passes of a decoder that fails a whole pass on one undecodable file (DALI).
+
+    `new_feeder()` makes a pass's feeder from the caller's restart point (it skips the
+    files in `bad`), or None when nothing is left; `decode(feeder)` starts the decoder on
+    it (DALI decodes its first batches right then, so this may already fail); `deliver(feeder,
+    k, output)` turns the pass's k-th output into what is yielded and moves the restart
+    point past it. When the decoder raises (DALI raises RuntimeError), the files that were
+    in flight are decoded with PIL; the undecodable ones are retired into `bad` and a new
+    pass starts; when none is found, the error is re-raised.
+    """
+    errors = 0
+    while True:
+        feeder = new_feeder()
+        if feeder is None:
+            return
+        delivered = 0
+        try:
+            for out in decode(feeder):
+                item = deliver(feeder, delivered, out)
+                delivered += 1
+                yield item
+            return
+        except RuntimeError:
+            errors += 1
+            in_flight = {i for batch in feeder.sent[delivered:] for i in batch}
+            if not retire_bad_files(samples, in_flight, bad, errors):
+                raise
+
+
+def placement(device: torch.device, num_workers: int) -> tuple[str, int | None, int]:
+    """(decoder device, DALI device_id, CPU threads) for a DALI loader delivering to `device`:
+    nvJPEG `mixed` on that GPU, or libjpeg-turbo with no device id; threads: one per core
+    when `num_workers` is 0."""
+    threads = max(1, num_workers or os.cpu_count() or 1)
+    if device.type != "cuda":
+        return "cpu", None, threads
+    return "mixed", device.index if device.index is not None else torch.cuda.current_device(), threads
