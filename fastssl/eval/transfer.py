@@ -50,7 +50,7 @@ from fastssl.eval.classifier import batches_loader, extract, progress_bar
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.eval import LabelledImages
 from pipelines.folder import DataLayoutError, scan_image_folder
-from pipelines.torchvision import UNREADABLE
+from pipelines.images import UNREADABLE
 
 METRICS = {"top1": "top-1 accuracy", "mean_per_class": "mean-per-class accuracy", "map11": "11-point mAP"}
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
