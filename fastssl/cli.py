@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import NoReturn
 
 from fastssl.config import Config, ConfigError, apply_overrides, field_help, validate
 from pipelines.beton import BetonError
@@ -19,6 +20,12 @@ USAGE = """usage: {prog} [--resume [auto]] [--print-config] [--section.field VAL
 
 fields (= the recipe's value), each with what it means:
 {fields}"""
+
+
+def exit_with(err: Exception | str) -> NoReturn:
+    """The one way recipes and tools fail on bad input: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def usage(cfg: Config, prog: str) -> str:
@@ -74,8 +81,7 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
             sys.exit(0)
         results = train(cfg, resume=flags["resume"], command=["python", prog, *argv])
     except (ConfigError, DataLayoutError, FileNotFoundError, BetonError, CheckpointError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     if "interrupted" in results:  # checkpointed: 128 + the signal's number (SIGTERM 143, SIGUSR1 138)
         from fastssl.runtime import stop_exit_code
 

@@ -1,9 +1,11 @@
-"""Per-run logs: CSV files (easy to read anywhere) and TensorBoard, main process only."""
+"""Per-run logs: CSV files (easy to read anywhere) and TensorBoard, main process only; and the atomic
+JSON writer and UTC date stamp that runs, reports and benchmark results share."""
 
 from __future__ import annotations
 
 import csv
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 STEP_FIELDS = ["epoch", "step", "loss", "lr", "beta", "ema_momentum", "images_per_s", "data_wait_share",
@@ -83,7 +85,14 @@ class RunLog:
             self.tb.close()
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict, sort_keys: bool = True) -> None:
+    """Write JSON atomically: a reader (a run report, --compare) never sees a half-written file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
     tmp.replace(path)
+
+
+def utc_now() -> str:
+    """The date stamp of runs, reports and benchmark results (UTC, to the second)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -45,6 +45,13 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
+def pick_device(name: str) -> torch.device:
+    """A tool's `--device`: 'auto' is CUDA when present, else CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def default_num_workers(requested: int, num_processes: int) -> int:
     """-1 means: share this machine's cores among the local processes."""
     if requested >= 0:

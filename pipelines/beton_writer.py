@@ -13,7 +13,7 @@ from pathlib import Path
 # --------------------------------------------------------------------------- writing (the converter's workers)
 #
 # Why the workers are started by a fork server and never forked from the caller:
-# `tools/convert_imagenet_to_ffcv.py`'s `convert()` is also called from processes that have
+# `pipelines/beton_convert.py`'s `convert()` is also called from processes that have
 # run DALI pipelines or touched CUDA (tests, tools/bench_loaders.py, tools/profile_throughput.py).
 # A child forked from such a process inherits DALI's objects but not its threads; when the
 # child's garbage collector runs `nvidia.dali.Pipeline.__del__` it segfaults, and FFCV's

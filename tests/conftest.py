@@ -43,8 +43,9 @@ def data_path(backend: str, folder: Path, write_mode: str = "raw") -> str:
         return str(folder)
     out = folder.parent / f"{folder.name}-{write_mode}.beton"
     if not out.exists():
-        load_tool("convert_imagenet_to_ffcv").convert(folder, out, write_mode=write_mode, num_workers=1,
-                                                      progress=False)
+        from pipelines.beton_convert import convert
+
+        convert(folder, out, write_mode=write_mode, num_workers=1, progress=False)
     return str(out)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from conftest import FILE_BACKENDS, REPO, make_image_folder, requires_dali
 from test_pipelines import spec_for
-from fastssl.eval.checkpoint_io import EvalError
+from fastssl.eval.errors import EvalError
 from fastssl.eval.classifier import scan_splits
 from pipelines import build_train_loader
 from pipelines.eval import build_eval_loader

@@ -71,7 +71,7 @@ def test_a_run_with_relative_data_paths_evaluates_from_any_directory(tmp_path, m
 
 
 def test_start_directory_of_runs_that_predate_its_record(tmp_path):
-    from fastssl.eval.checkpoint_io import from_run, start_dir
+    from fastssl.eval.targets import from_run, start_dir
 
     run = tmp_path / "runs" / "demo" / "x"
     run.mkdir(parents=True)

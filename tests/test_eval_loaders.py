@@ -166,7 +166,7 @@ def test_eval_knn_with_dali_gives_the_torchvision_figure(tmp_path_factory):
 
     from test_engine import tiny_config
     from fastssl.engine import train
-    from fastssl.eval.checkpoint_io import load_backbone
+    from fastssl.eval.backbone_io import load_backbone
     from fastssl.eval.online import embed
 
     tmp = tmp_path_factory.mktemp("knn_dali")

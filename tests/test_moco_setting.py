@@ -43,7 +43,7 @@ def test_cifar_stem_keeps_32px_resolution_and_exports_to_torchvision(tmp_path):
     result = target.load_state_dict(torch.load(tmp_path / "b.pth"), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
     torch.testing.assert_close(target.conv1.weight, net.backbone.conv1.weight)
-    from fastssl.eval.checkpoint_io import load_backbone
+    from fastssl.eval.backbone_io import load_backbone
     loaded, arch = load_backbone(tmp_path / "b.pth", None)
     assert arch == "resnet18" and loaded.conv1.kernel_size == (3, 3)
 

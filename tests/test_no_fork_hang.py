@@ -29,7 +29,7 @@ SCENARIO = textwrap.dedent("""
     from pathlib import Path
 
     sys.path.insert(0, {tests!r})
-    from conftest import load_tool, make_image_folder
+    from conftest import make_image_folder
     from nvidia.dali import fn, pipeline_def
 
 
@@ -49,7 +49,7 @@ SCENARIO = textwrap.dedent("""
         os.register_at_fork(after_in_child=gc.collect)  # ... and every forked child collects it
         tmp = Path(sys.argv[1])
         make_image_folder(tmp / "train", num_classes=2, per_class=3)
-        convert = load_tool("convert_imagenet_to_ffcv").convert
+        from pipelines.beton_convert import convert
         for i in range(5):
             faulthandler.dump_traceback_later(60, exit=True)  # a hang fails, with its stack
             start = time.perf_counter()

@@ -16,21 +16,21 @@ beside the checkpoint) that the run's report picks up.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
-                                        resolve_target, utc_now, write_report)
-from fastssl.eval.knn import knn_accuracy  # noqa: E402
-from fastssl.eval.online import embed, knn_loaders  # noqa: E402
-from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
-from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
-from pipelines.folder import DataLayoutError  # noqa: E402
+from fastssl.cli import exit_with
+from fastssl.eval.backbone_io import load_backbone
+from fastssl.eval.errors import EvalError
+from fastssl.eval.knn import knn_accuracy
+from fastssl.eval.online import embed, knn_loaders
+from fastssl.eval.targets import resolve_target
+from fastssl.models.backbone import FEATURE_DIMS
+from fastssl.run_log import utc_now, write_json
+from fastssl.runtime import pick_device
+from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class
+from pipelines.folder import DataLayoutError
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
               "image_size": found["size"], "loader": args.loader, "temperature": args.temperature, "k": results,
               "seconds": round(time.perf_counter() - start, 2),
               "date": utc_now()}
-    write_report(found["out"], report)
+    write_json(found["out"], report, sort_keys=False)
     for k, r in results.items():
         print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}")
     print(f"wrote {found['out']}")

@@ -35,23 +35,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from fastssl.eval.checkpoint_io import (EvalError, exit_with, load_backbone, pick_device,  # noqa: E402
-                                        resolve_target, run_knn_figure, utc_now, write_report)
-from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches,  # noqa: E402
-                                     evaluate_head, new_head, progress_bar, scan_splits, sgd_step, step_decay,
-                                     to_device, train_transform)
-from fastssl.models.backbone import FEATURE_DIMS  # noqa: E402
-from fastssl.schedules import scaled_lr  # noqa: E402
-from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class  # noqa: E402
+from fastssl.cli import exit_with
+from fastssl.eval.backbone_io import load_backbone
+from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches, evaluate_head, new_head,
+                                     progress_bar, scan_splits, sgd_step, step_decay, to_device, train_transform)
+from fastssl.eval.errors import EvalError
+from fastssl.eval.targets import resolve_target, run_knn_figure
+from fastssl.models.backbone import FEATURE_DIMS
+from fastssl.run_log import utc_now, write_json
+from fastssl.runtime import pick_device
+from fastssl.schedules import scaled_lr
+from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class
 
 # SwAV's eval_semisup.py (README commands), at batch 256: (backbone lr, head lr).
 PRESETS = {"1": (0.02, 5.0), "10": (0.01, 0.2)}
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {"train": round(train_s, 2), "total": round(time.perf_counter() - start, 2)},
         "device": str(device), "date": utc_now(),
     }
-    write_report(found["out"], report)
+    write_json(found["out"], report, sort_keys=False)
     print(f"fine-tuned on {len(subset)} images ({100 * report['subset_share']:.1f}% of train): "
           f"top1 {acc['top1']:.1f}  top5 {acc['top5']:.1f}  ({report['seconds']['total']:.0f} s)")
     print(f"wrote {found['out']}")

@@ -1,71 +1,19 @@
-"""What every evaluation tool does before and after its own work.
+"""What an evaluation tool is pointed at: a run directory or a bare backbone file.
 
 tools/eval_knn.py, tools/eval_linear.py and tools/finetune_semi.py all take "a run
-directory or an exported backbone_<arch>.pth", must refuse the wrong file (checkpoint.pt,
-another architecture) with a message that says what to pass instead, and leave a JSON
-report beside the run that a run report can pick up. Keeping that here means the three
-tools cannot drift apart in what they accept or where they write.
+directory or an exported backbone_<arch>.pth" and leave a JSON report beside it that a
+run report picks up. Resolving the checkpoint, the data paths and the report path here
+keeps the three tools from drifting apart in what they accept or where they write.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import NoReturn
 
-import torch
+from fastssl.eval.errors import EvalError
 
-from fastssl.models.backbone import FEATURE_DIMS, build_backbone
-
-__all__ = ["EvalError", "infer_arch", "load_backbone", "resolve_target", "start_dir", "from_run", "run_knn_figure",
-           "write_report", "pick_device", "exit_with", "utc_now"]
-
-
-class EvalError(ValueError):
-    """Bad input: say what was wrong and how to fix it."""
-
-
-def infer_arch(state: dict) -> str:
-    """resnet50 has bottleneck blocks (conv3); resnet18 basic blocks."""
-    return "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
-
-
-def _read_state(path: Path) -> dict:
-    """The tensors of an exported backbone; anything else is an EvalError naming the fix."""
-    if not path.is_file():
-        raise EvalError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled objects (checkpoint.pt), or not a torch file at all
-        raise EvalError(f"{str(path)!r} is not an exported backbone ({type(err).__name__}); use the run's "
-                        "backbone_<arch>.pth, not checkpoint.pt") from err
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise EvalError(f"{str(path)!r} is not an exported backbone (no conv1.weight); use the run's "
-                        "backbone_<arch>.pth, not checkpoint.pt")
-    return state
-
-
-def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
-    """An exported backbone (torchvision keys without fc.*), checked key by key.
-
-    Checked before `load_state_dict` so that a mismatch is reported as "another
-    architecture, try --arch X" instead of a 100-line PyTorch key dump.
-    """
-    state = _read_state(Path(path))
-    arch = arch or infer_arch(state)
-    net = build_backbone(arch, "cifar" if state["conv1.weight"].shape[-1] == 3 else "imagenet")  # stem from conv1
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise EvalError(f"{str(path)!r} does not fit a {arch} ({len(missing)} missing keys, {len(unexpected)} "
-                        f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:2]}): it is "
-                        f"from another architecture; try --arch {' or '.join(a for a in FEATURE_DIMS if a != arch)}")
-    net.load_state_dict(state)
-    return net, arch
+__all__ = ["resolve_target", "start_dir", "from_run", "run_knn_figure"]
 
 
 def resolve_target(target: str | Path, *, tool: str, train: str | None = None, val: str | None = None,
@@ -148,28 +96,3 @@ def run_knn_figure(target: str | Path) -> dict | None:
         return None
     knn = json.loads(path.read_text()).get("knn") or []
     return knn[-1] if knn else None
-
-
-def write_report(path: Path, report: dict) -> None:
-    """Write the JSON report atomically (a half-written file would break the run report)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def exit_with(err: Exception | str) -> NoReturn:
-    """The tools' single way to fail on bad input: one line on stderr, exit status 2."""
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

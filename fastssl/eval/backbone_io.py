@@ -1,0 +1,58 @@
+"""Loading an exported backbone (`backbone_<arch>.pth`) for evaluation, checked key by key.
+
+The evaluation tools take an exported backbone, never a training checkpoint: this module
+refuses the wrong file (checkpoint.pt, another architecture) with a message that says
+what to pass instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastssl.eval.errors import EvalError
+from fastssl.models.backbone import FEATURE_DIMS, build_backbone
+
+__all__ = ["infer_arch", "load_backbone"]
+
+
+def infer_arch(state: dict) -> str:
+    """resnet50 has bottleneck blocks (conv3); resnet18 basic blocks."""
+    return "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+
+
+def _read_state(path: Path) -> dict:
+    """The tensors of an exported backbone; anything else is an EvalError naming the fix."""
+    if not path.is_file():
+        raise EvalError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled objects (checkpoint.pt), or not a torch file at all
+        raise EvalError(f"{str(path)!r} is not an exported backbone ({type(err).__name__}); use the run's "
+                        "backbone_<arch>.pth, not checkpoint.pt") from err
+    if not isinstance(state, dict) or "conv1.weight" not in state:
+        raise EvalError(f"{str(path)!r} is not an exported backbone (no conv1.weight); use the run's "
+                        "backbone_<arch>.pth, not checkpoint.pt")
+    return state
+
+
+def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
+    """An exported backbone (torchvision keys without fc.*), checked key by key.
+
+    Checked before `load_state_dict` so that a mismatch is reported as "another
+    architecture, try --arch X" instead of a 100-line PyTorch key dump.
+    """
+    state = _read_state(Path(path))
+    arch = arch or infer_arch(state)
+    net = build_backbone(arch, "cifar" if state["conv1.weight"].shape[-1] == 3 else "imagenet")  # stem from conv1
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise EvalError(f"{str(path)!r} does not fit a {arch} ({len(missing)} missing keys, {len(unexpected)} "
+                        f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:2]}): it is "
+                        f"from another architecture; try --arch {' or '.join(a for a in FEATURE_DIMS if a != arch)}")
+    net.load_state_dict(state)
+    return net, arch

@@ -1,0 +1,265 @@
+"""An ImageNet-layout split (class folders, or a flat folder with a labels file) written as an FFCV `.beton`.
+
+The conversion itself, shared by tools/convert_imagenet_to_ffcv.py (its command line),
+tools/bench_loaders.py and tools/profile_throughput.py (a `.beton` of the benchmark
+folder) and the tests: labels as torchvision's `ImageFolder`, bad files skipped and
+listed, the output written under a hidden partial name and renamed only when complete.
+The guarantees are listed in the tool's help (`python tools/convert_imagenet_to_ffcv.py -h`).
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import sys
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
+from pipelines.beton_writer import ConvertDataset, WorkerError, check_files, worker_context, write_beton
+from pipelines.folder import is_image_file
+
+WRITE_MODES = ("proportion", "jpg", "raw", "smart")
+# Folder names that mean "a split", not "a class": a source whose sub-folders are all among
+# these is the dataset root (data/imagenet) given instead of one split (data/imagenet/train).
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+
+class ConversionError(RuntimeError):
+    """The `.beton` cannot be produced (exit status 1)."""
+
+
+class UsageError(ConversionError):
+    """The command line names the wrong input, e.g. the parent of train/ and val/ (exit status 2)."""
+
+
+@dataclass
+class Inventory:
+    """What the source holds: convertible (path, label) pairs, class names, and what was skipped."""
+
+    samples: list[tuple[str, int]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def skip(self, path: str | Path, reason: str) -> None:
+        self.skipped.append({"path": str(path), "reason": reason})
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def class_names(folder: Path) -> list[str]:
+    """ImageFolder's classes: the sorted sub-folder names. Refuses a folder of splits (UsageError)."""
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if names and {n.lower() for n in names} <= SPLIT_NAMES:
+        pick = next((n for n in names if n.lower() in ("train", "training")), names[0])
+        raise UsageError(f"{str(folder)!r} holds the splits {', '.join(names)}, not class folders; "
+                         f"pass one split, e.g. {str(folder / pick)!r}")
+    return names
+
+
+def scan_class_folders(src: Path, subset_per_class: int = 0) -> Inventory:
+    """ImageFolder's mapping: every sub-folder is a class (sorted), empty ones included."""
+    inv = Inventory(classes=class_names(src))
+    for label, name in enumerate(inv.classes):
+        files = sorted(str(p) for p in (src / name).rglob("*") if p.is_file())
+        images = [f for f in files if is_image_file(f)]
+        for f in files:
+            if not is_image_file(f):
+                inv.skip(f, "not an image file (extension); move it out of the class folder")
+        if not images:
+            inv.skip(src / name, "empty class folder: the class keeps its label but has no images")
+        if subset_per_class:
+            images = images[:subset_per_class]
+        inv.samples.extend((f, label) for f in images)
+    return inv
+
+
+def read_labels_file(path: Path) -> list[tuple[str, str]]:
+    """`<file name> <class name or label number>` per line (`#` comments, blank lines ok)."""
+    pairs = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip().replace(",", " ")
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConversionError(f"{path}:{lineno}: expected `<file name> <class>`, got {raw!r}")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def scan_flat_folder(src: Path, labels_file: Path, classes_from: Path | None, subset_per_class: int = 0) -> Inventory:
+    """Flat images + a labels file (ImageNet's val): classes from `classes_from` or the file."""
+    pairs = read_labels_file(labels_file)
+    if classes_from is not None:
+        classes = class_names(classes_from)
+    else:
+        classes = sorted({c for _, c in pairs if not c.isdigit()})
+    inv = Inventory(classes=classes)
+    index = {c: i for i, c in enumerate(classes)}
+    per_class: dict[int, int] = {}
+    for name, cls in pairs:
+        path = src / name
+        if cls.isdigit() and cls not in index:
+            label = int(cls)
+            if classes and label >= len(classes):
+                inv.skip(path, f"label {label} out of range for {len(classes)} classes")
+                continue
+        elif cls in index:
+            label = index[cls]
+        else:
+            inv.skip(path, f"class {cls!r} is not among the {len(classes)} classes (see --classes-from)")
+            continue
+        if not path.is_file():
+            inv.skip(path, "listed in the labels file but missing")
+            continue
+        if subset_per_class and per_class.get(label, 0) >= subset_per_class:
+            continue
+        per_class[label] = per_class.get(label, 0) + 1
+        inv.samples.append((str(path), label))
+    if not inv.classes:
+        inv.classes = [str(i) for i in range(max((lab for _, lab in inv.samples), default=-1) + 1)]
+    return inv
+
+
+def scan(src: Path, labels: Path | None, classes_from: Path | None, subset_per_class: int) -> Inventory:
+    if not src.exists():
+        raise ConversionError(f"source {str(src)!r} does not exist; pass an ImageNet split folder "
+                              "(train/ with one folder per class)")
+    if not src.is_dir():
+        raise ConversionError(f"source {str(src)!r} is not a folder")
+    if labels is not None:
+        if not labels.is_file():
+            raise ConversionError(f"labels file {str(labels)!r} does not exist")
+        return scan_flat_folder(src, labels, classes_from, subset_per_class)
+    has_dirs = any(e.is_dir() for e in os.scandir(src))
+    if not has_dirs:
+        raise ConversionError(f"{str(src)!r} has no class folders; for a flat folder (ImageNet val) pass "
+                              "--labels FILE (lines `<file name> <class>`) and --classes-from TRAIN_DIR")
+    return scan_class_folders(src, subset_per_class)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+PARTIAL = ".partial-"
+
+
+def partial_path(out: Path, pid: int | None = None) -> Path:
+    """The hidden name `out` is written under until it is complete; it carries the writer's PID."""
+    return out.with_name(f".{out.name}{PARTIAL}{os.getpid() if pid is None else pid}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Delete partial files (the .beton's and its summary's) left by a converter that was
+    killed (kill -9, power loss): those whose PID no longer runs. Says so on stderr."""
+    removed = []
+    for name in (out.name, summary_path(out).name):
+        for path in out.parent.glob(f".{glob.escape(name)}{PARTIAL}*"):
+            pid = path.name.rsplit(PARTIAL, 1)[1]
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            with suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+                print(f"removed {path}: left by an interrupted conversion (PID {pid} is gone)", file=sys.stderr)
+    return removed
+
+
+def os_error_message(err: OSError | WorkerError, out: Path) -> str:
+    """One line naming the output folder and the real cause of a write failure."""
+    folder = str(out.parent.resolve())
+    if err.errno == errno.ENOSPC:
+        return f"no space left on {folder}; free some space or write the .beton elsewhere (nothing was kept)"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and isinstance(err, OSError):  # not a worker's read
+        cause = os.strerror(err.errno).lower()
+        return f"cannot write in {folder}: {cause}; choose an output folder you can write to"
+    detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return f"writing {str(out)!r} failed: {detail}"
+
+
+def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: Path | None = None,
+            max_resolution: int = 500, jpeg_quality: int = 90, compress_probability: float = 0.5,
+            write_mode: str = "proportion", num_workers: int = 0, subset_per_class: int = 0,
+            force: bool = False, progress: bool = True) -> dict:
+    """Write `out` (atomically) and `out.json`; returns the summary. Raises ConversionError
+    (UsageError for a wrong source). Safe to call from a process that runs DALI or CUDA: the
+    workers never fork from this process (pipelines/beton_writer.py, `worker_context`)."""
+    start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"{str(out)!r} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise ConversionError(f"output folder {str(out.parent)!r} does not exist")
+    remove_stale_partials(out)
+    tmp = partial_path(out)
+    try:
+        # Claim the partial file first: a folder we cannot write to fails now, with its real cause.
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except OSError as err:
+        raise ConversionError(os_error_message(err, out)) from None
+    try:
+        inv = scan(src, labels, classes_from, subset_per_class)
+        worker_context(start=True)  # the fork server imports FFCV (seconds) while this process does
+        from ffcv.fields import IntField, RGBImageField
+
+        workers = num_workers or os.cpu_count() or 1
+        reasons = check_files([p for p, _ in inv.samples], workers, progress)
+        good = []
+        for (path, label), reason in zip(inv.samples, reasons):
+            if reason is None:
+                good.append((path, label))
+            else:
+                inv.skip(path, reason)
+        if not good:
+            raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped); "
+                                  "nothing to write")
+        fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                                             jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+                  LABEL_FIELD: IntField()}
+        write_beton(tmp, fields, ConvertDataset(good), num_workers=min(workers, len(good)), progress=progress)
+        os.replace(tmp, out)
+    except BaseException as err:
+        with suppress(OSError):  # a clean-up failure must not hide the real error
+            tmp.unlink()
+        if isinstance(err, ConversionError):
+            raise
+        if isinstance(err, (OSError, WorkerError)) and err.errno is not None:
+            raise ConversionError(os_error_message(err, out)) from err
+        if isinstance(err, Exception):
+            raise ConversionError(f"writing {str(out)!r} failed: {err}") from err
+        raise
+    seconds = time.perf_counter() - start
+    summary = {
+        "source": str(src), "output": str(out), "written": len(good), "skipped": inv.skipped,
+        "classes": inv.classes, "num_classes": len(inv.classes), "bytes": out.stat().st_size,
+        "seconds": round(seconds, 3), "images_per_s": round(len(good) / seconds, 1),
+        "fields": {IMAGE_FIELD: "RGBImageField", LABEL_FIELD: "IntField"},
+        "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+                    "compress_probability": compress_probability, "write_mode": write_mode,
+                    "subset_per_class": subset_per_class},
+    }
+    tmp_json = partial_path(summary_path(out))
+    try:
+        tmp_json.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp_json, summary_path(out))
+    except OSError as err:
+        with suppress(OSError):
+            tmp_json.unlink()
+        raise ConversionError(f"the .beton was written but its summary was not: {os_error_message(err, out)}") from err
+    return summary
