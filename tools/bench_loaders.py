@@ -19,21 +19,19 @@ under data/bench/ when `--beton` is not given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader  # noqa: E402
-from pipelines.beton import BetonError  # noqa: E402
+from fastssl.bench import loaders as loader_bench
+from fastssl.run_log import utc_now, write_json
+from fastssl.runtime import pick_device
+from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines.beton import BetonError
+from pipelines.beton_convert import convert
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
 # Opt-in ablations (name -> backend and DataConfig overrides), measured only when named in --backends.
@@ -47,15 +45,8 @@ DEFAULT_DATA = "data/demo/train"
 
 
 def available(backend: str) -> bool:
-    backend = VARIANTS.get(backend, (backend,))[0]
-    module = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend)
-    if module is None:
-        return True
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
+    """Whether the backend (or the backend of a variant) is installed."""
+    return loader_bench.available(VARIANTS.get(backend, (backend,))[0])
 
 
 def count_images(folder: Path) -> int:
@@ -67,9 +58,6 @@ def beton_for(folder: Path) -> Path:
     out = Path("data/bench") / f"{folder.resolve().parent.name}_{folder.name}_{count_images(folder)}.beton"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from convert_imagenet_to_ffcv import convert
-
         print(f"converting {folder} -> {out} for the ffcv backend")
         convert(folder, out, write_mode="jpg", progress=False)
     return out
@@ -99,25 +87,6 @@ def photo_like_folder(count: int, root: Path = Path("data/bench/photo")) -> Path
         Image.fromarray(pixels).save(folder / f"img_{i:05d}.JPEG", quality=90)
     done.touch()
     return root
-
-
-def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device) -> float:
-    """Source images/s over `batches` batches after `warmup` untimed ones."""
-    loader.set_epoch(epoch)
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += next(it).batch_size
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if hasattr(it, "close"):  # end the epoch's generator now: workers and pipelines stop
-        it.close()
-    return images / seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,8 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     data = photo_like_folder(args.photo_like) if args.photo_like else Path(args.data)
     if not data.is_dir():
         hint = " (run `make demo` once to generate it)" if args.data == DEFAULT_DATA else ""
@@ -178,23 +146,19 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"error: {name}: {len(loaders[name])} batches per epoch, need {need}; "
                      "use more data or fewer --batches/--warmup")
     print(f"warming up {', '.join(names)} (first batches compile/spawn) ...", flush=True)
-    for name, loader in loaders.items():
-        time_epoch(loader, 10_000, 0, 1, device)
-    runs: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(args.repeats):
-        for name in names:  # interleaved: every repetition measures every backend
-            runs[name].append(time_epoch(loaders[name], rep, args.warmup, args.batches, device))
-            print(f"  repeat {rep + 1}/{args.repeats} {name:14s} {runs[name][-1]:9.1f} images/s", flush=True)
 
-    ref = statistics.median(runs["torchvision"]) if "torchvision" in runs else None
-    results = {}
+    def progress(rep: int, name: str, rate: float) -> None:
+        print(f"  repeat {rep + 1}/{args.repeats} {name:14s} {rate:9.1f} images/s", flush=True)
+
+    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress)
+    results = {name: loader_bench.summarize(runs[name]) for name in names}
+    ref = results["torchvision"]["images_per_s"] if "torchvision" in results else None
     print(f"\n{'backend':14s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}")
-    for name in names:
-        med = statistics.median(runs[name])
-        results[name] = {"images_per_s": med, "min": min(runs[name]), "max": max(runs[name]), "runs": runs[name],
-                         "vs_torchvision": med / ref if ref else None}
+    for name, r in results.items():
+        med = r["images_per_s"]
+        r["vs_torchvision"] = med / ref if ref else None
         ratio = f"{med / ref:14.2f}" if ref else f"{'-':>14s}"
-        print(f"{name:14s} {med:10.1f} {min(runs[name]):9.1f} {max(runs[name]):9.1f} {ratio}")
+        print(f"{name:14s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}")
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}")
     report = {
@@ -204,11 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "global_size": args.global_size, "local_size": args.local_size, "device": str(device)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(Path(args.json), report, sort_keys=False)
         print(f"wrote {args.json}")
     return report
 

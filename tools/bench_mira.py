@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time the pseudo-label assignments: MIRA reference (eager), the custom-op path, Sinkhorn.
 
-    python tools/bench_mira.py                          # GPU: the issue's grid; CPU: small sizes
+    python tools/bench_mira.py                          # GPU: B 64-4096 x K 3000-16384; CPU: small sizes
     python tools/bench_mira.py --sizes 512x3000 --json out.json
 
 For each (B, K): 2 teacher views, 30 MIRA iterations (Sinkhorn: 3), the median of
@@ -28,19 +28,15 @@ and type (default: 2 views, float32).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from fastssl.ops import _cuda_ext, mira_assign, mira_assign_views, sinkhorn_assign  # noqa: E402
-from fastssl.ops.mira_fused import solve_views  # noqa: E402
+from fastssl.bench.assignment import BETA, TAU, implementations, time_call
+from fastssl.ops import _cuda_ext
+from fastssl.ops.mira_fused import solve_views
+from fastssl.run_log import utc_now, write_json
+from fastssl.runtime import pick_device
 
 GPU_SIZES = ("64x3000", "512x3000", "4096x3000", "64x16384", "512x16384", "4096x16384")
 CPU_SIZES = ("64x3000", "512x3000")
@@ -48,15 +44,6 @@ DEFAULT_IMPLS = ("reference", "views", "sinkhorn")
 EXTRA_IMPLS = ("solve_views", "fused", "fused_graph")
 CUDA_ONLY = ("fused", "fused_graph")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TAU, BETA = 0.225, 0.7
-
-
-def implementations(num_iters: int) -> dict:
-    return {
-        "reference": lambda v: [mira_assign(x, tau=TAU, beta=BETA, num_iters=num_iters) for x in v],
-        "views": lambda v: mira_assign_views(v, tau=TAU, beta=BETA, num_iters=num_iters),
-        "sinkhorn": lambda v: [sinkhorn_assign(x, eps=0.05, num_iters=3) for x in v],
-    }
 
 
 def fused_module(device: torch.device):
@@ -94,26 +81,6 @@ def extra_implementation(name: str, views: list[torch.Tensor], num_iters: int):
     return lambda v: graph.replay()
 
 
-def time_call(fn, views, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median microseconds of fn(views)."""
-    for _ in range(warmup):
-        fn(views)
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(views)
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
-        else:
-            t = time.perf_counter()
-            fn(views)
-            samples.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(samples)
-
-
 def kernel_census(fn, views) -> dict:
     """CUDA kernels launched by one call (names and count) from the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -127,7 +94,7 @@ def kernel_census(fn, views) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", help="comma-separated BxK (default: the issue's grid on GPU, small sizes on CPU)")
+    ap.add_argument("--sizes", help="comma-separated BxK (default: B 64-4096 x K 3000-16384 on GPU, small sizes on CPU)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--iters", type=int, default=30, help="MIRA fixed-point iterations")
     ap.add_argument("--warmup", type=int, default=3)
@@ -145,8 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error(f"unknown implementations {unknown}; choose from {', '.join(DEFAULT_IMPLS + EXTRA_IMPLS)}")
     if args.views < 1:
         ap.error("--views must be >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     sizes = args.sizes.split(",") if args.sizes else list(GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     records = []
     ratio = "reference" in impls and "views" in impls
@@ -185,9 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"views ran the fused CUDA kernel: {'yes' if st['fused_calls'] else 'no'}"
               + (f" ({st['reason']})" if st["reason"] else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                               "torch": torch.__version__, "fused_status": _cuda_ext.status(),
-                                               "records": records}, indent=2))
+        write_json(Path(args.json), {"date": utc_now(), "torch": torch.__version__,
+                                     "fused_status": _cuda_ext.status(), "records": records}, sort_keys=False)
         print(f"wrote {args.json}")
     return records
 

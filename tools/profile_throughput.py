@@ -9,21 +9,21 @@
 Stages (one process, one device; `--gpus G` profiles ONE of the G processes of the
 real run, with global_batch / G rows):
   1. loader only, every available backend: source images/s (each with all its crops),
-     interleaved repetitions, median (tools/bench_loaders.py's timing);
+     interleaved repetitions, median (fastssl.bench.loaders, as tools/bench_loaders.py);
   2. model step only on a synthetic batch already on the device (teacher forward,
      assignment, student forward and backward on all views, optimiser and EMA): the
      ceiling any loader can reach; then an instrumented pass that times each part;
-  3. end to end with the recipe's loader (`--data.backend`), with the share of wall time
-     spent waiting for data, per step;
+  3. end to end: the training loop itself (`fastssl.engine.train`) with the recipe's
+     loader (`--data.backend`) for the warm-up and timed steps; images/s, the share of
+     wall time spent waiting for data and images/s per step are read from its own log
+     (train_log.csv, one row per step);
   4. the assignment alone (reference, custom op, Sinkhorn) at this process's rows and at
-     the global batch (tools/bench_mira.py's timing);
+     the global batch (fastssl.bench.assignment, as tools/bench_mira.py);
   5. peak memory, and one ImageNet epoch projected on 1 and 8 devices.
-Cross-checks, in the same run: the training loop itself (`fastssl.engine.train`) runs the
-same number of steps halfway through stage 3 and its logged images/s is compared with
-stage 3's; the assignment time measured inside real steps (stage 2's instrumented pass) is
-compared with bench_mira's timing of the same shape taken just before and after that pass.
-Interleaving the measurements that are compared keeps a noisy shared machine from biasing
-one of them.
+Cross-check, in the same run: the assignment time measured inside real steps (stage 2's
+instrumented pass) is compared with the assignment timed alone on the same shape just
+before and after that pass (interleaved, so that a noisy shared machine does not bias one
+of them).
 
 Writes DIR/report.md (tables, verdict naming the bottleneck), DIR/report.json (schema:
 docs/report_schema.md) and PNG charts. Any `--section.field VALUE` overrides the recipe,
@@ -41,33 +41,31 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT / "tools"))
+import pipelines
+from fastssl.bench import assignment as assignment_timing
+from fastssl.bench import loaders as loader_timing
+from fastssl.config import Config, ConfigError, apply_overrides, validate
+from fastssl.engine import build_networks, loader_spec, train
+from fastssl.method import StepParts, train_step
+from fastssl.objectives import build_objective
+from fastssl.optim import build_optimizer
+from fastssl.profiling import PhaseTimer, peak_memory_mb, reset_peak_memory
+from fastssl.reports import analysis, charts
+from fastssl.reports.environment import describe_environment, describe_recipe
+from fastssl.reports.markdown import compare_markdown, profile_markdown
+from fastssl.reports.schema import ReportError, load_report, new_report
+from fastssl.run_log import utc_now, write_json
+from fastssl.runtime import build_accelerator, seed_everything
+from fastssl.schedules import scaled_lr, step_schedule
+from pipelines.beton import BetonError
+from pipelines.beton_convert import convert
 
-import pipelines  # noqa: E402
-from fastssl.config import Config, ConfigError, apply_overrides, validate  # noqa: E402
-from pipelines.beton import BetonError  # noqa: E402
-from fastssl.engine import build_networks, loader_spec, train  # noqa: E402
-from fastssl.method import StepParts, train_step  # noqa: E402
-from fastssl.objectives import build_objective  # noqa: E402
-from fastssl.optim import build_optimizer  # noqa: E402
-from fastssl.profiling import PhaseTimer, peak_memory_mb, reset_peak_memory  # noqa: E402
-from fastssl.reports import analysis, charts  # noqa: E402
-from fastssl.reports.environment import describe_environment, describe_recipe  # noqa: E402
-from fastssl.reports.markdown import compare_markdown, profile_markdown  # noqa: E402
-from fastssl.reports.schema import ReportError, load_report, new_report  # noqa: E402
-from fastssl.run_log import write_json  # noqa: E402
-from fastssl.runtime import build_accelerator, seed_everything  # noqa: E402
-from fastssl.schedules import scaled_lr, step_schedule  # noqa: E402
-
-DEFAULT_RECIPE = ROOT / "recipes" / "mira_demo.py"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mira_demo.py"
 
 
 def load_recipe(path: Path) -> Config:
@@ -98,9 +96,7 @@ def measure_loaders(cfg: Config, accelerator, backends: list[str], args, scratch
     The ffcv backend reads `--beton`, else a conversion of the recipe's folder written
     under `scratch` (the caller's temporary directory: nothing lands in the repository).
     """
-    from bench_loaders import available, time_epoch
-
-    names = [b for b in backends if available(b) and (b == "synthetic" or cfg.data.train)]
+    names = [b for b in backends if loader_timing.available(b) and (b == "synthetic" or cfg.data.train)]
     loaders = {}
     for name in names:
         c = copy.deepcopy(cfg)
@@ -110,20 +106,17 @@ def measure_loaders(cfg: Config, accelerator, backends: list[str], args, scratch
         elif name != "ffcv" and str(c.data.train).endswith(".beton"):
             continue  # a .beton feeds only ffcv
         loaders[name] = pipelines.build_train_loader(loader_spec(c, accelerator, args.workers))
-    runs: dict[str, list[float]] = {n: [] for n in loaders}
-    for name, loader in loaders.items():  # first batches compile / spawn: not timed
-        time_epoch(loader, 10_000, 0, 1, accelerator.device)
-    for rep in range(args.repeats):
-        for name, loader in loaders.items():
-            runs[name].append(time_epoch(loader, rep, args.warmup_batches, args.loader_batches, accelerator.device))
-            print(f"  loader {name:12s} repeat {rep + 1}/{args.repeats}: {runs[name][-1]:9.1f} images/s", flush=True)
-    return {n: {"images_per_s": statistics.median(r), "min": min(r), "max": max(r), "runs": r} for n, r in runs.items()}
+
+    def progress(rep: int, name: str, rate: float) -> None:
+        print(f"  loader {name:12s} repeat {rep + 1}/{args.repeats}: {rate:9.1f} images/s", flush=True)
+
+    runs = loader_timing.interleaved_rates(loaders, args.repeats, args.warmup_batches, args.loader_batches,
+                                           accelerator.device, progress)
+    return {name: loader_timing.summarize(r) for name, r in runs.items()}
 
 
 def scratch_beton(folder: Path, scratch: Path) -> Path:
     """`folder` converted to a .beton in `scratch`, for the ffcv loader-only stage (deleted with `scratch`)."""
-    from convert_imagenet_to_ffcv import convert
-
     out = scratch / f"{folder.name}.beton"
     print(f"  converting {folder} to a temporary {out.name} for the ffcv backend (pass --beton FILE to reuse one)",
           flush=True)
@@ -162,8 +155,10 @@ def measure_model_step(runner: StepRunner, cfg: Config, accelerator, args,
 
     `bench_assignment` (the assignment timed alone) runs just before and just after the
     instrumented pass, so that the two measurements of the assignment sample the same
-    stretch of a noisy machine; their mean is returned.
+    stretch of a noisy machine; their mean is returned (None with --no-cross-check).
     """
+    if args.no_cross_check:
+        bench_assignment = None
     c = copy.deepcopy(cfg)
     c.data.backend, c.data.synthetic_size = "synthetic", 64 * cfg.train.global_batch_size
     views = next(iter(pipelines.build_train_loader(loader_spec(c, accelerator, 1)))).views
@@ -187,91 +182,75 @@ def measure_model_step(runner: StepRunner, cfg: Config, accelerator, args,
     return step, phases, statistics.fmean(around) if around else None
 
 
-def measure_end_to_end(runner: StepRunner, cfg: Config, accelerator, args,
-                       midway: Callable[[], None] | None = None) -> dict:
-    """The recipe's loader feeding the step: per-step data wait and step time.
+def measure_end_to_end(cfg: Config, args, scratch: Path) -> dict:
+    """The training loop itself (`fastssl.engine.train`) fed by the recipe's loader, read from its own log.
 
-    `midway` (the training-loop cross-check) runs after half of the timed steps, so that the
-    profile's figure and the loop's own sample the same stretch of a noisy machine.
+    The loop runs the warm-up and the timed steps with one log row per step
+    (train_log.csv: images/s, data-wait share and wall time of each step, as its meter took
+    them); the timed steps' rows give the figures, so the profile's end-to-end rate is the
+    training loop's, not a second measurement of it.
     """
-    loader = pipelines.build_train_loader(loader_spec(cfg, accelerator, args.workers))
     need = args.warmup_steps + args.steps
-    if len(loader) < need:
-        raise ConfigError(f"the {cfg.data.backend} loader has {len(loader)} batches per epoch, the profile needs "
+    c = copy.deepcopy(cfg)
+    c.train.run_dir = str(scratch / "loop_run")
+    c.train.epochs, c.train.steps_per_epoch, c.train.log_every = 1, need, 1
+    c.train.progress, c.eval.knn_every, c.eval.knn_at_start = False, -1, False
+    c.data.num_workers = args.workers
+    train(c)
+    with (Path(c.train.run_dir) / "train_log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) < need:  # the loop ends the epoch with the loader
+        raise ConfigError(f"the {cfg.data.backend} loader has {len(rows)} batches per epoch, the profile needs "
                           f"{need}; use fewer --steps/--warmup-steps or more data")
-    loader.set_epoch(0)
-    device, waits, steps = accelerator.device, [], []
-    it = iter(loader)
-    for i in range(need):
-        if midway is not None and i == args.warmup_steps + args.steps // 2:
-            midway()
-        t0 = time.perf_counter()
-        batch = next(it)
-        sync(device)
-        t1 = time.perf_counter()
-        runner(batch.views)
-        sync(device)
-        t2 = time.perf_counter()
-        if i >= args.warmup_steps:
-            waits.append(t1 - t0)
-            steps.append(t2 - t1)
-    if hasattr(it, "close"):
-        it.close()
-    b = cfg.train.global_batch_size
-    return {"backend": cfg.data.backend, "steps": args.steps, "warmup": args.warmup_steps,
-            "images_per_s": analysis.images_per_s(b * len(steps), sum(waits) + sum(steps)),
+    return end_to_end_figures(rows[args.warmup_steps:need], cfg.train.global_batch_size, cfg.data.backend,
+                              args.warmup_steps)
+
+
+def end_to_end_figures(rows: list[dict], batch: int, backend: str, warmup: int) -> dict:
+    """Images/s, data-wait share and per-step figures of the loop's per-step log rows (train_log.csv).
+
+    A row's `step_time_s` is the step's wall time, waiting for its batch included, and its
+    `data_wait_share` the part of it spent waiting.
+    """
+    walls = [float(r["step_time_s"]) for r in rows]
+    waits = [w * float(r["data_wait_share"]) for w, r in zip(walls, rows)]
+    steps = [w - t for w, t in zip(walls, waits)]
+    return {"backend": backend, "steps": len(rows), "warmup": warmup,
+            "images_per_s": analysis.images_per_s(batch * len(rows), sum(walls)),
             "data_wait_share": analysis.data_wait_share(waits, steps),
-            "per_step_images_per_s": [b / (w + s) for w, s in zip(waits, steps)],
+            "per_step_images_per_s": [float(r["images_per_s"]) for r in rows],
             "mean_wait_ms": 1e3 * statistics.fmean(waits), "mean_step_ms": 1e3 * statistics.fmean(steps)}
 
 
 # ----------------------------------------------------------------------------- stage 4
 def assignment_bench(cfg: Config, device: torch.device, args) -> Callable[[], float]:
     """Median microseconds of `mira_assign_views` on random logits of this process's shape (bench_mira)."""
-    from bench_mira import implementations, time_call
-
     g = torch.Generator(device=device).manual_seed(0)
     views = [torch.randn(cfg.train.global_batch_size, cfg.model.num_prototypes, generator=g, device=device)
              for _ in range(2)]
-    fn = implementations(cfg.method.num_iters)["views"]
-    return lambda: time_call(fn, views, device, args.assign_warmup, args.assign_repeats)
+    fn = assignment_timing.implementations(cfg.method.num_iters)["views"]
+    return lambda: assignment_timing.time_call(fn, views, device, args.assign_warmup, args.assign_repeats)
 
 
 def measure_assignment(cfg: Config, device: torch.device, gpus: int, args) -> dict:
     """The assignment alone on random logits, 2 views (tools/bench_mira.py's timing)."""
-    from bench_mira import implementations, time_call
-
     k, iters, rows = cfg.model.num_prototypes, cfg.method.num_iters, cfg.train.global_batch_size
     out = {}
     sizes = [("this process", rows)] + ([("global batch", rows * gpus)] if gpus > 1 else [])
     for label, b in sizes:
         g = torch.Generator(device=device).manual_seed(0)
         views = [torch.randn(b, k, generator=g, device=device) for _ in range(2)]
-        for name, fn in implementations(iters).items():
+        for name, fn in assignment_timing.implementations(iters).items():
             if label == "global batch" and name == "reference":
                 continue
-            us = time_call(fn, views, device, args.assign_warmup, args.assign_repeats)
+            us = assignment_timing.time_call(fn, views, device, args.assign_warmup, args.assign_repeats)
             out[f"{name} ({label})" if gpus > 1 else name] = {"B": b, "K": k, "median_us": us}
     return out
 
 
 # ----------------------------------------------------------------------------- cross-check
-def loop_logged_images_per_s(cfg: Config, args, scratch: Path) -> tuple[float, list[float]]:
-    """Run the training loop itself for warm-up + steps and read its own log (train_log.csv)."""
-    c = copy.deepcopy(cfg)
-    c.train.run_dir = str(scratch / "loop_run")
-    c.train.epochs, c.train.steps_per_epoch, c.train.log_every = 1, args.warmup_steps + args.steps, 1
-    c.train.progress, c.eval.knn_every, c.eval.knn_at_start = False, -1, False
-    c.data.num_workers = args.workers
-    train(c)
-    with (Path(c.train.run_dir) / "train_log.csv").open() as f:
-        rows = [r for r in csv.DictReader(f)][args.warmup_steps:]
-    seconds = sum(float(r["step_time_s"]) for r in rows)
-    per_step = [float(r["images_per_s"]) for r in rows]
-    return analysis.images_per_s(len(rows) * cfg.train.global_batch_size, seconds), per_step
-
-
 def ratio_check(profile: float, independent: float, note: str) -> dict:
+    """A figure of the profile beside an independent measurement of it: their ratio, and whether within 15%."""
     return {"profile": profile, "independent": independent, "ratio": profile / independent if independent else None,
             "within_15_percent": bool(independent) and abs(profile / independent - 1) <= 0.15, "note": note}
 
@@ -296,7 +275,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--assign-warmup", type=int, default=3)
     ap.add_argument("--assign-repeats", type=int, default=10 if cpu else 50)
-    ap.add_argument("--no-cross-check", action="store_true", help="skip the training-loop cross-check run")
+    ap.add_argument("--no-cross-check", action="store_true",
+                    help="skip the cross-check (the assignment timed alone around the instrumented pass)")
     args, overrides = ap.parse_known_args(argv)
     if not args.compare and args.out is None:
         ap.error("--out DIR is required (or --compare A B)")
@@ -354,41 +334,29 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
     model_step, phases, assign_alone = measure_model_step(
         runner, cfg, accelerator, args, assignment_bench(cfg, device, args) if uses_mira else None)
     breakdown = phases.mean_ms()
-    # Peak memory of the training step alone (the cross-check below builds a second model).
+    # Peak memory of the training step alone (stage 3's training loop builds its own model).
     peak_device = peak_memory_mb(device) if device.type == "cuda" else None
     print(f"    {model_step['images_per_s']:.1f} images/s", flush=True)
-    print(f"3/5 end to end ({cfg.data.backend}), with the training loop's own run of as many steps midway",
-          flush=True)
-    loop: dict = {}
-
-    def run_loop() -> None:
-        with tempfile.TemporaryDirectory() as scratch:
-            loop["images_per_s"], loop["per_step"] = loop_logged_images_per_s(cfg, args, Path(scratch))
-
-    e2e = measure_end_to_end(runner, cfg, accelerator, args, None if args.no_cross_check else run_loop)
+    print(f"3/5 end to end ({cfg.data.backend}): the training loop, read from its own log", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        e2e = measure_end_to_end(cfg, args, Path(scratch))
     print(f"    {e2e['images_per_s']:.1f} images/s, data wait {100 * e2e['data_wait_share']:.0f}%", flush=True)
     print("4/5 assignment alone", flush=True)
     assignment = measure_assignment(cfg, device, args.gpus, args)
     print("5/5 cross-checks", flush=True)
     checks = {}
-    if loop:
-        checks["end_to_end_images_per_s"] = ratio_check(
-            e2e["images_per_s"], loop["images_per_s"], "End to end: this profile's own loop vs the images/s the "
-            "training loop (fastssl.engine.train) logged in train_log.csv over the same number of steps after the "
-            "same warm-up, run midway through the profile's own steps.")
     if assign_alone is not None:
         checks["assignment_us"] = ratio_check(
             1e3 * phases.median_ms()["assignment"], assign_alone,
             "Assignment: median time inside real training steps (instrumented pass, real teacher logits) vs "
             "tools/bench_mira.py's timing of the same op on random logits of the same shape, taken just before "
             "and just after that pass.")
-    per_step_loop = loop.get("per_step", [])
 
     env = describe_environment(device)
     dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
     recipe = describe_recipe(cfg, args.recipe.stem, dtype, args.gpus)
     recipe["global_batch_size"], recipe["batch_per_process"] = global_batch, cfg.train.global_batch_size
-    report = new_report("profile", env, recipe, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report = new_report("profile", env, recipe, utc_now())
     loader_ips = loaders.get(cfg.data.backend, {}).get("images_per_s")
     report.update(
         stages={"loader": loaders, "model_step": model_step, "end_to_end": e2e, "assignment": assignment},
@@ -398,7 +366,6 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
         checks=checks,
         verdict=analysis.verdict(loader_ips, model_step["images_per_s"], e2e["images_per_s"], e2e["data_wait_share"],
                                  breakdown, cfg.data.backend, e2e["mean_step_ms"], model_step["step_ms"]),
-        loop_per_step_images_per_s=per_step_loop,
         seconds=time.perf_counter() - started,
     )
     report["charts"] = write_charts(report, args.out)
@@ -412,10 +379,7 @@ def write_charts(report: dict, out: Path) -> dict:
     values = [r["images_per_s"] for r in s["loader"].values()] + [s["model_step"]["images_per_s"],
                                                                    s["end_to_end"]["images_per_s"]]
     per_step = s["end_to_end"]["per_step_images_per_s"]
-    series = {"this profile (end to end)": (list(range(1, len(per_step) + 1)), per_step)}
-    if report["loop_per_step_images_per_s"]:
-        loop = report["loop_per_step_images_per_s"]
-        series["training loop's log"] = (list(range(1, len(loop) + 1)), loop)
+    series = {"training loop's log (end to end)": (list(range(1, len(per_step) + 1)), per_step)}
     return {
         "stages": charts.bar_chart(out / "stages.png", labels, values, "source images/s", "Images/s per stage"),
         "breakdown": charts.stacked_breakdown(out / "breakdown.png", report["breakdown_ms"], "Step-time breakdown"),

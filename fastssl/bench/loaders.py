@@ -1,0 +1,74 @@
+"""Loader-only throughput in SOURCE images/s (each image with all its crops), interleaved repetitions.
+
+The backends are interleaved within each repetition (torchvision, dali, ffcv, synthetic,
+then again), so that a noisy shared machine slows them alike; each repetition is a fresh
+epoch whose first batches (pipeline start-up, worker spawn) are not timed; on a GPU the
+clock stops after a synchronise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["available", "time_epoch", "interleaved_rates", "summarize"]
+
+# The import that tells whether an optional backend is installed.
+BACKEND_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+
+
+def available(backend: str) -> bool:
+    """Whether `backend`'s optional package imports here (torchvision and synthetic always do)."""
+    module = BACKEND_MODULES.get(backend)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device) -> float:
+    """Source images/s over `batches` batches after `warmup` untimed ones."""
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += next(it).batch_size
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if hasattr(it, "close"):  # end the epoch's generator now: workers and pipelines stop
+        it.close()
+    return images / seconds
+
+
+def interleaved_rates(loaders: dict, repeats: int, warmup: int, batches: int, device: torch.device,
+                      on_rate: Callable[[int, str, float], None] | None = None) -> dict[str, list[float]]:
+    """Images/s of every loader in every repetition, the loaders interleaved within a repetition.
+
+    Each loader first delivers one untimed batch (compilation, worker spawn). `on_rate(rep,
+    name, images_per_s)` is called after each measurement (the tools print progress).
+    """
+    for loader in loaders.values():
+        time_epoch(loader, 10_000, 0, 1, device)
+    runs: dict[str, list[float]] = {name: [] for name in loaders}
+    for rep in range(repeats):
+        for name, loader in loaders.items():
+            runs[name].append(time_epoch(loader, rep, warmup, batches, device))
+            if on_rate is not None:
+                on_rate(rep, name, runs[name][-1])
+    return runs
+
+
+def summarize(runs: list[float]) -> dict:
+    """Median (the reported figure), spread and the repetitions of one loader."""
+    return {"images_per_s": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
