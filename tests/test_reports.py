@@ -181,10 +181,8 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
         runs.append((c.train.epochs, c.train.steps_per_epoch, c.train.log_every, c.eval.knn_every))
         run = Path(c.train.run_dir)
         run.mkdir(parents=True)
-        rows = "".join(f"0,{i + 1},{ips},{wait},{wall}
-" for i, (ips, wait, wall) in enumerate(logged))
-        (run / "train_log.csv").write_text("epoch,step,images_per_s,data_wait_share,step_time_s
-" + rows)
+        rows = "".join(f"0,{i + 1},{ips},{wait},{wall}\n" for i, (ips, wait, wall) in enumerate(logged))
+        (run / "train_log.csv").write_text("epoch,step,images_per_s,data_wait_share,step_time_s\n" + rows)
 
     monkeypatch.setattr(tool, "train", fake_train)
     args = argparse.Namespace(warmup_steps=1, steps=2, workers=0)

@@ -1078,8 +1078,7 @@ def user_error(msg: str) -> int:
 
 def main(argv: Optional[list[str]] = None, stages: Optional[list[Stage]] = None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        sys.path.insert(0, str(ROOT))
+    if args.worker:  # started by Context.run, whose environment makes this checkout importable
         path = Path(args.worker_json)
         res = WORKERS[args.worker]({**json.loads(args.worker_args), "json": str(path)}, args.dry_run)
         _save(path, res)

@@ -17,16 +17,15 @@ randomised identically for every class:
 The object is large and central and the background carries no clutter: with only
 2,500 images, anything instance-specific in the background (strokes, blobs) is an
 easier cue for self-supervision to cluster on than the object, and a few CPU
-minutes of MIRA then learn the clutter, not the classes (seen in generator
-version 1, which had it: trained k-NN no better than random init).
+minutes of MIRA then learn the clutter, not the classes (a trained k-NN no better
+than the randomly initialised network's).
 
 A class is a (shape, texture) pair. With the default 10 classes each class has its
 own shape AND its own texture (redundant cues, as real categories have), and the
-texture's period range differs between classes. Version 2 shared each of 4 textures
-among 2-3 classes (neither attribute alone named the class): a few CPU minutes of
-MIRA then learned colour invariance but no class structure (k-NN +6 points over
-random init at best). Beyond 10 classes, shapes and textures are reused in a
-Latin square, so every prefix still spreads them evenly.
+texture's period range differs between classes: when textures are shared among
+classes, so that neither attribute alone names the class, a few CPU minutes of MIRA
+learn colour invariance but little class structure. Beyond 10 classes, shapes and
+textures are reused in a Latin square, so every prefix still spreads them evenly.
 
 Layout written::
 
@@ -65,10 +64,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-try:  # tqdm is a project dependency, but keep the tool usable without it.
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None  # type: ignore[assignment]
+from tqdm import tqdm
 
 #: Bump when the rendering changes: manifests of other versions do not match.
 GENERATOR_VERSION = 3
@@ -543,11 +539,11 @@ def make_demo_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    bar = tqdm(total=total, desc=f"demo dataset -> {out.name}", unit="img", disable=not progress) if tqdm else None
+    bar = tqdm(total=total, desc=f"demo dataset -> {out.name}", unit="img", disable=not progress)
     start = time.perf_counter()
     try:
         chunks = _plan(tmp, per_split, num_classes, image_size, seed)
-        _run_chunks(chunks, workers, bar.update if bar is not None else (lambda n: None))
+        _run_chunks(chunks, workers, bar.update)
         manifest = {
             "format": "imagenet-folder",
             "arguments": arguments,
@@ -571,8 +567,7 @@ def make_demo_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return {**manifest, "status": "created", "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -29,16 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from fastssl.losses import alpha_min, cpc_bound, ml_cpc_bound  # noqa: E402
+from fastssl.losses import alpha_min, cpc_bound, ml_cpc_bound
 
 DIM = 20
 MI_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)

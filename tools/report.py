@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from fastssl.reports.markdown import run_markdown  # noqa: E402
-from fastssl.reports.run_report import build_run_report  # noqa: E402
-from fastssl.reports.schema import ReportError  # noqa: E402
-from fastssl.run_log import write_json  # noqa: E402
+from fastssl.reports.markdown import run_markdown
+from fastssl.reports.run_report import build_run_report
+from fastssl.reports.schema import ReportError
+from fastssl.run_log import utc_now, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out or args.run_dir / "report"
     try:
-        report = build_run_report(args.run_dir, out, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        report = build_run_report(args.run_dir, out, utc_now())
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
