@@ -169,15 +169,17 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
     takes its figures from the timed rows of train_log.csv; a loader too short fails clearly."""
     import argparse
 
-    from fastssl.config import ConfigError
+    from fastssl.config import ConfigError, validate
 
     tool = load_tool("profile_throughput")
-    cfg = tiny_config(tmp_path, epochs=1)
+    cfg = tiny_config(tmp_path, epochs=20)
+    cfg.optim.warmup_epochs = 10
     # (images_per_s, data_wait_share, step_time_s) per step; the first is the warm-up step
     logged = [(1.0, 0.9, 8.0), (80.0, 0.25, 0.1), (40.0, 0.5, 0.2)]
     runs = []
 
     def fake_train(c):
+        validate(c)  # a recipe's lr warm-up of several epochs must not fail the one-epoch run
         runs.append((c.train.epochs, c.train.steps_per_epoch, c.train.log_every, c.eval.knn_every))
         run = Path(c.train.run_dir)
         run.mkdir(parents=True)

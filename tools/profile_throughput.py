@@ -194,6 +194,7 @@ def measure_end_to_end(cfg: Config, args, scratch: Path) -> dict:
     c = copy.deepcopy(cfg)
     c.train.run_dir = str(scratch / "loop_run")
     c.train.epochs, c.train.steps_per_epoch, c.train.log_every = 1, need, 1
+    c.optim.warmup_epochs = min(c.optim.warmup_epochs, 1)  # one epoch of `need` steps; the lr costs no time
     c.train.progress, c.eval.knn_every, c.eval.knn_at_start = False, -1, False
     c.data.num_workers = args.workers
     train(c)
