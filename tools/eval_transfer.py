@@ -25,12 +25,16 @@ import time
 
 import torch
 
-from fastssl.eval.checkpoint_io import EvalError, exit_with, load_backbone, pick_device, resolve_target, utc_now, \
-    write_report
+from fastssl.cli import exit_with
+from fastssl.eval.backbone_io import load_backbone
+from fastssl.eval.errors import EvalError
+from fastssl.eval.targets import resolve_target
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
                                    markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
                                    spec_of, torchvision_splits, transfer_transform)
 from fastssl.models.backbone import FEATURE_DIMS
+from fastssl.run_log import utc_now, write_json
+from fastssl.runtime import pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
               "solver": solver, "wd_grid": wds, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
               "datasets": results, "table": table, "metrics": metric_note(), "device": str(device),
               "date": utc_now()}
-    write_report(found["out"], report)
+    write_json(found["out"], report, sort_keys=False)
     md_path = found["out"].with_suffix(".md")
     tmp = md_path.with_name(md_path.name + ".tmp")
     tmp.write_text(f"Linear transfer (MIRA Table 5 protocol) of `{model}`\n\n{table}\n{metric_note()}\n")

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from fastssl.eval.checkpoint_io import EvalError, exit_with, load_backbone, resolve_target
+from fastssl.cli import exit_with
+from fastssl.eval.backbone_io import load_backbone
+from fastssl.eval.errors import EvalError
+from fastssl.eval.targets import resolve_target
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.models.detection_export import (D2_CONFIG_NOTE, ExportError, detectron2_checkpoint,
                                              torchvision_detection_state)

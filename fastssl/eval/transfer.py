@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from fastssl.eval.checkpoint_io import EvalError
+from fastssl.eval.errors import EvalError
 from fastssl.eval.classifier import batches_loader, extract, progress_bar
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.eval import LabelledImages
