@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 from fastssl.config import Config, ConfigError, apply_overrides, field_help, validate
 from pipelines.beton import BetonError
@@ -61,11 +61,12 @@ def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
     return apply_overrides(cfg, rest), flags
 
 
-def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """Parse the command line into `cfg` and train; bad input exits with code 2 and a clear message."""
-    from fastssl.checkpoint import CheckpointError
-    from fastssl.engine import TrainingDiverged, train  # imported late so `--help` is instant
-
+def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callable[[Any], None],
+                 dump: Callable[[Any], str], start: Callable[[Any, bool | str, list[str]], dict],
+                 user_errors: tuple[type[BaseException], ...]) -> dict:
+    """The flow every trainer's command line shares: parse, `--help`, `check` the config,
+    `--print-config` (printed by `dump`), then `start(cfg, resume, command)`; a `user_errors`
+    exception is bad input and exits 2 with one line, no traceback."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or sys.argv[0]
     try:
@@ -73,15 +74,25 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
         if flags["help"]:
             print(usage(cfg, prog))
             sys.exit(0)
-        validate(cfg)
+        check(cfg)
         if flags["print_config"]:
-            from fastssl.config import dumps
-
-            print(dumps(cfg))
+            print(dump(cfg))
             sys.exit(0)
-        results = train(cfg, resume=flags["resume"], command=["python", prog, *argv])
-    except (ConfigError, DataLayoutError, FileNotFoundError, BetonError, CheckpointError, TrainingDiverged) as err:
+        return start(cfg, flags["resume"], ["python", prog, *argv])
+    except user_errors as err:
         exit_with(err)
+
+
+def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Parse the command line into `cfg` and train; bad input exits with code 2 and a clear message."""
+    from fastssl.checkpoint import CheckpointError
+    from fastssl.config import dumps
+    from fastssl.engine import TrainingDiverged, train  # imported late so `--help` is instant
+
+    results = command_line(cfg, argv, prog, check=validate, dump=dumps,
+                           start=lambda c, resume, command: train(c, resume=resume, command=command),
+                           user_errors=(ConfigError, DataLayoutError, FileNotFoundError, BetonError,
+                                        CheckpointError, TrainingDiverged))
     if "interrupted" in results:  # checkpointed: 128 + the signal's number (SIGTERM 143, SIGUSR1 138)
         from fastssl.runtime import stop_exit_code
 

@@ -17,7 +17,6 @@ Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-clas
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -241,24 +240,13 @@ def train(cfg: DistillConfig, resume: bool | str = False) -> dict:
 def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = None) -> dict:
     """Command line of the distillation recipes (`fastssl.cli`'s flags: --resume [auto], --print-config,
     --help, --section.field VALUE); bad input exits 2 with one `error:` line."""
-    from fastssl.cli import parse, usage
+    import json
 
-    argv = sys.argv[1:] if argv is None else argv
-    prog = prog or sys.argv[0]
-    try:
-        cfg, flags = parse(cfg, argv)
-        if flags["help"]:
-            print(usage(cfg, prog))
-            sys.exit(0)
-        validate(cfg)
-        if flags["print_config"]:
-            import json
+    from fastssl.cli import command_line
 
-            print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
-            sys.exit(0)
-        results = train(cfg, resume=flags["resume"])
-    except (ConfigError, DataLayoutError, FileNotFoundError, ckpt.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    results = command_line(cfg, argv, prog, check=validate,
+                           dump=lambda c: json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True),
+                           start=lambda c, resume, command: train(c, resume=resume),
+                           user_errors=(ConfigError, DataLayoutError, FileNotFoundError, ckpt.CheckpointError))
     print(f"done: top-1 {results['final_top1']:.2f}% ({cfg.train.run_dir}/results.json)")
     return results
