@@ -1,5 +1,5 @@
-"""tools/eval_linear.py is exact on a separable toy set, its two feeding modes agree, and bad
-input is named.
+"""tools/eval_linear.py (fastssl/eval/linear.py) is exact on a separable toy set, its two
+feeding modes agree, and bad input is named.
 
 The toy set: uniformly coloured images whose class is the dominant colour channel (red,
 green or blue), so every crop of an image is the same image and a fixed random-init

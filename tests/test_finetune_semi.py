@@ -1,5 +1,5 @@
-"""tools/finetune_semi.py fine-tunes to 100% on a separable toy set from a labelled subset, and
-names bad subset files (missing, empty, unmatched or ambiguous lines)."""
+"""tools/finetune_semi.py (fastssl/eval/finetune.py) fine-tunes to 100% on a separable toy set
+from a labelled subset, and names bad subset files (missing, empty, unmatched or ambiguous lines)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from conftest import load_tool
+from fastssl.eval.errors import EvalError
+from fastssl.eval.finetune import match_subset
 from test_eval_linear import make_toy_run
 
 
@@ -86,6 +88,6 @@ def test_the_same_file_name_in_two_classes_is_ambiguous(tool, toy_run, tmp_path,
         (root / cls).mkdir(parents=True)
         (root / cls / "same.JPEG").write_bytes(b"")
     samples = [(str(root / "a" / "same.JPEG"), 0), (str(root / "b" / "same.JPEG"), 1)]
-    with pytest.raises(tool.EvalError, match="several class folders"):
-        tool.match_subset(["same.JPEG"], samples, str(root))
-    assert tool.match_subset(["b/same.JPEG"], samples, str(root)) == [samples[1]]
+    with pytest.raises(EvalError, match="several class folders"):
+        match_subset(["same.JPEG"], samples, str(root))
+    assert match_subset(["b/same.JPEG"], samples, str(root)) == [samples[1]]

@@ -36,28 +36,13 @@ the run's own k-NN figure beside it.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 from fastssl.cli import exit_with
-from fastssl.eval.backbone_io import load_backbone
-from fastssl.eval.classifier import (LabelledImages, autocast, batches_loader, epoch_batches, evaluate_head,
-                                     extract_eval, extract_samples, new_head, progress_bar, scan_splits, sgd_step,
-                                     to_device, train_transform)
 from fastssl.eval.errors import EvalError
-from fastssl.eval.targets import resolve_target, run_knn_figure
+from fastssl.eval.linear import linear_probe, prepare
 from fastssl.models.backbone import FEATURE_DIMS
-from fastssl.run_log import utc_now, write_json
-from fastssl.runtime import pick_device
-from fastssl.schedules import cosine, scaled_lr
-from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class
-
-# (features, labels) for one batch of training-set indices, given the epoch.
-FeatureSource = Callable[[int, list[list[int]]], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+from fastssl.run_log import write_json
+from pipelines.eval import EVAL_BACKENDS, EvalBackendError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,137 +80,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def per_epoch_source(backbone: torch.nn.Module, dataset: LabelledImages, device: torch.device,
-                     num_workers: int) -> FeatureSource:
-    """The paper's protocol: fresh crops every epoch through the frozen backbone."""
-
-    def source(epoch: int, batches: list[list[int]]):
-        for images, labels, _ in batches_loader(dataset, batches, num_workers):
-            with torch.no_grad(), autocast(device):
-                feats = backbone(to_device(images, device)).float()
-            yield feats, labels.to(device)
-
-    return source
-
-
-def cached_source(feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, device: torch.device,
-                  seed: int) -> FeatureSource:
-    """Stored features (views x N x D): each epoch every image uses one of its copies, drawn
-    from a generator of its own so the batch order equals the per-epoch source's."""
-    views = torch.Generator().manual_seed(seed + 1)
-
-    def source(epoch: int, batches: list[list[int]]):
-        pick = torch.randint(feats.shape[0], (feats.shape[1],), generator=views)
-        for batch in batches:
-            idx = torch.tensor(batch)
-            idx = idx[valid[idx]]
-            if len(idx):
-                yield feats[pick[idx], idx].to(device).float(), labels[idx].to(device)
-
-    return source
-
-
-def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argparse.Namespace,
-               bar=None) -> list[float]:
-    """SGD on the head, lr cosine-annealed once per epoch (as the authors' script); the mean
-    training loss of every epoch."""
-    peak = scaled_lr(args.base_lr, args.batch_size)
-    opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=args.momentum, weight_decay=args.weight_decay)
-    order = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for epoch in range(args.epochs):
-        for group in opt.param_groups:
-            group["lr"] = cosine(epoch, args.epochs, peak, 0.0)
-        total, count = 0.0, 0
-        for feats, labels in source(epoch, epoch_batches(n, args.batch_size, order)):
-            loss = sgd_step(opt, F.cross_entropy(head(feats), labels), bar, epoch)
-            total, count = total + loss * len(labels), count + len(labels)
-        losses.append(round(total / max(count, 1), 5))
-    return losses
-
-
-def cache_train_features(backbone, root: str, samples, size: int, args, device) -> tuple[torch.Tensor, ...]:
-    """K augmented copies (or one centre crop, read by --loader) of every training image through
-    the backbone, as one preallocated K x N x D tensor (no second copy of an ImageNet-sized cache)."""
-    copies = max(args.cached_views, 1)
-    bar = progress_bar(copies * len(samples), "caching train features", not args.no_progress, unit="img")
-    cache, labels, valid = None, None, None
-    for view in range(copies):
-        if args.cached_views:
-            feats, labels, valid = extract_samples(backbone, samples, train_transform(size), args.extract_batch_size,
-                                                   args.num_workers, device, bar)
-        else:
-            feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
-                                                args.num_workers, device, bar)
-        if cache is None:
-            cache = torch.empty((copies, *feats.shape), dtype=getattr(torch, args.cache_dtype))
-        cache[view] = feats
-    if bar is not None:
-        bar.close()
-    return cache, labels, valid
-
-
-def train_augmentation(args: argparse.Namespace, size: int) -> str:
-    if args.cached_features and args.cached_views == 0:
-        return f"none: one centre crop per image, cached (resize {round(size / 0.875)} + centre crop {size})"
-    crops = f"RandomResizedCrop({size}, scale=(0.08, 1)) + horizontal flip"
-    return f"{crops}, {args.cached_views} copies per image drawn once" if args.cached_features else \
-        f"{crops}, fresh every epoch"
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
-        found = resolve_target(args.target, tool="eval_linear", train=args.train, val=args.val,
-                               image_size=args.image_size, arch=args.arch, json_path=args.json)
-        backbone, arch = load_backbone(found["checkpoint"], found["arch"])
-        train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
-        eval_loader_class(args.loader)  # a missing DALI fails here, not after training
+        inputs = prepare(args)
     except (EvalError, EvalBackendError) as err:
         exit_with(err)
-    device, size = pick_device(args.device), found["size"]
-    torch.manual_seed(args.seed)  # the random crops
-    requested, args.batch_size = args.batch_size, min(args.batch_size, len(train_samples))  # the lr scales with it
-    backbone = backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
-    head = new_head(FEATURE_DIMS[arch], len(classes), args.seed).to(device)
-    start = time.perf_counter()
-    if args.cached_features:
-        feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, size, args, device)
-        source = cached_source(feats, labels, valid, device, args.seed)
-    else:
-        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(size)), device,
-                                  args.num_workers)
-    features_s = time.perf_counter() - start
-    steps = args.epochs * -(-len(train_samples) // args.batch_size)
-    bar = progress_bar(steps, "linear classifier", not args.no_progress, unit="step")
-    losses = fit_linear(head, source, len(train_samples), args, bar)
-    if bar is not None:
-        bar.close()
-    train_s = time.perf_counter() - start - features_s
-    acc = evaluate_head(backbone, head, found["val"], val_samples, size, args.loader, args.extract_batch_size,
-                        args.num_workers, device, not args.no_progress, "val features")
-    report = {
-        "checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
-        "num_train": len(train_samples), "num_val": len(val_samples), "num_classes": len(classes),
-        "image_size": size, "top1": acc["top1"], "top5": acc["top5"],
-        "features": ("cached" if args.cached_features else "per-epoch augmentation"),
-        "cached_views": args.cached_views if args.cached_features else None,
-        "cache_dtype": args.cache_dtype if args.cached_features else None,
-        "epochs": args.epochs, "batch_size": args.batch_size, "batch_size_requested": requested,
-        "base_lr": args.base_lr,
-        "lr": scaled_lr(args.base_lr, args.batch_size), "schedule": "cosine per epoch to 0",
-        "optimizer": "sgd", "momentum": args.momentum, "weight_decay": args.weight_decay, "seed": args.seed,
-        "train_augmentation": train_augmentation(args, size),
-        "val_transform": f"resize {round(size / 0.875)} + centre crop {size}", "loader": args.loader,
-        "loss_per_epoch": losses, "run_knn": run_knn_figure(Path(args.target)),
-        "seconds": {"features": round(features_s, 2), "train": round(train_s, 2),
-                    "total": round(time.perf_counter() - start, 2)},
-        "device": str(device), "date": utc_now(),
-    }
-    write_json(found["out"], report, sort_keys=False)
-    print(f"linear ({report['features']}): top1 {acc['top1']:.1f}  top5 {acc['top5']:.1f}  "
+    report = linear_probe(inputs, args)
+    write_json(inputs.found["out"], report, sort_keys=False)
+    print(f"linear ({report['features']}): top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  "
           f"({report['seconds']['total']:.0f} s)")
-    print(f"wrote {found['out']}")
+    print(f"wrote {inputs.found['out']}")
     return report
 
 

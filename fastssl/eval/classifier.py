@@ -1,6 +1,7 @@
-"""Pieces shared by the linear probe (tools/eval_linear.py) and semi-supervised fine-tuning
-(tools/finetune_semi.py): the training augmentation, a labelled image list, seeded epoch
-orders, the new linear head, feature extraction and top-k accuracy.
+"""Pieces shared by the linear probe (fastssl/eval/linear.py) and semi-supervised fine-tuning
+(fastssl/eval/finetune.py): loading what a tool is pointed at, the training augmentation, a
+labelled image list, seeded epoch orders, the new linear head, feature extraction, top-k
+accuracy and the report fields both write.
 
 Both protocols (MIRA's appendix follows SimCLR/BYOL/SwAV) train on random-resized crops
 + horizontal flips and test on the resize / centre-crop transform of `pipelines.eval`,
@@ -9,15 +10,21 @@ so the two tools must agree on these details; keeping them in one place makes su
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
+from fastssl.eval.targets import resolve_target, run_knn_figure
+from fastssl.run_log import utc_now
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.eval import LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
@@ -190,3 +197,43 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+@dataclass
+class EvalInputs:
+    """What an evaluation tool was pointed at, loaded: `found` is `resolve_target`'s answer."""
+
+    found: dict
+    backbone: nn.Module
+    arch: str
+    train_samples: list
+    val_samples: list
+    classes: list[str]
+
+
+def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
+    """The backbone and both splits from the command line's target/--train/--val/--arch/
+    --image-size/--json, so that every bad input is an EvalError before any training starts."""
+    found = resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
+                           arch=args.arch, json_path=args.json)
+    backbone, arch = load_backbone(found["checkpoint"], found["arch"])
+    train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
+    return EvalInputs(found, backbone, arch, train_samples, val_samples, classes)
+
+
+def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc: dict[str, float], size: int,
+                      settings: dict, train_augmentation: str, loader: str, losses: list[float], seconds: dict,
+                      device: torch.device) -> dict:
+    """The JSON report of a trained classifier, in the key order both tools write: what was
+    evaluated, `counts` (the image counts), the accuracy, the protocol's `settings`, the
+    transforms, the loss curve, the run's own k-NN figure beside it, timings and provenance.
+    One builder keeps the two reports' shared fields the same for the run report that reads them."""
+    found = inputs.found
+    return {
+        "checkpoint": str(found["checkpoint"]), "arch": inputs.arch, "train": found["train"], "val": found["val"],
+        **counts, "image_size": size, "top1": acc["top1"], "top5": acc["top5"], **settings,
+        "train_augmentation": train_augmentation,
+        "val_transform": f"resize {round(size / 0.875)} + centre crop {size}", "loader": loader,
+        "loss_per_epoch": losses, "run_knn": run_knn_figure(target), "seconds": seconds,
+        "device": str(device), "date": utc_now(),
+    }
