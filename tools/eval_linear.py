@@ -38,20 +38,17 @@ from __future__ import annotations
 import argparse
 
 from fastssl.cli import exit_with
+from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError
 from fastssl.eval.linear import linear_probe, prepare
-from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.run_log import write_json
-from pipelines.eval import EVAL_BACKENDS, EvalBackendError
+from pipelines.eval import EvalBackendError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
-    ap.add_argument("--train", help="labelled training folder (default: the run's data.train)")
-    ap.add_argument("--val", help="validation folder (default: the run's data.val)")
-    ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
-    ap.add_argument("--image-size", type=int, help="crop size (default: the run's eval size or global crop, else 224)")
+    add_data_arguments(ap, train_help="labelled training folder (default: the run's data.train)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--base-lr", type=float, default=0.075, help="lr = base_lr x batch / 256 (paper: 0.075)")
@@ -64,13 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extract-batch-size", type=int, default=256, help="batch for running the frozen backbone")
-    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
-    ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision",
-                    help="reader of the resize + centre-crop images (val, and the --cached-views 0 cache): "
-                         "torchvision or dali; the random-resized-crop training images always use torchvision")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--json", help="where to write the results")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(ap, loader_help="reader of the resize + centre-crop images (val, and the --cached-views 0 "
+                                      "cache): torchvision or dali; the random-resized-crop training images always "
+                                      "use torchvision")
     args = ap.parse_args(argv)
     for name in ("epochs", "batch_size", "extract_batch_size"):
         if getattr(args, name) < 1:

@@ -36,21 +36,18 @@ from __future__ import annotations
 import argparse
 
 from fastssl.cli import exit_with
+from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError
 from fastssl.eval.finetune import PRESETS, finetune_on_subset, prepare
-from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.run_log import write_json
-from pipelines.eval import EVAL_BACKENDS, EvalBackendError
+from pipelines.eval import EvalBackendError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     ap.add_argument("--subset", required=True, help="text file: the labelled images, one per line")
-    ap.add_argument("--train", help="train folder the subset names images of (default: the run's data.train)")
-    ap.add_argument("--val", help="validation folder (default: the run's data.val)")
-    ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
-    ap.add_argument("--image-size", type=int, help="crop size (default: the run's eval size or global crop, else 224)")
+    add_data_arguments(ap, train_help="train folder the subset names images of (default: the run's data.train)")
     ap.add_argument("--labels-perc", choices=sorted(PRESETS), help="lr preset (default: from the subset's share)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -62,13 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--eval-batch-size", type=int, default=256)
-    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
-    ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision",
-                    help="reader of the val images (resize + centre crop): torchvision or dali; "
-                         "the fine-tuning crops always use torchvision")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--json", help="where to write the results")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(ap, loader_help="reader of the val images (resize + centre crop): torchvision or dali; "
+                                      "the fine-tuning crops always use torchvision")
     args = ap.parse_args(argv)
     try:
         args.milestones = [int(m) for m in args.milestones.split(",") if m.strip()]

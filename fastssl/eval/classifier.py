@@ -26,7 +26,8 @@ from fastssl.eval.errors import EvalError
 from fastssl.eval.targets import resolve_target, run_knn_figure
 from fastssl.run_log import utc_now
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.eval import LabelledImages, build_eval_loader, collate, eval_transform
+from fastssl.models.backbone import FEATURE_DIMS
+from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
 
 # torchvision's RandomResizedCrop default, as the authors' eval_linear.py and SwAV's eval_semisup.py.
@@ -197,6 +198,24 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
+    """--train/--val/--arch/--image-size, as `load_eval_inputs` reads them: the two tools accept
+    the same overrides of what the run's config says."""
+    ap.add_argument("--train", help=train_help)
+    ap.add_argument("--val", help="validation folder (default: the run's data.val)")
+    ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
+    ap.add_argument("--image-size", type=int, help="crop size (default: the run's eval size or global crop, else 224)")
+
+
+def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
+    """--num-workers/--loader/--device/--json/--no-progress: how either tool runs and where it writes."""
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
+    ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--json", help="where to write the results")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 @dataclass
