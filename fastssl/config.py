@@ -29,7 +29,7 @@ from pipelines.spec import DataConfig, eval_backend_errors
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
 HEADS = ("mira", "moco")  # ModelConfig.head
 STEMS = ("imagenet", "cifar")  # ModelConfig.stem
-DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (fastssl.critic.DIRECTIONS)
+DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (read by fastssl.critic as well)
 
 
 class ConfigError(ValueError):

@@ -37,10 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastssl.config import DIRECTIONS
 from fastssl.losses import ml_cpc_bound
 from fastssl.models.per_view_bn import PerViewBatchNorm1d, PerViewBatchNorm2d
-
-DIRECTIONS = ("symmetric", "one_way")
 
 
 def gather_keys(keys: Tensor) -> Tensor:
@@ -107,8 +106,8 @@ class KeyQueue(nn.Module):
 
     def __init__(self, size: int, dim: int, dataset_size: int | None = None, seed: int = 0):
         super().__init__()
-        if size < 1:
-            raise ValueError(f"queue size must be positive, got {size}")
+        # A positive size is the config's to check (critic.queue_size, loss.queue_size); the
+        # dataset's size is only known here.
         if dataset_size is not None and size >= dataset_size:
             raise ValueError(f"critic.queue_size {size} is not smaller than the dataset ({dataset_size} images): "
                              "the queue would hold stale copies of the current images as their own negatives; "
@@ -149,8 +148,9 @@ class MlCpcCritic(nn.Module):
     def __init__(self, queue_size: int, dim: int, temperature: float = 0.07, dataset_size: int | None = None,
                  direction: str = "symmetric"):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"critic temperature must be positive, got {temperature}")
+        # The temperature and queue size come validated by the config (critic.*, the distillation's
+        # loss.*); the direction is checked here because a wrong one would silently score the
+        # symmetric pairs.
         if direction not in DIRECTIONS:
             raise ValueError(f"critic direction: unknown {direction!r}; choose one of {', '.join(DIRECTIONS)}")
         self.temperature = temperature

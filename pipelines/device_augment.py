@@ -112,9 +112,10 @@ _compiled_jitter = None
 def _jitter_for(device: torch.device):
     """The colour jitter to use on `device`.
 
-    On a CPU its ~40 elementwise passes over the crops dominate the loader; inductor fuses
-    them into one C++ loop (3-5x measured, compiled once per process, ~10 s, and cached on
-    disk by inductor). On a GPU the eager ops are already cheap, and inductor would emit
+    On a CPU its ~40 elementwise passes over the crops dominate the loader, each one reading
+    and writing the whole batch through memory; inductor fuses them into one C++ loop that
+    touches every pixel once (compiled once per process, a one-off delay at the first batch,
+    and cached on disk by inductor). On a GPU the eager ops are already cheap, and inductor would emit
     Triton kernels, so the eager version is used there. FASTSSL_EAGER_AUGMENT=1 turns the
     compilation off; a failed compilation falls back to eager with one warning.
     """
