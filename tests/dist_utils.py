@@ -60,6 +60,7 @@ import os
 import shutil
 import socket
 import tempfile
+import textwrap
 import time
 import traceback
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -248,3 +249,23 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: Sequence[
     finally:
         _stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_synthetic_recipe(epochs: int, after: str = "") -> str:
+    """A recipe file's text for launcher tests: a tiny MIRA run on synthetic data, from the command line.
+
+    Why text: the launcher tests start it as `python FILE ...` through `accelerate launch`.
+    `after` is appended (code run once training has returned).
+    """
+    return textwrap.dedent(f"""
+        import sys
+        from fastssl.cli import run
+        from fastssl.config import Config
+        cfg = Config()
+        cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
+        cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
+        cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
+        cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress, cfg.train.log_every = {epochs}, 8, False, 1
+        cfg.optim.warmup_epochs = 0
+        results = run(cfg, sys.argv[1:])
+    """) + textwrap.dedent(after)

@@ -19,11 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+
+from dist_utils import tiny_synthetic_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 240  # a run takes ~25 s on 2 loaded cores
@@ -31,19 +32,10 @@ DEADLINE_S = 240  # a run takes ~25 s on 2 loaded cores
 # README.md's multi-node command, as the test runs it (N = 2 machines, 1 process each, on CPU).
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
 
-SCRIPT = textwrap.dedent("""
-    import json, os, sys
+SCRIPT = tiny_synthetic_recipe(epochs=1, after="""
+    import json, os
     from pathlib import Path
     import torch.distributed as dist
-    from fastssl.cli import run
-    from fastssl.config import Config
-    cfg = Config()
-    cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
-    cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
-    cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
-    cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress, cfg.train.log_every = 1, 8, False, 1
-    cfg.optim.warmup_epochs = 0
-    run(cfg, sys.argv[1:])
     where = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK")}
     Path(f"rank{dist.get_rank()}.json").write_text(json.dumps({"world": dist.get_world_size(), **where}))
 """)

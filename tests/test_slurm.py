@@ -24,6 +24,8 @@ from fastssl.cli import parse
 from fastssl.config import Config, ConfigError
 from fastssl.recovery import rerun_command
 
+from dist_utils import tiny_synthetic_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "tools" / "slurm"
 BATCH_SCRIPTS = sorted(SLURM.glob("*.sbatch"))
@@ -40,18 +42,7 @@ TINY = textwrap.dedent("""
     run(cfg, sys.argv[1:])
 """)
 
-SYNTHETIC = textwrap.dedent("""
-    import sys
-    from fastssl.cli import run
-    from fastssl.config import Config
-    cfg = Config()
-    cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
-    cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
-    cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
-    cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress, cfg.train.log_every = 3, 8, False, 1
-    cfg.optim.warmup_epochs = 0
-    run(cfg, sys.argv[1:])
-""")
+SYNTHETIC = tiny_synthetic_recipe(epochs=3)
 
 
 def read_steps(run: Path) -> list[int]:
