@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.augment import MultiCropRecipe
+from pipelines.augment import EVAL_INTERPOLATION, MultiCropRecipe, interpolation_errors
 from pipelines.spec import DataConfig, eval_backend_errors
 
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
@@ -132,6 +132,7 @@ class EvalConfig:
     batch_size: int = 256  # images per batch when extracting k-NN features
     image_size: int = 0  # k-NN centre-crop size in pixels; 0 = the recipe's global crop size
     loader: str = "torchvision"  # torchvision | dali: who reads the k-NN images (same transform)
+    interpolation: str = EVAL_INTERPOLATION  # k-NN resize filter: bilinear (both papers' evaluation code) | bicubic
 
 
 @dataclass
@@ -404,6 +405,7 @@ def config_errors(cfg: Config) -> list[str]:
     if ev.batch_size < 1 or ev.image_size < 0:
         e.append("eval.batch_size must be >= 1 and eval.image_size >= 0")
     e += [f"eval.loader: {msg}" for msg in eval_backend_errors(ev.loader)]
+    e += interpolation_errors("eval.interpolation", ev.interpolation)
     return e
 
 

@@ -6,7 +6,7 @@ Defaults are DINO's / MIRA's ResNet-50 recipe (the authors' code): 2 x 224 globa
 crops at scale (0.14, 1), 6 x 96 local crops at scale (0.05, 0.14), colour jitter
 (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur with p 1.0 / 0.1 /
 0.5 on global view 0 / global view 1 / locals (sigma 0.1-2), solarize p 0.2 on
-global view 1 only, horizontal flip p 0.5, ImageNet mean and std.
+global view 1 only, horizontal flip p 0.5, ImageNet mean and std, bicubic crops.
 """
 
 from __future__ import annotations
@@ -16,6 +16,18 @@ from dataclasses import dataclass
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NUM_GLOBAL_VIEWS = 2
+# Resampling filters a crop or an evaluation resize may use. The authors differ: MIRA's
+# (DINO's) training crops are bicubic, ML-CPC's MoCo crops and MIRA's evaluation
+# resizes bilinear. Each backend maps the name to its own constant.
+INTERPOLATIONS = ("bicubic", "bilinear")
+EVAL_INTERPOLATION = "bilinear"
+
+
+def interpolation_errors(field: str, value: str) -> list[str]:
+    """`field: ...` when `value` is not a name of `INTERPOLATIONS`."""
+    if value in INTERPOLATIONS:
+        return []
+    return [f"{field}: unknown interpolation {value!r}; choose one of {', '.join(INTERPOLATIONS)}"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class MultiCropRecipe:
     solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean subtracted after augmentation (RGB, 0..1)
     std: tuple[float, float, float] = IMAGENET_STD  # per-channel std divided by after augmentation (RGB, 0..1)
+    # Resampling of the random-resized crops: bicubic (MIRA / DINO) | bilinear (ML-CPC's MoCo code).
+    # torchvision and DALI's GPU graph use it; FFCV always resizes with INTER_AREA, DALI's fast CPU path linearly.
+    interpolation: str = "bicubic"
 
     @property
     def num_views(self) -> int:
@@ -91,4 +106,4 @@ class MultiCropRecipe:
         out += [f"{n}: a probability must lie in [0, 1], got {p}" for n, p in probs if not 0 <= p <= 1]
         if any(s <= 0 for s in self.std):
             out.append(f"std: must be positive, got {self.std}")
-        return out
+        return out + interpolation_errors("interpolation", self.interpolation)

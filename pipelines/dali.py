@@ -21,8 +21,8 @@ random-resized crops, and each view gets its augmentations per sample.
   bilinear (triangle) filters, libjpeg-turbo's fast integer IDCT, and the photometric
   steps as numba functions instead of DALI's CPU colour twist, blur and the conditionals'
   batch splits and merges (docs/benchmarks.md has the figures of each change). With
-  `dali_cpu_fast` off, the CPU runs the GPU's graph: bicubic crops (as torchvision's
-  RandomResizedCrop), the accurate IDCT, DALI operators under conditionals.
+  `dali_cpu_fast` off, the CPU runs the GPU's graph: crops with the recipe's
+  `interpolation` (bicubic by default, as torchvision's RandomResizedCrop), the accurate IDCT, DALI operators under conditionals.
 * Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
   epoch, rank, first batch): runs are repeatable. A resumed epoch draws the augmentations
   the interrupted one would have drawn: the pipelines run with DALI's checkpointing, the
@@ -49,6 +49,9 @@ from pipelines.folder import scan_source
 from pipelines.images import next_readable, placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import ShardedLoader, batch_seed
 from pipelines.spec import LoaderSpec
+
+# `MultiCropRecipe.interpolation` -> DALI's filter (the GPU graph; the fast CPU path is linear).
+DALI_INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 
 OUTPUT_NAMES_EXTRA = ("index", "label")
 DEGREES_PER_HUE_UNIT = 360.0  # torchvision's hue is a fraction of the colour wheel; DALI's is degrees
@@ -194,7 +197,7 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     fast = cpu_fast and decoder_device == "cpu"
     decode_args = decoder_args(decoder_device, hw_decoder_load, {"use_fast_idct": fast})  # + nvJPEG memory on GPU
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
-    interp = types.INTERP_LINEAR if fast else types.INTERP_CUBIC
+    interp = types.INTERP_LINEAR if fast else DALI_INTERP[recipe.interpolation]
     numba_steps = numba_steps and decoder_device == "cpu"
     views = [_augment_view(images, recipe, view, out_dtype, interp, numba_steps) for view in recipe.views()]
     return (*views, index, label)

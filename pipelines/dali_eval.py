@@ -7,8 +7,8 @@ DALI's GPU resampler keep up with the backbone. On a CPU-only machine DALI decod
 libjpeg-turbo and resamples on its own threads.
 
 Same transform as `pipelines.eval.eval_transform`: shorter side to round(size / 0.875)
-with an antialiased linear filter (torchvision's bilinear resize of a PIL image also
-antialiases), centre crop `size`, ImageNet normalisation, with torchvision's output
+with an antialiased linear (or, with `interpolation="bicubic"`, cubic) filter (torchvision's
+resize of a PIL image also antialiases), centre crop `size`, ImageNet normalisation, with torchvision's output
 sizes and crop offsets to the pixel. The two resamplers differ in detail, so
 pixels agree closely but not exactly (tests/test_eval_loaders.py measures it).
 
@@ -29,12 +29,13 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
 from pipelines.dali_decoder import decoder_args
 from pipelines.images import placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import rank_share
 from pipelines.spec import DataConfig
+from pipelines.dali import DALI_INTERP
 
 OUTPUT_NAMES = ("images", "label", "index")
 
@@ -116,8 +117,9 @@ def _torchvision_geometry(images, size: int):
 
 
 @pipeline_def
-def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decoder_load: float, layout: str):
-    """Encoded bytes -> decode -> shorter side round(size / 0.875), linear + antialias -> centre crop -> normalise."""
+def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decoder_load: float, layout: str,
+                  interpolation: str = EVAL_INTERPOLATION):
+    """Encoded bytes -> decode -> shorter side round(size / 0.875), antialiased -> centre crop -> normalise."""
     jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
     decode_args = decoder_args(decoder_device, hw_decoder_load)  # + nvJPEG memory on GPU (pipelines/dali_decoder.py)
@@ -126,7 +128,8 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
                                **decode_args)
     new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size)
-    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=DALI_INTERP[interpolation],
+                       antialias=True)
     images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
                                       dtype=types.FLOAT, output_layout=layout,
                                       mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
@@ -144,8 +147,9 @@ class DaliEvalLoader:
 
     def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 data: DataConfig | None = None):
+                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION):
         self.samples, self.classes = scan_image_folder(root)
+        self.interpolation = interpolation
         self.indices = rank_share(len(self.samples), rank, world_size)
         self.size, self.batch_size = size, batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -158,6 +162,7 @@ class DaliEvalLoader:
         # HWC memory read as NCHW is channels_last without a copy; CHW when contiguous NCHW is wanted.
         layout = "HWC" if self.channels_last else "CHW"
         pipe = eval_pipeline(source, self.size, self.decoder_device, self.data.dali_hw_decoder_load, layout,
+                             self.interpolation,
                              batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                              prefetch_queue_depth=2)
         return DALIGenericIterator(pipe, list(OUTPUT_NAMES), last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)

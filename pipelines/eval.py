@@ -1,7 +1,8 @@
 """Evaluation loader: resize + centre crop of a labelled folder, sharded across ranks.
 
 The MIRA authors' evaluation transform scaled to the crop size: resize the shorter side
-to size / 0.875 (256 for 224, bilinear, as their code), centre-crop `size`, normalise. `EvalLoader` does it with
+to size / 0.875 (256 for 224, bilinear by default, as their code; `interpolation`
+"bicubic" for comparison), centre-crop `size`, normalise. `EvalLoader` does it with
 PIL in DataLoader workers; `pipelines.dali_eval.DaliEvalLoader` with DALI (same
 arguments, same batches). `build_eval_loader` picks one by name, importing DALI only
 when it is chosen (the names: `pipelines.spec.EVAL_BACKENDS`).
@@ -16,16 +17,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
 from pipelines.sampler import rank_share
 from pipelines.spec import EVAL_BACKENDS, DataConfig, registered_class
+from pipelines.torchvision import TORCHVISION_MODES
 
 
-def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   interpolation: str = EVAL_INTERPOLATION) -> T.Compose:
     return T.Compose([
-        T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BILINEAR),
+        T.Resize(round(size / 0.875), interpolation=TORCHVISION_MODES[interpolation]),
         T.CenterCrop(size),
         T.ToTensor(),
         T.Normalize(mean, std),
@@ -54,9 +57,9 @@ class LabelledImages(Dataset):
 class EvalFolder(LabelledImages):
     """(image, label, index) of an ImageNet-layout folder with the evaluation transform."""
 
-    def __init__(self, root: str, size: int):
+    def __init__(self, root: str, size: int, interpolation: str = EVAL_INTERPOLATION):
         samples, self.classes = scan_image_folder(root)
-        super().__init__(samples, eval_transform(size))
+        super().__init__(samples, eval_transform(size, interpolation=interpolation))
 
 
 def collate(items):
@@ -76,8 +79,8 @@ class EvalLoader:
 
     def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 data: DataConfig | None = None):
-        self.dataset = EvalFolder(root, size)
+                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION):
+        self.dataset = EvalFolder(root, size, interpolation)
         self.classes = self.dataset.classes
         self.indices = rank_share(len(self.dataset), rank, world_size)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -110,11 +113,12 @@ def eval_loader_class(backend: str) -> type:
 
 def build_eval_loader(backend: str, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                      data: DataConfig | None = None):
+                      data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION):
     """This rank's evaluation loader of `root` through `backend` (a name of `pipelines.spec.EVAL_BACKENDS`).
 
     `data`: the run's data configuration, whose DALI options the DALI eval loader uses as
-    the training loader does (its defaults when not given)."""
+    the training loader does (its defaults when not given). `interpolation`: the resize's
+    filter, a name of `pipelines.augment.INTERPOLATIONS`."""
     return eval_loader_class(backend)(root, size, batch_size, rank=rank, world_size=world_size,
                                       num_workers=num_workers, device=device, channels_last=channels_last,
-                                      data=data)
+                                      data=data, interpolation=interpolation)

@@ -26,8 +26,8 @@ moco_builder.py; MoCo-v2 = its ImageNet recipe):
 - key encoder momentum 0.999, constant (MoCo-v2).
 - augmentation: 2 x 224 crops at scale (0.2, 1), no local crops, colour jitter
   (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur p 0.5, no solarize (MoCo-v2 / code).
-  Crops are resized bilinearly in the authors' code; `aug` has no interpolation field, so this
-  recipe keeps the loader's own (torchvision: bicubic, as MIRA's) - a known difference.
+  Crops resized bilinearly (`aug.interpolation bilinear`; code: torchvision's RandomResizedCrop
+  default; MIRA's recipes keep bicubic). FFCV resizes with INTER_AREA whatever the recipe says.
 - BatchNorm of the student: per-view statistics (`model.bn_stats per_view`, as separate
   query/key forwards).
 """
@@ -50,6 +50,7 @@ def config() -> Config:
     cfg.aug.num_local = 0
     cfg.aug.global_scale = (0.2, 1.0)
     cfg.aug.jitter = (0.4, 0.4, 0.4, 0.1)
+    cfg.aug.interpolation = "bilinear"
     cfg.aug.blur_p = (0.5, 0.5, 0.5)
     cfg.aug.solarize_p = (0.0, 0.0, 0.0)
     cfg.method.ema_momentum_start = cfg.method.ema_momentum_end = 0.999

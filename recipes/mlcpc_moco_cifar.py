@@ -20,8 +20,7 @@ docstring for the sources), with what the authors' CIFAR runs change:
 - No Gaussian blur at 32 px (our assumption, as MoCo's CIFAR demos); ImageNet mean/std.
 - lr 0.03 x batch/256, wd 1e-4, batch 256, 200 epochs: MoCo-v2's values (Table 3 of the paper
   reports 200, 500 and 1000 epochs); not checked against the authors' CIFAR script.
-- Crops: the authors resize bilinearly; `aug` has no interpolation field, so the loader's own
-  (torchvision: bicubic) is kept.
+- Crops: resized bilinearly, as the authors (from `recipes/mlcpc_moco.py`).
 """
 
 import importlib.util

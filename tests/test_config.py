@@ -51,6 +51,8 @@ def test_unknown_field_suggests_close_names():
     ("train.precision", "fp8", "unknown 'fp8'"),
     ("optim.warmup_epochs", 200.0, "longer than train.epochs"),
     ("aug.flip_p", 1.5, "probability must lie in \\[0, 1\\]"),
+    ("aug.interpolation", "nearest", "aug.interpolation: unknown interpolation 'nearest'; choose one of bicubic"),
+    ("eval.interpolation", "area", "eval.interpolation: unknown interpolation 'area'"),
     ("aug.jitter", (0.4, 0.4, 0.2, 0.6), "hue <= 0.5"),
     ("aug.jitter", (-0.1, 0.4, 0.2, 0.1), "values >= 0"),
     ("model.head", "byol", "unknown 'byol'"),

@@ -85,3 +85,39 @@ def test_start_directory_of_runs_that_predate_its_record(tmp_path):
     assert from_run("data/train", tmp_path) == str(tmp_path / "data/train")
     assert from_run("/abs/train", tmp_path) == "/abs/train"
     assert from_run("data/val", None) == "data/val"
+
+
+def resize_filter(loader) -> str:
+    """The interpolation of an `EvalLoader`'s resize (its transform's first step)."""
+    return loader.dataset.transform.transforms[0].interpolation.value
+
+
+def test_the_resize_filter_is_the_runs_unless_overridden(trained_run, tmp_path):
+    """eval.interpolation reaches the loop's k-NN and is the tool's default; --interpolation wins."""
+    from accelerate import Accelerator
+
+    from fastssl.engine import build_knn
+    from fastssl.eval.targets import resolve_target
+
+    run, _ = trained_run
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.eval.interpolation = "bicubic"
+    knn = build_knn(cfg, Accelerator(cpu=True), workers=0)
+    assert resize_filter(knn.bank) == resize_filter(knn.queries) == "bicubic"
+
+    saved = json.loads((run / "config.json").read_text())
+    copy = tmp_path / "bicubic_run"
+    copy.mkdir()
+    (copy / "backbone_resnet18.pth").write_bytes((run / "backbone_resnet18.pth").read_bytes())
+    (copy / "config.json").write_text(json.dumps({**saved, "eval": {**saved["eval"], "interpolation": "bicubic"}}))
+    assert resolve_target(copy, tool="t")["interpolation"] == "bicubic"
+    assert resolve_target(copy, tool="t", interpolation="bilinear")["interpolation"] == "bilinear"
+    legacy = {k: v for k, v in saved["eval"].items() if k != "interpolation"}  # a run from before the field
+    (copy / "config.json").write_text(json.dumps({**saved, "eval": legacy}))
+    assert resolve_target(copy, tool="t")["interpolation"] == "bilinear"
+    assert resolve_target(copy / "backbone_resnet18.pth", tool="t", train="x", val="y")["interpolation"] == "bilinear"
+
+    report = load_tool("eval_knn").main([str(run), "--ks", "5", "--interpolation", "bicubic", "--no-progress",
+                                         "--json", str(tmp_path / "k.json")])
+    assert report["interpolation"] == "bicubic"
+    assert json.loads((tmp_path / "k.json").read_text())["interpolation"] == "bicubic"

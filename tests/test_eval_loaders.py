@@ -2,7 +2,8 @@
 
 Measured on the textured folder below (crop 32, normalised units, CPU decode):
 PIL bilinear vs DALI linear + antialias with torchvision's geometry differ by mean abs
-~0.003 and max abs ~0.018 (about 0.2 and 1 grey levels); a 1-pixel shift of the crop
+~0.003 and max abs ~0.018 (about 0.2 and 1 grey levels), PIL vs DALI bicubic likewise,
+while bilinear vs bicubic differ by ~0.036 on average; a 1-pixel shift of the crop
 differs by ~0.29 on average (0.17 on the smoothest image), and a missing normalisation
 by ~0.56. So a mean tolerance of 0.02 is >8x below a one-pixel shift on every image.
 """
@@ -98,12 +99,17 @@ def one_pixel_shift(path: str) -> float:
 
 
 @requires_dali
-def test_pixels_match_pil_bilinear(folder):
-    ref, got = read_all("torchvision", folder), read_all("dali", folder)
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_pixels_match_pil(folder, interpolation):
+    ref = read_all("torchvision", folder, interpolation=interpolation)
+    got = read_all("dali", folder, interpolation=interpolation)
     diff = (cat(ref, 0) - cat(got, 0)).abs()
     per_image = diff.mean(dim=(1, 2, 3))
-    print(f"PIL bilinear vs DALI linear+antialias: max abs {diff.max():.4f}, mean abs {diff.mean():.4f} (normalised)")
+    print(f"PIL vs DALI {interpolation} + antialias: max abs {diff.max():.4f}, mean abs {diff.mean():.4f} (normalised)")
     assert per_image.max() < MEAN_TOL and diff.max() < MAX_TOL
+    # DALI used the filter asked for: it is much further from PIL's other one.
+    other = read_all("torchvision", folder, interpolation=({"bilinear", "bicubic"} - {interpolation}).pop())
+    assert (cat(other, 0) - cat(got, 0)).abs().mean() > 5 * diff.mean()
     # The tolerance must catch the mistakes it is there for: a crop one pixel off, no normalisation.
     from pipelines.folder import scan_image_folder
 
@@ -211,6 +217,7 @@ def test_eval_transform_resizes_bilinearly_as_the_authors(folder):
     ours = eval_transform(SIZE)(img)
     torch.testing.assert_close(ours, authors(img), rtol=0, atol=0)
     assert (ours - bicubic(img)).abs().max() > 1e-3  # the interpolation is visible on this image
+    torch.testing.assert_close(eval_transform(SIZE, interpolation="bicubic")(img), bicubic(img), rtol=0, atol=0)
 
 
 @requires_dali

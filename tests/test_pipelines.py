@@ -383,3 +383,27 @@ def test_no_backend_imports_another_backend():
         assert not imported & (backends - {module}), f"{module} imports {sorted(imported & backends)}"
         reads_image_files = module not in ("pipelines.synthetic", "pipelines.ffcv")  # ffcv: the converter did
         assert ("pipelines.images" in imported) == reads_image_files, module
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_torchvision_crops_resample_with_the_recipes_interpolation(interpolation):
+    """`aug.interpolation` reaches the crop: equal to torchvision's RandomResizedCrop with that
+    filter under the same seed, and unlike the other filter (MoCo's recipes ask for bilinear)."""
+    from torchvision import transforms as T
+
+    from pipelines.torchvision import view_transform
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    recipe = MultiCropRecipe(global_size=24, interpolation=interpolation)
+    view = recipe.view(0)
+    crops = {}
+    for mode in ("bicubic", "bilinear"):
+        torch.manual_seed(3)
+        reference = T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
+                                        interpolation=getattr(T.InterpolationMode, mode.upper()))
+        crops[mode] = T.PILToTensor()(reference(img))
+    torch.manual_seed(3)
+    ours = view_transform(recipe, view, photometric=False)(img)
+    assert torch.equal(ours, crops[interpolation])
+    assert not torch.equal(crops["bicubic"], crops["bilinear"])

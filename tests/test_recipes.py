@@ -99,6 +99,7 @@ def test_mlcpc_moco_recipes_are_the_authors_setting():
         assert cfg.model.proj_dim == 128 and cfg.aug.jitter == (0.4, 0.4, 0.4, 0.1)
         assert (cfg.optim.decay_bn_bias, cfg.optim.cosine_per, cfg.optim.warmup_epochs) == (True, "epoch", 0)
         assert cfg.critic.temperature == 0.07 and cfg.method.objective == "mlcpc"
+        assert cfg.aug.interpolation == "bilinear"  # the authors' crops; MIRA's recipes keep bicubic
         cfg.data.train = "/data/train"
         validate(cfg, num_processes=1)
     cifar = load_recipe("mlcpc_moco_cifar")

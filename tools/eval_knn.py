@@ -6,8 +6,9 @@
 
 L2-normalised features of the EMA teacher's backbone (the exported `backbone_<arch>.pth`),
 cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 20, 100,
-200}; top-1 and top-5 in percent. Images: resize to size / 0.875 and centre crop `size`
-(the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
+200}; top-1 and top-5 in percent. Images: resize to size / 0.875 (the run's
+eval.interpolation, bilinear by default; `--interpolation bicubic` to compare) and centre
+crop `size` (the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
 the same k = 20 figure; `--loader dali` reads them through DALI with the same geometry,
 within a fraction of a grey level). Writes JSON (default: RUN_DIR/eval_knn.json, or
 beside the checkpoint) that the run's report picks up.
@@ -22,14 +23,14 @@ import torch
 
 from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
+from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError
 from fastssl.eval.knn import knn_accuracy
 from fastssl.eval.online import embed, knn_loaders
 from fastssl.eval.targets import resolve_target
-from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.run_log import utc_now, write_json
 from fastssl.runtime import pick_device
-from pipelines.eval import EVAL_BACKENDS, EvalBackendError, eval_loader_class
+from pipelines.eval import EvalBackendError, eval_loader_class
 from pipelines.folder import DataLayoutError
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -38,25 +39,18 @@ DEFAULT_KS = (10, 20, 100, 200)
 def resolve(args: argparse.Namespace) -> dict:
     """Checkpoint, arch, data paths and image size from the run directory and the flags."""
     return resolve_target(args.target, tool="eval_knn", train=args.train, val=args.val, image_size=args.image_size,
-                          arch=args.arch, json_path=args.json, train_keys=("knn_train", "train"))
+                          arch=args.arch, json_path=args.json, train_keys=("knn_train", "train"),
+                          interpolation=args.interpolation)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
-    ap.add_argument("--train", help="memory bank folder (default: the run's data.knn_train or data.train)")
-    ap.add_argument("--val", help="query folder (default: the run's data.val)")
-    ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
+    add_data_arguments(ap, "memory bank folder (default: the run's data.knn_train or data.train)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
     ap.add_argument("--temperature", type=float, default=0.07)
-    ap.add_argument("--image-size", type=int, help="centre-crop size (default: the run's eval size, else 224)")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
-    ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision",
-                    help="image reader: torchvision (PIL in workers) or dali (nvJPEG + GPU resize; same transform)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--json", help="where to write the results")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(ap, "image reader: torchvision (PIL in workers) or dali (nvJPEG + GPU resize; same transform)")
     args = ap.parse_args(argv)
     try:
         ks = [int(k) for k in args.ks.split(",")]
@@ -74,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.
         bank_loader, query_loader = knn_loaders(args.loader, found["train"], found["val"], size=found["size"],
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                                device=accelerator.device)
+                                                device=accelerator.device, interpolation=found["interpolation"])
     except (EvalError, EvalBackendError, DataLayoutError) as err:
         exit_with(err)
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
@@ -84,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {str(k): knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes), k=k,
                                     temperature=args.temperature) for k in ks}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
-              "image_size": found["size"], "loader": args.loader, "temperature": args.temperature, "k": results,
+              "image_size": found["size"], "interpolation": found["interpolation"], "loader": args.loader,
+              "temperature": args.temperature, "k": results,
               "seconds": round(time.perf_counter() - start, 2),
               "date": utc_now()}
     write_json(found["out"], report, sort_keys=False)

@@ -25,7 +25,7 @@ from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
 from fastssl.eval.targets import resolve_target, run_knn_figure
 from fastssl.run_log import utc_now
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from fastssl.models.backbone import FEATURE_DIMS
 from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
@@ -155,25 +155,29 @@ def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], tra
 
 
 def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int, loader: str,
-                 batch_size: int, num_workers: int, device: torch.device, bar=None) -> tuple[torch.Tensor, ...]:
-    """`extract` of the eval transform (resize + centre crop) of the whole folder `root`, whose
-    scan is `samples`, read by `loader` ("torchvision" or "dali", as tools' --loader).
+                 batch_size: int, num_workers: int, device: torch.device, bar=None,
+                 interpolation: str = EVAL_INTERPOLATION) -> tuple[torch.Tensor, ...]:
+    """`extract` of the eval transform (resize with `interpolation` + centre crop) of the whole
+    folder `root`, whose scan is `samples`, read by `loader` ("torchvision" or "dali", as tools' --loader).
 
     Why a root and not only samples: the DALI loader scans the folder itself, and its
     dataset indices are positions in that same scan, so they index `samples` directly.
     """
     if loader == "torchvision":
-        return extract_samples(backbone, samples, eval_transform(size), batch_size, num_workers, device, bar)
-    batches = build_eval_loader(loader, root, size, batch_size, num_workers=num_workers, device=device)
+        return extract_samples(backbone, samples, eval_transform(size, interpolation=interpolation), batch_size,
+                               num_workers, device, bar)
+    batches = build_eval_loader(loader, root, size, batch_size, num_workers=num_workers, device=device,
+                                interpolation=interpolation)
     return extract(backbone, iter(batches), len(samples), device, bar)
 
 
 def evaluate_head(backbone: nn.Module, head: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int,
                   loader: str, batch_size: int, num_workers: int, device: torch.device, progress: bool,
-                  desc: str = "val") -> dict[str, float]:
+                  desc: str = "val", interpolation: str = EVAL_INTERPOLATION) -> dict[str, float]:
     """Top-1 / top-5 of `head` on `backbone`'s features (eval mode, see `extract`) of the val transform."""
     bar = progress_bar(len(samples), desc, progress, unit="img")
-    feats, labels, valid = extract_eval(backbone, root, samples, size, loader, batch_size, num_workers, device, bar)
+    feats, labels, valid = extract_eval(backbone, root, samples, size, loader, batch_size, num_workers, device, bar,
+                                        interpolation)
     if bar is not None:
         bar.close()
     with torch.no_grad():
@@ -201,12 +205,14 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
 
 
 def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
-    """--train/--val/--arch/--image-size, as `load_eval_inputs` reads them: the two tools accept
-    the same overrides of what the run's config says."""
+    """--train/--val/--arch/--image-size/--interpolation, as `resolve_target` reads them: the
+    evaluation tools accept the same overrides of what the run's config says."""
     ap.add_argument("--train", help=train_help)
     ap.add_argument("--val", help="validation folder (default: the run's data.val)")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
     ap.add_argument("--image-size", type=int, help="crop size (default: the run's eval size or global crop, else 224)")
+    ap.add_argument("--interpolation", choices=INTERPOLATIONS,
+                    help=f"evaluation resize filter (default: the run's eval.interpolation, else {EVAL_INTERPOLATION})")
 
 
 def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
@@ -234,7 +240,7 @@ def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
     """The backbone and both splits from the command line's target/--train/--val/--arch/
     --image-size/--json, so that every bad input is an EvalError before any training starts."""
     found = resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
-                           arch=args.arch, json_path=args.json)
+                           arch=args.arch, json_path=args.json, interpolation=args.interpolation)
     backbone, arch = load_backbone(found["checkpoint"], found["arch"])
     train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
     return EvalInputs(found, backbone, arch, train_samples, val_samples, classes)
@@ -252,7 +258,8 @@ def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc:
         "checkpoint": str(found["checkpoint"]), "arch": inputs.arch, "train": found["train"], "val": found["val"],
         **counts, "image_size": size, "top1": acc["top1"], "top5": acc["top5"], **settings,
         "train_augmentation": train_augmentation,
-        "val_transform": f"resize {round(size / 0.875)} + centre crop {size}", "loader": loader,
+        "val_transform": f"resize {round(size / 0.875)} ({found['interpolation']}) + centre crop {size}",
+        "loader": loader,
         "loss_per_epoch": losses, "run_knn": run_knn_figure(target), "seconds": seconds,
         "device": str(device), "date": utc_now(),
     }

@@ -101,7 +101,7 @@ def cache_train_features(backbone, root: str, samples, size: int, args, device) 
                                                    args.num_workers, device, bar)
         else:
             feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
-                                                args.num_workers, device, bar)
+                                                args.num_workers, device, bar, args.interpolation)
         if cache is None:
             cache = torch.empty((copies, *feats.shape), dtype=getattr(torch, args.cache_dtype))
         cache[view] = feats
@@ -128,7 +128,8 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     device, size = pick_device(args.device), found["size"]
     torch.manual_seed(args.seed)  # the random crops
     requested = args.batch_size
-    args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples))})
+    args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples)),
+                                 "interpolation": found["interpolation"]})
     backbone = inputs.backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     head = new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed).to(device)
     start = time.perf_counter()
@@ -146,7 +147,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         bar.close()
     train_s = time.perf_counter() - start - features_s
     acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, size, args.loader, args.extract_batch_size,
-                        args.num_workers, device, not args.no_progress, "val features")
+                        args.num_workers, device, not args.no_progress, "val features", found["interpolation"])
     counts = {"num_train": len(train_samples), "num_val": len(inputs.val_samples), "num_classes": len(inputs.classes)}
     settings = {
         "features": ("cached" if args.cached_features else "per-epoch augmentation"),

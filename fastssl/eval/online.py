@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastssl.eval.knn import knn_accuracy
+from pipelines.augment import EVAL_INTERPOLATION
 from pipelines.eval import build_eval_loader
 from pipelines.folder import DataLayoutError
 from pipelines.spec import DataConfig
@@ -84,10 +85,10 @@ class OnlineKnn:
 
     def __init__(self, train_root: str, val_root: str, image_size: int, batch_size: int, accelerator,
                  num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision",
-                 progress: bool = False, data: DataConfig | None = None):
+                 progress: bool = False, data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION):
         common = dict(size=image_size, batch_size=batch_size, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device,
-                      data=data)
+                      data=data, interpolation=interpolation)
         self.bank, self.queries = knn_loaders(loader, train_root, val_root, **common)
         self.accelerator, self.k, self.temperature, self.progress = accelerator, k, temperature, progress
 

@@ -12,14 +12,16 @@ import json
 from pathlib import Path
 
 from fastssl.eval.errors import EvalError
+from pipelines.augment import EVAL_INTERPOLATION
 
 __all__ = ["resolve_target", "start_dir", "from_run", "run_knn_figure"]
 
 
 def resolve_target(target: str | Path, *, tool: str, train: str | None = None, val: str | None = None,
                    image_size: int | None = None, arch: str | None = None, json_path: str | None = None,
-                   train_keys: tuple[str, ...] = ("train",), need_train: bool = True) -> dict:
-    """Checkpoint, arch, data paths, image size and report path from a run directory and the flags.
+                   train_keys: tuple[str, ...] = ("train",), need_train: bool = True,
+                   interpolation: str | None = None) -> dict:
+    """Checkpoint, arch, data paths, image size, resize filter and report path from a run directory and the flags.
 
     Flags win over the run's config.json. `train_keys` are the config.data fields tried in
     order for the training folder (the k-NN prefers its own `knn_train`). Relative data
@@ -30,7 +32,7 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     target = Path(target)
     if not target.exists():
         raise EvalError(f"{str(target)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
-    found = {"train": train, "val": val, "size": image_size, "arch": arch}
+    found = {"train": train, "val": val, "size": image_size, "arch": arch, "interpolation": interpolation}
     if target.is_dir():
         config_path = target / "config.json"
         if not config_path.is_file():
@@ -42,12 +44,14 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         found["train"] = found["train"] or (saved_train and from_run(saved_train, start))
         found["val"] = found["val"] or (cfg["data"]["val"] and from_run(cfg["data"]["val"], start))
         found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
+        found["interpolation"] = found["interpolation"] or cfg["eval"].get("interpolation")
         found["checkpoint"] = target / f"backbone_{found['arch']}.pth"
         found["out"] = Path(json_path) if json_path else target / f"{tool}.json"
     else:
         found["checkpoint"] = target
         found["size"] = found["size"] or 224
         found["out"] = Path(json_path) if json_path else target.with_name(f"{target.stem}_{tool}.json")
+    found["interpolation"] = found["interpolation"] or EVAL_INTERPOLATION
     if (need_train and not found["train"]) or not found["val"]:
         raise EvalError("no data: pass --train and --val (ImageNet-layout folders)")
     return found
