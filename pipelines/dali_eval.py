@@ -162,7 +162,7 @@ class DaliEvalLoader:
         # HWC memory read as NCHW is channels_last without a copy; CHW when contiguous NCHW is wanted.
         layout = "HWC" if self.channels_last else "CHW"
         pipe = eval_pipeline(source, self.size, self.decoder_device, self.data.dali_hw_decoder_load, layout,
-                             self.interpolation,
+                             interpolation=self.interpolation,
                              batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                              prefetch_queue_depth=2)
         return DALIGenericIterator(pipe, list(OUTPUT_NAMES), last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)

@@ -222,7 +222,8 @@ def test_eval_transform_resizes_bilinearly_as_the_authors(folder):
 
 @requires_dali
 def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeypatch):
-    """`--data.dali_hw_decoder_load` reaches the DALI k-NN loaders' pipeline, as it does the training loader's."""
+    """`--data.dali_hw_decoder_load` reaches the DALI k-NN loaders' pipeline, as it does the training
+    loader's, and so does `--eval.interpolation`."""
     import argparse
 
     import pipelines.dali_eval as de
@@ -230,7 +231,7 @@ def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeyp
     from test_engine import tiny_config
 
     cfg = tiny_config(tmp_path, epochs=1)
-    cfg.eval.loader, cfg.data.dali_hw_decoder_load = "dali", 0.3
+    cfg.eval.loader, cfg.data.dali_hw_decoder_load, cfg.eval.interpolation = "dali", 0.3, "bicubic"
     accelerator = argparse.Namespace(device=torch.device("cpu"), num_processes=1, process_index=0)
     knn = build_knn(cfg, accelerator, 1)
     seen = []
@@ -238,12 +239,12 @@ def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeyp
     class Seen(Exception):
         pass
 
-    def recording_pipeline(source, size, decoder_device, hw_decoder_load, layout, **kwargs):
-        seen.append(hw_decoder_load)
+    def recording_pipeline(source, size, decoder_device, hw_decoder_load, layout, interpolation, **kwargs):
+        seen.append((hw_decoder_load, interpolation))
         raise Seen
 
     monkeypatch.setattr(de, "eval_pipeline", recording_pipeline)
     for loader in (knn.bank, knn.queries):
         with pytest.raises(Seen):
             next(iter(loader))
-    assert seen == [0.3, 0.3]
+    assert seen == [(0.3, "bicubic"), (0.3, "bicubic")]
