@@ -18,7 +18,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NUM_GLOBAL_VIEWS = 2
 # Resampling filters a crop or an evaluation resize may use. The authors differ: MIRA's
 # (DINO's) training crops are bicubic, ML-CPC's MoCo crops and MIRA's evaluation
-# resizes bilinear. Each backend maps the name to its own constant.
+# resizes bilinear. The names are torchvision's `InterpolationMode` values; DALI's filters:
+# `pipelines.dali_decoder.dali_interp`.
 INTERPOLATIONS = ("bicubic", "bilinear")
 EVAL_INTERPOLATION = "bilinear"
 

@@ -42,16 +42,13 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
-from pipelines.dali_decoder import decoder_args
+from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import photometric, uniform
 from pipelines.folder import scan_source
 from pipelines.images import next_readable, placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import ShardedLoader, batch_seed
 from pipelines.spec import LoaderSpec
-
-# `MultiCropRecipe.interpolation` -> DALI's filter (the GPU graph; the fast CPU path is linear).
-DALI_INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 
 OUTPUT_NAMES_EXTRA = ("index", "label")
 DEGREES_PER_HUE_UNIT = 360.0  # torchvision's hue is a fraction of the colour wheel; DALI's is degrees
@@ -197,7 +194,7 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     fast = cpu_fast and decoder_device == "cpu"
     decode_args = decoder_args(decoder_device, hw_decoder_load, {"use_fast_idct": fast})  # + nvJPEG memory on GPU
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
-    interp = types.INTERP_LINEAR if fast else DALI_INTERP[recipe.interpolation]
+    interp = types.INTERP_LINEAR if fast else dali_interp(recipe.interpolation)  # the fast CPU path: linear
     numba_steps = numba_steps and decoder_device == "cpu"
     views = [_augment_view(images, recipe, view, out_dtype, interp, numba_steps) for view in recipe.views()]
     return (*views, index, label)

@@ -1,4 +1,5 @@
-"""Arguments of DALI's image decoders (`fn.decoders.image`), shared by the training and evaluation pipelines.
+"""Arguments of DALI's image decoders (`fn.decoders.image`) and resamplers, shared by the training and
+evaluation pipelines.
 
 Why the nvJPEG memory settings: on the `mixed` (GPU) decoder nvJPEG grows its device and pinned
 host buffers whenever an image larger than any before arrives. Over a long ImageNet run that
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["NVJPEG_MEMORY", "decoder_args"]
+__all__ = ["NVJPEG_MEMORY", "decoder_args", "dali_interp"]
 
 # As DALI's ImageNet examples set them (bytes; pixels for the HW decoder's preallocation hints).
 NVJPEG_MEMORY: dict[str, int] = {
@@ -36,3 +37,10 @@ def decoder_args(decoder_device: str, hw_decoder_load: float, cpu_args: Optional
     if decoder_device != "cpu":
         raise ValueError(f"decoder_device must be 'mixed' or 'cpu', got {decoder_device!r}")
     return dict(cpu_args or {})
+
+
+def dali_interp(name: str):
+    """DALI's resampling filter for a name of `pipelines.augment.INTERPOLATIONS`."""
+    from nvidia.dali import types
+
+    return {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[name]

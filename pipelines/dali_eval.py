@@ -31,11 +31,10 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
-from pipelines.dali_decoder import decoder_args
+from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.images import placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import rank_share
 from pipelines.spec import DataConfig
-from pipelines.dali import DALI_INTERP
 
 OUTPUT_NAMES = ("images", "label", "index")
 
@@ -128,7 +127,7 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
                                **decode_args)
     new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size)
-    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=DALI_INTERP[interpolation],
+    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=dali_interp(interpolation),
                        antialias=True)
     images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
                                       dtype=types.FLOAT, output_layout=layout,

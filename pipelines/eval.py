@@ -22,13 +22,12 @@ from pipelines.folder import scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
 from pipelines.sampler import rank_share
 from pipelines.spec import EVAL_BACKENDS, DataConfig, registered_class
-from pipelines.torchvision import TORCHVISION_MODES
 
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    interpolation: str = EVAL_INTERPOLATION) -> T.Compose:
     return T.Compose([
-        T.Resize(round(size / 0.875), interpolation=TORCHVISION_MODES[interpolation]),
+        T.Resize(round(size / 0.875), interpolation=T.InterpolationMode(interpolation)),
         T.CenterCrop(size),
         T.ToTensor(),
         T.Normalize(mean, std),

@@ -24,9 +24,6 @@ from pipelines.images import UNREADABLE, load_rgb, next_readable
 from pipelines.sampler import ShardedLoader, batch_seed, sample_seed
 from pipelines.spec import LoaderSpec
 
-# `MultiCropRecipe.interpolation` and the evaluation transform's names -> torchvision's modes.
-TORCHVISION_MODES = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
-
 
 class PILGaussianBlur:
     """Gaussian blur with sigma ~ U(lo, hi), as DINO/MIRA (PIL's blur, radius = sigma)."""
@@ -48,11 +45,11 @@ def view_transform(recipe: MultiCropRecipe, view: ViewSpec, photometric: bool = 
     """
     if not photometric:
         return T.Compose([T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
-                                              interpolation=TORCHVISION_MODES[recipe.interpolation]), T.PILToTensor()])
+                                              interpolation=T.InterpolationMode(recipe.interpolation)), T.PILToTensor()])
     b, c, s, h = recipe.jitter
     return T.Compose([
         T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
-                            interpolation=TORCHVISION_MODES[recipe.interpolation]),
+                            interpolation=T.InterpolationMode(recipe.interpolation)),
         T.RandomHorizontalFlip(p=recipe.flip_p),
         T.RandomApply([T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=recipe.jitter_p),
         T.RandomGrayscale(p=recipe.grayscale_p),
