@@ -13,7 +13,13 @@ normalises, and the model keeps the cores it would have spent on float32 tensor 
   every backend, sharded across ranks, resumable mid-epoch). `order` = "random",
   "quasi_random" or "sequential" uses FFCV's own traversal instead (with
   `distributed=True` on several processes); a resumed epoch then skips the batches it had
-  already trained on.
+  already trained on. FFCV's orders are functions of (seed, epoch) too.
+* Randomness: the decoder reseeds numba's generator (per thread) before each image's
+  draws, from (seed, epoch, dataset index) (`image_seed`), so an image's crops and, on
+  CPU, its photometric draws do not depend on the threads, on prefetching or on the batch
+  the epoch started at; the device-side draws come from `batch_seed`. Hence a run stopped
+  mid-epoch and resumed logs the same losses as an uninterrupted one, whatever the order
+  option (tests/test_loader_resume.py), and needs no loader state beyond (epoch, batch).
 * Compilation: numba compiles FFCV's pipeline in every process on its first batch. The
   stages that can be cached are compiled with `cache=True` (on disk, under
   `__pycache__` or NUMBA_CACHE_DIR), so later runs start in seconds; the decoder holds
@@ -44,6 +50,10 @@ from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
+from numba import carray, njit
+from numba import types as nb_types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
@@ -75,6 +85,48 @@ Compiler.compile = classmethod(lambda cls, code, signature=None: _cached_compile
 warnings.filterwarnings("ignore", message="Cannot cache compiled function")
 
 
+# The stream of the decoder's per-image draws, apart from the epoch order's (SeedSequence([seed, epoch])).
+DECODER_STREAM = 1
+
+
+def epoch_key(seed: int, epoch: int) -> np.uint64:
+    """The 64-bit key of one epoch's per-image draws in the decoder (`image_seed`)."""
+    return np.random.SeedSequence([seed, epoch], spawn_key=(DECODER_STREAM,)).generate_state(1, np.uint64)[0]
+
+
+@intrinsic
+def _address_as_void_pointer(typingctx, address):
+    """An integer address as a void* (numba's recipe for memory that Python writes later)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return nb_types.voidptr(address), codegen
+
+
+@njit(cache=True, nogil=True)
+def read_key(address: int) -> np.uint64:
+    """The uint64 at `address`: the decoder's epoch key, read at every batch.
+
+    Why an address: numba freezes a NumPy array a compiled function closes over as a
+    constant, so an array that Python updates each epoch must be reached through its address.
+    """
+    return carray(_address_as_void_pointer(address), 1, np.uint64)[0]
+
+
+@njit(cache=True, nogil=True)
+def image_seed(key: np.uint64, index: np.uint64) -> np.uint32:
+    """The seed of one image's draws in one epoch: SplitMix64's output `index` of the stream `key`.
+
+    The finaliser is a bijection of the 64-bit state, so the images of an epoch get
+    distinct 64-bit values; numba's `np.random.seed` keeps 32 bits of them (as the
+    torchvision loader's `sample_seed`).
+    """
+    z = key + (np.uint64(index) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.uint32(z >> np.uint64(32))
+
+
 class MultiCropDecoder(ResizedCropRGBImageDecoder):
     """Decode each image once; emit every view's random-resized crop into one flat uint8 row.
 
@@ -82,10 +134,17 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
     independently per view and per image (FFCV's torchvision-equivalent `get_random_crop`).
     With `photometric=True` each crop also gets the recipe's flip, jitter, grayscale, blur
     and solarize right after it is cut (`pipelines.cpu_augment`, uint8, in FFCV's threads).
+    Every draw of an image comes from numba's generator reseeded with
+    `image_seed(key[0], index)` just before them, in the thread that decodes it: `key` is a
+    one-element uint64 array that the owner sets to `epoch_key(seed, epoch)` before each
+    epoch starts (and keeps alive with the decoder; the compiled code holds its address).
     """
 
-    def __init__(self, recipe: MultiCropRecipe, photometric: bool = False):
+    def __init__(self, recipe: MultiCropRecipe, key: np.ndarray, photometric: bool = False):
+        if key.dtype != np.uint64 or key.shape != (1,):
+            raise ValueError(f"the epoch key must be a uint64 array of shape (1,), not {key.dtype} {key.shape}")
         views = recipe.views()
+        self.key = key
         self.photometric = photometric
         self.params = np.stack([crop_params(recipe, v) for v in views])
         self.sizes = np.array([v.size for v in views], dtype=np.int64)
@@ -114,10 +173,13 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
         get_crop_c = Compiler.compile(get_random_crop)
         sizes, offsets, scales, ratio = self.sizes, self.offsets, self.scales, self.ratio
         num_views, photometric, params = len(sizes), self.photometric, self.params
+        key_address = self.key.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
+            key = read_key(key_address)
             for dst_ix in my_range(len(batch_indices)):
+                np.random.seed(image_seed(key, batch_indices[dst_ix]))  # this thread's generator, for this image
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
@@ -136,6 +198,7 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
+        decode.key = self.key  # the memory at key_address lives as long as the code
         return decode
 
 
@@ -218,6 +281,7 @@ class FfcvLoader(ShardedLoader):
         self._loader: Loader | None = None
         self._epoch_it = None  # FFCV's EpochIterator (a thread) of the epoch being read
         self._inner_order: TraversalOrder | None = None
+        self._key = np.zeros(1, dtype=np.uint64)  # the decoder's epoch key (its compiled code reads it)
         _LIVE_LOADERS.add(self)
 
     @property
@@ -239,7 +303,7 @@ class FfcvLoader(ShardedLoader):
         s = self.spec
         plan_order = _PlanOrder(self._plan)
         device = s.device if s.device.type == "cuda" else torch.device("cpu")
-        decoder = MultiCropDecoder(s.recipe, photometric=self.photometric_in_loader)
+        decoder = MultiCropDecoder(s.recipe, self._key, photometric=self.photometric_in_loader)
         loader = Loader(s.path, batch_size=s.batch_size, num_workers=max(1, s.num_workers or 1),
                         order=plan_order, distributed=False, seed=s.seed, os_cache=s.data.ffcv_os_cache, drop_last=True,
                         pipelines={IMAGE_FIELD: [decoder, ToTensor(),
@@ -264,6 +328,8 @@ class FfcvLoader(ShardedLoader):
         plan = self._plan(self.epoch)
         if self._epoch_it is not None:  # an earlier epoch left unfinished
             _stop_epoch_thread(self._epoch_it)
+        # No epoch thread runs now; FFCV's starts decoding (ahead) in iter(): the key first.
+        self._key[0] = epoch_key(self.spec.seed, self.epoch)
         epoch_it = self._epoch_it = iter(self._loader)
         try:
             yield from self._batches(epoch_it, plan)

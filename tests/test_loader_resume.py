@@ -3,18 +3,25 @@
 The torchvision loader draws each image's augmentation from (seed, epoch, image), so any
 resume is exact (tests/test_engine.py). DALI draws from per-pipeline generators that advance
 batch by batch, so the resumed epoch's pipeline must be rebuilt from DALI's own checkpoint
-of the interrupted one (`DaliLoader.state_dict`, kept per rank in rng/rank<r>.pt).
+of the interrupted one (`DaliLoader.state_dict`, kept per rank in rng/rank<r>.pt). FFCV's
+decoder reseeds numba's per-thread generator before each image from (seed, epoch, image),
+like torchvision, so it needs no loader state: the epoch and batch the loop passes to
+`set_epoch` are enough, with the shared sampler's order (the default, tested here) and
+with FFCV's own orders, which are functions of (seed, epoch) as well.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from conftest import requires_dali
+from conftest import data_path, requires_dali, requires_ffcv
 from fastssl import engine
+from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from test_engine import read_csv
 from test_faults import StopAt, counting, quick_config
 
@@ -23,16 +30,14 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in read_csv(run_dir / "train_log.csv")]
 
 
-@requires_dali
-def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch
-    cfg.data.backend = "dali"
+def stop_then_resume(cfg, tmp_path: Path, monkeypatch) -> tuple[list, list, Path]:
+    """The uninterrupted run's losses, then those of a run stopped one batch into epoch 1 and resumed."""
     cfg.train.run_dir = str(tmp_path / "reference")
     engine.train(cfg)
     reference = losses(Path(cfg.train.run_dir))
 
     cfg.train.run_dir = str(tmp_path / "stopped")
-    StopAt.counter[0], StopAt.step = 0, 4  # one batch into the second epoch, DALI prefetching ahead
+    StopAt.counter[0], StopAt.step = 0, 4  # one batch into the second epoch, the loader prefetching ahead
     with monkeypatch.context() as m:
         m.setattr(engine, "GracefulStop", StopAt)
         m.setattr(engine, "train_step", counting(engine.train_step))
@@ -40,10 +45,70 @@ def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypa
     run_dir = Path(cfg.train.run_dir)
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]
     assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 1, 4)
+    engine.train(cfg, resume=True)
+    return reference, losses(run_dir), run_dir
+
+
+@requires_dali
+def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch
+    cfg.data.backend = "dali"
+    reference, got, run_dir = stop_then_resume(cfg, tmp_path, monkeypatch)
     loader_state = torch.load(run_dir / "rng" / "rank0.pt", weights_only=False)["loader"]
     assert (loader_state["epoch"], loader_state["batch"]) == (1, 1)
-    engine.train(cfg, resume=True)
-
-    got = losses(run_dir)
     assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7))
     assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6)
+
+
+@requires_ffcv
+def test_ffcv_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """On CPU every draw of the FFCV loader but the order happens in its decoder's threads."""
+    cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch; FFCV decodes up to 3 batches ahead
+    cfg.data.backend, cfg.data.knn_train = "ffcv", cfg.data.train
+    cfg.data.train = data_path("ffcv", Path(cfg.data.train), write_mode="jpg")
+    reference, got, _ = stop_then_resume(cfg, tmp_path, monkeypatch)
+    assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7))
+    assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6)
+
+
+def textured_folder(root: Path, count: int = 16, size: tuple[int, int] = (40, 52)) -> Path:
+    """Noise images (2 classes): unlike flat colours, every crop box gives other pixels."""
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        folder = root / f"c{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"img{k:03d}.png")
+    return root
+
+
+def ffcv_epoch(path: str, threads: int, epoch: int, start_batch: int = 0) -> dict[int, list[torch.Tensor]]:
+    """Every view of every image a fresh FFCV loader yields for (seed 4, epoch), by dataset index."""
+    recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2)  # every photometric step on
+    loader = build_train_loader(LoaderSpec(data=DataConfig(backend="ffcv", train=path), recipe=recipe,
+                                           batch_size=4, seed=4, num_workers=threads))
+    loader.set_epoch(epoch, start_batch)
+    views = {}
+    for batch in loader:
+        for row, index in enumerate(batch.index.tolist()):
+            views[index] = [v[row].clone() for v in batch.views]
+    return views
+
+
+@requires_ffcv
+def test_ffcv_draws_repeat_whatever_the_start_batch_and_threads(tmp_path):
+    path = data_path("ffcv", textured_folder(tmp_path / "noise"))
+    whole = ffcv_epoch(path, threads=1, epoch=1)
+    assert len(whole) == 16
+    runs = {"2 threads": ffcv_epoch(path, threads=2, epoch=1),
+            "from batch 2": ffcv_epoch(path, threads=1, epoch=1, start_batch=2),
+            "from batch 3, 2 threads": ffcv_epoch(path, threads=2, epoch=1, start_batch=3)}
+    for name, run in runs.items():
+        assert run and set(run) <= set(whole), name
+        for index, views in run.items():
+            for v, (a, b) in enumerate(zip(views, whole[index])):
+                assert torch.equal(a, b), f"{name}: image {index}, view {v}"
+    following = ffcv_epoch(path, threads=1, epoch=2)
+    for index, views in following.items():  # another epoch: other crops for every image and view
+        assert all(not torch.equal(a, b) for a, b in zip(views, whole[index])), index
+    for index, views in whole.items():  # one image's views stay draws of their own
+        assert not torch.equal(views[0], views[1]) and not torch.equal(views[2], views[3]), index
