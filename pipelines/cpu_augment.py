@@ -241,7 +241,8 @@ def augment_crop_u8(img: np.ndarray, params: np.ndarray) -> None:
     `params` (float64, see `crop_params`): flip_p, jitter_p, brightness, contrast,
     saturation, hue, grayscale_p, blur_p, sigma_lo, sigma_hi, solarize_p. The flip comes
     first (it commutes with the rest), then `apply_drawn_u8`. Random numbers come from
-    numba's generator, independent per thread (as FFCV's own random crops).
+    numba's generator of the calling thread, which FFCV's decoder reseeds before each
+    image (`pipelines.ffcv.image_seed`), as for its crop boxes.
     """
     if np.random.random() < params[0]:
         flip_u8(img)
