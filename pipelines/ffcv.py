@@ -173,7 +173,7 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
         get_crop_c = Compiler.compile(get_random_crop)
         sizes, offsets, scales, ratio = self.sizes, self.offsets, self.scales, self.ratio
         num_views, photometric, params = len(sizes), self.photometric, self.params
-        key_address = self.key.ctypes.data
+        key_address = np.int64(self.key.ctypes.data)  # typed int64, not Literal[int]: one cached read_key
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
