@@ -30,8 +30,9 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in read_csv(run_dir / "train_log.csv")]
 
 
-def stop_then_resume(cfg, tmp_path: Path, monkeypatch) -> tuple[list, list, Path]:
-    """The uninterrupted run's losses, then those of a run stopped one batch into epoch 1 and resumed."""
+def stop_then_resume(cfg, tmp_path: Path, monkeypatch) -> tuple[list, list, dict | None]:
+    """The uninterrupted run's losses, those of a run stopped one batch into epoch 1 and resumed,
+    and the loader state that the stop saved (rng/rank0.pt)."""
     cfg.train.run_dir = str(tmp_path / "reference")
     engine.train(cfg)
     reference = losses(Path(cfg.train.run_dir))
@@ -45,16 +46,16 @@ def stop_then_resume(cfg, tmp_path: Path, monkeypatch) -> tuple[list, list, Path
     run_dir = Path(cfg.train.run_dir)
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]
     assert (saved["epoch"], saved["batch_in_epoch"], saved["step"]) == (1, 1, 4)
+    loader_state = torch.load(run_dir / "rng" / "rank0.pt", weights_only=False).get("loader")
     engine.train(cfg, resume=True)
-    return reference, losses(run_dir), run_dir
+    return reference, losses(run_dir), loader_state
 
 
 @requires_dali
 def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch
     cfg.data.backend = "dali"
-    reference, got, run_dir = stop_then_resume(cfg, tmp_path, monkeypatch)
-    loader_state = torch.load(run_dir / "rng" / "rank0.pt", weights_only=False)["loader"]
+    reference, got, loader_state = stop_then_resume(cfg, tmp_path, monkeypatch)
     assert (loader_state["epoch"], loader_state["batch"]) == (1, 1)
     assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7))
     assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6)
@@ -66,7 +67,8 @@ def test_ffcv_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypa
     cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch; FFCV decodes up to 3 batches ahead
     cfg.data.backend, cfg.data.knn_train = "ffcv", cfg.data.train
     cfg.data.train = data_path("ffcv", Path(cfg.data.train), write_mode="jpg")
-    reference, got, _ = stop_then_resume(cfg, tmp_path, monkeypatch)
+    reference, got, loader_state = stop_then_resume(cfg, tmp_path, monkeypatch)
+    assert loader_state is None  # nothing beyond the checkpoint's (epoch, batch)
     assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7))
     assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6)
 
