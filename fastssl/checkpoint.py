@@ -17,7 +17,7 @@ import os
 import pickle
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_loss_steps: int = 0
     initial_weight_norm: float = 0.0  # the divergence guard's reference (0: not measured yet)
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # other running sums (the distillation loss terms)
 
 
 def tensor_bytes(obj) -> int:

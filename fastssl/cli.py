@@ -66,7 +66,8 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
                  user_errors: tuple[type[BaseException], ...]) -> dict:
     """The flow every trainer's command line shares: parse, `--help`, `check` the config,
     `--print-config` (printed by `dump`), then `start(cfg, resume, command)`; a `user_errors`
-    exception is bad input and exits 2 with one line, no traceback."""
+    exception is bad input and exits 2 with one line, no traceback. A run a stop signal ended
+    early (results["interrupted"], after its checkpoint) exits 128 + the signal's number."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or sys.argv[0]
     try:
@@ -78,9 +79,14 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
         if flags["print_config"]:
             print(dump(cfg))
             sys.exit(0)
-        return start(cfg, flags["resume"], ["python", prog, *argv])
+        results = start(cfg, flags["resume"], ["python", prog, *argv])
     except user_errors as err:
         exit_with(err)
+    if "interrupted" in results:  # checkpointed: 128 + the signal's number (SIGTERM 143, SIGUSR1 138)
+        from fastssl.runtime import stop_exit_code
+
+        sys.exit(stop_exit_code(results["interrupted"]))
+    return results
 
 
 def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:
@@ -93,8 +99,4 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
                            start=lambda c, resume, command: train(c, resume=resume, command=command),
                            user_errors=(ConfigError, DataLayoutError, FileNotFoundError, BetonError,
                                         CheckpointError, TrainingDiverged))
-    if "interrupted" in results:  # checkpointed: 128 + the signal's number (SIGTERM 143, SIGUSR1 138)
-        from fastssl.runtime import stop_exit_code
-
-        sys.exit(stop_exit_code(results["interrupted"]))
     return results

@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,51 @@ def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
     q2 = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)["critic"]
     assert q1.keys() == q2.keys() and all(torch.equal(q1[k], q2[k]) for k in q1)
     assert [r["step"] for r in read_rows(tmp_path / "twice" / "train_log.csv")] == [str(i) for i in range(1, 7)]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, teacher: Path, monkeypatch, capsys,
+                                                             workers: str) -> None:
+    """A real SIGTERM after step 4 (the first of epoch 2's three): GracefulStop lets the step finish,
+    the loop checkpoints mid-epoch and exits 143; --resume then logs the same steps, losses and
+    epoch means, and ends with the same weights and queues, as the uninterrupted run (with and
+    without DataLoader workers: each image's augmentation is drawn from its own seed)."""
+    common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3", "--train.epochs", "2",
+              "--data.num_workers", workers]
+    run(DistillConfig(), tiny_args(tmp_path, "once", *common))
+    steps, finish_step = [0], DistillObjective.finish_step
+
+    def finish_then_sigterm(self, *args):
+        finish_step(self, *args)
+        steps[0] += 1
+        if steps[0] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(DistillObjective, "finish_step", finish_then_sigterm)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), tiny_args(tmp_path, "stopped", *common))
+    assert exc.value.code == 128 + signal.SIGTERM.value
+    out = capsys.readouterr().out
+    assert f"stopped by SIGTERM at epoch 1 step 4: checkpoint saved in {tmp_path / 'stopped'}" in out
+    assert "--resume" in out.split("continue with:")[1]
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["state"]
+    assert (state["epoch"], state["step"], state["batch_in_epoch"], state["epoch_loss_steps"]) == (1, 4, 1, 1)
+    monkeypatch.undo()
+    run(DistillConfig(), tiny_args(tmp_path, "stopped", *common) + ["--resume"])
+
+    def logged(run_dir: str, name: str, timing: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != timing} for r in read_rows(tmp_path / run_dir / name)]
+
+    assert [r["step"] for r in logged("stopped", "train_log.csv", "images_per_s")] == [str(i) for i in range(1, 7)]
+    assert logged("stopped", "train_log.csv", "images_per_s") == logged("once", "train_log.csv", "images_per_s")
+    assert logged("stopped", "epochs.csv", "seconds") == logged("once", "epochs.csv", "seconds")
+    a = torch.load(tmp_path / "once" / CLASSIFIER_NAME, weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "stopped" / CLASSIFIER_NAME, weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    q1 = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=False)["critic"]
+    q2 = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["critic"]
+    assert all(torch.equal(q1[k], q2[k]) for k in q1)
 
 
 def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) -> None:

@@ -4,14 +4,19 @@ CIFAR-10/100 in torchvision's own on-disk format (`cifar-100-python/` under `dat
 read by `torchvision.datasets.CIFAR100(download=False)`), or ImageNet-layout folders
 (checked by `pipelines.folder.scan_image_folder`, read by `ImageFolder`). Augmentation is
 CRD's for CIFAR: random 32-px crop with 4 px padding, horizontal flip, CIFAR-100 mean/std.
+`SeededItems` draws each (epoch, image)'s augmentation from its own seed, as the SSL loaders
+do (`pipelines.sampler.sample_seed`), so a run stopped mid-epoch resumes on the same batches
+whatever the worker count.
 """
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import Dataset
 
 from fastssl.distill.config import DistillDataConfig
 from pipelines.folder import DataLayoutError, scan_image_folder
+from pipelines.sampler import sample_seed
 
 # CIFAR-100 channel statistics, as CRD's dataset/cifar100.py normalises
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -51,3 +56,20 @@ def build_datasets(cfg: DistillDataConfig) -> tuple[Dataset, Dataset, int]:
     train = ImageFolder(cfg.train, transform=transforms(cfg.image_size, True, True))
     val = ImageFolder(cfg.val, transform=transforms(cfg.image_size, False, True))
     return train, val, len(classes)
+
+
+class SeededItems(Dataset):
+    """`dataset` addressed by (epoch, index): the item's random augmentation is drawn from
+    `sample_seed(seed, epoch, index)`, not from whichever worker's RNG happens to load it."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]

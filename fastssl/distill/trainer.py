@@ -8,7 +8,10 @@ epochs.csv (`fastssl.run_log.CsvLog`), checkpoint.pt + rng/ (`fastssl.checkpoint
 atomically at epoch ends, queue included), results.json and, at the end, classifier.pt:
 the student in the TEACHER format, so any run (a CE-only run is the supervised teacher
 trainer) can teach the next one. `train(cfg, resume=True)` continues from the checkpoint
-and ends with the same weights as an uninterrupted run.
+and ends with the same weights as an uninterrupted run. SIGTERM / SIGINT / SIGUSR1
+(`fastssl.runtime.GracefulStop`, as the main loop) stop it mid-epoch after the current step
+with a checkpoint; the data order and each image's augmentation are functions of (seed,
+epoch, image) (`pipelines.sampler`), so the resumed run trains on the same batches.
 
 Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-classifier/1",
 "arch": str, "num_classes": int, "stem": str, "state_dict": the Classifier's state dict}.
@@ -29,14 +32,18 @@ from fastssl.critic import MlCpcCritic
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
+from fastssl.recovery import rerun_command
 from fastssl.run_log import CsvLog, write_json
+from fastssl.runtime import GracefulStop
 from pipelines.folder import DataLayoutError
+from pipelines.sampler import shard_batches
 
 CLASSIFIER_FORMAT = "fastssl-classifier/1"
 CLASSIFIER_NAME = "classifier.pt"
 # mi_nats: J_alpha with student queries and teacher keys; mi_t_nats: the other direction
 STEP_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "lr", "images_per_s"]
 EPOCH_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "top1", "seconds"]
+TERMS = ("ce", "kd", "mi_nats", "mi_t_nats")  # averaged over the epoch with the loss (TrainState.epoch_sums)
 # Fields a resume may change: where the data and teacher lie, how much is logged, how long it runs.
 RESUMABLE_CHANGES = {"data.root", "data.train", "data.val", "data.num_workers", "model.teacher", "train.log_every",
                      "train.epochs"}  # a longer train.epochs extends a finished run (the lr steps are absolute)
@@ -127,17 +134,23 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
     return run_dir
 
 
-def train(cfg: DistillConfig, resume: bool | str = False) -> dict:
-    """Run (or continue) one distillation run; returns results.json's content."""
+def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | None = None) -> dict:
+    """Run (or continue) one distillation run; returns results.json's content ("interrupted": the
+    signal's name when a stop signal ended it early, with a checkpoint; `command` is for the
+    message that says how to continue)."""
     from torch.utils.data import DataLoader
 
-    from fastssl.distill.data import build_datasets
+    from fastssl.distill.data import SeededItems, build_datasets
 
     resume = ckpt.resolve_resume(resume, Path(cfg.train.run_dir))
     validate(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
     torch.manual_seed(cfg.train.seed)
     train_set, val_set, num_classes = build_datasets(cfg.data)
+    if len(train_set) < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(train_set)} training "
+                          f"images; lower --train.batch_size or add images")
+    train_items = SeededItems(train_set, cfg.train.seed)
     teacher = teacher_dim = None
     lo = cfg.loss
     if lo.kd_weight > 0 or lo.mi_weight > 0:
@@ -172,6 +185,7 @@ def train(cfg: DistillConfig, resume: bool | str = False) -> dict:
 
             results = json.loads(path.read_text())
             results["top1"] = [r for r in results.get("top1", []) if r["epoch"] <= state.epoch]
+            results.pop("interrupted", None)
     steps_log = CsvLog(run_dir / "train_log.csv", STEP_FIELDS, state.step)
     epochs_log = CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step)
     workers = cfg.data.num_workers
@@ -179,62 +193,90 @@ def train(cfg: DistillConfig, resume: bool | str = False) -> dict:
     val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=workers,
                             generator=torch.Generator().manual_seed(0))
     model.train()
-    for epoch in range(state.epoch, cfg.train.epochs):
-        start = time.time()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        order = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # data order: f(seed, epoch)
-        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                            generator=order, num_workers=workers)
-        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "mi_nats": 0.0, "mi_t_nats": 0.0}
-        steps = 0
-        window_start = time.time()
-        for i, (x, y) in enumerate(loader):
-            if cfg.train.steps_per_epoch and i >= cfg.train.steps_per_epoch:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits_s, feat_s = model.student(x)
-            logits_t = emb_s = emb_t = None
-            if teacher is not None:
-                with torch.no_grad():
-                    logits_t, feat_t = teacher(x)
-                if model.embed_s is not None:
-                    emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
-            terms = objective(logits_s, y, logits_t, emb_s, emb_t)
-            if not torch.isfinite(terms.loss):
-                raise ConfigError(f"the loss is not finite at epoch {epoch} step {state.step}; lower --optim.lr "
-                                  f"and resume from the last checkpoint in {run_dir} (--resume)")
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            optimizer.step()
-            objective.finish_step(emb_s, emb_t)
-            state.step += 1
-            steps += 1
-            row = {"loss": terms.loss.item(), "ce": terms.ce.item(), "kd": terms.kd.item(),
-                   "mi_nats": terms.mi_nats.item(), "mi_t_nats": terms.mi_t_nats.item()}
-            for k, v in row.items():
-                sums[k] += v
-            if state.step % cfg.train.log_every == 0:
-                rate = x.shape[0] * cfg.train.log_every / max(time.time() - window_start, 1e-9)
-                steps_log.append({"epoch": epoch, "step": state.step, "lr": lr_at(cfg, epoch),
-                                  "images_per_s": rate, **row})
-                window_start = time.time()
-        state.epoch = epoch + 1
-        last = state.epoch == cfg.train.epochs
-        epoch_row = {"epoch": state.epoch, "step": state.step, "seconds": time.time() - start,
-                     **{k: v / max(steps, 1) for k, v in sums.items()}}
-        if last or state.epoch % cfg.train.eval_every == 0:
-            epoch_row["top1"] = top1(model.student, val_loader, device)
-            results["top1"].append({"epoch": state.epoch, "top1": epoch_row["top1"]})
-        epochs_log.append(epoch_row)
-        if last or state.epoch % cfg.train.checkpoint_every == 0:
-            ckpt.save_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer, scaler=None,
-                                 state=state, config=to_dict(cfg), rank=0, is_main=True, critic=objective.state)
-        write_json(run_dir / "results.json", results)
+    stop = GracefulStop()
+    try:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            started = time.time()  # of this process's part of the epoch
+            if not run_epoch(cfg, epoch, train_items, model, teacher, objective, optimizer, state,
+                             steps_log, stop, device, run_dir):
+                save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)  # mid-epoch
+                results["interrupted"] = stop.signal_name or "signal"
+                write_json(run_dir / "results.json", results)
+                print(f"stopped by {results['interrupted']} at epoch {state.epoch} step {state.step}: checkpoint "
+                      f"saved in {run_dir}; continue with: {rerun_command(command, run_dir)}", flush=True)
+                return results
+            last = state.epoch == cfg.train.epochs
+            epoch_row = {"epoch": state.epoch, "step": state.step, "seconds": time.time() - started,
+                         "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
+                         **{k: state.epoch_sums.get(k, 0.0) / max(state.epoch_loss_steps, 1) for k in TERMS}}
+            state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps, state.epoch_sums = 0, 0.0, 0, {}
+            if last or state.epoch % cfg.train.eval_every == 0:
+                epoch_row["top1"] = top1(model.student, val_loader, device)
+                results["top1"].append({"epoch": state.epoch, "top1": epoch_row["top1"]})
+            epochs_log.append(epoch_row)
+            if last or state.epoch % cfg.train.checkpoint_every == 0:
+                save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)
+            write_json(run_dir / "results.json", results)
+    finally:
+        stop.close()
     save_classifier(model.student, cfg.model.student, num_classes, cfg.model.stem, run_dir / CLASSIFIER_NAME)
     results["final_top1"] = results["top1"][-1]["top1"] if results["top1"] else None
     write_json(run_dir / "results.json", results)
     return results
+
+
+def save(cfg: DistillConfig, run_dir: Path, model: DistillStudent, teacher_slot: nn.Module, optimizer,
+         objective: DistillObjective, state: ckpt.TrainState) -> None:
+    ckpt.save_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer, scaler=None, state=state,
+                         config=to_dict(cfg), rank=0, is_main=True, critic=objective.state)
+
+
+def run_epoch(cfg: DistillConfig, epoch: int, train_items, model: DistillStudent,
+              teacher: Classifier | None, objective: DistillObjective, optimizer, state: ckpt.TrainState,
+              steps_log: CsvLog, stop: GracefulStop, device: torch.device, run_dir: Path) -> bool:
+    """Epoch `epoch` from batch `state.batch_in_epoch` on; the running sums live in `state`, so a stop
+    mid-epoch checkpoints them. False when a stop signal ended it early (after a whole step)."""
+    from torch.utils.data import DataLoader
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, epoch)
+    batches = shard_batches(len(train_items), cfg.train.batch_size, 0, 1, cfg.train.seed, epoch)  # f(seed, epoch)
+    if cfg.train.steps_per_epoch:
+        batches = batches[: cfg.train.steps_per_epoch]
+    loader = DataLoader(train_items, batch_sampler=[[(epoch, i) for i in b] for b in batches[state.batch_in_epoch:]],
+                        num_workers=cfg.data.num_workers)
+    window_start = time.time()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits_s, feat_s = model.student(x)
+        logits_t = emb_s = emb_t = None
+        if teacher is not None:
+            with torch.no_grad():
+                logits_t, feat_t = teacher(x)
+            if model.embed_s is not None:
+                emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
+        terms = objective(logits_s, y, logits_t, emb_s, emb_t)
+        if not torch.isfinite(terms.loss):
+            raise ConfigError(f"the loss is not finite at epoch {epoch} step {state.step}; lower --optim.lr "
+                              f"and resume from the last checkpoint in {run_dir} (--resume)")
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        optimizer.step()
+        objective.finish_step(emb_s, emb_t)
+        state.step += 1
+        state.batch_in_epoch += 1
+        row = {"loss": terms.loss.item(), **{k: getattr(terms, k).item() for k in TERMS}}
+        state.epoch_loss_sum += row["loss"]
+        state.epoch_loss_steps += 1
+        state.epoch_sums = {k: state.epoch_sums.get(k, 0.0) + row[k] for k in TERMS}
+        if state.step % cfg.train.log_every == 0:
+            rate = x.shape[0] * cfg.train.log_every / max(time.time() - window_start, 1e-9)
+            steps_log.append({"epoch": epoch, "step": state.step, "lr": lr_at(cfg, epoch), "images_per_s": rate, **row})
+            window_start = time.time()
+        if stop.requested:
+            return False
+    state.epoch = epoch + 1
+    return True
 
 
 def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = None) -> dict:
@@ -246,7 +288,7 @@ def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = No
 
     results = command_line(cfg, argv, prog, check=validate,
                            dump=lambda c: json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True),
-                           start=lambda c, resume, command: train(c, resume=resume),
+                           start=lambda c, resume, command: train(c, resume=resume, command=command),
                            user_errors=(ConfigError, DataLayoutError, FileNotFoundError, ckpt.CheckpointError))
     print(f"done: top-1 {results['final_top1']:.2f}% ({cfg.train.run_dir}/results.json)")
     return results
