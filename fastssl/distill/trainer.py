@@ -147,9 +147,6 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
     torch.manual_seed(cfg.train.seed)
     train_set, val_set, num_classes = build_datasets(cfg.data)
-    if len(train_set) < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(train_set)} training "
-                          f"images; lower --train.batch_size or add images")
     train_items = SeededItems(train_set, cfg.train.seed)
     teacher = teacher_dim = None
     lo = cfg.loss
@@ -167,6 +164,9 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     objective = DistillObjective(ce_weight=lo.ce_weight, kd_weight=lo.kd_weight, mi_weight=lo.mi_weight,
                                  kd_temperature=lo.kd_temperature, alpha=lo.alpha, bound=lo.bound,
                                  critic=critics[0], student_critic=critics[1]).to(device)
+    if len(train_set) < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(train_set)} training "
+                          f"images; lower --train.batch_size or add images")
     run_dir = prepare_run_dir(cfg, resume)
 
     model = DistillStudent(build_classifier(cfg.model.student, num_classes, cfg.model.stem),
