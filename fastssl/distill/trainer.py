@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from fastssl import checkpoint as ckpt
 from fastssl.config import ConfigError
@@ -231,7 +232,7 @@ def save(cfg: DistillConfig, run_dir: Path, model: DistillStudent, teacher_slot:
                          config=to_dict(cfg), rank=0, is_main=True, critic=objective.state)
 
 
-def run_epoch(cfg: DistillConfig, epoch: int, train_items, model: DistillStudent,
+def run_epoch(cfg: DistillConfig, epoch: int, train_items: Dataset, model: DistillStudent,
               teacher: Classifier | None, objective: DistillObjective, optimizer, state: ckpt.TrainState,
               steps_log: CsvLog, stop: GracefulStop, device: torch.device, run_dir: Path) -> bool:
     """Epoch `epoch` from batch `state.batch_in_epoch` on; the running sums live in `state`, so a stop
