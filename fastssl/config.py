@@ -132,7 +132,7 @@ class EvalConfig:
     batch_size: int = 256  # images per batch when extracting k-NN features
     image_size: int = 0  # k-NN centre-crop size in pixels; 0 = the recipe's global crop size
     loader: str = "torchvision"  # torchvision | dali: who reads the k-NN images (same transform)
-    interpolation: str = EVAL_INTERPOLATION  # k-NN resize filter: bilinear (both papers' evaluation code) | bicubic
+    interpolation: str = EVAL_INTERPOLATION  # k-NN resize filter: bilinear (the MIRA authors' evaluation code) | bicubic
 
 
 @dataclass

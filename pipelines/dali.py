@@ -22,7 +22,8 @@ random-resized crops, and each view gets its augmentations per sample.
   steps as numba functions instead of DALI's CPU colour twist, blur and the conditionals'
   batch splits and merges (docs/benchmarks.md has the figures of each change). With
   `dali_cpu_fast` off, the CPU runs the GPU's graph: crops with the recipe's
-  `interpolation` (bicubic by default, as torchvision's RandomResizedCrop), the accurate IDCT, DALI operators under conditionals.
+  `interpolation` (bicubic by default, as torchvision's RandomResizedCrop), the accurate
+  IDCT, DALI operators under conditionals.
 * Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
   epoch, rank, first batch): runs are repeatable. A resumed epoch draws the augmentations
   the interrupted one would have drawn: the pipelines run with DALI's checkpointing, the

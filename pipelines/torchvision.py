@@ -45,7 +45,8 @@ def view_transform(recipe: MultiCropRecipe, view: ViewSpec, photometric: bool = 
     """
     if not photometric:
         return T.Compose([T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
-                                              interpolation=T.InterpolationMode(recipe.interpolation)), T.PILToTensor()])
+                                              interpolation=T.InterpolationMode(recipe.interpolation)),
+                          T.PILToTensor()])
     b, c, s, h = recipe.jitter
     return T.Compose([
         T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,

@@ -147,7 +147,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         bar.close()
     train_s = time.perf_counter() - start - features_s
     acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, size, args.loader, args.extract_batch_size,
-                        args.num_workers, device, not args.no_progress, "val features", found["interpolation"])
+                        args.num_workers, device, not args.no_progress, "val features", args.interpolation)
     counts = {"num_train": len(train_samples), "num_val": len(inputs.val_samples), "num_classes": len(inputs.classes)}
     settings = {
         "features": ("cached" if args.cached_features else "per-epoch augmentation"),
