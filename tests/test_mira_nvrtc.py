@@ -178,6 +178,21 @@ def test_nvrtc_is_the_first_route(chain):
     assert _cuda_ext.status()["route"] == "nvrtc"
 
 
+def test_success_is_said_on_rank_zero_only_and_a_passed_over_route_on_every_rank(chain, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    got, msgs = run_chain()
+    assert got.route == "nvrtc" and msgs == []
+    _cuda_ext._reset_for_tests()
+    chain["loads"]["nvrtc"] = False
+    got, msgs = run_chain()
+    assert got.route == "nvcc" and len(msgs) == 1 and "nvrtc cannot load here" in msgs[0], msgs
+    _cuda_ext._reset_for_tests()
+    monkeypatch.setenv("RANK", "0")
+    chain["loads"]["nvrtc"] = True
+    got, msgs = run_chain()
+    assert got.route == "nvrtc" and len(msgs) == 1 and "built by NVRTC" in msgs[0], msgs
+
+
 def test_nvcc_when_nvrtc_cannot_load(chain):
     chain["loads"]["nvrtc"] = False
     got, msgs = run_chain()

@@ -1,6 +1,7 @@
 """Just-in-time build and load of the fused CUDA MIRA kernel (`csrc/mira_kernel.cuh`).
 
-Three routes, in this order, and ONE warning per process naming the one taken:
+Three routes, in this order, and ONE warning naming the one taken (on rank 0 only when the first
+route works; on every rank when one was passed over or none works):
   1. NVRTC (`fastssl.ops._nvrtc`): compiled at run time through the CUDA Python bindings that
      pip's torch installs, launched from Python; needs no nvcc and no toolkit headers;
   2. nvcc: the torch extension built by `build` below (`csrc/mira_fused.cu` + binding);
@@ -242,6 +243,13 @@ def _self_check(module: Any, device: torch.device) -> Optional[str]:
     return None
 
 
+def _is_rank_zero() -> bool:
+    """Whether this process is the job's first (torchrun / accelerate set RANK; a lone process is)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def fused_for(device: torch.device) -> Optional[Any]:
     """The kernel if a route loads and passes its self-check on `device` (checked on first use).
 
@@ -270,9 +278,11 @@ def fused_for(device: torch.device) -> Optional[Any]:
                     continue
                 if not _state["warned"]:
                     _state["warned"] = True
-                    skipped = f" ({_reasons()})" if _state["reasons"] else ""
-                    warnings.warn(f"fastssl: the fused CUDA MIRA kernel runs, built by {ROUTE_NAMES[_state['route']]}"
-                                  f"{skipped}.", RuntimeWarning, stacklevel=3)
+                    # A route that failed is news on every rank; plain success is said once per job.
+                    if _state["reasons"] or _is_rank_zero():
+                        skipped = f" ({_reasons()})" if _state["reasons"] else ""
+                        warnings.warn(f"fastssl: the fused CUDA MIRA kernel runs, built by "
+                                      f"{ROUTE_NAMES[_state['route']]}{skipped}.", RuntimeWarning, stacklevel=3)
             return _state["module"] if verdict else None
         return None
 

@@ -14,7 +14,9 @@ import torch
 
 from fastssl.config import Config
 
-PACKAGES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda120", "ffcv", "numba", "numpy")
+# DALI ships one distribution per CUDA major (README: Install); both are listed, one is installed.
+PACKAGES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "ffcv", "numba",
+            "numpy")
 
 
 def package_versions() -> dict[str, str | None]:
