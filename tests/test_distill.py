@@ -270,7 +270,7 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
 def test_missing_teacher_checkpoint_exits_2(tmp_path: Path) -> None:
     """The recipe from the command line: a missing teacher is one `error:` line and exit code 2."""
     make_folder(tmp_path / "data", classes=2, per_class=2)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(RECIPE), *tiny_args(tmp_path, "run", "--model.teacher",
                                                                     str(tmp_path / "nope.pt"))],
                           capture_output=True, text=True, env=env, timeout=120)

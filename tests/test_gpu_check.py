@@ -190,7 +190,7 @@ def dry_run(tmp_path: Path, stages: str | None, timeout: int) -> tuple[dict, str
            "--scratch", str(tmp_path / "scratch"), "--budget", str(timeout - 30)]
     if stages:
         cmd += ["--stages", stages]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read(out)
@@ -230,3 +230,9 @@ def test_dry_run_of_every_stage_in_a_subprocess(tmp_path):
     data = st["loaders"]["results"]["data"]  # generated outside the checkout, under --scratch
     assert Path(data["train"]).is_relative_to(tmp_path)
     assert data["count"] == len(list(Path(data["train"]).rglob("*.JPEG")))
+
+
+def test_device_rehearsal_refuses_a_bad_argument_before_installing_anything():
+    proc = subprocess.run(["bash", str(REPO / "tools" / "device_rehearsal.sh"), "--test"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown argument '--test'" in proc.stderr and proc.stdout == ""
