@@ -281,6 +281,7 @@ class FfcvLoader(ShardedLoader):
         self._loader: Loader | None = None
         self._epoch_it = None  # FFCV's EpochIterator (a thread) of the epoch being read
         self._inner_order: TraversalOrder | None = None
+        self._pristine_pages: np.ndarray | None = None  # FFCV's quasi-random page table, as built
         self._key = np.zeros(1, dtype=np.uint64)  # the decoder's epoch key (its compiled code reads it)
         _LIVE_LOADERS.add(self)
 
@@ -296,6 +297,11 @@ class FfcvLoader(ShardedLoader):
             perm = epoch_permutation(self.num_images, s.seed, epoch).numpy()
             mine = perm[s.rank : n * s.batch_size * s.world_size : s.world_size]
         else:
+            if self._pristine_pages is not None:
+                # FFCV's QuasiRandom shuffles its page table in place at each call, so its order
+                # would depend on how many epochs were planned before (a resumed run would read
+                # other images than an uninterrupted one): restored, it is a function of (seed, epoch).
+                np.copyto(self._inner_order.page_to_samples_array, self._pristine_pages)
             mine = np.asarray(self._inner_order.sample_order(epoch))[: n * s.batch_size]
         return mine[self.start_batch * s.batch_size :].astype(np.uint64)
 
@@ -313,6 +319,8 @@ class FfcvLoader(ShardedLoader):
             probe = Loader(s.path, batch_size=s.batch_size, num_workers=1, order=FFCV_ORDERS[s.data.ffcv_order],
                            distributed=s.world_size > 1, seed=s.seed, pipelines={IMAGE_FIELD: None, LABEL_FIELD: None})
             self._inner_order = probe.traversal_order
+            pages = getattr(self._inner_order, "page_to_samples_array", None)  # QuasiRandom's only
+            self._pristine_pages = None if pages is None else pages.copy()
         return loader
 
     def __iter__(self) -> Iterator[MultiCropBatch]:

@@ -64,7 +64,7 @@ class DataConfig:
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
     dali_cpu_fast: bool = True  # DALI on CPU: bilinear crops, fast IDCT, numba photometric steps (False: the GPU graph)
     device_augment: bool = False  # torchvision: workers only crop; flip/colour/blur/solarize run batched on the device
-    ffcv_order: str = "sampler"  # FFCV: sampler (shared with all backends, resumable) | random | quasi_random | sequential
+    ffcv_order: str = "sampler"  # FFCV: sampler (the order every backend shares) | random | quasi_random | sequential
     ffcv_os_cache: bool = True  # FFCV: page-cache reads (True) or FFCV's process cache (False)
 
     def errors(self) -> list[str]:

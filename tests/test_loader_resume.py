@@ -6,8 +6,8 @@ batch by batch, so the resumed epoch's pipeline must be rebuilt from DALI's own 
 of the interrupted one (`DaliLoader.state_dict`, kept per rank in rng/rank<r>.pt). FFCV's
 decoder reseeds numba's per-thread generator before each image from (seed, epoch, image),
 like torchvision, so it needs no loader state: the epoch and batch the loop passes to
-`set_epoch` are enough, with the shared sampler's order (the default, tested here) and
-with FFCV's own orders, which are functions of (seed, epoch) as well.
+`set_epoch` are enough, with the shared sampler's order (the default) and with FFCV's own
+orders, which are functions of (seed, epoch) as well (each tested here on one process).
 """
 
 from __future__ import annotations
@@ -62,10 +62,11 @@ def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypa
 
 
 @requires_ffcv
-def test_ffcv_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["sampler", "random", "quasi_random"])
+def test_ffcv_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch, order):
     """On CPU every draw of the FFCV loader but the order happens in its decoder's threads."""
     cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch; FFCV decodes up to 3 batches ahead
-    cfg.data.backend, cfg.data.knn_train = "ffcv", cfg.data.train
+    cfg.data.backend, cfg.data.knn_train, cfg.data.ffcv_order = "ffcv", cfg.data.train, order
     cfg.data.train = data_path("ffcv", Path(cfg.data.train), write_mode="jpg")
     reference, got, loader_state = stop_then_resume(cfg, tmp_path, monkeypatch)
     assert loader_state is None  # nothing beyond the checkpoint's (epoch, batch)
