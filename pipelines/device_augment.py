@@ -7,6 +7,11 @@ on the rows that drew it: no Python loop over samples, and a skipped step costs 
 select, not a compute-and-blend. Any loader that delivers crops (uint8, N x H x W x 3) can
 finish them here, on the GPU or on the CPU.
 
+Every coin and parameter is drawn on the HOST (a CPU generator seeded per batch) and sent to
+the device asynchronously: which rows draw a step and the blur window are then known without
+asking the GPU, so preparing a batch never waits for the training step still queued on it
+(a `nonzero()` or `.item()` on the device would, and the loop would count the step as data wait).
+
 The definitions follow torchvision's tensor ops: ColorJitter's brightness, contrast,
 saturation and hue (applied in that fixed order), grayscale with torchvision's weights, Gaussian blur with
 sigma ~ U(blur_sigma) and a window of 2 * ceil(3 sigma) + 1, solarize at 128 / 255.
@@ -14,6 +19,7 @@ sigma ~ U(blur_sigma) and a window of 2 * ceil(3 sigma) + 1, solarize at 128 / 2
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -27,23 +33,40 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    """n draws from U(lo, hi) on the generator's device (the host)."""
+    return lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)
 
 
-def _coin(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
-    """Indices of the rows that draw this step (all of them at p = 1, none at p = 0)."""
+def _coin(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """Indices (on the host) of the rows that draw this step (all of them at p = 1, none at p = 0)."""
     if p <= 0:
-        return torch.empty(0, dtype=torch.long, device=device)
+        return torch.empty(0, dtype=torch.long)
     if p >= 1:
-        return torch.arange(n, device=device)
-    return (torch.rand(n, generator=g, device=device) < p).nonzero().squeeze(1)
+        return torch.arange(n)
+    return (torch.rand(n, generator=g, device=g.device) < p).nonzero().squeeze(1).cpu()
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a wait: pinned (PyTorch's caching host allocator), then an
+    asynchronous copy on the current stream (a pageable copy would block the host)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-channel constants as a 1 x 3 x 1 x 1 tensor on `device`, made once per device."""
+    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """N x 3 x H x W -> N x 1 x H x W luma, with torchvision's weights."""
-    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    """N x 3 x H x W -> N x 1 x H x W luma, with torchvision's weights (and its order of terms)."""
+    wr, wg, wb = GRAY_WEIGHTS
+    return wr * x[:, 0:1] + wg * x[:, 1:2] + wb * x[:, 2:3]
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -89,10 +112,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
     The window is sized for the largest sigma in the batch (2 * ceil(3 sigma) + 1); smaller
     sigmas get kernels that are ~0 in the outer taps. Borders are reflected, as torchvision.
+    `sigma` is best on the host: its largest value sizes the window without a device wait.
     """
     n, c, h, w = x.shape
     radius = max(1, math.ceil(3 * float(sigma.max())))
     radius = min(radius, (min(h, w) - 1))  # reflect padding needs pad < size
+    sigma = _to(sigma, x.device)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c) x k
@@ -145,27 +170,32 @@ def augment_view(crops: torch.Tensor, recipe: MultiCropRecipe, view: ViewSpec, g
 
     Steps and order as the torchvision reference: flip, jitter (p), grayscale (p), blur (p,
     per view), solarize (p, per view), normalise. `flip=False` when the loader already flipped.
+    `generator` is a CPU generator: every draw is made on the host (module docstring).
     """
     dev = crops.device
     x = crops.permute(0, 3, 1, 2).float().div_(255)  # channels_last memory, values in [0, 1]
     n = x.shape[0]
+
+    def rows_drawing(p: float) -> torch.Tensor:
+        return _to(_coin(n, p, generator), dev)
+
     if flip:
-        rows = _coin(n, recipe.flip_p, generator, dev)
+        rows = rows_drawing(recipe.flip_p)
         x[rows] = x[rows].flip(-1)
     b, c, s, h = recipe.jitter
-    rows = _coin(n, recipe.jitter_p, generator, dev)
+    rows = rows_drawing(recipe.jitter_p)
     if len(rows):
         k = len(rows)
-        x[rows] = _jitter_for(dev)(x[rows], _uniform(k, max(0.0, 1 - b), 1 + b, generator, dev),
-                               _uniform(k, max(0.0, 1 - c), 1 + c, generator, dev),
-                               _uniform(k, max(0.0, 1 - s), 1 + s, generator, dev), _uniform(k, -h, h, generator, dev))
-    rows = _coin(n, recipe.grayscale_p, generator, dev)
+        factors = [_uniform(k, max(0.0, 1 - b), 1 + b, generator), _uniform(k, max(0.0, 1 - c), 1 + c, generator),
+                   _uniform(k, max(0.0, 1 - s), 1 + s, generator), _uniform(k, -h, h, generator)]
+        x[rows] = _jitter_for(dev)(x[rows], *(_to(f, dev) for f in factors))
+    rows = rows_drawing(recipe.grayscale_p)
     if len(rows):
         x[rows] = grayscale(x[rows]).expand(-1, 3, -1, -1)
-    rows = _coin(n, view.blur_p, generator, dev)
+    rows = rows_drawing(view.blur_p)
     if len(rows):
-        x[rows] = gaussian_blur(x[rows], _uniform(len(rows), *recipe.blur_sigma, generator, dev))
-    rows = _coin(n, view.solarize_p, generator, dev)
+        x[rows] = gaussian_blur(x[rows], _uniform(len(rows), *recipe.blur_sigma, generator))
+    rows = rows_drawing(view.solarize_p)
     if len(rows):
         x[rows] = solarize(x[rows])
     return _normalize(x, recipe, dtype)
@@ -177,6 +207,6 @@ def normalize_crops(crops: torch.Tensor, recipe: MultiCropRecipe, dtype: torch.d
 
 
 def _normalize(x: torch.Tensor, recipe: MultiCropRecipe, dtype: torch.dtype) -> torch.Tensor:
-    mean = torch.tensor(recipe.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(recipe.std, device=x.device).view(1, 3, 1, 1)
+    mean = _channel_constants(tuple(recipe.mean), x.device)
+    std = _channel_constants(tuple(recipe.std), x.device)
     return ((x - mean) / std).to(dtype=dtype, memory_format=torch.channels_last)

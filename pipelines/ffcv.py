@@ -351,7 +351,7 @@ class FfcvLoader(ShardedLoader):
         offsets = np.concatenate([[0], np.cumsum([3 * v.size**2 for v in recipe.views()])])
         for b, (rows, label) in enumerate(epoch_it):
             batch_no = self.start_batch + b
-            g = torch.Generator(device=rows.device).manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))
+            g = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))  # host draws
             views = []
             for v, view in enumerate(recipe.views()):
                 crops = rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)

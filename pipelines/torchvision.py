@@ -138,6 +138,6 @@ class TorchvisionLoader(ShardedLoader):
         Their randomness is drawn per (seed, epoch, batch, rank), so it does not depend on
         the worker count either."""
         s = self.spec
-        g = torch.Generator(device=s.device).manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))
+        g = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))  # host draws
         return [augment_view(x.to(s.device, non_blocking=True).permute(0, 2, 3, 1), s.recipe, view, g, dtype=s.dtype)
                 for x, view in zip(crops, s.recipe.views())]

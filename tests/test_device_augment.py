@@ -60,3 +60,36 @@ def test_augment_view_contract():
     y = augment_view(crops, quiet, quiet.view(0), g)
     mean, std = torch.tensor(quiet.mean).view(1, 3, 1, 1), torch.tensor(quiet.std).view(1, 3, 1, 1)
     torch.testing.assert_close(y, (crops.permute(0, 3, 1, 2).float() / 255 - mean) / std)
+
+
+ALL_STEPS = MultiCropRecipe(global_size=16, local_size=8, num_local=2, flip_p=0.5, jitter_p=0.8, grayscale_p=0.2,
+                            blur_p=(0.5, 0.5, 0.5), solarize_p=(0.5, 0.5, 0.5))
+
+
+def test_augment_view_reads_no_value_from_the_device():
+    """On the meta device every op is shape-only, so any value read back from the device (a
+    `nonzero()`, a `.item()`, a `float(...)`, each a GPU wait on CUDA) raises: the batch is
+    prepared from host draws alone. The same draws on the CPU: rows chosen, all finite."""
+    crops = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    for view in range(3):
+        out = augment_view(crops.to("meta"), ALL_STEPS, ALL_STEPS.view(view), torch.Generator().manual_seed(view))
+        assert out.device.type == "meta" and out.shape == (12, 3, 16, 16)
+        on_cpu = augment_view(crops, ALL_STEPS, ALL_STEPS.view(view), torch.Generator().manual_seed(view))
+        assert torch.isfinite(on_cpu).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
+def test_augment_view_on_cuda_never_synchronises_and_equals_the_cpu():
+    crops = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)
+    cpu = [augment_view(crops, ALL_STEPS, ALL_STEPS.view(v), torch.Generator().manual_seed(v)) for v in range(3)]
+    augment_view(crops.cuda(), ALL_STEPS, ALL_STEPS.view(0), torch.Generator().manual_seed(0))  # constants cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = [augment_view(crops.pin_memory().cuda(non_blocking=True), ALL_STEPS, ALL_STEPS.view(v),
+                            torch.Generator().manual_seed(v)) for v in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(cpu, gpu):  # same host draws, so the same rows and factors: equal to rounding
+        torch.testing.assert_close(b.cpu(), a, atol=2e-4, rtol=0)
