@@ -146,6 +146,11 @@ def test_pytest_summary_and_run_logs_are_read(tmp_path):
     assert gc.parse_pytest_summary("...\n3 passed, 1 failed, 37 skipped, 12 deselected in 4.10s\n") == \
         {"passed": 3, "failed": 1, "skipped": 37, "deselected": 12}
     assert gc.parse_pytest_summary("== 2 errors in 1.0s ==") == {"errors": 2}
+    killed = ("tests/a.py::test_x[nvrtc-64] PASSED    [ 10%]\ntests/a.py::test_y SKIPPED (needs nvcc)  [ 20%]\n"
+              "tests/b.py::test_z[2-bf16] FAILED    [ 30%]\ntests/b.py::test_w PASSED\nsome output PASSED\n")
+    assert gc.parse_pytest_summary(killed) == {}
+    assert gc.count_pytest_outcomes(killed) == ({"passed": 2, "skipped": 1, "failed": 1},
+                                                ["tests/b.py::test_z[2-bf16]"])
     run = tmp_path / "run"
     run.mkdir()
     (run / "epochs.csv").write_text("epoch,step,images_per_s,data_wait_share,peak_memory_mb\n"

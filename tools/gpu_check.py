@@ -1032,19 +1032,39 @@ def parse_pytest_summary(text: str) -> dict[str, int]:
     return counts
 
 
+def count_pytest_outcomes(text: str) -> tuple[dict[str, int], list[str]]:
+    """Per-test outcomes of a verbose (-v) pytest log, for a run killed before its summary line:
+    the counts, and the ids of the tests that failed or erred."""
+    counts: dict[str, int] = {}
+    failing = []
+    for test_id, outcome in re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text, re.M):
+        key = {"ERROR": "errors", "XFAIL": "xfailed", "XPASS": "xpassed"}.get(outcome, outcome.lower())
+        counts[key] = counts.get(key, 0) + 1
+        if outcome in ("FAILED", "ERROR"):
+            failing.append(test_id)
+    return counts, failing
+
+
 def stage_gpu_tests(ctx: Context) -> dict:
     target = "tests/test_mira_cuda.py" if ctx.dry_run else "tests"
-    argv = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", target]
+    # -v: one line per test as it ends, so a run killed at the deadline still says what passed.
+    argv = [PY, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider", target]
     c = ctx.run("pytest-gpu", argv)
-    counts = parse_pytest_summary(c.tail)
+    log_text = (ctx.out / c.log).read_text(errors="replace") if (ctx.out / c.log).exists() else c.tail
+    per_test, failing = count_pytest_outcomes(log_text)
+    counts = parse_pytest_summary(c.tail) or per_test
     if c.rc not in (0, 5) or c.timed_out:  # 5: nothing collected
         ctx.errors.append(f"pytest: {'timed out' if c.timed_out else f'rc {c.rc}'}")
     failed = counts.get("failed", 0) + counts.get("errors", 0)
     goals = [goal("GPU tests failing", failed if counts else None, 0, "", False,
                   f"{counts.get('passed', 0)} passed, {counts.get('skipped', 0)} skipped")]
-    return {"results": {"counts": counts, "rc": c.rc}, "goals": goals,
+    return {"results": {"counts": counts, "rc": c.rc, "failing": failing,
+                        "summary_line": bool(parse_pytest_summary(c.tail))}, "goals": goals,
             "summary": [f"`pytest -m gpu {target}`: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or
-                                                          "no summary line (see the log)")]}
+                                                          "no test ended (see the log)")
+                        + ("" if parse_pytest_summary(c.tail) else " (stopped before pytest's summary: counted "
+                                                                   "from its per-test lines)"), ""]
+                       + [f"- failing: `{t}`" for t in failing]}
 
 
 # ----------------------------------------------------------------------------- main
