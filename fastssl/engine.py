@@ -29,7 +29,7 @@ from fastssl.method import StepParts, train_step
 from fastssl.models import MiraNetwork, make_teacher, unwrap
 from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
-from fastssl.profiling import ThroughputMeter, peak_memory_mb, reset_peak_memory
+from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import DivergenceGuard, TrainingDiverged, continue_advice, latest_run_hint, rerun_command
 from fastssl.run_log import RunLog, write_json
 from fastssl.runtime import GracefulStop, build_accelerator, default_num_workers, seed_everything
@@ -173,7 +173,8 @@ def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log
     if stopping:
         return None
     row = {"epoch": state.epoch, "step": state.step, "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
-           "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_images": skipped,
+           "peak_memory_mb": peak_memory_mb(accelerator.device),
+           "device_used_mb": device_memory_in_use_mb(accelerator.device), "skipped_images": skipped,
            "seconds": time.perf_counter() - started, **whole.summary()}
     state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
     return row

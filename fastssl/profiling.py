@@ -55,6 +55,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return 0.0
 
 
+def device_memory_in_use_mb(device: torch.device) -> float:
+    """Memory in use on the whole device now (cudaMemGetInfo: total - free; 0 on CPU).
+
+    Beyond `peak_memory_mb` (what PyTorch allocated): PyTorch's cache, the CUDA context and
+    other libraries' pools, which PyTorch does not see (DALI's nvJPEG buffers: padding per
+    decoder thread), as nvidia-smi shows them. Pools are kept, so at an epoch's end this is
+    close to the epoch's peak.
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (total - free) / 2**20
+    return 0.0
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

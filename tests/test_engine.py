@@ -57,6 +57,7 @@ def test_run_writes_every_output(tmp_path):
     assert [int(r["epoch"]) for r in epochs] == [0, 1]
     assert all(0 < float(r["data_wait_share"]) < 1 for r in steps)  # num_workers 0: decoding is waited for
     assert all(r["knn_top1"] != "" for r in epochs)
+    assert all(float(r["peak_memory_mb"]) == float(r["device_used_mb"]) == 0 for r in epochs)  # CPU: not tracked
     assert [k["epoch"] for k in results["knn"]] == [1, 2]
     for scores in (results["knn_random_init"], *results["knn"]):  # over the 9 images of 3 classes:
         assert scores["top5"] == 100.0  # every class ranks in the top 5

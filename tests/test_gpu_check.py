@@ -153,14 +153,14 @@ def test_pytest_summary_and_run_logs_are_read(tmp_path):
                                                 ["tests/b.py::test_z[2-bf16]"])
     run = tmp_path / "run"
     run.mkdir()
-    (run / "epochs.csv").write_text("epoch,step,images_per_s,data_wait_share,peak_memory_mb\n"
-                                    "0,20,100.0,0.5,5000\n1,40,1000.0,0.1,6000\n2,60,1200.0,0.3,5500\n")
+    (run / "epochs.csv").write_text("epoch,step,images_per_s,data_wait_share,peak_memory_mb,device_used_mb\n"
+                                    "0,20,100.0,0.5,5000,9000\n1,40,1000.0,0.1,6000,9500\n2,60,1200.0,0.3,5500,9400\n")
     (run / "train_log.csv").write_text("epoch,step,images_per_s,data_wait_share\n0,5,90,0.9\n0,10,95,0.8\n"
                                        "1,25,500,0.6\n1,30,1300,0.1\n1,35,1100,0.3\n2,45,700,0.5\n2,50,1200,0.2\n")
     logs = gc.read_run_logs(run)
     assert logs["images_per_s"] == pytest.approx(1100.0)  # epochs 2..3: the first is start-up
     assert logs["data_wait_share"] == pytest.approx(0.2)
-    assert logs["peak_memory_mb"] == 6000 and logs["steps"] == 60 and logs["log_images_per_s"][:2] == [90.0, 95.0]
+    assert logs["peak_memory_mb"] == 6000 and logs["device_used_mb"] == 9500 and logs["steps"] == 60 and logs["log_images_per_s"][:2] == [90.0, 95.0]
     # within epochs: epochs 1..2 without each one's first window (500 and 700)
     assert logs["within_epochs_images_per_s"] == pytest.approx((1300 + 1100 + 1200) / 3)
     assert logs["within_epochs_data_wait_share"] == pytest.approx(0.2)

@@ -103,7 +103,9 @@ def run_verdict(epochs: list[dict], steps: list[dict]) -> str:
             + ("loader is the bottleneck." if mean_wait > 0.10 else "model step is the bottleneck, not the loader."))
     peaks = [r["peak_memory_mb"] for r in epochs if r.get("peak_memory_mb")]
     if peaks:
-        text += f" Peak device memory {max(peaks):.0f} MB per process."
+        text += f" Peak device memory {max(peaks):.0f} MB per process"
+        used = [r["device_used_mb"] for r in epochs if r.get("device_used_mb")]
+        text += f" ({max(used):.0f} MB in use on the device, with PyTorch's cache and DALI's pools)." if used else "."
     return text
 
 
