@@ -407,3 +407,18 @@ def test_torchvision_crops_resample_with_the_recipes_interpolation(interpolation
     ours = view_transform(recipe, view, photometric=False)(img)
     assert torch.equal(ours, crops[interpolation])
     assert not torch.equal(crops["bicubic"], crops["bilinear"])
+
+
+def test_a_sample_reseeds_the_cpu_generator_only_and_restores_it(tmp_path, monkeypatch):
+    """In the main process (num_workers 0) on a GPU, `torch.manual_seed` would also reseed every
+    CUDA generator per sample, and fork_rng(devices=[]) would not restore them."""
+    from pipelines.torchvision import MultiCropFolder
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    make_image_folder(tmp_path / "imgs")
+    data = MultiCropFolder(str(tmp_path / "imgs"), MultiCropRecipe(global_size=16, local_size=8, num_local=2), seed=3)
+    before = torch.get_rng_state()
+    first, again = data[(0, 1)], data[(0, 1)]
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))  # a function of (seed, epoch, image)

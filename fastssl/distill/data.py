@@ -70,6 +70,6 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: restored on exit
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))  # (not CUDA's)
             return self.dataset[index]
