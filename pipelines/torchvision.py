@@ -84,8 +84,9 @@ class MultiCropFolder(Dataset):
         """
         epoch, index = key
         img, i, bad = next_readable(self.samples, index, self._read)
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only: restored on exit
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))  # (not CUDA's, as manual_seed)
+        # The CPU generator only, restored on exit (torch.manual_seed would reseed CUDA's too, unrestored).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
             views = [t(img) for t in self.transforms]  # every transform draws from torch's RNG
         return views, i, self.samples[i][1], bad
 

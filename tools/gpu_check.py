@@ -869,7 +869,7 @@ GPU_LOADERS = {"dali-hw0": "DALI mixed, hw decoder 0", "dali": "DALI mixed, hw d
                "dali-hw1": "DALI mixed, hw decoder 1.0", "ffcv": "FFCV + device ops"}
 
 
-LOADER_TIMED_BATCHES = 18  # of 64 images: as many as the ~1,500 generated JPEGs allow after 2 warm-up batches
+LOADER_TIMED_BATCHES = 18  # after 2 warm-up batches: 20 of an epoch's 23 batches of 64 (1,500 generated JPEGs)
 
 
 def stage_loaders(ctx: Context) -> dict:
@@ -885,7 +885,7 @@ def stage_loaders(ctx: Context) -> dict:
         if ctx.dry_run:
             argv += ["--device", "cpu", "--batch-size", "4", "--batches", "1", "--warmup", "0", "--repeats", "1",
                      "--global-size", "16", "--local-size", "8", "--num-local", "2"]
-        else:  # the recipe's 8 crops (2x224 + 6x96), 64 per batch; 20 of an epoch's 23 batches
+        else:  # the recipe's 8 crops (2x224 + 6x96), 64 per batch
             argv += ["--device", "cuda", "--batch-size", "64", "--batches", str(LOADER_TIMED_BATCHES), "--warmup",
                      "2", "--repeats", "2"]
         c = ctx.run(f"bench_loaders-{group}", argv, timeout=ctx.share(len(LOADER_GROUPS) - i))

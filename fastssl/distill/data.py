@@ -70,6 +70,7 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only: restored on exit
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))  # (not CUDA's)
+        # The CPU generator only, restored on exit (torch.manual_seed would reseed CUDA's too, unrestored).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.dataset[index]
