@@ -17,7 +17,7 @@ normalises, and the model keeps the cores it would have spent on float32 tensor 
 * Randomness: the decoder reseeds numba's generator (per thread) before each image's
   draws, from (seed, epoch, dataset index) (`image_seed`), so an image's crops and, on
   CPU, its photometric draws do not depend on the threads, on prefetching or on the batch
-  the epoch started at; the device-side draws come from `batch_seed`. Hence a run stopped
+  the epoch started at; the device-side augmentations draw (on the host) from `batch_seed`. Hence a run stopped
   mid-epoch and resumed logs the same losses as an uninterrupted one, whatever the order
   option (tests/test_loader_resume.py), and needs no loader state beyond (epoch, batch).
 * Compilation: numba compiles FFCV's pipeline in every process on its first batch. The

@@ -10,6 +10,9 @@ and this rank's batches of the epoch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -53,6 +56,17 @@ def shard_batches(num_items: int, batch_size: int, rank: int, world_size: int, s
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of one (epoch, image): independent of workers and ranks."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def sample_rng(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """torch's CPU generator seeded with `sample_seed(seed, epoch, index)` inside, restored on exit.
+
+    The CPU generator only: `torch.manual_seed` would also reseed every CUDA generator, which
+    `fork_rng(devices=[])` does not restore (a GPU process loading without workers)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+        yield
 
 
 def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:

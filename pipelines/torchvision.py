@@ -21,7 +21,7 @@ from pipelines.batch import MultiCropBatch
 from pipelines.device_augment import augment_view
 from pipelines.folder import scan_source
 from pipelines.images import UNREADABLE, load_rgb, next_readable
-from pipelines.sampler import ShardedLoader, batch_seed, sample_seed
+from pipelines.sampler import ShardedLoader, batch_seed, sample_rng
 from pipelines.spec import LoaderSpec
 
 
@@ -84,9 +84,7 @@ class MultiCropFolder(Dataset):
         """
         epoch, index = key
         img, i, bad = next_readable(self.samples, index, self._read)
-        # The CPU generator only, restored on exit (torch.manual_seed would reseed CUDA's too, unrestored).
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+        with sample_rng(self.seed, epoch, i):
             views = [t(img) for t in self.transforms]  # every transform draws from torch's RNG
         return views, i, self.samples[i][1], bad
 

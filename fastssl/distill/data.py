@@ -11,12 +11,11 @@ whatever the worker count.
 
 from __future__ import annotations
 
-import torch
 from torch.utils.data import Dataset
 
 from fastssl.distill.config import DistillDataConfig
 from pipelines.folder import DataLayoutError, scan_image_folder
-from pipelines.sampler import sample_seed
+from pipelines.sampler import sample_rng
 
 # CIFAR-100 channel statistics, as CRD's dataset/cifar100.py normalises
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -70,7 +69,5 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        # The CPU generator only, restored on exit (torch.manual_seed would reseed CUDA's too, unrestored).
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+        with sample_rng(self.seed, epoch, index):
             return self.dataset[index]
