@@ -8,10 +8,17 @@ decoder reseeds numba's per-thread generator before each image from (seed, epoch
 like torchvision, so it needs no loader state: the epoch and batch the loop passes to
 `set_epoch` are enough, with the shared sampler's order (the default) and with FFCV's own
 orders, which are functions of (seed, epoch) as well (each tested here on one process).
+Two real processes (`accelerate launch`, gloo) then repeat the stop and resume for DALI and FFCV,
+where each rank keeps its own shard, its own generators and, for DALI, its own state file.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +28,9 @@ from PIL import Image
 
 from conftest import data_path, requires_dali, requires_ffcv
 from fastssl import engine
+from fastssl.config import to_dict
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
-from test_engine import read_csv
+from test_engine import ACCELERATE_2PROC, read_csv
 from test_faults import StopAt, counting, quick_config
 
 
@@ -115,3 +123,66 @@ def test_ffcv_draws_repeat_whatever_the_start_batch_and_threads(tmp_path):
         assert all(not torch.equal(a, b) for a, b in zip(views, whole[index])), index
     for index, views in whole.items():  # one image's views stay draws of their own
         assert not torch.equal(views[0], views[1]) and not torch.equal(views[2], views[3]), index
+
+
+# Run by both processes of one `accelerate launch`: the uninterrupted run, then a run stopped one batch
+# into epoch 1 (every rank stops at that step, as a signal agreed by all ranks would) and its resume.
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from fastssl import engine
+    from fastssl.config import from_dict
+    from test_faults import StopAt, counting
+
+    cfg = from_dict(json.loads(Path(sys.argv[1]).read_text()))
+    root = Path(cfg.train.run_dir)
+    cfg.train.run_dir = str(root / "reference")
+    engine.train(cfg)
+    cfg.train.run_dir = str(root / "stopped")
+    StopAt.counter[0], StopAt.step = 0, 4
+    real_stop, real_step = engine.GracefulStop, engine.train_step
+    engine.GracefulStop, engine.train_step = StopAt, counting(engine.train_step)
+    engine.train(cfg)
+    engine.GracefulStop, engine.train_step = real_stop, real_step
+    state = torch.load(root / "stopped" / "checkpoint.pt", weights_only=False)["state"]
+    rank = dist.get_rank()
+    loader = torch.load(root / "stopped" / "rng" / f"rank{{rank}}.pt", weights_only=False).get("loader")
+    engine.train(cfg, resume=True)
+    Path(root / f"rank{{rank}}.json").write_text(json.dumps({{
+        "world": dist.get_world_size(), "stopped_at": [state["epoch"], state["batch_in_epoch"], state["step"]],
+        "loader_state": None if loader is None else [loader["epoch"], loader["batch"]]}}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,order", [pytest.param("dali", "sampler", marks=requires_dali),
+                                           pytest.param("ffcv", "sampler", marks=requires_ffcv),
+                                           pytest.param("ffcv", "random", marks=requires_ffcv)],
+                         ids=["dali", "ffcv-sampler", "ffcv-random"])
+def test_two_processes_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, backend, order):
+    """Two ranks of 4 images a step, 3 steps an epoch, textured images (every crop box shows other
+    pixels): the resumed run logs the uninterrupted run's losses, so every rank resumed its own shard
+    with its own draws. "random" is FFCV's own order, which FFCV deals to the ranks itself."""
+    cfg = quick_config(tmp_path, epochs=2)
+    folder = textured_folder(tmp_path / "noise", count=24)
+    cfg.data.backend, cfg.data.ffcv_order, cfg.data.knn_train = backend, order, str(folder)
+    cfg.data.train = data_path(backend, folder, write_mode="jpg")
+    cfg.train.run_dir = str(tmp_path / "runs")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(to_dict(cfg)))
+    script = tmp_path / "stop_resume.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), str(config)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / "runs" / f"rank{rank}.json").read_text())
+        assert report["world"] == 2 and report["stopped_at"] == [1, 1, 4], report
+        assert report["loader_state"] == ([1, 1] if backend == "dali" else None), report
+    reference, got = losses(tmp_path / "runs" / "reference"), losses(tmp_path / "runs" / "stopped")
+    assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7))
+    assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6)
