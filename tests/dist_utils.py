@@ -24,7 +24,9 @@ Rules and behaviour:
   fine, lambdas and closures are not). It is called as ``fn(rank, world_size, *args,
   **kwargs)``. ``args``/``kwargs`` and the return value must be picklable (tensors are fine);
   return values are sent back with ``torch.save``/``torch.load`` through files, so large
-  results do not deadlock a pipe.
+  results do not deadlock a pipe; tensors in them arrive on the CPU.
+- ``DEVICES`` parametrises a test over CPU and, on a GPU machine, CUDA (both ranks on GPU 0 over
+  gloo); the child calls ``on_device(name)`` to get its device.
 - Processes are started with the ``spawn`` method (safe with threads and with CUDA in the
   parent). Each child inherits ``sys.path``, so modules importable in the test process are
   importable there. (pytest's default "prepend" import mode puts ``tests/`` on ``sys.path``,
@@ -68,7 +70,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["run_distributed", "DistributedTestError", "gloo_available", "requires_gloo", "free_port"]
+__all__ = ["run_distributed", "DistributedTestError", "gloo_available", "requires_gloo", "free_port",
+           "DEVICES", "on_device"]
 
 
 class DistributedTestError(RuntimeError):
@@ -85,7 +88,41 @@ try:  # a ready-made skip marker; the helper itself does not need pytest
 
     requires_gloo = _pytest.mark.skipif(not gloo_available(), reason="torch.distributed gloo backend unavailable")
 except ImportError:  # pragma: no cover
+    _pytest = None  # type: ignore[assignment]
     requires_gloo = None  # type: ignore[assignment]
+
+
+# Where a two-process test computes: always on CPU; on CUDA too where a GPU is visible (`-m gpu`).
+# gloo moves CUDA tensors through the host, so both ranks can share GPU 0, which NCCL refuses: the
+# CUDA paths of the collectives' callers (gathered logits into the fused kernel, per-view BN's
+# statistics, the critic's keys) then run with a world of two on the one GPU a check machine has.
+DEVICES = ["cpu"]
+if _pytest is not None:
+    DEVICES.append(_pytest.param("cuda", marks=[
+        _pytest.mark.gpu, _pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")]))
+
+
+def on_device(name: str) -> torch.device:
+    """The device a spawned rank computes on, for a name of `DEVICES`.
+
+    On CUDA every rank uses GPU 0, and TF32 is off so that float32 results keep the tolerances
+    the CPU runs use (the tests compare groupings of one batch, which TF32 would round apart)."""
+    if name == "cuda":
+        torch.cuda.set_device(0)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        return torch.device("cuda", 0)
+    return torch.device(name)
+
+
+def _to_cpu(value: Any) -> Any:
+    """`value` with every tensor in it (nested lists, tuples, dicts) moved to the host."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
 
 
 def free_port() -> int:
@@ -135,7 +172,7 @@ def _child(rank: int, world_size: int, fn: Callable[..., Any], args: Sequence[An
                 backend, init_method="file://" + os.path.join(tmp, "filestore"),
                 rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout),
             )
-        result = fn(rank, world_size, *args, **kwargs)
+        result = _to_cpu(fn(rank, world_size, *args, **kwargs))  # the parent may have no GPU
         _write_atomic(_result_path(tmp, rank), lambda p: torch.save(result, p))
         ok = True
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit

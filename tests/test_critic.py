@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import requires_gloo, run_distributed
+from dist_utils import DEVICES, on_device, requires_gloo, run_distributed
 from fastssl.critic import KeyQueue, MlCpcCritic
 from fastssl.losses import ml_cpc_bound
 from fastssl.objectives import MlCpc, TeacherOutput, critic_loss
@@ -73,16 +73,18 @@ def test_alpha_curriculum_is_geometric():
         alpha_schedule(0.5, 0.0, 1.0)
 
 
-def _push_two_ranks(rank: int, world_size: int) -> torch.Tensor:
-    q = KeyQueue(size=6, dim=4)
-    q.push(unit(2, seed=10 + rank))
-    q.push(unit(2, seed=20 + rank))
+def _push_two_ranks(rank: int, world_size: int, device: str) -> torch.Tensor:
+    on = on_device(device)
+    q = KeyQueue(size=6, dim=4).to(on)
+    q.push(unit(2, seed=10 + rank).to(on))
+    q.push(unit(2, seed=20 + rank).to(on))
     return q.ordered()
 
 
 @requires_gloo
-def test_two_ranks_write_the_same_gathered_keys():
-    r0, r1 = run_distributed(_push_two_ranks, world_size=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_write_the_same_gathered_keys(device):
+    r0, r1 = run_distributed(_push_two_ranks, world_size=2, args=(device,))
     torch.testing.assert_close(r0, r1)
     # Step 1: rank 0's keys then rank 1's; step 2 the same, wrapping over step 1's first keys.
     expected = torch.cat([unit(2, seed=11), unit(2, seed=20), unit(2, seed=21)])

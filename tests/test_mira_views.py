@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import requires_gloo, run_distributed
+from dist_utils import DEVICES, on_device, requires_gloo, run_distributed
 from fastssl.ops import mira_assign, mira_assign_views
 
 SHAPES = [(64, 3000), (512, 3000), (64, 100)]
@@ -75,18 +75,22 @@ def test_compiled_loss_step_has_no_graph_break(one_thread):
     torch.testing.assert_close(compiled(x0, x1), loss_step(x0, x1))
 
 
-def _two_rank_views(rank: int, world_size: int, full: list[torch.Tensor]) -> list[torch.Tensor]:
-    rows = full[0].shape[0] // world_size
-    return mira_assign_views([v[rank * rows:(rank + 1) * rows] for v in full], tau=0.225, beta=0.7, num_iters=30)
+def _two_rank_views(rank: int, world_size: int, full: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    rows, on = full[0].shape[0] // world_size, on_device(device)
+    return mira_assign_views([v[rank * rows:(rank + 1) * rows].to(on) for v in full], tau=0.225, beta=0.7,
+                             num_iters=30)
 
 
 @requires_gloo
-def test_two_ranks_equal_one_process():
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_equal_one_process(device):
+    """On CUDA the gathered logits go through the fused kernel (when it is built): its 1e-5 goal."""
     full = [logits(16, 30, 4), logits(16, 30, 5)]
-    r0, r1 = run_distributed(_two_rank_views, world_size=2, args=(full,))
+    r0, r1 = run_distributed(_two_rank_views, world_size=2, args=(full, device))
     single = mira_assign_views(full, tau=0.225, beta=0.7, num_iters=30)
     for v in range(2):
-        torch.testing.assert_close(torch.cat([r0[v], r1[v]]), single[v], atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.cat([r0[v], r1[v]]), single[v], atol=1e-6 if device == "cpu" else 1e-5,
+                                   rtol=0)
 
 
 def test_bench_mira_writes_one_record_per_implementation_and_size(tmp_path):

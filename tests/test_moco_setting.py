@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dist_utils import requires_gloo, run_distributed
+from dist_utils import DEVICES, on_device, requires_gloo, run_distributed
 from fastssl.checkpoint import export_backbone
 from fastssl.config import Config
 from fastssl.critic import shuffled_forward
@@ -105,8 +105,9 @@ def test_shuffle_bn_on_one_process_normalises_shuffled_groups():
         assert not torch.allclose(got, whole, atol=1e-3)  # not the plain whole-batch BN
 
 
-def _shuffled_two_ranks(rank: int, world_size: int, views: list[torch.Tensor]):
-    net = _net()
+def _shuffled_two_ranks(rank: int, world_size: int, views: list[torch.Tensor], device: str):
+    on = on_device(device)
+    net, views = _net().to(on), [v.to(on) for v in views]
     b = views[0].shape[0] // world_size
     mine = [v[rank * b:(rank + 1) * b] for v in views]
     torch.manual_seed(rank)  # different seeds: rank 0's permutation must win
@@ -117,10 +118,11 @@ def _shuffled_two_ranks(rank: int, world_size: int, views: list[torch.Tensor]):
 
 
 @requires_gloo
-def test_shuffle_bn_across_two_processes_is_a_local_forward_of_the_permuted_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_shuffle_bn_across_two_processes_is_a_local_forward_of_the_permuted_batch(device):
     g = torch.Generator().manual_seed(5)
     views = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
-    outs = run_distributed(_shuffled_two_ranks, world_size=2, args=(views,))
+    outs = run_distributed(_shuffled_two_ranks, world_size=2, args=(views, device))
     torch.testing.assert_close(outs[0][2], outs[1][2])  # one permutation for all ranks
     for z, expected, _ in outs:
         for got, want in zip(z, expected):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_utils import requires_gloo, run_distributed
+from dist_utils import DEVICES, on_device, requires_gloo, run_distributed
 
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import MiraNetwork
@@ -160,10 +160,13 @@ def test_chan_combination_equals_pooled_statistics():
 # ----------------------------------------------------------------------------- two processes
 
 
-def _distributed_step(rank: int, world_size: int, views: list[torch.Tensor], targets: list[torch.Tensor]):
+def _distributed_step(rank: int, world_size: int, views: list[torch.Tensor], targets: list[torch.Tensor],
+                      device: str):
     import torch.distributed as dist
 
-    per_view = twin_networks(2)[0].double()
+    on = on_device(device)
+    per_view = twin_networks(2)[0].double().to(on)
+    views, targets = [v.to(on) for v in views], [t.to(on) for t in targets]
     calls = {"all_gather": 0}
     real_all_gather = dist.all_gather
 
@@ -186,12 +189,13 @@ def _distributed_step(rank: int, world_size: int, views: list[torch.Tensor], tar
 
 
 @requires_gloo
-def test_two_processes_use_global_per_view_statistics():
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_processes_use_global_per_view_statistics(device):
     """float64, so that agreement to 1e-10 shows the global statistics are exact (in float32
     the summed gradients agree to ~1e-3 of their largest entry: rounding, amplified)."""
     views = [v.double() for v in make_views(32, seed=3)]
     targets = [torch.softmax(torch.randn(32, 12, dtype=torch.float64), 1) for _ in range(2)]
-    outs = run_distributed(_distributed_step, world_size=2, args=(views, targets), timeout=240)
+    outs = run_distributed(_distributed_step, world_size=2, args=(views, targets, device), timeout=240)
 
     plain = twin_networks(2)[1].double()
     ref_logits = per_view_reference(plain, views)[0]  # each view's WHOLE global batch alone
