@@ -47,7 +47,8 @@ from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import photometric, uniform
 from pipelines.folder import scan_source
-from pipelines.images import next_readable, placement, read_unless_bad, run_retiring_bad_files
+from pipelines.images import (free_dropped_pipelines, next_readable, placement, read_unless_bad,
+                             run_retiring_bad_files)
 from pipelines.sampler import ShardedLoader, batch_seed
 from pipelines.spec import LoaderSpec
 
@@ -276,12 +277,17 @@ class DaliLoader(ShardedLoader):
             met.update(passed_over)
             return batch
 
+        ended = False  # ran to its end or failed; a stop mid-epoch closes it, and `state_dict` then saves its pipeline
         try:
             yield from run_retiring_bad_files(self.samples, self.bad, new_source, decode, deliver)
+            ended = True
         except RuntimeError:
-            self._live = None
+            ended = True
             raise
-        self._live = None
+        finally:
+            if ended:  # the epoch's pipeline is garbage now: freed before anything forks
+                live = self._live = None
+                free_dropped_pipelines()
 
     def _to_batch(self, out: dict[str, torch.Tensor], num_skipped: int) -> MultiCropBatch:
         s = self.spec

@@ -32,7 +32,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
 from pipelines.dali_decoder import dali_interp, decoder_args
-from pipelines.images import placement, read_unless_bad, run_retiring_bad_files
+from pipelines.images import free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import rank_share
 from pipelines.spec import DataConfig
 
@@ -178,7 +178,10 @@ class DaliEvalLoader:
             start = source.ends[k]
             return self._to_batch(out[0])
 
-        yield from run_retiring_bad_files(self.samples, self.bad, new_source, self._iterator, deliver)
+        try:
+            yield from run_retiring_bad_files(self.samples, self.bad, new_source, self._iterator, deliver)
+        finally:  # the pass's pipeline is garbage now: freed before anything forks
+            free_dropped_pipelines()
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = out["images"]

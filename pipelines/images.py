@@ -14,11 +14,13 @@
   training image is replaced by the next good one, at most `MAX_REPLACEMENTS` in a row).
 * Decoders that die on a bad file (DALI): `run_retiring_bad_files` runs a pass, and when
   it fails traces the failure to its files with PIL, retires them and restarts the pass
-  after the last batch delivered; `placement` says where such a decoder runs.
+  after the last batch delivered; `placement` says where such a decoder runs;
+  `free_dropped_pipelines` frees a finished pass's pipeline before anything forks.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -191,6 +193,18 @@ def run_retiring_bad_files(samples: list[tuple[str, int]], bad: dict[int, str],
             in_flight = {i for batch in feeder.sent[delivered:] for i in batch}
             if not retire_bad_files(samples, in_flight, bad, errors):
                 raise
+
+
+def free_dropped_pipelines() -> None:
+    """Free the DALI pipelines this process has dropped, now, while their threads exist.
+
+    A DALI pipeline sits in reference cycles, so only the cycle collector frees it. Left as
+    garbage, it is inherited by every process forked later (the k-NN's DataLoader workers,
+    right after a DALI epoch), and when such a child's collector runs its destructor, DALI
+    waits there for threads that a fork does not copy: the worker hangs, and the loader
+    waiting for it (tests/test_no_fork_hang.py). A full collection per pass costs far less
+    than the pass."""
+    gc.collect()
 
 
 def placement(device: torch.device, num_workers: int) -> tuple[str, int | None, int]:

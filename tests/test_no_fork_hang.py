@@ -1,13 +1,15 @@
-"""The FFCV converter called after DALI ran in the same process never hangs.
+"""Nothing forked after DALI ran in the same process ever hangs.
 
-The hang it guards against: `make test` converted a folder to a .beton after DALI pipelines
-had run in the pytest process. The converter's `multiprocessing.Pool` and FFCV's writer
-forked workers from that process; a child's garbage collector ran `nvidia.dali.Pipeline.__del__`
-on a pipeline whose threads do not exist after a fork, the child segfaulted, and the parent
-waited forever. That depended on when the collector ran, so the scenario below makes it
-certain: a DALI pipeline is left as garbage only the cycle collector can free, the collector
-is paused, and every forked child collects at once. Registered fork hooks cannot be removed,
-so the scenario runs in its own interpreter.
+The hang these tests guard against: a DALI pipeline sits in reference cycles, so when a
+process drops one it stays as garbage until the cycle collector runs. A process forked
+meanwhile inherits it, and when the child's collector runs `nvidia.dali.Pipeline.__del__`,
+DALI waits there for threads that do not exist after a fork: the child hangs (or segfaults),
+and the parent waits for it forever. It happened in `make test` to the FFCV converter's
+forked workers after DALI ran in the pytest process, and it would happen to the k-NN's
+DataLoader workers right after a DALI training epoch. That depended on when the collector
+ran, so each scenario makes it certain: the collector is paused in the parent, and every
+forked child collects at once. Registered fork hooks cannot be removed, so each scenario
+runs in its own interpreter.
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ SCENARIO = textwrap.dedent("""
 """)
 
 
-def test_converter_after_dali_with_collecting_forks_never_hangs(tmp_path):
+def run_scenario(text: str, tmp_path: Path) -> str:
+    """Run a scenario's script in its own interpreter and session; its output. Killed, with
+    every process it forked, after 6 minutes."""
     script = tmp_path / "scenario.py"
-    script.write_text(SCENARIO.format(tests=str(REPO / "tests")))
+    script.write_text(text)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     log = tmp_path / "scenario.log"  # a file, not a pipe: orphaned workers of a hung run would hold a pipe open
     with log.open("w") as sink:
@@ -80,9 +84,54 @@ def test_converter_after_dali_with_collecting_forks_never_hangs(tmp_path):
                 pass
             proc.wait()
     out = log.read_text()
-    assert proc.returncode == 0 and "all converted" in out, f"status {proc.returncode}:\n{out[-4000:]}"
+    assert proc.returncode == 0, f"status {proc.returncode}:\n{out[-4000:]}"
+    return out
+
+
+def test_converter_after_dali_with_collecting_forks_never_hangs(tmp_path):
+    out = run_scenario(SCENARIO.format(tests=str(REPO / "tests")), tmp_path)
+    assert "all converted" in out, out[-4000:]
     assert sorted(p.name for p in tmp_path.glob("*.beton")) == [f"out{i}.beton" for i in range(5)]
     assert not list(tmp_path.glob(".*partial*"))
+
+
+# A DALI training epoch and a DALI k-NN pass, then the torchvision k-NN loader's forked workers
+# (the default `eval.loader` of a `--data.backend dali` run), whose collectors run at once.
+AFTER_DALI_EPOCH = textwrap.dedent("""
+    import faulthandler, gc, os, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from conftest import make_image_folder
+    from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
+    from pipelines.eval import build_eval_loader
+
+    if __name__ == "__main__":  # workers may import the main script: nothing may run then
+        root = Path(sys.argv[1]) / "train"
+        make_image_folder(root, num_classes=2, per_class=8, size=40)
+        gc.disable()  # what the loaders drop stays until they free it themselves
+        os.register_at_fork(after_in_child=gc.collect)  # ... and every forked child collects it
+        recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
+        train = build_train_loader(LoaderSpec(data=DataConfig(backend="dali", train=str(root)), recipe=recipe,
+                                              batch_size=4, seed=0, num_workers=1))
+        for epoch in range(2):
+            train.set_epoch(epoch)
+            print(f"dali epoch {{epoch}}: {{sum(1 for _ in train)}} batches", flush=True)
+        knn_dali = build_eval_loader("dali", str(root), size=16, batch_size=4, num_workers=1)
+        print(f"dali k-NN pass: {{sum(1 for _ in knn_dali)}} batches", flush=True)
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang fails, with its stack
+        for p in range(2):
+            knn = build_eval_loader("torchvision", str(root), size=16, batch_size=4, num_workers=2)
+            print(f"torchvision k-NN pass {{p}}: {{sum(1 for _ in knn)}} batches", flush=True)
+        faulthandler.cancel_dump_traceback_later()
+        gc.enable()
+        print("all passes done")
+""")
+
+
+def test_dataloader_workers_after_a_dali_epoch_never_hang(tmp_path):
+    """Fails on loaders that leave their pipelines as garbage: the first worker's collector hangs."""
+    out = run_scenario(AFTER_DALI_EPOCH.format(tests=str(REPO / "tests")), tmp_path)
+    assert "torchvision k-NN pass 1: 4 batches" in out and "all passes done" in out, out[-4000:]
 
 
 def test_every_test_runs_under_a_timeout_with_faulthandler(pytestconfig):
