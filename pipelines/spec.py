@@ -58,7 +58,7 @@ class DataConfig:
     train: str = ""  # ImageNet-layout folder train/<class>/<image>.JPEG (a .beton for ffcv)
     val: str = ""  # same layout; used by the online k-NN ("" = no k-NN)
     knn_train: str = ""  # JPEG folder for the k-NN memory bank ("" = data.train; required with ffcv)
-    num_workers: int = -1  # loader workers per process; -1 = all cores / processes
+    num_workers: int = -1  # loader workers per process; -1 = this machine's cores / its processes
     synthetic_size: int = 1_281_167  # images per epoch for the synthetic backend
     synthetic_classes: int = 1000  # labels of the synthetic backend's images
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)

@@ -120,3 +120,15 @@ def test_two_nodes_log_the_losses_of_one_node_with_two_processes(tmp_path):
     got_epoch, ref_epoch = read_csv(two / "run" / "epochs.csv"), read_csv(one / "run" / "epochs.csv")
     assert float(got_epoch[0]["loss"]) == pytest.approx(float(ref_epoch[0]["loss"]), rel=1e-6)
     assert (two / "run" / "rng" / "rank1.pt").is_file()  # the second node's rank wrote its RNG state
+
+
+def test_loader_workers_share_a_nodes_cores_among_its_own_processes(monkeypatch):
+    """`data.num_workers -1` on 8 nodes of 8 GPUs: a node's 64 cores go to its 8 processes, not to all 64."""
+    from fastssl.runtime import default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # what the launcher sets on every node
+    assert default_num_workers(-1, num_processes=64) == 8
+    assert default_num_workers(3, num_processes=64) == 3  # asked for: kept
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # no launcher: the run's processes are all here
+    assert default_num_workers(-1, num_processes=4) == 16
