@@ -111,7 +111,7 @@ class TrainConfig:
     # one chunk (MIRA's targets still see the whole batch); refused with ML-CPC (one denominator)
     micro_batch_size: int = 0
     seed: int = 0  # random seed (data order, augmentations, initialisation)
-    precision: str = "auto"  # auto | bf16 | fp16 | no  (auto: bf16 on GPUs that have it, else no)
+    precision: str = "auto"  # auto | bf16 | fp16 | no  (auto: bf16 on GPUs with native bf16, else fp16; CPU: no)
     compile: bool = False  # torch.compile the student
     channels_last: bool = True  # NHWC memory layout for the convolutions (faster on GPUs)
     cpu: bool = False  # force CPU even when a GPU is present

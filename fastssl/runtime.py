@@ -24,7 +24,23 @@ def resolve_precision(precision: str, use_cuda: bool) -> str:
         return precision
     if not use_cuda:
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if has_native_bf16(this_process_gpu()) else "fp16"
+
+
+def this_process_gpu() -> int:
+    """The GPU this process trains on: its launcher's LOCAL_RANK (Accelerate picks the same one)."""
+    local = os.environ.get("LOCAL_RANK", "0")
+    index = int(local) if local.isdigit() else 0
+    return index if index < torch.cuda.device_count() else 0
+
+
+def has_native_bf16(gpu: int) -> bool:
+    """Whether `gpu` computes in bf16 natively (compute capability 8.0+: A100, H100, ...).
+
+    Not `torch.cuda.is_bf16_supported()`: on older GPUs it counts emulated bf16 as support (slow)
+    and probes by allocating on the current device, GPU 0 before Accelerate sets each rank's, so
+    every rank would leave a CUDA context there."""
+    return torch.cuda.get_device_capability(gpu)[0] >= 8
 
 
 def build_accelerator(train: TrainConfig) -> Accelerator:

@@ -210,3 +210,28 @@ def test_backend_and_eval_loader_names_come_from_pipelines(monkeypatch):
     with pytest.raises(ConfigError, match="data.ffcv_order: unknown 'shuffled'; choose sampler, random, "
                                           "quasi_random or sequential"):
         validate(cfg)
+
+
+def test_auto_precision_follows_this_ranks_gpu_without_touching_gpu_0(monkeypatch):
+    """bf16 where the rank's GPU has it natively (8.0+), fp16 with a scaler before; never torch's probe,
+    which counts emulated bf16 and allocates on GPU 0 before Accelerate sets each rank's device."""
+    import torch
+
+    from fastssl.runtime import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("probed through GPU 0"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    asked = []
+
+    def capability(gpu: int) -> tuple[int, int]:
+        asked.append(gpu)
+        return (7, 0) if gpu == 3 else (9, 0)  # GPU 3 is a V100
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert resolve_precision("auto", use_cuda=True) == "bf16"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_precision("auto", use_cuda=True) == "fp16"
+    assert asked == [5, 3]
+    assert resolve_precision("auto", use_cuda=False) == "no"
+    assert resolve_precision("fp16", use_cuda=True) == "fp16"
