@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, load_tool
+from dist_utils import requires_gloo, run_distributed
 from test_engine import tiny_config
 from fastssl.engine import train
 
@@ -121,3 +122,25 @@ def test_the_resize_filter_is_the_runs_unless_overridden(trained_run, tmp_path):
                                          "--json", str(tmp_path / "k.json")])
     assert report["interpolation"] == "bicubic"
     assert json.loads((tmp_path / "k.json").read_text())["interpolation"] == "bicubic"
+
+
+def _knn_on_two_processes(rank: int, world_size: int, run: str, out: str) -> dict:
+    return load_tool("eval_knn").main([run, "--ks", "5,20", "--json", out, "--no-progress", "--num-workers", "0"])
+
+
+@requires_gloo
+def test_two_processes_share_the_splits_and_score_as_one(trained_run, tmp_path):
+    """Under `accelerate launch` each process embeds half of each split: the same scores as one process
+    (not every image counted twice in the memory bank), and one JSON."""
+    run, _ = trained_run
+    one = load_tool("eval_knn").main([str(run), "--ks", "5,20", "--json", str(tmp_path / "one.json"), "--no-progress",
+                                      "--num-workers", "0"])
+    outs = run_distributed(_knn_on_two_processes, world_size=2, args=(str(run), str(tmp_path / "two.json")),
+                           timeout=240)
+    assert one["images"] == {"bank": 24, "queries": 9}  # tiny_config's folders
+    for report in outs:
+        assert report["images"] == one["images"]
+        for k in ("5", "20"):
+            assert report["k"][k]["top1"] == pytest.approx(one["k"][k]["top1"], abs=1e-6), k
+            assert report["k"][k]["top5"] == pytest.approx(one["k"][k]["top5"], abs=1e-6), k
+    assert json.loads((tmp_path / "two.json").read_text())["k"] == outs[0]["k"]

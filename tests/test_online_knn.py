@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from dist_utils import requires_gloo, run_distributed
 from test_engine import tiny_config
 from fastssl.engine import train
 
@@ -35,3 +37,28 @@ def test_no_knn_bars_without_progress(tmp_path, capsys):
     assert "k-NN memory bank" not in err
     assert scores["top1"] * 9 / 100 == pytest.approx(round(scores["top1"] * 9 / 100))  # a count of the 9 queries
     assert scores["top5"] == 100.0  # 3 classes: all within the top 5
+
+
+def _embed_with_an_empty_rank(rank: int, world_size: int, images: torch.Tensor):
+    from accelerate import Accelerator
+
+    from fastssl.eval.online import embed
+
+    accelerator = Accelerator(cpu=True)  # joins the group run_distributed started (gloo)
+    torch.manual_seed(0)  # the same weights on both ranks
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    backbone.feature_dim = 5
+    # rank 0 holds the whole split (3 images, dataset order 2, 0, 1); rank 1 none (a split smaller
+    # than the ranks, or a rank whose images were all unreadable)
+    batches = [(images, torch.tensor([7, 8, 9]), torch.tensor([2, 0, 1]))] if rank == 0 else []
+    return embed(backbone, batches, accelerator), backbone(images)
+
+
+@requires_gloo
+def test_a_rank_without_images_still_gathers_the_split():
+    images = torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    outs = run_distributed(_embed_with_an_empty_rank, world_size=2, args=(images,))
+    ref = outs[0][1]
+    for (feats, labels), _ in outs:  # every rank: the split's features and labels, in dataset order
+        torch.testing.assert_close(feats, ref[[1, 2, 0]])
+        assert labels.tolist() == [8, 9, 7]

@@ -3,6 +3,7 @@
 
     python tools/eval_knn.py runs/demo/20261122-065421                 # paths and arch from the run
     python tools/eval_knn.py backbone_resnet50.pth --train /data/imagenet/train --val /data/imagenet/val
+    accelerate launch --multi_gpu --num_processes 8 tools/eval_knn.py RUN_DIR   # each GPU embeds 1/8
 
 L2-normalised features of the EMA teacher's backbone (the exported `backbone_<arch>.pth`),
 cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 20, 100,
@@ -66,9 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
         eval_loader_class(args.loader)  # a missing DALI fails here, before any work
         accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.
+        # Under `accelerate launch` each process embeds its share of a split; `embed` gathers them.
         bank_loader, query_loader = knn_loaders(args.loader, found["train"], found["val"], size=found["size"],
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                                device=accelerator.device, interpolation=found["interpolation"])
+                                                device=accelerator.device, interpolation=found["interpolation"],
+                                                rank=accelerator.process_index,
+                                                world_size=accelerator.num_processes)
     except (EvalError, EvalBackendError, DataLayoutError) as err:
         exit_with(err)
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
@@ -80,12 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
               "image_size": found["size"], "interpolation": found["interpolation"], "loader": args.loader,
               "temperature": args.temperature, "k": results,
+              "images": {"bank": len(bank_y), "queries": len(query_y)},
               "seconds": round(time.perf_counter() - start, 2),
               "date": utc_now()}
-    write_json(found["out"], report, sort_keys=False)
-    for k, r in results.items():
-        print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}")
-    print(f"wrote {found['out']}")
+    if accelerator.is_main_process:  # every process holds the same scores
+        write_json(found["out"], report, sort_keys=False)
+        for k, r in results.items():
+            print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}")
+        print(f"wrote {found['out']}")
     return report
 
 

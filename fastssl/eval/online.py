@@ -40,7 +40,8 @@ def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bo
         bar.update(len(y))
     bar.close()
     backbone.train(was_training)
-    feats_t = torch.cat(feats) if feats else torch.zeros(0, 1, device=accelerator.device)
+    # A rank with no images (a split smaller than the ranks) still gathers rows of the features' width.
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, backbone.feature_dim, device=accelerator.device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     if accelerator.num_processes > 1:
