@@ -32,7 +32,7 @@ from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import DivergenceGuard, TrainingDiverged, continue_advice, latest_run_hint, rerun_command
 from fastssl.run_log import RunLog, write_json
-from fastssl.runtime import GracefulStop, build_accelerator, default_num_workers, seed_everything
+from fastssl.runtime import GracefulStop, any_process, build_accelerator, default_num_workers, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
@@ -304,8 +304,15 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
 
     A loader with `state_dict` (DALI) adds its mid-epoch state, so a resume draws the same augmentations."""
     accelerator, teacher = parts.accelerator, parts.teacher
-    if guard is not None:  # the weights are the same on every process: all decide alike
-        guard.check_weights(state.step)
+    if guard is not None:  # buffers may differ between processes (shuffle-BN's are local): all decide together
+        diverged: TrainingDiverged | None = None
+        try:
+            guard.check_weights(state.step)
+        except TrainingDiverged as err:
+            diverged = err
+        if any_process(accelerator, diverged is not None):
+            raise diverged or TrainingDiverged(f"training diverged at step {state.step} on another process "
+                                               f"(its message says how)")
     accelerator.wait_for_everyone()
     error: ckpt.CheckpointError | None = None
     try:
@@ -321,13 +328,9 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
             ckpt.atomic_save(backbone, backbone_path)
     except ckpt.CheckpointError as err:
         error = err
-    if accelerator.num_processes > 1:  # all agree, or the others would wait for the failed one forever
-        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-        if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
-            error = ckpt.CheckpointError(f"another process could not write its part of the checkpoint in {run_dir} "
-                                         f"(its message says why)")
-    if error is not None:
-        raise error
+    if any_process(accelerator, error is not None):
+        raise error or ckpt.CheckpointError(f"another process could not write its part of the checkpoint in "
+                                            f"{run_dir} (its message says why)")
     accelerator.wait_for_everyone()
 
 

@@ -120,10 +120,19 @@ class GracefulStop:
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True when any process was asked to stop (all ranks must stop at the same step)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return any_process(accelerator, self.requested)
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process; every process must call it at the same point.
+
+    What makes the processes stop or fail together: one that left alone (a stop signal, a
+    failed save, weights it found diverged) would leave the others waiting for it in their
+    next collective, for good on NCCL. One tiny all-reduce; none on one process."""
+    if accelerator.num_processes == 1:
+        return flag
+    mine = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(mine, reduction="sum").item() > 0)
 
 
 def stop_exit_code(signal_name: str) -> int:
