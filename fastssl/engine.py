@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pipelines
+from pipelines.folder import DataLayoutError
 from fastssl import checkpoint as ckpt
 from fastssl.config import Config, ConfigError, to_dict, validate
 from fastssl.eval.online import OnlineKnn
@@ -32,7 +33,8 @@ from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import DivergenceGuard, TrainingDiverged, continue_advice, latest_run_hint, rerun_command
 from fastssl.run_log import RunLog, write_json
-from fastssl.runtime import GracefulStop, any_process, build_accelerator, default_num_workers, seed_everything
+from fastssl.runtime import (GracefulStop, any_process, build_accelerator, default_num_workers, per_process,
+                             seed_everything)
 from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
@@ -83,6 +85,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                                      critic=objective.state, loader=loader)
         results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
         results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
+    check_processes_agree(accelerator, loader, state, run_dir)
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")
@@ -296,6 +299,24 @@ def config_changes(old: dict, new: dict) -> set[str]:
     """Fields whose value differs; a field the saved run predates counts as its default value."""
     default = to_dict(Config())
     return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k, default[s].get(k)) != new[s][k]}
+
+
+def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: Path) -> None:
+    """Every process sees the same data and resumes from the same step, or none starts.
+
+    The shards and every collective assume it. Node-local copies of a dataset that differ, or a
+    run directory that only some nodes see, would otherwise shard the data differently or
+    leave ranks at different steps: a hang in a later collective, or silently wrong shards."""
+    rows = per_process(accelerator, [getattr(loader, "num_images", len(loader)), len(loader), state.step])
+    images, steps = {r[0] for r in rows}, {r[2] for r in rows}
+    if len(images) > 1:
+        seen = ", ".join(f"rank {rank}: {r[0]}" for rank, r in enumerate(rows))
+        raise DataLayoutError(f"the processes see different numbers of training images ({seen}); every process "
+                              f"must read the same data: are the nodes' copies of data.train the same?")
+    if len(steps) > 1:
+        seen = ", ".join(f"rank {rank}: step {r[2]}" for rank, r in enumerate(rows))
+        raise ckpt.CheckpointError(f"the processes resume from different steps ({seen}): every node must see the "
+                                   f"same run directory {run_dir} (a filesystem all nodes share)")
 
 
 def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,

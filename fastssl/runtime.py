@@ -144,3 +144,11 @@ def stop_exit_code(signal_name: str) -> int:
         return 128 + signal.Signals[signal_name].value
     except KeyError:
         return 128 + signal.SIGINT.value
+
+
+def per_process(accelerator: Accelerator, values: list[int]) -> list[list[int]]:
+    """Every process's `values`, by rank (one all-gather; every process must call it)."""
+    if accelerator.num_processes == 1:
+        return [list(values)]
+    mine = torch.tensor([values], dtype=torch.int64, device=accelerator.device)
+    return accelerator.gather(mine).tolist()

@@ -338,3 +338,46 @@ def test_weights_one_process_finds_diverged_fail_every_process_together(tmp_path
     assert "diverged at step 0 on another process" in outs[0]
     assert "the weights are no longer finite" in outs[1]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_dirs: list[str]) -> str:
+    """engine.train on 2 processes where each may see its own data folder and run directory."""
+    from pipelines.folder import DataLayoutError
+
+    cfg = quick_config(Path(roots[rank]), epochs=1)
+    cfg.train.run_dir = run_dirs[rank]
+    try:
+        engine.train(cfg, resume="auto")
+    except (DataLayoutError, ckpt.CheckpointError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "trained"
+
+
+def test_processes_that_see_different_data_refuse_to_start(tmp_path):
+    """Node-local copies of the data that differ: a clear error on every process, not a hang later."""
+    from dist_utils import run_distributed
+
+    roots = [tmp_path / "node0", tmp_path / "node1"]
+    for root in roots:
+        quick_config(root)  # 24 images each ...
+    for path in sorted((roots[1] / "data" / "train").rglob("*.JPEG"))[::3]:
+        path.unlink()  # ... but node 1 lost 8, from every class
+    run = str(tmp_path / "run")
+    outs = run_distributed(_train_on_this_ranks_view, world_size=2, args=([str(r) for r in roots], [run, run]),
+                           timeout=180)
+    for out in outs:
+        assert out.startswith("DataLayoutError: the processes see different numbers of training images "
+                              "(rank 0: 24, rank 1: 16)"), out
+
+
+def test_processes_that_resume_from_different_steps_refuse_to_start(tmp_path):
+    """A run directory only node 0 sees: node 1 would start afresh while node 0 continues."""
+    from dist_utils import run_distributed
+
+    cfg = quick_config(tmp_path, epochs=1)
+    engine.train(cfg)  # node 0's checkpoint of step 3
+    outs = run_distributed(_train_on_this_ranks_view, world_size=2,
+                           args=([str(tmp_path)] * 2, [cfg.train.run_dir, str(tmp_path / "node1_run")]), timeout=180)
+    for out in outs:
+        assert out.startswith("CheckpointError: the processes resume from different steps (rank 0: step 3, "
+                              "rank 1: step 0)"), out
