@@ -307,14 +307,14 @@ def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: 
     The shards and every collective assume it. Node-local copies of a dataset that differ, or a
     run directory that only some nodes see, would otherwise shard the data differently or
     leave ranks at different steps: a hang in a later collective, or silently wrong shards."""
-    rows = per_process(accelerator, [getattr(loader, "num_images", len(loader)), len(loader), state.step])
-    images, steps = {r[0] for r in rows}, {r[2] for r in rows}
+    rows = per_process(accelerator, [getattr(loader, "num_images", len(loader)), state.step])
+    images, steps = {r[0] for r in rows}, {r[1] for r in rows}
     if len(images) > 1:
         seen = ", ".join(f"rank {rank}: {r[0]}" for rank, r in enumerate(rows))
         raise DataLayoutError(f"the processes see different numbers of training images ({seen}); every process "
                               f"must read the same data: are the nodes' copies of data.train the same?")
     if len(steps) > 1:
-        seen = ", ".join(f"rank {rank}: step {r[2]}" for rank, r in enumerate(rows))
+        seen = ", ".join(f"rank {rank}: step {r[1]}" for rank, r in enumerate(rows))
         raise ckpt.CheckpointError(f"the processes resume from different steps ({seen}): every node must see the "
                                    f"same run directory {run_dir} (a filesystem all nodes share)")
 

@@ -277,7 +277,7 @@ class DaliLoader(ShardedLoader):
             met.update(passed_over)
             return batch
 
-        ended = False  # ran to its end or failed; a stop mid-epoch closes it, and `state_dict` then saves its pipeline
+        ended = False  # to its end, or failed; not when a stop closes it mid-epoch (`state_dict` saves its pipeline)
         try:
             yield from run_retiring_bad_files(self.samples, self.bad, new_source, decode, deliver)
             ended = True
