@@ -170,3 +170,27 @@ def test_step_decay_matches_its_closed_form():
         expected = 0.01 * (1.0 if epoch < 12 else 0.2 if epoch < 16 else 0.04)
         assert step_decay(epoch, 0.01, milestones, gamma) == pytest.approx(expected)
     assert step_decay(5, 1.0, [], 0.1) == 1.0
+
+
+def test_a_feature_cache_that_cannot_fit_is_refused_before_any_work(tool, toy_run, tmp_path, capsys, monkeypatch):
+    """ImageNet x ResNet-50 x 10 views in float32 (115 GB at the peak) would be built for an hour, then killed."""
+    import fastssl.eval.linear as linear
+
+    n, d = 1_281_167, 2048
+    assert linear.cache_bytes(n, d, 10, "float32") == n * d * (10 * 4 + 4)  # + one view's float32 while built
+    assert linear.cache_bytes(n, d, 10, "float16") == n * d * (10 * 2 + 4)
+    assert linear.cache_bytes(n, d, 0, "float32") == linear.cache_bytes(n, d, 1, "float32")  # one centre crop
+    args = tool.parse_args(["run", "--cached-features"])
+    linear.check_cache_fits(n, d, args, available=None)  # unknown: not refused
+    linear.check_cache_fits(n, d, args, available=linear.cache_bytes(n, d, 10, "float32"))
+    with pytest.raises(linear.EvalError, match=r"needs about 115\.4 GB .* 80\.0 GB is available; use "
+                                                r"--cache-dtype float16 \(63\.0 GB\) or fewer --cached-views"):
+        linear.check_cache_fits(n, d, args, available=80 * 10**9)
+    with pytest.raises(linear.EvalError) as too_small:
+        linear.check_cache_fits(n, d, args, available=10 * 10**9)
+    assert "float16" not in str(too_small.value) and "no --cached-features" in str(too_small.value)
+
+    monkeypatch.setattr(linear, "available_memory_bytes", lambda: 1000)  # the tool itself: exit 2, one line
+    err = error_of(tool, [str(toy_run), *TOY_ARGS, "--cached-features", "--json", str(tmp_path / "x.json")], capsys)
+    assert "--cached-features needs about" in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()

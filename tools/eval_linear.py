@@ -24,7 +24,9 @@ Two ways to feed the classifier:
   its K copies, picked at random, so the classifier sees at most K distinct augmentations
   of an image instead of a fresh one per epoch. --cached-views 0 caches the val transform
   (resize + centre crop, no augmentation) once per image. The cache takes K x N x D x 4
-  bytes (--cache-dtype float16 halves it: about 26 GB for ImageNet at K = 10, ResNet-50).
+  bytes of memory (ImageNet, ResNet-50, K = 10: 105 GB; --cache-dtype float16 halves it) plus
+  one copy's float32 features while it is built; the tool refuses before any work when the
+  machine's available memory is short, and says what would fit.
 
 Data order, head initialisation and the choice of cached copy come from --seed; given the
 same cached features, the two modes see the same batches in the same order. Writes JSON

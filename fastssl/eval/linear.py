@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
                                      epoch_batches, evaluate_head, extract_eval, extract_samples, load_eval_inputs,
                                      new_head, progress_bar, sgd_step, to_device, train_transform)
+from fastssl.eval.errors import EvalError
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import cosine, scaled_lr
 from pipelines.eval import eval_loader_class
 
 __all__ = ["FeatureSource", "prepare", "linear_probe", "fit_linear", "per_epoch_source", "cached_source",
-           "cache_train_features", "train_augmentation"]
+           "cache_train_features", "cache_bytes", "check_cache_fits", "train_augmentation"]
 
 # (features, labels) for one batch of training-set indices, given the epoch.
 FeatureSource = Callable[[int, list[list[int]]], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -37,7 +38,42 @@ def prepare(args: argparse.Namespace) -> EvalInputs:
     a missing DALI fails here, not after training."""
     inputs = load_eval_inputs(args, "eval_linear")
     eval_loader_class(args.loader)
+    if args.cached_features:
+        check_cache_fits(len(inputs.train_samples), FEATURE_DIMS[inputs.arch], args, available_memory_bytes())
     return inputs
+
+
+def cache_bytes(num_images: int, feature_dim: int, views: int, dtype: str) -> int:
+    """Host memory `cache_train_features` needs at its peak: the views x N x D cache, plus one
+    view's float32 features while they are copied in (ImageNet, ResNet-50, 10 views: 115 GB
+    in float32, 63 GB in float16)."""
+    return num_images * feature_dim * (max(views, 1) * torch.finfo(getattr(torch, dtype)).bits // 8 + 4)
+
+
+def available_memory_bytes() -> int | None:
+    """The kernel's MemAvailable (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_cache_fits(num_images: int, feature_dim: int, args: argparse.Namespace, available: int | None) -> None:
+    """An EvalError before any extraction when the feature cache cannot fit in memory: on ImageNet it
+    is built for about an hour before the kernel would kill the process."""
+    need = cache_bytes(num_images, feature_dim, args.cached_views, args.cache_dtype)
+    if available is None or need <= available:
+        return
+    half = cache_bytes(num_images, feature_dim, args.cached_views, "float16")
+    fixes = ([f"--cache-dtype float16 ({half / 1e9:.1f} GB)"] if args.cache_dtype != "float16" and half <= available
+             else []) + ["fewer --cached-views", "no --cached-features (fresh crops every epoch, the paper's protocol)"]
+    raise EvalError(f"--cached-features needs about {need / 1e9:.1f} GB of memory for {num_images} images x "
+                    f"{max(args.cached_views, 1)} views x {feature_dim} features, and {available / 1e9:.1f} GB is "
+                    f"available; use {' or '.join(fixes)}")
 
 
 def per_epoch_source(backbone: torch.nn.Module, dataset: LabelledImages, device: torch.device,
