@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
 from pipelines.beton_writer import ConvertDataset, WorkerError, check_files, worker_context, write_beton
-from pipelines.folder import is_image_file
+from pipelines.folder import is_image_file, walk_files
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 # Folder names that mean "a split", not "a class": a source whose sub-folders are all among
@@ -66,7 +66,7 @@ def scan_class_folders(src: Path, subset_per_class: int = 0) -> Inventory:
     """ImageFolder's mapping: every sub-folder is a class (sorted), empty ones included."""
     inv = Inventory(classes=class_names(src))
     for label, name in enumerate(inv.classes):
-        files = sorted(str(p) for p in (src / name).rglob("*") if p.is_file())
+        files = sorted(walk_files(src / name))
         images = [f for f in files if is_image_file(f)]
         for f in files:
             if not is_image_file(f):
