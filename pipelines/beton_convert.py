@@ -13,6 +13,7 @@ import errno
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import suppress
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
+from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
 from pipelines.beton_writer import ConvertDataset, WorkerError, check_files, worker_context, write_beton
 from pipelines.folder import is_image_file, walk_files
 
@@ -193,6 +195,19 @@ def os_error_message(err: OSError | WorkerError, out: Path) -> str:
     return f"writing {str(out)!r} failed: {detail}"
 
 
+def check_space(samples: list[tuple[str, int]], out: Path, **options) -> int:
+    """The estimated size of the .beton (`pipelines.beton_size`); a ConversionError, before any
+    image is written, when even 90 % of it exceeds the free space where it goes."""
+    need = estimate_beton_bytes([p for p, _ in samples], **options)
+    free = shutil.disk_usage(out.parent).free
+    if 0.9 * need > free:
+        raise ConversionError(
+            f"the .beton would take about {need / 1e9:.1f} GB (from {min(len(samples), SAMPLE_SIZE)} sampled "
+            f"images) and {str(out.parent.resolve())!r} has {free / 1e9:.1f} GB free; free some space, write it "
+            f"elsewhere, or store less: --max-resolution 256, or --write-mode jpg (nothing was written)")
+    return need
+
+
 def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: Path | None = None,
             max_resolution: int = 500, jpeg_quality: int = 90, compress_probability: float = 0.5,
             write_mode: str = "proportion", num_workers: int = 0, subset_per_class: int = 0,
@@ -229,6 +244,8 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         if not good:
             raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped); "
                                   "nothing to write")
+        estimate = check_space(good, out, max_resolution=max_resolution, write_mode=write_mode,
+                    compress_probability=compress_probability, num_workers=min(workers, len(good)))
         fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                              jpeg_quality=jpeg_quality, compress_probability=compress_probability),
                   LABEL_FIELD: IntField()}
@@ -248,6 +265,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     summary = {
         "source": str(src), "output": str(out), "written": len(good), "skipped": inv.skipped,
         "classes": inv.classes, "num_classes": len(inv.classes), "bytes": out.stat().st_size,
+        "estimated_bytes": estimate,
         "seconds": round(seconds, 3), "images_per_s": round(len(good) / seconds, 1),
         "fields": {IMAGE_FIELD: "RGBImageField", LABEL_FIELD: "IntField"},
         "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,

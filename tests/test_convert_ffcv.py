@@ -297,6 +297,47 @@ def test_full_disk_says_so_and_removes_the_partial(conv, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
 
 
+def noise_folder(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    """Noisy JPEGs (q90) of the given (width, height), in 2 classes: raw storage is exact, JPEG is not."""
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        folder = root / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (np.cumsum(rng.integers(0, 9, (h, w, 3)), axis=1) % 256).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:03d}.JPEG", quality=90)
+    return root
+
+
+def test_the_size_estimate_follows_the_written_file(conv, tmp_path):
+    """Raw storage is width x height x 3 after the resize (never up); FFCV's pages add a little;
+    compressed images are estimated at the source's bytes per pixel, which errs high."""
+    from pipelines.beton_size import stored_bytes
+
+    assert stored_bytes(800, 600, 10_000, max_resolution=500, write_mode="raw", compress_probability=0.5) == 500 * 375 * 3
+    assert stored_bytes(300, 200, 9_000, max_resolution=500, write_mode="jpg", compress_probability=0.5) == 9_000
+    assert stored_bytes(1000, 500, 8_000, max_resolution=500, write_mode="proportion",
+                        compress_probability=0.25) == 0.25 * 8_000 / 4 + 0.75 * 500 * 250 * 3
+    sizes = [(int(w), int(h)) for w, h in np.random.default_rng(1).integers(150, 700, (48, 2))]  # a third > 500
+    src = noise_folder(tmp_path / "train", sizes)
+    for mode, low, high in (("raw", 1.0, 1.2), ("proportion", 1.0, 1.5)):
+        summary = conv.convert(src, tmp_path / f"{mode}.beton", write_mode=mode, num_workers=1, progress=False)
+        assert low <= summary["estimated_bytes"] / summary["bytes"] <= high, (mode, summary["estimated_bytes"],
+                                                                              summary["bytes"])
+
+
+def test_a_disk_too_small_for_the_estimate_is_refused_before_writing(conv, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(conv.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(conv.ConversionError, match=r"would take about 0\.0 GB \(from 4 sampled images\) and "
+                                                   rf"'{tmp_path}' has 0\.0 GB free; .*--max-resolution 256"):
+        conv.convert(src, tmp_path / "x.beton", num_workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # no partial, no summary
+
+
 def test_unwritable_output_folder_is_one_clear_error_exit_1(tmp_path):
     """Tests run as root, whom chmod does not stop; sysfs refuses new files even to root."""
     folder = Path("/sys")
