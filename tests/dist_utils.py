@@ -181,6 +181,10 @@ def _child(rank: int, world_size: int, fn: Callable[..., Any], args: Sequence[An
     finally:
         if ok and dist.is_available() and dist.is_initialized():
             try:
+                # A rank whose last all-gather has returned may still be sending to a peer; tearing
+                # the group down then aborts that peer's gloo thread ("terminate called without an
+                # active exception", exit -6). Everyone leaves together.
+                dist.barrier()
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - teardown problems must not mask the result
                 pass

@@ -158,3 +158,31 @@ def test_bad_inputs_raise(kwargs: dict, match: str) -> None:
 def test_accuracy_bad_query_labels_raise() -> None:
     with pytest.raises(ValueError, match="query_labels"):
         knn_accuracy(_T, _Y, _Q, torch.tensor([0, 1]), num_classes=3)
+
+
+def _sharded_scores(rank: int, world_size: int, bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
+                    k: int) -> torch.Tensor:
+    from accelerate import Accelerator
+
+    from fastssl.eval.online import gather_neighbours
+
+    accelerator = Accelerator(cpu=True)  # joins run_distributed's gloo group
+    share = slice(0, 5) if rank == 0 else slice(5, None)  # rank 0 holds fewer rows than k
+    return knn_predict(bank[share], labels[share], queries, num_classes=4, k=k, temperature=0.07, chunk_size=7,
+                       merge=gather_neighbours(accelerator))
+
+
+def test_a_sharded_bank_scores_as_the_whole_bank_across_two_processes() -> None:
+    """Each process holds a share of the bank and finds its k nearest; one all-gather per query
+    chunk picks the k nearest of all shares: the whole bank's scores (float64 brute force)."""
+    from dist_utils import run_distributed
+
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    queries = torch.randn(17, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    for k in (12, 40):  # 40: every row of both shares votes
+        outs = run_distributed(_sharded_scores, world_size=2, args=(bank, labels, queries, k))
+        want = _brute_force(bank.numpy(), labels.numpy(), queries.numpy(), 4, k, 0.07)
+        for got in outs:
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)

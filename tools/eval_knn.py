@@ -26,8 +26,7 @@ from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError
-from fastssl.eval.knn import knn_accuracy
-from fastssl.eval.online import embed, knn_loaders
+from fastssl.eval.online import knn_loaders, knn_scores
 from fastssl.eval.targets import resolve_target
 from fastssl.run_log import utc_now, write_json
 from fastssl.runtime import pick_device
@@ -77,16 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
         exit_with(err)
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    bank_x, bank_y = embed(net, bank_loader, accelerator, not args.no_progress, "memory bank")
-    query_x, query_y = embed(net, query_loader, accelerator, not args.no_progress, "queries")
-    results = {str(k): knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes), k=k,
-                                    temperature=args.temperature) for k in ks}
+    scores, bank_size, query_size = knn_scores(net, bank_loader, query_loader, accelerator, ks, args.temperature,
+                                               not args.no_progress, what="")
+    results = {str(k): r for k, r in scores.items()}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
               "image_size": found["size"], "interpolation": found["interpolation"], "loader": args.loader,
               "temperature": args.temperature, "k": results,
-              "images": {"bank": len(bank_y), "queries": len(query_y)},
+              "images": {"bank": bank_size, "queries": query_size},
               "seconds": round(time.perf_counter() - start, 2),
               "date": utc_now()}
+    accelerator.wait_for_everyone()  # a rank leaving right after the last all-gather can abort a peer still in it
     if accelerator.is_main_process:  # every process holds the same scores
         write_json(found["out"], report, sort_keys=False)
         for k, r in results.items():

@@ -5,14 +5,24 @@ pretraining) and is the number papers report, so ours must match DINO's
 ``knn_classifier`` exactly: L2-normalised features, cosine similarity, the
 top-k neighbours from the training bank vote for their label with weight
 ``exp(sim / T)``, and the class scores are the summed votes.
+
+On several processes each holds a shard of the bank (an ImageNet bank is 1.28M x 2048
+floats, 10.5 GB, too much to copy to every GPU): each finds its shard's k nearest of every
+query, and `merge` (all-gather) lets every process pick the k nearest of all shards, which
+are the k nearest of the whole bank.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["knn_predict", "knn_accuracy"]
+__all__ = ["knn_predict", "knn_accuracy", "Merge"]
+
+# (similarities, labels) of this shard's k nearest (q x k) -> every shard's, side by side (q x k*shards).
+Merge = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _validate(
@@ -23,6 +33,7 @@ def _validate(
     k: int,
     temperature: float,
     chunk_size: int,
+    sharded: bool = False,
 ) -> None:
     """Fail early with a readable message instead of a shape error deep in topk/scatter."""
     if train_features.ndim != 2 or query_features.ndim != 2:
@@ -34,7 +45,7 @@ def _validate(
         raise ValueError(
             f"feature dimensions differ: train {train_features.shape[1]} vs query {query_features.shape[1]}"
         )
-    if train_features.shape[0] == 0:
+    if train_features.shape[0] == 0 and not sharded:
         raise ValueError("the training bank is empty")
     if train_labels.ndim != 1 or train_labels.shape[0] != train_features.shape[0]:
         raise ValueError(
@@ -67,6 +78,7 @@ def knn_predict(
     k: int = 20,
     temperature: float = 0.07,
     chunk_size: int = 256,
+    merge: Merge | None = None,
 ) -> Tensor:
     """Class scores (Q x C) of each query from its k nearest training features.
 
@@ -75,9 +87,12 @@ def knn_predict(
     similarity matrix never has to fit in memory at once (256 x an ImageNet
     bank: 1.3 GB in float32); results do not depend on ``chunk_size``.  ``k`` larger than the bank is clamped to the
     bank size.  Scores are in the dtype of the (promoted) features, on their
-    device.
+    device.  With ``merge``, the training features are this process's shard of the
+    bank (possibly empty), ``k`` is at most the whole bank's size, and every process
+    passes the same queries.
     """
-    _validate(train_features, train_labels, query_features, num_classes, k, temperature, chunk_size)
+    _validate(train_features, train_labels, query_features, num_classes, k, temperature, chunk_size,
+              sharded=merge is not None)
     dtype = torch.promote_types(train_features.dtype, query_features.dtype)
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
@@ -87,14 +102,23 @@ def knn_predict(
     inverse_norms = 1.0 / torch.linalg.vector_norm(bank, dim=1).clamp_min(1e-12)  # F.normalize's eps
     queries = torch.nn.functional.normalize(query_features.to(device=bank.device, dtype=dtype), dim=1)
     labels = train_labels.to(device=bank.device, dtype=torch.long)
-    k = min(k, bank.shape[0])
+    if merge is None:
+        k = min(k, bank.shape[0])
 
     scores = []
     for chunk in queries.split(chunk_size):
-        sims, idx = (chunk @ bank.T).mul_(inverse_norms).topk(k, dim=1)  # (q, k), largest first
+        sims, idx = (chunk @ bank.T).mul_(inverse_norms).topk(min(k, bank.shape[0]), dim=1)  # (q, k), largest first
+        nearest = labels[idx]
+        if merge is not None:  # every shard's k nearest, then the k nearest of those
+            short = k - sims.shape[1]  # a shard smaller than k: padded with neighbours that never win
+            sims = torch.nn.functional.pad(sims, (0, short), value=-torch.inf)
+            nearest = torch.nn.functional.pad(nearest, (0, short), value=0)
+            sims, nearest = merge(sims, nearest)
+            sims, pick = sims.topk(k, dim=1)
+            nearest = nearest.gather(1, pick)
         weights = (sims / temperature).exp()
         votes = torch.zeros(chunk.shape[0], num_classes, dtype=dtype, device=bank.device)
-        votes.scatter_add_(1, labels[idx], weights)
+        votes.scatter_add_(1, nearest, weights)
         scores.append(votes)
     if not scores:
         return torch.zeros(0, num_classes, dtype=dtype, device=bank.device)
@@ -109,8 +133,10 @@ def knn_accuracy(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
+    merge: Merge | None = None,
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy in percent of the weighted k-NN classifier.
+    """Top-1 / top-5 accuracy in percent of the weighted k-NN classifier (``merge``: a sharded
+    bank, as in `knn_predict`).
 
     With fewer than 5 classes, top-5 is computed over all classes (=100%).
     """
@@ -121,7 +147,8 @@ def knn_accuracy(
         )
     if query_features.shape[0] == 0:
         raise ValueError("no queries to evaluate")
-    scores = knn_predict(train_features, train_labels, query_features, num_classes, k=k, temperature=temperature)
+    scores = knn_predict(train_features, train_labels, query_features, num_classes, k=k, temperature=temperature,
+                         merge=merge)
     target = query_labels.to(scores.device, torch.long)[:, None]
     ranked = scores.topk(min(5, num_classes), dim=1).indices
     correct = ranked == target

@@ -1,8 +1,10 @@
 """Online k-NN during training: teacher backbone features of train (bank) and val (queries).
 
 DINO protocol: L2-normalised features, cosine similarity, k = 20, votes weighted by
-exp(sim / 0.07). Each rank embeds its share of each split; the shares are gathered so
-every rank computes the same accuracy.
+exp(sim / 0.07). Each rank embeds its share of each split. The queries are gathered; the
+memory bank is not (1.28M x 2048 floats on ImageNet, 10.5 GB on every GPU): each rank finds
+its share's nearest neighbours of every query, and one all-gather per chunk of queries lets
+every rank pick the nearest of all shares, so every rank computes the same accuracy.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from fastssl.eval.knn import knn_accuracy
+from fastssl.eval.knn import Merge, knn_accuracy
+from fastssl.runtime import per_process
 from pipelines.augment import EVAL_INTERPOLATION
 from pipelines.eval import build_eval_loader
 from pipelines.folder import DataLayoutError
@@ -21,8 +24,9 @@ from pipelines.spec import DataConfig
 
 @torch.no_grad()
 def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bool = False,
-          desc: str = "k-NN features") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, labels) of the whole split, in dataset order, on every rank.
+          desc: str = "k-NN features", gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of the whole split, in dataset order, on every rank; with `gather=False`,
+    of this rank's share only, in the order loaded.
 
     `progress` shows a bar (images of this rank) on the local main process: a split of
     ImageNet takes minutes, and silence that long looks like a hang.
@@ -45,6 +49,8 @@ def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bo
     del feats  # an ImageNet bank is 1.28M x 2048 floats (10.5 GB): no copy of it lives longer than it must
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    if not gather:
+        return feats_t, labels_t
     if accelerator.num_processes > 1:
         feats_t, labels_t, index_t = (accelerator.pad_across_processes(t, pad_index=-1) for t in
                                       (feats_t, labels_t, index_t))
@@ -63,6 +69,37 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, index: torch.Ten
     out = feats.new_empty(count + 1, feats.shape[1]).index_copy_(0, slot, feats)
     out_labels = labels.new_empty(count + 1).index_copy_(0, slot, labels)
     return out[:count], out_labels[:count]
+
+
+def gather_neighbours(accelerator) -> Merge | None:
+    """`knn_predict`'s merge across the processes (None on one): every rank's nearest neighbours
+    of a chunk of queries, side by side (one all-gather of the similarities, one of the labels)."""
+    if accelerator.num_processes == 1:
+        return None
+    world = accelerator.num_processes
+
+    def merge(sims: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for t in (sims, labels):
+            every = accelerator.gather(t.contiguous())  # (world x q, k), rank-major
+            out.append(every.view(world, -1, t.shape[1]).transpose(0, 1).reshape(t.shape[0], -1))
+        return out[0], out[1]
+
+    return merge
+
+
+def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator, ks: list[int],
+               temperature: float, progress: bool = False, what: str = "k-NN") -> tuple[dict[int, dict], int, int]:
+    """Top-1/top-5 for each k in `ks`, each rank holding only its share of the memory bank; and the
+    sizes of the bank and of the queries (whole splits)."""
+    bank_x, bank_y = embed(backbone, bank_loader, accelerator, progress, f"{what} memory bank".strip(),
+                           gather=False)
+    query_x, query_y = embed(backbone, query_loader, accelerator, progress, f"{what} queries".strip())
+    bank_size = sum(n for (n,) in per_process(accelerator, [len(bank_y)]))
+    merge = gather_neighbours(accelerator)
+    scores = {k: knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes),
+                              k=min(k, bank_size), temperature=temperature, merge=merge) for k in ks}
+    return scores, bank_size, len(query_y)
 
 
 def knn_loaders(backend: str, train_root: str, val_root: str, **common) -> tuple:
@@ -109,7 +146,6 @@ class OnlineKnn:
         bank, queries = split_size(self.bank), split_size(self.queries)
         self.accelerator.print(f"k-NN of {what} on {bank + queries} images ({bank} memory bank, {queries} queries): "
                                "extracting features...", flush=True)
-        bank_x, bank_y = embed(backbone, self.bank, self.accelerator, self.progress, "k-NN memory bank")
-        query_x, query_y = embed(backbone, self.queries, self.accelerator, self.progress, "k-NN queries")
-        return knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(self.bank.classes),
-                            k=self.k, temperature=self.temperature)
+        scores, _, _ = knn_scores(backbone, self.bank, self.queries, self.accelerator, [self.k], self.temperature,
+                                  self.progress)
+        return scores[self.k]
