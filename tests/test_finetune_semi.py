@@ -4,6 +4,7 @@ from a labelled subset, and names bad subset files (missing, empty, unmatched or
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,5 @@ def test_the_same_file_name_in_two_classes_is_ambiguous(tool, toy_run, tmp_path,
     with pytest.raises(EvalError, match="several class folders"):
         match_subset(["same.JPEG"], samples, str(root))
     assert match_subset(["b/same.JPEG"], samples, str(root)) == [samples[1]]
+    assert match_subset(["b/same.JPEG"], samples, str(root) + "/") == [samples[1]]  # however the root is spelled
+    assert match_subset(["b/same.JPEG"], samples, os.path.relpath(root)) == [samples[1]]
