@@ -62,3 +62,16 @@ def test_a_rank_without_images_still_gathers_the_split():
     for (feats, labels), _ in outs:  # every rank: the split's features and labels, in dataset order
         torch.testing.assert_close(feats, ref[[1, 2, 0]])
         assert labels.tolist() == [8, 9, 7]
+
+
+def test_gathered_rows_are_put_in_dataset_order_without_padding_or_gaps():
+    """Padding rows (index -1) dropped; indices with gaps (images the loader passed over) kept in order."""
+    from fastssl.eval.online import in_dataset_order
+
+    index = torch.tensor([5, -1, 2, 9, -1, 0])
+    feats = torch.arange(12.0).reshape(6, 2) + 100 * index[:, None]
+    labels = index * 10
+    got_feats, got_labels = in_dataset_order(feats, labels, index)
+    order = [5, 2, 0, 3]  # the rows holding dataset images 0, 2, 5, 9
+    torch.testing.assert_close(got_feats, feats[order])
+    assert got_labels.tolist() == labels[order].tolist() == [0, 20, 50, 90]

@@ -85,11 +85,12 @@ def knn_predict(
     Features are L2-normalised here (callers need not), so similarity is
     cosine.  Queries are processed ``chunk_size`` at a time so the Q x N
     similarity matrix never has to fit in memory at once (256 x an ImageNet
-    bank: 1.3 GB in float32); results do not depend on ``chunk_size``.  ``k`` larger than the bank is clamped to the
-    bank size.  Scores are in the dtype of the (promoted) features, on their
-    device.  With ``merge``, the training features are this process's shard of the
-    bank (possibly empty), ``k`` is at most the whole bank's size, and every process
-    passes the same queries.
+    bank: 1.3 GB in float32); results do not depend on ``chunk_size``.
+    ``k`` larger than the bank is clamped to the bank size.  Scores are in the
+    dtype of the (promoted) features, on their device.  With ``merge``, the
+    training features are this process's shard of the bank (possibly empty),
+    ``k`` is at most the whole bank's size, and every process passes the same
+    queries.
     """
     _validate(train_features, train_labels, query_features, num_classes, k, temperature, chunk_size,
               sharded=merge is not None)

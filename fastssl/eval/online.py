@@ -59,13 +59,16 @@ def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bo
 
 
 def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(features, labels) with row i holding dataset image i; rows of index -1 (padding) dropped.
+    """(features, labels) in ascending dataset index; rows of index -1 (padding) dropped. Indices may
+    have gaps (unreadable images the loader passed over).
 
     One copy of the features (written in place), where masking then sorting made two: at ImageNet
     scale each is 10.5 GB on every GPU."""
     keep = index >= 0
-    count = int(keep.sum())
-    slot = torch.where(keep, index, count)  # padding rows all land in one spare row, cut off below
+    present = index[keep].sort().values
+    count = present.numel()
+    # each row's place among the present indices; padding rows all land in one spare row, cut off below
+    slot = torch.where(keep, torch.searchsorted(present, index.clamp_min(0)), count)
     out = feats.new_empty(count + 1, feats.shape[1]).index_copy_(0, slot, feats)
     out_labels = labels.new_empty(count + 1).index_copy_(0, slot, labels)
     return out[:count], out_labels[:count]
