@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_loader_class(args.loader)  # a missing DALI fails here, before any work
         accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.
-        # Under `accelerate launch` each process embeds its share of a split; `embed` gathers them.
+        # Under `accelerate launch` each process embeds its share of each split; the queries are gathered,
+        # the memory bank stays sharded (fastssl.eval.online.knn_scores).
         bank_loader, query_loader = knn_loaders(args.loader, found["train"], found["val"], size=found["size"],
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                                 device=accelerator.device, interpolation=found["interpolation"],
