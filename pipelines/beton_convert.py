@@ -245,7 +245,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
             raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped); "
                                   "nothing to write")
         estimate = check_space(good, out, max_resolution=max_resolution, write_mode=write_mode,
-                    compress_probability=compress_probability, num_workers=min(workers, len(good)))
+                               compress_probability=compress_probability, num_workers=min(workers, len(good)))
         fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                              jpeg_quality=jpeg_quality, compress_probability=compress_probability),
                   LABEL_FIELD: IntField()}

@@ -48,9 +48,9 @@ def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bo
     feats_t = torch.cat(feats) if feats else torch.zeros(0, backbone.feature_dim, device=accelerator.device)
     del feats  # an ImageNet bank is 1.28M x 2048 floats (10.5 GB): no copy of it lives longer than it must
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     if not gather:
         return feats_t, labels_t
+    index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     if accelerator.num_processes > 1:
         feats_t, labels_t, index_t = (accelerator.pad_across_processes(t, pad_index=-1) for t in
                                       (feats_t, labels_t, index_t))
