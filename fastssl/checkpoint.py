@@ -185,9 +185,10 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
         f"backup, or start a new run with another --train.run_dir (or delete {path.name} to start this one afresh)")
 
 
-def _load(path: Path):
+def _load(path: Path, mmap: bool = False):
+    """`path`'s object; `mmap`: tensors are mapped, not read, so only what is used is read from disk."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, ImportError,
             pickle.UnpicklingError) as err:  # torch's zip reader raises RuntimeError on a cut file
         raise _unreadable(path, err) from err
@@ -231,11 +232,12 @@ def resolve_resume(resume: bool | str, run_dir: Path) -> bool:
 
 
 def saved_config(run_dir: Path) -> dict | None:
-    """The config stored in the run's checkpoint; None when there is no checkpoint."""
+    """The config stored in the run's checkpoint; None when there is no checkpoint. The weights
+    and optimizer state are mapped, not read (hundreds of MB per process, read again to resume)."""
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    ckpt = _load(path)
+    ckpt = _load(path, mmap=True)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise _unreadable(path, KeyError("config"))
     return ckpt["config"]

@@ -119,6 +119,10 @@ class TrainConfig:
     log_every: int = 10  # steps between CSV/TensorBoard rows
     checkpoint_every: int = 1  # epochs between resumable checkpoints
     progress: bool = True  # progress bars (epochs, k-NN) on the main process
+    # minutes a process waits in a collective (gradient all-reduce, barrier) for the others before the
+    # run fails; generous by default, since the first step waits for every process's CUDA build and
+    # torch.compile (NCCL's own default is 10)
+    collective_timeout_min: float = 30.0
 
 
 @dataclass
@@ -394,6 +398,8 @@ def config_errors(cfg: Config) -> list[str]:
         e.append("train.micro_batch_size: must be >= 0 (0 = no gradient accumulation)")
     if t.precision not in ("auto", "bf16", "fp16", "no"):
         e.append(f"train.precision: unknown {t.precision!r}; choose auto, bf16, fp16 or no")
+    if not t.collective_timeout_min > 0:
+        e.append(f"train.collective_timeout_min must be > 0 minutes, got {t.collective_timeout_min}")
     if t.steps_per_epoch < 0 or t.log_every < 1 or t.checkpoint_every < 1:
         e.append("train.steps_per_epoch must be >= 0, log_every and checkpoint_every >= 1")
     if not t.run_dir:

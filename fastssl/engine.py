@@ -61,7 +61,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     validate(cfg, accelerator.num_processes)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
-    loader = pipelines.build_train_loader(loader_spec(cfg, accelerator, workers))
+    loader = build_loader(cfg, accelerator, workers)
     # A queue longer than the data fails here, before any output.
     objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
     knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
@@ -226,6 +226,22 @@ def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
         num_workers=workers, device=accelerator.device, channels_last=cfg.train.channels_last,
         dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32))
+
+
+def build_loader(cfg: Config, accelerator, workers: int):
+    """This process's training loader. The main process says what it lists before listing it (on
+    network storage ImageNet's 1.28M files take a minute or more, silent otherwise), then what it found."""
+    lists = cfg.data.backend in ("torchvision", "dali")  # a folder or a .txt list (ffcv: a .beton's header)
+    if lists:
+        accelerator.print(f"listing the training images in {cfg.data.train} ...")
+    start = time.monotonic()
+    loader = pipelines.build_train_loader(loader_spec(cfg, accelerator, workers))
+    took = f" (listed in {time.monotonic() - start:.1f} s)" if lists else ""
+    images, world = getattr(loader, "num_images", None), accelerator.num_processes
+    accelerator.print(f"{cfg.data.backend}: " + (f"{images:,} training images, " if images is not None else "")
+                      + f"{len(loader):,} steps per epoch of {cfg.train.global_batch_size} images "
+                      f"({world} process{'es' if world > 1 else ''}){took}")
+    return loader
 
 
 def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:

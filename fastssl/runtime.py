@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import random
 import signal
+from datetime import timedelta
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from fastssl.config import TrainConfig
 
@@ -46,8 +48,9 @@ def has_native_bf16(gpu: int) -> bool:
 def build_accelerator(train: TrainConfig) -> Accelerator:
     """The Accelerator that owns processes, devices and autocast for this run."""
     use_cpu = train.cpu or not torch.cuda.is_available()
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=train.collective_timeout_min))
     return Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(train.precision, not use_cpu),
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False, kwargs_handlers=[timeout])
 
 
 def seed_everything(seed: int, rank: int) -> None:

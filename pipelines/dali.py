@@ -47,7 +47,7 @@ from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import photometric, uniform
 from pipelines.folder import scan_source
-from pipelines.images import (free_dropped_pipelines, next_readable, placement, read_unless_bad,
+from pipelines.images import (ReadAhead, free_dropped_pipelines, next_readable, placement, read_unless_bad,
                              run_retiring_bad_files)
 from pipelines.sampler import ShardedLoader, batch_seed
 from pipelines.spec import LoaderSpec
@@ -61,23 +61,29 @@ class _ShardSource:
 
     Each file is screened before DALI sees it; a bad file is replaced by the next good
     image in dataset order (as the torchvision reference does), and the bad files each
-    batch passed over are recorded (`passed_over`) for the loader to count.
+    batch passed over are recorded (`passed_over`) for the loader to count. Files are read
+    by a thread pool a batch ahead of DALI (`ReadAhead`); `close` stops it.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], batches: list[list[int]], bad: dict[int, str]):
+    def __init__(self, samples: list[tuple[str, int]], batches: list[list[int]], bad: dict[int, str],
+                 read_threads: int):
         self.samples, self.batches, self.bad = samples, batches, bad
         self.sent: list[list[int]] = []  # dataset indices handed to DALI, per batch (it prefetches ahead)
         self.passed_over: list[set[int]] = []  # per batch sent: the bad files replaced in it
+        size = max(map(len, batches), default=1)  # read two batches ahead, a batch's share per thread and task
+        self._reads = ReadAhead(self._read_slot, (i for batch in batches for i in batch), depth=2 * size,
+                                threads=read_threads, chunk=-(-size // read_threads))
 
     def __iter__(self) -> "_ShardSource":
         return self
 
     def __next__(self):
         if len(self.sent) >= len(self.batches):
+            self.close()
             raise StopIteration
         blobs, index, label, passed_over = [], [], [], set()
-        for i in self.batches[len(self.sent)]:
-            data, j, passed = next_readable(self.samples, i, self._read)
+        for _ in self.batches[len(self.sent)]:
+            data, j, passed = next(self._reads)
             passed_over.update(passed)
             blobs.append(data)
             index.append(np.array([j], dtype=np.int64))
@@ -85,6 +91,12 @@ class _ShardSource:
         self.sent.append([int(i[0]) for i in index])
         self.passed_over.append(passed_over)
         return blobs, index, label
+
+    def close(self) -> None:
+        self._reads.close()
+
+    def _read_slot(self, i: int) -> tuple[np.ndarray, int, list[int]]:
+        return next_readable(self.samples, i, self._read)
 
     def _read(self, i: int) -> np.ndarray | None:
         return read_unless_bad(self.samples, self.bad, i)
@@ -257,10 +269,16 @@ class DaliLoader(ShardedLoader):
         done = 0  # batches delivered: a failed pass restarts at batch `done`
         met: set[int] = set()  # bad files met this epoch: each counts once (MultiCropBatch.num_skipped)
         live: DALIGenericIterator | None = None  # the pass's iterator: `state_dict` checkpoints it
+        current: _ShardSource | None = None  # the pass's source: its reader threads stop with the pass
 
         def new_source() -> _ShardSource | None:
+            nonlocal current
             self._live = None  # a new pass (or the epoch's end): no iterator to checkpoint yet
-            return _ShardSource(self.samples, batches[done:], self.bad) if done < len(batches) else None
+            if current is not None:
+                current.close()
+            current = (_ShardSource(self.samples, batches[done:], self.bad, self.spec.data.dali_read_threads)
+                       if done < len(batches) else None)
+            return current
 
         def decode(source: _ShardSource) -> DALIGenericIterator:
             nonlocal live
@@ -285,6 +303,8 @@ class DaliLoader(ShardedLoader):
             ended = True
             raise
         finally:
+            if current is not None:
+                current.close()
             if ended:  # the epoch's pipeline is garbage now: freed before anything forks
                 live = self._live = None
                 free_dropped_pipelines()

@@ -32,7 +32,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
 from pipelines.dali_decoder import dali_interp, decoder_args
-from pipelines.images import free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
+from pipelines.images import ReadAhead, free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import rank_share
 from pipelines.spec import DataConfig
 
@@ -44,14 +44,17 @@ class _EvalSource:
 
     Screens each file before DALI sees it and drops a bad one (with a warning); batches
     are filled with good images, so only the last one is short. `ends[b]` is the position
-    in `order` after batch b, which is where a pass restarts after a decode failure.
+    in `order` after batch b, which is where a pass restarts after a decode failure. Files
+    are read by a thread pool a batch ahead (`ReadAhead`); `close` stops it.
     """
 
     def __init__(self, samples: list[tuple[str, int]], order: list[int], start: int, batch_size: int,
-                 bad: dict[int, str]):
-        self.samples, self.order, self.pos, self.batch_size, self.bad = samples, order, start, batch_size, bad
+                 bad: dict[int, str], read_threads: int):
+        self.samples, self.pos, self.batch_size, self.bad = samples, start, batch_size, bad
         self.sent: list[list[int]] = []  # dataset indices handed to DALI, per batch (it prefetches ahead)
         self.ends: list[int] = []
+        self._reads = ReadAhead(self._read, order[start:], depth=2 * batch_size, threads=read_threads,
+                                chunk=-(-batch_size // read_threads))
         self.pending = self._next_batch()  # read ahead, so an all-bad shard builds no pipeline
 
     def __iter__(self) -> "_EvalSource":
@@ -60,6 +63,7 @@ class _EvalSource:
     def __next__(self):
         batch, self.pending = self.pending, None
         if batch is None or not batch[0]:
+            self.close()
             raise StopIteration
         self.pending = self._next_batch()
         blobs, index, end = batch
@@ -72,12 +76,20 @@ class _EvalSource:
     def empty(self) -> bool:
         return self.pending is None or not self.pending[0]
 
+    def close(self) -> None:
+        self._reads.close()
+
+    def _read(self, i: int) -> tuple[int, np.ndarray | None]:
+        return i, read_unless_bad(self.samples, self.bad, i)
+
     def _next_batch(self) -> tuple[list[np.ndarray], list[int], int]:
         blobs, index = [], []
-        while len(blobs) < self.batch_size and self.pos < len(self.order):
-            i = self.order[self.pos]
+        while len(blobs) < self.batch_size:
+            got = next(self._reads, None)
+            if got is None:
+                break
+            i, data = got
             self.pos += 1
-            data = read_unless_bad(self.samples, self.bad, i)
             if data is not None:
                 blobs.append(data)
                 index.append(i)
@@ -169,9 +181,15 @@ class DaliEvalLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         start = 0  # position in `indices` after the last batch delivered: a failed pass restarts there
 
+        current: _EvalSource | None = None  # the pass's source: its reader threads stop with the pass
+
         def new_source() -> _EvalSource | None:
-            source = _EvalSource(self.samples, self.indices, start, self.batch_size, self.bad)
-            return None if source.empty else source
+            nonlocal current
+            if current is not None:
+                current.close()
+            current = _EvalSource(self.samples, self.indices, start, self.batch_size, self.bad,
+                                  self.data.dali_read_threads)
+            return None if current.empty else current
 
         def deliver(source: _EvalSource, k: int, out):
             nonlocal start
@@ -180,7 +198,9 @@ class DaliEvalLoader:
 
         try:
             yield from run_retiring_bad_files(self.samples, self.bad, new_source, self._iterator, deliver)
-        finally:  # the pass's pipeline is garbage now: freed before anything forks
+        finally:  # the pass's readers stop, and its pipeline is garbage now: freed before anything forks
+            if current is not None:
+                current.close()
             free_dropped_pipelines()
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

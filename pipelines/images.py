@@ -12,6 +12,8 @@
   inside an otherwise whole file decodes to wrong pixels, which is harmless for training.
 * Bad-file screening: `read_screened` (bytes that pass the sniff), `next_readable` (a bad
   training image is replaced by the next good one, at most `MAX_REPLACEMENTS` in a row).
+* Reading ahead (`ReadAhead`): a DALI source's files are read by a thread pool, a batch or
+  two ahead of DALI, since one thread's open+read latency caps a loader on network storage.
 * Decoders that die on a bad file (DALI): `run_retiring_bad_files` runs a pass, and when
   it fails traces the failure to its files with PIL, retires them and restarts the pass
   after the last batch delivered; `placement` says where such a decoder runs;
@@ -21,9 +23,13 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -48,6 +54,7 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND"
 MIN_BYTES = 32
+_BAD_FILE_LOCK = threading.Lock()  # readers in several threads record (and warn about) a bad file once
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -105,8 +112,10 @@ def read_unless_bad(samples: list[tuple[str, int]], bad: dict[int, str], i: int)
     path = samples[i][0]
     data, reason = read_screened(path)
     if data is None:
-        bad[i] = reason
-        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
+        with _BAD_FILE_LOCK:
+            if i not in bad:
+                bad[i] = reason
+                warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
     return data
 
 
@@ -127,6 +136,73 @@ def next_readable(samples: list[tuple[str, int]], index: int, read: Callable[[in
         passed.append(i)
     raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row near {samples[index][0]}; "
                        "is the data corrupt?")
+
+
+class ReadAhead(Iterator[T]):
+    """`read(item)` for each of `items` in order, run by `threads` threads, `chunk` items per task,
+    up to `depth` items ahead of the consumer.
+
+    Why: on a network filesystem each open+read waits ~0.5-1 ms (more on object-storage
+    mounts), so one reader tops out near 1,000-2,000 files/s per process, below what a GPU
+    decodes; several in flight hide that latency. The reads release the GIL (numpy.fromfile). A
+    task reads several files (a batch's share per thread), since a task per file costs more CPU
+    time than reading a file from the page cache. Measured (tools/bench_file_reads.py,
+    docs/benchmarks.md): threads cost CPU time when the files are in the page cache and
+    multiply files/s when each open waits.
+
+    The results, and any exception `read` raises (re-raised at its item), are those of reading
+    one by one; only when the reads happen differs. `close` (also at the end or a failure) stops the threads
+    and drops the reads not yet consumed; call it when a pass stops early, so no idle reader
+    thread outlives the pass. With `threads` <= 1 it reads one by one in the caller's thread.
+    """
+
+    def __init__(self, read: Callable[[Any], T], items: Iterable[Any], depth: int, threads: int, chunk: int = 1):
+        self._read, self._items, self._chunk = read, iter(items), max(1, chunk)
+        self._tasks_ahead = max(1, depth // self._chunk)
+        self._pool = (ThreadPoolExecutor(threads, thread_name_prefix="fastssl-read") if threads > 1 else None)
+        self._ahead: deque[Future] = deque()  # tasks: each reads `chunk` items
+        self._done: deque[tuple[bool, Any]] = deque()  # the oldest task's outcomes not yet consumed
+
+    def __next__(self) -> T:
+        if self._pool is None:
+            return self._read(next(self._items))
+        if not self._done:
+            self._refill()
+            if not self._ahead:
+                self.close()
+                raise StopIteration
+            self._done.extend(self._ahead.popleft().result())
+        ok, value = self._done.popleft()
+        if not ok:
+            self.close()
+            raise value
+        return value
+
+    def _refill(self) -> None:
+        while len(self._ahead) < self._tasks_ahead:
+            items = list(itertools.islice(self._items, self._chunk))
+            if not items:
+                return
+            self._ahead.append(self._pool.submit(self._read_all, items))
+
+    def _read_all(self, items: list[Any]) -> list[tuple[bool, Any]]:
+        """(True, result) per item, up to the first that raises: (False, its exception)."""
+        out = []
+        for item in items:
+            try:
+                out.append((True, self._read(item)))
+            except Exception as err:  # re-raised in the consumer, at this item
+                out.append((False, err))
+                break
+        return out
+
+    def close(self) -> None:
+        self._ahead.clear()
+        self._done.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._items = iter(())
 
 
 def find_bad_files(samples: list[tuple[str, int]], indices: Iterable[int]) -> dict[int, str]:

@@ -63,6 +63,7 @@ class DataConfig:
     synthetic_classes: int = 1000  # labels of the synthetic backend's images
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
     dali_cpu_fast: bool = True  # DALI on CPU: bilinear crops, fast IDCT, numba photometric steps (False: the GPU graph)
+    dali_read_threads: int = 8  # DALI: files read at once, up to two batches ahead (network storage; 1 = one by one)
     device_augment: bool = False  # torchvision: workers only crop; flip/colour/blur/solarize run batched on the device
     ffcv_order: str = "sampler"  # FFCV: sampler (the order every backend shares) | random | quasi_random | sequential
     ffcv_os_cache: bool = True  # FFCV: page-cache reads (True) or FFCV's process cache (False)
@@ -82,6 +83,8 @@ class DataConfig:
                        "folders; pass --data.knn_train /path/to/imagenet/train, or drop --data.val")
         if self.ffcv_order not in ORDERS:
             out.append(f"ffcv_order: unknown {self.ffcv_order!r}; choose {', '.join(ORDERS[:-1])} or {ORDERS[-1]}")
+        if self.dali_read_threads < 1:
+            out.append(f"dali_read_threads: at least 1 (1 reads one file at a time), got {self.dali_read_threads}")
         if not 0 <= self.dali_hw_decoder_load <= 1:
             out.append(f"dali_hw_decoder_load: a share must lie in [0, 1], got {self.dali_hw_decoder_load}")
         return out

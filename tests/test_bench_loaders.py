@@ -37,3 +37,22 @@ def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
         bench.main(["--data", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="batches per epoch, need"):
         bench.main(["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "16", "--batches", "5"])
+
+
+@pytest.mark.skipif(not _importable("nvidia.dali"), reason="DALI is not installed")
+def test_file_reads_are_measured_per_thread_count_and_bad_input_exits_2(image_folder, tmp_path, capsys):
+    """tools/bench_file_reads.py: every file of the folder read once per repetition and thread count."""
+    bench = load_tool("bench_file_reads")
+    out = tmp_path / "reads.json"
+    report = bench.main(["--data", str(image_folder), "--threads", "1,3", "--batch-size", "4", "--repeats", "2",
+                         "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(report)) and set(written["threads"]) == {"1", "3"}
+    assert written["config"]["files"] == 18  # the whole folder: fewer than --files
+    for r in written["threads"].values():
+        assert len(r["runs"]) == 2 and r["min"] <= r["files_per_s"] <= r["max"] and r["files_per_s"] > 0
+    for args, needle in ((["--threads", "1,x"], "comma-separated whole numbers"),
+                         (["--data", str(tmp_path / "missing")], "does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(args)
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err

@@ -44,9 +44,12 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_run_writes_every_output(tmp_path):
+def test_run_writes_every_output(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     results = train(cfg)
+    said = capsys.readouterr().out  # what it lists, before listing it (minutes on network storage), then the count
+    assert f"listing the training images in {cfg.data.train} ...\ntorchvision: 24 training images, 3 steps per " \
+           "epoch of 8 images (1 process) (listed in " in said
     run = Path(cfg.train.run_dir)
     for name in ("config.json", "checkpoint.pt", "backbone_resnet18.pth", "results.json", "train_log.csv",
                  "epochs.csv"):
@@ -143,10 +146,10 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, objective_args):
     """With the critic, equal losses after the resume also prove the key queue was restored."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    # uninterrupted reference
+    # the uninterrupted reference, run beside the one that is killed with SIGTERM once the first
+    # epoch is in its log and then resumed (side by side: the suite's 2 cores spend much of each
+    # run importing, one thread each)
     ref = launch(a, "--train.run_dir", str(a / "run"), *objective_args)
-    assert ref.wait(timeout=600) == 0, ref.stdout.read()
-    # killed with SIGTERM once the first epoch is in the log, then resumed
     proc = launch(b, "--train.run_dir", str(b / "run"), *objective_args)
     epochs_csv = b / "run" / "epochs.csv"
     deadline = time.time() + 600
@@ -160,6 +163,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, objective_args):
     assert 3 <= stopped_at < 15
     resumed = launch(b, "--train.run_dir", str(b / "run"), "--resume", *objective_args)
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
 
     ref_steps, got_steps = read_csv(a / "run" / "train_log.csv"), read_csv(b / "run" / "train_log.csv")
     assert [r["step"] for r in got_steps] == [r["step"] for r in ref_steps]
@@ -180,6 +184,7 @@ ACCELERATE_2PROC = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_pr
 DIST_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
+    import torch
     import torch.distributed as dist
     from fastssl.cli import run
     from fastssl.config import Config
@@ -190,7 +195,9 @@ DIST_SCRIPT = textwrap.dedent("""
     cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress = 1, 8, False
     cfg.optim.warmup_epochs = 0
     run(cfg, sys.argv[1:])
-    Path(f"rank{dist.get_rank()}.json").write_text(json.dumps({"world": dist.get_world_size()}))
+    gloo = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    Path(f"rank{dist.get_rank()}.json").write_text(json.dumps({"world": dist.get_world_size(),
+                                                               "timeout_s": gloo.options._timeout.total_seconds()}))
 """)
 
 
@@ -201,10 +208,11 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     script.write_text(DIST_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     ok = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run"),
-                         *objective_args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                         "--train.collective_timeout_min", "7.5", *objective_args], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    for rank in (0, 1):  # both processes ran in one world of 2
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"world": 2}
+    for rank in (0, 1):  # both processes ran in one world of 2, whose collectives wait 7.5 minutes
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"world": 2, "timeout_s": 450.0}
     # 32 images, global batch 8 (4 per process): 4 steps in the one epoch
     steps = read_csv(tmp_path / "run" / "train_log.csv")
     assert [r["step"] for r in steps] == ["4"]

@@ -135,6 +135,23 @@ def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys
     assert code == 2 and err.startswith(f"error: {path} is corrupt or truncated") and "Traceback" not in err
 
 
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts this process's reads in /proc/self/io")
+def test_reading_the_saved_config_does_not_read_the_weights(tmp_path):
+    """A resume checks the saved config before it loads the checkpoint: mapping the tensors keeps
+    that check from reading every process's copy of the weights a second time."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"config": {"train": {"epochs": 3}}, "student": {"w": torch.randn(4_000_000)}},
+               run_dir / "checkpoint.pt")  # 16 MB of weights
+
+    def bytes_read() -> int:
+        return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+    before = bytes_read()
+    assert ckpt.saved_config(run_dir) == {"train": {"epochs": 3}}
+    assert bytes_read() - before < 2**20
+
+
 def test_corrupt_rng_file_is_named(tmp_path):
     cfg = quick_config(tmp_path, epochs=1)
     engine.train(cfg)

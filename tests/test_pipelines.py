@@ -161,6 +161,63 @@ def test_dali_augmentations_repeat_from_the_seed_whatever_the_threads(image_fold
     assert not torch.equal(runs[0][0].views[2], runs[0][0].views[3])  # the views do differ
 
 
+def test_read_ahead_gives_one_by_one_results_from_concurrent_reads():
+    """`ReadAhead`: results and a read's exception arrive in item order, as reading one by one gives
+    them, while up to `depth` reads run at once (the barrier breaks unless 4 wait together)."""
+    import threading
+    import time
+
+    from pipelines.images import ReadAhead
+
+    together = threading.Barrier(4, timeout=30)
+    rng = np.random.default_rng(0)
+    delays = rng.uniform(0, 0.004, size=60)
+
+    def read(i: int) -> int:
+        if i < 4:
+            together.wait()  # BrokenBarrierError (raised at item 0) unless 4 reads are in flight at once
+        time.sleep(delays[i])  # uneven: later items often finish first
+        if i == 50:
+            raise ValueError("item 50")
+        return i * i
+
+    reads = ReadAhead(read, range(60), depth=8, threads=8)  # a task per item: the first 4 meet at the barrier
+    got = [next(reads) for _ in range(50)]
+    assert got == [i * i for i in range(50)]
+    with pytest.raises(ValueError, match="item 50"):
+        next(reads)
+    assert not any(t.name.startswith("fastssl-read") for t in threading.enumerate())  # closed by the failure
+    for chunk in (3, 7):  # several items per task, the failure inside one
+        together = threading.Barrier(1)
+        reads = ReadAhead(read, range(60), depth=14, threads=4, chunk=chunk)
+        assert [next(reads) for _ in range(50)] == [i * i for i in range(50)]
+        with pytest.raises(ValueError, match="item 50"):
+            next(reads)
+    one_by_one = ReadAhead(lambda i: i + 1, range(5), depth=8, threads=1)
+    assert list(one_by_one) == [1, 2, 3, 4, 5]
+
+
+@requires_dali
+@pytest.mark.parametrize("stop_early", [False, True], ids=["whole-epoch", "stopped-mid-epoch"])
+def test_dali_reader_threads_end_with_the_pass(image_folder, stop_early):
+    """The DALI source's reader threads stop when its pass ends or is stopped, so none is left
+    running when a later DataLoader forks its workers (or the process exits)."""
+    import threading
+
+    def readers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("fastssl-read")]
+
+    loader = build_train_loader(spec_for(image_folder, backend="dali", batch_size=2))
+    it = iter(loader)
+    next(it)
+    assert readers()  # reading ahead while the pass runs
+    if stop_early:
+        it.close()
+    else:
+        assert len(list(it)) == len(loader) - 1
+    assert readers() == []
+
+
 @requires_ffcv
 def test_ffcv_epoch_thread_stops_when_the_caller_stops_early(image_folder):
     """FFCV's epoch thread outliving its epoch made processes abort at exit (code 134)."""
