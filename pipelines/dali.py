@@ -62,7 +62,7 @@ class _ShardSource:
     Each file is screened before DALI sees it; a bad file is replaced by the next good
     image in dataset order (as the torchvision reference does), and the bad files each
     batch passed over are recorded (`passed_over`) for the loader to count. Files are read
-    by a thread pool a batch ahead of DALI (`ReadAhead`); `close` stops it.
+    by a thread pool up to two batches ahead of DALI (`ReadAhead`); `close` stops it.
     """
 
     def __init__(self, samples: list[tuple[str, int]], batches: list[list[int]], bad: dict[int, str],

@@ -45,7 +45,7 @@ class _EvalSource:
     Screens each file before DALI sees it and drops a bad one (with a warning); batches
     are filled with good images, so only the last one is short. `ends[b]` is the position
     in `order` after batch b, which is where a pass restarts after a decode failure. Files
-    are read by a thread pool a batch ahead (`ReadAhead`); `close` stops it.
+    are read by a thread pool up to two batches ahead (`ReadAhead`); `close` stops it.
     """
 
     def __init__(self, samples: list[tuple[str, int]], order: list[int], start: int, batch_size: int,
@@ -180,7 +180,6 @@ class DaliEvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         start = 0  # position in `indices` after the last batch delivered: a failed pass restarts there
-
         current: _EvalSource | None = None  # the pass's source: its reader threads stop with the pass
 
         def new_source() -> _EvalSource | None:

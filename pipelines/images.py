@@ -151,9 +151,10 @@ class ReadAhead(Iterator[T]):
     multiply files/s when each open waits.
 
     The results, and any exception `read` raises (re-raised at its item), are those of reading
-    one by one; only when the reads happen differs. `close` (also at the end or a failure) stops the threads
-    and drops the reads not yet consumed; call it when a pass stops early, so no idle reader
-    thread outlives the pass. With `threads` <= 1 it reads one by one in the caller's thread.
+    one by one; only when the reads happen differs. `close` (also at the end, or at a failure)
+    stops the threads and drops the reads not yet consumed; call it when a pass stops early, so
+    no idle reader thread outlives the pass. With `threads` <= 1 it reads one by one in the
+    caller's thread.
     """
 
     def __init__(self, read: Callable[[Any], T], items: Iterable[Any], depth: int, threads: int, chunk: int = 1):

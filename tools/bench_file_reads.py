@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["files_per_s"] = r.pop("images_per_s")
         print(f"{t:>7s} {r['files_per_s']:10.0f} {r['min']:10.0f} {r['max']:10.0f} {r['files_per_s'] / first:9.2f}")
     report = {"threads": results,
-              "config": {"data": args.data, "files": len(order), "batch_size": args.batch_size, "repeats": args.repeats},
+              "config": {"data": args.data, "files": len(order), "batch_size": args.batch_size,
+                         "repeats": args.repeats},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "date": utc_now()}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
