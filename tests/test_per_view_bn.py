@@ -214,3 +214,36 @@ def test_two_processes_use_global_per_view_statistics(device):
     for name, p in plain.named_parameters():
         summed = outs[0]["grads"][name] + outs[1]["grads"][name]
         assert (summed - p.grad).abs().max() <= 1e-9 * p.grad.abs().max() + 1e-30, name
+
+
+def _sync_bn_step(rank: int, world_size: int, views: list[torch.Tensor], device: str):
+    on = on_device(device)
+    net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(twin_networks(2)[1].double()).to(on)
+    half = views[0].shape[0] // world_size
+    logits = net([v[rank * half:(rank + 1) * half].to(on) for v in views])
+    sum(lg.square().sum() for lg in logits).backward()
+    synced = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules())
+    return {"logits": [lg.detach() for lg in logits], "synced": synced,
+            "grads": {n: p.grad for n, p in net.named_parameters()}}
+
+
+@requires_gloo
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
+def test_sync_batchnorm_per_forward_pools_every_processes_rows():
+    """`--model.bn_stats per_forward` on CUDA with several processes: the engine turns the
+    student's BatchNorm into SyncBatchNorm (engine.build_networks), so each forward's statistics
+    pool its views' rows on every process, as one process with the whole batch would. Two ranks
+    on GPU 0 over gloo (SyncBatchNorm runs only on CUDA), float64, against one process."""
+    views = [v.double() for v in make_views(16, seed=5)]
+    outs = run_distributed(_sync_bn_step, world_size=2, args=(views, "cuda"), timeout=240)
+    plain = twin_networks(2)[1].double()
+    ref = plain(views)
+    sum(lg.square().sum() for lg in ref).backward()
+    for rank, out in enumerate(outs):
+        assert out["synced"] == sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+        for got, whole in zip(out["logits"], ref):
+            torch.testing.assert_close(got, whole[rank * 8:(rank + 1) * 8].detach(), rtol=1e-9, atol=1e-9)
+    for name, p in plain.named_parameters():  # each rank's gradient of its rows' loss: they sum to the whole's
+        summed = outs[0]["grads"][name] + outs[1]["grads"][name]
+        assert (summed - p.grad).abs().max() <= 1e-8 * p.grad.abs().max() + 1e-30, name
