@@ -360,3 +360,20 @@ def test_float64_on_cuda_keeps_the_reference(fused):
     x = torch.randn(16, 30, device="cuda", dtype=torch.float64)
     got, = mira_assign_views([x], num_iters=5)
     assert got.dtype == torch.float64 and _cuda_ext.status()["fused_calls"] == before
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_the_kernel_passes_its_self_check_in_a_separate_process(fused):
+    """What `fused_for` runs before any launch in the training process: the child loads the route
+    (from the build this process made), checks it against float64 and exits 0; the verdict is
+    kept for the machine's next processes."""
+    from fastssl.ops import _nvrtc
+
+    route = "nvrtc" if isinstance(fused, _nvrtc.NvrtcFused) else "nvcc"
+    for kept in (_cuda_ext.cache_root() / "self_checks").glob(f"{route}_*.json"):
+        kept.unlink()  # so that the child runs now
+    start = time.monotonic()
+    assert _cuda_ext._self_check_in_child(route, 0) is None
+    print(f"{route}: the self-check in a separate process took {time.monotonic() - start:.1f} s")
+    assert len(list((_cuda_ext.cache_root() / "self_checks").glob(f"{route}_*.json"))) == 1

@@ -12,12 +12,23 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
+import sys
 import warnings
 
 import pytest
 import torch
 
 from fastssl.ops import _cuda_ext, _nvrtc
+
+
+def _nvrtc_here() -> str | None:
+    """Why NVRTC and the driver bindings cannot be had here, or None when they can."""
+    try:
+        _nvrtc.nvrtc_version()
+        _nvrtc._bindings("driver")
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def nvrtc_or_skip() -> tuple[int, int]:
@@ -141,10 +152,12 @@ class FakeKernel:
 
 @pytest.fixture
 def chain(monkeypatch):
-    """_cuda_ext with fake routes: `loads` and `checks` say which load and pass their self-check."""
+    """_cuda_ext with fake routes: `loads` and `checks` say which load and pass their self-check
+    (`child_checks`: the one in a separate process, which runs first)."""
     _cuda_ext._reset_for_tests()
     monkeypatch.delenv("FASTSSL_FUSED_MIRA", raising=False)
-    cfg = {"loads": {"nvrtc": True, "nvcc": True}, "checks": {"nvrtc": True, "nvcc": True}, "tried": []}
+    cfg = {"loads": {"nvrtc": True, "nvcc": True}, "checks": {"nvrtc": True, "nvcc": True},
+           "child_checks": {"nvrtc": True, "nvcc": True}, "tried": [], "checked_here": []}
 
     def load_route(route: str, verbose: bool):
         cfg["tried"].append(route)
@@ -153,10 +166,15 @@ def chain(monkeypatch):
         return FakeKernel(route)
 
     def self_check(module, device):
+        cfg["checked_here"].append(module.route)
         return None if cfg["checks"][module.route] else f"self-check on {device} failed: {module.route} wrong"
+
+    def child_check(route, index):
+        return None if cfg["child_checks"][route] else f"the {route} kernel's self-check ... killed by SIGABRT"
 
     monkeypatch.setattr(_cuda_ext, "_load_route", load_route)
     monkeypatch.setattr(_cuda_ext, "_self_check", self_check)
+    monkeypatch.setattr(_cuda_ext, "_self_check_in_child", child_check)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA runtime here
     yield cfg
     _cuda_ext._reset_for_tests()
@@ -207,6 +225,15 @@ def test_a_failed_self_check_moves_to_the_next_route(chain):
     assert "nvrtc wrong" in _cuda_ext.status()["route_reasons"]["nvrtc"]
 
 
+def test_a_route_that_fails_in_the_child_never_runs_here(chain):
+    """A kernel that faults in the separate check is never launched in the training process
+    (whose CUDA context the fault would poison); the next route is checked both ways."""
+    chain["child_checks"]["nvrtc"] = False
+    got, msgs = run_chain()
+    assert got.route == "nvcc" and chain["checked_here"] == ["nvcc"]
+    assert len(msgs) == 1 and "killed by SIGABRT" in msgs[0], msgs
+
+
 def test_the_reference_when_no_route_works(chain):
     chain["checks"]["nvrtc"] = False
     chain["loads"]["nvcc"] = False
@@ -222,6 +249,67 @@ def test_the_environment_can_name_one_route(chain, monkeypatch, only):
     chain["loads"] = {"nvrtc": only == "nvrtc", "nvcc": only == "nvcc"}
     got, msgs = run_chain()
     assert got.route == only and chain["tried"] == [only] and len(msgs) == 1
+
+
+# ------------------------------------------------------------ the self-check's separate process, CPU
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_childs_verdict_is_kept_and_names_what_failed(tmp_path):
+    from fastssl.ops._child_check import verdict_in_child
+
+    passed, failed = tmp_path / "pass.json", tmp_path / "fail.json"
+    assert verdict_in_child(python("pass"), passed, timeout=60) is None
+    assert verdict_in_child(python("raise SystemExit(3)"), passed, timeout=60) is None  # kept: not run again
+    wrong = python("import sys; print('max abs error 0.5', file=sys.stderr); sys.exit(1)")
+    first = verdict_in_child(wrong, failed, timeout=60, what="the nvrtc kernel's self-check")
+    assert first.startswith("the nvrtc kernel's self-check in a separate process failed (exit 1): max abs error 0.5")
+    assert f"kept in {failed}: delete it to check again" in first
+    assert verdict_in_child(python("pass"), failed, timeout=60) == first
+    failed.unlink()
+    assert verdict_in_child(python("pass"), failed, timeout=60) is None
+
+
+def test_a_child_that_dies_or_hangs_fails_and_one_that_cannot_start_decides_nothing(tmp_path):
+    from fastssl.ops._child_check import verdict_in_child
+
+    died = verdict_in_child(python("import os; os.abort()"), tmp_path / "abort.json", timeout=60)
+    assert "failed (killed by SIGABRT)" in died
+    hung = verdict_in_child(python("import time; time.sleep(60)"), tmp_path / "hang.json", timeout=1)
+    assert "did not finish within 1 s" in hung and not (tmp_path / "hang.json").exists()  # not kept
+    assert verdict_in_child([str(tmp_path / "no-such-python")], tmp_path / "none.json", timeout=60) is None
+    assert not (tmp_path / "none.json").exists()
+
+
+def test_the_processes_of_a_machine_share_one_child(tmp_path):
+    """The first process runs the child; the others wait on the lock and read its verdict."""
+    import threading
+
+    from fastssl.ops._child_check import verdict_in_child
+
+    runs = tmp_path / "runs.txt"
+    argv = python(f"import time; open({str(runs)!r}, 'a').write('run\\n'); time.sleep(0.5)")
+    got = []
+    callers = [threading.Thread(target=lambda: got.append(verdict_in_child(argv, tmp_path / "v.json", 60)))
+               for _ in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert got == [None, None, None] and runs.read_text() == "run\n"
+
+
+def test_the_self_check_child_imports_this_checkout_and_runs_the_route(tmp_path, monkeypatch):
+    """The real child command: here (no GPU) loading the NVRTC route fails, and says why."""
+    monkeypatch.setenv("FASTSSL_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.chdir(tmp_path)  # the child finds fastssl through PYTHONPATH, not the working folder
+    failure = _cuda_ext._self_check_in_child("nvrtc", 0)
+    assert "the nvrtc kernel's self-check in a separate process failed (exit 1): RuntimeError: " in failure, failure
+    assert ("no CUDA device is visible" in failure) == (_nvrtc_here() is None), failure  # else: why no NVRTC
+    assert len(list((tmp_path / "self_checks").glob("nvrtc_*.json"))) == 1
 
 
 # ---------------------------------------------------------------------- the launcher, CPU

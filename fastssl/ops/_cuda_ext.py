@@ -9,6 +9,10 @@ route works; on every rank when one was passed over or none works):
 A route that cannot be had, or whose self-check on the device fails, passes to the next.
 ``FASTSSL_FUSED_MIRA`` = ``nvrtc`` or ``nvcc`` allows only that route, ``0`` none.
 
+The self-check runs first in a separate process (`fastssl.ops._child_check`, once per machine
+and kernel version, its verdict kept beside the builds), then in this one: a kernel that faults
+would poison this process's CUDA context, leaving no reference to fall back to.
+
 Why JIT: the kernel is one .cu file and the package ships as pure Python; building on first
 CUDA use with `torch.utils.cpp_extension.load` matches whatever torch/CUDA the user has. The
 build is cached under ``$FASTSSL_EXT_DIR`` (default ``~/.cache/fastssl/torch_extensions/<torch
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -47,6 +52,7 @@ ENV_DISABLE = "FASTSSL_FUSED_MIRA"
 ENV_DIR = "FASTSSL_EXT_DIR"
 CUDA_FLAGS = ("-O3",)
 SELF_CHECK_TOL = 1e-4
+CHILD_CHECK_TIMEOUT_S = 300.0  # the child loads the build this process just made (or compiles NVRTC's again)
 
 _lock = threading.RLock()
 _state: dict[str, Any] = {}
@@ -243,6 +249,36 @@ def _self_check(module: Any, device: torch.device) -> Optional[str]:
     return None
 
 
+def _self_check_in_child(route: str, index: int) -> Optional[str]:
+    """`_self_check` of `route` on cuda:`index`, run in a separate process (kept per machine): None
+    when it passed, else why not, e.g. the child was killed by the CUDA error a faulting kernel raises."""
+    h = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS, Path(__file__).with_name("_nvrtc.py")):
+        h.update(path.read_bytes())
+    h.update(f"{route}|{torch.__version__}|{torch.version.cuda}|{torch.cuda.get_device_name(index)}|"
+             f"{torch.cuda.get_device_capability(index)}".encode())
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-c", "import sys; from fastssl.ops._cuda_ext import _self_check_main; "
+            "sys.exit(_self_check_main(sys.argv[1], int(sys.argv[2])))", route, str(index)]
+    from ._child_check import verdict_in_child
+
+    return verdict_in_child(argv, cache_root() / "self_checks" / f"{route}_{h.hexdigest()[:16]}.json",
+                            CHILD_CHECK_TIMEOUT_S, env, what=f"the {route} kernel's self-check")
+
+
+def _self_check_main(route: str, index: int) -> int:
+    """The separate self-check process: 0 when `route`'s kernel agrees with the reference on cuda:`index`."""
+    device = torch.device("cuda", index)
+    with torch.no_grad():
+        failure = _self_check(_load_route(route, verbose=False), device)
+    torch.cuda.synchronize(device)  # a fault surfaces here at the latest
+    if failure:
+        print(failure, file=sys.stderr)
+        return 1
+    return 0
+
+
 def _is_rank_zero() -> bool:
     """Whether this process is the job's first (torchrun / accelerate set RANK; a lone process is)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -253,8 +289,9 @@ def _is_rank_zero() -> bool:
 def fused_for(device: torch.device) -> Optional[Any]:
     """The kernel if a route loads and passes its self-check on `device` (checked on first use).
 
-    A failed self-check moves on to the next route (and checks that one); the first passing
-    route is named in one warning, so a user sees which kernel runs.
+    A failed self-check (in a separate process first, then here) moves on to the next route (and
+    checks that one); the first passing route is named in one warning, so a user sees which
+    kernel runs.
     """
     if load_fused() is None:
         return None
@@ -265,11 +302,13 @@ def fused_for(device: torch.device) -> Optional[Any]:
             if verdict is None:
                 if torch.cuda.is_current_stream_capturing():
                     return None  # cannot synchronise inside a CUDA graph capture; check later
-                with torch.no_grad():
-                    try:
-                        failure = _self_check(_state["module"], torch.device("cuda", index))
-                    except Exception as exc:  # e.g. a launch error on an unsupported device
-                        failure = f"self-check on cuda:{index} raised {type(exc).__name__}: {exc}"
+                failure = _self_check_in_child(_state["route"], index)  # a fault there costs only the child
+                if failure is None:
+                    with torch.no_grad():
+                        try:
+                            failure = _self_check(_state["module"], torch.device("cuda", index))
+                        except Exception as exc:  # e.g. a launch error on an unsupported device
+                            failure = f"self-check on cuda:{index} raised {type(exc).__name__}: {exc}"
                 verdict = failure is None
                 _state["checked"][index] = verdict
                 if failure:
