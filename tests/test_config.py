@@ -61,6 +61,8 @@ def test_unknown_field_suggests_close_names():
     ("critic.shuffle_bn_splits", 0, "must be >= 1"),
     ("critic.shuffle_bn", True, "only for method.objective mlcpc"),
     ("optim.cosine_per", "iter", "choose epoch or step"),
+    ("data.dali_read_threads", 0, "dali_read_threads: at least 1"),
+    ("train.collective_timeout_min", 0.0, "collective_timeout_min must be > 0 minutes"),
 ])
 def test_invalid_values_are_named(field, value, needle):
     cfg = valid()
