@@ -186,11 +186,14 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
 
 
 def _load(path: Path, mmap: bool = False):
-    """`path`'s object; `mmap`: tensors are mapped, not read, so only what is used is read from disk."""
+    """`path`'s object; `mmap`: tensors are mapped, not read, so only what is used is read from disk
+    (where mapping fails, e.g. on a mount that cannot map files, it is read whole instead)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, ImportError,
             pickle.UnpicklingError) as err:  # torch's zip reader raises RuntimeError on a cut file
+        if mmap:
+            return _load(path)
         raise _unreadable(path, err) from err
 
 

@@ -48,9 +48,21 @@ def has_native_bf16(gpu: int) -> bool:
 def build_accelerator(train: TrainConfig) -> Accelerator:
     """The Accelerator that owns processes, devices and autocast for this run."""
     use_cpu = train.cpu or not torch.cuda.is_available()
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=train.collective_timeout_min))
     return Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(train.precision, not use_cpu),
-                       step_scheduler_with_optimizer=False, kwargs_handlers=[timeout])
+                       step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[process_group_timeout(train.collective_timeout_min)])
+
+
+def process_group_timeout(minutes: float) -> InitProcessGroupKwargs:
+    """Accelerate's process-group settings with this collective timeout, whatever its value.
+
+    Accelerate passes on only the fields that differ from the class's defaults, and its default
+    timeout is 10 minutes (NCCL's): 10 would be left out, and gloo would wait its own 30. This
+    handler always passes the timeout (it must stay an `InitProcessGroupKwargs`: Accelerate
+    looks handlers up by their exact class)."""
+    handler = InitProcessGroupKwargs(timeout=timedelta(minutes=minutes))
+    handler.to_kwargs = lambda: {"timeout": handler.timeout}
+    return handler
 
 
 def seed_everything(seed: int, rank: int) -> None:

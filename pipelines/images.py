@@ -203,7 +203,7 @@ class ReadAhead(Iterator[T]):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-            self._items = iter(())
+        self._items = iter(())
 
 
 def find_bad_files(samples: list[tuple[str, int]], indices: Iterable[int]) -> dict[int, str]:

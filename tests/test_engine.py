@@ -229,6 +229,16 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     assert "not divisible by the 2 processes" in bad.stderr
 
 
+@pytest.mark.parametrize("minutes", [10.0, 30.0, 0.5])
+def test_the_collective_timeout_reaches_the_process_group_whatever_its_value(minutes):
+    """Accelerate drops handler fields equal to its defaults (10 minutes): ours always passes."""
+    from datetime import timedelta
+
+    from fastssl.runtime import process_group_timeout
+
+    assert process_group_timeout(minutes).to_kwargs() == {"timeout": timedelta(minutes=minutes)}
+
+
 def test_micro_batches_split_rows():
     from fastssl.method import micro_batches
 

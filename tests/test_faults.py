@@ -152,6 +152,17 @@ def test_reading_the_saved_config_does_not_read_the_weights(tmp_path):
     assert bytes_read() - before < 2**20
 
 
+def test_a_checkpoint_that_cannot_be_mapped_is_read_whole(tmp_path):
+    """torch's legacy (non-zip) format cannot be mapped: it is a good checkpoint all the same."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"config": {"train": {"epochs": 2}}, "student": {"w": torch.ones(3)}}, run_dir / "checkpoint.pt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError):
+        torch.load(run_dir / "checkpoint.pt", mmap=True, weights_only=False)
+    assert ckpt.saved_config(run_dir) == {"train": {"epochs": 2}}
+
+
 def test_corrupt_rng_file_is_named(tmp_path):
     cfg = quick_config(tmp_path, epochs=1)
     engine.train(cfg)

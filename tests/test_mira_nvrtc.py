@@ -271,15 +271,17 @@ def test_a_childs_verdict_is_kept_and_names_what_failed(tmp_path):
     assert verdict_in_child(python("pass"), failed, timeout=60) is None
 
 
-def test_a_child_that_dies_or_hangs_fails_and_one_that_cannot_start_decides_nothing(tmp_path):
-    from fastssl.ops._child_check import verdict_in_child
+def test_a_child_that_dies_or_hangs_fails_and_one_that_cannot_check_decides_nothing(tmp_path):
+    from fastssl.ops._child_check import INCONCLUSIVE_EXIT, verdict_in_child
 
     died = verdict_in_child(python("import os; os.abort()"), tmp_path / "abort.json", timeout=60)
     assert "failed (killed by SIGABRT)" in died
     hung = verdict_in_child(python("import time; time.sleep(60)"), tmp_path / "hang.json", timeout=1)
-    assert "did not finish within 1 s" in hung and not (tmp_path / "hang.json").exists()  # not kept
+    assert "did not finish within 1 s" in hung and (tmp_path / "hang.json").exists()  # every process would hang
     assert verdict_in_child([str(tmp_path / "no-such-python")], tmp_path / "none.json", timeout=60) is None
-    assert not (tmp_path / "none.json").exists()
+    cannot = python(f"raise SystemExit({INCONCLUSIVE_EXIT})")  # e.g. no device for a second process
+    assert verdict_in_child(cannot, tmp_path / "cannot.json", timeout=60) is None
+    assert not (tmp_path / "none.json").exists() and not (tmp_path / "cannot.json").exists()
 
 
 def test_the_processes_of_a_machine_share_one_child(tmp_path):
@@ -300,16 +302,31 @@ def test_the_processes_of_a_machine_share_one_child(tmp_path):
     assert got == [None, None, None] and runs.read_text() == "run\n"
 
 
-def test_the_self_check_child_imports_this_checkout_and_runs_the_route(tmp_path, monkeypatch):
-    """The real child command: here (no GPU) loading the NVRTC route fails, and says why."""
+def test_the_self_check_child_imports_this_checkout_and_says_when_it_cannot_check(tmp_path, monkeypatch):
+    """The real child command, with no GPU visible to it: it runs this checkout's entry point, which
+    finds no device and exits INCONCLUSIVE_EXIT, so no verdict is kept (the in-process check decides)."""
+    import subprocess
+
+    from fastssl.ops._child_check import INCONCLUSIVE_EXIT
+
     monkeypatch.setenv("FASTSSL_EXT_DIR", str(tmp_path))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the child's view, also on a GPU machine
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
     monkeypatch.chdir(tmp_path)  # the child finds fastssl through PYTHONPATH, not the working folder
-    failure = _cuda_ext._self_check_in_child("nvrtc", 0)
-    assert "the nvrtc kernel's self-check in a separate process failed (exit 1): RuntimeError: " in failure, failure
-    assert ("no CUDA device is visible" in failure) == (_nvrtc_here() is None), failure  # else: why no NVRTC
-    assert len(list((tmp_path / "self_checks").glob("nvrtc_*.json"))) == 1
+    children = []
+    real_run = subprocess.run
+
+    def run(*args, **kwargs):
+        children.append(real_run(*args, **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert _cuda_ext._self_check_in_child("nvrtc", 0) is None
+    (child,) = children
+    assert child.returncode == INCONCLUSIVE_EXIT, child.stderr
+    assert "could not run the self-check here: RuntimeError: " in child.stderr, child.stderr  # no driver/device
+    assert not (tmp_path / "self_checks").exists() or not list((tmp_path / "self_checks").glob("*.json"))
 
 
 # ---------------------------------------------------------------------- the launcher, CPU

@@ -41,7 +41,7 @@ VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}),  # the GPU's D
             # the share of JPEGs nvJPEG's hardware decoder takes on a GPU ("dali" itself: 0.65)
             "dali-hw0": ("dali", {"dali_hw_decoder_load": 0.0}),
             "dali-hw1": ("dali", {"dali_hw_decoder_load": 1.0}),
-            # every file read one by one in the training thread (the default: 16 at once, a batch ahead)
+            # every file read one by one in the training thread (the default: 8 at once, two batches ahead)
             "dali-read1": ("dali", {"dali_read_threads": 1})}
 DEFAULT_DATA = "data/demo/train"
 

@@ -1,4 +1,4 @@
-"""A check run in a separate process, once per machine, its verdict kept on disk.
+"""A check run in a separate process, once, its verdict kept on disk.
 
 Why: a CUDA kernel that faults (an illegal address, a launch failure) poisons the CUDA context
 of the process that ran it, so a self-check run in the training process could not fall back to
@@ -6,9 +6,9 @@ the reference afterwards; the run would die instead. Run first in a child proces
 costs only the child, and the training process never launches a kernel that failed there.
 
 The verdict is cached in a JSON file named after everything that could change it (the caller
-builds the name), so the child runs once per kernel version and machine, not once per process
-and run; a file lock makes the processes of one machine wait for the first one's child
-instead of all starting their own.
+builds the name: the kernel build, the GPU model, the driver), so the child runs once for
+them, not once per process and run; a file lock makes the processes of a machine (or of the
+machines sharing the cache) wait for the first one's child instead of all starting their own.
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ from typing import Optional
 __all__ = ["verdict_in_child"]
 
 
+INCONCLUSIVE_EXIT = 3  # the child could not run the check (no device, no kernel): no verdict
+
+
 def verdict_in_child(argv: list[str], verdict_file: Path, timeout: float, env: Optional[dict] = None,
                      what: str = "the check") -> Optional[str]:
     """None when `argv` exits 0, else why not (its exit status and last stderr line), from
     `verdict_file` when an earlier process wrote it.
 
-    A child that cannot be started gives None and no verdict is kept (the caller's own
-    in-process check then decides, as it would without this); nor is a timeout kept (the
-    machine may have been busy); with an unwritable cache folder the child runs in every
-    process and nothing is kept.
+    Kept: a pass, a failure, a death by signal and a timeout (a kernel that hangs would hang in
+    every process). Not kept, and None (the caller's own in-process check then decides, as it
+    would without this): a child that cannot be started, or that exits `INCONCLUSIVE_EXIT`
+    because it could not run the check here (e.g. a GPU in exclusive-process mode). With an
+    unwritable cache folder the child runs in every process and nothing is kept.
     """
     try:
         verdict_file.parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +53,6 @@ def verdict_in_child(argv: list[str], verdict_file: Path, timeout: float, env: O
         started, failure = _run(argv, timeout, env, what)
         if not started:
             return None
-        if failure is not None and "did not finish" in failure:  # a busy machine, maybe: not kept
-            return failure
         if failure is not None:
             failure += f" (kept in {verdict_file}: delete it to check again)"
         _write(verdict_file, {"failure": failure})
@@ -58,12 +60,14 @@ def verdict_in_child(argv: list[str], verdict_file: Path, timeout: float, env: O
 
 
 def _run(argv: list[str], timeout: float, env: Optional[dict], what: str) -> tuple[bool, Optional[str]]:
-    """(whether the child started, why it failed or None)."""
+    """(whether the child started and ran the check, why it failed or None)."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return True, f"{what} in a separate process did not finish within {timeout:.0f} s"
     except OSError:
+        return False, None
+    if proc.returncode == INCONCLUSIVE_EXIT:
         return False, None
     if proc.returncode == 0:
         return True, None

@@ -9,9 +9,9 @@ route works; on every rank when one was passed over or none works):
 A route that cannot be had, or whose self-check on the device fails, passes to the next.
 ``FASTSSL_FUSED_MIRA`` = ``nvrtc`` or ``nvcc`` allows only that route, ``0`` none.
 
-The self-check runs first in a separate process (`fastssl.ops._child_check`, once per machine
-and kernel version, its verdict kept beside the builds), then in this one: a kernel that faults
-would poison this process's CUDA context, leaving no reference to fall back to.
+The self-check runs first in a separate process (`fastssl.ops._child_check`, once per kernel
+build, GPU model and driver, its verdict kept beside the builds), then in this one: a kernel
+that faults would poison this process's CUDA context, leaving no reference to fall back to.
 
 Why JIT: the kernel is one .cu file and the package ships as pure Python; building on first
 CUDA use with `torch.utils.cpp_extension.load` matches whatever torch/CUDA the user has. The
@@ -52,7 +52,7 @@ ENV_DISABLE = "FASTSSL_FUSED_MIRA"
 ENV_DIR = "FASTSSL_EXT_DIR"
 CUDA_FLAGS = ("-O3",)
 SELF_CHECK_TOL = 1e-4
-CHILD_CHECK_TIMEOUT_S = 300.0  # the child loads the build this process just made (or compiles NVRTC's again)
+CHILD_CHECK_TIMEOUT_S = 180.0  # the child loads the build (or NVRTC's cached cubin) this process just made
 
 _lock = threading.RLock()
 _state: dict[str, Any] = {}
@@ -250,28 +250,56 @@ def _self_check(module: Any, device: torch.device) -> Optional[str]:
 
 
 def _self_check_in_child(route: str, index: int) -> Optional[str]:
-    """`_self_check` of `route` on cuda:`index`, run in a separate process (kept per machine): None
-    when it passed, else why not, e.g. the child was killed by the CUDA error a faulting kernel raises."""
+    """`_self_check` of `route` on cuda:`index`, run in a separate process: None when it passed (or
+    could not be run there: then the in-process check decides), else why not, e.g. the child was
+    killed by the CUDA error a faulting kernel raises. The verdict is kept per kernel build, GPU
+    model and driver, so one process of a machine (or of a cluster sharing the cache) runs it."""
+    from ._child_check import verdict_in_child
+    from .mira_fused import __file__ as reference
+
     h = hashlib.sha256()
-    for path in (*SOURCES, *HEADERS, Path(__file__).with_name("_nvrtc.py")):
+    for path in (*SOURCES, *HEADERS, Path(__file__).with_name("_nvrtc.py"), Path(reference)):
         h.update(path.read_bytes())
+    nvcc = nvcc_path() if route == "nvcc" else None
     h.update(f"{route}|{torch.__version__}|{torch.version.cuda}|{torch.cuda.get_device_name(index)}|"
-             f"{torch.cuda.get_device_capability(index)}".encode())
+             f"{torch.cuda.get_device_capability(index)}|{_driver_version()}|{CUDA_FLAGS}|{SELF_CHECK_TOL}|"
+             f"{nvcc}|{nvcc.stat().st_mtime_ns if nvcc else ''}".encode())
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-c", "import sys; from fastssl.ops._cuda_ext import _self_check_main; "
+    isolated = ["-P"] if sys.version_info >= (3, 11) else []  # not a fastssl/ of the working folder
+    argv = [sys.executable, *isolated, "-c", "import sys; from fastssl.ops._cuda_ext import _self_check_main; "
             "sys.exit(_self_check_main(sys.argv[1], int(sys.argv[2])))", route, str(index)]
-    from ._child_check import verdict_in_child
-
     return verdict_in_child(argv, cache_root() / "self_checks" / f"{route}_{h.hexdigest()[:16]}.json",
                             CHILD_CHECK_TIMEOUT_S, env, what=f"the {route} kernel's self-check")
 
 
+def _driver_version() -> int:
+    """The CUDA driver's version (e.g. 13000), 0 when it cannot be read: part of a verdict's key."""
+    import ctypes
+
+    try:
+        version = ctypes.c_int(0)
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return version.value
+    except (OSError, AttributeError):
+        return 0
+
+
 def _self_check_main(route: str, index: int) -> int:
-    """The separate self-check process: 0 when `route`'s kernel agrees with the reference on cuda:`index`."""
+    """The separate self-check process: 0 when `route`'s kernel agrees with the reference on cuda:`index`,
+    1 when it does not (or raises, or faults), `INCONCLUSIVE_EXIT` when the device or the route cannot
+    be had here, which says nothing about the kernel."""
+    from ._child_check import INCONCLUSIVE_EXIT
+
     device = torch.device("cuda", index)
+    try:
+        torch.empty(1, device=device)
+        module = _load_route(route, verbose=False)
+    except Exception as exc:
+        print(f"could not run the self-check here: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return INCONCLUSIVE_EXIT
     with torch.no_grad():
-        failure = _self_check(_load_route(route, verbose=False), device)
+        failure = _self_check(module, device)
     torch.cuda.synchronize(device)  # a fault surfaces here at the latest
     if failure:
         print(failure, file=sys.stderr)
@@ -302,7 +330,10 @@ def fused_for(device: torch.device) -> Optional[Any]:
             if verdict is None:
                 if torch.cuda.is_current_stream_capturing():
                     return None  # cannot synchronise inside a CUDA graph capture; check later
-                failure = _self_check_in_child(_state["route"], index)  # a fault there costs only the child
+                try:  # a fault there costs only the child
+                    failure = _self_check_in_child(_state["route"], index)
+                except Exception:  # the separate check itself broke: the in-process one decides
+                    failure = None
                 if failure is None:
                     with torch.no_grad():
                         try:
