@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["verdict_in_child"]
+__all__ = ["INCONCLUSIVE_EXIT", "verdict_in_child"]
 
 
 INCONCLUSIVE_EXIT = 3  # the child could not run the check (no device, no kernel): no verdict
