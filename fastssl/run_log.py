@@ -86,8 +86,10 @@ class RunLog:
 
 
 def write_json(path: Path, data: dict, sort_keys: bool = True) -> None:
-    """Write JSON atomically: a reader (a run report, --compare) never sees a half-written file."""
+    """Write JSON atomically: a reader (a run report, --compare) never sees a half-written file.
+    The folder is made when missing (a tool's `--json out/run.json`)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
     tmp.replace(path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipelines.processes import describe_exit
+
 # --------------------------------------------------------------------------- writing (the converter's workers)
 #
 # Why the workers are started by a fork server and never forked from the caller:
@@ -189,17 +191,6 @@ def _write_worker(errors, work_fn, args) -> None:
         raise SystemExit(1) from None
 
 
-def _describe_exit(code: int) -> str:
-    import signal
-
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
 def _raise_if_failed(procs: list, errors, what: str) -> None:
     """Raise WorkerError if a worker reported an error or died; return otherwise."""
     import queue
@@ -214,7 +205,7 @@ def _raise_if_failed(procs: list, errors, what: str) -> None:
             message, errno = errors.get(timeout=1.0)
         except queue.Empty:
             p = dead[0]
-            raise WorkerError(f"{what} worker (PID {p.pid}) died: {_describe_exit(p.exitcode)}") from None
+            raise WorkerError(f"{what} worker (PID {p.pid}) died: {describe_exit(p.exitcode)}") from None
     raise WorkerError(f"{what} worker failed: {message}", errno)
 
 
@@ -321,7 +312,7 @@ def write_beton(path: str | Path, fields: dict, dataset, *, num_workers: int, ch
                 p.join(timeout=0.2)
         dead = [p for p in procs if p.exitcode not in (None, 0)]
         if dead and not isinstance(err, WorkerError):
-            raise WorkerError(f"writing worker (PID {dead[0].pid}) died: {_describe_exit(dead[0].exitcode)}") from err
+            raise WorkerError(f"writing worker (PID {dead[0].pid}) died: {describe_exit(dead[0].exitcode)}") from err
         raise
     finally:
         for p in procs:

@@ -264,7 +264,7 @@ def test_a_childs_verdict_is_kept_and_names_what_failed(tmp_path):
     assert verdict_in_child(python("raise SystemExit(3)"), passed, timeout=60) is None  # kept: not run again
     wrong = python("import sys; print('max abs error 0.5', file=sys.stderr); sys.exit(1)")
     first = verdict_in_child(wrong, failed, timeout=60, what="the nvrtc kernel's self-check")
-    assert first.startswith("the nvrtc kernel's self-check in a separate process failed (exit 1): max abs error 0.5")
+    assert first.startswith("the nvrtc kernel's self-check in a separate process failed (exit status 1): max abs error 0.5")
     assert f"kept in {failed}: delete it to check again" in first
     assert verdict_in_child(python("pass"), failed, timeout=60) == first
     failed.unlink()

@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
                          "repeats": args.repeats},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "date": utc_now()}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.json), report, sort_keys=False)
         print(f"wrote {args.json}")
     return report

@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> dict:
         "date": utc_now(),
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.json), report, sort_keys=False)
         print(f"wrote {args.json}")
     return report

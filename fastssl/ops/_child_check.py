@@ -20,6 +20,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from pipelines.processes import describe_exit
+
 __all__ = ["INCONCLUSIVE_EXIT", "verdict_in_child"]
 
 
@@ -71,18 +73,7 @@ def _run(argv: list[str], timeout: float, env: Optional[dict], what: str) -> tup
         return False, None
     if proc.returncode == 0:
         return True, None
-    return True, f"{what} in a separate process failed ({_status(proc.returncode)}): {_last_line(proc.stderr)}"
-
-
-def _status(returncode: int) -> str:
-    if returncode < 0:
-        import signal
-
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit {returncode}"
+    return True, f"{what} in a separate process failed ({describe_exit(proc.returncode)}): {_last_line(proc.stderr)}"
 
 
 def _last_line(text: str) -> str:
