@@ -124,6 +124,35 @@ def test_accuracy_values() -> None:
     assert acc == {"top1": 75.0, "top5": 100.0}
 
 
+def _brute_force_accuracy(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    hits = order == labels[:, None]
+    return {"top1": 100.0 * hits[:, 0].sum() / len(labels), "top5": 100.0 * hits.any(axis=1).sum() / len(labels)}
+
+
+def test_one_search_scores_every_k(monkeypatch) -> None:
+    """knn_accuracies searches the bank once for the largest k and scores each k from its first k
+    neighbours: the same accuracies as the float64 brute force per k (k past the bank: the bank)."""
+    import fastssl.eval.knn as knn
+
+    g = torch.Generator().manual_seed(5)
+    train, queries = torch.randn(90, 6, generator=g, dtype=torch.float64), torch.randn(41, 6, generator=g, dtype=torch.float64)
+    ytr, yq = torch.randint(0, 7, (90,), generator=g), torch.randint(0, 7, (41,), generator=g)
+    searches = []
+    real = knn._nearest
+    monkeypatch.setattr(knn, "_nearest", lambda *a: searches.append(a[3]) or real(*a))
+    ks = (1, 4, 20, 500)
+    got = knn.knn_accuracies(train, ytr, queries, yq, 7, ks=ks, temperature=0.1, chunk_size=16)
+    assert searches == [90]  # one search, for the largest k clamped to the bank
+    for k in ks:
+        scores = _brute_force(train.numpy(), ytr.numpy(), queries.numpy(), 7, k, 0.1)
+        want = _brute_force_accuracy(scores, yq.numpy())
+        assert got[k]["top1"] == pytest.approx(want["top1"]), k
+        if ((scores > 0).sum(axis=1) >= 5).all():  # else the top 5 holds tied zero scores, in any order
+            assert got[k]["top5"] == pytest.approx(want["top5"]), k
+    assert len({got[k]["top1"] for k in ks}) > 1  # the ks do differ on this data
+
+
 def test_empty_queries_give_empty_scores() -> None:
     scores = knn_predict(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.zeros(0, 3), 2)
     assert scores.shape == (0, 2)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from fastssl.eval.knn import Merge, knn_accuracy
+from fastssl.eval.knn import Merge, knn_accuracies
 from fastssl.runtime import per_process
 from pipelines.augment import EVAL_INTERPOLATION
 from pipelines.eval import build_eval_loader
@@ -100,9 +100,10 @@ def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator
     query_x, query_y = embed(backbone, query_loader, accelerator, progress, f"{what} queries".strip())
     bank_size = sum(n for (n,) in per_process(accelerator, [len(bank_y)]))
     merge = gather_neighbours(accelerator)
-    scores = {k: knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes),
-                              k=min(k, bank_size), temperature=temperature, merge=merge) for k in ks}
-    return scores, bank_size, len(query_y)
+    clamped = {k: min(k, bank_size) for k in ks}
+    found = knn_accuracies(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes),
+                           ks=sorted(set(clamped.values())), temperature=temperature, merge=merge)
+    return {k: found[clamped[k]] for k in ks}, bank_size, len(query_y)
 
 
 def knn_loaders(backend: str, train_root: str, val_root: str, **common) -> tuple:
