@@ -66,8 +66,9 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
                  user_errors: tuple[type[BaseException], ...]) -> dict:
     """The flow every trainer's command line shares: parse, `--help`, `check` the config,
     `--print-config` (printed by `dump`), then `start(cfg, resume, command)`; a `user_errors`
-    exception is bad input and exits 2 with one line, no traceback. A run a stop signal ended
-    early (results["interrupted"], after its checkpoint) exits 128 + the signal's number."""
+    exception is bad input and exits 2 with one line, no traceback. After `start` returns, the
+    processes leave together (`runtime.end_process_group`). A run a stop signal ended early
+    (results["interrupted"], after its checkpoint) exits 128 + the signal's number."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or sys.argv[0]
     try:
@@ -82,6 +83,9 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
         results = start(cfg, flags["resume"], ["python", prog, *argv])
     except user_errors as err:
         exit_with(err)
+    from fastssl.runtime import end_process_group
+
+    end_process_group()
     if "interrupted" in results:  # checkpointed: 128 + the signal's number (SIGTERM 143, SIGUSR1 138)
         from fastssl.runtime import stop_exit_code
 

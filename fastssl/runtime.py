@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -148,6 +149,49 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     mine = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(mine, reduction="sum").item() > 0)
+
+
+END_BARRIER_TIMEOUT_S = 120.0  # how long a finished process waits for the others
+
+
+def end_process_group() -> None:
+    """At the clean end of a run (or of a stop with its checkpoint): wait for every process, then
+    release the process group. Nothing to do on one process.
+
+    Why: a process that exits while a peer is still in the last collective aborts that peer
+    (gloo: "terminate called without an active exception"), and NCCL warns at every exit whose
+    group was not destroyed. The wait is a count in the group's key-value store, on the CPU,
+    not a collective: an NCCL barrier cannot be given up, so a peer killed after the last
+    collective would hold the others for the collective timeout (30 minutes). Here they give up
+    after END_BARRIER_TIMEOUT_S and exit without releasing the group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world, rank = dist.get_world_size(), dist.get_rank()
+    deadline = time.monotonic() + END_BARRIER_TIMEOUT_S
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if not _all_counted(store, "fastssl/end/arrived", world, deadline):
+            return
+        # The store lives in rank 0's process (torchrun: its agent's): rank 0 leaves last, so
+        # no rank is still counting when it goes.
+        if not _all_counted(store, "fastssl/end/read", world if rank == 0 else 0, deadline):
+            return
+    except (RuntimeError, OSError):  # the store is gone: a peer has already exited
+        return
+    dist.destroy_process_group()
+
+
+def _all_counted(store, key: str, expected: int, deadline: float) -> bool:
+    """Add this process to `key`'s count, then wait (until `deadline`) for it to reach `expected`."""
+    count = store.add(key, 1)
+    while count < expected:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+        count = store.add(key, 0)
+    return True
 
 
 def stop_exit_code(signal_name: str) -> int:

@@ -292,13 +292,33 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: Sequence[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tiny_synthetic_recipe(epochs: int, after: str = "") -> str:
+# Launcher tests' recipes run this first: when the run releases its process group at its end, each
+# process writes rank<RANK>.json: the group's size and gloo timeout, and its launcher's variables.
+RECORD_THE_GROUP = """
+    import json, os
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    _destroy = dist.destroy_process_group
+
+    def _record_then_destroy(*args, **kwargs):
+        gloo = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        where = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK")}
+        Path(f"rank{dist.get_rank()}.json").write_text(json.dumps(
+            {"world": dist.get_world_size(), "timeout_s": gloo.options._timeout.total_seconds(), **where}))
+        _destroy(*args, **kwargs)
+
+    dist.destroy_process_group = _record_then_destroy
+"""
+
+
+def tiny_synthetic_recipe(epochs: int, after: str = "", before: str = "", log_every: int = 1) -> str:
     """A recipe file's text for launcher tests: a tiny MIRA run on synthetic data, from the command line.
 
     Why text: the launcher tests start it as `python FILE ...` through `accelerate launch`.
-    `after` is appended (code run once training has returned).
+    `before` runs first (e.g. RECORD_THE_GROUP); `after` once training has returned.
     """
-    return textwrap.dedent(f"""
+    return textwrap.dedent(before) + textwrap.dedent(f"""
         import sys
         from fastssl.cli import run
         from fastssl.config import Config
@@ -306,7 +326,8 @@ def tiny_synthetic_recipe(epochs: int, after: str = "") -> str:
         cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
         cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
         cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
-        cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress, cfg.train.log_every = {epochs}, 8, False, 1
+        cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress = {epochs}, 8, False
+        cfg.train.log_every = {log_every}
         cfg.optim.warmup_epochs = 0
         results = run(cfg, sys.argv[1:])
     """) + textwrap.dedent(after)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import data_path, make_image_folder, requires_dali, requires_ffcv
+from dist_utils import RECORD_THE_GROUP, tiny_synthetic_recipe
 from fastssl.config import Config, ConfigError, to_dict
 from fastssl.engine import train
 
@@ -181,23 +182,10 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, objective_args):
 ACCELERATE_2PROC = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no"]
 
-DIST_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    import torch
+# Ends by asserting what the run left: its process group released.
+DIST_SCRIPT = tiny_synthetic_recipe(epochs=1, before=RECORD_THE_GROUP, log_every=10, after="""
     import torch.distributed as dist
-    from fastssl.cli import run
-    from fastssl.config import Config
-    cfg = Config()
-    cfg.data.backend, cfg.data.synthetic_size = "synthetic", 32
-    cfg.model.arch, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.num_prototypes = "resnet18", 32, 16, 12
-    cfg.aug.global_size, cfg.aug.local_size, cfg.aug.num_local = 16, 8, 2
-    cfg.train.epochs, cfg.train.global_batch_size, cfg.train.progress = 1, 8, False
-    cfg.optim.warmup_epochs = 0
-    run(cfg, sys.argv[1:])
-    gloo = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
-    Path(f"rank{dist.get_rank()}.json").write_text(json.dumps({"world": dist.get_world_size(),
-                                                               "timeout_s": gloo.options._timeout.total_seconds()}))
+    assert not dist.is_initialized()
 """)
 
 
@@ -211,8 +199,9 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
                          "--train.collective_timeout_min", "7.5", *objective_args], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    for rank in (0, 1):  # both processes ran in one world of 2, whose collectives wait 7.5 minutes
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"world": 2, "timeout_s": 450.0}
+    for rank in (0, 1):  # both processes ran in one world of 2, whose collectives wait 7.5 minutes, then released it
+        group = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (group["world"], group["timeout_s"]) == (2, 450.0)
     # 32 images, global batch 8 (4 per process): 4 steps in the one epoch
     steps = read_csv(tmp_path / "run" / "train_log.csv")
     assert [r["step"] for r in steps] == ["4"]
@@ -237,6 +226,31 @@ def test_the_collective_timeout_reaches_the_process_group_whatever_its_value(min
     from fastssl.runtime import process_group_timeout
 
     assert process_group_timeout(minutes).to_kwargs() == {"timeout": timedelta(minutes=minutes)}
+
+
+def _leave(rank: int, world_size: int, absent_rank: int) -> tuple[bool, float]:
+    """Ends a trivial command line, except on `absent_rank`: (group still up, seconds it waited)."""
+    import torch.distributed as dist
+
+    from fastssl import runtime
+    from fastssl.cli import command_line
+
+    runtime.END_BARRIER_TIMEOUT_S = 0.5
+    started = time.monotonic()
+    if rank != absent_rank:
+        command_line(Config(), [], "recipes/x.py", check=lambda cfg: None, dump=str,
+                     start=lambda cfg, resume, command: {}, user_errors=())
+    return dist.is_initialized(), time.monotonic() - started
+
+
+def test_a_process_whose_peer_never_arrives_leaves_after_the_timeout():
+    """At a run's end each process waits for the others before releasing the process group
+    (the accelerate-launch test sees it released); a peer that never arrives (killed after the
+    last collective) is waited for END_BARRIER_TIMEOUT_S, not the collective timeout."""
+    from dist_utils import run_distributed
+
+    alone = run_distributed(_leave, world_size=2, args=(1,), timeout=120)
+    assert alone[0][0] and 0.5 <= alone[0][1] < 5  # rank 0 gave up after 0.5 s; its group is left to its exit
 
 
 def test_micro_batches_split_rows():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_utils import tiny_synthetic_recipe
+from dist_utils import RECORD_THE_GROUP, tiny_synthetic_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 240  # a run takes ~25 s on 2 loaded cores
@@ -32,13 +32,7 @@ DEADLINE_S = 240  # a run takes ~25 s on 2 loaded cores
 # README.md's multi-node command, as the test runs it (N = 2 machines, 1 process each, on CPU).
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
 
-SCRIPT = tiny_synthetic_recipe(epochs=1, after="""
-    import json, os
-    from pathlib import Path
-    import torch.distributed as dist
-    where = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK")}
-    Path(f"rank{dist.get_rank()}.json").write_text(json.dumps({"world": dist.get_world_size(), **where}))
-""")
+SCRIPT = tiny_synthetic_recipe(epochs=1, before=RECORD_THE_GROUP)
 
 
 def free_port() -> int:

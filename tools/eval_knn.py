@@ -29,7 +29,7 @@ from fastssl.eval.errors import EvalError
 from fastssl.eval.online import knn_loaders, knn_scores
 from fastssl.eval.targets import resolve_target
 from fastssl.run_log import utc_now, write_json
-from fastssl.runtime import pick_device
+from fastssl.runtime import end_process_group, pick_device
 from pipelines.eval import EvalBackendError, eval_loader_class
 from pipelines.folder import DataLayoutError
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
               "images": {"bank": bank_size, "queries": query_size},
               "seconds": round(time.perf_counter() - start, 2),
               "date": utc_now()}
-    accelerator.wait_for_everyone()  # a rank leaving right after the last all-gather can abort a peer still in it
+    end_process_group()  # a rank leaving right after the last all-gather can abort a peer still in it
     if accelerator.is_main_process:  # every process holds the same scores
         write_json(found["out"], report, sort_keys=False)
         for k, r in results.items():
