@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pipelines
-from pipelines.folder import DataLayoutError
+from pipelines.folder import DataLayoutError, remembered_scans
 from fastssl import checkpoint as ckpt
 from fastssl.config import Config, ConfigError, to_dict, validate
 from fastssl.eval.online import OnlineKnn
@@ -61,10 +61,11 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     validate(cfg, accelerator.num_processes)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
-    loader = build_loader(cfg, accelerator, workers)
-    # A queue longer than the data fails here, before any output.
-    objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
-    knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
+    with remembered_scans():  # the loader and the k-NN's memory bank list the training folder once
+        loader = build_loader(cfg, accelerator, workers)
+        # A queue longer than the data fails here, before any output.
+        objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
+        knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
     run_dir = prepare_run_dir(cfg, resume, accelerator, command)
 
     student, teacher = build_networks(cfg, accelerator, objective)

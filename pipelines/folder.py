@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -24,6 +25,7 @@ class DataLayoutError(ValueError):
 
 
 _WARNED_SINGLE_CLASS: set[str] = set()  # training sources already warned about (once per process)
+_REMEMBERED: dict[tuple[str, tuple[str, ...]], list[tuple[str, int]]] | None = None  # see remembered_scans
 
 
 def is_image_file(name: str) -> bool:
@@ -56,6 +58,21 @@ def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True
                               f"{str(root / 'train')!r} (and {str(root / 'val')!r} for the k-NN)")
     check_not_splits(classes, f"data path {str(root)!r}", lambda split: f"point at {str(root / split)!r} instead "
                      "(the folder whose sub-folders are the classes)")
+    samples = _list_class_folders(root, classes)
+    if len(classes) == 1:
+        nested = any(e.is_dir() for e in os.scandir(root / classes[0]))
+        hint = (f"; if the class folders are inside {str(root / classes[0])!r}, point at the folder that holds "
+                "them" if nested else "")
+        check_class_count(classes, need_labels, f"data path {str(root)!r}",
+                          f"has one class folder ({classes[0]!r}, {len(samples)} images)", hint)
+    return samples, classes
+
+
+def _list_class_folders(root: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """Every image of each class folder, as (path, class index); from the memo inside `remembered_scans`."""
+    key = (os.path.realpath(root), tuple(classes))
+    if _REMEMBERED is not None and key in _REMEMBERED:
+        return list(_REMEMBERED[key])
     samples: list[tuple[str, int]] = []
     for idx, name in enumerate(classes):
         folder = root / name
@@ -64,13 +81,27 @@ def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True
             raise DataLayoutError(f"class folder {str(folder)!r} has no images "
                                   f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
         samples.extend((f, idx) for f in files)
-    if len(classes) == 1:
-        nested = any(e.is_dir() for e in os.scandir(root / classes[0]))
-        hint = (f"; if the class folders are inside {str(root / classes[0])!r}, point at the folder that holds "
-                "them" if nested else "")
-        check_class_count(classes, need_labels, f"data path {str(root)!r}",
-                          f"has one class folder ({classes[0]!r}, {len(samples)} images)", hint)
-    return samples, classes
+    if _REMEMBERED is not None:
+        _REMEMBERED[key] = samples
+        return list(samples)
+    return samples
+
+
+@contextmanager
+def remembered_scans() -> Iterator[None]:
+    """Within it, each folder's images are listed once; later scans of it reuse that listing.
+
+    Why: a run's start lists the training folder for its loader and again for the online k-NN's
+    memory bank (by default the same folder); on network storage ImageNet's 1.28M names take a
+    minute or more each time, on every process. Outside it every scan lists anew: a long-lived
+    process may see the folder change."""
+    global _REMEMBERED
+    outer = _REMEMBERED
+    _REMEMBERED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _REMEMBERED = outer
 
 
 def check_not_splits(classes: Sequence[str], where: str, fix) -> None:

@@ -45,9 +45,18 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_run_writes_every_output(tmp_path, capsys):
+def test_run_writes_every_output(tmp_path, capsys, monkeypatch):
+    import pipelines.folder as folder
+
     cfg = tiny_config(tmp_path)
+    listed = []
+    walk = folder.walk_files
+    monkeypatch.setattr(folder, "walk_files", lambda path: listed.append(str(path)) or walk(path))
     results = train(cfg)
+    # The loader and the k-NN's memory bank (the same folder) list it once: a minute or more on network storage
+    assert sorted(listed) == sorted({*listed}) and len(listed) == 6, listed  # 3 train + 3 val class folders
+    folder.scan_image_folder(cfg.data.train)  # after the run's start, a scan lists anew
+    assert len(listed) == 9
     said = capsys.readouterr().out  # what it lists, before listing it (minutes on network storage), then the count
     assert f"listing the training images in {cfg.data.train} ...\ntorchvision: 24 training images, 3 steps per " \
            "epoch of 8 images (1 process) (listed in " in said
