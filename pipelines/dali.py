@@ -19,7 +19,7 @@ random-resized crops, and each view gets its augmentations per sample.
   the epoch goes on from the failed batch.
 * CPU mode (no GPU), unless `dali_cpu_fast` is off: crops resampled with antialiased
   bilinear (triangle) filters, libjpeg-turbo's fast integer IDCT, and the photometric
-  steps as numba functions instead of DALI's CPU colour twist, blur and the conditionals'
+  steps as numba functions instead of DALI's CPU arithmetic, blur and the conditionals'
   batch splits and merges (docs/benchmarks.md has the figures of each change). With
   `dali_cpu_fast` off, the CPU runs the GPU's graph: crops with the recipe's
   `interpolation` (bicubic by default, as torchvision's RandomResizedCrop), the accurate
@@ -38,6 +38,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -46,6 +47,7 @@ from pipelines.batch import MultiCropBatch
 from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import photometric, uniform
+from pipelines.device_augment import GRAY_WEIGHTS
 from pipelines.folder import scan_source
 from pipelines.images import (ReadAhead, free_dropped_pipelines, next_readable, placement, read_unless_bad,
                              run_retiring_bad_files)
@@ -53,7 +55,6 @@ from pipelines.sampler import ShardedLoader, batch_seed
 from pipelines.spec import LoaderSpec
 
 OUTPUT_NAMES_EXTRA = ("index", "label")
-DEGREES_PER_HUE_UNIT = 360.0  # torchvision's hue is a fraction of the colour wheel; DALI's is degrees
 
 
 class _ShardSource:
@@ -122,15 +123,14 @@ def _flag(p: float):
 
 
 def _colour(img, recipe: MultiCropRecipe):
-    """Colour jitter (p) and grayscale (p) as ONE `color_twist`, run only on the samples that drew either.
+    """Colour jitter (p) and grayscale (p) with torchvision's definitions, run only on the
+    samples that drew either (one conditional: each split and merge of the batch costs).
 
-    DALI's colour twist is one linear map in YIQ space: brightness and contrast scale all of
-    it, saturation scales I and Q, hue rotates I and Q. Saturation 0 therefore yields the
-    luma of the brightness- and contrast-adjusted image whatever the hue, which is exactly
-    grayscale applied after the jitter (the reference's order). So a sample that drew
-    grayscale gets saturation x 0, one that did not draw jitter gets the identity factors,
-    and a sample that drew neither skips the op. One conditional instead of two halves the
-    batch splits and merges, which cost as much as the ops on a CPU.
+    Not DALI's `color_twist` / `hsv`: they approximate the steps by one linear map in YIQ
+    space, whose contrast pivots on mid-grey (128) instead of the image's mean luma and whose
+    hue is a rotation, not torchvision's HSV shift (a dark image at contrast 0.6 came out
+    about 35 levels brighter than torchvision's). A sample that drew grayscale but not the
+    jitter gets the identity factors, then its luma.
     """
     jp, gp = recipe.jitter_p, recipe.grayscale_p
     if jp <= 0 and gp <= 0:
@@ -141,17 +141,55 @@ def _colour(img, recipe: MultiCropRecipe):
     def factor(lo: float, hi: float, identity: float):
         return identity + jitter * (uniform(lo, hi) - identity)
 
-    def twist(x):
-        return fn.color_twist(x, brightness=factor(max(0.0, 1 - b), 1 + b, 1.0),
-                              contrast=factor(max(0.0, 1 - c), 1 + c, 1.0),
-                              saturation=factor(max(0.0, 1 - s), 1 + s, 1.0) * (1.0 - gray),
-                              hue=factor(-h * DEGREES_PER_HUE_UNIT, h * DEGREES_PER_HUE_UNIT, 0.0))
+    def steps(x):
+        return jitter_exact(x, factor(max(0.0, 1 - b), 1 + b, 1.0), factor(max(0.0, 1 - c), 1 + c, 1.0),
+                            factor(max(0.0, 1 - s), 1 + s, 1.0), factor(-h, h, 0.0), gray)
 
     if jp >= 1 or gp >= 1:
-        return twist(img)
+        return steps(img)
     if _either(jitter, gray):
-        img = twist(img)
+        img = steps(img)
     return img
+
+
+def jitter_exact(img, brightness, contrast, saturation, hue, gray=0.0):
+    """torchvision's ColorJitter (brightness, contrast, saturation, hue, in that order), then
+    grayscale where `gray` is 1, on uint8 HWC images, as DALI arithmetic; the factors are
+    per-sample DataNodes or numbers. The definitions of `pipelines.device_augment.color_jitter`,
+    rounded to uint8 once at the end.
+
+    The HSV hue shift in closed form, branch-free (as `pipelines.cpu_augment`): HSV keeps a
+    pixel's max v and chroma c = v - min; channel n of (h6, v, c) is
+    v - c clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6, n = 5, 3, 1 for R, G, B.
+    """
+    x = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
+    r, g, b = (dmath.clamp(x[:, :, i] * brightness, 0.0, 1.0) for i in range(3))
+    mean = fn.reductions.mean(_luma(r, g, b))
+    r, g, b = (dmath.clamp(mean + (v - mean) * contrast, 0.0, 1.0) for v in (r, g, b))
+    luma = _luma(r, g, b)
+    r, g, b = (dmath.clamp(luma + (v - luma) * saturation, 0.0, 1.0) for v in (r, g, b))
+    v = dmath.max(dmath.max(r, g), b)
+    chroma = v - dmath.min(dmath.min(r, g), b)
+    inv = 1.0 / (chroma + (chroma <= 0.0))
+    is_r, is_g = v == r, v == g
+    h6 = is_r * ((g - b) * inv) + (1 - is_r) * (is_g * (2.0 + (b - r) * inv) + (1 - is_g) * (4.0 + (r - g) * inv))
+    h6 = h6 + 6.0 * hue
+    r, g, b = (v - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
+               for k in (_mod6(n + h6) for n in (5.0, 3.0, 1.0)))
+    if not (isinstance(gray, float) and gray == 0.0):
+        luma = _luma(r, g, b)
+        r, g, b = (v + gray * (luma - v) for v in (r, g, b))
+    out = fn.cast(fn.stack(r, g, b, axis=2) * 255.0, dtype=types.UINT8)  # DALI's cast rounds to nearest
+    return fn.reshape(out, layout="HWC")  # the layout of the samples that skip the step (a conditional merges both)
+
+
+def _luma(r, g, b):
+    """torchvision's rgb_to_grayscale weights."""
+    return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+
+
+def _mod6(k):
+    return k - 6.0 * dmath.floor(k * (1.0 / 6.0))
 
 
 def _either(a, b):

@@ -1,6 +1,6 @@
 """DALI's CPU mode: every photometric step of a view as ONE compiled numba function per sample.
 
-Why: on a CPU, DALI's colour twist and blur operators are slow, and every conditional
+Why: on a CPU, DALI's colour arithmetic and blur operators are slow, and every conditional
 splits and merges the batch around its branch. Here the numba uint8 steps of
 `pipelines.cpu_augment` (torchvision's definitions; FFCV's CPU decoder runs the same
 ones) run per sample in DALI's threads through `numba_function`. A step a sample did

@@ -1,4 +1,5 @@
-"""The numba uint8 photometric steps equal the float64 tensor ops within uint8 rounding."""
+"""The fast loaders' photometric steps (numba uint8; DALI's colour steps) equal the float64 tensor ops
+within uint8 rounding."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from pipelines import cpu_augment as ca
 from pipelines import device_augment as da
+from conftest import requires_dali
 from pipelines.augment import MultiCropRecipe
 
 
@@ -95,3 +97,51 @@ def test_the_coins_follow_the_recipe():
         ca.augment_crop_u8(img, params)
         hits += int(img[0, 0, 0] == img[0, 0, 1])
     assert abs(hits - 0.3 * n) <= 4.5 * np.sqrt(n * 0.3 * 0.7)
+
+
+def _dali_colour(x: np.ndarray, factors: np.ndarray, gray: np.ndarray, device: str) -> np.ndarray:
+    """`pipelines.dali.jitter_exact` on uint8 crops (N x H x W x 3), per-sample factors (N x 4) and gray flags."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipelines.dali import jitter_exact
+
+    def column(values: np.ndarray):  # a source that takes no argument (DALI passes one to those that do)
+        return lambda: [np.array(v, dtype=np.float32) for v in values]
+
+    @pipeline_def(batch_size=len(x), num_threads=1, device_id=0 if device == "gpu" else None)
+    def pipe():
+        img = fn.external_source(source=lambda: list(x), batch=True, dtype=types.UINT8, layout="HWC")
+        b, c, s, h, g = (fn.external_source(source=column(v), batch=True, dtype=types.FLOAT)
+                         for v in (*factors.T, gray))
+        return jitter_exact(img.gpu() if device == "gpu" else img, b, c, s, h, g)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    out = out.as_cpu() if device == "gpu" else out
+    return np.stack([np.array(t) for t in out])
+
+
+DALI_DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")])]
+
+
+@requires_dali
+@pytest.mark.parametrize("device", DALI_DEVICES)
+def test_dali_colour_steps_match_the_tensor_op(device):
+    """DALI's colour jitter + grayscale are torchvision's: contrast around the image's mean luma and
+    an HSV hue shift (DALI's own colour twist pivots on mid-grey and rotates hue in YIQ space)."""
+    rng = np.random.default_rng(3)
+    x = images(8, 23, 31, seed=3)
+    x[0] = 40  # a flat dark crop: DALI's colour twist brightened it at contrast < 1
+    x[1, :, :8] = (200, 200, 90)  # ties between the largest channels
+    factors = np.stack([rng.uniform(0.0, 2.0, 8), rng.uniform(0.0, 2.0, 8), rng.uniform(0.0, 2.0, 8),
+                        rng.uniform(-0.5, 0.5, 8)], axis=1)
+    factors[0] = (1.0, 0.6, 1.0, 0.0)
+    factors[2] = (1.0, 1.0, 1.0, 0.0)  # identity factors: a sample that drew only grayscale
+    gray = np.array([0, 0, 1, 0, 1, 0, 0, 1], dtype=np.float32)
+    ours = _dali_colour(x, factors, gray, device)
+    ref = da.color_jitter(as_float64(x), *torch.from_numpy(factors).T)
+    ref = torch.where(torch.from_numpy(gray).bool().view(-1, 1, 1, 1), da.grayscale(ref).expand(-1, 3, -1, -1), ref)
+    assert max_level_error(ours, ref) <= 0.5 + 1e-3  # float32, one rounding at the end
+    np.testing.assert_array_equal(ours[0], 40)  # a flat crop keeps its mean whatever the contrast
