@@ -28,8 +28,9 @@ moco_builder.py; MoCo-v2 = its ImageNet recipe):
   (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur p 0.5, no solarize (MoCo-v2 / code).
   Crops resized bilinearly (`aug.interpolation bilinear`; code: torchvision's RandomResizedCrop
   default; MIRA's recipes keep bicubic). FFCV resizes with INTER_AREA whatever the recipe says.
-- BatchNorm of the student: per-view statistics (`model.bn_stats per_view`, as separate
-  query/key forwards).
+- BatchNorm of the student (query encoder): per-view statistics (`model.bn_stats per_view`, as
+  separate query/key forwards), over each process's own images (`model.sync_bn false`): MoCo's
+  query encoder uses plain per-GPU BatchNorm (MIRA's recipes synchronise theirs).
 """
 
 from fastssl.cli import run
@@ -47,6 +48,7 @@ def config() -> Config:
     cfg.model.arch = "resnet50"
     cfg.model.head = "moco"
     cfg.model.proj_hidden_dim, cfg.model.proj_dim = 2048, 128
+    cfg.model.sync_bn = False
     cfg.aug.num_local = 0
     cfg.aug.global_scale = (0.2, 1.0)
     cfg.aug.jitter = (0.4, 0.4, 0.4, 0.1)

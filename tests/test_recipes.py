@@ -100,6 +100,7 @@ def test_mlcpc_moco_recipes_are_the_authors_setting():
         assert (cfg.optim.decay_bn_bias, cfg.optim.cosine_per, cfg.optim.warmup_epochs) == (True, "epoch", 0)
         assert cfg.critic.temperature == 0.07 and cfg.method.objective == "mlcpc"
         assert cfg.aug.interpolation == "bilinear"  # the authors' crops; MIRA's recipes keep bicubic
+        assert not cfg.model.sync_bn  # MoCo's query encoder normalises per GPU (MIRA's recipes sync)
         cfg.data.train = "/data/train"
         validate(cfg, num_processes=1)
     cifar = load_recipe("mlcpc_moco_cifar")
