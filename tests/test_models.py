@@ -34,6 +34,18 @@ def test_logits_are_cosines():
     assert logits.abs().max() <= 1 + 1e-6
 
 
+def test_logits_stay_float32_under_bf16_autocast():
+    """Under bf16 autocast the cosines would be 0.004 apart near 1 (0.04 after 1 / tau_s): the
+    prototype layer computes them in float32 from the projection (float64 reference)."""
+    torch.manual_seed(0)
+    net = MiraNetwork("resnet18", 64, 16, 40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logits = net.head(torch.randn(6, 512))
+    assert z.dtype == logits.dtype == torch.float32
+    proto = torch.nn.functional.normalize(net.prototypes.weight.detach().double(), dim=1)
+    torch.testing.assert_close(logits.double(), z.double() @ proto.T, atol=1e-6, rtol=0)
+
+
 def test_multicrop_forward_order():
     torch.manual_seed(0)
     net = MiraNetwork("resnet18", 32, 16, 8).eval()

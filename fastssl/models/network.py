@@ -46,8 +46,9 @@ class MiraNetwork(nn.Module):
         return torch.cat(feats)
 
     def head(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L2-normalised projection, prototype logits = cosine similarities)."""
-        z = F.normalize(self.projector(feats), dim=1)
+        """(L2-normalised projection, prototype logits = cosine similarities), both in float32
+        (the projection as the projector computed it, normalised in float32)."""
+        z = F.normalize(self.projector(feats).float(), dim=1)
         return z, self.prototypes(z)
 
     def forward(self, views: list[torch.Tensor], with_embeddings: bool = False):
