@@ -29,13 +29,12 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
                   start: float = 0.0) -> float:
     """Linear warm-up from `start` to `peak` over `warmup_steps`, then per-step cosine to `final`.
 
-    The warm-up reaches `peak` at its last step; step 0 uses start + (peak - start) /
-    warmup_steps (never exactly 0 when start is 0, so the first step is not wasted). With
-    the authors' LARS recipe (start 0.3, not batch-scaled) this is their linear warm-up
-    shifted by one step of thousands.
+    The warm-up is the authors' (and DINO's) `np.linspace(start, peak, warmup_steps)`: step 0
+    at `start` (0 for the Table 8 recipe: a first step that moves nothing, as theirs), the
+    last warm-up step at `peak`, where the cosine starts.
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return start + (peak - start) * (step + 1) / warmup_steps
+        return start + (peak - start) * step / max(warmup_steps - 1, 1)
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 

@@ -23,7 +23,7 @@ def test_cosine_is_monotone():
 def test_warmup_then_cosine():
     peak, warm, total = 0.06, 10, 110
     lrs = [warmup_cosine(s, total, warm, peak, 0.0) for s in range(total + 1)]
-    assert lrs[0] == pytest.approx(peak / warm)
+    assert lrs[0] == 0.0  # np.linspace(start, peak, warm), as the authors and DINO
     assert lrs[warm - 1] == pytest.approx(peak)  # warm-up reaches the peak
     assert lrs[warm] == pytest.approx(peak)  # cosine starts at the peak
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
@@ -53,7 +53,7 @@ def test_step_schedule_endpoints():
 
 def test_lars_recipe_warms_up_from_the_authors_unscaled_start():
     """The authors' LARS recipe: warm-up from warm_up_start_lr = 0.3 (not batch-scaled) to
-    0.3 x 4096/256 = 4.8, linear in the step; our step k is their linspace's step k + 1."""
+    0.3 x 4096/256 = 4.8: their np.linspace, step for step."""
     import runpy
     from pathlib import Path
 
@@ -65,8 +65,7 @@ def test_lars_recipe_warms_up_from_the_authors_unscaled_start():
     ours = [step_schedule(cfg, s, spe).lr for s in range(warm)]
     assert cfg.optim.warmup_start_lr == start
     assert ours[-1] == pytest.approx(peak) and step_schedule(cfg, warm, spe).lr == pytest.approx(peak)
-    assert max(abs(a - b) for a, b in zip(ours, authors)) <= (peak - start) / (warm - 1) + 1e-12
-    assert ours[0] == pytest.approx(start + (peak - start) / warm)
+    assert ours == pytest.approx(authors, rel=1e-12)
     # the small-batch recipe keeps its warm-up from 0
     cfg.optim.warmup_start_lr = 0.0
-    assert step_schedule(cfg, 0, spe).lr == pytest.approx(peak / warm)
+    assert step_schedule(cfg, 0, spe).lr == 0.0 and step_schedule(cfg, 1, spe).lr == pytest.approx(peak / (warm - 1))
