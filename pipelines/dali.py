@@ -343,7 +343,9 @@ class DaliLoader(ShardedLoader):
         finally:
             if current is not None:
                 current.close()
-            if ended:  # the epoch's pipeline is garbage now: freed before anything forks
+            # The training loop breaks out after the epoch's last step (the generator is closed
+            # there, not run to its end): that epoch has ended too.
+            if ended or done >= len(batches):  # the epoch's pipeline is garbage now: freed before anything forks
                 live = self._live = None
                 free_dropped_pipelines()
 

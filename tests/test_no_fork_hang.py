@@ -95,7 +95,7 @@ def test_converter_after_dali_with_collecting_forks_never_hangs(tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
-# A DALI training epoch and a DALI k-NN pass, then the torchvision k-NN loader's forked workers
+# Two DALI training epochs (consumed as the training loop does) and a DALI k-NN pass, then the torchvision k-NN loader's forked workers
 # (the default `eval.loader` of a `--data.backend dali` run), whose collectors run at once.
 AFTER_DALI_EPOCH = textwrap.dedent("""
     import faulthandler, gc, os, sys
@@ -113,9 +113,15 @@ AFTER_DALI_EPOCH = textwrap.dedent("""
         recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
         train = build_train_loader(LoaderSpec(data=DataConfig(backend="dali", train=str(root)), recipe=recipe,
                                               batch_size=4, seed=0, num_workers=1))
-        for epoch in range(2):
+        for epoch in range(2):  # as fastssl.engine.run_epoch: it breaks out after the last step
             train.set_epoch(epoch)
-            print(f"dali epoch {{epoch}}: {{sum(1 for _ in train)}} batches", flush=True)
+            steps = 0
+            for _ in train:
+                steps += 1
+                if steps == len(train):
+                    break
+            print(f"dali epoch {{epoch}}: {{steps}} batches, pipeline kept: {{train.state_dict() is not None}}",
+                  flush=True)
         knn_dali = build_eval_loader("dali", str(root), size=16, batch_size=4, num_workers=1)
         print(f"dali k-NN pass: {{sum(1 for _ in knn_dali)}} batches", flush=True)
         faulthandler.dump_traceback_later(60, exit=True)  # a hang fails, with its stack
@@ -132,6 +138,7 @@ def test_dataloader_workers_after_a_dali_epoch_never_hang(tmp_path):
     """Fails on loaders that leave their pipelines as garbage: the first worker's collector hangs."""
     out = run_scenario(AFTER_DALI_EPOCH.format(tests=str(REPO / "tests")), tmp_path)
     assert "torchvision k-NN pass 1: 4 batches" in out and "all passes done" in out, out[-4000:]
+    assert "dali epoch 1: 4 batches, pipeline kept: False" in out, out[-4000:]
 
 
 def test_every_test_runs_under_a_timeout_with_faulthandler(pytestconfig):
