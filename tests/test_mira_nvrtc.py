@@ -121,6 +121,23 @@ def test_plan_splits_many_views_over_launches_and_refuses_what_cannot_run():
     assert "cannot be resident" in _nvrtc.plan_launch(2, 4096, 16384, blocks_per_sm=lambda s, m: 0, **H100).error
 
 
+def test_the_self_check_runs_every_entry_point_and_names_the_one_that_fails():
+    """Each input dtype, in shared and in global memory (on an H100 and on any GPU): a fault in
+    an entry point the check skipped would come in the training process."""
+    problems = _cuda_ext._self_check_problems(torch.device("cpu"))
+    entries = {(x.dtype, _nvrtc.plan_launch(*x.shape, blocks_per_sm=lambda s, m: 1, **H100).in_smem) for x in problems}
+    assert entries == {(d, in_smem) for d in (torch.float32, torch.bfloat16, torch.float16) for in_smem in (True, False)}
+    assert all(_nvrtc.smem_bytes_for(2, x.shape[2], True) > 256 * 1024 for x in problems if x.shape[2] > 1000)
+    from fastssl.ops.mira_fused import solve_views
+
+    class WrongInHalf:  # the reference, off by 1e-3 on fp16 inputs only
+        def mira_assign_views_cuda(self, x, tau, beta, iters):
+            out = solve_views(x.float(), tau, beta, iters)
+            return out + 1e-3 if x.dtype == torch.float16 else out
+
+    assert "torch.float16" in _cuda_ext._self_check(WrongInHalf(), torch.device("cpu"))
+
+
 def test_params_match_the_kernel_struct():
     """The ctypes mirror has the .cuh struct's fields, in order, 64 bytes; values as mira_launch sets them."""
     text = _nvrtc.KERNEL_SOURCE.read_text()

@@ -232,20 +232,35 @@ def load_fused(verbose: bool = False) -> Optional[Any]:
         return _state["module"]
 
 
-def _self_check(module: Any, device: torch.device) -> Optional[str]:
-    """Kernel vs float64 `solve_views` on a small problem with a -inf column; None if they agree."""
-    from .mira_fused import solve_views
+SELF_CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SELF_CHECK_GMEM_K = 60_000  # 2 rows x 60,000 clusters (480 KB) exceed any GPU's shared memory: the gmem variant
 
+
+def _self_check_problems(device: torch.device) -> list[torch.Tensor]:
+    """Every entry point the kernel has: each input dtype, in shared memory (small K, with a masked
+    and an empty cluster) and in global memory (K too large for shared memory); on `device`."""
     g = torch.Generator().manual_seed(0)
     x = 3.0 * torch.randn(2, 24, 40, generator=g)
     x[:, :, 5] = float("-inf")  # a cluster nobody can take (masked prior)
     x[0, 3, 7] = float("-inf")
     x[1, :, 9] -= 40.0  # an empty cluster (hugely negative log-marginal)
-    x = x.to(device)
-    got = module.mira_assign_views_cuda(x, 0.225, 0.7, 10)
-    err = (got.double() - solve_views(x.double(), 0.225, 0.7, 10)).abs().max().item()
-    if not err <= SELF_CHECK_TOL:  # also catches NaN
-        return f"self-check on {device} failed: max abs error {err:.3g} vs the float64 reference"
+    wide = 3.0 * torch.randn(1, 2, SELF_CHECK_GMEM_K, generator=g)
+    return [problem.to(device=device, dtype=dtype) for problem in (x, wide) for dtype in SELF_CHECK_DTYPES]
+
+
+def _self_check(module: Any, device: torch.device) -> Optional[str]:
+    """Kernel vs float64 `solve_views` on each entry point's problem; None if they all agree.
+
+    Why every entry point: a fault in one the check skipped would come in the training process,
+    whose CUDA context it poisons. Milliseconds in all."""
+    from .mira_fused import solve_views
+
+    for x in _self_check_problems(device):
+        got = module.mira_assign_views_cuda(x, 0.225, 0.7, 10)
+        err = (got.double() - solve_views(x.double(), 0.225, 0.7, 10)).abs().max().item()
+        if not err <= SELF_CHECK_TOL:  # also catches NaN
+            return (f"self-check on {device} failed ({x.dtype}, {tuple(x.shape)}): max abs error {err:.3g} vs "
+                    "the float64 reference")
     return None
 
 
