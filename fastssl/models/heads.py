@@ -52,4 +52,9 @@ class CosinePrototypes(nn.Module):
         0.04 after the student's 1 / tau_s (0.0005 in the authors' fp16). The matmul is small
         (d = 256) next to the backbone."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return F.linear(z.float(), F.normalize(self.weight.float(), dim=1))
+            return F.linear(at_least_float32(z), F.normalize(at_least_float32(self.weight), dim=1))
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 (autocast's) as float32; float32 and float64 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

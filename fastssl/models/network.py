@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastssl.models.backbone import build_backbone
-from fastssl.models.heads import CosinePrototypes, build_moco_head, build_projector
+from fastssl.models.heads import CosinePrototypes, at_least_float32, build_moco_head, build_projector
 from fastssl.models.per_view_bn import convert_to_per_view, set_rows_per_view
 
 
@@ -46,9 +46,9 @@ class MiraNetwork(nn.Module):
         return torch.cat(feats)
 
     def head(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L2-normalised projection, prototype logits = cosine similarities), both in float32
-        (the projection as the projector computed it, normalised in float32)."""
-        z = F.normalize(self.projector(feats).float(), dim=1)
+        """(L2-normalised projection, prototype logits = cosine similarities), both in float32 or
+        better (the projection as the projector computed it, normalised in float32 under autocast)."""
+        z = F.normalize(at_least_float32(self.projector(feats)), dim=1)
         return z, self.prototypes(z)
 
     def forward(self, views: list[torch.Tensor], with_embeddings: bool = False):
