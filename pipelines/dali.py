@@ -39,7 +39,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import nvidia.dali.math as dmath
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
@@ -244,7 +244,8 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     jpegs, index, label = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
     fast = cpu_fast and decoder_device == "cpu"
-    decode_args = decoder_args(decoder_device, hw_decoder_load, {"use_fast_idct": fast})  # + nvJPEG memory on GPU
+    decode_args = decoder_args(decoder_device, hw_decoder_load, {"use_fast_idct": fast},  # + nvJPEG memory on GPU
+                               threads=Pipeline.current().num_threads)
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
     interp = types.INTERP_LINEAR if fast else dali_interp(recipe.interpolation)  # the fast CPU path: linear
     numba_steps = numba_steps and decoder_device == "cpu"

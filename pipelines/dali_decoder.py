@@ -9,6 +9,11 @@ DALI's own ImageNet examples (docs/examples/use_cases/pytorch/resnet50/main.py) 
 buffers and preallocate the hardware decoder's for the largest ImageNet image up front, with
 the values below; we use them for every `mixed` decode. They do not apply to the CPU decoder
 (libjpeg-turbo), which gets only its own arguments.
+
+The paddings are per decoder thread (one device buffer and two pinned host buffers each, DALI's
+docs say), and the example runs 4 threads. A process of an 8-GPU node may run 16 or more, which
+at the example's per-thread sizes would hold 3.4 GB of GPU memory and 4.5 GB of pinned host
+memory per GPU: past 4 threads the example's totals are shared among the threads.
 """
 
 from __future__ import annotations
@@ -26,14 +31,23 @@ NVJPEG_MEMORY: dict[str, int] = {
 }
 
 
-def decoder_args(decoder_device: str, hw_decoder_load: float, cpu_args: Optional[dict[str, Any]] = None) -> dict:
+EXAMPLE_THREADS = 4  # the decoder threads of DALI's ImageNet example (its --workers)
+DALI_DEFAULT_PADDING = {"device_memory_padding": 16 * 2**20, "host_memory_padding": 8 * 2**20}  # DALI's own
+
+
+def decoder_args(decoder_device: str, hw_decoder_load: float, cpu_args: Optional[dict[str, Any]] = None,
+                 threads: int = 1) -> dict:
     """Keyword arguments for `fn.decoders.image` on `decoder_device` ('mixed' or 'cpu').
 
-    'mixed': the hardware decoder's share and the nvJPEG memory settings above; 'cpu': only
-    `cpu_args` (e.g. ``use_fast_idct``). Pure, so the choice is tested without a GPU.
+    'mixed': the hardware decoder's share and the nvJPEG memory settings above, the per-thread
+    paddings scaled so that `threads` threads hold the example's totals (never below DALI's
+    defaults); 'cpu': only `cpu_args` (e.g. ``use_fast_idct``). Pure, so the choice is tested
+    without a GPU.
     """
     if decoder_device == "mixed":
-        return {"hw_decoder_load": hw_decoder_load, **NVJPEG_MEMORY}
+        share = min(1.0, EXAMPLE_THREADS / max(threads, 1))
+        padding = {k: max(DALI_DEFAULT_PADDING[k], int(NVJPEG_MEMORY[k] * share)) for k in DALI_DEFAULT_PADDING}
+        return {"hw_decoder_load": hw_decoder_load, **NVJPEG_MEMORY, **padding}
     if decoder_device != "cpu":
         raise ValueError(f"decoder_device must be 'mixed' or 'cpu', got {decoder_device!r}")
     return dict(cpu_args or {})

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
@@ -133,7 +133,8 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     """Encoded bytes -> decode -> shorter side round(size / 0.875), antialiased -> centre crop -> normalise."""
     jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
-    decode_args = decoder_args(decoder_device, hw_decoder_load)  # + nvJPEG memory on GPU (pipelines/dali_decoder.py)
+    decode_args = decoder_args(decoder_device, hw_decoder_load,  # + nvJPEG memory on GPU (pipelines/dali_decoder.py)
+                               threads=Pipeline.current().num_threads)
     # adjust_orientation=False: PIL (EvalLoader) ignores EXIF rotation, so DALI must too, or a
     # rotated photo would be cropped from another region than in the torchvision figures.
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,

@@ -34,6 +34,18 @@ def test_mixed_decoder_gets_the_nvjpeg_memory_settings_and_cpu_does_not():
     assert NVJPEG_MEMORY["device_memory_padding"] == 211025920
 
 
+def test_the_paddings_are_shared_among_more_threads_than_the_examples():
+    """nvJPEG pads each decoder thread: 16 threads get a quarter of the example's 4-thread sizes
+    (the same totals), never less than DALI's defaults; the hardware decoder's hints stay."""
+    for threads in (1, 4):
+        assert decoder_args("mixed", 0.65, threads=threads) == {"hw_decoder_load": 0.65, **DALI_IMAGENET_EXAMPLE}
+    wide = decoder_args("mixed", 0.65, threads=16)
+    assert 16 * wide["device_memory_padding"] == pytest.approx(4 * 211025920, abs=16)
+    assert 16 * wide["host_memory_padding"] == pytest.approx(4 * 140544512, abs=16)
+    assert wide["preallocate_width_hint"] == 5980 and wide["preallocate_height_hint"] == 6430
+    assert decoder_args("mixed", 0.65, threads=1000)["device_memory_padding"] == 16 * 2**20
+
+
 @pytest.fixture
 def decoder_calls(monkeypatch):
     """Every fn.decoders.image call's keyword arguments, the real operator still made (schema-checked)."""
@@ -48,14 +60,15 @@ def decoder_calls(monkeypatch):
     return calls
 
 
-def make_training_pipeline(device: str):
+def make_training_pipeline(device: str, threads: int = 1):
     recipe = MultiCropRecipe(global_size=32, local_size=16, num_local=1)
     return dali_train.multicrop_pipeline(iter([]), recipe, device, 0.65, types.FLOAT,
-                                         batch_size=2, num_threads=1, device_id=None)
+                                         batch_size=2, num_threads=threads, device_id=None)
 
 
-def make_eval_pipeline(device: str):
-    return dali_eval.eval_pipeline(iter([]), 32, device, 0.65, "CHW", batch_size=2, num_threads=1, device_id=None)
+def make_eval_pipeline(device: str, threads: int = 1):
+    return dali_eval.eval_pipeline(iter([]), 32, device, 0.65, "CHW", batch_size=2, num_threads=threads,
+                                   device_id=None)
 
 
 @pytest.mark.parametrize("make", [make_training_pipeline, make_eval_pipeline], ids=["train", "eval"])
@@ -64,6 +77,9 @@ def test_pipelines_pass_them_to_the_mixed_decoder_only(decoder_calls, make):
     (mixed,) = decoder_calls
     assert mixed["device"] == "mixed" and mixed["hw_decoder_load"] == 0.65
     assert {k: mixed[k] for k in DALI_IMAGENET_EXAMPLE} == DALI_IMAGENET_EXAMPLE
+    decoder_calls.clear()
+    make("mixed", threads=8)  # the pipeline's thread count reaches the paddings
+    assert decoder_calls[0]["device_memory_padding"] == 211025920 // 2
     decoder_calls.clear()
     make("cpu")
     (cpu,) = decoder_calls
