@@ -241,6 +241,13 @@ def test_dry_run_of_every_stage_in_a_subprocess(tmp_path):
     assert data["count"] == len(list(Path(data["train"]).rglob("*.JPEG")))
 
 
+def test_the_gpu_tests_run_the_nvcc_kernel_file_last():
+    """Its cold nvcc build comes last, so a deadline stops it, not the two-process GPU tests."""
+    files = gc.gpu_test_files()
+    assert files[-1] == "tests/test_mira_cuda.py"
+    assert sorted(files) == sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py"))
+
+
 def test_device_rehearsal_refuses_a_bad_argument_before_installing_anything():
     proc = subprocess.run(["bash", str(REPO / "tools" / "device_rehearsal.sh"), "--test"], capture_output=True,
                           text=True, timeout=60)

@@ -102,3 +102,27 @@ def test_bench_mira_writes_one_record_per_implementation_and_size(tmp_path):
     assert len(records) == 6 and {r["implementation"] for r in records} == {"reference", "views", "sinkhorn"}
     assert all(r["median_us"] > 0 for r in records)
     assert len(__import__("json").loads(out.read_text())["records"]) == 6
+
+
+def test_bench_mira_keeps_the_sizes_it_finished_when_stopped(tmp_path, monkeypatch):
+    """gpu_check stops it at a deadline: the JSON is written after every size, so the first
+    size's timings (the goal's, 512 x 3000, on a GPU) survive."""
+    import json
+
+    from conftest import load_tool
+
+    bench, out = load_tool("bench_mira"), tmp_path / "mira.json"
+    timed = []
+
+    def time_call(fn, views, device, warmup, repeats):
+        if views[0].shape[0] == 16:  # the second size: the deadline
+            raise KeyboardInterrupt
+        timed.append(views[0].shape)
+        return 1.0
+
+    monkeypatch.setattr(bench, "time_call", time_call)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--sizes", "8x20,16x30", "--device", "cpu", "--impls", "reference,views", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["B"], r["implementation"]) for r in saved["records"]] == [(8, "reference"), (8, "views")]
+    assert saved["complete"] is False

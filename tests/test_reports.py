@@ -201,6 +201,26 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
         tool.measure_end_to_end(cfg, argparse.Namespace(warmup_steps=2, steps=2, workers=0), tmp_path / "b")
 
 
+def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monkeypatch):
+    """tools/gpu_check.py stops a profile at its deadline: report.json holds the model step (and
+    its peak memory) from the moment it is measured, marked partial, until the full report."""
+    tool = load_tool("profile_throughput")
+    cfg = tiny_config(tmp_path, epochs=1)
+    recipe = write_recipe(tmp_path, cfg)
+
+    def deadline(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "measure_end_to_end", deadline)
+    with pytest.raises(KeyboardInterrupt):
+        tool.main(["--recipe", str(recipe), "--out", str(tmp_path / "out"), "--backends", "synthetic",
+                   "--data.backend", "synthetic", "--steps", "1", "--warmup-steps", "1", "--loader-batches", "1",
+                   "--warmup-batches", "0", "--repeats", "1", "--workers", "0"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "model step" in report["partial"] and report["stages"]["model_step"]["images_per_s"] > 0
+    assert "peak_device_mb" in report["memory"] and "assignment" in report["breakdown_ms"]
+
+
 def test_compare_two_reports(profile_report, tmp_path):
     tool = load_tool("profile_throughput")
     assert tool.main(["--compare", str(profile_report), str(profile_report / "report.json"),

@@ -146,13 +146,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in records[-len(impls):]:
             if "error" in r:
                 print(f"        {r['implementation']}: {r['error']}")
+        if args.json:  # after every size: a run stopped at a deadline keeps the sizes it finished
+            write_json(Path(args.json), {"date": utc_now(), "torch": torch.__version__,
+                                         "fused_status": _cuda_ext.status(), "records": records,
+                                         "complete": size == sizes[-1]}, sort_keys=False)
     if device.type == "cuda":
         st = _cuda_ext.status()
         print(f"views ran the fused CUDA kernel: {'yes' if st['fused_calls'] else 'no'}"
               + (f" ({st['reason']})" if st["reason"] else ""))
     if args.json:
-        write_json(Path(args.json), {"date": utc_now(), "torch": torch.__version__,
-                                     "fused_status": _cuda_ext.status(), "records": records}, sort_keys=False)
         print(f"wrote {args.json}")
     return records
 

@@ -338,6 +338,10 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
     # Peak memory of the training step alone (stage 3's training loop builds its own model).
     peak_device = peak_memory_mb(device) if device.type == "cuda" else None
     print(f"    {model_step['images_per_s']:.1f} images/s", flush=True)
+    # Kept if the run stops in a later stage (tools/gpu_check.py's deadline): the final report replaces it.
+    write_json(args.out / "report.json", {"partial": "stopped after stage 2/5, the model step",
+                                          "stages": {"model_step": model_step}, "breakdown_ms": breakdown,
+                                          "memory": {"peak_device_mb": peak_device}})
     print(f"3/5 end to end ({cfg.data.backend}): the training loop, read from its own log", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         e2e = measure_end_to_end(cfg, args, Path(scratch))
