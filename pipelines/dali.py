@@ -286,6 +286,14 @@ class DaliLoader(ShardedLoader):
         """Continue the saved epoch's augmentations where they stopped (used by the first matching epoch)."""
         self._restore = state
 
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration reads `epoch` from `start_batch`. A pipeline kept from an epoch cut
+        short (`--train.steps_per_epoch`) is dropped and collected now, with its decoder memory."""
+        if self._live is not None:
+            self._live = None
+            free_dropped_pipelines()
+        super().set_epoch(epoch, start_batch)
+
     def _iterator(self, source: _ShardSource, first_batch: int) -> DALIGenericIterator:
         """A fresh pipeline over `source` (built per epoch: cheap, and no reset-mid-epoch state)."""
         state, self._restore = self._restore, None

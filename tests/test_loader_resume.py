@@ -69,6 +69,37 @@ def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypa
     assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6)
 
 
+@requires_dali
+def test_dali_drops_an_epochs_pipeline_when_the_next_epoch_starts(tmp_path):
+    """An epoch cut short (--train.steps_per_epoch) keeps its pipeline, which a checkpoint may save,
+    until the next epoch starts: then it is dropped and collected, nvJPEG and prefetch memory with it."""
+    import gc
+
+    from nvidia.dali import Pipeline
+
+    def pipelines_alive() -> int:
+        gc.collect()
+        alive = 0
+        for o in gc.get_objects():
+            try:
+                alive += isinstance(o, Pipeline)
+            except ReferenceError:  # a dead weak proxy
+                pass
+        return alive
+
+    before = pipelines_alive()
+    cfg = quick_config(tmp_path, epochs=2)
+    loader = build_train_loader(LoaderSpec(data=DataConfig(backend="dali", train=cfg.data.train, num_workers=1),
+                                           recipe=MultiCropRecipe(global_size=16, local_size=8, num_local=2),
+                                           batch_size=4, seed=0, num_workers=1))
+    loader.set_epoch(0)
+    for _ in loader:  # one step of several
+        break
+    assert loader.state_dict() is not None and pipelines_alive() == before + 1
+    loader.set_epoch(1)
+    assert loader.state_dict() is None and pipelines_alive() == before
+
+
 @requires_ffcv
 @pytest.mark.parametrize("order", ["sampler", "random", "quasi_random"])
 def test_ffcv_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch, order):
