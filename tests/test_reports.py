@@ -162,6 +162,7 @@ def test_profile_writes_a_complete_report(profile_report):
         assert f"]({png})" in md
     assert report["verdict"] in md and "bottleneck" in report["verdict"]
     assert not list(profile_report.glob(".scratch-*"))  # the temporary folder is gone
+    assert not (profile_report / "report.partial.json").exists()  # replaced by the whole report
 
 
 def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
@@ -202,8 +203,8 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
 
 
 def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monkeypatch):
-    """tools/gpu_check.py stops a profile at its deadline: report.json holds the model step (and
-    its peak memory) from the moment it is measured, marked partial, until the full report."""
+    """tools/gpu_check.py stops a profile at its deadline: report.partial.json holds the model step
+    (and its peak memory) from the moment it is measured until the full report.json replaces it."""
     tool = load_tool("profile_throughput")
     cfg = tiny_config(tmp_path, epochs=1)
     recipe = write_recipe(tmp_path, cfg)
@@ -216,7 +217,8 @@ def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monk
         tool.main(["--recipe", str(recipe), "--out", str(tmp_path / "out"), "--backends", "synthetic",
                    "--data.backend", "synthetic", "--steps", "1", "--warmup-steps", "1", "--loader-batches", "1",
                    "--warmup-batches", "0", "--repeats", "1", "--workers", "0"])
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not (tmp_path / "out" / "report.json").exists()  # report.json is only ever a whole report
+    report = json.loads((tmp_path / "out" / "report.partial.json").read_text())
     assert "model step" in report["partial"] and report["stages"]["model_step"]["images_per_s"] > 0
     assert "peak_device_mb" in report["memory"] and "assignment" in report["breakdown_ms"]
 

@@ -755,9 +755,11 @@ def stage_model_step(ctx: Context) -> dict:
             argv += ["--gpus", "8", "--steps", "20", "--warmup-steps", "5", "--loader-batches", "3",
                      "--warmup-batches", "1", "--assign-repeats", "20"]
         cap = 45 if (mode == "eager" and not ctx.dry_run) else math.inf
-        (out / "report.json").unlink(missing_ok=True)  # a rerun into the same --out must not read the last one's
+        for name in ("report.json", "report.partial.json"):  # a rerun into the same --out must not read the last one's
+            (out / name).unlink(missing_ok=True)
         c = ctx.run(f"profile-{mode}", argv, timeout=ctx.share(len(modes) - i, cap))
-        rep = _read_json(out / "report.json")  # after a timeout: the model step's figures, written before stage 3
+        # after a timeout: the model step's figures, written before the profile's stage 3
+        rep = _read_json(out / "report.json") or _read_json(out / "report.partial.json")
         if c.rc != 0:
             ctx.errors.append(f"profile_throughput ({mode}): {'timed out' if c.timed_out else f'rc {c.rc}'}"
                               + (" after the model step" if rep.get("partial") else ""))

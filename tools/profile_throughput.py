@@ -26,7 +26,8 @@ before and after that pass (interleaved, so that a noisy shared machine does not
 of them).
 
 Writes DIR/report.md (tables, verdict naming the bottleneck), DIR/report.json (schema:
-docs/report_schema.md) and PNG charts. Any `--section.field VALUE` overrides the recipe,
+docs/report_schema.md) and PNG charts; until then DIR/report.partial.json holds the model
+step's figures, so a run stopped later keeps them. Any `--section.field VALUE` overrides the recipe,
 as on a recipe's command line.
 """
 
@@ -66,6 +67,7 @@ from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mira_demo.py"
+PARTIAL_REPORT = "report.partial.json"  # the model step's figures until the full report.json (not its schema)
 
 
 def load_recipe(path: Path) -> Config:
@@ -338,10 +340,10 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
     # Peak memory of the training step alone (stage 3's training loop builds its own model).
     peak_device = peak_memory_mb(device) if device.type == "cuda" else None
     print(f"    {model_step['images_per_s']:.1f} images/s", flush=True)
-    # Kept if the run stops in a later stage (tools/gpu_check.py's deadline): the final report replaces it.
-    write_json(args.out / "report.json", {"partial": "stopped after stage 2/5, the model step",
-                                          "stages": {"model_step": model_step}, "breakdown_ms": breakdown,
-                                          "memory": {"peak_device_mb": peak_device}})
+    # Kept if the run stops in a later stage (tools/gpu_check.py's deadline); removed with the full report.
+    write_json(args.out / PARTIAL_REPORT, {"partial": "stopped after stage 2/5, the model step",
+                                           "stages": {"model_step": model_step}, "breakdown_ms": breakdown,
+                                           "memory": {"peak_device_mb": peak_device}})
     print(f"3/5 end to end ({cfg.data.backend}): the training loop, read from its own log", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         e2e = measure_end_to_end(cfg, args, Path(scratch))
@@ -421,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(args.out / "report.json", report)
+    (args.out / PARTIAL_REPORT).unlink(missing_ok=True)
     (args.out / "report.md").write_text(profile_markdown(report))
     print(f"\n{report['verdict']}\n")
     print_checks(report["checks"])

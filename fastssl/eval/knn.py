@@ -72,10 +72,8 @@ def _validate(
 def _nearest(train_features: Tensor, train_labels: Tensor, query_features: Tensor, k: int, chunk_size: int,
              merge: Merge | None):
     """For each chunk of queries: the similarities (largest first) and labels of its `k` nearest bank
-    rows (of the whole bank with `merge`), in the features' promoted dtype, on the bank's device."""
-    dtype = torch.promote_types(train_features.dtype, query_features.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
+    rows (of the whole bank with `merge`), in `_score_dtype`, on the bank's device."""
+    dtype = _score_dtype(train_features, query_features)
     # The bank is not copied (an ImageNet bank is 10.5 GB): each similarity is divided by its
     # bank row's norm instead, which equals normalising the bank first.
     bank = train_features.to(dtype)
@@ -93,6 +91,12 @@ def _nearest(train_features: Tensor, train_labels: Tensor, query_features: Tenso
             sims, pick = sims.topk(k, dim=1)
             nearest = nearest.gather(1, pick)
         yield sims, nearest
+
+
+def _score_dtype(train_features: Tensor, query_features: Tensor) -> torch.dtype:
+    """The features' promoted dtype; the default float dtype for integer features."""
+    dtype = torch.promote_types(train_features.dtype, query_features.dtype)
+    return dtype if dtype.is_floating_point else torch.get_default_dtype()
 
 
 def _votes(sims: Tensor, nearest: Tensor, k: int, temperature: float, num_classes: int) -> Tensor:
@@ -131,8 +135,7 @@ def knn_predict(
     scores = [_votes(sims, nearest, k, temperature, num_classes)
               for sims, nearest in _nearest(train_features, train_labels, query_features, k, chunk_size, merge)]
     if not scores:
-        dtype = torch.promote_types(train_features.dtype, query_features.dtype)
-        return torch.zeros(0, num_classes, dtype=dtype if dtype.is_floating_point else torch.get_default_dtype(),
+        return torch.zeros(0, num_classes, dtype=_score_dtype(train_features, query_features),
                            device=train_features.device)
     return torch.cat(scores)
 
