@@ -59,6 +59,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
     validate(cfg, accelerator.num_processes)
+    resolve_backend(cfg, accelerator)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
     with remembered_scans():  # the loader and the k-NN's memory bank list the training folder once
@@ -218,6 +219,14 @@ def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[Mira
         student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student).to(accelerator.device)
     return student, teacher
+
+
+def resolve_backend(cfg: Config, accelerator) -> None:
+    """`--data.backend auto` becomes the backend it means on this process's device, so the run's
+    config.json, logs and a resume's comparison name the loader that ran; the main process says which."""
+    cfg.data.backend, why = pipelines.resolve_backend(cfg.data.backend, accelerator.device)
+    if why:
+        accelerator.print(why)
 
 
 def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:

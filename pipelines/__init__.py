@@ -7,9 +7,13 @@ backends (DALI, FFCV) are imported only when chosen.
 
 from __future__ import annotations
 
+import importlib
+
+import torch
+
 from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
-from pipelines.spec import BACKENDS, DataConfig, LoaderSpec, registered_class
+from pipelines.spec import AUTO_BACKEND, BACKENDS, DataConfig, LoaderSpec, registered_class
 
 
 def build_train_loader(spec: LoaderSpec):
@@ -17,4 +21,24 @@ def build_train_loader(spec: LoaderSpec):
     return registered_class(BACKENDS, spec.data.backend, "data backend", "pick --data.backend torchvision")(spec)
 
 
-__all__ = ["MultiCropBatch", "MultiCropRecipe", "DataConfig", "LoaderSpec", "build_train_loader", "BACKENDS"]
+def resolve_backend(name: str, device: torch.device) -> tuple[str, str | None]:
+    """The backend `name` stands for on `device`, and a line saying why when it was `auto`.
+
+    `auto` is DALI on a CUDA device, where it decodes on the GPU, when DALI imports; else
+    torchvision (DALI's CPU mode is no faster than torchvision's workers, docs/benchmarks.md).
+    Every process resolves it for its own device, so a run's processes agree when their nodes do.
+    """
+    if name != AUTO_BACKEND:
+        return name, None
+    if device.type != "cuda":
+        return "torchvision", f"--data.backend auto: torchvision (no CUDA device for DALI's GPU decoding on {device})"
+    try:
+        importlib.import_module("nvidia.dali")
+    except ImportError as err:
+        return "torchvision", (f"--data.backend auto: torchvision, as DALI is not available ({err}); "
+                               "install it with `.venv/bin/pip install -e '.[dali]'` to decode on the GPU")
+    return "dali", f"--data.backend auto: dali (GPU decoding on {device})"
+
+
+__all__ = ["MultiCropBatch", "MultiCropRecipe", "DataConfig", "LoaderSpec", "build_train_loader", "resolve_backend",
+           "BACKENDS", "AUTO_BACKEND"]

@@ -25,6 +25,8 @@ BACKENDS = {
     "dali": "pipelines.dali:DaliLoader",
     "ffcv": "pipelines.ffcv:FfcvLoader",
 }
+# Not a loader: the name a run resolves to one of BACKENDS for its device (`pipelines.resolve_backend`).
+AUTO_BACKEND = "auto"
 # name -> "module:Class" of the evaluation loaders (`pipelines.eval.build_eval_loader`).
 EVAL_BACKENDS = {
     "torchvision": "pipelines.eval:EvalLoader",
@@ -54,7 +56,7 @@ def registered_class(table: dict[str, str], name: str, what: str, instead: str,
 class DataConfig:
     """Where the images come from and how they are loaded."""
 
-    backend: str = "torchvision"  # who reads and augments the training images: torchvision | synthetic | dali | ffcv
+    backend: str = "torchvision"  # torchvision | synthetic | dali | ffcv | auto (dali on a GPU if installed)
     train: str = ""  # ImageNet-layout folder train/<class>/<image>.JPEG (a .beton for ffcv)
     val: str = ""  # same layout; used by the online k-NN ("" = no k-NN)
     knn_train: str = ""  # JPEG folder for the k-NN memory bank ("" = data.train; required with ffcv)
@@ -71,8 +73,9 @@ class DataConfig:
     def errors(self) -> list[str]:
         """Every problem with the values, as `field: what is wrong (fix)` strings. Touches no files."""
         out: list[str] = []
-        if self.backend not in BACKENDS:
-            out.append(f"backend: unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.backend not in BACKENDS and self.backend != AUTO_BACKEND:
+            out.append(f"backend: unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)} "
+                       f"or {AUTO_BACKEND}")
         if self.backend != "synthetic" and not self.train:
             out.append("train: no training data given; pass --data.train /path/to/train "
                        "(ImageNet layout: train/<class>/<image>.JPEG) or use --data.backend synthetic")

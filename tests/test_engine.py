@@ -79,17 +79,23 @@ def test_run_writes_every_output(tmp_path, capsys, monkeypatch):
     assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(results))
 
 
-def test_refuses_to_overwrite_and_checks_resume(tmp_path):
+def test_refuses_to_overwrite_and_checks_resume(tmp_path, capsys):
     cfg = tiny_config(tmp_path, epochs=1)
     cfg.eval.knn_every = -1
+    cfg.data.backend = "auto"  # on this CPU: torchvision, recorded as such
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         train(cfg, resume=True)
     train(cfg)
+    assert "--data.backend auto: torchvision (no CUDA device" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["backend"] == "torchvision"
+    cfg.data.backend = "auto"  # (the run resolved it in place)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(cfg)
+    cfg.data.backend = "auto"  # resolves as the saved run did: not a change
     cfg.optim.momentum = 0.5  # (optim.base_lr may change, with a warning: tests/test_faults.py)
-    with pytest.raises(ConfigError, match="optim.momentum"):
+    with pytest.raises(ConfigError, match="optim.momentum") as refused:
         train(cfg, resume=True)
+    assert "data.backend" not in str(refused.value)
 
 
 def test_config_changes_treat_fields_a_run_predates_as_defaults():

@@ -333,6 +333,28 @@ def test_unknown_backend_is_named(image_folder):
         build_train_loader(spec_for(image_folder, backend="nope"))
 
 
+def test_auto_backend_is_dali_only_on_a_gpu_with_dali(monkeypatch):
+    import sys
+
+    from pipelines import resolve_backend
+
+    assert resolve_backend("ffcv", torch.device("cuda")) == ("ffcv", None)  # a named backend stays
+    name, why = resolve_backend("auto", torch.device("cpu"))
+    assert name == "torchvision" and "no CUDA device" in why
+    if not requires_dali.args[0]:  # skipif's condition false: DALI is installed here
+        assert resolve_backend("auto", torch.device("cuda", 1))[0] == "dali"  # resolving touches no GPU
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed: its import fails
+    name, why = resolve_backend("auto", torch.device("cuda", 1))
+    assert name == "torchvision" and "pip install -e '.[dali]'" in why
+
+
+def test_auto_is_a_valid_backend_name_but_not_a_loader(image_folder):
+    assert DataConfig(backend="auto", train="x").errors() == []
+    assert "or auto" in DataConfig(backend="nope", train="x").errors()[0]
+    with pytest.raises(ValueError, match="unknown data backend 'auto'"):  # resolved before any loader is built
+        build_train_loader(spec_for(image_folder, backend="auto"))
+
+
 def test_synthetic_backend_shapes():
     spec = LoaderSpec(data=DataConfig(backend="synthetic", synthetic_size=12), recipe=plain_recipe(), batch_size=3)
     loader = build_train_loader(spec)
