@@ -94,7 +94,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     # A fresh start keeps no log rows: a run directory without a checkpoint may hold the logs of an
     # attempt killed before its first checkpoint, whose steps are about to be run again.
     log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else 0)
-    guard = DivergenceGuard(student, teacher, state)
+    guard = DivergenceGuard(student, teacher, state, accelerator)
     saved_step = state.step if resume else None  # the step of the checkpoint on disk
     stop = GracefulStop()
     if knn and cfg.eval.knn_at_start and state.step == 0:
@@ -351,15 +351,8 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
 
     A loader with `state_dict` (DALI) adds its mid-epoch state, so a resume draws the same augmentations."""
     accelerator, teacher = parts.accelerator, parts.teacher
-    if guard is not None:  # buffers may differ between processes (shuffle-BN's are local): all decide together
-        diverged: TrainingDiverged | None = None
-        try:
-            guard.check_weights(state.step)
-        except TrainingDiverged as err:
-            diverged = err
-        if any_process(accelerator, diverged is not None):
-            raise diverged or TrainingDiverged(f"training diverged at step {state.step} on another process "
-                                               f"(its message says how)")
+    if guard is not None:  # every process decides together (buffers may differ between them)
+        guard.check_weights(state.step)
     accelerator.wait_for_everyone()
     error: ckpt.CheckpointError | None = None
     try:

@@ -16,6 +16,7 @@ import torch
 
 from fastssl import checkpoint as ckpt
 from fastssl.config import Config
+from fastssl.runtime import any_process
 
 # The divergence guard (checked at log steps and before every checkpoint): the weights' norm grew this
 # many times past its value at the start of the run, or this many times since the previous check, or the
@@ -42,10 +43,14 @@ class DivergenceGuard:
     logits / tau, bounded near log K + 2 / tau_student whatever the weights do (the demo at
     --optim.base_lr 1e6 logged losses of 1 to 20 while its weights reached 1e29), so the weights
     are what shows MIRA's divergence; the loss rule catches objectives whose loss is unbounded.
+
+    Every process decides together (`accelerator`, when given): the loss is the same on all of
+    them, but buffers may not be (shuffle-BN's statistics, BatchNorm without sync), and a process
+    that left alone would leave the others waiting for it in their next collective.
     """
 
-    def __init__(self, student, teacher, state: ckpt.TrainState):
-        self.modules, self.state = (student, teacher), state
+    def __init__(self, student, teacher, state: ckpt.TrainState, accelerator=None):
+        self.modules, self.state, self.accelerator = (student, teacher), state, accelerator
         self.previous = self.weight_norm()
         if not state.initial_weight_norm:
             state.initial_weight_norm = self.previous
@@ -62,7 +67,28 @@ class DivergenceGuard:
         norms = foreach(tensors) if foreach is not None else [t.norm() for t in tensors]
         return torch.stack([n.float() for n in norms]).norm().item()
 
+    def check(self, loss: float, step: int) -> None:
+        """At a log step: the loss, then the weights."""
+        self._together(step, lambda: (self._check_loss(loss, step), self._check_weights(step)))
+
     def check_weights(self, step: int) -> None:
+        """Before a checkpoint: the weights."""
+        self._together(step, lambda: self._check_weights(step))
+
+    def _together(self, step: int, check) -> None:
+        """Run `check`; its TrainingDiverged, or one found on another process, is raised on every process."""
+        diverged: TrainingDiverged | None = None
+        try:
+            check()
+        except TrainingDiverged as err:
+            diverged = err
+        if self.accelerator is not None and any_process(self.accelerator, diverged is not None):
+            raise diverged or TrainingDiverged(f"training diverged at step {step} on another process "
+                                               f"(its message says how)")
+        if diverged is not None:
+            raise diverged
+
+    def _check_weights(self, step: int) -> None:
         norm, start, previous = self.weight_norm(), self.state.initial_weight_norm, self.previous
         if not math.isfinite(norm):
             raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite")
@@ -74,7 +100,7 @@ class DivergenceGuard:
                                    f"{norm / start:.3g} times its {start:.3g} at the start of the run")
         self.previous = norm
 
-    def check(self, loss: float, step: int) -> None:
+    def _check_loss(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}")
         mean = self.loss_mean
@@ -84,7 +110,6 @@ class DivergenceGuard:
                                    f"mean of {mean:.4g}")
         self.loss_mean = loss if mean is None else 0.9 * mean + 0.1 * loss
         self.rows += 1
-        self.check_weights(step)
 
 
 def rerun_command(command: list[str] | None, run_dir: Path, resume: bool = True,

@@ -339,7 +339,7 @@ def test_demo_without_knn_prints_what_it_can(tmp_path, capsys):
     assert line == "demo: knn_top1 trained=off random_init=12.5"
 
 
-def _one_rank_finds_its_buffers_diverged(rank: int, world_size: int, run_dir: str) -> str:
+def _one_rank_finds_its_buffers_diverged(rank: int, world_size: int, run_dir: str, where: str) -> str:
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -347,23 +347,28 @@ def _one_rank_finds_its_buffers_diverged(rank: int, world_size: int, run_dir: st
     accelerator = Accelerator(cpu=True)
     student, teacher = torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)  # a teacher with local buffers
     state = ckpt.TrainState()
-    guard = recovery.DivergenceGuard(student, teacher, state)
+    guard = recovery.DivergenceGuard(student, teacher, state, accelerator)
     if rank == 1:  # shuffle-BN's statistics are each process's own: here only rank 1's blew up
         teacher.running_var.fill_(float("inf"))
     parts = SimpleNamespace(accelerator=accelerator, teacher=teacher)
     try:
-        engine.save(tiny_config(Path(run_dir)), Path(run_dir), parts, state, guard)
+        if where == "save":
+            engine.save(tiny_config(Path(run_dir)), Path(run_dir), parts, state, guard)
+        else:  # a log step: the loss (reduced, so the same everywhere) is fine
+            guard.check(1.0, step=7)
     except recovery.TrainingDiverged as err:
         return str(err)
-    return "saved"
+    return "went on"
 
 
-def test_weights_one_process_finds_diverged_fail_every_process_together(tmp_path):
+@pytest.mark.parametrize("where, step", [("save", 0), ("log step", 7)])
+def test_weights_one_process_finds_diverged_fail_every_process_together(tmp_path, where, step):
     """Not one rank raising while the others wait for it in the next collective (for good on NCCL)."""
     from dist_utils import run_distributed
 
-    outs = run_distributed(_one_rank_finds_its_buffers_diverged, world_size=2, args=(str(tmp_path),), timeout=90)
-    assert "diverged at step 0 on another process" in outs[0]
+    outs = run_distributed(_one_rank_finds_its_buffers_diverged, world_size=2, args=(str(tmp_path), where),
+                           timeout=90)
+    assert f"diverged at step {step} on another process" in outs[0]
     assert "the weights are no longer finite" in outs[1]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
