@@ -33,8 +33,8 @@ from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import DivergenceGuard, TrainingDiverged, continue_advice, latest_run_hint, rerun_command
 from fastssl.run_log import RunLog, write_json
-from fastssl.runtime import (GracefulStop, any_process, build_accelerator, default_num_workers, per_process,
-                             seed_everything)
+from fastssl.runtime import (GracefulStop, any_process, build_accelerator, default_num_workers, failing_together,
+                             per_process, seed_everything)
 from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
@@ -62,18 +62,21 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     resolve_backend(cfg, accelerator)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
-    with remembered_scans():  # the loader and the k-NN's memory bank list the training folder once
+    # Set-up fails on every process or none (`failing_together`): a node whose copy of the data or view
+    # of the run directory is wrong would otherwise fail alone, the others waiting for it in a collective.
+    with failing_together(accelerator), remembered_scans():  # the loader and the k-NN's bank list the folder once
         loader = build_loader(cfg, accelerator, workers)
         # A queue longer than the data fails here, before any output.
         objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
         knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
     run_dir = prepare_run_dir(cfg, resume, accelerator, command)
 
-    student, teacher = build_networks(cfg, accelerator, objective)
-    optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
-                                lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
-                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                                lars_eta=cfg.optim.lars_eta, decay_bn_bias=cfg.optim.decay_bn_bias)
+    with failing_together(accelerator):  # before DDP's first broadcast
+        student, teacher = build_networks(cfg, accelerator, objective)
+        optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
+                                    lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
+                                    momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                    lars_eta=cfg.optim.lars_eta, decay_bn_bias=cfg.optim.decay_bn_bias)
     student, optimizer = accelerator.prepare(student, optimizer)
     if cfg.train.compile:
         student = torch.compile(student)
@@ -81,12 +84,13 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
 
     state = ckpt.TrainState()
     results: dict = {"knn": []}
-    if resume:
-        state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
-                                     scaler=accelerator.scaler, rank=accelerator.process_index,
-                                     critic=objective.state, loader=loader)
-        results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
-        results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
+    with failing_together(accelerator):  # each process reads its own part (rng/rank{r}.pt); all call it
+        if resume:
+            state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
+                                         scaler=accelerator.scaler, rank=accelerator.process_index,
+                                         critic=objective.state, loader=loader)
+            results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
+            results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
     check_processes_agree(accelerator, loader, state, run_dir)
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
@@ -268,6 +272,17 @@ def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] |
     A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning.
     """
     run_dir = Path(cfg.train.run_dir)
+    with failing_together(accelerator):  # each process checks its view of the run directory; it ends as a barrier
+        warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "config.json", to_dict(cfg))
+            write_run_info(cfg, run_dir, accelerator, resume, warned)
+    return run_dir
+
+
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None) -> dict:
+    """The refusals of `prepare_run_dir`; returns the fields a resume changed with a warning, as [old, new]."""
     saved = ckpt.saved_config(run_dir)
     warned: dict[str, list] = {}
     if resume and saved is not None:
@@ -290,12 +305,7 @@ def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] |
     elif saved is not None:
         raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
                           f"or choose another --train.run_dir (nothing was overwritten)")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", to_dict(cfg))
-        write_run_info(cfg, run_dir, accelerator, resume, warned)
-    accelerator.wait_for_everyone()
-    return run_dir
+    return warned
 
 
 def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None) -> None:

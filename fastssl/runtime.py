@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import numpy as np
@@ -203,6 +206,48 @@ def stop_exit_code(signal_name: str) -> int:
         return 128 + signal.Signals[signal_name].value
     except KeyError:
         return 128 + signal.SIGINT.value
+
+
+@contextmanager
+def failing_together(accelerator: Accelerator) -> Iterator[None]:
+    """Run a block on every process; when it raises on any, it raises on all of them.
+
+    A process whose block raised re-raises its own error; the others raise the first failing
+    rank's, of the same type when it takes a message (so the command line still exits 2 for a
+    user error), naming that rank and its host. Without it, a process that fails alone in set-up
+    (its node's copy of the data is missing, its view of the run directory holds no checkpoint)
+    leaves the others waiting in their next collective: for good on NCCL. One all-gather of a
+    small object when every block succeeded; none on one process."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - agreed on below, then re-raised
+        error = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        kind = None if error is None else (type(error).__module__, type(error).__qualname__)  # names: always pickle
+        mine = None if error is None else (accelerator.process_index, socket.gethostname(), kind, str(error))
+        failed = [row for row in gather_object([mine]) if row is not None]
+        if error is None and failed:
+            rank, host, kind, message = failed[0]
+            raise _same_kind(kind, f"rank {rank} on {host}: {message}")
+    if error is not None:
+        raise error
+
+
+def _same_kind(kind: tuple[str, str], message: str) -> Exception:
+    """An error of the class named `kind` (module, qualified name) carrying `message`; a RuntimeError
+    when that class cannot be found here or does not take one message."""
+    import importlib
+
+    try:
+        cls = importlib.import_module(kind[0])
+        for part in kind[1].split("."):
+            cls = getattr(cls, part)
+        return cls(message)
+    except Exception:  # noqa: BLE001 - any failure: the message still goes through
+        return RuntimeError(message)
 
 
 def per_process(accelerator: Accelerator, values: list[int]) -> list[list[int]]:

@@ -373,17 +373,46 @@ def test_weights_one_process_finds_diverged_fail_every_process_together(tmp_path
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_dirs: list[str]) -> str:
+def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_dirs: list[str],
+                              resume: bool | str = "auto") -> str:
     """engine.train on 2 processes where each may see its own data folder and run directory."""
+    from fastssl.config import ConfigError
     from pipelines.folder import DataLayoutError
 
-    cfg = quick_config(Path(roots[rank]), epochs=1)
+    missing = Path(roots[rank]).name == "missing"  # this node has no copy of the data
+    cfg = quick_config(Path(roots[0] if missing else roots[rank]), epochs=1)
+    cfg.data.train = str(Path(roots[rank]) / "data" / "train") if missing else cfg.data.train
     cfg.train.run_dir = run_dirs[rank]
     try:
-        engine.train(cfg, resume="auto")
-    except (DataLayoutError, ckpt.CheckpointError) as err:
+        engine.train(cfg, resume=resume)
+    except (DataLayoutError, ckpt.CheckpointError, ConfigError, FileNotFoundError) as err:
         return f"{type(err).__name__}: {err}"
     return "trained"
+
+
+def test_a_process_that_fails_its_set_up_alone_fails_every_process(tmp_path):
+    """One node's copy of the data missing, or its view of the run directory without the checkpoint that an
+    explicit --resume asks for: that process's error on it, the same error naming it on the others (not a
+    wait in their next collective, for good on NCCL)."""
+    import socket
+
+    from dist_utils import run_distributed
+
+    quick_config(tmp_path / "node0")
+    run = str(tmp_path / "run")
+    outs = run_distributed(_train_on_this_ranks_view, world_size=2,
+                           args=([str(tmp_path / "node0"), str(tmp_path / "missing")], [run, run]), timeout=180)
+    kind, message = outs[1].split(": ", 1)
+    assert "does not exist" in message, outs[1]
+    assert outs[0] == f"{kind}: rank 1 on {socket.gethostname()}: {message}"
+
+    cfg = quick_config(tmp_path / "node0", epochs=1)
+    engine.train(cfg)  # node 0's run directory holds a checkpoint; node 1's is empty
+    outs = run_distributed(_train_on_this_ranks_view, world_size=2,
+                           args=([str(tmp_path / "node0")] * 2, [cfg.train.run_dir, str(tmp_path / "node1_run")], True),
+                           timeout=180)
+    assert outs[1].startswith("ConfigError: --resume: ") and "holds no checkpoint" in outs[1], outs[1]
+    assert outs[0].startswith("ConfigError: rank 1 on ") and "holds no checkpoint" in outs[0], outs[0]
 
 
 def test_processes_that_see_different_data_refuse_to_start(tmp_path):
