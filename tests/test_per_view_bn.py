@@ -62,12 +62,14 @@ def test_every_batchnorm_is_per_view_and_keys_unchanged():
     assert list(per_view.state_dict()) == list(plain.state_dict())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, batch, tol", [(torch.float32, 16, 1e-5), (torch.float64, 6, 1e-10)])
-def test_batched_forward_equals_separate_per_view_forwards(dtype, batch, tol):
+def test_batched_forward_equals_separate_per_view_forwards(dtype, batch, tol, device):
     """float32 to 1e-5 (plain BatchNorm's own float32 error here is ~7e-6); float64 shows the
-    formula is exact rather than close."""
-    per_view, plain = (net.to(dtype) for net in twin_networks())
-    views = [v.to(dtype) for v in make_views(batch)]
+    formula is exact rather than close. On a GPU the views go through `_PerViewNorm`'s CUDA kernels."""
+    on = on_device(device)
+    per_view, plain = (net.to(dtype).to(on) for net in twin_networks())
+    views = [v.to(dtype).to(on) for v in make_views(batch)]
     logits, zs = per_view(views, with_embeddings=True)
     ref_logits, ref_zs = per_view_reference(plain, views)
     for a, b in zip(logits + zs, ref_logits + ref_zs):
@@ -79,12 +81,14 @@ def test_batched_forward_equals_separate_per_view_forwards(dtype, batch, tol):
     assert int(per_view.backbone.bn1.num_batches_tracked) == len(views)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
-def test_loss_and_gradients_equal_a_per_view_step(dtype, tol):
+def test_loss_and_gradients_equal_a_per_view_step(dtype, tol, device):
     """Gradients compared relative to each parameter's largest gradient entry."""
-    per_view, plain = (net.to(dtype) for net in twin_networks(1))
-    views = [v.to(dtype) for v in make_views(16, seed=1)]
-    targets = [torch.softmax(torch.randn(16, 12, dtype=dtype), 1) for _ in range(2)]
+    on = on_device(device)
+    per_view, plain = (net.to(dtype).to(on) for net in twin_networks(1))
+    views = [v.to(dtype).to(on) for v in make_views(16, seed=1)]
+    targets = [torch.softmax(torch.randn(16, 12, dtype=dtype), 1).to(on) for _ in range(2)]
     loss = loss_of(per_view(views), targets)
     ref_loss = loss_of(per_view_reference(plain, views)[0], targets)
     loss.backward()
@@ -143,6 +147,59 @@ def test_channels_last_and_bf16_autocast():
     plain_err = max((a.float() - b).abs().max().item() for a, b in zip(plain_bf16, ref))
     assert all(a.dtype == torch.float32 for a in ours)
     assert ours_err <= 2 * plain_err + 0.01, (ours_err, plain_err)
+
+
+def _kernels_cases():
+    from fastssl.models.per_view_bn import CUDA_KERNELS, PYTHON_KERNELS
+
+    gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    return [pytest.param(PYTHON_KERNELS, "cpu", id="python-cpu"),
+            pytest.param(PYTHON_KERNELS, "cuda", id="python-cuda", marks=gpu),
+            pytest.param(CUDA_KERNELS, "cuda", id="cuda", marks=gpu)]
+
+
+@pytest.mark.parametrize("kernels, device", _kernels_cases())
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float64, torch.contiguous_format),
+                                                  (torch.bfloat16, torch.channels_last)])
+def test_per_view_function_equals_batchnorm_on_each_view(kernels, device, dtype, memory_format):
+    """`_PerViewNorm` (the GPU's and the distributed route) on one process against float64 BatchNorm
+    given each view alone: output, running statistics (one update per view, in order) and the
+    gradients of input, weight and bias. float64 to 1e-10; bf16 input (the training dtype) to its
+    rounding: the output is stored in bf16, everything else is float32 or better."""
+    import torch.nn.functional as F
+
+    from fastssl.models.per_view_bn import _PerViewNorm
+
+    g = torch.Generator().manual_seed(7)
+    views, rows, c = 3, 5, 4
+    x = torch.cat([torch.randn(rows, c, 6, 6, generator=g) * (1 + v) + 3 * v for v in range(views)])
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.2
+    running = (torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5)
+    upstream = torch.randn(x.shape, generator=g)
+    x = x.to(dtype).to(memory_format=memory_format)
+
+    def step(x, weight, bias, running_mean, running_var, per_view):
+        x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+        y = per_view(x, weight, bias, running_mean, running_var)
+        (y.double() * upstream.to(y.device)).sum().backward()
+        return y, x.grad, weight.grad, bias.grad
+
+    ref_running = [r.double().clone() for r in running]
+    ref = step(x.double(), weight.double(), bias.double(), *ref_running, lambda x, w, b, m, v: torch.cat(
+        [F.batch_norm(view, m, v, w, b, training=True, momentum=0.1, eps=1e-5) for view in x.split(rows)]))
+    on, params = torch.device(device), torch.promote_types(dtype, torch.float32)  # as the module's under autocast
+    ours_running = [r.to(on, params).clone() for r in running]
+    ours = step(x.to(on), weight.to(on, params), bias.to(on, params), *ours_running,
+                lambda x, w, b, m, v: _PerViewNorm.apply(
+        x, w, b, m, v, [0.1] * views, 1e-5, rows, None, kernels))
+    y = ours[0]
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    tol = 1e-10 if dtype == torch.float64 else 2 ** -8  # bf16 keeps 8 significant bits
+    for name, got, want in zip(["output", "input grad", "weight grad", "bias grad"], ours, ref):
+        scale = want.abs().max().item()
+        assert (got.double().cpu() - want).abs().max().item() <= tol * scale, name
+    for got, want in zip(ours_running, ref_running):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-10 if dtype == torch.float64 else 1e-5, atol=1e-6)
 
 
 def test_chan_combination_equals_pooled_statistics():

@@ -9,53 +9,166 @@ authors' semantics: the batch is read as `num_views` consecutive blocks of equal
 (how `MiraNetwork` stacks its views), and every block is normalised with its own mean
 and variance.
 
-In one process every block goes through PyTorch's own BatchNorm kernel (so the result and
-the running statistics are those of per-view forwards, bit for bit, and the cost is close
-to one pooled BatchNorm: no second pass, only V small launches). Distributed: each view's
-statistics are over the GLOBAL batch (the view's rows on every process), as SyncBN's
-are. All views of a layer travel in ONE all-gather of
-(count, mean, variance) per view, combined with Chan's parallel formula (exact, no
-sum-of-squares cancellation); the backward is one all-reduce. Both work on gloo and NCCL.
+Three routes, one result:
+* One process on a CPU, or under torch.compile: every block through PyTorch's own BatchNorm,
+  then one concatenation: the result and the running statistics are those of per-view
+  forwards, bit for bit (inductor fuses the concatenation away).
+* On a GPU, eagerly: `_PerViewNorm`, the per-view twin of `nn.SyncBatchNorm`'s function,
+  made of the same CUDA kernels (`torch.batch_norm_stats`, `..._gather_stats_with_counts`,
+  `..._elemt`, `..._backward_reduce`, `..._backward_elemt`): each view's statistics from
+  its slice, bf16 read as bf16 (no float32 copy of the activations), the output written in
+  place (no concatenation), the running statistics updated in the kernel, one per view.
+* Distributed (a group of more than one process, `sync`): the same function, each view's
+  statistics over the GLOBAL batch (the view's rows on every process), as SyncBN's are. All
+  views of a layer travel in ONE all-gather of (mean, 1/std, count) per view, and the
+  backward is ONE all-reduce of the per-view gradient sums. On a CPU (gloo) and under
+  torch.compile the kernels are `PYTHON_KERNELS`, their definitions in float32 or better.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 
-class _AllGatherStats(torch.autograd.Function):
-    """All-gather of a small tensor whose backward sums each rank's gradient slice.
-
-    torch.distributed.nn's all_gather uses reduce-scatter / all-to-all in its backward,
-    which gloo lacks; the stats are tiny, so one all-reduce of the whole gradient is as good.
-    """
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group, ctx.rank = group, dist.get_rank(group)
-        out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, local.contiguous(), group=group)
-        return torch.stack(out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
-
-
 def combine_view_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Chan et al.'s pooled mean and (biased) variance over the first dimension (processes).
 
-    count: P x V, mean and var: P x V x C (biased, per process) -> (V, V x C, V x C).
+    count: P (x V), mean and var: P (x V) x C (biased, per process) -> total, mean, var without the P.
     """
     total = count.sum(0)
     w = (count / total).unsqueeze(-1)
     pooled_mean = (w * mean).sum(0)
     pooled_var = (w * (var + (mean - pooled_mean) ** 2)).sum(0)
     return total, pooled_mean, pooled_var
+
+
+def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A C-vector shaped to broadcast over `like` (N x C x ...)."""
+    return t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
+    return (0, *range(2, x.dim()))
+
+
+def _compute(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _stats(x, eps):
+    var, mean = torch.var_mean(_compute(x), dim=_reduce_dims(x), correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _gather_stats_with_counts(x, mean, invstd, running_mean, running_var, momentum, eps, counts):
+    var = invstd.reciprocal().square() - eps  # the exchanged form is SyncBN's: 1 / sqrt(var + eps)
+    total, mean, var = combine_view_stats(counts, mean, var)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * total / (total - 1).clamp(min=1)).to(running_var.dtype), momentum)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _elemt(x, weight, bias, mean, invstd, eps, *, out):
+    y = (_compute(x) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    if weight is not None:
+        y = y * _per_channel(weight, x) + _per_channel(bias, x)
+    return out.copy_(y)
+
+
+def _backward_reduce(grad, x, mean, invstd, weight, input_g, weight_g, bias_g):
+    dy, xmu = _compute(grad), _compute(x) - _per_channel(mean, x)
+    sum_dy, sum_dy_xmu = dy.sum(_reduce_dims(x)), (dy * xmu).sum(_reduce_dims(x))
+    grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight_g else None
+    grad_bias = sum_dy.to(weight.dtype) if bias_g else None
+    return sum_dy, sum_dy_xmu, grad_weight, grad_bias
+
+
+def _backward_elemt(grad, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    n = count.sum().to(sum_dy.dtype)
+    xmu = _compute(x) - _per_channel(mean, x)
+    scale = invstd if weight is None else invstd * weight
+    dx = (_compute(grad) - _per_channel(sum_dy / n, x)
+          - xmu * _per_channel(invstd.square() * sum_dy_xmu / n, x)) * _per_channel(scale, x)
+    return dx.to(grad.dtype)
+
+
+# SyncBatchNorm's kernels (CUDA only, no meta kernels: not traceable by torch.compile), and their
+# definitions in PyTorch operations (any device, traceable). The same signatures.
+CUDA_KERNELS = SimpleNamespace(stats=torch.batch_norm_stats,
+                               gather_stats_with_counts=torch.batch_norm_gather_stats_with_counts,
+                               elemt=torch.batch_norm_elemt, backward_reduce=torch.batch_norm_backward_reduce,
+                               backward_elemt=torch.batch_norm_backward_elemt)
+PYTHON_KERNELS = SimpleNamespace(stats=_stats, gather_stats_with_counts=_gather_stats_with_counts, elemt=_elemt,
+                                 backward_reduce=_backward_reduce, backward_elemt=_backward_elemt)
+
+
+def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
+    """P x `local.shape`: every process's `local`, in rank order (one collective)."""
+    out = local.new_empty((dist.get_world_size(group), *local.shape))
+    if dist.get_backend(group) == "nccl":
+        dist.all_gather_into_tensor(out, local, group=group)
+    else:  # gloo: the list form (its support of the single-tensor form varies across versions and devices)
+        dist.all_gather(list(out.unbind(0)), local, group=group)
+    return out
+
+
+class _PerViewNorm(torch.autograd.Function):
+    """`nn.SyncBatchNorm`'s function with one set of statistics per view (consecutive blocks of
+    `rows` rows); `group` None: this process's rows only, no collective."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momenta, eps, rows, group, kernels):
+        fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)  # each view's block is then contiguous too
+        views = x.split(rows)
+        c = x.shape[1]
+        count = float(x[:rows].numel() // c)
+        stats = [kernels.stats(v, eps) for v in views]  # (mean, 1 / std) per view, float32 or better
+        local = torch.stack([torch.cat([mean, invstd, mean.new_full((1,), count)]) for mean, invstd in stats])
+        if group is None:
+            per_view = local.unsqueeze(1)  # V x P x (2C + 1), P = 1
+        else:  # one collective for all views; then each view's P x (2C + 1) block contiguous, as SyncBN's
+            per_view = _all_gather_rows(local, group).transpose(0, 1).contiguous()
+        out = torch.empty_like(x)
+        means, invstds = [], []
+        for v, (view, y) in enumerate(zip(views, out.split(rows))):
+            g = per_view[v]
+            mean, invstd = kernels.gather_stats_with_counts(view, g[:, :c], g[:, c:2 * c], running_mean, running_var,
+                                                            momenta[v], eps, g[:, 2 * c])
+            kernels.elemt(view, weight, bias, mean, invstd, eps, out=y)
+            means.append(mean)
+            invstds.append(invstd)
+        counts = per_view[0, :, 2 * c].to(torch.int32)  # per process; the same for every view
+        ctx.save_for_backward(x, weight, torch.stack(means), torch.stack(invstds), counts)
+        ctx.rows, ctx.group, ctx.kernels, ctx.fmt = rows, group, kernels, fmt
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, means, invstds, counts = ctx.saved_tensors
+        input_g, weight_g, bias_g = ctx.needs_input_grad[:3]
+        k, rows, c = ctx.kernels, ctx.rows, x.shape[1]
+        grads = grad.contiguous(memory_format=ctx.fmt).split(rows)
+        views = x.split(rows)
+        reduced = [k.backward_reduce(g, v, means[i], invstds[i], weight, input_g, weight_g, bias_g)
+                   for i, (g, v) in enumerate(zip(grads, views))]
+        grad_weight = torch.stack([r[2] for r in reduced]).sum(0) if weight_g else None
+        grad_bias = torch.stack([r[3] for r in reduced]).sum(0) if bias_g else None
+        grad_x = None
+        if input_g:
+            sums = torch.stack([torch.cat([r[0], r[1]]) for r in reduced])  # V x 2C: one collective
+            if ctx.group is not None:
+                dist.all_reduce(sums, group=ctx.group)
+            grad_x = torch.cat([k.backward_elemt(g, v, means[i], invstds[i], weight, sums[i, :c], sums[i, c:], counts)
+                                for i, (g, v) in enumerate(zip(grads, views))])
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class _PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -78,49 +191,31 @@ class _PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} rows is not a whole number of "
                              f"views of {rows} rows; stack views of equal batch size")
         num_views = x.shape[0] // rows
-        group = self._group()
-        if group is None:  # each view through the native kernel: what per-view forwards compute, bit for bit
-            if num_views == 1:
-                return super().forward(x)
+        group, compiling = self._group(), torch.compiler.is_compiling()
+        if group is None and num_views == 1:
+            return super().forward(x)  # plain BatchNorm
+        if group is None and (x.device.type != "cuda" or compiling):
+            # each view through the native kernel: what per-view forwards compute, bit for bit
             return torch.cat([super(_PerViewBatchNorm, self).forward(view) for view in x.split(rows)])
-        return self._global_forward(x, rows, num_views, group)
+        kernels = CUDA_KERNELS if x.device.type == "cuda" and not compiling else PYTHON_KERNELS
+        track = self.training and self.track_running_stats
+        momenta = self._momenta(num_views) if track else [0.0] * num_views
+        return _PerViewNorm.apply(x, self.weight, self.bias, self.running_mean if track else None,
+                                  self.running_var if track else None, momenta, self.eps, rows, group, kernels)
 
-    def _global_forward(self, x: torch.Tensor, rows: int, num_views: int, group) -> torch.Tensor:
-        """Every view normalised with its statistics over all processes: one all-gather for all views."""
-        # Statistics and the affine map in float32 or better (as cuDNN's BatchNorm under autocast).
-        xv = x.reshape(num_views, rows, *x.shape[1:])  # splits only the outermost dimension
-        xv = xv.to(torch.promote_types(x.dtype, torch.float32))
-        dims = (1,) + tuple(range(3, xv.dim()))  # every dimension but the view and the channel
-        var, mean = torch.var_mean(xv, dim=dims, correction=0)  # V x C each
-        count = torch.full((num_views,), float(xv[0].numel() // xv.shape[2]), dtype=mean.dtype, device=x.device)
-        local = torch.cat([count.unsqueeze(1), mean, var], dim=1)  # V x (1 + 2C): one collective
-        gathered = _AllGatherStats.apply(local, group)
-        c = mean.shape[1]
-        count, mean, var = combine_view_stats(gathered[..., 0], gathered[..., 1:1 + c], gathered[..., 1 + c:])
-        if self.training and self.track_running_stats:
-            self._update_running_stats(count, mean.detach(), var.detach())
-        shape = (num_views, 1, -1) + (1,) * (xv.dim() - 3)
-        scale = torch.rsqrt(var + self.eps)
-        shift = -mean * scale
-        if self.affine:
-            scale, shift = scale * self.weight, shift * self.weight + self.bias
-        y = torch.addcmul(shift.view(shape), xv, scale.view(shape))
-        return y.reshape(x.shape).to(x.dtype)
+    def _momenta(self, num_views: int) -> list[float]:
+        """Each view's running-statistics momentum, counting one tracked batch per view (as per-view forwards)."""
+        if self.momentum is not None:
+            self.num_batches_tracked.add_(num_views)
+            return [self.momentum] * num_views
+        seen = int(self.num_batches_tracked)  # cumulative average (momentum None): a host sync, as nn.BatchNorm's
+        self.num_batches_tracked.add_(num_views)
+        return [1.0 / (seen + v + 1) for v in range(num_views)]
 
     def _group(self):
         if not (self.sync and dist.is_available() and dist.is_initialized()):
             return None
         return dist.group.WORLD if dist.get_world_size() > 1 else None
-
-    @torch.no_grad()
-    def _update_running_stats(self, count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """One momentum update per view, in view order, as separate per-view forwards make."""
-        unbiased = var * (count / (count - 1).clamp(min=1)).unsqueeze(1)
-        for v in range(mean.shape[0]):
-            self.num_batches_tracked.add_(1)
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean[v].to(self.running_mean.dtype), m)
-            self.running_var.lerp_(unbiased[v].to(self.running_var.dtype), m)
 
 
 class PerViewBatchNorm1d(_PerViewBatchNorm, nn.BatchNorm1d):
