@@ -126,4 +126,4 @@ class LoaderSpec:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """Move one view to the training device in the training dtype and memory format."""
         x = x.to(self.device, dtype=self.dtype, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)

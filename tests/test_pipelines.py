@@ -488,6 +488,34 @@ def test_torchvision_crops_resample_with_the_recipes_interpolation(interpolation
     assert not torch.equal(crops["bicubic"], crops["bilinear"])
 
 
+def test_torchvision_views_are_the_whole_torchvision_chain_normalised_where_they_land(image_folder, monkeypatch):
+    """Workers hand over uint8 crops (a quarter of float32's bytes to the GPU); normalised on the
+    training device they equal, bit for bit, the recipe's transforms ending in ToTensor + Normalize."""
+    from torchvision import transforms as T
+
+    import pipelines.torchvision as tv
+    from pipelines.sampler import sample_rng
+
+    recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2)  # every photometric step on
+    handed = []
+    to_device = LoaderSpec.to_device
+    monkeypatch.setattr(LoaderSpec, "to_device", lambda self, x: handed.append(x.dtype) or to_device(self, x))
+    real_normalize = tv.normalize_uint8
+    monkeypatch.setattr(tv, "normalize_uint8", lambda x, *a: handed.append(x.dtype) or real_normalize(x, *a))
+    loader = build_train_loader(spec_for(image_folder, recipe=recipe, batch_size=3, seed=5))
+    batch = next(iter(loader))
+    assert set(handed[:recipe.num_views]) == {torch.uint8}  # what crossed from the workers
+    dataset = tv.MultiCropFolder(image_folder, recipe, seed=5)
+    whole = [T.Compose([*t.transforms[:-1], T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
+             for t in dataset.transforms]
+    for row, i in enumerate(batch.index.tolist()):
+        img = dataset._read(i)
+        with sample_rng(5, 0, i):
+            expected = [t(img) for t in whole]
+        for v, want in enumerate(expected):
+            assert torch.equal(batch.views[v][row], want), (row, v)
+
+
 def test_a_sample_reseeds_the_cpu_generator_only_and_restores_it(tmp_path, monkeypatch):
     """In the main process (num_workers 0) on a GPU, `torch.manual_seed` would also reseed every
     CUDA generator per sample, and fork_rng(devices=[]) would not restore them."""
