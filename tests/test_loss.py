@@ -54,3 +54,18 @@ def test_target_never_supervises_its_own_view():
     # ... but not student view 1
     moved = [student[0], student[1] + 5 * torch.randn(2, 3, generator=g), student[2]]
     assert abs(swapped_prediction_loss(moved, [target0], 0.1).item() - base.item()) > 1e-3
+
+
+def test_one_log_softmax_for_every_view_and_views_of_one_shape(monkeypatch):
+    """Batched: a handful of kernels per step on a GPU, not T x (V - 1) cross-entropies."""
+    import fastssl.losses.swapped as swapped
+
+    calls = []
+    real = swapped.F.log_softmax
+    monkeypatch.setattr(swapped.F, "log_softmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    student = [torch.randn(4, 5) for _ in range(8)]
+    targets = [torch.softmax(torch.randn(4, 5), 1) for _ in range(2)]
+    swapped_prediction_loss(student, targets, 0.1)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="views of one shape"):
+        swapped_prediction_loss([*student[:-1], torch.randn(3, 5)], targets, 0.1)

@@ -20,11 +20,19 @@ def swapped_prediction_loss(student_logits: list[torch.Tensor], targets: list[to
     student view except view t itself (the other global view and all the locals); each
     half is the mean cross-entropy over its student views and the halves are averaged.
     With only the 2 global views this is Eq. 8 divided by 2.
+
+    Computed batched (views of one batch size, as the network makes them): one log-softmax
+    over every student view and one product with every target, not a loop of T x (V - 1)
+    `cross_entropy` calls (each view's log-softmax once, a handful of kernels in all).
     """
     if len(targets) < 1 or len(student_logits) < 2:
         raise ValueError("swapped prediction needs >= 1 target and >= 2 student views")
-    halves = []
-    for t, target in enumerate(targets):
-        terms = [cross_entropy(target, s, tau_student) for v, s in enumerate(student_logits) if v != t]
-        halves.append(torch.stack(terms).mean())
-    return torch.stack(halves).mean()
+    if len({tuple(s.shape) for s in (*student_logits, *targets)}) > 1:
+        raise ValueError(f"swapped prediction needs views of one shape, got "
+                         f"{[tuple(s.shape) for s in student_logits]} and targets {[tuple(t.shape) for t in targets]}")
+    logits = torch.stack(student_logits)
+    log_q = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / tau_student, dim=-1)  # V x B x K
+    u = torch.stack(targets).to(log_q.dtype)  # T x B x K
+    ce = -torch.einsum("tbk,vbk->tv", u, log_q) / u.shape[1]  # mean cross-entropy of target t on view v
+    others = ~torch.eye(len(targets), len(student_logits), dtype=torch.bool, device=ce.device)  # not its own view
+    return ((ce * others).sum(1) / others.sum(1)).mean()
