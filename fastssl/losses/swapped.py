@@ -27,7 +27,7 @@ def swapped_prediction_loss(student_logits: list[torch.Tensor], targets: list[to
     """
     if len(targets) < 1 or len(student_logits) < 2:
         raise ValueError("swapped prediction needs >= 1 target and >= 2 student views")
-    if len({tuple(s.shape) for s in (*student_logits, *targets)}) > 1:
+    if any(s.shape != targets[0].shape for s in (*student_logits, *targets)):
         raise ValueError(f"swapped prediction needs views of one shape, got "
                          f"{[tuple(s.shape) for s in student_logits]} and targets {[tuple(t.shape) for t in targets]}")
     logits = torch.stack(student_logits)
