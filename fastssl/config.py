@@ -114,6 +114,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp16 | no  (auto: bf16 on GPUs with native bf16, else fp16; CPU: no)
     compile: bool = False  # torch.compile the student
     channels_last: bool = True  # NHWC memory layout for the convolutions (faster on GPUs)
+    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms once per shape and keeps the fastest
     cpu: bool = False  # force CPU even when a GPU is present
     steps_per_epoch: int = 0  # cap steps per epoch (smoke tests, profiling); 0 = the whole epoch
     log_every: int = 10  # steps between CSV/TensorBoard rows

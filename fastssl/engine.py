@@ -39,8 +39,8 @@ from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
-                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile", "eval.batch_size",
-                     "eval.loader"}
+                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile", "train.cudnn_benchmark",
+                     "eval.batch_size", "eval.loader"}
 # Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
 # would. They are how a diverged run continues from its last good checkpoint.
 RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}

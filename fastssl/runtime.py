@@ -50,8 +50,12 @@ def has_native_bf16(gpu: int) -> bool:
 
 
 def build_accelerator(train: TrainConfig) -> Accelerator:
-    """The Accelerator that owns processes, devices and autocast for this run."""
+    """The Accelerator that owns processes, devices and autocast for this run.
+
+    cuDNN's autotuner is on unless `train.cudnn_benchmark` is off: a run's shapes are fixed (two crop
+    sizes, one batch), so the first steps' timing of each convolution's algorithms pays for itself."""
     use_cpu = train.cpu or not torch.cuda.is_available()
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
     return Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(train.precision, not use_cpu),
                        step_scheduler_with_optimizer=False,
                        kwargs_handlers=[process_group_timeout(train.collective_timeout_min)])

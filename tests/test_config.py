@@ -125,7 +125,7 @@ def test_every_field_has_a_one_line_help():
     missing = [name for name, text in helps.items() if not text.strip()]
     assert not missing, f"fields without a comment beside them in their dataclass: {missing}"
     assert all("\n" not in text for text in helps.values())
-    assert helps["data.backend"].endswith("torchvision | synthetic | dali | ffcv")
+    assert helps["data.backend"].endswith("torchvision | synthetic | dali | ffcv | auto (dali on a GPU if installed)")
     assert helps["aug.blur_p"].startswith("Blur probability for global view 0")  # the comment line above the field
 
 

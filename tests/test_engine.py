@@ -98,6 +98,16 @@ def test_refuses_to_overwrite_and_checks_resume(tmp_path, capsys):
     assert "data.backend" not in str(refused.value)
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_cudnn_autotuner_follows_the_config(on, monkeypatch):
+    from fastssl.config import TrainConfig
+    from fastssl.runtime import build_accelerator
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not on)  # restored afterwards
+    build_accelerator(TrainConfig(cudnn_benchmark=on))
+    assert torch.backends.cudnn.benchmark is on
+
+
 def test_config_changes_treat_fields_a_run_predates_as_defaults():
     """A run saved before a field existed resumes, unless the new value differs from the default."""
     from fastssl.engine import config_changes
