@@ -130,9 +130,11 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
+    """This process's random generators: Python's, numpy's, torch's CPU one and its own GPU's (not
+    every visible GPU's: a process draws on one, and a resume may see fewer)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: Accelerate set it to this process's
     return state
 
 
@@ -140,22 +142,36 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # a file from before: every visible GPU's, this one's by index
+            index = torch.cuda.current_device()
+            if index >= len(cuda):
+                return
+            cuda = cuda[index]
+        torch.cuda.set_rng_state(cuda)
+
+
+def rank_state_path(run_dir: Path, rank: int) -> Path:
+    """Where process `rank` keeps its random generators and its loader's position."""
+    return run_dir / "rng" / f"rank{rank}.pt"
 
 
 def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state: TrainState, config: dict,
-                    rank: int, is_main: bool, critic=None, extra_bytes: int = 0, loader_state=None) -> None:
+                    rank: int, is_main: bool, critic=None, extra_bytes: int = 0, loader_state=None,
+                    world_size: int = 1) -> None:
     """Every rank writes its RNG state (and its loader's, `loader_state`: where DALI's random
     generators stand mid-epoch); the main process writes the shared state.
 
     The main process checks first that the checkpoint, its RNG file and `extra_bytes` (the
     backbone exported next) all fit, so a full disk fails before any file changes. The
-    checkpoint is written before the RNG file: a failed checkpoint leaves both old ones.
+    checkpoint is written before the RNG file: a failed checkpoint leaves both old ones. Each
+    rank's file carries the step and the process count it was written at, so a resume uses it
+    only with the checkpoint of that step, on as many processes (`load_checkpoint`).
     """
-    rng_dir = run_dir / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    rng, rng_path = rng_state(), rng_dir / f"rank{rank}.pt"
+    rng_path = rank_state_path(run_dir, rank)
+    rng_path.parent.mkdir(parents=True, exist_ok=True)
+    rng = {**rng_state(), "step": state.step, "world_size": world_size}
     if loader_state is not None:
         rng["loader"] = loader_state
     if is_main:
@@ -172,6 +188,10 @@ def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state
         check_free_space(run_dir, bytes_needed(payload, path) + bytes_needed(rng, rng_path) + extra_bytes,
                          f"{CHECKPOINT_NAME}, {rng_path.relative_to(run_dir)} and the backbone")
         atomic_save(payload, path)
+        for stale in rng_path.parent.glob("rank*.pt"):  # of a run that had more processes
+            number = stale.stem[len("rank"):]
+            if number.isdigit() and int(number) >= world_size:
+                stale.unlink(missing_ok=True)
     atomic_save(rng, rng_path)
 
 
@@ -198,8 +218,12 @@ def _load(path: Path, mmap: bool = False):
 
 
 def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank: int, critic=None,
-                    loader=None) -> TrainState:
-    """Restore everything `save_checkpoint` wrote (a loader's state into `loader`); returns where to continue."""
+                    loader=None, world_size: int = 1) -> tuple[TrainState, str | None]:
+    """Restore everything `save_checkpoint` wrote (a loader's state into `loader`); returns where to
+    continue, and why this process's own state (random generators, loader position) was not restored
+    (None when it was): it belongs to another step (a save that failed part way) or to a run on
+    another number of processes. The run then goes on from its fresh seeds: the same data order
+    (it does not depend on the process count), other augmentations than an uninterrupted run's."""
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; start the run without --resume "
@@ -214,13 +238,19 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
         critic.load_state_dict(ckpt["critic"])
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
-    rng_path = run_dir / "rng" / f"rank{rank}.pt"
-    if rng_path.is_file():
-        rng = _load(rng_path)
-        set_rng_state(rng)
-        if loader is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(rng.get("loader"))
-    return TrainState(**ckpt["state"])
+    state = TrainState(**ckpt["state"])
+    rng_path = rank_state_path(run_dir, rank)
+    if not rng_path.is_file():
+        return state, f"{rng_path.relative_to(run_dir)} does not exist"
+    rng = _load(rng_path)
+    written = (rng.get("step", state.step), rng.get("world_size", world_size))  # files from before had neither
+    if written != (state.step, world_size):
+        return state, (f"{rng_path.relative_to(run_dir)} was written at step {written[0]} by {written[1]} "
+                       f"process(es); the checkpoint is of step {state.step}, resumed on {world_size}")
+    set_rng_state(rng)
+    if loader is not None and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(rng.get("loader"))
+    return state, None
 
 
 def resolve_resume(resume: bool | str, run_dir: Path) -> bool:

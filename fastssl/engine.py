@@ -84,14 +84,16 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
 
     state = ckpt.TrainState()
     results: dict = {"knn": []}
+    own_state_missed: str | None = None  # why this process's random generators and loader position were not restored
     with failing_together(accelerator):  # each process reads its own part (rng/rank{r}.pt); all call it
         if resume:
-            state = ckpt.load_checkpoint(run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer,
-                                         scaler=accelerator.scaler, rank=accelerator.process_index,
-                                         critic=objective.state, loader=loader)
+            state, own_state_missed = ckpt.load_checkpoint(
+                run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, scaler=accelerator.scaler,
+                rank=accelerator.process_index, critic=objective.state, loader=loader,
+                world_size=accelerator.num_processes)
             results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
             results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
-    check_processes_agree(accelerator, loader, state, run_dir)
+    check_processes_agree(accelerator, loader, state, run_dir, own_state_missed if resume else None)
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")
@@ -321,7 +323,8 @@ def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, change
     env = describe_environment(accelerator.device)
     if resume and path.exists():
         info = json.loads(path.read_text())
-        entry = {"date": now, "environment": env, **({"changed": changed} if changed else {})}
+        entry = {"date": now, "environment": env, "processes": accelerator.num_processes,
+                 **({"changed": changed} if changed else {})}
         info.setdefault("resumed", []).append(entry)
     else:
         dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
@@ -337,13 +340,23 @@ def config_changes(old: dict, new: dict) -> set[str]:
     return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k, default[s].get(k)) != new[s][k]}
 
 
-def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: Path) -> None:
+def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: Path,
+                          own_state_missed: str | None = None) -> None:
     """Every process sees the same data and resumes from the same step, or none starts.
 
     The shards and every collective assume it. Node-local copies of a dataset that differ, or a
     run directory that only some nodes see, would otherwise shard the data differently or
-    leave ranks at different steps: a hang in a later collective, or silently wrong shards."""
-    rows = per_process(accelerator, [getattr(loader, "num_images", len(loader)), state.step])
+    leave ranks at different steps: a hang in a later collective, or silently wrong shards.
+    A resume whose per-process states could not be restored on some processes (`own_state_missed`,
+    `ckpt.load_checkpoint`) goes on, and the main process says so once."""
+    rows = per_process(accelerator, [getattr(loader, "num_images", len(loader)), state.step,
+                                     int(own_state_missed is not None)])
+    missed = [rank for rank, r in enumerate(rows) if r[2]]
+    if missed and accelerator.is_main_process:
+        why = f" (rank 0: {own_state_missed})" if own_state_missed else ""
+        print(f"warning: --resume: the random generators and loader positions of {len(missed)} of {len(rows)} "
+              f"process(es) were not restored{why}; the run continues with the same data order, but other "
+              f"augmentations than an uninterrupted run would draw", file=sys.stderr)
     images, steps = {r[0] for r in rows}, {r[1] for r in rows}
     if len(images) > 1:
         seen = ", ".join(f"rank {rank}: {r[0]}" for rank, r in enumerate(rows))
@@ -372,6 +385,7 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
                              critic=parts.objective.state,
                              scaler=accelerator.scaler, state=state, config=to_dict(cfg),
                              rank=accelerator.process_index, is_main=accelerator.is_main_process,
+                             world_size=accelerator.num_processes,
                              extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0,
                              loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
         if backbone is not None:

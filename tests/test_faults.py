@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import random
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -170,6 +171,66 @@ def test_corrupt_rng_file_is_named(tmp_path):
     rng.write_bytes(rng.read_bytes()[:100])
     with pytest.raises(ckpt.CheckpointError, match=f"{rng} is corrupt or truncated"):
         engine.train(cfg, resume=True)
+
+
+def _save_tiny(run_dir: Path, step: int, rank: int, world_size: int, is_main: bool = True) -> dict:
+    net = torch.nn.Linear(2, 2)
+    ckpt.save_checkpoint(run_dir, student=net, teacher=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                         scaler=None, state=ckpt.TrainState(step=step), config={}, rank=rank, is_main=is_main,
+                         world_size=world_size, loader_state={"at": step})
+    return torch.load(ckpt.rank_state_path(run_dir, rank), weights_only=False)
+
+
+def _load_tiny(run_dir: Path, rank: int, world_size: int):
+    net, loader = torch.nn.Linear(2, 2), type("Loader", (), {"load_state_dict": lambda self, s: restored.append(s)})()
+    restored: list = []
+    state, missed = ckpt.load_checkpoint(run_dir, student=net, teacher=net, optimizer=torch.optim.SGD(
+        net.parameters(), lr=0.1), scaler=None, rank=rank, loader=loader, world_size=world_size)
+    return state, missed, restored
+
+
+def test_a_process_state_of_another_step_or_process_count_is_not_restored(tmp_path):
+    """Per-process files carry their step and process count: a save that failed on the main process
+    after the others wrote theirs, or a resume on more or fewer processes, restores none of them (and
+    says why), rather than states meant for another step or another shard."""
+    run_dir = tmp_path / "run"
+    _save_tiny(run_dir, step=3, rank=0, world_size=2)
+    saved = _save_tiny(run_dir, step=3, rank=1, world_size=2, is_main=False)
+    assert (saved["step"], saved["world_size"]) == (3, 2)
+    random.seed(123)
+    state, missed, restored = _load_tiny(run_dir, rank=1, world_size=2)
+    assert (state.step, missed, restored) == (3, None, [{"at": 3}])  # same step, same count: restored
+    assert random.getstate() == saved["python"]
+
+    _save_tiny(run_dir, step=6, rank=1, world_size=2, is_main=False)  # rank 0's save of step 6 failed
+    random.seed(123)
+    before = random.getstate()
+    state, missed, restored = _load_tiny(run_dir, rank=1, world_size=2)
+    assert state.step == 3 and restored == [] and random.getstate() == before
+    assert missed == "rng/rank1.pt was written at step 6 by 2 process(es); the checkpoint is of step 3, resumed on 2"
+
+    _, missed, restored = _load_tiny(run_dir, rank=0, world_size=4)  # resumed on 4 processes
+    assert restored == [] and "by 2 process(es)" in missed and "resumed on 4" in missed
+    _, missed, _ = _load_tiny(run_dir, rank=3, world_size=4)
+    assert missed == "rng/rank3.pt does not exist"
+
+    _save_tiny(run_dir, step=9, rank=0, world_size=1)  # the main process's save drops the files of ranks >= 1
+    assert sorted(p.name for p in (run_dir / "rng").iterdir()) == ["rank0.pt"]
+
+
+def test_a_resume_on_another_process_count_says_so_once(tmp_path, capsys):
+    cfg = quick_config(tmp_path, epochs=1)
+    engine.train(cfg)
+    state = torch.load(ckpt.rank_state_path(Path(cfg.train.run_dir), 0), weights_only=False)
+    state["world_size"] = 2  # as if the run had been on 2 processes
+    torch.save(state, ckpt.rank_state_path(Path(cfg.train.run_dir), 0))
+    capsys.readouterr()
+    engine.train(cfg, resume=True)  # a finished run: it checks, says so and ends
+    err = capsys.readouterr().err
+    assert err.count("warning: --resume: the random generators and loader positions of 1 of 1 process(es) "
+                     "were not restored (rank 0: rng/rank0.pt was written at step 3 by 2 process(es)") == 1, err
+    info = json.loads((Path(cfg.train.run_dir) / "run_info.json").read_text())
+    assert info["resumed"][-1]["processes"] == 1
 
 
 # ---- divergence ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-clas
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -178,8 +179,11 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     results: dict = {"top1": []}
     teacher_slot = teacher if teacher is not None else nn.Module()
     if resume:
-        state = ckpt.load_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer, scaler=None,
-                                     rank=0, critic=objective.state)
+        state, missed = ckpt.load_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer,
+                                             scaler=None, rank=0, critic=objective.state)
+        if missed:
+            print(f"warning: --resume: the random generators were not restored ({missed}); the run continues "
+                  f"with other random draws than an uninterrupted run", file=sys.stderr)
         path = run_dir / "results.json"
         if path.exists():
             import json
