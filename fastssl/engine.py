@@ -44,6 +44,10 @@ RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_worke
 # Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
 # would. They are how a diverged run continues from its last good checkpoint.
 RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
+# Fields the processes of one run may set differently: where each node keeps its copy of the data, and how it
+# reads it. Every other field must be the same everywhere (`check_same_config`).
+PER_NODE_FIELDS = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_read_threads",
+                   "data.ffcv_os_cache", "train.progress"}
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,6 +63,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
     validate(cfg, accelerator.num_processes)
+    check_same_config(cfg, accelerator)
     resolve_backend(cfg, accelerator)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
@@ -225,6 +230,27 @@ def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[Mira
         student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student).to(accelerator.device)
     return student, teacher
+
+
+def check_same_config(cfg: Config, accelerator) -> None:
+    """Every process runs the same settings (but PER_NODE_FIELDS), or none starts: the same command
+    typed on each node with one override missing or different (a learning rate, a seed, log_every)
+    would train replicas that drift apart silently, or leave a collective unmatched. One all-gather."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    flat = {f"{section}.{name}": value for section, fields in to_dict(cfg).items() for name, value in fields.items()
+            if f"{section}.{name}" not in PER_NODE_FIELDS}
+    everyone = gather_object([flat])
+    first_other = {name: next((r for r, c in enumerate(everyone) if c.get(name) != flat_0), None)
+                   for name, flat_0 in everyone[0].items()}
+    differ = sorted(name for name, rank in first_other.items() if rank is not None)
+    if differ:
+        shown = "; ".join(f"{name} (rank 0: {everyone[0][name]!r}, rank {first_other[name]}: "
+                          f"{everyone[first_other[name]].get(name)!r})" for name in differ[:5])
+        raise ConfigError(f"the processes were started with different settings: {shown}; start every node with "
+                          f"the same command (only the data paths, data.num_workers and the like may differ)")
 
 
 def resolve_backend(cfg: Config, accelerator) -> None:

@@ -476,6 +476,31 @@ def test_a_process_that_fails_its_set_up_alone_fails_every_process(tmp_path):
     assert outs[0].startswith("ConfigError: rank 1 on ") and "holds no checkpoint" in outs[0], outs[0]
 
 
+def _train_with_this_ranks_lr(rank: int, world_size: int, root: str, lrs: list[float]) -> str:
+    from fastssl.config import ConfigError
+
+    cfg = quick_config(Path(root), epochs=1)
+    cfg.optim.base_lr = lrs[rank]
+    cfg.data.num_workers = rank  # may differ per node
+    try:
+        engine.train(cfg)
+    except ConfigError as err:
+        return f"ConfigError: {err}"
+    return "trained"
+
+
+def test_processes_started_with_different_settings_refuse_to_start(tmp_path):
+    """One node's command missing an override: replicas that would drift apart silently (each applies
+    its own update to averaged gradients), refused on every process before any work."""
+    from dist_utils import run_distributed
+
+    outs = run_distributed(_train_with_this_ranks_lr, world_size=2, args=(str(tmp_path), [0.5, 5.0]), timeout=180)
+    for out in outs:
+        assert out.startswith("ConfigError: the processes were started with different settings: "
+                              "optim.base_lr (rank 0: 0.5, rank 1: 5.0); start every node with the same command"), out
+    assert not (tmp_path / "run").exists()
+
+
 def test_processes_that_see_different_data_refuse_to_start(tmp_path):
     """Node-local copies of the data that differ: a clear error on every process, not a hang later."""
     from dist_utils import run_distributed
