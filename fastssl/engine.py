@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pipelines
+from pipelines.cores import default_num_workers
 from pipelines.folder import DataLayoutError, remembered_scans
 from fastssl import checkpoint as ckpt
 from fastssl.config import Config, ConfigError, to_dict, validate
@@ -33,8 +34,7 @@ from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import DivergenceGuard, TrainingDiverged, continue_advice, latest_run_hint, rerun_command
 from fastssl.run_log import RunLog, write_json
-from fastssl.runtime import (GracefulStop, any_process, build_accelerator, default_num_workers, failing_together,
-                             per_process, seed_everything)
+from fastssl.runtime import GracefulStop, any_process, build_accelerator, failing_together, per_process, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).

@@ -91,22 +91,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def processes_on_this_machine(num_processes: int) -> int:
-    """How many of the run's `num_processes` share this machine: the launcher's LOCAL_WORLD_SIZE
-    (torchrun and `accelerate launch` set it on every node), else all of them (one machine)."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return int(local) if local.isdigit() and int(local) > 0 else num_processes
-
-
-def default_num_workers(requested: int, num_processes: int) -> int:
-    """-1 means: share this machine's cores among its processes (of a run's `num_processes`
-    in all: on 8 nodes of 8 GPUs, a node's cores go to its 8 processes, not to 64)."""
-    if requested >= 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes_on_this_machine(num_processes)))
-
-
 class GracefulStop:
     """Turns a stop signal into a flag the loop checks between steps.
 

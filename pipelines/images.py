@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import os
 import threading
 import warnings
 from collections import deque
@@ -35,6 +34,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 from PIL import Image
+
+from pipelines.cores import default_num_workers
 
 T = TypeVar("T")
 
@@ -286,9 +287,9 @@ def free_dropped_pipelines() -> None:
 
 def placement(device: torch.device, num_workers: int) -> tuple[str, int | None, int]:
     """(decoder device, DALI device_id, CPU threads) for a DALI loader delivering to `device`:
-    nvJPEG `mixed` on that GPU, or libjpeg-turbo with no device id; threads: one per core
-    when `num_workers` is 0."""
-    threads = max(1, num_workers or os.cpu_count() or 1)
+    nvJPEG `mixed` on that GPU, or libjpeg-turbo with no device id; threads: when `num_workers`
+    is 0, this process's share of the cores the machine lets the job use (`pipelines.cores`)."""
+    threads = max(1, num_workers or default_num_workers(-1, 1))
     if device.type != "cuda":
         return "cpu", None, threads
     return "mixed", device.index if device.index is not None else torch.cuda.current_device(), threads

@@ -118,7 +118,7 @@ def test_two_nodes_log_the_losses_of_one_node_with_two_processes(tmp_path):
 
 def test_loader_workers_share_a_nodes_cores_among_its_own_processes(monkeypatch):
     """`data.num_workers -1` on 8 nodes of 8 GPUs: a node's 64 cores go to its 8 processes, not to all 64."""
-    from fastssl.runtime import default_num_workers
+    from pipelines.cores import default_num_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # what the launcher sets on every node
@@ -126,3 +126,17 @@ def test_loader_workers_share_a_nodes_cores_among_its_own_processes(monkeypatch)
     assert default_num_workers(3, num_processes=64) == 3  # asked for: kept
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # no launcher: the run's processes are all here
     assert default_num_workers(-1, num_processes=4) == 16
+
+
+def test_dali_threads_for_num_workers_0_are_a_share_of_the_nodes_cores(monkeypatch):
+    """`--data.num_workers 0` with DALI ("as many threads as cores"): this process's share of the cores the job
+    may use, not every core of the node in each of its 8 processes."""
+    import torch
+
+    from pipelines.images import placement
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)  # the node's; the job may use 64 of them
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert placement(torch.device("cpu"), 0) == ("cpu", None, 8)
+    assert placement(torch.device("cpu"), 5)[2] == 5

@@ -319,7 +319,7 @@ def profile(args, cfg: Config, global_batch: int) -> dict:
         raise ConfigError("run tools/profile_throughput.py as ONE process (not under accelerate launch "
                           "--num_processes > 1); --gpus G profiles one of G processes")
     if args.workers < 0:
-        from fastssl.runtime import default_num_workers
+        from pipelines.cores import default_num_workers
 
         args.workers = default_num_workers(-1, 1)
     seed_everything(cfg.train.seed, 0)

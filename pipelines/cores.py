@@ -1,0 +1,27 @@
+"""How many CPU threads a process may use: its share of the cores this machine lets the job use.
+
+Shared by the training loop (`--data.num_workers -1`) and the DALI loaders' threads, so that
+the processes of one node (8 GPUs, 8 processes) divide its cores instead of each taking all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["default_num_workers", "processes_on_this_machine"]
+
+
+def processes_on_this_machine(num_processes: int) -> int:
+    """How many of the run's `num_processes` share this machine: the launcher's LOCAL_WORLD_SIZE
+    (torchrun and `accelerate launch` set it on every node), else all of them (one machine)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and int(local) > 0 else num_processes
+
+
+def default_num_workers(requested: int, num_processes: int) -> int:
+    """-1 means: share this machine's cores among its processes (of a run's `num_processes`
+    in all: on 8 nodes of 8 GPUs, a node's cores go to its 8 processes, not to 64)."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes_on_this_machine(num_processes)))
