@@ -292,3 +292,13 @@ def test_bad_teacher_and_kd_without_teacher_exit_2(tmp_path: Path, capsys) -> No
         with pytest.raises(SystemExit) as exc:
             run(DistillConfig(), tiny_args(tmp_path, "run", *extra))
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_several_launched_processes_are_refused(tmp_path: Path, teacher: Path, monkeypatch, capsys) -> None:
+    """`accelerate launch` with 8 processes would start 8 copies racing on one run directory."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit) as info:
+        run(DistillConfig(), tiny_args(tmp_path, "run", "--model.teacher", str(teacher)), prog="distill")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "runs as one process, and this is one of 8" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -20,6 +20,7 @@ Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-clas
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,11 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
 
     from fastssl.distill.data import SeededItems, build_datasets
 
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:  # N copies would race on one run directory
+        raise ConfigError(f"the distillation trainer runs as one process, and this is one of {launched}; start it "
+                          f"with `python {Path(sys.argv[0]).name or 'recipes/distill_mlcpc_cifar100.py'} ...`, "
+                          f"not `accelerate launch` / torchrun with several processes")
     resume = ckpt.resolve_resume(resume, Path(cfg.train.run_dir))
     validate(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
