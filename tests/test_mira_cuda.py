@@ -117,6 +117,7 @@ def test_extension_name_changes_with_the_source(tmp_path):
     first = _cuda_ext.extension_name([src], "9.0")
     assert _cuda_ext.extension_name([src], "9.0") == first
     assert _cuda_ext.extension_name([src], "8.0") != first
+    assert _cuda_ext.extension_name([src], "9.0", "/usr/local/cuda-12.4") != first  # another node's toolkit
     src.write_text("// v2\n")
     assert _cuda_ext.extension_name([src], "9.0") != first
 

@@ -27,6 +27,7 @@ None, ONE warning per process says why, and callers use the reference.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -101,6 +102,7 @@ def nvcc_path() -> Optional[Path]:
     return nvcc if nvcc.is_file() and os.access(nvcc, os.X_OK) else None
 
 
+@functools.lru_cache(maxsize=None)  # asked for the build's name and for its flags: one nvcc run
 def toolkit_root(nvcc: Path) -> Optional[Path]:
     """The CUDA toolkit folder of `nvcc`, as nvcc itself reports it (``TOP=`` of ``--dryrun``).
 
@@ -135,12 +137,14 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "fastssl" / "torch_extensions" / torch.__version__.replace("+", "_")
 
 
-def extension_name(sources: Sequence[Path], archs: str) -> str:
-    """Module name keyed by source bytes, archs, flags and torch version: a change rebuilds."""
+def extension_name(sources: Sequence[Path], archs: str, toolkit: str = "") -> str:
+    """Module name keyed by source bytes, archs, flags, torch version and the CUDA toolkit (its folder,
+    e.g. /usr/local/cuda-12.4): a change rebuilds, and nodes with different toolkits sharing one cache
+    folder (a home directory on network storage) never rebuild each other's module while it is loaded."""
     h = hashlib.sha256()
     for path in sources:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
-    h.update(f"{archs}|{CUDA_FLAGS}|{torch.__version__}|{torch.version.cuda}".encode())
+    h.update(f"{archs}|{CUDA_FLAGS}|{torch.__version__}|{torch.version.cuda}|{toolkit}".encode())
     return f"fastssl_mira_fused_{h.hexdigest()[:16]}"
 
 
@@ -164,7 +168,7 @@ def build(verbose: bool = False, sources: Sequence[Path] = SOURCES,
     if archs is None:
         raise RuntimeError("no CUDA device is visible and TORCH_CUDA_ARCH_LIST is not set, so there is no "
                            "architecture to compile for")
-    name = extension_name([*sources, *headers], archs)
+    name = extension_name([*sources, *headers], archs, str(toolkit_root(nvcc) or nvcc))
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     includes, libs = toolkit_flags(nvcc)
