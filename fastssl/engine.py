@@ -170,7 +170,8 @@ def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log
         if state.step % every == 0 or state.batch_in_epoch == steps_per_epoch:
             row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses[-every:], accelerator),
                    "lr": sched.lr, "beta": sched.beta, "ema_momentum": sched.ema_momentum,
-                   "skipped_images": skipped, **window.summary(), **window_metrics(metrics[-every:], accelerator)}
+                   **loader_health(accelerator, window.summary(), skipped),
+                   **window_metrics(metrics[-every:], accelerator)}
             window.reset()
             log.step(row)
             if guard is not None:
@@ -190,10 +191,22 @@ def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log
         return None
     row = {"epoch": state.epoch, "step": state.step, "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
            "peak_memory_mb": peak_memory_mb(accelerator.device),
-           "device_used_mb": device_memory_in_use_mb(accelerator.device), "skipped_images": skipped,
-           "seconds": time.perf_counter() - started, **whole.summary()}
+           "device_used_mb": device_memory_in_use_mb(accelerator.device),
+           "seconds": time.perf_counter() - started, **loader_health(accelerator, whole.summary(), skipped)}
     state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
     return row
+
+
+def loader_health(accelerator, timing: dict, skipped: int) -> dict:
+    """The meter's figures and the images skipped, for the whole run: the data-wait share of the
+    process that waited most (a node on slow storage holds every other one back in the gradient
+    all-reduce, where they count it as compute) and the skipped images of all processes. One
+    all-gather with several processes."""
+    if accelerator.num_processes == 1:
+        return {**timing, "skipped_images": skipped}
+    mine = torch.tensor([[timing["data_wait_share"], float(skipped)]], dtype=torch.float64, device=accelerator.device)
+    everyone = accelerator.gather(mine)
+    return {**timing, "data_wait_share": everyone[:, 0].max().item(), "skipped_images": int(everyone[:, 1].sum().item())}
 
 
 def mean_loss(losses: list[torch.Tensor], accelerator) -> float:

@@ -243,6 +243,26 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     assert "not divisible by the 2 processes" in bad.stderr
 
 
+def _loader_health_of_this_rank(rank: int, world_size: int) -> dict:
+    from accelerate import Accelerator
+
+    from fastssl.engine import loader_health
+
+    timing = {"images_per_s": 100.0, "data_wait_share": [0.1, 0.7][rank], "step_time_s": 0.5}
+    return loader_health(Accelerator(cpu=True), timing, skipped=[2, 3][rank])
+
+
+def test_logged_data_wait_is_the_slowest_process_and_skips_are_summed():
+    """A node on slow storage holds the others back in the all-reduce, where they count it as compute:
+    the log shows the process that waited most, on every rank, and every process's skipped images."""
+    from dist_utils import run_distributed
+
+    outs = run_distributed(_loader_health_of_this_rank, world_size=2, timeout=120)
+    for out in outs:
+        assert out == {"images_per_s": 100.0, "data_wait_share": pytest.approx(0.7), "step_time_s": 0.5,
+                       "skipped_images": 5}
+
+
 @pytest.mark.parametrize("minutes", [10.0, 30.0, 0.5])
 def test_the_collective_timeout_reaches_the_process_group_whatever_its_value(minutes):
     """Accelerate drops handler fields equal to its defaults (10 minutes): ours always passes."""
