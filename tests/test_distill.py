@@ -302,3 +302,13 @@ def test_several_launched_processes_are_refused(tmp_path: Path, teacher: Path, m
     err = capsys.readouterr().err
     assert info.value.code == 2 and "runs as one process, and this is one of 8" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_distill_keys_get_no_gradient() -> None:
+    """The bound's keys are constants (its docstring): in the teacher-to-student direction they are the
+    student's own embeddings, which must get no gradient through them."""
+    from fastssl.distill.losses import mi_bound
+
+    q, k = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    mi_bound(q, k, torch.randn(6, 8), 0.5, 0.07).backward()
+    assert q.grad is not None and k.grad is None

@@ -25,11 +25,13 @@ def hand_loss(student, targets, tau):
     return sum(halves) / len(halves)
 
 
+@pytest.mark.parametrize("num_targets", [1, 2])
 @pytest.mark.parametrize("num_views", [2, 4])
-def test_matches_hand_computation(num_views):
+def test_matches_hand_computation(num_views, num_targets):
+    """One target too: the halves' mean and the terms' mean are not interchangeable with sums then."""
     g = torch.Generator().manual_seed(num_views)
     student = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(num_views)]
-    targets = [torch.softmax(torch.randn(3, 4, generator=g, dtype=torch.float64), 1) for _ in range(2)]
+    targets = [torch.softmax(torch.randn(3, 4, generator=g, dtype=torch.float64), 1) for _ in range(num_targets)]
     got = swapped_prediction_loss(student, targets, tau_student=0.1)
     want = hand_loss([s.tolist() for s in student], [t.tolist() for t in targets], 0.1)
     assert got.item() == pytest.approx(want, rel=1e-6)

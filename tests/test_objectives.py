@@ -115,3 +115,44 @@ def test_a_new_objective_is_one_class_and_one_registry_line(tmp_path, monkeypatc
     assert logged["train/toy_cross_entropy"] == pytest.approx(logged["train/loss"], rel=1e-5)  # its only loss
     assert len(logged["train/loss"]) == 3 and [e.step for e in events.Scalars("train/toy_beta")] == [1, 2, 3]
     assert [float(r["loss"]) for r in read_csv(run / "train_log.csv")] == pytest.approx(logged["train/loss"], rel=1e-5)
+
+
+def test_mira_objective_is_eq5_targets_and_eq8_loss():
+    """What the objective feeds the assignment (tau_t 0.225, the scheduled beta, each teacher view on its
+    own) and the loss it builds (target t on every view but t, tau_s 0.1): against the NumPy MIRA
+    reference and the hand-computed multi-crop loss."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from fastssl.config import MiraConfig
+    from fastssl.objectives import Mira
+    from test_loss import hand_loss
+    from test_mira_assign import ref_mira_np
+
+    g = torch.Generator().manual_seed(0)
+    tl = [F.normalize(torch.randn(16, 8, generator=g), dim=1) @ F.normalize(torch.randn(10, 8, generator=g), dim=1).T
+          for _ in range(2)]
+    student = [torch.randn(16, 10, generator=g) for _ in range(4)]
+    sched = StepSchedule(lr=0.1, beta=0.7, ema_momentum=0.99, freeze_prototypes=False)
+    obj = Mira(MiraConfig())
+    targets = obj.targets(TeacherOutput(tl, []), sched)
+    refs = [ref_mira_np(t.numpy(), 0.225, 0.7, 30) for t in tl]
+    for got, ref in zip(targets, refs):
+        assert np.abs(got.double().numpy() - ref).max() < 1e-5
+    loss, _ = obj.loss(student, [], targets, slice(0, 16), sched)
+    want = hand_loss([s.double().tolist() for s in student], [r.tolist() for r in refs], 0.1)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_teacher_forward_keeps_global_view_order():
+    """The teacher sees the two global views, in order (target 0 is view 0's: it must not supervise view 0)."""
+    from fastssl.config import MiraConfig
+    from fastssl.objectives import Mira
+
+    class Recorder(torch.nn.Module):
+        def forward(self, views, with_embeddings=False):
+            return [v.mean((1, 2, 3)) for v in views], [v for v in views]
+
+    views = [torch.full((2, 3, 4, 4), float(i)) for i in range(4)]
+    out = Mira(MiraConfig()).teacher_forward(Recorder(), views)
+    assert [float(lg[0]) for lg in out.logits] == [0.0, 1.0]

@@ -69,3 +69,27 @@ def test_lars_recipe_warms_up_from_the_authors_unscaled_start():
     # the small-batch recipe keeps its warm-up from 0
     cfg.optim.warmup_start_lr = 0.0
     assert step_schedule(cfg, 0, spe).lr == 0.0 and step_schedule(cfg, 1, spe).lr == pytest.approx(peak / (warm - 1))
+
+
+def test_beta_and_ema_are_per_step_cosines():
+    """MIRA's beta (2/3 -> 0.75) and the EMA momentum (0.99 -> 1) follow a cosine per step (NOTES), not per epoch."""
+    cfg = Config()
+    cfg.train.epochs, spe, total = 4, 25, 100
+    for s in (1, 13, 37, 61, 99):
+        c = 0.5 * (1 + math.cos(math.pi * s / total))
+        sch = step_schedule(cfg, s, spe)
+        assert sch.beta == pytest.approx(2 / 3 + (0.75 - 2 / 3) * c, rel=1e-12)
+        assert sch.ema_momentum == pytest.approx(1.0 + (0.99 - 1.0) * c, rel=1e-12)
+
+
+def test_alpha_curriculum_through_step_schedule():
+    """ML-CPC's curriculum (NOTES): log alpha moves linearly from log 10 to log 0.1, per epoch by default,
+    per step with critic.alpha_per step."""
+    cfg = Config()
+    cfg.train.epochs, spe = 5, 10
+    for s in (0, 9, 10, 25, 49):
+        e = s // spe
+        want = math.exp(math.log(10) + e / 4 * (math.log(0.1) - math.log(10)))
+        assert step_schedule(cfg, s, spe).alpha == pytest.approx(want, rel=1e-12)
+    cfg.critic.alpha_per = "step"
+    assert step_schedule(cfg, 25, spe).alpha == pytest.approx(math.exp(math.log(10) + 25 / 49 * math.log(0.01)))
