@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from fastssl.config import Config, ConfigError, apply_overrides, batch_errors, from_dict, to_dict, validate
+from fastssl.config import (Config, ConfigError, apply_overrides, batch_errors, config_errors, from_dict, to_dict,
+                            validate)
 
 
 def valid() -> Config:
@@ -80,7 +81,9 @@ def test_missing_train_path_says_layout():
 
 def test_synthetic_needs_no_path():
     cfg = Config()
+    assert any(e.startswith("data.train: no training data given") for e in config_errors(cfg))
     cfg.data.backend = "synthetic"
+    assert config_errors(cfg) == []
     validate(cfg)
 
 
