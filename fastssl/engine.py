@@ -98,7 +98,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                 world_size=accelerator.num_processes)
             results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
             results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
-    check_processes_agree(accelerator, loader, state, run_dir, own_state_missed if resume else None)
+    check_processes_agree(accelerator, loader, state, run_dir, own_state_missed)
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")

@@ -66,8 +66,10 @@ def test_every_batchnorm_is_per_view_and_keys_unchanged():
 @pytest.mark.parametrize("dtype, batch, tol", [(torch.float32, 16, 1e-5), (torch.float64, 6, 1e-10)])
 def test_batched_forward_equals_separate_per_view_forwards(dtype, batch, tol, device):
     """float32 to 1e-5 (plain BatchNorm's own float32 error here is ~7e-6); float64 shows the
-    formula is exact rather than close. On a GPU the views go through `_PerViewNorm`'s CUDA kernels."""
+    formula is exact rather than close. On a GPU the views go through `_PerViewNorm`'s CUDA kernels and the
+    reference through cuDNN's: float32 to 5e-5 there (two float32 kernels, each ~1e-6, through 20 layers)."""
     on = on_device(device)
+    tol = 5e-5 if device == "cuda" and dtype == torch.float32 else tol
     per_view, plain = (net.to(dtype).to(on) for net in twin_networks())
     views = [v.to(dtype).to(on) for v in make_views(batch)]
     logits, zs = per_view(views, with_embeddings=True)
