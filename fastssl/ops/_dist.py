@@ -51,7 +51,7 @@ def global_count(n_local: int, device: torch.device, dtype: torch.dtype,
     Returned as a tensor (not a Python int) so that no host synchronisation is needed on
     accelerators; ranks may contribute different counts (global mean = global sum / this).
     """
-    n = torch.tensor(float(n_local), device=device, dtype=dtype)
+    n = torch.full((), float(n_local), device=device, dtype=dtype)  # a fill on the device: no host-to-device copy
     if is_distributed(group):
         # float64/float32 sums of small integers are exact far beyond any batch size.
         dist.all_reduce(n, op=dist.ReduceOp.SUM, group=group)
