@@ -12,6 +12,7 @@ and never leaves a checkpoint-sized temporary file that keeps the disk full.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -188,10 +189,11 @@ def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state
         check_free_space(run_dir, bytes_needed(payload, path) + bytes_needed(rng, rng_path) + extra_bytes,
                          f"{CHECKPOINT_NAME}, {rng_path.relative_to(run_dir)} and the backbone")
         atomic_save(payload, path)
-        for stale in rng_path.parent.glob("rank*.pt"):  # of a run that had more processes
-            number = stale.stem[len("rank"):]
+        for stale in rng_path.parent.glob("rank*.pt"):  # of a run that had more processes (tidying only:
+            number = stale.stem[len("rank"):]  # their stamps already keep a resume from using them)
             if number.isdigit() and int(number) >= world_size:
-                stale.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    stale.unlink()
     atomic_save(rng, rng_path)
 
 

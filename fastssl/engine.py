@@ -48,6 +48,7 @@ RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
 # reads it. Every other field must be the same everywhere (`check_same_config`).
 PER_NODE_FIELDS = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_read_threads",
                    "data.ffcv_os_cache", "train.progress"}
+PER_NODE_PATHS = {"data.val", "data.knn_train"}  # set on every process or on none
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,9 +63,10 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     auto, resume = resume == "auto", ckpt.resolve_resume(resume, Path(cfg.train.run_dir))  # before any rank saves
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
-    validate(cfg, accelerator.num_processes)
-    check_same_config(cfg, accelerator)
-    resolve_backend(cfg, accelerator)
+    with failing_together(accelerator):  # an override that differs on one node may be invalid there only
+        resolve_backend(cfg, accelerator)
+        validate(cfg, accelerator.num_processes)
+    check_same_config(cfg, accelerator)  # after `auto` is resolved: nodes that resolve it differently disagree
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
     # Set-up fails on every process or none (`failing_together`): a node whose copy of the data or view
@@ -253,8 +255,10 @@ def check_same_config(cfg: Config, accelerator) -> None:
         return
     from accelerate.utils import gather_object
 
-    flat = {f"{section}.{name}": value for section, fields in to_dict(cfg).items() for name, value in fields.items()
-            if f"{section}.{name}" not in PER_NODE_FIELDS}
+    flat = {f"{section}.{name}": value for section, fields in to_dict(cfg).items() for name, value in fields.items()}
+    # A per-node path may differ, but not whether it is set (an empty data.val turns the k-NN and its collectives off).
+    flat = {name: (bool(value) if name in PER_NODE_PATHS else value) for name, value in flat.items()
+            if name not in PER_NODE_FIELDS or name in PER_NODE_PATHS}
     everyone = gather_object([flat])
     first_other = {name: next((r for r, c in enumerate(everyone) if c.get(name) != flat_0), None)
                    for name, flat_0 in everyone[0].items()}
@@ -429,8 +433,9 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
                              loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
         if backbone is not None:
             ckpt.atomic_save(backbone, backbone_path)
-    except ckpt.CheckpointError as err:
-        error = err
+    except Exception as err:  # noqa: BLE001 - whatever failed on one process, all of them stop together
+        error = err if isinstance(err, ckpt.CheckpointError) else ckpt.CheckpointError(
+            f"writing the checkpoint in {run_dir} failed: {type(err).__name__}: {err}")
     if any_process(accelerator, error is not None):
         raise error or ckpt.CheckpointError(f"another process could not write its part of the checkpoint in "
                                             f"{run_dir} (its message says why)")

@@ -208,8 +208,11 @@ def normalize_crops(crops: torch.Tensor, recipe: MultiCropRecipe, dtype: torch.d
 
 def normalize_uint8(x: torch.Tensor, recipe: MultiCropRecipe, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 N x 3 x H x W -> torchvision's ToTensor then Normalize (the same float32 operations), in `dtype`,
-    channels_last. Done where the batch lands, so a loader moves 1 byte per value instead of 4."""
-    return _normalize(x.float().div_(255), recipe, dtype)
+    channels_last. Done where the batch lands, so a loader moves 1 byte per value instead of 4.
+
+    The 255 is a tensor on the batch's device: CUDA divides by a host scalar as a multiplication by its
+    reciprocal (one bit off for half the byte values), by a device tensor as a true division, as the CPU."""
+    return _normalize(x.float().div_(_channel_constants((255.0,) * 3, x.device)), recipe, dtype)
 
 
 def _normalize(x: torch.Tensor, recipe: MultiCropRecipe, dtype: torch.dtype) -> torch.Tensor:

@@ -476,11 +476,11 @@ def test_a_process_that_fails_its_set_up_alone_fails_every_process(tmp_path):
     assert outs[0].startswith("ConfigError: rank 1 on ") and "holds no checkpoint" in outs[0], outs[0]
 
 
-def _train_with_this_ranks_lr(rank: int, world_size: int, root: str, lrs: list[float]) -> str:
-    from fastssl.config import ConfigError
+def _train_with_this_ranks_setting(rank: int, world_size: int, root: str, field: str, values: list) -> str:
+    from fastssl.config import ConfigError, set_field
 
     cfg = quick_config(Path(root), epochs=1)
-    cfg.optim.base_lr = lrs[rank]
+    set_field(cfg, field, str(values[rank]))
     cfg.data.num_workers = rank  # may differ per node
     try:
         engine.train(cfg)
@@ -489,16 +489,32 @@ def _train_with_this_ranks_lr(rank: int, world_size: int, root: str, lrs: list[f
     return "trained"
 
 
-def test_processes_started_with_different_settings_refuse_to_start(tmp_path):
+@pytest.mark.parametrize("field, values, shown", [
+    ("optim.base_lr", [0.5, 5.0], "optim.base_lr (rank 0: 0.5, rank 1: 5.0)"),
+    ("data.val", ["VAL", ""], "data.val (rank 0: True, rank 1: False)")])  # a path may differ, being set may not
+def test_processes_started_with_different_settings_refuse_to_start(tmp_path, field, values, shown):
     """One node's command missing an override: replicas that would drift apart silently (each applies
-    its own update to averaged gradients), refused on every process before any work."""
+    its own update to averaged gradients), or a k-NN (and its collectives) on some processes only."""
     from dist_utils import run_distributed
 
-    outs = run_distributed(_train_with_this_ranks_lr, world_size=2, args=(str(tmp_path), [0.5, 5.0]), timeout=180)
+    values = [str(tmp_path / "data" / "val") if v == "VAL" else v for v in values]
+    outs = run_distributed(_train_with_this_ranks_setting, world_size=2, args=(str(tmp_path), field, values),
+                           timeout=180)
     for out in outs:
         assert out.startswith("ConfigError: the processes were started with different settings: "
-                              "optim.base_lr (rank 0: 0.5, rank 1: 5.0); start every node with the same command"), out
+                              f"{shown}; start every node with the same command"), out
     assert not (tmp_path / "run").exists()
+
+
+def test_any_failure_to_write_a_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """Not only the errors checkpoint.py names: any failure there stops every process together (as a
+    CheckpointError, agreed in `engine.save`), where another exception would leave the others waiting."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "rng/rank0.pt")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", refuse)
+    with pytest.raises(ckpt.CheckpointError, match="writing the checkpoint in .* failed: PermissionError"):
+        engine.train(quick_config(tmp_path, epochs=1))
 
 
 def test_processes_that_see_different_data_refuse_to_start(tmp_path):

@@ -71,3 +71,14 @@ def test_one_log_softmax_for_every_view_and_views_of_one_shape(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(ValueError, match="views of one shape"):
         swapped_prediction_loss([*student[:-1], torch.randn(3, 5)], targets, 0.1)
+
+
+def test_the_loss_is_float32_or_better_under_autocast():
+    """Its contraction is a matrix product, which autocast would run in bf16: it is kept out of autocast."""
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(6, 50, generator=g) for _ in range(4)]
+    targets = [torch.softmax(torch.randn(6, 50, generator=g), 1) for _ in range(2)]
+    plain = swapped_prediction_loss(student, targets, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = swapped_prediction_loss(student, targets, 0.1)
+    assert under.dtype == torch.float32 and abs(under.item() - plain.item()) <= 1e-6 * abs(plain.item())

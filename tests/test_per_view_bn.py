@@ -204,6 +204,17 @@ def test_per_view_function_equals_batchnorm_on_each_view(kernels, device, dtype,
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-10 if dtype == torch.float64 else 1e-5, atol=1e-6)
 
 
+def test_cuda_kernels_only_for_modules_they_take():
+    """SyncBatchNorm's CUDA kernels read the counts in the running statistics' dtype and the weight in the
+    statistics' dtype: float32 modules under bf16 activations, and float64 ones, yes; a module cast to bf16
+    (counts above 256 are not bf16 numbers) or without running statistics, their PyTorch definitions."""
+    bn = PerViewBatchNorm2d(4)
+    assert bn._cuda_dtypes_fit(torch.zeros(2, 4, 3, 3, dtype=torch.bfloat16), track=True)
+    assert bn.double()._cuda_dtypes_fit(torch.zeros(2, 4, 3, 3, dtype=torch.float64), track=True)
+    assert not bn.to(torch.bfloat16)._cuda_dtypes_fit(torch.zeros(2, 4, 3, 3, dtype=torch.bfloat16), track=True)
+    assert not PerViewBatchNorm2d(4)._cuda_dtypes_fit(torch.zeros(2, 4, 3, 3), track=False)
+
+
 def test_chan_combination_equals_pooled_statistics():
     x = torch.randn(3, 40, 5, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5]).view(3, 1, 1) + 7
     parts = [x[:, :13], x[:, 13:]]  # two "processes" with unequal rows

@@ -516,6 +516,22 @@ def test_torchvision_views_are_the_whole_torchvision_chain_normalised_where_they
             assert torch.equal(batch.views[v][row], want), (row, v)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_normalising_on_the_gpu_is_totensor_and_normalize_bit_for_bit():
+    """CUDA divides by a host scalar as a product with its reciprocal (one bit off for half the byte values):
+    the 255 is a device tensor, so every byte value normalises as torchvision's CPU chain does."""
+    from torchvision import transforms as T
+
+    from pipelines.device_augment import normalize_uint8
+
+    recipe = MultiCropRecipe()
+    x = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)
+    want = T.Normalize(recipe.mean, recipe.std)(x[0].float().div(255))
+    got = normalize_uint8(x.cuda(), recipe)[0].cpu()
+    assert torch.equal(got, want)
+
+
 def test_a_sample_reseeds_the_cpu_generator_only_and_restores_it(tmp_path, monkeypatch):
     """In the main process (num_workers 0) on a GPU, `torch.manual_seed` would also reseed every
     CUDA generator per sample, and fork_rng(devices=[]) would not restore them."""

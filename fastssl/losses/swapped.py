@@ -30,9 +30,10 @@ def swapped_prediction_loss(student_logits: list[torch.Tensor], targets: list[to
     if any(s.shape != targets[0].shape for s in (*student_logits, *targets)):
         raise ValueError(f"swapped prediction needs views of one shape, got "
                          f"{[tuple(s.shape) for s in student_logits]} and targets {[tuple(t.shape) for t in targets]}")
-    logits = torch.stack(student_logits)
-    log_q = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / tau_student, dim=-1)  # V x B x K
-    u = torch.stack(targets).to(log_q.dtype)  # T x B x K
-    ce = -torch.einsum("tbk,vbk->tv", u, log_q) / u.shape[1]  # mean cross-entropy of target t on view v
+    logits, u = torch.stack(student_logits), torch.stack(targets)  # V x B x K, T x B x K
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, u.dtype), torch.float32)
+    with torch.autocast(logits.device.type, enabled=False):  # a matrix product: never in bf16 or TF32-cast here
+        log_q = F.log_softmax(logits.to(dtype) / tau_student, dim=-1)
+        ce = -torch.einsum("tbk,vbk->tv", u.to(dtype), log_q) / u.shape[1]  # mean cross-entropy of target t on view v
     others = ~torch.eye(len(targets), len(student_logits), dtype=torch.bool, device=ce.device)  # not its own view
     return ((ce * others).sum(1) / others.sum(1)).mean()

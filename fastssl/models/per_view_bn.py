@@ -197,11 +197,19 @@ class _PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
         if group is None and (x.device.type != "cuda" or compiling):
             # each view through the native kernel: what per-view forwards compute, bit for bit
             return torch.cat([super(_PerViewBatchNorm, self).forward(view) for view in x.split(rows)])
-        kernels = CUDA_KERNELS if x.device.type == "cuda" and not compiling else PYTHON_KERNELS
         track = self.training and self.track_running_stats
+        kernels = CUDA_KERNELS if x.device.type == "cuda" and not compiling and self._cuda_dtypes_fit(x, track) \
+            else PYTHON_KERNELS
         momenta = self._momenta(num_views) if track else [0.0] * num_views
         return _PerViewNorm.apply(x, self.weight, self.bias, self.running_mean if track else None,
                                   self.running_var if track else None, momenta, self.eps, rows, group, kernels)
+
+    def _cuda_dtypes_fit(self, x: torch.Tensor, track: bool) -> bool:
+        """Whether SyncBatchNorm's CUDA kernels take this module as it is: they read the counts in the
+        running statistics' dtype (counts above 256 are not bf16 numbers) and the weight in the statistics'
+        dtype; ours are float32 (float64) beside any activation dtype, as under autocast."""
+        stats = torch.promote_types(x.dtype, torch.float32)
+        return track and self.running_mean.dtype == stats and (self.weight is None or self.weight.dtype == stats)
 
     def _momenta(self, num_views: int) -> list[float]:
         """Each view's running-statistics momentum, counting one tracked batch per view (as per-view forwards)."""
