@@ -440,6 +440,9 @@ def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_
     from fastssl.config import ConfigError
     from pipelines.folder import DataLayoutError
 
+    # Each rank's own run directory stands for one path whose content differs per node (a node-local disk):
+    # on one machine the paths must differ, so the check that every node names the same path is told so.
+    engine.PER_NODE_FIELDS = engine.PER_NODE_FIELDS | {"train.run_dir"}
     missing = Path(roots[rank]).name == "missing"  # this node has no copy of the data
     cfg = quick_config(Path(roots[0] if missing else roots[rank]), epochs=1)
     cfg.data.train = str(Path(roots[rank]) / "data" / "train") if missing else cfg.data.train
