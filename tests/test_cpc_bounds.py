@@ -46,6 +46,19 @@ def test_matches_the_float64_formula_in_probability_space():
     torch.testing.assert_close(ml_cpc_bound(pos, neg, alpha), ml, rtol=0, atol=1e-12)
 
 
+def test_alpha_equal_to_m_gives_the_negatives_weight_zero():
+    """At alpha = m the negatives' weight (m - alpha) / (m - 1) is 0 (Eq. 6), so the bound is
+    mean(pos) + log(n m) - log(sum_j m g(x_j, y_j)) whatever the negatives are: float64 by hand, 1e-12."""
+    g = torch.Generator().manual_seed(0)
+    n, m = 5, 7
+    pos = torch.randn(n, generator=g, dtype=torch.float64)
+    expected = float(pos.mean()) + math.log(n * m) - math.log(m * sum(math.exp(p) for p in pos.tolist()))
+    for fill in (None, 30.0, NEG_INF):  # random, dominating and absent negatives
+        neg = torch.randn(n, m - 1, generator=g, dtype=torch.float64) if fill is None else \
+            torch.full((n, m - 1), fill, dtype=torch.float64)
+        assert float(ml_cpc_bound(pos, neg, alpha=m)) == pytest.approx(expected, rel=0, abs=1e-12)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.2, 0.01])
 def test_perfect_critic_reaches_the_ceilings(alpha):
     n, m = 4, 9

@@ -9,7 +9,9 @@ features.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,32 @@ def test_linear_schedule_is_the_per_epoch_cosine():
     """The probe's lr at epoch e of E is peak * (1 + cos(pi e / E)) / 2 (the authors' schedule)."""
     for e in range(0, 100, 7):
         assert cosine(e, 100, 0.3, 0.0) == pytest.approx(0.3 * 0.5 * (1 + np.cos(np.pi * e / 100)))
+
+
+def test_fit_linear_steps_at_the_per_epoch_cosine(monkeypatch):
+    """The lr the probe's optimiser holds at every step of epoch e of E is base_lr x batch / 256 x
+    (1 + cos(pi e / E)) / 2, written out here (NOTES: lr 0.075 x batch/256, cosine per epoch to 0)."""
+    import fastssl.eval.linear as linear
+
+    seen, real_step = [], linear.sgd_step
+
+    def recording_step(opt, loss, bar=None, epoch=0):
+        seen.append((epoch, [g["lr"] for g in opt.param_groups]))
+        return real_step(opt, loss, bar, epoch)
+
+    monkeypatch.setattr(linear, "sgd_step", recording_step)
+    feats, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def source(epoch, batches):
+        for batch in batches:
+            yield feats[batch], labels[batch]
+
+    args = argparse.Namespace(base_lr=0.075, batch_size=4, momentum=0.9, weight_decay=0.0, seed=0, epochs=5)
+    linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), args)
+    expected = [(e, [0.075 * 4 / 256 * (1 + math.cos(math.pi * e / 5)) / 2]) for e in range(5) for _ in range(2)]
+    assert [e for e, _ in seen] == [e for e, _ in expected]  # 2 batches (4 + 2 images) per epoch
+    for (_, lrs), (_, want) in zip(seen, expected):
+        assert lrs == pytest.approx(want, rel=1e-12)
 
 
 def test_step_decay_matches_its_closed_form():

@@ -1,5 +1,6 @@
 """SGD/LARS parameter groups: BN and bias get neither weight decay nor LARS adaptation."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -61,3 +62,29 @@ def test_sgd_excluded_params_get_no_weight_decay():
     torch.testing.assert_close(after["0.weight"].detach(), before["0.weight"] * 0.5)
     for name in ("0.bias", "1.weight", "1.bias"):
         torch.testing.assert_close(after[name].detach(), before[name])
+
+
+@pytest.mark.parametrize("decay_bn_bias", [False, True])
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_build_optimizer_matches_a_hand_loop(name, decay_bn_bias):
+    """build_optimizer's SGD / LARS vs the float64 hand loop above over 2 steps of fixed gradients (the
+    second step is where momentum shows): heavy-ball momentum 0.9 (not Nesterov), the LARS eta and weight
+    decay given, BN and bias without LARS scaling and decayed only with `decay_bn_bias`. SGD is the
+    loop's excluded (no trust ratio) step for every parameter."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)).double()
+    lr, momentum, wd, eta = 0.5, 0.9, 0.1, 0.02  # eta and wd far from the defaults (0.001, 1e-4)
+    opt = build_optimizer(name, net.named_parameters(), lr=lr, momentum=momentum, weight_decay=wd, lars_eta=eta,
+                          decay_bn_bias=decay_bn_bias)
+    ref = {n: (p.detach().clone(), None) for n, p in net.named_parameters()}
+    for _ in range(2):
+        grads = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+        for n, p in net.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, (w, buf) in ref.items():
+            bn_or_bias = n != "0.weight"
+            ref[n] = reference_lars_step(w, grads[n], buf, lr, wd if decay_bn_bias or not bn_or_bias else 0.0, eta,
+                                         momentum, exclude=bn_or_bias or name == "sgd")
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), ref[n][0], rtol=1e-12, atol=1e-12, msg=n)
