@@ -39,8 +39,8 @@ from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed).
 RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
-                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile", "train.cudnn_benchmark",
-                     "eval.batch_size", "eval.loader"}
+                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile",
+                     "train.cudnn_benchmark", "eval.batch_size", "eval.loader"}
 # Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
 # would. They are how a diverged run continues from its last good checkpoint.
 RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
@@ -208,7 +208,8 @@ def loader_health(accelerator, timing: dict, skipped: int) -> dict:
         return {**timing, "skipped_images": skipped}
     mine = torch.tensor([[timing["data_wait_share"], float(skipped)]], dtype=torch.float64, device=accelerator.device)
     everyone = accelerator.gather(mine)
-    return {**timing, "data_wait_share": everyone[:, 0].max().item(), "skipped_images": int(everyone[:, 1].sum().item())}
+    return {**timing, "data_wait_share": everyone[:, 0].max().item(),
+            "skipped_images": int(everyone[:, 1].sum().item())}
 
 
 def mean_loss(losses: list[torch.Tensor], accelerator) -> float:
@@ -255,10 +256,14 @@ def check_same_config(cfg: Config, accelerator) -> None:
         return
     from accelerate.utils import gather_object
 
-    flat = {f"{section}.{name}": value for section, fields in to_dict(cfg).items() for name, value in fields.items()}
-    # A per-node path may differ, but not whether it is set (an empty data.val turns the k-NN and its collectives off).
-    flat = {name: (bool(value) if name in PER_NODE_PATHS else value) for name, value in flat.items()
-            if name not in PER_NODE_FIELDS or name in PER_NODE_PATHS}
+    flat = {}
+    for section, fields in to_dict(cfg).items():
+        for name, value in fields.items():
+            key = f"{section}.{name}"
+            if key in PER_NODE_PATHS:  # may differ, but not whether it is set (an empty data.val: no k-NN collectives)
+                flat[key] = bool(value)
+            elif key not in PER_NODE_FIELDS:
+                flat[key] = value
     everyone = gather_object([flat])
     first_other = {name: next((r for r, c in enumerate(everyone) if c.get(name) != flat_0), None)
                    for name, flat_0 in everyone[0].items()}

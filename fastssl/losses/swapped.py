@@ -6,12 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-def cross_entropy(target: torch.Tensor, student_logits: torch.Tensor, tau_student: float) -> torch.Tensor:
-    """l(U, Q) = -1/B sum_i sum_j u_ij log q_ij with q = softmax(logits / tau_s) (Eq. 8)."""
-    log_q = F.log_softmax(student_logits.float() / tau_student, dim=-1)
-    return -(target * log_q).sum(dim=-1).mean()
-
-
 def swapped_prediction_loss(student_logits: list[torch.Tensor], targets: list[torch.Tensor],
                             tau_student: float) -> torch.Tensor:
     """Multi-crop swapped prediction.
@@ -21,9 +15,10 @@ def swapped_prediction_loss(student_logits: list[torch.Tensor], targets: list[to
     half is the mean cross-entropy over its student views and the halves are averaged.
     With only the 2 global views this is Eq. 8 divided by 2.
 
-    Computed batched (views of one batch size, as the network makes them): one log-softmax
-    over every student view and one product with every target, not a loop of T x (V - 1)
-    `cross_entropy` calls (each view's log-softmax once, a handful of kernels in all).
+    Each term is Eq. 8's l(U, Q) = -1/B sum_i sum_j u_ij log q_ij with q = softmax(logits / tau_s).
+    All terms come from one log-softmax over the stacked student views and one contraction with
+    the stacked targets (views of one batch size, as the network makes them): a handful of
+    kernels per step, whatever the number of views.
     """
     if len(targets) < 1 or len(student_logits) < 2:
         raise ValueError("swapped prediction needs >= 1 target and >= 2 student views")
@@ -32,7 +27,7 @@ def swapped_prediction_loss(student_logits: list[torch.Tensor], targets: list[to
                          f"{[tuple(s.shape) for s in student_logits]} and targets {[tuple(t.shape) for t in targets]}")
     logits, u = torch.stack(student_logits), torch.stack(targets)  # V x B x K, T x B x K
     dtype = torch.promote_types(torch.promote_types(logits.dtype, u.dtype), torch.float32)
-    with torch.autocast(logits.device.type, enabled=False):  # a matrix product: never in bf16 or TF32-cast here
+    with torch.autocast(logits.device.type, enabled=False):  # a matrix product: autocast would run it in bf16
         log_q = F.log_softmax(logits.to(dtype) / tau_student, dim=-1)
         ce = -torch.einsum("tbk,vbk->tv", u.to(dtype), log_q) / u.shape[1]  # mean cross-entropy of target t on view v
     others = ~torch.eye(len(targets), len(student_logits), dtype=torch.bool, device=ce.device)  # not its own view
