@@ -59,7 +59,7 @@ from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, check_beton
 from pipelines.cpu_augment import augment_crop_u8, crop_params
-from pipelines.device_augment import augment_view, normalize_crops
+from pipelines.device_augment import augment_views, normalize_crops
 from pipelines.folder import check_class_count, check_not_splits
 from pipelines.sampler import ShardedLoader, batch_seed, epoch_permutation
 from pipelines.spec import ORDERS, LoaderSpec
@@ -352,13 +352,14 @@ class FfcvLoader(ShardedLoader):
         for b, (rows, label) in enumerate(epoch_it):
             batch_no = self.start_batch + b
             g = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))  # host draws
-            views = []
-            for v, view in enumerate(recipe.views()):
-                crops = rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)
-                if self.photometric_in_loader:
-                    x = normalize_crops(crops, recipe, dtype=s.dtype)
-                else:
-                    x = augment_view(crops.to(s.device, non_blocking=True), recipe, view, g, dtype=s.dtype)
-                views.append(x if s.channels_last else x.contiguous())
+            if not self.photometric_in_loader:
+                rows = rows.to(s.device, non_blocking=True)  # one copy of every view's crops
+            crops = [rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)
+                     for v, view in enumerate(recipe.views())]
+            if self.photometric_in_loader:
+                views = [normalize_crops(x, recipe, dtype=s.dtype) for x in crops]
+            else:
+                views = augment_views(crops, recipe, recipe.views(), g, dtype=s.dtype)
+            views = [x if s.channels_last else x.contiguous() for x in views]
             index = torch.from_numpy(plan[b * s.batch_size : (b + 1) * s.batch_size].astype(np.int64))
             yield MultiCropBatch(views=views, index=index, label=label.reshape(-1).long().cpu().clone())

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
-from pipelines.device_augment import augment_view, normalize_uint8
+from pipelines.device_augment import augment_views, normalize_uint8
 from pipelines.folder import scan_source
 from pipelines.images import UNREADABLE, load_rgb, next_readable
 from pipelines.sampler import ShardedLoader, batch_seed, sample_rng
@@ -142,5 +142,5 @@ class TorchvisionLoader(ShardedLoader):
         the worker count either."""
         s = self.spec
         g = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))  # host draws
-        return [augment_view(x.to(s.device, non_blocking=True).permute(0, 2, 3, 1), s.recipe, view, g, dtype=s.dtype)
-                for x, view in zip(crops, s.recipe.views())]
+        return augment_views([x.to(s.device, non_blocking=True).permute(0, 2, 3, 1) for x in crops], s.recipe,
+                             s.recipe.views(), g, dtype=s.dtype)

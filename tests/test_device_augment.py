@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.transforms import functional as TF
 
-from pipelines.augment import MultiCropRecipe
-from pipelines.device_augment import augment_view, color_jitter, gaussian_blur, grayscale, solarize
+from pipelines.augment import MultiCropRecipe, ViewSpec
+from pipelines.device_augment import augment_view, augment_views, color_jitter, gaussian_blur, grayscale, solarize
 
 
 @pytest.fixture
@@ -77,6 +77,55 @@ def test_augment_view_reads_no_value_from_the_device():
         assert out.device.type == "meta" and out.shape == (12, 3, 16, 16)
         on_cpu = augment_view(crops, ALL_STEPS, ALL_STEPS.view(view), torch.Generator().manual_seed(view))
         assert torch.isfinite(on_cpu).all()
+
+
+def device_ops(fn) -> int:
+    """How many ops `fn` dispatches on the meta device: what a GPU would launch (host draws not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in torch.utils._pytree.tree_leaves(out)):
+                self.n += 1
+            return out
+
+    with Count() as count:
+        fn()
+    return count.n
+
+
+def test_views_of_one_size_are_augmented_as_one_batch():
+    """The launches per batch do not grow with the number of local views: 6 local views cost the ops of 2
+    (the recipe's 2 x 224 + 6 x 96 would otherwise be ~1,400 launches a step instead of ~380)."""
+    def ops(num_local: int) -> int:
+        recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=num_local)
+        crops = [torch.zeros(12, v.size, v.size, 3, dtype=torch.uint8, device="meta") for v in recipe.views()]
+        out = augment_views(crops, recipe, recipe.views(), torch.Generator().manual_seed(0))
+        assert [x.shape for x in out] == [(12, 3, v.size, v.size) for v in recipe.views()]
+        return device_ops(lambda: augment_views(crops, recipe, recipe.views(), torch.Generator().manual_seed(0)))
+
+    assert ops(6) == ops(2)
+
+
+def test_each_view_of_a_batch_draws_its_own_probability():
+    """Views concatenated into one batch keep their own solarize and blur rates: with constant crops
+    (solarize maps 200 to 55, a blur leaves them unchanged) the solarized rows of each view are
+    Binomial(n, p_view), within 5 sigma, and a view with p = 0 or 1 is exact."""
+    n, probs = 4000, (0.0, 0.2, 0.7, 1.0)
+    views = [ViewSpec(8, (0.05, 0.14), blur_p=p, solarize_p=p) for p in probs]
+    recipe = MultiCropRecipe(global_size=8, local_size=8, num_local=2, flip_p=0, jitter_p=0, grayscale_p=0,
+                             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    crops = [torch.full((n, 8, 8, 3), 200, dtype=torch.uint8) for _ in views]
+    out = augment_views(crops, recipe, views, torch.Generator().manual_seed(0))
+    for p, x in zip(probs, out):
+        solarized = (x.flatten(1) - 55 / 255).abs().amax(dim=1) < 1e-5
+        untouched = (x.flatten(1) - 200 / 255).abs().amax(dim=1) < 1e-5
+        assert bool((solarized | untouched).all())
+        k = int(solarized.sum())
+        assert abs(k - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (p, k)
 
 
 @pytest.mark.gpu
