@@ -1,8 +1,12 @@
 """SGD/LARS parameter groups: BN and bias get neither weight decay nor LARS adaptation."""
 
+import io
+
 import pytest
 import torch
+from conftest import load_tool
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastssl.models import MiraNetwork
 from fastssl.optim import LARS, build_optimizer, is_excluded, param_groups
@@ -88,3 +92,159 @@ def test_build_optimizer_matches_a_hand_loop(name, decay_bn_bias):
                                          momentum, exclude=bn_or_bias or name == "sgd")
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), ref[n][0], rtol=1e-12, atol=1e-12, msg=n)
+
+
+def lars_test_params() -> list[dict]:
+    """Groups that reach every branch of a LARS step: LARS-adapted and decayed (a float64 weight, an
+    all-zero weight (trust 1), a weight never given a gradient, one given its first gradient only at
+    step 1 (its buffer made late), and a float32 weight in the same group), LARS-adapted without decay
+    (a zero gradient: trust 1), excluded without decay (bias) and excluded with decay (BN scale)."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    return [
+        {"params": {"w": torch.randn(8, 5, **f64), "zero": torch.zeros(4, 3, **f64), "never": torch.randn(3, 3, **f64),
+                    "late": torch.randn(5, 2, **f64), "w32": torch.randn(6, 2)}, "weight_decay": 1e-2},
+        {"params": {"stuck": torch.randn(4, 4, **f64), "w2": torch.randn(2, 7, **f64)}, "weight_decay": 0.0},
+        {"params": {"bias": torch.randn(8, **f64)}, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": {"bn": torch.randn(8, **f64)}, "weight_decay": 1e-2, "lars_exclude": True},
+    ]
+
+
+def build_lars(cls: type, spec: list[dict]) -> tuple[torch.optim.Optimizer, dict[str, nn.Parameter]]:
+    """`cls` over fresh parameters copied from `spec`, and those parameters by name."""
+    named = {n: nn.Parameter(t.clone()) for g in spec for n, t in g["params"].items()}
+    groups = [{**g, "params": [named[n] for n in g["params"]]} for g in spec]
+    return cls(groups, lr=0.5, momentum=0.9, eta=0.02), named
+
+
+def set_lars_grads(named: dict[str, nn.Parameter], grads: dict[str, torch.Tensor | None]) -> None:
+    """Copies, so that one optimiser's step cannot touch the other's gradients."""
+    for n, p in named.items():
+        p.grad = None if grads[n] is None else grads[n].clone()
+
+
+def lars_grads(named: dict[str, nn.Parameter], step: int) -> dict[str, torch.Tensor | None]:
+    """Random gradients, but none for `never` (nor for `late` at step 0) and zeros for `stuck`."""
+    grads = {n: torch.randn_like(p) for n, p in named.items()}
+    grads["never"] = None
+    grads["stuck"] = torch.zeros_like(named["stuck"])
+    if step == 0:
+        grads["late"] = None
+    return grads
+
+
+def lars_tolerance(dtype: torch.dtype) -> dict:
+    """1e-12 in float64; float32 to its rounding (the fused buf += trust * d rounds once where the
+    per-parameter loop rounded trust * d first)."""
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+
+
+def test_foreach_lars_equals_the_per_parameter_definition():
+    """The foreach step against the per-parameter loop it replaced (tools/bench_optim.py keeps it),
+    over 4 steps with the lr changed between steps as a schedule does: every parameter and momentum
+    buffer equal (`lars_tolerance`), the same state keys."""
+    spec = lars_test_params()
+    new, new_p = build_lars(LARS, spec)
+    old, old_p = build_lars(load_tool("bench_optim").PerParameterLARS, spec)
+    for step in range(4):
+        grads = lars_grads(new_p, step)
+        for opt, named in ((new, new_p), (old, old_p)):
+            for g in opt.param_groups:
+                g["lr"] = 0.5 / (step + 1)
+            set_lars_grads(named, grads)
+            opt.step()
+        for n, p in new_p.items():
+            tol = lars_tolerance(p.dtype)
+            torch.testing.assert_close(p.detach(), old_p[n].detach(), **tol, msg=n)
+            assert new.state[p].keys() == old.state[old_p[n]].keys(), n
+            if new.state[p]:
+                torch.testing.assert_close(new.state[p]["momentum_buffer"], old.state[old_p[n]]["momentum_buffer"],
+                                           **tol, msg=n)
+    assert not new.state[new_p["never"]] and torch.equal(new_p["never"].detach(), spec[0]["params"]["never"])
+    assert not torch.equal(new_p["zero"].detach(), torch.zeros(4, 3, dtype=torch.float64))  # trust 1: it moved
+
+
+def test_a_per_parameter_checkpoint_resumes_in_the_foreach_lars():
+    """A state_dict saved by the per-parameter LARS loads into the foreach one and the next step
+    matches: the state layout (`momentum_buffer` per parameter) is unchanged."""
+    spec = lars_test_params()
+    old, old_p = build_lars(load_tool("bench_optim").PerParameterLARS, spec)
+    set_lars_grads(old_p, lars_grads(old_p, 1))
+    old.step()
+    new, new_p = build_lars(LARS, [{**g, "params": {n: old_p[n].detach() for n in g["params"]}} for g in spec])
+    checkpoint = io.BytesIO()
+    torch.save(old.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    new.load_state_dict(torch.load(checkpoint))
+    grads = lars_grads(old_p, 1)
+    for opt, named in ((new, new_p), (old, old_p)):
+        set_lars_grads(named, grads)
+        opt.step()
+    for n, p in new_p.items():
+        torch.testing.assert_close(p.detach(), old_p[n].detach(), **lars_tolerance(p.dtype), msg=n)
+
+
+class OpCounter(TorchDispatchMode):
+    """Records the name of every aten op dispatched under it (each one a kernel launch, or a few, on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def lars_step_ops(n: int) -> list[str]:
+    """The aten ops of one steady-state LARS step (momentum buffers already made) over n weights
+    (decayed, LARS-adapted) and n biases (excluded)."""
+    torch.manual_seed(0)
+    weights = [nn.Parameter(torch.randn(3 + i % 4, 5)) for i in range(n)]
+    biases = [nn.Parameter(torch.randn(3 + i % 4)) for i in range(n)]
+    opt = LARS([{"params": weights, "weight_decay": 1e-4}, {"params": biases, "lars_exclude": True}], lr=0.1)
+    for p in weights + biases:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with OpCounter() as counter:
+        opt.step()
+    return counter.ops
+
+
+def test_lars_step_op_count_does_not_grow_with_the_parameter_count():
+    """Multi-tensor ops: 10 and 100 parameters per group dispatch the same ops. None of them is
+    `_local_scalar_dense`, the op behind `.item()` or a Python `if` on a tensor: no host-device sync."""
+    ops10, ops100 = lars_step_ops(10), lars_step_ops(100)
+    assert len(ops10) == len(ops100), (len(ops10), len(ops100))
+    assert ops10 == ops100
+    assert not any("_local_scalar_dense" in op for op in ops10), ops10
+
+
+def test_lars_refuses_sparse_gradients():
+    p = nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="LARS does not support sparse gradients"):
+        LARS([p], lr=0.1).step()
+
+
+def test_lars_step_returns_the_closure_loss_with_grad_enabled():
+    p = nn.Parameter(torch.ones(2, 2))
+
+    def closure() -> torch.Tensor:
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert LARS([p], lr=0.1).step(closure).item() == 4.0
+    assert p.grad is not None
+
+
+def test_bench_optim_runs_and_counts_the_ops_of_both_steps(tmp_path):
+    """tools/bench_optim.py on one-element ResNet-18 parameters: a few rounds, JSON written, and the
+    foreach step dispatching a small fraction of the per-parameter loop's ops."""
+    bench = load_tool("bench_optim")
+    result = bench.main(["--arch", "resnet18", "--tiny", "--rounds", "2", "--warmup", "1",
+                         "--json", str(tmp_path / "optim.json")])
+    ops = result["aten_ops_per_step"]
+    assert result["params"] == 62 and ops["per_parameter"] > 7 * 20 and ops["foreach"] * 5 < ops["per_parameter"]
+    assert (tmp_path / "optim.json").exists() and result["median_ms"]["foreach"] > 0
