@@ -9,6 +9,7 @@ from typing import Any, Callable, NoReturn
 from fastssl.config import Config, ConfigError, apply_overrides, field_help, validate
 from pipelines.beton import BetonError
 from pipelines.folder import DataLayoutError
+from pipelines.spec import LoaderUnavailable
 
 USAGE = """usage: {prog} [--resume [auto]] [--print-config] [--section.field VALUE ...]
 
@@ -101,6 +102,6 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
 
     results = command_line(cfg, argv, prog, check=validate, dump=dumps,
                            start=lambda c, resume, command: train(c, resume=resume, command=command),
-                           user_errors=(ConfigError, DataLayoutError, FileNotFoundError, BetonError,
+                           user_errors=(ConfigError, DataLayoutError, FileNotFoundError, BetonError, LoaderUnavailable,
                                         CheckpointError, TrainingDiverged))
     return results

@@ -372,8 +372,10 @@ def config_errors(cfg: Config) -> list[str]:
     for name in ("beta_start", "beta_end"):
         if not 0 <= getattr(mt, name) < 1:
             e.append(f"method.{name}: beta must lie in [0, 1) (Proposition 1), got {getattr(mt, name)}")
-    if mt.num_iters < 0 or mt.sinkhorn_iters < 0:
-        e.append("method.num_iters/sinkhorn_iters: must be >= 0")
+    if mt.num_iters < 0:
+        e.append(f"method.num_iters: must be >= 0 (0: the start point's targets), got {mt.num_iters}")
+    if mt.sinkhorn_iters < 1:
+        e.append(f"method.sinkhorn_iters: Sinkhorn-Knopp needs at least 1 iteration, got {mt.sinkhorn_iters}")
     for name in ("ema_momentum_start", "ema_momentum_end"):
         if not 0 <= getattr(mt, name) <= 1:
             e.append(f"method.{name}: EMA momentum must lie in [0, 1], got {getattr(mt, name)}")

@@ -97,6 +97,10 @@ def shuffled_forward(net: nn.Module, views: list[Tensor], splits: int = 8
     return outs[0], outs[1], perm
 
 
+class QueueLongerThanData(ValueError):
+    """A key queue at least as long as the dataset (the trainers report it as their config field's error)."""
+
+
 class KeyQueue(nn.Module):
     """A FIFO ring buffer of Q L2-normalised keys (d-dim), the same on every rank.
 
@@ -109,7 +113,7 @@ class KeyQueue(nn.Module):
         # A positive size is the config's to check (critic.queue_size, loss.queue_size); the
         # dataset's size is only known here.
         if dataset_size is not None and size >= dataset_size:
-            raise ValueError(f"critic.queue_size {size} is not smaller than the dataset ({dataset_size} images): "
+            raise QueueLongerThanData(f"{size} is not smaller than the dataset ({dataset_size} images): "
                              "the queue would hold stale copies of the current images as their own negatives; "
                              f"use a queue below {dataset_size}")
         g = torch.Generator().manual_seed(seed)

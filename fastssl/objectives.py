@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import Tensor, nn
 
-from fastssl.critic import CriticOutput, MlCpcCritic, shuffled_forward
+from fastssl.config import ConfigError
+from fastssl.critic import CriticOutput, MlCpcCritic, QueueLongerThanData, shuffled_forward
 from fastssl.losses import swapped_prediction_loss
 from fastssl.ops import mira_assign_views, sinkhorn_assign
 
@@ -213,5 +214,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def build_objective(cfg: Config, dataset_size: int | None = None, device: torch.device | str = "cpu") -> Objective:
-    """The config's objective on `device`; a queue not smaller than `dataset_size` is refused here."""
-    return OBJECTIVES[cfg.method.objective].from_config(cfg, dataset_size).to(device)
+    """The config's objective on `device`; a queue not smaller than `dataset_size` is refused here
+    (ConfigError: only the data's size, known after the config was checked, makes it wrong)."""
+    try:
+        objective = OBJECTIVES[cfg.method.objective].from_config(cfg, dataset_size)
+    except QueueLongerThanData as err:
+        raise ConfigError(f"critic.queue_size: {err}") from None
+    return objective.to(device)

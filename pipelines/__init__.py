@@ -13,7 +13,7 @@ import torch
 
 from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
-from pipelines.spec import AUTO_BACKEND, BACKENDS, DataConfig, LoaderSpec, registered_class
+from pipelines.spec import AUTO_BACKEND, BACKENDS, DataConfig, LoaderSpec, LoaderUnavailable, install_hint, registered_class
 
 
 def build_train_loader(spec: LoaderSpec):
@@ -25,7 +25,8 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, str | None]:
     """The backend `name` stands for on `device`, and a line saying why when it was `auto`.
 
     `auto` is DALI on a CUDA device, where it decodes on the GPU, when DALI imports; else
-    torchvision (DALI's CPU mode is no faster than torchvision's workers, docs/benchmarks.md).
+    torchvision, the reference pipeline (on a CPU, DALI's fast mode is faster, docs/benchmarks.md, but
+    it departs from the reference: bilinear crops, fast IDCT; choose it with --data.backend dali).
     Every process resolves it for its own device, so a run's processes agree when their nodes do.
     """
     if name != AUTO_BACKEND:
@@ -36,9 +37,9 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, str | None]:
         importlib.import_module("nvidia.dali")
     except ImportError as err:
         return "torchvision", (f"--data.backend auto: torchvision, as DALI is not available ({err}); "
-                               "install it with `.venv/bin/pip install -e '.[dali]'` to decode on the GPU")
+                               f"install it with {install_hint('dali')} to decode on the GPU")
     return "dali", f"--data.backend auto: dali (GPU decoding on {device})"
 
 
-__all__ = ["MultiCropBatch", "MultiCropRecipe", "DataConfig", "LoaderSpec", "build_train_loader", "resolve_backend",
-           "BACKENDS", "AUTO_BACKEND"]
+__all__ = ["MultiCropBatch", "MultiCropRecipe", "DataConfig", "LoaderSpec", "LoaderUnavailable", "build_train_loader",
+           "resolve_backend", "BACKENDS", "AUTO_BACKEND"]

@@ -21,7 +21,7 @@ from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.folder import scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
 from pipelines.sampler import rank_share
-from pipelines.spec import EVAL_BACKENDS, DataConfig, registered_class
+from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
 
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -100,14 +100,15 @@ class EvalLoader:
             yield images, labels, index
 
 
-class EvalBackendError(ValueError):
+class EvalBackendError(LoaderUnavailable, ValueError):
     """An unknown or uninstalled evaluation loader: the message names the fix."""
 
 
 def eval_loader_class(backend: str) -> type:
     """The loader class of `backend`, imported now so that a missing DALI fails before any work."""
-    return registered_class(EVAL_BACKENDS, backend, "eval loader", "use --loader torchvision",
-                            unknown=EvalBackendError, missing=EvalBackendError)
+    return registered_class(EVAL_BACKENDS, backend, "eval loader",
+                            "use the torchvision loader (--loader torchvision; in a recipe, --eval.loader torchvision)",
+                            error=EvalBackendError)
 
 
 def build_eval_loader(backend: str, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,

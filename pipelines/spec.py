@@ -36,19 +36,34 @@ EVAL_BACKENDS = {
 ORDERS = ("sampler", "random", "quasi_random", "sequential")
 
 
+class LoaderUnavailable(RuntimeError):
+    """A loader the settings name cannot be built here (an unknown name, an uninstalled package):
+    bad input, reported in one line that names the fix."""
+
+
+def install_hint(package: str) -> str:
+    """How to install an optional loader package (`dali` or `ffcv`) into the project's venv.
+
+    DALI has one build per CUDA major and it must match torch's: `make setup` picks it
+    (tools/dali_extra.py); a plain `.[dali]` would install the CUDA 12 build beside a CUDA 13 torch."""
+    if package == "dali":
+        return "`make setup` (it installs DALI's build for this torch's CUDA, tools/dali_extra.py)"
+    return f"`.venv/bin/pip install -e '.[{package}]'`"
+
+
 def registered_class(table: dict[str, str], name: str, what: str, instead: str,
-                     unknown: type[Exception] = ValueError, missing: type[Exception] = RuntimeError) -> type:
+                     error: type[Exception] = LoaderUnavailable) -> type:
     """The class registered as `name` in `table` (BACKENDS or EVAL_BACKENDS), its module imported now,
-    so that an unknown name (`unknown`) or an uninstalled optional package (`missing`) fails
-    before any work, with a message naming the fix (`instead`: the option that avoids it)."""
+    so that an unknown name or an uninstalled optional package fails before any work, as `error`,
+    with a message naming the fix (`instead`: the option that avoids it)."""
     if name not in table:
-        raise unknown(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
+        raise error(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
     module_name, cls_name = table[name].split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise missing(f"the {name!r} {what} is not available ({err}); install it with "
-                      f"`.venv/bin/pip install -e '.[{name}]'` or {instead}") from err
+        raise error(f"the {name!r} {what} is not available ({err}); install it with {install_hint(name)}, "
+                    f"or {instead}") from err
     return getattr(module, cls_name)
 
 

@@ -132,6 +132,33 @@ def test_recipe_with_unusable_knn_data_exits_2_before_any_output(tmp_path, case,
     assert not (tmp_path / "run").exists()
 
 
+def test_recipe_with_a_queue_longer_than_the_data_exits_2_before_any_output(tmp_path):
+    """The data's size is known only once the loader is built: the error is still one line, exit 2."""
+    make_image_folder(tmp_path / "train", 2, 6, size=24)
+    out = run(str(REPO / "recipes" / "mira_demo.py"), "--data.train", str(tmp_path / "train"), "--data.val=",
+              "--method.objective", "mira+mlcpc", "--critic.queue_size", "12", "--train.global_batch_size", "4",
+              "--train.run_dir", str(tmp_path / "run"), "--data.num_workers", "0")
+    assert_clean_error(out, "critic.queue_size: 12 is not smaller than the dataset (12 images)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_with_an_uninstalled_loader_exits_2_naming_the_fix(tmp_path):
+    """`--data.backend dali` (or `--eval.loader dali`) where DALI does not import: one line that says
+    how to install it and which option avoids it (the recipe runs with DALI's import made to fail)."""
+    make_image_folder(tmp_path / "train", 2, 6, size=24)
+    common = ["--data.train", str(tmp_path / "train"), "--train.run_dir", str(tmp_path / "run"),
+              "--train.global_batch_size", "4", "--data.num_workers", "0"]
+    without_dali = ("import runpy, sys; sys.modules['nvidia.dali'] = None; sys.argv = sys.argv[1:]; "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")
+    for flags, needle in [(["--data.backend", "dali", "--data.val="], "or pick --data.backend torchvision"),
+                          (["--eval.loader", "dali", "--data.val", str(tmp_path / "train")],
+                           "in a recipe, --eval.loader torchvision")]:
+        out = run("-c", without_dali, str(REPO / "recipes" / "mira_demo.py"), *common, *flags)
+        assert_clean_error(out, "is not available (")
+        assert "install it with `make setup`" in out.stderr and needle in out.stderr, out.stderr
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
     """An exported backbone (weights do not matter: every case fails before the first forward)."""

@@ -64,6 +64,8 @@ def test_unknown_field_suggests_close_names():
     ("optim.cosine_per", "iter", "choose epoch or step"),
     ("data.dali_read_threads", 0, "dali_read_threads: at least 1"),
     ("train.collective_timeout_min", 0.0, "collective_timeout_min must be > 0 minutes"),
+    ("method.sinkhorn_iters", 0, "method.sinkhorn_iters: Sinkhorn-Knopp needs at least 1 iteration"),
+    ("method.num_iters", -1, "method.num_iters: must be >= 0"),
 ])
 def test_invalid_values_are_named(field, value, needle):
     cfg = valid()

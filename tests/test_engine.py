@@ -440,6 +440,6 @@ def test_each_objective_trains_and_its_loss_falls(tmp_path, objective):
 def test_queue_as_long_as_the_dataset_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, epochs=1)
     cfg.method.objective, cfg.critic.queue_size = "mlcpc", 24
-    with pytest.raises(ValueError, match="not smaller than the dataset"):
+    with pytest.raises(ConfigError, match="critic.queue_size: 24 is not smaller than the dataset"):
         train(cfg)
     assert not Path(cfg.train.run_dir).exists(), "refused before any output"

@@ -150,7 +150,7 @@ def test_unknown_backend_is_named(folder):
 def test_missing_dali_names_the_install_command(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if DALI were not installed
     monkeypatch.delitem(sys.modules, "pipelines.dali_eval", raising=False)
-    with pytest.raises(EvalBackendError, match=r"pip install -e '\.\[dali\]'.*--loader torchvision"):
+    with pytest.raises(EvalBackendError, match=r"make setup.*--loader torchvision; in a recipe, --eval.loader torchvision"):
         build_eval_loader("dali", str(folder), SIZE, 4)
 
 

@@ -19,8 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-
-import pytest
+from pathlib import Path
 
 from conftest import REPO, requires_dali, requires_ffcv
 

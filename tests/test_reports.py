@@ -238,6 +238,15 @@ def test_compare_refuses_an_older_schema(profile_report, tmp_path):
     assert load_tool("profile_throughput").main(["--compare", str(profile_report), str(tmp_path)]) == 2
 
 
+def test_compare_refuses_a_run_report(profile_report, tmp_path, capsys):
+    """A run report is a valid report of another kind: refused in one line, exit 2, not a KeyError."""
+    run = json.loads((profile_report / "report.json").read_text())
+    run.update(kind="run", epochs=[], steps=[], evaluations=[])  # a run report's keys (the rest are common)
+    (tmp_path / "report.json").write_text(json.dumps(run))
+    assert load_tool("profile_throughput").main(["--compare", str(profile_report), str(tmp_path)]) == 2
+    assert "is a run report; --compare takes two profile reports" in capsys.readouterr().err
+
+
 def test_profile_rejects_a_missing_recipe(tmp_path, capsys):
     code = load_tool("profile_throughput").main(["--recipe", str(tmp_path / "nope.py"), "--out", str(tmp_path)])
     assert code == 2 and "does not exist" in capsys.readouterr().err

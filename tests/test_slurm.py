@@ -125,7 +125,7 @@ def test_sigusr1_checkpoints_exits_138_and_resume_auto_finishes(tmp_path):
     out = finish(proc)
     assert proc.returncode == 138, out  # 128 + SIGUSR1, after the checkpoint
     assert "--resume auto: no checkpoint, starting the run" in out
-    assert f"stopped by SIGUSR1 at epoch" in out and f"--resume --train.run_dir {run}" in out
+    assert "stopped by SIGUSR1 at epoch" in out and f"--resume --train.run_dir {run}" in out
     stopped = torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"]
     assert 2 <= stopped < 9
     assert json.loads((run / "results.json").read_text())["interrupted"] == "SIGUSR1"

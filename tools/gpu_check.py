@@ -13,11 +13,13 @@ Stages, in order (names or numbers for --stages):
   3 compile      torch.compile(fullgraph=True) of a training step calling `mira_assign_views`:
                  graph breaks and equality with eager
   4 model_step   ResNet-50, 64 images, 2x224 + 6x96, eager vs compiled (tools/profile_throughput.py)
-  5 loaders      ~1,500 ImageNet-like JPEGs made on local disk outside the checkout; every GPU
+  5 bn_stats     per-view BatchNorm's cost in a ResNet-50 student step: per_view vs per_forward vs
+                 8 separate forwards (tools/bench_bn_stats.py)
+  6 loaders      ~1,500 ImageNet-like JPEGs made on local disk outside the checkout; every GPU
                  loader's source images/s (tools/bench_loaders.py)
-  6 end_to_end   recipes/mira_bs512.py at 64 images per process, ~60 steps per loader and on
+  7 end_to_end   recipes/mira_bs512.py at 64 images per process, ~60 steps per loader and on
                  synthetic data; images/s, data-wait share, peak memory from the run's own logs
-  7 gpu_tests    `pytest -m gpu`
+  8 gpu_tests    `pytest -m gpu`
 
 Why this shape: GPU minutes are few and a machine may be taken back at any moment. So every
 stage is guarded (a failure records its traceback and the next stage runs), every heavy step

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/mi_estimation", help="output folder (JSON and PNG)")
     ap.add_argument("--iters", type=int, default=4000, help="iterations per MI level (paper: 4000)")
     ap.add_argument("--batch", type=int, default=128, help="n = m (paper: 128)")
-    ap.add_argument("--critics", default="separable,joint", help="separable, joint or both")
+    ap.add_argument("--critics", default="separable,joint",
+                    help="comma-separated critics: separable, joint, or separable,joint (the default: both)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="100 iterations per level, n = 16: a smoke run")
     ap.add_argument("--no-compile", action="store_true", help="eager critics (compiling fuses the joint critic)")

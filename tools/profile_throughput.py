@@ -290,6 +290,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def run_compare(args) -> int:
     a, b = (load_report(p) for p in args.compare)
+    for path, report in zip(args.compare, (a, b)):
+        if report["kind"] != "profile":
+            raise ReportError(f"{str(path)!r} is a {report['kind']} report; --compare takes two profile reports "
+                              "(tools/profile_throughput.py --out DIR writes one)")
     text = compare_markdown(a, b, str(args.compare[0]), str(args.compare[1]))
     print(text)
     if args.out:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from fastssl import checkpoint as ckpt
 from fastssl.config import ConfigError
-from fastssl.critic import MlCpcCritic
+from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
@@ -167,7 +167,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
         try:
             critics = [MlCpcCritic(lo.queue_size, cfg.model.embed_dim, lo.temperature, dataset_size=len(train_set),
                                    direction="one_way") for _ in range(2)]
-        except ValueError as err:
+        except QueueLongerThanData as err:
             raise ConfigError(f"loss.queue_size: {err}") from None
     objective = DistillObjective(ce_weight=lo.ce_weight, kd_weight=lo.kd_weight, mi_weight=lo.mi_weight,
                                  kd_temperature=lo.kd_temperature, alpha=lo.alpha, bound=lo.bound,

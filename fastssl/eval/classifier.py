@@ -110,7 +110,8 @@ def new_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (as the training loop); full precision on CPU, where bf16 is slower."""
+    """bf16 autocast on CUDA (as the training loop); full precision on CPU, as the loop's default there
+    (`runtime.resolve_precision`: CPU bf16 gave a NaN loss in one of two identical runs)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -217,7 +218,9 @@ def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
 
 def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
     """--num-workers/--loader/--device/--json/--no-progress: how either tool runs and where it writes."""
-    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, or DALI threads (0: one per core)")
+    ap.add_argument("--num-workers", type=int, default=0,
+                    help="torchvision: DataLoader workers (0: load in the main process); "
+                    "DALI: reader threads (0: one per core)")
     ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results")
