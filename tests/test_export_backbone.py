@@ -107,6 +107,17 @@ def test_detectron2_file_has_detectron2_keys_and_shapes(written, run):
     torch.testing.assert_close(torch.from_numpy(model["res5.2.conv3.norm.bias"]), source["layer4.2.bn3.bias"])
 
 
+def test_out_dir_is_made_and_the_detectron2_note_fits_the_architecture(tool, tmp_path, capsys):
+    """`--out-dir exports/` as the README writes it, not yet there; ResNet-18 needs detectron2's depth and
+    64-channel res2 keys besides the common ones."""
+    torch.save(build_backbone("resnet18").state_dict(), tmp_path / "backbone_resnet18.pth")
+    written = tool.main([str(tmp_path / "backbone_resnet18.pth"), "--format", "detectron2",
+                         "--out-dir", str(tmp_path / "exports" / "r18")])
+    assert written["detectron2"].parent == tmp_path / "exports" / "r18" and written["detectron2"].is_file()
+    note = capsys.readouterr().out
+    assert "MODEL.RESNETS.DEPTH 18, MODEL.RESNETS.RES2_OUT_CHANNELS 64" in note and "STRIDE_IN_1X1 False" in note
+
+
 def test_bad_input_exits_2(tool, tmp_path, capsys):
     net = build_backbone("resnet18", "cifar")
     torch.save(net.state_dict(), tmp_path / "backbone_resnet18.pth")

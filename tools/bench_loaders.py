@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "dali-gpu-graph (DALI with --data.dali_cpu_fast off: bicubic crops, accurate IDCT, "
                     "DALI operators under conditionals, as on a GPU); opt-in variants: "
                     "torchvision-device-augment (--data.device_augment on), dali-hw0 and dali-hw1 "
-                    "(--data.dali_hw_decoder_load 0 and 1; dali itself uses 0.65)")
+                    "(--data.dali_hw_decoder_load 0 and 1; dali itself uses 0.65), dali-read1 "
+                    "(--data.dali_read_threads 1: files read one by one; dali itself reads 8 at once)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of each repetition")

@@ -9,7 +9,7 @@
 What it guarantees:
 * Labels are torchvision `ImageFolder`'s (sorted class-folder names), so a checkpoint's
   k-NN or linear probe means the same class on a folder and on a `.beton`. The class
-  names, in label order, are written beside the output in `OUT.beton.json`.
+  names, in label order, are written beside the output in `OUT.json` (e.g. `train.beton.json`).
 * Bad input is skipped and reported, never fatal: non-image files, truncated or corrupt
   images, and empty class folders are listed with the reason in the summary;
   CMYK, grayscale, palette and PNG-named-.JPEG images are converted to RGB.

@@ -25,7 +25,7 @@ from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
 from fastssl.eval.targets import resolve_target
 from fastssl.models.backbone import FEATURE_DIMS
-from fastssl.models.detection_export import (D2_CONFIG_NOTE, ExportError, detectron2_checkpoint,
+from fastssl.models.detection_export import (ExportError, d2_config_note, detectron2_checkpoint,
                                              torchvision_detection_state)
 
 FORMATS = ("torchvision", "detectron2")
@@ -57,12 +57,17 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         found = resolve_target(args.target, tool="export", val="-", arch=args.arch, need_train=False)
         path = Path(found["checkpoint"])
         # The same checks as every tool (the right file, a known architecture); the loaded weights are the file's.
-        state = load_backbone(path, found["arch"])[0].state_dict()
+        backbone, arch = load_backbone(path, found["arch"])  # the arch inferred from the weights when not given
+        state = backbone.state_dict()
         out_dir = Path(args.out_dir) if args.out_dir else path.parent
-        if not out_dir.is_dir():
-            raise EvalError(f"--out-dir {str(out_dir)!r} is not a directory; create it first")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise EvalError(f"--out-dir {str(out_dir)!r} is a file, not a directory; name a directory")
         body = torchvision_detection_state(state)
         d2 = detectron2_checkpoint(state) if "detectron2" in formats else None
+        try:  # made only once the export is known to succeed
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise EvalError(f"--out-dir {str(out_dir)!r} cannot be created ({err.strerror}); name a writable directory")
     except (EvalError, ExportError) as err:
         exit_with(err)
     written = {}
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     for fmt, p in written.items():
         print(f"wrote {p} ({fmt})")
     if d2 is not None:
-        print(f"detectron2 config: MODEL.WEIGHTS {written['detectron2']}, {D2_CONFIG_NOTE}")
+        print(f"detectron2 config: MODEL.WEIGHTS {written['detectron2']}, {d2_config_note(arch)}")
     return written
 
 

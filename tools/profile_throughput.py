@@ -17,8 +17,9 @@ real run, with global_batch / G rows):
      loader (`--data.backend`) for the warm-up and timed steps; images/s, the share of
      wall time spent waiting for data and images/s per step are read from its own log
      (train_log.csv, one row per step);
-  4. the assignment alone (reference, custom op, Sinkhorn) at this process's rows and at
-     the global batch (fastssl.bench.assignment, as tools/bench_mira.py);
+  4. the assignment alone (reference, custom op, Sinkhorn) at this process's rows, and with
+     --gpus > 1 at the global batch too (without the reference there; fastssl.bench.assignment,
+     as tools/bench_mira.py);
   5. peak memory, and one ImageNet epoch projected on 1 and 8 devices.
 Cross-check, in the same run: the assignment time measured inside real steps (stage 2's
 instrumented pass) is compared with the assignment timed alone on the same shape just

@@ -26,6 +26,16 @@ import torch
 
 D2_CONFIG_NOTE = ("MODEL.PIXEL_MEAN [123.675, 116.28, 103.53], MODEL.PIXEL_STD [58.395, 57.12, 57.375], "
                   "MODEL.RESNETS.STRIDE_IN_1X1 False, INPUT.FORMAT RGB")
+# detectron2's basic-block ResNets need their depth and a 64-channel res2 (its default: 256).
+D2_BASIC_BLOCK_DEPTHS = {"resnet18": 18}
+
+
+def d2_config_note(arch: str) -> str:
+    """The detectron2 config keys a backbone of `arch` needs besides MODEL.WEIGHTS."""
+    depth = D2_BASIC_BLOCK_DEPTHS.get(arch)
+    if depth is None:
+        return D2_CONFIG_NOTE
+    return f"{D2_CONFIG_NOTE}, MODEL.RESNETS.DEPTH {depth}, MODEL.RESNETS.RES2_OUT_CHANNELS 64"
 
 
 class ExportError(ValueError):
