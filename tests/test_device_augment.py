@@ -145,6 +145,29 @@ def test_augment_view_on_cuda_never_synchronises_and_equals_the_cpu():
         torch.testing.assert_close(b.cpu(), a, atol=2e-4, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
+def test_augment_views_on_cuda_never_synchronises_and_equals_the_cpu():
+    """Every view of a recipe whose views of one size differ in blur and solarize probability (the per-row
+    probabilities, drawn on the host): no wait for the device, and the CPU's rows and factors."""
+    recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=3, blur_p=(1.0, 0.1, 0.5),
+                             solarize_p=(0.0, 0.2, 0.0))
+    views = recipe.views()
+    crops = [torch.randint(0, 256, (32, v.size, v.size, 3), dtype=torch.uint8) for v in views]
+    cpu = augment_views(crops, recipe, views, torch.Generator().manual_seed(0))
+    augment_views([x.cuda() for x in crops], recipe, views, torch.Generator().manual_seed(0))  # constants cached
+    on_device = [x.pin_memory().cuda(non_blocking=True) for x in crops]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = augment_views(on_device, recipe, views, torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(cpu, gpu):
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(b.cpu(), a, atol=2e-4, rtol=0)
+
+
 def ks_distance(samples, lo: float, hi: float) -> float:
     """Kolmogorov-Smirnov distance sup |F_n - F| between the samples and U(lo, hi), float64."""
     x = np.sort(np.asarray(samples, dtype=np.float64))
