@@ -49,8 +49,8 @@ def config() -> Config:
     # For `--method.objective mira+mlcpc` / `mlcpc`: the ML-CPC queue must stay below the 2,500
     # training images (ImageNet's 65,536 would hold stale copies of the batch as its own negatives).
     cfg.critic.queue_size = 1024
-    # 16, not 10: the k-NN still rises after epoch 10 (README, "What the demo does": +9.0 at 10
-    # epochs with the authors' bilinear evaluation resize; +10.2 to +14.8 in the runs at 16).
+    # 16, not 10: the k-NN still rises after epoch 10 (docs/benchmarks.md, "The demo's k-NN": +9.0 at
+    # 10 epochs with the authors' bilinear evaluation resize; +10.2 to +14.8 in the runs at 16).
     cfg.train.epochs = 16
     cfg.train.global_batch_size = 64
     cfg.train.run_dir = f"runs/demo/{time.strftime('%Y%m%d-%H%M%S')}"
