@@ -352,8 +352,6 @@ class FfcvLoader(ShardedLoader):
         for b, (rows, label) in enumerate(epoch_it):
             batch_no = self.start_batch + b
             g = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))  # host draws
-            if not self.photometric_in_loader:
-                rows = rows.to(s.device, non_blocking=True)  # one copy of every view's crops
             crops = [rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)
                      for v, view in enumerate(recipe.views())]
             if self.photometric_in_loader:

@@ -36,6 +36,9 @@ EVAL_BACKENDS = {
 ORDERS = ("sampler", "random", "quasi_random", "sequential")
 
 
+OWN_PACKAGES = ("pipelines", "fastssl")  # an ImportError naming one of these is a bug, not a missing install
+
+
 class LoaderUnavailable(RuntimeError):
     """A loader the settings name cannot be built here (an unknown name, an uninstalled package):
     bad input, reported in one line that names the fix."""
@@ -45,9 +48,11 @@ def install_hint(package: str) -> str:
     """How to install an optional loader package (`dali` or `ffcv`) into the project's venv.
 
     DALI has one build per CUDA major and it must match torch's: `make setup` picks it
-    (tools/dali_extra.py); a plain `.[dali]` would install the CUDA 12 build beside a CUDA 13 torch."""
+    (tools/dali_extra.py); a plain `.[dali]` would install the CUDA 12 build beside a CUDA 13 torch.
+    The stamp is removed first: on a checkout already set up, `make setup` alone does nothing."""
     if package == "dali":
-        return "`make setup` (it installs DALI's build for this torch's CUDA, tools/dali_extra.py)"
+        return ("`rm -f .venv/.fastssl-installed && make setup` (it installs DALI's build for this torch's CUDA, "
+                "tools/dali_extra.py)")
     return f"`.venv/bin/pip install -e '.[{package}]'`"
 
 
@@ -62,6 +67,8 @@ def registered_class(table: dict[str, str], name: str, what: str, instead: str,
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
+        if (err.name or "").split(".")[0] in OWN_PACKAGES:  # a bug of ours, not a missing package
+            raise
         raise error(f"the {name!r} {what} is not available ({err}); install it with {install_hint(name)}, "
                     f"or {instead}") from err
     return getattr(module, cls_name)

@@ -155,7 +155,7 @@ def test_recipe_with_an_uninstalled_loader_exits_2_naming_the_fix(tmp_path):
                            "in a recipe, --eval.loader torchvision")]:
         out = run("-c", without_dali, str(REPO / "recipes" / "mira_demo.py"), *common, *flags)
         assert_clean_error(out, "is not available (")
-        assert "install it with `make setup`" in out.stderr and needle in out.stderr, out.stderr
+        assert "install it with `rm -f .venv/.fastssl-installed && make setup`" in out.stderr and needle in out.stderr, out.stderr
         assert not (tmp_path / "run").exists()
 
 

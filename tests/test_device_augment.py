@@ -110,6 +110,24 @@ def test_views_of_one_size_are_augmented_as_one_batch():
     assert ops(6) == ops(2)
 
 
+def test_views_of_one_size_need_not_be_adjacent():
+    """Sizes in the order A, b, A, b with a different row count per view: each view gets back its own rows,
+    augmented with its own probability (solarize p 1 on views 0 and 3, 0 on 1 and 2; a constant 200 becomes 55)."""
+    views = [ViewSpec(8, (0.1, 1.0), 0.0, 1.0), ViewSpec(4, (0.1, 1.0), 0.0, 0.0),
+             ViewSpec(8, (0.1, 1.0), 0.0, 0.0), ViewSpec(4, (0.1, 1.0), 0.0, 1.0)]
+    recipe = MultiCropRecipe(flip_p=0, jitter_p=0, grayscale_p=0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    rows = (3, 5, 7, 2)
+    crops = [torch.full((n, v.size, v.size, 3), 200, dtype=torch.uint8) for n, v in zip(rows, views)]
+    crops = [x + torch.arange(len(x), dtype=torch.uint8).view(-1, 1, 1, 1) for x in crops]  # row i: 200 + i
+    out = augment_views(crops, recipe, views, torch.Generator().manual_seed(0))
+    for v, (x, n, view) in enumerate(zip(out, rows, views)):
+        assert x.shape == (n, 3, view.size, view.size), v
+        expected = (200 + torch.arange(n, dtype=torch.float32)) / 255
+        if view.solarize_p:
+            expected = 1 - expected
+        torch.testing.assert_close(x.amax(dim=(1, 2, 3)), expected, atol=1e-6, rtol=0, msg=f"view {v}")
+
+
 def test_each_view_of_a_batch_draws_its_own_probability():
     """Views concatenated into one batch keep their own solarize and blur rates: with constant crops
     (solarize maps 200 to 55, a blur leaves them unchanged) the solarized rows of each view are

@@ -333,6 +333,26 @@ def test_unknown_backend_is_named(image_folder):
         build_train_loader(spec_for(image_folder, backend="nope"))
 
 
+def test_a_missing_package_is_a_user_error_but_a_broken_import_of_ours_is_not(monkeypatch):
+    """An ImportError naming a package outside fastssl is the user's to fix (install it): LoaderUnavailable,
+    exit 2. One naming our own modules is a bug: it propagates with its traceback, not as "install DALI"."""
+    import importlib
+
+    from pipelines import spec
+
+    def failing_import(name: str):
+        raise ImportError(f"no {missing}", name=missing)
+
+    monkeypatch.setattr(importlib, "import_module", failing_import)
+    for missing in ("nvidia.dali", "ffcv.loader"):
+        with pytest.raises(LoaderUnavailable, match="is not available"):
+            spec.registered_class(spec.BACKENDS, "dali", "data backend", "pick --data.backend torchvision")
+    for missing in ("pipelines.images", "fastssl.ops"):
+        with pytest.raises(ImportError) as err:
+            spec.registered_class(spec.BACKENDS, "dali", "data backend", "pick --data.backend torchvision")
+        assert not isinstance(err.value, LoaderUnavailable) and err.value.name == missing
+
+
 def test_auto_backend_is_dali_only_on_a_gpu_with_dali(monkeypatch):
     import importlib.util
     import sys
@@ -350,7 +370,7 @@ def test_auto_backend_is_dali_only_on_a_gpu_with_dali(monkeypatch):
         assert resolve_backend("auto", torch.device("cuda", 1))[0] == "dali"  # resolving touches no GPU
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed: its import fails
     name, why = resolve_backend("auto", torch.device("cuda", 1))
-    assert name == "torchvision" and "`make setup`" in why
+    assert name == "torchvision" and "`rm -f .venv/.fastssl-installed && make setup`" in why
 
 
 def test_auto_is_a_valid_backend_name_but_not_a_loader(image_folder):

@@ -31,7 +31,7 @@ from fastssl.optim import LARS, param_groups
 
 class PerParameterLARS(LARS):
     """The per-parameter LARS step that the foreach step replaced, kept verbatim as the baseline
-    (and as the tests' reference definition): ~8 small ops per parameter."""
+    (and as the tests' reference definition): ~7 small ops per parameter."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

@@ -789,6 +789,7 @@ def stage_model_step(ctx: Context) -> dict:
     return {"results": results, "goals": goals, "summary": summary}
 
 
+# ----------------------------------------------------------------------------- 5 BatchNorm statistics
 def stage_bn_stats(ctx: Context) -> dict:
     """Per-view BatchNorm's cost: student step per_view vs per_forward vs 8 separate forwards (bench_bn_stats)."""
     path = ctx.out / "bn_stats.json"
@@ -805,7 +806,7 @@ def stage_bn_stats(ctx: Context) -> dict:
     return {"results": rep, "goals": goals, "summary": table(["mode", "student step ms", "x per_forward"], rows)}
 
 
-# ----------------------------------------------------------------------------- data (5, 6)
+# ----------------------------------------------------------------------------- data (6, 7)
 def _photo(job: tuple[int, int, int, str, int]) -> None:
     """One ImageNet-like JPEG: 1/f colour noise (photographic entropy and file size)."""
     import numpy as np
@@ -880,7 +881,7 @@ def ensure_dataset(ctx: Context) -> dict:
     return info
 
 
-# ----------------------------------------------------------------------------- 5 loaders
+# ----------------------------------------------------------------------------- 6 loaders
 # One bench_loaders process per group (each writes its JSON when it ends, so a timeout loses one
 # group, not all); within a group the backends are interleaved. Goal-bearing loaders first.
 LOADER_GROUPS = [("dali", ["dali-hw0", "dali", "dali-hw1"]), ("ffcv", ["ffcv"]),
@@ -933,7 +934,7 @@ def stage_loaders(ctx: Context) -> dict:
             "goals": goals, "summary": summary}
 
 
-# ----------------------------------------------------------------------------- 6 end to end
+# ----------------------------------------------------------------------------- 7 end to end
 E2E_RUNS = [("synthetic", "synthetic", []), ("torchvision", "torchvision", ["--data.device_augment", "true"]),
             ("dali", "dali", []), ("ffcv", "ffcv", [])]
 
@@ -1047,7 +1048,7 @@ def stage_end_to_end(ctx: Context) -> dict:
     return {"results": results, "goals": goals, "summary": summary}
 
 
-# ----------------------------------------------------------------------------- 7 gpu tests
+# ----------------------------------------------------------------------------- 8 gpu tests
 def parse_pytest_summary(text: str) -> dict[str, int]:
     """Counts from pytest's last summary line ("3 passed, 1 failed, 2 skipped in 4.1s")."""
     counts: dict[str, int] = {}

@@ -66,6 +66,7 @@ from fastssl.runtime import build_accelerator, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
 from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
+from pipelines.spec import LoaderUnavailable
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mira_demo.py"
 PARTIAL_REPORT = "report.partial.json"  # the model step's figures until the full report.json (not its schema)
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_compare(args)
         cfg, global_batch = configure(args, overrides)
         report = profile(args, cfg, global_batch)
-    except (ConfigError, ReportError, FileNotFoundError, BetonError) as err:
+    except (ConfigError, ReportError, FileNotFoundError, BetonError, LoaderUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(args.out / "report.json", report)

@@ -220,7 +220,7 @@ def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
     """--num-workers/--loader/--device/--json/--no-progress: how either tool runs and where it writes."""
     ap.add_argument("--num-workers", type=int, default=0,
                     help="torchvision: DataLoader workers (0: load in the main process); "
-                    "DALI: reader threads (0: one per core)")
+                    "DALI: its CPU threads (0: this process's share of the cores)")
     ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results")
