@@ -45,9 +45,8 @@ class LARS(torch.optim.Optimizer):
         w     = w - lr * buf
 
     Excluded groups (`lars_exclude=True`: BN and bias) are plain SGD with momentum (trust = 1).
-    Parameters whose grad is None are skipped. Sparse gradients are refused: foreach ops take dense
-    tensors, and the per-parameter loop this replaced failed on them too once weight decay was on
-    (with wd = 0 it kept a sparse momentum buffer); nothing in fastssl makes them.
+    Parameters whose grad is None are skipped. Sparse gradients are refused (foreach ops take dense
+    tensors; nothing in fastssl makes sparse ones).
 
     Why multi-tensor (`torch._foreach_*`) ops: a per-parameter loop dispatches ~7 small ops per
     parameter (1,133 aten ops per step for ResNet-50's 161 parameters, about one kernel launch
@@ -61,9 +60,9 @@ class LARS(torch.optim.Optimizer):
 
     The momentum buffer is `state[p]["momentum_buffer"]`, as before (checkpoints load unchanged).
     A missing buffer starts at zero, so the first step's buffer is momentum * 0 + trust * d =
-    trust * d, the clone of the scaled d that the per-parameter loop made. buf += trust * d is one
-    addcmul (no temporary trust * d); it may round once where the loop rounded twice (float32: an
-    ulp apart; tests/test_optim.py checks float64 to 1e-12).
+    trust * d. buf += trust * d is one addcmul (no temporary trust * d), rounded once where a
+    multiply then an add would round twice (float32: an ulp apart; float64 equal to 1e-12,
+    tests/test_optim.py).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
