@@ -78,10 +78,14 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for params, grads, bufs in self._buckets(group):
-                _lars_update(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
-                             weight_decay=group["weight_decay"], eta=None if group["lars_exclude"] else group["eta"])
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        """One group's update (the class docstring's equations), in a fixed number of ops per (device, dtype)."""
+        for params, grads, bufs in self._buckets(group):
+            _lars_update(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                         weight_decay=group["weight_decay"], eta=None if group["lars_exclude"] else group["eta"])
 
     def _buckets(self, group: dict) -> Iterable[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
         """(params, grads, momentum buffers) of the group's parameters that have a gradient, one
