@@ -161,6 +161,7 @@ def test_pytest_summary_and_run_logs_are_read(tmp_path):
     assert logs["images_per_s"] == pytest.approx(1100.0)  # epochs 2..3: the first is start-up
     assert logs["data_wait_share"] == pytest.approx(0.2)
     assert logs["peak_memory_mb"] == 6000 and logs["device_used_mb"] == 9500 and logs["steps"] == 60 and logs["log_images_per_s"][:2] == [90.0, 95.0]
+    assert logs["per_epoch_device_used_mb"] == [9000, 9500, 9400] and logs["device_used_growth_mb"] == 400
     # within epochs: epochs 1..2 without each one's first window (500 and 700)
     assert logs["within_epochs_images_per_s"] == pytest.approx((1300 + 1100 + 1200) / 3)
     assert logs["within_epochs_data_wait_share"] == pytest.approx(0.2)

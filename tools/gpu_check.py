@@ -970,6 +970,10 @@ def read_run_logs(run_dir: Path, skip_epochs: int = 1) -> dict:
     out["peak_memory_mb"] = max(peaks) if peaks else None
     used = [u for u in (num(r, "device_used_mb") for r in epochs) if u is not None and u > 0]
     out["device_used_mb"] = max(used) if used else None  # DALI's pools, the cache and the context too
+    # Growth from the first epoch's end to the last's: DALI builds a pipeline (nvJPEG state, pools) per
+    # epoch, so memory that a dropped pipeline keeps would show here, epoch after epoch.
+    out["per_epoch_device_used_mb"] = used
+    out["device_used_growth_mb"] = used[-1] - used[0] if len(used) > 1 else None
     out["log_images_per_s"] = [num(r, "images_per_s") for r in steps]
     # Within epochs: the logged windows after the first of each epoch (where DALI builds its
     # pipeline and torchvision starts its workers) and after the first `skip_epochs` epochs. Short
@@ -1002,7 +1006,7 @@ def stage_end_to_end(ctx: Context) -> dict:
         module = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(backend)
         if (module and not importable(module)) or (backend == "ffcv" and not data.get("beton_exists")):
             results[name] = {"skipped": f"{module} is not importable (or no .beton)", "config": ""}
-            rows.append([name, "-", None, None, None, None, "skipped: not installed"])
+            rows.append([name, "-", None, None, None, None, None, None, None, None, "skipped: not installed"])
             continue
         run_dir = ctx.scratch / "e2e" / name
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -1021,7 +1025,7 @@ def stage_end_to_end(ctx: Context) -> dict:
             ctx.errors.append(f"{name}: {'timed out' if c.timed_out else f'rc {c.rc}'}")
         rows.append([name, logs["config"], logs.get("steps"), logs.get("images_per_s"), logs.get("data_wait_share"),
                      logs.get("within_epochs_images_per_s"), logs.get("within_epochs_data_wait_share"),
-                     logs.get("peak_memory_mb"), logs.get("device_used_mb"),
+                     logs.get("peak_memory_mb"), logs.get("device_used_mb"), logs.get("device_used_growth_mb"),
                      f"rc {c.rc}" + (" (timed out)" if c.timed_out else "")])
     synthetic = results.get("synthetic", {}).get("images_per_s")
     goals = []
@@ -1044,7 +1048,8 @@ def stage_end_to_end(ctx: Context) -> dict:
                f"2..{epochs} from each run's epochs.csv (epoch 1: start-up); 'within epochs': the mean of "
                f"train_log.csv's windows of those epochs without each epoch's first (the loader's epoch start).", ""]
     summary += table(["loader", "config", "steps", "images/s", "data wait", "images/s within epochs",
-                      "data wait within epochs", "peak MiB (PyTorch)", "MiB in use on the device", "exit"], rows)
+                      "data wait within epochs", "peak MiB (PyTorch)", "MiB in use on the device",
+                      "MiB in use, last epoch - first", "exit"], rows)
     return {"results": results, "goals": goals, "summary": summary}
 
 
