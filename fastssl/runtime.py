@@ -84,8 +84,28 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
+def device_arg(value: str) -> str:
+    """argparse `type` of a tool's `--device`: `auto`, `cpu`, or a CUDA device this machine has. Anything
+    else is a usage error, said in one line before any work (torch would fail later, with a traceback)."""
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}; choose auto, cpu or cuda (cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {value!r} is not supported; choose auto, cpu or cuda (cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: no CUDA device is visible here; use cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
 def pick_device(name: str) -> torch.device:
-    """A tool's `--device`: 'auto' is CUDA when present, else CPU; anything else as torch reads it."""
+    """A tool's `--device` (checked by `device_arg`): 'auto' is CUDA when present, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

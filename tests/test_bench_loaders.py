@@ -33,10 +33,13 @@ def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--backends", "torchvision,nope"])
     assert "unknown backends ['nope']" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="does not exist"):
-        bench.main(["--data", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="batches per epoch, need"):
-        bench.main(["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "16", "--batches", "5"])
+    for args, needle in ((["--data", str(tmp_path / "missing")], "does not exist"),
+                         (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "16",
+                           "--batches", "5"], "batches per epoch, need"),
+                         (["--device", "nope"], "unknown device 'nope'")):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(args)
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not _importable("nvidia.dali"), reason="DALI is not installed")

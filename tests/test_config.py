@@ -242,3 +242,24 @@ def test_auto_precision_follows_this_ranks_gpu_without_touching_gpu_0(monkeypatc
     assert asked == [5, 3]
     assert resolve_precision("auto", use_cuda=False) == "no"
     assert resolve_precision("fp16", use_cuda=True) == "fp16"
+
+
+def test_a_tools_device_is_checked_when_parsed():
+    """`--device` of the eval and benchmark tools: auto and cpu pass; an unknown name, or CUDA where there is
+    none, is a usage error naming the choices (argparse: one line, exit 2) instead of torch's traceback later."""
+    import argparse
+
+    import torch
+
+    from fastssl.runtime import device_arg
+
+    assert device_arg("auto") == "auto" and device_arg("cpu") == "cpu"
+    for bad, needle in (("nope", "unknown device 'nope'"), ("mps", "is not supported")):
+        with pytest.raises(argparse.ArgumentTypeError, match=needle):
+            device_arg(bad)
+    if torch.cuda.is_available():
+        with pytest.raises(argparse.ArgumentTypeError, match="CUDA device"):
+            device_arg(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device is visible here"):
+            device_arg("cuda")

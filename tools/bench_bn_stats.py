@@ -28,6 +28,7 @@ import torch
 
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import MiraNetwork
+from fastssl.runtime import device_arg, pick_device
 
 MODES = ("per_view", "per_forward", "separate")
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median step is reported)")
     ap.add_argument("--precision", choices=("auto", "bf16", "no"), default="auto",
                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if min(args.batch, args.steps, args.rounds, args.global_size, args.local_size) < 1 or args.num_local < 0:
@@ -66,8 +67,7 @@ def student_step(net: MiraNetwork, views: list[torch.Tensor], targets: list[torc
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if (args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")) \
         else None
     torch.manual_seed(0)

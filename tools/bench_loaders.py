@@ -23,12 +23,13 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from fastssl.bench import loaders as loader_bench
 from fastssl.run_log import utc_now, write_json
-from fastssl.runtime import pick_device
+from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
@@ -112,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--global-size", type=int, default=224)
     ap.add_argument("--local-size", type=int, default=96)
     ap.add_argument("--num-local", type=int, default=6)
-    ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    ap.add_argument("--device", default="auto", type=device_arg, help="auto (cuda when present) | cpu | cuda")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     unknown = set(args.backends.split(",")) - set(ALL_BACKENDS) - set(VARIANTS)
@@ -123,13 +124,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def usage_error(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     data = photo_like_folder(args.photo_like) if args.photo_like else Path(args.data)
     if not data.is_dir():
         hint = " (run `make demo` once to generate it)" if args.data == DEFAULT_DATA else ""
-        sys.exit(f"error: data folder {data} does not exist{hint}")
+        usage_error(f"data folder {data} does not exist{hint}")
     recipe = MultiCropRecipe(global_size=args.global_size, local_size=args.local_size, num_local=args.num_local)
     names = [b for b in args.backends.split(",") if available(b)]
     skipped = [b for b in args.backends.split(",") if b not in names]
@@ -142,12 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             loaders[name] = build_train_loader(spec)
         except BetonError as err:  # --beton names a folder or a missing / foreign file
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            usage_error(str(err))
         need = args.warmup + args.batches
         if len(loaders[name]) < need:
-            sys.exit(f"error: {name}: {len(loaders[name])} batches per epoch, need {need}; "
-                     "use more data or fewer --batches/--warmup")
+            usage_error(f"{name}: {len(loaders[name])} batches per epoch, need {need}; "
+                        "use more data or fewer --batches/--warmup")
     print(f"warming up {', '.join(names)} (first batches compile/spawn) ...", flush=True)
 
     def progress(rep: int, name: str, rate: float) -> None:

@@ -36,7 +36,7 @@ from fastssl.bench.assignment import BETA, TAU, implementations, time_call
 from fastssl.ops import _cuda_ext
 from fastssl.ops.mira_fused import solve_views
 from fastssl.run_log import utc_now, write_json
-from fastssl.runtime import pick_device
+from fastssl.runtime import device_arg, pick_device
 
 GPU_SIZES = ("64x3000", "512x3000", "4096x3000", "64x16384", "512x16384", "4096x16384")
 CPU_SIZES = ("64x3000", "512x3000")
@@ -95,7 +95,7 @@ def kernel_census(fn, views) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", help="comma-separated BxK (default: B 64-4096 x K 3000-16384 on GPU, small sizes on CPU)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--iters", type=int, default=30, help="MIRA fixed-point iterations")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)

@@ -26,6 +26,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastssl.optim import LARS, param_groups
+from fastssl.runtime import device_arg, pick_device
 
 
 class PerParameterLARS(LARS):
@@ -55,7 +56,7 @@ class PerParameterLARS(LARS):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", type=device_arg, help="cpu | cuda | auto")
     ap.add_argument("--rounds", type=int, default=30, help="timed steps of each optimiser, interleaved")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps of each first (the first makes buffers)")
     ap.add_argument("--tiny", action="store_true",
@@ -104,7 +105,7 @@ def timed_step(opt: LARS, device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract
                                    spec_of, torchvision_splits, transfer_transform)
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.run_log import utc_now, write_json
-from fastssl.runtime import pick_device
+from fastssl.runtime import device_arg, pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="held-out validation split (Ericsson: 0)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per backbone forward")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results (the Markdown table goes beside it, .md)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)

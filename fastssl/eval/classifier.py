@@ -25,6 +25,7 @@ from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
 from fastssl.eval.targets import resolve_target, run_knn_figure
 from fastssl.run_log import utc_now
+from fastssl.runtime import device_arg
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from fastssl.models.backbone import FEATURE_DIMS
 from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
@@ -222,7 +223,7 @@ def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
                     help="torchvision: DataLoader workers (0: load in the main process); "
                     "DALI: its CPU threads (0: this process's share of the cores)")
     ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
