@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import signal
@@ -87,8 +88,6 @@ def seed_everything(seed: int, rank: int) -> None:
 def device_arg(value: str) -> str:
     """argparse `type` of a tool's `--device`: `auto`, `cpu`, or a CUDA device this machine has. Anything
     else is a usage error, said in one line before any work (torch would fail later, with a traceback)."""
-    import argparse
-
     if value == "auto":
         return value
     try:

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import load_tool
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastssl.models import MiraNetwork
 from fastssl.optim import LARS, build_optimizer, is_excluded, param_groups
@@ -184,18 +183,6 @@ def test_a_per_parameter_checkpoint_resumes_in_the_foreach_lars():
         torch.testing.assert_close(p.detach(), old_p[n].detach(), **lars_tolerance(p.dtype), msg=n)
 
 
-class OpCounter(TorchDispatchMode):
-    """Records the name of every aten op dispatched under it (each one a kernel launch, or a few, on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def lars_step_ops(n: int) -> list[str]:
     """The aten ops of one steady-state LARS step (momentum buffers already made) over n weights
     (decayed, LARS-adapted) and n biases (excluded)."""
@@ -206,7 +193,7 @@ def lars_step_ops(n: int) -> list[str]:
     for p in weights + biases:
         p.grad = torch.randn_like(p)
     opt.step()
-    with OpCounter() as counter:
+    with load_tool("bench_optim").OpCounter() as counter:
         opt.step()
     return counter.ops
 
