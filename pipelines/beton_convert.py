@@ -3,7 +3,8 @@
 The conversion itself, shared by tools/convert_imagenet_to_ffcv.py (its command line),
 tools/bench_loaders.py and tools/profile_throughput.py (a `.beton` of the benchmark
 folder) and the tests: labels as torchvision's `ImageFolder`, bad files skipped and
-listed, the output written under a hidden partial name and renamed only when complete.
+listed, the output written in a hidden partial folder and moved into place only when
+complete; a conversion that stops keeps its progress there and the same call continues it.
 The guarantees are listed in the tool's help (`python tools/convert_imagenet_to_ffcv.py -h`).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
 from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
+from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialConversion, job_fingerprint
 from pipelines.beton_writer import ConvertDataset, WorkerError, check_files, worker_context, write_beton
 from pipelines.folder import is_image_file, walk_files
 
@@ -187,7 +189,7 @@ def os_error_message(err: OSError | WorkerError, out: Path) -> str:
     """One line naming the output folder and the real cause of a write failure."""
     folder = str(out.parent.resolve())
     if err.errno == errno.ENOSPC:
-        return f"no space left on {folder}; free some space or write the .beton elsewhere (nothing was kept)"
+        return f"no space left on {folder}; free some space or write the .beton elsewhere"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and isinstance(err, OSError):  # not a worker's read
         cause = os.strerror(err.errno).lower()
         return f"cannot write in {folder}: {cause}; choose an output folder you can write to"
@@ -195,26 +197,66 @@ def os_error_message(err: OSError | WorkerError, out: Path) -> str:
     return f"writing {str(out)!r} failed: {detail}"
 
 
-def check_space(samples: list[tuple[str, int]], out: Path, **options) -> int:
+def check_space(samples: list[tuple[str, int]], out: Path, already: int = 0, **options) -> int:
     """The estimated size of the .beton (`pipelines.beton_size`); a ConversionError, before any
-    image is written, when even 90 % of it exceeds the free space where it goes."""
+    image is written, when even 90 % of what is left to write (the estimate less the `already`
+    written bytes of a resumed conversion) exceeds the free space where it goes."""
     need = estimate_beton_bytes([p for p, _ in samples], **options)
     free = shutil.disk_usage(out.parent).free
-    if 0.9 * need > free:
+    if 0.9 * need - already > free:
         raise ConversionError(
             f"the .beton would take about {need / 1e9:.1f} GB (from {min(len(samples), SAMPLE_SIZE)} sampled "
             f"images) and {str(out.parent.resolve())!r} has {free / 1e9:.1f} GB free; free some space, write it "
-            f"elsewhere, or store less: --max-resolution 256, or --write-mode jpg (nothing was written)")
+            f"elsewhere, or store less: --max-resolution 256, or --write-mode jpg"
+            + ("" if already else " (nothing was written)"))
     return need
+
+
+def resumable_job(partial: PartialConversion, inv: Inventory, options: dict, restart: bool) -> dict | None:
+    """The job saved in `partial` when it converts the same files with the same options (its
+    check pass is reused and `write_beton` continues its progress); None for a new conversion.
+    Says on stderr what it found."""
+    saved, count = partial.saved_job(), partial.saved_count()
+    if saved is None or not count:
+        return None
+    where = str(partial.dir)
+    if restart:
+        print(f"--restart: discarding the {count} images an interrupted conversion saved in {where}", file=sys.stderr)
+        return None
+    if saved.get("fingerprint") != job_fingerprint(inv.samples, inv.classes, options):
+        print(f"starting over: {where} holds an interrupted conversion of other files or options "
+              f"({count} images saved), which is discarded", file=sys.stderr)
+        return None
+    print(f"resuming the interrupted conversion in {where}: {count} of {saved.get('images', '?')} images "
+          "already written", file=sys.stderr)
+    return saved
+
+
+def keep_or_discard(partial: PartialConversion) -> str:
+    """After a failure or a stop: keep `partial` when it holds saved images (returns the words that
+    say so, to end the error message) and remove it otherwise (returns "")."""
+    count = partial.saved_count()
+    if not count:
+        partial.discard()
+        return ""
+    partial.release()
+    total = (partial.saved_job() or {}).get("images", "?")
+    size = partial.size_bytes()
+    size_text = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+    return (f"; the {count} of {total} images written so far are kept in {str(partial.dir)!r} "
+            f"({size_text}): the same command continues from there, --restart starts over")
 
 
 def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: Path | None = None,
             max_resolution: int = 500, jpeg_quality: int = 90, compress_probability: float = 0.5,
             write_mode: str = "proportion", num_workers: int = 0, subset_per_class: int = 0,
-            force: bool = False, progress: bool = True) -> dict:
+            force: bool = False, restart: bool = False, progress: bool = True,
+            checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> dict:
     """Write `out` (atomically) and `out.json`; returns the summary. Raises ConversionError
-    (UsageError for a wrong source). Safe to call from a process that runs DALI or CUDA: the
-    workers never fork from this process (pipelines/beton_writer.py, `worker_context`)."""
+    (UsageError for a wrong source). A conversion that stops (error, signal, kill) keeps what
+    it wrote in `.OUT.partial/` and the same call continues it (`pipelines/beton_resume.py`);
+    `restart` starts over. Safe to call from a process that runs DALI or CUDA: the workers
+    never fork from this process (pipelines/beton_writer.py, `worker_context`)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -222,10 +264,11 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     if not out.parent.is_dir():
         raise ConversionError(f"output folder {str(out.parent)!r} does not exist")
     remove_stale_partials(out)
-    tmp = partial_path(out)
+    partial = PartialConversion(out)
     try:
-        # Claim the partial file first: a folder we cannot write to fails now, with its real cause.
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        partial.acquire()  # a folder we cannot write to fails now, with its real cause
+    except ConversionBusy as err:
+        raise ConversionError(str(err)) from None
     except OSError as err:
         raise ConversionError(os_error_message(err, out)) from None
     try:
@@ -234,39 +277,50 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         from ffcv.fields import IntField, RGBImageField
 
         workers = num_workers or os.cpu_count() or 1
-        reasons = check_files([p for p, _ in inv.samples], workers, progress)
-        good = []
-        for (path, label), reason in zip(inv.samples, reasons):
-            if reason is None:
-                good.append((path, label))
-            else:
-                inv.skip(path, reason)
+        options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+                   "compress_probability": compress_probability, "write_mode": write_mode}
+        job = resumable_job(partial, inv, options, restart)
+        already = partial.size_bytes() if job is not None else 0
+        if job is None:  # a new conversion: check every image once
+            reasons = check_files([p for p, _ in inv.samples], workers, progress)
+            bad = [{"path": p, "reason": r} for (p, _), r in zip(inv.samples, reasons) if r is not None]
+            job = {"fingerprint": job_fingerprint(inv.samples, inv.classes, options), "skipped": bad,
+                   "images": len(inv.samples) - len(bad)}
+            partial.start(job)
+        skipped = {item["path"] for item in job["skipped"]}
+        inv.skipped.extend(job["skipped"])
+        good = [(path, label) for path, label in inv.samples if path not in skipped]
         if not good:
             raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped); "
                                   "nothing to write")
-        estimate = check_space(good, out, max_resolution=max_resolution, write_mode=write_mode,
-                               compress_probability=compress_probability, num_workers=min(workers, len(good)))
+        estimate = check_space(good, out, already=already, max_resolution=max_resolution,
+                               write_mode=write_mode, compress_probability=compress_probability,
+                               num_workers=min(workers, len(good)))
         fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                              jpeg_quality=jpeg_quality, compress_probability=compress_probability),
                   LABEL_FIELD: IntField()}
-        write_beton(tmp, fields, ConvertDataset(good), num_workers=min(workers, len(good)), progress=progress)
-        os.replace(tmp, out)
+        resumed = write_beton(partial, fields, ConvertDataset(good), num_workers=min(workers, len(good)),
+                              progress=progress, checkpoint_every_s=checkpoint_every_s)
+        partial.finish()
     except BaseException as err:
-        with suppress(OSError):  # a clean-up failure must not hide the real error
-            tmp.unlink()
+        kept = keep_or_discard(partial)
         if isinstance(err, ConversionError):
-            raise
+            if not kept:
+                raise
+            raise type(err)(f"{err}{kept}") from err.__cause__
         if isinstance(err, (OSError, WorkerError)) and err.errno is not None:
-            raise ConversionError(os_error_message(err, out)) from err
+            raise ConversionError(os_error_message(err, out) + kept) from err
         if isinstance(err, Exception):
-            raise ConversionError(f"writing {str(out)!r} failed: {err}") from err
+            raise ConversionError(f"writing {str(out)!r} failed: {err}{kept}") from err
+        if kept:
+            print(f"stopped{kept}", file=sys.stderr)
         raise
     seconds = time.perf_counter() - start
     summary = {
         "source": str(src), "output": str(out), "written": len(good), "skipped": inv.skipped,
         "classes": inv.classes, "num_classes": len(inv.classes), "bytes": out.stat().st_size,
-        "estimated_bytes": estimate,
-        "seconds": round(seconds, 3), "images_per_s": round(len(good) / seconds, 1),
+        "estimated_bytes": estimate, "resumed": resumed,  # images an interrupted run had saved
+        "seconds": round(seconds, 3), "images_per_s": round((len(good) - resumed) / seconds, 1),
         "fields": {IMAGE_FIELD: "RGBImageField", LABEL_FIELD: "IntField"},
         "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
                     "compress_probability": compress_probability, "write_mode": write_mode,

@@ -8,8 +8,9 @@ They live in an importable module because they are started by a fork server (see
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 
+from pipelines.beton_resume import CHECKPOINT_EVERY_S, PartialConversion, Progress, durable_samples
 from pipelines.processes import describe_exit
 
 # --------------------------------------------------------------------------- writing (the converter's workers)
@@ -180,7 +181,7 @@ class ConvertDataset:
 
 
 def _write_worker(errors, work_fn, args) -> None:
-    """FFCV's worker function, with its failure reported to the parent (message and errno)."""
+    """A writing worker's body, with its failure reported to the parent (message and errno)."""
     worker_init()
     try:
         work_fn(*args)
@@ -189,6 +190,27 @@ def _write_worker(errors, work_fn, args) -> None:
         errors.close()
         errors.join_thread()
         raise SystemExit(1) from None
+
+
+def _write_samples(work, metadata_sm, metadata_type, fields, allocator, done, finished, dataset) -> None:
+    """FFCV's `worker_job_indexed_dataset`, reporting as it goes: after each chunk, the chunk's
+    sample ids and their allocation-table entries go to `finished` (FFCV sends a worker's whole
+    table once, at its end), so the parent can save progress while the conversion runs; a
+    final None says this worker's last page is written."""
+    import numpy as np
+    from ffcv.writer import handle_sample
+
+    metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+    names = metadata_type.names
+    with allocator:  # on leaving: this worker's last page is written
+        while (chunk := work.get()) is not None:
+            for dest, source in chunk:
+                handle_sample(dataset[source], dest, names, metadata, allocator, fields)
+            finished.put(([dest for dest, _ in chunk], allocator.allocations))
+            allocator.allocations = []  # reported; a new chunk starts with a new sample
+            with done.get_lock():
+                done.value += len(chunk)
+    finished.put(None)
 
 
 def _raise_if_failed(procs: list, errors, what: str) -> None:
@@ -237,45 +259,153 @@ def check_files(paths: list[str], num_workers: int, progress: bool = False) -> l
     return results
 
 
-def write_beton(path: str | Path, fields: dict, dataset, *, num_workers: int, chunksize: int = 32,
-                progress: bool = False) -> None:
-    """FFCV's `DatasetWriter.from_indexed_dataset`, with workers from `worker_context()` and
-    a parent that never waits on a dead worker: any error or death raises WorkerError, the
-    other workers are killed and the shared memory is released. Same file as FFCV writes
-    (its `prepare`, worker function and `finalize` are used unchanged)."""
+class _Collected:
+    """What the parent knows of the samples written so far: which finished (their metadata rows
+    are final) and where their bytes are; from it, the progress a resume can trust."""
+
+    def __init__(self, n: int, saved: Progress | None):
+        import numpy as np
+        from ffcv.types import ALLOC_TABLE_TYPE
+
+        self.dtype = ALLOC_TABLE_TYPE
+        self.received = np.zeros(n, dtype=bool)
+        self.tables = [np.zeros(0, dtype=ALLOC_TABLE_TYPE)]
+        if saved is not None:
+            self.received[saved.sample_ids.astype(np.int64)] = True
+            self.tables.append(saved.allocations.astype(ALLOC_TABLE_TYPE))
+        self.workers_done = 0
+
+    def drain(self, finished) -> None:
+        """Take every report waiting in the `finished` queue."""
+        import queue
+
+        import numpy as np
+
+        while True:
+            try:
+                report = finished.get_nowait()
+            except queue.Empty:
+                return
+            if report is None:
+                self.workers_done += 1
+                continue
+            ids, entries = report
+            self.received[np.asarray(ids, dtype=np.int64)] = True
+            self.tables.append(np.array(entries, dtype=self.dtype))
+
+    def table(self):
+        import numpy as np
+
+        self.tables = [np.concatenate(self.tables)]
+        return self.tables[0]
+
+    def progress(self, pages_written: int, written_end: int, metadata_sm, metadata_type) -> Progress:
+        """The samples wholly inside the first `pages_written` pages (ending at `written_end`)."""
+        import numpy as np
+
+        table = self.table()
+        durable = durable_samples(self.received, table, written_end)
+        ids = np.flatnonzero(durable).astype(np.uint64)
+        metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+        rows = metadata[ids.astype(np.int64)].copy()
+        del metadata  # no view may outlive the shared memory
+        return Progress(pages_written, ids, rows, table[durable[table["sample_id"].astype(np.int64)]])
+
+
+def _resume(writer, partial: PartialConversion, saved: Progress) -> None:
+    """Set `writer` up on the saved part of `partial.data` instead of FFCV's fresh `prepare`.
+
+    The header and field descriptors are made by `prepare` on a scratch file and must equal
+    the saved file's (the same options and sample count); the file is cut back to its saved
+    pages and the saved metadata rows go back into the shared metadata."""
+    import numpy as np
+
+    scratch = partial.dir / "header"
+    writer.fname = str(scratch)
+    try:
+        writer.prepare()
+        head = scratch.read_bytes()
+    finally:
+        writer.fname = str(partial.data)
+        scratch.unlink(missing_ok=True)
+    from ffcv.utils import align_to_page
+
+    end = align_to_page(writer.data_region_start, writer.page_size) + saved.pages_written * writer.page_size
+    try:
+        with open(partial.data, "r+b") as f:
+            if f.read(len(head)) != head:
+                raise ValueError("the saved file's header differs from this conversion's")
+            if os.fstat(f.fileno()).st_size < end:
+                raise ValueError("the saved file is shorter than its saved pages")
+            f.truncate(end if saved.pages_written else len(head))
+    except (OSError, ValueError):
+        writer.metadata_sm.close()  # the caller starts over with a new one
+        writer.metadata_sm.unlink()
+        raise
+    metadata = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
+    metadata[saved.sample_ids.astype(np.int64)] = saved.metadata
+    del metadata
+
+
+def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_workers: int, chunksize: int = 32,
+                progress: bool = False, checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> int:
+    """FFCV's `DatasetWriter.from_indexed_dataset` into `partial.data`, continuing the progress
+    saved there, saving its own every `checkpoint_every_s` seconds and when it stops (error,
+    signal); returns how many samples were already saved. Workers come from `worker_context()`
+    and the parent never waits on a dead one: any error or death raises WorkerError, the other
+    workers are killed and the shared memory is released. The file is FFCV's (its `prepare`,
+    `handle_sample` and `finalize` are used unchanged)."""
     import ctypes
-    import queue
     import time
     from contextlib import suppress
     from multiprocessing.shared_memory import SharedMemory
 
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.utils import chunks
-    from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
+    from ffcv.writer import DatasetWriter
     from tqdm.auto import tqdm
 
     ctx = worker_context()
     num_workers = max(1, num_workers)
-    writer = DatasetWriter(str(path), fields, num_workers=num_workers)
-    n = len(dataset)
-    writer.num_samples = n
+    writer = DatasetWriter(str(partial.data), fields, num_workers=num_workers)
+    n = writer.num_samples = len(dataset)
+    saved = partial.load_progress()
     procs: list = []
     queues: list = []
+    allocator = collected = None
+
+    def save() -> None:
+        written = allocator.next_page_written.value  # read first: those pages are on disk now
+        collected.drain(finished)
+        partial.save_progress(collected.progress(written, allocator.offset + written * writer.page_size,
+                                                 writer.metadata_sm, writer.metadata_type))
+
     try:
-        writer.prepare()  # header and field descriptors; the metadata's shared memory
-        work, allocations, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        queues = [work, allocations, errors]
-        for chunk in chunks(list(enumerate(range(n))), chunksize):
+        if saved is not None and saved.num_samples:
+            try:
+                _resume(writer, partial, saved)
+            except (OSError, ValueError) as err:
+                print(f"starting over: {partial.data} cannot be continued ({err})", file=sys.stderr)
+                saved = None
+        if saved is None or not saved.num_samples:
+            saved = None
+            writer.prepare()  # header and field descriptors; the metadata's shared memory
+        collected = _Collected(n, saved)
+        todo = [i for i in range(n) if not collected.received[i]]
+        work, finished, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        queues = [work, finished, errors]
+        for chunk in chunks([(i, i) for i in todo], chunksize):
             work.put(chunk)
         for _ in range(num_workers):
             work.put(None)
         done = ctx.Value(ctypes.c_uint64, 0)
-        allocator = MemoryAllocator(str(path), writer.data_region_start, writer.page_size)
+        allocator = MemoryAllocator(str(partial.data), writer.data_region_start, writer.page_size)
         # FFCV made these with the default (fork) context, whose locks cannot reach a fork-server child.
-        allocator.next_page_allocated = ctx.Value(ctypes.c_uint64, 0)
-        allocator.next_page_written = ctx.Value(ctypes.c_uint64, 0)
-        args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations, dataset)
-        procs = [ctx.Process(target=_write_worker, args=(errors, worker_job_indexed_dataset, args), daemon=True,
+        first_page = 0 if saved is None else saved.pages_written
+        allocator.next_page_allocated = ctx.Value(ctypes.c_uint64, first_page)
+        allocator.next_page_written = ctx.Value(ctypes.c_uint64, first_page)
+        args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, finished, dataset)
+        procs = [ctx.Process(target=_write_worker, args=(errors, _write_samples, args), daemon=True,
                              name=f"beton-writer-{i}") for i in range(num_workers)]
         for p in procs:
             try:
@@ -283,33 +413,36 @@ def write_beton(path: str | Path, fields: dict, dataset, *, num_workers: int, ch
                     p.start()
             except OSError as err:  # the fork server's child died before it got its work (EPIPE)
                 raise WorkerError(f"a writing worker died as it started ({err.strerror or err})") from err
-        seen = 0
-        with tqdm(total=n, desc="writing", unit="img", disable=not progress) as bar:
-            while seen < n:
+        resumed = n - len(todo)
+        last_save = time.monotonic()
+        with tqdm(total=n, initial=resumed, desc="writing", unit="img", disable=not progress) as bar:
+            while collected.workers_done < num_workers:
                 _raise_if_failed(procs, errors, "writing")
-                value = done.value
-                bar.update(value - seen)
-                seen = value
+                collected.drain(finished)
+                bar.update(resumed + done.value - bar.n)
+                if time.monotonic() - last_save >= checkpoint_every_s:
+                    save()
+                    last_save = time.monotonic()
+                if collected.workers_done < num_workers and all(p.exitcode == 0 for p in procs):
+                    collected.drain(finished)  # a clean exit comes after the worker's last report
+                    if collected.workers_done < num_workers:
+                        raise WorkerError("writing workers exited without reporting their last samples")
                 time.sleep(0.05)
-        table: list = []
-        for _ in procs:  # each worker sends its allocation table, then exits
-            while True:
-                try:
-                    table.extend(allocations.get(timeout=0.2))
-                    break
-                except queue.Empty:
-                    _raise_if_failed(procs, errors, "writing")
-                    if all(p.exitcode == 0 for p in procs) and allocations.empty():
-                        raise WorkerError("writing workers exited without sending their allocation tables")
         for p in procs:
             p.join(timeout=30)
-        writer.finalize(table)
-    except Exception as err:
-        # A worker's death can surface first as another error here (a broken pipe while the
-        # next worker starts): name the death, the real cause.
+        writer.finalize(collected.table().tolist())
+        return resumed
+    except BaseException as err:
         for p in procs:
             if p.pid is not None:
                 p.join(timeout=0.2)
+        if collected is not None and allocator is not None:
+            with suppress(Exception):  # keep what is on disk; a failure here (the disk is full) keeps the last save
+                save()
+        if not isinstance(err, Exception):
+            raise
+        # A worker's death can surface first as another error here (a broken pipe while the
+        # next worker starts): name the death, the real cause.
         dead = [p for p in procs if p.exitcode not in (None, 0)]
         if dead and not isinstance(err, WorkerError):
             raise WorkerError(f"writing worker (PID {dead[0].pid}) died: {describe_exit(dead[0].exitcode)}") from err

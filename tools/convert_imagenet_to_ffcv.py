@@ -22,11 +22,14 @@ What it guarantees:
   from a sample of the images' headers (raw storage exactly, compressed images at the
   source's bytes per pixel, which errs high; ImageNet at the defaults: about 2.4 times the
   JPEGs), and `--max-resolution 256` or `--write-mode jpg` make it smaller.
-* Nothing is left behind: the `.beton` is written to a hidden `.OUT.beton.partial-PID` in
-  the same folder and renamed only when complete; on any error or signal the partial file
-  is removed and the workers are stopped. Even after `kill -9` of the converter its
-  workers exit (they die with their parent), and the next run into the same folder
-  removes a partial file whose process is gone, saying so.
+* A stopped conversion loses nothing: the `.beton` is written in a hidden folder beside it,
+  `.OUT.partial/`, and moved into place only when complete. Progress is saved there every
+  `--checkpoint-every` seconds (default 60) and when the converter is stopped (Ctrl-C,
+  SIGTERM, a SLURM time limit) or fails (a full disk, a crashed worker); rerunning the same
+  command continues from the saved images without checking the files again, and says so.
+  Other files or options start over (saying so), as does `--restart`. A failure before
+  any image was saved removes the folder; two converters never write one output at once.
+  Even after `kill -9` of the converter its workers exit (they die with their parent).
 * It never hangs and is safe to call from a process that has run DALI or CUDA: the
   workers come from a fork server, never from a fork of the caller, and a worker that
   dies fails the conversion within a second (see `pipelines/beton_writer.py`, `worker_context`).
@@ -43,11 +46,13 @@ from pathlib import Path
 
 from pipelines.beton import summary_path
 from pipelines.beton_convert import WRITE_MODES, ConversionError, UsageError, convert
+from pipelines.beton_resume import CHECKPOINT_EVERY_S
 
 
 def print_summary(summary: dict) -> None:
     mb = summary["bytes"] / 2**20
-    print(f"wrote {summary['output']}: {summary['written']} images, {summary['num_classes']} classes, "
+    resumed = f", {summary['resumed']} of them by an earlier run" if summary["resumed"] else ""
+    print(f"wrote {summary['output']}: {summary['written']} images{resumed}, {summary['num_classes']} classes, "
           f"{mb:.1f} MiB in {summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])}:")
@@ -74,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-workers", type=int, default=0, help="processes (default: all cores)")
     ap.add_argument("--subset-per-class", type=int, default=0, help="keep the first N images of each class (0 = all)")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
+    ap.add_argument("--restart", action="store_true",
+                    help="discard the progress an interrupted conversion saved in .OUT.partial/ and start over")
+    ap.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
+                    help=f"save progress this often while writing (default {CHECKPOINT_EVERY_S:g})")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     bad = []
@@ -83,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad.append(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if not 0 <= args.compress_probability <= 1:
         bad.append(f"--compress-probability must be in [0, 1], got {args.compress_probability}")
+    if not args.checkpoint_every > 0:
+        bad.append(f"--checkpoint-every must be > 0 seconds, got {args.checkpoint_every}")
     if args.num_workers < 0 or args.subset_per_class < 0:
         bad.append("--num-workers and --subset-per-class must be >= 0")
     if args.out.suffix != ".beton":
@@ -93,8 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def exit_on_signals() -> None:
-    """SIGTERM / SIGHUP end the converter like Ctrl-C does: through its clean-up (partial file
-    removed, workers stopped), with the shell's status for the signal."""
+    """SIGTERM / SIGHUP end the converter like Ctrl-C does: through its clean-up (progress saved,
+    workers stopped), with the shell's status for the signal."""
     def stop(signum: int, _frame) -> None:
         raise SystemExit(128 + signum)
 
@@ -110,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                           max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
                           compress_probability=args.compress_probability, write_mode=args.write_mode,
                           num_workers=args.num_workers, subset_per_class=args.subset_per_class,
-                          force=args.force, progress=not args.no_progress)
+                          force=args.force, restart=args.restart, progress=not args.no_progress,
+                          checkpoint_every_s=args.checkpoint_every)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     print_summary(summary)
     return 0
