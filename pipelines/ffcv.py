@@ -246,6 +246,12 @@ def _stop_epoch_thread(epoch_it) -> None:
         epoch_it.join(timeout=0.05)
     if epoch_it.is_alive():
         warnings.warn(f"FFCV's epoch thread did not stop within {EPOCH_THREAD_JOIN_S:.0f} s", stacklevel=2)
+    # Batches decoded ahead were copied to the GPU on FFCV's own streams, into memory the
+    # caching allocator gave out on the main stream: the main stream waits for those copies
+    # before that memory can be handed out again.
+    for stream in getattr(epoch_it, "cuda_streams", None) or []:
+        if stream is not None:
+            epoch_it.current_stream.wait_stream(stream)
     epoch_it.close()
 
 

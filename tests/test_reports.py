@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -354,3 +355,28 @@ def test_profile_converts_its_beton_into_the_scratch_folder(tmp_path, monkeypatc
     result = tool.measure_loaders(cfg, accelerator, ["ffcv"], args, scratch)
     assert set(result) == {"ffcv"} and paths[0].parent == scratch and paths[0].suffix == ".beton"
     assert paths[0].is_file() and not (tmp_path / "data" / "bench").exists()
+
+
+def test_a_module_imported_without_package_metadata_still_has_its_version_recorded(monkeypatch):
+    """The GPU machine's DALI and FFCV come from a bundle on PYTHONPATH, with no dist-info."""
+    import importlib.metadata
+    import types
+
+    from fastssl.reports.environment import package_versions
+
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name.startswith(("nvidia-dali", "ffcv")):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", types.SimpleNamespace(__version__="2.4.0"))
+    monkeypatch.delitem(sys.modules, "ffcv", raising=False)
+    found = package_versions()
+    assert found["nvidia-dali-cuda130"] is None and found["nvidia.dali.__version__"] == "2.4.0"
+    assert "ffcv.__version__" not in found  # not imported: nothing to report
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "2.4.0" if name == "nvidia-dali-cuda130" else version(name))
+    assert "nvidia.dali.__version__" not in package_versions()  # its package metadata says it: no extra key

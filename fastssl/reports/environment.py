@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import platform
 import socket
+import sys
 
 import torch
 
@@ -19,14 +20,25 @@ PACKAGES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda120", "nvidia
             "numpy")
 
 
+# Modules whose package metadata may be missing although they import: a bundle put on
+# PYTHONPATH (the GPU machine's DALI and FFCV, ../shared/devkit) has no dist-info.
+MODULES = {"nvidia.dali": ("nvidia-dali-cuda120", "nvidia-dali-cuda130"), "ffcv": ("ffcv",)}
+
+
 def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that decide speed (None = not installed)."""
+    """Installed versions of the packages that decide speed (None = not installed). A module
+    already imported without package metadata is listed as `MODULE.__version__` instead
+    (FFCV's is stale: 0.0.3rc1 in ffcv 1.0.2)."""
     out = {}
     for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
+    for module, dists in MODULES.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and all(out[d] is None for d in dists):
+            out[f"{module}.__version__"] = str(getattr(loaded, "__version__", "unknown"))
     return out
 
 
