@@ -462,11 +462,17 @@ def worker_fused_equality(args: dict, dry_run: bool) -> dict:
     res: dict[str, Any] = {"device": str(device), "grid": grid, "cases": []}
     ext = None
     if cuda:
-        build_dir_before = sorted(p.name for p in _cuda_ext.cache_root().glob("fastssl_mira_fused_*"))
+        from fastssl.ops import _nvrtc
+
+        # Each route's cache: the nvcc extension's build folders, NVRTC's compiled images.
+        caches = {"nvcc": lambda: list(_cuda_ext.cache_root().glob("fastssl_mira_fused_*")),
+                  "nvrtc": lambda: list(_nvrtc.cache_dir().glob("*")) if _nvrtc.cache_dir().is_dir() else []}
+        cached_before = {route: bool(find()) for route, find in caches.items()}
         t = time.perf_counter()
         module = _cuda_ext.load_fused()
         res["build_s"] = time.perf_counter() - t
-        res["build_cached"] = bool(build_dir_before)  # a rerun on a warm machine loads the cache
+        route = _cuda_ext.status().get("route")
+        res["build_cached"] = cached_before.get(route, False)  # the route that loaded found its cache: a warm rerun
         ext = _cuda_ext.fused_for(device)
         res["fused_status"] = _cuda_ext.status()
         res["loaded"] = module is not None and ext is not None
