@@ -14,6 +14,10 @@ The paddings are per decoder thread (one device buffer and two pinned host buffe
 docs say), and the example runs 4 threads. A process of an 8-GPU node may run 16 or more, which
 at the example's per-thread sizes would hold 3.4 GB of GPU memory and 4.5 GB of pinned host
 memory per GPU: past 4 threads the example's totals are shared among the threads.
+The hardware decoder's preallocation (the two hints) comes on top of that, for a whole batch
+in DALI 2's nvImageCodec decoder; nvJPEG does not document its size, so it is measured, not
+assumed: gpu_check's `loaders` stage reports each loader's device memory (DALI's less
+torchvision's).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ def test_every_backend_is_measured_and_written(image_folder, tmp_path, monkeypat
     for name, r in written["backends"].items():
         assert len(r["runs"]) == 2 and r["min"] <= r["images_per_s"] <= r["max"] and r["images_per_s"] > 0, name
         assert r["vs_torchvision"] == pytest.approx(r["images_per_s"] / written["backends"]["torchvision"]["images_per_s"])
+        assert r["device_used_mb"] is None  # CPU: no device memory to report
     assert written["config"]["views"] == 4 and written["machine"]["cpus"] >= 1
 
 
@@ -59,3 +60,42 @@ def test_file_reads_are_measured_per_thread_count_and_bad_input_exits_2(image_fo
         with pytest.raises(SystemExit) as exit_:
             bench.main(args)
         assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_device_memory_is_read_while_each_timed_epoch_lives_and_its_maximum_kept(monkeypatch):
+    """A GPU decoder's buffers live with the epoch's pipeline: the reading comes after the timed
+    batches and before the epoch is closed; over the repeats a loader keeps its largest."""
+    import torch
+
+    from fastssl.bench import loaders as bench
+
+    events: list[str] = []
+
+    class Batch:
+        batch_size = 2
+
+    class Loader:
+        def __init__(self, name: str):
+            self.name = name
+
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+        def __iter__(self):
+            def batches():
+                try:
+                    while True:
+                        events.append(f"{self.name} batch")
+                        yield Batch()
+                finally:
+                    events.append(f"{self.name} closed")
+            return batches()
+
+    readings = iter([100.0, 300.0, 250.0, 200.0])
+    monkeypatch.setattr(bench, "device_used_mb", lambda device: (events.append("read"), next(readings))[1])
+    used: dict = {}
+    runs = bench.interleaved_rates({"a": Loader("a"), "b": Loader("b")}, repeats=2, warmup=0, batches=1,
+                                   device=torch.device("cpu"), device_used=used)
+    assert used == {"a": 250.0, "b": 300.0} and len(runs["a"]) == len(runs["b"]) == 2
+    timed = events[events.index("read") - 1:]  # from the first timed pass on (the warm-up reads nothing)
+    assert timed[:3] == ["a batch", "read", "a closed"], timed

@@ -159,15 +159,19 @@ def main(argv: list[str] | None = None) -> dict:
     def progress(rep: int, name: str, rate: float) -> None:
         print(f"  repeat {rep + 1}/{args.repeats} {name:14s} {rate:9.1f} images/s", flush=True)
 
-    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress)
-    results = {name: loader_bench.summarize(runs[name]) for name in names}
+    used: dict[str, float | None] = {}
+    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress, used)
+    results = {name: {**loader_bench.summarize(runs[name]), "device_used_mb": used.get(name)} for name in names}
     ref = results["torchvision"]["images_per_s"] if "torchvision" in results else None
-    print(f"\n{'backend':14s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}")
+    cuda = device.type == "cuda"
+    print(f"\n{'backend':14s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}"
+          + (f" {'device MiB':>11s}" if cuda else ""))
     for name, r in results.items():
         med = r["images_per_s"]
         r["vs_torchvision"] = med / ref if ref else None
         ratio = f"{med / ref:14.2f}" if ref else f"{'-':>14s}"
-        print(f"{name:14s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}")
+        memory = f" {r['device_used_mb']:11.0f}" if cuda and r["device_used_mb"] is not None else ""
+        print(f"{name:14s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}{memory}")
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}")
     report = {

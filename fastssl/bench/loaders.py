@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["available", "time_epoch", "interleaved_rates", "summarize"]
+__all__ = ["available", "device_used_mb", "time_epoch", "interleaved_rates", "summarize"]
 
 # The import that tells whether an optional backend is installed.
 BACKEND_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
@@ -32,8 +32,19 @@ def available(backend: str) -> bool:
     return True
 
 
-def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device) -> float:
-    """Source images/s over `batches` batches after `warmup` untimed ones."""
+def device_used_mb(device: torch.device) -> float | None:
+    """Memory in use on `device` by every allocator (DALI's and nvJPEG's pools are not torch's,
+    so torch's own counters miss them); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**20
+
+
+def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device,
+               on_timed: Callable[[], None] | None = None) -> float:
+    """Source images/s over `batches` batches after `warmup` untimed ones; `on_timed()` runs
+    after the timed batches, while the epoch's pipeline or workers still live."""
     loader.set_epoch(epoch)
     it = iter(loader)
     for _ in range(warmup):
@@ -46,24 +57,35 @@ def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.devi
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if on_timed is not None:
+        on_timed()
     if hasattr(it, "close"):  # end the epoch's generator now: workers and pipelines stop
         it.close()
     return images / seconds
 
 
 def interleaved_rates(loaders: dict, repeats: int, warmup: int, batches: int, device: torch.device,
-                      on_rate: Callable[[int, str, float], None] | None = None) -> dict[str, list[float]]:
+                      on_rate: Callable[[int, str, float], None] | None = None,
+                      device_used: dict[str, float | None] | None = None) -> dict[str, list[float]]:
     """Images/s of every loader in every repetition, the loaders interleaved within a repetition.
 
     Each loader first delivers one untimed batch (compilation, worker spawn). `on_rate(rep,
-    name, images_per_s)` is called after each measurement (the tools print progress).
+    name, images_per_s)` is called after each measurement (the tools print progress). A
+    `device_used` dict receives, per loader, the most device memory in use (MiB, every
+    allocator: `device_used_mb`) at the end of its timed passes: a GPU decoder's buffers show
+    there (None off CUDA).
     """
     for loader in loaders.values():
         time_epoch(loader, 10_000, 0, 1, device)
     runs: dict[str, list[float]] = {name: [] for name in loaders}
     for rep in range(repeats):
         for name, loader in loaders.items():
-            runs[name].append(time_epoch(loader, rep, warmup, batches, device))
+            def note_memory(name: str = name) -> None:
+                if device_used is not None:
+                    used = device_used_mb(device)
+                    device_used[name] = None if used is None else max(used, device_used.get(name) or 0.0)
+
+            runs[name].append(time_epoch(loader, rep, warmup, batches, device, note_memory))
             if on_rate is not None:
                 on_rate(rep, name, runs[name][-1])
     return runs
