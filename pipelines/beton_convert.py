@@ -24,7 +24,8 @@ from pathlib import Path
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
 from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialConversion, job_fingerprint
-from pipelines.beton_writer import ConvertDataset, WorkerError, check_files, worker_context, write_beton
+from pipelines.beton_writer import (ConvertDataset, WorkerError, check_files, signals_deferred, worker_context,
+                                    write_beton)
 from pipelines.folder import is_image_file, walk_files
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
@@ -38,7 +39,8 @@ class ConversionError(RuntimeError):
 
 
 class UsageError(ConversionError):
-    """The command line names the wrong input, e.g. the parent of train/ and val/ (exit status 2)."""
+    """The command line names the wrong input: a missing source, labels file or output folder, an
+    output that exists without --force, the parent of train/ and val/ (exit status 2)."""
 
 
 @dataclass
@@ -100,7 +102,12 @@ def read_labels_file(path: Path) -> list[tuple[str, str]]:
 def scan_flat_folder(src: Path, labels_file: Path, classes_from: Path | None, subset_per_class: int = 0) -> Inventory:
     """Flat images + a labels file (ImageNet's val): classes from `classes_from` or the file."""
     pairs = read_labels_file(labels_file)
+    if not pairs:
+        raise UsageError(f"labels file {str(labels_file)!r} lists no images (lines `<file name> <class>`)")
     if classes_from is not None:
+        if not classes_from.is_dir():
+            raise UsageError(f"--classes-from {str(classes_from)!r} is not a folder; pass the train split whose "
+                             "class folders give the label order")
         classes = class_names(classes_from)
     else:
         classes = sorted({c for _, c in pairs if not c.isdigit()})
@@ -133,17 +140,17 @@ def scan_flat_folder(src: Path, labels_file: Path, classes_from: Path | None, su
 
 def scan(src: Path, labels: Path | None, classes_from: Path | None, subset_per_class: int) -> Inventory:
     if not src.exists():
-        raise ConversionError(f"source {str(src)!r} does not exist; pass an ImageNet split folder "
-                              "(train/ with one folder per class)")
+        raise UsageError(f"source {str(src)!r} does not exist; pass an ImageNet split folder "
+                         "(train/ with one folder per class)")
     if not src.is_dir():
-        raise ConversionError(f"source {str(src)!r} is not a folder")
+        raise UsageError(f"source {str(src)!r} is not a folder")
     if labels is not None:
         if not labels.is_file():
-            raise ConversionError(f"labels file {str(labels)!r} does not exist")
+            raise UsageError(f"labels file {str(labels)!r} does not exist")
         return scan_flat_folder(src, labels, classes_from, subset_per_class)
     has_dirs = any(e.is_dir() for e in os.scandir(src))
     if not has_dirs:
-        raise ConversionError(f"{str(src)!r} has no class folders; for a flat folder (ImageNet val) pass "
+        raise UsageError(f"{str(src)!r} has no class folders; for a flat folder (ImageNet val) pass "
                               "--labels FILE (lines `<file name> <class>`) and --classes-from TRAIN_DIR")
     return scan_class_folders(src, subset_per_class)
 
@@ -232,6 +239,16 @@ def resumable_job(partial: PartialConversion, inv: Inventory, options: dict, res
     return saved
 
 
+def leave_alone(partial: PartialConversion) -> str:
+    """After a failure before this run took the folder over: an earlier conversion's saved images
+    stay for the command that made them; an empty folder goes. Returns "" (nothing to add)."""
+    if partial.saved_count():
+        partial.release()
+    else:
+        partial.discard()
+    return ""
+
+
 def keep_or_discard(partial: PartialConversion) -> str:
     """After a failure or a stop: keep `partial` when it holds saved images (returns the words that
     say so, to end the error message) and remove it otherwise (returns "")."""
@@ -260,9 +277,9 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.exists() and not force:
-        raise ConversionError(f"{str(out)!r} exists; pass --force to replace it")
+        raise UsageError(f"{str(out)!r} exists; pass --force to replace it")
     if not out.parent.is_dir():
-        raise ConversionError(f"output folder {str(out.parent)!r} does not exist")
+        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
     remove_stale_partials(out)
     partial = PartialConversion(out)
     try:
@@ -271,6 +288,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         raise ConversionError(str(err)) from None
     except OSError as err:
         raise ConversionError(os_error_message(err, out)) from None
+    owned = False  # whether the folder's content is this conversion's (resumed, or started here)
     try:
         inv = scan(src, labels, classes_from, subset_per_class)
         worker_context(start=True)  # the fork server imports FFCV (seconds) while this process does
@@ -280,6 +298,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
                    "compress_probability": compress_probability, "write_mode": write_mode}
         job = resumable_job(partial, inv, options, restart)
+        owned = job is not None
         already = partial.size_bytes() if job is not None else 0
         if job is None:  # a new conversion: check every image once
             reasons = check_files([p for p, _ in inv.samples], workers, progress)
@@ -287,6 +306,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
             job = {"fingerprint": job_fingerprint(inv.samples, inv.classes, options), "skipped": bad,
                    "images": len(inv.samples) - len(bad)}
             partial.start(job)
+            owned = True
         skipped = {item["path"] for item in job["skipped"]}
         inv.skipped.extend(job["skipped"])
         good = [(path, label) for path, label in inv.samples if path not in skipped]
@@ -301,9 +321,10 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
                   LABEL_FIELD: IntField()}
         resumed = write_beton(partial, fields, ConvertDataset(good), num_workers=min(workers, len(good)),
                               progress=progress, checkpoint_every_s=checkpoint_every_s)
-        partial.finish()
     except BaseException as err:
-        kept = keep_or_discard(partial)
+        # A conversion this run did not take over (stopped while checking, before its `start`) is
+        # left as it was, unmentioned: the same command would not continue it.
+        kept = keep_or_discard(partial) if owned else leave_alone(partial)
         if isinstance(err, ConversionError):
             if not kept:
                 raise
@@ -315,6 +336,20 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         if kept:
             print(f"stopped{kept}", file=sys.stderr)
         raise
+    with signals_deferred():  # a stop now would leave OUT without its summary: it waits for both
+        try:
+            partial.finish()
+        except OSError as err:
+            raise ConversionError(f"moving the finished .beton into place: {os_error_message(err, out)}") from err
+        return write_summary(src, out, inv, good, estimate, resumed, start, {
+            "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+            "compress_probability": compress_probability, "write_mode": write_mode,
+            "subset_per_class": subset_per_class})
+
+
+def write_summary(src: Path, out: Path, inv: Inventory, good: list, estimate: int, resumed: int, start: float,
+                  options: dict) -> dict:
+    """`OUT.json`: what was written and skipped, the class names, the options; returns it."""
     seconds = time.perf_counter() - start
     summary = {
         "source": str(src), "output": str(out), "written": len(good), "skipped": inv.skipped,
@@ -322,9 +357,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         "estimated_bytes": estimate, "resumed": resumed,  # images an interrupted run had saved
         "seconds": round(seconds, 3), "images_per_s": round((len(good) - resumed) / seconds, 1),
         "fields": {IMAGE_FIELD: "RGBImageField", LABEL_FIELD: "IntField"},
-        "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
-                    "compress_probability": compress_probability, "write_mode": write_mode,
-                    "subset_per_class": subset_per_class},
+        "options": options,
     }
     tmp_json = partial_path(summary_path(out))
     try:

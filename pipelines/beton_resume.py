@@ -29,12 +29,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 PARTIAL_SUFFIX = ".partial"
+NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # flock is not supported on this filesystem
 CHECKPOINT_EVERY_S = 60.0  # how often a running conversion saves its progress (--checkpoint-every)
 
 
@@ -80,13 +82,18 @@ def job_fingerprint(samples: list[tuple[str, int]], classes: list[str], options:
 
 
 def _write_atomically(path: Path, write) -> None:
-    """`write(file)` into a temporary name beside `path`, flushed to disk, then renamed over it."""
+    """`write(file)` into a temporary name beside `path`, flushed to disk, then renamed over it.
+    A failed write (a full disk) leaves `path` as it was and no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class PartialConversion:
@@ -110,6 +117,11 @@ class PartialConversion:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in NO_LOCKS:  # Lustre without flock, NFS without lockd: convert, unguarded
+                print(f"warning: {self.dir} cannot be locked here ({os.strerror(err.errno)}); run one converter "
+                      "per output at a time", file=sys.stderr)
+                self._lock_fd = fd
+                return
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
@@ -136,9 +148,19 @@ class PartialConversion:
 
     def start(self, job: dict) -> None:
         """Begin a new conversion here: forget any other one's data and progress, record `job`."""
-        for path in (self.data, self.progress_file):
-            path.unlink(missing_ok=True)
+        self.forget_progress()
+        self.data.unlink(missing_ok=True)
         _write_atomically(self.job_file, lambda f: f.write(json.dumps(job).encode()))
+
+    def forget_progress(self) -> None:
+        """No saved progress from here on (before `data` is rewritten from its start: a record of
+        the old file must never describe the new one)."""
+        self.progress_file.unlink(missing_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the removal reaches the disk before any new page does
+        finally:
+            os.close(fd)
 
     # ----------------------------------------------------------------- progress
 
@@ -178,5 +200,12 @@ class PartialConversion:
         self.discard()
 
     def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.release()  # after the removal: no other converter can take the folder half-removed
+        """Remove the folder. It is renamed first, still locked: a converter starting meanwhile makes
+        a new folder with a new lock instead of finding this one half-removed."""
+        doomed = self.dir.with_name(f"{self.dir.name}.removing-{os.getpid()}")
+        try:
+            os.rename(self.dir, doomed)
+        except OSError:
+            doomed = self.dir
+        shutil.rmtree(doomed, ignore_errors=True)
+        self.release()

@@ -290,8 +290,9 @@ class _Collected:
                 self.workers_done += 1
                 continue
             ids, entries = report
-            self.received[np.asarray(ids, dtype=np.int64)] = True
-            self.tables.append(np.array(entries, dtype=self.dtype))
+            ids, entries = np.asarray(ids, dtype=np.int64), np.array(entries, dtype=self.dtype)
+            self.tables.append(entries)  # before the ids: a stop in between must not leave a sample without bytes
+            self.received[ids] = True
 
     def table(self):
         import numpy as np
@@ -384,12 +385,13 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
         if saved is not None and saved.num_samples:
             try:
                 _resume(writer, partial, saved)
-            except (OSError, ValueError) as err:
+            except ValueError as err:  # (an OSError, e.g. a full disk, propagates: the progress stays)
                 print(f"starting over: {partial.data} cannot be continued ({err})", file=sys.stderr)
                 saved = None
         if saved is None or not saved.num_samples:
             saved = None
-            writer.prepare()  # header and field descriptors; the metadata's shared memory
+            partial.forget_progress()
+            writer.prepare()  # header and field descriptors (the file rewritten); the metadata's shared memory
         collected = _Collected(n, saved)
         todo = [i for i in range(n) if not collected.received[i]]
         work, finished, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -433,12 +435,13 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
         writer.finalize(collected.table().tolist())
         return resumed
     except BaseException as err:
-        for p in procs:
-            if p.pid is not None:
-                p.join(timeout=0.2)
         if collected is not None and allocator is not None:
             with suppress(Exception):  # keep what is on disk; a failure here (the disk is full) keeps the last save
                 save()
+        deadline = time.monotonic() + 0.5  # the workers that died: for the message below
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
         if not isinstance(err, Exception):
             raise
         # A worker's death can surface first as another error here (a broken pipe while the

@@ -98,10 +98,20 @@ def test_flat_val_with_labels_file_and_subset(conv, tmp_path):
     assert read_beton(out)[0] == [2, 0, 2]  # the third class_02 image is past the subset
 
 
-def test_failures_exit_1_and_leave_no_file(conv, tmp_path):
+def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp_path):
     out = tmp_path / "x.beton"
     run = subprocess.run([sys.executable, TOOL, str(tmp_path / "missing"), str(out)], capture_output=True, text=True)
-    assert run.returncode == 1 and "does not exist" in run.stderr
+    assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (tmp_path / "empty.txt").write_text("# nothing listed\n")
+    (tmp_path / "one.txt").write_text("a.JPEG c0\n")
+    for extra, needle in ((["--labels", str(tmp_path / "empty.txt")], "lists no images"),
+                          (["--labels", str(tmp_path / "one.txt"), "--classes-from", str(tmp_path / "nowhere")],
+                           "--classes-from '" + str(tmp_path / "nowhere") + "' is not a folder"),
+                          ([], "has no class folders")):
+        run = subprocess.run([sys.executable, TOOL, str(flat), str(out), *extra], capture_output=True, text=True)
+        assert run.returncode == 2 and needle in run.stderr and "Traceback" not in run.stderr, (extra, run.stderr)
     src = tmp_path / "train" / "c0"
     src.mkdir(parents=True)
     (src / "a.JPEG").write_bytes(b"junk" * 20)
@@ -386,11 +396,63 @@ def test_saved_progress_whose_file_was_damaged_is_not_trusted(conv, tmp_path, mo
     os.truncate(data, data.stat().st_size // 2)
     shared_before = set(os.listdir("/dev/shm"))
     capsys.readouterr()
+    real_prepare = DatasetWriter.prepare
+    stale_record = []
+
+    def prepare(self):  # the file is rewritten from its start here: no record of the old one may remain
+        stale_record.append((tmp_path / ".x.beton.partial" / "progress.npz").exists())
+        return real_prepare(self)
+
+    monkeypatch.setattr(DatasetWriter, "prepare", prepare)
     summary = conv.convert(src, out, num_workers=1, progress=False)
     assert f"starting over: {data} cannot be continued (the saved file is shorter" in capsys.readouterr().err
+    assert stale_record[-1] is False, stale_record
     assert summary["resumed"] == 0 and set(os.listdir("/dev/shm")) <= shared_before
     conv.convert(src, tmp_path / "fresh.beton", num_workers=1, progress=False)
     assert stored_content(out) == stored_content(tmp_path / "fresh.beton")
+
+
+def test_a_stop_before_a_run_takes_over_leaves_the_earlier_conversion_as_it_was(conv, tmp_path, monkeypatch):
+    """Saved images of other options: a run stopped while checking its own files neither claims
+    them (the same command would not continue them) nor removes them; their own command resumes."""
+    from ffcv.writer import DatasetWriter
+
+    def full(self, allocations):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=2)
+    out = tmp_path / "x.beton"
+    with monkeypatch.context() as patch:
+        patch.setattr(DatasetWriter, "finalize", full)
+        with pytest.raises(conv.ConversionError, match="no space left"):
+            conv.convert(src, out, num_workers=1, progress=False, jpeg_quality=50)
+    job = (tmp_path / ".x.beton.partial" / "job.json").read_text()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(conv, "check_files", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            conv.convert(src, out, num_workers=1, progress=False, jpeg_quality=90)
+    assert saved_images(out) == 4 and (tmp_path / ".x.beton.partial" / "job.json").read_text() == job
+    assert conv.convert(src, out, num_workers=1, progress=False, jpeg_quality=50)["resumed"] == 4
+
+
+def test_a_filesystem_without_flock_converts_unguarded_with_a_warning(conv, tmp_path, monkeypatch, capsys):
+    """Lustre mounted without flock, NFS without lockd: the lock is an aid, not a requirement."""
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=2)
+    conv.convert(src, tmp_path / "x.beton", num_workers=1, progress=False)
+    assert "cannot be locked here (Function not implemented); run one converter per output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "x.beton", "x.beton.json"]
 
 
 def test_a_second_converter_into_the_same_output_is_refused_until_the_first_ends(conv, tmp_path):

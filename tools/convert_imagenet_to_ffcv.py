@@ -14,10 +14,11 @@ What it guarantees:
   images, and empty class folders are listed with the reason in the summary;
   CMYK, grayscale, palette and PNG-named-.JPEG images are converted to RGB.
 * Exit status: 0 whenever the `.beton` was produced (skips included); 1 when it could not
-  be (nothing readable, a missing source, a write error such as a read-only output folder
-  or a full disk, a worker that crashed); 2 for a usage error: bad options, or a source
-  that holds splits (`train/`, `val/`) instead of class folders; the message names the
-  split folder to pass.
+  be (nothing readable, a write error such as a read-only output folder or a full disk, a
+  worker that crashed, another converter writing the same output); 2 for a usage error:
+  bad options, a missing source, labels file, --classes-from or output folder, an output
+  that exists without --force, or a source that holds splits (`train/`, `val/`) instead of
+  class folders (the message names the split folder to pass).
 * A disk that cannot hold it is refused before any image is written: the size is estimated
   from a sample of the images' headers (raw storage exactly, compressed images at the
   source's bytes per pixel, which errs high; ImageNet at the defaults: about 2.4 times the
@@ -28,7 +29,9 @@ What it guarantees:
   SIGTERM, a SLURM time limit) or fails (a full disk, a crashed worker); rerunning the same
   command continues from the saved images without checking the files again, and says so.
   Other files or options start over (saying so), as does `--restart`. A failure before
-  any image was saved removes the folder; two converters never write one output at once.
+  any image was saved removes the folder; two converters never write one output at once
+  (where the filesystem supports `flock`). A resumed `.beton` reads the same, and may be
+  a few pages per worker larger (pages written after the last save are written again).
   Even after `kill -9` of the converter its workers exit (they die with their parent).
 * It never hangs and is safe to call from a process that has run DALI or CUDA: the
   workers come from a fork server, never from a fork of the caller, and a worker that
