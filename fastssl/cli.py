@@ -41,6 +41,21 @@ def usage(cfg: Config, prog: str) -> str:
     return USAGE.format(prog=prog, fields="\n".join(lines))
 
 
+FLAGS = ("--resume", "--print-config", "--help", "-h")
+
+
+def misspelt_flag(arg: str) -> str | None:
+    """The flag a bare `--word` (no `section.field`) was probably meant to be, e.g. `--print-configg`;
+    None when it looks like nothing of the kind (then it is read as a field, which names its own fixes)."""
+    import difflib
+
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--") or "." in name:
+        return None
+    close = difflib.get_close_matches(name, FLAGS[:3], n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
     """Split the flags from the field overrides and apply the overrides to `cfg`."""
     flags: dict = {"resume": False, "print_config": False, "help": False}
@@ -54,8 +69,10 @@ def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
             flags["resume"], i = "auto", i + 1
         elif arg == "--resume=auto":
             flags["resume"] = "auto"
-        elif arg in ("--resume", "--print-config", "--help", "-h"):
+        elif arg in FLAGS:
             flags[{"--resume": "resume", "--print-config": "print_config"}.get(arg, "help")] = True
+        elif misspelt := misspelt_flag(arg):
+            raise ConfigError(f"unknown flag {arg}; did you mean {misspelt}?")
         else:
             rest.append(arg)
         i += 1

@@ -364,6 +364,9 @@ def config_errors(cfg: Config) -> list[str]:
     if cr.shuffle_bn and t.global_batch_size % cr.shuffle_bn_splits:
         e.append(f"critic.shuffle_bn_splits: {cr.shuffle_bn_splits} does not divide train.global_batch_size "
                  f"{t.global_batch_size}; pick a divisor")
+    elif cr.shuffle_bn and t.global_batch_size // cr.shuffle_bn_splits < 2:
+        e.append(f"critic.shuffle_bn_splits: {cr.shuffle_bn_splits} groups of train.global_batch_size "
+                 f"{t.global_batch_size} leave fewer than 2 images per BatchNorm group; use fewer splits")
     if mt.assignment not in ("mira", "sinkhorn"):
         e.append(f"method.assignment: unknown {mt.assignment!r}; choose mira or sinkhorn")
     for name in ("tau_student", "tau_teacher", "sinkhorn_eps"):
@@ -397,8 +400,11 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"optim.warmup_epochs: {o.warmup_epochs} is longer than train.epochs={t.epochs}")
     if t.global_batch_size < 2:
         e.append(f"train.global_batch_size: must be >= 2, got {t.global_batch_size}")
-    if t.micro_batch_size < 0:
-        e.append("train.micro_batch_size: must be >= 0 (0 = no gradient accumulation)")
+    if t.micro_batch_size < 0 or t.micro_batch_size == 1:
+        e.append(f"train.micro_batch_size: must be 0 (no gradient accumulation) or >= 2 (BatchNorm in training "
+                 f"needs two images per view), got {t.micro_batch_size}")
+    if t.seed < 0:
+        e.append(f"train.seed: must be >= 0, got {t.seed}")
     if t.precision not in ("auto", "bf16", "fp16", "no"):
         e.append(f"train.precision: unknown {t.precision!r}; choose auto, bf16, fp16 or no")
     if not t.collective_timeout_min > 0:
@@ -407,6 +413,9 @@ def config_errors(cfg: Config) -> list[str]:
         e.append("train.steps_per_epoch must be >= 0, log_every and checkpoint_every >= 1")
     if not t.run_dir:
         e.append("train.run_dir: must name a directory for logs and checkpoints")
+    if ev.knn_every < -1:
+        e.append(f"eval.knn_every: epochs between k-NN evaluations, 0 (only after the last) or -1 (never), "
+                 f"got {ev.knn_every}")
     if ev.knn_k < 1:
         e.append(f"eval.knn_k: must be >= 1, got {ev.knn_k}")
     if not ev.knn_temperature > 0:
@@ -426,6 +435,10 @@ def batch_errors(cfg: Config, num_processes: int) -> list[str]:
                 f"{num_processes} processes; pick a multiple of {num_processes} "
                 f"(e.g. {num_processes * max(1, t.global_batch_size // num_processes)})"]
     per_process = t.global_batch_size // num_processes
+    if per_process < 2:
+        return [f"train.global_batch_size: {t.global_batch_size} over {num_processes} processes leaves "
+                f"{per_process} image per process, and BatchNorm in training needs 2; use at least "
+                f"{2 * num_processes}"]
     if t.micro_batch_size and per_process % t.micro_batch_size:
         return [f"train.micro_batch_size: {t.micro_batch_size} does not divide the per-process "
                 f"batch {per_process}; choose a divisor of {per_process}"]

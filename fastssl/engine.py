@@ -37,10 +37,12 @@ from fastssl.run_log import RunLog, write_json
 from fastssl.runtime import GracefulStop, any_process, build_accelerator, failing_together, per_process, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
 
-# Fields that may differ when resuming (they do not change what is computed).
+# Fields that may differ when resuming (they do not change what is computed). train.run_dir among
+# them: the run is the one found there, under whatever spelling (a trailing slash, a relative path)
+# and wherever it was moved or restored to.
 RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
                      "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile",
-                     "train.cudnn_benchmark", "eval.batch_size", "eval.loader"}
+                     "train.cudnn_benchmark", "train.run_dir", "eval.batch_size", "eval.loader"}
 # Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
 # would. They are how a diverged run continues from its last good checkpoint.
 RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
@@ -448,8 +450,20 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
 
 
 def read_results(run_dir: Path) -> dict:
+    """The results so far of the run being resumed (its k-NN history); a CheckpointError names a
+    damaged file rather than silently starting the history over."""
     path = run_dir / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {"knn": []}
+    if not path.exists():
+        return {"knn": []}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ckpt.CheckpointError(f"{path} cannot be read ({err}); it holds the run's k-NN history: restore it, "
+                                   f"or delete it to resume without that history") from None
+    if not isinstance(results, dict):
+        raise ckpt.CheckpointError(f"{path} holds no results object; restore it, or delete it to resume without "
+                                   f"the run's k-NN history")
+    return results
 
 
 def finish(run_dir: Path, accelerator, results: dict) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pipelines.folder import DataLayoutError
 from pipelines.spec import LoaderSpec
 
 
@@ -31,11 +32,12 @@ def batches_per_epoch(num_items: int, batch_size: int, world_size: int) -> int:
 
 
 def check_batches_per_epoch(num_items: int, batch_size: int, world_size: int) -> int:
-    """`batches_per_epoch`, or a clear error when the data cannot fill one global batch."""
+    """`batches_per_epoch`, or a user error (DataLayoutError) when the data cannot fill one global batch."""
     n = batches_per_epoch(num_items, batch_size, world_size)
     if n == 0:
-        raise ValueError(f"the dataset has {num_items} images, fewer than one global batch of "
-                         f"{batch_size * world_size}; lower train.global_batch_size or add images")
+        raise DataLayoutError(f"the dataset has {num_items} images, fewer than one global batch of "
+                              f"{batch_size * world_size}; lower the batch size (train.global_batch_size; "
+                              "--batch-size in the bench tools) or add images")
     return n
 
 

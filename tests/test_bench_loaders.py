@@ -37,6 +37,8 @@ def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
     for args, needle in ((["--data", str(tmp_path / "missing")], "does not exist"),
                          (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "16",
                            "--batches", "5"], "batches per epoch, need"),
+                         (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "512"],
+                          "fewer than one global batch of 512"),
                          (["--device", "nope"], "unknown device 'nope'")):
         with pytest.raises(SystemExit) as exit_:
             bench.main(args)

@@ -66,6 +66,10 @@ def test_unknown_field_suggests_close_names():
     ("train.collective_timeout_min", 0.0, "collective_timeout_min must be > 0 minutes"),
     ("method.sinkhorn_iters", 0, "method.sinkhorn_iters: Sinkhorn-Knopp needs at least 1 iteration"),
     ("method.num_iters", -1, "method.num_iters: must be >= 0"),
+    ("train.micro_batch_size", 1, "BatchNorm in training needs two images per view"),
+    ("train.seed", -1, "train.seed: must be >= 0"),
+    ("eval.knn_every", -2, "eval.knn_every: epochs between k-NN evaluations"),
+    ("data.num_workers", -5, "data.num_workers: loader workers per process"),
 ])
 def test_invalid_values_are_named(field, value, needle):
     cfg = valid()
@@ -74,6 +78,15 @@ def test_invalid_values_are_named(field, value, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         validate(cfg)
     assert field.split(".")[0] in str(err.value)
+
+
+def test_a_file_list_with_the_online_knn_needs_a_folder_for_its_bank():
+    cfg = valid()
+    cfg.data.train, cfg.data.val = "/data/train_list.txt", "/data/val"
+    with pytest.raises(ConfigError, match="knn_train: --data.train is a file list .* pass --data.knn_train"):
+        validate(cfg)
+    cfg.data.knn_train = "/data/train"
+    validate(cfg)
 
 
 def test_missing_train_path_says_layout():
@@ -98,6 +111,10 @@ def test_batch_divisibility():
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 512, 48
     (msg,) = batch_errors(cfg, 8)
     assert "does not divide the per-process batch 64" in msg
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 0
+    assert batch_errors(cfg, 4) == []
+    (msg,) = batch_errors(cfg, 8)  # one image per process: BatchNorm cannot train on it
+    assert "leaves 1 image per process" in msg and "use at least 16" in msg
 
 
 def test_all_errors_reported_at_once():
@@ -175,6 +192,9 @@ def test_shuffle_bn_needs_per_view_bn_and_a_dividing_split():
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert "needs --model.bn_stats per_view" in str(err.value) and "does not divide" in str(err.value)
+    cfg.model.bn_stats, cfg.critic.shuffle_bn_splits = "per_view", cfg.train.global_batch_size  # groups of 1
+    with pytest.raises(ConfigError, match="fewer than 2 images per BatchNorm group"):
+        validate(cfg)
 
 
 def test_lars_needs_a_positive_trust_coefficient():

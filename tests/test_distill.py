@@ -201,7 +201,8 @@ def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
     """2 epochs in one go == 1 epoch, then --resume to 2 (queue, optimiser, RNG and data order restored)."""
     common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3"]
     run(DistillConfig(), tiny_args(tmp_path, "once", *common, "--train.epochs", "2"))
-    run(DistillConfig(), tiny_args(tmp_path, "twice", *common, "--train.epochs", "1"))
+    run(DistillConfig(), tiny_args(tmp_path, "first", *common, "--train.epochs", "1"))
+    (tmp_path / "first").rename(tmp_path / "twice")  # a run directory moved (or restored) elsewhere resumes
     run(DistillConfig(), tiny_args(tmp_path, "twice", *common, "--train.epochs", "2") + ["--resume"])
     a = torch.load(tmp_path / "once" / CLASSIFIER_NAME, weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "twice" / CLASSIFIER_NAME, weights_only=False)["state_dict"]

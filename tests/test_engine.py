@@ -96,6 +96,13 @@ def test_refuses_to_overwrite_and_checks_resume(tmp_path, capsys):
     with pytest.raises(ConfigError, match="optim.momentum") as refused:
         train(cfg, resume=True)
     assert "data.backend" not in str(refused.value)
+    # A run directory moved (or restored from a backup) and named with a trailing slash resumes.
+    cfg.optim.momentum = Config().optim.momentum
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    cfg.train.run_dir = f"{moved}/"
+    train(cfg, resume=True)
+    assert json.loads((moved / "config.json").read_text())["train"]["run_dir"] == f"{moved}/"
 
 
 @pytest.mark.parametrize("on", [True, False])

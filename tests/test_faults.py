@@ -136,6 +136,18 @@ def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys
     assert code == 2 and err.startswith(f"error: {path} is corrupt or truncated") and "Traceback" not in err
 
 
+def test_a_damaged_results_file_is_named_on_resume_and_exits_2(tmp_path, capsys):
+    """results.json holds the k-NN history a resume continues: a damaged one is named, not replaced."""
+    cfg = quick_config(tmp_path, epochs=1)
+    engine.train(cfg)
+    path = Path(cfg.train.run_dir) / "results.json"
+    path.write_text("x")
+    code, _, err = exit_of(cfg, ["--resume"], capsys)
+    assert code == 2 and err.startswith(f"error: {path} cannot be read (") and "Traceback" not in err
+    assert "restore it, or delete it to resume without that history" in err
+    assert path.read_text() == "x"  # nothing overwritten
+
+
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts this process's reads in /proc/self/io")
 def test_reading_the_saved_config_does_not_read_the_weights(tmp_path):
     """A resume checks the saved config before it loads the checkpoint: mapping the tensors keeps

@@ -393,7 +393,9 @@ def test_synthetic_backend_shapes():
 @pytest.mark.parametrize("backend", [*FILE_BACKENDS, "synthetic"])
 def test_loaders_refuse_data_smaller_than_one_global_batch(image_folder, backend):
     spec = spec_for(image_folder, backend=backend, batch_size=10, world_size=2, synthetic_size=18)
-    with pytest.raises(ValueError, match="fewer than one global batch of 20"):
+    from pipelines.folder import DataLayoutError
+
+    with pytest.raises(DataLayoutError, match="fewer than one global batch of 20"):  # a user error: exit 2
         build_train_loader(spec)
 
 

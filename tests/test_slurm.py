@@ -89,6 +89,11 @@ def test_resume_flag_parses_auto_and_refuses_other_values():
     assert parse(Config(), [])[1]["resume"] is False
     with pytest.raises(ConfigError, match="--resume takes no value or 'auto'"):
         parse(Config(), ["--resume", "yes"])
+    for typo, meant in (("--resum", "--resume"), ("--print-configg", "--print-config"), ("--hepl", "--help")):
+        with pytest.raises(ConfigError, match=f"^unknown flag {typo}; did you mean {meant}\\?$"):
+            parse(Config(), ["--train.seed", "3", typo])
+    with pytest.raises(ConfigError, match="--data.train"):  # a field's name without its section: the field's hint
+        parse(Config(), ["--train", "/x"])
     # the printed continue-command replaces `--resume auto` by --resume, not "auto --resume"
     cmd = rerun_command(["python", "r.py", "--resume", "auto", "--train.seed", "3"], Path("/runs/x"))
     assert cmd == "python r.py --train.seed 3 --resume --train.run_dir /runs/x"

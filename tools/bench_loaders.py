@@ -33,6 +33,7 @@ from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
+from pipelines.folder import DataLayoutError
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
 # Opt-in ablations (name -> backend and DataConfig overrides), measured only when named in --backends.
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                           recipe=recipe, batch_size=args.batch_size, num_workers=args.workers, device=device, seed=0)
         try:
             loaders[name] = build_train_loader(spec)
-        except BetonError as err:  # --beton names a folder or a missing / foreign file
+        except (BetonError, DataLayoutError) as err:  # --beton names a foreign file; fewer images than a batch
             usage_error(str(err))
         need = args.warmup + args.batches
         if len(loaders[name]) < need:

@@ -47,8 +47,10 @@ CLASSIFIER_NAME = "classifier.pt"
 STEP_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "lr", "images_per_s"]
 EPOCH_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "top1", "seconds"]
 TERMS = ("ce", "kd", "mi_nats", "mi_t_nats")  # averaged over the epoch with the loss (TrainState.epoch_sums)
-# Fields a resume may change: where the data and teacher lie, how much is logged, how long it runs.
+# Fields a resume may change: where the data, the teacher and the run itself lie (moved, restored, or
+# spelled differently), how much is logged, how long it runs.
 RESUMABLE_CHANGES = {"data.root", "data.train", "data.val", "data.num_workers", "model.teacher", "train.log_every",
+                     "train.run_dir",
                      "train.epochs"}  # a longer train.epochs extends a finished run (the lr steps are absolute)
 
 
