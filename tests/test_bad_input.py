@@ -259,3 +259,53 @@ def test_a_decoder_that_fails_a_pass_gets_the_bad_file_retired_and_restarts_afte
     with pytest.raises(RuntimeError, match="out of memory"):
         list(run_retiring_bad_files(samples, bad, new_feeder, broken, deliver))
     assert bad == {}
+
+
+# ------------------------------------------------------------------ what the evaluation tools are pointed at
+
+
+@pytest.fixture
+def distill_run(tmp_path) -> Path:
+    """A distillation run directory's config.json as fastssl.distill writes it (the tools read only that)."""
+    from fastssl.distill.config import DistillConfig, to_dict
+
+    run = tmp_path / "distill"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(DistillConfig())))
+    return run
+
+
+@pytest.mark.parametrize("tool, extra", [
+    ("eval_knn", []), ("eval_linear", []), ("finetune_semi", ["--subset", "s.txt"]),
+    ("eval_transfer", ["--folder", "pets=x"]), ("export_backbone", []),
+])
+def test_a_distillation_run_is_named_by_every_evaluation_tool(distill_run, capsys, tool, extra):
+    """Not `KeyError: 'arch'`: one line saying what the directory holds and what the tools take."""
+    from conftest import load_tool
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool).main([str(distill_run), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "holds a distillation run (recipes/distill_mlcpc_cifar100.py" in err and "backbone_<arch>.pth" in err
+    (distill_run / "config.json").write_text(json.dumps({"model": {}, "data": {}}))  # some other config
+    with pytest.raises(SystemExit):
+        load_tool(tool).main([str(distill_run), *extra])
+    assert "has no model.arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool, argv, says", [
+    ("bench_mira", ["--sizes", "16x"], "argument --sizes: '16x' is not BxK with B, K >= 1"),
+    ("bench_mira", ["--sizes", "64x3000,0x10"], "argument --sizes: '0x10' is not BxK with B, K >= 1"),
+    ("bench_mira", ["--repeats", "0"], "--views and --repeats must be >= 1"),
+    ("bench_optim", ["--rounds", "0", "--tiny"], "--rounds must be >= 1"),
+    ("bench_bn_stats", ["--batch", "1", "--arch", "resnet18", "--global-size", "32"],
+     "--batch must be >= 2, got 1: BatchNorm in training mode needs 2 images per view"),
+])
+def test_bench_tools_refuse_unusable_sizes_at_parse_time(capsys, tool, argv, says):
+    from conftest import load_tool
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool).main([*argv, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says in err, err

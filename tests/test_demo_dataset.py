@@ -286,3 +286,16 @@ def test_colour_blind_shape_features_do(stats_split) -> None:
     (xtr, ytr), (xva, yva) = stats_split
     ftr, fva = _polar_spectrum(xtr), _polar_spectrum(xva)
     assert _logistic_accuracy(ftr, ytr, fva, yva) > 0.33  # > 3x chance
+
+
+def test_cli_refuses_an_output_it_cannot_create(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """OUT under a file, or in a folder that takes no new folders (/proc): one line, exit 2, no traceback."""
+    (tmp_path / "a_file").write_text("x")
+    tiny = ["--num-classes", "2", "--train-per-class", "1", "--val-per-class", "1", "--image-size", "32",
+            "--no-progress", "--workers", "1"]
+    assert mdd.main([str(tmp_path / "a_file" / "demo"), *tiny]) == 2
+    where = tmp_path.resolve() / "a_file"  # the tool names resolved paths
+    assert f"cannot create {where / 'demo'}: {where} is a file" in capsys.readouterr().err
+    if Path("/proc/self").is_dir():  # Linux
+        assert mdd.main(["/proc/fastssl_demo", *tiny]) == 2
+        assert "cannot create /proc/fastssl_demo: /proc takes no new folders" in capsys.readouterr().err

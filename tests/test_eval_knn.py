@@ -144,3 +144,32 @@ def test_two_processes_share_the_splits_and_score_as_one(trained_run, tmp_path):
             assert report["k"][k]["top1"] == pytest.approx(one["k"][k]["top1"], abs=1e-6), k
             assert report["k"][k]["top5"] == pytest.approx(one["k"][k]["top5"], abs=1e-6), k
     assert json.loads((tmp_path / "two.json").read_text())["k"] == outs[0]["k"]
+
+
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--batch-size", "0", ">= 1"), ("--batch-size", "-1", ">= 1"), ("--image-size", "-5", ">= 1"),
+    ("--num-workers", "-2", ">= 0"),
+])
+def test_sizes_and_worker_counts_are_checked_when_parsed(tmp_path, capsys, flag, value, bound):
+    """A usage error naming the flag, not a ValueError from range() or the DataLoader after the backbone loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("eval_knn").main([str(tmp_path), flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be {bound}, got {value}" in capsys.readouterr().err
+
+
+def test_the_target_is_named_before_missing_data_or_backbone(tmp_path, capsys):
+    """checkpoint.pt without --train/--val is refused as the wrong file (the more useful refusal); a run
+    without its backbone yet is said to be one, not "checkpoint ... does not exist; pass a run directory"."""
+    from test_eval_linear import make_toy_run
+
+    torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
+    run = make_toy_run(tmp_path)
+    (run / "backbone_resnet18.pth").unlink()
+    for target, says in ((tmp_path / "checkpoint.pt", "is not an exported backbone"),
+                         (run, f"run directory {str(run)!r} has no exported backbone yet (backbone_resnet18.pth): "
+                               "training writes it with every checkpoint")):
+        with pytest.raises(SystemExit) as exit_info:
+            load_tool("eval_knn").main([str(target)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and says in err and "no data" not in err, err

@@ -222,3 +222,26 @@ def test_a_feature_cache_that_cannot_fit_is_refused_before_any_work(tool, toy_ru
     err = error_of(tool, [str(toy_run), *TOY_ARGS, "--cached-features", "--json", str(tmp_path / "x.json")], capsys)
     assert "--cached-features needs about" in err and "Traceback" not in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_target_is_checked_before_the_data_and_the_runs_own_file_is_read(tool, toy_run, tmp_path, capsys):
+    """checkpoint.pt alone is refused as the wrong file, not for its missing --train/--val; a run directory
+    with another --arch loads the run's own backbone_<arch>.pth and says which arch fits; a run without its
+    backbone yet is said to be one."""
+    torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
+    err = error_of(tool, [str(tmp_path / "checkpoint.pt")], capsys)
+    assert "is not an exported backbone" in err and "no data" not in err
+    err = error_of(tool, [str(toy_run), "--arch", "resnet50"], capsys)
+    assert "from another architecture; try --arch resnet18" in err
+    bare = tmp_path / "young_run"
+    bare.mkdir()
+    (bare / "config.json").write_text((toy_run / "config.json").read_text())
+    assert "has no exported backbone yet (backbone_resnet18.pth)" in error_of(tool, [str(bare)], capsys)
+
+
+@pytest.mark.parametrize("flag, value", [("--image-size", "0"), ("--num-workers", "-1"), ("--epochs", "0"),
+                                         ("--cached-views", "-1")])
+def test_the_shared_flags_are_checked_when_parsed(tool, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        tool.parse_args(["run", flag, value])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be >= " in capsys.readouterr().err

@@ -301,3 +301,14 @@ def test_voc2007_from_torchvision_format(tool, tmp_path, backbone_file):
     assert r["metric"] == "map11" and r["val_split"] == "official val split"
     assert r["score"] >= 90.0  # one colour per class: a scrambled target matrix would score near chance
     assert report["solver"] == "lbfgs"  # the PyTorch path end to end (20 binary problems x 6 penalties at once)
+
+
+@pytest.mark.parametrize("flag, value, says", [("--tol", "-1", "--tol must be >= 0, got -1.0"),
+                                               ("--tol", "nan", "--tol must be >= 0, got nan"),
+                                               ("--num-workers", "-2", "argument --num-workers: must be >= 0")])
+def test_solver_and_loader_settings_are_checked_before_any_work(tool, backbone_file, tmp_path, capsys, flag, value,
+                                                                says):
+    """scikit-learn would refuse --tol -1 only after every feature was extracted, with its own traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(backbone_file), "--folder", f"mine={tmp_path}", flag, value])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err

@@ -130,3 +130,13 @@ def test_bad_input_exits_2(tool, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone_resnet18.pth"]  # nothing half-written
+
+
+def test_a_run_without_its_backbone_yet_is_said_to_be_one(tool, run, tmp_path, capsys):
+    young = tmp_path / "young_run"
+    young.mkdir()
+    (young / "config.json").write_text((run / "config.json").read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(young)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "has no exported backbone yet (backbone_resnet50.pth)" in err, err

@@ -94,3 +94,9 @@ def test_the_same_file_name_in_two_classes_is_ambiguous(tool, toy_run, tmp_path,
     assert match_subset(["b/same.JPEG"], samples, str(root)) == [samples[1]]
     assert match_subset(["b/same.JPEG"], samples, str(root) + "/") == [samples[1]]  # however the root is spelled
     assert match_subset(["b/same.JPEG"], samples, os.path.relpath(root)) == [samples[1]]
+
+
+def test_a_checkpoint_without_data_is_refused_as_the_wrong_file(tool, tmp_path, capsys):
+    torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
+    err = error_of(tool, [str(tmp_path / "checkpoint.pt"), "--subset", str(tmp_path / "s.txt")], capsys)
+    assert "is not an exported backbone" in err and "no data" not in err

@@ -380,3 +380,45 @@ def test_a_module_imported_without_package_metadata_still_has_its_version_record
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "2.4.0" if name == "nvidia-dali-cuda130" else version(name))
     assert "nvidia.dali.__version__" not in package_versions()  # its package metadata says it: no extra key
+
+
+def test_run_report_names_what_it_was_given_instead_of_a_run(tmp_path, capsys):
+    """A run's config.json for the run, an --out that is a file, and a distillation run: each one line that
+    says what it is (not "does not exist", a FileExistsError, or "cannot be read as a fastssl config")."""
+    from fastssl.distill.config import DistillConfig, to_dict as distill_to_dict
+
+    tool = load_tool("report")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(tiny_config(tmp_path, epochs=1))))
+    (tmp_path / "a_file").write_text("x")
+    assert tool.main([str(run / "config.json")]) == 2
+    assert f"takes the run directory (the folder holding config.json): pass {str(run)!r}" in capsys.readouterr().err
+    assert tool.main([str(run), "--out", str(tmp_path / "a_file")]) == 2
+    assert f"--out {str(tmp_path / 'a_file')!r} is a file, not a directory" in capsys.readouterr().err
+    distill = tmp_path / "distill"
+    distill.mkdir()
+    (distill / "config.json").write_text(json.dumps(distill_to_dict(DistillConfig())))
+    assert tool.main([str(distill)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a distillation run (recipes/distill_mlcpc_cifar100.py), which tools/report.py does not read" in err
+    assert not (distill / "report").exists()
+
+
+def test_profile_refuses_bad_paths_and_too_little_data_in_one_line(tmp_path, capsys):
+    """--out under a file, a --recipe that is no Python file, and data the loader refuses (DataLayoutError):
+    exit 2 with the reason, before any measurement."""
+    from conftest import make_image_folder
+
+    tool = load_tool("profile_throughput")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "settings.json").write_text("{}")
+    make_image_folder(tmp_path / "few", 3, 12, size=24)  # 36 images, the demo recipe's batch is 64
+    out = ["--out", str(tmp_path / "p"), "--workers", "0"]
+    for argv, says in ((["--out", str(tmp_path / "a_file" / "x")], "is under"),
+                       ([*out, "--recipe", str(tmp_path / "settings.json")], "is not a Python file"),
+                       ([*out, "--data.train", str(tmp_path / "nowhere")], "does not exist"),
+                       ([*out, "--data.train", str(tmp_path / "few")], "fewer than one global batch")):
+        assert tool.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err

@@ -48,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
-    if min(args.batch, args.steps, args.rounds, args.global_size, args.local_size) < 1 or args.num_local < 0:
-        ap.error("--batch, --steps, --rounds and the sizes must be positive, --num-local >= 0")
+    if min(args.steps, args.rounds, args.global_size, args.local_size, args.prototypes) < 1 or args.num_local < 0:
+        ap.error("--steps, --rounds, --prototypes and the sizes must be positive, --num-local >= 0")
+    if args.batch < 2:  # the student trains: its BatchNorm layers normalise each view over its images
+        ap.error(f"--batch must be >= 2, got {args.batch}: BatchNorm in training mode needs 2 images per view")
     return args
 
 

@@ -92,9 +92,22 @@ def kernel_census(fn, views) -> dict:
     return {"count": len(names), "distinct": sorted(set(names)), "triton": any("triton" in n.lower() for n in names)}
 
 
+def size_list(text: str) -> list[tuple[int, int]]:
+    """argparse `type` of --sizes: comma-separated BxK as (B, K) pairs, each at least 1. A bad one is a usage
+    error at parse time, not a ValueError (or a math domain error, for B = 0) after the first timings."""
+    sizes = []
+    for item in text.split(","):
+        b, sep, k = item.strip().lower().partition("x")
+        if not (sep and b.isdigit() and k.isdigit() and int(b) >= 1 and int(k) >= 1):
+            raise argparse.ArgumentTypeError(f"{item!r} is not BxK with B, K >= 1 (rows x prototypes, e.g. 512x3000)")
+        sizes.append((int(b), int(k)))
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", help="comma-separated BxK (default: B 64-4096 x K 3000-16384 on GPU, small sizes on CPU)")
+    ap.add_argument("--sizes", type=size_list,
+                    help="comma-separated BxK (default: B 64-4096 x K 3000-16384 on GPU, small sizes on CPU)")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--iters", type=int, default=30, help="MIRA fixed-point iterations")
     ap.add_argument("--warmup", type=int, default=3)
@@ -110,15 +123,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(impls) - set(DEFAULT_IMPLS + EXTRA_IMPLS))
     if unknown or not impls:
         ap.error(f"unknown implementations {unknown}; choose from {', '.join(DEFAULT_IMPLS + EXTRA_IMPLS)}")
-    if args.views < 1:
-        ap.error("--views must be >= 1")
+    if args.views < 1 or args.repeats < 1:  # no timed repeat: no median to report
+        ap.error(f"--views and --repeats must be >= 1, got {args.views} and {args.repeats}")
     device = pick_device(args.device)
-    sizes = args.sizes.split(",") if args.sizes else list(GPU_SIZES if device.type == "cuda" else CPU_SIZES)
+    sizes = args.sizes or size_list(",".join(GPU_SIZES if device.type == "cuda" else CPU_SIZES))
     records = []
     ratio = "reference" in impls and "views" in impls
     print(f"{'B':>6s} {'K':>6s} " + " ".join(f"{n:>12s}" for n in impls) + ("   ref/views" if ratio else ""))
-    for size in sizes:
-        b, k = (int(s) for s in size.lower().split("x"))
+    for b, k in sizes:
         g = torch.Generator(device=device).manual_seed(0)
         views = [torch.randn(b, k, generator=g, device=device).to(DTYPES[args.dtype]) for _ in range(args.views)]
         row = {}
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.json:  # after every size: a run stopped at a deadline keeps the sizes it finished
             write_json(Path(args.json), {"date": utc_now(), "torch": torch.__version__,
                                          "fused_status": _cuda_ext.status(), "records": records,
-                                         "complete": size == sizes[-1]}, sort_keys=False)
+                                         "complete": (b, k) == sizes[-1]}, sort_keys=False)
     if device.type == "cuda":
         st = _cuda_ext.status()
         print(f"views ran the fused CUDA kernel: {'yes' if st['fused_calls'] else 'no'}"

@@ -64,7 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "step time is the host's cost per op, which a GPU step pays per kernel launch")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
     ap.add_argument("--json", type=Path, help="also write the medians and the ratio here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0:  # no timed round: no median to report
+        ap.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    return args
 
 
 class OpCounter(TorchDispatchMode):

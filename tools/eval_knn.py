@@ -25,9 +25,9 @@ import torch
 from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
-from fastssl.eval.errors import EvalError
+from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.online import knn_loaders, knn_scores
-from fastssl.eval.targets import resolve_target
+from fastssl.eval.targets import require_data, resolve_target
 from fastssl.run_log import utc_now, write_json
 from fastssl.runtime import end_process_group, pick_device
 from pipelines.eval import EvalBackendError, eval_loader_class
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_data_arguments(ap, "memory bank folder (default: the run's data.knn_train or data.train)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
     ap.add_argument("--temperature", type=float, default=0.07)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=128)
     add_run_arguments(ap, "image reader: torchvision (PIL in workers) or dali (nvJPEG + GPU resize; same transform)")
     args = ap.parse_args(argv)
     try:
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         found = resolve(args)
-        net, arch = load_backbone(found["checkpoint"], found["arch"])
+        net, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data
+        require_data(found)
         eval_loader_class(args.loader)  # a missing DALI fails here, before any work
         accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.

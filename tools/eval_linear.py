@@ -41,7 +41,7 @@ import argparse
 
 from fastssl.cli import exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
-from fastssl.eval.errors import EvalError
+from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.linear import linear_probe, prepare
 from fastssl.run_log import write_json
 from pipelines.eval import EvalBackendError
@@ -51,27 +51,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     add_data_arguments(ap, train_help="labelled training folder (default: the run's data.train)")
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--epochs", type=int_at_least(1), default=100)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=1024)
     ap.add_argument("--base-lr", type=float, default=0.075, help="lr = base_lr x batch / 256 (paper: 0.075)")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--cached-features", action="store_true",
                     help="run the backbone once per cached copy and train on the stored features (fast)")
-    ap.add_argument("--cached-views", type=int, default=10,
+    ap.add_argument("--cached-views", type=int_at_least(0), default=10,
                     help="augmented copies per training image in the cache; 0 = one centre crop each")
     ap.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--extract-batch-size", type=int, default=256, help="batch for running the frozen backbone")
+    ap.add_argument("--extract-batch-size", type=int_at_least(1), default=256,
+                    help="batch for running the frozen backbone")
     add_run_arguments(ap, loader_help="reader of the resize + centre-crop images (val, and the --cached-views 0 "
                                       "cache): torchvision or dali; the random-resized-crop training images always "
                                       "use torchvision")
     args = ap.parse_args(argv)
-    for name in ("epochs", "batch_size", "extract_batch_size"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.cached_views < 0 or args.base_lr <= 0:
-        ap.error(f"--cached-views must be >= 0 and --base-lr > 0, got {args.cached_views}, {args.base_lr}")
+    if not args.base_lr > 0:
+        ap.error(f"--base-lr must be > 0, got {args.base_lr}")
     return args
 
 

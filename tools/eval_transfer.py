@@ -27,7 +27,7 @@ import torch
 
 from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
-from fastssl.eval.errors import EvalError
+from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.targets import resolve_target
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
                                    markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
@@ -47,24 +47,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="read dataset NAME from ImageNet-layout DIR/train, DIR/test (and DIR/val if present); "
                          "a NAME outside the 11 is your own dataset, scored by top-1 in a column after avg.")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
-    ap.add_argument("--image-size", type=int, default=224, help="resize (bicubic) + centre crop size (paper: 224)")
+    ap.add_argument("--image-size", type=int_at_least(1), default=224,
+                    help="resize (bicubic) + centre crop size (paper: 224)")
     ap.add_argument("--solver", choices=("auto", "sklearn", "lbfgs"), default="auto",
                     help="scikit-learn (the reference) or the batched PyTorch L-BFGS; "
                          "auto: lbfgs on CUDA, else sklearn")
-    ap.add_argument("--wd-values", type=int, default=DEFAULT_WD_VALUES,
+    ap.add_argument("--wd-values", type=int_at_least(1), default=DEFAULT_WD_VALUES,
                     help="size of the penalty grid logspace(-6, 5, n) (paper: 45)")
-    ap.add_argument("--max-iter", type=int, default=1000, help="solver iterations per fit")
+    ap.add_argument("--max-iter", type=int_at_least(1), default=1000, help="solver iterations per fit")
     ap.add_argument("--tol", type=float, default=1e-4, help="solver tolerance (max |gradient|, scikit-learn's)")
     ap.add_argument("--seed", type=int, default=0, help="held-out validation split (Ericsson: 0)")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per backbone forward")
-    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    ap.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per backbone forward")
+    ap.add_argument("--num-workers", type=int_at_least(0), default=0, help="DataLoader workers")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--json", help="where to write the results (the Markdown table goes beside it, .md)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    for name in ("image_size", "wd_values", "max_iter", "batch_size"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.tol >= 0:  # scikit-learn would refuse it only after the features are extracted
+        ap.error(f"--tol must be >= 0, got {args.tol}")
     return args
 
 
@@ -96,9 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     transform = transfer_transform(args.image_size)
     try:
         todo = plan(args)
-        # Not a linear probe on a training folder: the data come per dataset, so `val` is a placeholder.
-        found = resolve_target(args.target, tool="eval_transfer", val="-", arch=args.arch, json_path=args.json,
-                               need_train=False)
+        # Not a linear probe on a training folder: the data come per dataset (no `require_data`).
+        found = resolve_target(args.target, tool="eval_transfer", arch=args.arch, json_path=args.json)
         backbone, arch = load_backbone(found["checkpoint"], found["arch"])
         if solver == "sklearn":  # a missing scikit-learn is said now, before any feature extraction
             importlib.import_module("sklearn")

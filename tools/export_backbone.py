@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         unknown = [f for f in formats if f not in FORMATS]
         if unknown or not formats:
             raise EvalError(f"unknown --format {','.join(unknown) or args.format!r}; choose from {', '.join(FORMATS)}")
-        found = resolve_target(args.target, tool="export", val="-", arch=args.arch, need_train=False)
+        found = resolve_target(args.target, tool="export", arch=args.arch)  # the weights alone: no data
         path = Path(found["checkpoint"])
         # The same checks as every tool (the right file, a known architecture); the loaded weights are the file's.
         backbone, arch = load_backbone(path, found["arch"])  # the arch inferred from the weights when not given

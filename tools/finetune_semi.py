@@ -37,7 +37,7 @@ import argparse
 
 from fastssl.cli import exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
-from fastssl.eval.errors import EvalError
+from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.finetune import PRESETS, finetune_on_subset, prepare
 from fastssl.run_log import write_json
 from pipelines.eval import EvalBackendError
@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--subset", required=True, help="text file: the labelled images, one per line")
     add_data_arguments(ap, train_help="train folder the subset names images of (default: the run's data.train)")
     ap.add_argument("--labels-perc", choices=sorted(PRESETS), help="lr preset (default: from the subset's share)")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--epochs", type=int_at_least(1), default=20)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=256)
     ap.add_argument("--lr", type=float, help="backbone lr at batch 256 (default: the preset's)")
     ap.add_argument("--lr-head", type=float, help="head lr at batch 256 (default: the preset's)")
     ap.add_argument("--milestones", default="12,16", help="epochs at which both lrs are multiplied by --gamma")
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=31)
-    ap.add_argument("--eval-batch-size", type=int, default=256)
+    ap.add_argument("--eval-batch-size", type=int_at_least(1), default=256)
     add_run_arguments(ap, loader_help="reader of the val images (resize + centre crop): torchvision or dali; "
                                       "the fine-tuning crops always use torchvision")
     args = ap.parse_args(argv)
@@ -66,8 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
     except ValueError:
         ap.error(f"--milestones must be comma-separated epochs, got {args.milestones!r}")
-    if args.epochs < 1 or args.batch_size < 1 or args.eval_batch_size < 1:
-        ap.error("--epochs, --batch-size and --eval-batch-size must be >= 1")
     return args
 
 

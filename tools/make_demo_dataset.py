@@ -66,6 +66,8 @@ from PIL import Image
 
 from tqdm import tqdm
 
+from fastssl.eval.errors import int_at_least  # the bounded-integer flag type every tool shares
+
 #: Bump when the rendering changes: manifests of other versions do not match.
 GENERATOR_VERSION = 3
 
@@ -93,6 +95,10 @@ MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 
 class DatasetExistsError(RuntimeError):
     """OUT exists but is incomplete or was generated with other arguments."""
+
+
+class OutputDirError(RuntimeError):
+    """OUT cannot be created where it is named: a file in its path, or a place that takes no folders."""
 
 
 # --------------------------------------------------------------------------- classes
@@ -502,6 +508,20 @@ def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
             trash.unlink()
 
 
+def _make_tmp_dir(out: Path, tmp: Path) -> None:
+    """Create OUT's parents and the temporary folder beside OUT, or an OutputDirError naming why not:
+    a bad OUT is the user's path, said in one line, not an OSError from deep inside the render."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as err:
+        blocker = next((p for p in out.parents if p.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+               else f"{out.parent} takes no new folders ({err.strerror})")
+        raise OutputDirError(f"cannot create {out}: {why}; pass a folder path you can write to, "
+                             "e.g. data/demo") from err
+
+
 def make_demo_dataset(
     out_dir: str | os.PathLike,
     *,
@@ -536,9 +556,9 @@ def make_demo_dataset(
     per_split = {"train": train_per_class, "val": val_per_class}
     total = num_classes * (train_per_class + val_per_class)
     workers = _default_workers() if workers is None else workers
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    _make_tmp_dir(out, tmp)
     bar = tqdm(total=total, desc=f"demo dataset -> {out.name}", unit="img", disable=not progress)
     start = time.perf_counter()
     try:
@@ -574,36 +594,22 @@ def make_demo_dataset(
 # --------------------------------------------------------------------------- CLI
 
 
-def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Generate the synthetic shape/texture demo dataset (ImageNet folder layout, no download).",
     )
     p.add_argument("out_dir", type=Path, help="output directory (e.g. data/demo)")
-    p.add_argument("--num-classes", type=_int_at_least(2, MAX_CLASSES), default=DEFAULT_NUM_CLASSES,
+    p.add_argument("--num-classes", type=int_at_least(2, MAX_CLASSES), default=DEFAULT_NUM_CLASSES,
                    help=f"number of (shape, texture) classes, 2..{MAX_CLASSES} (default %(default)s)")
-    p.add_argument("--train-per-class", type=_int_at_least(1), default=DEFAULT_TRAIN_PER_CLASS,
+    p.add_argument("--train-per-class", type=int_at_least(1), default=DEFAULT_TRAIN_PER_CLASS,
                    help="training images per class (default %(default)s)")
-    p.add_argument("--val-per-class", type=_int_at_least(1), default=DEFAULT_VAL_PER_CLASS,
+    p.add_argument("--val-per-class", type=int_at_least(1), default=DEFAULT_VAL_PER_CLASS,
                    help="validation images per class (default %(default)s)")
-    p.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE,
+    p.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE,
                    help="side of the square images in pixels (default %(default)s)")
-    p.add_argument("--seed", type=_int_at_least(0), default=DEFAULT_SEED, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=int_at_least(0), default=DEFAULT_SEED, help="random seed (default %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild even if OUT exists")
-    p.add_argument("--workers", type=_int_at_least(1), default=None,
+    p.add_argument("--workers", type=int_at_least(1), default=None,
                    help="parallel processes (default: available cores, at most 8); output does not depend on it")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -623,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             workers=args.workers,
         )
-    except DatasetExistsError as err:
+    except (DatasetExistsError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counts = result["counts"]

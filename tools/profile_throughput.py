@@ -53,6 +53,7 @@ from fastssl.bench import assignment as assignment_timing
 from fastssl.bench import loaders as loader_timing
 from fastssl.config import Config, ConfigError, apply_overrides, validate
 from fastssl.engine import build_networks, loader_spec, resolve_backend, train
+from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.method import StepParts, train_step
 from fastssl.objectives import build_objective
 from fastssl.optim import build_optimizer
@@ -66,6 +67,7 @@ from fastssl.runtime import build_accelerator, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
 from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
+from pipelines.folder import DataLayoutError
 from pipelines.spec import LoaderUnavailable
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mira_demo.py"
@@ -77,11 +79,18 @@ def load_recipe(path: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist; pass a file under recipes/ (e.g. recipes/mira_bs512.py)")
     spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    if spec is None:  # importlib only loads .py files (a .json, a .yaml ... gives no spec)
+        raise ConfigError(f"recipe {str(path)!r} is not a Python file; pass a recipe .py under recipes/ "
+                          "(e.g. recipes/mira_bs512.py)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):
         raise ConfigError(f"{path} has no config() function: is it a fastssl recipe?")
-    return module.config()
+    cfg = module.config()
+    if not isinstance(cfg, Config):  # e.g. the distillation recipe's DistillConfig: another trainer
+        raise ConfigError(f"{path}'s config() returns a {type(cfg).__name__}, not a fastssl Config: the profile "
+                          "measures the self-supervised trainer's recipes (recipes/mira_*.py, mlcpc_*.py)")
+    return cfg
 
 
 def sync(device: torch.device) -> None:
@@ -422,11 +431,14 @@ def print_checks(checks: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
+        if args.out is not None:  # before any work (its mkdir would otherwise fail after the recipe is built)
+            check_output_dir(args.out, "--out")
         if args.compare:
             return run_compare(args)
         cfg, global_batch = configure(args, overrides)
         report = profile(args, cfg, global_batch)
-    except (ConfigError, ReportError, FileNotFoundError, BetonError, LoaderUnavailable) as err:
+    except (ConfigError, ReportError, FileNotFoundError, BetonError, LoaderUnavailable, DataLayoutError,
+            EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(args.out / "report.json", report)

@@ -14,13 +14,34 @@ steps, k-NN, MI, step-time split).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from fastssl.eval.errors import EvalError, check_output_dir
+from fastssl.eval.targets import DISTILL_RECIPE, distillation_run
 from fastssl.reports.markdown import run_markdown
 from fastssl.reports.run_report import build_run_report
 from fastssl.reports.schema import ReportError
 from fastssl.run_log import utc_now, write_json
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """What the run report cannot read, said as what it is (a ReportError): a file inside a run for the
+    run itself, or a distillation run, whose config and logs are another trainer's (its own figures are
+    in its epochs.csv and results.json), rather than as a missing or unreadable run."""
+    if run_dir.is_file():
+        hint = f": pass {str(run_dir.parent)!r}" if run_dir.name == "config.json" else ""
+        raise ReportError(f"{str(run_dir)!r} is a file; tools/report.py takes the run directory (the folder "
+                          f"holding config.json){hint}")
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):  # no run, or an unreadable config: build_run_report says which
+        return
+    if distillation_run(cfg):
+        raise ReportError(f"{str(run_dir)!r} holds a distillation run ({DISTILL_RECIPE}), which tools/report.py "
+                          "does not read: its per-epoch loss, mi_nats and top-1 are in epochs.csv, the final top-1 "
+                          "in results.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out or args.run_dir / "report"
     try:
+        check_run_dir(args.run_dir)
+        check_output_dir(out, "--out")
         report = build_run_report(args.run_dir, out, utc_now())
-    except ReportError as err:
+    except (ReportError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(out / "report.json", report)

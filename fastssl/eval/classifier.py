@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from fastssl.eval.backbone_io import load_backbone
-from fastssl.eval.errors import EvalError
-from fastssl.eval.targets import resolve_target, run_knn_figure
+from fastssl.eval.errors import EvalError, int_at_least
+from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
@@ -212,14 +212,15 @@ def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
     ap.add_argument("--train", help=train_help)
     ap.add_argument("--val", help="validation folder (default: the run's data.val)")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
-    ap.add_argument("--image-size", type=int, help="crop size (default: the run's eval size or global crop, else 224)")
+    ap.add_argument("--image-size", type=int_at_least(1),
+                    help="crop size (default: the run's eval size or global crop, else 224)")
     ap.add_argument("--interpolation", choices=INTERPOLATIONS,
                     help=f"evaluation resize filter (default: the run's eval.interpolation, else {EVAL_INTERPOLATION})")
 
 
 def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
     """--num-workers/--loader/--device/--json/--no-progress: how either tool runs and where it writes."""
-    ap.add_argument("--num-workers", type=int, default=0,
+    ap.add_argument("--num-workers", type=int_at_least(0), default=0,
                     help="torchvision: DataLoader workers (0: load in the main process); "
                     "DALI: its CPU threads (0: this process's share of the cores)")
     ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
@@ -245,7 +246,8 @@ def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
     --image-size/--json, so that every bad input is an EvalError before any training starts."""
     found = resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
                            arch=args.arch, json_path=args.json, interpolation=args.interpolation)
-    backbone, arch = load_backbone(found["checkpoint"], found["arch"])
+    backbone, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data
+    require_data(found)
     train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
     return EvalInputs(found, backbone, arch, train_samples, val_samples, classes)
 

@@ -1,9 +1,43 @@
-"""The evaluation tools' user error: bad input, said with what to pass instead."""
+"""The evaluation tools' user error: bad input, said with what to pass instead; and the argument
+checks that find it before any work (so that a bad value is one line, not a traceback halfway in)."""
 
 from __future__ import annotations
 
-__all__ = ["EvalError"]
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["EvalError", "int_at_least", "check_output_dir"]
 
 
 class EvalError(ValueError):
     """Bad input: say what was wrong and how to fix it."""
+
+
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse `type` of an integer flag with bounds: a value out of them is a usage error at parse time
+    (`argument --batch-size: must be >= 1, got 0`, exit 2), where torch or a DataLoader would fail later
+    with a traceback. One definition for every tool, so that they word it alike."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """An EvalError when `path` cannot become a directory: it, or the nearest of its parents that exists,
+    is a file. Checked without creating anything, so a tool can refuse before any work and still create
+    the directory only once it has something to put there."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    what = "is a file" if existing == path else f"is under {str(existing)!r}, which is a file"
+    raise EvalError(f"{flag} {str(path)!r} {what}, not a directory; name a directory (it is created if missing)")

@@ -14,13 +14,17 @@ from pathlib import Path
 from fastssl.eval.errors import EvalError
 from pipelines.augment import EVAL_INTERPOLATION
 
-__all__ = ["resolve_target", "start_dir", "from_run", "run_knn_figure"]
+__all__ = ["TARGETS", "DISTILL_RECIPE", "resolve_target", "require_data", "read_run_config", "distillation_run",
+           "start_dir", "from_run", "run_knn_figure"]
+
+# What every evaluation tool takes, for the messages that refuse something else.
+TARGETS = "a run directory of a self-supervised recipe (recipes/mira_*.py, mlcpc_*.py) or its backbone_<arch>.pth"
+DISTILL_RECIPE = "recipes/distill_mlcpc_cifar100.py"
 
 
 def resolve_target(target: str | Path, *, tool: str, train: str | None = None, val: str | None = None,
                    image_size: int | None = None, arch: str | None = None, json_path: str | None = None,
-                   train_keys: tuple[str, ...] = ("train",), need_train: bool = True,
-                   interpolation: str | None = None) -> dict:
+                   train_keys: tuple[str, ...] = ("train",), interpolation: str | None = None) -> dict:
     """Checkpoint, arch, data paths, image size, resize filter and report path from a run directory and the flags.
 
     Flags win over the run's config.json. `train_keys` are the config.data fields tried in
@@ -28,16 +32,15 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     paths of the config are taken from the directory the run was started in (`start_dir`),
     so the tools work from any directory; flags are relative to this one, as usual. The
     report goes to RUN_DIR/<tool>.json, or <stem>_<tool>.json beside a bare backbone file.
+    The data paths may still be missing: `require_data` says so, once the backbone has loaded,
+    so that a wrong file (checkpoint.pt) is named before the flags it would also need.
     """
     target = Path(target)
     if not target.exists():
         raise EvalError(f"{str(target)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
     found = {"train": train, "val": val, "size": image_size, "arch": arch, "interpolation": interpolation}
     if target.is_dir():
-        config_path = target / "config.json"
-        if not config_path.is_file():
-            raise EvalError(f"{str(target)!r} is not a run directory (no config.json)")
-        cfg = json.loads(config_path.read_text())
+        cfg = read_run_config(target)
         start = start_dir(target, cfg)
         saved_train = next((cfg["data"][k] for k in train_keys if cfg["data"].get(k)), None)
         found["arch"] = found["arch"] or cfg["model"]["arch"]
@@ -45,16 +48,53 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         found["val"] = found["val"] or (cfg["data"]["val"] and from_run(cfg["data"]["val"], start))
         found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
         found["interpolation"] = found["interpolation"] or cfg["eval"].get("interpolation")
-        found["checkpoint"] = target / f"backbone_{found['arch']}.pth"
+        # The run's own arch names its file (a run has one); a different --arch is then refused by
+        # load_backbone as "another architecture", which is what it is.
+        found["checkpoint"] = target / f"backbone_{cfg['model']['arch']}.pth"
+        if not found["checkpoint"].is_file():
+            every = (cfg.get("train") or {}).get("checkpoint_every", 1)
+            raise EvalError(f"run directory {str(target)!r} has no exported backbone yet ({found['checkpoint'].name}): "
+                            f"training writes it with every checkpoint (train.checkpoint_every = {every} epoch(s)) "
+                            "and at its end; wait for the first one, or rerun the recipe if the run stopped before")
         found["out"] = Path(json_path) if json_path else target / f"{tool}.json"
     else:
         found["checkpoint"] = target
         found["size"] = found["size"] or 224
         found["out"] = Path(json_path) if json_path else target.with_name(f"{target.stem}_{tool}.json")
     found["interpolation"] = found["interpolation"] or EVAL_INTERPOLATION
-    if (need_train and not found["train"]) or not found["val"]:
-        raise EvalError("no data: pass --train and --val (ImageNet-layout folders)")
     return found
+
+
+def require_data(found: dict) -> None:
+    """The training and val folders of `resolve_target`'s answer, which a bare backbone file does not name."""
+    if not found["train"] or not found["val"]:
+        raise EvalError("no data: pass --train and --val (ImageNet-layout folders)")
+
+
+def distillation_run(cfg: dict) -> bool:
+    """Whether a run's config.json is a knowledge-distillation run's (fastssl.distill: a student and a
+    teacher, no model.arch): it holds a classifier.pt, no backbone_<arch>.pth, and other logs."""
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return isinstance(model, dict) and "student" in model and "arch" not in model
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The config.json of a self-supervised run; an EvalError saying what the directory is otherwise
+    (no run, a distillation run, a config without model.arch) instead of a KeyError later."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise EvalError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as err:
+        raise EvalError(f"{str(path)!r} is not valid JSON ({err}); pass {TARGETS}") from err
+    if distillation_run(cfg):
+        raise EvalError(f"{str(run_dir)!r} holds a distillation run ({DISTILL_RECIPE}; its student's top-1 is in "
+                        f"results.json), which exports no backbone; pass {TARGETS}")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not cfg["model"].get("arch"):
+        raise EvalError(f"{str(path)!r} has no model.arch, so {str(run_dir)!r} is not a self-supervised run; "
+                        f"pass {TARGETS}")
+    return cfg
 
 
 def start_dir(run_dir: Path, cfg: dict) -> Path | None:
