@@ -393,7 +393,7 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
             partial.forget_progress()
             writer.prepare()  # header and field descriptors (the file rewritten); the metadata's shared memory
         collected = _Collected(n, saved)
-        todo = [i for i in range(n) if not collected.received[i]]
+        todo = (~collected.received).nonzero()[0].tolist()  # the samples no earlier run saved
         work, finished, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
         queues = [work, finished, errors]
         for chunk in chunks([(i, i) for i in todo], chunksize):
