@@ -9,6 +9,7 @@ go to demo.json in the run directory (`k-NN off` in place of the figures when th
 did not run, e.g. with `--data.val=` or `--eval.knn_every -1`).
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def summary(results: dict) -> tuple[dict, str]:
 def main(argv: list[str] | None = None) -> dict:
     cfg = config()
     results = run(cfg, argv)  # applies the command-line overrides to cfg in place
+    if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: one process reports the run
+        return results
     run_dir = Path(cfg.train.run_dir)
     figures, line = summary(results)
     write_json(run_dir / "demo.json", figures)

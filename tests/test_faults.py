@@ -412,6 +412,24 @@ def test_demo_without_knn_prints_what_it_can(tmp_path, capsys):
     assert line == "demo: knn_top1 trained=off random_init=12.5"
 
 
+def test_demo_reports_from_one_process_of_a_launch(tmp_path, monkeypatch, capsys):
+    """Under `accelerate launch` every process returns the results: rank 0 alone prints and writes them."""
+    spec = importlib.util.spec_from_file_location("mira_demo", REPO / "recipes" / "mira_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    def trained(cfg, argv):
+        cfg.train.run_dir = str(tmp_path / "run")
+        return {"knn": [{"top1": 20.0}], "knn_random_init": {"top1": 10.0}}
+
+    monkeypatch.setattr(demo, "run", trained)
+    for rank, reports in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        demo.main([])
+        said = capsys.readouterr().out
+        assert ("demo: knn_top1 trained=20.0 random_init=10.0" in said) is reports, (rank, said)
+        assert (tmp_path / "run" / "demo.json").exists() is reports, rank
+
+
 def _one_rank_finds_its_buffers_diverged(rank: int, world_size: int, run_dir: str, where: str) -> str:
     from types import SimpleNamespace
 
