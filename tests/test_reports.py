@@ -422,3 +422,4 @@ def test_profile_refuses_bad_paths_and_too_little_data_in_one_line(tmp_path, cap
         assert tool.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        assert not (tmp_path / "p").exists()  # refused: no empty --out folder left behind

@@ -430,6 +430,7 @@ def print_checks(checks: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
+    created = args.out is not None and not args.out.exists()
     try:
         if args.out is not None:  # before any work (its mkdir would otherwise fail after the recipe is built)
             check_output_dir(args.out, "--out")
@@ -439,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         report = profile(args, cfg, global_batch)
     except (ConfigError, ReportError, FileNotFoundError, BetonError, LoaderUnavailable, DataLayoutError,
             EvalError) as err:
+        if created and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()  # refused: no empty folder left behind
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(args.out / "report.json", report)
