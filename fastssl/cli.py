@@ -71,6 +71,9 @@ def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
             flags["resume"] = "auto"
         elif arg in FLAGS:
             flags[{"--resume": "resume", "--print-config": "print_config"}.get(arg, "help")] = True
+        elif arg.split("=", 1)[0] in FLAGS:  # --resume=yes, --print-config=1
+            name = arg.split("=", 1)[0]
+            raise ConfigError(f"{arg}: {name} takes no value" + (" (or --resume auto)" if name == "--resume" else ""))
         elif misspelt := misspelt_flag(arg):
             raise ConfigError(f"unknown flag {arg}; did you mean {misspelt}?")
         else:

@@ -400,9 +400,8 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"optim.warmup_epochs: {o.warmup_epochs} is longer than train.epochs={t.epochs}")
     if t.global_batch_size < 2:
         e.append(f"train.global_batch_size: must be >= 2, got {t.global_batch_size}")
-    if t.micro_batch_size < 0 or t.micro_batch_size == 1:
-        e.append(f"train.micro_batch_size: must be 0 (no gradient accumulation) or >= 2 (BatchNorm in training "
-                 f"needs two images per view), got {t.micro_batch_size}")
+    if t.micro_batch_size < 0:
+        e.append("train.micro_batch_size: must be >= 0 (0 = no gradient accumulation)")
     if t.seed < 0:
         e.append(f"train.seed: must be >= 0, got {t.seed}")
     if t.precision not in ("auto", "bf16", "fp16", "no"):
@@ -413,6 +412,10 @@ def config_errors(cfg: Config) -> list[str]:
         e.append("train.steps_per_epoch must be >= 0, log_every and checkpoint_every >= 1")
     if not t.run_dir:
         e.append("train.run_dir: must name a directory for logs and checkpoints")
+    if (ev.knn_every >= 0 and d.val and not d.knn_train and d.backend not in ("ffcv", "synthetic")
+            and d.train.lower().endswith(".txt")):
+        e.append("data.knn_train: --data.train is a file list but the online k-NN reads JPEG folders; pass "
+                 "--data.knn_train /path/to/imagenet/train, or turn the k-NN off (--data.val= or --eval.knn_every -1)")
     if ev.knn_every < -1:
         e.append(f"eval.knn_every: epochs between k-NN evaluations, 0 (only after the last) or -1 (never), "
                  f"got {ev.knn_every}")
@@ -435,10 +438,13 @@ def batch_errors(cfg: Config, num_processes: int) -> list[str]:
                 f"{num_processes} processes; pick a multiple of {num_processes} "
                 f"(e.g. {num_processes * max(1, t.global_batch_size // num_processes)})"]
     per_process = t.global_batch_size // num_processes
-    if per_process < 2:
-        return [f"train.global_batch_size: {t.global_batch_size} over {num_processes} processes leaves "
-                f"{per_process} image per process, and BatchNorm in training needs 2; use at least "
-                f"{2 * num_processes}"]
+    per_forward = t.micro_batch_size or per_process  # the images of one view in one forward, on this process
+    synced = num_processes if cfg.model.sync_bn else 1  # BatchNorm's statistics gather them over the processes
+    if per_forward * synced < 2:
+        where = (f"train.micro_batch_size {t.micro_batch_size}" if t.micro_batch_size else
+                 f"train.global_batch_size {t.global_batch_size} over {num_processes} processes")
+        return [f"{where}: BatchNorm in training would see {per_forward * synced} image per view, and it needs 2; "
+                "use more images per forward" + ("" if cfg.model.sync_bn else " or --model.sync_bn true")]
     if t.micro_batch_size and per_process % t.micro_batch_size:
         return [f"train.micro_batch_size: {t.micro_batch_size} does not divide the per-process "
                 f"batch {per_process}; choose a divisor of {per_process}"]

@@ -16,8 +16,8 @@ at the example's per-thread sizes would hold 3.4 GB of GPU memory and 4.5 GB of 
 memory per GPU: past 4 threads the example's totals are shared among the threads.
 The hardware decoder's preallocation (the two hints) comes on top of that, for a whole batch
 in DALI 2's nvImageCodec decoder; nvJPEG does not document its size, so it is measured, not
-assumed: gpu_check's `loaders` stage reports each loader's device memory (DALI's less
-torchvision's).
+assumed: gpu_check's `loaders` stage reports the device memory each loader's first batch
+adds.
 """
 
 from __future__ import annotations

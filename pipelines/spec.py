@@ -106,9 +106,6 @@ class DataConfig:
         if self.backend == "ffcv" and self.val and not self.knn_train:
             out.append("knn_train: the ffcv backend trains from a .beton but the online k-NN reads JPEG "
                        "folders; pass --data.knn_train /path/to/imagenet/train, or drop --data.val")
-        if self.backend != "ffcv" and self.val and not self.knn_train and self.train.lower().endswith(".txt"):
-            out.append("knn_train: --data.train is a file list but the online k-NN reads JPEG folders; pass "
-                       "--data.knn_train /path/to/imagenet/train, or drop --data.val")
         if self.num_workers < -1:
             out.append(f"num_workers: loader workers per process, 0 (load in the training process) or -1 (this "
                        f"machine's cores / its processes), got {self.num_workers}")

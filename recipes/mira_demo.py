@@ -9,7 +9,6 @@ go to demo.json in the run directory (`k-NN off` in place of the figures when th
 did not run, e.g. with `--data.val=` or `--eval.knn_every -1`).
 """
 
-import os
 import time
 from pathlib import Path
 
@@ -75,10 +74,17 @@ def summary(results: dict) -> tuple[dict, str]:
     return figures, f"demo: knn_top1 {' '.join(shown)}"
 
 
+def main_process() -> bool:
+    """Whether this is the launch's first process (or the only one)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = config()
     results = run(cfg, argv)  # applies the command-line overrides to cfg in place
-    if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: one process reports the run
+    if not main_process():  # `accelerate launch`: one process reports the run
         return results
     run_dir = Path(cfg.train.run_dir)
     figures, line = summary(results)

@@ -25,7 +25,7 @@ def test_every_backend_is_measured_and_written(image_folder, tmp_path, monkeypat
     for name, r in written["backends"].items():
         assert len(r["runs"]) == 2 and r["min"] <= r["images_per_s"] <= r["max"] and r["images_per_s"] > 0, name
         assert r["vs_torchvision"] == pytest.approx(r["images_per_s"] / written["backends"]["torchvision"]["images_per_s"])
-        assert r["device_used_mb"] is None  # CPU: no device memory to report
+        assert r["device_used_mb"] is None and r["device_added_mb"] is None  # CPU: no device memory to report
     assert written["config"]["views"] == 4 and written["machine"]["cpus"] >= 1
 
 
@@ -93,11 +93,14 @@ def test_device_memory_is_read_while_each_timed_epoch_lives_and_its_maximum_kept
                     events.append(f"{self.name} closed")
             return batches()
 
-    readings = iter([100.0, 300.0, 250.0, 200.0])
+    # Warm-up: before/after a's first batch, then b's; then a, b, a, b at the end of each timed pass.
+    readings = iter([10.0, 60.0, 60.0, 160.0, 100.0, 300.0, 250.0, 200.0])
     monkeypatch.setattr(bench, "device_used_mb", lambda device: (events.append("read"), next(readings))[1])
-    used: dict = {}
+    memory: dict = {}
     runs = bench.interleaved_rates({"a": Loader("a"), "b": Loader("b")}, repeats=2, warmup=0, batches=1,
-                                   device=torch.device("cpu"), device_used=used)
-    assert used == {"a": 250.0, "b": 300.0} and len(runs["a"]) == len(runs["b"]) == 2
-    timed = events[events.index("read") - 1:]  # from the first timed pass on (the warm-up reads nothing)
-    assert timed[:3] == ["a batch", "read", "a closed"], timed
+                                   device=torch.device("cpu"), memory=memory)
+    assert memory == {"a": {"added_mb": 50.0, "used_mb": 250.0}, "b": {"added_mb": 100.0, "used_mb": 300.0}}
+    assert len(runs["a"]) == len(runs["b"]) == 2
+    assert events[:8] == ["read", "a batch", "a closed", "read", "read", "b batch", "b closed", "read"], events
+    timed = events[8:]
+    assert timed[:3] == ["a batch", "read", "a closed"], timed  # read while the timed epoch lives

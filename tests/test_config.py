@@ -66,7 +66,6 @@ def test_unknown_field_suggests_close_names():
     ("train.collective_timeout_min", 0.0, "collective_timeout_min must be > 0 minutes"),
     ("method.sinkhorn_iters", 0, "method.sinkhorn_iters: Sinkhorn-Knopp needs at least 1 iteration"),
     ("method.num_iters", -1, "method.num_iters: must be >= 0"),
-    ("train.micro_batch_size", 1, "BatchNorm in training needs two images per view"),
     ("train.seed", -1, "train.seed: must be >= 0"),
     ("eval.knn_every", -2, "eval.knn_every: epochs between k-NN evaluations"),
     ("data.num_workers", -5, "data.num_workers: loader workers per process"),
@@ -86,6 +85,8 @@ def test_a_file_list_with_the_online_knn_needs_a_folder_for_its_bank():
     with pytest.raises(ConfigError, match="knn_train: --data.train is a file list .* pass --data.knn_train"):
         validate(cfg)
     cfg.data.knn_train = "/data/train"
+    validate(cfg)
+    cfg.data.knn_train, cfg.eval.knn_every = "", -1  # no online k-NN: nothing to read a folder for
     validate(cfg)
 
 
@@ -112,9 +113,15 @@ def test_batch_divisibility():
     (msg,) = batch_errors(cfg, 8)
     assert "does not divide the per-process batch 64" in msg
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 0
-    assert batch_errors(cfg, 4) == []
-    (msg,) = batch_errors(cfg, 8)  # one image per process: BatchNorm cannot train on it
-    assert "leaves 1 image per process" in msg and "use at least 16" in msg
+    assert batch_errors(cfg, 8) == []  # one image per process: synced BatchNorm sees the 8
+    cfg.model.sync_bn = False
+    (msg,) = batch_errors(cfg, 8)  # ... unsynced, one
+    assert "BatchNorm in training would see 1 image per view" in msg and "--model.sync_bn true" in msg
+    cfg.train.micro_batch_size = 1
+    (msg,) = batch_errors(cfg, 1)
+    assert msg.startswith("train.micro_batch_size 1: BatchNorm in training would see 1 image per view")
+    cfg.model.sync_bn = True
+    assert batch_errors(cfg, 1) and not batch_errors(cfg, 2)
 
 
 def test_all_errors_reported_at_once():

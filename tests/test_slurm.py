@@ -92,6 +92,10 @@ def test_resume_flag_parses_auto_and_refuses_other_values():
     for typo, meant in (("--resum", "--resume"), ("--print-configg", "--print-config"), ("--hepl", "--help")):
         with pytest.raises(ConfigError, match=f"^unknown flag {typo}; did you mean {meant}\\?$"):
             parse(Config(), ["--train.seed", "3", typo])
+    with pytest.raises(ConfigError, match=r"^--resume=yes: --resume takes no value \(or --resume auto\)$"):
+        parse(Config(), ["--resume=yes"])
+    with pytest.raises(ConfigError, match="^--print-config=1: --print-config takes no value$"):
+        parse(Config(), ["--print-config=1"])
     with pytest.raises(ConfigError, match="--data.train"):  # a field's name without its section: the field's hint
         parse(Config(), ["--train", "/x"])
     # the printed continue-command replaces `--resume auto` by --resume, not "auto --resume"

@@ -9,7 +9,10 @@ interleaved within each repetition (torchvision, dali, ffcv, synthetic, then aga
 that a noisy shared machine slows them alike, and the median over repetitions is
 reported with its spread. Each repetition is a fresh epoch: its first `--warmup`
 batches (pipeline start-up, worker spawn) are not timed. On a GPU the views are
-delivered to it and the clock stops after a synchronise.
+delivered to it and the clock stops after a synchronise, and two device-memory columns
+are added (every allocator, DALI's and nvJPEG's pools included): what each loader's first
+batch added, and what the process held at the end of its timed passes (the readings
+accumulate over the loaders of one run).
 
 torchvision runs with one worker per core (the reference); DALI and FFCV get the same
 thread count. FFCV reads a `.beton` converted from the same folder (made on the fly
@@ -160,19 +163,20 @@ def main(argv: list[str] | None = None) -> dict:
     def progress(rep: int, name: str, rate: float) -> None:
         print(f"  repeat {rep + 1}/{args.repeats} {name:14s} {rate:9.1f} images/s", flush=True)
 
-    used: dict[str, float | None] = {}
-    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress, used)
-    results = {name: {**loader_bench.summarize(runs[name]), "device_used_mb": used.get(name)} for name in names}
+    memory: dict[str, dict] = {}
+    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress, memory)
+    results = {name: {**loader_bench.summarize(runs[name]), "device_added_mb": memory[name]["added_mb"],
+                      "device_used_mb": memory[name]["used_mb"]} for name in names}
     ref = results["torchvision"]["images_per_s"] if "torchvision" in results else None
     cuda = device.type == "cuda"
     print(f"\n{'backend':14s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}"
-          + (f" {'device MiB':>11s}" if cuda else ""))
+          + (f" {'added MiB':>10s} {'in use MiB':>11s}" if cuda else ""))
     for name, r in results.items():
         med = r["images_per_s"]
         r["vs_torchvision"] = med / ref if ref else None
         ratio = f"{med / ref:14.2f}" if ref else f"{'-':>14s}"
-        memory = f" {r['device_used_mb']:11.0f}" if cuda and r["device_used_mb"] is not None else ""
-        print(f"{name:14s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}{memory}")
+        mib = f" {r['device_added_mb']:10.0f} {r['device_used_mb']:11.0f}" if cuda else ""
+        print(f"{name:14s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}{mib}")
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}")
     report = {

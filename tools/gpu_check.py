@@ -924,7 +924,8 @@ def stage_loaders(ctx: Context) -> dict:
         runs[group] = {"seconds": c.seconds, "cpu_cores_busy_avg": busy, "config": rep.get("config")}
         for name, r in rep.get("backends", {}).items():
             backends[name] = r
-            rows.append([name, r["images_per_s"], r["min"], r["max"], r.get("device_used_mb"), busy])
+            rows.append([name, r["images_per_s"], r["min"], r["max"], r.get("device_added_mb"), r.get("device_used_mb"),
+                         busy])
     goals = [goal(f"{label} source images/s", backends.get(n, {}).get("images_per_s"), GOAL_LOADER_IPS, "img/s",
                   True, "" if n in backends else "not measured (not installed, or its bench failed)")
              for n, label in GPU_LOADERS.items()]
@@ -935,10 +936,13 @@ def stage_loaders(ctx: Context) -> dict:
                f"Each rate times {LOADER_TIMED_BATCHES} batches after 2 untimed ones; batches a loader had "
                f"queued before the clock started (DALI 2, FFCV 3, torchvision up to workers x 4) come free, so a "
                f"rate is an upper bound, by at most 3/{LOADER_TIMED_BATCHES} for DALI and FFCV.", ""]
-    summary += ["'device MiB': memory in use on the GPU (every allocator: DALI's and nvJPEG's pools too) at the "
-                "end of a timed pass, most over the repeats; each group runs in its own process, so DALI's "
-                "less torchvision's is about DALI's decoder and pools (nvJPEG's preallocation included).", ""]
-    summary += table(["backend", "source images/s", "min", "max", "device MiB", "cores busy (group)"], rows)
+    summary += ["Device memory (every allocator: DALI's and nvJPEG's pools too). 'added': what a loader's first "
+                "batch added, i.e. its decoder's buffers and pools (nvJPEG's preallocation included); each group "
+                "is one process, so the first loader of a group shows its backend's whole cost and a later one "
+                "only what it did not reuse. 'in use': all the group's process held at the end of the loader's "
+                "timed passes (the readings accumulate within a group).", ""]
+    summary += table(["backend", "source images/s", "min", "max", "added MiB", "in use MiB", "cores busy (group)"],
+                     rows)
     return {"results": {"data": data, "workers": workers, "groups": runs, "backends": backends},
             "goals": goals, "summary": summary}
 

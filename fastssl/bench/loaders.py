@@ -66,24 +66,30 @@ def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.devi
 
 def interleaved_rates(loaders: dict, repeats: int, warmup: int, batches: int, device: torch.device,
                       on_rate: Callable[[int, str, float], None] | None = None,
-                      device_used: dict[str, float | None] | None = None) -> dict[str, list[float]]:
+                      memory: dict[str, dict[str, float | None]] | None = None) -> dict[str, list[float]]:
     """Images/s of every loader in every repetition, the loaders interleaved within a repetition.
 
     Each loader first delivers one untimed batch (compilation, worker spawn). `on_rate(rep,
     name, images_per_s)` is called after each measurement (the tools print progress). A
-    `device_used` dict receives, per loader, the most device memory in use (MiB, every
-    allocator: `device_used_mb`) at the end of its timed passes: a GPU decoder's buffers show
-    there (None off CUDA).
+    `memory` dict receives, per loader, device memory (MiB, every allocator: `device_used_mb`;
+    None off CUDA): `added_mb`, what the loader's first batch added to the device (its
+    decoder's buffers and pools: what one loader costs, as long as no loader before it in
+    this process left memory it can reuse), and `used_mb`, the most in use at the end of its
+    timed passes (everything this process holds then, the other loaders' memory included).
     """
-    for loader in loaders.values():
+    for name, loader in loaders.items():
+        before = device_used_mb(device)
         time_epoch(loader, 10_000, 0, 1, device)
+        after = device_used_mb(device)
+        if memory is not None:
+            memory[name] = {"added_mb": None if after is None else after - before, "used_mb": None}
     runs: dict[str, list[float]] = {name: [] for name in loaders}
     for rep in range(repeats):
         for name, loader in loaders.items():
             def note_memory(name: str = name) -> None:
-                if device_used is not None:
+                if memory is not None:
                     used = device_used_mb(device)
-                    device_used[name] = None if used is None else max(used, device_used.get(name) or 0.0)
+                    memory[name]["used_mb"] = None if used is None else max(used, memory[name]["used_mb"] or 0.0)
 
             runs[name].append(time_epoch(loader, rep, warmup, batches, device, note_memory))
             if on_rate is not None:
