@@ -417,8 +417,8 @@ def config_errors(cfg: Config) -> list[str]:
         e.append("data.knn_train: --data.train is a file list but the online k-NN reads JPEG folders; pass "
                  "--data.knn_train /path/to/imagenet/train, or turn the k-NN off (--data.val= or --eval.knn_every -1)")
     if ev.knn_every < -1:
-        e.append(f"eval.knn_every: epochs between k-NN evaluations, 0 (only after the last) or -1 (never), "
-                 f"got {ev.knn_every}")
+        e.append(f"eval.knn_every: epochs between k-NN evaluations (>= 1), 0 (only after the last epoch) or "
+                 f"-1 (never); got {ev.knn_every}")
     if ev.knn_k < 1:
         e.append(f"eval.knn_k: must be >= 1, got {ev.knn_k}")
     if not ev.knn_temperature > 0:

@@ -107,8 +107,8 @@ class DataConfig:
             out.append("knn_train: the ffcv backend trains from a .beton but the online k-NN reads JPEG "
                        "folders; pass --data.knn_train /path/to/imagenet/train, or drop --data.val")
         if self.num_workers < -1:
-            out.append(f"num_workers: loader workers per process, 0 (load in the training process) or -1 (this "
-                       f"machine's cores / its processes), got {self.num_workers}")
+            out.append(f"num_workers: loader workers per process (0: load in the training process), or -1 for "
+                       f"this machine's cores shared by its processes; got {self.num_workers}")
         if self.ffcv_order not in ORDERS:
             out.append(f"ffcv_order: unknown {self.ffcv_order!r}; choose {', '.join(ORDERS[:-1])} or {ORDERS[-1]}")
         if self.dali_read_threads < 1:
