@@ -376,9 +376,9 @@ def test_a_full_disk_keeps_the_images_written_and_the_same_call_finishes_later(c
     assert fresh["resumed"] == 0 and stored_content(out) == stored_content(tmp_path / "fresh.beton")
 
 
-def test_saved_progress_whose_file_was_damaged_is_not_trusted(conv, tmp_path, monkeypatch, capsys):
-    """A data file cut short behind the converter's back: the next run starts over (saying so)
-    and still writes the right .beton, and no shared memory is left behind."""
+def stopped_by_a_full_disk(conv, monkeypatch, tmp_path: Path, **options) -> tuple[Path, Path]:
+    """A conversion of 4 images into tmp_path/x.beton that fails with ENOSPC as its allocation table
+    is written: every image is saved in the partial folder. Returns (source, output)."""
     from ffcv.writer import DatasetWriter
 
     def full(self, allocations):
@@ -390,8 +390,17 @@ def test_saved_progress_whose_file_was_damaged_is_not_trusted(conv, tmp_path, mo
     with monkeypatch.context() as patch:
         patch.setattr(DatasetWriter, "finalize", full)
         with pytest.raises(conv.ConversionError, match="no space left"):
-            conv.convert(src, out, num_workers=1, progress=False)
+            conv.convert(src, out, num_workers=1, progress=False, **options)
     assert saved_images(out) == 4
+    return src, out
+
+
+def test_saved_progress_whose_file_was_damaged_is_not_trusted(conv, tmp_path, monkeypatch, capsys):
+    """A data file cut short behind the converter's back: the next run starts over (saying so)
+    and still writes the right .beton, and no shared memory is left behind."""
+    from ffcv.writer import DatasetWriter
+
+    src, out = stopped_by_a_full_disk(conv, monkeypatch, tmp_path)
     data = tmp_path / ".x.beton.partial" / "data"
     os.truncate(data, data.stat().st_size // 2)
     shared_before = set(os.listdir("/dev/shm"))
@@ -415,18 +424,7 @@ def test_saved_progress_whose_file_was_damaged_is_not_trusted(conv, tmp_path, mo
 def test_a_stop_before_a_run_takes_over_leaves_the_earlier_conversion_as_it_was(conv, tmp_path, monkeypatch):
     """Saved images of other options: a run stopped while checking its own files neither claims
     them (the same command would not continue them) nor removes them; their own command resumes."""
-    from ffcv.writer import DatasetWriter
-
-    def full(self, allocations):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    src = tmp_path / "train"
-    make_image_folder(src, num_classes=2, per_class=2)
-    out = tmp_path / "x.beton"
-    with monkeypatch.context() as patch:
-        patch.setattr(DatasetWriter, "finalize", full)
-        with pytest.raises(conv.ConversionError, match="no space left"):
-            conv.convert(src, out, num_workers=1, progress=False, jpeg_quality=50)
+    src, out = stopped_by_a_full_disk(conv, monkeypatch, tmp_path, jpeg_quality=50)
     job = (tmp_path / ".x.beton.partial" / "job.json").read_text()
 
     def stopped(*args, **kwargs):
