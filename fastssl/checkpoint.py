@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import random
@@ -225,7 +226,8 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
     continue, and why this process's own state (random generators, loader position) was not restored
     (None when it was): it belongs to another step (a save that failed part way) or to a run on
     another number of processes. The run then goes on from its fresh seeds: the same data order
-    (it does not depend on the process count), other augmentations than an uninterrupted run's."""
+    (it does not depend on the process count, except where FFCV deals the images to processes:
+    `--data.ffcv_order random/sequential`), other augmentations than an uninterrupted run's."""
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; start the run without --resume "
@@ -276,6 +278,23 @@ def saved_config(run_dir: Path) -> dict | None:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise _unreadable(path, KeyError("config"))
     return ckpt["config"]
+
+
+def read_results(run_dir: Path) -> dict:
+    """results.json of the run being resumed (its evaluation history so far), {} when there is none.
+    A damaged file is a CheckpointError naming it, rather than a history silently started over."""
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); it holds the run's evaluation history: restore it, "
+                              f"or delete it to resume without that history") from None
+    if not isinstance(results, dict):
+        raise CheckpointError(f"{path} holds no results object; restore it, or delete it to resume without the "
+                              f"run's evaluation history")
+    return results
 
 
 def backbone_state(backbone: torch.nn.Module) -> dict:

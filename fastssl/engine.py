@@ -66,7 +66,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
     with failing_together(accelerator):  # an override that differs on one node may be invalid there only
-        resolve_backend(cfg, accelerator)
+        resolve_auto_settings(cfg, accelerator)
         validate(cfg, accelerator.num_processes)
     check_same_config(cfg, accelerator)  # after `auto` is resolved: nodes that resolve it differently disagree
     seed_everything(cfg.train.seed, accelerator.process_index)
@@ -78,7 +78,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
         # A queue longer than the data fails here, before any output.
         objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
         knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
-    run_dir = prepare_run_dir(cfg, resume, accelerator, command)
+    run_dir, warned = prepare_run_dir(cfg, resume, accelerator, command)
 
     with failing_together(accelerator):  # before DDP's first broadcast
         student, teacher = build_networks(cfg, accelerator, objective)
@@ -100,9 +100,10 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                 run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, scaler=accelerator.scaler,
                 rank=accelerator.process_index, critic=objective.state, loader=loader,
                 world_size=accelerator.num_processes)
-            results = read_results(run_dir)  # drop k-NN rows a hard kill left past the checkpoint:
-            results["knn"] = [k for k in results.get("knn", []) if k["epoch"] <= state.epoch]
+            results = {"knn": [], **ckpt.read_results(run_dir)}  # drop k-NN rows a hard kill left past the checkpoint:
+            results["knn"] = [k for k in results["knn"] if k["epoch"] <= state.epoch]
     check_processes_agree(accelerator, loader, state, run_dir, own_state_missed)
+    record_run(cfg, run_dir, accelerator, resume, warned)  # once a resume is sure to go on
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")
@@ -277,10 +278,13 @@ def check_same_config(cfg: Config, accelerator) -> None:
                           f"the same command (only the data paths, data.num_workers and the like may differ)")
 
 
-def resolve_backend(cfg: Config, accelerator) -> None:
-    """`--data.backend auto` becomes the backend it means on this process's device, so the run's
-    config.json, logs and a resume's comparison name the loader that ran; the main process says which."""
+def resolve_auto_settings(cfg: Config, accelerator) -> None:
+    """`--data.backend auto` and `--train.precision auto` become what they mean on this process's
+    device, so the run's config.json, logs and a resume's comparison name what ran, and processes
+    that resolve them differently (nodes with other GPUs) are refused by `check_same_config`
+    rather than training in different precisions. The main process says which loader."""
     cfg.data.backend, why = pipelines.resolve_backend(cfg.data.backend, accelerator.device)
+    cfg.train.precision = accelerator.mixed_precision  # build_accelerator resolved "auto" on this device
     if why:
         accelerator.print(why)
 
@@ -318,19 +322,27 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
                      cfg.eval.loader, progress=cfg.train.progress, data=cfg.data, interpolation=cfg.eval.interpolation)
 
 
-def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> Path:
-    """Create the run directory; refuse to overwrite another run; check a resume matches.
+def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> tuple[Path, dict]:
+    """Refuse to overwrite another run; check a resume matches; create the run directory.
 
-    A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning.
+    A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning; those
+    are returned as {field: [old, new]} for `record_run`, which writes the run's record later.
     """
     run_dir = Path(cfg.train.run_dir)
     with failing_together(accelerator):  # each process checks its view of the run directory; it ends as a barrier
         warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # an unwritable place fails here, before the networks are built
             run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, warned
+
+
+def record_run(cfg: Config, run_dir: Path, accelerator, resume: bool, warned: dict) -> None:
+    """config.json and run_info.json, written once a resume has loaded its checkpoint and results:
+    a resume refused for a damaged file leaves the run's record as it was."""
+    with failing_together(accelerator):
+        if accelerator.is_main_process:
             write_json(run_dir / "config.json", to_dict(cfg))
             write_run_info(cfg, run_dir, accelerator, resume, warned)
-    return run_dir
 
 
 def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None) -> dict:
@@ -405,7 +417,8 @@ def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: 
     if missed and accelerator.is_main_process:
         why = f" (rank 0: {own_state_missed})" if own_state_missed else ""
         print(f"warning: --resume: the random generators and loader positions of {len(missed)} of {len(rows)} "
-              f"process(es) were not restored{why}; the run continues with the same data order, but other "
+              f"process(es) were not restored{why}; the run continues with the same data order (unless FFCV "
+              f"deals it: --data.ffcv_order random/sequential on another process count), but other "
               f"augmentations than an uninterrupted run would draw", file=sys.stderr)
     images, steps = {r[0] for r in rows}, {r[1] for r in rows}
     if len(images) > 1:
@@ -447,23 +460,6 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
         raise error or ckpt.CheckpointError(f"another process could not write its part of the checkpoint in "
                                             f"{run_dir} (its message says why)")
     accelerator.wait_for_everyone()
-
-
-def read_results(run_dir: Path) -> dict:
-    """The results so far of the run being resumed (its k-NN history); a CheckpointError names a
-    damaged file rather than silently starting the history over."""
-    path = run_dir / "results.json"
-    if not path.exists():
-        return {"knn": []}
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ckpt.CheckpointError(f"{path} cannot be read ({err}); it holds the run's k-NN history: restore it, "
-                                   f"or delete it to resume without that history") from None
-    if not isinstance(results, dict):
-        raise ckpt.CheckpointError(f"{path} holds no results object; restore it, or delete it to resume without "
-                                   f"the run's k-NN history")
-    return results
 
 
 def finish(run_dir: Path, accelerator, results: dict) -> None:

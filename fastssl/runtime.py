@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,9 +58,15 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
     sizes, one batch), so the first steps' timing of each convolution's algorithms pays for itself."""
     use_cpu = train.cpu or not torch.cuda.is_available()
     torch.backends.cudnn.benchmark = train.cudnn_benchmark
-    return Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(train.precision, not use_cpu),
-                       step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[process_group_timeout(train.collective_timeout_min)])
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(train.precision, not use_cpu),
+                              dynamo_backend="no",  # compiling is `--train.compile`'s: the loop compiles the student
+                              step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[process_group_timeout(train.collective_timeout_min)])
+    configured = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")  # set by `accelerate launch` from its config
+    if configured.lower() != "no":
+        accelerator.print(f"warning: Accelerate's dynamo_backend {configured} (from `accelerate config` or "
+                          f"--dynamo_backend) is not used: compile with --train.compile true", file=sys.stderr)
+    return accelerator
 
 
 def process_group_timeout(minutes: float) -> InitProcessGroupKwargs:
@@ -113,32 +120,44 @@ def pick_device(name: str) -> torch.device:
 class GracefulStop:
     """Turns a stop signal into a flag the loop checks between steps.
 
-    SIGTERM/SIGINT: the loop writes a checkpoint and exits cleanly; a second one falls back
-    to the default behaviour (immediate exit) for users who really mean it.
+    SIGTERM/SIGINT: the loop writes a checkpoint and exits cleanly. The same signal again within
+    REPEAT_WINDOW_S is ignored: under SLURM (scancel, preemption) and after a Ctrl-C in a terminal
+    a worker gets it twice, from the job step or the terminal and forwarded by the launcher
+    (torchrun), and dying on the echo would lose the checkpoint. Sent again later, it falls back to
+    the earlier behaviour (an immediate exit) for users who really mean it.
 
     SIGUSR1 is SLURM's warning before the time limit (`#SBATCH --signal=B:USR1@<s>`,
     tools/slurm/): the loop checkpoints and exits so the job can be requeued and resumed
-    with `--resume auto`. A repeated SIGUSR1 is ignored rather than fatal, because under
-    SLURM a worker may get it twice (from the job step and forwarded by the launcher).
+    with `--resume auto`. A repeated SIGUSR1 is always ignored.
     """
 
     SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+    REPEAT_WINDOW_S = 5.0
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
         self._previous = {}
+        self._first_seen: dict[int, float] = {}  # signal -> when it first came
         for sig in (getattr(signal, name) for name in self.SIGNALS if hasattr(signal, name)):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside some test runners)
                 pass
 
-    def _handle(self, signum, _frame) -> None:
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        first = self._first_seen.setdefault(signum, now)
         self.requested = True
         self.signal_name = self.signal_name or signal.Signals(signum).name
-        if signum != getattr(signal, "SIGUSR1", None):
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if signum == getattr(signal, "SIGUSR1", None) or now - first <= self.REPEAT_WINDOW_S:
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)  # sent again, later: the user means it
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)  # e.g. Python's KeyboardInterrupt for SIGINT
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signum)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -268,6 +268,23 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     assert exc.value.code == 2 and "already holds a run" in capsys.readouterr().err
 
 
+def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_path: Path, teacher: Path,
+                                                                              capsys) -> None:
+    """results.json holds the top-1 history a resume continues: a damaged one is named (exit 2), and
+    the refused resume leaves the file and config.json as they were."""
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.steps_per_epoch", "1")
+    run(DistillConfig(), args + ["--train.epochs", "1"])
+    run_dir = tmp_path / "run"
+    (run_dir / "results.json").write_text("[1, 2]")
+    config = (run_dir / "config.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), args + ["--train.epochs", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "results.json holds no results object" in err and "Traceback" not in err
+    assert (run_dir / "results.json").read_text() == "[1, 2]" and (run_dir / "config.json").read_bytes() == config
+
+
 def test_missing_teacher_checkpoint_exits_2(tmp_path: Path) -> None:
     """The recipe from the command line: a missing teacher is one `error:` line and exit code 2."""
     make_folder(tmp_path / "data", classes=2, per_class=2)

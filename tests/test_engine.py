@@ -115,6 +115,34 @@ def test_cudnn_autotuner_follows_the_config(on, monkeypatch):
     assert torch.backends.cudnn.benchmark is on
 
 
+def test_accelerates_own_dynamo_setting_is_not_used_and_says_so(monkeypatch, capsys):
+    """`accelerate launch` passes a user's `accelerate config` dynamo backend in the environment;
+    Accelerate would compile the model in `prepare` whatever --train.compile says."""
+    from fastssl.config import TrainConfig
+    from fastssl.runtime import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    accelerator = build_accelerator(TrainConfig(cpu=True))
+    assert accelerator.state.dynamo_plugin.backend.value == "NO"
+    assert "dynamo_backend INDUCTOR (from `accelerate config`" in capsys.readouterr().err
+
+
+def test_auto_settings_become_what_this_process_runs():
+    """`auto` precision and backend are resolved into the config before the processes compare it
+    (`check_same_config`): nodes whose GPUs resolve them differently are refused instead of training
+    in different precisions, and config.json names what ran."""
+    from fastssl import runtime
+    from fastssl.engine import resolve_auto_settings
+
+    cfg = Config()
+    cfg.train.cpu, cfg.data.backend = True, "auto"
+    assert cfg.train.precision == "auto"
+    accelerator = runtime.build_accelerator(cfg.train)
+    resolve_auto_settings(cfg, accelerator)
+    assert (cfg.train.precision, accelerator.mixed_precision) == ("no", "no")  # a GPU's would say bf16 or fp16
+    assert cfg.data.backend not in ("auto", "")
+
+
 def test_config_changes_treat_fields_a_run_predates_as_defaults():
     """A run saved before a field existed resumes, unless the new value differs from the default."""
     from fastssl.engine import config_changes

@@ -137,15 +137,21 @@ def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys
 
 
 def test_a_damaged_results_file_is_named_on_resume_and_exits_2(tmp_path, capsys):
-    """results.json holds the k-NN history a resume continues: a damaged one is named, not replaced."""
+    """results.json holds the k-NN history a resume continues: a damaged one is named, not replaced,
+    and the refused resume leaves the run's record (config.json, run_info.json) as it was, even
+    with a field a resume may change (it would otherwise be recorded as the run's config)."""
     cfg = quick_config(tmp_path, epochs=1)
     engine.train(cfg)
-    path = Path(cfg.train.run_dir) / "results.json"
+    run_dir = Path(cfg.train.run_dir)
+    path = run_dir / "results.json"
     path.write_text("x")
+    record = {name: (run_dir / name).read_bytes() for name in ("config.json", "run_info.json")}
+    cfg.optim.base_lr *= 2  # in RESUMABLE_WITH_WARNING
     code, _, err = exit_of(cfg, ["--resume"], capsys)
-    assert code == 2 and err.startswith(f"error: {path} cannot be read (") and "Traceback" not in err
+    assert code == 2 and f"error: {path} cannot be read (" in err and "Traceback" not in err
     assert "restore it, or delete it to resume without that history" in err
     assert path.read_text() == "x"  # nothing overwritten
+    assert {name: (run_dir / name).read_bytes() for name in record} == record
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts this process's reads in /proc/self/io")

@@ -103,6 +103,27 @@ def test_resume_flag_parses_auto_and_refuses_other_values():
     assert cmd == "python r.py --train.seed 3 --resume --train.run_dir /runs/x"
 
 
+def test_a_stop_signal_echoed_by_the_launcher_is_ignored_and_one_sent_later_is_not():
+    """Under SLURM and after a Ctrl-C, a worker gets SIGTERM/SIGINT twice, directly and forwarded by
+    torchrun: the echo must not kill it before its checkpoint. The same signal sent again after
+    the window is the user meaning it: the earlier behaviour (SIGINT: KeyboardInterrupt)."""
+    from fastssl.runtime import GracefulStop
+
+    stop = GracefulStop()
+    stop.REPEAT_WINDOW_S = 0.5
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy
+        assert stop.requested and stop.signal_name == "SIGINT"
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs between bytecodes
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resume_auto_starts_an_empty_run_dir_afresh_then_continues_it(tmp_path, capsys):
     from fastssl.cli import run
     from test_engine import read_csv, tiny_config
@@ -164,6 +185,7 @@ def test_batch_scripts_parse_and_ask_for_the_signal_and_the_requeue():
         assert re.search(r"^#SBATCH --requeue$", text, re.M) and "--open-mode=append" in text
         assert "srun --ntasks-per-node=1" in text and "tools/slurm/node_launch.sh" in text
         assert '--train.run_dir "$RUN_DIR" --resume auto' in text
+        assert text.index('refuse_run_dir_override "$@"') < text.index("run_requeueable")
     assert "recipes/mira_bs512.py" in (SLURM / "mira_bs512_1node.sbatch").read_text()
     assert "#SBATCH --gpus-per-node=8" in (SLURM / "mira_bs512_1node.sbatch").read_text()
 
@@ -185,12 +207,53 @@ def test_node_launcher_runs_readmes_multinode_command():
                   MASTER_PORT="23456", GPUS_PER_NODE="8")
     assert out.returncode == 0, out.stderr
     readme = readme_multinode_command().replace("--machine_rank R", "--machine_rank 1")
-    assert out.stdout.strip() == readme.replace("HOST", "node0").replace("PORT", "23456")
+    ours = f"--config_file {SLURM / 'accelerate.yaml'}"  # found beside the script, from any directory
+    assert out.stdout.strip() == readme.replace("HOST", "node0").replace("PORT", "23456").replace(
+        "--config_file tools/slurm/accelerate.yaml", ours)
     one = dry_run("recipes/mira_bs512.py", SLURM_JOB_NUM_NODES="1", MASTER_PORT="23456")
-    assert one.stdout.split() == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8",
-                                  "--main_process_port", "23456", "recipes/mira_bs512.py"]
+    assert one.stdout.split() == ["accelerate", "launch", *ours.split(), "--multi_gpu", "--num_processes", "8",
+                                  "--num_machines", "1", "--main_process_port", "23456", "recipes/mira_bs512.py"]
+    on_four = dry_run("recipes/mira_bs512.py", SLURM_GPUS_ON_NODE="4", GPUS_PER_NODE="")  # sbatch --gpus-per-node 4
+    assert "--num_processes 4 " in on_four.stdout
     none = dry_run()
     assert none.returncode == 2 and none.stderr.startswith("error: no recipe given")
+
+
+USERS_OWN_ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+mixed_precision: fp16
+gpu_ids: 0,1
+num_machines: 2
+num_processes: 8
+machine_rank: 0
+main_process_ip: 10.0.0.1
+main_process_port: 1234
+same_network: true
+dynamo_config:
+  dynamo_backend: INDUCTOR
+use_cpu: false
+"""
+
+
+def test_the_node_launcher_ignores_the_users_own_accelerate_config(tmp_path):
+    """`accelerate config` made for another project (2 machines, GPUs 0 and 1, a dynamo backend):
+    read by `accelerate launch` for every flag not given, it would make a one-node job wait for a
+    second node that never comes, hide GPUs from some processes and compile the model."""
+    (tmp_path / "hf" / "accelerate").mkdir(parents=True)
+    (tmp_path / "hf" / "accelerate" / "default_config.yaml").write_text(USERS_OWN_ACCELERATE_CONFIG)
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, os\nprint('probe', json.dumps({k: os.environ.get(k) for k in ("
+                     "'WORLD_SIZE', 'CUDA_VISIBLE_DEVICES', 'ACCELERATE_DYNAMO_BACKEND')}), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(HF_HOME=str(tmp_path / "hf"), ACCELERATE_USE_CPU="true", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="2",
+               MASTER_PORT=str(free_port()), LAUNCH=f"{sys.executable} -m accelerate.commands.launch")
+    done = subprocess.run(["bash", str(SLURM / "node_launch.sh"), str(probe)], capture_output=True, text=True,
+                          timeout=90, env=env, cwd=tmp_path)
+    rows = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("probe ")]
+    assert done.returncode == 0 and len(rows) == 2, done.stdout + done.stderr
+    assert all(r == {"WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": None, "ACCELERATE_DYNAMO_BACKEND": "NO"}
+               for r in rows), rows
 
 
 def shell(tmp_path: Path, step: str, run_dir: Path) -> list[str]:
@@ -237,6 +300,24 @@ def test_requeue_only_after_the_signal_and_a_checkpoint_of_this_job(tmp_path):
     code, out = signalled_job(tmp_path, f"bash {step}", run_dir, env)
     assert code == 0 and "job step exited with status 138" in out, out
     assert calls.read_text() == "requeue 42\n"
+    # signalled during the run's last moments; it saves and finishes (0): not requeued
+    step.write_text(f"sleep 30 & trap 'echo new > {run_dir}/checkpoint.pt; kill $!; exit 0' USR1\n"
+                    f"touch {tmp_path}/ready\nwait\n")
+    code, out = signalled_job(tmp_path, f"bash {step}", run_dir, env)
+    assert code == 0 and "not requeued: the run finished" in out, out
+    assert calls.read_text() == "requeue 42\n"
+
+
+@pytest.mark.parametrize("override", [["--train.run_dir", "/elsewhere"], ["--train.run_dir=/elsewhere"]])
+def test_batch_scripts_refuse_a_run_dir_override(override):
+    """Requeueing watches RUN_DIR: a --train.run_dir override would run elsewhere and end the requeueing."""
+    body = f"source {SLURM / 'requeue.sh'}\nrefuse_run_dir_override \"$@\"\necho went on\n"
+    done = subprocess.run(["bash", "-c", body, "sbatch", "--train.seed", "3", *override], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and done.stdout == "" and "as RUN_DIR=... before sbatch" in done.stderr
+    fine = subprocess.run(["bash", "-c", body, "sbatch", "--train.seed", "3"], capture_output=True, text=True,
+                          timeout=30)
+    assert fine.returncode == 0 and fine.stdout == "went on\n"
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ import pipelines
 from fastssl.bench import assignment as assignment_timing
 from fastssl.bench import loaders as loader_timing
 from fastssl.config import Config, ConfigError, apply_overrides, validate
-from fastssl.engine import build_networks, loader_spec, resolve_backend, train
+from fastssl.engine import build_networks, loader_spec, resolve_auto_settings, train
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.method import StepParts, train_step
 from fastssl.objectives import build_objective
@@ -329,7 +329,7 @@ def configure(args, overrides: list[str]) -> tuple[Config, int]:
 
 def profile(args, cfg: Config, global_batch: int) -> dict:
     accelerator = build_accelerator(cfg.train)
-    resolve_backend(cfg, accelerator)
+    resolve_auto_settings(cfg, accelerator)
     if accelerator.num_processes > 1:
         raise ConfigError("run tools/profile_throughput.py as ONE process (not under accelerate launch "
                           "--num_processes > 1); --gpus G profiles one of G processes")

@@ -119,7 +119,8 @@ def top1(model: Classifier, loader, device: torch.device) -> float:
 
 
 def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
-    """Refuse to overwrite a run, refuse a resume that changes what is computed; write config.json."""
+    """Refuse to overwrite a run, refuse a resume that changes what is computed; create the directory
+    (config.json is written once a resume has loaded: a refused one leaves it as it was)."""
     run_dir = Path(cfg.train.run_dir)
     saved = ckpt.saved_config(run_dir)
     if resume and saved is None:
@@ -135,7 +136,6 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
             raise ConfigError(f"--resume: these fields differ from the run in {run_dir}: {', '.join(sorted(changed))}; "
                               f"drop those overrides or start a new --train.run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", to_dict(cfg))
     return run_dir
 
 
@@ -192,13 +192,10 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
         if missed:
             print(f"warning: --resume: the random generators were not restored ({missed}); the run continues "
                   f"with other random draws than an uninterrupted run", file=sys.stderr)
-        path = run_dir / "results.json"
-        if path.exists():
-            import json
-
-            results = json.loads(path.read_text())
-            results["top1"] = [r for r in results.get("top1", []) if r["epoch"] <= state.epoch]
-            results.pop("interrupted", None)
+        results = {"top1": [], **ckpt.read_results(run_dir)}
+        results["top1"] = [r for r in results["top1"] if r["epoch"] <= state.epoch]
+        results.pop("interrupted", None)
+    write_json(run_dir / "config.json", to_dict(cfg))
     steps_log = CsvLog(run_dir / "train_log.csv", STEP_FIELDS, state.step)
     epochs_log = CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step)
     workers = cfg.data.num_workers

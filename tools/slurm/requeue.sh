@@ -8,12 +8,28 @@
 # On SIGUSR1 this passes the signal to the step (srun forwards it to its tasks: the launchers,
 # which pass it to the training processes); the loop checkpoints at its next log step and exits
 # (status 138 = 128 + SIGUSR1; results.json says "interrupted"). Once the step has ended after the
-# signal and the run wrote a checkpoint during this job, the job is requeued with `scontrol requeue`
-# (also when the step did not stop in time and the launcher killed it: the requeued job loses
-# only the steps since the last checkpoint). The requeued job runs the same command, whose
-# `--resume auto` continues from the checkpoint. A step that ends without the signal (finished,
-# or failed) ends the job with its own status.
+# signal, unfinished (a status other than 0), and the run wrote a checkpoint during this job, the
+# job is requeued with `scontrol requeue` (also when the step did not stop in time and the launcher
+# killed it: the requeued job loses only the steps since the last checkpoint). The requeued job
+# runs the same command, whose `--resume auto` continues from the checkpoint. A step that ends
+# without the signal (finished, or failed), or that finished (status 0) although the signal came
+# during its last moments, ends the job with its own status.
 # SCONTROL replaces `scontrol` (tests).
+
+refuse_run_dir_override() {
+    # The batch scripts' RUN_DIR is where requeueing looks for this job's checkpoint: a
+    # --train.run_dir among the overrides would send the run elsewhere and silently end the
+    # requeueing at the first time limit.
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            --train.run_dir|--train.run_dir=*)
+                echo "error: give the run directory as RUN_DIR=... before sbatch, not as $arg: the job" \
+                     "requeues itself by watching RUN_DIR" >&2
+                exit 2 ;;
+        esac
+    done
+}
 
 saved_since() {
     # The run wrote the checkpoint `--resume auto` continues from during this job (newer than
@@ -39,14 +55,16 @@ run_requeueable() {
     done
     trap - USR1
     echo "$(date -u +%FT%TZ) job step exited with status $status"
-    if [ "$FASTSSL_STOP_SIGNALLED" = 1 ] && saved_since "$run_dir" "$started"; then
+    if [ "$FASTSSL_STOP_SIGNALLED" = 1 ] && [ "$status" != 0 ] && saved_since "$run_dir" "$started"; then
         rm -f "$started"
         echo "$(date -u +%FT%TZ) checkpoint in $run_dir: requeueing job ${SLURM_JOB_ID:-?} (it continues with --resume auto)"
         ${SCONTROL:-scontrol} requeue "${SLURM_JOB_ID:?not inside a SLURM job}"
         return 0
     fi
     rm -f "$started"
-    if [ "$FASTSSL_STOP_SIGNALLED" = 1 ]; then
+    if [ "$FASTSSL_STOP_SIGNALLED" = 1 ] && [ "$status" = 0 ]; then
+        echo "$(date -u +%FT%TZ) not requeued: the run finished"
+    elif [ "$FASTSSL_STOP_SIGNALLED" = 1 ]; then
         echo "$(date -u +%FT%TZ) not requeued: the run wrote no checkpoint in $run_dir during this job" >&2
     fi
     return "$status"
