@@ -102,6 +102,41 @@ def _is_disk_full(err: BaseException, folder: Path, needed: int) -> bool:
         return False
 
 
+# Why writing a file or folder failed, by errno, and what fixes it ({folder}: the folder of the file).
+DISK_FULL_FIX = "free space on that disk (e.g. delete old runs) or move the run directory to a larger disk"
+WRITE_CAUSES = {
+    errno.ENOSPC: ("the disk is full", DISK_FULL_FIX),
+    getattr(errno, "EDQUOT", errno.ENOSPC): ("the disk quota is used up", DISK_FULL_FIX),
+    errno.EROFS: ("the file system is read-only", "choose a --train.run_dir on a writable disk"),
+    errno.EACCES: ("permission denied", "make {folder} writable for this user or choose another --train.run_dir"),
+    errno.EPERM: ("permission denied", "make {folder} writable for this user or choose another --train.run_dir"),
+    errno.EISDIR: ("a folder stands where this file should be", "move that folder away"),
+}
+
+
+def write_error(path: Path, err: OSError) -> CheckpointError:
+    """An OSError from writing a run's file or folder as one line: what, why, how to fix it. The
+    path is the one the system names (`err.filename`) when it names one."""
+    target = Path(err.filename) if isinstance(err.filename, str) else Path(path)
+    if err.errno in (errno.ENOTDIR, errno.EEXIST):  # name the file in the way: the target or a parent
+        blocker = next((p for p in [target, *target.parents] if p.is_file()), target)
+        return CheckpointError(f"could not write {target}: {blocker} is a file where a folder should be; "
+                               f"move it away or choose another --train.run_dir")
+    cause, fix = WRITE_CAUSES.get(err.errno, (f"{type(err).__name__}: {err.strerror or err}",
+                                              "check that disk and the permissions of {folder}"))
+    return CheckpointError(f"could not write {target}: {cause}; {fix.format(folder=target.parent)}")
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Writes under `path` (a run's log, results or folder) that fail with an OSError raise
+    `write_error` instead: the trainers' command lines print a CheckpointError as one line."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill or a full disk never leaves half a file.
 
@@ -120,15 +155,16 @@ def atomic_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         if not isinstance(err, (OSError, RuntimeError)):
             raise
-        if _is_disk_full(err, path.parent, needed):
-            cause = (f"the disk is full (it needs about {needed / MIB:,.0f} MiB free, "
-                     f"{shutil.disk_usage(path.parent).free / MIB:,.0f} MiB are)")
-        else:
-            cause = "the disk may be full, read-only or out of quota"
         kept = "the previous file is kept" if path.exists() else "no earlier file existed"
+        if _is_disk_full(err, path.parent, needed):
+            cause, fix = (f"the disk is full (it needs about {needed / MIB:,.0f} MiB free, "
+                          f"{shutil.disk_usage(path.parent).free / MIB:,.0f} MiB are)"), DISK_FULL_FIX
+        else:
+            cause, fix = WRITE_CAUSES.get(getattr(err, "errno", None),
+                                          ("the disk may be full, read-only or out of quota", DISK_FULL_FIX))
+        fix = fix.format(folder=path.parent)
         raise CheckpointError(f"could not write {path}: {cause} ({_reason(err)}); "
-                              f"the partial file was removed and {kept}. Free space on that disk (e.g. delete "
-                              f"old runs) or move the run directory to a larger disk") from err
+                              f"the partial file was removed and {kept}. {fix[0].upper()}{fix[1:]}") from err
 
 
 def rng_state() -> dict:
@@ -160,17 +196,21 @@ def rank_state_path(run_dir: Path, rank: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state: TrainState, config: dict,
-                    rank: int, is_main: bool, critic=None, extra_bytes: int = 0, loader_state=None,
-                    world_size: int = 1) -> None:
+                    rank: int, is_main: bool, critic=None, exports: dict[Path, object] | None = None,
+                    loader_state=None, world_size: int = 1) -> None:
     """Every rank writes its RNG state (and its loader's, `loader_state`: where DALI's random
-    generators stand mid-epoch); the main process writes the shared state.
+    generators stand mid-epoch); the main process writes the shared state and `exports` (files
+    that go with this step, e.g. the backbone: {path: object}).
 
-    The main process checks first that the checkpoint, its RNG file and `extra_bytes` (the
-    backbone exported next) all fit, so a full disk fails before any file changes. The
-    checkpoint is written before the RNG file: a failed checkpoint leaves both old ones. Each
-    rank's file carries the step and the process count it was written at, so a resume uses it
-    only with the checkpoint of that step, on as many processes (`load_checkpoint`).
+    The main process first removes the temporary files a killed save left in the run directory,
+    then checks that the exports, the checkpoint and its RNG file all fit, so a full disk fails
+    before any file changes. The exports are written before the checkpoint, so a kill in between
+    leaves them one step ahead of it (the resume redoes that step and writes them again), never
+    behind it. The checkpoint is written before the RNG file: a failed checkpoint leaves both old
+    ones. Each rank's file carries the step and the process count it was written at, so a resume
+    uses it only with the checkpoint of that step, on as many processes (`load_checkpoint`).
     """
+    exports = exports or {}
     rng_path = rank_state_path(run_dir, rank)
     rng_path.parent.mkdir(parents=True, exist_ok=True)
     rng = {**rng_state(), "step": state.step, "world_size": world_size}
@@ -187,8 +227,13 @@ def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state
             "critic": critic.state_dict() if critic is not None else None,  # the key queue
         }
         path = run_dir / CHECKPOINT_NAME
-        check_free_space(run_dir, bytes_needed(payload, path) + bytes_needed(rng, rng_path) + extra_bytes,
-                         f"{CHECKPOINT_NAME}, {rng_path.relative_to(run_dir)} and the backbone")
+        for leftover in [*run_dir.glob("*.tmp"), rng_path.with_name(rng_path.name + ".tmp")]:
+            leftover.unlink(missing_ok=True)  # the main process's own: no other process writes there
+        check_free_space(run_dir, bytes_needed(payload, path) + bytes_needed(rng, rng_path)
+                         + sum(bytes_needed(obj, p) for p, obj in exports.items()),
+                         ", ".join([*(p.name for p in exports), CHECKPOINT_NAME, str(rng_path.relative_to(run_dir))]))
+        for export_path, obj in exports.items():
+            atomic_save(obj, export_path)
         atomic_save(payload, path)
         for stale in rng_path.parent.glob("rank*.pt"):  # of a run that had more processes (tidying only:
             number = stale.stem[len("rank"):]  # their stamps already keep a resume from using them)
@@ -246,7 +291,13 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
     rng_path = rank_state_path(run_dir, rank)
     if not rng_path.is_file():
         return state, f"{rng_path.relative_to(run_dir)} does not exist"
-    rng = _load(rng_path)
+    try:
+        rng = _load(rng_path)
+    except CheckpointError as err:  # cut short by a crash: only this process's generators and position are lost
+        why = _reason(err.__cause__) if err.__cause__ is not None else str(err)
+        return state, f"{rng_path.relative_to(run_dir)} cannot be read ({why})"
+    if not isinstance(rng, dict):
+        return state, f"{rng_path.relative_to(run_dir)} holds no random generator states"
     written = (rng.get("step", state.step), rng.get("world_size", world_size))  # files from before had neither
     if written != (state.step, world_size):
         return state, (f"{rng_path.relative_to(run_dir)} was written at step {written[0]} by {written[1]} "
@@ -281,20 +332,23 @@ def saved_config(run_dir: Path) -> dict | None:
 
 
 def read_results(run_dir: Path) -> dict:
-    """results.json of the run being resumed (its evaluation history so far), {} when there is none.
-    A damaged file is a CheckpointError naming it, rather than a history silently started over."""
+    """results.json of the run being resumed (its evaluation history so far), {} when there is none."""
     path = Path(run_dir) / "results.json"
-    if not path.exists():
-        return {}
+    return read_json_record(path, "the run's evaluation history") if path.exists() else {}
+
+
+def read_json_record(path: Path, holds: str) -> dict:
+    """A run's JSON record that a resume extends (results.json, run_info.json). A damaged file is a
+    CheckpointError naming it and what it `holds`, rather than a record silently started over."""
     try:
-        results = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} cannot be read ({err}); it holds the run's evaluation history: restore it, "
-                              f"or delete it to resume without that history") from None
-    if not isinstance(results, dict):
-        raise CheckpointError(f"{path} holds no results object; restore it, or delete it to resume without the "
-                              f"run's evaluation history")
-    return results
+        raise CheckpointError(f"{path} cannot be read ({err}); it holds {holds}: restore it, "
+                              f"or delete it to resume without it") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} holds no JSON object; it should hold {holds}: restore it, or delete it to "
+                              f"resume without it")
+    return record
 
 
 def backbone_state(backbone: torch.nn.Module) -> dict:

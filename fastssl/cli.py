@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from fastssl.config import Config, ConfigError, apply_overrides, field_help, validate
@@ -27,6 +29,23 @@ def exit_with(err: Exception | str) -> NoReturn:
     """The one way recipes and tools fail on bad input: one line on stderr, exit status 2, no traceback."""
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
+
+
+def interrupted_advice(command: list[str], run_dir: Path) -> str:
+    """What a Ctrl-C that reached the command line (KeyboardInterrupt) leaves, and the command to go on.
+
+    Set-up (listing an ImageNet folder takes minutes) runs before the training loop turns SIGINT
+    into a checkpoint and a stop, so a Ctrl-C there ends a run that wrote nothing: start it again.
+    The loop re-raises only a second Ctrl-C, by then maybe after a checkpoint: the run directory
+    decides which, not where the interrupt came from."""
+    from fastssl.checkpoint import CHECKPOINT_NAME
+    from fastssl.recovery import rerun_command
+
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        return (f"interrupted; the checkpoint in {run_dir} is kept, continue from it with: "
+                f"{rerun_command(command, run_dir)}")
+    return (f"interrupted before a checkpoint was written in {run_dir}; nothing to resume: start again with: "
+            f"{rerun_command(command, run_dir, resume=False)}")
 
 
 def usage(cfg: Config, prog: str) -> str:
@@ -87,11 +106,13 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
                  user_errors: tuple[type[BaseException], ...]) -> dict:
     """The flow every trainer's command line shares: parse, `--help`, `check` the config,
     `--print-config` (printed by `dump`), then `start(cfg, resume, command)`; a `user_errors`
-    exception is bad input and exits 2 with one line, no traceback. After `start` returns, the
+    exception is bad input and exits 2 with one line, no traceback; a Ctrl-C that reaches here
+    (KeyboardInterrupt) exits 130 with one line saying how to go on (`interrupted_advice`). After `start` returns, the
     processes leave together (`runtime.end_process_group`). A run a stop signal ended early
     (results["interrupted"], after its checkpoint) exits 128 + the signal's number."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or sys.argv[0]
+    command = ["python", prog, *argv]
     try:
         cfg, flags = parse(cfg, argv)
         if flags["help"]:
@@ -101,9 +122,13 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
         if flags["print_config"]:
             print(dump(cfg))
             sys.exit(0)
-        results = start(cfg, flags["resume"], ["python", prog, *argv])
+        results = start(cfg, flags["resume"], command)
     except user_errors as err:
         exit_with(err)
+    except KeyboardInterrupt:  # Ctrl-C in set-up, or a second one in the loop: one line, not a traceback
+        if os.environ.get("RANK", "0") == "0":  # every process gets the Ctrl-C: one of them says it
+            print(interrupted_advice(command, Path(cfg.train.run_dir)), file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
     from fastssl.runtime import end_process_group
 
     end_process_group()

@@ -316,6 +316,37 @@ def dumps(cfg: Config) -> str:
 # --------------------------------------------------------------------------- validation
 
 
+def positive_number(value: float) -> bool:
+    """Whether `value` is a finite number > 0. `--x inf` and `--x nan` read as floats, and a check
+    written as `value <= 0` passes nan (every comparison with nan is False) and inf, which then fail
+    far from the command line (an OverflowError in the process-group timeout, a loss of nan)."""
+    return math.isfinite(value) and value > 0
+
+
+def mlcpc_keys(queue_size: int) -> int:
+    """ML-CPC's m: the keys each query is scored against, its positive and the queue's negatives
+    (`fastssl.critic.MlCpcCritic`: m = negatives + 1). alpha must lie in (0, m] (`fastssl.losses.cpc`)."""
+    return queue_size + 1
+
+
+def _alpha_errors(cr: CriticConfig) -> list[str]:
+    """critic.alpha_start / alpha_end against (0, m]: ML-CPC refuses any other alpha, at the first step."""
+    if cr.queue_size < 1:  # m is unknown; the queue's own error says so
+        return [f"critic.{name}: alpha must be a finite number > 0, got {getattr(cr, name)}"
+                for name in ("alpha_start", "alpha_end") if not positive_number(getattr(cr, name))]
+    m = mlcpc_keys(cr.queue_size)
+    errors = []
+    for name in ("alpha_start", "alpha_end"):
+        value = getattr(cr, name)
+        if 0 < value <= m:
+            continue
+        fix = (f"set --critic.{name} to at most {m} or --critic.queue_size to at least {math.ceil(value - 1)}"
+               if value > m and math.isfinite(value) else f"set --critic.{name} to a number in (0, {m}]")
+        errors.append(f"critic.{name}: ML-CPC's alpha must lie in (0, m] with m = --critic.queue_size + 1 = {m}, "
+                      f"got {value}; {fix}")
+    return errors
+
+
 def config_errors(cfg: Config) -> list[str]:
     """Every invalid value, as `section.field: problem (fix)`. Pure: touches no files."""
     e: list[str] = []
@@ -341,15 +372,14 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"train.micro_batch_size: method.objective {mt.objective} scores every row against the whole "
                  f"batch (ML-CPC's one denominator), which gradient accumulation over chunks would change; "
                  f"set --train.micro_batch_size 0 (or lower --train.global_batch_size to fit memory)")
-    if mt.mlcpc_weight <= 0:
-        e.append(f"method.mlcpc_weight: must be positive, got {mt.mlcpc_weight}")
+    if not positive_number(mt.mlcpc_weight):
+        e.append(f"method.mlcpc_weight: must be a finite number > 0, got {mt.mlcpc_weight}")
     cr = cfg.critic
     if cr.queue_size < 1:
         e.append(f"critic.queue_size: must be positive, got {cr.queue_size}")
-    if cr.temperature <= 0:
-        e.append(f"critic.temperature: must be positive, got {cr.temperature}")
-    if cr.alpha_start <= 0 or cr.alpha_end <= 0:
-        e.append(f"critic.alpha_start/alpha_end: alpha must be positive, got {cr.alpha_start} -> {cr.alpha_end}")
+    if not positive_number(cr.temperature):
+        e.append(f"critic.temperature: temperatures must be positive and finite, got {cr.temperature}")
+    e += _alpha_errors(cr)
     if cr.alpha_per not in ("epoch", "step"):
         e.append(f"critic.alpha_per: choose epoch or step, got {cr.alpha_per!r}")
     if cr.direction not in DIRECTIONS:
@@ -370,8 +400,8 @@ def config_errors(cfg: Config) -> list[str]:
     if mt.assignment not in ("mira", "sinkhorn"):
         e.append(f"method.assignment: unknown {mt.assignment!r}; choose mira or sinkhorn")
     for name in ("tau_student", "tau_teacher", "sinkhorn_eps"):
-        if not getattr(mt, name) > 0:
-            e.append(f"method.{name}: temperatures must be positive, got {getattr(mt, name)}")
+        if not positive_number(getattr(mt, name)):
+            e.append(f"method.{name}: temperatures must be positive and finite, got {getattr(mt, name)}")
     for name in ("beta_start", "beta_end"):
         if not 0 <= getattr(mt, name) < 1:
             e.append(f"method.{name}: beta must lie in [0, 1) (Proposition 1), got {getattr(mt, name)}")
@@ -406,8 +436,9 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"train.seed: must be >= 0, got {t.seed}")
     if t.precision not in ("auto", "bf16", "fp16", "no"):
         e.append(f"train.precision: unknown {t.precision!r}; choose auto, bf16, fp16 or no")
-    if not t.collective_timeout_min > 0:
-        e.append(f"train.collective_timeout_min must be > 0 minutes, got {t.collective_timeout_min}")
+    if not positive_number(t.collective_timeout_min):
+        e.append(f"train.collective_timeout_min: must be a finite number of minutes > 0, got "
+                 f"{t.collective_timeout_min}; e.g. --train.collective_timeout_min {TrainConfig.collective_timeout_min:g}")
     if t.steps_per_epoch < 0 or t.log_every < 1 or t.checkpoint_every < 1:
         e.append("train.steps_per_epoch must be >= 0, log_every and checkpoint_every >= 1")
     if not t.run_dir:
@@ -421,8 +452,8 @@ def config_errors(cfg: Config) -> list[str]:
                  f"-1 (never); got {ev.knn_every}")
     if ev.knn_k < 1:
         e.append(f"eval.knn_k: must be >= 1, got {ev.knn_k}")
-    if not ev.knn_temperature > 0:
-        e.append(f"eval.knn_temperature: temperatures must be positive, got {ev.knn_temperature}")
+    if not positive_number(ev.knn_temperature):
+        e.append(f"eval.knn_temperature: temperatures must be positive and finite, got {ev.knn_temperature}")
     if ev.batch_size < 1 or ev.image_size < 0:
         e.append("eval.batch_size must be >= 1 and eval.image_size >= 0")
     e += [f"eval.loader: {msg}" for msg in eval_backend_errors(ev.loader)]

@@ -13,7 +13,6 @@ writes a checkpoint.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,9 @@ from fastssl.models import MiraNetwork, make_teacher, unwrap
 from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
-from fastssl.recovery import DivergenceGuard, TrainingDiverged, continue_advice, latest_run_hint, rerun_command
-from fastssl.run_log import RunLog, write_json
+from fastssl.recovery import (DivergenceGuard, TrainingDiverged, after_write_failure, continue_advice, latest_run_hint,
+                              rerun_command)
+from fastssl.run_log import RunLog, write_run_json
 from fastssl.runtime import GracefulStop, any_process, build_accelerator, failing_together, per_process, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
 
@@ -103,15 +103,15 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
             results = {"knn": [], **ckpt.read_results(run_dir)}  # drop k-NN rows a hard kill left past the checkpoint:
             results["knn"] = [k for k in results["knn"] if k["epoch"] <= state.epoch]
     check_processes_agree(accelerator, loader, state, run_dir, own_state_missed)
-    record_run(cfg, run_dir, accelerator, resume, warned)  # once a resume is sure to go on
+    saved_step = state.step if resume else None  # the step of the checkpoint on disk
+    try:
+        log = open_records(cfg, run_dir, parts, resume, warned, state.step)  # once a resume is sure to go on
+    except ckpt.CheckpointError as err:
+        raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")
-    # A fresh start keeps no log rows: a run directory without a checkpoint may hold the logs of an
-    # attempt killed before its first checkpoint, whose steps are about to be run again.
-    log = RunLog(run_dir, accelerator.is_main_process, resume_step=state.step if resume else 0)
     guard = DivergenceGuard(student, teacher, state, accelerator)
-    saved_step = state.step if resume else None  # the step of the checkpoint on disk
     stop = GracefulStop()
     if knn and cfg.eval.knn_at_start and state.step == 0:
         results["knn_random_init"] = knn(teacher.backbone, "the randomly initialised network")
@@ -133,17 +133,14 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                 results["knn"].append({"epoch": state.epoch, **scores})
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             log.epoch(epoch_row)
+            finish(run_dir, accelerator, results)  # before the checkpoint: a kill between them loses no k-NN row
             if last or state.epoch % cfg.train.checkpoint_every == 0:
                 save(cfg, run_dir, parts, state, guard, loader)
                 saved_step = state.step
-            finish(run_dir, accelerator, results)
     except TrainingDiverged as err:
         raise TrainingDiverged(f"{err}; {continue_advice(cfg, command, run_dir, saved_step, accelerator)}") from None
-    except ckpt.CheckpointError as err:
-        where = (f"continue from the checkpoint of step {saved_step} with: {rerun_command(command, run_dir)}"
-                 if saved_step is not None else
-                 f"start again with: {rerun_command(command, run_dir, resume=False)}")
-        raise ckpt.CheckpointError(f"{err}; then {where}") from err
+    except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
+        raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     finally:
         stop.close()
         log.close()
@@ -163,7 +160,9 @@ def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log
     losses, metrics, skipped, started, stopping = [], [], 0, time.perf_counter(), False
     bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
                disable=not (cfg.train.progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    for batch in window.wrap(whole.wrap(loader)):
+    # A stop at a capped epoch's last step saved batch_in_epoch == steps_per_epoch: only its end is left.
+    batches = loader if state.batch_in_epoch < steps_per_epoch else ()
+    for batch in window.wrap(whole.wrap(batches)):
         sched = step_schedule(cfg, state.step, steps_per_epoch)
         loss, step_metrics = train_step(parts, batch.views, sched)
         losses.append(loss)
@@ -326,23 +325,48 @@ def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] |
     """Refuse to overwrite another run; check a resume matches; create the run directory.
 
     A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning; those
-    are returned as {field: [old, new]} for `record_run`, which writes the run's record later.
+    are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
     """
     run_dir = Path(cfg.train.run_dir)
     with failing_together(accelerator):  # each process checks its view of the run directory; it ends as a barrier
         warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
         if accelerator.is_main_process:  # an unwritable place fails here, before the networks are built
-            run_dir.mkdir(parents=True, exist_ok=True)
+            with ckpt.writing(run_dir):
+                run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, warned
 
 
-def record_run(cfg: Config, run_dir: Path, accelerator, resume: bool, warned: dict) -> None:
-    """config.json and run_info.json, written once a resume has loaded its checkpoint and results:
-    a resume refused for a damaged file leaves the run's record as it was."""
+def open_records(cfg: Config, run_dir: Path, parts: StepParts, resume: bool, warned: dict, step: int) -> RunLog:
+    """Check the disk has room for a checkpoint, write config.json and run_info.json and open the
+    logs (main process; a failure stops every process). Called once a resume has loaded its
+    checkpoint and results: a resume refused for a damaged file leaves the run's record as it was.
+    A fresh start keeps no log rows: a run directory without a checkpoint may hold the logs of an
+    attempt killed before its first checkpoint, whose steps are about to be run again."""
+    accelerator = parts.accelerator
     with failing_together(accelerator):
         if accelerator.is_main_process:
-            write_json(run_dir / "config.json", to_dict(cfg))
-            write_run_info(cfg, run_dir, accelerator, resume, warned)
+            check_room_for_a_save(cfg, run_dir, parts)  # a full disk stops the run now, not an epoch later
+            info = run_info(cfg, run_dir, accelerator, resume, warned)  # reads the record first: a damaged one stops here
+            write_run_json(run_dir / "config.json", to_dict(cfg))
+            write_run_json(run_dir / "run_info.json", info)
+        return RunLog(run_dir, accelerator.is_main_process, resume_step=step if resume else 0)
+
+
+def backbone_path(cfg: Config, run_dir: Path) -> Path:
+    """The exported backbone, beside each checkpoint (`tools/eval_*.py` read it)."""
+    return run_dir / f"backbone_{cfg.model.arch}.pth"
+
+
+def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
+    """Refuse to start on a disk without room for one save: the weights twice (the optimiser's
+    momentum is as large), the teacher, the critic's key queue and the backbone export."""
+    student, critic = unwrap(parts.student).state_dict(), parts.objective.state
+    checkpoint = {"student": student, "momentum": student, "teacher": parts.teacher.state_dict(),
+                  "critic": critic.state_dict() if critic is not None else None}
+    path = backbone_path(cfg, run_dir)
+    needed = (ckpt.bytes_needed(checkpoint, run_dir / ckpt.CHECKPOINT_NAME)
+              + ckpt.bytes_needed(parts.teacher.backbone.state_dict(), path))
+    ckpt.check_free_space(run_dir, needed, f"a checkpoint and {path.name}")
 
 
 def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None) -> dict:
@@ -372,11 +396,11 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command
     return warned
 
 
-def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None) -> None:
-    """run_info.json: the machine, software and recipe of the run, for `tools/report.py`.
+def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None) -> dict:
+    """run_info.json's content: the machine, software and recipe of the run, for `tools/report.py`.
 
     A resumed run keeps the first record and adds the machine it resumed on (and the fields
-    it changed, as [old, new]).
+    it changed, as [old, new]). A damaged record is a CheckpointError, not a record started over.
     """
     from fastssl.reports.environment import describe_environment, describe_recipe
 
@@ -384,7 +408,7 @@ def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, change
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     env = describe_environment(accelerator.device)
     if resume and path.exists():
-        info = json.loads(path.read_text())
+        info = ckpt.read_json_record(path, "the run's record (machines, software, recipe) for tools/report.py")
         entry = {"date": now, "environment": env, "processes": accelerator.num_processes,
                  **({"changed": changed} if changed else {})}
         info.setdefault("resumed", []).append(entry)
@@ -393,7 +417,7 @@ def write_run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, change
         info = {"date": now, "environment": env,
                 "recipe": describe_recipe(cfg, run_dir.name, dtype, accelerator.num_processes)}
     info["cwd"] = str(Path.cwd())  # config.json's relative data paths are relative to it (tools/eval_*.py)
-    write_json(path, info)
+    return info
 
 
 def config_changes(old: dict, new: dict) -> set[str]:
@@ -442,20 +466,18 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
     accelerator.wait_for_everyone()
     error: ckpt.CheckpointError | None = None
     try:
-        backbone = ckpt.backbone_state(teacher.backbone) if accelerator.is_main_process else None
-        backbone_path = run_dir / f"backbone_{cfg.model.arch}.pth"
+        exports = ({backbone_path(cfg, run_dir): ckpt.backbone_state(teacher.backbone)}
+                   if accelerator.is_main_process else None)
         ckpt.save_checkpoint(run_dir, student=unwrap(parts.student), teacher=teacher, optimizer=parts.optimizer,
                              critic=parts.objective.state,
                              scaler=accelerator.scaler, state=state, config=to_dict(cfg),
                              rank=accelerator.process_index, is_main=accelerator.is_main_process,
-                             world_size=accelerator.num_processes,
-                             extra_bytes=ckpt.bytes_needed(backbone, backbone_path) if backbone is not None else 0,
+                             world_size=accelerator.num_processes, exports=exports,
                              loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
-        if backbone is not None:
-            ckpt.atomic_save(backbone, backbone_path)
     except Exception as err:  # noqa: BLE001 - whatever failed on one process, all of them stop together
-        error = err if isinstance(err, ckpt.CheckpointError) else ckpt.CheckpointError(
-            f"writing the checkpoint in {run_dir} failed: {type(err).__name__}: {err}")
+        error = (err if isinstance(err, ckpt.CheckpointError) else ckpt.write_error(run_dir, err)
+                 if isinstance(err, OSError) else ckpt.CheckpointError(
+                     f"writing the checkpoint in {run_dir} failed: {type(err).__name__}: {err}"))
     if any_process(accelerator, error is not None):
         raise error or ckpt.CheckpointError(f"another process could not write its part of the checkpoint in "
                                             f"{run_dir} (its message says why)")
@@ -464,4 +486,4 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
 
 def finish(run_dir: Path, accelerator, results: dict) -> None:
     if accelerator.is_main_process:
-        write_json(run_dir / "results.json", results)
+        write_run_json(run_dir / "results.json", results)

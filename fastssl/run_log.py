@@ -1,5 +1,8 @@
 """Per-run logs: CSV files (easy to read anywhere) and TensorBoard, main process only; and the atomic
-JSON writer and UTC date stamp that runs, reports and benchmark results share."""
+JSON writer and UTC date stamp that runs, reports and benchmark results share.
+
+A run's files that cannot be written (a full or read-only disk) raise `checkpoint.CheckpointError`
+naming the file, the cause and the fix (`checkpoint.writing`), which the trainers print as one line."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import csv
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+
+from fastssl.checkpoint import writing
 
 STEP_FIELDS = ["epoch", "step", "loss", "lr", "beta", "ema_momentum", "images_per_s", "data_wait_share",
                "step_time_s", "skipped_images", "alpha", "mi_nats", "mi_ceiling_nats"]  # the last 3: critic runs
@@ -21,7 +26,8 @@ class CsvLog:
     def __init__(self, path: Path, fields: list[str], keep_until_step: int | None = None):
         self.path, self.fields = path, fields
         if keep_until_step is not None and path.exists():
-            with path.open(newline="") as f:  # a row cut by a kill has no whole step: dropped too
+            # A row cut by a kill has no whole step: dropped too; so are bytes a crash left undecodable.
+            with path.open(newline="", errors="replace") as f:
                 rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
                         and int(r["step"]) <= keep_until_step]
             self._rewrite(rows)
@@ -29,16 +35,20 @@ class CsvLog:
             self._rewrite([])
 
     def _rewrite(self, rows: list[dict]) -> None:
-        """Header and rows through a temporary file: a kill keeps the old rows."""
+        """Header and rows through a temporary file: a kill or a full disk keeps the old rows."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path)
+        with writing(self.path):
+            try:
+                with tmp.open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(rows)
+                tmp.replace(self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def append(self, row: dict) -> None:
-        with self.path.open("a", newline="") as f:
+        with writing(self.path), self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
 
 
@@ -63,8 +73,9 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
 
         # TensorBoard hides earlier events at steps >= purge_step; the checkpoint's own step stays
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"),
-                                purge_step=None if resume_step is None else resume_step + 1)
+        with writing(run_dir / "tensorboard"):
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
 
     def step(self, row: dict) -> None:
         if self.enabled:
@@ -86,13 +97,24 @@ class RunLog:
 
 
 def write_json(path: Path, data: dict, sort_keys: bool = True) -> None:
-    """Write JSON atomically: a reader (a run report, --compare) never sees a half-written file.
-    The folder is made when missing (a tool's `--json out/run.json`)."""
+    """Write JSON atomically: a reader (a run report, --compare) never sees a half-written file,
+    and a failed write (a full disk) keeps the old file and leaves no temporary one. The folder is
+    made when missing (a tool's `--json out/run.json`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_run_json(path: Path, data: dict) -> None:
+    """A run's JSON record (config.json, results.json, run_info.json): `write_json`, with a failure
+    raised as the CheckpointError that says which file, why and what to do."""
+    with writing(path):
+        write_json(path, data)
 
 
 def utc_now() -> str:

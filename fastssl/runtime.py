@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from fastssl.config import TrainConfig
+from fastssl.config import ConfigError, TrainConfig
 
 
 def resolve_precision(precision: str, use_cuda: bool) -> str:
@@ -57,6 +57,10 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
     cuDNN's autotuner is on unless `train.cudnn_benchmark` is off: a run's shapes are fixed (two crop
     sizes, one batch), so the first steps' timing of each convolution's algorithms pays for itself."""
     use_cpu = train.cpu or not torch.cuda.is_available()
+    if use_cpu and train.precision == "fp16":  # it failed at the first convolution, with a dtype traceback
+        raise ConfigError(f"train.precision: fp16 (with its grad scaler) needs a CUDA GPU and this run is on the CPU"
+                          f"{' (--train.cpu true)' if train.cpu else ' (no GPU is visible)'}; use --train.precision "
+                          f"no (fp32) or bf16, or auto, which picks fp32 on the CPU")
     torch.backends.cudnn.benchmark = train.cudnn_benchmark
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(train.precision, not use_cpu),
                               dynamo_backend="no",  # compiling is `--train.compile`'s: the loop compiles the student

@@ -75,9 +75,16 @@ def step_schedule(cfg: Config, step: int, steps_per_epoch: int) -> StepSchedule:
 def alpha_schedule(progress: float, start: float, end: float) -> float:
     """Geometric curriculum: log(alpha) moves linearly from log(start) to log(end) as
     `progress` goes 0 -> 1 (10 -> 0.1 passes 1.0 halfway, as in the paper's Sec. 5.3).
-    The config refuses alpha <= 0; here math.log would raise ValueError for it."""
+    The config refuses alpha <= 0; here math.log would raise ValueError for it.
+
+    The endpoints come back exactly and every value stays between them: exp(log 10) is
+    10.000000000000002, and ML-CPC refuses an alpha past m = queue_size + 1 even by one ulp, so a
+    legal `--critic.alpha_start` equal to m must not leave (0, m] by rounding."""
     p = min(max(progress, 0.0), 1.0)
-    return math.exp(math.log(start) + p * (math.log(end) - math.log(start)))
+    alpha = math.exp(math.log(start) + p * (math.log(end) - math.log(start)))  # ValueError for alpha <= 0
+    if p in (0.0, 1.0):
+        return float(start if p == 0.0 else end)
+    return min(max(alpha, min(start, end)), max(start, end))
 
 
 def critic_progress(cfg: Config, step: int, steps_per_epoch: int) -> float:

@@ -63,7 +63,12 @@ def test_unknown_field_suggests_close_names():
     ("critic.shuffle_bn", True, "only for method.objective mlcpc"),
     ("optim.cosine_per", "iter", "choose epoch or step"),
     ("data.dali_read_threads", 0, "dali_read_threads: at least 1"),
-    ("train.collective_timeout_min", 0.0, "collective_timeout_min must be > 0 minutes"),
+    ("train.collective_timeout_min", 0.0, "collective_timeout_min: must be a finite number of minutes > 0"),
+    ("train.collective_timeout_min", float("inf"), "collective_timeout_min: must be a finite number of minutes > 0"),
+    ("train.collective_timeout_min", float("nan"), "collective_timeout_min: must be a finite number of minutes > 0"),
+    ("method.tau_teacher", float("nan"), "temperatures must be positive and finite"),
+    ("critic.temperature", float("inf"), "temperatures must be positive and finite"),
+    ("method.mlcpc_weight", float("nan"), "must be a finite number > 0"),
     ("method.sinkhorn_iters", 0, "method.sinkhorn_iters: Sinkhorn-Knopp needs at least 1 iteration"),
     ("method.num_iters", -1, "method.num_iters: must be >= 0"),
     ("train.seed", -1, "train.seed: must be >= 0"),
@@ -290,3 +295,20 @@ def test_a_tools_device_is_checked_when_parsed():
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device is visible here"):
             device_arg("cuda")
+
+
+def test_alpha_is_checked_against_the_ml_cpc_bounds_m():
+    """alpha-ML-CPC takes alpha in (0, m], m = queue_size + 1 (Song & Ermon, Sec. 3.2); the loss
+    refused any other alpha at the first step, after set-up. Now the config names it and the fix."""
+    cfg = valid()
+    cfg.critic.queue_size, cfg.critic.alpha_start, cfg.critic.alpha_end = 99, 100.0, 0.1  # alpha = m: allowed
+    validate(cfg)
+    cfg.critic.alpha_start = 150.0
+    with pytest.raises(ConfigError, match=re.escape(
+            "critic.alpha_start: ML-CPC's alpha must lie in (0, m] with m = --critic.queue_size + 1 = 100, got 150.0; "
+            "set --critic.alpha_start to at most 100 or --critic.queue_size to at least 149")):
+        validate(cfg)
+    cfg.critic.alpha_start, cfg.critic.alpha_end = 10.0, float("nan")
+    with pytest.raises(ConfigError, match=re.escape("critic.alpha_end: ML-CPC's alpha must lie in (0, m]")) as err:
+        validate(cfg)
+    assert "set --critic.alpha_end to a number in (0, 100]" in str(err.value)

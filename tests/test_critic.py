@@ -73,6 +73,22 @@ def test_alpha_curriculum_is_geometric():
         alpha_schedule(0.5, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("start, end", [(10.0, 0.1), (0.1, 10.0), (4097.0, 0.3), (3.0, 3.0)])
+def test_alpha_curriculum_returns_its_endpoints_exactly_and_never_leaves_them(start, end):
+    """exp(log 10) is 10.000000000000002: an alpha_start equal to ML-CPC's m = queue_size + 1 would
+    leave (0, m] by one ulp and the loss would refuse it. Checked against float64 math, not a copy."""
+    assert alpha_schedule(0.0, start, end) == start and alpha_schedule(1.0, end=end, start=start) == end
+    assert alpha_schedule(-0.5, start, end) == start and alpha_schedule(1.5, start, end) == end
+    for p in torch.linspace(0, 1, 1001, dtype=torch.float64).tolist():
+        alpha = alpha_schedule(p, start, end)
+        assert min(start, end) <= alpha <= max(start, end)
+        assert alpha == pytest.approx(start * (end / start) ** p, rel=1e-12)
+    m = int(max(start, end))
+    if m == max(start, end) and m > 1:  # alpha = m is scored: the positives alone, negatives weighted 0
+        pos, neg = torch.randn(4, dtype=torch.float64), torch.randn(4, m - 1, dtype=torch.float64)
+        assert torch.isfinite(ml_cpc_bound(pos, neg, alpha_schedule(0.0 if start > end else 1.0, start, end)))
+
+
 def _push_two_ranks(rank: int, world_size: int, device: str) -> torch.Tensor:
     on = on_device(device)
     q = KeyQueue(size=6, dim=4).to(on)

@@ -281,7 +281,7 @@ def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_
     with pytest.raises(SystemExit) as exc:
         run(DistillConfig(), args + ["--train.epochs", "2", "--resume"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "results.json holds no results object" in err and "Traceback" not in err
+    assert exc.value.code == 2 and "results.json holds no JSON object" in err and "Traceback" not in err
     assert (run_dir / "results.json").read_text() == "[1, 2]" and (run_dir / "config.json").read_bytes() == config
 
 
@@ -310,6 +310,20 @@ def test_bad_teacher_and_kd_without_teacher_exit_2(tmp_path: Path, capsys) -> No
         with pytest.raises(SystemExit) as exc:
             run(DistillConfig(), tiny_args(tmp_path, "run", *extra))
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("kd_temperature", math.inf), ("temperature", math.nan),
+                                          ("temperature", 0.0)])
+def test_a_temperature_that_is_not_a_positive_finite_number_is_named(field: str, value: float) -> None:
+    """`--loss.temperature inf` parsed as a float and passed a `> 0` check; the loss became nan."""
+    from fastssl.config import ConfigError
+    from fastssl.distill.config import validate
+
+    cfg = DistillConfig()
+    cfg.model.teacher = "t.pt"
+    setattr(cfg.loss, field, value)
+    with pytest.raises(ConfigError, match=f"loss.{field}: temperatures must be positive and finite, got {value}"):
+        validate(cfg)
 
 
 def test_several_launched_processes_are_refused(tmp_path: Path, teacher: Path, monkeypatch, capsys) -> None:

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,19 @@ def test_accelerates_own_dynamo_setting_is_not_used_and_says_so(monkeypatch, cap
     accelerator = build_accelerator(TrainConfig(cpu=True))
     assert accelerator.state.dynamo_plugin.backend.value == "NO"
     assert "dynamo_backend INDUCTOR (from `accelerate config`" in capsys.readouterr().err
+
+
+def test_fp16_on_the_cpu_is_refused_naming_what_works_there():
+    """fp16's grad scaler is CUDA's: on the CPU the run failed at the first convolution (a dtype
+    traceback after set-up)."""
+    from fastssl.config import ConfigError, TrainConfig
+    from fastssl.runtime import build_accelerator
+
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.precision: fp16 (with its grad scaler) needs a CUDA GPU and this run is on the CPU "
+            "(--train.cpu true); use --train.precision no (fp32) or bf16")):
+        build_accelerator(TrainConfig(cpu=True, precision="fp16"))
+    assert build_accelerator(TrainConfig(cpu=True, precision="no")).mixed_precision == "no"
 
 
 def test_auto_settings_become_what_this_process_runs():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import os
 import random
 import shutil
 from collections import namedtuple
@@ -19,7 +20,7 @@ import fastssl.engine as engine
 import fastssl.recovery as recovery
 from fastssl import checkpoint as ckpt
 from fastssl.cli import run
-from fastssl.config import ConfigError
+from fastssl.config import Config, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 Usage = namedtuple("Usage", "total used free")
@@ -57,6 +58,19 @@ def exit_of(cfg, argv: list[str], capsys, prog: str = "recipes/tiny.py") -> tupl
 
 
 # ---- full disk ----------------------------------------------------------------------------------------------------
+
+def test_a_killed_saves_leftover_is_removed_before_the_free_space_check(tmp_path, monkeypatch):
+    """A kill during a save leaves checkpoint.pt.tmp; counted against the free space, it would fail
+    every later save for a disk it fills itself."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    leftover = run_dir / "checkpoint.pt.tmp"
+    leftover.write_bytes(b"x" * 4096)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: Usage(2**40, 2**40, 2**20 if leftover.exists() else 2**40))
+    _save_tiny(run_dir, step=3, rank=0, world_size=1)
+    assert saved_step(run_dir) == 3 and not leftovers(run_dir)
+
 
 def test_full_disk_is_refused_before_writing_and_exits_2(tmp_path, monkeypatch, capsys):
     cfg = quick_config(tmp_path, epochs=1)
@@ -119,6 +133,89 @@ def test_free_space_estimate_covers_the_payload_and_the_file_it_replaces(tmp_pat
     assert ckpt.bytes_needed(obj, big) >= 30 * 2**20
 
 
+@pytest.mark.parametrize("where", ["run_dir", "parent"])
+def test_a_file_where_the_run_directory_should_be_is_named_and_exits_2(tmp_path, capsys, where):
+    """`--train.run_dir` naming a file (or a folder under a file) ended in FileExistsError's traceback."""
+    cfg = quick_config(tmp_path, epochs=1)
+    blocker = tmp_path / "taken"
+    blocker.write_text("a user's file")
+    cfg.train.run_dir = str(blocker if where == "run_dir" else blocker / "run")
+    code, _, err = exit_of(cfg, [], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"error: could not write {cfg.train.run_dir}: {blocker} is a file where a folder should be; " in err
+    assert "move it away or choose another --train.run_dir" in err
+    assert blocker.read_text() == "a user's file"
+
+
+@pytest.mark.parametrize("code, cause, fix", [
+    (errno.ENOSPC, "the disk is full", "free space on that disk"),
+    (errno.EROFS, "the file system is read-only", "choose a --train.run_dir on a writable disk"),
+    (errno.EACCES, "permission denied", "make {folder} writable for this user"),
+    (errno.EISDIR, "a folder stands where this file should be", "move that folder away"),
+    (errno.EIO, "OSError: Input/output error", "check that disk and the permissions of {folder}"),
+])
+def test_a_failed_write_names_the_file_its_cause_and_the_fix(tmp_path, code, cause, fix):
+    path = tmp_path / "run" / "results.json"
+    with pytest.raises(ckpt.CheckpointError) as info, ckpt.writing(tmp_path / "run"):
+        raise OSError(code, os.strerror(code), str(path))
+    assert str(info.value) == f"could not write {path}: {cause}; " + fix.format(folder=path.parent) + (
+        " (e.g. delete old runs) or move the run directory to a larger disk" if code == errno.ENOSPC else
+        " or choose another --train.run_dir" if code == errno.EACCES else "")
+
+
+def test_a_log_write_on_a_full_disk_stops_the_run_with_the_command_that_continues_it(tmp_path, monkeypatch, capsys):
+    """The disk fills between checkpoints: appending a log row fails (ENOSPC). The run stops with one
+    line naming the file and the resume command; once there is room, the resume logs each step once."""
+    cfg = quick_config(tmp_path, epochs=2)
+    run_dir = Path(cfg.train.run_dir)
+    real_open, appends = Path.open, []
+
+    def open_until_full(path, mode="r", *args, **kwargs):
+        if path.name == "train_log.csv" and mode == "a":
+            appends.append(path)
+            if len(appends) == 5:  # step 5's row
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_until_full)
+    code, _, err = exit_of(cfg, [], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"error: could not write {run_dir / 'train_log.csv'}: the disk is full; free space")
+    assert err.rstrip().endswith(f"then continue from the checkpoint of step 3 with: python recipes/tiny.py "
+                                 f"--resume --train.run_dir {run_dir}")
+    monkeypatch.undo()
+    with (run_dir / "train_log.csv").open("ab") as f:
+        f.write(b"0,\xff\xfe")  # and the crash left bytes that are not UTF-8
+    engine.train(cfg, resume=True)
+    assert [int(r["step"]) for r in read_csv(run_dir / "train_log.csv")] == [1, 2, 3, 4, 5, 6]
+    assert saved_step(run_dir) == 6 and not leftovers(run_dir)
+
+
+def test_a_failed_json_or_csv_rewrite_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from fastssl.run_log import CsvLog, write_run_json
+
+    results, log = tmp_path / "results.json", tmp_path / "log.csv"
+    results.write_text('{"knn": []}')
+    log.write_text("epoch,step\n0,1\n")
+
+    def full(self, *args, **kwargs):
+        with open(self, "wb") as f:  # what a writer leaves when the disk fills up
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(ckpt.CheckpointError, match="could not write .*results.json.tmp: the disk is full"):
+        write_run_json(results, {"knn": [1]})
+    monkeypatch.undo()
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: full(self) if "w" in mode
+                        else real_open(self, mode, *a, **k))
+    with pytest.raises(ckpt.CheckpointError, match="the disk is full"):
+        CsvLog(log, ["epoch", "step"], keep_until_step=0)
+    assert results.read_text() == '{"knn": []}' and log.read_text() == "epoch,step\n0,1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "results.json"]
+
+
 # ---- unreadable checkpoints ---------------------------------------------------------------------------------------
 
 def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys):
@@ -136,22 +233,24 @@ def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys
     assert code == 2 and err.startswith(f"error: {path} is corrupt or truncated") and "Traceback" not in err
 
 
-def test_a_damaged_results_file_is_named_on_resume_and_exits_2(tmp_path, capsys):
-    """results.json holds the k-NN history a resume continues: a damaged one is named, not replaced,
-    and the refused resume leaves the run's record (config.json, run_info.json) as it was, even
-    with a field a resume may change (it would otherwise be recorded as the run's config)."""
+@pytest.mark.parametrize("name, holds", [("results.json", "the run's evaluation history"),
+                                         ("run_info.json", "the run's record (machines, software, recipe)")])
+def test_a_damaged_results_or_run_info_file_is_named_on_resume_and_exits_2(tmp_path, capsys, name, holds):
+    """results.json holds the k-NN history a resume continues, run_info.json the machines it ran on:
+    a damaged one is named, not replaced, and the refused resume leaves the run's record
+    (config.json, run_info.json) as it was, even with a field a resume may change (it would
+    otherwise be recorded as the run's config)."""
     cfg = quick_config(tmp_path, epochs=1)
     engine.train(cfg)
     run_dir = Path(cfg.train.run_dir)
-    path = run_dir / "results.json"
+    path = run_dir / name
     path.write_text("x")
-    record = {name: (run_dir / name).read_bytes() for name in ("config.json", "run_info.json")}
+    record = {name: (run_dir / name).read_bytes() for name in ("config.json", "run_info.json", "results.json")}
     cfg.optim.base_lr *= 2  # in RESUMABLE_WITH_WARNING
     code, _, err = exit_of(cfg, ["--resume"], capsys)
     assert code == 2 and f"error: {path} cannot be read (" in err and "Traceback" not in err
-    assert "restore it, or delete it to resume without that history" in err
-    assert path.read_text() == "x"  # nothing overwritten
-    assert {name: (run_dir / name).read_bytes() for name in record} == record
+    assert f"it holds {holds}" in err and "restore it, or delete it to resume without it" in err
+    assert {name: (run_dir / name).read_bytes() for name in record} == record  # nothing overwritten
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts this process's reads in /proc/self/io")
@@ -182,13 +281,22 @@ def test_a_checkpoint_that_cannot_be_mapped_is_read_whole(tmp_path):
     assert ckpt.saved_config(run_dir) == {"train": {"epochs": 2}}
 
 
-def test_corrupt_rng_file_is_named(tmp_path):
-    cfg = quick_config(tmp_path, epochs=1)
-    engine.train(cfg)
+def test_a_corrupt_rng_file_is_named_and_the_run_resumes_without_it(tmp_path, capsys):
+    """rng/rank0.pt holds only this process's random generators and loader position: cut short by
+    a crash, it is named and the run continues from the checkpoint with fresh ones."""
+    cfg = quick_config(tmp_path, epochs=2)
+    StopAt.counter[0], StopAt.step = 0, 3
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "GracefulStop", StopAt)
+        m.setattr(engine, "train_step", counting(engine.train_step))
+        engine.train(cfg)
     rng = Path(cfg.train.run_dir) / "rng" / "rank0.pt"
     rng.write_bytes(rng.read_bytes()[:100])
-    with pytest.raises(ckpt.CheckpointError, match=f"{rng} is corrupt or truncated"):
-        engine.train(cfg, resume=True)
+    capsys.readouterr()
+    engine.train(cfg, resume=True)
+    err = capsys.readouterr().err
+    assert "were not restored (rank 0: rng/rank0.pt cannot be read (" in err, err
+    assert saved_step(Path(cfg.train.run_dir)) == 6
 
 
 def _save_tiny(run_dir: Path, step: int, rank: int, world_size: int, is_main: bool = True) -> dict:
@@ -357,6 +465,54 @@ def test_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_onc
     assert tensorboard_steps(run_dir, "epoch/loss") == [3]
 
 
+class Killed(BaseException):
+    """A kill -9 at a chosen point: nothing after it runs (no handler catches a BaseException)."""
+
+
+def test_a_kill_just_before_the_checkpoint_loses_no_knn_row_and_no_backbone(tmp_path, monkeypatch):
+    """results.json and the backbone are written before the epoch's checkpoint: a kill between them
+    (a multi-GB save, where SLURM's kill lands) leaves them ahead of it, and the resume ends with
+    the k-NN history and backbone of an uninterrupted run."""
+    once = tiny_config(tmp_path / "once", epochs=2)
+    engine.train(once)
+    cfg = tiny_config(tmp_path / "killed", epochs=2)
+    real_save = ckpt.atomic_save
+
+    def killed_at_the_last_checkpoint(obj, path):
+        if Path(path).name == "checkpoint.pt" and obj["state"]["epoch"] == 2:
+            raise Killed
+        real_save(obj, path)
+
+    monkeypatch.setattr(ckpt, "atomic_save", killed_at_the_last_checkpoint)
+    with pytest.raises(Killed):
+        engine.train(cfg)
+    monkeypatch.undo()
+    engine.train(cfg, resume=True)
+    results = [json.loads((Path(c.train.run_dir) / "results.json").read_text()) for c in (once, cfg)]
+    assert [r["epoch"] for r in results[1]["knn"]] == [1, 2] and results[1] == results[0]
+    backbones = [torch.load(Path(c.train.run_dir) / "backbone_resnet18.pth") for c in (once, cfg)]
+    assert all(torch.equal(backbones[0][k], backbones[1][k]) for k in backbones[0])
+
+
+def test_a_stop_at_a_capped_epochs_last_step_resumes_to_the_same_steps(tmp_path, monkeypatch):
+    """--train.steps_per_epoch below the loader's length: a stop at the epoch's last step saves its
+    end; the resume must not train one more batch of that epoch."""
+    once = quick_config(tmp_path / "once", epochs=2)
+    once.train.steps_per_epoch = 2  # of 3
+    engine.train(once)
+    cfg = quick_config(tmp_path / "stopped", epochs=2)
+    cfg.train.steps_per_epoch = 2
+    StopAt.counter[0], StopAt.step = 0, 2
+    with monkeypatch.context() as m:
+        m.setattr(engine, "GracefulStop", StopAt)
+        m.setattr(engine, "train_step", counting(engine.train_step))
+        assert engine.train(cfg)["interrupted"]
+    engine.train(cfg, resume=True)
+    logs = [read_csv(Path(c.train.run_dir) / "train_log.csv") for c in (once, cfg)]
+    assert [int(r["step"]) for r in logs[1]] == [1, 2, 3, 4]
+    assert [(r["lr"], r["loss"]) for r in logs[1]] == [(r["lr"], r["loss"]) for r in logs[0]]
+
+
 def test_csv_log_drops_a_row_cut_by_a_kill(tmp_path):
     from fastssl.run_log import CsvLog
 
@@ -397,6 +553,52 @@ def test_rerun_command_replaces_fields_in_both_spellings():
     assert (recovery.rerun_command(cmd, Path("runs/x"), overrides={"optim.base_lr": "0.1"})
             == "python r.py --data.val= --resume --train.run_dir runs/x --optim.base_lr 0.1")
     assert recovery.rerun_command(None, Path("d"), resume=False) == "<your command> --train.run_dir d"
+
+
+def test_rerun_command_of_several_processes_names_their_launcher(monkeypatch):
+    """The recorded command is `python script ...` whatever launched it: followed literally after an
+    8-GPU run it would resume on one process (the whole batch on one GPU)."""
+    cmd = ["python", "recipes/mira_bs512.py", "--train.seed", "3"]
+    assert (recovery.rerun_command(cmd, Path("runs/x"), processes=(8, 8))
+            == "accelerate launch --multi_gpu --num_processes 8 recipes/mira_bs512.py --train.seed 3 --resume "
+               "--train.run_dir runs/x")
+    two_nodes = recovery.rerun_command(cmd, Path("runs/x"), processes=(16, 8))
+    assert two_nodes.startswith("python recipes/mira_bs512.py --train.seed 3 --resume --train.run_dir runs/x")
+    assert two_nodes.endswith("(with the same launcher and process count as before: 16 processes on 2 machines, "
+                              "one launch on each)")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # read from the launcher's environment when not given
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert recovery.rerun_command(cmd, Path("d")).startswith("accelerate launch --multi_gpu --num_processes 4 ")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert recovery.rerun_command(cmd, Path("d")).startswith("python recipes/mira_bs512.py")
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_a_ctrl_c_in_set_up_exits_130_with_one_line_saying_how_to_go_on(tmp_path, capsys, checkpoint):
+    """Set-up (listing an ImageNet folder takes minutes) runs before the loop turns SIGINT into a
+    checkpoint: a Ctrl-C there printed a traceback. The run directory decides the advice."""
+    from fastssl.cli import command_line
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if checkpoint:
+        (run_dir / ckpt.CHECKPOINT_NAME).write_bytes(b"")
+
+    def start(cfg, resume, command):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        command_line(Config(), ["--train.run_dir", str(run_dir)], "recipes/x.py", check=lambda cfg: None,
+                     dump=str, start=start, user_errors=())
+    assert exited.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    if checkpoint:
+        assert err == (f"interrupted; the checkpoint in {run_dir} is kept, continue from it with: "
+                       f"python recipes/x.py --resume --train.run_dir {run_dir}")
+    else:
+        assert err == (f"interrupted before a checkpoint was written in {run_dir}; nothing to resume: "
+                       f"start again with: python recipes/x.py --train.run_dir {run_dir}")
 
 
 # ---- the demo without k-NN ----------------------------------------------------------------------------------------
@@ -545,14 +747,19 @@ def test_processes_started_with_different_settings_refuse_to_start(tmp_path, fie
     assert not (tmp_path / "run").exists()
 
 
-def test_any_failure_to_write_a_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, message", [
+    (PermissionError(13, "Permission denied", "rng/rank0.pt"),
+     "could not write rng/rank0.pt: permission denied; make rng writable for this user"),
+    (ValueError("a state that cannot be pickled"), "writing the checkpoint in .* failed: ValueError"),
+], ids=["OSError", "other"])
+def test_any_failure_to_write_a_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch, failure, message):
     """Not only the errors checkpoint.py names: any failure there stops every process together (as a
     CheckpointError, agreed in `engine.save`), where another exception would leave the others waiting."""
     def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", "rng/rank0.pt")
+        raise failure
 
     monkeypatch.setattr(ckpt, "save_checkpoint", refuse)
-    with pytest.raises(ckpt.CheckpointError, match="writing the checkpoint in .* failed: PermissionError"):
+    with pytest.raises(ckpt.CheckpointError, match=message):
         engine.train(quick_config(tmp_path, epochs=1))
 
 

@@ -243,8 +243,9 @@ def test_the_node_launcher_ignores_the_users_own_accelerate_config(tmp_path):
     (tmp_path / "hf" / "accelerate").mkdir(parents=True)
     (tmp_path / "hf" / "accelerate" / "default_config.yaml").write_text(USERS_OWN_ACCELERATE_CONFIG)
     probe = tmp_path / "probe.py"
-    probe.write_text("import json, os\nprint('probe', json.dumps({k: os.environ.get(k) for k in ("
-                     "'WORLD_SIZE', 'CUDA_VISIBLE_DEVICES', 'ACCELERATE_DYNAMO_BACKEND')}), flush=True)\n")
+    probe.write_text("import json, os\nos.write(1, ('probe ' + json.dumps({k: os.environ.get(k) for k in ("
+                     "'WORLD_SIZE', 'CUDA_VISIBLE_DEVICES', 'ACCELERATE_DYNAMO_BACKEND')}) + '\\n').encode())\n")
+    # one write per process: the two processes share the pipe, and print's pieces interleave
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env.update(HF_HOME=str(tmp_path / "hf"), ACCELERATE_USE_CPU="true", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="2",
                MASTER_PORT=str(free_port()), LAUNCH=f"{sys.executable} -m accelerate.commands.launch")

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from fastssl.config import ConfigError
+from fastssl.config import ConfigError, positive_number
 from fastssl.distill.losses import BOUNDS
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS
 
@@ -133,8 +133,9 @@ def config_errors(cfg: DistillConfig) -> list[str]:
                  "RUN/classifier.pt, or set --loss.kd_weight 0 --loss.mi_weight 0 to train with labels only")
     if lo.ce_weight + lo.kd_weight + lo.mi_weight == 0:
         e.append("loss.*_weight: all weights are 0, nothing would be trained; set at least one > 0")
-    if not lo.kd_temperature > 0 or not lo.temperature > 0:
-        e.append("loss.kd_temperature/temperature: temperatures must be positive")
+    for name in ("kd_temperature", "temperature"):
+        if not positive_number(getattr(lo, name)):
+            e.append(f"loss.{name}: temperatures must be positive and finite, got {getattr(lo, name)}")
     if lo.bound not in BOUNDS:
         e.append(f"loss.bound: unknown {lo.bound!r}; choose one of {', '.join(BOUNDS)}")
     if lo.queue_size < 1:

@@ -35,8 +35,8 @@ from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
-from fastssl.recovery import rerun_command
-from fastssl.run_log import CsvLog, write_json
+from fastssl.recovery import after_write_failure, rerun_command
+from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
 from pipelines.folder import DataLayoutError
 from pipelines.sampler import shard_batches
@@ -135,7 +135,8 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
         if changed:
             raise ConfigError(f"--resume: these fields differ from the run in {run_dir}: {', '.join(sorted(changed))}; "
                               f"drop those overrides or start a new --train.run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with ckpt.writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -195,7 +196,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
         results = {"top1": [], **ckpt.read_results(run_dir)}
         results["top1"] = [r for r in results["top1"] if r["epoch"] <= state.epoch]
         results.pop("interrupted", None)
-    write_json(run_dir / "config.json", to_dict(cfg))
+    write_run_json(run_dir / "config.json", to_dict(cfg))
     steps_log = CsvLog(run_dir / "train_log.csv", STEP_FIELDS, state.step)
     epochs_log = CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step)
     workers = cfg.data.num_workers
@@ -204,6 +205,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
                             generator=torch.Generator().manual_seed(0))
     model.train()
     stop = GracefulStop()
+    saved_step = state.step if resume else None  # the step of the checkpoint on disk
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
             started = time.time()  # of this process's part of the epoch
@@ -211,7 +213,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
                              steps_log, stop, device, run_dir):
                 save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)  # mid-epoch
                 results["interrupted"] = stop.signal_name or "signal"
-                write_json(run_dir / "results.json", results)
+                write_run_json(run_dir / "results.json", results)
                 print(f"stopped by {results['interrupted']} at epoch {state.epoch} step {state.step}: checkpoint "
                       f"saved in {run_dir}; continue with: {rerun_command(command, run_dir)}", flush=True)
                 return results
@@ -224,14 +226,17 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
                 epoch_row["top1"] = top1(model.student, val_loader, device)
                 results["top1"].append({"epoch": state.epoch, "top1": epoch_row["top1"]})
             epochs_log.append(epoch_row)
+            write_run_json(run_dir / "results.json", results)  # before the checkpoint: a kill between them loses no row
             if last or state.epoch % cfg.train.checkpoint_every == 0:
                 save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)
-            write_json(run_dir / "results.json", results)
+                saved_step = state.step
+    except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
+        raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     finally:
         stop.close()
     save_classifier(model.student, cfg.model.student, num_classes, cfg.model.stem, run_dir / CLASSIFIER_NAME)
     results["final_top1"] = results["top1"][-1]["top1"] if results["top1"] else None
-    write_json(run_dir / "results.json", results)
+    write_run_json(run_dir / "results.json", results)
     return results
 
 
@@ -300,5 +305,6 @@ def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = No
                            dump=lambda c: json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True),
                            start=lambda c, resume, command: train(c, resume=resume, command=command),
                            user_errors=(ConfigError, DataLayoutError, FileNotFoundError, ckpt.CheckpointError))
-    print(f"done: top-1 {results['final_top1']:.2f}% ({cfg.train.run_dir}/results.json)")
+    top1 = results.get("final_top1")
+    print(f"done: top-1 {'n/a' if top1 is None else f'{top1:.2f}%'} ({cfg.train.run_dir}/results.json)")
     return results
