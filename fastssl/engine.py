@@ -374,15 +374,17 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command
     saved = ckpt.saved_config(run_dir)
     warned: dict[str, list] = {}
     if resume and saved is not None:
-        changes = config_changes(saved, to_dict(cfg)) - RESUMABLE_CHANGES
-        changed = changes - RESUMABLE_WITH_WARNING
-        if changed:
+        now, default = to_dict(cfg), to_dict(Config())
+        changes = config_changes(saved, now) - RESUMABLE_CHANGES
+        values = {name: [saved.get(section, {}).get(field, default[section][field]), now[section][field]]
+                  for name in changes for section, field in [name.split(".")]}  # [the run's, this command's]
+        changed = sorted(changes - RESUMABLE_WITH_WARNING)
+        if changed:  # with both values: an `auto` may have resolved to another one here
             raise ConfigError(f"--resume: these fields differ from the run being resumed in {run_dir}: "
-                              f"{', '.join(sorted(changed))}; drop those overrides or start a new --train.run_dir")
-        default = to_dict(Config())
+                              + ", ".join(f"{n} ({values[n][0]!r} in the run, {values[n][1]!r} now)" for n in changed)
+                              + "; resume with the run's values (drop those overrides) or start a new --train.run_dir")
         for name in sorted(changes):
-            section, field = name.split(".")
-            warned[name] = [saved.get(section, {}).get(field, default[section][field]), to_dict(cfg)[section][field]]
+            warned[name] = values[name]
             if accelerator.is_main_process:
                 print(f"warning: --resume with {name} changed from {warned[name][0]!r} to {warned[name][1]!r}: the "
                       f"run continues with the new value, so it no longer matches an uninterrupted run",

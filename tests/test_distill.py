@@ -266,6 +266,11 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     with pytest.raises(SystemExit) as exc:
         run(DistillConfig(), args)
     assert exc.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a resume that would compute something else names both values
+        run(DistillConfig(), args + ["--resume", "--loss.alpha", "0.01"])
+    assert exc.value.code == 2 and ("these fields differ from the run in "
+                                    f"{tmp_path / 'run'}: loss.alpha (0.05 in the run, 0.01 now); resume with the "
+                                    "run's values") in capsys.readouterr().err
 
 
 def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_path: Path, teacher: Path,

@@ -218,6 +218,20 @@ def test_a_failed_json_or_csv_rewrite_keeps_the_old_file_and_leaves_no_temporary
 
 # ---- unreadable checkpoints ---------------------------------------------------------------------------------------
 
+def test_a_resume_that_changes_what_is_computed_names_each_field_with_both_values(tmp_path, capsys):
+    """A field that changes what is computed is refused on resume, naming the run's value and this
+    command's (an `auto` may resolve to another backend on another machine than the run's)."""
+    cfg = quick_config(tmp_path, epochs=1)
+    engine.train(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    config = (run_dir / "config.json").read_bytes()
+    code, _, err = exit_of(cfg, ["--resume", "--optim.momentum", "0.5", "--train.seed", "7"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert (f"error: --resume: these fields differ from the run being resumed in {run_dir}: optim.momentum (0.9 in "
+            f"the run, 0.5 now), train.seed (0 in the run, 7 now); resume with the run's values") in err
+    assert (run_dir / "config.json").read_bytes() == config
+
+
 def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys):
     cfg = quick_config(tmp_path, epochs=1)
     engine.train(cfg)

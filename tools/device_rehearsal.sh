@@ -36,6 +36,8 @@ esac
 
 if [ ! -x "$VENV/bin/python3" ]; then
   py=$(command -v python3.12 || true)
+  # a pyenv shim is on PATH even where 3.12 is not the selected version: it must run to count
+  [ -n "$py" ] && ! "$py" -c "" 2>/dev/null && py=""
   if [ -z "$py" ] && command -v pyenv >/dev/null; then
     v=$(pyenv versions --bare | grep -E '^3\.12(\.|$)' | tail -1 || true)
     [ -n "$v" ] && py="$(pyenv root)/versions/$v/bin/python3.12"

@@ -130,11 +130,13 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
                           f"--train.run_dir (nothing was overwritten)")
     if resume:
         new = to_dict(cfg)
-        changed = {f"{s}.{k}" for s in new for k in new[s] if saved.get(s, {}).get(k) != new[s][k]}
-        changed -= RESUMABLE_CHANGES
+        changed = sorted(f"{s}.{k}" for s in new for k in new[s]
+                         if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES)
         if changed:
-            raise ConfigError(f"--resume: these fields differ from the run in {run_dir}: {', '.join(sorted(changed))}; "
-                              f"drop those overrides or start a new --train.run_dir")
+            shown = ", ".join(f"{name} ({saved.get(s, {}).get(k)!r} in the run, {new[s][k]!r} now)"
+                              for name in changed for s, k in [name.split(".")])
+            raise ConfigError(f"--resume: these fields differ from the run in {run_dir}: {shown}; resume with the "
+                              f"run's values (drop those overrides) or start a new --train.run_dir")
     with ckpt.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
