@@ -6,11 +6,14 @@ Defaults are DINO's / MIRA's ResNet-50 recipe (the authors' code): 2 x 224 globa
 crops at scale (0.14, 1), 6 x 96 local crops at scale (0.05, 0.14), colour jitter
 (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur with p 1.0 / 0.1 /
 0.5 on global view 0 / global view 1 / locals (sigma 0.1-2), solarize p 0.2 on
-global view 1 only, horizontal flip p 0.5, ImageNet mean and std, bicubic crops.
+global view 1 only, horizontal flip p 0.5, ImageNet mean and std, bicubic crops, and
+the colour jitter's four steps in an order drawn per image and view (torchvision's
+`ColorJitter`, which the authors use).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,6 +25,11 @@ NUM_GLOBAL_VIEWS = 2
 # `pipelines.dali_decoder.dali_interp`.
 INTERPOLATIONS = ("bicubic", "bilinear")
 EVAL_INTERPOLATION = "bilinear"
+# The colour jitter's steps: 0 brightness, 1 contrast, 2 saturation, 3 hue. torchvision's
+# ColorJitter applies them in a random order per call (`torch.randperm(4)`); a sample's order
+# is an index into JITTER_ORDERS, all 24 equally likely, and index 0 is the fixed order.
+JITTER_ORDERS: tuple[tuple[int, int, int, int], ...] = tuple(itertools.permutations(range(4)))
+JITTER_ORDER_MODES = ("random", "fixed")
 
 
 def interpolation_errors(field: str, value: str) -> list[str]:
@@ -54,6 +62,8 @@ class MultiCropRecipe:
     flip_p: float = 0.5  # probability of a horizontal flip, per view
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue jitter
     jitter_p: float = 0.8  # probability of colour jitter, per view
+    # fixed: always brightness, contrast, saturation, hue (no per-order batch splits in the fast loaders).
+    jitter_order: str = "random"  # random (an order of the jitter's 4 steps per view, as torchvision's) | fixed
     grayscale_p: float = 0.2  # probability of grayscale, per view
     # Blur probability for global view 0, global view 1, and every local view.
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
@@ -69,6 +79,11 @@ class MultiCropRecipe:
     @property
     def num_views(self) -> int:
         return NUM_GLOBAL_VIEWS + self.num_local
+
+    @property
+    def num_jitter_orders(self) -> int:
+        """How many orders of the jitter's steps a sample draws from (JITTER_ORDERS[:n], uniformly)."""
+        return len(JITTER_ORDERS) if self.jitter_order == "random" else 1
 
     def view(self, v: int) -> ViewSpec:
         """The spec of view `v`: 0 and 1 are the global views, the rest are local."""
@@ -105,6 +120,8 @@ class MultiCropRecipe:
         probs += [(f"blur_p[{i}]", p) for i, p in enumerate(self.blur_p)]
         probs += [(f"solarize_p[{i}]", p) for i, p in enumerate(self.solarize_p)]
         out += [f"{n}: a probability must lie in [0, 1], got {p}" for n, p in probs if not 0 <= p <= 1]
+        if self.jitter_order not in JITTER_ORDER_MODES:
+            out.append(f"jitter_order: choose one of {', '.join(JITTER_ORDER_MODES)}, got {self.jitter_order!r}")
         if any(s <= 0 for s in self.std):
             out.append(f"std: must be positive, got {self.std}")
         return out + interpolation_errors("interpolation", self.interpolation)

@@ -8,7 +8,7 @@ right after the crop is cut: on uint8 pixels (as PIL's ops), in the loader's thr
 (which release the GIL), and a step a sample did not draw costs nothing.
 
 Definitions are those of `pipelines.device_augment` (torchvision's tensor ops): colour
-jitter as brightness, contrast, saturation, hue in that order; grayscale with
+jitter as brightness, contrast, saturation, hue in the drawn order (`JITTER_ORDERS`); grayscale with
 torchvision's weights; Gaussian blur with sigma ~ U(blur_sigma), a window of
 2 * ceil(3 sigma) + 1 and reflected borders; solarize at 128. Each step rounds back to
 uint8 at its end (PIL does the same between steps); `tests/test_cpu_augment.py` holds
@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 from numba import njit
+
+from pipelines.augment import JITTER_ORDERS
 
 GRAY_R, GRAY_G, GRAY_B = 0.2989, 0.587, 0.114  # torchvision's rgb_to_grayscale
 
@@ -57,23 +59,54 @@ JITTER_CHUNK = 1024  # pixels per pass of the vectorised colour loop (3 x 4 KiB 
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _saturate_and_shift_hue(r: np.ndarray, g: np.ndarray, b: np.ndarray, saturation: np.float32,
-                            shift6: np.float32) -> None:
-    """Saturation, then torchvision's HSV hue shift, on planar float32 channels in [0, 1], in place.
+def _brighten(r: np.ndarray, g: np.ndarray, b: np.ndarray, brightness: np.float32) -> None:
+    """Brightness on planar float32 channels in [0, 1], in place."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    for i in range(r.shape[0]):
+        r[i] = min(max(r[i] * brightness, zero), one)
+        g[i] = min(max(g[i] * brightness, zero), one)
+        b[i] = min(max(b[i] * brightness, zero), one)
 
-    Branch-free (selects only) so that the compiler vectorises it. The hue shift in closed
-    form: HSV keeps the max v and the chroma c = v - min of a pixel, only the hue h (here in
-    sixths of the wheel, h6 = 6 h) moves, and channel n of (h6, v, c) is
-    v - c clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6 (n = 5, 3, 1 for R, G, B).
-    A gray pixel (c = 0) comes out unchanged whatever its hue.
-    """
-    zero, one, six = np.float32(0.0), np.float32(1.0), np.float32(6.0)
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _contrast(r: np.ndarray, g: np.ndarray, b: np.ndarray, contrast: np.float32) -> None:
+    """Contrast around the mean luma of the whole image (every pixel of r, g, b), in place."""
+    total = 0.0
+    for i in range(r.shape[0]):
+        total += GRAY_R * r[i] + GRAY_G * g[i] + GRAY_B * b[i]
+    mean = np.float32(total / max(r.shape[0], 1))
+    zero, one = np.float32(0.0), np.float32(1.0)
+    for i in range(r.shape[0]):
+        r[i] = min(max(mean + (r[i] - mean) * contrast, zero), one)
+        g[i] = min(max(mean + (g[i] - mean) * contrast, zero), one)
+        b[i] = min(max(mean + (b[i] - mean) * contrast, zero), one)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _saturate(r: np.ndarray, g: np.ndarray, b: np.ndarray, saturation: np.float32) -> None:
+    """Saturation (a blend with each pixel's luma) on planar float32 channels in [0, 1], in place."""
+    zero, one = np.float32(0.0), np.float32(1.0)
     wr, wg, wb = np.float32(GRAY_R), np.float32(GRAY_G), np.float32(GRAY_B)
     for i in range(r.shape[0]):
         gray = wr * r[i] + wg * g[i] + wb * b[i]
-        red = min(max(gray + (r[i] - gray) * saturation, zero), one)
-        green = min(max(gray + (g[i] - gray) * saturation, zero), one)
-        blue = min(max(gray + (b[i] - gray) * saturation, zero), one)
+        r[i] = min(max(gray + (r[i] - gray) * saturation, zero), one)
+        g[i] = min(max(gray + (g[i] - gray) * saturation, zero), one)
+        b[i] = min(max(gray + (b[i] - gray) * saturation, zero), one)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _shift_hue(r: np.ndarray, g: np.ndarray, b: np.ndarray, shift6: np.float32) -> None:
+    """torchvision's HSV hue shift by `shift6` sixths of the wheel, on planar float32 channels, in place.
+
+    Branch-free (selects only) so that the compiler vectorises it. In closed form: HSV keeps
+    the max v and the chroma c = v - min of a pixel, only the hue h (here in sixths of the
+    wheel, h6 = 6 h) moves, and channel n of (h6, v, c) is v - c clamp(min(k, 4 - k), 0, 1)
+    with k = (n + h6) mod 6 (n = 5, 3, 1 for R, G, B). A gray pixel (c = 0) comes out
+    unchanged whatever its hue.
+    """
+    zero, one, six = np.float32(0.0), np.float32(1.0), np.float32(6.0)
+    for i in range(r.shape[0]):
+        red, green, blue = r[i], g[i], b[i]
         v = max(red, max(green, blue))
         chroma = v - min(red, min(green, blue))
         inv = one / (chroma if chroma > zero else one)
@@ -127,11 +160,49 @@ def jitter_u8(img: np.ndarray, brightness: float, contrast: float, saturation: f
         base = 3 * start
         for i in range(m):
             red[i], green[i], blue[i] = curve[flat[base + 3 * i]], curve[flat[base + 3 * i + 1]], curve[flat[base + 3 * i + 2]]
-        _saturate_and_shift_hue(red[:m], green[:m], blue[:m], np.float32(saturation), np.float32(6.0 * hue))
+        _saturate(red[:m], green[:m], blue[:m], np.float32(saturation))
+        _shift_hue(red[:m], green[:m], blue[:m], np.float32(6.0 * hue))
         for i in range(m):  # values are in [0, 1]: + 0.5 and truncation round to nearest
             flat[base + 3 * i] = np.uint8(red[i] * np.float32(255.0) + np.float32(0.5))
             flat[base + 3 * i + 1] = np.uint8(green[i] * np.float32(255.0) + np.float32(0.5))
             flat[base + 3 * i + 2] = np.uint8(blue[i] * np.float32(255.0) + np.float32(0.5))
+
+
+ORDERS = np.array(JITTER_ORDERS, dtype=np.int64)  # row k: the jitter's steps in order k (0 = fixed)
+
+
+@njit(cache=True, nogil=True)
+def jitter_in_order_u8(img: np.ndarray, brightness: float, contrast: float, saturation: float, hue: float,
+                       order: int) -> None:
+    """torchvision's ColorJitter with these factors and its steps in `JITTER_ORDERS[order]`, in
+    place on an H x W x 3 uint8 crop. Order 0 (brightness, contrast, saturation, hue) takes
+    `jitter_u8`'s table path; any other runs each step over the whole crop in planar float32
+    (contrast needs the mean luma of what the steps before it made)."""
+    if order == 0:
+        jitter_u8(img, brightness, contrast, saturation, hue)
+        return
+    n = img.shape[0] * img.shape[1]
+    flat = img.reshape(n * 3)
+    red = np.empty(n, dtype=np.float32)
+    green = np.empty(n, dtype=np.float32)
+    blue = np.empty(n, dtype=np.float32)
+    scale = np.float32(1.0 / 255.0)
+    for i in range(n):
+        red[i], green[i], blue[i] = flat[3 * i] * scale, flat[3 * i + 1] * scale, flat[3 * i + 2] * scale
+    for position in range(4):
+        step = ORDERS[order, position]
+        if step == 0:
+            _brighten(red, green, blue, np.float32(brightness))
+        elif step == 1:
+            _contrast(red, green, blue, np.float32(contrast))
+        elif step == 2:
+            _saturate(red, green, blue, np.float32(saturation))
+        else:
+            _shift_hue(red, green, blue, np.float32(6.0 * hue))
+    for i in range(n):  # values are in [0, 1]: + 0.5 and truncation round to nearest
+        flat[3 * i] = np.uint8(red[i] * np.float32(255.0) + np.float32(0.5))
+        flat[3 * i + 1] = np.uint8(green[i] * np.float32(255.0) + np.float32(0.5))
+        flat[3 * i + 2] = np.uint8(blue[i] * np.float32(255.0) + np.float32(0.5))
 
 
 @njit(cache=True, nogil=True)
@@ -207,20 +278,21 @@ def solarize_u8(img: np.ndarray) -> None:
 
 # A drawn row (`apply_drawn_u8`): what one sample drew for one view. Flags are 0 or 1.
 DRAWN_JITTER, DRAWN_BRIGHTNESS, DRAWN_CONTRAST, DRAWN_SATURATION, DRAWN_HUE = 0, 1, 2, 3, 4
-DRAWN_GRAYSCALE, DRAWN_BLUR, DRAWN_SIGMA, DRAWN_SOLARIZE = 5, 6, 7, 8
-NUM_DRAWN = 9
+DRAWN_GRAYSCALE, DRAWN_BLUR, DRAWN_SIGMA, DRAWN_SOLARIZE, DRAWN_ORDER = 5, 6, 7, 8, 9  # order: of JITTER_ORDERS
+NUM_DRAWN = 10
 
 
 @njit(cache=True, nogil=True)
 def apply_drawn_u8(img: np.ndarray, drawn: np.ndarray) -> None:
     """The photometric steps one sample drew, in the reference's order, in place.
 
-    Order as torchvision's: jitter, grayscale, blur, solarize. A step whose flag is 0 is
+    Order as torchvision's: jitter (its steps in the drawn order), grayscale, blur, solarize. A step whose flag is 0 is
     not run at all. Shared by FFCV's decoder (`augment_crop_u8` draws with numba's
     generator) and DALI's CPU mode (`pipelines.dali_photometric` draws with DALI's).
     """
     if drawn[DRAWN_JITTER] > 0.5:
-        jitter_u8(img, drawn[DRAWN_BRIGHTNESS], drawn[DRAWN_CONTRAST], drawn[DRAWN_SATURATION], drawn[DRAWN_HUE])
+        jitter_in_order_u8(img, drawn[DRAWN_BRIGHTNESS], drawn[DRAWN_CONTRAST], drawn[DRAWN_SATURATION],
+                           drawn[DRAWN_HUE], int(drawn[DRAWN_ORDER]))
     if drawn[DRAWN_GRAYSCALE] > 0.5:
         grayscale_u8(img)
     if drawn[DRAWN_BLUR] > 0.5:
@@ -239,7 +311,8 @@ def augment_crop_u8(img: np.ndarray, params: np.ndarray) -> None:
     """Every photometric step of one view on one crop, each drawn with its own coin, in place.
 
     `params` (float64, see `crop_params`): flip_p, jitter_p, brightness, contrast,
-    saturation, hue, grayscale_p, blur_p, sigma_lo, sigma_hi, solarize_p. The flip comes
+    saturation, hue, grayscale_p, blur_p, sigma_lo, sigma_hi, solarize_p, number of jitter
+    orders (24, or 1 for the fixed order). The flip comes
     first (it commutes with the rest), then `apply_drawn_u8`. Random numbers come from
     numba's generator of the calling thread, which FFCV's decoder reseeds before each
     image (`pipelines.ffcv.image_seed`), as for its crop boxes.
@@ -257,6 +330,7 @@ def augment_crop_u8(img: np.ndarray, params: np.ndarray) -> None:
     drawn[DRAWN_BLUR] = _flag(params[7])
     drawn[DRAWN_SIGMA] = np.random.uniform(params[8], params[9])
     drawn[DRAWN_SOLARIZE] = _flag(params[10])
+    drawn[DRAWN_ORDER] = np.random.randint(0, int(params[11]))
     apply_drawn_u8(img, drawn)
 
 
@@ -264,4 +338,5 @@ def crop_params(recipe, view) -> np.ndarray:
     """The float64 parameter row `augment_crop_u8` reads for one view of the recipe."""
     b, c, s, h = recipe.jitter
     return np.array([recipe.flip_p, recipe.jitter_p, b, c, s, h, recipe.grayscale_p, view.blur_p,
-                     recipe.blur_sigma[0], recipe.blur_sigma[1], view.solarize_p], dtype=np.float64)
+                     recipe.blur_sigma[0], recipe.blur_sigma[1], view.solarize_p, recipe.num_jitter_orders],
+                    dtype=np.float64)

@@ -42,11 +42,11 @@ import nvidia.dali.math as dmath
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.augment import MultiCropRecipe, ViewSpec
+from pipelines.augment import JITTER_ORDERS, MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
 from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
-from pipelines.dali_photometric import photometric, uniform
+from pipelines.dali_photometric import jitter_order, photometric, uniform
 from pipelines.device_augment import GRAY_WEIGHTS
 from pipelines.folder import scan_source
 from pipelines.images import (ReadAhead, free_dropped_pipelines, next_readable, placement, read_unless_bad,
@@ -123,8 +123,9 @@ def _flag(p: float):
 
 
 def _colour(img, recipe: MultiCropRecipe):
-    """Colour jitter (p) and grayscale (p) with torchvision's definitions, run only on the
-    samples that drew either (one conditional: each split and merge of the batch costs).
+    """Colour jitter (p; its steps in the recipe's `jitter_order`) and grayscale (p) with
+    torchvision's definitions, run only on the samples that drew either (one conditional: each
+    split and merge of the batch costs).
 
     Not DALI's `color_twist` / `hsv`: they approximate the steps by one linear map in YIQ
     space, whose contrast pivots on mid-grey (128) instead of the image's mean luma and whose
@@ -137,13 +138,14 @@ def _colour(img, recipe: MultiCropRecipe):
         return img
     b, c, s, h = recipe.jitter
     jitter, gray = _flag(jp), _flag(gp)
+    order = jitter_order(recipe, types.INT32) if recipe.num_jitter_orders > 1 else None
 
     def factor(lo: float, hi: float, identity: float):
         return identity + jitter * (uniform(lo, hi) - identity)
 
     def steps(x):
         return jitter_exact(x, factor(max(0.0, 1 - b), 1 + b, 1.0), factor(max(0.0, 1 - c), 1 + c, 1.0),
-                            factor(max(0.0, 1 - s), 1 + s, 1.0), factor(-h, h, 0.0), gray)
+                            factor(max(0.0, 1 - s), 1 + s, 1.0), factor(-h, h, 0.0), gray, order)
 
     if jp >= 1 or gp >= 1:
         return steps(img)
@@ -152,35 +154,67 @@ def _colour(img, recipe: MultiCropRecipe):
     return img
 
 
-def jitter_exact(img, brightness, contrast, saturation, hue, gray=0.0):
-    """torchvision's ColorJitter (brightness, contrast, saturation, hue, in that order), then
-    grayscale where `gray` is 1, on uint8 HWC images, as DALI arithmetic; the factors are
-    per-sample DataNodes or numbers. The definitions of `pipelines.device_augment.color_jitter`,
-    rounded to uint8 once at the end.
-
-    The HSV hue shift in closed form, branch-free (as `pipelines.cpu_augment`): HSV keeps a
-    pixel's max v and chroma c = v - min; channel n of (h6, v, c) is
-    v - c clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6, n = 5, 3, 1 for R, G, B.
+def jitter_exact(img, brightness, contrast, saturation, hue, gray=0.0, order=None):
+    """torchvision's ColorJitter (brightness, contrast, saturation, hue), then grayscale where
+    `gray` is 1, on uint8 HWC images, as DALI arithmetic; the factors are per-sample DataNodes or
+    numbers. `order`: per sample, an INT32 index into `JITTER_ORDERS` (each position then runs
+    the step each sample takes there, under conditionals), or None for the order above. The
+    definitions of `pipelines.device_augment.jitter_step`, rounded to uint8 once at the end.
     """
     x = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
-    r, g, b = (dmath.clamp(x[:, :, i] * brightness, 0.0, 1.0) for i in range(3))
-    mean = fn.reductions.mean(_luma(r, g, b))
-    r, g, b = (dmath.clamp(mean + (v - mean) * contrast, 0.0, 1.0) for v in (r, g, b))
-    luma = _luma(r, g, b)
-    r, g, b = (dmath.clamp(luma + (v - luma) * saturation, 0.0, 1.0) for v in (r, g, b))
-    v = dmath.max(dmath.max(r, g), b)
-    chroma = v - dmath.min(dmath.min(r, g), b)
-    inv = 1.0 / (chroma + (chroma <= 0.0))
-    is_r, is_g = v == r, v == g
-    h6 = is_r * ((g - b) * inv) + (1 - is_r) * (is_g * (2.0 + (b - r) * inv) + (1 - is_g) * (4.0 + (r - g) * inv))
-    h6 = h6 + 6.0 * hue
-    r, g, b = (v - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
-               for k in (_mod6(n + h6) for n in (5.0, 3.0, 1.0)))
+    r, g, b = (x[:, :, i] for i in range(3))
+    factors = (brightness, contrast, saturation, hue)
+    for position in range(4):
+        if order is None:
+            r, g, b = _jitter_step(position, r, g, b, factors[position])
+        else:
+            step = fn.lookup_table(order, keys=list(range(len(JITTER_ORDERS))),
+                                   values=[o[position] for o in JITTER_ORDERS], dtype=types.INT32)
+            r, g, b = _step_drawn(step, r, g, b, factors)
     if not (isinstance(gray, float) and gray == 0.0):
         luma = _luma(r, g, b)
         r, g, b = (v + gray * (luma - v) for v in (r, g, b))
     out = fn.cast(fn.stack(r, g, b, axis=2) * 255.0, dtype=types.UINT8)  # DALI's cast rounds to nearest
     return fn.reshape(out, layout="HWC")  # the layout of the samples that skip the step (a conditional merges both)
+
+
+def _step_drawn(step, r, g, b, factors):
+    """Each sample's jitter step `step` (a per-sample INT32: 0 brightness ... 3 hue), under conditionals."""
+    if step == 0:
+        r, g, b = _jitter_step(0, r, g, b, factors[0])
+    elif step == 1:
+        r, g, b = _jitter_step(1, r, g, b, factors[1])
+    elif step == 2:
+        r, g, b = _jitter_step(2, r, g, b, factors[2])
+    else:
+        r, g, b = _jitter_step(3, r, g, b, factors[3])
+    return r, g, b
+
+
+def _jitter_step(step: int, r, g, b, factor):
+    """Step `step` of the jitter (0 brightness, 1 contrast, 2 saturation, 3 hue) on float H x W
+    channel planes in [0, 1].
+
+    The HSV hue shift in closed form, branch-free (as `pipelines.cpu_augment`): HSV keeps a
+    pixel's max v and chroma c = v - min; channel n of (h6, v, c) is
+    v - c clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6, n = 5, 3, 1 for R, G, B.
+    """
+    if step == 0:
+        return tuple(dmath.clamp(v * factor, 0.0, 1.0) for v in (r, g, b))
+    if step == 1:
+        mean = fn.reductions.mean(_luma(r, g, b))
+        return tuple(dmath.clamp(mean + (v - mean) * factor, 0.0, 1.0) for v in (r, g, b))
+    if step == 2:
+        luma = _luma(r, g, b)
+        return tuple(dmath.clamp(luma + (v - luma) * factor, 0.0, 1.0) for v in (r, g, b))
+    v = dmath.max(dmath.max(r, g), b)
+    chroma = v - dmath.min(dmath.min(r, g), b)
+    inv = 1.0 / (chroma + (chroma <= 0.0))
+    is_r, is_g = v == r, v == g
+    h6 = is_r * ((g - b) * inv) + (1 - is_r) * (is_g * (2.0 + (b - r) * inv) + (1 - is_g) * (4.0 + (r - g) * inv))
+    h6 = h6 + 6.0 * factor
+    return tuple(v - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
+                 for k in (_mod6(n + h6) for n in (5.0, 3.0, 1.0)))
 
 
 def _luma(r, g, b):

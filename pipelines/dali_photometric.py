@@ -71,12 +71,20 @@ def coin(p: float):
     return fn.cast(fn.random.coin_flip(probability=min(max(p, 0.0), 1.0)), dtype=types.FLOAT)
 
 
+def jitter_order(recipe: MultiCropRecipe, dtype=types.FLOAT):
+    """Per sample, an index into `JITTER_ORDERS` drawn uniformly from the recipe's orders (0 when fixed)."""
+    n = recipe.num_jitter_orders
+    if n <= 1:
+        return fn.cast(types.Constant(0), dtype=dtype)
+    return fn.random.uniform(values=list(range(n)), dtype=dtype)
+
+
 def draws(recipe: MultiCropRecipe, view: ViewSpec):
     """Per sample, the row `apply_drawn_u8` reads (layout `cpu_augment.DRAWN_*`), drawn by DALI."""
     b, c, s, h = recipe.jitter
     row = [coin(recipe.jitter_p), uniform(max(0.0, 1 - b), 1 + b), uniform(max(0.0, 1 - c), 1 + c),
            uniform(max(0.0, 1 - s), 1 + s), uniform(-h, h), coin(recipe.grayscale_p), coin(view.blur_p),
-           uniform(*recipe.blur_sigma), coin(view.solarize_p)]
+           uniform(*recipe.blur_sigma), coin(view.solarize_p), jitter_order(recipe)]
     assert len(row) == NUM_DRAWN
     return fn.stack(*row)
 

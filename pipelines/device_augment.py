@@ -13,7 +13,8 @@ asking the GPU, so preparing a batch never waits for the training step still que
 (a `nonzero()` or `.item()` on the device would, and the loop would count the step as data wait).
 
 The definitions follow torchvision's tensor ops: ColorJitter's brightness, contrast,
-saturation and hue (applied in that fixed order), grayscale with torchvision's weights, Gaussian blur with
+saturation and hue (in an order drawn per sample, as ColorJitter's, or in that fixed order:
+the recipe's `jitter_order`), grayscale with torchvision's weights, Gaussian blur with
 sigma ~ U(blur_sigma) and a window of 2 * ceil(3 sigma) + 1, solarize at 128 / 255.
 """
 
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipelines.augment import MultiCropRecipe, ViewSpec
+from pipelines.augment import JITTER_ORDERS, MultiCropRecipe, ViewSpec
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255
@@ -97,18 +98,48 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
-                 hue: torch.Tensor) -> torch.Tensor:
-    """torchvision's ColorJitter with one factor per sample (each a length-N tensor), in [0, 1]."""
-    view = (-1, 1, 1, 1)
-    x = (x * brightness.view(view)).clamp(0, 1)
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (mean + (x - mean) * contrast.view(view)).clamp(0, 1)
-    gray = grayscale(x)
-    x = (gray + (x - gray) * saturation.view(view)).clamp(0, 1)
+def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tensor:
+    """One step of torchvision's ColorJitter (0 brightness, 1 contrast, 2 saturation, 3 hue) with one
+    factor per sample (a length-N tensor), on N x 3 x H x W values in [0, 1]."""
+    f = factor.view(-1, 1, 1, 1)
+    if step == 0:
+        return (x * f).clamp(0, 1)
+    if step == 1:
+        mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        return (mean + (x - mean) * f).clamp(0, 1)
+    if step == 2:
+        gray = grayscale(x)
+        return (gray + (x - gray) * f).clamp(0, 1)
     hsv = _rgb_to_hsv(x)
-    hsv = torch.cat([((hsv[:, :1] + hue.view(view)) % 1.0), hsv[:, 1:]], dim=1)
+    hsv = torch.cat([((hsv[:, :1] + f) % 1.0), hsv[:, 1:]], dim=1)
     return _hsv_to_rgb(hsv).clamp(0, 1)
+
+
+def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+                 hue: torch.Tensor, order: torch.Tensor | None = None, step=jitter_step) -> torch.Tensor:
+    """torchvision's ColorJitter with one factor per sample (each a length-N tensor), in [0, 1].
+
+    `order`: per sample, an index into `JITTER_ORDERS` (a host tensor), or None for brightness,
+    contrast, saturation, hue. At each of the 4 positions the rows are grouped by the step they
+    take there, so every row runs each step once: the work of the fixed order, in up to 16
+    groups. `step` computes one step (`jitter_step`, or a compiled copy of it).
+    """
+    factors = (brightness, contrast, saturation, hue)
+    if order is None or not bool(order.any()):
+        for i, f in enumerate(factors):
+            x = step(x, i, f)
+        return x
+    at = torch.tensor(JITTER_ORDERS)[order.cpu()]  # row -> the step it takes at each position
+    x = x.clone()
+    for position in range(4):
+        for i, f in enumerate(factors):
+            rows = (at[:, position] == i).nonzero().squeeze(1)
+            if len(rows) == len(x):
+                x = step(x, i, f)
+            elif len(rows):
+                dev_rows = _to(rows, x.device)
+                x[dev_rows] = step(x[dev_rows], i, f[dev_rows])
+    return x
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -135,37 +166,37 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
 
 
-_compiled_jitter = None
+_compiled_step = None
 
 
-def _jitter_for(device: torch.device):
-    """The colour jitter to use on `device`.
+def _jitter_step_for(device: torch.device):
+    """The colour jitter's step function to use on `device` (`jitter_step`, maybe compiled).
 
-    On a CPU its ~40 elementwise passes over the crops dominate the loader, each one reading
-    and writing the whole batch through memory; inductor fuses them into one C++ loop that
-    touches every pixel once (compiled once per process, a one-off delay at the first batch,
-    and cached on disk by inductor). On a GPU the eager ops are already cheap, and inductor would emit
-    Triton kernels, so the eager version is used there. FASTSSL_EAGER_AUGMENT=1 turns the
-    compilation off; a failed compilation falls back to eager with one warning.
+    On a CPU the ~40 elementwise passes over the crops dominate the loader, each one reading
+    and writing the whole batch through memory; inductor fuses each step into one C++ loop
+    (compiled once per process and step, a one-off delay at the first batch, and cached on disk
+    by inductor). On a GPU the eager ops are already cheap, and inductor would emit Triton
+    kernels, so the eager version is used there. FASTSSL_EAGER_AUGMENT=1 turns the compilation
+    off; a failed compilation falls back to eager with one warning.
     """
-    global _compiled_jitter
+    global _compiled_step
     if device.type != "cpu" or os.environ.get("FASTSSL_EAGER_AUGMENT") == "1":
-        return color_jitter
-    if _compiled_jitter is None:
-        compiled = torch.compile(color_jitter, dynamic=True)
+        return jitter_step
+    if _compiled_step is None:
+        compiled = torch.compile(jitter_step, dynamic=True)
 
-        def jitter(*args):
-            global _compiled_jitter
+        def step(*args):
+            global _compiled_step
             try:
                 return compiled(*args)
             except Exception as err:  # no compiler on this machine, or an inductor bug
                 warnings.warn(f"colour jitter runs eagerly: torch.compile failed ({type(err).__name__}: {err})",
                               stacklevel=2)
-                _compiled_jitter = color_jitter
-                return color_jitter(*args)
+                _compiled_step = jitter_step
+                return jitter_step(*args)
 
-        _compiled_jitter = jitter
-    return _compiled_jitter
+        _compiled_step = step
+    return _compiled_step
 
 
 def augment_view(crops: torch.Tensor, recipe: MultiCropRecipe, view: ViewSpec, generator: torch.Generator,
@@ -180,8 +211,8 @@ def augment_views(crops: Sequence[torch.Tensor], recipe: MultiCropRecipe, views:
     """Each view's uint8 crops (N_v x H x W x 3) -> augmented, normalised N_v x 3 x H x W (channels_last)
     in `dtype`, one tensor per view.
 
-    Steps and order as the torchvision reference: flip, jitter (p), grayscale (p), blur (p,
-    per view), solarize (p, per view), normalise. `flip=False` when the loader already flipped.
+    Steps and order as the torchvision reference: flip, jitter (p; its 4 steps in the recipe's
+    `jitter_order`), grayscale (p), blur (p, per view), solarize (p, per view), normalise. `flip=False` when the loader already flipped.
     `generator` is a CPU generator: every draw is made on the host (module docstring).
 
     Views of one size run as ONE batch (their crops concatenated, each row with its own view's
@@ -232,7 +263,8 @@ def _augment_rows(crops: torch.Tensor, recipe: MultiCropRecipe, blur_p: float | 
         k = len(rows)
         factors = [_uniform(k, max(0.0, 1 - b), 1 + b, generator), _uniform(k, max(0.0, 1 - c), 1 + c, generator),
                    _uniform(k, max(0.0, 1 - s), 1 + s, generator), _uniform(k, -h, h, generator)]
-        x[rows] = _jitter_for(dev)(x[rows], *(_to(f, dev) for f in factors))
+        order = torch.randint(recipe.num_jitter_orders, (k,), generator=generator, device=generator.device)
+        x[rows] = color_jitter(x[rows], *(_to(f, dev) for f in factors), order=order, step=_jitter_step_for(dev))
     rows = rows_drawing(recipe.grayscale_p)
     if len(rows):
         x[rows] = grayscale(x[rows]).expand(-1, 3, -1, -1)

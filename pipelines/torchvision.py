@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
@@ -37,6 +38,19 @@ class PILGaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
+class FixedOrderColorJitter(T.ColorJitter):
+    """ColorJitter with its steps always in the order brightness, contrast, saturation, hue
+    (`--aug.jitter_order fixed`); it draws what ColorJitter draws, the order included."""
+
+    def forward(self, img):
+        _, *factors = self.get_params(self.brightness, self.contrast, self.saturation, self.hue)
+        steps = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for step, factor in zip(steps, factors):
+            if factor is not None:
+                img = step(img, factor)
+        return img
+
+
 def view_transform(recipe: MultiCropRecipe, view: ViewSpec, photometric: bool = True) -> T.Compose:
     """PIL image -> uint8 C x H x W tensor of one view, from the shared recipe; the loader
     normalises it on the training device (`device_augment.normalize_uint8`: ToTensor's and
@@ -51,11 +65,12 @@ def view_transform(recipe: MultiCropRecipe, view: ViewSpec, photometric: bool = 
                                               interpolation=T.InterpolationMode(recipe.interpolation)),
                           T.PILToTensor()])
     b, c, s, h = recipe.jitter
+    jitter = T.ColorJitter if recipe.jitter_order == "random" else FixedOrderColorJitter
     return T.Compose([
         T.RandomResizedCrop(view.size, scale=view.scale, ratio=recipe.ratio,
                             interpolation=T.InterpolationMode(recipe.interpolation)),
         T.RandomHorizontalFlip(p=recipe.flip_p),
-        T.RandomApply([T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=recipe.jitter_p),
+        T.RandomApply([jitter(brightness=b, contrast=c, saturation=s, hue=h)], p=recipe.jitter_p),
         T.RandomGrayscale(p=recipe.grayscale_p),
         T.RandomApply([PILGaussianBlur(recipe.blur_sigma)], p=view.blur_p),
         T.RandomSolarize(threshold=128, p=view.solarize_p),

@@ -47,8 +47,8 @@ def probe_folder(root: Path, pixels: np.ndarray) -> Path:
     return root
 
 
-def collect(backend: str, root: Path, recipe: MultiCropRecipe) -> list[torch.Tensor]:
-    """Every view of EPOCHS epochs, un-normalised to [0, 255] float64, each N x 3 x H x W."""
+def collect(backend: str, root: Path, recipe: MultiCropRecipe, epochs: int = EPOCHS) -> list[torch.Tensor]:
+    """Every view of `epochs` epochs, un-normalised to [0, 255] float64, each N x 3 x H x W."""
     device_augment = backend == "torchvision-device"
     dali_cpu_fast = backend != "dali-conditionals"
     backend = {"torchvision-device": "torchvision", "dali-conditionals": "dali"}.get(backend, backend)
@@ -56,7 +56,7 @@ def collect(backend: str, root: Path, recipe: MultiCropRecipe) -> list[torch.Ten
                       dali_cpu_fast=dali_cpu_fast)
     loader = build_train_loader(LoaderSpec(data=data, recipe=recipe, batch_size=BATCH, seed=3))
     per_view: list[list[torch.Tensor]] = [[] for _ in range(recipe.num_views)]
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:
             for v, x in enumerate(batch.views):
@@ -154,9 +154,10 @@ def test_crops_cover_the_configured_scale_and_ratio(backend, tmp_path):
 FLAT = (200, 120, 40)  # R >= 128 > G, B: solarize changes R only; far from gray
 
 
-def flat_views(backend: str, tmp_path: Path, recipe: MultiCropRecipe) -> list[torch.Tensor]:
-    pixels = np.broadcast_to(np.array(FLAT, np.uint8), (SOURCE, SOURCE, 3)).copy()
-    views = collect(backend, probe_folder(tmp_path / "flat", pixels), recipe)
+def flat_views(backend: str, tmp_path: Path, recipe: MultiCropRecipe, colour: tuple[int, int, int] = FLAT,
+               epochs: int = EPOCHS) -> list[torch.Tensor]:
+    pixels = np.broadcast_to(np.array(colour, np.uint8), (SOURCE, SOURCE, 3)).copy()
+    views = collect(backend, probe_folder(tmp_path / "flat", pixels), recipe, epochs)
     return [v.mean(dim=(2, 3)) for v in views]  # N x 3 mean colour per view
 
 
@@ -170,6 +171,52 @@ def test_colour_jitter_rate_and_independence(backend, tmp_path):
     assert_independent(colours[0][:, 0], colours[1][:, 0], "jittered red of the two global views")
     expected = 0.8 * 0.2 * (1 - 1 / BATCH)
     assert abs(within_batch_variance(jittered[2]) - expected) < 0.05, "one jitter draw per batch"
+
+
+# Saturation (factor 0..2) and hue (-0.5..0.5) only. Saturation blends each pixel with its own luma l and
+# keeps l; the hue shift keeps a pixel's max and min. So saturation then hue leaves (max - l) / (min - l)
+# at the probe's own ratio, whatever the factors, while hue first changes the luma the blend pivots on
+# (the luma weights differ per channel), which moves the ratio. The probe never clips in either order.
+ORDER_PROBE = (80, 170, 80)
+ORDER_RECIPE = replace(QUIET, jitter=(0.0, 0.0, 1.0, 0.5), jitter_p=1.0)
+
+
+def hue_before_saturation(colours: torch.Tensor) -> torch.Tensor:
+    """Per sample of N x 3 colours (levels): 1 where the hue shift came before the saturation, 0 where
+    after, -1 where the colour is too gray to tell (a saturation factor near 0)."""
+    luma = sum(w * c for w, c in zip((0.2989, 0.587, 0.114), ORDER_PROBE))
+    probe_ratio = (max(ORDER_PROBE) - luma) / (min(ORDER_PROBE) - luma)
+    top, bottom = colours.amax(dim=1), colours.amin(dim=1)
+    moved = ((top - luma) / (bottom - luma) - probe_ratio).abs() > 0.1  # rounding moves it < 0.05
+    return torch.where(top - bottom >= 30, moved.long(), -1)
+
+
+def expected_hue_first_share(n: int = 40000) -> float:
+    """The share `hue_before_saturation` finds among the colours it can tell, for torchvision's
+    ColorJitter (an order per sample): float64 steps in each drawn order, rounded to levels once."""
+    from pipelines.augment import JITTER_ORDERS
+    from pipelines.device_augment import color_jitter
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.tensor(ORDER_PROBE, dtype=torch.float64) / 255).view(1, 3, 1, 1).expand(n, 3, 1, 1)
+    one = torch.ones(n, dtype=torch.float64)
+    saturation = 2 * torch.rand(n, generator=g, dtype=torch.float64)
+    hue = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    order = torch.randint(len(JITTER_ORDERS), (n,), generator=g)
+    found = hue_before_saturation((color_jitter(x, one, one, saturation, hue, order=order) * 255).round().view(n, 3))
+    return float((found == 1).sum() / (found >= 0).sum())
+
+
+def test_colour_jitter_draws_its_order_per_view(backend, tmp_path):
+    """torchvision's ColorJitter draws its steps' order per call: hue comes before saturation in half of
+    them, which a flat probe shows (`hue_before_saturation`); the share matches the float64 reference's
+    (binomial, 4.5 sigma). `jitter_order: fixed` (saturation always before hue) shows none."""
+    found = torch.cat(flat_views(backend, tmp_path / "random", ORDER_RECIPE, ORDER_PROBE))
+    found = hue_before_saturation(found)
+    assert (found >= 0).double().mean() > 0.7  # saturation factors under ~1/3 are too gray to tell
+    assert_rate(found[found >= 0], expected_hue_first_share(), "hue before saturation")
+    fixed = flat_views(backend, tmp_path / "fixed", replace(ORDER_RECIPE, jitter_order="fixed"), ORDER_PROBE, epochs=2)
+    assert int((hue_before_saturation(torch.cat(fixed)) == 1).sum()) == 0
 
 
 def test_grayscale_rate(backend, tmp_path):

@@ -13,7 +13,7 @@ from numba import njit
 from pipelines import cpu_augment as ca
 from pipelines import device_augment as da
 from conftest import requires_dali
-from pipelines.augment import MultiCropRecipe
+from pipelines.augment import JITTER_ORDERS, MultiCropRecipe
 
 
 def images(n: int = 6, h: int = 23, w: int = 31, seed: int = 0) -> np.ndarray:
@@ -79,6 +79,21 @@ def test_colour_jitter_holds_over_many_random_factors():
         assert max_level_error(y, ref) <= 0.5 + 1e-3, factors
 
 
+def test_colour_jitter_in_every_order_matches_the_tensor_op():
+    """`jitter_in_order_u8`, each of the 24 orders with random factors (contrast sees the mean luma of
+    the steps before it): the float64 tensor op in that order, within the final rounding."""
+    rng = np.random.default_rng(2)
+    for order in range(len(JITTER_ORDERS)):
+        x = images(2, 29, 33, seed=order)
+        y = x.copy()
+        factors = (rng.uniform(0.0, 2.0), rng.uniform(0.0, 2.0), rng.uniform(0.0, 2.0), rng.uniform(-0.5, 0.5))
+        for img in y:
+            ca.jitter_in_order_u8(img, *factors, order)
+        ref = da.color_jitter(as_float64(x), *(torch.full((2,), f, dtype=torch.float64) for f in factors),
+                              order=torch.full((2,), order))
+        assert max_level_error(y, ref) <= 0.5 + 1e-3, (order, factors)
+
+
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
 def test_blur_matches_the_tensor_op(sigma):
     x = images()
@@ -102,8 +117,10 @@ def test_the_coins_follow_the_recipe():
     assert abs(hits - 0.3 * n) <= 4.5 * np.sqrt(n * 0.3 * 0.7)
 
 
-def _dali_colour(x: np.ndarray, factors: np.ndarray, gray: np.ndarray, device: str) -> np.ndarray:
-    """`pipelines.dali.jitter_exact` on uint8 crops (N x H x W x 3), per-sample factors (N x 4) and gray flags."""
+def _dali_colour(x: np.ndarray, factors: np.ndarray, gray: np.ndarray, device: str,
+                 order: np.ndarray | None = None) -> np.ndarray:
+    """`pipelines.dali.jitter_exact` on uint8 crops (N x H x W x 3), per-sample factors (N x 4), gray
+    flags and orders (indices into JITTER_ORDERS; None: the fixed order)."""
     from nvidia.dali import fn, pipeline_def, types
 
     from pipelines.dali import jitter_exact
@@ -111,12 +128,15 @@ def _dali_colour(x: np.ndarray, factors: np.ndarray, gray: np.ndarray, device: s
     def column(values: np.ndarray):  # a source that takes no argument (DALI passes one to those that do)
         return lambda: [np.array(v, dtype=np.float32) for v in values]
 
-    @pipeline_def(batch_size=len(x), num_threads=1, device_id=0 if device == "gpu" else None)
+    @pipeline_def(batch_size=len(x), num_threads=1, device_id=0 if device == "gpu" else None,
+                  enable_conditionals=order is not None)
     def pipe():
         img = fn.external_source(source=lambda: list(x), batch=True, dtype=types.UINT8, layout="HWC")
         b, c, s, h, g = (fn.external_source(source=column(v), batch=True, dtype=types.FLOAT)
                          for v in (*factors.T, gray))
-        return jitter_exact(img.gpu() if device == "gpu" else img, b, c, s, h, g)
+        k = None if order is None else fn.external_source(  # on the CPU, as a conditional's predicate must be
+            source=lambda: [np.array(v, dtype=np.int32) for v in order], batch=True, dtype=types.INT32)
+        return jitter_exact(img.gpu() if device == "gpu" else img, b, c, s, h, g, k)
 
     p = pipe()
     p.build()
@@ -148,6 +168,24 @@ def test_dali_colour_steps_match_the_tensor_op(device):
     ref = torch.where(torch.from_numpy(gray).bool().view(-1, 1, 1, 1), da.grayscale(ref).expand(-1, 3, -1, -1), ref)
     assert max_level_error(ours, ref) <= 0.5 + 1e-3  # float32, one rounding at the end
     np.testing.assert_array_equal(ours[0], 40)  # a flat crop keeps its mean whatever the contrast
+
+
+@requires_dali
+@pytest.mark.parametrize("device", DALI_DEVICES)
+def test_dali_colour_steps_in_every_order_match_the_tensor_op(device):
+    """DALI's graph with a drawn order per sample (each position's step under conditionals): every one
+    of the 24 orders, with random factors, is the float64 tensor op in that order."""
+    rng = np.random.default_rng(5)
+    n = len(JITTER_ORDERS)
+    x = images(n, 19, 23, seed=5)
+    factors = np.stack([rng.uniform(0.0, 2.0, n), rng.uniform(0.0, 2.0, n), rng.uniform(0.0, 2.0, n),
+                        rng.uniform(-0.5, 0.5, n)], axis=1)
+    order = rng.permutation(n)
+    gray = (np.arange(n) % 5 == 0).astype(np.float32)
+    ours = _dali_colour(x, factors, gray, device, order)
+    ref = da.color_jitter(as_float64(x), *torch.from_numpy(factors).T, order=torch.from_numpy(order))
+    ref = torch.where(torch.from_numpy(gray).bool().view(-1, 1, 1, 1), da.grayscale(ref).expand(-1, 3, -1, -1), ref)
+    assert max_level_error(ours, ref) <= 0.5 + 1e-3
 
 
 @njit

@@ -182,15 +182,17 @@ def test_bench_mira_opt_in_implementations_record_errors_instead_of_failing(tmp_
 def test_bench_loaders_variants_name_real_loader_settings():
     import dataclasses
 
-    from pipelines import DataConfig
+    from pipelines import DataConfig, MultiCropRecipe
 
     bl = load_tool("bench_loaders")
     fields = {f.name for f in dataclasses.fields(DataConfig)}
+    recipe_fields = {f.name for f in dataclasses.fields(MultiCropRecipe)}
     assert set(gc.LOADER_VARIANTS) <= set(bl.ALL_BACKENDS) | set(bl.VARIANTS)
     for name in gc.LOADER_VARIANTS:
-        backend, overrides = bl.VARIANTS.get(name, (name, {}))
-        assert backend in bl.ALL_BACKENDS and set(overrides) <= fields
+        backend, overrides, recipe_overrides = bl.variant(name)
+        assert backend in bl.ALL_BACKENDS and set(overrides) <= fields and set(recipe_overrides) <= recipe_fields
     assert bl.VARIANTS["dali-hw1"][1] == {"dali_hw_decoder_load": 1.0}
+    assert bl.variant("dali-fixed-order")[2] == {"jitter_order": "fixed"}
     assert bl.parse_args(["--backends", ",".join(gc.LOADER_VARIANTS)]).backends
 
 

@@ -22,6 +22,7 @@ under data/bench/ when `--beton` is not given).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -39,21 +40,32 @@ from pipelines.beton_convert import convert
 from pipelines.folder import DataLayoutError
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
-# Opt-in ablations (name -> backend and DataConfig overrides), measured only when named in --backends.
-VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}),  # the GPU's DALI graph run on the CPU
+# Opt-in ablations (name -> backend, DataConfig overrides and MultiCropRecipe overrides), measured only
+# when named in --backends.
+VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}, {}),  # the GPU's DALI graph run on the CPU
             # torchvision workers only crop; the photometric steps run batched on the device
-            "torchvision-device-augment": ("torchvision", {"device_augment": True}),
+            "torchvision-device-augment": ("torchvision", {"device_augment": True}, {}),
             # the share of JPEGs nvJPEG's hardware decoder takes on a GPU ("dali" itself: 0.65)
-            "dali-hw0": ("dali", {"dali_hw_decoder_load": 0.0}),
-            "dali-hw1": ("dali", {"dali_hw_decoder_load": 1.0}),
+            "dali-hw0": ("dali", {"dali_hw_decoder_load": 0.0}, {}),
+            "dali-hw1": ("dali", {"dali_hw_decoder_load": 1.0}, {}),
             # every file read one by one in the training thread (the default: 8 at once, two batches ahead)
-            "dali-read1": ("dali", {"dali_read_threads": 1})}
+            "dali-read1": ("dali", {"dali_read_threads": 1}, {}),
+            # the jitter's steps always in one order (the default draws one per view, as torchvision)
+            "dali-fixed-order": ("dali", {}, {"jitter_order": "fixed"}),
+            "ffcv-fixed-order": ("ffcv", {}, {"jitter_order": "fixed"}),
+            "torchvision-device-augment-fixed-order": ("torchvision", {"device_augment": True},
+                                                       {"jitter_order": "fixed"})}
 DEFAULT_DATA = "data/demo/train"
 
 
 def available(backend: str) -> bool:
     """Whether the backend (or the backend of a variant) is installed."""
-    return loader_bench.available(VARIANTS.get(backend, (backend,))[0])
+    return loader_bench.available(variant(backend)[0])
+
+
+def variant(name: str) -> tuple[str, dict, dict]:
+    """A backend or variant name -> (backend, DataConfig overrides, MultiCropRecipe overrides)."""
+    return VARIANTS.get(name, (name, {}, {}))
 
 
 def count_images(folder: Path) -> int:
@@ -108,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "DALI operators under conditionals, as on a GPU); opt-in variants: "
                     "torchvision-device-augment (--data.device_augment on), dali-hw0 and dali-hw1 "
                     "(--data.dali_hw_decoder_load 0 and 1; dali itself uses 0.65), dali-read1 "
-                    "(--data.dali_read_threads 1: files read one by one; dali itself reads 8 at once)")
+                    "(--data.dali_read_threads 1: files read one by one; dali itself reads 8 at once), "
+                    "dali-fixed-order, ffcv-fixed-order and torchvision-device-augment-fixed-order "
+                    "(--aug.jitter_order fixed: the jitter's steps in one order; the default draws one per view)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of each repetition")
@@ -146,10 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
     skipped = [b for b in args.backends.split(",") if b not in names]
     loaders = {}
     for name in names:
-        backend, overrides = VARIANTS.get(name, (name, {}))
+        backend, overrides, recipe_overrides = variant(name)
         path = str(args.beton or beton_for(data)) if backend == "ffcv" else str(data)
         spec = LoaderSpec(data=DataConfig(backend=backend, train=path, synthetic_size=100_000, **overrides),
-                          recipe=recipe, batch_size=args.batch_size, num_workers=args.workers, device=device, seed=0)
+                          recipe=dataclasses.replace(recipe, **recipe_overrides), batch_size=args.batch_size,
+                          num_workers=args.workers, device=device, seed=0)
         try:
             loaders[name] = build_train_loader(spec)
         except (BetonError, DataLayoutError) as err:  # --beton names a foreign file; fewer images than a batch

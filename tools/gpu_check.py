@@ -889,8 +889,9 @@ def ensure_dataset(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------- 6 loaders
 # One bench_loaders process per group (each writes its JSON when it ends, so a timeout loses one
-# group, not all); within a group the backends are interleaved. Goal-bearing loaders first.
-LOADER_GROUPS = [("dali", ["dali-hw0", "dali", "dali-hw1"]), ("ffcv", ["ffcv"]),
+# group, not all); within a group the backends are interleaved. Goal-bearing loaders first; the
+# fixed-order variants price the jitter order drawn per view (`--aug.jitter_order`).
+LOADER_GROUPS = [("dali", ["dali-hw0", "dali", "dali-hw1", "dali-fixed-order"]), ("ffcv", ["ffcv", "ffcv-fixed-order"]),
                  ("torchvision", ["torchvision", "torchvision-device-augment"])]
 LOADER_VARIANTS = [v for _, group in LOADER_GROUPS for v in group]
 GPU_LOADERS = {"dali-hw0": "DALI mixed, hw decoder 0", "dali": "DALI mixed, hw decoder 0.65",
