@@ -52,6 +52,7 @@ VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}, {}),  # the GPU
             "dali-read1": ("dali", {"dali_read_threads": 1}, {}),
             # the jitter's steps always in one order (the default draws one per view, as torchvision)
             "dali-fixed-order": ("dali", {}, {"jitter_order": "fixed"}),
+            "dali-gpu-graph-fixed-order": ("dali", {"dali_cpu_fast": False}, {"jitter_order": "fixed"}),
             "ffcv-fixed-order": ("ffcv", {}, {"jitter_order": "fixed"}),
             "torchvision-device-augment-fixed-order": ("torchvision", {"device_augment": True},
                                                        {"jitter_order": "fixed"})}
@@ -121,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "torchvision-device-augment (--data.device_augment on), dali-hw0 and dali-hw1 "
                     "(--data.dali_hw_decoder_load 0 and 1; dali itself uses 0.65), dali-read1 "
                     "(--data.dali_read_threads 1: files read one by one; dali itself reads 8 at once), "
-                    "dali-fixed-order, ffcv-fixed-order and torchvision-device-augment-fixed-order "
+                    "dali-fixed-order, dali-gpu-graph-fixed-order, ffcv-fixed-order and "
+                    "torchvision-device-augment-fixed-order "
                     "(--aug.jitter_order fixed: the jitter's steps in one order; the default draws one per view)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
@@ -175,8 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "use more data or fewer --batches/--warmup")
     print(f"warming up {', '.join(names)} (first batches compile/spawn) ...", flush=True)
 
+    width = max([14, *map(len, names)])  # the name column
+
     def progress(rep: int, name: str, rate: float) -> None:
-        print(f"  repeat {rep + 1}/{args.repeats} {name:14s} {rate:9.1f} images/s", flush=True)
+        print(f"  repeat {rep + 1}/{args.repeats} {name:{width}s} {rate:9.1f} images/s", flush=True)
 
     memory: dict[str, dict] = {}
     runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress, memory)
@@ -184,14 +188,14 @@ def main(argv: list[str] | None = None) -> dict:
                       "device_used_mb": memory[name]["used_mb"]} for name in names}
     ref = results["torchvision"]["images_per_s"] if "torchvision" in results else None
     cuda = device.type == "cuda"
-    print(f"\n{'backend':14s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}"
+    print(f"\n{'backend':{width}s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}"
           + (f" {'added MiB':>10s} {'in use MiB':>11s}" if cuda else ""))
     for name, r in results.items():
         med = r["images_per_s"]
         r["vs_torchvision"] = med / ref if ref else None
         ratio = f"{med / ref:14.2f}" if ref else f"{'-':>14s}"
         mib = f" {r['device_added_mb']:10.0f} {r['device_used_mb']:11.0f}" if cuda else ""
-        print(f"{name:14s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}{mib}")
+        print(f"{name:{width}s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}{mib}")
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}")
     report = {
