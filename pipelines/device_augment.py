@@ -212,8 +212,9 @@ def augment_views(crops: Sequence[torch.Tensor], recipe: MultiCropRecipe, views:
     in `dtype`, one tensor per view.
 
     Steps and order as the torchvision reference: flip, jitter (p; its 4 steps in the recipe's
-    `jitter_order`), grayscale (p), blur (p, per view), solarize (p, per view), normalise. `flip=False` when the loader already flipped.
-    `generator` is a CPU generator: every draw is made on the host (module docstring).
+    `jitter_order`), grayscale (p), blur (p, per view), solarize (p, per view), normalise.
+    `flip=False` when the loader already flipped. `generator` is a CPU generator: every draw is
+    made on the host (module docstring).
 
     Views of one size run as ONE batch (their crops concatenated, each row with its own view's
     blur and solarize probability): the recipe's 2 x 224 + 6 x 96 is 2 passes of ~180 ops
