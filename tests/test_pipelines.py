@@ -572,3 +572,53 @@ def test_a_sample_reseeds_the_cpu_generator_only_and_restores_it(tmp_path, monke
     first, again = data[(0, 1)], data[(0, 1)]
     assert reseeded == [] and torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))  # a function of (seed, epoch, image)
+
+
+START_METHODS_SCRIPT = '''
+import multiprocessing
+import sys
+
+import torch
+
+from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines.eval import EvalLoader
+
+
+def read(root, method, workers):
+    """Epoch 1 of the training loader and the evaluation loader, workers started by `method`."""
+    multiprocessing.set_start_method(method, force=True)
+    recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
+    spec = LoaderSpec(data=DataConfig(backend="torchvision", train=root), recipe=recipe, batch_size=4, seed=4,
+                      num_workers=workers)
+    loader = build_train_loader(spec)
+    loader.set_epoch(1)
+    train = [(b.index, *b.views) for b in loader]
+    return train, [(x, y) for x, y, _ in EvalLoader(root, 16, 4, num_workers=workers)]
+
+
+if __name__ == "__main__":  # forkserver workers import this script: nothing may run then
+    reference = read(sys.argv[1], "fork", 0)
+    for method in ("forkserver",):
+        for ours, theirs in zip(read(sys.argv[1], method, 2), reference):
+            assert len(ours) == len(theirs) > 0
+            for a, b in zip(ours, theirs):
+                for x, y in zip(a, b):
+                    torch.testing.assert_close(x, y, atol=0, rtol=0)
+        print(method, "equal", flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_loader_workers_started_by_forkserver_deliver_the_same_batches(image_folder, tmp_path):
+    """Python 3.14 starts DataLoader workers by forkserver on Linux, which pickles the dataset and
+    imports the main script in each worker: the loaders' datasets, collate and worker set-up must
+    survive that and give the batches of the training process itself."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start_methods.py"
+    script.write_text(START_METHODS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(image_folder)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[0] == "forkserver equal", done.stdout
