@@ -61,6 +61,7 @@ import multiprocessing.connection as _mp_connection
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import textwrap
 import time
@@ -188,9 +189,13 @@ def _child(rank: int, world_size: int, fn: Callable[..., Any], args: Sequence[An
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - teardown problems must not mask the result
                 pass
-    if not ok:
-        # Skip interpreter teardown: a peer may be blocked in a collective with us.
-        os._exit(1)
+    # Skip interpreter teardown either way. Failed: a peer may be blocked in a collective with us.
+    # Done: the result is on disk, and a gloo thread that outlives the destroyed group can still
+    # be running when the interpreter's C++ destructors run at exit, which aborts the process
+    # ("terminate called without an active exception", exit -6) after the work has succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)
 
 
 def _stop(procs: Sequence[Any]) -> None:
