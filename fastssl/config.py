@@ -80,7 +80,7 @@ class CriticConfig:
     alpha_end: float = 0.1  # alpha at the end of training (> 0)
     alpha_per: str = "epoch"  # epoch | step: how often alpha moves
     direction: str = "symmetric"  # symmetric (ours: both views, 2B keys/step) | one_way (authors': q view 0, k view 1)
-    shuffle_bn: bool = False  # key encoder BN on shuffled sub-batches (MoCo's shuffle-BN); needs model.bn_stats per_view
+    shuffle_bn: bool = False  # key encoder BN on shuffled sub-batches (MoCo's shuffle-BN); needs objective mlcpc, bn_stats per_view
     shuffle_bn_splits: int = 8  # one process: BN groups of the shuffled key batch (MoCo CIFAR demo: 8); else 1/process
 
 
@@ -90,7 +90,7 @@ class OptimConfig:
 
     name: str = "sgd"  # optimiser: sgd | lars
     base_lr: float = 0.03  # learning rate per 256 images; the peak lr is base_lr x global_batch_size / 256
-    final_lr: float = 0.0  # learning rate at the end of the per-step cosine decay
+    final_lr: float = 0.0  # learning rate at the end of the cosine decay (per step or per epoch: cosine_per)
     warmup_epochs: float = 10.0  # linear warm-up from warmup_start_lr to the peak lr (fractions allowed)
     warmup_start_lr: float = 0.0  # lr at the start of the warm-up, NOT batch-scaled (the authors' LARS recipe: 0.3)
     momentum: float = 0.9  # SGD / LARS momentum

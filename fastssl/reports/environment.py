@@ -15,7 +15,7 @@ import torch
 
 from fastssl.config import Config
 
-# DALI ships one distribution per CUDA major (README: Install); both are listed, one is installed.
+# DALI ships one distribution per CUDA major (README: Quickstart); both are listed, one is installed.
 PACKAGES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "ffcv", "numba",
             "numpy")
 
