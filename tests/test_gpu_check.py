@@ -220,6 +220,18 @@ def test_dry_run_of_the_fused_stage_in_a_subprocess(tmp_path):
     assert all(g["measured"] is not None for g in report["goals"])
     assert "DRY RUN" in md and "| fused | ok |" in md
     assert (tmp_path / "out" / "logs" / "bench_mira-2views.log").exists()
+    zero = {r["implementation"]: r for r in stage["results"]["timings"]["2views-iters0"]}
+    assert zero["views"]["iters"] == 0 and zero["views"]["median_us"] > 0 and "error" in zero["fused"]
+    assert set(stage["results"]["per_iteration_us"]) == {"views"}
+
+
+def test_per_iteration_cost_is_the_difference_over_the_iterations():
+    rec = lambda impl, b, us: {"implementation": impl, "B": b, "K": 3000, "median_us": us}  # noqa: E731
+    timings = {"2views": [rec("views", 512, 400.0), rec("fused", 512, 130.0), rec("fused", 64, 50.0),
+                          rec("fused_graph", 512, None)],
+               "2views-iters0": [rec("views", 512, 100.0), rec("fused", 512, 10.0), rec("fused_graph", 512, 8.0)]}
+    assert gc.per_iteration_us(timings, 512, 3000) == {"views": 10.0, "fused": 4.0}
+    assert gc.per_iteration_us({"2views": timings["2views"]}, 512, 3000) == {}
 
 
 @pytest.mark.slow

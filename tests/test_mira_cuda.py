@@ -311,9 +311,13 @@ def test_fused_extreme_logits_and_empty_clusters(fused, dtype, beta):
 @requires_cuda
 @pytest.mark.gpu
 def test_fused_many_views_and_odd_shapes(fused):
-    """More views than co-resident CTAs split over launches; K below the block size."""
+    """More views than co-resident CTAs split over launches; K below the block size; many rows with
+    log P in shared memory (several row tiles per CTA; one view: more CTAs than a warp's 4 x 32
+    partials on an H100)."""
     _check_against_reference(fused, random_views(300, 8, 20, seed=1).cuda(), 5)
     _check_against_reference(fused, random_views(3, 1, 7, seed=2).cuda(), 3)
+    for views in (1, 2):
+        _check_against_reference(fused, with_edge_cases(random_views(views, 1100, 300, seed=4)).cuda(), 30)
 
 
 @requires_cuda

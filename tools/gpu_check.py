@@ -550,16 +550,25 @@ def _save(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=1, default=str))
 
 
-def bench_mira_argv(ctx: Context, views: int, json_path: Path) -> list[str]:
-    argv = [PY, "tools/bench_mira.py", "--views", str(views), "--json", str(json_path)]
+def bench_mira_argv(ctx: Context, views: int, json_path: Path, iters: int = 30) -> list[str]:
+    """bench_mira for `views` teacher views; at 0 iterations only the goal's size and the fused paths
+    (what a call costs besides its iterations)."""
+    argv = [PY, "tools/bench_mira.py", "--views", str(views), "--json", str(json_path), "--iters", str(iters)]
+    impls = "reference,views,solve_views,fused,fused_graph" if iters else "views,fused,fused_graph"
     if ctx.dry_run:
-        return argv + ["--device", "cpu", "--sizes", "8x10", "--impls",
-                       "reference,views,solve_views,fused,fused_graph", "--warmup", "1", "--repeats", "2",
-                       "--iters", "30"]
-    sizes = BENCH_SIZES_GPU if views == 2 else "512x3000"
-    return argv + ["--device", "cuda", "--sizes", sizes, "--impls",
-                   "reference,views,solve_views,fused,fused_graph", "--warmup", "5", "--repeats", "30",
-                   "--iters", "30"]
+        return argv + ["--device", "cpu", "--sizes", "8x10", "--impls", impls, "--warmup", "1", "--repeats", "2"]
+    sizes = BENCH_SIZES_GPU if views == 2 and iters else "512x3000"
+    return argv + ["--device", "cuda", "--sizes", sizes, "--impls", impls, "--warmup", "5", "--repeats", "30"]
+
+
+def per_iteration_us(timings: dict[str, list[dict]], b: int, k: int, iters: int = 30) -> dict[str, float]:
+    """Microseconds one fixed-point iteration adds, per implementation: (t(iters) - t(0)) / iters at
+    B x K, 2 views. Why: it tells the kernel's per-iteration work (column partials, grid barriers)
+    from its fixed cost (launch, log P, the output) when the goal is missed."""
+    at = {name: {r["implementation"]: r.get("median_us") for r in timings.get(name, []) if (r["B"], r["K"]) == (b, k)}
+          for name in ("2views", "2views-iters0")}
+    return {impl: (t - at["2views-iters0"][impl]) / iters for impl, t in at["2views"].items()
+            if t is not None and at["2views-iters0"].get(impl) is not None}
 
 
 def stage_fused(ctx: Context) -> dict:
@@ -577,8 +586,14 @@ def stage_fused(ctx: Context) -> dict:
         timings[f"{views}views"] = data.get("records", [])
         if c.rc != 0:
             ctx.errors.append(f"bench_mira --views {views}: {'timed out' if c.timed_out else f'rc {c.rc}'}")
+    path = ctx.out / "fused" / "bench_mira_2views_iters0.json"
+    c = ctx.run("bench_mira-2views-iters0", bench_mira_argv(ctx, 2, path, iters=0), timeout=0.5 * ctx.left())
+    timings["2views-iters0"] = _read_json(path).get("records", [])
+    if c.rc != 0:
+        ctx.errors.append(f"bench_mira --iters 0: {'timed out' if c.timed_out else f'rc {c.rc}'}")
     # goal: 2 views x 512 x 3000 on the op training calls (views), vs the per-view reference
     b, k = (8, 10) if ctx.dry_run else (512, 3000)
+    per_iter = per_iteration_us(timings, b, k)
     rec = {r["implementation"]: r for r in timings.get("2views", []) if (r["B"], r["K"]) == (b, k)}
     views_us = rec.get("views", {}).get("median_us")
     ref_us = rec.get("reference", {}).get("median_us")
@@ -612,8 +627,10 @@ def stage_fused(ctx: Context) -> dict:
     summary += table(["B", "K", "views", "input", "dtype", "max abs err"],
                      [[c["B"], c["K"], c["views"], c["input"], c["dtype"], c["max_abs_err"]] for c in worst])
     summary += table(["views", "impl", "B", "K", "us/call", "kernels/call", "triton", "error"], rows)
+    summary += ["", f"Per fixed-point iteration at 2 x {b} x {k} ((30 iterations - 0) / 30, us): "
+                + (", ".join(f"{impl} {_fmt(us)}" for impl, us in per_iter.items()) or "-")]
     return {"results": {"equality": {k: v for k, v in eq.items() if k != "cases"}, "worst_cases": worst,
-                        "timings": timings}, "goals": goals, "summary": summary}
+                        "timings": timings, "per_iteration_us": per_iter}, "goals": goals, "summary": summary}
 
 
 # ----------------------------------------------------------------------------- 3 compile

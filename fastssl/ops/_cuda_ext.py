@@ -237,19 +237,27 @@ def load_fused(verbose: bool = False) -> Optional[Any]:
 
 
 SELF_CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SELF_CHECK_GMEM_K = 60_000  # 2 rows x 60,000 clusters (480 KB) exceed any GPU's shared memory: the gmem variant
+# 2 rows over 2 CTAs: one row of 100,000 clusters per CTA (400 KB) exceeds any GPU's shared memory: the gmem variant
+SELF_CHECK_GMEM_K = 100_000
+# 1,100 rows: more CTAs than one warp's 4 x 32 partials (132 on an H100) and several row tiles per CTA
+SELF_CHECK_TALL_B = 1_100
 
 
 def _self_check_problems(device: torch.device) -> list[torch.Tensor]:
     """Every entry point the kernel has: each input dtype, in shared memory (small K, with a masked
-    and an empty cluster) and in global memory (K too large for shared memory); on `device`."""
+    and an empty cluster), in global memory (K too large for shared memory), and one view of many
+    rows, so that a CTA reduces several row tiles (a column's running maximum rescaled, one that
+    is -inf in the first tiles only) and a column merges more partials than a warp loads at once;
+    on `device`."""
     g = torch.Generator().manual_seed(0)
     x = 3.0 * torch.randn(2, 24, 40, generator=g)
     x[:, :, 5] = float("-inf")  # a cluster nobody can take (masked prior)
     x[0, 3, 7] = float("-inf")
     x[1, :, 9] -= 40.0  # an empty cluster (hugely negative log-marginal)
     wide = 3.0 * torch.randn(1, 2, SELF_CHECK_GMEM_K, generator=g)
-    return [problem.to(device=device, dtype=dtype) for problem in (x, wide) for dtype in SELF_CHECK_DTYPES]
+    tall = 3.0 * torch.randn(1, SELF_CHECK_TALL_B, 300, generator=g)
+    tall[0, : SELF_CHECK_TALL_B // 2, 4] = float("-inf")
+    return [problem.to(device=device, dtype=dtype) for problem in (x, wide, tall) for dtype in SELF_CHECK_DTYPES]
 
 
 def _self_check(module: Any, device: torch.device) -> Optional[str]:
