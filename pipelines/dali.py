@@ -24,6 +24,12 @@ random-resized crops, and each view gets its augmentations per sample.
   `dali_cpu_fast` off, the CPU runs the GPU's graph: crops with the recipe's
   `interpolation` (bicubic by default, as torchvision's RandomResizedCrop), the accurate
   IDCT, DALI operators under conditionals.
+* `device_augment` on: DALI only decodes and crops (uint8), and flip, colour, grayscale,
+  blur and solarize run on the training device as batched tensor ops
+  (`pipelines.device_augment`, as FFCV's GPU path), drawn per batch from
+  (run seed, epoch, rank, batch). Why: on a GPU the graph above is one DALI operator per
+  step, branch and view (thousands per batch with the jitter order drawn per view), each
+  scheduled on its own; the batched ops are two passes of a few hundred kernels.
 * Augmentation randomness comes from DALI's per-pipeline seed, drawn from (run seed,
   epoch, rank, first batch): runs are repeatable. A resumed epoch draws the augmentations
   the interrupted one would have drawn: the pipelines run with DALI's checkpointing, the
@@ -47,7 +53,7 @@ from pipelines.batch import MultiCropBatch
 from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import jitter_order, photometric, uniform
-from pipelines.device_augment import GRAY_WEIGHTS
+from pipelines.device_augment import GRAY_WEIGHTS, augment_views
 from pipelines.folder import scan_source
 from pipelines.images import (ReadAhead, free_dropped_pipelines, next_readable, placement, read_unless_bad,
                              run_retiring_bad_files)
@@ -234,16 +240,19 @@ def _either(a, b):
 
 
 def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, interp=types.INTERP_CUBIC,
-                  numba_steps: bool = False):
+                  numba_steps: bool = False, crop_only: bool = False):
     """One view of every sample: crop, the photometric steps each sample drew, flip and normalise.
 
     The photometric steps run either as DALI operators under conditionals (the `if`
     statements on DataNodes: each branch runs only on the samples that took it;
     probabilities of exactly 0 or 1 build no coin at all) or, in CPU mode, as one numba
-    function per sample (`pipelines.dali_photometric`).
+    function per sample (`pipelines.dali_photometric`). `crop_only`: the uint8 crop alone
+    (the rest runs on the training device).
     """
     img = fn.random_resized_crop(images, size=[view.size, view.size], random_area=list(view.scale),
                                  random_aspect_ratio=list(recipe.ratio), interp_type=interp, antialias=True)
+    if crop_only:
+        return img
     if numba_steps:
         img = photometric(img, recipe, view)
     else:
@@ -269,11 +278,13 @@ def _conditional_photometric(img, recipe: MultiCropRecipe, view: ViewSpec):
 
 @pipeline_def(enable_conditionals=True)
 def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_device: str,
-                       hw_decoder_load: float, out_dtype, cpu_fast: bool = True, numba_steps: bool = False):
+                       hw_decoder_load: float, out_dtype, cpu_fast: bool = True, numba_steps: bool = False,
+                       crop_only: bool = False):
     """Encoded bytes -> one decode -> every view of the recipe, plus index and label.
 
     `numba_steps` (CPU mode only): the photometric steps as numba functions
-    (`pipelines.dali_photometric`; the caller checks that they could be built).
+    (`pipelines.dali_photometric`; the caller checks that they could be built). `crop_only`:
+    every view as uint8 HWC crops, for `pipelines.device_augment`.
     """
     jpegs, index, label = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
@@ -283,7 +294,8 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
     interp = types.INTERP_LINEAR if fast else dali_interp(recipe.interpolation)  # the fast CPU path: linear
     numba_steps = numba_steps and decoder_device == "cpu"
-    views = [_augment_view(images, recipe, view, out_dtype, interp, numba_steps) for view in recipe.views()]
+    views = [_augment_view(images, recipe, view, out_dtype, interp, numba_steps, crop_only)
+             for view in recipe.views()]
     return (*views, index, label)
 
 
@@ -337,7 +349,7 @@ class DaliLoader(ShardedLoader):
         with warnings.catch_warnings():  # the source is ours to position: it starts at `first_batch`
             warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
             pipe = multicrop_pipeline(source, self.spec.recipe, self.decoder_device, data.dali_hw_decoder_load,
-                                      self._out_dtype, data.dali_cpu_fast, self._numba_steps,
+                                      self._out_dtype, data.dali_cpu_fast, self._numba_steps, data.device_augment,
                                       batch_size=self.spec.batch_size, num_threads=self.num_threads,
                                       device_id=self.device_id, prefetch_queue_depth=2,
                                       seed=batch_seed(self.spec.seed, self.epoch, self.spec.rank, first_batch),
@@ -372,7 +384,7 @@ class DaliLoader(ShardedLoader):
             passed_over = source.passed_over[k]
             done += 1
             self._live = (live, self.start_batch + done)  # set before the batch is handed out (and saved)
-            batch = self._to_batch(out[0], len(passed_over - met))
+            batch = self._to_batch(out[0], len(passed_over - met), self.start_batch + done - 1)
             met.update(passed_over)
             return batch
 
@@ -392,12 +404,15 @@ class DaliLoader(ShardedLoader):
                 live = self._live = None
                 free_dropped_pipelines()
 
-    def _to_batch(self, out: dict[str, torch.Tensor], num_skipped: int) -> MultiCropBatch:
+    def _to_batch(self, out: dict[str, torch.Tensor], num_skipped: int, batch_no: int) -> MultiCropBatch:
         s = self.spec
-        views = []
-        for v in range(s.recipe.num_views):
-            x = out[f"view{v}"].permute(0, 3, 1, 2)  # HWC memory = NCHW channels_last, no copy
-            x = x.to(s.device, dtype=s.dtype, non_blocking=True)
-            views.append(x if s.channels_last else x.contiguous())
+        outputs = [out[f"view{v}"] for v in range(s.recipe.num_views)]
+        if s.data.device_augment:  # uint8 HWC crops: the photometric steps on the training device
+            g = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))  # host draws
+            crops = [x.to(s.device, non_blocking=True) for x in outputs]
+            views = augment_views(crops, s.recipe, s.recipe.views(), g, dtype=s.dtype)
+        else:  # HWC memory = NCHW channels_last, no copy
+            views = [x.permute(0, 3, 1, 2).to(s.device, dtype=s.dtype, non_blocking=True) for x in outputs]
+        views = [x if s.channels_last else x.contiguous() for x in views]
         return MultiCropBatch(views=views, index=out["index"].reshape(-1).cpu(), label=out["label"].reshape(-1).cpu(),
                               num_skipped=num_skipped)

@@ -88,7 +88,7 @@ class DataConfig:
     dali_hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs for the hardware decoder (0..1)
     dali_cpu_fast: bool = True  # DALI on CPU: bilinear crops, fast IDCT, numba photometric steps (False: the GPU graph)
     dali_read_threads: int = 8  # DALI: files read at once, up to two batches ahead (network storage; 1 = one by one)
-    device_augment: bool = False  # torchvision: workers only crop; flip/colour/blur/solarize run batched on the device
+    device_augment: bool = False  # torchvision, dali: the loader only crops; flip/colour/blur/solarize batched on the device
     ffcv_order: str = "sampler"  # FFCV: sampler (the order every backend shares) | random | quasi_random | sequential
     ffcv_os_cache: bool = True  # FFCV: page-cache reads (True) or FFCV's process cache (False)
 

@@ -31,8 +31,10 @@ EPOCHS = 8  # 8 epochs x 64 images = 512 samples per view
 # "torchvision-device": the torchvision workers only crop; the rest runs in pipelines.device_augment.
 # "dali-conditionals": DALI's GPU graph (DALI operators under conditionals) run on the CPU;
 # plain "dali" on a CPU runs the photometric steps as numba functions (pipelines.dali_photometric).
-pytestmark = pytest.mark.parametrize("backend", [*FILE_BACKENDS, "torchvision-device",
-                                                 pytest.param("dali-conditionals", marks=requires_dali)])
+BACKENDS = [*FILE_BACKENDS, "torchvision-device", pytest.param("dali-conditionals", marks=requires_dali)]
+# "dali-device": DALI only crops (as "dali"), the rest runs in pipelines.device_augment (as
+# "torchvision-device"): what is its own is the hand-over, each view's steps drawn per batch.
+WITH_DALI_DEVICE = [*BACKENDS, pytest.param("dali-device", marks=requires_dali)]
 
 QUIET = MultiCropRecipe(global_size=32, local_size=16, num_local=2, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                         blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0))
@@ -49,9 +51,9 @@ def probe_folder(root: Path, pixels: np.ndarray) -> Path:
 
 def collect(backend: str, root: Path, recipe: MultiCropRecipe, epochs: int = EPOCHS) -> list[torch.Tensor]:
     """Every view of `epochs` epochs, un-normalised to [0, 255] float64, each N x 3 x H x W."""
-    device_augment = backend == "torchvision-device"
+    device_augment = backend in ("torchvision-device", "dali-device")
     dali_cpu_fast = backend != "dali-conditionals"
-    backend = {"torchvision-device": "torchvision", "dali-conditionals": "dali"}.get(backend, backend)
+    backend = backend.split("-")[0]  # the loader each name runs
     data = DataConfig(backend=backend, train=data_path(backend, root), device_augment=device_augment,
                       dali_cpu_fast=dali_cpu_fast)
     loader = build_train_loader(LoaderSpec(data=data, recipe=recipe, batch_size=BATCH, seed=3))
@@ -127,6 +129,7 @@ def crop_geometry(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return width * height / SOURCE**2, width / height, flipped
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_crops_cover_the_configured_scale_and_ratio(backend, tmp_path):
     recipe = replace(QUIET, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), flip_p=0.5)
     views = collect(backend, probe_folder(tmp_path / "ramp", ramp_image()), recipe)
@@ -161,6 +164,7 @@ def flat_views(backend: str, tmp_path: Path, recipe: MultiCropRecipe, colour: tu
     return [v.mean(dim=(2, 3)) for v in views]  # N x 3 mean colour per view
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_colour_jitter_rate_and_independence(backend, tmp_path):
     recipe = replace(QUIET, jitter_p=0.8)
     colours = flat_views(backend, tmp_path, recipe)
@@ -207,6 +211,7 @@ def expected_hue_first_share(n: int = 40000) -> float:
     return float((found == 1).sum() / (found >= 0).sum())
 
 
+@pytest.mark.parametrize("backend", WITH_DALI_DEVICE)
 def test_colour_jitter_draws_its_order_per_view(backend, tmp_path):
     """torchvision's ColorJitter draws its steps' order per call: hue comes before saturation in half of
     them, which a flat probe shows (`hue_before_saturation`); the share matches the float64 reference's
@@ -219,6 +224,7 @@ def test_colour_jitter_draws_its_order_per_view(backend, tmp_path):
     assert int((hue_before_saturation(torch.cat(fixed)) == 1).sum()) == 0
 
 
+@pytest.mark.parametrize("backend", WITH_DALI_DEVICE)
 def test_grayscale_rate(backend, tmp_path):
     recipe = replace(QUIET, grayscale_p=0.2)
     for v, colour in enumerate(flat_views(backend, tmp_path, recipe)):
@@ -226,6 +232,7 @@ def test_grayscale_rate(backend, tmp_path):
         assert_rate(gray, 0.2, f"grayscale rate of view {v}")
 
 
+@pytest.mark.parametrize("backend", WITH_DALI_DEVICE)
 def test_solarize_only_on_the_second_global_view(backend, tmp_path):
     recipe = replace(QUIET, solarize_p=(0.0, 0.2, 0.0))
     for v, colour in enumerate(flat_views(backend, tmp_path, recipe)):
@@ -235,6 +242,7 @@ def test_solarize_only_on_the_second_global_view(backend, tmp_path):
                                    atol=2.0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", WITH_DALI_DEVICE)
 def test_blur_rates_per_view(backend, tmp_path):
     # Crops of the whole image at its own size, so only the blur changes sharpness; sigma
     # from 1 up, where a 2-pixel checker loses most of its contrast (sigma 0.1 would not).

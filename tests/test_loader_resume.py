@@ -60,9 +60,12 @@ def stop_then_resume(cfg, tmp_path: Path, monkeypatch) -> tuple[list, list, dict
 
 
 @requires_dali
-def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device_augment", [False, True], ids=["dali-graph", "device-augment"])
+def test_dali_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch, device_augment):
+    """DALI's checkpoint restores its crops (and its graph's photometric draws); with `device_augment`
+    the photometric draws are the batch's own seed's."""
     cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch
-    cfg.data.backend = "dali"
+    cfg.data.backend, cfg.data.device_augment = "dali", device_augment
     reference, got, loader_state = stop_then_resume(cfg, tmp_path, monkeypatch)
     assert (loader_state["epoch"], loader_state["batch"]) == (1, 1)
     assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7))

@@ -28,7 +28,21 @@ def plain_recipe(**kw) -> MultiCropRecipe:
 def unnormalise_mean(view: torch.Tensor) -> list[int]:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((view * std + mean) * 255).mean(dim=(1, 2)).round().int().tolist()
+    return ((view.float().cpu() * std + mean) * 255).mean(dim=(1, 2)).round().int().tolist()
+
+
+# Every training loader: the file backends, and DALI cropping only (the rest by pipelines.device_augment).
+LOADERS = [*FILE_BACKENDS, pytest.param("dali-device-augment", marks=requires_dali)]
+# On a GPU: DALI's mixed decoder, FFCV's device copy and device_augment, torchvision's device normalisation.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                  reason="needs a CUDA GPU")])]
+
+
+def loader_spec(root, loader: str, device: str = "cpu", **kw) -> LoaderSpec:
+    """`spec_for` of one of LOADERS, on `device`."""
+    if loader == "dali-device-augment":
+        loader, kw["device_augment"] = "dali", True
+    return spec_for(root, backend=loader, device=torch.device(device), **kw)
 
 
 # ------------------------------------------------------------------ folder scanning
@@ -109,20 +123,23 @@ def spec_for(root, recipe=None, backend: str = "torchvision", **kw) -> LoaderSpe
     return LoaderSpec(data=data, recipe=recipe or plain_recipe(), **{k: v for k, v in kw.items() if k in SPEC_FIELDS})
 
 
-@pytest.mark.parametrize("backend", FILE_BACKENDS)
-def test_batches_have_the_contract_shapes(image_folder, backend):
-    loader = build_train_loader(spec_for(image_folder, backend=backend))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_batches_have_the_contract_shapes(image_folder, loader, device):
+    loader = build_train_loader(loader_spec(image_folder, loader, device))
     batches = list(loader)
     assert len(batches) == len(loader) == 4
     b = batches[0]
     assert [tuple(v.shape) for v in b.views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
     assert all(v.is_contiguous(memory_format=torch.channels_last) for v in b.views)
+    assert all(v.device.type == device and v.dtype == torch.float32 for v in b.views)
     assert b.label.tolist() == [i // 6 for i in b.index.tolist()]
 
 
-@pytest.mark.parametrize("backend", FILE_BACKENDS)
-def test_every_view_comes_from_its_source_image(image_folder, backend):
-    loader = build_train_loader(spec_for(image_folder, backend=backend))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_every_view_comes_from_its_source_image(image_folder, loader, device):
+    loader = build_train_loader(loader_spec(image_folder, loader, device))
     for batch in loader:
         for row, index in enumerate(batch.index.tolist()):
             for view in batch.views:

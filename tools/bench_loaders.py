@@ -43,8 +43,9 @@ ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
 # Opt-in ablations (name -> backend, DataConfig overrides and MultiCropRecipe overrides), measured only
 # when named in --backends.
 VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}, {}),  # the GPU's DALI graph run on the CPU
-            # torchvision workers only crop; the photometric steps run batched on the device
+            # torchvision workers / DALI only crop; the photometric steps run batched on the device
             "torchvision-device-augment": ("torchvision", {"device_augment": True}, {}),
+            "dali-device-augment": ("dali", {"device_augment": True}, {}),
             # the share of JPEGs nvJPEG's hardware decoder takes on a GPU ("dali" itself: 0.65)
             "dali-hw0": ("dali", {"dali_hw_decoder_load": 0.0}, {}),
             "dali-hw1": ("dali", {"dali_hw_decoder_load": 1.0}, {}),
@@ -119,7 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma-separated subset of " + ", ".join(ALL_BACKENDS) + "; opt-in ablation: "
                     "dali-gpu-graph (DALI with --data.dali_cpu_fast off: bicubic crops, accurate IDCT, "
                     "DALI operators under conditionals, as on a GPU); opt-in variants: "
-                    "torchvision-device-augment (--data.device_augment on), dali-hw0 and dali-hw1 "
+                    "torchvision-device-augment and dali-device-augment (--data.device_augment on: the "
+                    "loader only crops, the rest runs batched on the device), dali-hw0 and dali-hw1 "
                     "(--data.dali_hw_decoder_load 0 and 1; dali itself uses 0.65), dali-read1 "
                     "(--data.dali_read_threads 1: files read one by one; dali itself reads 8 at once), "
                     "dali-fixed-order, dali-gpu-graph-fixed-order, ffcv-fixed-order and "

@@ -908,11 +908,12 @@ def ensure_dataset(ctx: Context) -> dict:
 # One bench_loaders process per group (each writes its JSON when it ends, so a timeout loses one
 # group, not all); within a group the backends are interleaved. Goal-bearing loaders first; the
 # fixed-order variants price the jitter order drawn per view (`--aug.jitter_order`).
-LOADER_GROUPS = [("dali", ["dali-hw0", "dali", "dali-hw1", "dali-fixed-order"]), ("ffcv", ["ffcv", "ffcv-fixed-order"]),
-                 ("torchvision", ["torchvision", "torchvision-device-augment"])]
+LOADER_GROUPS = [("dali", ["dali-hw0", "dali", "dali-hw1", "dali-fixed-order", "dali-device-augment"]),
+                 ("ffcv", ["ffcv", "ffcv-fixed-order"]), ("torchvision", ["torchvision", "torchvision-device-augment"])]
 LOADER_VARIANTS = [v for _, group in LOADER_GROUPS for v in group]
 GPU_LOADERS = {"dali-hw0": "DALI mixed, hw decoder 0", "dali": "DALI mixed, hw decoder 0.65",
-               "dali-hw1": "DALI mixed, hw decoder 1.0", "ffcv": "FFCV + device ops"}
+               "dali-hw1": "DALI mixed, hw decoder 1.0", "dali-device-augment": "DALI mixed crops + device ops",
+               "ffcv": "FFCV + device ops"}
 
 
 LOADER_TIMED_BATCHES = 18  # after 2 warm-up batches: 20 of an epoch's 23 batches of 64 (1,500 generated JPEGs)
