@@ -176,7 +176,7 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
     tool = load_tool("profile_throughput")
     cfg = tiny_config(tmp_path, epochs=20)
     cfg.optim.warmup_epochs = 10
-    # (images_per_s, data_wait_share, step_time_s) per step; the first is the warm-up step
+    # (images_per_s, data_wait_share, step_time_s) per log row; the first is the warm-up
     logged = [(1.0, 0.9, 8.0), (80.0, 0.25, 0.1), (40.0, 0.5, 0.2)]
     runs = []
 
@@ -185,7 +185,8 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
         runs.append((c.train.epochs, c.train.steps_per_epoch, c.train.log_every, c.eval.knn_every))
         run = Path(c.train.run_dir)
         run.mkdir(parents=True)
-        rows = "".join(f"0,{i + 1},{ips},{wait},{wall}\n" for i, (ips, wait, wall) in enumerate(logged))
+        every = c.train.log_every
+        rows = "".join(f"0,{(i + 1) * every},{ips},{wait},{wall}\n" for i, (ips, wait, wall) in enumerate(logged))
         (run / "train_log.csv").write_text("epoch,step,images_per_s,data_wait_share,step_time_s\n" + rows)
 
     monkeypatch.setattr(tool, "train", fake_train)
@@ -200,7 +201,20 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
     assert e2e["mean_step_ms"] == pytest.approx(1e3 * (0.075 + 0.1) / 2)
     assert (e2e["steps"], e2e["warmup"], e2e["backend"]) == (2, 1, cfg.data.backend)
     with pytest.raises(ConfigError, match="has 3 batches per epoch, the profile needs 4"):
-        tool.measure_end_to_end(cfg, argparse.Namespace(warmup_steps=2, steps=2, workers=0), tmp_path / "b")
+        tool.measure_end_to_end(cfg, argparse.Namespace(warmup_steps=1, steps=3, workers=0), tmp_path / "b")
+    # 2 + 4 steps: one log row per 2 steps (a row waits for the device); rows 2 and 3 are timed
+    e2e = tool.measure_end_to_end(cfg, argparse.Namespace(warmup_steps=2, steps=4, workers=0), tmp_path / "c")
+    assert runs[-1] == (1, 6, 2, -1)
+    assert e2e["images_per_s"] == pytest.approx(4 * b / 0.6)
+    assert e2e["data_wait_share"] == pytest.approx((0.05 + 0.2) / 0.6)
+    assert e2e["mean_wait_ms"] == pytest.approx(1e3 * (0.05 + 0.2) / 4)
+    assert (e2e["steps"], e2e["log_every"], e2e["per_step_images_per_s"]) == (4, 2, [80.0, 40.0])
+
+
+def test_the_profiled_loop_logs_the_largest_window_that_divides_warm_up_and_timed_steps():
+    tool = load_tool("profile_throughput")
+    assert [tool.log_window(w, s) for w, s in [(10, 50), (2, 10), (1, 2), (0, 7), (12, 36), (40, 200)]] == \
+        [10, 2, 1, 7, 6, 10]
 
 
 def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monkeypatch):

@@ -195,45 +195,61 @@ def measure_model_step(runner: StepRunner, cfg: Config, accelerator, args,
     return step, phases, statistics.fmean(around) if around else None
 
 
+LOG_WINDOW_MAX = 10  # steps per log row of the profiled loop, at most (the recipes' default log_every)
+
+
+def log_window(warmup: int, steps: int) -> int:
+    """Steps per train_log.csv row of the profiled loop: the largest that divides both the warm-up
+    and the timed steps, up to LOG_WINDOW_MAX. Why not one row per step: a log row waits for the
+    device (the loss, the divergence guard's weight norm, the processes' agreement to go on), so on
+    a GPU every step would drain the queue of launched work and the loop would measure slower than
+    it trains."""
+    return max(d for d in range(1, LOG_WINDOW_MAX + 1) if warmup % d == 0 and steps % d == 0)
+
+
 def measure_end_to_end(cfg: Config, args, scratch: Path) -> dict:
     """The training loop itself (`fastssl.engine.train`) fed by the recipe's loader, read from its own log.
 
-    The loop runs the warm-up and the timed steps with one log row per step
-    (train_log.csv: images/s, data-wait share and wall time of each step, as its meter took
-    them); the timed steps' rows give the figures, so the profile's end-to-end rate is the
+    The loop runs the warm-up and the timed steps with one log row per `log_window` steps
+    (train_log.csv: images/s, data-wait share and mean step time of the window, as its meter
+    took them); the timed steps' rows give the figures, so the profile's end-to-end rate is the
     training loop's, not a second measurement of it.
     """
     need = args.warmup_steps + args.steps
+    window = log_window(args.warmup_steps, args.steps)
     c = copy.deepcopy(cfg)
     c.train.run_dir = str(scratch / "loop_run")
-    c.train.epochs, c.train.steps_per_epoch, c.train.log_every = 1, need, 1
+    c.train.epochs, c.train.steps_per_epoch, c.train.log_every = 1, need, window
     c.optim.warmup_epochs = min(c.optim.warmup_epochs, 1)  # one epoch of `need` steps; the lr costs no time
     c.train.progress, c.eval.knn_every, c.eval.knn_at_start = False, -1, False
     c.data.num_workers = args.workers
     train(c)
     with (Path(c.train.run_dir) / "train_log.csv").open() as f:
         rows = list(csv.DictReader(f))
-    if len(rows) < need:  # the loop ends the epoch with the loader
-        raise ConfigError(f"the {cfg.data.backend} loader has {len(rows)} batches per epoch, the profile needs "
+    ran = int(rows[-1]["step"]) if rows else 0
+    if ran < need:  # the loop ends the epoch with the loader
+        raise ConfigError(f"the {cfg.data.backend} loader has {ran} batches per epoch, the profile needs "
                           f"{need}; use fewer --steps/--warmup-steps or more data")
-    return end_to_end_figures(rows[args.warmup_steps:need], cfg.train.global_batch_size, cfg.data.backend,
-                              args.warmup_steps)
+    return end_to_end_figures(rows[args.warmup_steps // window:need // window], cfg.train.global_batch_size,
+                              cfg.data.backend, args.warmup_steps, window)
 
 
-def end_to_end_figures(rows: list[dict], batch: int, backend: str, warmup: int) -> dict:
-    """Images/s, data-wait share and per-step figures of the loop's per-step log rows (train_log.csv).
+def end_to_end_figures(rows: list[dict], batch: int, backend: str, warmup: int, steps_per_row: int = 1) -> dict:
+    """Images/s, data-wait share and per-step figures of the loop's log rows (train_log.csv), each
+    the mean of `steps_per_row` steps.
 
-    A row's `step_time_s` is the step's wall time, waiting for its batch included, and its
-    `data_wait_share` the part of it spent waiting.
+    A row's `step_time_s` is its steps' mean wall time, waiting for their batches included, and
+    its `data_wait_share` the part of it spent waiting.
     """
-    walls = [float(r["step_time_s"]) for r in rows]
+    walls = [float(r["step_time_s"]) * steps_per_row for r in rows]
     waits = [w * float(r["data_wait_share"]) for w, r in zip(walls, rows)]
     steps = [w - t for w, t in zip(walls, waits)]
-    return {"backend": backend, "steps": len(rows), "warmup": warmup,
-            "images_per_s": analysis.images_per_s(batch * len(rows), sum(walls)),
+    timed = steps_per_row * len(rows)
+    return {"backend": backend, "steps": timed, "warmup": warmup, "log_every": steps_per_row,
+            "images_per_s": analysis.images_per_s(batch * timed, sum(walls)),
             "data_wait_share": analysis.data_wait_share(waits, steps),
             "per_step_images_per_s": [float(r["images_per_s"]) for r in rows],
-            "mean_wait_ms": 1e3 * statistics.fmean(waits), "mean_step_ms": 1e3 * statistics.fmean(steps)}
+            "mean_wait_ms": 1e3 * sum(waits) / timed, "mean_step_ms": 1e3 * sum(steps) / timed}
 
 
 # ----------------------------------------------------------------------------- stage 4
@@ -401,8 +417,8 @@ def write_charts(report: dict, out: Path) -> dict:
     labels = [f"loader {n}" for n in s["loader"]] + ["model step", "end to end"]
     values = [r["images_per_s"] for r in s["loader"].values()] + [s["model_step"]["images_per_s"],
                                                                    s["end_to_end"]["images_per_s"]]
-    per_step = s["end_to_end"]["per_step_images_per_s"]
-    series = {"training loop's log (end to end)": (list(range(1, len(per_step) + 1)), per_step)}
+    per_step, every = s["end_to_end"]["per_step_images_per_s"], s["end_to_end"].get("log_every", 1)
+    series = {"training loop's log (end to end)": (list(range(every, every * len(per_step) + 1, every)), per_step)}
     return {
         "stages": charts.bar_chart(out / "stages.png", labels, values, "source images/s", "Images/s per stage"),
         "breakdown": charts.stacked_breakdown(out / "breakdown.png", report["breakdown_ms"], "Step-time breakdown"),
