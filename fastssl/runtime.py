@@ -86,10 +86,13 @@ def process_group_timeout(minutes: float) -> InitProcessGroupKwargs:
 
 
 def seed_everything(seed: int, rank: int) -> None:
-    """One run seed; each rank derives its own so ranks do not draw identical noise.
+    """One run seed: Python's and NumPy's generators per rank (so ranks do not draw identical
+    noise), torch's the same on every rank.
 
-    Model initialisation happens after this with the SAME seed on every rank (DDP also
-    broadcasts rank 0's weights), so only per-rank randomness differs.
+    Why torch's is shared: model initialisation happens after this and must be the same on
+    every rank (DDP also broadcasts rank 0's weights). Torch draws made during training use
+    generators of their own (the loaders' per-batch seeds) or are broadcast from rank 0
+    (shuffle-BN's permutation); a new per-rank torch draw needs a generator seeded with the rank.
     """
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
