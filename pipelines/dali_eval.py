@@ -137,8 +137,9 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
                                threads=Pipeline.current().num_threads)
     # adjust_orientation=False: PIL (EvalLoader) ignores EXIF rotation, so DALI must too, or a
     # rotated photo would be cropped from another region than in the torchvision figures.
+    # jpeg_fancy_upsampling: nvJPEG upsamples chroma as libjpeg-turbo (PIL) does, not its own way.
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
-                               **decode_args)
+                               jpeg_fancy_upsampling=True, **decode_args)
     new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size)
     images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=dali_interp(interpolation),
                        antialias=True)

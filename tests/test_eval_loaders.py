@@ -99,10 +99,13 @@ def one_pixel_shift(path: str) -> float:
 
 
 @requires_dali
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])  # on a GPU: nvJPEG (mixed), GPU resize
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_pixels_match_pil(folder, interpolation):
+def test_pixels_match_pil(folder, interpolation, device):
     ref = read_all("torchvision", folder, interpolation=interpolation)
-    got = read_all("dali", folder, interpolation=interpolation)
+    got = [tuple(x.cpu() for x in b) for b in read_all("dali", folder, interpolation=interpolation,
+                                                       device=torch.device(device))]
     diff = (cat(ref, 0) - cat(got, 0)).abs()
     per_image = diff.mean(dim=(1, 2, 3))
     print(f"PIL vs DALI {interpolation} + antialias: max abs {diff.max():.4f}, mean abs {diff.mean():.4f} (normalised)")
