@@ -249,7 +249,8 @@ def _augment_rows(crops: torch.Tensor, recipe: MultiCropRecipe, blur_p: float | 
                   flip: bool) -> torch.Tensor:
     """`augment_views` on one batch of equal-size crops, with the blur and solarize probability per row."""
     dev = crops.device
-    x = crops.permute(0, 3, 1, 2).float().div_(255)  # channels_last memory, values in [0, 1]
+    # channels_last memory, values in [0, 1]; a device 255, as in normalize_uint8 (true division on CUDA too)
+    x = crops.permute(0, 3, 1, 2).float().div_(_channel_constants((255.0,) * 3, dev))
     n = x.shape[0]
 
     def rows_drawing(p: float | torch.Tensor) -> torch.Tensor:
