@@ -1,6 +1,6 @@
 """tools/gpu_check.py: the guard, the time budget and the reports (fast, in process), and the
-script itself run as a subprocess in dry-run mode on the CPU (a subset of stages here; every
-stage in the slow test), so that it is proven before any GPU minute is spent."""
+script itself run as a subprocess in dry-run mode on the CPU (every stage, in the slow test), so
+that it is proven before any GPU minute is spent."""
 
 from __future__ import annotations
 
@@ -196,33 +196,32 @@ def test_bench_loaders_variants_name_real_loader_settings():
     assert bl.parse_args(["--backends", ",".join(gc.LOADER_VARIANTS)]).backends
 
 
-def dry_run(tmp_path: Path, stages: str | None, timeout: int) -> tuple[dict, str]:
+def dry_run(tmp_path: Path, timeout: int) -> tuple[dict, str]:
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out),
            "--scratch", str(tmp_path / "scratch"), "--budget", str(timeout - 30)]
-    if stages:
-        cmd += ["--stages", stages]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read(out)
 
 
-def test_dry_run_of_the_fused_stage_in_a_subprocess(tmp_path):
-    report, md = dry_run(tmp_path, "fused", timeout=240)
-    (stage,) = report["stages"]
-    assert report["dry_run"] and stage["name"] == "fused" and stage["status"] == "ok", stage
+def check_fused_stage(report: dict, md: str, out: Path) -> None:
+    """The fused stage of a dry run: the whole equality grid, the timings at 30 and 0 iterations
+    (the kernel itself errs on a CPU), its three goals measured, its bench_mira log kept."""
+    stage = next(s for s in report["stages"] if s["name"] == "fused")
     eq = stage["results"]["equality"]
     assert eq["complete"] and eq["cases_done"] == 48 and eq["max_abs_err"] < 1e-4
     impls = {r["implementation"]: r for r in stage["results"]["timings"]["2views"]}
     assert impls["views"]["median_us"] > 0 and "error" in impls["fused_graph"]
-    assert [g["goal"] for g in report["goals"]][:1] == ["fused assignment, 2 views x 512 x 3000 x 30 iters"]
-    assert all(g["measured"] is not None for g in report["goals"])
-    assert "DRY RUN" in md and "| fused | ok |" in md
-    assert (tmp_path / "out" / "logs" / "bench_mira-2views.log").exists()
     zero = {r["implementation"]: r for r in stage["results"]["timings"]["2views-iters0"]}
     assert zero["views"]["iters"] == 0 and zero["views"]["median_us"] > 0 and "error" in zero["fused"]
     assert set(stage["results"]["per_iteration_us"]) == {"views"}
+    fused_goals = report["goals"][:3]
+    assert [g["goal"] for g in fused_goals][:1] == ["fused assignment, 2 views x 512 x 3000 x 30 iters"]
+    assert all(g["measured"] is not None for g in fused_goals)
+    assert "DRY RUN" in md and "| fused | ok |" in md
+    assert (out / "logs" / "bench_mira-2views.log").exists()
 
 
 def test_per_iteration_cost_is_the_difference_over_the_iterations():
@@ -237,10 +236,12 @@ def test_per_iteration_cost_is_the_difference_over_the_iterations():
 @pytest.mark.slow
 def test_dry_run_of_every_stage_in_a_subprocess(tmp_path):
     """The whole script on CPU at tiny sizes: every stage runs its tools and reads their output."""
-    report, md = dry_run(tmp_path, None, timeout=600)
+    report, md = dry_run(tmp_path, timeout=600)
     status = {s["name"]: s["status"] for s in report["stages"]}
     assert status == {s.name: "ok" for s in gc.STAGES}, [(s["name"], s.get("error"), s.get("errors"))
                                                         for s in report["stages"]]
+    assert report["dry_run"]
+    check_fused_stage(report, md, tmp_path / "out")
     st = {s["name"]: s for s in report["stages"]}
     assert st["env"]["results"]["torch"] and "nvcc" in st["env"]["results"]
     assert st["compile"]["results"]["graph_break_count"] == 0
