@@ -103,10 +103,12 @@ def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
 
 def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callable[[Any], None],
                  dump: Callable[[Any], str], start: Callable[[Any, bool | str, list[str]], dict],
-                 user_errors: tuple[type[BaseException], ...]) -> dict:
+                 user_errors: Callable[[], tuple[type[Exception], ...]]) -> dict:
     """The flow every trainer's command line shares: parse, `--help`, `check` the config,
-    `--print-config` (printed by `dump`), then `start(cfg, resume, command)`; a `user_errors`
-    exception is bad input and exits 2 with one line, no traceback; a Ctrl-C that reaches here
+    `--print-config` (printed by `dump`), then `start(cfg, resume, command)`; a ConfigError or
+    an exception of `user_errors()` is bad input and exits 2 with one line, no traceback
+    (`user_errors` is called only then: its classes may live in modules that import torch, which
+    `--help` and a misspelt field do not wait for); a Ctrl-C that reaches here
     (KeyboardInterrupt) exits 130 with one line saying how to go on (`interrupted_advice`). After `start` returns, the
     processes leave together (`runtime.end_process_group`). A run a stop signal ended early
     (results["interrupted"], after its checkpoint) exits 128 + the signal's number."""
@@ -123,8 +125,10 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
             print(dump(cfg))
             sys.exit(0)
         results = start(cfg, flags["resume"], command)
-    except user_errors as err:
-        exit_with(err)
+    except Exception as err:
+        if isinstance(err, ConfigError) or isinstance(err, user_errors()):
+            exit_with(err)
+        raise
     except KeyboardInterrupt:  # Ctrl-C in set-up, or a second one in the loop: one line, not a traceback
         if os.environ.get("RANK", "0") == "0":  # every process gets the Ctrl-C: one of them says it
             print(interrupted_advice(command, Path(cfg.train.run_dir)), file=sys.stderr)
@@ -141,12 +145,17 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
 
 def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:
     """Parse the command line into `cfg` and train; bad input exits with code 2 and a clear message."""
-    from fastssl.checkpoint import CheckpointError
     from fastssl.config import dumps
-    from fastssl.engine import TrainingDiverged, train  # imported late so `--help` is instant
 
-    results = command_line(cfg, argv, prog, check=validate, dump=dumps,
-                           start=lambda c, resume, command: train(c, resume=resume, command=command),
-                           user_errors=(ConfigError, DataLayoutError, FileNotFoundError, BetonError, LoaderUnavailable,
-                                        CheckpointError, TrainingDiverged))
-    return results
+    def start(c: Config, resume: bool | str, command: list[str]) -> dict:
+        from fastssl.engine import train  # torch and the models: not for `--help` or a misspelt field
+
+        return train(c, resume=resume, command=command)
+
+    def user_errors() -> tuple[type[Exception], ...]:
+        from fastssl.checkpoint import CheckpointError
+        from fastssl.recovery import TrainingDiverged
+
+        return DataLayoutError, FileNotFoundError, BetonError, LoaderUnavailable, CheckpointError, TrainingDiverged
+
+    return command_line(cfg, argv, prog, check=validate, dump=dumps, start=start, user_errors=user_errors)

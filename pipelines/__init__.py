@@ -8,12 +8,24 @@ backends (DALI, FFCV) are imported only when chosen.
 from __future__ import annotations
 
 import importlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipelines.augment import MultiCropRecipe
-from pipelines.batch import MultiCropBatch
 from pipelines.spec import AUTO_BACKEND, BACKENDS, DataConfig, LoaderSpec, LoaderUnavailable, install_hint, registered_class
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.batch import MultiCropBatch
+
+
+def __getattr__(name: str):
+    """`MultiCropBatch` on first use: it needs torch, and the config and `--help` import this package."""
+    if name == "MultiCropBatch":
+        from pipelines.batch import MultiCropBatch
+
+        return MultiCropBatch
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
 
 
 def build_train_loader(spec: LoaderSpec):

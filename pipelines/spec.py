@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipelines.augment import MultiCropRecipe
+
+if TYPE_CHECKING:
+    import torch
 
 # name -> "module:Class" of the training loaders; each class takes a LoaderSpec and offers len(),
 # set_epoch(), iter(). Modules are imported only when chosen (DALI and FFCV are optional).
@@ -137,11 +139,11 @@ class LoaderSpec:
     world_size: int = 1
     seed: int = 0
     num_workers: int = 0  # resolved by the caller (data.num_workers -1 = a share of this machine's cores)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: _torch().device("cpu"))
     channels_last: bool = True
     # The views' dtype: the autocast dtype on GPU (bf16 halves the loader's output traffic),
     # float32 otherwise. The model's first layer would cast to it anyway.
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = field(default_factory=lambda: _torch().float32)
 
     @property
     def path(self) -> str:
@@ -150,5 +152,13 @@ class LoaderSpec:
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """Move one view to the training device in the training dtype and memory format."""
+        torch = _torch()
         x = x.to(self.device, dtype=self.dtype, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+def _torch():
+    """torch, imported on first use: this module is read by the config and `--help`, which need none of it."""
+    import torch
+
+    return torch

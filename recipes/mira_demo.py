@@ -14,7 +14,6 @@ from pathlib import Path
 
 from fastssl.cli import run
 from fastssl.config import Config
-from fastssl.run_log import write_json
 
 
 def config() -> Config:
@@ -86,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(cfg, argv)  # applies the command-line overrides to cfg in place
     if not main_process():  # `accelerate launch`: one process reports the run
         return results
+    from fastssl.run_log import write_json  # torch: not for `--help`
+
     run_dir = Path(cfg.train.run_dir)
     figures, line = summary(results)
     write_json(run_dir / "demo.json", figures)

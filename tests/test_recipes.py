@@ -58,6 +58,20 @@ def test_help_lists_every_field():
     assert "ImageNet-layout folder" in out.stdout  # each field's help, beside the recipe's value
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--optim.lrr", "1"]])
+def test_help_and_a_misspelt_field_answer_without_importing_torch(args):
+    """A user's first commands answer at once (about 0.1 s, not the 3 s of importing torch and the models)."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['mira_bs512.py', *{args!r}]\n"
+             "try:\n"
+             f"    runpy.run_path({str(REPO / 'recipes' / 'mira_bs512.py')!r}, run_name='__main__')\n"
+             "except SystemExit as exit:\n"
+             "    print('exit', exit.code, 'torch' in sys.modules, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = 0 if args == ["--help"] else 2
+    assert out.stderr.splitlines()[-1] == f"exit {code} False", out.stderr
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--optim.lrr", "1", "--data.train", "/x"], "optim.lrr: unknown recipe field"),
     (["--method.beta_start", "1.5", "--data.train", "/x"], "beta must lie in [0, 1)"),

@@ -306,7 +306,7 @@ def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = No
     results = command_line(cfg, argv, prog, check=validate,
                            dump=lambda c: json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True),
                            start=lambda c, resume, command: train(c, resume=resume, command=command),
-                           user_errors=(ConfigError, DataLayoutError, FileNotFoundError, ckpt.CheckpointError))
+                           user_errors=lambda: (DataLayoutError, FileNotFoundError, ckpt.CheckpointError))
     top1 = results.get("final_top1")
     print(f"done: top-1 {'n/a' if top1 is None else f'{top1:.2f}%'} ({cfg.train.run_dir}/results.json)")
     return results
