@@ -30,7 +30,7 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
-from pipelines.folder import scan_image_folder
+from pipelines.folder import Listing, scan_image_folder
 from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.images import ReadAhead, free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import rank_share
@@ -160,8 +160,8 @@ class DaliEvalLoader:
 
     def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION):
-        self.samples, self.classes = scan_image_folder(root)
+                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None):
+        self.samples, self.classes = listing if listing is not None else scan_image_folder(root)
         self.interpolation = interpolation
         self.indices = rank_share(len(self.samples), rank, world_size)
         self.size, self.batch_size = size, batch_size

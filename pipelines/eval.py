@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
-from pipelines.folder import scan_image_folder
+from pipelines.folder import Listing, scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
 from pipelines.sampler import rank_share
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
@@ -56,8 +56,8 @@ class LabelledImages(Dataset):
 class EvalFolder(LabelledImages):
     """(image, label, index) of an ImageNet-layout folder with the evaluation transform."""
 
-    def __init__(self, root: str, size: int, interpolation: str = EVAL_INTERPOLATION):
-        samples, self.classes = scan_image_folder(root)
+    def __init__(self, root: str, size: int, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None):
+        samples, self.classes = listing if listing is not None else scan_image_folder(root)
         super().__init__(samples, eval_transform(size, interpolation=interpolation))
 
 
@@ -78,8 +78,8 @@ class EvalLoader:
 
     def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION):
-        self.dataset = EvalFolder(root, size, interpolation)
+                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None):
+        self.dataset = EvalFolder(root, size, interpolation, listing)
         self.classes = self.dataset.classes
         self.indices = rank_share(len(self.dataset), rank, world_size)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -113,12 +113,15 @@ def eval_loader_class(backend: str) -> type:
 
 def build_eval_loader(backend: str, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                      data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION):
+                      data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION,
+                      listing: Listing | None = None):
     """This rank's evaluation loader of `root` through `backend` (a name of `pipelines.spec.EVAL_BACKENDS`).
 
     `data`: the run's data configuration, whose DALI options the DALI eval loader uses as
     the training loader does (its defaults when not given). `interpolation`: the resize's
-    filter, a name of `pipelines.augment.INTERPOLATIONS`."""
+    filter, a name of `pipelines.augment.INTERPOLATIONS`. `listing`: `root`'s (samples,
+    classes) when the caller has scanned it already, e.g. to keep a labelled subset of it
+    (`tools/eval_knn.py --subset`); else `root` is scanned here."""
     return eval_loader_class(backend)(root, size, batch_size, rank=rank, world_size=world_size,
                                       num_workers=num_workers, device=device, channels_last=channels_last,
-                                      data=data, interpolation=interpolation)
+                                      data=data, interpolation=interpolation, listing=listing)

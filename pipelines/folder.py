@@ -32,8 +32,11 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True
-                      ) -> tuple[list[tuple[str, int]], list[str]]:
+# A labelled folder's images as `scan_image_folder` lists them: ([(path, class index)], class names).
+Listing = tuple[list[tuple[str, int]], list[str]]
+
+
+def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True) -> Listing:
     """All (path, class index) pairs under `root`, in a deterministic order, and the classes.
 
     Fails before any training work with a message naming the problem: a missing path,

@@ -36,6 +36,32 @@ def test_reproduces_the_online_knn_of_the_loop(trained_run, tmp_path):
     assert set(saved["k"]) == {"10", "20", "200"} and saved["arch"] == "resnet18"
 
 
+def test_a_subset_memory_bank_scores_as_a_folder_of_only_those_images(trained_run, tmp_path):
+    """--subset (the paper's 1 % / 10 % k-NN): the bank is the named images, and only they."""
+    import shutil
+
+    from fastssl.reports.run_report import evaluations
+
+    run, _ = trained_run
+    train_root = Path(json.loads((run / "config.json").read_text())["data"]["train"])
+    chosen = [sorted((train_root / c).iterdir())[:3] for c in sorted(p.name for p in train_root.iterdir())]
+    lines = [f"{'./' if i % 2 else ''}{p.parent.name}/{p.name}" for group in chosen for i, p in enumerate(group)]
+    (tmp_path / "bank.txt").write_text("# a subset\n" + "\n".join(lines) + "\n")
+    for p in (p for group in chosen for p in group):
+        (tmp_path / "bank" / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, tmp_path / "bank" / p.parent.name / p.name)
+    tool = load_tool("eval_knn")
+    subset = tool.main([str(run), "--ks", "1,5,9", "--subset", str(tmp_path / "bank.txt")])
+    folder = tool.main([str(run), "--ks", "1,5,9", "--train", str(tmp_path / "bank"), "--json", str(tmp_path / "f.json")])
+    assert subset["images"] == folder["images"] == {"bank": 9, "queries": 9}
+    assert subset["k"] == folder["k"] and subset["subset"] == str(tmp_path / "bank.txt")
+    assert (run / "eval_knn_bank.json").is_file()  # its own report: the whole bank's eval_knn.json is another figure
+    try:
+        assert evaluations(run, {})["eval_knn_bank"]["top1"] == subset["k"]["1"]["top1"]  # the run report lists it
+    finally:
+        (run / "eval_knn_bank.json").unlink()
+
+
 def run_tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=300)
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import load_tool
 from fastssl.eval.errors import EvalError
-from fastssl.eval.finetune import match_subset
+from fastssl.eval.subsets import match_subset
 from test_eval_linear import make_toy_run
 
 

@@ -8,17 +8,24 @@
 L2-normalised features of the EMA teacher's backbone (the exported `backbone_<arch>.pth`),
 cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 20, 100,
 200}; top-1 and top-5 in percent. Images: resize to size / 0.875 (the run's
-eval.interpolation, bilinear by default; `--interpolation bicubic` to compare) and centre
-crop `size` (the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
+eval.interpolation, bilinear by default, as the MIRA authors' ImageNet val transform;
+DINO's own k-NN script resizes bicubic: `--interpolation bicubic`) and centre crop `size`
+(the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
 the same k = 20 figure; `--loader dali` reads them through DALI with the same geometry,
-within a fraction of a grey level). Writes JSON (default: RUN_DIR/eval_knn.json, or
-beside the checkpoint) that the run's report picks up.
+within a fraction of a grey level).
+
+`--subset 1percent.txt` keeps in the memory bank only the train images a subset file names:
+the paper's 1 % / 10 % k-NN (Table 3) uses the semi-supervised benchmark's subsets, the
+files tools/finetune_semi.py reads. Writes JSON (default: RUN_DIR/eval_knn.json, or
+eval_knn_<subset file's stem>.json; beside a bare checkpoint, <stem>_eval_knn.json) that
+the run's report picks up.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,20 +34,28 @@ from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.online import knn_loaders, knn_scores
+from fastssl.eval.subsets import subset_samples
 from fastssl.eval.targets import require_data, resolve_target
 from fastssl.run_log import utc_now, write_json
 from fastssl.runtime import end_process_group, pick_device
 from pipelines.eval import EvalBackendError, eval_loader_class
-from pipelines.folder import DataLayoutError
+from pipelines.folder import DataLayoutError, Listing, scan_image_folder
 
 DEFAULT_KS = (10, 20, 100, 200)
 
 
 def resolve(args: argparse.Namespace) -> dict:
     """Checkpoint, arch, data paths and image size from the run directory and the flags."""
-    return resolve_target(args.target, tool="eval_knn", train=args.train, val=args.val, image_size=args.image_size,
+    tool = f"eval_knn_{Path(args.subset).stem}" if args.subset else "eval_knn"  # one report per memory bank
+    return resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
                           arch=args.arch, json_path=args.json, train_keys=("knn_train", "train"),
                           interpolation=args.interpolation)
+
+
+def subset_listing(subset: Path, train_root: str) -> Listing:
+    """The train folder's listing cut to the images of a subset file (EvalError on a line that names none)."""
+    samples, classes = scan_image_folder(train_root)
+    return subset_samples(subset, samples, train_root), classes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     add_data_arguments(ap, "memory bank folder (default: the run's data.knn_train or data.train)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
     ap.add_argument("--temperature", type=float, default=0.07)
+    ap.add_argument("--subset", help="memory bank: only the train images this text file names (one file name or "
+                    "train-relative path per line), e.g. SimCLR's 1percent.txt / 10percent.txt for the paper's "
+                    "1 %% / 10 %% k-NN (Table 3); default: the whole train folder")
     ap.add_argument("--batch-size", type=int_at_least(1), default=128)
     add_run_arguments(ap, "image reader: torchvision (PIL in workers) or dali (nvJPEG + GPU resize; same transform)")
     args = ap.parse_args(argv)
@@ -65,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         net, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data
         require_data(found)
         eval_loader_class(args.loader)  # a missing DALI fails here, before any work
+        bank_listing = subset_listing(Path(args.subset), found["train"]) if args.subset else None
         accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.
         # Under `accelerate launch` each process embeds its share of each split; the queries are gathered,
@@ -73,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                                 device=accelerator.device, interpolation=found["interpolation"],
                                                 rank=accelerator.process_index,
-                                                world_size=accelerator.num_processes)
+                                                world_size=accelerator.num_processes, bank_listing=bank_listing)
     except (EvalError, EvalBackendError, DataLayoutError) as err:
         exit_with(err)
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
@@ -81,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     scores, bank_size, query_size = knn_scores(net, bank_loader, query_loader, accelerator, ks, args.temperature,
                                                not args.no_progress, what="")
     results = {str(k): r for k, r in scores.items()}
-    report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "val": found["val"],
-              "image_size": found["size"], "interpolation": found["interpolation"], "loader": args.loader,
+    report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "subset": args.subset,
+              "val": found["val"], "image_size": found["size"], "interpolation": found["interpolation"], "loader": args.loader,
               "temperature": args.temperature, "k": results,
               "images": {"bank": bank_size, "queries": query_size},
               "seconds": round(time.perf_counter() - start, 2),

@@ -11,7 +11,6 @@ not a silent skip, because a subset with missing images is another benchmark.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -21,75 +20,23 @@ import torch.nn.functional as F
 from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
                                      epoch_batches, evaluate_head, load_eval_inputs, new_head, progress_bar,
                                      sgd_step, step_decay, to_device, train_transform)
-from fastssl.eval.errors import EvalError
+from fastssl.eval.subsets import subset_samples
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import scaled_lr
 from pipelines.eval import eval_loader_class
 
-__all__ = ["PRESETS", "prepare", "finetune_on_subset", "finetune", "read_subset_lines", "match_subset",
-           "pick_rates"]
+__all__ = ["PRESETS", "prepare", "finetune_on_subset", "finetune", "pick_rates"]
 
 # SwAV's eval_semisup.py (README commands), at batch 256: (backbone lr, head lr).
 PRESETS = {"1": (0.02, 5.0), "10": (0.01, 0.2)}
-
-
-def read_subset_lines(path: Path) -> list[str]:
-    """The image names of a subset file, in order, without blanks, comments or repeats."""
-    if not path.is_file():
-        raise EvalError(f"subset file {str(path)!r} does not exist; pass a text file with one image "
-                        "per line (e.g. SimCLR's 1percent.txt)")
-    names = []
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip().replace("\\", "/")
-        if line:
-            names.append(line[2:] if line.startswith("./") else line)
-    names = list(dict.fromkeys(names))
-    if not names:
-        raise EvalError(f"subset file {str(path)!r} is empty: it names no image (one file name or "
-                        "train-relative path per line)")
-    return names
-
-
-def relative(path: str, root: str) -> str:
-    """`path` relative to `root`, '/'-separated. The scan's paths start with `root`, so this is a slice:
-    `os.path.relpath` per image takes a minute and more on ImageNet's 1.28M."""
-    prefix = os.path.join(root, "")
-    rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
-    return rel.replace(os.sep, "/")
-
-
-def match_subset(names: list[str], samples: list[tuple[str, int]], root: str) -> list[tuple[str, int]]:
-    """The samples the subset names: a line with a '/' is a path relative to `root`, a bare
-    file name matches that file in any class folder (ImageNet file names are unique)."""
-    by_path = {relative(p, root): (p, y) for p, y in samples}
-    by_name: dict[str, list[tuple[str, int]]] = {}
-    for p, y in samples:
-        by_name.setdefault(os.path.basename(p), []).append((p, y))
-    chosen, unmatched, ambiguous = [], [], []
-    for name in names:
-        hits = [by_path[name]] if name in by_path else ([] if "/" in name else by_name.get(name, []))
-        if not hits:
-            unmatched.append(name)
-        elif len(hits) > 1:
-            ambiguous.append(name)
-        else:
-            chosen.append(hits[0])
-    if unmatched:
-        raise EvalError(f"{len(unmatched)} of {len(names)} subset lines match no image under {root!r}, e.g. "
-                        f"{unmatched[:3]}; lines are file names or paths relative to the train folder "
-                        "(is --train the folder the list was made for?)")
-    if ambiguous:
-        raise EvalError(f"{len(ambiguous)} subset lines name a file found in several class folders, e.g. "
-                        f"{ambiguous[:3]}; write them as <class>/<file>")
-    return chosen
 
 
 def prepare(args: argparse.Namespace) -> tuple[EvalInputs, list[tuple[str, int]]]:
     """Everything the command line names, loaded and checked (EvalError / EvalBackendError),
     and the subset's samples: a bad subset or a missing DALI fails here, not after fine-tuning."""
     inputs = load_eval_inputs(args, "finetune_semi")
-    subset = match_subset(read_subset_lines(Path(args.subset)), inputs.train_samples, str(inputs.found["train"]))
+    subset = subset_samples(Path(args.subset), inputs.train_samples, str(inputs.found["train"]))
     eval_loader_class(args.loader)
     return inputs, subset
 

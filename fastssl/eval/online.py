@@ -15,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fastssl.eval.knn import Merge, knn_accuracies
-from fastssl.runtime import per_process
+from fastssl.runtime import per_process, rank0_buffers
 from pipelines.augment import EVAL_INTERPOLATION
 from pipelines.eval import build_eval_loader
-from pipelines.folder import DataLayoutError
+from pipelines.folder import DataLayoutError, Listing
 from pipelines.spec import DataConfig
 
 
@@ -94,7 +94,9 @@ def gather_neighbours(accelerator) -> Merge | None:
 def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator, ks: list[int],
                temperature: float, progress: bool = False, what: str = "k-NN") -> tuple[dict[int, dict], int, int]:
     """Top-1/top-5 for each k in `ks`, each rank holding only its share of the memory bank; and the
-    sizes of the bank and of the queries (whole splits)."""
+    sizes of the bank and of the queries (whole splits). Every rank embeds with rank 0's BatchNorm
+    statistics (`rank0_buffers`): one network, the exported one, for the whole split."""
+    rank0_buffers(backbone, accelerator)
     bank_x, bank_y = embed(backbone, bank_loader, accelerator, progress, f"{what} memory bank".strip(),
                            gather=False)
     query_x, query_y = embed(backbone, query_loader, accelerator, progress, f"{what} queries".strip())
@@ -106,14 +108,16 @@ def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator
     return {k: found[clamped[k]] for k in ks}, bank_size, len(query_y)
 
 
-def knn_loaders(backend: str, train_root: str, val_root: str, **common) -> tuple:
+def knn_loaders(backend: str, train_root: str, val_root: str, bank_listing: Listing | None = None,
+                **common) -> tuple:
     """The memory-bank (train) and query (val) eval loaders, which must have the same classes.
 
     Shared by the loop's online k-NN and tools/eval_knn.py. A bad folder, or two folders
     with different classes, raise `DataLayoutError`: a user error that the recipes' command
-    line and the tool report in one line (exit 2), before any work.
+    line and the tool report in one line (exit 2), before any work. `bank_listing`: the
+    train folder's images when the bank is a subset of it (`tools/eval_knn.py --subset`).
     """
-    bank = build_eval_loader(backend, train_root, **common)
+    bank = build_eval_loader(backend, train_root, listing=bank_listing, **common)
     queries = build_eval_loader(backend, val_root, **common)
     if bank.classes != queries.classes:
         differ = sorted(set(bank.classes) ^ set(queries.classes))

@@ -3,7 +3,7 @@
 Reads what every run writes: config.json, run_info.json (machine and recipe, written at
 start), train_log.csv (every `log_every` steps), epochs.csv (per epoch: images/s, data-wait
 share, step time, peak memory, k-NN), results.json, and the evaluation tools' JSON
-(eval_knn.json, eval_linear.json, finetune_semi*.json) when present.
+(`EVAL_FILES`: eval_knn*.json, eval_linear.json, finetune_semi*.json) when present.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from . import charts
 from .environment import describe_environment, describe_recipe
 from .schema import ReportError, new_report
 
-EVAL_FILES = ("eval_knn.json", "eval_linear.json")
+# The evaluation tools' reports in a run directory: one name each, or a family (a k-NN per memory
+# bank, `eval_knn --subset`; a fine-tuning per subset).
+EVAL_FILES = ("eval_knn.json", "eval_knn_*.json", "eval_linear.json", "finetune_semi*.json")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -65,10 +67,7 @@ def evaluations(run_dir: Path, results: dict) -> dict:
     if results.get("knn"):
         last = results["knn"][-1]
         out["online k-NN (loop)"] = {"top1": last["top1"], "top5": last["top5"], "detail": f"epoch {last['epoch']}, k = 20"}
-    files = [run_dir / n for n in EVAL_FILES] + sorted(run_dir.glob("finetune_semi*.json"))
-    for path in files:
-        if not path.is_file():
-            continue
+    for path in (path for pattern in EVAL_FILES for path in sorted(run_dir.glob(pattern))):
         data = json.loads(path.read_text())
         top1, top5 = _headline(data)
         out[path.stem] = {"top1": top1, "top5": top5, "detail": path.name}
