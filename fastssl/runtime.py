@@ -289,3 +289,18 @@ def per_process(accelerator: Accelerator, values: list[int]) -> list[list[int]]:
         return [list(values)]
     mine = torch.tensor([values], dtype=torch.int64, device=accelerator.device)
     return accelerator.gather(mine).tolist()
+
+
+def rank0_buffers(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Give every process rank 0's buffers of `module` (BatchNorm's running statistics), in place.
+
+    Why: a network whose BatchNorm normalises each process's batch alone (ML-CPC's shuffle-BN
+    key encoder, `model.sync_bn false`) keeps other running statistics on each process, so in
+    eval mode it is another network on each; rank 0's is the one the checkpoint exports. The
+    parameters are equal already (DDP; the EMA of equal students). Nothing to do on one process."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

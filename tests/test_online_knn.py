@@ -75,3 +75,49 @@ def test_gathered_rows_are_put_in_dataset_order_without_padding_or_gaps():
     order = [5, 2, 0, 3]  # the rows holding dataset images 0, 2, 5, 9
     torch.testing.assert_close(got_feats, feats[order])
     assert got_labels.tolist() == labels[order].tolist() == [0, 20, 50, 90]
+
+
+class _Batches(list):
+    """A loader stand-in: its batches, and the split's classes (what `knn_scores` reads of a loader)."""
+
+    classes = ["a", "b", "c"]
+
+
+def _knn_with_per_rank_bn_statistics(rank: int, world_size: int, bank: torch.Tensor, queries: torch.Tensor,
+                                     bank_y: torch.Tensor, query_y: torch.Tensor):
+    from accelerate import Accelerator
+
+    from fastssl.eval.online import knn_scores
+
+    accelerator = Accelerator(cpu=True)  # joins the group run_distributed started (gloo)
+    torch.manual_seed(0)  # the same weights on both ranks ...
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 5))
+    backbone.feature_dim = 5
+    with torch.no_grad():  # ... but each rank's own running statistics, as a shuffle-BN key encoder has
+        backbone[1].running_mean.fill_(rank)
+        backbone[1].running_var.fill_(1 + 3 * rank)
+    share = slice(rank, None, world_size)
+    loader = lambda x, y: _Batches([(x[share], y[share], torch.arange(len(y))[share])])  # noqa: E731
+    scores, _, _ = knn_scores(backbone, loader(bank, bank_y), loader(queries, query_y), accelerator, [1, 3], 0.07)
+    return scores, backbone[1].running_var.tolist()
+
+
+@requires_gloo
+def test_every_rank_embeds_the_split_with_rank_0s_batchnorm_statistics():
+    """A k-NN over ranks evaluates ONE network, the one the checkpoint exports (rank 0's)."""
+    from fastssl.eval.knn import knn_accuracies
+
+    g = torch.Generator().manual_seed(2)
+    bank, queries = torch.randn(12, 3, 2, 2, generator=g) * 3, torch.randn(6, 3, 2, 2, generator=g) * 3
+    bank_y, query_y = torch.arange(12) % 3, torch.arange(6) % 3
+    outs = run_distributed(_knn_with_per_rank_bn_statistics, world_size=2, args=(bank, queries, bank_y, query_y))
+    torch.manual_seed(0)
+    rank0 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 5)).eval()
+    with torch.no_grad():
+        rank0[1].running_mean.fill_(0)
+        rank0[1].running_var.fill_(1)
+        expected = knn_accuracies(torch.nn.functional.normalize(rank0(bank), dim=1), bank_y,
+                                  torch.nn.functional.normalize(rank0(queries), dim=1), query_y, 3, ks=[1, 3])
+    for scores, running_var in outs:
+        assert running_var == [1.0] * 12
+        assert scores == expected
