@@ -370,7 +370,7 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"method.objective: unknown {mt.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     elif cfg.train.micro_batch_size and OBJECTIVES[mt.objective].couples_rows:
         e.append(f"train.micro_batch_size: method.objective {mt.objective} scores every row against the whole "
-                 f"batch (ML-CPC's one denominator), which gradient accumulation over chunks would change; "
+                 f"per-process batch (ML-CPC's one denominator), which gradient accumulation over chunks would change; "
                  f"set --train.micro_batch_size 0 (or lower --train.global_batch_size to fit memory)")
     if not positive_number(mt.mlcpc_weight):
         e.append(f"method.mlcpc_weight: must be a finite number > 0, got {mt.mlcpc_weight}")

@@ -50,8 +50,8 @@ class Objective:
     uses_prototypes: bool = True  # False: the prototypes get no gradient (frozen, so DDP does not wait for them)
     assignment: str | None = None  # the pseudo-label assignment the step runs (mira | sinkhorn), None: none
     state: nn.Module | None = None  # what the checkpoint keeps (under "critic"), None: nothing
-    # True: every row's loss depends on the whole batch (ML-CPC's one denominator), so gradient
-    # accumulation over chunks would optimise another bound; the config then refuses micro-batches.
+    # True: every row's loss depends on every row of its process's batch (ML-CPC's one denominator), so
+    # gradient accumulation over chunks would optimise another bound; the config then refuses micro-batches.
     couples_rows: bool = False
 
     @classmethod

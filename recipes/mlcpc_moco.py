@@ -7,7 +7,8 @@ Each choice and its source (paper = Song & Ermon, "Multi-label Contrastive Predi
 NeurIPS 2020; code = the authors' representation-learning/main_moco_cifar.py and
 moco_builder.py; MoCo-v2 = its ImageNet recipe):
 - loss: minus the alpha-ML-CPC bound divided by alpha, the whole N x (1 + Q) score matrix in
-  ONE denominator (paper Eq. 6; code); geometric curriculum alpha 10 -> 0.1, moved once per
+  ONE denominator (paper Eq. 6; code), per process as in the code (N = this GPU's rows:
+  32 of the 256 on 8 GPUs); geometric curriculum alpha 10 -> 0.1, moved once per
   epoch (paper Sec. 5.3).
 - ONE direction (`critic.direction one_way`): query = student on view 0, key = EMA key
   encoder on view 1, B keys enqueued per step (code). Our `mira+mlcpc` default is symmetric.
