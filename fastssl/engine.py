@@ -333,7 +333,46 @@ def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] |
         if accelerator.is_main_process:  # an unwritable place fails here, before the networks are built
             with ckpt.writing(run_dir):
                 run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir_shared(run_dir, accelerator)
     return run_dir, warned
+
+
+SHARED_CHECK_WAIT_S = 10.0  # how long a process looks for the file rank 0 wrote in the run directory
+
+
+def check_run_dir_shared(run_dir: Path, accelerator) -> None:
+    """Every process sees the run directory rank 0 writes, or none starts.
+
+    Why: rank 0 writes the checkpoints and every rank reads them at a resume. A run directory on
+    a node-local disk passes every other check at a fresh start (all at step 0) and would fail
+    at the first resume, a whole job later (`check_processes_agree`). Rank 0 writes a file of a
+    name never used before, so that no NFS client has a cached "no such file" for it; the others
+    look for it for up to SHARED_CHECK_WAIT_S, as a new entry can take a moment to show there."""
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+
+    from accelerate.utils import broadcast_object_list
+
+    name = broadcast_object_list([f".shared-check-{secrets.token_hex(8)}" if accelerator.is_main_process else None])
+    probe = run_dir / name[0]
+    with failing_together(accelerator):
+        if accelerator.is_main_process:
+            with ckpt.writing(run_dir):
+                probe.write_text("rank 0 wrote this; every process of the run must see it (fastssl)\n")
+    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
+    while not probe.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    seen = per_process(accelerator, [int(probe.exists())])  # a collective: every process has looked
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [rank for rank, (found,) in enumerate(seen) if not found]
+    if blind:
+        who = f"process {blind[0]} does" if len(blind) == 1 else f"processes {', '.join(map(str, blind))} do"
+        raise ckpt.CheckpointError(f"{who} not see the run directory {run_dir} "
+                                   f"that rank 0 writes its checkpoints to: every node must see the same run "
+                                   f"directory (a filesystem all nodes share), or a resume would find no checkpoint "
+                                   f"there; set --train.run_dir to a shared path")
 
 
 def open_records(cfg: Config, run_dir: Path, parts: StepParts, resume: bool, warned: dict, step: int) -> RunLog:

@@ -695,6 +695,7 @@ def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_
     # Each rank's own run directory stands for one path whose content differs per node (a node-local disk):
     # on one machine the paths must differ, so the check that every node names the same path is told so.
     engine.PER_NODE_FIELDS = engine.PER_NODE_FIELDS | {"train.run_dir"}
+    engine.SHARED_CHECK_WAIT_S = 1.0  # how long a node looks for rank 0's file in the run directory
     missing = Path(roots[rank]).name == "missing"  # this node has no copy of the data
     cfg = quick_config(Path(roots[0] if missing else roots[rank]), epochs=1)
     cfg.data.train = str(Path(roots[rank]) / "data" / "train") if missing else cfg.data.train
@@ -794,14 +795,18 @@ def test_processes_that_see_different_data_refuse_to_start(tmp_path):
                               "(rank 0: 24, rank 1: 16)"), out
 
 
-def test_processes_that_resume_from_different_steps_refuse_to_start(tmp_path):
-    """A run directory only node 0 sees: node 1 would start afresh while node 0 continues."""
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["fresh start", "resume"])
+def test_a_run_directory_only_node_0_sees_refuses_to_start(tmp_path, checkpointed):
+    """A node-local run directory: at a resume node 1 would start afresh while node 0 continues; at a
+    fresh start (every process at step 0) it is refused too, not a whole job later at its first resume."""
     from dist_utils import run_distributed
 
     cfg = quick_config(tmp_path, epochs=1)
-    engine.train(cfg)  # node 0's checkpoint of step 3
+    if checkpointed:
+        engine.train(cfg)  # node 0's checkpoint of step 3
     outs = run_distributed(_train_on_this_ranks_view, world_size=2,
                            args=([str(tmp_path)] * 2, [cfg.train.run_dir, str(tmp_path / "node1_run")]), timeout=180)
     for out in outs:
-        assert out.startswith("CheckpointError: the processes resume from different steps (rank 0: step 3, "
-                              "rank 1: step 0)"), out
+        assert out.startswith("CheckpointError: process 1 does not see the run directory "), out
+        assert "that rank 0 writes its checkpoints to" in out and "a filesystem all nodes share" in out
+    assert [p.name for p in Path(cfg.train.run_dir).iterdir() if p.name.startswith(".shared-check")] == []
