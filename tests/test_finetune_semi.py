@@ -100,3 +100,19 @@ def test_a_checkpoint_without_data_is_refused_as_the_wrong_file(tool, tmp_path, 
     torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
     err = error_of(tool, [str(tmp_path / "checkpoint.pt"), "--subset", str(tmp_path / "s.txt")], capsys)
     assert "is not an exported backbone" in err and "no data" not in err
+
+
+def test_the_heads_start_as_their_protocols_do():
+    """Linear probe: N(0, 0.01), zero bias (the MIRA authors' eval_linear.py). Fine-tuning: a new nn.Linear
+    as SwAV's eval_semisup.py builds it (PyTorch's initialisation), drawn from the tool's seed."""
+    from fastssl.eval.classifier import new_head
+
+    torch.manual_seed(7)
+    torch_default = torch.nn.Linear(512, 10)
+    semi = new_head(512, 10, seed=7, init="default")
+    torch.testing.assert_close(semi.weight, torch_default.weight, rtol=0, atol=0)
+    torch.testing.assert_close(semi.bias, torch_default.bias, rtol=0, atol=0)
+    probe = new_head(2048, 1000, seed=7)
+    assert probe.bias.abs().max() == 0
+    assert abs(probe.weight.std().item() - 0.01) < 1e-4 and abs(probe.weight.mean().item()) < 1e-4  # 2M draws
+

@@ -11,6 +11,7 @@ so the two tools must agree on these details; keeping them in one place makes su
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -99,14 +100,27 @@ def step_decay(epoch: int, base: float, milestones: Sequence[int], gamma: float)
     return base * gamma ** sum(1 for m in milestones if epoch >= m)
 
 
-def new_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
-    """A linear classifier initialised N(0, 0.01) with zero bias (the authors' eval_linear.py),
-    from its own seed so that two runs of the same settings start from the same head."""
+HEAD_INITS = ("normal", "default")
+
+
+def new_head(feature_dim: int, num_classes: int, seed: int, init: str = "normal") -> nn.Linear:
+    """A linear classifier from its own seed, so that two runs of the same settings start from the same head.
+
+    `init` "normal": N(0, 0.01) weights, zero bias (the MIRA authors' eval_linear.py); "default":
+    PyTorch's own nn.Linear initialisation (SwAV's eval_semisup.py, whose head is a new nn.Linear
+    the pretrained weights do not cover), drawn as nn.Linear draws it, from `seed`."""
+    if init not in HEAD_INITS:
+        raise ValueError(f"unknown head init {init!r}; choose one of {', '.join(HEAD_INITS)}")
     head = nn.Linear(feature_dim, num_classes)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
+        if init == "normal":
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+            head.bias.zero_()
+        else:  # nn.Linear.reset_parameters, with this generator
+            nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=gen)
+            bound = 1 / math.sqrt(feature_dim)
+            nn.init.uniform_(head.bias, -bound, bound, generator=gen)
     return head
 
 

@@ -84,7 +84,8 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     perc, lr_trunk, lr_head = pick_rates(args, len(subset) / len(train_samples))
     requested = args.batch_size
     args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(subset))})
-    model = torch.nn.Sequential(inputs.backbone, new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed))
+    model = torch.nn.Sequential(inputs.backbone, new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed,
+                                                            init="default"))
     model = model.to(device).to(memory_format=torch.channels_last)
     dataset = LabelledImages(subset, train_transform(size))
     steps = sum(len(epoch_batches(len(dataset), args.batch_size, torch.Generator(), True)) for _ in range(args.epochs))
