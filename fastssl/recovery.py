@@ -122,6 +122,17 @@ def launched_processes() -> tuple[int, int]:
     return processes, min(processes_on_this_machine(processes), processes)
 
 
+def one_process_refusal(what: str, script: str) -> str | None:
+    """Why `what` (a single-process trainer or tool) will not run as one of several launched
+    processes: the copies would each redo the whole job on the same GPU and race on its outputs.
+    None on one process."""
+    processes, _ = launched_processes()
+    if processes == 1:
+        return None
+    return (f"{what} runs as one process, and this is one of {processes}; start it with `python {script} ...`, "
+            "not `accelerate launch` / torchrun with several processes")
+
+
 def launch_words(head: str, processes: int, per_machine: int) -> tuple[list[str], str]:
     """How to start the command again on `processes` processes (`per_machine` on each machine):
     (the words that replace `head`, a note to append). The recorded command is `python script ...`

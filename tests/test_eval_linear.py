@@ -111,6 +111,15 @@ def test_linear_probe_is_exact_on_a_separable_set(per_epoch_report, toy_run):
     assert report["loss_per_epoch"][-1] < report["loss_per_epoch"][0]
     saved = json.loads((toy_run / "eval_linear.json").read_text())  # the run directory is the default place
     assert saved["top1"] == 100.0 and saved["num_train"] == 18 and saved["num_val"] == 9
+    assert saved["precision"] == "fp32"  # --precision bf16 (the default) is bf16 autocast on a GPU only
+
+
+def test_precision_is_bf16_on_a_gpu_only_when_asked():
+    from fastssl.eval.classifier import effective_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert effective_precision(cuda, "bf16") == "bf16" and effective_precision(cuda, "fp32") == "fp32"
+    assert effective_precision(cpu, "bf16") == effective_precision(cpu, "fp32") == "fp32"
 
 
 def test_cached_features_agree_with_per_epoch_augmentation(tool, toy_run, per_epoch_report, tmp_path):
@@ -151,6 +160,16 @@ def test_bad_input_is_named(tool, toy_run, tmp_path, capsys):
     err = error_of(tool, [backbone, "--train", data[1], "--val", str(tmp_path / "other_val")], capsys)
     assert "different class folders" in err
     assert "does not exist" in error_of(tool, [backbone, "--train", str(tmp_path / "nope"), "--val", data[3]], capsys)
+
+
+def test_several_launched_processes_are_refused(tool, toy_run, capsys, monkeypatch):
+    """`accelerate launch` with 8 processes would start 8 copies of the whole probe on one GPU, racing on one JSON."""
+    report = toy_run / "eval_linear.json"
+    before = report.read_bytes() if report.exists() else None  # the module's other tests may have written one
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    err = error_of(tool, [str(toy_run)], capsys)
+    assert "tools/eval_linear.py runs as one process, and this is one of 8" in err and "Traceback" not in err
+    assert (report.read_bytes() if report.exists() else None) == before
 
 
 def test_epoch_orders_are_seeded_permutations():

@@ -31,7 +31,7 @@ import torch
 
 from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
-from fastssl.eval.classifier import add_data_arguments, add_run_arguments
+from fastssl.eval.classifier import add_data_arguments, add_run_arguments, effective_precision
 from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.online import knn_loaders, knn_scores
 from fastssl.eval.subsets import subset_samples
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
         require_data(found)
         eval_loader_class(args.loader)  # a missing DALI fails here, before any work
         bank_listing = subset_listing(Path(args.subset), found["train"]) if args.subset else None
-        accelerator = Accelerator(cpu=pick_device(args.device).type == "cpu")
+        device = pick_device(args.device)
+        accelerator = Accelerator(cpu=device.type == "cpu",
+                                  mixed_precision="bf16" if effective_precision(device, args.precision) == "bf16" else "no")
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.
         # Under `accelerate launch` each process embeds its share of each split; the queries are gathered,
         # the memory bank stays sharded (fastssl.eval.online.knn_scores).
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {str(k): r for k, r in scores.items()}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "subset": args.subset,
               "val": found["val"], "image_size": found["size"], "interpolation": found["interpolation"], "loader": args.loader,
-              "temperature": args.temperature, "k": results,
+              "temperature": args.temperature, "precision": effective_precision(accelerator.device, args.precision),
+              "k": results,
               "images": {"bank": bank_size, "queries": query_size},
               "seconds": round(time.perf_counter() - start, 2),
               "date": utc_now()}

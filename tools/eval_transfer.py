@@ -27,6 +27,7 @@ import torch
 
 from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
+from fastssl.eval.classifier import add_precision_argument, effective_precision
 from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.targets import resolve_target
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per backbone forward")
     ap.add_argument("--num-workers", type=int_at_least(0), default=0, help="DataLoader workers")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
+    add_precision_argument(ap)
     ap.add_argument("--json", help="where to write the results (the Markdown table goes beside it, .md)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         feats, targets = {}, {}
         for split, data in splits.items():
             feats[split], targets[split] = extract_split(backbone, data, args.batch_size, args.num_workers, device,
-                                                         not args.no_progress, f"{name} {split}")
+                                                         not args.no_progress, f"{name} {split}", args.precision)
         extract_s = time.perf_counter() - start
         spec = spec_of(name)
         fit = search_and_test(feats, targets, spec.metric, num_classes, solver, wds, device=device,
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "ImageNet normalisation",
               "solver": solver, "wd_grid": wds, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
               "datasets": results, "table": table, "metrics": metric_note(), "device": str(device),
-              "date": utc_now()}
+              "precision": effective_precision(device, args.precision), "date": utc_now()}
     write_json(found["out"], report, sort_keys=False)
     md_path = found["out"].with_suffix(".md")
     tmp = md_path.with_name(md_path.name + ".tmp")

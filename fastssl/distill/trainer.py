@@ -20,7 +20,6 @@ Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-clas
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
-from fastssl.recovery import after_write_failure, rerun_command
+from fastssl.recovery import after_write_failure, one_process_refusal, rerun_command
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
 from pipelines.folder import DataLayoutError
@@ -150,11 +149,9 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
 
     from fastssl.distill.data import SeededItems, build_datasets
 
-    launched = os.environ.get("WORLD_SIZE", "1")
-    if launched.isdigit() and int(launched) > 1:  # N copies would race on one run directory
-        raise ConfigError(f"the distillation trainer runs as one process, and this is one of {launched}; start it "
-                          f"with `python {Path(sys.argv[0]).name or 'recipes/distill_mlcpc_cifar100.py'} ...`, "
-                          f"not `accelerate launch` / torchrun with several processes")
+    refusal = one_process_refusal("the distillation trainer", "recipes/distill_mlcpc_cifar100.py")
+    if refusal:  # N copies would race on one run directory
+        raise ConfigError(refusal)
     resume = ckpt.resolve_resume(resume, Path(cfg.train.run_dir))
     validate(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")

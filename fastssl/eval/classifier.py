@@ -25,6 +25,7 @@ from torchvision import transforms as T
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
+from fastssl.recovery import one_process_refusal
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg
 from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
@@ -124,10 +125,20 @@ def new_head(feature_dim: int, num_classes: int, seed: int, init: str = "normal"
     return head
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (as the training loop); full precision on CPU, as the loop's default there
-    (`runtime.resolve_precision`: CPU bf16 gave a NaN loss in one of two identical runs)."""
-    if device.type == "cuda":
+PRECISIONS = ("bf16", "fp32")
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """The arithmetic `autocast` runs for `precision` on `device`, as the reports record it."""
+    return "bf16" if device.type == "cuda" and precision == "bf16" else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "bf16"):
+    """`precision` "bf16": bf16 autocast on CUDA (as the training loop; the reference evaluation
+    scripts of DINO, SwAV and the MIRA authors run fp32: --precision fp32); full precision on
+    CPU whatever it says, as the loop's default there (`runtime.resolve_precision`: CPU bf16
+    gave a NaN loss in one of two identical runs)."""
+    if effective_precision(device, precision) == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -138,7 +149,7 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device,
-            bar=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            bar=None, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features N x D float32 on CPU, labels N, readable mask N) in dataset order.
 
     The backbone runs in eval mode (BatchNorm running statistics), as in every frozen-feature
@@ -149,7 +160,7 @@ def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device
     feats: torch.Tensor | None = None
     labels = torch.full((n,), -1, dtype=torch.long)
     for images, y, index in batches:
-        with autocast(device):
+        with autocast(device, precision):
             out = backbone(to_device(images, device)).float().cpu()
         if feats is None:
             feats = torch.zeros(n, out.shape[1])
@@ -163,16 +174,16 @@ def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device
 
 
 def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], transform, batch_size: int,
-                    num_workers: int, device: torch.device, bar=None) -> tuple[torch.Tensor, ...]:
+                    num_workers: int, device: torch.device, bar=None, precision: str = "bf16") -> tuple[torch.Tensor, ...]:
     """`extract` over a list of (path, label) in order, `batch_size` images per forward."""
     dataset = LabelledImages(samples, transform)
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    return extract(backbone, batches_loader(dataset, batches, num_workers), len(dataset), device, bar)
+    return extract(backbone, batches_loader(dataset, batches, num_workers), len(dataset), device, bar, precision)
 
 
 def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int, loader: str,
                  batch_size: int, num_workers: int, device: torch.device, bar=None,
-                 interpolation: str = EVAL_INTERPOLATION) -> tuple[torch.Tensor, ...]:
+                 interpolation: str = EVAL_INTERPOLATION, precision: str = "bf16") -> tuple[torch.Tensor, ...]:
     """`extract` of the eval transform (resize with `interpolation` + centre crop) of the whole
     folder `root`, whose scan is `samples`, read by `loader` ("torchvision" or "dali", as tools' --loader).
 
@@ -181,19 +192,20 @@ def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, in
     """
     if loader == "torchvision":
         return extract_samples(backbone, samples, eval_transform(size, interpolation=interpolation), batch_size,
-                               num_workers, device, bar)
+                               num_workers, device, bar, precision)
     batches = build_eval_loader(loader, root, size, batch_size, num_workers=num_workers, device=device,
                                 interpolation=interpolation)
-    return extract(backbone, iter(batches), len(samples), device, bar)
+    return extract(backbone, iter(batches), len(samples), device, bar, precision)
 
 
 def evaluate_head(backbone: nn.Module, head: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int,
                   loader: str, batch_size: int, num_workers: int, device: torch.device, progress: bool,
-                  desc: str = "val", interpolation: str = EVAL_INTERPOLATION) -> dict[str, float]:
+                  desc: str = "val", interpolation: str = EVAL_INTERPOLATION,
+                  precision: str = "bf16") -> dict[str, float]:
     """Top-1 / top-5 of `head` on `backbone`'s features (eval mode, see `extract`) of the val transform."""
     bar = progress_bar(len(samples), desc, progress, unit="img")
     feats, labels, valid = extract_eval(backbone, root, samples, size, loader, batch_size, num_workers, device, bar,
-                                        interpolation)
+                                        interpolation, precision)
     if bar is not None:
         bar.close()
     with torch.no_grad():
@@ -232,13 +244,21 @@ def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
                     help=f"evaluation resize filter (default: the run's eval.interpolation, else {EVAL_INTERPOLATION})")
 
 
+def add_precision_argument(ap: argparse.ArgumentParser) -> None:
+    """--precision: the evaluation tools' one departure switch for arithmetic (see `autocast`)."""
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                    help="on a GPU: bf16 autocast, as training (default; faster), or fp32, as the reference "
+                    "evaluation scripts (DINO, SwAV, the MIRA authors'); a CPU always computes in fp32")
+
+
 def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
-    """--num-workers/--loader/--device/--json/--no-progress: how either tool runs and where it writes."""
+    """--num-workers/--loader/--device/--precision/--json/--no-progress: how the tool runs and where it writes."""
     ap.add_argument("--num-workers", type=int_at_least(0), default=0,
                     help="torchvision: DataLoader workers (0: load in the main process); "
                     "DALI: its CPU threads (0: this process's share of the cores)")
     ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
+    add_precision_argument(ap)
     ap.add_argument("--json", help="where to write the results")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -258,6 +278,9 @@ class EvalInputs:
 def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
     """The backbone and both splits from the command line's target/--train/--val/--arch/
     --image-size/--json, so that every bad input is an EvalError before any training starts."""
+    refusal = one_process_refusal(f"tools/{tool}.py", f"tools/{tool}.py")
+    if refusal:
+        raise EvalError(refusal)
     found = resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
                            arch=args.arch, json_path=args.json, interpolation=args.interpolation)
     backbone, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data
@@ -268,7 +291,7 @@ def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
 
 def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc: dict[str, float], size: int,
                       settings: dict, train_augmentation: str, loader: str, losses: list[float], seconds: dict,
-                      device: torch.device) -> dict:
+                      device: torch.device, precision: str) -> dict:
     """The JSON report of a trained classifier, in the key order both tools write: what was
     evaluated, `counts` (the image counts), the accuracy, the protocol's `settings`, the
     transforms, the loss curve, the run's own k-NN figure beside it, timings and provenance.
@@ -281,5 +304,5 @@ def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc:
         "val_transform": f"resize {round(size / 0.875)} ({found['interpolation']}) + centre crop {size}",
         "loader": loader,
         "loss_per_epoch": losses, "run_knn": run_knn_figure(target), "seconds": seconds,
-        "device": str(device), "date": utc_now(),
+        "device": str(device), "precision": effective_precision(device, precision), "date": utc_now(),
     }

@@ -65,7 +65,7 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
         total, count = 0.0, 0
         batches = epoch_batches(len(dataset), args.batch_size, order, drop_singleton=True)
         for images, labels, _ in batches_loader(dataset, batches, args.num_workers):
-            with autocast(device):
+            with autocast(device, args.precision):
                 logits = model(to_device(images, device))
             loss = sgd_step(opt, F.cross_entropy(logits.float(), labels.to(device)), bar, epoch)
             total, count = total + loss * len(labels), count + len(labels)
@@ -96,7 +96,8 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
         bar.close()
     train_s = time.perf_counter() - start
     acc = evaluate_head(model[0], model[1], found["val"], inputs.val_samples, size, args.loader, args.eval_batch_size,
-                        args.num_workers, device, not args.no_progress, interpolation=found["interpolation"])
+                        args.num_workers, device, not args.no_progress, interpolation=found["interpolation"],
+                        precision=args.precision)
     counts = {"subset": str(args.subset), "num_subset": len(subset), "num_train": len(train_samples),
               "subset_share": round(len(subset) / len(train_samples), 5), "num_val": len(inputs.val_samples),
               "num_classes": len(inputs.classes)}
@@ -112,4 +113,4 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     seconds = {"train": round(train_s, 2), "total": round(time.perf_counter() - start, 2)}
     return classifier_report(inputs, args.target, counts, acc, size, settings,
                              f"RandomResizedCrop({size}, scale=(0.08, 1)) + horizontal flip", args.loader, losses,
-                             seconds, device)
+                             seconds, device, args.precision)

@@ -77,12 +77,12 @@ def check_cache_fits(num_images: int, feature_dim: int, args: argparse.Namespace
 
 
 def per_epoch_source(backbone: torch.nn.Module, dataset: LabelledImages, device: torch.device,
-                     num_workers: int) -> FeatureSource:
+                     num_workers: int, precision: str) -> FeatureSource:
     """The paper's protocol: fresh crops every epoch through the frozen backbone."""
 
     def source(epoch: int, batches: list[list[int]]):
         for images, labels, _ in batches_loader(dataset, batches, num_workers):
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, precision):
                 feats = backbone(to_device(images, device)).float()
             yield feats, labels.to(device)
 
@@ -134,10 +134,10 @@ def cache_train_features(backbone, root: str, samples, size: int, args, device) 
     for view in range(copies):
         if args.cached_views:
             feats, labels, valid = extract_samples(backbone, samples, train_transform(size), args.extract_batch_size,
-                                                   args.num_workers, device, bar)
+                                                   args.num_workers, device, bar, args.precision)
         else:
             feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
-                                                args.num_workers, device, bar, args.interpolation)
+                                                args.num_workers, device, bar, args.interpolation, args.precision)
         if cache is None:
             cache = torch.empty((copies, *feats.shape), dtype=getattr(torch, args.cache_dtype))
         cache[view] = feats
@@ -174,7 +174,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         source = cached_source(feats, labels, valid, device, args.seed)
     else:
         source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(size)), device,
-                                  args.num_workers)
+                                  args.num_workers, args.precision)
     features_s = time.perf_counter() - start
     steps = args.epochs * -(-len(train_samples) // args.batch_size)
     bar = progress_bar(steps, "linear classifier", not args.no_progress, unit="step")
@@ -183,7 +183,8 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         bar.close()
     train_s = time.perf_counter() - start - features_s
     acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, size, args.loader, args.extract_batch_size,
-                        args.num_workers, device, not args.no_progress, "val features", args.interpolation)
+                        args.num_workers, device, not args.no_progress, "val features", args.interpolation,
+                        args.precision)
     counts = {"num_train": len(train_samples), "num_val": len(inputs.val_samples), "num_classes": len(inputs.classes)}
     settings = {
         "features": ("cached" if args.cached_features else "per-epoch augmentation"),
@@ -197,4 +198,4 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     seconds = {"features": round(features_s, 2), "train": round(train_s, 2),
                "total": round(time.perf_counter() - start, 2)}
     return classifier_report(inputs, args.target, counts, acc, size, settings, train_augmentation(args, size),
-                             args.loader, losses, seconds, device)
+                             args.loader, losses, seconds, device, args.precision)

@@ -574,13 +574,14 @@ def folder_splits(name: str, root: str, transform, seed: int = 0) -> tuple[dict[
 
 
 def extract_split(backbone: torch.nn.Module, split: Split, batch_size: int, num_workers: int, device: torch.device,
-                  progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool, desc: str, precision: str = "bf16") -> tuple[np.ndarray, np.ndarray]:
     """(features, targets) of a split's readable images through the frozen backbone (eval mode),
     with a progress bar: the package's `extract`, fed positions as labels."""
     n = len(split.images)
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     bar = progress_bar(n, desc, progress, unit="img")
-    feats, positions, valid = extract(backbone, batches_loader(split.images, batches, num_workers), n, device, bar)
+    feats, positions, valid = extract(backbone, batches_loader(split.images, batches, num_workers), n, device, bar,
+                                      precision)
     if bar is not None:
         bar.close()
     return feats[valid].numpy(), split.targets[positions[valid].numpy()]
