@@ -23,7 +23,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.augment import EVAL_INTERPOLATION, MultiCropRecipe, interpolation_errors
+from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, MultiCropRecipe, crop_fraction_errors,
+                               interpolation_errors)
 from pipelines.spec import DataConfig, eval_backend_errors
 
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
@@ -138,6 +139,7 @@ class EvalConfig:
     image_size: int = 0  # k-NN centre-crop size in pixels; 0 = the recipe's global crop size
     loader: str = "torchvision"  # torchvision | dali: who reads the k-NN images (same transform)
     interpolation: str = EVAL_INTERPOLATION  # k-NN resize filter: bilinear (the MIRA authors' evaluation code) | bicubic
+    crop_fraction: float = EVAL_CROP_FRACTION  # k-NN centre crop / resized short side: 0.875 (224 of 256) | 1.0 (CIFAR)
 
 
 @dataclass
@@ -458,6 +460,7 @@ def config_errors(cfg: Config) -> list[str]:
         e.append("eval.batch_size must be >= 1 and eval.image_size >= 0")
     e += [f"eval.loader: {msg}" for msg in eval_backend_errors(ev.loader)]
     e += interpolation_errors("eval.interpolation", ev.interpolation)
+    e += crop_fraction_errors("eval.crop_fraction", ev.crop_fraction)
     return e
 
 

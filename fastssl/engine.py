@@ -318,7 +318,8 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
         return None
     return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
                      cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                     cfg.eval.loader, progress=cfg.train.progress, data=cfg.data, interpolation=cfg.eval.interpolation)
+                     cfg.eval.loader, progress=cfg.train.progress, data=cfg.data, interpolation=cfg.eval.interpolation,
+                     crop_fraction=cfg.eval.crop_fraction)
 
 
 def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> tuple[Path, dict]:

@@ -25,11 +25,28 @@ NUM_GLOBAL_VIEWS = 2
 # `pipelines.dali_decoder.dali_interp`.
 INTERPOLATIONS = ("bicubic", "bilinear")
 EVAL_INTERPOLATION = "bilinear"
+# The evaluation transform's centre crop as a share of the resized shorter side: ImageNet's
+# 224 of 256. 1.0 keeps the whole shorter side: 32-px CIFAR images as they are, the CIFAR
+# protocol of the MIRA and ML-CPC authors' code (ToTensor + Normalize only).
+EVAL_CROP_FRACTION = 0.875
 # The colour jitter's steps: 0 brightness, 1 contrast, 2 saturation, 3 hue. torchvision's
 # ColorJitter applies them in a random order per call (`torch.randperm(4)`); a sample's order
 # is an index into JITTER_ORDERS, all 24 equally likely, and index 0 is the fixed order.
 JITTER_ORDERS: tuple[tuple[int, int, int, int], ...] = tuple(itertools.permutations(range(4)))
 JITTER_ORDER_MODES = ("random", "fixed")
+
+
+def eval_resize(size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
+    """The shorter side the evaluation transform resizes to before its centre crop of `size`: 256 for 224."""
+    return round(size / crop_fraction)
+
+
+def crop_fraction_errors(field: str, value: float) -> list[str]:
+    """`field: ...` when `value` is not a share in (0, 1] (`EVAL_CROP_FRACTION`)."""
+    if isinstance(value, (int, float)) and 0 < value <= 1:
+        return []
+    return [f"{field}: the centre crop's share of the resized shorter side must lie in (0, 1], got {value} "
+            f"(ImageNet: 0.875, i.e. 224 of 256; 1.0: the whole image, as CIFAR's 32 px)"]
 
 
 def interpolation_errors(field: str, value: str) -> list[str]:

@@ -6,7 +6,7 @@ nvJPEG (`mixed`, with the hardware decoder taking `data.dali_hw_decoder_load` of
 DALI's GPU resampler keep up with the backbone. On a CPU-only machine DALI decodes with
 libjpeg-turbo and resamples on its own threads.
 
-Same transform as `pipelines.eval.eval_transform`: shorter side to round(size / 0.875)
+Same transform as `pipelines.eval.eval_transform`: shorter side to round(size / crop_fraction)
 with an antialiased linear (or, with `interpolation="bicubic"`, cubic) filter (torchvision's
 resize of a PIL image also antialiases), centre crop `size`, ImageNet normalisation, with torchvision's output
 sizes and crop offsets to the pixel. The two resamplers differ in detail, so
@@ -29,7 +29,7 @@ import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
+from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from pipelines.folder import Listing, scan_image_folder
 from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.images import ReadAhead, free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
@@ -102,7 +102,7 @@ def _half_even(d):
     return k + (d - 2 * k) * (k - 2 * (k // 2))
 
 
-def _torchvision_geometry(images, size: int):
+def _torchvision_geometry(images, size: int, crop_fraction: float):
     """Per-sample resized (height, width) and normalised crop positions that equal torchvision's.
 
     Why not `resize_shorter` + crop_pos 0.5: DALI rounds the long side (torchvision
@@ -112,7 +112,7 @@ def _torchvision_geometry(images, size: int):
     exactly; DALI's crop anchor is round(pos * (extent - crop)), so pos = offset / (extent - crop)
     lands on the offset.
     """
-    short = round(size / 0.875)
+    short = eval_resize(size, crop_fraction)
     shape = images.shape()
     h, w = shape[0], shape[1]
     tall = fn.cast(h > w, dtype=types.INT64)
@@ -129,8 +129,8 @@ def _torchvision_geometry(images, size: int):
 
 @pipeline_def
 def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decoder_load: float, layout: str,
-                  interpolation: str = EVAL_INTERPOLATION):
-    """Encoded bytes -> decode -> shorter side round(size / 0.875), antialiased -> centre crop -> normalise."""
+                  interpolation: str = EVAL_INTERPOLATION, crop_fraction: float = EVAL_CROP_FRACTION):
+    """Encoded bytes -> decode -> shorter side round(size / crop_fraction), antialiased -> centre crop -> normalise."""
     jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
     decode_args = decoder_args(decoder_device, hw_decoder_load,  # + nvJPEG memory on GPU (pipelines/dali_decoder.py)
@@ -140,7 +140,7 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     # jpeg_fancy_upsampling: nvJPEG upsamples chroma as libjpeg-turbo (PIL) does, not its own way.
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True, **decode_args)
-    new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size)
+    new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size, crop_fraction)
     images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=dali_interp(interpolation),
                        antialias=True)
     images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
@@ -160,9 +160,10 @@ class DaliEvalLoader:
 
     def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None):
+                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None,
+                 crop_fraction: float = EVAL_CROP_FRACTION):
         self.samples, self.classes = listing if listing is not None else scan_image_folder(root)
-        self.interpolation = interpolation
+        self.interpolation, self.crop_fraction = interpolation, crop_fraction
         self.indices = rank_share(len(self.samples), rank, world_size)
         self.size, self.batch_size = size, batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -175,7 +176,7 @@ class DaliEvalLoader:
         # HWC memory read as NCHW is channels_last without a copy; CHW when contiguous NCHW is wanted.
         layout = "HWC" if self.channels_last else "CHW"
         pipe = eval_pipeline(source, self.size, self.decoder_device, self.data.dali_hw_decoder_load, layout,
-                             interpolation=self.interpolation,
+                             interpolation=self.interpolation, crop_fraction=self.crop_fraction,
                              batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                              prefetch_queue_depth=2)
         return DALIGenericIterator(pipe, list(OUTPUT_NAMES), last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)

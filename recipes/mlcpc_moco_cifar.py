@@ -21,6 +21,9 @@ docstring for the sources), with what the authors' CIFAR runs change:
 - lr 0.03 x batch/256, wd 1e-4, batch 256, 200 epochs: MoCo-v2's values (Table 3 of the paper
   reports 200, 500 and 1000 epochs); not checked against the authors' CIFAR script.
 - Crops: resized bilinearly, as the authors (from `recipes/mlcpc_moco.py`).
+- Evaluation (the loop's k-NN, and the tools that read this run): val images whole, as
+  the authors' CIFAR test transform (ToTensor + Normalize): `eval.crop_fraction` 1.0, not
+  ImageNet's resize 37 + centre crop 32, which would cut 2-3 px off each side.
 """
 
 import importlib.util
@@ -45,6 +48,7 @@ def config() -> Config:
     cfg.aug.global_size = 32
     cfg.aug.blur_p = (0.0, 0.0, 0.0)
     cfg.critic.queue_size = 16384
+    cfg.eval.crop_fraction = 1.0
     cfg.train.run_dir = "runs/mlcpc_moco_cifar"
     return cfg
 

@@ -54,6 +54,8 @@ def test_unknown_field_suggests_close_names():
     ("aug.flip_p", 1.5, "probability must lie in \\[0, 1\\]"),
     ("aug.interpolation", "nearest", "aug.interpolation: unknown interpolation 'nearest'; choose one of bicubic"),
     ("eval.interpolation", "area", "eval.interpolation: unknown interpolation 'area'"),
+    ("eval.crop_fraction", 0.0, "eval.crop_fraction: the centre crop.s share of the resized shorter side must lie in \\(0, 1\\]"),
+    ("eval.crop_fraction", 1.5, "eval.crop_fraction: the centre crop.s share of the resized shorter side must lie in \\(0, 1\\]"),
     ("aug.jitter", (0.4, 0.4, 0.2, 0.6), "hue <= 0.5"),
     ("aug.jitter", (-0.1, 0.4, 0.2, 0.1), "values >= 0"),
     ("model.head", "byol", "unknown 'byol'"),

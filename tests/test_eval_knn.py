@@ -119,8 +119,13 @@ def resize_filter(loader) -> str:
     return loader.dataset.transform.transforms[0].interpolation.value
 
 
-def test_the_resize_filter_is_the_runs_unless_overridden(trained_run, tmp_path):
-    """eval.interpolation reaches the loop's k-NN and is the tool's default; --interpolation wins."""
+def resized_side(loader) -> int:
+    """The shorter side an `EvalLoader`'s resize makes (before its centre crop)."""
+    return loader.dataset.transform.transforms[0].size
+
+
+def test_the_resize_filter_and_crop_are_the_runs_unless_overridden(trained_run, tmp_path):
+    """eval.interpolation and eval.crop_fraction reach the loop's k-NN and are the tool's defaults; flags win."""
     from accelerate import Accelerator
 
     from fastssl.engine import build_knn
@@ -128,25 +133,31 @@ def test_the_resize_filter_is_the_runs_unless_overridden(trained_run, tmp_path):
 
     run, _ = trained_run
     cfg = tiny_config(tmp_path, epochs=1)
-    cfg.eval.interpolation = "bicubic"
+    cfg.eval.interpolation, cfg.eval.crop_fraction = "bicubic", 1.0
     knn = build_knn(cfg, Accelerator(cpu=True), workers=0)
     assert resize_filter(knn.bank) == resize_filter(knn.queries) == "bicubic"
+    assert resized_side(knn.bank) == resized_side(knn.queries) == cfg.aug.global_size  # not round(16 / 0.875) = 18
 
     saved = json.loads((run / "config.json").read_text())
     copy = tmp_path / "bicubic_run"
     copy.mkdir()
     (copy / "backbone_resnet18.pth").write_bytes((run / "backbone_resnet18.pth").read_bytes())
-    (copy / "config.json").write_text(json.dumps({**saved, "eval": {**saved["eval"], "interpolation": "bicubic"}}))
+    (copy / "config.json").write_text(json.dumps({**saved, "eval": {**saved["eval"], "interpolation": "bicubic",
+                                                                     "crop_fraction": 1.0}}))
     assert resolve_target(copy, tool="t")["interpolation"] == "bicubic"
+    assert resolve_target(copy, tool="t")["crop_fraction"] == 1.0
     assert resolve_target(copy, tool="t", interpolation="bilinear")["interpolation"] == "bilinear"
-    legacy = {k: v for k, v in saved["eval"].items() if k != "interpolation"}  # a run from before the field
+    assert resolve_target(copy, tool="t", crop_fraction=0.5)["crop_fraction"] == 0.5
+    legacy = {k: v for k, v in saved["eval"].items() if k not in ("interpolation", "crop_fraction")}  # older runs
     (copy / "config.json").write_text(json.dumps({**saved, "eval": legacy}))
     assert resolve_target(copy, tool="t")["interpolation"] == "bilinear"
-    assert resolve_target(copy / "backbone_resnet18.pth", tool="t", train="x", val="y")["interpolation"] == "bilinear"
+    assert resolve_target(copy, tool="t")["crop_fraction"] == 0.875
+    bare = resolve_target(copy / "backbone_resnet18.pth", tool="t", train="x", val="y")
+    assert bare["interpolation"] == "bilinear" and bare["crop_fraction"] == 0.875
 
-    report = load_tool("eval_knn").main([str(run), "--ks", "5", "--interpolation", "bicubic", "--no-progress",
-                                         "--json", str(tmp_path / "k.json")])
-    assert report["interpolation"] == "bicubic"
+    report = load_tool("eval_knn").main([str(run), "--ks", "5", "--interpolation", "bicubic", "--crop-fraction", "1",
+                                         "--no-progress", "--json", str(tmp_path / "k.json")])
+    assert report["interpolation"] == "bicubic" and report["crop_fraction"] == 1.0
     assert json.loads((tmp_path / "k.json").read_text())["interpolation"] == "bicubic"
 
 

@@ -223,10 +223,30 @@ def test_eval_transform_resizes_bilinearly_as_the_authors(folder):
     torch.testing.assert_close(eval_transform(SIZE, interpolation="bicubic")(img), bicubic(img), rtol=0, atol=0)
 
 
+def test_crop_fraction_1_takes_a_cifar_image_whole_as_the_authors_cifar_transform():
+    """MIRA's and ML-CPC's CIFAR evaluation: ToTensor + Normalize of the 32-px image, no resize or crop."""
+    from torchvision import transforms as T
+
+    from pipelines.eval import eval_transform
+
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    authors = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.testing.assert_close(eval_transform(32, crop_fraction=1.0)(img), authors(img), rtol=0, atol=0)
+    assert (eval_transform(32)(img) - authors(img)).abs().mean() > 0.1  # ImageNet's 37 + centre crop 32
+
+
+@requires_dali
+def test_dali_takes_the_crop_fraction_as_pil_does(folder):
+    ref = read_all("torchvision", folder, crop_fraction=1.0)
+    got = read_all("dali", folder, crop_fraction=1.0)
+    assert (cat(ref, 0) - cat(got, 0)).abs().mean(dim=(1, 2, 3)).max() < MEAN_TOL
+    assert (cat(read_all("torchvision", folder), 0) - cat(got, 0)).abs().mean() > 5 * MEAN_TOL  # 0.875 differs
+
+
 @requires_dali
 def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeypatch):
     """`--data.dali_hw_decoder_load` reaches the DALI k-NN loaders' pipeline, as it does the training
-    loader's, and so does `--eval.interpolation`."""
+    loader's, and so do `--eval.interpolation` and `--eval.crop_fraction`."""
     import argparse
 
     import pipelines.dali_eval as de
@@ -235,6 +255,7 @@ def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeyp
 
     cfg = tiny_config(tmp_path, epochs=1)
     cfg.eval.loader, cfg.data.dali_hw_decoder_load, cfg.eval.interpolation = "dali", 0.3, "bicubic"
+    cfg.eval.crop_fraction = 0.5
     accelerator = argparse.Namespace(device=torch.device("cpu"), num_processes=1, process_index=0)
     knn = build_knn(cfg, accelerator, 1)
     seen = []
@@ -242,12 +263,13 @@ def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeyp
     class Seen(Exception):
         pass
 
-    def recording_pipeline(source, size, decoder_device, hw_decoder_load, layout, interpolation, **kwargs):
-        seen.append((hw_decoder_load, interpolation))
+    def recording_pipeline(source, size, decoder_device, hw_decoder_load, layout, interpolation, crop_fraction,
+                           **kwargs):
+        seen.append((hw_decoder_load, interpolation, crop_fraction))
         raise Seen
 
     monkeypatch.setattr(de, "eval_pipeline", recording_pipeline)
     for loader in (knn.bank, knn.queries):
         with pytest.raises(Seen):
             next(iter(loader))
-    assert seen == [(0.3, "bicubic"), (0.3, "bicubic")]
+    assert seen == [(0.3, "bicubic", 0.5), (0.3, "bicubic", 0.5)]

@@ -7,10 +7,11 @@
 
 L2-normalised features of the EMA teacher's backbone (the exported `backbone_<arch>.pth`),
 cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 20, 100,
-200}; top-1 and top-5 in percent. Images: resize to size / 0.875 (the run's
-eval.interpolation, bilinear by default, as the MIRA authors' ImageNet val transform;
-DINO's own k-NN script resizes bicubic: `--interpolation bicubic`) and centre crop `size`
-(the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
+200}; top-1 and top-5 in percent. Images: resize to size / 0.875 with the run's
+eval.interpolation (bilinear by default, as the MIRA authors' ImageNet val transform;
+DINO's own k-NN script resizes bicubic: `--interpolation bicubic`) and centre crop `size`;
+the run's eval.crop_fraction (or `--crop-fraction`) replaces 0.875: 1.0 takes CIFAR's
+32-px images whole (the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
 the same k = 20 figure; `--loader dali` reads them through DALI with the same geometry,
 within a fraction of a grey level).
 
@@ -49,7 +50,7 @@ def resolve(args: argparse.Namespace) -> dict:
     tool = f"eval_knn_{Path(args.subset).stem}" if args.subset else "eval_knn"  # one report per memory bank
     return resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
                           arch=args.arch, json_path=args.json, train_keys=("knn_train", "train"),
-                          interpolation=args.interpolation)
+                          interpolation=args.interpolation, crop_fraction=args.crop_fraction)
 
 
 def subset_listing(subset: Path, train_root: str) -> Listing:
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         bank_loader, query_loader = knn_loaders(args.loader, found["train"], found["val"], size=found["size"],
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                                 device=accelerator.device, interpolation=found["interpolation"],
+                                                crop_fraction=found["crop_fraction"],
                                                 rank=accelerator.process_index,
                                                 world_size=accelerator.num_processes, bank_listing=bank_listing)
     except (EvalError, EvalBackendError, DataLayoutError) as err:
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                not args.no_progress, what="")
     results = {str(k): r for k, r in scores.items()}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "subset": args.subset,
-              "val": found["val"], "image_size": found["size"], "interpolation": found["interpolation"], "loader": args.loader,
+              "val": found["val"], "image_size": found["size"], "interpolation": found["interpolation"],
+              "crop_fraction": found["crop_fraction"], "loader": args.loader,
               "temperature": args.temperature, "precision": effective_precision(accelerator.device, args.precision),
               "k": results,
               "images": {"bank": bank_size, "queries": query_size},

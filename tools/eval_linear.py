@@ -12,7 +12,8 @@ its 400-epoch multi-crop model, picked on a held-out part of ImageNet train; pic
 with --base-lr), cosine annealing per epoch to 0, 100 epochs. Training images:
 random-resized crop (scale 0.08-1) + horizontal flip; val: resize 256 + centre crop 224,
 scaled to the run's crop size as tools/eval_knn.py does (resize size / 0.875, centre
-crop `size`). Top-1 / top-5 on val, in percent.
+crop `size`; the run's eval.crop_fraction or --crop-fraction replaces 0.875: 1.0 for CIFAR,
+whose 32-px images are taken whole). Top-1 / top-5 on val, in percent.
 
 Two ways to feed the classifier:
 - default (per-epoch augmentation, the paper's protocol): every epoch crops every image

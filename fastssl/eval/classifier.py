@@ -28,7 +28,8 @@ from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
 from fastssl.recovery import one_process_refusal
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg
-from pipelines.augment import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
+                               crop_fraction_errors, eval_resize)
 from fastssl.models.backbone import FEATURE_DIMS
 from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
@@ -183,29 +184,30 @@ def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], tra
 
 def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int, loader: str,
                  batch_size: int, num_workers: int, device: torch.device, bar=None,
-                 interpolation: str = EVAL_INTERPOLATION, precision: str = "bf16") -> tuple[torch.Tensor, ...]:
-    """`extract` of the eval transform (resize with `interpolation` + centre crop) of the whole
+                 interpolation: str = EVAL_INTERPOLATION, precision: str = "bf16",
+                 crop_fraction: float = EVAL_CROP_FRACTION) -> tuple[torch.Tensor, ...]:
+    """`extract` of the eval transform (resize with `interpolation` + centre crop, `crop_fraction`) of the whole
     folder `root`, whose scan is `samples`, read by `loader` ("torchvision" or "dali", as tools' --loader).
 
     Why a root and not only samples: the DALI loader scans the folder itself, and its
     dataset indices are positions in that same scan, so they index `samples` directly.
     """
     if loader == "torchvision":
-        return extract_samples(backbone, samples, eval_transform(size, interpolation=interpolation), batch_size,
-                               num_workers, device, bar, precision)
+        transform = eval_transform(size, interpolation=interpolation, crop_fraction=crop_fraction)
+        return extract_samples(backbone, samples, transform, batch_size, num_workers, device, bar, precision)
     batches = build_eval_loader(loader, root, size, batch_size, num_workers=num_workers, device=device,
-                                interpolation=interpolation)
+                                interpolation=interpolation, crop_fraction=crop_fraction)
     return extract(backbone, iter(batches), len(samples), device, bar, precision)
 
 
 def evaluate_head(backbone: nn.Module, head: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int,
                   loader: str, batch_size: int, num_workers: int, device: torch.device, progress: bool,
                   desc: str = "val", interpolation: str = EVAL_INTERPOLATION,
-                  precision: str = "bf16") -> dict[str, float]:
+                  precision: str = "bf16", crop_fraction: float = EVAL_CROP_FRACTION) -> dict[str, float]:
     """Top-1 / top-5 of `head` on `backbone`'s features (eval mode, see `extract`) of the val transform."""
     bar = progress_bar(len(samples), desc, progress, unit="img")
     feats, labels, valid = extract_eval(backbone, root, samples, size, loader, batch_size, num_workers, device, bar,
-                                        interpolation, precision)
+                                        interpolation, precision, crop_fraction)
     if bar is not None:
         bar.close()
     with torch.no_grad():
@@ -232,8 +234,19 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
+def crop_fraction_arg(text: str) -> float:
+    """argparse `type` of --crop-fraction: a share in (0, 1], else a usage error naming the range."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if crop_fraction_errors("--crop-fraction", value):
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (0.875: 224 of 256; 1.0: the whole image), got {text}")
+    return value
+
+
 def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
-    """--train/--val/--arch/--image-size/--interpolation, as `resolve_target` reads them: the
+    """--train/--val/--arch/--image-size/--interpolation/--crop-fraction, as `resolve_target` reads them: the
     evaluation tools accept the same overrides of what the run's config says."""
     ap.add_argument("--train", help=train_help)
     ap.add_argument("--val", help="validation folder (default: the run's data.val)")
@@ -242,6 +255,9 @@ def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
                     help="crop size (default: the run's eval size or global crop, else 224)")
     ap.add_argument("--interpolation", choices=INTERPOLATIONS,
                     help=f"evaluation resize filter (default: the run's eval.interpolation, else {EVAL_INTERPOLATION})")
+    ap.add_argument("--crop-fraction", type=crop_fraction_arg,
+                    help="centre crop / resized shorter side (default: the run's eval.crop_fraction, else "
+                    f"{EVAL_CROP_FRACTION}: 224 of 256); 1.0 keeps the whole image (CIFAR's 32 px)")
 
 
 def add_precision_argument(ap: argparse.ArgumentParser) -> None:
@@ -282,7 +298,8 @@ def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
     if refusal:
         raise EvalError(refusal)
     found = resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
-                           arch=args.arch, json_path=args.json, interpolation=args.interpolation)
+                           arch=args.arch, json_path=args.json, interpolation=args.interpolation,
+                           crop_fraction=args.crop_fraction)
     backbone, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data
     require_data(found)
     train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
@@ -301,7 +318,8 @@ def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc:
         "checkpoint": str(found["checkpoint"]), "arch": inputs.arch, "train": found["train"], "val": found["val"],
         **counts, "image_size": size, "top1": acc["top1"], "top5": acc["top5"], **settings,
         "train_augmentation": train_augmentation,
-        "val_transform": f"resize {round(size / 0.875)} ({found['interpolation']}) + centre crop {size}",
+        "val_transform": (f"resize {eval_resize(size, found['crop_fraction'])} ({found['interpolation']}) "
+                          f"+ centre crop {size}"),
         "loader": loader,
         "loss_per_epoch": losses, "run_knn": run_knn_figure(target), "seconds": seconds,
         "device": str(device), "precision": effective_precision(device, precision), "date": utc_now(),

@@ -97,7 +97,7 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     train_s = time.perf_counter() - start
     acc = evaluate_head(model[0], model[1], found["val"], inputs.val_samples, size, args.loader, args.eval_batch_size,
                         args.num_workers, device, not args.no_progress, interpolation=found["interpolation"],
-                        precision=args.precision)
+                        precision=args.precision, crop_fraction=found["crop_fraction"])
     counts = {"subset": str(args.subset), "num_subset": len(subset), "num_train": len(train_samples),
               "subset_share": round(len(subset) / len(train_samples), 5), "num_val": len(inputs.val_samples),
               "num_classes": len(inputs.classes)}

@@ -24,6 +24,7 @@ from fastssl.eval.errors import EvalError
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import cosine, scaled_lr
+from pipelines.augment import eval_resize
 from pipelines.eval import eval_loader_class
 
 __all__ = ["FeatureSource", "prepare", "linear_probe", "fit_linear", "per_epoch_source", "cached_source",
@@ -137,7 +138,8 @@ def cache_train_features(backbone, root: str, samples, size: int, args, device) 
                                                    args.num_workers, device, bar, args.precision)
         else:
             feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
-                                                args.num_workers, device, bar, args.interpolation, args.precision)
+                                                args.num_workers, device, bar, args.interpolation, args.precision,
+                                                args.crop_fraction)
         if cache is None:
             cache = torch.empty((copies, *feats.shape), dtype=getattr(torch, args.cache_dtype))
         cache[view] = feats
@@ -149,7 +151,8 @@ def cache_train_features(backbone, root: str, samples, size: int, args, device) 
 def train_augmentation(args: argparse.Namespace, size: int) -> str:
     """What the classifier was trained on, in words, for the report."""
     if args.cached_features and args.cached_views == 0:
-        return f"none: one centre crop per image, cached (resize {round(size / 0.875)} + centre crop {size})"
+        return (f"none: one centre crop per image, cached (resize {eval_resize(size, args.crop_fraction)} "
+                f"+ centre crop {size})")
     crops = f"RandomResizedCrop({size}, scale=(0.08, 1)) + horizontal flip"
     return f"{crops}, {args.cached_views} copies per image drawn once" if args.cached_features else \
         f"{crops}, fresh every epoch"
@@ -165,7 +168,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)  # the random crops
     requested = args.batch_size
     args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples)),
-                                 "interpolation": found["interpolation"]})
+                                 "interpolation": found["interpolation"], "crop_fraction": found["crop_fraction"]})
     backbone = inputs.backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     head = new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed).to(device)
     start = time.perf_counter()
@@ -184,7 +187,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - start - features_s
     acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, size, args.loader, args.extract_batch_size,
                         args.num_workers, device, not args.no_progress, "val features", args.interpolation,
-                        args.precision)
+                        args.precision, args.crop_fraction)
     counts = {"num_train": len(train_samples), "num_val": len(inputs.val_samples), "num_classes": len(inputs.classes)}
     settings = {
         "features": ("cached" if args.cached_features else "per-epoch augmentation"),

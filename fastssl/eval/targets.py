@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from fastssl.eval.errors import EvalError
-from pipelines.augment import EVAL_INTERPOLATION
+from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION
 
 __all__ = ["TARGETS", "DISTILL_RECIPE", "resolve_target", "require_data", "read_run_config", "distillation_run",
            "start_dir", "from_run", "run_knn_figure"]
@@ -24,8 +24,10 @@ DISTILL_RECIPE = "recipes/distill_mlcpc_cifar100.py"
 
 def resolve_target(target: str | Path, *, tool: str, train: str | None = None, val: str | None = None,
                    image_size: int | None = None, arch: str | None = None, json_path: str | None = None,
-                   train_keys: tuple[str, ...] = ("train",), interpolation: str | None = None) -> dict:
-    """Checkpoint, arch, data paths, image size, resize filter and report path from a run directory and the flags.
+                   train_keys: tuple[str, ...] = ("train",), interpolation: str | None = None,
+                   crop_fraction: float | None = None) -> dict:
+    """Checkpoint, arch, data paths, image size, resize filter and crop share, and report path from a
+    run directory and the flags.
 
     Flags win over the run's config.json. `train_keys` are the config.data fields tried in
     order for the training folder (the k-NN prefers its own `knn_train`). Relative data
@@ -38,7 +40,8 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     target = Path(target)
     if not target.exists():
         raise EvalError(f"{str(target)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
-    found = {"train": train, "val": val, "size": image_size, "arch": arch, "interpolation": interpolation}
+    found = {"train": train, "val": val, "size": image_size, "arch": arch, "interpolation": interpolation,
+             "crop_fraction": crop_fraction}
     if target.is_dir():
         cfg = read_run_config(target)
         start = start_dir(target, cfg)
@@ -48,6 +51,7 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         found["val"] = found["val"] or (cfg["data"]["val"] and from_run(cfg["data"]["val"], start))
         found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
         found["interpolation"] = found["interpolation"] or cfg["eval"].get("interpolation")
+        found["crop_fraction"] = found["crop_fraction"] or cfg["eval"].get("crop_fraction")
         # The run's own arch names its file (a run has one); a different --arch is then refused by
         # load_backbone as "another architecture", which is what it is.
         found["checkpoint"] = target / f"backbone_{cfg['model']['arch']}.pth"
@@ -62,6 +66,7 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         found["size"] = found["size"] or 224
         found["out"] = Path(json_path) if json_path else target.with_name(f"{target.stem}_{tool}.json")
     found["interpolation"] = found["interpolation"] or EVAL_INTERPOLATION
+    found["crop_fraction"] = found["crop_fraction"] or EVAL_CROP_FRACTION
     return found
 
 
