@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
+from fastssl.relaunch import CHECKPOINT_NAME
+
 # Free space asked for on top of the payload's tensor bytes: pickled metadata, zip records
 # and their 64-byte alignment (a few KiB per tensor), and a little room for everything else.
 SPACE_MARGIN_BYTES = 16 * 2**20

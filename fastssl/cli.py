@@ -38,8 +38,7 @@ def interrupted_advice(command: list[str], run_dir: Path) -> str:
     into a checkpoint and a stop, so a Ctrl-C there ends a run that wrote nothing: start it again.
     The loop re-raises only a second Ctrl-C, by then maybe after a checkpoint: the run directory
     decides which, not where the interrupt came from."""
-    from fastssl.checkpoint import CHECKPOINT_NAME
-    from fastssl.recovery import rerun_command
+    from fastssl.relaunch import CHECKPOINT_NAME, rerun_command  # no torch: a Ctrl-C may have cut its import short
 
     if (run_dir / CHECKPOINT_NAME).is_file():
         return (f"interrupted; the checkpoint in {run_dir} is kept, continue from it with: "

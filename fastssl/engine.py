@@ -31,8 +31,8 @@ from fastssl.models import MiraNetwork, make_teacher, unwrap
 from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
-from fastssl.recovery import (DivergenceGuard, TrainingDiverged, after_write_failure, continue_advice, latest_run_hint,
-                              rerun_command)
+from fastssl.recovery import DivergenceGuard, TrainingDiverged, after_write_failure, continue_advice, latest_run_hint
+from fastssl.relaunch import rerun_command
 from fastssl.run_log import RunLog, write_run_json
 from fastssl.runtime import GracefulStop, any_process, build_accelerator, failing_together, per_process, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule

@@ -9,6 +9,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from test_engine import read_csv, tiny_config
 import fastssl.engine as engine
 import fastssl.recovery as recovery
+import fastssl.relaunch as relaunch
 from fastssl import checkpoint as ckpt
 from fastssl.cli import run
 from fastssl.config import Config, ConfigError
@@ -564,27 +567,27 @@ def test_resume_without_checkpoint_points_at_the_latest_run(tmp_path):
 
 def test_rerun_command_replaces_fields_in_both_spellings():
     cmd = ["python", "r.py", "--resume", "--train.run_dir=a b", "--optim.base_lr", "1", "--data.val="]
-    assert (recovery.rerun_command(cmd, Path("runs/x"), overrides={"optim.base_lr": "0.1"})
+    assert (relaunch.rerun_command(cmd, Path("runs/x"), overrides={"optim.base_lr": "0.1"})
             == "python r.py --data.val= --resume --train.run_dir runs/x --optim.base_lr 0.1")
-    assert recovery.rerun_command(None, Path("d"), resume=False) == "<your command> --train.run_dir d"
+    assert relaunch.rerun_command(None, Path("d"), resume=False) == "<your command> --train.run_dir d"
 
 
 def test_rerun_command_of_several_processes_names_their_launcher(monkeypatch):
     """The recorded command is `python script ...` whatever launched it: followed literally after an
     8-GPU run it would resume on one process (the whole batch on one GPU)."""
     cmd = ["python", "recipes/mira_bs512.py", "--train.seed", "3"]
-    assert (recovery.rerun_command(cmd, Path("runs/x"), processes=(8, 8))
+    assert (relaunch.rerun_command(cmd, Path("runs/x"), processes=(8, 8))
             == "accelerate launch --multi_gpu --num_processes 8 recipes/mira_bs512.py --train.seed 3 --resume "
                "--train.run_dir runs/x")
-    two_nodes = recovery.rerun_command(cmd, Path("runs/x"), processes=(16, 8))
+    two_nodes = relaunch.rerun_command(cmd, Path("runs/x"), processes=(16, 8))
     assert two_nodes.startswith("python recipes/mira_bs512.py --train.seed 3 --resume --train.run_dir runs/x")
     assert two_nodes.endswith("(with the same launcher and process count as before: 16 processes on 2 machines, "
                               "one launch on each)")
     monkeypatch.setenv("WORLD_SIZE", "4")  # read from the launcher's environment when not given
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert recovery.rerun_command(cmd, Path("d")).startswith("accelerate launch --multi_gpu --num_processes 4 ")
+    assert relaunch.rerun_command(cmd, Path("d")).startswith("accelerate launch --multi_gpu --num_processes 4 ")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert recovery.rerun_command(cmd, Path("d")).startswith("python recipes/mira_bs512.py")
+    assert relaunch.rerun_command(cmd, Path("d")).startswith("python recipes/mira_bs512.py")
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
@@ -603,7 +606,7 @@ def test_a_ctrl_c_in_set_up_exits_130_with_one_line_saying_how_to_go_on(tmp_path
 
     with pytest.raises(SystemExit) as exited:
         command_line(Config(), ["--train.run_dir", str(run_dir)], "recipes/x.py", check=lambda cfg: None,
-                     dump=str, start=start, user_errors=())
+                     dump=str, start=start, user_errors=lambda: ())
     assert exited.value.code == 130
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
@@ -613,6 +616,25 @@ def test_a_ctrl_c_in_set_up_exits_130_with_one_line_saying_how_to_go_on(tmp_path
     else:
         assert err == (f"interrupted before a checkpoint was written in {run_dir}; nothing to resume: "
                        f"start again with: python recipes/x.py --train.run_dir {run_dir}")
+
+
+def test_a_ctrl_c_while_torch_is_imported_exits_130_with_one_line(tmp_path):
+    """A Ctrl-C in the first second lands inside `import torch`: the advice must not import a half-loaded
+    torch again (it crashed with a second traceback, or a segfault)."""
+    probe = (
+        "import importlib.abc, runpy, sys\n"
+        "class CtrlC(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch.nn':  # torch/__init__ is half run: torch._C and others are loaded\n"
+        "            sys.meta_path.remove(self)\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        f"sys.argv = ['recipes/mira_bs512.py', '--data.train', {str(tmp_path)!r}, '--train.run_dir', "
+        f"{str(tmp_path / 'run')!r}]\n"
+        f"runpy.run_path({str(REPO / 'recipes' / 'mira_bs512.py')!r}, run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.strip().startswith("interrupted before a checkpoint was written") and "Traceback" not in out.stderr
 
 
 # ---- the demo without k-NN ----------------------------------------------------------------------------------------

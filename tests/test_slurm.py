@@ -22,7 +22,7 @@ import torch
 
 from fastssl.cli import parse
 from fastssl.config import Config, ConfigError
-from fastssl.recovery import rerun_command
+from fastssl.relaunch import rerun_command
 
 from dist_utils import tiny_synthetic_recipe
 

@@ -34,7 +34,8 @@ from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
-from fastssl.recovery import after_write_failure, one_process_refusal, rerun_command
+from fastssl.recovery import after_write_failure
+from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
 from pipelines.folder import DataLayoutError

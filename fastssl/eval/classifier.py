@@ -25,7 +25,7 @@ from torchvision import transforms as T
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError, int_at_least
 from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
-from fastssl.recovery import one_process_refusal
+from fastssl.relaunch import one_process_refusal
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg
 from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
