@@ -264,3 +264,49 @@ def test_the_shared_flags_are_checked_when_parsed(tool, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         tool.parse_args(["run", flag, value])
     assert exit_info.value.code == 2 and f"argument {flag}: must be >= " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool_name, flag, value, says", [
+    ("eval_linear", "--weight-decay", "-5", "argument --weight-decay: must be a finite number in [0, inf), got -5"),
+    ("eval_linear", "--momentum", "nan", "argument --momentum: must be a finite number in [0, 1), got nan"),
+    ("eval_linear", "--base-lr", "0", "argument --base-lr: must be a finite number in (0, inf), got 0"),
+    ("finetune_semi", "--lr", "-1", "argument --lr: must be a finite number in (0, inf), got -1"),
+    ("finetune_semi", "--gamma", "nan", "argument --gamma: must be a finite number in (0, 1], got nan"),
+    ("finetune_semi", "--milestones", "12,-3", "--milestones must be comma-separated epochs >= 1"),
+    ("eval_knn", "--temperature", "nan", "argument --temperature: must be a finite number in (0, inf), got nan"),
+])
+def test_optimiser_and_vote_settings_are_checked_before_any_work(tool_name, flag, value, says, capsys):
+    """torch's SGD refused a negative weight decay only after the features were extracted (a traceback), and a NaN
+    momentum or gamma ran to the end and wrote NaN into the JSON."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool_name).main(["no_such_run", "--subset", "s.txt", flag, value] if tool_name == "finetune_semi"
+                                  else ["no_such_run", flag, value])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_written_is_named_first_or_keeps_the_figures_on_screen(tool, toy_run, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """--json naming a folder is refused before any work; a write that fails at the end (a full disk) exits 2
+    with one line, after the figures were printed (they were lost with a traceback)."""
+    import errno
+
+    import fastssl.eval.targets as targets
+
+    (tmp_path / "a_folder").mkdir()
+    assert "is a directory; name a file" in error_of(tool, [str(toy_run), "--json", str(tmp_path / "a_folder")], capsys)
+
+    def full_disk(path, report, sort_keys=True):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(targets, "write_json", full_disk)
+    err = error_of(tool, [str(toy_run), *TOY_ARGS, "--epochs", "1", "--json", str(tmp_path / "r.json")], capsys)
+    assert "could not be written to" in err and "No space left on device" in err and "Traceback" not in err
+
+
+def test_the_figures_are_printed_before_the_report_is_written(tool, toy_run, tmp_path, capsys, monkeypatch):
+    import fastssl.eval.targets as targets
+
+    printed = []
+    monkeypatch.setattr(targets, "write_json", lambda *a, **k: printed.append(capsys.readouterr().out))
+    tool.main([str(toy_run), *TOY_ARGS, "--epochs", "1", "--json", str(tmp_path / "r.json")])
+    assert len(printed) == 1 and "top1" in printed[0]

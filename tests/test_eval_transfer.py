@@ -303,8 +303,9 @@ def test_voc2007_from_torchvision_format(tool, tmp_path, backbone_file):
     assert report["solver"] == "lbfgs"  # the PyTorch path end to end (20 binary problems x 6 penalties at once)
 
 
-@pytest.mark.parametrize("flag, value, says", [("--tol", "-1", "--tol must be >= 0, got -1.0"),
-                                               ("--tol", "nan", "--tol must be >= 0, got nan"),
+@pytest.mark.parametrize("flag, value, says", [("--tol", "-1", "argument --tol: must be a finite number in [0, inf), got -1"),
+                                               ("--tol", "nan", "argument --tol: must be a finite number in [0, inf), got nan"),
+                                               ("--tol", "inf", "argument --tol: must be a finite number in [0, inf), got inf"),
                                                ("--num-workers", "-2", "argument --num-workers: must be >= 0")])
 def test_solver_and_loader_settings_are_checked_before_any_work(tool, backbone_file, tmp_path, capsys, flag, value,
                                                                 says):

@@ -33,11 +33,11 @@ import torch
 from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments, effective_precision
-from fastssl.eval.errors import EvalError, int_at_least
+from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.online import knn_loaders, knn_scores
 from fastssl.eval.subsets import subset_samples
-from fastssl.eval.targets import require_data, resolve_target
-from fastssl.run_log import utc_now, write_json
+from fastssl.eval.targets import require_data, resolve_target, write_report
+from fastssl.run_log import utc_now
 from fastssl.runtime import end_process_group, pick_device
 from pipelines.eval import EvalBackendError, eval_loader_class
 from pipelines.folder import DataLayoutError, Listing, scan_image_folder
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     add_data_arguments(ap, "memory bank folder (default: the run's data.knn_train or data.train)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
-    ap.add_argument("--temperature", type=float, default=0.07)
+    ap.add_argument("--temperature", type=number_in(0, low_open=True), default=0.07)
     ap.add_argument("--subset", help="memory bank: only the train images this text file names (one file name or "
                     "train-relative path per line), e.g. SimCLR's 1percent.txt / 10percent.txt for the paper's "
                     "1 %% / 10 %% k-NN (Table 3); default: the whole train folder")
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     try:
         ks = [int(k) for k in args.ks.split(",")]
-        if any(k < 1 for k in ks) or args.temperature <= 0:
+        if any(k < 1 for k in ks):
             raise ValueError
     except ValueError:
-        ap.error(f"--ks must be positive integers and --temperature positive, got {args.ks!r}, {args.temperature}")
+        ap.error(f"--ks must be comma-separated positive integers, got {args.ks!r}")
     from accelerate import Accelerator
 
     try:
@@ -114,10 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
               "date": utc_now()}
     end_process_group()  # a rank leaving right after the last all-gather can abort a peer still in it
     if accelerator.is_main_process:  # every process holds the same scores
-        write_json(found["out"], report, sort_keys=False)
         for k, r in results.items():
             print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}")
-        print(f"wrote {found['out']}")
+        try:
+            write_report(found["out"], report)
+        except EvalError as err:
+            exit_with(err)
     return report
 
 

@@ -42,9 +42,9 @@ import argparse
 
 from fastssl.cli import exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
-from fastssl.eval.errors import EvalError, int_at_least
+from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.linear import linear_probe, prepare
-from fastssl.run_log import write_json
+from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
 
@@ -54,9 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_data_arguments(ap, train_help="labelled training folder (default: the run's data.train)")
     ap.add_argument("--epochs", type=int_at_least(1), default=100)
     ap.add_argument("--batch-size", type=int_at_least(1), default=1024)
-    ap.add_argument("--base-lr", type=float, default=0.075, help="lr = base_lr x batch / 256 (paper: 0.075)")
-    ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--base-lr", type=number_in(0, low_open=True), default=0.075,
+                    help="lr = base_lr x batch / 256 (paper: 0.075)")
+    ap.add_argument("--momentum", type=number_in(0, 1, high_open=True), default=0.9)
+    ap.add_argument("--weight-decay", type=number_in(0), default=0.0)
     ap.add_argument("--cached-features", action="store_true",
                     help="run the backbone once per cached copy and train on the stored features (fast)")
     ap.add_argument("--cached-views", type=int_at_least(0), default=10,
@@ -81,10 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalError, EvalBackendError) as err:
         exit_with(err)
     report = linear_probe(inputs, args)
-    write_json(inputs.found["out"], report, sort_keys=False)
     print(f"linear ({report['features']}): top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  "
           f"({report['seconds']['total']:.0f} s)")
-    print(f"wrote {inputs.found['out']}")
+    try:
+        write_report(inputs.found["out"], report)
+    except EvalError as err:
+        exit_with(err)
     return report
 
 

@@ -28,13 +28,13 @@ import torch
 from fastssl.cli import exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_precision_argument, effective_precision
-from fastssl.eval.errors import EvalError, int_at_least
-from fastssl.eval.targets import resolve_target
+from fastssl.eval.errors import EvalError, int_at_least, number_in
+from fastssl.eval.targets import resolve_target, write_report
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
                                    markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
                                    spec_of, torchvision_splits, transfer_transform)
 from fastssl.models.backbone import FEATURE_DIMS
-from fastssl.run_log import utc_now, write_json
+from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
 
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--wd-values", type=int_at_least(1), default=DEFAULT_WD_VALUES,
                     help="size of the penalty grid logspace(-6, 5, n) (paper: 45)")
     ap.add_argument("--max-iter", type=int_at_least(1), default=1000, help="solver iterations per fit")
-    ap.add_argument("--tol", type=float, default=1e-4, help="solver tolerance (max |gradient|, scikit-learn's)")
+    ap.add_argument("--tol", type=number_in(0), default=1e-4, help="solver tolerance (max |gradient|, scikit-learn's)")
     ap.add_argument("--seed", type=int, default=0, help="held-out validation split (Ericsson: 0)")
     ap.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per backbone forward")
     ap.add_argument("--num-workers", type=int_at_least(0), default=0, help="DataLoader workers")
@@ -64,10 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_precision_argument(ap)
     ap.add_argument("--json", help="where to write the results (the Markdown table goes beside it, .md)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = ap.parse_args(argv)
-    if not args.tol >= 0:  # scikit-learn would refuse it only after the features are extracted
-        ap.error(f"--tol must be >= 0, got {args.tol}")
-    return args
+    return ap.parse_args(argv)
 
 
 def plan(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
@@ -137,13 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
               "solver": solver, "wd_grid": wds, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
               "datasets": results, "table": table, "metrics": metric_note(), "device": str(device),
               "precision": effective_precision(device, args.precision), "date": utc_now()}
-    write_json(found["out"], report, sort_keys=False)
-    md_path = found["out"].with_suffix(".md")
-    tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text(f"Linear transfer (MIRA Table 5 protocol) of `{model}`\n\n{table}\n{metric_note()}\n")
-    tmp.replace(md_path)
     print(table, end="")
-    print(f"wrote {found['out']} and {md_path}")
+    try:
+        write_report(found["out"], report, f"Linear transfer (MIRA Table 5 protocol) of `{model}`\n\n{table}\n"
+                                           f"{metric_note()}\n")
+    except EvalError as err:
+        exit_with(err)
     return report
 
 

@@ -39,9 +39,9 @@ import argparse
 
 from fastssl.cli import exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
-from fastssl.eval.errors import EvalError, int_at_least
+from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.finetune import PRESETS, finetune_on_subset, prepare
-from fastssl.run_log import write_json
+from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
 
@@ -53,12 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--labels-perc", choices=sorted(PRESETS), help="lr preset (default: from the subset's share)")
     ap.add_argument("--epochs", type=int_at_least(1), default=20)
     ap.add_argument("--batch-size", type=int_at_least(1), default=256)
-    ap.add_argument("--lr", type=float, help="backbone lr at batch 256 (default: the preset's)")
-    ap.add_argument("--lr-head", type=float, help="head lr at batch 256 (default: the preset's)")
+    ap.add_argument("--lr", type=number_in(0, low_open=True), help="backbone lr at batch 256 (default: the preset's)")
+    ap.add_argument("--lr-head", type=number_in(0, low_open=True), help="head lr at batch 256 (default: the preset's)")
     ap.add_argument("--milestones", default="12,16", help="epochs at which both lrs are multiplied by --gamma")
-    ap.add_argument("--gamma", type=float, default=0.2)
-    ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--gamma", type=number_in(0, 1, low_open=True), default=0.2, help="lr factor at each milestone")
+    ap.add_argument("--momentum", type=number_in(0, 1, high_open=True), default=0.9)
+    ap.add_argument("--weight-decay", type=number_in(0), default=0.0)
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--eval-batch-size", type=int_at_least(1), default=256)
     add_run_arguments(ap, loader_help="reader of the val images (resize + centre crop): torchvision or dali; "
@@ -66,8 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     try:
         args.milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
+        if any(m < 1 for m in args.milestones):
+            raise ValueError
     except ValueError:
-        ap.error(f"--milestones must be comma-separated epochs, got {args.milestones!r}")
+        ap.error(f"--milestones must be comma-separated epochs >= 1, got {args.milestones!r}")
     return args
 
 
@@ -78,10 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalError, EvalBackendError) as err:
         exit_with(err)
     report = finetune_on_subset(inputs, subset, args)
-    write_json(inputs.found["out"], report, sort_keys=False)
     print(f"fine-tuned on {len(subset)} images ({100 * report['subset_share']:.1f}% of train): "
           f"top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  ({report['seconds']['total']:.0f} s)")
-    print(f"wrote {inputs.found['out']}")
+    try:
+        write_report(inputs.found["out"], report)
+    except EvalError as err:
+        exit_with(err)
     return report
 
 

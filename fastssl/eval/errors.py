@@ -4,10 +4,11 @@ checks that find it before any work (so that a bad value is one line, not a trac
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EvalError", "int_at_least", "check_output_dir"]
+__all__ = ["EvalError", "int_at_least", "number_in", "check_output_dir", "check_output_file"]
 
 
 class EvalError(ValueError):
@@ -32,6 +33,28 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
     return parse
 
 
+def number_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+              ) -> Callable[[str], float]:
+    """argparse `type` of a finite float flag in [low, high] (either end open when asked): NaN, inf or a
+    value out of range is a usage error at parse time (`argument --momentum: must lie in [0, 1), got nan`),
+    not torch's traceback after the features were extracted, nor a NaN written into the JSON."""
+    left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+    span = f"{left}{low:g}, {'inf' if high == math.inf else f'{high:g}'}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+                  and (value < high if high_open else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+
+    return parse
+
+
 def check_output_dir(path: Path, flag: str) -> None:
     """An EvalError when `path` cannot become a directory: it, or the nearest of its parents that exists,
     is a file. Checked without creating anything, so a tool can refuse before any work and still create
@@ -41,3 +64,11 @@ def check_output_dir(path: Path, flag: str) -> None:
         return
     what = "is a file" if existing == path else f"is under {str(existing)!r}, which is a file"
     raise EvalError(f"{flag} {str(path)!r} {what}, not a directory; name a directory (it is created if missing)")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """An EvalError when a report cannot be written at `path` (a directory there, or a parent that is a
+    file), checked before any work: a failed write after hours of evaluation would lose the figures."""
+    if path.is_dir():
+        raise EvalError(f"{flag} {str(path)!r} is a directory; name a file (e.g. {str(path / 'report.json')!r})")
+    check_output_dir(path.parent, f"{flag}'s folder")

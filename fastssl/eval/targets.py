@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastssl.eval.errors import EvalError
+from fastssl.eval.errors import EvalError, check_output_file
+from fastssl.run_log import write_json
 from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION
 
 __all__ = ["TARGETS", "DISTILL_RECIPE", "resolve_target", "require_data", "read_run_config", "distillation_run",
-           "start_dir", "from_run", "run_knn_figure"]
+           "start_dir", "from_run", "run_knn_figure", "write_report"]
 
 # What every evaluation tool takes, for the messages that refuse something else.
 TARGETS = "a run directory of a self-supervised recipe (recipes/mira_*.py, mlcpc_*.py) or its backbone_<arch>.pth"
@@ -65,9 +66,30 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         found["checkpoint"] = target
         found["size"] = found["size"] or 224
         found["out"] = Path(json_path) if json_path else target.with_name(f"{target.stem}_{tool}.json")
+    check_output_file(found["out"], "--json")  # before any work: a failed write at the end would lose the figures
     found["interpolation"] = found["interpolation"] or EVAL_INTERPOLATION
     found["crop_fraction"] = found["crop_fraction"] or EVAL_CROP_FRACTION
     return found
+
+
+def write_report(path: Path, report: dict, text: str | None = None) -> None:
+    """Write a tool's JSON report (and `text`, a Markdown twin, beside it as .md), printing "wrote ...";
+    a failed write (a full disk) is an EvalError that says so. Call it after the figures are printed:
+    they then survive the failure on the screen."""
+    md_path = path.with_suffix(".md")
+    try:
+        write_json(path, report, sort_keys=False)
+        if text is not None:
+            tmp = md_path.with_name(md_path.name + ".tmp")
+            try:
+                tmp.write_text(text)
+                tmp.replace(md_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise EvalError(f"the figures above could not be written to {str(path)!r} ({err.strerror or err}); free "
+                        f"space there, or pass --json with another place, and run again") from None
+    print(f"wrote {path}" + (f" and {md_path}" if text is not None else ""))
 
 
 def require_data(found: dict) -> None:
