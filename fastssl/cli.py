@@ -27,8 +27,17 @@ fields (= the recipe's value), each with what it means:
 
 def exit_with(err: Exception | str) -> NoReturn:
     """The one way recipes and tools fail on bad input: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
     sys.exit(2)
+
+
+def without_worker_traceback(message: str) -> str:
+    """The error's own message when a DataLoader worker raised it: torch re-raises it in the main process
+    with "Caught X in DataLoader worker process N." and the worker's traceback in front of it."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]  # "pipelines.folder.DataLayoutError: <the message>"
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def interrupted_advice(command: list[str], run_dir: Path) -> str:

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from pipelines.cores import default_num_workers
+from pipelines.folder import DataLayoutError
 
 T = TypeVar("T")
 
@@ -135,8 +136,10 @@ def next_readable(samples: list[tuple[str, int]], index: int, read: Callable[[in
         if got is not None:
             return got, i, passed
         passed.append(i)
-    raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable images in a row near {samples[index][0]}; "
-                       "is the data corrupt?")
+    first, last = samples[index][0], samples[passed[-1]][0]
+    raise DataLayoutError(f"{MAX_REPLACEMENTS} unreadable images in a row, from {first} to {last} (each named in a "
+                          f"warning above): the data, not one file, is broken (an interrupted copy, a full disk, "
+                          f"another format under .JPEG names); copy the data again, or remove those files")
 
 
 class ReadAhead(Iterator[T]):

@@ -132,6 +132,19 @@ def test_recipe_with_unusable_knn_data_exits_2_before_any_output(tmp_path, case,
     assert not (tmp_path / "run").exists()
 
 
+def test_training_data_that_is_all_unreadable_exits_2_in_one_line(tmp_path):
+    """16 bad files in a row: the data is broken, a user error (it was a RuntimeError with a traceback; from a
+    DataLoader worker, torch also puts the worker's traceback in front of the message)."""
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            (tmp_path / "train" / c / f"x{i}.JPEG").write_bytes(bytes(range(256)) * 2)
+    out = run(str(REPO / "recipes" / "mira_demo.py"), "--data.train", str(tmp_path / "train"), "--data.val=",
+              "--train.run_dir", str(tmp_path / "run"), "--train.global_batch_size", "4", "--data.num_workers", "2")
+    assert_clean_error(out, "16 unreadable images in a row, from ")
+    assert "the data, not one file, is broken" in out.stderr and "DataLoader worker" not in out.stderr
+
+
 def test_recipe_with_a_queue_longer_than_the_data_exits_2_before_any_output(tmp_path):
     """The data's size is known only once the loader is built: the error is still one line, exit 2."""
     make_image_folder(tmp_path / "train", 2, 6, size=24)
