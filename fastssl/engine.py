@@ -31,7 +31,8 @@ from fastssl.models import MiraNetwork, make_teacher, unwrap
 from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
-from fastssl.recovery import DivergenceGuard, TrainingDiverged, after_write_failure, continue_advice, latest_run_hint
+from fastssl.recovery import (DivergenceGuard, TrainingDiverged, after_knn_failure, after_write_failure, continue_advice,
+                              latest_run_hint)
 from fastssl.relaunch import rerun_command
 from fastssl.run_log import RunLog, write_run_json
 from fastssl.runtime import GracefulStop, any_process, build_accelerator, failing_together, per_process, seed_everything
@@ -129,7 +130,11 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                 return results
             last = state.epoch == cfg.train.epochs
             if knn and should_eval(cfg.eval.knn_every, state.epoch, last):
-                scores = knn(teacher.backbone)
+                try:
+                    scores = knn(teacher.backbone)
+                except DataLayoutError as err:  # unreadable val images: keep the epoch's training, then say so
+                    save(cfg, run_dir, parts, state, guard, loader)
+                    raise DataLayoutError(f"{err}; {after_knn_failure(command, run_dir, state.epoch)}") from None
                 results["knn"].append({"epoch": state.epoch, **scores})
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             log.epoch(epoch_row)

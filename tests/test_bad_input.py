@@ -145,6 +145,22 @@ def test_training_data_that_is_all_unreadable_exits_2_in_one_line(tmp_path):
     assert "the data, not one file, is broken" in out.stderr and "DataLoader worker" not in out.stderr
 
 
+def test_a_knn_whose_val_images_are_all_unreadable_keeps_the_epoch_and_exits_2(tmp_path):
+    """The k-NN after an epoch ran before its checkpoint, and an unreadable val folder ended the run there with
+    'no queries to evaluate' (exit 1): the epoch's training was lost. It is saved first now."""
+    make_image_folder(tmp_path / "train", 2, 4, size=24)
+    for c in ("class_00", "class_01"):  # the train folder's classes
+        (tmp_path / "val" / c).mkdir(parents=True)
+        (tmp_path / "val" / c / "x.JPEG").write_bytes(b"not a jpeg")
+    out = run(str(REPO / "recipes" / "mira_demo.py"), "--data.train", str(tmp_path / "train"), "--data.val",
+              str(tmp_path / "val"), "--train.run_dir", str(tmp_path / "run"), "--train.global_batch_size", "4",
+              "--data.num_workers", "0", "--train.epochs", "1", "--eval.knn_at_start", "false",
+              "--eval.knn_every", "1")
+    assert_clean_error(out, "the k-NN's queries (val) has no readable image")
+    assert "epoch 1 is saved" in out.stderr and "--resume" in out.stderr
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
 def test_recipe_with_a_queue_longer_than_the_data_exits_2_before_any_output(tmp_path):
     """The data's size is known only once the loader is built: the error is still one line, exit 2."""
     make_image_folder(tmp_path / "train", 2, 6, size=24)

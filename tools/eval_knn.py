@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
         exit_with(err)
     net = net.to(accelerator.device).to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    scores, bank_size, query_size = knn_scores(net, bank_loader, query_loader, accelerator, ks, args.temperature,
-                                               not args.no_progress, what="")
+    try:
+        scores, bank_size, query_size = knn_scores(net, bank_loader, query_loader, accelerator, ks, args.temperature,
+                                                   not args.no_progress, what="")
+    except DataLayoutError as err:  # a split whose every image is unreadable
+        exit_with(err)
     results = {str(k): r for k, r in scores.items()}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "subset": args.subset,
               "val": found["val"], "image_size": found["size"], "interpolation": found["interpolation"],

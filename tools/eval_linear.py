@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = prepare(args)
     except (EvalError, EvalBackendError) as err:
         exit_with(err)
-    report = linear_probe(inputs, args)
+    try:
+        report = linear_probe(inputs, args)
+    except EvalError as err:  # a split whose every image is unreadable
+        exit_with(err)
     print(f"linear ({report['features']}): top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  "
           f"({report['seconds']['total']:.0f} s)")
     try:

@@ -114,8 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         feats, targets = {}, {}
         for split, data in splits.items():
-            feats[split], targets[split] = extract_split(backbone, data, args.batch_size, args.num_workers, device,
-                                                         not args.no_progress, f"{name} {split}", args.precision)
+            try:
+                feats[split], targets[split] = extract_split(backbone, data, args.batch_size, args.num_workers,
+                                                             device, not args.no_progress, f"{name} {split}",
+                                                             args.precision)
+            except EvalError as err:  # a split whose every image is unreadable
+                exit_with(f"{name} {split}: {err}")
         extract_s = time.perf_counter() - start
         spec = spec_of(name)
         fit = search_and_test(feats, targets, spec.metric, num_classes, solver, wds, device=device,

@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
         inputs, subset = prepare(args)
     except (EvalError, EvalBackendError) as err:
         exit_with(err)
-    report = finetune_on_subset(inputs, subset, args)
+    try:
+        report = finetune_on_subset(inputs, subset, args)
+    except EvalError as err:  # a split whose every image is unreadable
+        exit_with(err)
     print(f"fine-tuned on {len(subset)} images ({100 * report['subset_share']:.1f}% of train): "
           f"top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  ({report['seconds']['total']:.0f} s)")
     try:

@@ -170,7 +170,8 @@ def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device
             bar.update(len(index))
     backbone.train(was_training)
     if feats is None:
-        raise ValueError("no readable images to extract features from")
+        raise EvalError(f"none of the {n} images to embed is readable: each was skipped with a warning above; "
+                        "replace those files, or pass another folder")
     return feats, labels, labels >= 0
 
 

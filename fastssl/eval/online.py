@@ -101,6 +101,10 @@ def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator
                            gather=False)
     query_x, query_y = embed(backbone, query_loader, accelerator, progress, f"{what} queries".strip())
     bank_size = sum(n for (n,) in per_process(accelerator, [len(bank_y)]))
+    for split, size in (("memory bank (train)", bank_size), ("queries (val)", len(query_y))):
+        if size == 0:  # every process knows both sizes: they raise together
+            raise DataLayoutError(f"the k-NN's {split} has no readable image: each was skipped with a warning "
+                                  f"above; replace those files, or point the k-NN at another folder")
     merge = gather_neighbours(accelerator)
     clamped = {k: min(k, bank_size) for k in ks}
     found = knn_accuracies(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes),
