@@ -276,10 +276,13 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     never fork from this process (pipelines/beton_writer.py, `worker_context`)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
+    if out.is_dir():  # --force replaces a file; a folder would fail only once every image is written
+        raise UsageError(f"{str(out)!r} is a folder; name the .beton file to write, e.g. {str(out / 'train.beton')!r}")
     if out.exists() and not force:
         raise UsageError(f"{str(out)!r} exists; pass --force to replace it")
     if not out.parent.is_dir():
-        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
+        what = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        raise UsageError(f"output folder {str(out.parent)!r} {what}")
     remove_stale_partials(out)
     partial = PartialConversion(out)
     try:

@@ -117,6 +117,12 @@ def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp
     (src / "a.JPEG").write_bytes(b"junk" * 20)
     with pytest.raises(conv.ConversionError, match="no readable images"):
         conv.convert(tmp_path / "train", out, num_workers=1, progress=False)
+    (tmp_path / "a_folder.beton").mkdir()  # --force replaces a file: a folder failed only after the whole conversion
+    with pytest.raises(conv.UsageError, match="is a folder; name the .beton file to write"):
+        conv.convert(tmp_path / "train", tmp_path / "a_folder.beton", num_workers=1, progress=False, force=True)
+    (tmp_path / "a_folder.beton").rmdir()
+    with pytest.raises(conv.UsageError, match="output folder .* is a file, not a folder"):
+        conv.convert(tmp_path / "train", tmp_path / "empty.txt" / "x.beton", num_workers=1, progress=False)
     assert list(tmp_path.glob("*.beton*")) == [] and list(tmp_path.glob(".x.beton*")) == []
     run = subprocess.run([sys.executable, TOOL, str(tmp_path / "train"), str(tmp_path / "x.zip")],
                          capture_output=True, text=True)
