@@ -432,7 +432,9 @@ def test_profile_refuses_bad_paths_and_too_little_data_in_one_line(tmp_path, cap
     for argv, says in ((["--out", str(tmp_path / "a_file" / "x")], "is under"),
                        ([*out, "--recipe", str(tmp_path / "settings.json")], "is not a Python file"),
                        ([*out, "--data.train", str(tmp_path / "nowhere")], "does not exist"),
-                       ([*out, "--data.train", str(tmp_path / "few")], "fewer than one global batch")):
+                       ([*out, "--data.train", str(tmp_path / "few")], "fewer than one global batch"),
+                       ([*out, "--data.train", str(tmp_path / "few"), "--train.global_batch_size", "12"],
+                        "the torchvision loader has 3 batches per epoch, the loader stage needs 8")):
         assert tool.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err

@@ -119,6 +119,10 @@ def measure_loaders(cfg: Config, accelerator, backends: list[str], args, scratch
         elif name != "ffcv" and str(c.data.train).endswith(".beton"):
             continue  # a .beton feeds only ffcv
         loaders[name] = pipelines.build_train_loader(loader_spec(c, accelerator, args.workers))
+        need = args.warmup_batches + args.loader_batches
+        if len(loaders[name]) < need:  # before any timing: next() would end the epoch with a bare StopIteration
+            raise ConfigError(f"the {name} loader has {len(loaders[name])} batches per epoch, the loader stage needs "
+                              f"{need}; use fewer --loader-batches/--warmup-batches or more data")
 
     def progress(rep: int, name: str, rate: float) -> None:
         print(f"  loader {name:12s} repeat {rep + 1}/{args.repeats}: {rate:9.1f} images/s", flush=True)
