@@ -290,6 +290,22 @@ def test_run_report_of_a_finished_run(tmp_path):
         assert (run / "report" / png).read_bytes()[:8] == PNG_MAGIC and f"]({png})" in md
 
 
+def test_run_report_names_a_damaged_file_and_a_folder_it_cannot_write(tmp_path, capsys):
+    """Exit 2 with one line (it was a JSONDecodeError or an OSError traceback); the run directory is only read."""
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.eval.knn_every = -1
+    train(cfg)
+    run = Path(cfg.train.run_dir)
+    tool = load_tool("report")
+    assert tool.main([str(run), "--out", "/proc/fastssl_report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the report could not be written in '/proc/fastssl_report'") and "--out" in err
+    (run / "results.json").write_text('{"knn": [')  # cut short
+    assert tool.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json' cannot be read (JSONDecodeError" in err and err.count("\n") == 1
+
+
 def test_run_report_rejects_missing_and_foreign_directories(tmp_path, capsys):
     tool = load_tool("report")
     assert tool.main([str(tmp_path / "missing")]) == 2

@@ -53,12 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_run_dir(args.run_dir)
         check_output_dir(out, "--out")
-        report = build_run_report(args.run_dir, out, utc_now())
+        report = build_run_report(args.run_dir, out, utc_now())  # writes the charts into `out`
+        write_json(out / "report.json", report)
+        (out / "report.md").write_text(run_markdown(report))
     except (ReportError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_json(out / "report.json", report)
-    (out / "report.md").write_text(run_markdown(report))
+    except OSError as err:  # a full disk, a folder that cannot be made: the run directory is only read
+        print(f"error: the report could not be written in {str(out)!r} ({err.strerror or err}); free space there, "
+              f"or pass --out with another folder", file=sys.stderr)
+        return 2
     print(report["verdict"])
     print(f"wrote {out / 'report.md'}, report.json and {len(report['charts'])} charts")
     return 0

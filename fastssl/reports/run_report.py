@@ -68,10 +68,24 @@ def evaluations(run_dir: Path, results: dict) -> dict:
         last = results["knn"][-1]
         out["online k-NN (loop)"] = {"top1": last["top1"], "top5": last["top5"], "detail": f"epoch {last['epoch']}, k = 20"}
     for path in (path for pattern in EVAL_FILES for path in sorted(run_dir.glob(pattern))):
-        data = json.loads(path.read_text())
+        data = read_json(path)
         top1, top5 = _headline(data)
         out[path.stem] = {"top1": top1, "top5": top5, "detail": path.name}
     return out
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the run directory, or a ReportError that names it (a run writes its files atomically,
+    so a damaged one was damaged after the run wrote it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{str(path)!r} cannot be read ({type(err).__name__}: {err}); restore it from a copy, "
+                          f"or move it out of the run directory to report without it") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{str(path)!r} holds no JSON object; restore it from a copy, or move it out of the run "
+                          f"directory to report without it")
+    return data
 
 
 def _headline(data: dict) -> tuple[float | None, float | None]:
@@ -119,7 +133,7 @@ def build_run_report(run_dir: Path, out: Path, date: str) -> dict:
     environment, recipe, note = run_info(run_dir)
     epochs, steps = read_csv(run_dir / "epochs.csv"), read_csv(run_dir / "train_log.csv")
     results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = read_json(results_path) if results_path.is_file() else {}
     report = new_report("run", environment, recipe, date)
     report.update(run_dir=str(run_dir), epochs=epochs, steps=steps, evaluations=evaluations(run_dir, results),
                   knn_random_init=results.get("knn_random_init"),
