@@ -140,3 +140,14 @@ def test_a_run_without_its_backbone_yet_is_said_to_be_one(tool, run, tmp_path, c
         tool.main([str(young)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "has no exported backbone yet (backbone_resnet50.pth)" in err, err
+
+
+def test_an_export_that_cannot_be_written_exits_2_in_one_line(tool, tmp_path, capsys):
+    """A folder where the file goes (or a full disk): one line naming the file (it was an OSError traceback)."""
+    torch.save(build_backbone("resnet18").state_dict(), tmp_path / "backbone_resnet18.pth")
+    (tmp_path / "backbone_resnet18_tv_detection.pth").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(tmp_path / "backbone_resnet18.pth"), "--format", "torchvision"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "backbone_resnet18_tv_detection.pth' could not be written" in err and "--out-dir" in err

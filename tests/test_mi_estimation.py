@@ -30,3 +30,12 @@ def test_quick_run_writes_json_within_the_ceilings(tmp_path, one_thread, capsys)
         assert not png.exists() and "matplotlib is not installed" in capsys.readouterr().out
     else:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_training(tmp_path, capsys):
+    import pytest
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("mi_estimation").main(["--quick", "--no-compile", "--out", str(tmp_path / "a_file")])
+    assert exit_info.value.code == 2 and "is a file, not a directory" in capsys.readouterr().err

@@ -71,12 +71,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     except (EvalError, ExportError) as err:
         exit_with(err)
     written = {}
-    if "torchvision" in formats:
-        written["torchvision"] = out_dir / f"{path.stem}_tv_detection.pth"
-        atomic_write(written["torchvision"], lambda f: torch.save(body, f))
-    if d2 is not None:
-        written["detectron2"] = out_dir / f"{path.stem}_detectron2.pkl"
-        atomic_write(written["detectron2"], lambda f: pickle.dump(d2, f))
+    try:  # a failed write (a full disk, a folder of that name) keeps the file it would have replaced
+        if "torchvision" in formats:
+            written["torchvision"] = out_dir / f"{path.stem}_tv_detection.pth"
+            atomic_write(written["torchvision"], lambda f: torch.save(body, f))
+        if d2 is not None:
+            written["detectron2"] = out_dir / f"{path.stem}_detectron2.pkl"
+            atomic_write(written["detectron2"], lambda f: pickle.dump(d2, f))
+    except OSError as err:
+        exit_with(f"{str(list(written.values())[-1])!r} could not be written ({err.strerror or err}); free space "
+                  f"there, or pass --out-dir with another folder")
     for fmt, p in written.items():
         print(f"wrote {p} ({fmt})")
     if d2 is not None:

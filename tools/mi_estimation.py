@@ -27,7 +27,6 @@ the true MI).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -35,7 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastssl.cli import exit_with
+from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.losses import alpha_min, cpc_bound, ml_cpc_bound
+from fastssl.run_log import write_json
 
 DIM = 20
 MI_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)
@@ -230,7 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not families or set(families) - {"separable", "joint"} or args.iters < 2 or args.batch < 2:
         ap.error("--critics takes separable and/or joint; --iters and --batch must be at least 2")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_output_dir(out, "--out")  # before the minutes of training, not after
+    except EvalError as err:
+        exit_with(err)
     results = {f: run_family(f, args.iters, args.batch, args.seed, not args.no_compile) for f in families}
     report = {
         "config": {"dim": DIM, "mi_levels": MI_LEVELS, "iters_per_level": args.iters, "n": args.batch,
@@ -240,15 +245,18 @@ def main(argv: list[str] | None = None) -> dict:
                          "estimates": {k: [round(v, 4) for v in vals] for k, vals in r["estimates"].items()}}
                      for f, r in results.items()},
     }
-    (out / "mi_estimation.json").write_text(json.dumps(report))
-    try:
-        plot(results, out / "mi_estimation.png", args.batch)
-    except ImportError:
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
     print(f"\n{'family':10s} {'estimator':24s} " + " ".join(f"{mi:>6g}" for mi in MI_LEVELS))
     for f, r in report["families"].items():
         for name, levels in r["summary"].items():
             print(f"{f:10s} {name:24s} " + " ".join(f"{levels[f'{mi:g}']:6.2f}" for mi in MI_LEVELS))
+    try:  # after the table: a failed write (a full disk) leaves the figures on the screen
+        write_json(out / "mi_estimation.json", report, sort_keys=False)
+        plot(results, out / "mi_estimation.png", args.batch)
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    except OSError as err:
+        exit_with(f"the figures above could not be written in {str(out)!r} ({err.strerror or err}); free space "
+                  f"there, or pass --out with another folder, and run again")
     print(f"wrote {out / 'mi_estimation.json'}")
     return report
 
