@@ -154,6 +154,10 @@ def test_bad_input_is_named(tool, toy_run, tmp_path, capsys):
     assert "another architecture" in error_of(tool, [str(tmp_path / "odd.pth"), *data], capsys)
     torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
     assert "not an exported backbone" in error_of(tool, [str(tmp_path / "checkpoint.pt"), *data], capsys)
+    whole = (toy_run / "backbone_resnet18.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # a copy cut short: not "use the backbone file"
+    err = error_of(tool, [str(tmp_path / "cut.pth"), *data], capsys)
+    assert "cannot be read as a torch file" in err and "damaged or cut short" in err and "checkpoint.pt" not in err
     for name in ("yak", "zebra"):  # two classes: a single class is refused before the classes are compared
         (tmp_path / "other_val" / name).mkdir(parents=True)
         Image.new("RGB", (40, 40)).save(tmp_path / "other_val" / name / "z.JPEG")

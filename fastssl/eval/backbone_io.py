@@ -28,9 +28,15 @@ def _read_state(path: Path) -> dict:
         raise EvalError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled objects (checkpoint.pt), or not a torch file at all
-        raise EvalError(f"{str(path)!r} is not an exported backbone ({type(err).__name__}); use the run's "
-                        "backbone_<arch>.pth, not checkpoint.pt") from err
+    except Exception as err:  # pickled objects (checkpoint.pt), or a file cut short, or no torch file at all
+        if "Weights only load failed" in str(err):  # it unpickles to more than tensors: a training checkpoint
+            raise EvalError(f"{str(path)!r} is not an exported backbone (it holds more than tensors); use the "
+                            "run's backbone_<arch>.pth, not checkpoint.pt") from None
+        cause = (str(err).strip().splitlines() or [""])[0].split(". ")[0]  # torch's first sentence
+        raise EvalError(f"{str(path)!r} cannot be read as a torch file ({type(err).__name__}: {cause}): it is "
+                        "damaged or cut short (an interrupted copy, a disk that filled while it was written); "
+                        "copy it again from where it was made (a run rewrites its backbone_<arch>.pth with "
+                        "each checkpoint)") from None
     if not isinstance(state, dict) or "conv1.weight" not in state:
         raise EvalError(f"{str(path)!r} is not an exported backbone (no conv1.weight); use the run's "
                         "backbone_<arch>.pth, not checkpoint.pt")
