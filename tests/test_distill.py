@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import pickle
@@ -195,6 +196,26 @@ def test_tiny_distillation_mi_rises_loss_falls(tmp_path: Path, teacher: Path) ->
     assert 0 <= results["final_top1"] <= 100
     saved = torch.load(tmp_path / "run" / CLASSIFIER_NAME, weights_only=False)
     assert (saved["arch"], saved["num_classes"]) == ("resnet8", 4)
+
+
+def test_unreadable_images_are_skipped_with_a_warning_not_the_end_of_the_run(tmp_path: Path, teacher: Path) -> None:
+    """One 0-byte JPEG in train and one in val ended the run with PIL's traceback; now a training image is
+    replaced by the next readable one (batches keep their size), and evaluation leaves the bad one out."""
+    from fastssl.distill.data import SeededItems
+
+    (tmp_path / "data" / "train" / "c0" / "0.png").write_bytes(b"")
+    (tmp_path / "data" / "val" / "c1" / "0.png").write_bytes(b"")
+    train_set, _, _ = build_datasets(DistillConfig(data=dataclasses.replace(
+        DistillConfig().data, source="folder", train=str(tmp_path / "data" / "train"),
+        val=str(tmp_path / "data" / "val"), image_size=16)).data)
+    bad = [p for p, _ in train_set.samples].index(str(tmp_path / "data" / "train" / "c0" / "0.png"))
+    with pytest.warns(UserWarning, match="skipping unreadable image .*0.png"):
+        x, y = SeededItems(train_set, 0)[(0, bad)]
+    assert y == train_set.samples[bad + 1][1] and x.shape == (3, 16, 16)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        results = run(DistillConfig(), tiny_args(tmp_path, "run", "--model.teacher", str(teacher),
+                                                 "--train.epochs", "1"), prog="distill")
+    assert 0 <= results["final_top1"] <= 100
 
 
 def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:

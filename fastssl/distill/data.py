@@ -11,10 +11,13 @@ whatever the worker count.
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+import warnings
+
+from torch.utils.data import Dataset, default_collate
 
 from fastssl.distill.config import DistillDataConfig
 from pipelines.folder import DataLayoutError, scan_image_folder
+from pipelines.images import UNREADABLE, next_readable
 from pipelines.sampler import sample_rng
 
 # CIFAR-100 channel statistics, as CRD's dataset/cifar100.py normalises
@@ -40,8 +43,8 @@ def build_datasets(cfg: DistillDataConfig) -> tuple[Dataset, Dataset, int]:
         try:
             train = cls(cfg.root, train=True, download=False, transform=transforms(32, True, False))
             test = cls(cfg.root, train=False, download=False, transform=transforms(32, False, False))
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-            raise DataLayoutError(f"data.root {cfg.root!r}: no readable {CIFAR_DIRS[cfg.source]}/ in it ({err}); "
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True" (we cannot)
+            raise DataLayoutError(f"data.root {cfg.root!r}: no readable {CIFAR_DIRS[cfg.source]}/ in it; "
                                   f"point --data.root at the folder that holds {CIFAR_DIRS[cfg.source]}/ "
                                   f"(torchvision's format; nothing is downloaded)") from None
         return train, test, len(train.classes)
@@ -57,9 +60,21 @@ def build_datasets(cfg: DistillDataConfig) -> tuple[Dataset, Dataset, int]:
     return train, val, len(classes)
 
 
+def read_or_warn(dataset: Dataset, index: int):
+    """`dataset[index]`, or None with a warning naming the file when its image cannot be read (an
+    ImageFolder's bad file: one file must not end a run, as in the SSL loaders, `pipelines.images`)."""
+    try:
+        return dataset[index]
+    except UNREADABLE as err:
+        path = dataset.samples[index][0] if hasattr(dataset, "samples") else f"item {index}"
+        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=2)
+        return None
+
+
 class SeededItems(Dataset):
     """`dataset` addressed by (epoch, index): the item's random augmentation is drawn from
-    `sample_seed(seed, epoch, index)`, not from whichever worker's RNG happens to load it."""
+    `sample_seed(seed, epoch, index)`, not from whichever worker's RNG happens to load it.
+    An unreadable image is replaced by the next readable one, so every batch keeps its size."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -69,5 +84,33 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with sample_rng(self.seed, epoch, index):
-            return self.dataset[index]
+
+        def read(i: int):
+            with sample_rng(self.seed, epoch, i):
+                return read_or_warn(self.dataset, i)
+
+        samples = getattr(self.dataset, "samples", None)  # an ImageFolder's files; CIFAR's arrays always read
+        if samples is None:
+            with sample_rng(self.seed, epoch, index):
+                return self.dataset[index]
+        return next_readable(samples, index, read)[0]
+
+
+class ReadableItems(Dataset):
+    """An evaluation dataset whose unreadable images are left out with a warning (`collate_readable`
+    drops them): the accuracy is over the images that can be read, as the SSL evaluation loaders'."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return read_or_warn(self.dataset, index)
+
+
+def collate_readable(items: list):
+    """A batch of the readable items; None when none of them was."""
+    items = [it for it in items if it is not None]
+    return default_collate(items) if items else None

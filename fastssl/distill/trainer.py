@@ -110,7 +110,10 @@ def lr_at(cfg: DistillConfig, epoch: int) -> float:
 def top1(model: Classifier, loader, device: torch.device) -> float:
     model.eval()
     right = total = 0
-    for x, y in loader:
+    for batch in loader:
+        if batch is None:  # no readable image in it
+            continue
+        x, y = batch
         logits, _ = model(x.to(device))
         right += (logits.argmax(1).cpu() == y).sum().item()
         total += y.numel()
@@ -148,7 +151,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     message that says how to continue)."""
     from torch.utils.data import DataLoader
 
-    from fastssl.distill.data import SeededItems, build_datasets
+    from fastssl.distill.data import ReadableItems, SeededItems, build_datasets, collate_readable
 
     refusal = one_process_refusal("the distillation trainer", "recipes/distill_mlcpc_cifar100.py")
     if refusal:  # N copies would race on one run directory
@@ -201,8 +204,8 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     epochs_log = CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step)
     workers = cfg.data.num_workers
     # its own generator: evaluating must not draw from the global RNG (a resumed run would diverge)
-    val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=workers,
-                            generator=torch.Generator().manual_seed(0))
+    val_loader = DataLoader(ReadableItems(val_set), batch_size=256, shuffle=False, num_workers=workers,
+                            generator=torch.Generator().manual_seed(0), collate_fn=collate_readable)
     model.train()
     stop = GracefulStop()
     saved_step = state.step if resume else None  # the step of the checkpoint on disk
