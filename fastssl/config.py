@@ -178,7 +178,7 @@ def _parse_value(text: str, typ: Any, name: str) -> Any:
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(text)
+            raise ValueError("write true or false; also yes/no, on/off, 1/0")
         if typ is int:
             return int(text)
         if typ is float:

@@ -27,6 +27,7 @@ def test_overrides_are_typed():
     (["--optim.lrr", "1"], "optim.lrr: unknown recipe field"),
     (["--nosuch.field", "1"], "unknown recipe field"),
     (["--train.epochs", "three"], "cannot read 'three' as int"),
+    (["--train.cpu", "maybe"], "cannot read 'maybe' as bool .write true or false; also yes/no, on/off, 1/0"),
     (["--aug.global_scale", "0.2"], "expected 2 comma-separated values"),
     (["--train.epochs"], "missing value"),
     (["positional"], "unexpected argument"),

@@ -69,6 +69,7 @@ def test_bad_subsets_are_named(tool, toy_run, tmp_path, capsys):
     run = str(toy_run)
     err = error_of(tool, [run, "--subset", str(tmp_path / "1percent.txt")], capsys)
     assert "subset file" in err and "does not exist" in err
+    assert "is a folder" in error_of(tool, [run, "--subset", str(tmp_path)], capsys)
     empty = write_subset(tmp_path / "empty.txt", ["", "# nothing here", "   "])
     assert "is empty" in error_of(tool, [run, "--subset", str(empty)], capsys)
     name = train_images(toy_run)[0].name

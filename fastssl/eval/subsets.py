@@ -25,7 +25,8 @@ def subset_samples(path: Path, samples: list[tuple[str, int]], root: str) -> lis
 def read_subset_lines(path: Path) -> list[str]:
     """The image names of a subset file, in order, without blanks, comments or repeats."""
     if not path.is_file():
-        raise EvalError(f"subset file {str(path)!r} does not exist; pass a text file with one image "
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise EvalError(f"subset file {str(path)!r} {what}; pass a text file with one image "
                         "per line (e.g. SimCLR's 1percent.txt)")
     names = []
     for raw in path.read_text().splitlines():
