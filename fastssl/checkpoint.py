@@ -254,6 +254,14 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
         f"backup, or start a new run with another --train.run_dir (or delete {path.name} to start this one afresh)")
 
 
+def _foreign(path: Path, lacks: str) -> CheckpointError:
+    """A readable torch file in the checkpoint's place that is not a fastssl training checkpoint."""
+    return CheckpointError(
+        f"{path} can be read but is not a training checkpoint of these recipes (it has no {lacks}: an exported "
+        f"backbone, another trainer's checkpoint?); point --train.run_dir at the run it belongs to, or move "
+        f"{path.name} out of {path.parent} to start this run afresh")
+
+
 def _load(path: Path, mmap: bool = False):
     """`path`'s object; `mmap`: tensors are mapped, not read, so only what is used is read from disk
     (where mapping fails, e.g. on a mount that cannot map files, it is read whole instead)."""
@@ -280,7 +288,7 @@ def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank:
                                 f"or point --train.run_dir at the run to continue")
     ckpt = _load(path)
     if not isinstance(ckpt, dict) or not {"student", "teacher", "optimizer", "state"} <= ckpt.keys():
-        raise _unreadable(path, KeyError("student/teacher/optimizer/state"))
+        raise _foreign(path, "student, teacher, optimizer and state")
     student.load_state_dict(ckpt["student"])
     teacher.load_state_dict(ckpt["teacher"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -328,7 +336,7 @@ def saved_config(run_dir: Path) -> dict | None:
         return None
     ckpt = _load(path, mmap=True)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-        raise _unreadable(path, KeyError("config"))
+        raise _foreign(path, "config")
     return ckpt["config"]
 
 

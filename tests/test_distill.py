@@ -292,6 +292,14 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     assert exc.value.code == 2 and ("these fields differ from the run in "
                                     f"{tmp_path / 'run'}: loss.alpha (0.05 in the run, 0.01 now); resume with the "
                                     "run's values") in capsys.readouterr().err
+    from fastssl.config import Config, to_dict as ssl_dict
+
+    path = tmp_path / "run" / "checkpoint.pt"  # as if a MIRA run's directory: one line, not a field-by-field list
+    torch.save({**torch.load(path, weights_only=False), "config": ssl_dict(Config())}, path)
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), args + ["--resume"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "holds a run of another recipe" in err and err.count("\n") == 1
 
 
 def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_path: Path, teacher: Path,

@@ -248,6 +248,10 @@ def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys
         assert "restore the file from a backup" in str(info.value) and "--train.run_dir" in str(info.value)
     code, _, err = exit_of(cfg, ["--resume"], capsys)
     assert code == 2 and err.startswith(f"error: {path} is corrupt or truncated") and "Traceback" not in err
+    torch.save({"conv1.weight": torch.zeros(1)}, path)  # a readable file of another kind: not "corrupt"
+    for resume in (True, False):
+        with pytest.raises(ckpt.CheckpointError, match="can be read but is not a training checkpoint"):
+            engine.train(cfg, resume=resume)
 
 
 @pytest.mark.parametrize("name, holds", [("results.json", "the run's evaluation history"),

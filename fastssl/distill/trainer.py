@@ -133,6 +133,10 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
                           f"--train.run_dir (nothing was overwritten)")
     if resume:
         new = to_dict(cfg)
+        if set(saved) != set(new):  # a self-supervised recipe's run (model/method/aug sections), not a distillation
+            raise ConfigError(f"--resume: {run_dir} holds a run of another recipe (its config has the sections "
+                              f"{', '.join(sorted(saved))}); continue it with the recipe that started it, or give "
+                              f"this one another --train.run_dir")
         changed = sorted(f"{s}.{k}" for s in new for k in new[s]
                          if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES)
         if changed:
