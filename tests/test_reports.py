@@ -373,7 +373,7 @@ def test_profile_converts_its_beton_into_the_scratch_folder(tmp_path, monkeypatc
 
     def fake_loader(spec):
         paths.append(Path(spec.path))
-        return object()
+        return range(1000)  # a loader stand-in: only its length (batches per epoch) is read
 
     monkeypatch.setattr(pipelines, "build_train_loader", fake_loader)
     monkeypatch.setattr(bench, "time_epoch", lambda *a: 1.0)
