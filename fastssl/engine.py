@@ -133,6 +133,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                 try:
                     scores = knn(teacher.backbone)
                 except DataLayoutError as err:  # unreadable val images: keep the epoch's training, then say so
+                    log.epoch(epoch_row)
                     save(cfg, run_dir, parts, state, guard, loader)
                     raise DataLayoutError(f"{err}; {after_knn_failure(command, run_dir, state.epoch)}") from None
                 results["knn"].append({"epoch": state.epoch, **scores})

@@ -159,6 +159,7 @@ def test_a_knn_whose_val_images_are_all_unreadable_keeps_the_epoch_and_exits_2(t
     assert_clean_error(out, "the k-NN's queries (val) has no readable image")
     assert "epoch 1 is saved" in out.stderr and "--resume" in out.stderr
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "run" / "epochs.csv").read_text().count("\n") == 2  # the header and the epoch's row
 
 
 def test_recipe_with_a_queue_longer_than_the_data_exits_2_before_any_output(tmp_path):
