@@ -6,8 +6,9 @@ of the same image) and m - 1 = Q negatives (the queue: keys of earlier steps, ga
 from every rank), and the whole n x (1 + Q) matrix enters ONE ML-CPC denominator
 (`fastssl.losses.ml_cpc_bound`). n is this process's rows, as in the authors' MoCo code (each
 GPU flattens its own queries' N x (1 + Q) logits): the bound, and alpha_min(n, m), are those
-of the per-process batch, so on 8 processes a batch of 256 scores 8 bounds of 32 rows each. The training loss is minus the bound divided by alpha,
-as the authors do, so that the gradient scale does not grow as alpha shrinks.
+of the per-process batch, so on 8 processes a batch of 256 scores 8 bounds of 32 rows each.
+The training loss is minus the bound divided by alpha, as the authors do, so that the
+gradient scale does not grow as alpha shrinks.
 
 Direction (`critic.direction`): "one_way" is the authors' MoCo-v2 setting (queries from
 the student on view 0, keys from the EMA teacher on view 1, B keys enqueued per step);

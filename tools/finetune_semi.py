@@ -19,9 +19,10 @@ published recipe (eval_semisup.py and its README; MIRA builds on SwAV's code bas
 20 epochs, batch 256, SGD momentum 0.9, weight decay 0, lr 0.02 for the backbone and 5 for
 the head with 1% of labels (0.01 and 0.2 with 10%), both multiplied by 0.2 at epochs 12
 and 16; a new linear head with PyTorch's own nn.Linear initialisation (SwAV's: the
-pretrained weights do not cover its head); random-resized crop (0.08-1) + flip for training; BatchNorm in training mode while
-fine-tuning; val: resize size / 0.875 + centre crop `size` (256 / 224 on ImageNet; the run's
-eval.crop_fraction or --crop-fraction replaces 0.875).
+pretrained weights do not cover its head); random-resized crop (0.08-1) + flip for
+training; BatchNorm in training mode while fine-tuning; val: resize size / 0.875 + centre
+crop `size` (256 / 224 on ImageNet; the run's eval.crop_fraction or --crop-fraction
+replaces 0.875).
 Departures: the lrs are given for batch 256 and scaled linearly with --batch-size (the
 paper's footnote 5: "we also use a linearly scaled learning rate for evaluation
 training"), so a small set can use a small batch; SwAV reports the best val accuracy over

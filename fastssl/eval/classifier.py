@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from fastssl.eval.backbone_io import load_backbone
-from fastssl.eval.errors import EvalError, int_at_least
+from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
 from fastssl.relaunch import one_process_refusal
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg
 from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
-                               crop_fraction_errors, eval_resize)
+                               eval_resize)
 from fastssl.models.backbone import FEATURE_DIMS
 from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
@@ -176,7 +176,8 @@ def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device
 
 
 def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], transform, batch_size: int,
-                    num_workers: int, device: torch.device, bar=None, precision: str = "bf16") -> tuple[torch.Tensor, ...]:
+                    num_workers: int, device: torch.device, bar=None,
+                    precision: str = "bf16") -> tuple[torch.Tensor, ...]:
     """`extract` over a list of (path, label) in order, `batch_size` images per forward."""
     dataset = LabelledImages(samples, transform)
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
@@ -235,17 +236,6 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
-def crop_fraction_arg(text: str) -> float:
-    """argparse `type` of --crop-fraction: a share in (0, 1], else a usage error naming the range."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if crop_fraction_errors("--crop-fraction", value):
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (0.875: 224 of 256; 1.0: the whole image), got {text}")
-    return value
-
-
 def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
     """--train/--val/--arch/--image-size/--interpolation/--crop-fraction, as `resolve_target` reads them: the
     evaluation tools accept the same overrides of what the run's config says."""
@@ -256,7 +246,7 @@ def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
                     help="crop size (default: the run's eval size or global crop, else 224)")
     ap.add_argument("--interpolation", choices=INTERPOLATIONS,
                     help=f"evaluation resize filter (default: the run's eval.interpolation, else {EVAL_INTERPOLATION})")
-    ap.add_argument("--crop-fraction", type=crop_fraction_arg,
+    ap.add_argument("--crop-fraction", type=number_in(0, 1, low_open=True),
                     help="centre crop / resized shorter side (default: the run's eval.crop_fraction, else "
                     f"{EVAL_CROP_FRACTION}: 224 of 256); 1.0 keeps the whole image (CIFAR's 32 px)")
 
