@@ -346,17 +346,18 @@ def read_results(run_dir: Path) -> dict:
     return read_json_record(path, "the run's evaluation history") if path.exists() else {}
 
 
-def read_json_record(path: Path, holds: str) -> dict:
-    """A run's JSON record that a resume extends (results.json, run_info.json). A damaged file is a
-    CheckpointError naming it and what it `holds`, rather than a record silently started over."""
+def read_json_record(path: Path, holds: str, without: str = "resume without it") -> dict:
+    """A run's JSON record (results.json, run_info.json, an evaluation's report). A damaged file is a
+    CheckpointError naming it and what it `holds`, rather than a record silently started over;
+    `without` ends the fix ("delete it to ...")."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} cannot be read ({err}); it holds {holds}: restore it, "
-                              f"or delete it to resume without it") from None
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it holds {holds}: restore it, "
+                              f"or delete it to {without}") from None
     if not isinstance(record, dict):
         raise CheckpointError(f"{path} holds no JSON object; it should hold {holds}: restore it, or delete it to "
-                              f"resume without it")
+                              f"{without}")
     return record
 
 

@@ -303,7 +303,8 @@ def test_run_report_names_a_damaged_file_and_a_folder_it_cannot_write(tmp_path, 
     (run / "results.json").write_text('{"knn": [')  # cut short
     assert tool.main([str(run)]) == 2
     err = capsys.readouterr().err
-    assert "results.json' cannot be read (JSONDecodeError" in err and err.count("\n") == 1
+    assert "results.json cannot be read (JSONDecodeError" in err and "report without it" in err
+    assert err.count("\n") == 1
 
 
 def test_run_report_rejects_missing_and_foreign_directories(tmp_path, capsys):

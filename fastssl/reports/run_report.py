@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+from fastssl.checkpoint import CheckpointError, read_json_record
 from fastssl.config import ConfigError, from_dict
 
 from . import charts
@@ -78,14 +79,9 @@ def read_json(path: Path) -> dict:
     """A JSON file of the run directory, or a ReportError that names it (a run writes its files atomically,
     so a damaged one was damaged after the run wrote it)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{str(path)!r} cannot be read ({type(err).__name__}: {err}); restore it from a copy, "
-                          f"or move it out of the run directory to report without it") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{str(path)!r} holds no JSON object; restore it from a copy, or move it out of the run "
-                          f"directory to report without it")
-    return data
+        return read_json_record(path, "figures of the run", without="report without it")
+    except CheckpointError as err:
+        raise ReportError(str(err)) from None
 
 
 def _headline(data: dict) -> tuple[float | None, float | None]:
