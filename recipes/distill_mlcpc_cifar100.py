@@ -20,7 +20,7 @@ CRD's objective alone (-a 0); set --loss.kd_weight 0 for that variant.
 """
 
 from fastssl.distill.config import DistillConfig
-from fastssl.distill.trainer import run
+from fastssl.distill.command import run
 
 
 def config() -> DistillConfig:

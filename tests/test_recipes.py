@@ -58,13 +58,14 @@ def test_help_lists_every_field():
     assert "ImageNet-layout folder" in out.stdout  # each field's help, beside the recipe's value
 
 
+@pytest.mark.parametrize("recipe", ["mira_bs512", "distill_mlcpc_cifar100"])
 @pytest.mark.parametrize("args", [["--help"], ["--optim.lrr", "1"]])
-def test_help_and_a_misspelt_field_answer_without_importing_torch(args):
+def test_help_and_a_misspelt_field_answer_without_importing_torch(recipe, args):
     """A user's first commands answer at once (about 0.1 s, not the 3 s of importing torch and the models)."""
     probe = ("import runpy, sys\n"
-             f"sys.argv = ['mira_bs512.py', *{args!r}]\n"
+             f"sys.argv = ['{recipe}.py', *{args!r}]\n"
              "try:\n"
-             f"    runpy.run_path({str(REPO / 'recipes' / 'mira_bs512.py')!r}, run_name='__main__')\n"
+             f"    runpy.run_path({str(REPO / 'recipes' / f'{recipe}.py')!r}, run_name='__main__')\n"
              "except SystemExit as exit:\n"
              "    print('exit', exit.code, 'torch' in sys.modules, file=sys.stderr)\n")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass, field
 
 from fastssl.config import ConfigError, positive_number
-from fastssl.distill.losses import BOUNDS
-from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS
 
 SOURCES = ("cifar100", "cifar10", "folder")
 
@@ -105,6 +103,9 @@ def decay_epochs(text: str) -> list[int]:
 
 def config_errors(cfg: DistillConfig) -> list[str]:
     """Every invalid value as `section.field: problem; fix`. Pure: touches no files."""
+    from fastssl.distill.losses import BOUNDS  # registries beside torch code: imported here, not for `--help`
+    from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS
+
     e: list[str] = []
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
     if d.source not in SOURCES:

@@ -19,7 +19,6 @@ Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-clas
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,6 @@ from fastssl.recovery import after_write_failure
 from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
-from pipelines.folder import DataLayoutError
 from pipelines.sampler import shard_batches
 
 CLASSIFIER_FORMAT = "fastssl-classifier/1"
@@ -299,19 +297,3 @@ def run_epoch(cfg: DistillConfig, epoch: int, train_items: Dataset, model: Disti
             return False
     state.epoch = epoch + 1
     return True
-
-
-def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """Command line of the distillation recipes (`fastssl.cli`'s flags: --resume [auto], --print-config,
-    --help, --section.field VALUE); bad input exits 2 with one `error:` line."""
-    import json
-
-    from fastssl.cli import command_line
-
-    results = command_line(cfg, argv, prog, check=validate,
-                           dump=lambda c: json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True),
-                           start=lambda c, resume, command: train(c, resume=resume, command=command),
-                           user_errors=lambda: (DataLayoutError, FileNotFoundError, ckpt.CheckpointError))
-    top1 = results.get("final_top1")
-    print(f"done: top-1 {'n/a' if top1 is None else f'{top1:.2f}%'} ({cfg.train.run_dir}/results.json)")
-    return results
