@@ -97,14 +97,19 @@ class RunLog:
 
 
 def write_json(path: Path, data: dict, sort_keys: bool = True) -> None:
-    """Write JSON atomically: a reader (a run report, --compare) never sees a half-written file,
+    """Write JSON atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically: a reader (a run report, --compare) never sees a half-written file,
     and a failed write (a full disk) keeps the old file and leaves no temporary one. The folder is
     made when missing (a tool's `--json out/run.json`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+        tmp.write_text(text)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

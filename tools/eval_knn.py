@@ -11,9 +11,9 @@ cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 2
 eval.interpolation (bilinear by default, as the MIRA authors' ImageNet val transform;
 DINO's own k-NN script resizes bicubic: `--interpolation bicubic`) and centre crop `size`;
 the run's eval.crop_fraction (or `--crop-fraction`) replaces 0.875: 1.0 takes CIFAR's
-32-px images whole (the loop's own k-NN uses the same transform, so on the same checkpoint this tool gives
-the same k = 20 figure; `--loader dali` reads them through DALI with the same geometry,
-within a fraction of a grey level).
+32-px images whole. The loop's own k-NN uses the same transform, so on the same checkpoint
+this tool gives the same k = 20 figure; `--loader dali` reads them through DALI with the
+same geometry, within a fraction of a grey level.
 
 `--subset 1percent.txt` keeps in the memory bank only the train images a subset file names:
 the paper's 1 % / 10 % k-NN (Table 3) uses the semi-supervised benchmark's subsets, the

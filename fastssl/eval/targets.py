@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from fastssl.eval.errors import EvalError, check_output_file
-from fastssl.run_log import write_json
+from fastssl.run_log import write_json, write_text_atomic
 from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION
 
 __all__ = ["TARGETS", "DISTILL_RECIPE", "resolve_target", "require_data", "read_run_config", "distillation_run",
@@ -80,12 +80,7 @@ def write_report(path: Path, report: dict, text: str | None = None) -> None:
     try:
         write_json(path, report, sort_keys=False)
         if text is not None:
-            tmp = md_path.with_name(md_path.name + ".tmp")
-            try:
-                tmp.write_text(text)
-                tmp.replace(md_path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_text_atomic(md_path, text)
     except OSError as err:
         raise EvalError(f"the figures above could not be written to {str(path)!r} ({err.strerror or err}); free "
                         f"space there, or pass --json with another place, and run again") from None
