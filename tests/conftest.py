@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,33 @@ requires_ffcv = pytest.mark.skipif(not _importable("ffcv"), reason="FFCV is not 
 # Backends that read a JPEG folder; each test parametrised over them runs once per backend.
 FILE_BACKENDS = ["torchvision", pytest.param("dali", marks=requires_dali), pytest.param("ffcv", marks=requires_ffcv)]
 REPO = Path(__file__).resolve().parents[1]
+
+
+# The suite's peak use of the temporary folder, measured with pyproject's tmp_path retention
+# ("failed"): 1.7 GB (the gpu_check dry run's 0.7 GB beside the module-scoped run directories).
+SUITE_PEAK_GIB = 2.0
+
+
+def temporary_space() -> tuple[str, bool]:
+    """A line on the temporary folder's free space, and whether that is enough for the suite."""
+    tmp = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(tmp).free / 2**30
+    enough = free >= SUITE_PEAK_GIB
+    verdict = "" if enough else "; NOT ENOUGH: free space there or point TMPDIR at a larger disk"
+    return f"temporary files: {tmp}, {free:,.1f} GiB free (the suite needs about {SUITE_PEAK_GIB} GiB){verdict}", enough
+
+
+def pytest_report_header(config) -> str:
+    return temporary_space()[0]
+
+
+def pytest_sessionstart(session) -> None:
+    """Say so first thing, even under -q, when the disk is short: a disk that fills mid-suite fails tests far
+    from the cause (a checkpoint refused as "disk full" in an unrelated test)."""
+    line, enough = temporary_space()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not enough and reporter is not None:
+        reporter.write_line(line, yellow=True, bold=True)
 
 
 def load_tool(name: str):
