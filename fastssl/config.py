@@ -23,8 +23,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, MultiCropRecipe, crop_fraction_errors,
-                               interpolation_errors)
+from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, EvalView, MultiCropRecipe,
+                               crop_fraction_errors, interpolation_errors)
 from pipelines.spec import DataConfig, eval_backend_errors
 
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
@@ -129,7 +129,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Online k-NN on the val split (DINO protocol), with teacher features."""
+    """Online k-NN on the val split (DINO protocol), with teacher features; its images are normalised with
+    the training crops' aug.mean / aug.std (`eval_view`)."""
 
     knn_every: int = 10  # epochs between online k-NN evaluations; 0 = only after the last epoch; -1 = never
     knn_at_start: bool = False  # also run the k-NN on the randomly initialised network (a baseline)
@@ -158,6 +159,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def eval_view(cfg: Config) -> EvalView:
+    """How the run's evaluations see an image: the eval section's geometry, the training normalisation."""
+    return EvalView(cfg.eval.image_size or cfg.aug.global_size, cfg.eval.interpolation, cfg.eval.crop_fraction,
+                    tuple(cfg.aug.mean), tuple(cfg.aug.std))
 
 
 # --------------------------------------------------------------------------- overrides

@@ -24,7 +24,7 @@ import pipelines
 from pipelines.cores import default_num_workers
 from pipelines.folder import DataLayoutError, remembered_scans
 from fastssl import checkpoint as ckpt
-from fastssl.config import Config, ConfigError, to_dict, validate
+from fastssl.config import Config, ConfigError, eval_view, to_dict, validate
 from fastssl.eval.online import OnlineKnn
 from fastssl.method import StepParts, train_step
 from fastssl.models import MiraNetwork, make_teacher, unwrap
@@ -322,10 +322,9 @@ def build_loader(cfg: Config, accelerator, workers: int):
 def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
     if not cfg.data.val or cfg.eval.knn_every < 0 or cfg.data.backend == "synthetic":
         return None
-    return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, cfg.eval.image_size or cfg.aug.global_size,
-                     cfg.eval.batch_size, accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                     cfg.eval.loader, progress=cfg.train.progress, data=cfg.data, interpolation=cfg.eval.interpolation,
-                     crop_fraction=cfg.eval.crop_fraction)
+    return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, eval_view(cfg), cfg.eval.batch_size,
+                     accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.eval.loader,
+                     progress=cfg.train.progress, data=cfg.data)
 
 
 def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> tuple[Path, dict]:

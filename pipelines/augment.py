@@ -41,6 +41,29 @@ def eval_resize(size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
     return round(size / crop_fraction)
 
 
+@dataclass(frozen=True)
+class EvalView:
+    """How every evaluation (the loop's k-NN, the eval loaders, the eval tools) sees an image: the shorter side
+    resized to `size / crop_fraction` with `interpolation`, the centre `size` x `size` crop, normalised with
+    the run's training mean and std (`MultiCropRecipe.mean` / `.std`): both authors' code normalises train and
+    test images alike, ImageNet's statistics on ImageNet and CIFAR's on CIFAR."""
+
+    size: int
+    interpolation: str = EVAL_INTERPOLATION
+    crop_fraction: float = EVAL_CROP_FRACTION
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def resize(self) -> int:
+        return eval_resize(self.size, self.crop_fraction)
+
+    def describe(self) -> str:
+        """The transform in words, for reports."""
+        return (f"resize {self.resize} ({self.interpolation}) + centre crop {self.size}, "
+                f"normalised with mean {list(self.mean)} and std {list(self.std)}")
+
+
 def crop_fraction_errors(field: str, value: float) -> list[str]:
     """`field: ...` when `value` is not a share in (0, 1] (`EVAL_CROP_FRACTION`)."""
     if isinstance(value, (int, float)) and 0 < value <= 1:

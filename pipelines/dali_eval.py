@@ -8,7 +8,7 @@ libjpeg-turbo and resamples on its own threads.
 
 Same transform as `pipelines.eval.eval_transform`: shorter side to round(size / crop_fraction)
 with an antialiased linear (or, with `interpolation="bicubic"`, cubic) filter (torchvision's
-resize of a PIL image also antialiases), centre crop `size`, ImageNet normalisation, with torchvision's output
+resize of a PIL image also antialiases), centre crop `size`, the view's mean/std, with torchvision's output
 sizes and crop offsets to the pixel. The two resamplers differ in detail, so
 pixels agree closely but not exactly (tests/test_eval_loaders.py measures it).
 
@@ -29,7 +29,7 @@ import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, eval_resize
+from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
 from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.images import ReadAhead, free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
@@ -102,7 +102,7 @@ def _half_even(d):
     return k + (d - 2 * k) * (k - 2 * (k // 2))
 
 
-def _torchvision_geometry(images, size: int, crop_fraction: float):
+def _torchvision_geometry(images, view: EvalView):
     """Per-sample resized (height, width) and normalised crop positions that equal torchvision's.
 
     Why not `resize_shorter` + crop_pos 0.5: DALI rounds the long side (torchvision
@@ -112,7 +112,7 @@ def _torchvision_geometry(images, size: int, crop_fraction: float):
     exactly; DALI's crop anchor is round(pos * (extent - crop)), so pos = offset / (extent - crop)
     lands on the offset.
     """
-    short = eval_resize(size, crop_fraction)
+    short, size = view.resize, view.size
     shape = images.shape()
     h, w = shape[0], shape[1]
     tall = fn.cast(h > w, dtype=types.INT64)
@@ -128,8 +128,7 @@ def _torchvision_geometry(images, size: int, crop_fraction: float):
 
 
 @pipeline_def
-def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decoder_load: float, layout: str,
-                  interpolation: str = EVAL_INTERPOLATION, crop_fraction: float = EVAL_CROP_FRACTION):
+def eval_pipeline(source: _EvalSource, view: EvalView, decoder_device: str, hw_decoder_load: float, layout: str):
     """Encoded bytes -> decode -> shorter side round(size / crop_fraction), antialiased -> centre crop -> normalise."""
     jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
@@ -140,12 +139,12 @@ def eval_pipeline(source: _EvalSource, size: int, decoder_device: str, hw_decode
     # jpeg_fancy_upsampling: nvJPEG upsamples chroma as libjpeg-turbo (PIL) does, not its own way.
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True, **decode_args)
-    new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, size, crop_fraction)
-    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=dali_interp(interpolation),
+    new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, view)
+    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=dali_interp(view.interpolation),
                        antialias=True)
-    images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
+    images = fn.crop_mirror_normalize(images, crop=(view.size, view.size), crop_pos_x=pos_x, crop_pos_y=pos_y,
                                       dtype=types.FLOAT, output_layout=layout,
-                                      mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+                                      mean=[255 * m for m in view.mean], std=[255 * s for s in view.std])
     return images, label, index
 
 
@@ -158,14 +157,12 @@ class DaliEvalLoader:
     defaults when not given.
     """
 
-    def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, root: str, view: EvalView, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None,
-                 crop_fraction: float = EVAL_CROP_FRACTION):
+                 data: DataConfig | None = None, listing: Listing | None = None):
         self.samples, self.classes = listing if listing is not None else scan_image_folder(root)
-        self.interpolation, self.crop_fraction = interpolation, crop_fraction
         self.indices = rank_share(len(self.samples), rank, world_size)
-        self.size, self.batch_size = size, batch_size
+        self.view, self.batch_size = view, batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.channels_last, self.data = channels_last, data if data is not None else DataConfig()
         self.decoder_device, self.device_id, self.num_threads = placement(self.device, num_workers)
@@ -175,8 +172,7 @@ class DaliEvalLoader:
         """A fresh pipeline over `source` (built per pass: cheap next to decoding a split)."""
         # HWC memory read as NCHW is channels_last without a copy; CHW when contiguous NCHW is wanted.
         layout = "HWC" if self.channels_last else "CHW"
-        pipe = eval_pipeline(source, self.size, self.decoder_device, self.data.dali_hw_decoder_load, layout,
-                             interpolation=self.interpolation, crop_fraction=self.crop_fraction,
+        pipe = eval_pipeline(source, self.view, self.decoder_device, self.data.dali_hw_decoder_load, layout,
                              batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                              prefetch_queue_depth=2)
         return DALIGenericIterator(pipe, list(OUTPUT_NAMES), last_batch_policy=LastBatchPolicy.PARTIAL, size=-1)

@@ -1,10 +1,10 @@
 """Evaluation loader: resize + centre crop of a labelled folder, sharded across ranks.
 
-The MIRA authors' evaluation transform scaled to the crop size: resize the shorter side
-to size / crop_fraction (0.875 by default: 256 for 224; 1.0 for CIFAR's 32 px, kept whole as
-their CIFAR code does), bilinear by default, as their code (`interpolation` "bicubic" for
-comparison), centre-crop `size`, normalise. `EvalLoader` does it with
-PIL in DataLoader workers; `pipelines.dali_eval.DaliEvalLoader` with DALI (same
+The MIRA authors' evaluation transform scaled to the crop size (`pipelines.augment.EvalView`):
+resize the shorter side to size / crop_fraction (0.875 by default: 256 for 224; 1.0 for CIFAR's
+32 px, kept whole as their CIFAR code does), bilinear by default, as their code ("bicubic" for
+comparison), centre-crop `size`, normalise with the run's training mean and std. `EvalLoader`
+does it with PIL in DataLoader workers; `pipelines.dali_eval.DaliEvalLoader` with DALI (same
 arguments, same batches). `build_eval_loader` picks one by name, importing DALI only
 when it is chosen (the names: `pipelines.spec.EVAL_BACKENDS`).
 """
@@ -18,20 +18,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, eval_resize
+from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
 from pipelines.sampler import rank_share
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
 
 
-def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = EVAL_INTERPOLATION,
-                   crop_fraction: float = EVAL_CROP_FRACTION) -> T.Compose:
+def eval_transform(view: EvalView) -> T.Compose:
     return T.Compose([
-        T.Resize(eval_resize(size, crop_fraction), interpolation=T.InterpolationMode(interpolation)),
-        T.CenterCrop(size),
+        T.Resize(view.resize, interpolation=T.InterpolationMode(view.interpolation)),
+        T.CenterCrop(view.size),
         T.ToTensor(),
-        T.Normalize(mean, std),
+        T.Normalize(view.mean, view.std),
     ])
 
 
@@ -57,10 +56,9 @@ class LabelledImages(Dataset):
 class EvalFolder(LabelledImages):
     """(image, label, index) of an ImageNet-layout folder with the evaluation transform."""
 
-    def __init__(self, root: str, size: int, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None,
-                 crop_fraction: float = EVAL_CROP_FRACTION):
+    def __init__(self, root: str, view: EvalView, listing: Listing | None = None):
         samples, self.classes = listing if listing is not None else scan_image_folder(root)
-        super().__init__(samples, eval_transform(size, interpolation=interpolation, crop_fraction=crop_fraction))
+        super().__init__(samples, eval_transform(view))
 
 
 def collate(items):
@@ -78,11 +76,10 @@ class EvalLoader:
     `data` (the run's data configuration) is accepted for the eval loaders' common
     signature; PIL has none of the options it holds."""
 
-    def __init__(self, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, root: str, view: EvalView, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                 data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION, listing: Listing | None = None,
-                 crop_fraction: float = EVAL_CROP_FRACTION):
-        self.dataset = EvalFolder(root, size, interpolation, listing, crop_fraction)
+                 data: DataConfig | None = None, listing: Listing | None = None):
+        self.dataset = EvalFolder(root, view, listing)
         self.classes = self.dataset.classes
         self.indices = rank_share(len(self.dataset), rank, world_size)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -114,19 +111,16 @@ def eval_loader_class(backend: str) -> type:
                             error=EvalBackendError)
 
 
-def build_eval_loader(backend: str, root: str, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+def build_eval_loader(backend: str, root: str, view: EvalView, batch_size: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                      data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION,
-                      listing: Listing | None = None, crop_fraction: float = EVAL_CROP_FRACTION):
-    """This rank's evaluation loader of `root` through `backend` (a name of `pipelines.spec.EVAL_BACKENDS`).
+                      data: DataConfig | None = None, listing: Listing | None = None):
+    """This rank's evaluation loader of `root` through `backend` (a name of `pipelines.spec.EVAL_BACKENDS`),
+    each image seen as `view` says.
 
     `data`: the run's data configuration, whose DALI options the DALI eval loader uses as
-    the training loader does (its defaults when not given). `interpolation`: the resize's
-    filter, a name of `pipelines.augment.INTERPOLATIONS`; `crop_fraction`: the centre crop's share of
-    the resized shorter side (`pipelines.augment.EVAL_CROP_FRACTION`). `listing`: `root`'s (samples,
+    the training loader does (its defaults when not given). `listing`: `root`'s (samples,
     classes) when the caller has scanned it already, e.g. to keep a labelled subset of it
     (`tools/eval_knn.py --subset`); else `root` is scanned here."""
-    return eval_loader_class(backend)(root, size, batch_size, rank=rank, world_size=world_size,
+    return eval_loader_class(backend)(root, view, batch_size, rank=rank, world_size=world_size,
                                       num_workers=num_workers, device=device, channels_last=channels_last,
-                                      data=data, interpolation=interpolation, listing=listing,
-                                      crop_fraction=crop_fraction)
+                                      data=data, listing=listing)

@@ -17,7 +17,9 @@ docstring for the sources), with what the authors' CIFAR runs change:
   an image are scored as its own negatives; we refuse a queue that is not smaller than the
   dataset and use 16,384 here (a known difference).
 - 8 shuffle-BN groups on one process (MoCo's single-GPU CIFAR demo's SplitBatchNorm(8)).
-- No Gaussian blur at 32 px (our assumption, as MoCo's CIFAR demos); ImageNet mean/std.
+- No Gaussian blur at 32 px (our assumption, as MoCo's CIFAR demos).
+- CIFAR-10's mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010), the authors'
+  (`representation-learning/main_moco_cifar.py`), for training and, as every run, evaluation.
 - lr 0.03 x batch/256, wd 1e-4, batch 256, 200 epochs: MoCo-v2's values (Table 3 of the paper
   reports 200, 500 and 1000 epochs); not checked against the authors' CIFAR script.
 - Crops: resized bilinearly, as the authors (from `recipes/mlcpc_moco.py`).
@@ -47,6 +49,7 @@ def config() -> Config:
     cfg.model.proj_hidden_dim, cfg.model.proj_dim = 512, 128
     cfg.aug.global_size = 32
     cfg.aug.blur_p = (0.0, 0.0, 0.0)
+    cfg.aug.mean, cfg.aug.std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
     cfg.critic.queue_size = 16384
     cfg.eval.crop_fraction = 1.0
     cfg.train.run_dir = "runs/mlcpc_moco_cifar"

@@ -65,6 +65,16 @@ def load_tool(name: str):
     return module
 
 
+def load_recipe(name: str):
+    """The Config that recipes/<name>.py builds (recipes are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.config()
+
+
 def data_path(backend: str, folder: Path, write_mode: str = "raw") -> str:
     """What `backend` reads for this image folder: the folder, or a `.beton` converted from it
     (raw pixels by default, so that probe images reach the crops unchanged)."""

@@ -22,6 +22,7 @@ from test_pipelines import spec_for
 from fastssl.eval.errors import EvalError
 from fastssl.eval.classifier import scan_splits
 from pipelines import build_train_loader
+from pipelines.augment import EvalView
 from pipelines.eval import build_eval_loader
 from pipelines.folder import DataLayoutError, scan_image_folder, scan_source
 
@@ -95,7 +96,7 @@ def test_single_label_file_list_warns(tmp_path):
 def test_single_class_evaluation_data_is_refused(tmp_path, backend):
     make_image_folder(tmp_path / "val", 1, 4)
     with pytest.raises(DataLayoutError, match="at least 2 class folders"):
-        build_eval_loader(backend, str(tmp_path / "val"), 16, 4)
+        build_eval_loader(backend, str(tmp_path / "val"), EvalView(16), 4)
 
 
 def test_single_class_linear_eval_data_is_refused(tmp_path):

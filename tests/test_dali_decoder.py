@@ -16,7 +16,7 @@ from nvidia.dali import fn, types  # noqa: E402
 
 from pipelines import dali as dali_train  # noqa: E402
 from pipelines import dali_eval  # noqa: E402
-from pipelines.augment import MultiCropRecipe  # noqa: E402
+from pipelines.augment import EvalView, MultiCropRecipe  # noqa: E402
 from pipelines.dali_decoder import NVJPEG_MEMORY, decoder_args  # noqa: E402
 
 DALI_IMAGENET_EXAMPLE = {"device_memory_padding": 211025920, "host_memory_padding": 140544512,
@@ -67,7 +67,7 @@ def make_training_pipeline(device: str, threads: int = 1):
 
 
 def make_eval_pipeline(device: str, threads: int = 1):
-    return dali_eval.eval_pipeline(iter([]), 32, device, 0.65, "CHW", batch_size=2, num_threads=threads,
+    return dali_eval.eval_pipeline(iter([]), EvalView(32), device, 0.65, "CHW", batch_size=2, num_threads=threads,
                                    device_id=None)
 
 

@@ -14,6 +14,7 @@ from conftest import REPO, load_tool
 from dist_utils import requires_gloo, run_distributed
 from test_engine import tiny_config
 from fastssl.engine import train
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 
 TOOL = str(REPO / "tools" / "eval_knn.py")
 
@@ -114,50 +115,56 @@ def test_start_directory_of_runs_that_predate_its_record(tmp_path):
     assert from_run("data/val", None) == "data/val"
 
 
-def resize_filter(loader) -> str:
-    """The interpolation of an `EvalLoader`'s resize (its transform's first step)."""
-    return loader.dataset.transform.transforms[0].interpolation.value
+def eval_steps(loader):
+    """The steps of an `EvalLoader`'s transform: resize, centre crop, to-tensor, normalise."""
+    return loader.dataset.transform.transforms
 
 
-def resized_side(loader) -> int:
-    """The shorter side an `EvalLoader`'s resize makes (before its centre crop)."""
-    return loader.dataset.transform.transforms[0].size
-
-
-def test_the_resize_filter_and_crop_are_the_runs_unless_overridden(trained_run, tmp_path):
-    """eval.interpolation and eval.crop_fraction reach the loop's k-NN and are the tool's defaults; flags win."""
+def test_the_eval_view_is_the_runs_unless_overridden(trained_run, tmp_path):
+    """eval.interpolation, eval.crop_fraction and the training normalisation (aug.mean / aug.std) reach the loop's
+    k-NN and are the tools' defaults; flags win; a bare backbone file gets ImageNet's."""
     from accelerate import Accelerator
 
     from fastssl.engine import build_knn
     from fastssl.eval.targets import resolve_target
 
+    cifar_mean, cifar_std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
     run, _ = trained_run
     cfg = tiny_config(tmp_path, epochs=1)
     cfg.eval.interpolation, cfg.eval.crop_fraction = "bicubic", 1.0
+    cfg.aug.mean, cfg.aug.std = cifar_mean, cifar_std
     knn = build_knn(cfg, Accelerator(cpu=True), workers=0)
-    assert resize_filter(knn.bank) == resize_filter(knn.queries) == "bicubic"
-    assert resized_side(knn.bank) == resized_side(knn.queries) == cfg.aug.global_size  # not round(16 / 0.875) = 18
+    for loader in (knn.bank, knn.queries):
+        resize, _, _, normalize = eval_steps(loader)
+        assert resize.interpolation.value == "bicubic"
+        assert resize.size == cfg.aug.global_size  # not round(16 / 0.875) = 18
+        assert (tuple(normalize.mean), tuple(normalize.std)) == (cifar_mean, cifar_std)
 
     saved = json.loads((run / "config.json").read_text())
     copy = tmp_path / "bicubic_run"
     copy.mkdir()
     (copy / "backbone_resnet18.pth").write_bytes((run / "backbone_resnet18.pth").read_bytes())
-    (copy / "config.json").write_text(json.dumps({**saved, "eval": {**saved["eval"], "interpolation": "bicubic",
-                                                                     "crop_fraction": 1.0}}))
-    assert resolve_target(copy, tool="t")["interpolation"] == "bicubic"
-    assert resolve_target(copy, tool="t")["crop_fraction"] == 1.0
-    assert resolve_target(copy, tool="t", interpolation="bilinear")["interpolation"] == "bilinear"
-    assert resolve_target(copy, tool="t", crop_fraction=0.5)["crop_fraction"] == 0.5
+    (copy / "config.json").write_text(json.dumps({
+        **saved, "eval": {**saved["eval"], "interpolation": "bicubic", "crop_fraction": 1.0},
+        "aug": {**saved["aug"], "mean": list(cifar_mean), "std": list(cifar_std)}}))
+    view = resolve_target(copy, tool="t")["view"]
+    assert (view.interpolation, view.crop_fraction, view.mean, view.std) == ("bicubic", 1.0, cifar_mean, cifar_std)
+    flags = resolve_target(copy, tool="t", interpolation="bilinear", crop_fraction=0.5, mean=(0.5, 0.5, 0.5),
+                           std=(0.25, 0.25, 0.25))["view"]
+    assert (flags.interpolation, flags.crop_fraction, flags.mean, flags.std) == ("bilinear", 0.5, (0.5,) * 3, (0.25,) * 3)
     legacy = {k: v for k, v in saved["eval"].items() if k not in ("interpolation", "crop_fraction")}  # older runs
     (copy / "config.json").write_text(json.dumps({**saved, "eval": legacy}))
-    assert resolve_target(copy, tool="t")["interpolation"] == "bilinear"
-    assert resolve_target(copy, tool="t")["crop_fraction"] == 0.875
-    bare = resolve_target(copy / "backbone_resnet18.pth", tool="t", train="x", val="y")
-    assert bare["interpolation"] == "bilinear" and bare["crop_fraction"] == 0.875
+    view = resolve_target(copy, tool="t")["view"]
+    assert (view.interpolation, view.crop_fraction) == ("bilinear", 0.875)
+    bare = resolve_target(copy / "backbone_resnet18.pth", tool="t", train="x", val="y")["view"]
+    assert (bare.interpolation, bare.crop_fraction, bare.mean, bare.std) == ("bilinear", 0.875, IMAGENET_MEAN,
+                                                                              IMAGENET_STD)
 
     report = load_tool("eval_knn").main([str(run), "--ks", "5", "--interpolation", "bicubic", "--crop-fraction", "1",
-                                         "--no-progress", "--json", str(tmp_path / "k.json")])
+                                         "--mean", "0.5", "0.5", "0.5", "--no-progress", "--json",
+                                         str(tmp_path / "k.json")])
     assert report["interpolation"] == "bicubic" and report["crop_fraction"] == 1.0
+    assert report["mean"] == [0.5] * 3 and report["std"] == list(IMAGENET_STD)  # the tiny run's own std
     assert json.loads((tmp_path / "k.json").read_text())["interpolation"] == "bicubic"
 
 

@@ -23,6 +23,7 @@ from conftest import load_tool
 from fastssl.eval.classifier import epoch_batches, step_decay
 from fastssl.models.backbone import build_backbone
 from fastssl.schedules import cosine
+from pipelines.augment import EvalView
 from pipelines.eval import eval_transform
 
 TOY_SIZE = 32  # the fake run's crop size; the images are 40 x 47 px
@@ -49,7 +50,7 @@ def fitted_backbone(arch: str, images: list[Path]) -> torch.nn.Module:
     in eval mode see the same normalisation even after a handful of steps."""
     torch.manual_seed(0)
     net = build_backbone(arch)
-    batch = torch.stack([eval_transform(TOY_SIZE)(Image.open(p).convert("RGB")) for p in images])
+    batch = torch.stack([eval_transform(EvalView(TOY_SIZE))(Image.open(p).convert("RGB")) for p in images])
     norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_tool, requires_dali
+from conftest import load_recipe, load_tool, requires_dali
 from fastssl.config import Config, ConfigError, validate
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from pipelines.eval import EvalBackendError, build_eval_loader
 
 SIZE = 32  # resize round(32 / 0.875) = 37, crop 32: odd margins, so the crop's rounding matters
@@ -54,10 +55,11 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def read_all(backend: str, root: Path, batch_size: int = 4, **kw) -> list[tuple[torch.Tensor, ...]]:
+def read_all(backend: str, root: Path, batch_size: int = 4, view: EvalView = EvalView(SIZE),
+             **kw) -> list[tuple[torch.Tensor, ...]]:
     """Every batch; in-process PIL reads (warnings reach the test) and one DALI thread (a small CI box)."""
     workers = 1 if backend == "dali" else 0
-    return list(build_eval_loader(backend, str(root), SIZE, batch_size, num_workers=workers, **kw))
+    return list(build_eval_loader(backend, str(root), view, batch_size, num_workers=workers, **kw))
 
 
 def cat(batches, k: int) -> torch.Tensor:
@@ -103,15 +105,15 @@ def one_pixel_shift(path: str) -> float:
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])])  # on a GPU: nvJPEG (mixed), GPU resize
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_pixels_match_pil(folder, interpolation, device):
-    ref = read_all("torchvision", folder, interpolation=interpolation)
-    got = [tuple(x.cpu() for x in b) for b in read_all("dali", folder, interpolation=interpolation,
+    ref = read_all("torchvision", folder, view=EvalView(SIZE, interpolation))
+    got = [tuple(x.cpu() for x in b) for b in read_all("dali", folder, view=EvalView(SIZE, interpolation),
                                                        device=torch.device(device))]
     diff = (cat(ref, 0) - cat(got, 0)).abs()
     per_image = diff.mean(dim=(1, 2, 3))
     print(f"PIL vs DALI {interpolation} + antialias: max abs {diff.max():.4f}, mean abs {diff.mean():.4f} (normalised)")
     assert per_image.max() < MEAN_TOL and diff.max() < MAX_TOL
     # DALI used the filter asked for: it is much further from PIL's other one.
-    other = read_all("torchvision", folder, interpolation=({"bilinear", "bicubic"} - {interpolation}).pop())
+    other = read_all("torchvision", folder, view=EvalView(SIZE, ({"bilinear", "bicubic"} - {interpolation}).pop()))
     assert (cat(other, 0) - cat(got, 0)).abs().mean() > 5 * diff.mean()
     # The tolerance must catch the mistakes it is there for: a crop one pixel off, no normalisation.
     from pipelines.folder import scan_image_folder
@@ -147,14 +149,14 @@ def test_bad_files_are_skipped_with_a_warning(folder, tmp_path):
 
 def test_unknown_backend_is_named(folder):
     with pytest.raises(EvalBackendError, match="unknown eval loader 'pil'; choose one of torchvision, dali"):
-        build_eval_loader("pil", str(folder), SIZE, 4)
+        build_eval_loader("pil", str(folder), EvalView(SIZE), 4)
 
 
 def test_missing_dali_names_the_install_command(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if DALI were not installed
     monkeypatch.delitem(sys.modules, "pipelines.dali_eval", raising=False)
     with pytest.raises(EvalBackendError, match=r"make setup.*--loader torchvision; in a recipe, --eval.loader torchvision"):
-        build_eval_loader("dali", str(folder), SIZE, 4)
+        build_eval_loader("dali", str(folder), EvalView(SIZE), 4)
 
 
 def test_config_checks_the_eval_loader():
@@ -195,7 +197,7 @@ def test_eval_knn_with_dali_gives_the_torchvision_figure(tmp_path_factory):
             assert abs(reports["dali"]["k"][k][metric] - reports["torchvision"]["k"][k][metric]) <= 0.1, (k, metric)
     net, _ = load_backbone(Path(cfg.train.run_dir) / "backbone_resnet18.pth", None)
     accelerator = Accelerator(cpu=True)
-    feats = {name: embed(net, build_eval_loader(name, str(tmp / "tinted" / "val"), cfg.aug.global_size, 5,
+    feats = {name: embed(net, build_eval_loader(name, str(tmp / "tinted" / "val"), EvalView(cfg.aug.global_size), 5,
                                                 num_workers=1 if name == "dali" else 0), accelerator)
              for name in ("torchvision", "dali")}
     assert torch.equal(feats["dali"][1], feats["torchvision"][1])
@@ -217,36 +219,44 @@ def test_eval_transform_resizes_bilinearly_as_the_authors(folder):
                          T.CenterCrop(SIZE), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     bicubic = T.Compose([T.Resize(round(SIZE / 0.875), interpolation=T.InterpolationMode.BICUBIC),
                          T.CenterCrop(SIZE), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    ours = eval_transform(SIZE)(img)
+    ours = eval_transform(EvalView(SIZE))(img)
     torch.testing.assert_close(ours, authors(img), rtol=0, atol=0)
     assert (ours - bicubic(img)).abs().max() > 1e-3  # the interpolation is visible on this image
-    torch.testing.assert_close(eval_transform(SIZE, interpolation="bicubic")(img), bicubic(img), rtol=0, atol=0)
+    torch.testing.assert_close(eval_transform(EvalView(SIZE, "bicubic"))(img), bicubic(img), rtol=0, atol=0)
 
 
-def test_crop_fraction_1_takes_a_cifar_image_whole_as_the_authors_cifar_transform():
-    """MIRA's and ML-CPC's CIFAR evaluation: ToTensor + Normalize of the 32-px image, no resize or crop."""
+def test_the_cifar_recipe_evaluates_as_the_authors_cifar_transform(tmp_path):
+    """ML-CPC's CIFAR-10 evaluation (main_lincls_cifar.py): ToTensor + Normalize with CIFAR-10's statistics of the
+    32-px image, no resize or crop; what the CIFAR recipe's run gives its k-NN and the eval tools."""
     from torchvision import transforms as T
 
+    from fastssl.config import eval_view
     from pipelines.eval import eval_transform
 
+    view = eval_view(load_recipe("mlcpc_moco_cifar"))
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    authors = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    torch.testing.assert_close(eval_transform(32, crop_fraction=1.0)(img), authors(img), rtol=0, atol=0)
-    assert (eval_transform(32)(img) - authors(img)).abs().mean() > 0.1  # ImageNet's 37 + centre crop 32
+    authors = T.Compose([T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))])
+    torch.testing.assert_close(eval_transform(view)(img), authors(img), rtol=0, atol=0)
+    imagenet = replace(view, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    assert (eval_transform(imagenet)(img) - authors(img)).abs().mean() > 0.05  # the statistics are visible
+    assert (eval_transform(replace(view, crop_fraction=0.875))(img) - authors(img)).abs().mean() > 0.1  # 37 + crop
 
 
 @requires_dali
-def test_dali_takes_the_crop_fraction_as_pil_does(folder):
-    ref = read_all("torchvision", folder, crop_fraction=1.0)
-    got = read_all("dali", folder, crop_fraction=1.0)
+def test_dali_takes_the_crop_fraction_and_normalisation_as_pil_does(folder):
+    view = EvalView(SIZE, crop_fraction=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+    ref = read_all("torchvision", folder, view=view)
+    got = read_all("dali", folder, view=view)
     assert (cat(ref, 0) - cat(got, 0)).abs().mean(dim=(1, 2, 3)).max() < MEAN_TOL
-    assert (cat(read_all("torchvision", folder), 0) - cat(got, 0)).abs().mean() > 5 * MEAN_TOL  # 0.875 differs
+    imagenet = read_all("torchvision", folder, view=replace(view, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    assert (cat(imagenet, 0) - cat(got, 0)).abs().mean() > 5 * MEAN_TOL  # the statistics are applied
+    assert (cat(read_all("torchvision", folder), 0) - cat(got, 0)).abs().mean() > 5 * MEAN_TOL  # 0.875 too
 
 
 @requires_dali
 def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeypatch):
     """`--data.dali_hw_decoder_load` reaches the DALI k-NN loaders' pipeline, as it does the training
-    loader's, and so do `--eval.interpolation` and `--eval.crop_fraction`."""
+    loader's, and so does the run's eval view (`--eval.interpolation`, `--eval.crop_fraction`, `--aug.mean`)."""
     import argparse
 
     import pipelines.dali_eval as de
@@ -255,7 +265,7 @@ def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeyp
 
     cfg = tiny_config(tmp_path, epochs=1)
     cfg.eval.loader, cfg.data.dali_hw_decoder_load, cfg.eval.interpolation = "dali", 0.3, "bicubic"
-    cfg.eval.crop_fraction = 0.5
+    cfg.eval.crop_fraction, cfg.aug.mean = 0.5, (0.5, 0.5, 0.5)
     accelerator = argparse.Namespace(device=torch.device("cpu"), num_processes=1, process_index=0)
     knn = build_knn(cfg, accelerator, 1)
     seen = []
@@ -263,13 +273,13 @@ def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeyp
     class Seen(Exception):
         pass
 
-    def recording_pipeline(source, size, decoder_device, hw_decoder_load, layout, interpolation, crop_fraction,
-                           **kwargs):
-        seen.append((hw_decoder_load, interpolation, crop_fraction))
+    def recording_pipeline(source, view, decoder_device, hw_decoder_load, layout, **kwargs):
+        seen.append((hw_decoder_load, view))
         raise Seen
 
     monkeypatch.setattr(de, "eval_pipeline", recording_pipeline)
     for loader in (knn.bank, knn.queries):
         with pytest.raises(Seen):
             next(iter(loader))
-    assert seen == [(0.3, "bicubic", 0.5), (0.3, "bicubic", 0.5)]
+    expected = EvalView(cfg.aug.global_size, "bicubic", 0.5, (0.5, 0.5, 0.5), IMAGENET_STD)
+    assert seen == [(0.3, expected), (0.3, expected)]

@@ -102,6 +102,7 @@ AFTER_DALI_EPOCH = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import make_image_folder
     from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
+    from pipelines.augment import EvalView
     from pipelines.eval import build_eval_loader
 
     if __name__ == "__main__":  # workers may import the main script: nothing may run then
@@ -121,11 +122,11 @@ AFTER_DALI_EPOCH = textwrap.dedent("""
                     break
             print(f"dali epoch {{epoch}}: {{steps}} batches, pipeline kept: {{train.state_dict() is not None}}",
                   flush=True)
-        knn_dali = build_eval_loader("dali", str(root), size=16, batch_size=4, num_workers=1)
+        knn_dali = build_eval_loader("dali", str(root), view=EvalView(16), batch_size=4, num_workers=1)
         print(f"dali k-NN pass: {{sum(1 for _ in knn_dali)}} batches", flush=True)
         faulthandler.dump_traceback_later(60, exit=True)  # a hang fails, with its stack
         for p in range(2):
-            knn = build_eval_loader("torchvision", str(root), size=16, batch_size=4, num_workers=2)
+            knn = build_eval_loader("torchvision", str(root), view=EvalView(16), batch_size=4, num_workers=2)
             print(f"torchvision k-NN pass {{p}}: {{sum(1 for _ in knn)}} batches", flush=True)
         faulthandler.cancel_dump_traceback_later()
         gc.enable()

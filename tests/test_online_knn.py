@@ -8,6 +8,7 @@ import torch
 from dist_utils import requires_gloo, run_distributed
 from test_engine import tiny_config
 from fastssl.engine import train
+from pipelines.augment import EvalView
 
 
 def test_knn_before_the_first_epoch_announces_itself_and_shows_progress(tmp_path, capsys):
@@ -30,7 +31,7 @@ def test_no_knn_bars_without_progress(tmp_path, capsys):
 
     cfg = tiny_config(tmp_path, epochs=1)
     accelerator = build_accelerator(cfg.train)
-    knn = OnlineKnn(cfg.data.train, cfg.data.val, 16, 16, accelerator, 0, progress=False)
+    knn = OnlineKnn(cfg.data.train, cfg.data.val, EvalView(16), 16, accelerator, 0, progress=False)
     scores = knn(build_backbone("resnet18"), "a test network")
     out, err = capsys.readouterr()
     assert "k-NN of a test network on 33 images" in out  # the line stays: it is one line per evaluation

@@ -598,6 +598,7 @@ import sys
 import torch
 
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines.augment import EvalView
 from pipelines.eval import EvalLoader
 
 
@@ -610,7 +611,7 @@ def read(root, method, workers):
     loader = build_train_loader(spec)
     loader.set_epoch(1)
     train = [(b.index, *b.views) for b in loader]
-    return train, [(x, y) for x, y, _ in EvalLoader(root, 16, 4, num_workers=workers)]
+    return train, [(x, y) for x, y, _ in EvalLoader(root, EvalView(16), 4, num_workers=workers)]
 
 
 if __name__ == "__main__":  # forkserver workers import this script: nothing may run then

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_recipe
 from fastssl.config import validate
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.config()
 
 
 def test_table8_recipe():

@@ -11,7 +11,8 @@ cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 2
 eval.interpolation (bilinear by default, as the MIRA authors' ImageNet val transform;
 DINO's own k-NN script resizes bicubic: `--interpolation bicubic`) and centre crop `size`;
 the run's eval.crop_fraction (or `--crop-fraction`) replaces 0.875: 1.0 takes CIFAR's
-32-px images whole. The loop's own k-NN uses the same transform, so on the same checkpoint
+32-px images whole; normalised with the run's training mean/std (aug.mean / aug.std, or
+`--mean` / `--std`; ImageNet's for a bare backbone file). The loop's own k-NN uses the same transform, so on the same checkpoint
 this tool gives the same k = 20 figure; `--loader dali` reads them through DALI with the
 same geometry, within a fraction of a grey level.
 
@@ -50,7 +51,8 @@ def resolve(args: argparse.Namespace) -> dict:
     tool = f"eval_knn_{Path(args.subset).stem}" if args.subset else "eval_knn"  # one report per memory bank
     return resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
                           arch=args.arch, json_path=args.json, train_keys=("knn_train", "train"),
-                          interpolation=args.interpolation, crop_fraction=args.crop_fraction)
+                          interpolation=args.interpolation, crop_fraction=args.crop_fraction, mean=args.mean,
+                          std=args.std)
 
 
 def subset_listing(subset: Path, train_root: str) -> Listing:
@@ -91,11 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.
         # Under `accelerate launch` each process embeds its share of each split; the queries are gathered,
         # the memory bank stays sharded (fastssl.eval.online.knn_scores).
-        bank_loader, query_loader = knn_loaders(args.loader, found["train"], found["val"], size=found["size"],
+        bank_loader, query_loader = knn_loaders(args.loader, found["train"], found["val"], view=found["view"],
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                                device=accelerator.device, interpolation=found["interpolation"],
-                                                crop_fraction=found["crop_fraction"],
-                                                rank=accelerator.process_index,
+                                                device=accelerator.device, rank=accelerator.process_index,
                                                 world_size=accelerator.num_processes, bank_listing=bank_listing)
     except (EvalError, EvalBackendError, DataLayoutError) as err:
         exit_with(err)
@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
         exit_with(err)
     results = {str(k): r for k, r in scores.items()}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "subset": args.subset,
-              "val": found["val"], "image_size": found["size"], "interpolation": found["interpolation"],
-              "crop_fraction": found["crop_fraction"], "loader": args.loader,
+              "val": found["val"], "image_size": found["view"].size, "interpolation": found["view"].interpolation,
+              "crop_fraction": found["view"].crop_fraction, "mean": list(found["view"].mean),
+              "std": list(found["view"].std), "loader": args.loader,
               "temperature": args.temperature, "precision": effective_precision(accelerator.device, args.precision),
               "k": results,
               "images": {"bank": bank_size, "queries": query_size},

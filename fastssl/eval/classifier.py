@@ -28,8 +28,7 @@ from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
 from fastssl.relaunch import one_process_refusal
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg
-from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
-                               eval_resize)
+from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, INTERPOLATIONS, EvalView
 from fastssl.models.backbone import FEATURE_DIMS
 from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
@@ -38,14 +37,14 @@ from pipelines.folder import DataLayoutError, scan_image_folder
 TRAIN_SCALE = (0.08, 1.0)
 
 
-def train_transform(size: int, scale: tuple[float, float] = TRAIN_SCALE, mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD) -> T.Compose:
-    """Random-resized crop to `size` + horizontal flip (bilinear, as the reference scripts)."""
+def train_transform(view: EvalView, scale: tuple[float, float] = TRAIN_SCALE) -> T.Compose:
+    """Random-resized crop to the view's size + horizontal flip (bilinear, as the reference scripts),
+    normalised as the view."""
     return T.Compose([
-        T.RandomResizedCrop(size, scale=scale),
+        T.RandomResizedCrop(view.size, scale=scale),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(mean, std),
+        T.Normalize(view.mean, view.std),
     ])
 
 
@@ -184,32 +183,29 @@ def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], tra
     return extract(backbone, batches_loader(dataset, batches, num_workers), len(dataset), device, bar, precision)
 
 
-def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int, loader: str,
+def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], view: EvalView, loader: str,
                  batch_size: int, num_workers: int, device: torch.device, bar=None,
-                 interpolation: str = EVAL_INTERPOLATION, precision: str = "bf16",
-                 crop_fraction: float = EVAL_CROP_FRACTION) -> tuple[torch.Tensor, ...]:
-    """`extract` of the eval transform (resize with `interpolation` + centre crop, `crop_fraction`) of the whole
-    folder `root`, whose scan is `samples`, read by `loader` ("torchvision" or "dali", as tools' --loader).
+                 precision: str = "bf16") -> tuple[torch.Tensor, ...]:
+    """`extract` of the eval transform (`view`) of the whole folder `root`, whose scan is `samples`, read
+    by `loader` ("torchvision" or "dali", as tools' --loader).
 
     Why a root and not only samples: the DALI loader scans the folder itself, and its
     dataset indices are positions in that same scan, so they index `samples` directly.
     """
     if loader == "torchvision":
-        transform = eval_transform(size, interpolation=interpolation, crop_fraction=crop_fraction)
-        return extract_samples(backbone, samples, transform, batch_size, num_workers, device, bar, precision)
-    batches = build_eval_loader(loader, root, size, batch_size, num_workers=num_workers, device=device,
-                                interpolation=interpolation, crop_fraction=crop_fraction)
+        return extract_samples(backbone, samples, eval_transform(view), batch_size, num_workers, device, bar,
+                               precision)
+    batches = build_eval_loader(loader, root, view, batch_size, num_workers=num_workers, device=device)
     return extract(backbone, iter(batches), len(samples), device, bar, precision)
 
 
-def evaluate_head(backbone: nn.Module, head: nn.Module, root: str, samples: Sequence[tuple[str, int]], size: int,
-                  loader: str, batch_size: int, num_workers: int, device: torch.device, progress: bool,
-                  desc: str = "val", interpolation: str = EVAL_INTERPOLATION,
-                  precision: str = "bf16", crop_fraction: float = EVAL_CROP_FRACTION) -> dict[str, float]:
+def evaluate_head(backbone: nn.Module, head: nn.Module, root: str, samples: Sequence[tuple[str, int]],
+                  view: EvalView, loader: str, batch_size: int, num_workers: int, device: torch.device,
+                  progress: bool, desc: str = "val", precision: str = "bf16") -> dict[str, float]:
     """Top-1 / top-5 of `head` on `backbone`'s features (eval mode, see `extract`) of the val transform."""
     bar = progress_bar(len(samples), desc, progress, unit="img")
-    feats, labels, valid = extract_eval(backbone, root, samples, size, loader, batch_size, num_workers, device, bar,
-                                        interpolation, precision, crop_fraction)
+    feats, labels, valid = extract_eval(backbone, root, samples, view, loader, batch_size, num_workers, device, bar,
+                                        precision)
     if bar is not None:
         bar.close()
     with torch.no_grad():
@@ -237,8 +233,8 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
 
 
 def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
-    """--train/--val/--arch/--image-size/--interpolation/--crop-fraction, as `resolve_target` reads them: the
-    evaluation tools accept the same overrides of what the run's config says."""
+    """--train/--val/--arch/--image-size/--interpolation/--crop-fraction/--mean/--std, as `resolve_target` reads
+    them: the evaluation tools accept the same overrides of what the run's config says."""
     ap.add_argument("--train", help=train_help)
     ap.add_argument("--val", help="validation folder (default: the run's data.val)")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
@@ -249,6 +245,10 @@ def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
     ap.add_argument("--crop-fraction", type=number_in(0, 1, low_open=True),
                     help="centre crop / resized shorter side (default: the run's eval.crop_fraction, else "
                     f"{EVAL_CROP_FRACTION}: 224 of 256); 1.0 keeps the whole image (CIFAR's 32 px)")
+    for name, what, low_open in (("mean", "subtracted", False), ("std", "divided by", True)):
+        ap.add_argument(f"--{name}", type=number_in(0, 1, low_open=low_open), nargs=3, metavar=("R", "G", "B"),
+                        help=f"per-channel {name} {what} (0..1; default: the run's aug.{name}, else ImageNet's): "
+                        "the backbone's training normalisation")
 
 
 def add_precision_argument(ap: argparse.ArgumentParser) -> None:
@@ -290,16 +290,16 @@ def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
         raise EvalError(refusal)
     found = resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
                            arch=args.arch, json_path=args.json, interpolation=args.interpolation,
-                           crop_fraction=args.crop_fraction)
+                           crop_fraction=args.crop_fraction, mean=args.mean, std=args.std)
     backbone, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data
     require_data(found)
     train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
     return EvalInputs(found, backbone, arch, train_samples, val_samples, classes)
 
 
-def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc: dict[str, float], size: int,
-                      settings: dict, train_augmentation: str, loader: str, losses: list[float], seconds: dict,
-                      device: torch.device, precision: str) -> dict:
+def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc: dict[str, float], settings: dict,
+                      train_augmentation: str, loader: str, losses: list[float], seconds: dict, device: torch.device,
+                      precision: str) -> dict:
     """The JSON report of a trained classifier, in the key order both tools write: what was
     evaluated, `counts` (the image counts), the accuracy, the protocol's `settings`, the
     transforms, the loss curve, the run's own k-NN figure beside it, timings and provenance.
@@ -307,10 +307,9 @@ def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc:
     found = inputs.found
     return {
         "checkpoint": str(found["checkpoint"]), "arch": inputs.arch, "train": found["train"], "val": found["val"],
-        **counts, "image_size": size, "top1": acc["top1"], "top5": acc["top5"], **settings,
+        **counts, "image_size": found["view"].size, "top1": acc["top1"], "top5": acc["top5"], **settings,
         "train_augmentation": train_augmentation,
-        "val_transform": (f"resize {eval_resize(size, found['crop_fraction'])} ({found['interpolation']}) "
-                          f"+ centre crop {size}"),
+        "val_transform": found["view"].describe(),
         "loader": loader,
         "loss_per_epoch": losses, "run_knn": run_knn_figure(target), "seconds": seconds,
         "device": str(device), "precision": effective_precision(device, precision), "date": utc_now(),

@@ -79,7 +79,7 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     A subset smaller than the batch is one batch, and the lrs scale with the batch used;
     the report keeps the requested one beside it."""
     found, train_samples = inputs.found, inputs.train_samples
-    device, size = pick_device(args.device), found["size"]
+    device, view = pick_device(args.device), found["view"]
     torch.manual_seed(args.seed)  # the random crops
     perc, lr_trunk, lr_head = pick_rates(args, len(subset) / len(train_samples))
     requested = args.batch_size
@@ -87,7 +87,7 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     model = torch.nn.Sequential(inputs.backbone, new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed,
                                                             init="default"))
     model = model.to(device).to(memory_format=torch.channels_last)
-    dataset = LabelledImages(subset, train_transform(size))
+    dataset = LabelledImages(subset, train_transform(view))
     steps = sum(len(epoch_batches(len(dataset), args.batch_size, torch.Generator(), True)) for _ in range(args.epochs))
     start = time.perf_counter()
     bar = progress_bar(steps, "fine-tuning", not args.no_progress, unit="step")
@@ -95,9 +95,8 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start
-    acc = evaluate_head(model[0], model[1], found["val"], inputs.val_samples, size, args.loader, args.eval_batch_size,
-                        args.num_workers, device, not args.no_progress, interpolation=found["interpolation"],
-                        precision=args.precision, crop_fraction=found["crop_fraction"])
+    acc = evaluate_head(model[0], model[1], found["val"], inputs.val_samples, view, args.loader, args.eval_batch_size,
+                        args.num_workers, device, not args.no_progress, precision=args.precision)
     counts = {"subset": str(args.subset), "num_subset": len(subset), "num_train": len(train_samples),
               "subset_share": round(len(subset) / len(train_samples), 5), "num_val": len(inputs.val_samples),
               "num_classes": len(inputs.classes)}
@@ -111,6 +110,6 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
         "weight_decay": args.weight_decay, "seed": args.seed,
     }
     seconds = {"train": round(train_s, 2), "total": round(time.perf_counter() - start, 2)}
-    return classifier_report(inputs, args.target, counts, acc, size, settings,
-                             f"RandomResizedCrop({size}, scale=(0.08, 1)) + horizontal flip", args.loader, losses,
+    return classifier_report(inputs, args.target, counts, acc, settings,
+                             f"RandomResizedCrop({view.size}, scale=(0.08, 1)) + horizontal flip", args.loader, losses,
                              seconds, device, args.precision)

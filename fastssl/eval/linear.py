@@ -24,7 +24,7 @@ from fastssl.eval.errors import EvalError
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import cosine, scaled_lr
-from pipelines.augment import eval_resize
+from pipelines.augment import EvalView
 from pipelines.eval import eval_loader_class
 
 __all__ = ["FeatureSource", "prepare", "linear_probe", "fit_linear", "per_epoch_source", "cached_source",
@@ -126,34 +126,32 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
     return losses
 
 
-def cache_train_features(backbone, root: str, samples, size: int, args, device) -> tuple[torch.Tensor, ...]:
+def cache_train_features(backbone, root: str, samples, view: EvalView, args, device) -> tuple[torch.Tensor, ...]:
     """K augmented copies (or one centre crop, read by --loader) of every training image through
     the backbone, as one preallocated K x N x D tensor (no second copy of an ImageNet-sized cache)."""
     copies = max(args.cached_views, 1)
     bar = progress_bar(copies * len(samples), "caching train features", not args.no_progress, unit="img")
     cache, labels, valid = None, None, None
-    for view in range(copies):
+    for copy in range(copies):
         if args.cached_views:
-            feats, labels, valid = extract_samples(backbone, samples, train_transform(size), args.extract_batch_size,
+            feats, labels, valid = extract_samples(backbone, samples, train_transform(view), args.extract_batch_size,
                                                    args.num_workers, device, bar, args.precision)
         else:
-            feats, labels, valid = extract_eval(backbone, root, samples, size, args.loader, args.extract_batch_size,
-                                                args.num_workers, device, bar, args.interpolation, args.precision,
-                                                args.crop_fraction)
+            feats, labels, valid = extract_eval(backbone, root, samples, view, args.loader, args.extract_batch_size,
+                                                args.num_workers, device, bar, args.precision)
         if cache is None:
             cache = torch.empty((copies, *feats.shape), dtype=getattr(torch, args.cache_dtype))
-        cache[view] = feats
+        cache[copy] = feats
     if bar is not None:
         bar.close()
     return cache, labels, valid
 
 
-def train_augmentation(args: argparse.Namespace, size: int) -> str:
+def train_augmentation(args: argparse.Namespace, view: EvalView) -> str:
     """What the classifier was trained on, in words, for the report."""
     if args.cached_features and args.cached_views == 0:
-        return (f"none: one centre crop per image, cached (resize {eval_resize(size, args.crop_fraction)} "
-                f"+ centre crop {size})")
-    crops = f"RandomResizedCrop({size}, scale=(0.08, 1)) + horizontal flip"
+        return f"none: one centre crop per image, cached ({view.describe()})"
+    crops = f"RandomResizedCrop({view.size}, scale=(0.08, 1)) + horizontal flip"
     return f"{crops}, {args.cached_views} copies per image drawn once" if args.cached_features else \
         f"{crops}, fresh every epoch"
 
@@ -164,19 +162,18 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     The batch is capped at the training set's size and the lr scales with the batch used;
     the report keeps the requested one beside it."""
     found, train_samples = inputs.found, inputs.train_samples
-    device, size = pick_device(args.device), found["size"]
+    device, view = pick_device(args.device), found["view"]
     torch.manual_seed(args.seed)  # the random crops
     requested = args.batch_size
-    args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples)),
-                                 "interpolation": found["interpolation"], "crop_fraction": found["crop_fraction"]})
+    args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples))})
     backbone = inputs.backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     head = new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed).to(device)
     start = time.perf_counter()
     if args.cached_features:
-        feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, size, args, device)
+        feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, view, args, device)
         source = cached_source(feats, labels, valid, device, args.seed)
     else:
-        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(size)), device,
+        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(view)), device,
                                   args.num_workers, args.precision)
     features_s = time.perf_counter() - start
     steps = args.epochs * -(-len(train_samples) // args.batch_size)
@@ -185,9 +182,8 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start - features_s
-    acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, size, args.loader, args.extract_batch_size,
-                        args.num_workers, device, not args.no_progress, "val features", args.interpolation,
-                        args.precision, args.crop_fraction)
+    acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, view, args.loader, args.extract_batch_size,
+                        args.num_workers, device, not args.no_progress, "val features", args.precision)
     counts = {"num_train": len(train_samples), "num_val": len(inputs.val_samples), "num_classes": len(inputs.classes)}
     settings = {
         "features": ("cached" if args.cached_features else "per-epoch augmentation"),
@@ -200,5 +196,5 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     }
     seconds = {"features": round(features_s, 2), "train": round(train_s, 2),
                "total": round(time.perf_counter() - start, 2)}
-    return classifier_report(inputs, args.target, counts, acc, size, settings, train_augmentation(args, size),
+    return classifier_report(inputs, args.target, counts, acc, settings, train_augmentation(args, view),
                              args.loader, losses, seconds, device, args.precision)

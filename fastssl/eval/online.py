@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fastssl.eval.knn import Merge, knn_accuracies
 from fastssl.runtime import per_process, rank0_buffers
-from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION
+from pipelines.augment import EvalView
 from pipelines.eval import build_eval_loader
 from pipelines.folder import DataLayoutError, Listing
 from pipelines.spec import DataConfig
@@ -144,13 +144,12 @@ class OnlineKnn:
     the run's data configuration, whose DALI options the DALI eval loader shares with training.
     """
 
-    def __init__(self, train_root: str, val_root: str, image_size: int, batch_size: int, accelerator,
+    def __init__(self, train_root: str, val_root: str, view: EvalView, batch_size: int, accelerator,
                  num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision",
-                 progress: bool = False, data: DataConfig | None = None, interpolation: str = EVAL_INTERPOLATION,
-                 crop_fraction: float = EVAL_CROP_FRACTION):
-        common = dict(size=image_size, batch_size=batch_size, rank=accelerator.process_index,
+                 progress: bool = False, data: DataConfig | None = None):
+        common = dict(view=view, batch_size=batch_size, rank=accelerator.process_index,
                       world_size=accelerator.num_processes, num_workers=num_workers, device=accelerator.device,
-                      data=data, interpolation=interpolation, crop_fraction=crop_fraction)
+                      data=data)
         self.bank, self.queries = knn_loaders(loader, train_root, val_root, **common)
         self.accelerator, self.k, self.temperature, self.progress = accelerator, k, temperature, progress
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastssl.eval.errors import EvalError, check_output_file
 from fastssl.run_log import write_json, write_text_atomic
-from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION
+from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, EvalView
 
 __all__ = ["TARGETS", "DISTILL_RECIPE", "resolve_target", "require_data", "read_run_config", "distillation_run",
            "start_dir", "from_run", "run_knn_figure", "write_report"]
@@ -26,13 +26,14 @@ DISTILL_RECIPE = "recipes/distill_mlcpc_cifar100.py"
 def resolve_target(target: str | Path, *, tool: str, train: str | None = None, val: str | None = None,
                    image_size: int | None = None, arch: str | None = None, json_path: str | None = None,
                    train_keys: tuple[str, ...] = ("train",), interpolation: str | None = None,
-                   crop_fraction: float | None = None) -> dict:
-    """Checkpoint, arch, data paths, image size, resize filter and crop share, and report path from a
-    run directory and the flags.
+                   crop_fraction: float | None = None, mean: tuple[float, float, float] | None = None,
+                   std: tuple[float, float, float] | None = None) -> dict:
+    """Checkpoint, arch, data paths, how evaluation sees an image (`view`: size, resize filter, crop share,
+    the training normalisation), and report path from a run directory and the flags.
 
-    Flags win over the run's config.json. `train_keys` are the config.data fields tried in
-    order for the training folder (the k-NN prefers its own `knn_train`). Relative data
-    paths of the config are taken from the directory the run was started in (`start_dir`),
+    Flags win over the run's config.json; a bare backbone file gets ImageNet's defaults. `train_keys`
+    are the config.data fields tried in order for the training folder (the k-NN prefers its own
+    `knn_train`). Relative data paths of the config are taken from the directory the run was started in (`start_dir`),
     so the tools work from any directory; flags are relative to this one, as usual. The
     report goes to RUN_DIR/<tool>.json, or <stem>_<tool>.json beside a bare backbone file.
     The data paths may still be missing: `require_data` says so, once the backbone has loaded,
@@ -42,7 +43,7 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     if not target.exists():
         raise EvalError(f"{str(target)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
     found = {"train": train, "val": val, "size": image_size, "arch": arch, "interpolation": interpolation,
-             "crop_fraction": crop_fraction}
+             "crop_fraction": crop_fraction, "mean": mean, "std": std}
     if target.is_dir():
         cfg = read_run_config(target)
         start = start_dir(target, cfg)
@@ -53,6 +54,8 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
         found["interpolation"] = found["interpolation"] or cfg["eval"].get("interpolation")
         found["crop_fraction"] = found["crop_fraction"] or cfg["eval"].get("crop_fraction")
+        found["mean"] = found["mean"] or cfg["aug"].get("mean")
+        found["std"] = found["std"] or cfg["aug"].get("std")
         # The run's own arch names its file (a run has one); a different --arch is then refused by
         # load_backbone as "another architecture", which is what it is.
         found["checkpoint"] = target / f"backbone_{cfg['model']['arch']}.pth"
@@ -67,8 +70,9 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
         found["size"] = found["size"] or 224
         found["out"] = Path(json_path) if json_path else target.with_name(f"{target.stem}_{tool}.json")
     check_output_file(found["out"], "--json")  # before any work: a failed write at the end would lose the figures
-    found["interpolation"] = found["interpolation"] or EVAL_INTERPOLATION
-    found["crop_fraction"] = found["crop_fraction"] or EVAL_CROP_FRACTION
+    found["view"] = EvalView(found.pop("size"), found.pop("interpolation") or EVAL_INTERPOLATION,
+                             found.pop("crop_fraction") or EVAL_CROP_FRACTION,
+                             tuple(found.pop("mean") or IMAGENET_MEAN), tuple(found.pop("std") or IMAGENET_STD))
     return found
 
 
