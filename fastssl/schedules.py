@@ -27,14 +27,16 @@ def cosine(step: int, total_steps: int, start: float, end: float) -> float:
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0,
                   start: float = 0.0) -> float:
-    """Linear warm-up from `start` to `peak` over `warmup_steps`, then per-step cosine to `final`.
+    """Linear warm-up from `start` towards `peak` over `warmup_steps`, then per-step cosine from `peak` to `final`.
 
-    The warm-up is the authors' (and DINO's) `np.linspace(start, peak, warmup_steps)`: step 0
-    at `start` (0 for the Table 8 recipe: a first step that moves nothing, as theirs), the
-    last warm-up step at `peak`, where the cosine starts.
+    The MIRA authors' schedule (`src/scheduler.py`, a torch LRScheduler stepped after every optimiser
+    step, whose first value is computed at construction): warm-up step i trains at
+    start + (peak - start) (i + 1) / (warmup_steps + 1), so the first step already moves and the
+    cosine's first step is the first at `peak`. (DINO's and SwAV's `np.linspace(start, peak,
+    warmup_steps)` starts at `start` exactly and reaches `peak` one step earlier.)
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return start + (peak - start) * step / max(warmup_steps - 1, 1)
+        return start + (peak - start) * (step + 1) / (warmup_steps + 1)
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from fastssl.config import Config
 from fastssl.schedules import cosine, scaled_lr, step_schedule, warmup_cosine
@@ -20,11 +21,40 @@ def test_cosine_is_monotone():
     assert all(b >= a for a, b in zip(values, values[1:]))
 
 
-def test_warmup_then_cosine():
-    peak, warm, total = 0.06, 10, 110
+def authors_lrs(iters_per_epoch: int, warm_up_epochs: int, max_epochs: int, base_lr: float,
+                warm_up_start_lr: float) -> list[float]:
+    """The lr of every training step under the MIRA authors' scheduler (src/scheduler.py's get_lr, run by
+    torch's LRScheduler as their train.py does: built once, stepped after each optimiser step)."""
+
+    class StepLinearWarmupCosineAnnealingLR(torch.optim.lr_scheduler.LRScheduler):
+        def __init__(self, optimizer):
+            self.warm_up_iters = iters_per_epoch * warm_up_epochs
+            super().__init__(optimizer)
+
+        def get_lr(self):
+            if self._step_count < self.warm_up_iters + 1:
+                ratio = self._step_count / (warm_up_epochs * iters_per_epoch + 1)
+                return [warm_up_start_lr + ratio * (b - warm_up_start_lr) for b in self.base_lrs]
+            epoch = (self._step_count - 1) / iters_per_epoch
+            ratio = 0.5 * (1.0 + math.cos(math.pi * (epoch - warm_up_epochs) / (max_epochs - warm_up_epochs)))
+            return [b * ratio for b in self.base_lrs]
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    scheduler, lrs = StepLinearWarmupCosineAnnealingLR(opt), []
+    for _ in range(iters_per_epoch * max_epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_then_cosine_is_the_authors_schedule_step_for_step():
+    spe, warm_epochs, epochs, peak = 5, 2, 22, 0.06
+    warm, total = spe * warm_epochs, spe * epochs
     lrs = [warmup_cosine(s, total, warm, peak, 0.0) for s in range(total + 1)]
-    assert lrs[0] == 0.0  # np.linspace(start, peak, warm), as the authors and DINO
-    assert lrs[warm - 1] == pytest.approx(peak)  # warm-up reaches the peak
+    assert lrs[:total] == pytest.approx(authors_lrs(spe, warm_epochs, epochs, peak, 0.0), rel=1e-12, abs=1e-15)
+    assert lrs[0] == pytest.approx(peak / (warm + 1))  # the first step moves, as theirs
+    assert lrs[warm - 1] == pytest.approx(peak * warm / (warm + 1))
     assert lrs[warm] == pytest.approx(peak)  # cosine starts at the peak
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
     assert all(b >= a for a, b in zip(lrs[:warm], lrs[1:warm]))
@@ -45,7 +75,7 @@ def test_step_schedule_endpoints():
     assert first.beta == pytest.approx(0.75) and last.beta == pytest.approx(2 / 3)
     assert first.ema_momentum == pytest.approx(0.99) and last.ema_momentum == pytest.approx(1.0)
     assert first.freeze_prototypes and not step_schedule(cfg, spe, spe).freeze_prototypes
-    assert step_schedule(cfg, spe - 1, spe).lr == pytest.approx(scaled_lr(cfg.optim.base_lr, 512))
+    assert step_schedule(cfg, spe, spe).lr == pytest.approx(scaled_lr(cfg.optim.base_lr, 512))  # warm-up over
     cfg.method.ema = False
     assert step_schedule(cfg, 10, spe).ema_momentum == 0.0
     assert math.isclose(last.lr, cfg.optim.final_lr, abs_tol=1e-12)
@@ -53,7 +83,7 @@ def test_step_schedule_endpoints():
 
 def test_lars_recipe_warms_up_from_the_authors_unscaled_start():
     """The authors' LARS recipe: warm-up from warm_up_start_lr = 0.3 (not batch-scaled) to
-    0.3 x 4096/256 = 4.8: their np.linspace, step for step."""
+    0.3 x 4096/256 = 4.8: their scheduler, step for step."""
     import runpy
     from pathlib import Path
 
@@ -61,14 +91,13 @@ def test_lars_recipe_warms_up_from_the_authors_unscaled_start():
     spe = 312  # ImageNet at batch 4096
     warm = round(cfg.optim.warmup_epochs * spe)
     start, peak = 0.3, scaled_lr(0.3, 4096)
-    authors = [start + (peak - start) * k / (warm - 1) for k in range(warm)]  # np.linspace(start, peak, warm)
-    ours = [step_schedule(cfg, s, spe).lr for s in range(warm)]
-    assert cfg.optim.warmup_start_lr == start
-    assert ours[-1] == pytest.approx(peak) and step_schedule(cfg, warm, spe).lr == pytest.approx(peak)
-    assert ours == pytest.approx(authors, rel=1e-12)
+    authors = authors_lrs(spe, round(cfg.optim.warmup_epochs), cfg.train.epochs, peak, start)
+    ours = [step_schedule(cfg, s, spe).lr for s in range(warm + 2 * spe)]  # the warm-up and the cosine's start
+    assert cfg.optim.warmup_start_lr == start and step_schedule(cfg, warm, spe).lr == pytest.approx(peak)
+    assert ours == pytest.approx(authors[:len(ours)], rel=1e-12)
     # the small-batch recipe keeps its warm-up from 0
     cfg.optim.warmup_start_lr = 0.0
-    assert step_schedule(cfg, 0, spe).lr == 0.0 and step_schedule(cfg, 1, spe).lr == pytest.approx(peak / (warm - 1))
+    assert step_schedule(cfg, 0, spe).lr == pytest.approx(peak / (warm + 1))
 
 
 def test_beta_and_ema_are_per_step_cosines():
