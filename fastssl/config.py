@@ -57,7 +57,8 @@ class MiraConfig:
 
     objective: str = "mira"  # loss: mira | mlcpc | mira+mlcpc (the critic on the projector embeddings)
     mlcpc_weight: float = 1.0  # weight of the ML-CPC loss in mira+mlcpc
-    assignment: str = "mira"  # pseudo-labels: mira | sinkhorn (SwAV's equipartition baseline)
+    # pseudo-labels: mira | sinkhorn (SwAV's equipartition; SwAV's baseline also needs ema false, README)
+    assignment: str = "mira"
     tau_student: float = 0.1  # temperature of the student's softmax over the prototypes (> 0)
     tau_teacher: float = 0.225  # temperature of the teacher's logits fed to the assignment (> 0)
     beta_start: float = 0.75  # MIRA's mutual-information weight in [0, 1) at step 0; cosine to beta_end

@@ -182,6 +182,9 @@ def test_epoch_orders_are_seeded_permutations():
     b = epoch_batches(10, 4, torch.Generator().manual_seed(5))
     assert a == b and [len(x) for x in a] == [4, 4, 2] and sorted(sum(a, [])) == list(range(10))
     assert [len(x) for x in epoch_batches(9, 4, torch.Generator(), drop_singleton=True)] == [4, 4]
+    assert [len(x) for x in epoch_batches(10, 4, torch.Generator(), drop_singleton=True)] == [4, 4, 2]
+    assert [len(x) for x in epoch_batches(10, 4, torch.Generator(), drop_short=True)] == [4, 4]
+    assert [len(x) for x in epoch_batches(3, 4, torch.Generator(), drop_short=True)] == [3]  # the only batch
 
 
 def test_linear_schedule_is_the_per_epoch_cosine():
@@ -210,8 +213,8 @@ def test_fit_linear_steps_at_the_per_epoch_cosine(monkeypatch):
 
     args = argparse.Namespace(base_lr=0.075, batch_size=4, momentum=0.9, weight_decay=0.0, seed=0, epochs=5)
     linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), args)
-    expected = [(e, [0.075 * 4 / 256 * (1 + math.cos(math.pi * e / 5)) / 2]) for e in range(5) for _ in range(2)]
-    assert [e for e, _ in seen] == [e for e, _ in expected]  # 2 batches (4 + 2 images) per epoch
+    expected = [(e, [0.075 * 4 / 256 * (1 + math.cos(math.pi * e / 5)) / 2]) for e in range(5)]
+    assert [e for e, _ in seen] == [e for e, _ in expected]  # 1 batch per epoch: the short 2 dropped (drop_last)
     for (_, lrs), (_, want) in zip(seen, expected):
         assert lrs == pytest.approx(want, rel=1e-12)
 

@@ -81,16 +81,19 @@ def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int 
     return (batch for batch in loader if batch is not None)
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_singleton: bool = False) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_singleton: bool = False,
+                  drop_short: bool = False) -> list[list[int]]:
     """A seeded random order of range(n) cut into batches (the last may be short).
 
     Drawn from its own generator so that the cached-feature and per-epoch linear probes see
     the same order. `drop_singleton` drops a last batch of one image, which BatchNorm in
-    training mode cannot normalise.
+    training mode cannot normalise; `drop_short` any short last batch (DataLoader's drop_last,
+    as the authors' linear probe), unless it is the only one.
     """
     order = torch.randperm(n, generator=generator).tolist()
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if drop_singleton and batches and len(batches[-1]) == 1 and n > 1:
+    short = len(batches) > 1 and len(batches[-1]) < batch_size
+    if short and (drop_short or (drop_singleton and len(batches[-1]) == 1)):
         batches.pop()
     return batches
 

@@ -119,7 +119,7 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
         for group in opt.param_groups:
             group["lr"] = cosine(epoch, args.epochs, peak, 0.0)
         total, count = 0.0, 0
-        for feats, labels in source(epoch, epoch_batches(n, args.batch_size, order)):
+        for feats, labels in source(epoch, epoch_batches(n, args.batch_size, order, drop_short=True)):
             loss = sgd_step(opt, F.cross_entropy(head(feats), labels), bar, epoch)
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
@@ -176,7 +176,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(view)), device,
                                   args.num_workers, args.precision)
     features_s = time.perf_counter() - start
-    steps = args.epochs * -(-len(train_samples) // args.batch_size)
+    steps = args.epochs * (len(train_samples) // args.batch_size)  # a short last batch is dropped
     bar = progress_bar(steps, "linear classifier", not args.no_progress, unit="step")
     losses = fit_linear(head, source, len(train_samples), args, bar)
     if bar is not None:
