@@ -54,7 +54,7 @@ def test_finetuning_on_a_subset_is_exact(tool, toy_run, tmp_path):
     assert report["num_subset"] == 12 and report["num_train"] == 18
     assert report["labels_perc_preset"] == "10"  # 12 / 18 of the train folder: the 10% preset
     assert report["lr_backbone"] == pytest.approx(0.01 * 6 / 256) and report["lr_head"] == pytest.approx(0.2 * 6 / 256)
-    saved = json.loads((toy_run / "finetune_semi.json").read_text())
+    saved = json.loads((toy_run / f"finetune_semi_{subset.stem}.json").read_text())  # one report per subset
     assert saved["top1"] == 100.0 and saved["subset"] == str(subset)
 
 

@@ -30,8 +30,9 @@ the epochs, this tool the accuracy after the last epoch (choosing on val oversta
 a subset smaller than the batch is one batch, and the lrs scale with that size;
 a last batch of a single image is dropped (BatchNorm cannot train on it). The 1% or 10%
 preset is picked from the subset's share of the train folder unless --labels-perc says.
-Writes JSON (default RUN_DIR/finetune_semi.json, or <stem>_finetune_semi.json beside a
-backbone file) with the settings and the result.
+Writes JSON (default RUN_DIR/finetune_semi_<subset file's stem>.json, or
+<stem>_finetune_semi_<subset stem>.json beside a backbone file) with the settings and the
+result; the run's report picks each up.
 """
 
 from __future__ import annotations

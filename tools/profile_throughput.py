@@ -16,7 +16,7 @@ real run, with global_batch / G rows):
   3. end to end: the training loop itself (`fastssl.engine.train`) with the recipe's
      loader (`--data.backend`) for the warm-up and timed steps; images/s, the share of
      wall time spent waiting for data and images/s per step are read from its own log
-     (train_log.csv, one row per step);
+     (train_log.csv, one row per window of up to 10 steps: `log_every` in the report);
   4. the assignment alone (reference, custom op, Sinkhorn) at this process's rows, and with
      --gpus > 1 at the global batch too (without the reference there; fastssl.bench.assignment,
      as tools/bench_mira.py);

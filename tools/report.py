@@ -6,7 +6,8 @@
 
 From the loop's own meters (per epoch: images/s, data-wait share, step time, peak memory;
 per logged step: loss, images/s, the ML-CPC estimate), the online k-NN and any evaluation
-JSON in the run directory (eval_knn.json, eval_linear.json, finetune_semi*.json). Writes
+JSON in the run directory (eval_knn.json and eval_knn_<subset>.json, eval_linear.json,
+finetune_semi*.json; not eval_transfer.json, whose 11 datasets are a table of their own). Writes
 report.md, report.json (schema: docs/report_schema.md) and PNGs (loss, images/s over
 steps, k-NN, MI, step-time split).
 """

@@ -285,13 +285,14 @@ class EvalInputs:
     classes: list[str]
 
 
-def load_eval_inputs(args: argparse.Namespace, tool: str) -> EvalInputs:
+def load_eval_inputs(args: argparse.Namespace, tool: str, report: str | None = None) -> EvalInputs:
     """The backbone and both splits from the command line's target/--train/--val/--arch/
-    --image-size/--json, so that every bad input is an EvalError before any training starts."""
+    --image-size/--json, so that every bad input is an EvalError before any training starts.
+    `report` names the JSON report (`resolve_target`'s tool name; default: the tool's)."""
     refusal = one_process_refusal(f"tools/{tool}.py", f"tools/{tool}.py")
     if refusal:
         raise EvalError(refusal)
-    found = resolve_target(args.target, tool=tool, train=args.train, val=args.val, image_size=args.image_size,
+    found = resolve_target(args.target, tool=report or tool, train=args.train, val=args.val, image_size=args.image_size,
                            arch=args.arch, json_path=args.json, interpolation=args.interpolation,
                            crop_fraction=args.crop_fraction, mean=args.mean, std=args.std)
     backbone, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data

@@ -35,7 +35,8 @@ PRESETS = {"1": (0.02, 5.0), "10": (0.01, 0.2)}
 def prepare(args: argparse.Namespace) -> tuple[EvalInputs, list[tuple[str, int]]]:
     """Everything the command line names, loaded and checked (EvalError / EvalBackendError),
     and the subset's samples: a bad subset or a missing DALI fails here, not after fine-tuning."""
-    inputs = load_eval_inputs(args, "finetune_semi")
+    # one report per subset, as eval_knn's per memory bank: a 10 % run does not overwrite the 1 % one
+    inputs = load_eval_inputs(args, "finetune_semi", report=f"finetune_semi_{Path(args.subset).stem}")
     subset = subset_samples(Path(args.subset), inputs.train_samples, str(inputs.found["train"]))
     eval_loader_class(args.loader)
     return inputs, subset

@@ -20,7 +20,8 @@ from .environment import describe_environment, describe_recipe
 from .schema import ReportError, new_report
 
 # The evaluation tools' reports in a run directory: one name each, or a family (a k-NN per memory
-# bank, `eval_knn --subset`; a fine-tuning per subset).
+# bank, `eval_knn --subset`; a fine-tuning per subset, `finetune_semi_<subset>.json`; the older
+# `finetune_semi.json` too).
 EVAL_FILES = ("eval_knn.json", "eval_knn_*.json", "eval_linear.json", "finetune_semi*.json")
 
 
