@@ -31,6 +31,15 @@ def exit_with(err: Exception | str) -> NoReturn:
     sys.exit(2)
 
 
+def exit_once_per_node(err: Exception) -> NoReturn:
+    """`exit_with` for an error the command line alone decides (a bad flag or value): every process a
+    launcher started meets the same one, so the first process of each node (LOCAL_RANK 0) says it and
+    the others exit 2 silently: one line per node's log, not one per GPU."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        sys.exit(2)
+    exit_with(err)
+
+
 def without_worker_traceback(message: str) -> str:
     """The error's own message when a DataLoader worker raised it: torch re-raises it in the main process
     with "Caught X in DataLoader worker process N." and the worker's traceback in front of it."""
@@ -124,11 +133,14 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
     prog = prog or sys.argv[0]
     command = ["python", prog, *argv]
     try:
-        cfg, flags = parse(cfg, argv)
-        if flags["help"]:
-            print(usage(cfg, prog))
-            sys.exit(0)
-        check(cfg)
+        try:
+            cfg, flags = parse(cfg, argv)
+            if flags["help"]:
+                print(usage(cfg, prog))
+                sys.exit(0)
+            check(cfg)
+        except ConfigError as err:
+            exit_once_per_node(err)
         if flags["print_config"]:
             print(dump(cfg))
             sys.exit(0)

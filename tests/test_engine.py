@@ -290,6 +290,12 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
                          timeout=600)
     assert bad.returncode != 0
     assert "not divisible by the 2 processes" in bad.stderr
+    # a value the command line alone makes wrong: both processes exit 2, the node's first one says why
+    value = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run3"),
+                            "--optim.base_lr", "-1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert value.returncode != 0 and value.stderr.count("optim.base_lr: must be a finite number >= 0") == 1, value.stderr
+    assert "exitcode  : 2" in value.stderr, value.stderr  # torch's launcher reports the failed process's status
 
 
 def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
