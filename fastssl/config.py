@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 import io
 import json
@@ -27,6 +28,10 @@ from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, EvalView,
                                crop_fraction_errors, interpolation_errors)
 from pipelines.spec import DataConfig, eval_backend_errors
 
+# `method.objective` -> "module:Class" of its objective: names here, so that checking a config imports
+# no torch (a bad value is answered at once); `objective_class` imports the class.
+OBJECTIVES = {"mira": "fastssl.objectives:Mira", "mlcpc": "fastssl.objectives:MlCpc",
+              "mira+mlcpc": "fastssl.objectives:MiraPlusMlCpc"}
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
 HEADS = ("mira", "moco")  # ModelConfig.head
 STEMS = ("imagenet", "cifar")  # ModelConfig.stem
@@ -357,6 +362,12 @@ def _alpha_errors(cr: CriticConfig) -> list[str]:
     return errors
 
 
+def objective_class(name: str) -> type:
+    """The objective class registered as `name` in OBJECTIVES, its module imported now."""
+    module, cls = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def config_errors(cfg: Config) -> list[str]:
     """Every invalid value, as `section.field: problem (fix)`. Pure: touches no files."""
     e: list[str] = []
@@ -374,11 +385,9 @@ def config_errors(cfg: Config) -> list[str]:
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
-    from fastssl.objectives import OBJECTIVES  # the registry; not at the top: it imports the models, which import this
-
     if mt.objective not in OBJECTIVES:
         e.append(f"method.objective: unknown {mt.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    elif cfg.train.micro_batch_size and OBJECTIVES[mt.objective].couples_rows:
+    elif cfg.train.micro_batch_size and objective_class(mt.objective).couples_rows:
         e.append(f"train.micro_batch_size: method.objective {mt.objective} scores every row against the whole "
                  f"per-process batch (ML-CPC's one denominator), which gradient accumulation over chunks would change; "
                  f"set --train.micro_batch_size 0 (or lower --train.global_batch_size to fit memory)")

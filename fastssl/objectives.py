@@ -13,7 +13,7 @@ objective, in this order:
    then, so no key is ever scored as its own negative).
 
 `state` is what the checkpoint keeps for the objective (the ML-CPC key queue), or None.
-A new objective is one class with a `from_config` and one line in `OBJECTIVES`.
+A new objective is one class with a `from_config` and one line in `fastssl.config.OBJECTIVES`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import Tensor, nn
 
-from fastssl.config import ConfigError
+from fastssl.config import ConfigError, objective_class
 from fastssl.critic import CriticOutput, MlCpcCritic, QueueLongerThanData, shuffled_forward
 from fastssl.losses import swapped_prediction_loss
 from fastssl.ops import mira_assign_views, sinkhorn_assign
@@ -205,19 +205,11 @@ class MiraPlusMlCpc(WeightedSum):
         return cls([(1.0, Mira.from_config(cfg)), (cfg.method.mlcpc_weight, MlCpc.from_config(cfg, dataset_size))])
 
 
-# `method.objective` -> its class (config validation reads the names from here).
-OBJECTIVES: dict[str, type[Objective]] = {
-    "mira": Mira,
-    "mlcpc": MlCpc,
-    "mira+mlcpc": MiraPlusMlCpc,
-}
-
-
 def build_objective(cfg: Config, dataset_size: int | None = None, device: torch.device | str = "cpu") -> Objective:
     """The config's objective on `device`; a queue not smaller than `dataset_size` is refused here
     (ConfigError: only the data's size, known after the config was checked, makes it wrong)."""
     try:
-        objective = OBJECTIVES[cfg.method.objective].from_config(cfg, dataset_size)
+        objective = objective_class(cfg.method.objective).from_config(cfg, dataset_size)
     except QueueLongerThanData as err:
         raise ConfigError(f"critic.queue_size: {err}") from None
     return objective.to(device)

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import objectives
-from fastssl.config import Config, config_errors
+from fastssl.config import OBJECTIVES, Config, config_errors, objective_class
 from fastssl.engine import train, window_metrics
-from fastssl.objectives import OBJECTIVES, Objective, TeacherOutput, WeightedSum, build_objective
+from fastssl.objectives import Objective, TeacherOutput, WeightedSum, build_objective
 from fastssl.schedules import StepSchedule
 from test_engine import read_csv, tiny_config
 
@@ -40,12 +39,12 @@ def test_the_registry_is_the_list_config_validation_accepts(monkeypatch):
     cfg = Config()
     cfg.method.objective = "toy"
     assert any(e.startswith("method.objective: unknown 'toy'") for e in config_errors(cfg))
-    monkeypatch.setitem(OBJECTIVES, "toy", Fixed)
+    monkeypatch.setitem(OBJECTIVES, "toy", "test_objectives:Fixed")
     assert not any(e.startswith("method.objective") for e in config_errors(cfg))
     for name in ("mira", "mlcpc", "mira+mlcpc"):  # the shipped objectives build from a default config
         cfg.method.objective = name
         objective = build_objective(cfg)
-        assert isinstance(objective, OBJECTIVES[name])
+        assert isinstance(objective, objective_class(name))
         assert (objective.state is None) == (name == "mira")  # the ML-CPC queue is what a checkpoint keeps
         assert objective.uses_prototypes == (name != "mlcpc")
         assert objective.assignment == (None if name == "mlcpc" else "mira")
@@ -102,7 +101,7 @@ class Toy(Objective):
 def test_a_new_objective_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setitem(objectives.OBJECTIVES, "toy", Toy)
+    monkeypatch.setitem(OBJECTIVES, "toy", "test_objectives:Toy")
     cfg = tiny_config(tmp_path, epochs=1)
     cfg.method.objective, cfg.eval.knn_every, cfg.eval.knn_at_start = "toy", -1, False
     Toy.steps = 0
