@@ -35,6 +35,7 @@ OBJECTIVES = {"mira": "fastssl.objectives:Mira", "mlcpc": "fastssl.objectives:Ml
 BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
 HEADS = ("mira", "moco")  # ModelConfig.head
 STEMS = ("imagenet", "cifar")  # ModelConfig.stem
+EXPORTS = ("teacher", "student")  # ModelConfig.export
 DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (read by fastssl.critic as well)
 
 
@@ -52,6 +53,9 @@ class ModelConfig:
     num_prototypes: int = 3000  # K: prototypes, i.e. pseudo-label classes
     bn_stats: str = "per_view"  # per_view: each view normalised on its own (the authors'); per_forward: views pooled
     sync_bn: bool = True  # BN statistics over the global batch in distributed runs (per_view: gloo too)
+    # the encoder the run exports (backbone_<arch>.pth) and its k-NN scores: teacher (the EMA network, MIRA's
+    # evaluation) | student (the query encoder, MoCo's and ML-CPC's linear evaluation)
+    export: str = "teacher"
     head: str = "mira"  # projector: mira (Linear-BN-ReLU x2, Linear) | moco (Linear-ReLU-Linear with biases, no BN)
     stem: str = "imagenet"  # ResNet stem: imagenet (7x7 stride 2 + max-pool) | cifar (3x3 stride 1, no max-pool; 32 px)
 
@@ -382,6 +386,8 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"model.head: unknown {m.head!r}; choose one of {', '.join(HEADS)}")
     if m.stem not in STEMS:
         e.append(f"model.stem: unknown {m.stem!r}; choose one of {', '.join(STEMS)}")
+    if m.export not in EXPORTS:
+        e.append(f"model.export: unknown {m.export!r}; choose one of {', '.join(EXPORTS)}")
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")

@@ -7,8 +7,10 @@ from every rank), and the whole n x (1 + Q) matrix enters ONE ML-CPC denominator
 (`fastssl.losses.ml_cpc_bound`). n is this process's rows, as in the authors' MoCo code (each
 GPU flattens its own queries' N x (1 + Q) logits): the bound, and alpha_min(n, m), are those
 of the per-process batch, so on 8 processes a batch of 256 scores 8 bounds of 32 rows each.
-The training loss is minus the bound divided by alpha, as the authors do, so that the
-gradient scale does not grow as alpha shrinks.
+The training loss is minus the bound divided by alpha, as the authors' main_moco_cifar.py
+(`loss / alpha`). The bound's own gradient keeps about one scale across alpha, so the loss's
+grows tenfold from alpha 10 to 1 and again to 0.1: in `mira+mlcpc` the critic's weight against
+MIRA's loss moves from 0.1x to 10x `method.mlcpc_weight` over the curriculum.
 
 Direction (`critic.direction`): "one_way" is the authors' MoCo-v2 setting (queries from
 the student on view 0, keys from the EMA teacher on view 1, B keys enqueued per step);

@@ -115,7 +115,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     guard = DivergenceGuard(student, teacher, state, accelerator)
     stop = GracefulStop()
     if knn and cfg.eval.knn_at_start and state.step == 0:
-        results["knn_random_init"] = knn(teacher.backbone, "the randomly initialised network")
+        results["knn_random_init"] = knn(exported_backbone(cfg, parts), "the randomly initialised network")
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, parts, loader, state, log, stop, guard)
@@ -131,7 +131,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
             last = state.epoch == cfg.train.epochs
             if knn and should_eval(cfg.eval.knn_every, state.epoch, last):
                 try:
-                    scores = knn(teacher.backbone)
+                    scores = knn(exported_backbone(cfg, parts), f"the {cfg.model.export}")
                 except DataLayoutError as err:  # unreadable val images: keep the epoch's training, then say so
                     log.epoch(epoch_row)
                     save(cfg, run_dir, parts, state, guard, loader)
@@ -402,6 +402,11 @@ def backbone_path(cfg: Config, run_dir: Path) -> Path:
     return run_dir / f"backbone_{cfg.model.arch}.pth"
 
 
+def exported_backbone(cfg: Config, parts: StepParts) -> torch.nn.Module:
+    """The backbone the run exports and its k-NN scores (`model.export`): the EMA teacher's, or the student's."""
+    return parts.teacher.backbone if cfg.model.export == "teacher" else unwrap(parts.student).backbone
+
+
 def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
     """Refuse to start on a disk without room for one save: the weights twice (the optimiser's
     momentum is as large), the teacher, the critic's key queue and the backbone export."""
@@ -410,7 +415,7 @@ def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
                   "critic": critic.state_dict() if critic is not None else None}
     path = backbone_path(cfg, run_dir)
     needed = (ckpt.bytes_needed(checkpoint, run_dir / ckpt.CHECKPOINT_NAME)
-              + ckpt.bytes_needed(parts.teacher.backbone.state_dict(), path))
+              + ckpt.bytes_needed(exported_backbone(cfg, parts).state_dict(), path))
     ckpt.check_free_space(run_dir, needed, f"a checkpoint and {path.name}")
 
 
@@ -513,7 +518,7 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
     accelerator.wait_for_everyone()
     error: ckpt.CheckpointError | None = None
     try:
-        exports = ({backbone_path(cfg, run_dir): ckpt.backbone_state(teacher.backbone)}
+        exports = ({backbone_path(cfg, run_dir): ckpt.backbone_state(exported_backbone(cfg, parts))}
                    if accelerator.is_main_process else None)
         ckpt.save_checkpoint(run_dir, student=unwrap(parts.student), teacher=teacher, optimizer=parts.optimizer,
                              critic=parts.objective.state,

@@ -90,7 +90,9 @@ def alpha_schedule(progress: float, start: float, end: float) -> float:
 
 
 def critic_progress(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    """0 -> 1 over the run, moving once per epoch (the paper) or once per step."""
+    """epoch / epochs (the authors' main_moco_cifar.py: log alpha moves by 1 - epoch / epochs), or
+    step / steps with critic.alpha_per step: 0 at the start, 1 where training ends, so the last
+    epoch trains at end x (start / end) ** (1 / epochs) (0.1023 for 10 -> 0.1 over 200 epochs)."""
     if cfg.critic.alpha_per == "epoch":
-        return (step // steps_per_epoch) / max(cfg.train.epochs - 1, 1)
-    return step / max(cfg.train.epochs * steps_per_epoch - 1, 1)
+        return (step // steps_per_epoch) / max(cfg.train.epochs, 1)
+    return step / max(cfg.train.epochs * steps_per_epoch, 1)

@@ -18,8 +18,9 @@ moco_builder.py; MoCo-v2 = its ImageNet recipe):
 - critic: scores q.k / T with T = 0.07, queue of 65,536 keys gathered from all ranks (code).
   Keep the queue smaller than the dataset (the code's 65,536 > CIFAR's 50,000 would score
   stale copies of an image as its own negatives; we refuse that).
-- head: Linear(2048, 2048)-ReLU-Linear(2048, 128) with biases, no BN (`model.head moco`,
-  `--moco-dim 128`; code / MoCo-v2 `--mlp`).
+- head: Linear(2048, 2048)-ReLU-Linear(2048, 128) with biases, no BN (`model.head moco`;
+  MoCo-v2's `--mlp` with its default `--moco-dim 128`: the authors' ImageNet code is not public,
+  their CIFAR command uses 2048, recipes/mlcpc_moco_cifar.py).
 - optimiser: SGD momentum 0.9, lr 0.03 x batch/256, weight decay 1e-4 on EVERY parameter,
   BN and bias included (`optim.decay_bn_bias`; code: plain torch SGD over all parameters),
   cosine lr set once per epoch with no warm-up (`optim.cosine_per epoch`; code's
@@ -32,6 +33,14 @@ moco_builder.py; MoCo-v2 = its ImageNet recipe):
 - BatchNorm of the student (query encoder): per-view statistics (`model.bn_stats per_view`, as
   separate query/key forwards), over each process's own images (`model.sync_bn false`): MoCo's
   query encoder uses plain per-GPU BatchNorm (MIRA's recipes synchronise theirs).
+- evaluation: the query encoder (the student) is exported and scored by the k-NN
+  (`model.export student`; code: main_lincls_cifar.py keeps `module.encoder_q`), where MIRA's
+  recipes export the EMA teacher.
+- not here: the paper's Table 4 (ImageNet, ResNet-18, 30 epochs) is not this recipe's setting
+  (`--model.arch resnet18 --train.epochs 30`); MoCo-v2's ImageNet T is 0.2, the authors' 0.07
+  comes from their CIFAR command. With one process, N (this process's rows) and the query
+  encoder's BatchNorm batch are the whole 256, where the authors' per-GPU share depends on their
+  GPU count (not stated).
 """
 
 from fastssl.cli import run
@@ -50,6 +59,7 @@ def config() -> Config:
     cfg.model.head = "moco"
     cfg.model.proj_hidden_dim, cfg.model.proj_dim = 2048, 128
     cfg.model.sync_bn = False
+    cfg.model.export = "student"
     cfg.aug.num_local = 0
     cfg.aug.global_scale = (0.2, 1.0)
     cfg.aug.jitter = (0.4, 0.4, 0.4, 0.1)

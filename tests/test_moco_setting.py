@@ -127,3 +127,27 @@ def test_shuffle_bn_across_two_processes_is_a_local_forward_of_the_permuted_batc
     for z, expected, _ in outs:
         for got, want in zip(z, expected):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_student_writes_and_scores_the_query_encoder(tmp_path, capsys):
+    """ML-CPC's linear evaluation reads the query encoder (main_lincls_cifar.py keeps `module.encoder_q`):
+    with model.export student the exported backbone is the student's, not the EMA key encoder's, and the
+    loop's k-NN scores it."""
+    from pathlib import Path
+
+    from fastssl.engine import train
+    from test_engine import tiny_config
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    cfg.model.export = "student"
+    cfg.method.ema_momentum_start = cfg.method.ema_momentum_end = 0.9  # the teacher lags: the two differ
+    train(cfg)
+    run = Path(cfg.train.run_dir)
+    exported = torch.load(run / "backbone_resnet18.pth")
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    student = {k[len("backbone."):]: v for k, v in saved["student"].items() if k.startswith("backbone.")}
+    teacher = {k[len("backbone."):]: v for k, v in saved["teacher"].items() if k.startswith("backbone.")}
+    assert set(exported) == set(student) == set(teacher)
+    assert all(torch.equal(exported[k], student[k]) for k in exported)
+    assert any(not torch.equal(exported[k], teacher[k]) for k in exported if k.endswith("weight"))
+    assert "k-NN of the student" in capsys.readouterr().out

@@ -104,14 +104,18 @@ def test_mlcpc_moco_recipes_are_the_authors_setting():
     for name in ("mlcpc_moco", "mlcpc_moco_cifar"):
         cfg = load_recipe(name)
         assert (cfg.critic.direction, cfg.critic.shuffle_bn, cfg.model.head) == ("one_way", True, "moco")
-        assert cfg.model.proj_dim == 128 and cfg.aug.jitter == (0.4, 0.4, 0.4, 0.1)
+        assert cfg.aug.jitter == (0.4, 0.4, 0.4, 0.1) and cfg.model.export == "student"  # encoder_q is evaluated
         assert (cfg.optim.decay_bn_bias, cfg.optim.cosine_per, cfg.optim.warmup_epochs) == (True, "epoch", 0)
         assert cfg.critic.temperature == 0.07 and cfg.method.objective == "mlcpc"
         assert cfg.aug.interpolation == "bilinear"  # the authors' crops; MIRA's recipes keep bicubic
         assert not cfg.model.sync_bn  # MoCo's query encoder normalises per GPU (MIRA's recipes sync)
         cfg.data.train = "/data/train"
         validate(cfg, num_processes=1)
+    assert load_recipe("mlcpc_moco").model.proj_dim == 128  # MoCo-v2's --moco-dim
     cifar = load_recipe("mlcpc_moco_cifar")
-    assert (cifar.model.stem, cifar.aug.global_size, cifar.model.arch) == ("cifar", 32, "resnet18")
+    # the authors' CIFAR command: -a resnet50 --lr 0.3 --mlp --moco-dim 2048, batch 256, RandomResizedCrop(32)
+    assert (cifar.model.stem, cifar.aug.global_size, cifar.model.arch) == ("cifar", 32, "resnet50")
+    assert (cifar.model.proj_hidden_dim, cifar.model.proj_dim, cifar.optim.base_lr) == (2048, 2048, 0.3)
+    assert (cifar.train.global_batch_size, cifar.aug.global_scale) == (256, (0.08, 1.0))
     assert cifar.critic.queue_size < 50_000  # smaller than CIFAR-10's train set
     assert load_recipe("mlcpc_moco").model.stem == "imagenet"

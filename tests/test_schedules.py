@@ -112,13 +112,14 @@ def test_beta_and_ema_are_per_step_cosines():
 
 
 def test_alpha_curriculum_through_step_schedule():
-    """ML-CPC's curriculum (NOTES): log alpha moves linearly from log 10 to log 0.1, per epoch by default,
-    per step with critic.alpha_per step."""
+    """ML-CPC's curriculum (NOTES): log alpha moves linearly from log 10 towards log 0.1, per epoch by default,
+    per step with critic.alpha_per step; epoch e of E trains at the authors' (main_moco_cifar.py)
+    exp((log 10 - log 0.1)(1 - e / E) + log 0.1)."""
     cfg = Config()
     cfg.train.epochs, spe = 5, 10
     for s in (0, 9, 10, 25, 49):
         e = s // spe
-        want = math.exp(math.log(10) + e / 4 * (math.log(0.1) - math.log(10)))
-        assert step_schedule(cfg, s, spe).alpha == pytest.approx(want, rel=1e-12)
+        authors = math.exp((math.log(10) - math.log(0.1)) * (1 - e / 5) + math.log(0.1))
+        assert step_schedule(cfg, s, spe).alpha == pytest.approx(authors, rel=1e-12)
     cfg.critic.alpha_per = "step"
-    assert step_schedule(cfg, 25, spe).alpha == pytest.approx(math.exp(math.log(10) + 25 / 49 * math.log(0.01)))
+    assert step_schedule(cfg, 25, spe).alpha == pytest.approx(math.exp(math.log(10) + 25 / 50 * math.log(0.01)))
