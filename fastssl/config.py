@@ -36,6 +36,7 @@ BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
 HEADS = ("mira", "moco")  # ModelConfig.head
 STEMS = ("imagenet", "cifar")  # ModelConfig.stem
 EXPORTS = ("teacher", "student")  # ModelConfig.export
+CRITIC_BOUNDS = ("mlcpc", "cpc")  # CriticConfig.bound: the names of fastssl.losses.BOUNDS (no torch here)
 DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (read by fastssl.critic as well)
 
 
@@ -93,6 +94,9 @@ class CriticConfig:
     direction: str = "symmetric"  # symmetric (ours: both views, 2B keys/step) | one_way (authors': q view 0, k view 1)
     shuffle_bn: bool = False  # key encoder BN on shuffled sub-batches (MoCo's shuffle-BN); needs objective mlcpc, bn_stats per_view
     shuffle_bn_splits: int = 8  # one process: BN groups of the shuffled key batch (MoCo CIFAR demo: 8); else 1/process
+    # mlcpc (alpha-ML-CPC, Eq. 6: one denominator) | cpc (alpha-CPC, Eq. 4, each row on its own; at alpha 1
+    # InfoNCE, the authors' --loss cpc baseline: --critic.alpha_start 1 --critic.alpha_end 1)
+    bound: str = "mlcpc"
 
 
 @dataclass
@@ -407,6 +411,8 @@ def config_errors(cfg: Config) -> list[str]:
     e += _alpha_errors(cr)
     if cr.alpha_per not in ("epoch", "step"):
         e.append(f"critic.alpha_per: choose epoch or step, got {cr.alpha_per!r}")
+    if cr.bound not in CRITIC_BOUNDS:
+        e.append(f"critic.bound: unknown {cr.bound!r}; choose one of {', '.join(CRITIC_BOUNDS)}")
     if cr.direction not in DIRECTIONS:
         e.append(f"critic.direction: unknown {cr.direction!r}; choose one of {', '.join(DIRECTIONS)}")
     if cr.shuffle_bn_splits < 1:

@@ -4,8 +4,9 @@ Scores are those of a separable critic, log g(q, k) = q . k / T, between L2-norm
 student queries q and teacher keys k. Row i has ONE positive (its own key, the other view
 of the same image) and m - 1 = Q negatives (the queue: keys of earlier steps, gathered
 from every rank), and the whole n x (1 + Q) matrix enters ONE ML-CPC denominator
-(`fastssl.losses.ml_cpc_bound`). n is this process's rows, as in the authors' MoCo code (each
-GPU flattens its own queries' N x (1 + Q) logits): the bound, and alpha_min(n, m), are those
+(`fastssl.losses.ml_cpc_bound`; with `critic.bound cpc`, alpha-CPC, each row on its own). n is
+this process's rows, as in the authors' MoCo code (each GPU flattens its own queries' N x (1 + Q)
+logits): the bound, and alpha_min(n, m), are those
 of the per-process batch, so on 8 processes a batch of 256 scores 8 bounds of 32 rows each.
 The training loss is minus the bound divided by alpha, as the authors' main_moco_cifar.py
 (`loss / alpha`). The bound's own gradient keeps about one scale across alpha, so the loss's
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl.config import DIRECTIONS
-from fastssl.losses import ml_cpc_bound
+from fastssl.losses import BOUNDS
 from fastssl.models.per_view_bn import PerViewBatchNorm1d, PerViewBatchNorm2d
 
 
@@ -152,18 +153,21 @@ class CriticOutput:
 
 
 class MlCpcCritic(nn.Module):
-    """Separable critic q . k / T against a key queue, scored with alpha-ML-CPC."""
+    """Separable critic q . k / T against a key queue, scored with alpha-ML-CPC (or, `bound="cpc"`,
+    alpha-CPC: at alpha 1 InfoNCE, the paper's CPC baseline)."""
 
     def __init__(self, queue_size: int, dim: int, temperature: float = 0.07, dataset_size: int | None = None,
-                 direction: str = "symmetric"):
+                 direction: str = "symmetric", bound: str = "mlcpc"):
         super().__init__()
         # The temperature and queue size come validated by the config (critic.*, the distillation's
         # loss.*); the direction is checked here because a wrong one would silently score the
         # symmetric pairs.
         if direction not in DIRECTIONS:
             raise ValueError(f"critic direction: unknown {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+        if bound not in BOUNDS:
+            raise ValueError(f"critic bound: unknown {bound!r}; choose one of {', '.join(BOUNDS)}")
         self.temperature = temperature
-        self.direction = direction
+        self.direction, self.bound = direction, BOUNDS[bound]
         self.queue = KeyQueue(queue_size, dim, dataset_size)
 
     def pairs(self, student_z: list[Tensor], teacher_z: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -193,6 +197,6 @@ class MlCpcCritic(nn.Module):
         """Score against the queue as it is; the caller enqueues the step's keys afterwards
         (`keys_to_enqueue`, `queue.push`), once every micro-batch was scored."""
         pos, neg = self.scores(queries, keys)
-        bound = ml_cpc_bound(pos, neg, alpha)
+        bound = self.bound(pos, neg, alpha)
         m = neg.shape[1] + 1
         return CriticOutput(loss=-bound / alpha, mi_nats=bound.detach(), ceiling_nats=math.log(m / alpha))

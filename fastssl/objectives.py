@@ -134,7 +134,7 @@ class MlCpc(Objective):
     def from_config(cls, cfg: Config, dataset_size: int | None = None) -> MlCpc:
         c = cfg.critic
         critic = MlCpcCritic(c.queue_size, cfg.model.proj_dim, c.temperature, dataset_size=dataset_size,
-                             direction=c.direction)
+                             direction=c.direction, bound=c.bound)
         return cls(critic, c.shuffle_bn_splits if c.shuffle_bn else None)
 
     def teacher_forward(self, teacher, views):

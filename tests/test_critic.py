@@ -143,3 +143,31 @@ def test_one_way_direction_is_the_authors_formula(alpha):
 def test_unknown_direction_is_refused():
     with pytest.raises(ValueError, match="one_way"):
         MlCpcCritic(queue_size=4, dim=4, direction="both")
+
+
+def test_the_cpc_bound_at_alpha_1_is_the_authors_infonce_loss():
+    """critic.bound cpc at alpha 1 is the authors' `--loss cpc` baseline (main_moco_cifar.py: CrossEntropyLoss over
+    each row's [positive | queue] logits, target 0), up to the constant log m; the objective passes the switch."""
+    from fastssl.config import Config
+    from fastssl.losses import cpc_bound
+
+    torch.manual_seed(0)
+    critic = MlCpcCritic(queue_size=50, dim=8, temperature=0.07, direction="one_way", bound="cpc")
+    q, k = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    out = critic(q, k, alpha=1.0)
+    pos, neg = critic.scores(q, k)
+    authors = F.cross_entropy(torch.cat([pos[:, None], neg], 1), torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(out.loss, authors - math.log(51), rtol=0, atol=1e-5)
+    ml = MlCpcCritic(queue_size=50, dim=8, temperature=0.07, direction="one_way")
+    ml.queue.keys.copy_(critic.queue.keys)
+    assert abs(float(ml(q, k, alpha=1.0).loss - out.loss)) > 1e-3  # one denominator: another number
+    cfg = Config()
+    cfg.method.objective, cfg.critic.bound, cfg.critic.queue_size, cfg.model.proj_dim = "mlcpc", "cpc", 50, 8
+    assert MlCpc.from_config(cfg).critic.bound is cpc_bound
+
+
+def test_the_configs_bound_names_are_the_bounds():
+    from fastssl.config import CRITIC_BOUNDS
+    from fastssl.losses import BOUNDS
+
+    assert CRITIC_BOUNDS == tuple(BOUNDS)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["alpha_min", "cpc_bound", "ml_cpc_bound"]
+__all__ = ["BOUNDS", "alpha_min", "cpc_bound", "ml_cpc_bound"]
 
 
 def alpha_min(n: int, m: int) -> float:
@@ -73,3 +73,8 @@ def ml_cpc_bound(pos: Tensor, neg: Tensor, alpha: float = 1.0) -> Tensor:
     log_a, log_w = _log_weights(m, alpha)
     denominator = torch.logsumexp(torch.cat([pos + log_a, (neg + log_w).reshape(-1)]), dim=0)
     return pos.mean() + math.log(n * m) - denominator
+
+
+# The bounds by the names the configs use (critic.bound, the distillation's loss.bound):
+# J_alpha (Eq. 6) and L_alpha (Eq. 4; InfoNCE, the authors' `--loss cpc`, at alpha 1).
+BOUNDS = {"mlcpc": ml_cpc_bound, "cpc": cpc_bound}
