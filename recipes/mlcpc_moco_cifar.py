@@ -30,7 +30,7 @@ see its docstring for the sources), with what the authors' CIFAR command changes
   the authors' CIFAR test transform (ToTensor + Normalize): `eval.crop_fraction` 1.0, not
   ImageNet's resize 37 + centre crop 32, which would cut 2-3 px off each side. Their linear
   evaluation (main_lincls_cifar.py: lr 3, steps at epochs 60 and 80, 100 epochs, batch 256,
-  RandomCrop(32, padding 4) + flip) is not tools/eval_linear.py's protocol (MIRA's).
+  RandomCrop(32, padding 4) + flip) is `tools/eval_linear.py RUN --protocol mlcpc-cifar`.
 """
 
 import importlib.util

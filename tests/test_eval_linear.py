@@ -115,6 +115,15 @@ def test_linear_probe_is_exact_on_a_separable_set(per_epoch_report, toy_run):
     assert saved["precision"] == "fp32"  # --precision bf16 (the default) is bf16 autocast on a GPU only
 
 
+def test_the_mlcpc_cifar_protocol_runs_and_says_so(tool, toy_run, single_thread, tmp_path):
+    report = tool.main([str(toy_run), "--protocol", "mlcpc-cifar", "--epochs", "2", "--no-progress",
+                        "--json", str(tmp_path / "l.json")])
+    assert (report["protocol"], report["batch_size"], report["base_lr"], report["drop_last"]) == ("mlcpc-cifar", 18,
+                                                                                               3.0, False)
+    assert report["schedule"] == "x0.1 at epochs [60, 80]"
+    assert report["train_augmentation"].startswith(f"RandomCrop({TOY_SIZE}, padding=4) + horizontal flip")
+
+
 def test_precision_is_bf16_on_a_gpu_only_when_asked():
     from fastssl.eval.classifier import effective_precision
 
@@ -211,12 +220,58 @@ def test_fit_linear_steps_at_the_per_epoch_cosine(monkeypatch):
         for batch in batches:
             yield feats[batch], labels[batch]
 
-    args = argparse.Namespace(base_lr=0.075, batch_size=4, momentum=0.9, weight_decay=0.0, seed=0, epochs=5)
+    args = argparse.Namespace(base_lr=0.075, batch_size=4, momentum=0.9, weight_decay=0.0, seed=0, epochs=5,
+                              protocol="mira")
     linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), args)
     expected = [(e, [0.075 * 4 / 256 * (1 + math.cos(math.pi * e / 5)) / 2]) for e in range(5)]
     assert [e for e, _ in seen] == [e for e, _ in expected]  # 1 batch per epoch: the short 2 dropped (drop_last)
     for (_, lrs), (_, want) in zip(seen, expected):
         assert lrs == pytest.approx(want, rel=1e-12)
+
+
+def test_the_mlcpc_cifar_protocol_is_main_lincls_cifar(monkeypatch):
+    """ML-CPC's CIFAR linear evaluation (main_lincls_cifar.py, their README's --lr 3): lr 3 at batch 256, x0.1 at
+    epochs 60 and 80, 100 epochs, every batch kept; training crops RandomCrop(32, padding=4) + flip."""
+    import fastssl.eval.linear as linear
+    from torchvision import transforms as T
+
+    from fastssl.eval.classifier import train_transform
+
+    args = linear.apply_protocol(argparse.Namespace(protocol="mlcpc-cifar", epochs=None, batch_size=None,
+                                                    base_lr=None))
+    assert (args.epochs, args.batch_size, args.base_lr) == (100, 256, 3.0)
+    assert linear.apply_protocol(argparse.Namespace(protocol="mira", epochs=7, batch_size=None,
+                                                    base_lr=None)).epochs == 7  # a flag wins
+
+    seen, real_step = [], linear.sgd_step
+
+    def recording_step(opt, loss, bar=None, epoch=0):
+        seen.append((epoch, opt.param_groups[0]["lr"]))
+        return real_step(opt, loss, bar, epoch)
+
+    monkeypatch.setattr(linear, "sgd_step", recording_step)
+    feats, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def source(epoch, batches):
+        for batch in batches:
+            yield feats[batch], labels[batch]
+
+    run = argparse.Namespace(protocol="mlcpc-cifar", base_lr=3.0, batch_size=4, momentum=0.9, weight_decay=0.0,
+                             seed=0, epochs=100)
+    linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), run)
+    authors = [(e, 3.0 * 4 / 256 * (0.1 if e >= 60 else 1) * (0.1 if e >= 80 else 1)) for e in range(100) for _ in "ab"]
+    assert [e for e, _ in seen] == [e for e, _ in authors]  # 2 batches (4 + 2 images) per epoch: none dropped
+    assert [lr for _, lr in seen] == pytest.approx([lr for _, lr in authors], rel=1e-12)
+
+    view = EvalView(32, crop_fraction=1.0)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    theirs = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(view.mean, view.std)])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = train_transform(view, "pad-4")(img)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(ours, theirs(img), rtol=0, atol=0)
 
 
 def test_step_decay_matches_its_closed_form():

@@ -15,6 +15,11 @@ scaled to the run's crop size as tools/eval_knn.py does (resize size / 0.875, ce
 crop `size`; the run's eval.crop_fraction or --crop-fraction replaces 0.875: 1.0 for CIFAR,
 whose 32-px images are taken whole). Top-1 / top-5 on val, in percent.
 
+`--protocol mlcpc-cifar` is ML-CPC's CIFAR linear evaluation instead (their
+main_lincls_cifar.py as their README runs it: lr 3 at batch 256, x0.1 at epochs 60 and 80,
+100 epochs, RandomCrop(32, padding=4) + flip, every batch kept); --epochs, --batch-size and
+--base-lr override either protocol's values.
+
 Two ways to feed the classifier:
 - default (per-epoch augmentation, the paper's protocol): every epoch crops every image of
   its full batches afresh and runs the frozen backbone on it, i.e. one backbone forward per
@@ -45,7 +50,7 @@ import argparse
 from fastssl.cli import exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError, int_at_least, number_in
-from fastssl.eval.linear import linear_probe, prepare
+from fastssl.eval.linear import PROTOCOLS, apply_protocol, linear_probe, prepare
 from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
@@ -54,10 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     add_data_arguments(ap, train_help="labelled training folder (default: the run's data.train)")
-    ap.add_argument("--epochs", type=int_at_least(1), default=100)
-    ap.add_argument("--batch-size", type=int_at_least(1), default=1024)
-    ap.add_argument("--base-lr", type=number_in(0, low_open=True), default=0.075,
-                    help="lr = base_lr x batch / 256 (paper: 0.075)")
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="mira",
+                    help="mira: the MIRA paper's (cosine, random-resized crops, batch 1024, base lr 0.075, a short "
+                    "last batch dropped); mlcpc-cifar: ML-CPC's CIFAR main_lincls_cifar.py (lr 3 at batch 256, "
+                    "x0.1 at epochs 60 and 80, RandomCrop(32, padding=4)); both 100 epochs, momentum 0.9, wd 0")
+    ap.add_argument("--epochs", type=int_at_least(1), help="default: the protocol's (100)")
+    ap.add_argument("--batch-size", type=int_at_least(1), help="default: the protocol's (1024 / 256)")
+    ap.add_argument("--base-lr", type=number_in(0, low_open=True),
+                    help="lr = base_lr x batch / 256 (default: the protocol's: 0.075 / 3)")
     ap.add_argument("--momentum", type=number_in(0, 1, high_open=True), default=0.9)
     ap.add_argument("--weight-decay", type=number_in(0), default=0.0)
     ap.add_argument("--cached-features", action="store_true",
@@ -71,10 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_run_arguments(ap, loader_help="reader of the resize + centre-crop images (val, and the --cached-views 0 "
                                       "cache): torchvision or dali; the random-resized-crop training images always "
                                       "use torchvision")
-    args = ap.parse_args(argv)
-    if not args.base_lr > 0:
-        ap.error(f"--base-lr must be > 0, got {args.base_lr}")
-    return args
+    return apply_protocol(ap.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> dict:

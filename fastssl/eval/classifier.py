@@ -37,15 +37,24 @@ from pipelines.folder import DataLayoutError, scan_image_folder
 TRAIN_SCALE = (0.08, 1.0)
 
 
-def train_transform(view: EvalView, scale: tuple[float, float] = TRAIN_SCALE) -> T.Compose:
-    """Random-resized crop to the view's size + horizontal flip (bilinear, as the reference scripts),
-    normalised as the view."""
+def train_transform(view: EvalView, crop: str = "random-resized") -> T.Compose:
+    """A random crop of the view's size + horizontal flip, normalised as the view. `crop`:
+    "random-resized" (scale TRAIN_SCALE, bilinear, as MIRA's and SwAV's scripts) or "pad-4"
+    (RandomCrop with 4 px of zero padding, ML-CPC's CIFAR linear evaluation)."""
     return T.Compose([
-        T.RandomResizedCrop(view.size, scale=scale),
+        T.RandomResizedCrop(view.size, scale=TRAIN_SCALE) if crop == "random-resized"
+        else T.RandomCrop(view.size, padding=4),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(view.mean, view.std),
     ])
+
+
+def train_crop_words(view: EvalView, crop: str = "random-resized") -> str:
+    """`train_transform`'s crop + flip, in words, for reports."""
+    what = (f"RandomResizedCrop({view.size}, scale={TRAIN_SCALE})" if crop == "random-resized"
+            else f"RandomCrop({view.size}, padding=4)")
+    return f"{what} + horizontal flip"
 
 
 def scan_splits(train: str, val: str) -> tuple[list, list, list[str]]:

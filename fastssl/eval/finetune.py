@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
                                      epoch_batches, evaluate_head, load_eval_inputs, new_head, progress_bar,
-                                     sgd_step, step_decay, to_device, train_transform)
+                                     sgd_step, step_decay, to_device, train_crop_words, train_transform)
 from fastssl.eval.subsets import subset_samples
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
@@ -112,5 +112,5 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     }
     seconds = {"train": round(train_s, 2), "total": round(time.perf_counter() - start, 2)}
     return classifier_report(inputs, args.target, counts, acc, settings,
-                             f"RandomResizedCrop({view.size}, scale=(0.08, 1)) + horizontal flip", args.loader, losses,
+                             train_crop_words(view), args.loader, losses,
                              seconds, device, args.precision)

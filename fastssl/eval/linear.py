@@ -1,8 +1,9 @@
-"""MIRA's linear evaluation protocol on a frozen backbone (tools/eval_linear.py is its command line).
+"""Linear evaluation on a frozen backbone (tools/eval_linear.py is its command line).
 
-The protocol (paper Sec. 4.2 and footnotes 5-6, the authors' eval_linear.py): a linear
-classifier on the frozen backbone in eval mode, cross-entropy, SGD with the lr scaled by
-batch / 256 and cosine-annealed once per epoch to 0. The classifier is fed either fresh crops
+MIRA's protocol (paper Sec. 4.2 and footnotes 5-6, the authors' eval_linear.py), the default:
+a linear classifier on the frozen backbone in eval mode, cross-entropy, SGD with the lr scaled
+by batch / 256 and cosine-annealed once per epoch to 0, random-resized crops, a short last batch
+dropped. `PROTOCOLS` also holds ML-CPC's CIFAR protocol (their main_lincls_cifar.py). The classifier is fed either fresh crops
 every epoch (the protocol) or features cached once (`cached_source`, fast); given the same
 features both see the same batches in the same order, which is what lets the fast mode be
 checked against the slow one.
@@ -13,13 +14,15 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
                                      epoch_batches, evaluate_head, extract_eval, extract_samples, load_eval_inputs,
-                                     new_head, progress_bar, sgd_step, to_device, train_transform)
+                                     new_head, progress_bar, sgd_step, step_decay, to_device, train_crop_words,
+                                     train_transform)
 from fastssl.eval.errors import EvalError
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
@@ -27,8 +30,41 @@ from fastssl.schedules import cosine, scaled_lr
 from pipelines.augment import EvalView
 from pipelines.eval import eval_loader_class
 
-__all__ = ["FeatureSource", "prepare", "linear_probe", "fit_linear", "per_epoch_source", "cached_source",
+__all__ = ["Protocol", "PROTOCOLS", "apply_protocol", "FeatureSource", "prepare", "linear_probe", "fit_linear", "per_epoch_source", "cached_source",
            "cache_train_features", "cache_bytes", "check_cache_fits", "train_augmentation"]
+
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A linear evaluation's settings; the command line's flags override the first three."""
+
+    epochs: int
+    batch_size: int
+    base_lr: float  # lr = base_lr x batch / 256
+    milestones: tuple[int, ...]  # epochs where the lr is multiplied by `gamma`; () = cosine per epoch to 0
+    gamma: float
+    crop: str  # the training crop, `train_transform`'s: "random-resized" (scale 0.08-1) | "pad-4"
+    drop_last: bool  # a short last batch sits out each epoch
+
+
+PROTOCOLS = {
+    # MIRA: paper Sec. 4.2 (lr 0.075 x batch / 256, batch 1024, 100 epochs), the authors' eval_linear.py
+    "mira": Protocol(100, 1024, 0.075, (), 1.0, "random-resized", True),
+    # ML-CPC on CIFAR: main_lincls_cifar.py as their README runs it (--lr 3 at batch 256, x0.1 at
+    # epochs 60 and 80, RandomCrop(32, padding=4) + flip, every batch kept)
+    "mlcpc-cifar": Protocol(100, 256, 3.0, (60, 80), 0.1, "pad-4", False),
+}
+
+
+def apply_protocol(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the protocol's epochs / batch size / base lr wherever the command line left them out."""
+    protocol = PROTOCOLS[args.protocol]
+    for name in ("epochs", "batch_size", "base_lr"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(protocol, name))
+    return args
+
 
 # (features, labels) for one batch of training-set indices, given the epoch.
 FeatureSource = Callable[[int, list[list[int]]], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -109,17 +145,20 @@ def cached_source(feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
 
 def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argparse.Namespace,
                bar=None) -> list[float]:
-    """SGD on the head, lr cosine-annealed once per epoch (as the authors' script); the mean
-    training loss of every epoch."""
+    """SGD on the head, the lr set once per epoch by `args.protocol` (cosine to 0, or steps at its
+    milestones); the mean training loss of every epoch."""
+    protocol = PROTOCOLS[args.protocol]
     peak = scaled_lr(args.base_lr, args.batch_size)
     opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=args.momentum, weight_decay=args.weight_decay)
     order = torch.Generator().manual_seed(args.seed)
     losses = []
     for epoch in range(args.epochs):
         for group in opt.param_groups:
-            group["lr"] = cosine(epoch, args.epochs, peak, 0.0)
+            group["lr"] = (step_decay(epoch, peak, protocol.milestones, protocol.gamma) if protocol.milestones
+                           else cosine(epoch, args.epochs, peak, 0.0))
         total, count = 0.0, 0
-        for feats, labels in source(epoch, epoch_batches(n, args.batch_size, order, drop_short=True)):
+        batches = epoch_batches(n, args.batch_size, order, drop_short=protocol.drop_last)
+        for feats, labels in source(epoch, batches):
             loss = sgd_step(opt, F.cross_entropy(head(feats), labels), bar, epoch)
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
@@ -134,7 +173,8 @@ def cache_train_features(backbone, root: str, samples, view: EvalView, args, dev
     cache, labels, valid = None, None, None
     for copy in range(copies):
         if args.cached_views:
-            feats, labels, valid = extract_samples(backbone, samples, train_transform(view), args.extract_batch_size,
+            feats, labels, valid = extract_samples(backbone, samples, train_transform(view, PROTOCOLS[args.protocol].crop),
+                                                   args.extract_batch_size,
                                                    args.num_workers, device, bar, args.precision)
         else:
             feats, labels, valid = extract_eval(backbone, root, samples, view, args.loader, args.extract_batch_size,
@@ -151,7 +191,7 @@ def train_augmentation(args: argparse.Namespace, view: EvalView) -> str:
     """What the classifier was trained on, in words, for the report."""
     if args.cached_features and args.cached_views == 0:
         return f"none: one centre crop per image, cached ({view.describe()})"
-    crops = f"RandomResizedCrop({view.size}, scale=(0.08, 1)) + horizontal flip"
+    crops = train_crop_words(view, PROTOCOLS[args.protocol].crop)
     return f"{crops}, {args.cached_views} copies per image drawn once" if args.cached_features else \
         f"{crops}, fresh every epoch"
 
@@ -173,10 +213,12 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, view, args, device)
         source = cached_source(feats, labels, valid, device, args.seed)
     else:
-        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(view)), device,
+        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(view, PROTOCOLS[args.protocol].crop)), device,
                                   args.num_workers, args.precision)
     features_s = time.perf_counter() - start
-    steps = args.epochs * (len(train_samples) // args.batch_size)  # a short last batch is dropped
+    batches = (len(train_samples) // args.batch_size if PROTOCOLS[args.protocol].drop_last
+               else -(-len(train_samples) // args.batch_size))
+    steps = args.epochs * batches
     bar = progress_bar(steps, "linear classifier", not args.no_progress, unit="step")
     losses = fit_linear(head, source, len(train_samples), args, bar)
     if bar is not None:
@@ -185,13 +227,17 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, view, args.loader, args.extract_batch_size,
                         args.num_workers, device, not args.no_progress, "val features", args.precision)
     counts = {"num_train": len(train_samples), "num_val": len(inputs.val_samples), "num_classes": len(inputs.classes)}
+    protocol = PROTOCOLS[args.protocol]
     settings = {
+        "protocol": args.protocol,
         "features": ("cached" if args.cached_features else "per-epoch augmentation"),
         "cached_views": args.cached_views if args.cached_features else None,
         "cache_dtype": args.cache_dtype if args.cached_features else None,
         "epochs": args.epochs, "batch_size": args.batch_size, "batch_size_requested": requested,
         "base_lr": args.base_lr,
-        "lr": scaled_lr(args.base_lr, args.batch_size), "schedule": "cosine per epoch to 0",
+        "lr": scaled_lr(args.base_lr, args.batch_size),
+        "schedule": (f"x{protocol.gamma} at epochs {list(protocol.milestones)}" if protocol.milestones
+                     else "cosine per epoch to 0"), "drop_last": protocol.drop_last,
         "optimizer": "sgd", "momentum": args.momentum, "weight_decay": args.weight_decay, "seed": args.seed,
     }
     seconds = {"features": round(features_s, 2), "train": round(train_s, 2),
