@@ -54,6 +54,8 @@ class ModelConfig:
     num_prototypes: int = 3000  # K: prototypes, i.e. pseudo-label classes
     bn_stats: str = "per_view"  # per_view: each view normalised on its own (the authors'); per_forward: views pooled
     sync_bn: bool = True  # BN statistics over the global batch in distributed runs (per_view: gloo too)
+    # each residual branch's last BatchNorm starts at 0 (MIRA's authors) or, false, at 1 (MoCo's and ML-CPC's code)
+    zero_init_residual: bool = True
     # the encoder the run exports (backbone_<arch>.pth) and its k-NN scores: teacher (the EMA network, MIRA's
     # evaluation) | student (the query encoder, MoCo's and ML-CPC's linear evaluation)
     export: str = "teacher"

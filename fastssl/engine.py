@@ -244,7 +244,7 @@ def should_eval(every: int, epoch: int, last: bool) -> bool:
 def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[MiraNetwork, MiraNetwork]:
     m = cfg.model
     student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes, m.bn_stats, m.sync_bn,
-                          m.head, m.stem)
+                          m.head, m.stem, m.zero_init_residual)
     if not objective.uses_prototypes:  # no swapped prediction: the prototypes are unused (and DDP
         student.prototypes.requires_grad_(False)  # must not wait for their gradients)
     if (m.bn_stats == "per_forward" and m.sync_bn and accelerator.num_processes > 1

@@ -33,6 +33,8 @@ moco_builder.py; MoCo-v2 = its ImageNet recipe):
 - BatchNorm of the student (query encoder): per-view statistics (`model.bn_stats per_view`, as
   separate query/key forwards), over each process's own images (`model.sync_bn false`): MoCo's
   query encoder uses plain per-GPU BatchNorm (MIRA's recipes synchronise theirs).
+- initialisation: torchvision's ResNet as MoCo builds it, residual branches not zeroed
+  (`model.zero_init_residual false`; MIRA's recipes zero them, as its authors).
 - evaluation: the query encoder (the student) is exported and scored by the k-NN
   (`model.export student`; code: main_lincls_cifar.py keeps `module.encoder_q`), where MIRA's
   recipes export the EMA teacher.
@@ -60,6 +62,7 @@ def config() -> Config:
     cfg.model.proj_hidden_dim, cfg.model.proj_dim = 2048, 128
     cfg.model.sync_bn = False
     cfg.model.export = "student"
+    cfg.model.zero_init_residual = False
     cfg.aug.num_local = 0
     cfg.aug.global_scale = (0.2, 1.0)
     cfg.aug.jitter = (0.4, 0.4, 0.4, 0.1)

@@ -13,7 +13,7 @@ see its docstring for the sources), with what the authors' CIFAR command changes
   their resnet_cifar.resnet50). The exported backbone loads into `torchvision.models.resnet50()`
   after the same two changes (`fastssl.models.backbone.cifar_stem`); our eval tools detect the
   stem from conv1's shape. Their CIFAR ResNet keeps PyTorch's default initialisation, ours
-  torchvision's with zero-initialised residual branches (as MIRA's authors).
+  torchvision's (Kaiming-normal convolutions), residual branches not zeroed in either.
 - head Linear(2048, 2048)-ReLU-Linear(2048, 2048) (`--mlp --moco-dim 2048`).
 - lr 0.3 x batch/256 (0.3 at their batch 256), wd 1e-4, 200 epochs (Table 3 of the paper also
   reports 500 and 1000).

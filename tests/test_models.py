@@ -20,6 +20,10 @@ def test_projector_and_prototypes_as_notes():
     assert net.prototypes.weight.shape == (3000, 256)
     # zero-init residual: the last BN of every bottleneck starts at 0
     assert all(float(b.bn3.weight.detach().abs().max()) == 0 for b in net.backbone.layer1)
+    # MoCo's torchvision ResNet (model.zero_init_residual false): every BN weight starts at 1
+    moco = MiraNetwork("resnet18", 32, 16, 8, zero_init_residual=False)
+    blocks = [b for layer in (moco.backbone.layer1, moco.backbone.layer4) for b in layer]
+    assert all(torch.equal(b.bn2.weight.detach(), torch.ones_like(b.bn2.weight)) for b in blocks)
 
 
 def test_logits_are_cosines():

@@ -105,6 +105,7 @@ def test_mlcpc_moco_recipes_are_the_authors_setting():
         cfg = load_recipe(name)
         assert (cfg.critic.direction, cfg.critic.shuffle_bn, cfg.model.head) == ("one_way", True, "moco")
         assert cfg.aug.jitter == (0.4, 0.4, 0.4, 0.1) and cfg.model.export == "student"  # encoder_q is evaluated
+        assert not cfg.model.zero_init_residual  # MoCo's torchvision ResNet
         assert (cfg.optim.decay_bn_bias, cfg.optim.cosine_per, cfg.optim.warmup_epochs) == (True, "epoch", 0)
         assert cfg.critic.temperature == 0.07 and cfg.method.objective == "mlcpc"
         assert cfg.aug.interpolation == "bilinear"  # the authors' crops; MIRA's recipes keep bicubic

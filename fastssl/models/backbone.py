@@ -25,14 +25,15 @@ def cifar_stem(net: nn.Module) -> nn.Module:
     return net
 
 
-def build_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
-    """A randomly initialised ResNet with zero-init residual branches (as the authors).
+def build_backbone(arch: str, stem: str = "imagenet", zero_init_residual: bool = True) -> nn.Module:
+    """A randomly initialised ResNet, by default with zero-init residual branches (MIRA's authors';
+    MoCo's and ML-CPC's code keep torchvision's / PyTorch's default, `zero_init_residual=False`).
 
     `arch` and `stem` come validated (model.arch/stem in the config, --arch choices in the
     tools); the lookups still fail loudly on any other name.
     """
     feature_dim, change_stem = FEATURE_DIMS[arch], {"imagenet": None, "cifar": cifar_stem}[stem]
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     if change_stem is not None:
         change_stem(net)
     net.fc = nn.Identity()

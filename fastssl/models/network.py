@@ -17,17 +17,19 @@ class MiraNetwork(nn.Module):
     """Encoder f, projector g and prototypes h: logits = h(normalize(g(f(x))))."""
 
     def __init__(self, arch: str, proj_hidden_dim: int = 2048, proj_dim: int = 256, num_prototypes: int = 3000,
-                 bn_stats: str = "per_view", sync_bn: bool = True, head: str = "mira", stem: str = "imagenet"):
+                 bn_stats: str = "per_view", sync_bn: bool = True, head: str = "mira", stem: str = "imagenet",
+                 zero_init_residual: bool = True):
         """`bn_stats`: "per_view" normalises every view with its own batch statistics, as the
         authors' one-forward-per-view code does (over the global batch when `sync_bn` and a
         process group exist); "per_forward" normalises all views of one forward together.
         `head`: "mira" (BN projector) or "moco" (Linear-ReLU-Linear with biases, no BN);
-        `stem`: "imagenet" or "cifar" (3x3 stride-1 conv1, no max-pool)."""
+        `stem`: "imagenet" or "cifar" (3x3 stride-1 conv1, no max-pool); `zero_init_residual`: each
+        residual branch's last BatchNorm starts at 0 (MIRA's authors) or 1 (MoCo's)."""
         super().__init__()
         # The names are validated with the config (model.*); a lookup still fails loudly on any other.
         per_view = {"per_view": True, "per_forward": False}[bn_stats]
         self.bn_stats = bn_stats
-        self.backbone = build_backbone(arch, stem)
+        self.backbone = build_backbone(arch, stem, zero_init_residual)
         build_head = {"mira": build_projector, "moco": build_moco_head}[head]
         self.projector = build_head(self.backbone.feature_dim, proj_hidden_dim, proj_dim)
         self.prototypes = CosinePrototypes(proj_dim, num_prototypes)
