@@ -10,7 +10,8 @@ iterations each. Each iteration draws n = 128 pairs; every x_i is scored against
 y_j (its own y_i is the positive, the other 127 are the negatives: m = 128).
 
 Critics: separable, f(x) . g(y) with f, g MLPs (two hidden layers of 256, 32-dim
-output), and joint, an MLP on the concatenated pair (one hidden layer of 256 wide: the
+output; the authors' `mlp(..., layers)` in utils.py has layers + 1 hidden layers, and the
+notebook that sets `layers` is not in their repository: likely 2, i.e. three hidden layers), and joint, an MLP on the concatenated pair (one hidden layer of 256 wide: the
 hidden layer is evaluated for all 128 x 128 pairs, which is what makes a joint critic
 expensive; one layer keeps the whole experiment within 15 minutes on 2 CPU cores).
 Adam, lr 5e-4. Estimators: CPC (Eq. 4) and ML-CPC (Eq. 6) at alpha in {1, 0.1, 0.01}
@@ -93,7 +94,8 @@ class SeparableCritics(nn.Module):
 
 
 class JointCritics(nn.Module):
-    """E joint critics: scores[e, i, j] = w_e . relu(A_e x_i + B_e y_j + b_e) + c_e, for all pairs.
+    """E joint critics: scores[e, i, j] = w_e . relu(A_e x_i + B_e y_j + b_e), for all pairs (no output bias:
+    every bound is unchanged when all scores shift together).
 
     The first layer of an MLP on [x; y] splits into an x part and a y part, so it costs
     two small matmuls; the hidden layer over all n x n pairs is the real work.
