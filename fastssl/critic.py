@@ -6,8 +6,8 @@ of the same image) and m - 1 = Q negatives (the queue: keys of earlier steps, ga
 from every rank), and the whole n x (1 + Q) matrix enters ONE ML-CPC denominator
 (`fastssl.losses.ml_cpc_bound`; with `critic.bound cpc`, alpha-CPC, each row on its own). n is
 this process's rows, as in the authors' MoCo code (each GPU flattens its own queries' N x (1 + Q)
-logits): the bound, and alpha_min(n, m), are those
-of the per-process batch, so on 8 processes a batch of 256 scores 8 bounds of 32 rows each.
+logits): the bound, and alpha_min(n, m), are those of the per-process batch, so on 8 processes a
+batch of 256 scores 8 bounds of 32 rows each.
 The training loss is minus the bound divided by alpha, as the authors' main_moco_cifar.py
 (`loss / alpha`). The bound's own gradient keeps about one scale across alpha, so the loss's
 grows tenfold from alpha 10 to 1 and again to 0.1: in `mira+mlcpc` the critic's weight against

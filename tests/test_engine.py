@@ -294,7 +294,8 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     value = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run3"),
                             "--optim.base_lr", "-1"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=600)
-    assert value.returncode != 0 and value.stderr.count("optim.base_lr: must be a finite number >= 0") == 1, value.stderr
+    assert value.returncode != 0, value.stderr
+    assert value.stderr.count("optim.base_lr: must be a finite number >= 0") == 1, value.stderr
     assert "exitcode  : 2" in value.stderr, value.stderr  # torch's launcher reports the failed process's status
 
 

@@ -11,8 +11,9 @@ y_j (its own y_i is the positive, the other 127 are the negatives: m = 128).
 
 Critics: separable, f(x) . g(y) with f, g MLPs (two hidden layers of 256, 32-dim
 output; the authors' `mlp(..., layers)` in utils.py has layers + 1 hidden layers, and the
-notebook that sets `layers` is not in their repository: likely 2, i.e. three hidden layers), and joint, an MLP on the concatenated pair (one hidden layer of 256 wide: the
-hidden layer is evaluated for all 128 x 128 pairs, which is what makes a joint critic
+notebook that sets `layers` is not in their repository: likely 2, i.e. three hidden layers),
+and joint, an MLP on the concatenated pair (one hidden layer of 256 wide: the hidden layer is
+evaluated for all 128 x 128 pairs, which is what makes a joint critic
 expensive; one layer keeps the whole experiment within 15 minutes on 2 CPU cores).
 Adam, lr 5e-4. Estimators: CPC (Eq. 4) and ML-CPC (Eq. 6) at alpha in {1, 0.1, 0.01}
 and alpha_min(n, m); each estimator trains its own critic on its own bound. All 8

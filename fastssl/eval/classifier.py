@@ -301,9 +301,10 @@ def load_eval_inputs(args: argparse.Namespace, tool: str, report: str | None = N
     refusal = one_process_refusal(f"tools/{tool}.py", f"tools/{tool}.py")
     if refusal:
         raise EvalError(refusal)
-    found = resolve_target(args.target, tool=report or tool, train=args.train, val=args.val, image_size=args.image_size,
-                           arch=args.arch, json_path=args.json, interpolation=args.interpolation,
-                           crop_fraction=args.crop_fraction, mean=args.mean, std=args.std)
+    found = resolve_target(args.target, tool=report or tool, train=args.train, val=args.val,
+                           image_size=args.image_size, arch=args.arch, json_path=args.json,
+                           interpolation=args.interpolation, crop_fraction=args.crop_fraction, mean=args.mean,
+                           std=args.std)
     backbone, arch = load_backbone(found["checkpoint"], found["arch"])  # a wrong file is named before no data
     require_data(found)
     train_samples, val_samples, classes = scan_splits(found["train"], found["val"])

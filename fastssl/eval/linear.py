@@ -3,10 +3,10 @@
 MIRA's protocol (paper Sec. 4.2 and footnotes 5-6, the authors' eval_linear.py), the default:
 a linear classifier on the frozen backbone in eval mode, cross-entropy, SGD with the lr scaled
 by batch / 256 and cosine-annealed once per epoch to 0, random-resized crops, a short last batch
-dropped. `PROTOCOLS` also holds ML-CPC's CIFAR protocol (their main_lincls_cifar.py). The classifier is fed either fresh crops
-every epoch (the protocol) or features cached once (`cached_source`, fast); given the same
-features both see the same batches in the same order, which is what lets the fast mode be
-checked against the slow one.
+dropped. `PROTOCOLS` also holds ML-CPC's CIFAR protocol (their main_lincls_cifar.py). The
+classifier is fed either fresh crops every epoch (the protocol) or features cached once
+(`cached_source`, fast); given the same features both see the same batches in the same order,
+which is what lets the fast mode be checked against the slow one.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from fastssl.schedules import cosine, scaled_lr
 from pipelines.augment import EvalView
 from pipelines.eval import eval_loader_class
 
-__all__ = ["Protocol", "PROTOCOLS", "apply_protocol", "FeatureSource", "prepare", "linear_probe", "fit_linear", "per_epoch_source", "cached_source",
-           "cache_train_features", "cache_bytes", "check_cache_fits", "train_augmentation"]
+__all__ = ["Protocol", "PROTOCOLS", "apply_protocol", "FeatureSource", "prepare", "linear_probe", "fit_linear",
+           "per_epoch_source", "cached_source", "cache_train_features", "cache_bytes", "check_cache_fits", "train_augmentation"]
 
 
 
@@ -168,14 +168,14 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
 def cache_train_features(backbone, root: str, samples, view: EvalView, args, device) -> tuple[torch.Tensor, ...]:
     """K augmented copies (or one centre crop, read by --loader) of every training image through
     the backbone, as one preallocated K x N x D tensor (no second copy of an ImageNet-sized cache)."""
-    copies = max(args.cached_views, 1)
+    copies, crop = max(args.cached_views, 1), PROTOCOLS[args.protocol].crop
     bar = progress_bar(copies * len(samples), "caching train features", not args.no_progress, unit="img")
     cache, labels, valid = None, None, None
     for copy in range(copies):
         if args.cached_views:
-            feats, labels, valid = extract_samples(backbone, samples, train_transform(view, PROTOCOLS[args.protocol].crop),
-                                                   args.extract_batch_size,
-                                                   args.num_workers, device, bar, args.precision)
+            feats, labels, valid = extract_samples(backbone, samples, train_transform(view, crop),
+                                                   args.extract_batch_size, args.num_workers, device, bar,
+                                                   args.precision)
         else:
             feats, labels, valid = extract_eval(backbone, root, samples, view, args.loader, args.extract_batch_size,
                                                 args.num_workers, device, bar, args.precision)
@@ -202,7 +202,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     The batch is capped at the training set's size and the lr scales with the batch used;
     the report keeps the requested one beside it."""
     found, train_samples = inputs.found, inputs.train_samples
-    device, view = pick_device(args.device), found["view"]
+    device, view, protocol = pick_device(args.device), found["view"], PROTOCOLS[args.protocol]
     torch.manual_seed(args.seed)  # the random crops
     requested = args.batch_size
     args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples))})
@@ -213,10 +213,10 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, view, args, device)
         source = cached_source(feats, labels, valid, device, args.seed)
     else:
-        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(view, PROTOCOLS[args.protocol].crop)), device,
-                                  args.num_workers, args.precision)
+        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(view, protocol.crop)),
+                                  device, args.num_workers, args.precision)
     features_s = time.perf_counter() - start
-    batches = (len(train_samples) // args.batch_size if PROTOCOLS[args.protocol].drop_last
+    batches = (len(train_samples) // args.batch_size if protocol.drop_last
                else -(-len(train_samples) // args.batch_size))
     steps = args.epochs * batches
     bar = progress_bar(steps, "linear classifier", not args.no_progress, unit="step")
@@ -227,7 +227,6 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     acc = evaluate_head(backbone, head, found["val"], inputs.val_samples, view, args.loader, args.extract_batch_size,
                         args.num_workers, device, not args.no_progress, "val features", args.precision)
     counts = {"num_train": len(train_samples), "num_val": len(inputs.val_samples), "num_classes": len(inputs.classes)}
-    protocol = PROTOCOLS[args.protocol]
     settings = {
         "protocol": args.protocol,
         "features": ("cached" if args.cached_features else "per-epoch augmentation"),

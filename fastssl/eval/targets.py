@@ -33,8 +33,8 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
 
     Flags win over the run's config.json; a bare backbone file gets ImageNet's defaults. `train_keys`
     are the config.data fields tried in order for the training folder (the k-NN prefers its own
-    `knn_train`). Relative data paths of the config are taken from the directory the run was started in (`start_dir`),
-    so the tools work from any directory; flags are relative to this one, as usual. The
+    `knn_train`). Relative data paths of the config are taken from the directory the run was started
+    in (`start_dir`), so the tools work from any directory; flags are relative to this one, as usual. The
     report goes to RUN_DIR/<tool>.json, or <stem>_<tool>.json beside a bare backbone file.
     The data paths may still be missing: `require_data` says so, once the backbone has loaded,
     so that a wrong file (checkpoint.pt) is named before the flags it would also need.
