@@ -8,8 +8,8 @@ libjpeg-turbo and resamples on its own threads.
 
 Same transform as `pipelines.eval.eval_transform`: shorter side to round(size / crop_fraction)
 with an antialiased linear (or, with `interpolation="bicubic"`, cubic) filter (torchvision's
-resize of a PIL image also antialiases), centre crop `size`, the view's mean/std, with torchvision's output
-sizes and crop offsets to the pixel. The two resamplers differ in detail, so
+resize of a PIL image also antialiases), centre crop `size`, the view's mean/std, with
+torchvision's output sizes and crop offsets to the pixel. The two resamplers differ in detail, so
 pixels agree closely but not exactly (tests/test_eval_loaders.py measures it).
 
 Same iteration contract: (images N x 3 x S x S float on `device`, labels, dataset

@@ -13,8 +13,8 @@ DINO's own k-NN script resizes bicubic: `--interpolation bicubic`) and centre cr
 the run's eval.crop_fraction (or `--crop-fraction`) replaces 0.875: 1.0 takes CIFAR's
 32-px images whole; normalised with the run's training mean/std (aug.mean / aug.std, or
 `--mean` / `--std`; ImageNet's for a bare backbone file). The loop's own k-NN uses the same
-transform, so on the same checkpoint this tool gives the same k = 20 figure; `--loader dali` reads them through DALI with the
-same geometry, within about one grey level (0.2 on average).
+transform, so on the same checkpoint this tool gives the same k = 20 figure; `--loader dali`
+reads them through DALI with the same geometry, within about one grey level (0.2 on average).
 
 `--subset 1percent.txt` keeps in the memory bank only the train images a subset file names:
 the paper's 1 % / 10 % k-NN (Table 3) uses the semi-supervised benchmark's subsets, the
