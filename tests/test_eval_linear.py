@@ -202,15 +202,14 @@ def test_linear_schedule_is_the_per_epoch_cosine():
         assert cosine(e, 100, 0.3, 0.0) == pytest.approx(0.3 * 0.5 * (1 + np.cos(np.pi * e / 100)))
 
 
-def test_fit_linear_steps_at_the_per_epoch_cosine(monkeypatch):
-    """The lr the probe's optimiser holds at every step of epoch e of E is base_lr x batch / 256 x
-    (1 + cos(pi e / E)) / 2, written out here (NOTES: lr 0.075 x batch/256, cosine per epoch to 0)."""
+def lrs_of_fit_linear(monkeypatch, args: argparse.Namespace) -> list[tuple[int, float]]:
+    """(epoch, lr) of every step `fit_linear` takes on 6 toy features (batches of args.batch_size)."""
     import fastssl.eval.linear as linear
 
     seen, real_step = [], linear.sgd_step
 
     def recording_step(opt, loss, bar=None, epoch=0):
-        seen.append((epoch, [g["lr"] for g in opt.param_groups]))
+        seen.append((epoch, opt.param_groups[0]["lr"]))
         return real_step(opt, loss, bar, epoch)
 
     monkeypatch.setattr(linear, "sgd_step", recording_step)
@@ -220,13 +219,19 @@ def test_fit_linear_steps_at_the_per_epoch_cosine(monkeypatch):
         for batch in batches:
             yield feats[batch], labels[batch]
 
+    linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), args)
+    return seen
+
+
+def test_fit_linear_steps_at_the_per_epoch_cosine(monkeypatch):
+    """The lr the probe's optimiser holds at every step of epoch e of E is base_lr x batch / 256 x
+    (1 + cos(pi e / E)) / 2, written out here (NOTES: lr 0.075 x batch/256, cosine per epoch to 0)."""
     args = argparse.Namespace(base_lr=0.075, batch_size=4, momentum=0.9, weight_decay=0.0, seed=0, epochs=5,
                               protocol="mira")
-    linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), args)
-    expected = [(e, [0.075 * 4 / 256 * (1 + math.cos(math.pi * e / 5)) / 2]) for e in range(5)]
+    seen = lrs_of_fit_linear(monkeypatch, args)
+    expected = [(e, 0.075 * 4 / 256 * (1 + math.cos(math.pi * e / 5)) / 2) for e in range(5)]
     assert [e for e, _ in seen] == [e for e, _ in expected]  # 1 batch per epoch: the short 2 dropped (drop_last)
-    for (_, lrs), (_, want) in zip(seen, expected):
-        assert lrs == pytest.approx(want, rel=1e-12)
+    assert [lr for _, lr in seen] == pytest.approx([lr for _, lr in expected], rel=1e-12)
 
 
 def test_the_mlcpc_cifar_protocol_is_main_lincls_cifar(monkeypatch):
@@ -243,22 +248,9 @@ def test_the_mlcpc_cifar_protocol_is_main_lincls_cifar(monkeypatch):
     assert linear.apply_protocol(argparse.Namespace(protocol="mira", epochs=7, batch_size=None,
                                                     base_lr=None)).epochs == 7  # a flag wins
 
-    seen, real_step = [], linear.sgd_step
-
-    def recording_step(opt, loss, bar=None, epoch=0):
-        seen.append((epoch, opt.param_groups[0]["lr"]))
-        return real_step(opt, loss, bar, epoch)
-
-    monkeypatch.setattr(linear, "sgd_step", recording_step)
-    feats, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-
-    def source(epoch, batches):
-        for batch in batches:
-            yield feats[batch], labels[batch]
-
     run = argparse.Namespace(protocol="mlcpc-cifar", base_lr=3.0, batch_size=4, momentum=0.9, weight_decay=0.0,
                              seed=0, epochs=100)
-    linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), run)
+    seen = lrs_of_fit_linear(monkeypatch, run)
     authors = [(e, 3.0 * 4 / 256 * (0.1 if e >= 60 else 1) * (0.1 if e >= 80 else 1)) for e in range(100) for _ in "ab"]
     assert [e for e, _ in seen] == [e for e, _ in authors]  # 2 batches (4 + 2 images) per epoch: none dropped
     assert [lr for _, lr in seen] == pytest.approx([lr for _, lr in authors], rel=1e-12)
