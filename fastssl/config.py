@@ -145,8 +145,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Online k-NN on the val split (DINO protocol), with teacher features; its images are normalised with
-    the training crops' aug.mean / aug.std (`eval_view`)."""
+    """Online k-NN on the val split (DINO protocol), with the features of the encoder the run exports
+    (model.export: the EMA teacher by default); its images are normalised with the training crops'
+    aug.mean / aug.std (`eval_view`)."""
 
     knn_every: int = 10  # epochs between online k-NN evaluations; 0 = only after the last epoch; -1 = never
     knn_at_start: bool = False  # also run the k-NN on the randomly initialised network (a baseline)

@@ -27,7 +27,8 @@ def cosine(step: int, total_steps: int, start: float, end: float) -> float:
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0,
                   start: float = 0.0) -> float:
-    """Linear warm-up from `start` towards `peak` over `warmup_steps`, then per-step cosine from `peak` to `final`.
+    """Linear warm-up from `start` towards `peak` over `warmup_steps`, then per-step cosine from `peak`
+    to `final`.
 
     The MIRA authors' schedule (`src/scheduler.py`, a torch LRScheduler stepped after every optimiser
     step, whose first value is computed at construction): warm-up step i trains at

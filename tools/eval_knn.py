@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_loader_class(args.loader)  # a missing DALI fails here, before any work
         bank_listing = subset_listing(Path(args.subset), found["train"]) if args.subset else None
         device = pick_device(args.device)
-        accelerator = Accelerator(cpu=device.type == "cpu",
-                                  mixed_precision="bf16" if effective_precision(device, args.precision) == "bf16" else "no")
+        precision = effective_precision(device, args.precision)
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")
         # Scans both folders: a bad layout, one class or different classes fail here, before any work.
         # Under `accelerate launch` each process embeds its share of each split; the queries are gathered,
         # the memory bank stays sharded (fastssl.eval.online.knn_scores).
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
               "val": found["val"], "image_size": found["view"].size, "interpolation": found["view"].interpolation,
               "crop_fraction": found["view"].crop_fraction, "mean": list(found["view"].mean),
               "std": list(found["view"].std), "loader": args.loader,
-              "temperature": args.temperature, "precision": effective_precision(accelerator.device, args.precision),
+              "temperature": args.temperature, "precision": precision,
               "k": results,
               "images": {"bank": bank_size, "queries": query_size},
               "seconds": round(time.perf_counter() - start, 2),

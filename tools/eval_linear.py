@@ -24,13 +24,13 @@ Two ways to feed the classifier:
 - default (per-epoch augmentation, the paper's protocol): every epoch crops every image of
   its full batches afresh and runs the frozen backbone on it, i.e. one backbone forward per
   image per epoch (100 passes over the training set; hours on ImageNet even on a GPU, too slow
-  on a CPU). In both modes a short last batch is dropped each epoch (a different one each
-  time), as the authors' DataLoader(drop_last=True).
+  on a CPU). Under MIRA's protocol, in both modes, a short last batch is dropped each epoch
+  (a different one each time), as the authors' DataLoader(drop_last=True).
 - --cached-features (fast, NOT the paper's protocol): the backbone runs once per cached
   copy. With --cached-views K (default 10) the cache holds K random-resized-crop + flip
   copies of every training image, drawn once; every epoch each image (of a full batch)
-  contributes ONE of its K copies, picked at random, so the classifier sees at most K distinct augmentations
-  of an image instead of a fresh one per epoch. --cached-views 0 caches the val transform
+  contributes ONE of its K copies, picked at random, so the classifier sees at most K
+  distinct augmentations of an image instead of a fresh one per epoch. --cached-views 0 caches the val transform
   (resize + centre crop, no augmentation) once per image. The cache takes K x N x D x 4
   bytes of memory (ImageNet, ResNet-50, K = 10: 105 GB; --cache-dtype float16 halves it) plus
   one copy's float32 features while it is built; the tool refuses before any work when the

@@ -103,7 +103,7 @@ def decay_epochs(text: str) -> list[int]:
 
 def config_errors(cfg: DistillConfig) -> list[str]:
     """Every invalid value as `section.field: problem; fix`. Pure: touches no files."""
-    from fastssl.distill.losses import BOUNDS  # registries beside torch code: imported here, not for `--help`
+    from fastssl.losses import BOUNDS  # registries beside torch code: imported here, not for `--help`
     from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS
 
     e: list[str] = []

@@ -31,8 +31,8 @@ from pipelines.augment import EvalView
 from pipelines.eval import eval_loader_class
 
 __all__ = ["Protocol", "PROTOCOLS", "apply_protocol", "FeatureSource", "prepare", "linear_probe", "fit_linear",
-           "per_epoch_source", "cached_source", "cache_train_features", "cache_bytes", "check_cache_fits", "train_augmentation"]
-
+           "per_epoch_source", "cached_source", "cache_train_features", "cache_bytes", "check_cache_fits",
+           "train_augmentation"]
 
 
 @dataclass(frozen=True)
