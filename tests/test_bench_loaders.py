@@ -26,6 +26,7 @@ def test_every_backend_is_measured_and_written(image_folder, tmp_path, monkeypat
         assert len(r["runs"]) == 2 and r["min"] <= r["images_per_s"] <= r["max"] and r["images_per_s"] > 0, name
         assert r["vs_torchvision"] == pytest.approx(r["images_per_s"] / written["backends"]["torchvision"]["images_per_s"])
         assert r["device_used_mb"] is None and r["device_added_mb"] is None  # CPU: no device memory to report
+        assert len(r["epoch_start_runs"]) == 2 and r["epoch_start_s"] > 0, name
     assert written["config"]["views"] == 4 and written["machine"]["cpus"] >= 1
 
 
@@ -104,3 +105,36 @@ def test_device_memory_is_read_while_each_timed_epoch_lives_and_its_maximum_kept
     assert events[:8] == ["read", "a batch", "a closed", "read", "read", "b batch", "b closed", "read"], events
     timed = events[8:]
     assert timed[:3] == ["a batch", "read", "a closed"], timed  # read while the timed epoch lives
+
+
+def test_an_epochs_start_is_timed_apart_from_its_rate(monkeypatch):
+    """The seconds to an epoch's first batch (a DALI pipeline built, workers spawned) are reported
+    on their own, and the rate counts only the batches after the warm-up. A fake clock that the
+    loader advances: 5 s to start an epoch, 1 s per batch after."""
+    import torch
+
+    from fastssl.bench import loaders as bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    class Batch:
+        batch_size = 4
+
+    class Loader:
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+        def __iter__(self):
+            clock[0] += 5.0
+            while True:
+                yield Batch()
+                clock[0] += 1.0
+
+    timing = bench.time_epoch(Loader(), 0, warmup=2, batches=3, device=torch.device("cpu"))
+    # timed: the batches 3 to 5 (the 1 s before each), 12 images in 3 s
+    assert timing == bench.EpochTiming(images_per_s=4.0, start_s=5.0)
+    assert bench.time_epoch(Loader(), 0, warmup=0, batches=3, device=torch.device("cpu")).start_s is None
+    starts: dict = {}
+    bench.interleaved_rates({"a": Loader()}, repeats=3, warmup=1, batches=1, device=torch.device("cpu"), starts=starts)
+    assert starts == {"a": [5.0, 5.0, 5.0]}

@@ -377,7 +377,7 @@ def test_profile_converts_its_beton_into_the_scratch_folder(tmp_path, monkeypatc
         return range(1000)  # a loader stand-in: only its length (batches per epoch) is read
 
     monkeypatch.setattr(pipelines, "build_train_loader", fake_loader)
-    monkeypatch.setattr(bench, "time_epoch", lambda *a: 1.0)
+    monkeypatch.setattr(bench, "time_epoch", lambda *a: bench.EpochTiming(1.0, None))
     monkeypatch.chdir(tmp_path)
     scratch = tmp_path / "out" / ".scratch-x"
     scratch.mkdir(parents=True)

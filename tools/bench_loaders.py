@@ -8,7 +8,9 @@ Same images, same recipe, same batch size for every backend; the backends are
 interleaved within each repetition (torchvision, dali, ffcv, synthetic, then again), so
 that a noisy shared machine slows them alike, and the median over repetitions is
 reported with its spread. Each repetition is a fresh epoch: its first `--warmup`
-batches (pipeline start-up, worker spawn) are not timed. On a GPU the views are
+batches (pipeline start-up, worker spawn) are not timed in the rate; the seconds from the
+epoch's start to its first batch are reported on their own ('start s', median): a
+training run pays them once per epoch. On a GPU the views are
 delivered to it and the clock stops after a synchronise, and two device-memory columns
 are added (every allocator, DALI's and nvJPEG's pools included): what each loader's first
 batch added, and what the process held at the end of its timed passes (the readings
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -185,19 +188,25 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  repeat {rep + 1}/{args.repeats} {name:{width}s} {rate:9.1f} images/s", flush=True)
 
     memory: dict[str, dict] = {}
-    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress, memory)
-    results = {name: {**loader_bench.summarize(runs[name]), "device_added_mb": memory[name]["added_mb"],
-                      "device_used_mb": memory[name]["used_mb"]} for name in names}
+    starts: dict[str, list[float]] = {}
+    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress, memory,
+                                          starts)
+    results = {name: {**loader_bench.summarize(runs[name]),
+                      "epoch_start_s": statistics.median(starts[name]) if name in starts else None,
+                      "epoch_start_runs": starts.get(name, []),
+                      "device_added_mb": memory[name]["added_mb"], "device_used_mb": memory[name]["used_mb"]}
+               for name in names}
     ref = results["torchvision"]["images_per_s"] if "torchvision" in results else None
     cuda = device.type == "cuda"
-    print(f"\n{'backend':{width}s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s}"
+    print(f"\n{'backend':{width}s} {'images/s':>10s} {'min':>9s} {'max':>9s} {'x torchvision':>14s} {'start s':>8s}"
           + (f" {'added MiB':>10s} {'in use MiB':>11s}" if cuda else ""))
     for name, r in results.items():
         med = r["images_per_s"]
         r["vs_torchvision"] = med / ref if ref else None
         ratio = f"{med / ref:14.2f}" if ref else f"{'-':>14s}"
+        start = f"{r['epoch_start_s']:8.2f}" if r["epoch_start_s"] is not None else f"{'-':>8s}"
         mib = f" {r['device_added_mb']:10.0f} {r['device_used_mb']:11.0f}" if cuda else ""
-        print(f"{name:{width}s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio}{mib}")
+        print(f"{name:{width}s} {med:10.1f} {r['min']:9.1f} {r['max']:9.1f} {ratio} {start}{mib}")
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)}")
     report = {

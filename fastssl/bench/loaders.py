@@ -3,7 +3,9 @@
 The backends are interleaved within each repetition (torchvision, dali, ffcv, synthetic,
 then again), so that a noisy shared machine slows them alike; each repetition is a fresh
 epoch whose first batches (pipeline start-up, worker spawn) are not timed; on a GPU the
-clock stops after a synchronise.
+clock stops after a synchronise. What that start-up costs is timed on its own: the seconds
+from `set_epoch` to an epoch's first batch, which a training run pays once per epoch (a DALI
+pipeline is built per epoch, torchvision's workers are spawned per epoch).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["available", "device_used_mb", "time_epoch", "interleaved_rates", "summarize"]
+__all__ = ["available", "device_used_mb", "EpochTiming", "time_epoch", "interleaved_rates", "summarize"]
 
 # The import that tells whether an optional backend is installed.
 BACKEND_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
@@ -41,32 +44,48 @@ def device_used_mb(device: torch.device) -> float | None:
     return (total - free) / 2**20
 
 
-def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device,
-               on_timed: Callable[[], None] | None = None) -> float:
-    """Source images/s over `batches` batches after `warmup` untimed ones; `on_timed()` runs
-    after the timed batches, while the epoch's pipeline or workers still live."""
-    loader.set_epoch(epoch)
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
+class EpochTiming(NamedTuple):
+    """One timed epoch: the steady rate, and what starting the epoch cost."""
+
+    images_per_s: float  # source images/s over the timed batches
+    start_s: float | None  # seconds from `set_epoch` to the first batch on the device; None without warm-up
+
+
+def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device,
+               on_timed: Callable[[], None] | None = None) -> EpochTiming:
+    """Source images/s over `batches` batches after `warmup` untimed ones, and (when `warmup`
+    is at least 1) the seconds to the first of those; `on_timed()` runs after the timed
+    batches, while the epoch's pipeline or workers still live."""
+    began, start_s = time.perf_counter(), None
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    for i in range(warmup):
+        next(it)
+        if i == 0:
+            _synchronize(device)
+            start_s = time.perf_counter() - began
+    _synchronize(device)
     start, images = time.perf_counter(), 0
     for _ in range(batches):
         images += next(it).batch_size
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _synchronize(device)
     seconds = time.perf_counter() - start
     if on_timed is not None:
         on_timed()
     if hasattr(it, "close"):  # end the epoch's generator now: workers and pipelines stop
         it.close()
-    return images / seconds
+    return EpochTiming(images / seconds, start_s)
 
 
 def interleaved_rates(loaders: dict, repeats: int, warmup: int, batches: int, device: torch.device,
                       on_rate: Callable[[int, str, float], None] | None = None,
-                      memory: dict[str, dict[str, float | None]] | None = None) -> dict[str, list[float]]:
+                      memory: dict[str, dict[str, float | None]] | None = None,
+                      starts: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Images/s of every loader in every repetition, the loaders interleaved within a repetition.
 
     Each loader first delivers one untimed batch (compilation, worker spawn). `on_rate(rep,
@@ -76,6 +95,8 @@ def interleaved_rates(loaders: dict, repeats: int, warmup: int, batches: int, de
     decoder's buffers and pools: what one loader costs, as long as no loader before it in
     this process left memory it can reuse), and `used_mb`, the most in use at the end of its
     timed passes (everything this process holds then, the other loaders' memory included).
+    A `starts` dict receives, per loader, each timed epoch's seconds to its first batch
+    (`EpochTiming.start_s`; none when `warmup` is 0).
     """
     for name, loader in loaders.items():
         before = device_used_mb(device)
@@ -91,7 +112,10 @@ def interleaved_rates(loaders: dict, repeats: int, warmup: int, batches: int, de
                     used = device_used_mb(device)
                     memory[name]["used_mb"] = None if used is None else max(used, memory[name]["used_mb"] or 0.0)
 
-            runs[name].append(time_epoch(loader, rep, warmup, batches, device, note_memory))
+            timing = time_epoch(loader, rep, warmup, batches, device, note_memory)
+            runs[name].append(timing.images_per_s)
+            if starts is not None and timing.start_s is not None:
+                starts.setdefault(name, []).append(timing.start_s)
             if on_rate is not None:
                 on_rate(rep, name, runs[name][-1])
     return runs
