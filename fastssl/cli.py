@@ -174,8 +174,9 @@ def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> 
 
     def user_errors() -> tuple[type[Exception], ...]:
         from fastssl.checkpoint import CheckpointError
-        from fastssl.recovery import TrainingDiverged
+        from fastssl.recovery import OutOfDeviceMemory, TrainingDiverged
 
-        return DataLayoutError, FileNotFoundError, BetonError, LoaderUnavailable, CheckpointError, TrainingDiverged
+        return (DataLayoutError, FileNotFoundError, BetonError, LoaderUnavailable, CheckpointError, TrainingDiverged,
+                OutOfDeviceMemory)
 
     return command_line(cfg, argv, prog, check=validate, dump=dumps, start=start, user_errors=user_errors)

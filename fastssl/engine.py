@@ -7,8 +7,8 @@ k-NN and a clean stop on SIGTERM/SIGINT. `train(cfg, resume=True)` continues the
 
 Faults end in an exception whose message says what to do next, naming the run directory
 (`fastssl.recovery`): `ckpt.CheckpointError` (full disk, unreadable checkpoint) and
-`TrainingDiverged`; the command line turns both into exit code 2. A diverged run never
-writes a checkpoint.
+`TrainingDiverged` and `OutOfDeviceMemory` (a batch too large for the GPU); the command line
+turns them into exit code 2. A diverged run never writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from fastssl.models import MiraNetwork, make_teacher, unwrap
 from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
-from fastssl.recovery import (DivergenceGuard, TrainingDiverged, after_knn_failure, after_write_failure, continue_advice,
-                              latest_run_hint)
+from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_knn_failure,
+                              after_write_failure, continue_advice, latest_run_hint, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
 from fastssl.run_log import RunLog, write_run_json
 from fastssl.runtime import GracefulStop, any_process, build_accelerator, failing_together, per_process, seed_everything
@@ -114,9 +114,9 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
                           f" the run in {run_dir}")
     guard = DivergenceGuard(student, teacher, state, accelerator)
     stop = GracefulStop()
-    if knn and cfg.eval.knn_at_start and state.step == 0:
-        results["knn_random_init"] = knn(exported_backbone(cfg, parts), "the randomly initialised network")
     try:
+        if knn and cfg.eval.knn_at_start and state.step == 0:
+            results["knn_random_init"] = knn(exported_backbone(cfg, parts), "the randomly initialised network")
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, parts, loader, state, log, stop, guard)
             if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
@@ -147,6 +147,9 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
         raise TrainingDiverged(f"{err}; {continue_advice(cfg, command, run_dir, saved_step, accelerator)}") from None
     except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
+    except torch.OutOfMemoryError:  # a batch too large for the device: a setting to change, not a crash
+        raise OutOfDeviceMemory(out_of_memory_advice(cfg, accelerator, state.step, command, run_dir, saved_step,
+                                                     knn=knn is not None)) from None
     finally:
         stop.close()
         log.close()

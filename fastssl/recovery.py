@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fastssl import checkpoint as ckpt
-from fastssl.config import Config
+from fastssl.config import Config, objective_class
 from fastssl.relaunch import rerun_command
 from fastssl.runtime import any_process
 
@@ -110,6 +110,41 @@ class DivergenceGuard:
                                    f"mean of {mean:.4g}")
         self.loss_mean = loss if mean is None else 0.9 * mean + 0.1 * loss
         self.rows += 1
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """The training device ran out of memory; the message says what to change and how to go on."""
+
+
+def out_of_memory_advice(cfg: Config, accelerator, step: int, command: list[str] | None, run_dir: Path,
+                         saved_step: int | None, knn: bool = True) -> str:
+    """What filled the device and how to go on: fewer images per process (more processes, which a
+    checkpoint continues on, or gradient accumulation or a smaller batch in a new run), mixed
+    precision when it is off; the k-NN's batch when the run has one (`knn`); then the command,
+    from the checkpoint on disk when there is one."""
+    device, world = accelerator.device, accelerator.num_processes
+    t = cfg.train
+    per_process = t.global_batch_size // world
+    where = str(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where += f" ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    chunk = f" in chunks of {t.micro_batch_size}" if t.micro_batch_size else ""
+    smaller = "a smaller --train.global_batch_size (the lr follows it: base_lr x batch / 256)"
+    if not objective_class(cfg.method.objective).couples_rows:  # ML-CPC scores each row against the whole batch
+        smaller = (f"gradient accumulation (--train.micro_batch_size {max(per_process // 2, 1)}: BatchNorm then sees "
+                   f"one chunk) or {smaller}")
+    fixes = ["more processes (the same global batch, fewer images on each)", f"in a new run, {smaller}"]
+    if accelerator.mixed_precision not in ("bf16", "fp16"):
+        fixes.append("mixed precision (--train.precision bf16)")
+    head = (f"out of memory on {where} at step {step}, with {per_process} training images per process{chunk} "
+            f"(--train.global_batch_size {t.global_batch_size} over {world} process{'es' if world > 1 else ''})"
+            + (f" and {cfg.eval.batch_size} per k-NN batch (--eval.batch_size)" if knn else "")
+            + "; use " + "; or ".join(fixes))
+    if saved_step is None:
+        return f"{head}. No checkpoint was written yet: start again with: {rerun_command(command, run_dir, resume=False)}"
+    return (f"{head}. The checkpoint of step {saved_step} is kept and continues on any number of processes: "
+            f"{rerun_command(command, run_dir)}")
 
 
 def after_write_failure(command: list[str] | None, run_dir: Path, saved_step: int | None) -> str:

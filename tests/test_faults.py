@@ -380,6 +380,60 @@ def test_a_resume_on_another_process_count_says_so_once(tmp_path, capsys):
     assert info["resumed"][-1]["processes"] == 1
 
 
+# ---- out of device memory ---------------------------------------------------------------------------------------
+
+def out_of_memory_at(step: int):
+    """A train_step that fails as a CUDA allocation would, at its `step`-th call."""
+    real, count = engine.train_step, [0]
+
+    def step_fn(*args, **kwargs):
+        count[0] += 1
+        if count[0] == step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.02 GiB is free.")
+        return real(*args, **kwargs)
+    return step_fn
+
+
+@pytest.mark.parametrize("fails_at, saved", [(2, None), (5, 3)])
+def test_out_of_device_memory_exits_2_with_the_batch_per_process_and_the_command(tmp_path, monkeypatch, capsys,
+                                                                                 fails_at, saved):
+    """A batch too large for the GPU is a setting to change: one line naming the images per process
+    and the fixes, then the command that goes on (from the checkpoint kept on disk, if any)."""
+    cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch, a checkpoint per epoch
+    run_dir = Path(cfg.train.run_dir)
+    monkeypatch.setattr(engine, "train_step", out_of_memory_at(fails_at))
+    code, _, err = exit_of(cfg, [], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    per_process = cfg.train.global_batch_size
+    assert err.startswith(f"error: out of memory on cpu at step {fails_at - 1}, with {per_process} training images "
+                          f"per process (--train.global_batch_size {per_process} over 1 process)"), err
+    assert "--train.micro_batch_size" in err and "--train.precision bf16" in err  # MIRA; fp32 on a CPU
+    assert "k-NN" not in err  # quick_config runs none
+    if saved is None:
+        assert not (run_dir / "checkpoint.pt").exists()
+        assert err.rstrip().endswith(f"start again with: python recipes/tiny.py --train.run_dir {run_dir}"), err
+    else:
+        assert saved_step(run_dir) == saved
+        assert err.rstrip().endswith(f"The checkpoint of step {saved} is kept and continues on any number of "
+                                     f"processes: python recipes/tiny.py --resume --train.run_dir {run_dir}"), err
+
+
+def test_out_of_memory_advice_leaves_out_what_the_run_cannot_use(tmp_path):
+    """No gradient accumulation for ML-CPC (each row is scored against the whole batch), no mixed
+    precision when it is on; the per-process count is the global batch over the processes."""
+    from types import SimpleNamespace
+
+    cfg = quick_config(tmp_path)
+    cfg.method.objective, cfg.train.global_batch_size = "mira+mlcpc", 512
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=8, mixed_precision="bf16")
+    advice = recovery.out_of_memory_advice(cfg, accelerator, 7, ["python", "r.py"], tmp_path / "run", None)
+    assert "with 64 training images per process (--train.global_batch_size 512 over 8 processes)" in advice
+    assert "micro_batch_size" not in advice and "--train.precision" not in advice
+    assert "a smaller --train.global_batch_size" in advice
+    assert f"and {cfg.eval.batch_size} per k-NN batch (--eval.batch_size)" in advice
+
+
 # ---- divergence ---------------------------------------------------------------------------------------------------
 
 def test_exploding_learning_rate_is_caught_and_exits_2_with_a_command(tmp_path, capsys):
