@@ -129,16 +129,32 @@ def test_other_arguments_refused_then_forced(tiny: Path) -> None:
     assert sorted(p.name for p in tiny.parent.iterdir()) == ["demo"]
 
 
-def test_incomplete_directory_refused(tiny: Path) -> None:
-    (tiny / "manifest.json").unlink()
-    with pytest.raises(mdd.DatasetExistsError, match="not a complete.*--force"):
-        mdd.make_demo_dataset(tiny, progress=False, **TINY)
-
-
-def test_missing_images_refused(tiny: Path) -> None:
+def test_missing_images_refused_then_forced(tiny: Path) -> None:
     next((tiny / "val").rglob("*.JPEG")).unlink()
-    with pytest.raises(mdd.DatasetExistsError, match="not a complete"):
+    with pytest.raises(mdd.DatasetExistsError, match="incomplete demo dataset.*--force"):
         mdd.make_demo_dataset(tiny, progress=False, **TINY)
+    assert mdd.make_demo_dataset(tiny, progress=False, force=True, workers=1, **TINY)["status"] == "created"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_or_file_that_is_no_demo_dataset_is_never_replaced(tmp_path: Path, force: bool) -> None:
+    """`data` typed for `data/demo`: the user's own files survive, --force or not."""
+    folder = tmp_path / "data"
+    (folder / "imagenet").mkdir(parents=True)
+    (folder / "imagenet" / "notes.txt").write_text("mine")
+    lone_file = tmp_path / "notes.txt"
+    lone_file.write_text("mine too")
+    for out, what in ((folder, "a folder that is not a demo dataset"), (lone_file, "a file")):
+        with pytest.raises(mdd.DatasetExistsError, match=f"is {what}.*--force replaces only a demo dataset"):
+            mdd.make_demo_dataset(out, progress=False, force=force, workers=1, **TINY)
+    assert (folder / "imagenet" / "notes.txt").read_text() == "mine" and lone_file.read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]  # no temporary folder left
+
+
+def test_a_demo_folder_without_its_manifest_is_refused(tiny: Path) -> None:
+    (tiny / "manifest.json").unlink()
+    with pytest.raises(mdd.DatasetExistsError, match="not a demo dataset"):
+        mdd.make_demo_dataset(tiny, progress=False, force=True, **TINY)
 
 
 def test_empty_directory_is_filled(tmp_path: Path) -> None:

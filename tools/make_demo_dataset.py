@@ -94,7 +94,7 @@ MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 
 
 class DatasetExistsError(RuntimeError):
-    """OUT exists but is incomplete or was generated with other arguments."""
+    """OUT exists but is incomplete, was generated with other arguments, or is no demo dataset."""
 
 
 class OutputDirError(RuntimeError):
@@ -394,10 +394,12 @@ def content_hash(root: Path) -> str:
 
 
 def _read_manifest(out: Path) -> dict | None:
+    """OUT's manifest when OUT is a dataset this tool wrote (complete or not), else None."""
     try:
-        return json.loads((out / MANIFEST_NAME).read_text())
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == "imagenet-folder" else None
 
 
 def _is_complete(out: Path, manifest: dict) -> bool:
@@ -408,23 +410,35 @@ def _is_complete(out: Path, manifest: dict) -> bool:
     )
 
 
+def _is_empty_dir(out: Path) -> bool:
+    return out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+
+
+def _check_replaceable(out: Path) -> None:
+    """What --force may replace: nothing, an empty folder, or a demo dataset. Why: a mistyped OUT
+    (`data` for `data/demo`) must never cost the user a folder of their own."""
+    if out.exists() and not _is_empty_dir(out) and (out.is_symlink() or _read_manifest(out) is None):
+        what = "a file" if not out.is_dir() else "a folder that is not a demo dataset (no valid " + MANIFEST_NAME + ")"
+        raise DatasetExistsError(f"{out} is {what}; --force replaces only a demo dataset this tool wrote: "
+                                 "name another folder (e.g. data/demo), or delete it yourself")
+
+
 def _check_existing(out: Path, arguments: dict) -> dict | None:
-    """Return the manifest if OUT already holds this dataset; raise if it holds another.
+    """Return the manifest if OUT already holds this dataset; raise if it holds another, or
+    anything else.
 
     An empty directory counts as absent (people often ``mkdir`` first).
     """
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or _is_empty_dir(out):
         return None
+    _check_replaceable(out)
     manifest = _read_manifest(out)
-    if manifest is None or not _is_complete(out, manifest):
-        raise DatasetExistsError(
-            f"{out} exists but is not a complete demo dataset (no valid {MANIFEST_NAME}); "
-            "delete it or pass --force (force=True) to rebuild"
-        )
+    if not _is_complete(out, manifest):
+        raise DatasetExistsError(f"{out} is an incomplete demo dataset (images missing); rebuild it with --force")
     if manifest.get("arguments") != arguments:
         raise DatasetExistsError(
             f"{out} was generated with different arguments {manifest.get('arguments')} "
-            f"(requested {arguments}); delete it or pass --force (force=True) to rebuild"
+            f"(requested {arguments}); rebuild it with --force, or name another folder"
         )
     return manifest
 
@@ -540,7 +554,8 @@ def make_demo_dataset(
     arguments, nothing is written and the existing manifest is returned with
     ``status == "exists"`` (else ``"created"``; ``status`` is not stored on
     disk).  Raises :class:`DatasetExistsError` if ``out_dir`` exists but is
-    incomplete or different, unless ``force``.  ``workers`` processes render
+    incomplete or different, unless ``force``; and, ``force`` or not, if it is a
+    file or a non-empty folder without this tool's manifest.  ``workers`` processes render
     in parallel (default: available cores, at most 8); the output does not
     depend on it.
     """
@@ -551,6 +566,7 @@ def make_demo_dataset(
         existing = _check_existing(out, arguments)
         if existing is not None:
             return {**existing, "status": "exists"}
+    _check_replaceable(out)
 
     names, specs = class_names(num_classes), class_specs(num_classes)
     per_split = {"train": train_per_class, "val": val_per_class}
@@ -608,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE,
                    help="side of the square images in pixels (default %(default)s)")
     p.add_argument("--seed", type=int_at_least(0), default=DEFAULT_SEED, help="random seed (default %(default)s)")
-    p.add_argument("--force", action="store_true", help="rebuild even if OUT exists")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if OUT holds a demo dataset (incomplete or made with other arguments); "
+                        "any other non-empty OUT is refused")
     p.add_argument("--workers", type=int_at_least(1), default=None,
                    help="parallel processes (default: available cores, at most 8); output does not depend on it")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
