@@ -167,36 +167,36 @@ def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log
     window, whole = ThroughputMeter(cfg.train.global_batch_size), ThroughputMeter(cfg.train.global_batch_size)
     reset_peak_memory(accelerator.device)
     losses, metrics, skipped, started, stopping = [], [], 0, time.perf_counter(), False
-    bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
-               disable=not (cfg.train.progress and accelerator.is_local_main_process), dynamic_ncols=True)
     # A stop at a capped epoch's last step saved batch_in_epoch == steps_per_epoch: only its end is left.
     batches = loader if state.batch_in_epoch < steps_per_epoch else ()
-    for batch in window.wrap(whole.wrap(batches)):
-        sched = step_schedule(cfg, state.step, steps_per_epoch)
-        loss, step_metrics = train_step(parts, batch.views, sched)
-        losses.append(loss)
-        metrics.append(step_metrics)
-        skipped += batch.num_skipped
-        state.step += 1
-        state.batch_in_epoch += 1
-        bar.update(1)
-        if state.step % every == 0 or state.batch_in_epoch == steps_per_epoch:
-            row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses[-every:], accelerator),
-                   "lr": sched.lr, "beta": sched.beta, "ema_momentum": sched.ema_momentum,
-                   **loader_health(accelerator, window.summary(), skipped),
-                   **window_metrics(metrics[-every:], accelerator)}
-            window.reset()
-            log.step(row)
-            if guard is not None:
-                guard.check(row["loss"], state.step)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
-                            wait=f"{100 * row['data_wait_share']:.0f}%")
-            stopping = stop.agreed(accelerator)
-        else:
-            stopping = accelerator.num_processes == 1 and stop.requested
-        if stopping or state.batch_in_epoch >= steps_per_epoch:
-            break
-    bar.close()
+    # The bar is closed on an error too, so that the error's message is the terminal's last line.
+    with tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
+              disable=not (cfg.train.progress and accelerator.is_local_main_process), dynamic_ncols=True) as bar:
+        for batch in window.wrap(whole.wrap(batches)):
+            sched = step_schedule(cfg, state.step, steps_per_epoch)
+            loss, step_metrics = train_step(parts, batch.views, sched)
+            losses.append(loss)
+            metrics.append(step_metrics)
+            skipped += batch.num_skipped
+            state.step += 1
+            state.batch_in_epoch += 1
+            bar.update(1)
+            if state.step % every == 0 or state.batch_in_epoch == steps_per_epoch:
+                row = {"epoch": state.epoch, "step": state.step, "loss": mean_loss(losses[-every:], accelerator),
+                       "lr": sched.lr, "beta": sched.beta, "ema_momentum": sched.ema_momentum,
+                       **loader_health(accelerator, window.summary(), skipped),
+                       **window_metrics(metrics[-every:], accelerator)}
+                window.reset()
+                log.step(row)
+                if guard is not None:
+                    guard.check(row["loss"], state.step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
+                                wait=f"{100 * row['data_wait_share']:.0f}%")
+                stopping = stop.agreed(accelerator)
+            else:
+                stopping = accelerator.num_processes == 1 and stop.requested
+            if stopping or state.batch_in_epoch >= steps_per_epoch:
+                break
     if losses:
         state.epoch_loss_sum += mean_loss(losses, accelerator) * len(losses)
         state.epoch_loss_steps += len(losses)

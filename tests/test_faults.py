@@ -462,6 +462,17 @@ def poison_at(step: int):
     return step_fn
 
 
+def test_an_error_in_an_epoch_is_printed_after_its_progress_bar_is_closed(tmp_path, monkeypatch, capsys):
+    """The bar, left open, would redraw itself after the error, burying it on the terminal."""
+    cfg = quick_config(tmp_path, epochs=2)
+    cfg.train.progress = True
+    monkeypatch.setattr(engine, "train_step", poison_at(2))
+    code, _, err = exit_of(cfg, [], capsys)
+    assert code == 2 and "epoch 1/2" in err, err
+    bar, _, message = err.rpartition("\nerror: ")
+    assert message.startswith("training diverged at step 2") and "\r" not in message and "epoch 1/2" in bar, err
+
+
 def test_divergence_advice_resumes_the_last_good_checkpoint_with_a_lower_lr(tmp_path, monkeypatch, capsys):
     cfg = quick_config(tmp_path, epochs=2)
     run_dir = Path(cfg.train.run_dir)
