@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -301,6 +302,37 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
         run(DistillConfig(), args + ["--resume"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "holds a run of another recipe" in err and err.count("\n") == 1
+
+
+def test_a_loss_that_stops_being_finite_exits_2_and_its_advice_resumes_with_a_lower_lr(tmp_path: Path, teacher: Path,
+                                                                                        monkeypatch, capsys) -> None:
+    """The advice is a command that runs: --resume with a lower --optim.lr (accepted, with a warning)."""
+    real, calls = DistillObjective.__call__, [0]
+
+    def nan_at_step_5(self, *args, **kwargs):
+        terms = real(self, *args, **kwargs)
+        calls[0] += 1
+        return dataclasses.replace(terms, loss=terms.loss * math.nan) if calls[0] == 5 else terms
+
+    monkeypatch.setattr(DistillObjective, "__call__", nan_at_step_5)
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "2",
+                     "--train.steps_per_epoch", "3")
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), args, prog="distill.py")
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: training diverged at epoch 1 step 4: the loss is nan; continue from the "
+                          "checkpoint of step 3 with a lower --optim.lr: python distill.py "), err
+    assert err.rstrip().endswith(f"--resume --train.run_dir {run_dir} --optim.lr 0.005"), err
+    monkeypatch.undo()
+    advised = err.rstrip().split(": python distill.py ", 1)[1].split()
+    results = run(DistillConfig(), advised, prog="distill.py")
+    out, err = capsys.readouterr()
+    assert "warning: --resume with optim.lr changed from 0.05 to 0.005" in err
+    assert re.search(r"^epoch 2/2: loss \d+\.\d{4}, top-1 \d+\.\d\d% \(\d+\.\d s\)$", out, re.M), out  # a line per epoch
+    assert len(results["top1"]) == 1 and [r["step"] for r in read_rows(run_dir / "train_log.csv")] == \
+        [str(i) for i in range(1, 7)]
 
 
 def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_path: Path, teacher: Path,

@@ -25,8 +25,9 @@ def run(cfg: DistillConfig, argv: list[str] | None = None, prog: str | None = No
 
     def user_errors() -> tuple[type[Exception], ...]:
         from fastssl.checkpoint import CheckpointError
+        from fastssl.recovery import TrainingDiverged
 
-        return DataLayoutError, FileNotFoundError, CheckpointError
+        return DataLayoutError, FileNotFoundError, CheckpointError, TrainingDiverged
 
     results = command_line(cfg, argv, prog, check=validate,
                            dump=lambda c: json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True),

@@ -33,7 +33,7 @@ from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
-from fastssl.recovery import after_write_failure
+from fastssl.recovery import TrainingDiverged, after_write_failure
 from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
@@ -50,6 +50,9 @@ TERMS = ("ce", "kd", "mi_nats", "mi_t_nats")  # averaged over the epoch with the
 RESUMABLE_CHANGES = {"data.root", "data.train", "data.val", "data.num_workers", "model.teacher", "train.log_every",
                      "train.run_dir",
                      "train.epochs"}  # a longer train.epochs extends a finished run (the lr steps are absolute)
+# Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one would.
+# A lower optim.lr is how a run whose loss stopped being finite continues from its last checkpoint.
+RESUMABLE_WITH_WARNING = {"optim.lr"}
 
 
 class DistillStudent(nn.Module):
@@ -135,13 +138,18 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
             raise ConfigError(f"--resume: {run_dir} holds a run of another recipe (its config has the sections "
                               f"{', '.join(sorted(saved))}); continue it with the recipe that started it, or give "
                               f"this one another --train.run_dir")
-        changed = sorted(f"{s}.{k}" for s in new for k in new[s]
-                         if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES)
+        differ = sorted(f"{s}.{k}" for s in new for k in new[s]
+                        if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES)
+        changed = [name for name in differ if name not in RESUMABLE_WITH_WARNING]
         if changed:
             shown = ", ".join(f"{name} ({saved.get(s, {}).get(k)!r} in the run, {new[s][k]!r} now)"
                               for name in changed for s, k in [name.split(".")])
             raise ConfigError(f"--resume: these fields differ from the run in {run_dir}: {shown}; resume with the "
                               f"run's values (drop those overrides) or start a new --train.run_dir")
+        for name in differ:  # the ones a resume may change
+            s, k = name.split(".")
+            print(f"warning: --resume with {name} changed from {saved[s][k]!r} to {new[s][k]!r}: the run continues "
+                  f"with it, no longer as an uninterrupted run would", file=sys.stderr)
     with ckpt.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -215,7 +223,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
         for epoch in range(state.epoch, cfg.train.epochs):
             started = time.time()  # of this process's part of the epoch
             if not run_epoch(cfg, epoch, train_items, model, teacher, objective, optimizer, state,
-                             steps_log, stop, device, run_dir):
+                             steps_log, stop, device):
                 save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)  # mid-epoch
                 results["interrupted"] = stop.signal_name or "signal"
                 write_run_json(run_dir / "results.json", results)
@@ -231,10 +239,20 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
                 epoch_row["top1"] = top1(model.student, val_loader, device)
                 results["top1"].append({"epoch": state.epoch, "top1": epoch_row["top1"]})
             epochs_log.append(epoch_row)
+            print(f"epoch {state.epoch}/{cfg.train.epochs}: loss {epoch_row['loss']:.4f}"
+                  + (f", top-1 {epoch_row['top1']:.2f}%" if "top1" in epoch_row else "")
+                  + f" ({epoch_row['seconds']:.1f} s)", flush=True)
             write_run_json(run_dir / "results.json", results)  # before the checkpoint: a kill between them loses no row
             if last or state.epoch % cfg.train.checkpoint_every == 0:
                 save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)
                 saved_step = state.step
+    except TrainingDiverged as err:
+        lower = {"optim.lr": f"{cfg.optim.lr / 10:g}"}
+        advice = (f"no checkpoint was written, so start again with a lower --optim.lr: "
+                  f"{rerun_command(command, run_dir, resume=False, overrides=lower)}" if saved_step is None else
+                  f"continue from the checkpoint of step {saved_step} with a lower --optim.lr: "
+                  f"{rerun_command(command, run_dir, overrides=lower)}")
+        raise TrainingDiverged(f"{err}; {advice}") from None
     except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     finally:
@@ -253,7 +271,7 @@ def save(cfg: DistillConfig, run_dir: Path, model: DistillStudent, teacher_slot:
 
 def run_epoch(cfg: DistillConfig, epoch: int, train_items: Dataset, model: DistillStudent,
               teacher: Classifier | None, objective: DistillObjective, optimizer, state: ckpt.TrainState,
-              steps_log: CsvLog, stop: GracefulStop, device: torch.device, run_dir: Path) -> bool:
+              steps_log: CsvLog, stop: GracefulStop, device: torch.device) -> bool:
     """Epoch `epoch` from batch `state.batch_in_epoch` on; the running sums live in `state`, so a stop
     mid-epoch checkpoints them. False when a stop signal ended it early (after a whole step)."""
     from torch.utils.data import DataLoader
@@ -276,9 +294,9 @@ def run_epoch(cfg: DistillConfig, epoch: int, train_items: Dataset, model: Disti
             if model.embed_s is not None:
                 emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
         terms = objective(logits_s, y, logits_t, emb_s, emb_t)
-        if not torch.isfinite(terms.loss):
-            raise ConfigError(f"the loss is not finite at epoch {epoch} step {state.step}; lower --optim.lr "
-                              f"and resume from the last checkpoint in {run_dir} (--resume)")
+        if not torch.isfinite(terms.loss):  # before the update: the weights stay those of the last good step
+            raise TrainingDiverged(f"training diverged at epoch {epoch} step {state.step}: the loss is "
+                                   f"{terms.loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
