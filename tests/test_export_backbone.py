@@ -151,3 +151,18 @@ def test_an_export_that_cannot_be_written_exits_2_in_one_line(tool, tmp_path, ca
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "backbone_resnet18_tv_detection.pth' could not be written" in err and "--out-dir" in err
+
+
+def test_the_evaluation_tools_take_the_torchvision_export_and_name_the_detectron2_one(written, run):
+    """The torchvision detection export is the backbone without BatchNorm's step counters: the
+    evaluations load it as the backbone itself; the detectron2 file is named for what it is."""
+    from fastssl.eval.backbone_io import load_backbone
+    from fastssl.eval.errors import EvalError
+
+    net, arch = load_backbone(written["torchvision"], None)
+    own, _ = load_backbone(run / "backbone_resnet50.pth", None)
+    assert arch == "resnet50"
+    theirs, ours = net.state_dict(), own.state_dict()
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours if not k.endswith("num_batches_tracked"))
+    with pytest.raises(EvalError, match="is a detectron2 export .* evaluate the backbone_<arch>.pth"):
+        load_backbone(written["detectron2"], None)

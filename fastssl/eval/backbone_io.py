@@ -1,8 +1,8 @@
 """Loading an exported backbone (`backbone_<arch>.pth`) for evaluation, checked key by key.
 
-The evaluation tools take an exported backbone, never a training checkpoint: this module
-refuses the wrong file (checkpoint.pt, another architecture) with a message that says
-what to pass instead.
+The evaluation tools take an exported backbone (or its torchvision detection export), never a
+training checkpoint: this module refuses the wrong file (checkpoint.pt, the detectron2 export,
+another architecture) with a message that says what to pass instead.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def _read_state(path: Path) -> dict:
     """The tensors of an exported backbone; anything else is an EvalError naming the fix."""
     if not path.is_file():
         raise EvalError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a backbone_<arch>.pth")
+    if path.suffix == ".pkl":  # tools/export_backbone.py's detectron2 file: numpy arrays under detectron2's names
+        raise EvalError(f"{str(path)!r} is a detectron2 export (for detectron2's MODEL.WEIGHTS); evaluate the "
+                        "backbone_<arch>.pth it was exported from (or its *_tv_detection.pth)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickled objects (checkpoint.pt), or a file cut short, or no torch file at all
@@ -53,6 +56,9 @@ def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
     arch = arch or infer_arch(state)
     net = build_backbone(arch, "cifar" if state["conv1.weight"].shape[-1] == 3 else "imagenet")  # stem from conv1
     expected = net.state_dict()
+    # The torchvision detection export (*_tv_detection.pth) drops BatchNorm's step counters, which
+    # no evaluation reads (the BatchNorm layers have a momentum): they keep their initial value.
+    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
