@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,13 @@ def test_bad_input_is_named(tool, toy_run, tmp_path, capsys):
     assert "does not exist" in error_of(tool, [str(tmp_path / "no_such_run")], capsys)
     (tmp_path / "not_a_run").mkdir()
     assert "not a run directory" in error_of(tool, [str(tmp_path / "not_a_run")], capsys)
+    # the folder of the demo's timestamped runs: the newest run inside is named
+    (tmp_path / "runs" / "older").mkdir(parents=True)
+    (tmp_path / "runs" / "older" / "config.json").write_text("{}")
+    os.utime(tmp_path / "runs" / "older" / "config.json", (1, 1))
+    shutil.copytree(toy_run, tmp_path / "runs" / "newer")
+    assert (f"it holds 2 runs, the newest {str(tmp_path / 'runs' / 'newer')!r}: pass that"
+            in error_of(tool, [str(tmp_path / "runs")], capsys))
     backbone = str(toy_run / "backbone_resnet18.pth")
     assert "no data" in error_of(tool, [backbone], capsys)
     data = ["--train", str(toy_run.parent / "data" / "train"), "--val", str(toy_run.parent / "data" / "val")]

@@ -104,12 +104,21 @@ def distillation_run(cfg: dict) -> bool:
     return isinstance(model, dict) and "student" in model and "arch" not in model
 
 
+def newest_run_hint(folder: Path) -> str:
+    """For a folder of runs (the demo's `runs/demo/<timestamp>/`): the newest run inside, to pass instead."""
+    runs = [p for p in folder.iterdir() if (p / "config.json").is_file()] if folder.is_dir() else []
+    if not runs:
+        return f"; pass {TARGETS}"
+    newest = max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
+    return f"; it holds {len(runs)} run{'s' if len(runs) > 1 else ''}, the newest {str(newest)!r}: pass that"
+
+
 def read_run_config(run_dir: Path) -> dict:
     """The config.json of a self-supervised run; an EvalError saying what the directory is otherwise
     (no run, a distillation run, a config without model.arch) instead of a KeyError later."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise EvalError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+        raise EvalError(f"{str(run_dir)!r} is not a run directory (no config.json){newest_run_hint(Path(run_dir))}")
     try:
         cfg = json.loads(path.read_text())
     except ValueError as err:
