@@ -37,7 +37,7 @@ def test_reproduces_the_online_knn_of_the_loop(trained_run, tmp_path):
     assert set(saved["k"]) == {"10", "20", "200"} and saved["arch"] == "resnet18"
 
 
-def test_a_subset_memory_bank_scores_as_a_folder_of_only_those_images(trained_run, tmp_path):
+def test_a_subset_memory_bank_scores_as_a_folder_of_only_those_images(trained_run, tmp_path, capsys):
     """--subset (the paper's 1 % / 10 % k-NN): the bank is the named images, and only they."""
     import shutil
 
@@ -52,9 +52,14 @@ def test_a_subset_memory_bank_scores_as_a_folder_of_only_those_images(trained_ru
         (tmp_path / "bank" / p.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(p, tmp_path / "bank" / p.parent.name / p.name)
     tool = load_tool("eval_knn")
-    subset = tool.main([str(run), "--ks", "1,5,9", "--subset", str(tmp_path / "bank.txt")])
-    folder = tool.main([str(run), "--ks", "1,5,9", "--train", str(tmp_path / "bank"), "--json", str(tmp_path / "f.json")])
+    subset = tool.main([str(run), "--ks", "1,5,9,20", "--subset", str(tmp_path / "bank.txt")])
+    assert "k=  20  top1" in capsys.readouterr().out.split("(k > the bank: all 9 images vote)")[0]
+    folder = tool.main([str(run), "--ks", "1,5,9,20", "--train", str(tmp_path / "bank"), "--json",
+                        str(tmp_path / "f.json")])
     assert subset["images"] == folder["images"] == {"bank": 9, "queries": 9}
+    # k = 20 > the 9 images: the whole bank votes, as k = 9; recorded as 9 neighbours
+    assert [subset["k"][k]["neighbours"] for k in ("1", "9", "20")] == [1, 9, 9]
+    assert {m: subset["k"]["20"][m] for m in ("top1", "top5")} == {m: subset["k"]["9"][m] for m in ("top1", "top5")}
     assert subset["k"] == folder["k"] and subset["subset"] == str(tmp_path / "bank.txt")
     assert (run / "eval_knn_bank.json").is_file()  # its own report: the whole bank's eval_knn.json is another figure
     try:

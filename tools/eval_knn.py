@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                    not args.no_progress, what="")
     except DataLayoutError as err:  # a split whose every image is unreadable
         exit_with(err)
-    results = {str(k): r for k, r in scores.items()}
+    # a k past the memory bank votes with the whole bank: said, and recorded as the neighbours it had
+    results = {str(k): {**r, "neighbours": min(k, bank_size)} for k, r in scores.items()}
     report = {"checkpoint": str(found["checkpoint"]), "arch": arch, "train": found["train"], "subset": args.subset,
               "val": found["val"], "image_size": found["view"].size, "interpolation": found["view"].interpolation,
               "crop_fraction": found["view"].crop_fraction, "mean": list(found["view"].mean),
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     end_process_group()  # a rank leaving right after the last all-gather can abort a peer still in it
     if accelerator.is_main_process:  # every process holds the same scores
         for k, r in results.items():
-            print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}")
+            whole = f"  (k > the bank: all {bank_size} images vote)" if int(k) > bank_size else ""
+            print(f"k={k:>4s}  top1 {r['top1']:.1f}  top5 {r['top5']:.1f}{whole}")
         try:
             write_report(found["out"], report)
         except EvalError as err:
