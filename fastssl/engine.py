@@ -106,7 +106,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     check_processes_agree(accelerator, loader, state, run_dir, own_state_missed)
     saved_step = state.step if resume else None  # the step of the checkpoint on disk
     try:
-        log = open_records(cfg, run_dir, parts, resume, warned, state.step)  # once a resume is sure to go on
+        log = open_records(cfg, run_dir, parts, resume, warned, state.step, command)  # once a resume is sure to go on
     except ckpt.CheckpointError as err:
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     if auto:
@@ -384,7 +384,8 @@ def check_run_dir_shared(run_dir: Path, accelerator) -> None:
                                    f"there; set --train.run_dir to a shared path")
 
 
-def open_records(cfg: Config, run_dir: Path, parts: StepParts, resume: bool, warned: dict, step: int) -> RunLog:
+def open_records(cfg: Config, run_dir: Path, parts: StepParts, resume: bool, warned: dict, step: int,
+                 command: list[str] | None = None) -> RunLog:
     """Check the disk has room for a checkpoint, write config.json and run_info.json and open the
     logs (main process; a failure stops every process). Called once a resume has loaded its
     checkpoint and results: a resume refused for a damaged file leaves the run's record as it was.
@@ -394,7 +395,7 @@ def open_records(cfg: Config, run_dir: Path, parts: StepParts, resume: bool, war
     with failing_together(accelerator):
         if accelerator.is_main_process:
             check_room_for_a_save(cfg, run_dir, parts)  # a full disk stops the run now, not an epoch later
-            info = run_info(cfg, run_dir, accelerator, resume, warned)  # reads the record first: a damaged one stops here
+            info = run_info(cfg, run_dir, accelerator, resume, warned, command)  # a damaged record stops here
             write_run_json(run_dir / "config.json", to_dict(cfg))
             write_run_json(run_dir / "run_info.json", info)
         return RunLog(run_dir, accelerator.is_main_process, resume_step=step if resume else 0)
@@ -451,8 +452,10 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command
     return warned
 
 
-def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None) -> dict:
+def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None,
+             command: list[str] | None = None) -> dict:
     """run_info.json's content: the machine, software and recipe of the run, for `tools/report.py`.
+    The recipe is named by the script the command ran (`command[1]`), else by the run directory.
 
     A resumed run keeps the first record and adds the machine it resumed on (and the fields
     it changed, as [old, new]). A damaged record is a CheckpointError, not a record started over.
@@ -469,8 +472,9 @@ def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dic
         info.setdefault("resumed", []).append(entry)
     else:
         dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
+        name = Path(command[1]).stem if command and len(command) > 1 else run_dir.name
         info = {"date": now, "environment": env,
-                "recipe": describe_recipe(cfg, run_dir.name, dtype, accelerator.num_processes)}
+                "recipe": describe_recipe(cfg, name, dtype, accelerator.num_processes)}
     info["cwd"] = str(Path.cwd())  # config.json's relative data paths are relative to it (tools/eval_*.py)
     return info
 

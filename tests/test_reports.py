@@ -269,10 +269,11 @@ def test_profile_rejects_a_missing_recipe(tmp_path, capsys):
 
 def test_run_report_of_a_finished_run(tmp_path):
     cfg = tiny_config(tmp_path, epochs=2)
-    train(cfg)
+    train(cfg, command=["python", "recipes/mira_tiny.py", "--train.epochs", "2"])
     run = Path(cfg.train.run_dir)
     info = json.loads((run / "run_info.json").read_text())
     assert info["recipe"]["global_batch_size"] == 8 and info["environment"]["device"] == "cpu"
+    assert info["recipe"]["name"] == "mira_tiny"  # the recipe's script, not the run directory's name
     (run / "eval_knn.json").write_text(json.dumps({"k": {"20": {"top1": 55.5, "top5": 90.0}}}))
     tool = load_tool("report")
     assert tool.main([str(run)]) == 0
@@ -456,3 +457,15 @@ def test_profile_refuses_bad_paths_and_too_little_data_in_one_line(tmp_path, cap
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
         assert not (tmp_path / "p").exists()  # refused: no empty --out folder left behind
+
+
+@pytest.mark.parametrize("share, says", [(0.02, "the model step is the bottleneck, not the loader."),
+                                         (0.2, "the loader stalls it: a loader that kept up would make the run up "
+                                               "to 1.25x faster."),
+                                         (0.6, "the loader is the bottleneck.")])
+def test_the_run_verdict_names_the_loader_by_how_much_the_loop_waited(share, says):
+    """11 % of waiting is a stall worth 1.12x, not a loader-bound run; more than half is."""
+    from fastssl.reports.run_report import run_verdict
+
+    steps = [{"step": 10, "loss": 1.0, "images_per_s": 100.0, "data_wait_share": share}]
+    assert run_verdict([], steps).endswith(says)

@@ -98,6 +98,21 @@ def _headline(data: dict) -> tuple[float | None, float | None]:
     return None, None
 
 
+# Data-wait shares that name the loader: past LOADER_BOUND the loop mostly waits for it; past
+# LOADER_STALLS it holds the step back enough to be worth a faster loader.
+LOADER_BOUND, LOADER_STALLS = 0.5, 0.1
+
+
+def wait_verdict(share: float) -> str:
+    """What a data-wait share says about the bottleneck (the end of run_verdict's sentence)."""
+    if share > LOADER_BOUND:
+        return "the loader is the bottleneck."
+    if share > LOADER_STALLS:
+        return (f"the model step takes most of the time, but the loader stalls it: a loader that kept up would "
+                f"make the run up to {1 / (1 - share):.2f}x faster.")
+    return "the model step is the bottleneck, not the loader."
+
+
 def run_verdict(epochs: list[dict], steps: list[dict]) -> str:
     """One paragraph: progress, throughput, data wait, memory, and the bottleneck."""
     if not steps:
@@ -109,8 +124,8 @@ def run_verdict(epochs: list[dict], steps: list[dict]) -> str:
     mean_wait = sum(waits) / len(waits) if waits else 0.0
     last = steps[-1]
     text = (f"{len(epochs)} epoch(s) finished, step {int(last['step'])}, last logged loss {last['loss']:.4f}. "
-            f"Mean {mean_ips:.1f} images/s; the loop waited for data {100 * mean_wait:.0f}% of the time, so the "
-            + ("loader is the bottleneck." if mean_wait > 0.10 else "model step is the bottleneck, not the loader."))
+            f"Mean {mean_ips:.1f} images/s; the loop waited for data {100 * mean_wait:.0f}% of the time, so "
+            + wait_verdict(mean_wait))
     peaks = [r["peak_memory_mb"] for r in epochs if r.get("peak_memory_mb")]
     if peaks:
         text += f" Peak device memory {max(peaks):.0f} MB per process"
