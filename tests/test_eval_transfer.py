@@ -118,15 +118,19 @@ def test_lbfgs_equals_sklearn(kind):
         np.testing.assert_allclose(g, r, atol=1e-4 * max(1.0, np.abs(r).max()))
 
 
-def test_search_and_test_agree_between_solvers():
+def test_search_and_test_agree_between_solvers(capsys):
     """The whole protocol (grid on val, refit on train + val, test) picks the same penalty and
-    the same test score with either solver."""
+    the same test score with either solver; its progress bar counts every fit."""
     x, y = blobs(200, 10, 5, seed=4, spread=2.5)
     feats = {"train": x[:120], "val": x[120:160], "test": x[160:]}
     targets = {"train": y[:120], "val": y[120:160], "test": y[160:]}
     wds = list(np.logspace(-6, 5, 12))
-    a = search_and_test(feats, targets, "mean_per_class", 5, "sklearn", wds, max_iter=5000, tol=1e-9)
-    b = search_and_test(feats, targets, "mean_per_class", 5, "lbfgs", wds, max_iter=5000, tol=1e-9)
+    a = search_and_test(feats, targets, "mean_per_class", 5, "sklearn", wds, max_iter=5000, tol=1e-9,
+                        progress=True, desc="blobs")
+    b = search_and_test(feats, targets, "mean_per_class", 5, "lbfgs", wds, max_iter=5000, tol=1e-9,
+                        progress=True, desc="blobs")
+    bars = capsys.readouterr().err
+    assert bars.count("blobs fits: 100%") == 2 and bars.count("13/13") == 2, bars
     assert a["val_scores"] == b["val_scores"] and a["best_wd"] == b["best_wd"] and a["score"] == b["score"]
     assert len(set(a["val_scores"])) > 1  # the grid matters on this problem (a strong penalty underfits)
 

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         extract_s = time.perf_counter() - start
         spec = spec_of(name)
         fit = search_and_test(feats, targets, spec.metric, num_classes, solver, wds, device=device,
-                              max_iter=args.max_iter, tol=args.tol)
+                              max_iter=args.max_iter, tol=args.tol, progress=not args.no_progress, desc=name)
         fit["seconds"]["features"] = round(extract_s, 2)
         results[name] = {"title": spec.title, "metric": spec.metric, "metric_name": METRICS[spec.metric],
                          "source": todo[name][0], "root": todo[name][1], "val_split": val_from,

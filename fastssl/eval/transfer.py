@@ -198,8 +198,10 @@ def _as_class_scores(raw: np.ndarray, targets: np.ndarray, num_classes: int) -> 
 
 
 def sklearn_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, cs: Sequence[float],
-                   num_classes: int, max_iter: int = 1000, tol: float = 1e-4) -> list[np.ndarray]:
-    """Decision scores on `x_eval` of scikit-learn's L2 logistic regression, one array per C.
+                   num_classes: int, max_iter: int = 1000, tol: float = 1e-4,
+                   on_fitted: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Decision scores on `x_eval` of scikit-learn's L2 logistic regression, one array per C
+    (`on_fitted(1)` after each C: a progress bar).
 
     Warm-started along the grid (as Ericsson), which changes only how fast each fit converges.
     """
@@ -225,6 +227,8 @@ def sklearn_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, cs:
             d = model.decision_function(x_eval)
             raw.append(d if d.ndim == 2 else d[:, None])
         out.append(_as_class_scores(np.concatenate(raw, axis=1), y_fit, num_classes))
+        if on_fitted is not None:
+            on_fitted(1)
     return out
 
 
@@ -326,9 +330,10 @@ def _logistic_objective(x: torch.Tensor, y: torch.Tensor, binary: bool, l2: torc
 
 def lbfgs_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, cs: Sequence[float], num_classes: int,
                  max_iter: int = 1000, tol: float = 1e-4, device: torch.device | str = "cpu",
-                 memory_bytes: float = 2e9) -> list[np.ndarray]:
+                 memory_bytes: float = 2e9, on_fitted: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """`sklearn_scores` computed by `batched_lbfgs` in float64 on `device`: the grid of C is
-    fitted in chunks of as many problems as fit in about `memory_bytes` of logits and grads."""
+    fitted in chunks of as many problems as fit in about `memory_bytes` of logits and grads
+    (`on_fitted(n)` after each chunk of n)."""
     device = torch.device(device)
     columns = _binary_columns(y_fit, num_classes)
     binary = columns is not None
@@ -349,6 +354,8 @@ def lbfgs_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, cs: S
         w = params[:, : num_out * dim].view(-1, num_out, dim)
         raw = torch.einsum("nd,gkd->gnk", xe, w) + params[:, num_out * dim :][:, None, :]
         out.extend(_as_class_scores(r, y_fit, num_classes) for r in raw.cpu().numpy())
+        if on_fitted is not None:
+            on_fitted(len(part))
     return out
 
 
@@ -363,20 +370,27 @@ def fit_scores(solver: str, *args, device: torch.device | str = "cpu", **kwargs)
 
 def search_and_test(features: dict[str, np.ndarray], targets: dict[str, np.ndarray], metric: str, num_classes: int,
                     solver: str, wds: Sequence[float], device: torch.device | str = "cpu", max_iter: int = 1000,
-                    tol: float = 1e-4) -> dict:
+                    tol: float = 1e-4, progress: bool = False, desc: str = "") -> dict:
     """The protocol's fit: the grid on train -> val, the best wd (first of the ties) refitted on
-    train + val, scored on test. `features` / `targets` have keys train, val, test."""
+    train + val, scored on test. `features` / `targets` have keys train, val, test. `progress`:
+    a bar counting the fits (one per wd, then the refit; minutes on a CPU)."""
     cs = [1.0 / w for w in wds]
+    bar = progress_bar(len(cs) + 1, f"{desc} fits".strip(), progress, unit="fit")
+    on_fitted = bar.update if bar is not None else None
     start = time.perf_counter()
-    val_scores = [score(metric, s, targets["val"]) for s in
-                  fit_scores(solver, features["train"], targets["train"], features["val"], cs, num_classes,
-                             max_iter=max_iter, tol=tol, device=device)]
-    best = int(np.argmax(val_scores))
-    search_s = time.perf_counter() - start
-    x_all = np.concatenate([features["train"], features["val"]])
-    y_all = np.concatenate([targets["train"], targets["val"]])
-    (test_scores,) = fit_scores(solver, x_all, y_all, features["test"], [cs[best]], num_classes, max_iter=max_iter,
-                                tol=tol, device=device)
+    try:
+        val_scores = [score(metric, s, targets["val"]) for s in
+                      fit_scores(solver, features["train"], targets["train"], features["val"], cs, num_classes,
+                                 max_iter=max_iter, tol=tol, device=device, on_fitted=on_fitted)]
+        best = int(np.argmax(val_scores))
+        search_s = time.perf_counter() - start
+        x_all = np.concatenate([features["train"], features["val"]])
+        y_all = np.concatenate([targets["train"], targets["val"]])
+        (test_scores,) = fit_scores(solver, x_all, y_all, features["test"], [cs[best]], num_classes,
+                                    max_iter=max_iter, tol=tol, device=device, on_fitted=on_fitted)
+    finally:
+        if bar is not None:
+            bar.close()
     return {"score": round(score(metric, test_scores, targets["test"]), 3), "best_wd": wds[best], "best_C": cs[best],
             "val_score": round(val_scores[best], 3), "val_scores": [round(v, 3) for v in val_scores],
             "seconds": {"search": round(search_s, 2), "refit": round(time.perf_counter() - start - search_s, 2)}}
