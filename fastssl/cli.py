@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -23,6 +24,20 @@ USAGE = """usage: {prog} [--resume [auto]] [--print-config] [--section.field VAL
 
 fields (= the recipe's value), each with what it means:
 {fields}"""
+
+
+class ToolArgumentParser(argparse.ArgumentParser):
+    """The tools' argument parser: a bad argument is one line (the error and where the options
+    are listed) and exit status 2, not argparse's whole usage block before it. Its program name
+    is the file of the tool that builds it (not sys.argv[0]: a tool's `main` may be called from
+    another program, e.g. a test runner)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("prog", Path(sys._getframe(1).f_code.co_filename).name)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (options: {self.prog} --help)\n")
 
 
 def exit_with(err: Exception | str) -> NoReturn:

@@ -70,6 +70,9 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
         resolve_auto_settings(cfg, accelerator)
         validate(cfg, accelerator.num_processes)
     check_same_config(cfg, accelerator)  # after `auto` is resolved: nodes that resolve it differently disagree
+    run_dir = Path(cfg.train.run_dir)
+    with failing_together(accelerator):  # before the data is listed (minutes for ImageNet on network storage)
+        warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
     # Set-up fails on every process or none (`failing_together`): a node whose copy of the data or view
@@ -79,7 +82,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
         # A queue longer than the data fails here, before any output.
         objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
         knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
-    run_dir, warned = prepare_run_dir(cfg, resume, accelerator, command)
+    create_run_dir(run_dir, accelerator)
 
     with failing_together(accelerator):  # before DDP's first broadcast
         student, teacher = build_networks(cfg, accelerator, objective)
@@ -112,6 +115,11 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")
+    if resume and state.epoch >= cfg.train.epochs:  # a requeue after the end (--resume auto), a repeated command
+        log.close()
+        epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
+        accelerator.print(f"the run in {run_dir} has finished its {epochs} (step {state.step}): nothing to do")
+        return results
     guard = DivergenceGuard(student, teacher, state, accelerator)
     stop = GracefulStop()
     try:
@@ -330,20 +338,14 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
                      progress=cfg.train.progress, data=cfg.data)
 
 
-def prepare_run_dir(cfg: Config, resume: bool, accelerator, command: list[str] | None = None) -> tuple[Path, dict]:
-    """Refuse to overwrite another run; check a resume matches; create the run directory.
-
-    A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning; those
-    are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
-    """
-    run_dir = Path(cfg.train.run_dir)
-    with failing_together(accelerator):  # each process checks its view of the run directory; it ends as a barrier
-        warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
+def create_run_dir(run_dir: Path, accelerator) -> None:
+    """Create the run directory (once `check_run_dir` passed and the data was found: a refused
+    start leaves no empty directory) and check that every process sees it."""
+    with failing_together(accelerator):
         if accelerator.is_main_process:  # an unwritable place fails here, before the networks are built
             with ckpt.writing(run_dir):
                 run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir_shared(run_dir, accelerator)
-    return run_dir, warned
 
 
 SHARED_CHECK_WAIT_S = 10.0  # how long a process looks for the file rank 0 wrote in the run directory
@@ -424,7 +426,12 @@ def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
 
 
 def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None) -> dict:
-    """The refusals of `prepare_run_dir`; returns the fields a resume changed with a warning, as [old, new]."""
+    """Refuse to overwrite another run, a resume without a checkpoint or one that changes what is
+    computed (each process checks its own view of the directory; nothing is written).
+
+    A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning; those
+    are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
+    """
     saved = ckpt.saved_config(run_dir)
     warned: dict[str, list] = {}
     if resume and saved is not None:

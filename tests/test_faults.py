@@ -365,19 +365,54 @@ def test_a_process_state_of_another_step_or_process_count_is_not_restored(tmp_pa
     assert sorted(p.name for p in (run_dir / "rng").iterdir()) == ["rank0.pt"]
 
 
-def test_a_resume_on_another_process_count_says_so_once(tmp_path, capsys):
-    cfg = quick_config(tmp_path, epochs=1)
-    engine.train(cfg)
+def test_a_resume_on_another_process_count_says_so_once(tmp_path, monkeypatch, capsys):
+    cfg = quick_config(tmp_path, epochs=2)
+    StopAt.counter[0], StopAt.step = 0, 3  # stopped (with its checkpoint) after epoch 1
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "GracefulStop", StopAt)
+        patch.setattr(engine, "train_step", counting(engine.train_step))
+        engine.train(cfg)
     state = torch.load(ckpt.rank_state_path(Path(cfg.train.run_dir), 0), weights_only=False)
     state["world_size"] = 2  # as if the run had been on 2 processes
     torch.save(state, ckpt.rank_state_path(Path(cfg.train.run_dir), 0))
     capsys.readouterr()
-    engine.train(cfg, resume=True)  # a finished run: it checks, says so and ends
+    engine.train(cfg, resume=True)
     err = capsys.readouterr().err
     assert err.count("warning: --resume: the random generators and loader positions of 1 of 1 process(es) "
                      "were not restored (rank 0: rng/rank0.pt was written at step 3 by 2 process(es)") == 1, err
     info = json.loads((Path(cfg.train.run_dir) / "run_info.json").read_text())
     assert info["resumed"][-1]["processes"] == 1
+
+
+@pytest.mark.parametrize("resume, says", [(True, "holds no checkpoint to resume"), (False, "already holds a run")])
+def test_the_run_directory_is_refused_before_the_data_is_listed(tmp_path, monkeypatch, resume, says):
+    """Listing ImageNet takes minutes on network storage: a wrong run directory is said first."""
+    cfg = quick_config(tmp_path, epochs=1)
+    if not resume:
+        engine.train(cfg)  # a run already there
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("the data was listed before the run directory was checked")
+
+    monkeypatch.setattr(engine, "build_loader", no_listing)
+    with pytest.raises(ConfigError, match=says):
+        engine.train(cfg, resume=resume)
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):
+    """A requeue after the end (--resume auto) or a repeated command: one line; the checkpoint,
+    logs and results stay as they were (run_info.json records the attempt, as any resume)."""
+    cfg = quick_config(tmp_path, epochs=1)
+    first = engine.train(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    kept = ("checkpoint.pt", "train_log.csv", "epochs.csv", "results.json", "config.json")
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    capsys.readouterr()
+    again = engine.train(cfg, resume="auto")
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"the run in {run_dir} has finished its 1 epoch (step 3): nothing to do"), out
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
+    assert again == json.loads(json.dumps(first))
 
 
 # ---- out of device memory ---------------------------------------------------------------------------------------

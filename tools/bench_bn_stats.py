@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fastssl.cli import ToolArgumentParser
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import MiraNetwork
 from fastssl.runtime import device_arg, pick_device
@@ -34,7 +35,7 @@ MODES = ("per_view", "per_forward", "separate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
     ap.add_argument("--batch", type=int, default=64, help="images per view (Table 8: 64 per GPU)")
     ap.add_argument("--global-size", type=int, default=224)

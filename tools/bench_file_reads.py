@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from fastssl.bench.loaders import summarize
+from fastssl.cli import ToolArgumentParser
 from fastssl.run_log import utc_now, write_json
 from pipelines.folder import DataLayoutError, scan_source
 
@@ -42,7 +43,7 @@ def read_epoch(samples: list[tuple[str, int]], batches: list[list[int]], threads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo/train", help="image folder in ImageNet layout (or a .txt list)")
     ap.add_argument("--threads", default="1,16", help="comma-separated reader-thread counts to compare")
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch (per process)")

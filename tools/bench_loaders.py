@@ -35,6 +35,7 @@ from typing import NoReturn
 import torch
 
 from fastssl.bench import loaders as loader_bench
+from fastssl.cli import ToolArgumentParser
 from fastssl.run_log import utc_now, write_json
 from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
@@ -114,7 +115,7 @@ def photo_like_folder(count: int, root: Path = Path("data/bench/photo")) -> Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help=f"JPEG folder in ImageNet layout (default {DEFAULT_DATA})")
     ap.add_argument("--photo-like", type=int, default=0, metavar="N",
                     help="instead of --data, use N generated ImageNet-like JPEGs (~400 x 350, photographic entropy)")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from fastssl.bench.assignment import BETA, TAU, implementations, time_call
+from fastssl.cli import ToolArgumentParser
 from fastssl.ops import _cuda_ext
 from fastssl.ops.mira_fused import solve_views
 from fastssl.run_log import utc_now, write_json
@@ -105,7 +106,7 @@ def size_list(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=size_list,
                     help="comma-separated BxK (default: B 64-4096 x K 3000-16384 on GPU, small sizes on CPU)")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")

@@ -25,6 +25,7 @@ import torch
 import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastssl.cli import ToolArgumentParser
 from fastssl.optim import LARS, param_groups
 from fastssl.runtime import device_arg, pick_device
 
@@ -54,7 +55,7 @@ class PerParameterLARS(LARS):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
     ap.add_argument("--device", default="cpu", type=device_arg, help="cpu | cuda | auto")
     ap.add_argument("--rounds", type=int, default=30, help="timed steps of each optimiser, interleaved")

@@ -47,6 +47,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fastssl.cli import ToolArgumentParser
 from pipelines.beton import summary_path
 from pipelines.beton_convert import WRITE_MODES, ConversionError, UsageError, convert
 from pipelines.beton_resume import CHECKPOINT_EVERY_S
@@ -67,7 +68,7 @@ def print_summary(summary: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path, help="split folder: class sub-folders, or flat files with --labels")
     ap.add_argument("out", type=Path, help="output .beton (its summary goes to OUT.json)")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fastssl.cli import exit_with
+from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments, effective_precision
 from fastssl.eval.errors import EvalError, int_at_least, number_in
@@ -62,7 +62,7 @@ def subset_listing(subset: Path, train_root: str) -> Listing:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     add_data_arguments(ap, "memory bank folder (default: the run's data.knn_train or data.train)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")

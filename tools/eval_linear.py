@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastssl.cli import exit_with
+from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.linear import PROTOCOLS, apply_protocol, linear_probe, prepare
@@ -56,7 +56,7 @@ from pipelines.eval import EvalBackendError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     add_data_arguments(ap, train_help="labelled training folder (default: the run's data.train)")
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="mira",

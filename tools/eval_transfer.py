@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from fastssl.cli import exit_with
+from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_precision_argument, effective_precision
 from fastssl.eval.errors import EvalError, int_at_least, number_in
@@ -39,7 +39,7 @@ from fastssl.runtime import device_arg, pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     ap.add_argument("--data-root", help="the root given to every torchvision dataset class (their own layouts)")
     ap.add_argument("--datasets", default="",

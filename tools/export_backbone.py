@@ -14,13 +14,12 @@ Writes (beside the backbone by default):
 
 from __future__ import annotations
 
-import argparse
 import pickle
 from pathlib import Path
 
 import torch
 
-from fastssl.cli import exit_with
+from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
 from fastssl.eval.targets import resolve_target
@@ -43,7 +42,7 @@ def atomic_write(path: Path, write) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
     ap.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated subset of {', '.join(FORMATS)}")

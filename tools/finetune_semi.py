@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastssl.cli import exit_with
+from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.finetune import PRESETS, finetune_on_subset, prepare
@@ -48,7 +48,7 @@ from pipelines.eval import EvalBackendError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     ap.add_argument("--subset", required=True, help="text file: the labelled images, one per line")
     add_data_arguments(ap, train_help="train folder the subset names images of (default: the run's data.train)")

@@ -66,6 +66,7 @@ from PIL import Image
 
 from tqdm import tqdm
 
+from fastssl.cli import ToolArgumentParser
 from fastssl.eval.errors import int_at_least  # the bounded-integer flag type every tool shares
 
 #: Bump when the rendering changes: manifests of other versions do not match.
@@ -611,7 +612,7 @@ def make_demo_dataset(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ToolArgumentParser(
         description="Generate the synthetic shape/texture demo dataset (ImageNet folder layout, no download).",
     )
     p.add_argument("out_dir", type=Path, help="output directory (e.g. data/demo)")

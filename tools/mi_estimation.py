@@ -28,7 +28,6 @@ the true MI).
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastssl.cli import exit_with
+from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.losses import alpha_min, cpc_bound, ml_cpc_bound
 from fastssl.run_log import write_json
@@ -219,7 +218,7 @@ def plot(results: dict, path: Path, n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/mi_estimation", help="output folder (JSON and PNG)")
     ap.add_argument("--iters", type=int, default=4000, help="iterations per MI level (paper: 4000)")
     ap.add_argument("--batch", type=int, default=128, help="n = m (paper: 128)")

@@ -51,6 +51,7 @@ import torch
 import pipelines
 from fastssl.bench import assignment as assignment_timing
 from fastssl.bench import loaders as loader_timing
+from fastssl.cli import ToolArgumentParser
 from fastssl.config import Config, ConfigError, apply_overrides, validate
 from fastssl.engine import build_networks, loader_spec, resolve_auto_settings, train
 from fastssl.eval.errors import EvalError, check_output_dir
@@ -292,7 +293,7 @@ def ratio_check(profile: float, independent: float, note: str) -> dict:
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     cpu = not torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="Other --section.field VALUE arguments override the recipe.")
     ap.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="recipe file (default: the demo)")
     ap.add_argument("--out", type=Path, help="report directory (report.md, report.json, PNGs)")

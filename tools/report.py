@@ -14,11 +14,11 @@ steps, k-NN, MI, step-time split).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from fastssl.cli import ToolArgumentParser
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.eval.targets import DISTILL_RECIPE, distillation_run
 from fastssl.reports.markdown import run_markdown
@@ -46,7 +46,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path, help="a run directory (holds config.json, train_log.csv, ...)")
     ap.add_argument("--out", type=Path, help="report directory (default: RUN_DIR/report)")
     args = ap.parse_args(argv)
