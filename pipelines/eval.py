@@ -21,6 +21,7 @@ from torchvision import transforms as T
 from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
+from pipelines.processes import leave_process_group
 from pipelines.sampler import rank_share
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
 
@@ -89,7 +90,8 @@ class EvalLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         batches = [self.indices[i : i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda")
+                            collate_fn=collate, pin_memory=self.device.type == "cuda",
+                            worker_init_fn=leave_process_group if self.num_workers else None)
         for batch in loader:
             if batch is None:
                 continue

@@ -22,6 +22,7 @@ from pipelines.batch import MultiCropBatch
 from pipelines.device_augment import augment_views, normalize_uint8
 from pipelines.folder import scan_source
 from pipelines.images import UNREADABLE, load_rgb, next_readable
+from pipelines.processes import leave_process_group
 from pipelines.sampler import ShardedLoader, batch_seed, sample_rng
 from pipelines.spec import LoaderSpec
 
@@ -122,7 +123,8 @@ def collate_views(items) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor
     return views, index, label, {i for it in items for i in it[3]}
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(worker_id: int) -> None:
+    leave_process_group(worker_id)  # a stop signal to the trainer's group is the trainer's alone
     torch.set_num_threads(1)  # workers are processes: one thread each avoids oversubscription
 
 

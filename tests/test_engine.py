@@ -204,39 +204,53 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def launch(tmp_path: Path, *args: str) -> subprocess.Popen:
+def launch(tmp_path: Path, *args: str, own_group: bool = False) -> subprocess.Popen:
+    """The tiny run in a subprocess; `own_group`: in a process group of its own, as torchrun starts
+    each trainer (and then forwards a signal to the whole group)."""
     script = tmp_path / "run_tiny.py"
     script.write_text(SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path)))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, str(script), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=own_group)
 
 
 CRITIC_ARGS = ["--method.objective", "mira+mlcpc", "--critic.queue_size", "20"]
 
 
+def child_processes(pid: int) -> list[int]:
+    """The process's children (Linux /proc; DataLoader workers are children of the trainer)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective_args", [[], CRITIC_ARGS], ids=["mira", "mira+mlcpc"])
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path, objective_args):
-    """With the critic, equal losses after the resume also prove the key queue was restored."""
+    """With the critic, equal losses after the resume also prove the key queue was restored.
+    The stopped run reads with 2 loader workers and gets the SIGTERM as torchrun forwards it, to
+    its whole process group: the workers must not die of it before the checkpoint."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     # the uninterrupted reference, run beside the one that is killed with SIGTERM once the first
     # epoch is in its log and then resumed (side by side: the suite's 2 cores spend much of each
     # run importing, one thread each)
     ref = launch(a, "--train.run_dir", str(a / "run"), *objective_args)
-    proc = launch(b, "--train.run_dir", str(b / "run"), *objective_args)
+    workers = ["--data.num_workers", "2"]
+    proc = launch(b, "--train.run_dir", str(b / "run"), *objective_args, *workers, own_group=True)
     epochs_csv = b / "run" / "epochs.csv"
     deadline = time.time() + 600
-    while time.time() < deadline and (not epochs_csv.exists() or len(read_csv(epochs_csv)) < 1):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    while time.time() < deadline and (not epochs_csv.exists() or len(read_csv(epochs_csv)) < 1
+                                      or len(child_processes(proc.pid)) < 2):  # mid-epoch: its workers live
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 143, out
     assert f"--resume --train.run_dir {b / 'run'}" in out
     stopped_at = torch.load(b / "run" / "checkpoint.pt", weights_only=False)["state"]["step"]
     assert 3 <= stopped_at < 15
-    resumed = launch(b, "--train.run_dir", str(b / "run"), "--resume", *objective_args)
+    resumed = launch(b, "--train.run_dir", str(b / "run"), "--resume", *objective_args, *workers)
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
 
