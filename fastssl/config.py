@@ -121,7 +121,9 @@ class OptimConfig:
 class TrainConfig:
     """The loop: batch, length, precision, checkpoints, logs."""
 
-    run_dir: str = "runs/mira"  # where logs, checkpoints and the exported backbone go (one run per directory)
+    # where logs, checkpoints and the exported backbone go (one run per directory); {time} in it
+    # becomes the start time (YYYYmmdd-HHMMSS), the same on every process
+    run_dir: str = "runs/mira"
     epochs: int = 100  # training epochs
     global_batch_size: int = 512  # images per step over all processes (divisible by the process count)
     # per-process chunk for gradient accumulation; 0 = no split. BatchNorm statistics then cover

@@ -70,7 +70,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
         resolve_auto_settings(cfg, accelerator)
         validate(cfg, accelerator.num_processes)
     check_same_config(cfg, accelerator)  # after `auto` is resolved: nodes that resolve it differently disagree
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = Path(stamp_run_dir(cfg.train, accelerator))
     with failing_together(accelerator):  # before the data is listed (minutes for ImageNet on network storage)
         warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
     seed_everything(cfg.train.seed, accelerator.process_index)
@@ -303,6 +303,22 @@ def resolve_auto_settings(cfg: Config, accelerator) -> None:
     cfg.train.precision = accelerator.mixed_precision  # build_accelerator resolved "auto" on this device
     if why:
         accelerator.print(why)
+
+
+RUN_DIR_TIME = "{time}"  # in train.run_dir: the run's start time, e.g. runs/demo/{time}
+
+
+def stamp_run_dir(train_cfg, accelerator) -> str:
+    """`train.run_dir` with RUN_DIR_TIME replaced by rank 0's clock, the same on every process
+    (each process's own clock could straddle a second), written back into the config."""
+    if RUN_DIR_TIME in train_cfg.run_dir:
+        stamp = [time.strftime("%Y%m%d-%H%M%S")]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            stamp = broadcast_object_list(stamp)
+        train_cfg.run_dir = train_cfg.run_dir.replace(RUN_DIR_TIME, stamp[0])
+    return train_cfg.run_dir
 
 
 def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:

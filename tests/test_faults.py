@@ -936,3 +936,34 @@ def test_a_run_directory_only_node_0_sees_refuses_to_start(tmp_path, checkpointe
         assert out.startswith("CheckpointError: process 1 does not see the run directory "), out
         assert "that rank 0 writes its checkpoints to" in out and "a filesystem all nodes share" in out
     assert [p.name for p in Path(cfg.train.run_dir).iterdir() if p.name.startswith(".shared-check")] == []
+
+
+# ---- a run directory named by its start time ----------------------------------------------------------------------
+
+def _stamp_with_a_clock_a_second_apart(rank: int, world_size: int) -> str:
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    engine.time.strftime = lambda fmt: f"20261206-10000{rank}"  # this child's own clock, a second apart
+    train_cfg = SimpleNamespace(run_dir="runs/demo/{time}")
+    engine.stamp_run_dir(train_cfg, accelerator)
+    return train_cfg.run_dir
+
+
+def test_a_start_time_in_the_run_directory_is_rank_0s_on_every_process():
+    """The demo's runs/demo/{time}: each process stamping its own clock could straddle a second,
+    and the launch was then refused for run directories that differ."""
+    import re
+    from types import SimpleNamespace
+
+    from dist_utils import run_distributed
+
+    outs = run_distributed(_stamp_with_a_clock_a_second_apart, world_size=2, timeout=90)
+    assert outs == ["runs/demo/20261206-100000"] * 2
+    one = SimpleNamespace(run_dir="runs/x/{time}/y")
+    engine.stamp_run_dir(one, SimpleNamespace(num_processes=1))
+    assert re.fullmatch(r"runs/x/\d{8}-\d{6}/y", one.run_dir), one.run_dir
+    kept = SimpleNamespace(run_dir="runs/plain")
+    assert engine.stamp_run_dir(kept, SimpleNamespace(num_processes=1)) == "runs/plain"
