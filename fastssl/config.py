@@ -498,8 +498,8 @@ def config_errors(cfg: Config) -> list[str]:
     return e
 
 
-def batch_errors(cfg: Config, num_processes: int) -> list[str]:
-    """Checks that need the process count (known once Accelerate has started)."""
+def batch_errors(cfg: Config, num_processes: int, device_type: str = "cuda") -> list[str]:
+    """Checks that need the process count and the device (known once Accelerate has started)."""
     t = cfg.train
     if t.global_batch_size % num_processes:
         return [f"train.global_batch_size: {t.global_batch_size} is not divisible by the "
@@ -507,22 +507,27 @@ def batch_errors(cfg: Config, num_processes: int) -> list[str]:
                 f"(e.g. {num_processes * max(1, t.global_batch_size // num_processes)})"]
     per_process = t.global_batch_size // num_processes
     per_forward = t.micro_batch_size or per_process  # the images of one view in one forward, on this process
-    synced = num_processes if cfg.model.sync_bn else 1  # BatchNorm's statistics gather them over the processes
+    # BatchNorm's statistics gather them over the processes: per-view BatchNorm everywhere, torch's
+    # SyncBatchNorm (per_forward) on GPUs only
+    global_bn = cfg.model.sync_bn and (cfg.model.bn_stats == "per_view" or device_type == "cuda")
+    synced = num_processes if global_bn else 1
     if per_forward * synced < 2:
         where = (f"train.micro_batch_size {t.micro_batch_size}" if t.micro_batch_size else
                  f"train.global_batch_size {t.global_batch_size} over {num_processes} processes")
         return [f"{where}: BatchNorm in training would see {per_forward * synced} image per view, and it needs 2; "
-                "use more images per forward" + ("" if cfg.model.sync_bn else " or --model.sync_bn true")]
+                "use more images per forward" + ("" if global_bn or num_processes == 1 else
+                                                  " or --model.sync_bn true" if not cfg.model.sync_bn else
+                                                  " or --model.bn_stats per_view (its statistics are global on a CPU)")]
     if t.micro_batch_size and per_process % t.micro_batch_size:
         return [f"train.micro_batch_size: {t.micro_batch_size} does not divide the per-process "
                 f"batch {per_process}; choose a divisor of {per_process}"]
     return []
 
 
-def validate(cfg: Config, num_processes: int | None = None) -> None:
+def validate(cfg: Config, num_processes: int | None = None, device_type: str = "cuda") -> None:
     """Raise one ConfigError listing every problem, or return quietly."""
     errors = config_errors(cfg)
     if num_processes is not None:
-        errors += batch_errors(cfg, num_processes)
+        errors += batch_errors(cfg, num_processes, device_type)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

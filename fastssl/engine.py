@@ -68,7 +68,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     accelerator = build_accelerator(cfg.train)
     with failing_together(accelerator):  # an override that differs on one node may be invalid there only
         resolve_auto_settings(cfg, accelerator)
-        validate(cfg, accelerator.num_processes)
+        validate(cfg, accelerator.num_processes, accelerator.device.type)
     check_same_config(cfg, accelerator)  # after `auto` is resolved: nodes that resolve it differently disagree
     run_dir = Path(stamp_run_dir(cfg.train, accelerator))
     with failing_together(accelerator):  # before the data is listed (minutes for ImageNet on network storage)

@@ -130,6 +130,14 @@ def test_batch_divisibility():
     assert msg.startswith("train.micro_batch_size 1: BatchNorm in training would see 1 image per view")
     cfg.model.sync_bn = True
     assert batch_errors(cfg, 1) and not batch_errors(cfg, 2)
+    # torch's SyncBatchNorm (bn_stats per_forward) is used on GPUs only: on CPU processes each
+    # BatchNorm sees its own image; per-view BatchNorm gathers its statistics on both
+    cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.model.bn_stats = 8, 0, "per_forward"
+    assert batch_errors(cfg, 8, "cuda") == []
+    (msg,) = batch_errors(cfg, 8, "cpu")
+    assert "would see 1 image per view" in msg and "--model.bn_stats per_view" in msg, msg
+    cfg.model.bn_stats = "per_view"
+    assert batch_errors(cfg, 8, "cpu") == []
 
 
 def test_all_errors_reported_at_once():
