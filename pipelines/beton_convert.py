@@ -14,6 +14,7 @@ import errno
 import glob
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -281,7 +282,8 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     if out.exists() and not force:
         raise UsageError(f"{str(out)!r} exists; pass --force to replace it")
     if not out.parent.is_dir():
-        what = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        what = ("is a file, not a folder: name the .beton inside a folder" if out.parent.exists() else
+                f"does not exist; create it first (mkdir -p {shlex.quote(str(out.parent))}) or name another")
         raise UsageError(f"output folder {str(out.parent)!r} {what}")
     remove_stale_partials(out)
     partial = PartialConversion(out)

@@ -123,6 +123,8 @@ def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp
     (tmp_path / "a_folder.beton").rmdir()
     with pytest.raises(conv.UsageError, match="output folder .* is a file, not a folder"):
         conv.convert(tmp_path / "train", tmp_path / "empty.txt" / "x.beton", num_workers=1, progress=False)
+    with pytest.raises(conv.UsageError, match="output folder .* does not exist; create it first \\(mkdir -p "):
+        conv.convert(tmp_path / "train", tmp_path / "no" / "x.beton", num_workers=1, progress=False)
     assert list(tmp_path.glob("*.beton*")) == [] and list(tmp_path.glob(".x.beton*")) == []
     run = subprocess.run([sys.executable, TOOL, str(tmp_path / "train"), str(tmp_path / "x.zip")],
                          capture_output=True, text=True)

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sizes = args.sizes or size_list(",".join(GPU_SIZES if device.type == "cuda" else CPU_SIZES))
     records = []
     ratio = "reference" in impls and "views" in impls
+    print(f"microseconds per call (median of {args.repeats}), {args.views} view(s), {args.dtype} logits")
     print(f"{'B':>6s} {'K':>6s} " + " ".join(f"{n:>12s}" for n in impls) + ("   ref/views" if ratio else ""))
     for b, k in sizes:
         g = torch.Generator(device=device).manual_seed(0)
