@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -26,15 +27,39 @@ fields (= the recipe's value), each with what it means:
 {fields}"""
 
 
+# The folders whose warnings are fastssl's own: said as one line by `plain_warnings`.
+OWN_CODE = tuple(str(Path(__file__).resolve().parents[1] / folder) + os.sep
+                 for folder in ("fastssl", "pipelines", "tools", "recipes"))
+
+
+def plain_warnings() -> None:
+    """fastssl's own warnings ("skipping unreadable image ...", a one-class data folder) as one
+    line, `warning: <message>`, as its errors are; other libraries' keep Python's format, with
+    the file and line that help report them. Loader workers forked later inherit it."""
+    default = warnings.formatwarning
+    if getattr(default, "fastssl", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if str(filename).startswith(OWN_CODE):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning.fastssl = True
+    warnings.formatwarning = formatwarning
+
+
 class ToolArgumentParser(argparse.ArgumentParser):
     """The tools' argument parser: a bad argument is one line (the error and where the options
     are listed) and exit status 2, not argparse's whole usage block before it. Its program name
     is the file of the tool that builds it (not sys.argv[0]: a tool's `main` may be called from
-    another program, e.g. a test runner)."""
+    another program, e.g. a test runner). Building one makes fastssl's warnings one line too
+    (`plain_warnings`): every tool builds one first."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("prog", Path(sys._getframe(1).f_code.co_filename).name)
         super().__init__(*args, **kwargs)
+        plain_warnings()
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (options: {self.prog} --help)\n")
@@ -144,6 +169,7 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
     (KeyboardInterrupt) exits 130 with one line saying how to go on (`interrupted_advice`). After `start` returns, the
     processes leave together (`runtime.end_process_group`). A run a stop signal ended early
     (results["interrupted"], after its checkpoint) exits 128 + the signal's number."""
+    plain_warnings()
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or sys.argv[0]
     command = ["python", prog, *argv]

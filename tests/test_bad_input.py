@@ -357,3 +357,18 @@ def test_a_tools_bad_argument_is_one_line_naming_where_the_options_are(capsys, t
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {says}"), err
     assert err.rstrip().endswith(f"(options: {tool}.py --help)"), err
+
+
+def test_fastssl_warnings_are_one_line_and_other_libraries_keep_their_format(monkeypatch):
+    import warnings
+
+    from fastssl.cli import plain_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back after the test
+    plain_warnings()
+    plain_warnings()  # once is enough: not wrapped twice
+    own = str(REPO / "pipelines" / "torchvision.py")
+    assert (warnings.formatwarning("skipping unreadable image a.JPEG", UserWarning, own, 114)
+            == "warning: skipping unreadable image a.JPEG\n")
+    other = warnings.formatwarning("old API", DeprecationWarning, "/usr/lib/python3/x.py", 3, "")
+    assert other.startswith("/usr/lib/python3/x.py:3: DeprecationWarning: old API")
