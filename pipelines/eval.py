@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
-from pipelines.processes import leave_process_group
+from pipelines.processes import leave_process_group, stop_signals_held
 from pipelines.sampler import rank_share
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
 
@@ -92,7 +92,9 @@ class EvalLoader:
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                             collate_fn=collate, pin_memory=self.device.type == "cuda",
                             worker_init_fn=leave_process_group if self.num_workers else None)
-        for batch in loader:
+        with stop_signals_held():
+            delivered = iter(loader)  # starts the workers
+        for batch in delivered:
             if batch is None:
                 continue
             images, labels, index = batch

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["describe_exit", "leave_process_group"]
+__all__ = ["describe_exit", "STOP_SIGNALS", "stop_signals_held", "leave_process_group"]
 
 
 def describe_exit(code: int) -> str:
@@ -19,6 +21,23 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+# The signals a launcher forwards to a trainer's process group and the trainer turns into a stop.
+STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Around the start of loader workers (`iter(DataLoader)` forks them): the stop signals wait
+    while the workers are forked, so that none reaches a worker before it leaves the trainer's
+    process group (`leave_process_group`); the trainer gets them as soon as its workers exist.
+    The workers are born with them held and release them in `leave_process_group`."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def leave_process_group(_worker_id: int | None = None) -> None:
     """A DataLoader worker's first step (its `worker_init_fn`): a process group of its own.
 
@@ -28,5 +47,10 @@ def leave_process_group(_worker_id: int | None = None) -> None:
     (`fastssl.runtime.GracefulStop`), but torch's workers die on a SIGTERM, and the trainer
     then fails with "DataLoader worker ... is killed by signal: Terminated" before it can
     save. Outside the group, the workers are stopped by the trainer's loader as it ends (and
-    exit on their own if the trainer is killed outright: torch's workers watch their parent)."""
+    exit on their own if the trainer is killed outright: torch's workers watch their parent).
+    A worker started under `stop_signals_held` has them held: what the group was sent before
+    it left is the trainer's, and is dropped here, before they are released."""
     os.setpgid(0, 0)
+    while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:  # a held one, sent to the trainer's group
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -22,7 +22,7 @@ from pipelines.batch import MultiCropBatch
 from pipelines.device_augment import augment_views, normalize_uint8
 from pipelines.folder import scan_source
 from pipelines.images import UNREADABLE, load_rgb, next_readable
-from pipelines.processes import leave_process_group
+from pipelines.processes import leave_process_group, stop_signals_held
 from pipelines.sampler import ShardedLoader, batch_seed, sample_rng
 from pipelines.spec import LoaderSpec
 
@@ -143,7 +143,9 @@ class TorchvisionLoader(ShardedLoader):
                             worker_init_fn=_worker_init if s.num_workers else None,
                             prefetch_factor=4 if s.num_workers else None)
         met: set[int] = set()  # unreadable images met this epoch: each counts once (MultiCropBatch.num_skipped)
-        for b, (views, index, label, bad) in enumerate(loader, start=self.start_batch):
+        with stop_signals_held():
+            batches = iter(loader)  # starts the workers
+        for b, (views, index, label, bad) in enumerate(batches, start=self.start_batch):
             if s.data.device_augment:
                 views = self._augment_on_device(views, b)
             else:

@@ -346,7 +346,7 @@ def test_bench_tools_refuse_unusable_sizes_at_parse_time(capsys, tool, argv, say
     ("eval_linear", ["RUN", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     ("convert_imagenet_to_ffcv", [], "the following arguments are required: src, out"),
     ("eval_knn", ["RUN", "--ks", "0"], "--ks must be comma-separated positive integers, got '0'"),
-    ("make_demo_dataset", ["data/x", "--num-classes", "1"], "argument --num-classes"),
+    ("report", ["--out"], "argument --out: expected one argument"),
 ])
 def test_a_tools_bad_argument_is_one_line_naming_where_the_options_are(capsys, tool, argv, says):
     """Not argparse's usage block (16 lines for eval_linear) before the error."""
