@@ -498,6 +498,13 @@ def config_errors(cfg: Config) -> list[str]:
     return e
 
 
+def synced_batchnorm(model: ModelConfig, device_type: str) -> bool:
+    """Whether BatchNorm's statistics cover every process's images (`model.sync_bn`): per-view
+    BatchNorm gathers its own on any device; torch's SyncBatchNorm (bn_stats per_forward), which
+    the loop swaps in, works on GPUs only."""
+    return model.sync_bn and (model.bn_stats == "per_view" or device_type == "cuda")
+
+
 def batch_errors(cfg: Config, num_processes: int, device_type: str = "cuda") -> list[str]:
     """Checks that need the process count and the device (known once Accelerate has started)."""
     t = cfg.train
@@ -507,9 +514,7 @@ def batch_errors(cfg: Config, num_processes: int, device_type: str = "cuda") -> 
                 f"(e.g. {num_processes * max(1, t.global_batch_size // num_processes)})"]
     per_process = t.global_batch_size // num_processes
     per_forward = t.micro_batch_size or per_process  # the images of one view in one forward, on this process
-    # BatchNorm's statistics gather them over the processes: per-view BatchNorm everywhere, torch's
-    # SyncBatchNorm (per_forward) on GPUs only
-    global_bn = cfg.model.sync_bn and (cfg.model.bn_stats == "per_view" or device_type == "cuda")
+    global_bn = synced_batchnorm(cfg.model, device_type)  # BatchNorm's statistics gather them over the processes
     synced = num_processes if global_bn else 1
     if per_forward * synced < 2:
         where = (f"train.micro_batch_size {t.micro_batch_size}" if t.micro_batch_size else

@@ -24,7 +24,7 @@ import pipelines
 from pipelines.cores import default_num_workers
 from pipelines.folder import DataLayoutError, remembered_scans
 from fastssl import checkpoint as ckpt
-from fastssl.config import Config, ConfigError, eval_view, to_dict, validate
+from fastssl.config import Config, ConfigError, TrainConfig, eval_view, synced_batchnorm, to_dict, validate
 from fastssl.eval.online import OnlineKnn
 from fastssl.method import StepParts, train_step
 from fastssl.models import MiraNetwork, make_teacher, unwrap
@@ -258,8 +258,8 @@ def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[Mira
                           m.head, m.stem, m.zero_init_residual)
     if not objective.uses_prototypes:  # no swapped prediction: the prototypes are unused (and DDP
         student.prototypes.requires_grad_(False)  # must not wait for their gradients)
-    if (m.bn_stats == "per_forward" and m.sync_bn and accelerator.num_processes > 1
-            and accelerator.device.type == "cuda"):  # per_view BN gathers its own global statistics
+    if (m.bn_stats == "per_forward" and accelerator.num_processes > 1
+            and synced_batchnorm(m, accelerator.device.type)):  # per_view BN gathers its own global statistics
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -308,7 +308,7 @@ def resolve_auto_settings(cfg: Config, accelerator) -> None:
 RUN_DIR_TIME = "{time}"  # in train.run_dir: the run's start time, e.g. runs/demo/{time}
 
 
-def stamp_run_dir(train_cfg, accelerator) -> str:
+def stamp_run_dir(train_cfg: TrainConfig, accelerator) -> str:
     """`train.run_dir` with RUN_DIR_TIME replaced by rank 0's clock, the same on every process
     (each process's own clock could straddle a second), written back into the config."""
     if RUN_DIR_TIME in train_cfg.run_dir:
