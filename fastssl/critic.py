@@ -43,22 +43,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastssl.collectives import all_gather_rows, world_size
 from fastssl.config import DIRECTIONS
 from fastssl.losses import BOUNDS
 from fastssl.models.per_view_bn import PerViewBatchNorm1d, PerViewBatchNorm2d
-
-
-def gather_keys(keys: Tensor) -> Tensor:
-    """Keys of every rank, rank order (no gradient); the keys themselves without a group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys
-    out = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, keys.contiguous())
-    return torch.cat(out)
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
@@ -71,7 +59,7 @@ def shuffled_forward(net: nn.Module, views: list[Tensor], splits: int = 8
     whatever `sync` says). Outputs come back in the input order of this process's rows.
     The permutation (over this process's rows, or over the global batch) is returned for tests.
     """
-    world, b, device = _world(), views[0].shape[0], views[0].device
+    world, b, device = world_size(), views[0].shape[0], views[0].device
     if world == 1:
         perm, groups = torch.randperm(b, device=device), splits
         if b % groups:
@@ -81,7 +69,7 @@ def shuffled_forward(net: nn.Module, views: list[Tensor], splits: int = 8
         perm, groups = torch.randperm(world * b, device=device), 1
         dist.broadcast(perm, src=0)
         rank = dist.get_rank()
-        local = [gather_keys(v)[perm[rank * b:(rank + 1) * b]] for v in views]
+        local = [all_gather_rows(v)[perm[rank * b:(rank + 1) * b]] for v in views]
     bns = [m for m in net.modules() if isinstance(m, (PerViewBatchNorm1d, PerViewBatchNorm2d))]
     syncs = [m.sync for m in bns]
     for m in bns:
@@ -99,7 +87,7 @@ def shuffled_forward(net: nn.Module, views: list[Tensor], splits: int = 8
             outs.append([x[inverse] for x in per_view])
         else:
             rank = dist.get_rank()
-            outs.append([gather_keys(x)[inverse][rank * b:(rank + 1) * b] for x in per_view])
+            outs.append([all_gather_rows(x)[inverse][rank * b:(rank + 1) * b] for x in per_view])
     return outs[0], outs[1], perm
 
 
@@ -133,7 +121,7 @@ class KeyQueue(nn.Module):
     @torch.no_grad()
     def push(self, keys: Tensor) -> None:
         """Write the keys of ALL ranks (gathered here) after the newest, wrapping around."""
-        keys = gather_keys(keys.detach().to(self.keys.dtype))
+        keys = all_gather_rows(keys.detach().to(self.keys.dtype))
         if keys.shape[0] > self.size:
             keys = keys[-self.size:]
         slots = (self.ptr + torch.arange(keys.shape[0], device=self.keys.device)) % self.size

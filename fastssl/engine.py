@@ -24,6 +24,7 @@ import pipelines
 from pipelines.cores import default_num_workers
 from pipelines.folder import DataLayoutError, remembered_scans
 from fastssl import checkpoint as ckpt
+from fastssl.collectives import all_gather_objects, all_gather_rows
 from fastssl.config import Config, ConfigError, TrainConfig, eval_view, synced_batchnorm, to_dict, validate
 from fastssl.eval.online import OnlineKnn
 from fastssl.method import StepParts, train_step
@@ -226,7 +227,7 @@ def loader_health(accelerator, timing: dict, skipped: int) -> dict:
     if accelerator.num_processes == 1:
         return {**timing, "skipped_images": skipped}
     mine = torch.tensor([[timing["data_wait_share"], float(skipped)]], dtype=torch.float64, device=accelerator.device)
-    everyone = accelerator.gather(mine)
+    everyone = all_gather_rows(mine)
     return {**timing, "data_wait_share": everyone[:, 0].max().item(),
             "skipped_images": int(everyone[:, 1].sum().item())}
 
@@ -273,8 +274,6 @@ def check_same_config(cfg: Config, accelerator) -> None:
     would train replicas that drift apart silently, or leave a collective unmatched. One all-gather."""
     if accelerator.num_processes == 1:
         return
-    from accelerate.utils import gather_object
-
     flat = {}
     for section, fields in to_dict(cfg).items():
         for name, value in fields.items():
@@ -283,7 +282,7 @@ def check_same_config(cfg: Config, accelerator) -> None:
                 flat[key] = bool(value)
             elif key not in PER_NODE_FIELDS:
                 flat[key] = value
-    everyone = gather_object([flat])
+    everyone = all_gather_objects(flat)
     first_other = {name: next((r for r, c in enumerate(everyone) if c.get(name) != flat_0), None)
                    for name, flat_0 in everyone[0].items()}
     differ = sorted(name for name, rank in first_other.items() if rank is not None)

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from fastssl.collectives import all_gather_objects, all_gather_rows
 from fastssl.config import ConfigError, TrainConfig
 
 
@@ -257,11 +258,9 @@ def failing_together(accelerator: Accelerator) -> Iterator[None]:
     except Exception as err:  # noqa: BLE001 - agreed on below, then re-raised
         error = err
     if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
         kind = None if error is None else (type(error).__module__, type(error).__qualname__)  # names: always pickle
         mine = None if error is None else (accelerator.process_index, socket.gethostname(), kind, str(error))
-        failed = [row for row in gather_object([mine]) if row is not None]
+        failed = [row for row in all_gather_objects(mine) if row is not None]
         if error is None and failed:
             rank, host, kind, message = failed[0]
             raise _same_kind(kind, f"rank {rank} on {host}: {message}")
@@ -288,7 +287,7 @@ def per_process(accelerator: Accelerator, values: list[int]) -> list[list[int]]:
     if accelerator.num_processes == 1:
         return [list(values)]
     mine = torch.tensor([values], dtype=torch.int64, device=accelerator.device)
-    return accelerator.gather(mine).tolist()
+    return all_gather_rows(mine).tolist()
 
 
 def rank0_buffers(module: torch.nn.Module, accelerator: Accelerator) -> None:

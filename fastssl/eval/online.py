@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from fastssl.collectives import all_gather_padded_rows, all_gather_rows
 from fastssl.eval.knn import Merge, knn_accuracies
 from fastssl.runtime import per_process, rank0_buffers
 from pipelines.augment import EvalView
@@ -52,9 +53,7 @@ def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bo
         return feats_t, labels_t
     index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     if accelerator.num_processes > 1:
-        feats_t, labels_t, index_t = (accelerator.pad_across_processes(t, pad_index=-1) for t in
-                                      (feats_t, labels_t, index_t))
-        feats_t, labels_t, index_t = (accelerator.gather(t) for t in (feats_t, labels_t, index_t))
+        feats_t, labels_t, index_t = (all_gather_padded_rows(t, -1) for t in (feats_t, labels_t, index_t))
     return in_dataset_order(feats_t, labels_t, index_t)
 
 
@@ -84,7 +83,7 @@ def gather_neighbours(accelerator) -> Merge | None:
     def merge(sims: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for t in (sims, labels):
-            every = accelerator.gather(t.contiguous())  # (world x q, k), rank-major
+            every = all_gather_rows(t)  # (world x q, k), rank-major
             out.append(every.view(world, -1, t.shape[1]).transpose(0, 1).reshape(t.shape[0], -1))
         return out[0], out[1]
 

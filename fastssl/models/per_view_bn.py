@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastssl.collectives import all_gather_stacked
+
 
 def combine_view_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Chan et al.'s pooled mean and (biased) variance over the first dimension (processes).
@@ -108,16 +110,6 @@ PYTHON_KERNELS = SimpleNamespace(stats=_stats, gather_stats_with_counts=_gather_
                                  backward_reduce=_backward_reduce, backward_elemt=_backward_elemt)
 
 
-def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    """P x `local.shape`: every process's `local`, in rank order (one collective)."""
-    out = local.new_empty((dist.get_world_size(group), *local.shape))
-    if dist.get_backend(group) == "nccl":
-        dist.all_gather_into_tensor(out, local, group=group)
-    else:  # gloo: the list form (its support of the single-tensor form varies across versions and devices)
-        dist.all_gather(list(out.unbind(0)), local, group=group)
-    return out
-
-
 class _PerViewNorm(torch.autograd.Function):
     """`nn.SyncBatchNorm`'s function with one set of statistics per view (consecutive blocks of
     `rows` rows); `group` None: this process's rows only, no collective."""
@@ -135,7 +127,7 @@ class _PerViewNorm(torch.autograd.Function):
         if group is None:
             per_view = local.unsqueeze(1)  # V x P x (2C + 1), P = 1
         else:  # one collective for all views; then each view's P x (2C + 1) block contiguous, as SyncBN's
-            per_view = _all_gather_rows(local, group).transpose(0, 1).contiguous()
+            per_view = all_gather_stacked(local, group).transpose(0, 1).contiguous()
         out = torch.empty_like(x)
         means, invstds = [], []
         for v, (view, y) in enumerate(zip(views, out.split(rows))):

@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastssl.collectives import all_gather_traceable, world_size
+
 from . import _cuda_ext
 from ._common import check_iters, check_logits, check_positive, compute_dtype
-from ._dist import group_world_size
 from .mira import _check_beta, mira_fixed_point
 
 __all__ = ["mira_assign_views", "solve_views"]
@@ -69,14 +70,6 @@ def _(logits: Tensor, tau: float, beta: float, num_iters: int) -> Tensor:
     return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
 
 
-def _gather_rows(x: Tensor, group: Optional[Any]) -> Tensor:
-    """V x b x K on every rank -> V x (world * b) x K in rank order: one all-gather."""
-    from torch.distributed import _functional_collectives as funcol
-
-    g = group if group is not None else dist.group.WORLD
-    return funcol.all_gather_tensor(x.contiguous(), gather_dim=1, group=g)
-
-
 @torch.no_grad()
 def mira_assign_views(views: Sequence[Tensor], tau: float = 0.225, beta: float = 2 / 3, num_iters: int = 30,
                       group: Optional[Any] = None) -> list[Tensor]:
@@ -94,9 +87,9 @@ def mira_assign_views(views: Sequence[Tensor], tau: float = 0.225, beta: float =
     beta = _check_beta(beta)
     num_iters = check_iters("num_iters", num_iters, 0)
     stacked = torch.stack(views)  # V x b x K
-    if group_world_size(group) == 1:
+    if world_size(group) == 1:
         return list(_mira_assign_views_op(stacked, tau, beta, num_iters).unbind(0))
     rows = stacked.shape[1]
-    targets = _mira_assign_views_op(_gather_rows(stacked, group), tau, beta, num_iters)
+    targets = _mira_assign_views_op(all_gather_traceable(stacked, 1, group), tau, beta, num_iters)
     rank = dist.get_rank(group)
     return list(targets[:, rank * rows:(rank + 1) * rows].unbind(0))

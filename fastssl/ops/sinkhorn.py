@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._common import check_iters, check_logits, check_positive, compute_dtype
-from ._dist import global_count, global_logsumexp_cols
+from fastssl.collectives import global_count, global_logsumexp_cols
 
 __all__ = ["sinkhorn_assign"]
 
