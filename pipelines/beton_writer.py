@@ -11,6 +11,7 @@ import os
 import sys
 
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, PartialConversion, Progress, durable_samples
+from pipelines.images import decode_problem
 from pipelines.processes import describe_exit
 
 # --------------------------------------------------------------------------- writing (the converter's workers)
@@ -126,32 +127,6 @@ class signals_deferred:
             signal.raise_signal(sig)  # now, with the caller's handler
 
 
-def check_file(path: str) -> str | None:
-    """Why `path` cannot be converted, or None. Decodes at reduced scale (JPEG draft mode):
-    every compressed byte is still read, so truncation is caught, at a fraction of the cost."""
-    from PIL import Image
-
-    from pipelines.images import UNREADABLE, problem
-
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        return f"unreadable: {err}"
-    reason = problem(data)
-    if reason is not None:
-        return reason
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-            if img.width < 1 or img.height < 1:
-                return "zero-sized image"
-    except UNREADABLE as err:
-        return f"undecodable: {type(err).__name__}: {err}"
-    return None
-
-
 class ConvertDataset:
     """Indexable (image, label) pairs for FFCV's writer; seeds numpy per image so that the
     writer's random JPEG-or-raw choice ('proportion' mode) is reproducible. Pickled once per
@@ -232,7 +207,7 @@ def _raise_if_failed(procs: list, errors, what: str) -> None:
 
 
 def check_files(paths: list[str], num_workers: int, progress: bool = False) -> list[str | None]:
-    """`check_file` over `paths` in `num_workers` processes, in order. A worker that dies
+    """`decode_problem` over `paths` in `num_workers` processes, in order. A worker that dies
     raises WorkerError at once (ProcessPoolExecutor notices; multiprocessing.Pool would
     silently replace the worker and wait forever for the lost task)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -245,7 +220,7 @@ def check_files(paths: list[str], num_workers: int, progress: bool = False) -> l
     pool = ProcessPoolExecutor(max(1, num_workers), mp_context=worker_context(), initializer=worker_init)
     try:
         with signals_deferred():  # map() submits every chunk, starting the workers, right away
-            checked = pool.map(check_file, paths, chunksize=16)
+            checked = pool.map(decode_problem, paths, chunksize=16)
         results = list(tqdm(checked, total=len(paths), desc="checking", unit="img", disable=not progress))
     except BaseException as err:
         for p in list((getattr(pool, "_processes", None) or {}).values()):  # private, but no public way

@@ -2,6 +2,7 @@
 
 * Decoding with PIL (`load_rgb`): fully, so a truncated file fails here and not later, and
   converted to RGB; `UNREADABLE` are the errors PIL raises on a bad file.
+* The converter's verdict on a file (`decode_problem`): the sniff, then a reduced-scale decode.
 * Sniffing (`problem`): cheap checks on encoded bytes, before a decoder that cannot skip a
   bad sample sees them. DALI's decoders fail the WHOLE pipeline on one undecodable sample
   ("Current pipeline object is no longer valid"), so the DALI loaders screen each file's
@@ -93,6 +94,29 @@ def problem(data: bytes | memoryview) -> str | None:
         return "truncated JPEG (no end-of-image marker): re-copy or re-download the file"
     if fmt == "png" and _PNG_END not in tail:
         return "truncated PNG (no IEND chunk): re-copy or re-download the file"
+    return None
+
+
+def decode_problem(path: str) -> str | None:
+    """Why the file at `path` cannot be decoded (the converter's verdict), or None. Decodes at reduced
+    scale (JPEG draft mode): every compressed byte is still read, so truncation is caught, at a
+    fraction of a full decode's cost."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return f"unreadable: {err}"
+    reason = problem(data)
+    if reason is not None:
+        return reason
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return "zero-sized image"
+    except UNREADABLE as err:
+        return f"undecodable: {type(err).__name__}: {err}"
     return None
 
 
