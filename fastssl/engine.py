@@ -2,7 +2,7 @@
 
 `train(cfg)` validates the whole config before any work, builds the loader, objective,
 networks and optimiser, then runs epochs of `method.train_step`, with logs, checkpoints, online
-k-NN and a clean stop on SIGTERM/SIGINT. `train(cfg, resume=True)` continues the run in
+k-NN and a clean stop on SIGTERM, SIGINT or SIGUSR1. `train(cfg, resume=True)` continues the run in
 `cfg.train.run_dir` exactly where its last checkpoint left it.
 
 Faults end in an exception whose message says what to do next, naming the run directory

@@ -20,8 +20,8 @@ see its docstring for the sources), with what the authors' CIFAR command changes
 - crops: RandomResizedCrop(32) at torchvision's default scale (0.08, 1), resized bilinearly; no
   Gaussian blur (their CIFAR augmentation has none).
 - CIFAR-10's mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010), theirs, for
-  training and, as every run, evaluation. For CIFAR-100 use theirs: `--aug.mean 0.5071 0.4867
-  0.4408 --aug.std 0.2675 0.2565 0.2761`.
+  training and, as every run, evaluation. For CIFAR-100 use theirs: `--aug.mean 0.5071,0.4867,0.4408
+  --aug.std 0.2675,0.2565,0.2761`.
 - Queue: the authors use 65,536 keys, more than CIFAR-10's 50,000 images, so stale copies of
   an image are scored as its own negatives; we refuse a queue that is not smaller than the
   dataset and use 16,384 here (a known difference).

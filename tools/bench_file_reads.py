@@ -4,7 +4,7 @@
     python tools/bench_file_reads.py --data data/demo/train --threads 1,4,16
     # network storage's per-file latency, simulated: every open waits 2 ms more
     strace -f -qq --seccomp-bpf -e trace=openat -e inject=openat:delay_exit=2000 -o /dev/null \\
-        python tools/bench_file_reads.py --data data/demo/train --threads 1,16
+        python tools/bench_file_reads.py --data data/demo/train --threads 1,8
 
 It runs the DALI training source itself (`pipelines.dali._ShardSource`: `--data.dali_read_threads`
 readers, two batches ahead, bad files replaced) without DALI's decoding, so it isolates what
@@ -45,7 +45,7 @@ def read_epoch(samples: list[tuple[str, int]], batches: list[list[int]], threads
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo/train", help="image folder in ImageNet layout (or a .txt list)")
-    ap.add_argument("--threads", default="1,16", help="comma-separated reader-thread counts to compare")
+    ap.add_argument("--threads", default="1,8", help="comma-separated reader-thread counts to compare")
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch (per process)")
     ap.add_argument("--files", type=int, default=2048, help="files per repetition (the first of the folder)")
     ap.add_argument("--repeats", type=int, default=5)

@@ -5,7 +5,8 @@
     python tools/eval_knn.py backbone_resnet50.pth --train /data/imagenet/train --val /data/imagenet/val
     accelerate launch --multi_gpu --num_processes 8 tools/eval_knn.py RUN_DIR   # each GPU embeds 1/8
 
-L2-normalised features of the EMA teacher's backbone (the exported `backbone_<arch>.pth`),
+L2-normalised features of the exported backbone (`backbone_<arch>.pth`: the EMA teacher's unless the
+run set `model.export student`),
 cosine similarity, votes weighted by exp(sim / T) with T = 0.07, for k in {10, 20, 100,
 200}; top-1 and top-5 in percent. Images: resize to size / 0.875 with the run's
 eval.interpolation (bilinear by default, as the MIRA authors' ImageNet val transform;

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Linear transfer (MIRA Table 5, Ericsson et al.'s protocol) of a run's EMA-teacher backbone.
+"""Linear transfer (MIRA Table 5, Ericsson et al.'s protocol) of a run's exported backbone
+(`model.export`: the EMA teacher by default).
 
     python tools/eval_transfer.py runs/demo/<timestamp> --data-root /data/torchvision --datasets all
     python tools/eval_transfer.py backbone_resnet50.pth --data-root /data --datasets cifar10,cifar100,pets

@@ -1,4 +1,5 @@
-"""Online k-NN during training: teacher backbone features of train (bank) and val (queries).
+"""Online k-NN during training: features of the exported backbone (`model.export`: the EMA teacher by
+default) for train (bank) and val (queries).
 
 DINO protocol: L2-normalised features, cosine similarity, k = 20, votes weighted by
 exp(sim / 0.07). Each rank embeds its share of each split. The queries are gathered; the

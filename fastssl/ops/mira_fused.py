@@ -14,9 +14,9 @@ traces too. Its implementations:
 - CPU, and float64 anywhere: `solve_views`, the reference iteration (`mira.mira_fixed_point`,
   Eq. 5-7) batched over views.
 - CUDA (fp32/bf16/fp16 logits): the fused kernel of `csrc/mira_fused.cu`, one cooperative
-  launch for all views and all iterations, built just in time by `fastssl.ops._cuda_ext` on
-  first use and self-checked against `solve_views`. When it cannot be built or loaded (no
-  nvcc, a compile error, ``FASTSSL_FUSED_MIRA=0``, a failed self-check) one warning says why
+  launch for all views and all iterations, built just in time on first use (by NVRTC, else by
+  nvcc: `fastssl.ops._cuda_ext`) and self-checked against `solve_views`. When it cannot be built
+  or loaded (neither NVRTC nor nvcc, a compile error, ``FASTSSL_FUSED_MIRA=0``, a failed self-check) one warning says why
   and `solve_views` runs on CUDA instead; callers do not change either way.
 
 Requirement: every rank passes the same number of rows (the training loop's per-process
