@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -57,6 +59,21 @@ PER_NODE_PATHS = {"data.val", "data.knn_train"}  # set on every process or on no
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass
+class Run:
+    """What set-up hands the epochs: the run's parts, where it stands, and where its records go."""
+    cfg: Config
+    run_dir: Path
+    command: list[str] | None  # the user's command line, for messages that print the command that goes on
+    parts: StepParts
+    loader: Any
+    knn: OnlineKnn | None
+    state: ckpt.TrainState
+    results: dict
+    log: RunLog
+    saved_step: int | None  # the step of the checkpoint on disk (None: none yet)
+
+
 def train(cfg: Config, resume: bool | str = False, command: list[str] | None = None) -> dict:
     """Run (or continue) one training run; returns the run's results (also in results.json).
 
@@ -64,6 +81,22 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     it does not (SLURM requeues). `command` (the user's command line, from `fastssl.cli`) lets
     messages print the exact command that continues the run.
     """
+    run = set_up(cfg, resume, command)
+    if run.saved_step is not None and run.state.epoch >= cfg.train.epochs:  # resumed after the end (a requeue)
+        run.log.close()
+        epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
+        run.parts.accelerator.print(f"the run in {run.run_dir} has finished its {epochs} (step {run.state.step}): "
+                                    "nothing to do")
+        return run.results
+    return train_epochs(run)
+
+
+def set_up(cfg: Config, resume: bool | str, command: list[str] | None) -> Run:
+    """Everything before the first step, checked in the order that fails soonest: the config, the run
+    directory (before the data is listed: minutes for ImageNet on network storage), the data, the
+    networks, the checkpoint. Set-up fails on every process or none (`failing_together`): a node whose
+    copy of the data or view of the run directory is wrong would otherwise fail alone, the others
+    waiting for it in a collective."""
     auto, resume = resume == "auto", ckpt.resolve_resume(resume, Path(cfg.train.run_dir))  # before any rank saves
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
@@ -72,19 +105,16 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
         validate(cfg, accelerator.num_processes, accelerator.device.type)
     check_same_config(cfg, accelerator)  # after `auto` is resolved: nodes that resolve it differently disagree
     run_dir = Path(stamp_run_dir(cfg.train, accelerator))
-    with failing_together(accelerator):  # before the data is listed (minutes for ImageNet on network storage)
+    with failing_together(accelerator):
         warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
-    # Set-up fails on every process or none (`failing_together`): a node whose copy of the data or view
-    # of the run directory is wrong would otherwise fail alone, the others waiting for it in a collective.
     with failing_together(accelerator), remembered_scans():  # the loader and the k-NN's bank list the folder once
         loader = build_loader(cfg, accelerator, workers)
         # A queue longer than the data fails here, before any output.
         objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
         knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
     create_run_dir(run_dir, accelerator)
-
     with failing_together(accelerator):  # before DDP's first broadcast
         student, teacher = build_networks(cfg, accelerator, objective)
         optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
@@ -95,9 +125,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     if cfg.train.compile:
         student = torch.compile(student)
     parts = StepParts(student, teacher, optimizer, accelerator, objective, cfg.train.micro_batch_size)
-
-    state = ckpt.TrainState()
-    results: dict = {"knn": []}
+    state, results = ckpt.TrainState(), {"knn": []}
     own_state_missed: str | None = None  # why this process's random generators and loader position were not restored
     with failing_together(accelerator):  # each process reads its own part (rng/rank{r}.pt); all call it
         if resume:
@@ -108,7 +136,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
             results = {"knn": [], **ckpt.read_results(run_dir)}  # drop k-NN rows a hard kill left past the checkpoint:
             results["knn"] = [k for k in results["knn"] if k["epoch"] <= state.epoch]
     check_processes_agree(accelerator, loader, state, run_dir, own_state_missed)
-    saved_step = state.step if resume else None  # the step of the checkpoint on disk
+    saved_step = state.step if resume else None
     try:
         log = open_records(cfg, run_dir, parts, resume, warned, state.step, command)  # once a resume is sure to go on
     except ckpt.CheckpointError as err:
@@ -116,12 +144,16 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")
-    if resume and state.epoch >= cfg.train.epochs:  # a requeue after the end (--resume auto), a repeated command
-        log.close()
-        epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
-        accelerator.print(f"the run in {run_dir} has finished its {epochs} (step {state.step}): nothing to do")
-        return results
-    guard = DivergenceGuard(student, teacher, state, accelerator)
+    return Run(cfg, run_dir, command, parts, loader, knn, state, results, log, saved_step)
+
+
+def train_epochs(run: Run) -> dict:
+    """The epochs left, each with its k-NN, log row, results and checkpoint; a stop signal saves a
+    checkpoint mid-epoch. A fault ends in an exception that says how the run goes on."""
+    cfg, run_dir, command, parts, loader, knn, state, results, log = (
+        run.cfg, run.run_dir, run.command, run.parts, run.loader, run.knn, run.state, run.results, run.log)
+    accelerator, saved_step = parts.accelerator, run.saved_step
+    guard = DivergenceGuard(parts.student, parts.teacher, state, accelerator)
     stop = GracefulStop()
     try:
         if knn and cfg.eval.knn_at_start and state.step == 0:
