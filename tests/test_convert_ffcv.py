@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, load_tool, make_image_folder, requires_ffcv
+from conftest import REPO, alive, descendants, kill_tree, load_tool, make_image_folder, requires_ffcv
 from pipelines.beton import summary_path
 
 pytestmark = requires_ffcv
@@ -68,7 +68,7 @@ def test_bad_files_are_skipped_and_reported_with_exit_0(tmp_path):
     (src / "class_02_empty").mkdir()
     out = tmp_path / "train.beton"
     run = subprocess.run([sys.executable, TOOL, str(src), str(out), "--num-workers", "1", "--no-progress",
-                          "--max-resolution", "32"], capture_output=True, text=True)
+                          "--max-resolution", "32"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     summary = json.loads(Path(f"{out}.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in summary["skipped"]}
@@ -100,7 +100,8 @@ def test_flat_val_with_labels_file_and_subset(conv, tmp_path):
 
 def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp_path):
     out = tmp_path / "x.beton"
-    run = subprocess.run([sys.executable, TOOL, str(tmp_path / "missing"), str(out)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, TOOL, str(tmp_path / "missing"), str(out)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -110,7 +111,8 @@ def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp
                           (["--labels", str(tmp_path / "one.txt"), "--classes-from", str(tmp_path / "nowhere")],
                            "--classes-from '" + str(tmp_path / "nowhere") + "' is not a folder"),
                           ([], "has no class folders")):
-        run = subprocess.run([sys.executable, TOOL, str(flat), str(out), *extra], capture_output=True, text=True)
+        run = subprocess.run([sys.executable, TOOL, str(flat), str(out), *extra], capture_output=True, text=True,
+                             timeout=300)
         assert run.returncode == 2 and needle in run.stderr and "Traceback" not in run.stderr, (extra, run.stderr)
     src = tmp_path / "train" / "c0"
     src.mkdir(parents=True)
@@ -127,7 +129,7 @@ def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp
         conv.convert(tmp_path / "train", tmp_path / "no" / "x.beton", num_workers=1, progress=False)
     assert list(tmp_path.glob("*.beton*")) == [] and list(tmp_path.glob(".x.beton*")) == []
     run = subprocess.run([sys.executable, TOOL, str(tmp_path / "train"), str(tmp_path / "x.zip")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "should end in .beton" in run.stderr
 
 
@@ -144,39 +146,6 @@ def test_loader_names_the_converter_for_a_missing_or_foreign_file(tmp_path):
 # --------------------------------------------------------------------------- never hangs, nothing left behind
 
 
-def descendants(pid: int) -> dict[int, int]:
-    """Every living process below `pid` (from /proc), mapped to its parent's PID."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found: dict[int, int] = {}
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for child, ppid in parent.items():
-            if ppid == p and child not in found:
-                found[child] = ppid
-                todo.append(child)
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    """Those of `pids` that still run (zombies count as gone: they hold nothing)."""
-    living = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            living.add(pid)
-    return living
-
-
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory) -> Path:
     """Enough images that a conversion with 2 workers runs for a few seconds."""
@@ -185,19 +154,56 @@ def big_folder(tmp_path_factory) -> Path:
     return root
 
 
-def start_converter(src: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, TOOL, str(src), str(out), "--num-workers", "2", "--no-progress",
-                             "--write-mode", "jpg", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+class Converter:
+    """The converter tool in a child process of its own session, its output in files. Its workers
+    (from its fork server) would hold a pipe open after it died, so a test reading pipes could wait
+    on them for good; `stop` kills every process of the session whatever the test left."""
+
+    def __init__(self, src: Path, out: Path, *extra: str, logs: Path):
+        self.out_log, self.err_log = logs / "stdout.txt", logs / "stderr.txt"
+        with self.out_log.open("w") as out_sink, self.err_log.open("w") as err_sink:
+            self.proc = subprocess.Popen([sys.executable, TOOL, str(src), str(out), "--num-workers", "2",
+                                          "--no-progress", "--write-mode", "jpg", *extra],
+                                         stdout=out_sink, stderr=err_sink, text=True, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) once it ends; subprocess.TimeoutExpired after `timeout` s."""
+        code = self.proc.wait(timeout=timeout)
+        return code, self.out_log.read_text(), self.err_log.read_text()
+
+    def stop(self) -> None:
+        kill_tree(self.pid)  # the converter, its fork server, its workers
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
 
 
-def wait_for_workers(proc: subprocess.Popen, out: Path, writing: bool, limit: float = 120) -> dict[int, int]:
+@pytest.fixture
+def start_converter(tmp_path_factory):
+    """`start_converter(src, out, *extra)` -> a running `Converter`; every one is stopped after the test."""
+    started: list[Converter] = []
+
+    def start(src: Path, out: Path, *extra: str) -> Converter:
+        started.append(Converter(src, out, *extra, logs=tmp_path_factory.mktemp("converter")))
+        return started[-1]
+
+    yield start
+    for converter in started:
+        converter.stop()
+
+
+def wait_for_workers(proc: Converter, out: Path, writing: bool, limit: float = 120) -> dict[int, int]:
     """Once the converter's workers (grandchildren: they come from its fork server) run, and,
     with `writing`, the .beton's header is written: all its descendants."""
     deadline = time.monotonic() + limit
     partial = out.parent / f".{out.name}.partial" / "data"
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the converter ended early: {proc.communicate()}"
+        assert proc.poll() is None, f"the converter ended early: {proc.finish(timeout=30)}"
         below = descendants(proc.pid)
         workers = [c for c, p in below.items() if p != proc.pid]
         try:
@@ -246,7 +252,8 @@ def assert_nothing_left_or_kept(folder: Path, out: Path, err: str) -> None:
         assert list(folder.iterdir()) == [] and "kept in" not in err, err
 
 
-def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beton(big_folder, tmp_path):
+def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beton(big_folder, tmp_path,
+                                                                                   start_converter):
     """Progress saved every 0.1 s; killed (SIGKILL: nothing runs after it) once some images are
     saved. The rerun continues from them, without checking the images again, and its .beton
     holds exactly what an uninterrupted conversion stores."""
@@ -257,7 +264,7 @@ def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beto
         time.sleep(0.005)
     saved = saved_images(out)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    proc.finish(timeout=30)
     assert not out.exists() and saved, "the conversion finished before the kill: make big_folder bigger"
     deadline = time.monotonic() + 10
     while alive(below) and time.monotonic() < deadline:
@@ -278,18 +285,16 @@ def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beto
     assert stored_content(out) == stored_content(fresh)
 
 
-def test_sigterm_saves_progress_and_stops_the_workers(big_folder, tmp_path):
+def test_sigterm_saves_progress_and_stops_the_workers(big_folder, tmp_path, start_converter):
     out = tmp_path / "x.beton"
     proc = start_converter(big_folder, out)
     below = set(wait_for_workers(proc, out, writing=True))
     os.kill(proc.pid, signal.SIGTERM)
     try:
-        _, err = proc.communicate(timeout=15)
+        code, _, err = proc.finish(timeout=15)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise AssertionError("the converter did not stop within 15 s of SIGTERM")
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+        raise AssertionError("the converter did not stop within 15 s of SIGTERM") from None
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
     assert_nothing_left_or_kept(tmp_path, out, err)
     deadline = time.monotonic() + 10
     while alive(below) and time.monotonic() < deadline:
@@ -298,7 +303,7 @@ def test_sigterm_saves_progress_and_stops_the_workers(big_folder, tmp_path):
 
 
 @pytest.mark.parametrize("writing", [False, True], ids=["checking", "writing"])
-def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_path, writing):
+def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_path, writing, start_converter):
     """The image check is short (draft decodes): a kill that lands after a checking worker's
     last task costs nothing, and the conversion rightly completes. Such a late kill is
     retried (at most 3 attempts); the test needs one kill that hit a worker with work left."""
@@ -310,17 +315,16 @@ def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_pat
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         try:
-            _, err = proc.communicate(timeout=15)
+            code, _, err = proc.finish(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise AssertionError(f"the converter still waits {time.monotonic() - killed:.0f} s after a worker died")
-        if writing or proc.returncode != 0:
+            raise AssertionError(f"the converter still waits {time.monotonic() - killed:.0f} s after a worker died") \
+                from None
+        if writing or code != 0:
             break
         assert out.is_file(), err  # too late to matter: the conversion is whole
         for leftover in tmp_path.iterdir():
             leftover.unlink()  # the .beton and its summary: the partial folder went with the success
-    assert proc.returncode == 1 and "worker" in err and "died" in err, (attempt, err)
+    assert code == 1 and "worker" in err and "died" in err, (attempt, err)
     assert err.count("error:") == 1 and "Traceback" not in err, err
     assert_nothing_left_or_kept(tmp_path, out, err)
     deadline = time.monotonic() + 10
@@ -555,7 +559,7 @@ def test_unwritable_output_folder_is_one_clear_error_exit_1(tmp_path):
 
 def test_stale_partials_of_dead_converters_are_removed_live_ones_kept(conv, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+                          text=True, timeout=300).stdout.strip()
     out = tmp_path / "x.beton"
     stale = [tmp_path / f".x.beton.partial-{dead}", tmp_path / f".x.beton.json.partial-{dead}"]
     live = tmp_path / f".x.beton.partial-{os.getpid()}"

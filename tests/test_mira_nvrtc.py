@@ -314,12 +314,13 @@ def test_the_processes_of_a_machine_share_one_child(tmp_path):
     runs = tmp_path / "runs.txt"
     argv = python(f"import time; open({str(runs)!r}, 'a').write('run\\n'); time.sleep(0.5)")
     got = []
-    callers = [threading.Thread(target=lambda: got.append(verdict_in_child(argv, tmp_path / "v.json", 60)))
-               for _ in range(3)]
+    callers = [threading.Thread(target=lambda: got.append(verdict_in_child(argv, tmp_path / "v.json", 60)),
+                                daemon=True) for _ in range(3)]  # daemon: a caller stuck on the lock fails the test only
     for t in callers:
         t.start()
     for t in callers:
-        t.join()
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in callers), "a process still waits on the lock after 120 s"
     assert got == [None, None, None] and runs.read_text() == "run\n"
 
 

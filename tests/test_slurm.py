@@ -24,6 +24,7 @@ from fastssl.cli import parse
 from fastssl.config import Config, ConfigError
 from fastssl.relaunch import rerun_command
 
+from conftest import kill_tree
 from dist_utils import tiny_synthetic_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +61,8 @@ def wait_for_rows(proc: subprocess.Popen, run: Path, rows: int) -> None:
         except (FileNotFoundError, IndexError, ValueError):
             pass
         time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"the run logged no {rows} steps (exit {proc.poll()}): {proc.communicate()[0][-3000:]}")
+    code = proc.poll()
+    pytest.fail(f"the run logged no {rows} steps (exit {code}): {killed_output(proc)[-3000:]}")
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -69,9 +70,17 @@ def finish(proc: subprocess.Popen) -> str:
     try:
         return proc.communicate(timeout=TIMEOUT_S)[0]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out = proc.communicate()[0]
-        pytest.fail(f"still running after {TIMEOUT_S} s:\n{out[-3000:]}")
+        pytest.fail(f"still running after {TIMEOUT_S} s:\n{killed_output(proc)[-3000:]}")
+
+
+def killed_output(proc: subprocess.Popen) -> str:
+    """Its output so far, after killing its whole session (the batch shell, the launcher, the trainers:
+    a trainer left alive would hold the pipe, and reading it would wait for good)."""
+    kill_tree(proc.pid)
+    try:
+        return proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        return "(no output: a process outside the session still holds the pipe)"
 
 
 def popen(cmd: list[str], cwd: Path, **env: str) -> subprocess.Popen:
