@@ -177,19 +177,59 @@ def test_bad_data_fails_before_work(tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_prototypes_frozen_in_first_epoch(tmp_path):
+def test_prototypes_frozen_in_first_epoch(tmp_path, monkeypatch):
+    """MIRA's first epoch trains everything but the prototypes (`method.freeze_prototypes_epochs` 1);
+    the second moves them too. The student is read at each epoch's checkpoint."""
+    from fastssl import engine
+    from fastssl.models import MiraNetwork, unwrap
+
     cfg = tiny_config(tmp_path, epochs=2)
     cfg.eval.knn_every = -1
     cfg.train.checkpoint_every = 1
-    from fastssl.models import MiraNetwork
+    saved = []
 
-    torch.manual_seed(cfg.train.seed)
-    initial = MiraNetwork("resnet18", 32, 16, 12).prototypes.weight.detach().clone()
-    cfg.train.epochs = 1
+    def save_and_record(cfg, run_dir, parts, *args, **kwargs):
+        saved.append({name: t.detach().clone() for name, t in unwrap(parts.student).state_dict().items()})
+        return real_save(cfg, run_dir, parts, *args, **kwargs)
+
+    real_save = engine.save
+    monkeypatch.setattr(engine, "save", save_and_record)
+    torch.manual_seed(cfg.train.seed)  # the student train() builds: the same seed, the same first draws
+    initial = MiraNetwork("resnet18", 32, 16, 12).state_dict()
     train(cfg)
-    after_one = torch.load(Path(cfg.train.run_dir) / "checkpoint.pt", weights_only=False)["student"]
-    torch.testing.assert_close(after_one["prototypes.weight"], initial)
-    assert not torch.equal(after_one["projector.0.weight"], MiraNetwork("resnet18", 32, 16, 12).projector[0].weight)
+    assert len(saved) == 2
+    after_one, after_two = saved
+    torch.testing.assert_close(after_one["prototypes.weight"], initial["prototypes.weight"], rtol=0, atol=0)
+    assert not torch.allclose(after_one["projector.0.weight"], initial["projector.0.weight"])  # the rest trained
+    assert not torch.allclose(after_two["prototypes.weight"], initial["prototypes.weight"])
+
+
+def test_logged_losses_are_the_means_of_their_steps(tmp_path, one_thread):
+    """train_log.csv's loss with log_every 2 is the mean of the epoch's last 2 step losses (those of a
+    log_every 1 run of the same seed), and epochs.csv's loss the mean of all the epoch's steps."""
+    per_step, pairs = tiny_config(tmp_path / "a"), tiny_config(tmp_path / "b")
+    per_step.eval.knn_every = pairs.eval.knn_every = -1
+    per_step.eval.knn_at_start = pairs.eval.knn_at_start = False
+    pairs.train.log_every = 2
+    train(per_step)
+    train(pairs)
+    step_loss = {int(r["step"]): float(r["loss"]) for r in read_csv(Path(per_step.train.run_dir) / "train_log.csv")}
+    epochs = read_csv(Path(per_step.train.run_dir) / "epochs.csv")
+    per_epoch = len(step_loss) // len(epochs)
+    assert len(epochs) == 2 and per_epoch > 2 and sorted(step_loss) == list(range(1, 2 * per_epoch + 1))
+
+    def epoch_of(step: int) -> int:
+        return (step - 1) // per_epoch
+
+    logged = read_csv(Path(pairs.train.run_dir) / "train_log.csv")
+    assert [int(r["step"]) for r in logged] == [s for s in step_loss if s % 2 == 0 or s % per_epoch == 0]
+    for row in logged:
+        s = int(row["step"])
+        window = [step_loss[t] for t in (s - 1, s) if t >= 1 and epoch_of(t) == epoch_of(s)]
+        assert float(row["loss"]) == pytest.approx(sum(window) / len(window), rel=1e-4), (s, window)
+    for e, row in enumerate(epochs):
+        steps = [v for t, v in step_loss.items() if epoch_of(t) == e]
+        assert float(row["loss"]) == pytest.approx(sum(steps) / len(steps), rel=1e-4), e
 
 
 SCRIPT = textwrap.dedent("""

@@ -66,6 +66,16 @@ def test_weighted_sum_weighs_losses_merges_metrics_and_finishes_every_part():
         WeightedSum([(1.0, b), (1.0, Fixed(1.0, "c", state=torch.nn.Linear(1, 1)))])
 
 
+def test_mira_plus_mlcpc_weighs_the_critic_by_method_mlcpc_weight():
+    """MIRA's loss at weight 1, ML-CPC's at `method.mlcpc_weight` (the sum's arithmetic: the test above)."""
+    from fastssl.objectives import Mira, MlCpc
+
+    cfg = Config()
+    cfg.method.objective, cfg.method.mlcpc_weight = "mira+mlcpc", 0.25
+    objective = build_objective(cfg)
+    assert [(weight, type(part)) for weight, part in objective.parts] == [(1.0, Mira), (0.25, MlCpc)]
+
+
 class OneProcess:
     def reduce(self, tensor, reduction):
         return tensor
