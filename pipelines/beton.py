@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.cores import torch_threads_kept
+
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
 CONVERTER = "tools/convert_imagenet_to_ffcv.py"
@@ -36,7 +38,8 @@ def check_beton(path: str | Path) -> list[str]:
     if path.is_dir():
         raise BetonError(f"{str(path)!r} is a folder; the ffcv backend reads one .beton file ({CONVERT_HINT}), "
                          "or use --data.backend dali / torchvision for a JPEG folder")
-    from ffcv.reader import Reader
+    with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
+        from ffcv.reader import Reader
 
     try:
         reader = Reader(str(path))

@@ -27,6 +27,7 @@ from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialConversion, job_fingerprint
 from pipelines.beton_writer import (ConvertDataset, WorkerError, check_files, signals_deferred, worker_context,
                                     write_beton)
+from pipelines.cores import torch_threads_kept
 from pipelines.folder import is_image_file, walk_files
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
@@ -297,7 +298,8 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     try:
         inv = scan(src, labels, classes_from, subset_per_class)
         worker_context(start=True)  # the fork server imports FFCV (seconds) while this process does
-        from ffcv.fields import IntField, RGBImageField
+        with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
+            from ffcv.fields import IntField, RGBImageField
 
         workers = num_workers or os.cpu_count() or 1
         options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,

@@ -1,4 +1,5 @@
-"""How many CPU threads a process may use: its share of the cores this machine lets the job use.
+"""How many CPU threads a process may use: its share of the cores this machine lets the job use, and
+libraries kept from changing it.
 
 Shared by the training loop (`--data.num_workers -1`) and the DALI loaders' threads, so that
 the processes of one node (8 GPUs, 8 processes) divide its cores instead of each taking all of them.
@@ -7,8 +8,10 @@ the processes of one node (8 GPUs, 8 processes) divide its cores instead of each
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["default_num_workers", "processes_on_this_machine"]
+__all__ = ["default_num_workers", "processes_on_this_machine", "torch_threads_kept"]
 
 
 def processes_on_this_machine(num_processes: int) -> int:
@@ -25,3 +28,18 @@ def default_num_workers(requested: int, num_processes: int) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, processes_on_this_machine(num_processes)))
+
+
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Whatever runs inside leaves torch's intra-op thread count (process-wide) as it found it.
+
+    Why: importing FFCV sets it to 1 (its `Compiler.set_num_threads(1)` at import), which would leave
+    the trainer's CPU work, and every other backend's in the same process, on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

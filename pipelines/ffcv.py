@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 import time
 import warnings
 import weakref
@@ -40,17 +41,22 @@ from queue import Empty
 
 import numpy as np
 import torch
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.loader import Loader, OrderOption
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.state import State
-from ffcv.reader import Reader
-from ffcv.transforms import ToDevice, ToTensor
-from ffcv.traversal_order.base import TraversalOrder
+
+from pipelines.cores import torch_threads_kept
+
+with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.state import State
+    from ffcv.reader import Reader
+    from ffcv.transforms import ToDevice, ToTensor
+    from ffcv.traversal_order.base import TraversalOrder
 from numba import carray, njit
+from numba import set_num_threads as set_numba_threads
 from numba import types as nb_types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -81,6 +87,18 @@ def _cached_compile(code, signature=None):
 
 
 Compiler.compile = classmethod(lambda cls, code, signature=None: _cached_compile(code, signature))
+
+
+def _set_decoder_threads(cls, n: int) -> None:
+    """FFCV's `Compiler.set_num_threads` (numba's threads for its decoding stages) without its
+    `torch.set_num_threads(n)`: FFCV calls it with its worker count when a loader is made and in each
+    epoch's thread, which would resize the trainer's torch thread pool (process-wide) behind its back
+    (torchrun's OMP_NUM_THREADS=1 per process, or the user's own choice)."""
+    cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+    set_numba_threads(cls.num_threads)
+
+
+Compiler.set_num_threads = classmethod(_set_decoder_threads)
 # numba warns, at first call, about each stage it cannot cache: expected for the decoder.
 warnings.filterwarnings("ignore", message="Cannot cache compiled function")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -13,8 +15,11 @@ from PIL import Image
 
 
 def _importable(module: str) -> bool:
+    from pipelines.cores import torch_threads_kept
+
     try:
-        __import__(module)
+        with torch_threads_kept():  # importing FFCV would leave every later test on one torch thread
+            __import__(module)
     except ImportError:
         return False
     return True
@@ -112,6 +117,20 @@ def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 6, size
     return paths
 
 
+@pytest.fixture(autouse=True)
+def torch_globals_restored():
+    """Every test starts from torch's default generator seeded 0 (a test that fails in the suite fails
+    alone too, whatever ran before it) and leaves the process-wide settings as it found them: cuDNN's
+    autotuner flag (the loop sets it) and the intra-op thread count."""
+    import torch
+
+    benchmark, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    torch.backends.cudnn.benchmark = benchmark
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Math tests run on one intra-op thread: on a small shared CI box, 2 OpenMP threads
@@ -129,3 +148,54 @@ def image_folder(tmp_path: Path) -> Path:
     root = tmp_path / "train"
     make_image_folder(root)
     return root
+
+
+# --------------------------------------------------------------------------- process trees
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """Every living process below `pid` (from /proc), mapped to its parent's PID."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                found[child] = ppid
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` that still run (zombies count as gone: they hold nothing)."""
+    living = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, everything below it and its process group (a test's child started in its own
+    session): nothing it started is left holding a pipe the test reads, or the machine's cores.
+    Processes that started a session of their own (torchrun's trainers) are found through /proc."""
+    for victim in [*descendants(pid), pid]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import requires_dali, requires_ffcv, FILE_BACKENDS, data_path, decode_index, make_image_folder
+from conftest import REPO, requires_dali, requires_ffcv, FILE_BACKENDS, data_path, decode_index, make_image_folder
 from dist_utils import requires_gloo, run_distributed
 from pipelines import DataConfig, LoaderSpec, LoaderUnavailable, MultiCropRecipe, build_train_loader
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -604,6 +604,39 @@ def test_a_sample_reseeds_the_cpu_generator_only_and_restores_it(tmp_path, monke
     first, again = data[(0, 1)], data[(0, 1)]
     assert reseeded == [] and torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))  # a function of (seed, epoch, image)
+
+
+FFCV_THREADS_SCRIPT = """
+import sys
+
+import torch
+
+torch.set_num_threads(3)  # the process's own choice (torchrun sets OMP_NUM_THREADS=1)
+from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
+
+spec = LoaderSpec(data=DataConfig(backend="ffcv", train=sys.argv[1]), batch_size=2, num_workers=1,
+                  recipe=MultiCropRecipe(global_size=16, local_size=8, num_local=2))
+for step, batch in enumerate(build_train_loader(spec)):  # FFCV's loader and its epoch thread
+    if step == 1:
+        break
+print(torch.get_num_threads(), flush=True)
+"""
+
+
+@requires_ffcv
+def test_the_ffcv_backend_leaves_the_torch_thread_count_alone(image_folder, tmp_path):
+    """FFCV sets torch's intra-op thread count (process-wide) to 1 at import and to its worker count
+    in each loader and epoch: the trainer's own count must survive both (a fresh interpreter, as
+    this one imported FFCV long ago)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ffcv_threads.py"
+    script.write_text(FFCV_THREADS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), data_path("ffcv", image_folder)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["3"], done.stdout
 
 
 START_METHODS_SCRIPT = '''
