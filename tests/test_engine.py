@@ -440,7 +440,9 @@ def test_a_process_whose_peer_never_arrives_leaves_after_the_timeout():
     from dist_utils import run_distributed
 
     alone = run_distributed(_leave, world_size=2, args=(1,), timeout=120)
-    assert alone[0][0] and 0.5 <= alone[0][1] < 5  # rank 0 gave up after 0.5 s; its group is left to its exit
+    # rank 0 gave up after 0.5 s, not after the collective timeout (run_distributed's 120 s); the bound leaves
+    # a loaded machine room. Its group is left to its exit.
+    assert alone[0][0] and 0.5 <= alone[0][1] < 60
 
 
 def test_micro_batches_split_rows():

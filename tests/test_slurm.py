@@ -112,19 +112,25 @@ def test_resume_flag_parses_auto_and_refuses_other_values():
     assert cmd == "python r.py --train.seed 3 --resume --train.run_dir /runs/x"
 
 
-def test_a_stop_signal_echoed_by_the_launcher_is_ignored_and_one_sent_later_is_not():
+def test_a_stop_signal_echoed_by_the_launcher_is_ignored_and_one_sent_later_is_not(monkeypatch):
     """Under SLURM and after a Ctrl-C, a worker gets SIGTERM/SIGINT twice, directly and forwarded by
     torchrun: the echo must not kill it before its checkpoint. The same signal sent again after
-    the window is the user meaning it: the earlier behaviour (SIGINT: KeyboardInterrupt)."""
+    the window is the user meaning it: the earlier behaviour (SIGINT: KeyboardInterrupt). The stop's
+    clock is the test's, so a loaded machine's pauses cannot move a signal across the window."""
+    from types import SimpleNamespace
+
+    import fastssl.runtime as runtime
     from fastssl.runtime import GracefulStop
 
+    now = [100.0]
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=lambda: now[0]))
     stop = GracefulStop()
-    stop.REPEAT_WINDOW_S = 0.5
     try:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy
+        time.sleep(0.1)  # the handler runs between bytecodes
         assert stop.requested and stop.signal_name == "SIGINT"
-        time.sleep(0.6)
+        now[0] += stop.REPEAT_WINDOW_S + 1
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)  # the handler runs between bytecodes
