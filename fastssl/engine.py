@@ -115,23 +115,14 @@ def set_up(cfg: Config, resume: bool | str, command: list[str] | None) -> Run:
         objective = build_objective(cfg, getattr(loader, "num_images", None), accelerator.device)
         knn = build_knn(cfg, accelerator, workers)  # scans the data first: bad paths fail before any output
     create_run_dir(run_dir, accelerator)
-    with failing_together(accelerator):  # before DDP's first broadcast
-        student, teacher = build_networks(cfg, accelerator, objective)
-        optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
-                                    lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
-                                    momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                                    lars_eta=cfg.optim.lars_eta, decay_bn_bias=cfg.optim.decay_bn_bias)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    if cfg.train.compile:
-        student = torch.compile(student)
-    parts = StepParts(student, teacher, optimizer, accelerator, objective, cfg.train.micro_batch_size)
+    parts = build_parts(cfg, accelerator, objective)
     state, results = ckpt.TrainState(), {"knn": []}
     own_state_missed: str | None = None  # why this process's random generators and loader position were not restored
     with failing_together(accelerator):  # each process reads its own part (rng/rank{r}.pt); all call it
         if resume:
             state, own_state_missed = ckpt.load_checkpoint(
-                run_dir, student=unwrap(student), teacher=teacher, optimizer=optimizer, scaler=accelerator.scaler,
-                rank=accelerator.process_index, critic=objective.state, loader=loader,
+                run_dir, student=unwrap(parts.student), teacher=parts.teacher, optimizer=parts.optimizer,
+                scaler=accelerator.scaler, rank=accelerator.process_index, critic=objective.state, loader=loader,
                 world_size=accelerator.num_processes)
             results = {"knn": [], **ckpt.read_results(run_dir)}  # drop k-NN rows a hard kill left past the checkpoint:
             results["knn"] = [k for k in results["knn"] if k["epoch"] <= state.epoch]
@@ -283,6 +274,21 @@ def window_metrics(metrics: list[Metrics], accelerator) -> dict[str, float]:
 def should_eval(every: int, epoch: int, last: bool) -> bool:
     """knn_every: N = every N epochs and at the end; 0 = only at the end; -1 = never."""
     return every >= 0 and (last or (every > 0 and epoch % every == 0))
+
+
+def build_parts(cfg: Config, accelerator, objective: Objective) -> StepParts:
+    """What every step uses: the student (prepared by Accelerate, compiled when asked), the EMA teacher,
+    the optimiser and the objective. The loop and the profile's model stage both build them here."""
+    with failing_together(accelerator):  # before DDP's first broadcast
+        student, teacher = build_networks(cfg, accelerator, objective)
+        optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
+                                    lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
+                                    momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                    lars_eta=cfg.optim.lars_eta, decay_bn_bias=cfg.optim.decay_bn_bias)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    if cfg.train.compile:
+        student = torch.compile(student)
+    return StepParts(student, teacher, optimizer, accelerator, objective, cfg.train.micro_batch_size)
 
 
 def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[MiraNetwork, MiraNetwork]:

@@ -53,11 +53,10 @@ from fastssl.bench import assignment as assignment_timing
 from fastssl.bench import loaders as loader_timing
 from fastssl.cli import ToolArgumentParser
 from fastssl.config import Config, ConfigError, apply_overrides, validate
-from fastssl.engine import build_networks, loader_spec, resolve_auto_settings, train
+from fastssl.engine import build_parts, loader_spec, resolve_auto_settings, train
 from fastssl.eval.errors import EvalError, check_output_dir
-from fastssl.method import StepParts, train_step
+from fastssl.method import train_step
 from fastssl.objectives import build_objective
-from fastssl.optim import build_optimizer
 from fastssl.profiling import PhaseTimer, peak_memory_mb, reset_peak_memory
 from fastssl.reports import analysis, charts
 from fastssl.reports.environment import describe_environment, describe_recipe
@@ -65,7 +64,7 @@ from fastssl.reports.markdown import compare_markdown, profile_markdown
 from fastssl.reports.schema import ReportError, load_report, new_report
 from fastssl.run_log import utc_now, write_json
 from fastssl.runtime import build_accelerator, seed_everything
-from fastssl.schedules import scaled_lr, step_schedule
+from fastssl.schedules import step_schedule
 from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
 from pipelines.folder import DataLayoutError
@@ -149,15 +148,7 @@ class StepRunner:
     def __init__(self, cfg: Config, accelerator):
         self.cfg = cfg
         self.objective = build_objective(cfg, None, accelerator.device)
-        student, teacher = build_networks(cfg, accelerator, self.objective)
-        optimizer = build_optimizer(cfg.optim.name, student.named_parameters(),
-                                    lr=scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size),
-                                    momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                                    lars_eta=cfg.optim.lars_eta)
-        student, optimizer = accelerator.prepare(student, optimizer)
-        if cfg.train.compile:
-            student = torch.compile(student)
-        self.parts = StepParts(student, teacher, optimizer, accelerator, self.objective, cfg.train.micro_batch_size)
+        self.parts = build_parts(cfg, accelerator, self.objective)  # as the loop builds them
         self.step_index = 0
 
     def __call__(self, views: list[torch.Tensor], phases: PhaseTimer | None = None) -> None:
