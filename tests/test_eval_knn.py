@@ -198,7 +198,7 @@ def test_two_processes_share_the_splits_and_score_as_one(trained_run, tmp_path):
 
 @pytest.mark.parametrize("flag, value, bound", [
     ("--batch-size", "0", ">= 1"), ("--batch-size", "-1", ">= 1"), ("--image-size", "-5", ">= 1"),
-    ("--num-workers", "-2", ">= 0"),
+    ("--num-workers", "-2", ">= -1"),
 ])
 def test_sizes_and_worker_counts_are_checked_when_parsed(tmp_path, capsys, flag, value, bound):
     """A usage error naming the flag, not a ValueError from range() or the DataLoader after the backbone loaded."""
@@ -206,6 +206,23 @@ def test_sizes_and_worker_counts_are_checked_when_parsed(tmp_path, capsys, flag,
         load_tool("eval_knn").main([str(tmp_path), flag, value])
     assert exit_info.value.code == 2
     assert f"argument {flag}: must be {bound}, got {value}" in capsys.readouterr().err
+
+
+def test_num_workers_defaults_to_this_process_share_of_the_cores(monkeypatch):
+    """-1 (the default) divides the machine's cores among a launcher's processes on the node; 0 and N as given."""
+    import argparse
+    import os
+
+    from fastssl.eval.classifier import add_run_arguments
+    from fastssl.eval.errors import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert (loader_workers("-1"), loader_workers("0"), loader_workers("3")) == (4, 0, 3)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    ap = argparse.ArgumentParser()
+    add_run_arguments(ap, "reader")
+    assert ap.parse_args([]).num_workers == 16
 
 
 def test_the_target_is_named_before_missing_data_or_backbone(tmp_path, capsys):

@@ -322,7 +322,7 @@ def test_the_target_is_checked_before_the_data_and_the_runs_own_file_is_read(too
     assert "has no exported backbone yet (backbone_resnet18.pth)" in error_of(tool, [str(bare)], capsys)
 
 
-@pytest.mark.parametrize("flag, value", [("--image-size", "0"), ("--num-workers", "-1"), ("--epochs", "0"),
+@pytest.mark.parametrize("flag, value", [("--image-size", "0"), ("--num-workers", "-2"), ("--epochs", "0"),
                                          ("--cached-views", "-1")])
 def test_the_shared_flags_are_checked_when_parsed(tool, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:

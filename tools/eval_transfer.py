@@ -29,7 +29,7 @@ import torch
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_precision_argument, effective_precision
-from fastssl.eval.errors import EvalError, int_at_least, number_in
+from fastssl.eval.errors import EvalError, int_at_least, loader_workers, number_in
 from fastssl.eval.targets import resolve_target, write_report
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
                                    markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tol", type=number_in(0), default=1e-4, help="solver tolerance (max |gradient|, scikit-learn's)")
     ap.add_argument("--seed", type=int, default=0, help="held-out validation split (Ericsson: 0)")
     ap.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per backbone forward")
-    ap.add_argument("--num-workers", type=int_at_least(0), default=0, help="DataLoader workers")
+    ap.add_argument("--num-workers", type=loader_workers, default="-1",
+                    help="DataLoader workers (-1: this process's share of the cores, the default; 0: the main process)")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     add_precision_argument(ap)
     ap.add_argument("--json", help="where to write the results (the Markdown table goes beside it, .md)")

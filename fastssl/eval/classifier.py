@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from fastssl.eval.backbone_io import load_backbone
-from fastssl.eval.errors import EvalError, int_at_least, number_in
+from fastssl.eval.errors import EvalError, int_at_least, loader_workers, number_in
 from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
 from fastssl.relaunch import one_process_refusal
 from fastssl.run_log import utc_now
@@ -272,9 +272,9 @@ def add_precision_argument(ap: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
     """--num-workers/--loader/--device/--precision/--json/--no-progress: how the tool runs and where it writes."""
-    ap.add_argument("--num-workers", type=int_at_least(0), default=0,
-                    help="torchvision: DataLoader workers (0: load in the main process); "
-                    "DALI: its CPU threads (0: this process's share of the cores)")
+    ap.add_argument("--num-workers", type=loader_workers, default="-1",
+                    help="torchvision: DataLoader workers (-1: this process's share of the cores, the default; "
+                    "0: load in the main process); DALI: its CPU threads (-1 or 0: this process's share)")
     ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     add_precision_argument(ap)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EvalError", "int_at_least", "number_in", "check_output_dir", "check_output_file"]
+__all__ = ["EvalError", "int_at_least", "loader_workers", "number_in", "check_output_dir", "check_output_file"]
 
 
 class EvalError(ValueError):
@@ -31,6 +31,15 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
         return value
 
     return parse
+
+
+def loader_workers(text: str) -> int:
+    """argparse `type` of --num-workers: -1 is this process's share of the machine's cores (the default:
+    on ImageNet, decoding in the main process alone would keep the GPU waiting), 0 loads in the main
+    process, N > 0 as given. The share divides the cores among a launcher's processes on the node."""
+    from pipelines.cores import default_num_workers
+
+    return default_num_workers(int_at_least(-1)(text), 1)
 
 
 def number_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
