@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,11 +170,9 @@ def test_profile_writes_a_complete_report(profile_report):
 def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
     """Stage 3 runs fastssl.engine.train for warm-up + timed steps, one log row per step, and
     takes its figures from the timed rows of train_log.csv; a loader too short fails clearly."""
-    import argparse
-
+    from fastssl.bench import profile
     from fastssl.config import ConfigError, validate
 
-    tool = load_tool("profile_throughput")
     cfg = tiny_config(tmp_path, epochs=20)
     cfg.optim.warmup_epochs = 10
     # (images_per_s, data_wait_share, step_time_s) per log row; the first is the warm-up
@@ -189,9 +188,9 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
         rows = "".join(f"0,{(i + 1) * every},{ips},{wait},{wall}\n" for i, (ips, wait, wall) in enumerate(logged))
         (run / "train_log.csv").write_text("epoch,step,images_per_s,data_wait_share,step_time_s\n" + rows)
 
-    monkeypatch.setattr(tool, "train", fake_train)
-    args = argparse.Namespace(warmup_steps=1, steps=2, workers=0)
-    e2e = tool.measure_end_to_end(cfg, args, tmp_path / "a")
+    monkeypatch.setattr(profile, "train", fake_train)
+    settings = profile.ProfileSettings(recipe=Path("unused.py"), warmup_steps=1, steps=2, workers=0)
+    e2e = profile.measure_end_to_end(cfg, settings, tmp_path / "a")
     assert runs == [(1, 3, 1, -1)]
     b = cfg.train.global_batch_size
     assert e2e["images_per_s"] == pytest.approx(2 * b / 0.3)
@@ -201,9 +200,9 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
     assert e2e["mean_step_ms"] == pytest.approx(1e3 * (0.075 + 0.1) / 2)
     assert (e2e["steps"], e2e["warmup"], e2e["backend"]) == (2, 1, cfg.data.backend)
     with pytest.raises(ConfigError, match="has 3 batches per epoch, the profile needs 4"):
-        tool.measure_end_to_end(cfg, argparse.Namespace(warmup_steps=1, steps=3, workers=0), tmp_path / "b")
+        profile.measure_end_to_end(cfg, replace(settings, steps=3), tmp_path / "b")
     # 2 + 4 steps: one log row per 2 steps (a row waits for the device); rows 2 and 3 are timed
-    e2e = tool.measure_end_to_end(cfg, argparse.Namespace(warmup_steps=2, steps=4, workers=0), tmp_path / "c")
+    e2e = profile.measure_end_to_end(cfg, replace(settings, warmup_steps=2, steps=4), tmp_path / "c")
     assert runs[-1] == (1, 6, 2, -1)
     assert e2e["images_per_s"] == pytest.approx(4 * b / 0.6)
     assert e2e["data_wait_share"] == pytest.approx((0.05 + 0.2) / 0.6)
@@ -212,8 +211,9 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
 
 
 def test_the_profiled_loop_logs_the_largest_window_that_divides_warm_up_and_timed_steps():
-    tool = load_tool("profile_throughput")
-    assert [tool.log_window(w, s) for w, s in [(10, 50), (2, 10), (1, 2), (0, 7), (12, 36), (40, 200)]] == \
+    from fastssl.bench.profile import log_window
+
+    assert [log_window(w, s) for w, s in [(10, 50), (2, 10), (1, 2), (0, 7), (12, 36), (40, 200)]] == \
         [10, 2, 1, 7, 6, 10]
 
 
@@ -227,7 +227,9 @@ def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monk
     def deadline(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tool, "measure_end_to_end", deadline)
+    from fastssl.bench import profile
+
+    monkeypatch.setattr(profile, "measure_end_to_end", deadline)
     with pytest.raises(KeyboardInterrupt):
         tool.main(["--recipe", str(recipe), "--out", str(tmp_path / "out"), "--backends", "synthetic",
                    "--data.backend", "synthetic", "--steps", "1", "--warmup-steps", "1", "--loader-batches", "1",
@@ -347,10 +349,12 @@ def test_labelled_line_chart_of_one_point_is_a_png(tmp_path):
 
 
 def test_a_failed_cross_check_warns_on_the_console(capsys):
+    from fastssl.bench.profile import ratio_check
+
     tool = load_tool("profile_throughput")
-    checks = {"end_to_end_images_per_s": tool.ratio_check(100.0, 60.0, "note"),
-              "assignment_us": tool.ratio_check(50.0, 49.0, "note"),
-              "nothing_to_compare": tool.ratio_check(5.0, 0.0, "note")}
+    checks = {"end_to_end_images_per_s": ratio_check(100.0, 60.0, "note"),
+              "assignment_us": ratio_check(50.0, 49.0, "note"),
+              "nothing_to_compare": ratio_check(5.0, 0.0, "note")}
     assert tool.print_checks(checks) == 2
     out, err = capsys.readouterr()
     assert "check end_to_end_images_per_s: profile 100.0 vs independent 60.0 (ratio 1.667)" in out
@@ -368,8 +372,8 @@ def test_profile_converts_its_beton_into_the_scratch_folder(tmp_path, monkeypatc
     import pipelines
 
     from fastssl.bench import loaders as bench
+    from fastssl.bench import profile
 
-    tool = load_tool("profile_throughput")
     cfg = tiny_config(tmp_path, epochs=1)
     paths = []
 
@@ -382,9 +386,10 @@ def test_profile_converts_its_beton_into_the_scratch_folder(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     scratch = tmp_path / "out" / ".scratch-x"
     scratch.mkdir(parents=True)
-    args = argparse.Namespace(beton=None, workers=0, repeats=1, warmup_batches=0, loader_batches=1)
+    settings = profile.ProfileSettings(recipe=Path("unused.py"), workers=0, repeats=1, warmup_batches=0,
+                                       loader_batches=1)
     accelerator = argparse.Namespace(device=torch.device("cpu"), num_processes=1, process_index=0, mixed_precision="no")
-    result = tool.measure_loaders(cfg, accelerator, ["ffcv"], args, scratch)
+    result = profile.measure_loaders(cfg, accelerator, ["ffcv"], settings, scratch)
     assert set(result) == {"ffcv"} and paths[0].parent == scratch and paths[0].suffix == ".beton"
     assert paths[0].is_file() and not (tmp_path / "data" / "bench").exists()
 
