@@ -1,4 +1,5 @@
-"""Tests for tools/make_demo_dataset.py (the embedded default dataset).
+"""Tests for the embedded default dataset: `pipelines/demo_data.py` (the generator) and
+`tools/make_demo_dataset.py` (its command line).
 
 Besides layout and reproducibility, these check the property the demo relies
 on: the label is carried by shape/texture, not by colour.
@@ -6,9 +7,7 @@ on: the label is carried by shape/texture, not by colour.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
+from pipelines import demo_data
 
-
-def _load_tool():
-    """Import the script by path (tools/ is not a package); register it so the
-    worker pool can pickle its functions by module name."""
-    name = "make_demo_dataset"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "make_demo_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mdd = _load_tool()
+# The command line only; the worker pool pickles functions of `pipelines.demo_data`, a package module,
+# so loading the tool here (or again in another test file) cannot break it.
+tool = load_tool("make_demo_dataset")
 
 TINY = dict(num_classes=3, train_per_class=4, val_per_class=2, image_size=40, seed=3)
 
@@ -44,7 +32,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture()
 def tiny(tmp_path: Path) -> Path:
     out = tmp_path / "demo"
-    mdd.make_demo_dataset(out, progress=False, workers=1, **TINY)
+    demo_data.make_demo_dataset(out, progress=False, workers=1, **TINY)
     return out
 
 
@@ -52,34 +40,34 @@ def tiny(tmp_path: Path) -> Path:
 
 
 def test_byte_identical_across_runs_and_worker_counts(tmp_path: Path) -> None:
-    a = mdd.make_demo_dataset(tmp_path / "a", progress=False, workers=1, **TINY)
-    b = mdd.make_demo_dataset(tmp_path / "b", progress=False, workers=2, **TINY)
+    a = demo_data.make_demo_dataset(tmp_path / "a", progress=False, workers=1, **TINY)
+    b = demo_data.make_demo_dataset(tmp_path / "b", progress=False, workers=2, **TINY)
     files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert files_a == files_b
-    assert a["sha256"] == b["sha256"] == mdd.content_hash(tmp_path / "a")
+    assert a["sha256"] == b["sha256"] == demo_data.content_hash(tmp_path / "a")
 
 
 def test_seed_changes_content(tmp_path: Path) -> None:
-    a = mdd.make_demo_dataset(tmp_path / "a", progress=False, workers=1, **TINY)
-    b = mdd.make_demo_dataset(tmp_path / "b", progress=False, workers=1, **{**TINY, "seed": 4})
+    a = demo_data.make_demo_dataset(tmp_path / "a", progress=False, workers=1, **TINY)
+    b = demo_data.make_demo_dataset(tmp_path / "b", progress=False, workers=1, **{**TINY, "seed": 4})
     assert a["sha256"] != b["sha256"]
 
 
 def test_render_is_independent_of_generation_order() -> None:
     # Per-image seeding: rendering image 5 alone equals rendering it after others.
-    rng = lambda: mdd.image_rng(0, "train", 1, 5)  # noqa: E731
-    first = mdd.render_image("star", "dots", 48, rng())
-    mdd.render_image("ring", "checker", 48, mdd.image_rng(0, "train", 0, 0))
-    assert np.array_equal(first, mdd.render_image("star", "dots", 48, rng()))
+    rng = lambda: demo_data.image_rng(0, "train", 1, 5)  # noqa: E731
+    first = demo_data.render_image("star", "dots", 48, rng())
+    demo_data.render_image("ring", "checker", 48, demo_data.image_rng(0, "train", 0, 0))
+    assert np.array_equal(first, demo_data.render_image("star", "dots", 48, rng()))
 
 
 # --------------------------------------------------------------------------- layout
 
 
 def test_layout_counts_and_images(tiny: Path) -> None:
-    names = mdd.class_names(TINY["num_classes"])
+    names = demo_data.class_names(TINY["num_classes"])
     assert names == sorted(names), "sorted folder order must equal label order"
-    assert len(set(mdd.class_specs(10))) == 10
+    assert len(set(demo_data.class_specs(10))) == 10
     for split, per_class in (("train", TINY["train_per_class"]), ("val", TINY["val_per_class"])):
         assert sorted(p.name for p in (tiny / split).iterdir()) == names
         for name in names:
@@ -94,19 +82,19 @@ def test_layout_counts_and_images(tiny: Path) -> None:
     assert manifest["classes"] == names
     assert manifest["counts"] == {"train": 12, "val": 6}
     assert manifest["arguments"]["seed"] == TINY["seed"]
-    assert manifest["sha256"] == mdd.content_hash(tiny)
+    assert manifest["sha256"] == demo_data.content_hash(tiny)
     assert sorted(p.name for p in tiny.parent.iterdir()) == ["demo"], "no temporary directory left behind"
 
 
 def test_default_classes_differ_in_shape_and_in_texture() -> None:
-    specs = mdd.class_specs(mdd.DEFAULT_NUM_CLASSES)
+    specs = demo_data.class_specs(demo_data.DEFAULT_NUM_CLASSES)
     shapes = [s for s, _ in specs]
     textures = [t for _, t in specs]
     # Every default class has its own shape and its own texture; beyond that, reuse is even.
     assert len(set(shapes)) == len(specs) == len(set(textures))
-    more = mdd.class_specs(mdd.MAX_CLASSES)
-    assert len(set(more)) == mdd.MAX_CLASSES
-    assert all(name.split("_", 1)[1] == f"{s}_{t}" for name, (s, t) in zip(mdd.class_names(10), specs))
+    more = demo_data.class_specs(demo_data.MAX_CLASSES)
+    assert len(set(more)) == demo_data.MAX_CLASSES
+    assert all(name.split("_", 1)[1] == f"{s}_{t}" for name, (s, t) in zip(demo_data.class_names(10), specs))
 
 
 # --------------------------------------------------------------------------- idempotence / refusal
@@ -114,16 +102,16 @@ def test_default_classes_differ_in_shape_and_in_texture() -> None:
 
 def test_second_run_is_a_noop(tiny: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in tiny.rglob("*")}
-    result = mdd.make_demo_dataset(tiny, progress=False, **TINY)
+    result = demo_data.make_demo_dataset(tiny, progress=False, **TINY)
     assert result["status"] == "exists"
     assert {p: p.stat().st_mtime_ns for p in tiny.rglob("*")} == before
 
 
 def test_other_arguments_refused_then_forced(tiny: Path) -> None:
     other = {**TINY, "val_per_class": 3}
-    with pytest.raises(mdd.DatasetExistsError, match="different arguments.*--force"):
-        mdd.make_demo_dataset(tiny, progress=False, **other)
-    result = mdd.make_demo_dataset(tiny, progress=False, force=True, workers=1, **other)
+    with pytest.raises(demo_data.DatasetExistsError, match="different arguments.*--force"):
+        demo_data.make_demo_dataset(tiny, progress=False, **other)
+    result = demo_data.make_demo_dataset(tiny, progress=False, force=True, workers=1, **other)
     assert result["status"] == "created"
     assert json.loads((tiny / "manifest.json").read_text())["counts"]["val"] == 9
     assert sorted(p.name for p in tiny.parent.iterdir()) == ["demo"]
@@ -131,9 +119,9 @@ def test_other_arguments_refused_then_forced(tiny: Path) -> None:
 
 def test_missing_images_refused_then_forced(tiny: Path) -> None:
     next((tiny / "val").rglob("*.JPEG")).unlink()
-    with pytest.raises(mdd.DatasetExistsError, match="incomplete demo dataset.*--force"):
-        mdd.make_demo_dataset(tiny, progress=False, **TINY)
-    assert mdd.make_demo_dataset(tiny, progress=False, force=True, workers=1, **TINY)["status"] == "created"
+    with pytest.raises(demo_data.DatasetExistsError, match="incomplete demo dataset.*--force"):
+        demo_data.make_demo_dataset(tiny, progress=False, **TINY)
+    assert demo_data.make_demo_dataset(tiny, progress=False, force=True, workers=1, **TINY)["status"] == "created"
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -145,26 +133,26 @@ def test_a_folder_or_file_that_is_no_demo_dataset_is_never_replaced(tmp_path: Pa
     lone_file = tmp_path / "notes.txt"
     lone_file.write_text("mine too")
     for out, what in ((folder, "a folder that is not a demo dataset"), (lone_file, "a file")):
-        with pytest.raises(mdd.DatasetExistsError, match=f"is {what}.*--force replaces only a demo dataset"):
-            mdd.make_demo_dataset(out, progress=False, force=force, workers=1, **TINY)
+        with pytest.raises(demo_data.DatasetExistsError, match=f"is {what}.*--force replaces only a demo dataset"):
+            demo_data.make_demo_dataset(out, progress=False, force=force, workers=1, **TINY)
     assert (folder / "imagenet" / "notes.txt").read_text() == "mine" and lone_file.read_text() == "mine too"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]  # no temporary folder left
 
 
 def test_a_demo_folder_without_its_manifest_is_refused(tiny: Path) -> None:
     (tiny / "manifest.json").unlink()
-    with pytest.raises(mdd.DatasetExistsError, match="not a demo dataset"):
-        mdd.make_demo_dataset(tiny, progress=False, force=True, **TINY)
+    with pytest.raises(demo_data.DatasetExistsError, match="not a demo dataset"):
+        demo_data.make_demo_dataset(tiny, progress=False, force=True, **TINY)
 
 
 def test_empty_directory_is_filled(tmp_path: Path) -> None:
     (tmp_path / "demo").mkdir()
-    assert mdd.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)["status"] == "created"
+    assert demo_data.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)["status"] == "created"
 
 
 def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = mdd.render_image
+    real = demo_data.render_image
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -172,9 +160,9 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mdd, "render_image", flaky)
+    monkeypatch.setattr(demo_data, "render_image", flaky)
     with pytest.raises(RuntimeError, match="boom"):
-        mdd.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)
+        demo_data.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -184,22 +172,22 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
 def test_cli_creates_then_reports_up_to_date(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = [str(tmp_path / "d"), "--num-classes", "2", "--train-per-class", "2", "--val-per-class", "1",
             "--image-size", "32", "--no-progress", "--workers", "1"]
-    assert mdd.main(argv) == 0
+    assert tool.main(argv) == 0
     assert "wrote 4 train / 2 val" in capsys.readouterr().out
-    assert mdd.main(argv) == 0
+    assert tool.main(argv) == 0
     assert "already up to date" in capsys.readouterr().out
-    assert mdd.main(argv[:-2] + ["--seed", "1"]) == 2
+    assert tool.main(argv[:-2] + ["--seed", "1"]) == 2
     assert "--force" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "flag,value",
     [("--train-per-class", "0"), ("--val-per-class", "-1"), ("--image-size", "31"),
-     ("--num-classes", "1"), ("--num-classes", str(mdd.MAX_CLASSES + 1)), ("--seed", "x")],
+     ("--num-classes", "1"), ("--num-classes", str(demo_data.MAX_CLASSES + 1)), ("--seed", "x")],
 )
 def test_cli_rejects_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str) -> None:
     with pytest.raises(SystemExit) as exc:
-        mdd.main([str(tmp_path / "d"), flag, value])
+        tool.main([str(tmp_path / "d"), flag, value])
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
@@ -211,7 +199,7 @@ def test_cli_rejects_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture, f
 )
 def test_function_rejects_bad_values(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
-        mdd.make_demo_dataset(tmp_path / "d", progress=False, **{**TINY, **kwargs})
+        demo_data.make_demo_dataset(tmp_path / "d", progress=False, **{**TINY, **kwargs})
 
 
 # --------------------------------------------------------------------------- the label is shape, not colour
@@ -285,8 +273,8 @@ def _logistic_accuracy(ftr, ytr, fva, yva) -> float:
 @pytest.fixture(scope="module")
 def stats_split(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("stats") / "demo"
-    mdd.make_demo_dataset(out, num_classes=10, train_per_class=60, val_per_class=20, image_size=64, seed=1,
-                          progress=False)
+    demo_data.make_demo_dataset(out, num_classes=10, train_per_class=60, val_per_class=20, image_size=64, seed=1,
+                                progress=False)
     return _load_split(out, "train"), _load_split(out, "val")
 
 
@@ -309,9 +297,9 @@ def test_cli_refuses_an_output_it_cannot_create(tmp_path: Path, capsys: pytest.C
     (tmp_path / "a_file").write_text("x")
     tiny = ["--num-classes", "2", "--train-per-class", "1", "--val-per-class", "1", "--image-size", "32",
             "--no-progress", "--workers", "1"]
-    assert mdd.main([str(tmp_path / "a_file" / "demo"), *tiny]) == 2
+    assert tool.main([str(tmp_path / "a_file" / "demo"), *tiny]) == 2
     where = tmp_path.resolve() / "a_file"  # the tool names resolved paths
     assert f"cannot create {where / 'demo'}: {where} is a file" in capsys.readouterr().err
     if Path("/proc/self").is_dir():  # Linux
-        assert mdd.main(["/proc/fastssl_demo", *tiny]) == 2
+        assert tool.main(["/proc/fastssl_demo", *tiny]) == 2
         assert "cannot create /proc/fastssl_demo: /proc takes no new folders" in capsys.readouterr().err
