@@ -280,7 +280,11 @@ def test_ffcv_stop_does_not_hang_on_the_end_of_epoch_marker(image_folder, monkey
     for _ in range(len(loader) - ahead - 1):  # leave exactly a full queue unread
         next(it)
     epoch_thread = loader._epoch_it
-    time.sleep(1.0)  # the thread decodes the rest and blocks on its end-of-epoch marker
+    deadline = time.monotonic() + 60  # the thread decodes the rest and blocks on a put into the full queue
+    while not epoch_thread.output_queue.full() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert epoch_thread.output_queue.full(), "FFCV's epoch thread never filled its queue: the case is not reached"
+    time.sleep(0.2)  # past its last batch's put, into the end-of-epoch marker's (which has no timeout)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "did not stop within" would fail here
         it.close()
