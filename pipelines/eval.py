@@ -22,7 +22,7 @@ from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
 from pipelines.processes import leave_process_group, stop_signals_held
-from pipelines.sampler import rank_share
+from pipelines.sampler import rank_share, sample_rng
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
 
 
@@ -37,18 +37,28 @@ def eval_transform(view: EvalView) -> T.Compose:
 
 class LabelledImages(Dataset):
     """(image, label, index) of a list of (path, label); an unreadable image comes back as
-    None (and `collate` drops it), so one bad file does not stop a long evaluation."""
+    None (and `collate` drops it), so one bad file does not stop a long evaluation.
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform):
-        self.samples, self.transform = list(samples), transform
+    With a `seed`, items are looked up by (epoch, index) and a random transform draws from
+    torch's generator seeded by (seed, epoch, index) (`pipelines.sampler.sample_rng`): the crops
+    of a linear probe or a fine-tuning run are then the same whatever the number of loader
+    workers, which otherwise each draw from a generator of their own."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, seed: int | None = None):
+        self.samples, self.transform, self.seed = list(samples), transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         path, label = self.samples[i]
         try:
-            return self.transform(load_rgb(path)), label, i
+            image = load_rgb(path)
+            if self.seed is None or epoch is None:
+                return self.transform(image), label, i
+            with sample_rng(self.seed, epoch, i):
+                return self.transform(image), label, i
         except UNREADABLE as err:
             warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
             return None

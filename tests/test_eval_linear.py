@@ -195,6 +195,31 @@ def test_several_launched_processes_are_refused(tool, toy_run, capsys, monkeypat
     assert (report.read_bytes() if report.exists() else None) == before
 
 
+def test_training_crops_are_a_function_of_seed_epoch_and_image_not_of_the_workers(tmp_path):
+    """The linear probe's and the fine-tuning's random crops (a seeded LabelledImages) come out the same
+    from the main process and from 2 workers, which draw from generators of their own; another epoch or
+    seed crops anew."""
+    from fastssl.eval.classifier import batches_loader, train_transform
+    from pipelines.eval import LabelledImages
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(6):
+        path = tmp_path / f"noise_{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), i % 2))
+    view = EvalView(16)
+    batches = [[0, 1, 2], [3, 4, 5]]
+
+    def crops(seed: int, epoch: int, workers: int) -> torch.Tensor:
+        dataset = LabelledImages(samples, train_transform(view), seed=seed)
+        return torch.cat([images for images, _, _ in batches_loader(dataset, batches, workers, epoch)])
+
+    alone = crops(0, 1, 0)
+    torch.testing.assert_close(crops(0, 1, 2), alone, rtol=0, atol=0)
+    assert not torch.equal(crops(0, 2, 0), alone) and not torch.equal(crops(1, 1, 0), alone)
+
+
 def test_epoch_orders_are_seeded_permutations():
     a = epoch_batches(10, 4, torch.Generator().manual_seed(5))
     b = epoch_batches(10, 4, torch.Generator().manual_seed(5))

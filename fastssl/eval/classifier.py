@@ -83,10 +83,12 @@ def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor, bar=None, epoch: in
     return value
 
 
-def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 0) -> Iterator:
+def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 0, epoch: int = 0) -> Iterator:
     """(images, labels, index) for exactly these batches of indices, in this order, skipping
-    batches whose images were all unreadable."""
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate)
+    batches whose images were all unreadable. A seeded `LabelledImages` is asked for (epoch, index):
+    its random crops are a function of them, not of the workers."""
+    keyed = batches if getattr(dataset, "seed", None) is None else [[(epoch, i) for i in b] for b in batches]
+    loader = DataLoader(dataset, batch_sampler=keyed, num_workers=num_workers, collate_fn=collate)
     return (batch for batch in loader if batch is not None)
 
 
@@ -187,12 +189,14 @@ def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device
 
 
 def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], transform, batch_size: int,
-                    num_workers: int, device: torch.device, bar=None,
-                    precision: str = "bf16") -> tuple[torch.Tensor, ...]:
-    """`extract` over a list of (path, label) in order, `batch_size` images per forward."""
-    dataset = LabelledImages(samples, transform)
+                    num_workers: int, device: torch.device, bar=None, precision: str = "bf16",
+                    seed: int | None = None, epoch: int = 0) -> tuple[torch.Tensor, ...]:
+    """`extract` over a list of (path, label) in order, `batch_size` images per forward; a random
+    `transform` draws from (seed, epoch, index) when `seed` is given (`LabelledImages`)."""
+    dataset = LabelledImages(samples, transform, seed)
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    return extract(backbone, batches_loader(dataset, batches, num_workers), len(dataset), device, bar, precision)
+    return extract(backbone, batches_loader(dataset, batches, num_workers, epoch), len(dataset), device, bar,
+                   precision)
 
 
 def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], view: EvalView, loader: str,

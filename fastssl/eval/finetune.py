@@ -65,7 +65,7 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
         model.train()
         total, count = 0.0, 0
         batches = epoch_batches(len(dataset), args.batch_size, order, drop_singleton=True)
-        for images, labels, _ in batches_loader(dataset, batches, args.num_workers):
+        for images, labels, _ in batches_loader(dataset, batches, args.num_workers, epoch):
             with autocast(device, args.precision):
                 logits = model(to_device(images, device))
             loss = sgd_step(opt, F.cross_entropy(logits.float(), labels.to(device)), bar, epoch)
@@ -81,14 +81,13 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
     the report keeps the requested one beside it."""
     found, train_samples = inputs.found, inputs.train_samples
     device, view = pick_device(args.device), found["view"]
-    torch.manual_seed(args.seed)  # the random crops
     perc, lr_trunk, lr_head = pick_rates(args, len(subset) / len(train_samples))
     requested = args.batch_size
     args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(subset))})
     model = torch.nn.Sequential(inputs.backbone, new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed,
                                                             init="default"))
     model = model.to(device).to(memory_format=torch.channels_last)
-    dataset = LabelledImages(subset, train_transform(view))
+    dataset = LabelledImages(subset, train_transform(view), seed=args.seed)  # crops of (seed, epoch, image)
     steps = sum(len(epoch_batches(len(dataset), args.batch_size, torch.Generator(), True)) for _ in range(args.epochs))
     start = time.perf_counter()
     bar = progress_bar(steps, "fine-tuning", not args.no_progress, unit="step")

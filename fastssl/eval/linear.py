@@ -118,7 +118,7 @@ def per_epoch_source(backbone: torch.nn.Module, dataset: LabelledImages, device:
     """The paper's protocol: fresh crops every epoch through the frozen backbone."""
 
     def source(epoch: int, batches: list[list[int]]):
-        for images, labels, _ in batches_loader(dataset, batches, num_workers):
+        for images, labels, _ in batches_loader(dataset, batches, num_workers, epoch):
             with torch.no_grad(), autocast(device, precision):
                 feats = backbone(to_device(images, device)).float()
             yield feats, labels.to(device)
@@ -175,7 +175,7 @@ def cache_train_features(backbone, root: str, samples, view: EvalView, args, dev
         if args.cached_views:
             feats, labels, valid = extract_samples(backbone, samples, train_transform(view, crop),
                                                    args.extract_batch_size, args.num_workers, device, bar,
-                                                   args.precision)
+                                                   args.precision, seed=args.seed, epoch=copy)
         else:
             feats, labels, valid = extract_eval(backbone, root, samples, view, args.loader, args.extract_batch_size,
                                                 args.num_workers, device, bar, args.precision)
@@ -203,7 +203,6 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     the report keeps the requested one beside it."""
     found, train_samples = inputs.found, inputs.train_samples
     device, view, protocol = pick_device(args.device), found["view"], PROTOCOLS[args.protocol]
-    torch.manual_seed(args.seed)  # the random crops
     requested = args.batch_size
     args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples))})
     backbone = inputs.backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -213,8 +212,8 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
         feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, view, args, device)
         source = cached_source(feats, labels, valid, device, args.seed)
     else:
-        source = per_epoch_source(backbone, LabelledImages(train_samples, train_transform(view, protocol.crop)),
-                                  device, args.num_workers, args.precision)
+        crops = LabelledImages(train_samples, train_transform(view, protocol.crop), seed=args.seed)
+        source = per_epoch_source(backbone, crops, device, args.num_workers, args.precision)
     features_s = time.perf_counter() - start
     batches = (len(train_samples) // args.batch_size if protocol.drop_last
                else -(-len(train_samples) // args.batch_size))
