@@ -91,6 +91,8 @@ def all_gather_padded_rows(x: Tensor, pad_value: float, group: Optional[Any] = N
 def all_gather_traceable(x: Tensor, dim: int, group: Optional[Any] = None) -> Tensor:
     """Every rank's `x` concatenated along `dim` in rank order, as a functional collective that
     torch.compile traces (the in-place `dist.all_gather` would break its graph); one collective."""
+    if not is_distributed(group):
+        return x
     from torch.distributed import _functional_collectives as funcol
 
     return funcol.all_gather_tensor(x.contiguous(), gather_dim=dim, group=group if group is not None else dist.group.WORLD)

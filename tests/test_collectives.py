@@ -27,6 +27,7 @@ def test_one_process_returns_the_input_without_a_collective():
     assert torch.equal(collectives.all_gather_stacked(x), x.unsqueeze(0))
     assert torch.equal(collectives.all_gather_rows(x), x)
     assert torch.equal(collectives.all_gather_padded_rows(x, -1), x)
+    assert torch.equal(collectives.all_gather_traceable(x.unsqueeze(0), 1), x.unsqueeze(0))
     assert collectives.all_gather_objects({"rank": 0}) == [{"rank": 0}]
 
 
