@@ -51,8 +51,14 @@ def pytest_report_header(config) -> str:
 
 
 def pytest_sessionstart(session) -> None:
-    """Say so first thing, even under -q, when the disk is short: a disk that fills mid-suite fails tests far
-    from the cause (a checkpoint refused as "disk full" in an unrelated test)."""
+    """The suite's torch runs on one intra-op thread: on a 2-core CI box the tests' loader workers and
+    process pairs take the cores, and OpenMP threads contending with them made elementwise ops on
+    ~40k-element tensors 100x slower. And say so first thing, even under -q, when the disk is short: a
+    disk that fills mid-suite fails tests far from the cause (a checkpoint refused as "disk full" in an
+    unrelated test)."""
+    import torch
+
+    torch.set_num_threads(1)
     line, enough = temporary_space()
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not enough and reporter is not None:
@@ -121,7 +127,7 @@ def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 6, size
 def torch_globals_restored():
     """Every test starts from torch's default generator seeded 0 (a test that fails in the suite fails
     alone too, whatever ran before it) and leaves the process-wide settings as it found them: cuDNN's
-    autotuner flag (the loop sets it) and the intra-op thread count."""
+    autotuner flag (the loop sets it) and the intra-op thread count (the suite's one thread)."""
     import torch
 
     benchmark, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
@@ -133,8 +139,8 @@ def torch_globals_restored():
 
 @pytest.fixture
 def one_thread():
-    """Math tests run on one intra-op thread: on a small shared CI box, 2 OpenMP threads
-    contending with other processes made elementwise ops on ~40k-element tensors 100x slower."""
+    """A math test's statement that it needs one intra-op thread (the whole suite runs on one already:
+    `pytest_sessionstart`), so that it keeps it if the suite's default changes."""
     import torch
 
     n = torch.get_num_threads()
@@ -186,16 +192,19 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid`, everything below it and its process group (a test's child started in its own
-    session): nothing it started is left holding a pipe the test reads, or the machine's cores.
-    Processes that started a session of their own (torchrun's trainers) are found through /proc."""
-    for victim in [*descendants(pid), pid]:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+def kill_tree(proc) -> None:
+    """SIGKILL a test's child `proc` (a subprocess.Popen started in its own session), everything below
+    it and its process group: nothing it started is left holding a pipe the test reads, or the
+    machine's cores. Processes that started a session of their own (torchrun's trainers) are found
+    through /proc, while `proc` runs; once it has been reaped its PID may name another process, and
+    only its group is killed (Linux reuses no PID that is still a group's ID)."""
+    if proc.poll() is None:
+        for victim in [*descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass

@@ -176,7 +176,7 @@ class Converter:
         return code, self.out_log.read_text(), self.err_log.read_text()
 
     def stop(self) -> None:
-        kill_tree(self.pid)  # the converter, its fork server, its workers
+        kill_tree(self.proc)  # the converter, its fork server, its workers
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -76,7 +76,7 @@ def finish(proc: subprocess.Popen) -> str:
 def killed_output(proc: subprocess.Popen) -> str:
     """Its output so far, after killing its whole session (the batch shell, the launcher, the trainers:
     a trainer left alive would hold the pipe, and reading it would wait for good)."""
-    kill_tree(proc.pid)
+    kill_tree(proc)
     try:
         return proc.communicate(timeout=30)[0]
     except subprocess.TimeoutExpired:
