@@ -11,14 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+
+# The suite's torch runs on one intra-op thread, and so does every process that imports this file (the
+# training scripts the tests start import it through test_engine): on a 2-core CI box the tests' loader
+# workers and process pairs take the cores, and OpenMP threads contending with them made elementwise ops
+# on ~40k-element tensors 100x slower (a 2-worker training subprocess ran 3x slower on 2 threads).
+torch.set_num_threads(1)
 
 
 def _importable(module: str) -> bool:
     from pipelines.cores import torch_threads_kept
 
     try:
-        with torch_threads_kept():  # importing FFCV would leave every later test on one torch thread
+        with torch_threads_kept():  # the thread count is the one set above, whatever FFCV's import does
             __import__(module)
     except ImportError:
         return False
@@ -51,14 +59,8 @@ def pytest_report_header(config) -> str:
 
 
 def pytest_sessionstart(session) -> None:
-    """The suite's torch runs on one intra-op thread: on a 2-core CI box the tests' loader workers and
-    process pairs take the cores, and OpenMP threads contending with them made elementwise ops on
-    ~40k-element tensors 100x slower. And say so first thing, even under -q, when the disk is short: a
-    disk that fills mid-suite fails tests far from the cause (a checkpoint refused as "disk full" in an
-    unrelated test)."""
-    import torch
-
-    torch.set_num_threads(1)
+    """Say so first thing, even under -q, when the disk is short: a disk that fills mid-suite fails tests far
+    from the cause (a checkpoint refused as "disk full" in an unrelated test)."""
     line, enough = temporary_space()
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not enough and reporter is not None:
@@ -128,8 +130,6 @@ def torch_globals_restored():
     """Every test starts from torch's default generator seeded 0 (a test that fails in the suite fails
     alone too, whatever ran before it) and leaves the process-wide settings as it found them: cuDNN's
     autotuner flag (the loop sets it) and the intra-op thread count (the suite's one thread)."""
-    import torch
-
     benchmark, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
     torch.manual_seed(0)
     yield
@@ -139,10 +139,8 @@ def torch_globals_restored():
 
 @pytest.fixture
 def one_thread():
-    """A math test's statement that it needs one intra-op thread (the whole suite runs on one already:
-    `pytest_sessionstart`), so that it keeps it if the suite's default changes."""
-    import torch
-
+    """A math test's statement that it needs one intra-op thread (the whole suite runs on one already,
+    set where this file is imported), so that it keeps it if the suite's default changes."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
