@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -190,7 +191,7 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
-def kill_tree(proc) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a test's child `proc` (a subprocess.Popen started in its own session), everything below
     it and its process group: nothing it started is left holding a pipe the test reads, or the
     machine's cores. Processes that started a session of their own (torchrun's trainers) are found
