@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -124,3 +124,44 @@ class _Phase:
 
 
 NO_PHASES = PhaseTimer()  # the training loop's default: records nothing
+
+
+def device_trace(fn: Callable[[], None]) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of every CUDA kernel, copy and memset that `fn()` ran, from the torch profiler.
+
+    User annotations are left out: on the device timeline they span others' work."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
+def covered_us(spans: Iterable[tuple[float, float]]) -> float:
+    """Microseconds covered by the union of (start, end) intervals: time the device was busy, overlaps counted once."""
+    total, reach = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def device_activity(step: Callable[[], None], steps: int, step_ms: float) -> dict:
+    """How busy the GPU is during a training step: the share of `step_ms` (measured untraced, since
+    tracing slows the host) in which some kernel or copy ran, and the device operations launched
+    per step. A share well below 1 means the host (Python, dispatch, kernel launches) cannot keep
+    the GPU fed: the step is launch-bound, and compiling it or fewer, larger kernels would help."""
+    def run() -> None:
+        for _ in range(steps):
+            step()
+
+    trace = device_trace(run)
+    if not trace:  # e.g. CUPTI unavailable: the profiler warns and records nothing
+        return {"device_busy_share": None, "device_busy_ms": None, "device_ops_per_step": None}
+    busy_ms = covered_us((start, end) for _, start, end in trace) / 1e3 / steps
+    return {"device_busy_share": busy_ms / step_ms if step_ms > 0 else None,
+            "device_busy_ms": busy_ms, "device_ops_per_step": len(trace) / steps}

@@ -16,7 +16,7 @@ from conftest import load_tool, requires_ffcv
 from test_engine import tiny_config
 from fastssl.config import to_dict
 from fastssl.engine import train
-from fastssl.profiling import PhaseTimer
+from fastssl.profiling import PhaseTimer, covered_us, device_activity
 from fastssl.reports import analysis
 from fastssl.reports.schema import SCHEMA_VERSION, ReportError, load_report
 
@@ -47,6 +47,50 @@ def test_verdict_names_the_bottleneck():
     contended = analysis.verdict(300.0, 100.0, 40.0, 0.02, phases, "torchvision", e2e_step_ms=25.0,
                                  synthetic_step_ms=10.0)
     assert "compete with the model step" in contended
+    assert "host" not in model_bound
+    launch_bound = analysis.verdict(300.0, 100.0, 97.0, 0.02, phases, "ffcv", device_busy_share=0.6)
+    assert "GPU ran kernels only 60% of the model step" in launch_bound
+    assert "host" not in analysis.verdict(300.0, 100.0, 97.0, 0.02, phases, "ffcv", device_busy_share=0.95)
+
+
+def test_device_busy_time_counts_overlapping_spans_once():
+    spans = [(10.0, 20.0), (0.0, 5.0), (15.0, 30.0), (18.0, 22.0), (40.0, 41.5), (30.0, 31.0)]
+    # union: [0, 5] + [10, 31] + [40, 41.5], against a brute-force count on a 0.5 us grid
+    grid = [t / 2 for t in range(0, 100)]
+    brute = 0.5 * sum(any(a <= t < b for a, b in spans) for t in grid)
+    assert covered_us(spans) == pytest.approx(brute) == pytest.approx(27.5)
+    assert covered_us([]) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
+def test_device_activity_of_a_gpu_bound_and_a_launch_bound_step():
+    big = torch.randn(4096, 4096, device="cuda")
+    small = torch.randn(8, device="cuda")
+
+    def timed_ms(step, n: int = 20) -> float:
+        step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - start) / n
+
+    def matmuls():
+        for _ in range(4):
+            big @ big
+
+    def tiny_adds():
+        for _ in range(200):
+            small.add_(1.0)
+
+    heavy = device_activity(matmuls, 3, timed_ms(matmuls))
+    assert heavy["device_ops_per_step"] == pytest.approx(4)
+    assert 0.8 < heavy["device_busy_share"] <= 1.05, heavy
+    light = device_activity(tiny_adds, 3, timed_ms(tiny_adds))
+    assert light["device_ops_per_step"] == pytest.approx(200)
+    assert light["device_busy_share"] < 0.5, light
 
 
 def test_compare_gives_b_over_a():

@@ -36,6 +36,7 @@ from fastssl.bench.assignment import BETA, TAU, implementations, time_call
 from fastssl.cli import ToolArgumentParser
 from fastssl.ops import _cuda_ext
 from fastssl.ops.mira_fused import solve_views
+from fastssl.profiling import device_trace
 from fastssl.run_log import utc_now, write_json
 from fastssl.runtime import device_arg, pick_device
 
@@ -84,12 +85,7 @@ def extra_implementation(name: str, views: list[torch.Tensor], num_iters: int):
 
 def kernel_census(fn, views) -> dict:
     """CUDA kernels launched by one call (names and count) from the torch profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(views)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    names = [name for name, _, _ in device_trace(lambda: fn(views))]
     return {"count": len(names), "distinct": sorted(set(names)), "triton": any("triton" in n.lower() for n in names)}
 
 

@@ -792,21 +792,24 @@ def stage_model_step(ctx: Context) -> dict:
             continue
         ms = rep["stages"]["model_step"]
         results[mode] = {"images_per_s": ms["images_per_s"], "step_ms": ms["step_ms"],
+                         "device_busy_share": ms.get("device_busy_share"),
+                         "device_ops_per_step": ms.get("device_ops_per_step"),
                          "partial": bool(rep.get("partial")),
                          "breakdown_ms": rep.get("breakdown_ms", {}),
                          "peak_device_mb": rep.get("memory", {}).get("peak_device_mb"),
                          "assignment": rep["stages"].get("assignment"), "recipe": rep.get("recipe"),
                          "report": str((out / "report.md").relative_to(ctx.out))}
         bd = results[mode]["breakdown_ms"]
-        rows.append([mode, ms["images_per_s"], ms["step_ms"], bd.get("teacher_forward"), bd.get("assignment"),
-                     bd.get("student_forward_backward"), bd.get("update"), results[mode]["peak_device_mb"]])
+        rows.append([mode, ms["images_per_s"], ms["step_ms"], ms.get("device_busy_share"), ms.get("device_ops_per_step"),
+                     bd.get("teacher_forward"), bd.get("assignment"), bd.get("student_forward_backward"),
+                     bd.get("update"), results[mode]["peak_device_mb"]])
     peak = max((r["peak_device_mb"] for r in results.values() if r.get("peak_device_mb") is not None), default=None)
     goals = [goal("peak device memory, model step at 64 per GPU", peak, GOAL_PEAK_MB, "MiB", False,
                   "max over eager and compiled" + ("" if ctx.cuda and not ctx.dry_run else "; CPU: not measured"))]
     if "eager" in results and "compiled" in results:
         results["compiled_vs_eager"] = results["compiled"]["images_per_s"] / results["eager"]["images_per_s"]
-    summary = table(["mode", "source images/s", "step ms", "teacher ms", "assignment ms", "student f+b ms",
-                     "update ms", "peak MiB"], rows)
+    summary = table(["mode", "source images/s", "step ms", "GPU busy share", "GPU ops per step", "teacher ms",
+                     "assignment ms", "student f+b ms", "update ms", "peak MiB"], rows)
     if "compiled_vs_eager" in results:
         summary.append(f"compiled / eager: {results['compiled_vs_eager']:.2f}x")
     return {"results": results, "goals": goals, "summary": summary}

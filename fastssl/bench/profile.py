@@ -35,7 +35,7 @@ from fastssl.config import Config, ConfigError, apply_overrides, validate
 from fastssl.engine import build_parts, loader_spec, resolve_auto_settings, train
 from fastssl.method import train_step
 from fastssl.objectives import build_objective
-from fastssl.profiling import PhaseTimer, peak_memory_mb, reset_peak_memory
+from fastssl.profiling import PhaseTimer, device_activity, peak_memory_mb, reset_peak_memory
 from fastssl.reports import analysis, charts
 from fastssl.reports.environment import describe_environment, describe_recipe
 from fastssl.reports.schema import new_report
@@ -174,6 +174,11 @@ def measure_model_step(runner: StepRunner, cfg: Config, accelerator, s: ProfileS
     seconds = time.perf_counter() - start
     step = {"images_per_s": analysis.images_per_s(s.steps * cfg.train.global_batch_size, seconds),
             "step_ms": 1e3 * seconds / s.steps, "steps": s.steps, "warmup": s.warmup_steps}
+    if device.type == "cuda":  # is the GPU kept busy, or is the step launch-bound?
+        try:
+            step.update(device_activity(lambda: runner(views), 3, step["step_ms"]))
+        except Exception as exc:  # a diagnostic: losing it must not lose the step's figures
+            step["device_activity_error"] = f"{type(exc).__name__}: {exc}"
     around = [bench_assignment()] if bench_assignment else []
     phases = PhaseTimer(device, enabled=True)
     for _ in range(max(s.steps, 3)):
@@ -343,7 +348,8 @@ def run_profile(s: ProfileSettings, cfg: Config, global_batch: int, out: Path) -
         projection=analysis.epoch_projection(e2e["images_per_s"]),
         checks=checks,
         verdict=analysis.verdict(loader_ips, model_step["images_per_s"], e2e["images_per_s"], e2e["data_wait_share"],
-                                 breakdown, cfg.data.backend, e2e["mean_step_ms"], model_step["step_ms"]),
+                                 breakdown, cfg.data.backend, e2e["mean_step_ms"], model_step["step_ms"],
+                                 model_step.get("device_busy_share")),
         seconds=time.perf_counter() - started,
     )
     report["charts"] = write_charts(report, out)

@@ -34,9 +34,12 @@ def images_per_s(images: int, seconds: float) -> float:
     return images / seconds if seconds > 0 else 0.0
 
 
+LAUNCH_BOUND_SHARE = 0.85  # of the model step with a kernel running on the GPU; below: launch-bound
+
+
 def verdict(loader_ips: float | None, step_ips: float, e2e_ips: float, wait_share: float,
             breakdown_ms: dict[str, float], backend: str, e2e_step_ms: float | None = None,
-            synthetic_step_ms: float | None = None) -> str:
+            synthetic_step_ms: float | None = None, device_busy_share: float | None = None) -> str:
     """One paragraph naming the bottleneck, from the stage figures.
 
     The loader is the bottleneck when it alone is slower than the model step alone; when it is
@@ -45,6 +48,7 @@ def verdict(loader_ips: float | None, step_ips: float, e2e_ips: float, wait_shar
     step is named. When the step itself is more than 15% slower with the
     loader running than on synthetic data, the two compete for the same cores or device
     (typical on a CPU machine, where loader workers and the model share the cores): said too.
+    So is a GPU busy for less than LAUNCH_BOUND_SHARE of the model step: then the host limits the step.
     """
     ceiling = e2e_ips / step_ips if step_ips > 0 else 0.0
     parts = [f"End-to-end: {e2e_ips:.1f} images/s, {100 * ceiling:.0f}% of the synthetic-data ceiling "
@@ -64,6 +68,10 @@ def verdict(loader_ips: float | None, step_ips: float, e2e_ips: float, wait_shar
         parts.append(f"But the step took {e2e_step_ms:.0f} ms with the loader running against {synthetic_step_ms:.0f} "
                      f"ms on synthetic data: the {backend} loader's workers compete with the model step for the same "
                      "cores or device, so fewer loader workers, or a loader that decodes on the device, would help.")
+    if device_busy_share is not None and device_busy_share < LAUNCH_BOUND_SHARE:
+        parts.append(f"The GPU ran kernels only {100 * device_busy_share:.0f}% of the model step: the host (Python, "
+                     "dispatch, kernel launches) limits the step, not the GPU; `--train.compile true` (fewer, fused "
+                     "kernels) would help.")
     if breakdown_ms:
         total = sum(breakdown_ms.values())
         name, ms = max(breakdown_ms.items(), key=lambda kv: kv[1])

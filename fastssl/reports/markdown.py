@@ -46,6 +46,10 @@ def profile_markdown(report: dict) -> str:
     lines += _table(["stage", "source images/s", "min", "max"], rows)
     lines += [f"End to end waited for data {100 * e['data_wait_share']:.1f}% of the time over "
               f"{e['steps']} steps after {e['warmup']} warm-up steps.", ""]
+    if m.get("device_busy_share") is not None:
+        lines += [f"During the model step the GPU ran kernels or copies {100 * m['device_busy_share']:.0f}% of the "
+                  f"time ({m['device_busy_ms']:.1f} of {m['step_ms']:.1f} ms; {m['device_ops_per_step']:.0f} "
+                  "launched per step).", ""]
     lines += [f"![images/s per stage]({charts['stages']})", "", "## Step-time breakdown", ""]
     rows = [[k.replace("_", " "), _num(v, "{:.2f}")] for k, v in report["breakdown_ms"].items()]
     lines += _table(["part of the step (instrumented pass, device synchronised at each boundary)", "ms"], rows)
