@@ -279,21 +279,26 @@ def run_retiring_bad_files(samples: list[tuple[str, int]], bad: dict[int, str],
     k, output)` turns the pass's k-th output into what is yielded and moves the restart
     point past it. When the decoder raises (DALI raises RuntimeError), the files that were
     in flight are decoded with PIL; the undecodable ones are retired into `bad` and a new
-    pass starts; when none is found, the error is re-raised.
+    pass starts; when none is found, the error is re-raised. An error of `deliver` (a CUDA
+    out-of-memory in the device augmentations) is no file's fault: it propagates at once.
     """
     errors = 0
     while True:
         feeder = new_feeder()
         if feeder is None:
             return
-        delivered = 0
+        delivered, decoding = 0, True
         try:
             for out in decode(feeder):
+                decoding = False
                 item = deliver(feeder, delivered, out)
                 delivered += 1
                 yield item
+                decoding = True
             return
         except RuntimeError:
+            if not decoding:
+                raise
             errors += 1
             in_flight = {i for batch in feeder.sent[delivered:] for i in batch}
             if not retire_bad_files(samples, in_flight, bad, errors):

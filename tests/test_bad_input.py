@@ -244,7 +244,7 @@ def test_three_corrupt_jpegs_count_three_skips_per_epoch(tmp_path, backend, batc
 # ------------------------------------------------------------------ a decoder that dies on a bad file
 
 
-def test_a_decoder_that_fails_a_pass_gets_the_bad_file_retired_and_restarts_after_the_last_batch(tmp_path):
+def test_a_decoder_that_fails_a_pass_gets_the_bad_file_retired_and_restarts_after_the_last_batch(tmp_path, monkeypatch):
     """`pipelines.images.run_retiring_bad_files`, which both DALI loaders run, with a stand-in decoder that
     prefetches one batch ahead and fails the pass on a file that only a full decode can refuse."""
     from types import SimpleNamespace
@@ -290,6 +290,16 @@ def test_a_decoder_that_fails_a_pass_gets_the_bad_file_retired_and_restarts_afte
     with pytest.raises(RuntimeError, match="out of memory"):
         list(run_retiring_bad_files(samples, bad, new_feeder, broken, deliver))
     assert bad == {}
+
+    def out_of_memory(feeder, k, out):  # the delivery's own failure (device augmentations): no file is suspected
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    done, passes = 0, []
+    with monkeypatch.context() as m:
+        m.setattr("pipelines.images.retire_bad_files", lambda *a: pytest.fail("a delivery error re-decoded files"))
+        with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+            list(run_retiring_bad_files(samples, bad, new_feeder, decode, out_of_memory))
+    assert bad == {} and passes == [0]
 
 
 # ------------------------------------------------------------------ what the evaluation tools are pointed at

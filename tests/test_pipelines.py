@@ -344,8 +344,9 @@ def test_resume_continues_the_data_order(image_folder, backend):
     assert not all(torch.equal(a, b) for a, b in zip(following, whole))
 
 
+@pytest.mark.parametrize("device", DEVICES)  # on a GPU: nvJPEG (DALI's mixed decoder) meets them too
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
-def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path, backend):
+def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path, backend, device):
     root = tmp_path / "train"
     make_image_folder(root, 2, 4)
     odd = root / "class_00"
@@ -360,7 +361,7 @@ def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path, backend):
     Image.new("RGB", (3, 2), (200, 10, 10)).save(odd / "smaller_than_a_crop.JPEG")
     if backend == "ffcv":  # the converter skips and reports; the .beton holds only good images
         spec = LoaderSpec(data=DataConfig(backend=backend, train=data_path(backend, root, write_mode="jpg")),
-                          recipe=plain_recipe(), batch_size=12)
+                          recipe=plain_recipe(), batch_size=12, device=torch.device(device))
         summary = json.loads(Path(spec.path + ".json").read_text())
         assert sorted(Path(s["path"]).name for s in summary["skipped"]) == \
             ["bad_header.JPEG", "not_an_image.JPEG", "truncated.JPEG"]
@@ -368,7 +369,7 @@ def test_odd_and_broken_images_are_decoded_or_skipped(tmp_path, backend):
         assert len({i for b in batches for i in b.index.tolist()}) == 12
         assert all(torch.isfinite(v).all() for b in batches for v in b.views)
         return
-    loader = build_train_loader(spec_for(root, backend=backend, batch_size=15))
+    loader = build_train_loader(spec_for(root, backend=backend, batch_size=15, device=torch.device(device)))
     with pytest.warns(UserWarning, match="skipping"):
         batches = list(loader)
     assert sum(b.num_skipped for b in batches) == 3

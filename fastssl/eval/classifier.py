@@ -11,6 +11,7 @@ so the two tools must agree on these details; keeping them in one place makes su
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -224,8 +225,8 @@ def evaluate_head(backbone: nn.Module, head: nn.Module, root: str, samples: Sequ
                                         precision)
     if bar is not None:
         bar.close()
-    with torch.no_grad():
-        return topk_accuracy(head.cpu()(feats[valid]), labels[valid])
+    with torch.no_grad():  # beside the features, on the host; a copy, so the caller's head stays on its device
+        return topk_accuracy(copy.deepcopy(head).cpu()(feats[valid]), labels[valid])
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
