@@ -7,6 +7,7 @@ from torch import nn
 
 from fastssl.checkpoint import export_backbone
 from fastssl.models import MiraNetwork, ema_update, make_teacher
+from fastssl.models.ema import ema_pairs
 
 
 def test_projector_and_prototypes_as_notes():
@@ -80,6 +81,13 @@ def test_ema_update_and_head_copy():
     ema_update(teacher, student, momentum=1.0)  # the schedule's end: the teacher stops moving
     torch.testing.assert_close(t["backbone.conv1.weight"], 0.9 * t_before["backbone.conv1.weight"]
                                + 0.1 * s["backbone.conv1.weight"])
+    other = MiraNetwork("resnet18", 32, 16, 8)  # another student: followed, not the one listed first
+    ema_update(teacher, other, momentum=0.0)
+    for name, param in other.named_parameters():
+        torch.testing.assert_close(t[name], param)
+    pairs = ema_pairs(teacher, other)
+    assert pairs[0] is ema_pairs(teacher, other)[0]  # listed once per pair
+    assert [id(p) for p in pairs[0]] == [id(t[n]) for n in t if not n.startswith("prototypes")]
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

@@ -9,11 +9,17 @@ that its BN layers use batch statistics. It never receives gradients.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import nn
 
 from fastssl.models.network import MiraNetwork
+
+# teacher -> (its student, the teacher's EMA parameters, the student's): listing ~160 parameters
+# walks every module, ~0.4 ms of host time per step on a ResNet-50, as much as a few dozen kernel
+# launches. Parameters keep their identity when moved, wrapped (DDP, torch.compile) or loaded into.
+_EMA_PAIRS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def make_teacher(student: MiraNetwork) -> MiraNetwork:
@@ -24,13 +30,21 @@ def make_teacher(student: MiraNetwork) -> MiraNetwork:
     return teacher
 
 
+def ema_pairs(teacher: MiraNetwork, student: MiraNetwork) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The teacher's backbone and projector parameters and the student's, in the same order (listed once per pair)."""
+    cached = _EMA_PAIRS.get(teacher)
+    if cached is None or cached[0]() is not student:
+        parts = ("backbone", "projector")
+        cached = (weakref.ref(student), [p for part in parts for p in getattr(teacher, part).parameters()],
+                  [p for part in parts for p in getattr(student, part).parameters()])
+        _EMA_PAIRS[teacher] = cached
+    return cached[1], cached[2]
+
+
 @torch.no_grad()
 def ema_update(teacher: MiraNetwork, student: MiraNetwork, momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student on backbone + projector; copy the head."""
-    for part in ("backbone", "projector"):
-        t_params = [p for p in getattr(teacher, part).parameters()]
-        s_params = [p.detach() for p in getattr(student, part).parameters()]
-        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    torch._foreach_lerp_(*ema_pairs(teacher, student), 1.0 - momentum)
     teacher.prototypes.weight.copy_(student.prototypes.weight)
 
 
