@@ -166,13 +166,14 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
     an exception of `user_errors()` is bad input and exits 2 with one line, no traceback
     (`user_errors` is called only then: its classes may live in modules that import torch, which
     `--help` and a misspelt field do not wait for); a Ctrl-C that reaches here
-    (KeyboardInterrupt) exits 130 with one line saying how to go on (`interrupted_advice`). After `start` returns, the
-    processes leave together (`runtime.end_process_group`). A run a stop signal ended early
+    (KeyboardInterrupt) exits 130 with one line saying how to go on (`interrupted_advice`). However
+    `start` ends, the processes leave together (`leave_process_group`). A run a stop signal ended early
     (results["interrupted"], after its checkpoint) exits 128 + the signal's number."""
     plain_warnings()
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or sys.argv[0]
     command = ["python", prog, *argv]
+    finished = False
     try:
         try:
             cfg, flags = parse(cfg, argv)
@@ -186,6 +187,7 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
             print(dump(cfg))
             sys.exit(0)
         results = start(cfg, flags["resume"], command)
+        finished = True
     except Exception as err:
         if isinstance(err, ConfigError) or isinstance(err, user_errors()):
             exit_with(err)
@@ -194,14 +196,30 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
         if os.environ.get("RANK", "0") == "0":  # every process gets the Ctrl-C: one of them says it
             print(interrupted_advice(command, Path(cfg.train.run_dir)), file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
-    from fastssl.runtime import end_process_group
-
-    end_process_group()
+    finally:
+        leave_process_group(finished)
     if "interrupted" in results:  # checkpointed: 128 + the signal's number (SIGTERM 143, SIGUSR1 138)
         from fastssl.runtime import stop_exit_code
 
         sys.exit(stop_exit_code(results["interrupted"]))
     return results
+
+
+def leave_process_group(finished: bool) -> None:
+    """Release the process group with the other processes (`runtime.end_process_group`), after an error too.
+
+    An error exit that skipped it let a process die while a peer was still in the last collective,
+    which aborted that peer (gloo: SIGABRT, which torchrun then reported as the failure instead of
+    the error line) and NCCL warns at every exit that leaves its group. After an error a process
+    waits less for the others (`runtime.FAILED_END_TIMEOUT_S`): one that failed alone gives up soon.
+    Nothing to do when torch was never imported (`--help`, a bad flag); a Ctrl-C during the wait ends it."""
+    runtime = sys.modules.get("fastssl.runtime")
+    if runtime is None:
+        return
+    try:
+        runtime.end_process_group(None if finished else runtime.FAILED_END_TIMEOUT_S)
+    except KeyboardInterrupt:
+        pass
 
 
 def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:

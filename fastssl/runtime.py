@@ -189,24 +189,25 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 
 END_BARRIER_TIMEOUT_S = 120.0  # how long a finished process waits for the others
+FAILED_END_TIMEOUT_S = 10.0  # ... and one that ends with an error (the others agreed on it within a collective)
 
 
-def end_process_group() -> None:
-    """At the clean end of a run (or of a stop with its checkpoint): wait for every process, then
-    release the process group. Nothing to do on one process.
+def end_process_group(timeout_s: float | None = None) -> None:
+    """At the end of a run (or of a stop with its checkpoint, or of an error): wait for every process,
+    then release the process group. Nothing to do on one process.
 
     Why: a process that exits while a peer is still in the last collective aborts that peer
     (gloo: "terminate called without an active exception"), and NCCL warns at every exit whose
     group was not destroyed. The wait is a count in the group's key-value store, on the CPU,
     not a collective: an NCCL barrier cannot be given up, so a peer killed after the last
     collective would hold the others for the collective timeout (30 minutes). Here they give up
-    after END_BARRIER_TIMEOUT_S and exit without releasing the group."""
+    after `timeout_s` (END_BARRIER_TIMEOUT_S by default) and exit without releasing the group."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
     world, rank = dist.get_world_size(), dist.get_rank()
-    deadline = time.monotonic() + END_BARRIER_TIMEOUT_S
+    deadline = time.monotonic() + (END_BARRIER_TIMEOUT_S if timeout_s is None else timeout_s)
     try:
         store = dist.distributed_c10d._get_default_store()
         if not _all_counted(store, "fastssl/end/arrived", world, deadline):

@@ -351,6 +351,15 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     assert value.returncode != 0, value.stderr
     assert value.stderr.count("optim.base_lr: must be a finite number >= 0") == 1, value.stderr
     assert "exitcode  : 2" in value.stderr, value.stderr  # torch's launcher reports the failed process's status
+    # a user error once the group exists (a resume with no checkpoint, agreed on in set-up): both processes exit 2
+    # and release the group together; a process that left while its peer was in the last collective aborted it
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}.json").unlink()
+    resume = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run4"),
+                             "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert "exitcode  : 2" in resume.stderr and "exitcode  : -6" not in resume.stderr, resume.stderr
+    assert "no checkpoint" in resume.stderr, resume.stderr
+    assert all((tmp_path / f"rank{rank}.json").exists() for rank in (0, 1)), resume.stderr
 
 
 def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
