@@ -165,12 +165,14 @@ def train_epochs(run: Run) -> dict:
                 try:
                     scores = knn(exported_backbone(cfg, parts), f"the {cfg.model.export}")
                 except DataLayoutError as err:  # unreadable val images: keep the epoch's training, then say so
-                    log.epoch(epoch_row)
+                    with failing_together(accelerator):
+                        log.epoch(epoch_row)
                     save(cfg, run_dir, parts, state, guard, loader)
                     raise DataLayoutError(f"{err}; {after_knn_failure(command, run_dir, state.epoch)}") from None
                 results["knn"].append({"epoch": state.epoch, **scores})
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
-            log.epoch(epoch_row)
+            with failing_together(accelerator):
+                log.epoch(epoch_row)
             finish(run_dir, accelerator, results)  # before the checkpoint: a kill between them loses no k-NN row
             if last or state.epoch % cfg.train.checkpoint_every == 0:
                 save(cfg, run_dir, parts, state, guard, loader)
@@ -219,7 +221,8 @@ def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log
                        **loader_health(accelerator, window.summary(), skipped),
                        **window_metrics(metrics[-every:], accelerator)}
                 window.reset()
-                log.step(row)
+                with failing_together(accelerator):  # only the main process writes: the others must hear it failed
+                    log.step(row)
                 if guard is not None:
                     guard.check(row["loss"], state.step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
@@ -604,5 +607,7 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
 
 
 def finish(run_dir: Path, accelerator, results: dict) -> None:
-    if accelerator.is_main_process:
-        write_run_json(run_dir / "results.json", results)
+    """results.json, written by the main process; every process raises when it could not."""
+    with failing_together(accelerator):
+        if accelerator.is_main_process:
+            write_run_json(run_dir / "results.json", results)

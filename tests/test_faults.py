@@ -858,6 +858,47 @@ def test_a_process_that_fails_its_set_up_alone_fails_every_process(tmp_path):
     assert outs[0].startswith("ConfigError: rank 1 on ") and "holds no checkpoint" in outs[0], outs[0]
 
 
+def _train_while_the_main_process_cannot_write(rank: int, world_size: int, root: str, file: str) -> str:
+    """engine.train on 2 processes whose main process fails to write `file` (a full disk) at its second write."""
+    from fastssl import run_log
+
+    cfg = quick_config(Path(root), epochs=2)
+    writes = {"train_log.csv": (run_log.RunLog, "step"), "epochs.csv": (run_log.RunLog, "epoch"),
+              "results.json": (engine, "write_run_json")}
+    owner, name = writes[file]
+    real, calls = getattr(owner, name), []
+
+    def full_disk(*args, **kwargs):
+        if owner is engine and Path(args[0]).name != file:  # config.json, run_info.json
+            return real(*args, **kwargs)
+        calls.append(0)
+        if rank == 0 and len(calls) == 2:
+            raise ckpt.CheckpointError(f"writing {file} failed: no space left on device")
+        return real(*args, **kwargs)
+
+    setattr(owner, name, full_disk)
+    try:
+        engine.train(cfg)
+    except ckpt.CheckpointError as err:
+        return str(err)
+    return "trained"
+
+
+@pytest.mark.parametrize("file", ["train_log.csv", "epochs.csv", "results.json"])
+def test_a_file_the_main_process_cannot_write_stops_every_process(tmp_path, file):
+    """Only the main process writes the logs and results.json: when it cannot, the others hear of it at once
+    (not in their next collective, which waits for good on NCCL)."""
+    import socket
+
+    from dist_utils import run_distributed
+
+    quick_config(tmp_path)  # the data, made once
+    outs = run_distributed(_train_while_the_main_process_cannot_write, world_size=2, args=(str(tmp_path), file),
+                           timeout=180)
+    assert outs[0].startswith(f"writing {file} failed: no space left on device"), outs
+    assert outs[1].startswith(f"rank 0 on {socket.gethostname()}: writing {file} failed"), outs
+
+
 def _train_with_this_ranks_setting(rank: int, world_size: int, root: str, field: str, values: list) -> str:
     from fastssl.config import ConfigError, set_field
 
