@@ -252,7 +252,10 @@ def failing_together(accelerator: Accelerator) -> Iterator[None]:
     user error), naming that rank and its host. Without it, a process that fails alone in set-up
     (its node's copy of the data is missing, its view of the run directory holds no checkpoint)
     leaves the others waiting in their next collective: for good on NCCL. One all-gather of a
-    small object when every block succeeded; none on one process."""
+    small object when every block succeeded; none on one process.
+
+    A Ctrl-C (KeyboardInterrupt) is not agreed on: a launcher passes it to every process, and a
+    process waiting here for peers still busy in the block could not be interrupted again."""
     error: Exception | None = None
     try:
         yield
