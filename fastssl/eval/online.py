@@ -41,18 +41,18 @@ def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bo
     for images, y, i in loader:
         with accelerator.autocast():
             feats.append(backbone(images).float())
-        labels.append(y.to(accelerator.device))
-        index.append(i.to(accelerator.device))
+        labels.append(y)  # kept on the host until the end: a copy of pageable memory to the GPU
+        index.append(i)   # would wait for the queued forwards at every batch
         bar.update(len(y))
     bar.close()
     backbone.train(was_training)
     # A rank with no images (a split smaller than the ranks) still gathers rows of the features' width.
     feats_t = torch.cat(feats) if feats else torch.zeros(0, backbone.feature_dim, device=accelerator.device)
     del feats  # an ImageNet bank is 1.28M x 2048 floats (10.5 GB): no copy of it lives longer than it must
-    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    labels_t = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)).to(accelerator.device)
     if not gather:
         return feats_t, labels_t
-    index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    index_t = (torch.cat(index) if index else torch.zeros(0, dtype=torch.long)).to(accelerator.device)
     if accelerator.num_processes > 1:
         feats_t, labels_t, index_t = (all_gather_padded_rows(t, -1) for t in (feats_t, labels_t, index_t))
     return in_dataset_order(feats_t, labels_t, index_t)
