@@ -150,18 +150,28 @@ def covered_us(spans: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def device_activity(step: Callable[[], None], steps: int, step_ms: float) -> dict:
+def device_activity(step: Callable[[], None], steps: int, step_ms: float, top: int = 10) -> dict:
     """How busy the GPU is during a training step: the share of `step_ms` (measured untraced, since
-    tracing slows the host) in which some kernel or copy ran, and the device operations launched
-    per step. A share well below 1 means the host (Python, dispatch, kernel launches) cannot keep
-    the GPU fed: the step is launch-bound, and compiling it or fewer, larger kernels would help."""
+    tracing slows the host) in which some kernel or copy ran, the device operations launched per
+    step, and the `top` kernels by device time per step. A share well below 1 means the host
+    (Python, dispatch, kernel launches) cannot keep the GPU fed: the step is launch-bound, and
+    compiling it or fewer, larger kernels would help; the top kernels say where the GPU's time goes."""
     def run() -> None:
         for _ in range(steps):
             step()
 
     trace = device_trace(run)
     if not trace:  # e.g. CUPTI unavailable: the profiler warns and records nothing
-        return {"device_busy_share": None, "device_busy_ms": None, "device_ops_per_step": None}
+        return {"device_busy_share": None, "device_busy_ms": None, "device_ops_per_step": None, "device_top_ms": {}}
     busy_ms = covered_us((start, end) for _, start, end in trace) / 1e3 / steps
     return {"device_busy_share": busy_ms / step_ms if step_ms > 0 else None,
-            "device_busy_ms": busy_ms, "device_ops_per_step": len(trace) / steps}
+            "device_busy_ms": busy_ms, "device_ops_per_step": len(trace) / steps,
+            "device_top_ms": top_by_time(trace, steps, top)}
+
+
+def top_by_time(trace: list[tuple[str, float, float]], steps: int, top: int) -> dict[str, float]:
+    """The `top` names of a device trace by total time, in ms per step (longest first; names cut to 100 characters)."""
+    totals: dict[str, float] = {}
+    for name, start, end in trace:
+        totals[name[:100]] = totals.get(name[:100], 0.0) + (end - start) / 1e3 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])

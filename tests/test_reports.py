@@ -16,8 +16,9 @@ from conftest import load_tool, requires_ffcv
 from test_engine import tiny_config
 from fastssl.config import to_dict
 from fastssl.engine import train
-from fastssl.profiling import PhaseTimer, covered_us, device_activity
+from fastssl.profiling import PhaseTimer, covered_us, device_activity, top_by_time
 from fastssl.reports import analysis
+from fastssl.reports.markdown import profile_markdown
 from fastssl.reports.schema import SCHEMA_VERSION, ReportError, load_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +63,12 @@ def test_device_busy_time_counts_overlapping_spans_once():
     assert covered_us([]) == 0.0
 
 
+def test_top_kernels_are_totals_per_step_longest_first():
+    trace = [("conv", 0.0, 1000.0), ("bn", 1000.0, 1500.0), ("conv", 2000.0, 4000.0), ("x" * 150, 0.0, 100.0)]
+    assert top_by_time(trace, steps=2, top=2) == {"conv": 1.5, "bn": 0.25}
+    assert top_by_time(trace, steps=1, top=5)["x" * 100] == pytest.approx(0.1)  # names cut to 100 characters
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
 def test_device_activity_of_a_gpu_bound_and_a_launch_bound_step():
@@ -88,6 +95,7 @@ def test_device_activity_of_a_gpu_bound_and_a_launch_bound_step():
     heavy = device_activity(matmuls, 3, timed_ms(matmuls))
     assert heavy["device_ops_per_step"] == pytest.approx(4)
     assert 0.8 < heavy["device_busy_share"] <= 1.05, heavy
+    assert sum(heavy["device_top_ms"].values()) == pytest.approx(heavy["device_busy_ms"], rel=0.01)  # one kernel, serial
     light = device_activity(tiny_adds, 3, timed_ms(tiny_adds))
     assert light["device_ops_per_step"] == pytest.approx(200)
     assert light["device_busy_share"] < 0.5, light
@@ -209,6 +217,12 @@ def test_profile_writes_a_complete_report(profile_report):
     assert report["verdict"] in md and "bottleneck" in report["verdict"]
     assert not list(profile_report.glob(".scratch-*"))  # the temporary folder is gone
     assert not (profile_report / "report.partial.json").exists()  # replaced by the whole report
+    assert "GPU ran kernels" not in md  # on a CPU: no device trace
+    s["model_step"].update(device_busy_share=0.5, device_busy_ms=5.0, device_ops_per_step=1234.0,
+                           device_top_ms={"sm90_xmma_gemm|bf16": 2.5, "batch_norm_collect_statistics": 1.25})
+    md = profile_markdown(report)  # as on a GPU
+    assert f"ran kernels or copies 50% of the time (5.0 of {s['model_step']['step_ms']:.1f} ms; 1234" in md
+    assert "| sm90_xmma_gemm/bf16 | 2.50 |" in md and "| batch_norm_collect_statistics | 1.25 |" in md
 
 
 def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):

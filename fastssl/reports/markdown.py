@@ -50,6 +50,9 @@ def profile_markdown(report: dict) -> str:
         lines += [f"During the model step the GPU ran kernels or copies {100 * m['device_busy_share']:.0f}% of the "
                   f"time ({m['device_busy_ms']:.1f} of {m['step_ms']:.1f} ms; {m['device_ops_per_step']:.0f} "
                   "launched per step).", ""]
+        if m.get("device_top_ms"):
+            lines += _table(["kernel (longest first)", "ms per step"],
+                            [[name.replace("|", "/"), _num(ms, "{:.2f}")] for name, ms in m["device_top_ms"].items()])
     lines += [f"![images/s per stage]({charts['stages']})", "", "## Step-time breakdown", ""]
     rows = [[k.replace("_", " "), _num(v, "{:.2f}")] for k, v in report["breakdown_ms"].items()]
     lines += _table(["part of the step (instrumented pass, device synchronised at each boundary)", "ms"], rows)
