@@ -163,7 +163,8 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
                  user_errors: Callable[[], tuple[type[Exception], ...]]) -> dict:
     """The flow every trainer's command line shares: parse, `--help`, `check` the config,
     `--print-config` (printed by `dump`), then `start(cfg, resume, command)`; a ConfigError or
-    an exception of `user_errors()` is bad input and exits 2 with one line, no traceback
+    an exception of `user_errors()` is bad input and exits 2 with one line, no traceback (one per
+    node when the processes agreed on it: `runtime.failing_together`)
     (`user_errors` is called only then: its classes may live in modules that import torch, which
     `--help` and a misspelt field do not wait for); a Ctrl-C that reaches here
     (KeyboardInterrupt) exits 130 with one line saying how to go on (`interrupted_advice`). However
@@ -190,6 +191,9 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
         finished = True
     except Exception as err:
         if isinstance(err, ConfigError) or isinstance(err, user_errors()):
+            runtime = sys.modules.get("fastssl.runtime")
+            if runtime is not None and runtime.said_by_another_process(err):
+                sys.exit(2)  # one line per node: another process here prints it
             exit_with(err)
         raise
     except KeyboardInterrupt:  # Ctrl-C in set-up, or a second one in the loop: one line, not a traceback

@@ -255,21 +255,40 @@ def failing_together(accelerator: Accelerator) -> Iterator[None]:
     small object when every block succeeded; none on one process.
 
     A Ctrl-C (KeyboardInterrupt) is not agreed on: a launcher passes it to every process, and a
-    process waiting here for peers still busy in the block could not be interrupted again."""
+    process waiting here for peers still busy in the block could not be interrupted again.
+
+    So that a node's log says each error once, not once per GPU, an error another process of
+    this node prints is marked `said_elsewhere` (see `said_by_another_process`): the same
+    message raised on a lower rank of this host, or a relayed error where a process of this host
+    failed itself or on any process but the node's first."""
     error: Exception | None = None
     try:
         yield
     except Exception as err:  # noqa: BLE001 - agreed on below, then re-raised
         error = err
     if accelerator.num_processes > 1:
+        here, me = socket.gethostname(), accelerator.process_index
         kind = None if error is None else (type(error).__module__, type(error).__qualname__)  # names: always pickle
-        mine = None if error is None else (accelerator.process_index, socket.gethostname(), kind, str(error))
+        mine = None if error is None else (me, here, kind, str(error))
         failed = [row for row in all_gather_objects(mine) if row is not None]
         if error is None and failed:
             rank, host, kind, message = failed[0]
-            raise _same_kind(kind, f"rank {rank} on {host}: {message}")
+            relayed = _same_kind(kind, f"rank {rank} on {host}: {message}")
+            relayed.said_elsewhere = accelerator.local_process_index != 0 or any(h == here for _, h, _, _ in failed)
+            raise relayed
+        if error is not None:
+            error.said_elsewhere = any(r < me and h == here and m == str(error) for r, h, _, m in failed)
     if error is not None:
         raise error
+
+
+def said_by_another_process(err: BaseException) -> bool:
+    """Whether another process of this node prints this error (or the one it was raised from): `failing_together`."""
+    while err is not None:
+        if getattr(err, "said_elsewhere", False):
+            return True
+        err = err.__cause__
+    return False
 
 
 def _same_kind(kind: tuple[str, str], message: str) -> Exception:

@@ -899,6 +899,41 @@ def test_a_file_the_main_process_cannot_write_stops_every_process(tmp_path, file
     assert outs[1].startswith(f"rank 0 on {socket.gethostname()}: writing {file} failed"), outs
 
 
+def _fail_in_a_block_on(rank: int, world_size: int, failing: list[int]) -> tuple[str, bool, bool] | None:
+    """(message, whether another process of this node prints it, ... when wrapped with advice) after
+    `failing_together`, on a block that fails on the ranks in `failing`."""
+    from accelerate import Accelerator
+
+    from fastssl.config import ConfigError
+    from fastssl.runtime import failing_together, said_by_another_process
+
+    accelerator = Accelerator(cpu=True)
+    try:
+        with failing_together(accelerator):
+            if rank in failing:
+                raise ConfigError("the data folder /data/train does not exist")
+    except ConfigError as err:
+        try:  # as train_epochs adds how to go on
+            raise ckpt.CheckpointError(f"{err}; continue with ...") from err
+        except ckpt.CheckpointError as wrapped:
+            return str(err), said_by_another_process(err), said_by_another_process(wrapped)
+    return None
+
+
+def test_an_error_the_processes_agree_on_is_said_once_per_node():
+    """8 GPUs meeting the same error print one line per node, not 8; the failing process's own message wins."""
+    import socket
+
+    from dist_utils import run_distributed
+
+    message = "the data folder /data/train does not exist"
+    outs = run_distributed(_fail_in_a_block_on, world_size=2, args=([0, 1],), timeout=90)
+    assert outs == [(message, False, False), (message, True, True)]  # the same error: rank 0 says it
+    outs = run_distributed(_fail_in_a_block_on, world_size=2, args=([1],), timeout=90)
+    # rank 1 says its own; rank 0, on the same host, relays it silently
+    assert outs == [(f"rank 1 on {socket.gethostname()}: {message}", True, True), (message, False, False)]
+
+
 def _train_with_this_ranks_setting(rank: int, world_size: int, root: str, field: str, values: list) -> str:
     from fastssl.config import ConfigError, set_field
 
