@@ -215,8 +215,10 @@ def leave_process_group(finished: bool) -> None:
     An error exit that skipped it let a process die while a peer was still in the last collective,
     which aborted that peer (gloo: SIGABRT, which torchrun then reported as the failure instead of
     the error line) and NCCL warns at every exit that leaves its group. After an error a process
-    waits less for the others (`runtime.FAILED_END_TIMEOUT_S`): one that failed alone gives up soon.
-    Nothing to do when torch was never imported (`--help`, a bad flag); a Ctrl-C during the wait ends it."""
+    waits less for the others (`runtime.FAILED_END_TIMEOUT_S`): one that failed alone gives up soon,
+    and a release that fails (NCCL, a collective a peer never matched) does not replace the exit the
+    error was given. Nothing to do when torch was never imported (`--help`, a bad flag); a Ctrl-C
+    during the wait ends it."""
     runtime = sys.modules.get("fastssl.runtime")
     if runtime is None:
         return
@@ -224,6 +226,9 @@ def leave_process_group(finished: bool) -> None:
         runtime.end_process_group(None if finished else runtime.FAILED_END_TIMEOUT_S)
     except KeyboardInterrupt:
         pass
+    except Exception:
+        if finished:
+            raise
 
 
 def run(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> dict:

@@ -88,6 +88,9 @@ def test_ema_update_and_head_copy():
     pairs = ema_pairs(teacher, other)
     assert pairs[0] is ema_pairs(teacher, other)[0]  # listed once per pair
     assert [id(p) for p in pairs[0]] == [id(t[n]) for n in t if not n.startswith("prototypes")]
+    other.load_state_dict(student.state_dict(), assign=True)  # new parameter objects: listed again
+    ema_update(teacher, other, momentum=0.0)
+    torch.testing.assert_close(teacher.backbone.conv1.weight, student.backbone.conv1.weight)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

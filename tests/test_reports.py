@@ -50,7 +50,10 @@ def test_verdict_names_the_bottleneck():
     assert "compete with the model step" in contended
     assert "host" not in model_bound
     launch_bound = analysis.verdict(300.0, 100.0, 97.0, 0.02, phases, "ffcv", device_busy_share=0.6)
-    assert "GPU ran kernels only 60% of the model step" in launch_bound
+    assert "GPU ran kernels or copies only 60% of the model step" in launch_bound
+    assert "--train.compile true" in launch_bound
+    compiled = analysis.verdict(300.0, 100.0, 97.0, 0.02, phases, "ffcv", device_busy_share=0.6, compiled=True)
+    assert "compiled already" in compiled and "--train.compile" not in compiled
     assert "host" not in analysis.verdict(300.0, 100.0, 97.0, 0.02, phases, "ffcv", device_busy_share=0.95)
 
 
@@ -93,11 +96,11 @@ def test_device_activity_of_a_gpu_bound_and_a_launch_bound_step():
             small.add_(1.0)
 
     heavy = device_activity(matmuls, 3, timed_ms(matmuls))
-    assert heavy["device_ops_per_step"] == pytest.approx(4)
+    assert 4 <= heavy["device_ops_per_step"] <= 8  # a matmul is one kernel, or a few (split-K, a workspace memset)
     assert 0.8 < heavy["device_busy_share"] <= 1.05, heavy
-    assert sum(heavy["device_top_ms"].values()) == pytest.approx(heavy["device_busy_ms"], rel=0.01)  # one kernel, serial
+    assert sum(heavy["device_top_ms"].values()) == pytest.approx(heavy["device_busy_ms"], rel=0.01)  # serial
     light = device_activity(tiny_adds, 3, timed_ms(tiny_adds))
-    assert light["device_ops_per_step"] == pytest.approx(200)
+    assert light["device_ops_per_step"] == pytest.approx(200)  # one kernel per in-place add
     assert light["device_busy_share"] < 0.5, light
 
 

@@ -40,7 +40,7 @@ from fastssl.eval.online import knn_loaders, knn_scores
 from fastssl.eval.subsets import subset_samples
 from fastssl.eval.targets import require_data, resolve_target, write_report
 from fastssl.run_log import utc_now
-from fastssl.runtime import end_process_group, pick_device
+from fastssl.runtime import FAILED_END_TIMEOUT_S, end_process_group, pick_device
 from pipelines.eval import EvalBackendError, eval_loader_class
 from pipelines.folder import DataLayoutError, Listing, scan_image_folder
 
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         scores, bank_size, query_size = knn_scores(net, bank_loader, query_loader, accelerator, ks, args.temperature,
                                                    not args.no_progress, what="")
-    except DataLayoutError as err:  # a split whose every image is unreadable
+    except DataLayoutError as err:  # a split whose every image is unreadable: agreed on by every process
+        end_process_group(FAILED_END_TIMEOUT_S)  # leaving the group together, as after a result (below)
         exit_with(err)
     # a k past the memory bank votes with the whole bank: said, and recorded as the neighbours it had
     results = {str(k): {**r, "neighbours": min(k, bank_size)} for k, r in scores.items()}

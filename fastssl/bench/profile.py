@@ -349,7 +349,7 @@ def run_profile(s: ProfileSettings, cfg: Config, global_batch: int, out: Path) -
         checks=checks,
         verdict=analysis.verdict(loader_ips, model_step["images_per_s"], e2e["images_per_s"], e2e["data_wait_share"],
                                  breakdown, cfg.data.backend, e2e["mean_step_ms"], model_step["step_ms"],
-                                 model_step.get("device_busy_share")),
+                                 model_step.get("device_busy_share"), cfg.train.compile),
         seconds=time.perf_counter() - started,
     )
     report["charts"] = write_charts(report, out)

@@ -18,7 +18,8 @@ from fastssl.models.network import MiraNetwork
 
 # teacher -> (its student, the teacher's EMA parameters, the student's): listing ~160 parameters
 # walks every module, ~0.4 ms of host time per step on a ResNet-50, as much as a few dozen kernel
-# launches. Parameters keep their identity when moved, wrapped (DDP, torch.compile) or loaded into.
+# launches. Parameters keep their identity when moved, wrapped (DDP, torch.compile) or loaded into;
+# a load that replaces them (`load_state_dict(assign=True)`) is caught by the first ones' identity.
 _EMA_PAIRS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -33,7 +34,8 @@ def make_teacher(student: MiraNetwork) -> MiraNetwork:
 def ema_pairs(teacher: MiraNetwork, student: MiraNetwork) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The teacher's backbone and projector parameters and the student's, in the same order (listed once per pair)."""
     cached = _EMA_PAIRS.get(teacher)
-    if cached is None or cached[0]() is not student:
+    if (cached is None or cached[0]() is not student or cached[1][0] is not next(teacher.backbone.parameters())
+            or cached[2][0] is not next(student.backbone.parameters())):
         parts = ("backbone", "projector")
         cached = (weakref.ref(student), [p for part in parts for p in getattr(teacher, part).parameters()],
                   [p for part in parts for p in getattr(student, part).parameters()])

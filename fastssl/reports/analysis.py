@@ -39,7 +39,8 @@ LAUNCH_BOUND_SHARE = 0.85  # of the model step with a kernel running on the GPU;
 
 def verdict(loader_ips: float | None, step_ips: float, e2e_ips: float, wait_share: float,
             breakdown_ms: dict[str, float], backend: str, e2e_step_ms: float | None = None,
-            synthetic_step_ms: float | None = None, device_busy_share: float | None = None) -> str:
+            synthetic_step_ms: float | None = None, device_busy_share: float | None = None,
+            compiled: bool = False) -> str:
     """One paragraph naming the bottleneck, from the stage figures.
 
     The loader is the bottleneck when it alone is slower than the model step alone; when it is
@@ -69,9 +70,10 @@ def verdict(loader_ips: float | None, step_ips: float, e2e_ips: float, wait_shar
                      f"ms on synthetic data: the {backend} loader's workers compete with the model step for the same "
                      "cores or device, so fewer loader workers, or a loader that decodes on the device, would help.")
     if device_busy_share is not None and device_busy_share < LAUNCH_BOUND_SHARE:
-        parts.append(f"The GPU ran kernels only {100 * device_busy_share:.0f}% of the model step: the host (Python, "
-                     "dispatch, kernel launches) limits the step, not the GPU; `--train.compile true` (fewer, fused "
-                     "kernels) would help.")
+        remedy = ("the step is compiled already: more images per GPU, or the step captured in CUDA graphs, would help"
+                  if compiled else "`--train.compile true` (fewer, fused kernels) would help")
+        parts.append(f"The GPU ran kernels or copies only {100 * device_busy_share:.0f}% of the model step: the host "
+                     f"(Python, dispatch, kernel launches) limits the step, not the GPU; {remedy}.")
     if breakdown_ms:
         total = sum(breakdown_ms.values())
         name, ms = max(breakdown_ms.items(), key=lambda kv: kv[1])
