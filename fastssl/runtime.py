@@ -251,8 +251,8 @@ def failing_together(accelerator: Accelerator) -> Iterator[None]:
     rank's, of the same type when it takes a message (so the command line still exits 2 for a
     user error), naming that rank and its host. Without it, a process that fails alone in set-up
     (its node's copy of the data is missing, its view of the run directory holds no checkpoint)
-    leaves the others waiting in their next collective: for good on NCCL. One all-gather of a
-    small object when every block succeeded; none on one process.
+    leaves the others waiting in their next collective: for good on NCCL. One tiny all-reduce when
+    every block succeeded (it runs at every log row), then an all-gather of the errors; none on one process.
 
     A Ctrl-C (KeyboardInterrupt) is not agreed on: a launcher passes it to every process, and a
     process waiting here for peers still busy in the block could not be interrupted again.
@@ -266,7 +266,7 @@ def failing_together(accelerator: Accelerator) -> Iterator[None]:
         yield
     except Exception as err:  # noqa: BLE001 - agreed on below, then re-raised
         error = err
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and any_process(accelerator, error is not None):
         here, me = socket.gethostname(), accelerator.process_index
         kind = None if error is None else (type(error).__module__, type(error).__qualname__)  # names: always pickle
         mine = None if error is None else (me, here, kind, str(error))
