@@ -26,6 +26,7 @@ import pipelines
 from pipelines.cores import default_num_workers
 from pipelines.folder import DataLayoutError, remembered_scans
 from fastssl import checkpoint as ckpt
+from fastssl import runtime
 from fastssl.collectives import all_gather_objects, all_gather_rows
 from fastssl.config import Config, ConfigError, TrainConfig, eval_view, synced_batchnorm, to_dict, validate
 from fastssl.eval.online import OnlineKnn
@@ -80,15 +81,24 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     `resume="auto"` continues when the run directory holds a checkpoint and starts afresh when
     it does not (SLURM requeues). `command` (the user's command line, from `fastssl.cli`) lets
     messages print the exact command that continues the run.
+
+    SLURM's time-limit warning (SIGUSR1) during set-up is kept for the loop, which checkpoints at
+    its first log row and exits for the requeue: ending set-up at once would end a job that wrote
+    no checkpoint, and `tools/slurm/requeue.sh` does not requeue those. SIGTERM and Ctrl-C still
+    end set-up at once (it writes nothing to lose).
     """
-    run = set_up(cfg, resume, command)
-    if run.saved_step is not None and run.state.epoch >= cfg.train.epochs:  # resumed after the end (a requeue)
-        run.log.close()
-        epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
-        run.parts.accelerator.print(f"the run in {run.run_dir} has finished its {epochs} (step {run.state.step}): "
-                                    "nothing to do")
-        return run.results
-    return train_epochs(run)
+    time_limit_warning = runtime.GracefulStop(("SIGUSR1",))
+    try:
+        run = set_up(cfg, resume, command)
+        if run.saved_step is not None and run.state.epoch >= cfg.train.epochs:  # resumed after the end (a requeue)
+            run.log.close()
+            epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
+            run.parts.accelerator.print(f"the run in {run.run_dir} has finished its {epochs} (step {run.state.step}): "
+                                        "nothing to do")
+            return run.results
+        return train_epochs(run, time_limit_warning)
+    finally:
+        time_limit_warning.close()
 
 
 def set_up(cfg: Config, resume: bool | str, command: list[str] | None) -> Run:
@@ -138,14 +148,17 @@ def set_up(cfg: Config, resume: bool | str, command: list[str] | None) -> Run:
     return Run(cfg, run_dir, command, parts, loader, knn, state, results, log, saved_step)
 
 
-def train_epochs(run: Run) -> dict:
+def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
     """The epochs left, each with its k-NN, log row, results and checkpoint; a stop signal saves a
-    checkpoint mid-epoch. A fault ends in an exception that says how the run goes on."""
+    checkpoint mid-epoch (one `before` caught during set-up too). A fault ends in an exception that
+    says how the run goes on."""
     cfg, run_dir, command, parts, loader, knn, state, results, log = (
         run.cfg, run.run_dir, run.command, run.parts, run.loader, run.knn, run.state, run.results, run.log)
     accelerator, saved_step = parts.accelerator, run.saved_step
     guard = DivergenceGuard(parts.student, parts.teacher, state, accelerator)
     stop = GracefulStop()
+    if before is not None and before.requested:
+        stop.requested, stop.signal_name = True, before.signal_name
     try:
         if knn and cfg.eval.knn_at_start and state.step == 0:
             results["knn_random_init"] = knn(exported_backbone(cfg, parts), "the randomly initialised network")

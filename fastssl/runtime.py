@@ -137,17 +137,19 @@ class GracefulStop:
     SIGUSR1 is SLURM's warning before the time limit (`#SBATCH --signal=B:USR1@<s>`,
     tools/slurm/): the loop checkpoints and exits so the job can be requeued and resumed
     with `--resume auto`. A repeated SIGUSR1 is always ignored.
+
+    `signals`: the ones to catch (the training loop: all three; its set-up: SIGUSR1 alone).
     """
 
     SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
     REPEAT_WINDOW_S = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[str, ...] = SIGNALS) -> None:
         self.requested = False
         self.signal_name = ""
         self._previous = {}
         self._first_seen: dict[int, float] = {}  # signal -> when it first came
-        for sig in (getattr(signal, name) for name in self.SIGNALS if hasattr(signal, name)):
+        for sig in (getattr(signal, name) for name in signals if hasattr(signal, name)):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside some test runners)

@@ -185,6 +185,29 @@ def test_sigusr1_checkpoints_exits_138_and_resume_auto_finishes(tmp_path):
     assert "interrupted" not in json.loads((run / "results.json").read_text())
 
 
+def test_the_time_limit_warning_during_set_up_ends_in_a_checkpoint(tmp_path):
+    """SIGUSR1 while the data is listed: not the signal's default action (death, no checkpoint, so
+    requeue.sh would not requeue the job), but a checkpoint at the loop's first step and exit 138."""
+    script, run = tmp_path / "tiny.py", tmp_path / "run"
+    script.write_text(textwrap.dedent("""
+        import os, signal
+        from fastssl import engine
+        real = engine.build_loader
+
+        def build_loader(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning, while set-up lists the data
+            return real(*args, **kwargs)
+
+        engine.build_loader = build_loader
+    """) + TINY.format(tests=str(REPO / "tests"), tmp=str(tmp_path)))
+    proc = popen([sys.executable, str(script), "--resume", "auto", "--train.run_dir", str(run)], tmp_path)
+    out = finish(proc)
+    assert proc.returncode == 138, out
+    assert "stopped by SIGUSR1 at epoch 0 step 1" in out, out
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"] == 1
+    assert read_steps(run) == [1]
+
+
 # --- the batch scripts ------------------------------------------------------------------------------------------
 
 def test_batch_scripts_parse_and_ask_for_the_signal_and_the_requeue():
