@@ -82,8 +82,8 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     it does not (SLURM requeues). `command` (the user's command line, from `fastssl.cli`) lets
     messages print the exact command that continues the run.
 
-    SLURM's time-limit warning (SIGUSR1) during set-up is kept for the loop, which checkpoints at
-    its first log row and exits for the requeue: ending set-up at once would end a job that wrote
+    SLURM's time-limit warning (SIGUSR1) during set-up is kept for the loop, which checkpoints after
+    its first step (several processes: at their first log row) and exits for the requeue: ending set-up at once would end a job that wrote
     no checkpoint, and `tools/slurm/requeue.sh` does not requeue those. SIGTERM and Ctrl-C still
     end set-up at once (it writes nothing to lose).
     """

@@ -253,33 +253,35 @@ def failing_together(accelerator: Accelerator) -> Iterator[None]:
     rank's, of the same type when it takes a message (so the command line still exits 2 for a
     user error), naming that rank and its host. Without it, a process that fails alone in set-up
     (its node's copy of the data is missing, its view of the run directory holds no checkpoint)
-    leaves the others waiting in their next collective: for good on NCCL. One tiny all-reduce when
-    every block succeeded (it runs at every log row), then an all-gather of the errors; none on one process.
+    leaves the others waiting in their next collective: for good on NCCL. One tiny all-reduce (it runs
+    at every log row), and an all-gather of the errors only when one failed; none on one process.
 
     A Ctrl-C (KeyboardInterrupt) is not agreed on: a launcher passes it to every process, and a
     process waiting here for peers still busy in the block could not be interrupted again.
 
     So that a node's log says each error once, not once per GPU, an error another process of
-    this node prints is marked `said_elsewhere` (see `said_by_another_process`): the same
-    message raised on a lower rank of this host, or a relayed error where a process of this host
-    failed itself or on any process but the node's first."""
+    this node prints is marked `said_elsewhere` (see `said_by_another_process`): the same error
+    raised on a lower rank of this node, or a relayed error where a process of this node failed
+    itself or on any process but the node's first. A node is its host and its first rank (launchers
+    give each node a block of ranks), since containers or a test may give several nodes one name."""
     error: Exception | None = None
     try:
         yield
     except Exception as err:  # noqa: BLE001 - agreed on below, then re-raised
         error = err
     if accelerator.num_processes > 1 and any_process(accelerator, error is not None):
-        here, me = socket.gethostname(), accelerator.process_index
+        me = accelerator.process_index
+        here = (socket.gethostname(), me - accelerator.local_process_index)  # this node
         kind = None if error is None else (type(error).__module__, type(error).__qualname__)  # names: always pickle
         mine = None if error is None else (me, here, kind, str(error))
         failed = [row for row in all_gather_objects(mine) if row is not None]
         if error is None and failed:
-            rank, host, kind, message = failed[0]
+            rank, (host, _), kind, message = failed[0]
             relayed = _same_kind(kind, f"rank {rank} on {host}: {message}")
-            relayed.said_elsewhere = accelerator.local_process_index != 0 or any(h == here for _, h, _, _ in failed)
+            relayed.said_elsewhere = accelerator.local_process_index != 0 or any(n == here for _, n, _, _ in failed)
             raise relayed
-        if error is not None:
-            error.said_elsewhere = any(r < me and h == here and m == str(error) for r, h, _, m in failed)
+        if error is not None and not hasattr(error, "said_elsewhere"):  # marked by an inner block already
+            error.said_elsewhere = any(r < me and n == here and (k, m) == (kind, str(error)) for r, n, k, m in failed)
     if error is not None:
         raise error
 

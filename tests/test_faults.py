@@ -921,7 +921,8 @@ def _fail_in_a_block_on(rank: int, world_size: int, failing: list[int]) -> tuple
 
 
 def test_an_error_the_processes_agree_on_is_said_once_per_node():
-    """8 GPUs meeting the same error print one line per node, not 8; the failing process's own message wins."""
+    """Processes meeting the same error print one line per node, not one each; the failing process's own
+    message wins (2 processes here: 8 GPUs of a node the same way)."""
     import socket
 
     from dist_utils import run_distributed
@@ -930,8 +931,13 @@ def test_an_error_the_processes_agree_on_is_said_once_per_node():
     outs = run_distributed(_fail_in_a_block_on, world_size=2, args=([0, 1],), timeout=90)
     assert outs == [(message, False, False), (message, True, True)]  # the same error: rank 0 says it
     outs = run_distributed(_fail_in_a_block_on, world_size=2, args=([1],), timeout=90)
-    # rank 1 says its own; rank 0, on the same host, relays it silently
-    assert outs == [(f"rank 1 on {socket.gethostname()}: {message}", True, True), (message, False, False)]
+    # rank 1 says its own; rank 0, on the same node, relays it silently
+    relayed = f"rank 1 on {socket.gethostname()}: {message}"
+    assert outs == [(relayed, True, True), (message, False, False)]
+    # two nodes of one process each that report the same host name (containers): each node's log says it
+    outs = run_distributed(_fail_in_a_block_on, world_size=2, args=([1],), env={"LOCAL_RANK": "0",
+                                                                               "LOCAL_WORLD_SIZE": "1"}, timeout=90)
+    assert outs == [(relayed, False, False), (message, False, False)]
 
 
 def _train_with_this_ranks_setting(rank: int, world_size: int, root: str, field: str, values: list) -> str:

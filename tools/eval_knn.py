@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
         scores, bank_size, query_size = knn_scores(net, bank_loader, query_loader, accelerator, ks, args.temperature,
                                                    not args.no_progress, what="")
     except DataLayoutError as err:  # a split whose every image is unreadable: agreed on by every process
-        end_process_group(FAILED_END_TIMEOUT_S)  # leaving the group together, as after a result (below)
+        try:  # leaving the group together, as after a result (below); a failed release must not hide the error
+            end_process_group(FAILED_END_TIMEOUT_S)
+        except Exception:  # noqa: BLE001
+            pass
         exit_with(err)
     # a k past the memory bank votes with the whole bank: said, and recorded as the neighbours it had
     results = {str(k): {**r, "neighbours": min(k, bank_size)} for k, r in scores.items()}
