@@ -83,9 +83,9 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     messages print the exact command that continues the run.
 
     SLURM's time-limit warning (SIGUSR1) during set-up is kept for the loop, which checkpoints after
-    its first step (several processes: at their first log row) and exits for the requeue: ending set-up at once would end a job that wrote
-    no checkpoint, and `tools/slurm/requeue.sh` does not requeue those. SIGTERM and Ctrl-C still
-    end set-up at once (it writes nothing to lose).
+    its first step (several processes: at their first log row) and exits for the requeue: ending
+    set-up at once would end a job that wrote no checkpoint, and `tools/slurm/requeue.sh` does not
+    requeue those. SIGTERM and Ctrl-C still end set-up at once (it writes nothing to lose).
     """
     time_limit_warning = runtime.GracefulStop(("SIGUSR1",))
     try:

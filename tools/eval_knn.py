@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fastssl.cli import ToolArgumentParser, exit_with
+from fastssl.cli import ToolArgumentParser, exit_with, leave_process_group
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments, effective_precision
 from fastssl.eval.errors import EvalError, int_at_least, number_in
@@ -40,7 +40,7 @@ from fastssl.eval.online import knn_loaders, knn_scores
 from fastssl.eval.subsets import subset_samples
 from fastssl.eval.targets import require_data, resolve_target, write_report
 from fastssl.run_log import utc_now
-from fastssl.runtime import FAILED_END_TIMEOUT_S, end_process_group, pick_device
+from fastssl.runtime import end_process_group, pick_device
 from pipelines.eval import EvalBackendError, eval_loader_class
 from pipelines.folder import DataLayoutError, Listing, scan_image_folder
 
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores, bank_size, query_size = knn_scores(net, bank_loader, query_loader, accelerator, ks, args.temperature,
                                                    not args.no_progress, what="")
     except DataLayoutError as err:  # a split whose every image is unreadable: agreed on by every process
-        try:  # leaving the group together, as after a result (below); a failed release must not hide the error
-            end_process_group(FAILED_END_TIMEOUT_S)
-        except Exception:  # noqa: BLE001
-            pass
+        leave_process_group(finished=False)  # together, as after a result (below); a failed release hides nothing
         exit_with(err)
     # a k past the memory bank votes with the whole bank: said, and recorded as the neighbours it had
     results = {str(k): {**r, "neighbours": min(k, bank_size)} for k, r in scores.items()}
