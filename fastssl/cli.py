@@ -66,8 +66,11 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
 
 def exit_with(err: Exception | str) -> NoReturn:
-    """The one way recipes and tools fail on bad input: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
+    """The one way recipes and tools fail on bad input: one line on stderr, exit status 2, no traceback.
+    Silent for an error another process of this node prints (`runtime.said_by_another_process`)."""
+    runtime = sys.modules.get("fastssl.runtime")  # not imported: no process group, nobody else to say it
+    if not (isinstance(err, BaseException) and runtime is not None and runtime.said_by_another_process(err)):
+        print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -191,10 +194,7 @@ def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callab
         finished = True
     except Exception as err:
         if isinstance(err, ConfigError) or isinstance(err, user_errors()):
-            runtime = sys.modules.get("fastssl.runtime")
-            if runtime is not None and runtime.said_by_another_process(err):
-                sys.exit(2)  # one line per node: another process here prints it
-            exit_with(err)
+            exit_with(err)  # one line per node where the processes agreed on it
         raise
     except KeyboardInterrupt:  # Ctrl-C in set-up, or a second one in the loop: one line, not a traceback
         if os.environ.get("RANK", "0") == "0":  # every process gets the Ctrl-C: one of them says it

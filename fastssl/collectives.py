@@ -95,7 +95,9 @@ def all_gather_traceable(x: Tensor, dim: int, group: Optional[Any] = None) -> Te
         return x
     from torch.distributed import _functional_collectives as funcol
 
-    return funcol.all_gather_tensor(x.contiguous(), gather_dim=dim, group=group if group is not None else dist.group.WORLD)
+    # all_gather_single: its name from torch 2.14 on, where all_gather_tensor warns that it is deprecated
+    gather = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+    return gather(x.contiguous(), gather_dim=dim, group=group if group is not None else dist.group.WORLD)
 
 
 def all_gather_objects(value: Any, group: Optional[Any] = None) -> list[Any]:

@@ -39,7 +39,8 @@ from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverg
                               after_write_failure, continue_advice, latest_run_hint, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
 from fastssl.run_log import RunLog, write_run_json
-from fastssl.runtime import GracefulStop, any_process, build_accelerator, failing_together, per_process, seed_everything
+from fastssl.runtime import (GracefulStop, build_accelerator, failing_together, per_process, said_once_per_node,
+                             seed_everything)
 from fastssl.schedules import scaled_lr, step_schedule
 
 # Fields that may differ when resuming (they do not change what is computed). train.run_dir among
@@ -181,7 +182,7 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
                     with failing_together(accelerator):
                         log.epoch(epoch_row)
                     save(cfg, run_dir, parts, state, guard, loader)
-                    raise DataLayoutError(f"{err}; {after_knn_failure(command, run_dir, state.epoch)}") from None
+                    raise DataLayoutError(f"{err}; {after_knn_failure(command, run_dir, state.epoch)}") from err
                 results["knn"].append({"epoch": state.epoch, **scores})
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             with failing_together(accelerator):
@@ -191,7 +192,7 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
                 save(cfg, run_dir, parts, state, guard, loader)
                 saved_step = state.step
     except TrainingDiverged as err:
-        raise TrainingDiverged(f"{err}; {continue_advice(cfg, command, run_dir, saved_step, accelerator)}") from None
+        raise TrainingDiverged(f"{err}; {continue_advice(cfg, command, run_dir, saved_step, accelerator)}") from err
     except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     except torch.OutOfMemoryError:  # a batch too large for the device: a setting to change, not a crash
@@ -343,8 +344,9 @@ def check_same_config(cfg: Config, accelerator) -> None:
     if differ:
         shown = "; ".join(f"{name} (rank 0: {everyone[0][name]!r}, rank {first_other[name]}: "
                           f"{everyone[first_other[name]].get(name)!r})" for name in differ[:5])
-        raise ConfigError(f"the processes were started with different settings: {shown}; start every node with "
-                          f"the same command (only the data paths, data.num_workers and the like may differ)")
+        raise said_once_per_node(ConfigError(
+            f"the processes were started with different settings: {shown}; start every node with the same command "
+            f"(only the data paths, data.num_workers and the like may differ)"), accelerator)
 
 
 def resolve_auto_settings(cfg: Config, accelerator) -> None:
@@ -449,10 +451,10 @@ def check_run_dir_shared(run_dir: Path, accelerator) -> None:
     blind = [rank for rank, (found,) in enumerate(seen) if not found]
     if blind:
         who = f"process {blind[0]} does" if len(blind) == 1 else f"processes {', '.join(map(str, blind))} do"
-        raise ckpt.CheckpointError(f"{who} not see the run directory {run_dir} "
-                                   f"that rank 0 writes its checkpoints to: every node must see the same run "
-                                   f"directory (a filesystem all nodes share), or a resume would find no checkpoint "
-                                   f"there; set --train.run_dir to a shared path")
+        raise said_once_per_node(ckpt.CheckpointError(
+            f"{who} not see the run directory {run_dir} that rank 0 writes its checkpoints to: every node must see "
+            f"the same run directory (a filesystem all nodes share), or a resume would find no checkpoint there; set "
+            f"--train.run_dir to a shared path"), accelerator)
 
 
 def open_records(cfg: Config, run_dir: Path, parts: StepParts, resume: bool, warned: dict, step: int,
@@ -582,12 +584,14 @@ def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: 
     images, steps = {r[0] for r in rows}, {r[1] for r in rows}
     if len(images) > 1:
         seen = ", ".join(f"rank {rank}: {r[0]}" for rank, r in enumerate(rows))
-        raise DataLayoutError(f"the processes see different numbers of training images ({seen}); every process "
-                              f"must read the same data: are the nodes' copies of data.train the same?")
+        raise said_once_per_node(DataLayoutError(
+            f"the processes see different numbers of training images ({seen}); every process must read the same "
+            f"data: are the nodes' copies of data.train the same?"), accelerator)
     if len(steps) > 1:
         seen = ", ".join(f"rank {rank}: step {r[1]}" for rank, r in enumerate(rows))
-        raise ckpt.CheckpointError(f"the processes resume from different steps ({seen}): every node must see the "
-                                   f"same run directory {run_dir} (a filesystem all nodes share)")
+        raise said_once_per_node(ckpt.CheckpointError(
+            f"the processes resume from different steps ({seen}): every node must see the same run directory "
+            f"{run_dir} (a filesystem all nodes share)"), accelerator)
 
 
 def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
@@ -599,23 +603,21 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
     if guard is not None:  # every process decides together (buffers may differ between them)
         guard.check_weights(state.step)
     accelerator.wait_for_everyone()
-    error: ckpt.CheckpointError | None = None
-    try:
-        exports = ({backbone_path(cfg, run_dir): ckpt.backbone_state(exported_backbone(cfg, parts))}
-                   if accelerator.is_main_process else None)
-        ckpt.save_checkpoint(run_dir, student=unwrap(parts.student), teacher=teacher, optimizer=parts.optimizer,
-                             critic=parts.objective.state,
-                             scaler=accelerator.scaler, state=state, config=to_dict(cfg),
-                             rank=accelerator.process_index, is_main=accelerator.is_main_process,
-                             world_size=accelerator.num_processes, exports=exports,
-                             loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
-    except Exception as err:  # noqa: BLE001 - whatever failed on one process, all of them stop together
-        error = (err if isinstance(err, ckpt.CheckpointError) else ckpt.write_error(run_dir, err)
-                 if isinstance(err, OSError) else ckpt.CheckpointError(
-                     f"writing the checkpoint in {run_dir} failed: {type(err).__name__}: {err}"))
-    if any_process(accelerator, error is not None):
-        raise error or ckpt.CheckpointError(f"another process could not write its part of the checkpoint in "
-                                            f"{run_dir} (its message says why)")
+    with failing_together(accelerator):  # whatever failed on one process, all of them stop together
+        try:
+            exports = ({backbone_path(cfg, run_dir): ckpt.backbone_state(exported_backbone(cfg, parts))}
+                       if accelerator.is_main_process else None)
+            ckpt.save_checkpoint(run_dir, student=unwrap(parts.student), teacher=teacher, optimizer=parts.optimizer,
+                                 critic=parts.objective.state,
+                                 scaler=accelerator.scaler, state=state, config=to_dict(cfg),
+                                 rank=accelerator.process_index, is_main=accelerator.is_main_process,
+                                 world_size=accelerator.num_processes, exports=exports,
+                                 loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
+        except ckpt.CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a user error (full disk) or not, the command line prints one line
+            raise (ckpt.write_error(run_dir, err) if isinstance(err, OSError) else ckpt.CheckpointError(
+                f"writing the checkpoint in {run_dir} failed: {type(err).__name__}: {err}")) from err
     accelerator.wait_for_everyone()
 
 

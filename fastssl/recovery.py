@@ -16,7 +16,7 @@ import torch
 from fastssl import checkpoint as ckpt
 from fastssl.config import Config, objective_class
 from fastssl.relaunch import rerun_command
-from fastssl.runtime import any_process
+from fastssl.runtime import failing_together
 
 # The divergence guard (checked at log steps and before every checkpoint): the weights' norm grew this
 # many times past its value at the start of the run, or this many times since the previous check, or the
@@ -69,24 +69,20 @@ class DivergenceGuard:
 
     def check(self, loss: float, step: int) -> None:
         """At a log step: the loss, then the weights."""
-        self._together(step, lambda: (self._check_loss(loss, step), self._check_weights(step)))
+        self._together(lambda: (self._check_loss(loss, step), self._check_weights(step)))
 
     def check_weights(self, step: int) -> None:
         """Before a checkpoint: the weights."""
-        self._together(step, lambda: self._check_weights(step))
+        self._together(lambda: self._check_weights(step))
 
-    def _together(self, step: int, check) -> None:
-        """Run `check`; its TrainingDiverged, or one found on another process, is raised on every process."""
-        diverged: TrainingDiverged | None = None
-        try:
+    def _together(self, check) -> None:
+        """Run `check`; its TrainingDiverged, or one found on another process, is raised on every
+        process (`failing_together`: a node prints it once, naming the rank that found it if another)."""
+        if self.accelerator is None:
             check()
-        except TrainingDiverged as err:
-            diverged = err
-        if self.accelerator is not None and any_process(self.accelerator, diverged is not None):
-            raise diverged or TrainingDiverged(f"training diverged at step {step} on another process "
-                                               f"(its message says how)")
-        if diverged is not None:
-            raise diverged
+            return
+        with failing_together(self.accelerator):
+            check()
 
     def _check_weights(self, step: int) -> None:
         norm, start, previous = self.weight_norm(), self.state.initial_weight_norm, self.previous

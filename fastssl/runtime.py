@@ -286,6 +286,16 @@ def failing_together(accelerator: Accelerator) -> Iterator[None]:
         raise error
 
 
+def said_once_per_node(err: Exception, accelerator: Accelerator) -> Exception:
+    """`err`, marked so that only each node's first process prints it (`said_by_another_process`).
+
+    For an error every process raises alike from facts they all share (an all-gather of their
+    settings or image counts, the split sizes of the k-NN): `failing_together` would find out the
+    same with one more collective."""
+    err.said_elsewhere = accelerator.local_process_index != 0
+    return err
+
+
 def said_by_another_process(err: BaseException) -> bool:
     """Whether another process of this node prints this error (or the one it was raised from): `failing_together`."""
     while err is not None:

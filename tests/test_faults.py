@@ -778,10 +778,13 @@ def test_demo_reports_from_one_process_of_a_launch(tmp_path, monkeypatch, capsys
         assert (tmp_path / "run" / "demo.json").exists() is main_process
 
 
-def _one_rank_finds_its_buffers_diverged(rank: int, world_size: int, run_dir: str, where: str) -> str:
+def _one_rank_finds_its_buffers_diverged(rank: int, world_size: int, run_dir: str, where: str) -> tuple[str, bool]:
+    """(message, whether another process of this node prints it) of the divergence the guard raised."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
+
+    from fastssl.runtime import said_by_another_process
 
     accelerator = Accelerator(cpu=True)
     student, teacher = torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)  # a teacher with local buffers
@@ -793,29 +796,46 @@ def _one_rank_finds_its_buffers_diverged(rank: int, world_size: int, run_dir: st
     try:
         if where == "save":
             engine.save(tiny_config(Path(run_dir)), Path(run_dir), parts, state, guard)
-        else:  # a log step: the loss (reduced, so the same everywhere) is fine
+        elif where == "log step":  # the loss (reduced, so the same everywhere) is fine
             guard.check(1.0, step=7)
+        else:  # a loss every process finds diverged
+            teacher.running_var.fill_(1.0)
+            guard.check(float("nan"), step=7)
     except recovery.TrainingDiverged as err:
-        return str(err)
-    return "went on"
+        return str(err), said_by_another_process(err)
+    return "went on", False
 
 
 @pytest.mark.parametrize("where, step", [("save", 0), ("log step", 7)])
 def test_weights_one_process_finds_diverged_fail_every_process_together(tmp_path, where, step):
-    """Not one rank raising while the others wait for it in the next collective (for good on NCCL)."""
+    """Not one rank raising while the others wait for it in the next collective (for good on NCCL); the
+    node's log says it once: the process that found it (rank 0 here relays it silently)."""
+    import socket
+
     from dist_utils import run_distributed
 
     outs = run_distributed(_one_rank_finds_its_buffers_diverged, world_size=2, args=(str(tmp_path), where),
                            timeout=90)
-    assert f"diverged at step {step} on another process" in outs[0]
-    assert "the weights are no longer finite" in outs[1]
+    message = f"training diverged at step {step}: the weights are no longer finite"
+    assert outs == [(f"rank 1 on {socket.gethostname()}: {message}", True), (message, False)]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_loss_every_process_finds_diverged_is_said_once_per_node(tmp_path):
+    from dist_utils import run_distributed
+
+    outs = run_distributed(_one_rank_finds_its_buffers_diverged, world_size=2, args=(str(tmp_path), "loss"),
+                           timeout=90)
+    assert outs == [("training diverged at step 7: the loss is nan", False),
+                    ("training diverged at step 7: the loss is nan", True)]
 
 
 def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_dirs: list[str],
                               resume: bool | str = "auto") -> str:
-    """engine.train on 2 processes where each may see its own data folder and run directory."""
+    """engine.train on 2 processes where each may see its own data folder and run directory; the error's
+    message ends with SAID_ELSEWHERE where another process of the node prints it."""
     from fastssl.config import ConfigError
+    from fastssl.runtime import said_by_another_process
     from pipelines.folder import DataLayoutError
 
     # Each rank's own run directory stands for one path whose content differs per node (a node-local disk):
@@ -829,8 +849,11 @@ def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_
     try:
         engine.train(cfg, resume=resume)
     except (DataLayoutError, ckpt.CheckpointError, ConfigError, FileNotFoundError) as err:
-        return f"{type(err).__name__}: {err}"
+        return f"{type(err).__name__}: {err}" + (SAID_ELSEWHERE if said_by_another_process(err) else "")
     return "trained"
+
+
+SAID_ELSEWHERE = " [printed by another process of this node]"
 
 
 def test_a_process_that_fails_its_set_up_alone_fails_every_process(tmp_path):
@@ -847,7 +870,7 @@ def test_a_process_that_fails_its_set_up_alone_fails_every_process(tmp_path):
                            args=([str(tmp_path / "node0"), str(tmp_path / "missing")], [run, run]), timeout=180)
     kind, message = outs[1].split(": ", 1)
     assert "does not exist" in message, outs[1]
-    assert outs[0] == f"{kind}: rank 1 on {socket.gethostname()}: {message}"
+    assert outs[0] == f"{kind}: rank 1 on {socket.gethostname()}: {message}{SAID_ELSEWHERE}"
 
     cfg = quick_config(tmp_path / "node0", epochs=1)
     engine.train(cfg)  # node 0's run directory holds a checkpoint; node 1's is empty
@@ -855,7 +878,8 @@ def test_a_process_that_fails_its_set_up_alone_fails_every_process(tmp_path):
                            args=([str(tmp_path / "node0")] * 2, [cfg.train.run_dir, str(tmp_path / "node1_run")], True),
                            timeout=180)
     assert outs[1].startswith("ConfigError: --resume: ") and "holds no checkpoint" in outs[1], outs[1]
-    assert outs[0].startswith("ConfigError: rank 1 on ") and "holds no checkpoint" in outs[0], outs[0]
+    assert not outs[1].endswith(SAID_ELSEWHERE), outs[1]
+    assert outs[0].startswith("ConfigError: rank 1 on ") and outs[0].endswith(SAID_ELSEWHERE), outs[0]
 
 
 def _train_while_the_main_process_cannot_write(rank: int, world_size: int, root: str, file: str) -> str:
@@ -899,6 +923,43 @@ def test_a_file_the_main_process_cannot_write_stops_every_process(tmp_path, file
     assert outs[1].startswith(f"rank 0 on {socket.gethostname()}: writing {file} failed"), outs
 
 
+def _train_while_rank_1_cannot_save(rank: int, world_size: int, root: str) -> tuple[str, bool]:
+    """engine.train on 2 processes whose rank 1 cannot write its part of the checkpoint (a full disk):
+    (the message, whether another process of this node prints it)."""
+    import errno
+
+    from fastssl.runtime import said_by_another_process
+
+    real = ckpt.save_checkpoint
+
+    def full_disk(*args, **kwargs):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", "rng/rank1.pt")
+        return real(*args, **kwargs)
+
+    ckpt.save_checkpoint = full_disk
+    try:
+        engine.train(quick_config(Path(root), epochs=1))
+    except ckpt.CheckpointError as err:
+        return str(err), said_by_another_process(err)
+    return "trained", False
+
+
+def test_a_checkpoint_one_process_cannot_write_is_said_once_with_its_reason(tmp_path):
+    """Rank 1's full disk: its own message on rank 1, and rank 0 (same node) stops silently with it, so the
+    node's log says why once (it used to add "another process could not write its part" per process)."""
+    import socket
+
+    from dist_utils import run_distributed
+
+    quick_config(tmp_path)  # the data, made once
+    outs = run_distributed(_train_while_rank_1_cannot_save, world_size=2, args=(str(tmp_path),), timeout=180)
+    reason = "could not write rng/rank1.pt: the disk is full"
+    assert outs[1][0].startswith(reason) and not outs[1][1], outs
+    assert outs[0][0].startswith(f"rank 1 on {socket.gethostname()}: {reason}") and outs[0][1], outs
+    assert all("; then start again with: " in message for message, _ in outs), outs  # the loop's advice
+
+
 def _fail_in_a_block_on(rank: int, world_size: int, failing: list[int]) -> tuple[str, bool, bool] | None:
     """(message, whether another process of this node prints it, ... when wrapped with advice) after
     `failing_together`, on a block that fails on the ranks in `failing`."""
@@ -940,8 +1001,28 @@ def test_an_error_the_processes_agree_on_is_said_once_per_node():
     assert outs == [(relayed, False, False), (message, False, False)]
 
 
+def test_an_error_another_process_prints_exits_2_without_a_line(capsys):
+    """The command lines and tools end every user error through `exit_with`: silent where the error (or the
+    one it was raised from) is marked as printed by another process of this node."""
+    from fastssl.cli import exit_with
+    from fastssl.config import ConfigError
+
+    for marked in (False, True):
+        cause = ConfigError("the data folder /data/train does not exist")
+        cause.said_elsewhere = marked
+        try:
+            raise ckpt.CheckpointError(f"{cause}; continue with ...") from cause
+        except ckpt.CheckpointError as err:
+            with pytest.raises(SystemExit) as exited:
+                exit_with(err)
+        assert exited.value.code == 2
+        said = capsys.readouterr().err
+        assert said == ("" if marked else f"error: {cause}; continue with ...\n"), said
+
+
 def _train_with_this_ranks_setting(rank: int, world_size: int, root: str, field: str, values: list) -> str:
     from fastssl.config import ConfigError, set_field
+    from fastssl.runtime import said_by_another_process
 
     cfg = quick_config(Path(root), epochs=1)
     set_field(cfg, field, str(values[rank]))
@@ -949,7 +1030,7 @@ def _train_with_this_ranks_setting(rank: int, world_size: int, root: str, field:
     try:
         engine.train(cfg)
     except ConfigError as err:
-        return f"ConfigError: {err}"
+        return f"ConfigError: {err}" + (SAID_ELSEWHERE if said_by_another_process(err) else "")
     return "trained"
 
 
@@ -967,6 +1048,7 @@ def test_processes_started_with_different_settings_refuse_to_start(tmp_path, fie
     for out in outs:
         assert out.startswith("ConfigError: the processes were started with different settings: "
                               f"{shown}; start every node with the same command"), out
+    assert [out.endswith(SAID_ELSEWHERE) for out in outs] == [False, True]
     assert not (tmp_path / "run").exists()
 
 
@@ -1001,6 +1083,7 @@ def test_processes_that_see_different_data_refuse_to_start(tmp_path):
     for out in outs:
         assert out.startswith("DataLayoutError: the processes see different numbers of training images "
                               "(rank 0: 24, rank 1: 16)"), out
+    assert [out.endswith(SAID_ELSEWHERE) for out in outs] == [False, True]  # every process: one line per node
 
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["fresh start", "resume"])
@@ -1017,6 +1100,7 @@ def test_a_run_directory_only_node_0_sees_refuses_to_start(tmp_path, checkpointe
     for out in outs:
         assert out.startswith("CheckpointError: process 1 does not see the run directory "), out
         assert "that rank 0 writes its checkpoints to" in out and "a filesystem all nodes share" in out
+    assert [out.endswith(SAID_ELSEWHERE) for out in outs] == [False, True]
     assert [p.name for p in Path(cfg.train.run_dir).iterdir() if p.name.startswith(".shared-check")] == []
 
 

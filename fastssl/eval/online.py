@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fastssl.collectives import all_gather_padded_rows, all_gather_rows
 from fastssl.eval.knn import Merge, knn_accuracies
-from fastssl.runtime import per_process, rank0_buffers
+from fastssl.runtime import per_process, rank0_buffers, said_once_per_node
 from pipelines.augment import EvalView
 from pipelines.eval import build_eval_loader
 from pipelines.folder import DataLayoutError, Listing
@@ -103,8 +103,9 @@ def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator
     bank_size = sum(n for (n,) in per_process(accelerator, [len(bank_y)]))
     for split, size in (("memory bank (train)", bank_size), ("queries (val)", len(query_y))):
         if size == 0:  # every process knows both sizes: they raise together
-            raise DataLayoutError(f"the k-NN's {split} has no readable image: each was skipped with a warning "
-                                  f"above; replace those files, or point the k-NN at another folder")
+            raise said_once_per_node(DataLayoutError(
+                f"the k-NN's {split} has no readable image: each was skipped with a warning above; replace those "
+                f"files, or point the k-NN at another folder"), accelerator)
     merge = gather_neighbours(accelerator)
     clamped = {k: min(k, bank_size) for k in ks}
     found = knn_accuracies(bank_x, bank_y, query_x, query_y, num_classes=len(bank_loader.classes),
