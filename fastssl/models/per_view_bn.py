@@ -120,24 +120,26 @@ class _PerViewNorm(torch.autograd.Function):
             else torch.contiguous_format
         x = x.contiguous(memory_format=fmt)  # each view's block is then contiguous too
         views = x.split(rows)
-        c = x.shape[1]
+        c, num_views = x.shape[1], len(views)
         count = float(x[:rows].numel() // c)
-        stats = [kernels.stats(v, eps) for v in views]  # (mean, 1 / std) per view, float32 or better
-        local = torch.stack([torch.cat([mean, invstd, mean.new_full((1,), count)]) for mean, invstd in stats])
-        if group is None:
-            per_view = local.unsqueeze(1)  # V x P x (2C + 1), P = 1
+        # (mean, 1 / std) per view, float32 or better; stacked whole, not per view: fewer kernel launches
+        local_means, local_invstds = (torch.stack(t) for t in zip(*(kernels.stats(v, eps) for v in views)))
+        local_counts = local_means.new_full((num_views, 1), count)
+        if group is None:  # per view: P x C, P x C, P with P = 1
+            per_view = local_means.unsqueeze(1), local_invstds.unsqueeze(1), local_counts
         else:  # one collective for all views; then each view's P x (2C + 1) block contiguous, as SyncBN's
-            per_view = all_gather_stacked(local, group).transpose(0, 1).contiguous()
+            every = all_gather_stacked(torch.cat([local_means, local_invstds, local_counts], 1), group)
+            every = every.transpose(0, 1).contiguous()
+            per_view = every[..., :c], every[..., c:2 * c], every[..., 2 * c]
         out = torch.empty_like(x)
         means, invstds = [], []
         for v, (view, y) in enumerate(zip(views, out.split(rows))):
-            g = per_view[v]
-            mean, invstd = kernels.gather_stats_with_counts(view, g[:, :c], g[:, c:2 * c], running_mean, running_var,
-                                                            momenta[v], eps, g[:, 2 * c])
+            mean, invstd = kernels.gather_stats_with_counts(view, per_view[0][v], per_view[1][v], running_mean,
+                                                            running_var, momenta[v], eps, per_view[2][v])
             kernels.elemt(view, weight, bias, mean, invstd, eps, out=y)
             means.append(mean)
             invstds.append(invstd)
-        counts = per_view[0, :, 2 * c].to(torch.int32)  # per process; the same for every view
+        counts = per_view[2][0].to(torch.int32)  # per process; the same for every view
         ctx.save_for_backward(x, weight, torch.stack(means), torch.stack(invstds), counts)
         ctx.rows, ctx.group, ctx.kernels, ctx.fmt = rows, group, kernels, fmt
         return out
@@ -155,10 +157,12 @@ class _PerViewNorm(torch.autograd.Function):
         grad_bias = torch.stack([r[3] for r in reduced]).sum(0) if bias_g else None
         grad_x = None
         if input_g:
-            sums = torch.stack([torch.cat([r[0], r[1]]) for r in reduced])  # V x 2C: one collective
-            if ctx.group is not None:
+            sum_dy, sum_dy_xmu = [r[0] for r in reduced], [r[1] for r in reduced]
+            if ctx.group is not None:  # V x 2C: one collective
+                sums = torch.cat([torch.stack(sum_dy), torch.stack(sum_dy_xmu)], 1)
                 dist.all_reduce(sums, group=ctx.group)
-            grad_x = torch.cat([k.backward_elemt(g, v, means[i], invstds[i], weight, sums[i, :c], sums[i, c:], counts)
+                sum_dy, sum_dy_xmu = sums[:, :c], sums[:, c:]
+            grad_x = torch.cat([k.backward_elemt(g, v, means[i], invstds[i], weight, sum_dy[i], sum_dy_xmu[i], counts)
                                 for i, (g, v) in enumerate(zip(grads, views))])
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
