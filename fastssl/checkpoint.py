@@ -328,6 +328,16 @@ def resolve_resume(resume: bool | str, run_dir: Path) -> bool:
     return resume
 
 
+def weights_without_checkpoint(run_dir: Path, patterns: tuple[str, ...] = ("backbone_*.pth",)) -> list[str]:
+    """The names of weight files an earlier run exported in `run_dir` (`patterns`) when it holds no
+    checkpoint: a finished run whose checkpoint was deleted to save space. A fresh start there
+    would replace them at its first save, so the trainers refuse it."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_NAME).is_file() or not run_dir.is_dir():
+        return []
+    return sorted({p.name for pattern in patterns for p in run_dir.glob(pattern) if p.is_file()})
+
+
 def saved_config(run_dir: Path) -> dict | None:
     """The config stored in the run's checkpoint; None when there is no checkpoint. The weights
     and optimizer state are mapped, not read (hundreds of MB per process, read again to resume)."""

@@ -117,7 +117,7 @@ def set_up(cfg: Config, resume: bool | str, command: list[str] | None) -> Run:
     check_same_config(cfg, accelerator)  # after `auto` is resolved: nodes that resolve it differently disagree
     run_dir = Path(stamp_run_dir(cfg.train, accelerator))
     with failing_together(accelerator):
-        warned = check_run_dir(cfg, run_dir, resume, accelerator, command)
+        warned = check_run_dir(cfg, run_dir, resume, accelerator, command, auto)
     seed_everything(cfg.train.seed, accelerator.process_index)
     workers = default_num_workers(cfg.data.num_workers, accelerator.num_processes)
     with failing_together(accelerator), remembered_scans():  # the loader and the k-NN's bank list the folder once
@@ -496,9 +496,14 @@ def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
     ckpt.check_free_space(run_dir, needed, f"a checkpoint and {path.name}")
 
 
-def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None) -> dict:
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None,
+                  auto: bool = False) -> dict:
     """Refuse to overwrite another run, a resume without a checkpoint or one that changes what is
     computed (each process checks its own view of the directory; nothing is written).
+
+    A fresh start is refused where an earlier run left its exported backbone without a checkpoint
+    (deleted to save space): the first save would replace those weights. Not under `--resume auto`,
+    whose job may have been killed between its first backbone and checkpoint writes, and starts over.
 
     A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning; those
     are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
@@ -527,6 +532,10 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command
     elif saved is not None:
         raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
                           f"or choose another --train.run_dir (nothing was overwritten)")
+    elif not auto and (weights := ckpt.weights_without_checkpoint(run_dir)):
+        raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): "
+                          f"a new run there would replace them; move them away or choose another "
+                          f"--train.run_dir (nothing was overwritten)")
     return warned
 
 

@@ -289,6 +289,11 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     with pytest.raises(SystemExit) as exc:
         run(DistillConfig(), args)
     assert exc.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoint.pt").rename(tmp_path / "kept.pt")  # deleted to save space
+    with pytest.raises(SystemExit) as exc:  # the trained classifier stays
+        run(DistillConfig(), args)
+    assert exc.value.code == 2 and f"holds {CLASSIFIER_NAME} of an earlier run" in capsys.readouterr().err
+    (tmp_path / "kept.pt").rename(tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(SystemExit) as exc:  # a resume that would compute something else names both values
         run(DistillConfig(), args + ["--resume", "--loss.alpha", "0.01"])
     assert exc.value.code == 2 and ("these fields differ from the run in "

@@ -104,6 +104,14 @@ def test_refuses_to_overwrite_and_checks_resume(tmp_path, capsys):
     cfg.train.run_dir = f"{moved}/"
     train(cfg, resume=True)
     assert json.loads((moved / "config.json").read_text())["train"]["run_dir"] == f"{moved}/"
+    # Its checkpoint deleted to save space: a new run there would replace the trained backbone at its first save
+    (moved / "checkpoint.pt").unlink()
+    weights = (moved / "backbone_resnet18.pth").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds backbone_resnet18\.pth of an earlier run \(without its checkpoint"):
+        train(cfg)
+    assert (moved / "backbone_resnet18.pth").read_bytes() == weights
+    train(cfg, resume="auto")  # a SLURM job's requeue after a kill between its first backbone and checkpoint
+    assert (moved / "checkpoint.pt").is_file()
 
 
 @pytest.mark.parametrize("on", [True, False])

@@ -574,12 +574,14 @@ def test_no_checkpoint_of_non_finite_weights_even_on_a_stop(tmp_path, monkeypatc
 # ---- logs after restarts ------------------------------------------------------------------------------------------
 
 def test_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    """SLURM's requeue (--resume auto) of a job killed between its first backbone and checkpoint writes: it
+    starts over (the same command without `auto` refuses to replace that backbone: test_engine)."""
     cfg = quick_config(tmp_path, epochs=1)
     run_dir = Path(cfg.train.run_dir)
     engine.train(cfg)
     for name in ("checkpoint.pt", "results.json"):  # as if killed just before its first checkpoint
         (run_dir / name).unlink()
-    engine.train(cfg)
+    engine.train(cfg, resume="auto")
     assert [int(r["step"]) for r in read_csv(run_dir / "train_log.csv")] == [1, 2, 3]
     assert [int(r["epoch"]) for r in read_csv(run_dir / "epochs.csv")] == [0]
     assert tensorboard_steps(run_dir, "train/loss") == [1, 2, 3]

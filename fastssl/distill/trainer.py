@@ -132,6 +132,10 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
     if not resume and saved is not None:
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
                           f"--train.run_dir (nothing was overwritten)")
+    if not resume and (weights := ckpt.weights_without_checkpoint(run_dir, (CLASSIFIER_NAME,))):
+        raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): a new "
+                          f"run there would replace it; move it away or choose another --train.run_dir (nothing "
+                          f"was overwritten)")
     if resume:
         new = to_dict(cfg)
         if set(saved) != set(new):  # a self-supervised recipe's run (model/method/aug sections), not a distillation
