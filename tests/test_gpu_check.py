@@ -125,13 +125,21 @@ def test_allotment_scales_caps_to_the_budget_left():
 
 @pytest.mark.parametrize("args,message", [
     (["--stages", "env,warp"], "unknown stage 'warp'"),
+    (["--stages", ","], "--stages ',' names no stage"),
+    (["--stages", ""], "--stages '' names no stage"),  # not every stage: that is --stages left out
     (["--budget", "0"], "--budget must be positive"),
+    (["--budget", "abc"], "argument --budget: invalid float value: 'abc'"),
     (["--scratch", str(REPO / "data" / "x")], "inside the checkout"),
+    (["--scratch", "FILE/x"], "cannot write in "),  # checked before any stage, not a traceback in one
     ([], "--out DIR is required"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
-    argv = (["--out", str(tmp_path / "o")] if args else []) + args
-    assert gc.main(argv) == 2
+    (tmp_path / "FILE").write_text("a file where a folder should be")
+    argv = (["--out", str(tmp_path / "o")] if args else []) + [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    try:
+        assert gc.main(argv) == 2
+    except SystemExit as exited:  # argparse's own checks
+        assert exited.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not (REPO / "data" / "x").exists()

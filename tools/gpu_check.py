@@ -43,6 +43,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -1167,8 +1168,8 @@ WORKERS: dict[str, Callable[[dict, bool], dict]] = {
 
 
 def select_stages(text: Optional[str]) -> list[Stage]:
-    """--stages: names or 1-based numbers, comma-separated; kept in the canonical order."""
-    if not text:
+    """--stages: names or 1-based numbers, comma-separated; kept in the canonical order (None: all)."""
+    if text is None:
         return list(STAGES)
     wanted = set()
     for part in (p.strip() for p in text.split(",") if p.strip()):
@@ -1179,11 +1180,22 @@ def select_stages(text: Optional[str]) -> list[Stage]:
         else:
             raise ValueError(f"unknown stage {part!r}; choose from {', '.join(s.name for s in STAGES)} or 1-"
                              f"{len(STAGES)}")
+    if not wanted:
+        raise ValueError(f"--stages {text!r} names no stage; choose from {', '.join(s.name for s in STAGES)} or "
+                         f"1-{len(STAGES)}, or leave --stages out for all of them")
     return [s for s in STAGES if s.name in wanted]
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad option is one line and exit 2, as every other command of the project (fastssl.cli's parser,
+    which this self-contained script does not import)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (options: {self.prog} --help)\n")
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = _OneLineErrors(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Stages: " + ", ".join(f"{i} {s.name}" for i, s in enumerate(STAGES, 1)))
     ap.add_argument("--out", type=Path, help="report folder: gpu_check.json, gpu_check.md, logs/, tool reports")
@@ -1224,10 +1236,13 @@ def main(argv: Optional[list[str]] = None, stages: Optional[list[Stage]] = None)
     if scratch == ROOT or ROOT in scratch.parents:
         return user_error(f"--scratch {scratch} is inside the checkout; pass a folder outside it (e.g. /tmp/gc)")
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        scratch.mkdir(parents=True, exist_ok=True)
+        for folder in (args.out, scratch):  # created, and written to, before any stage: not a traceback later
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
     except OSError as err:
-        return user_error(f"cannot create {err.filename}: {err.strerror}; pass writable --out / --scratch folders")
+        where = err.filename or folder
+        return user_error(f"cannot write in {where}: {err.strerror or err}; pass writable --out / --scratch folders")
     cuda = False
     if not args.dry_run:
         import torch
