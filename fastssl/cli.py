@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -63,6 +64,32 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (options: {self.prog} --help)\n")
+
+
+def output_file(text: str) -> Path:
+    """argparse type of a tool's output file (`--json`): refused at once, as a usage error, where it
+    cannot be written (a folder, a parent that is a file or read-only), not after the tool's work."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; pass a file name, e.g. {path / 'results.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write in {err.filename or path.parent}: {err.strerror or err}; "
+                                         f"pass a writable place") from None
+    return path
+
+
+def write_output_json(path: Path, data: dict, sort_keys: bool = True) -> None:
+    """`run_log.write_json` for a tool's `--json`; a failed write (a full disk) exits 2 with one line."""
+    from fastssl.run_log import write_json
+
+    try:
+        write_json(path, data, sort_keys)
+    except OSError as err:
+        exit_with(f"could not write {path}: {err.strerror or err}; free space there or pass another --json")
 
 
 def exit_with(err: Exception | str) -> NoReturn:

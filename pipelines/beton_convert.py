@@ -28,7 +28,7 @@ from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialCo
 from pipelines.beton_writer import (ConvertDataset, WorkerError, check_files, signals_deferred, worker_context,
                                     write_beton)
 from pipelines.cores import torch_threads_kept
-from pipelines.folder import is_image_file, walk_files
+from pipelines.folder import is_image_file, read_text_file, walk_files
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 # Folder names that mean "a split", not "a class": a source whose sub-folders are all among
@@ -70,10 +70,17 @@ def class_names(folder: Path) -> list[str]:
     return names
 
 
-def scan_class_folders(src: Path, subset_per_class: int = 0) -> Inventory:
-    """ImageFolder's mapping: every sub-folder is a class (sorted), empty ones included."""
-    inv = Inventory(classes=class_names(src))
-    for label, name in enumerate(inv.classes):
+def scan_class_folders(src: Path, subset_per_class: int = 0, classes: list[str] | None = None) -> Inventory:
+    """ImageFolder's mapping: every sub-folder is a class (sorted), empty ones included; or, with
+    `classes` (another split's, `--classes-from`), each folder's label is its place in that list, so
+    a split holding only some of the classes keeps the training split's labels."""
+    here = class_names(src)
+    if classes is not None and (unknown := [n for n in here if n not in classes]):
+        raise UsageError(f"{str(src)!r} has class folders that --classes-from does not: {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''}; pass the split that holds every class")
+    inv = Inventory(classes=here if classes is None else list(classes))
+    for name in here:
+        label = inv.classes.index(name)
         files = sorted(walk_files(src / name))
         images = [f for f in files if is_image_file(f)]
         for f in files:
@@ -90,7 +97,7 @@ def scan_class_folders(src: Path, subset_per_class: int = 0) -> Inventory:
 def read_labels_file(path: Path) -> list[tuple[str, str]]:
     """`<file name> <class name or label number>` per line (`#` comments, blank lines ok)."""
     pairs = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(read_text_file(path, "labels file", UsageError).splitlines(), start=1):
         line = raw.split("#", 1)[0].strip().replace(",", " ")
         if not line:
             continue
@@ -101,16 +108,21 @@ def read_labels_file(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def classes_of(split: Path) -> list[str]:
+    """`--classes-from`: the classes of the split that gives the label order (its sorted class folders)."""
+    if not split.is_dir():
+        raise UsageError(f"--classes-from {str(split)!r} is not a folder; pass the train split whose "
+                         "class folders give the label order")
+    return class_names(split)
+
+
 def scan_flat_folder(src: Path, labels_file: Path, classes_from: Path | None, subset_per_class: int = 0) -> Inventory:
     """Flat images + a labels file (ImageNet's val): classes from `classes_from` or the file."""
     pairs = read_labels_file(labels_file)
     if not pairs:
         raise UsageError(f"labels file {str(labels_file)!r} lists no images (lines `<file name> <class>`)")
     if classes_from is not None:
-        if not classes_from.is_dir():
-            raise UsageError(f"--classes-from {str(classes_from)!r} is not a folder; pass the train split whose "
-                             "class folders give the label order")
-        classes = class_names(classes_from)
+        classes = classes_of(classes_from)
     else:
         classes = sorted({c for _, c in pairs if not c.isdigit()})
     inv = Inventory(classes=classes)
@@ -154,7 +166,7 @@ def scan(src: Path, labels: Path | None, classes_from: Path | None, subset_per_c
     if not has_dirs:
         raise UsageError(f"{str(src)!r} has no class folders; for a flat folder (ImageNet val) pass "
                               "--labels FILE (lines `<file name> <class>`) and --classes-from TRAIN_DIR")
-    return scan_class_folders(src, subset_per_class)
+    return scan_class_folders(src, subset_per_class, None if classes_from is None else classes_of(classes_from))
 
 
 # --------------------------------------------------------------------------- writing

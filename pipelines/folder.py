@@ -158,6 +158,16 @@ def walk_files(folder: str | os.PathLike) -> list[str]:
 LIST_HINT = "expected one `relative/path/to/image.JPEG <label>` per line (paths relative to the list's folder)"
 
 
+def read_text_file(path: Path, what: str, error: type[Exception] = DataLayoutError) -> str:
+    """A text file the user names (a file list, a subset or labels file); one that is not text (a binary
+    file passed by mistake) is `error` saying so, not a UnicodeDecodeError."""
+    try:
+        return Path(path).read_text()
+    except UnicodeDecodeError as err:
+        raise error(f"{what} {str(path)!r} is not a text file ({err.reason} at byte {err.start}); pass the "
+                    f"{what} itself") from None
+
+
 def scan_file_list(list_file: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) pairs from a text file list, as DALI's `file_list` format.
 
@@ -169,7 +179,7 @@ def scan_file_list(list_file: str | os.PathLike) -> tuple[list[tuple[str, int]],
     base = list_file.parent
     samples: list[tuple[str, int]] = []
     missing: list[str] = []
-    for lineno, raw in enumerate(list_file.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(read_text_file(list_file, "file list").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -92,6 +92,18 @@ def test_single_label_file_list_warns(tmp_path):
     assert len(samples) == 3
 
 
+def test_a_binary_file_given_as_a_file_list_or_subset_is_named_not_a_decode_error(tmp_path):
+    from fastssl.eval.errors import EvalError
+    from fastssl.eval.subsets import read_subset_lines
+
+    binary = tmp_path / "backbone.txt"
+    binary.write_bytes(b"\x80\x02weights" * 4)  # e.g. a .pth named by mistake
+    with pytest.raises(DataLayoutError, match=r"file list '.*backbone.txt' is not a text file \(invalid start byte"):
+        scan_source(binary)
+    with pytest.raises(EvalError, match=r"subset file '.*backbone.txt' is not a text file"):
+        read_subset_lines(binary)
+
+
 @pytest.mark.parametrize("backend", EVAL_BACKENDS)
 def test_single_class_evaluation_data_is_refused(tmp_path, backend):
     make_image_folder(tmp_path / "val", 1, 4)
@@ -350,6 +362,22 @@ def test_bench_tools_refuse_unusable_sizes_at_parse_time(capsys, tool, argv, say
         load_tool(tool).main([*argv, "--device", "cpu"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and says in err, err
+
+
+@pytest.mark.parametrize("tool", ["bench_mira", "bench_optim", "bench_bn_stats", "bench_loaders", "bench_file_reads"])
+@pytest.mark.parametrize("where, says", [("DIR", "is a folder; pass a file name"),
+                                         ("FILE/x.json", "cannot write in ")])
+def test_bench_tools_refuse_an_unwritable_json_before_any_work(tmp_path, capsys, tool, where, says):
+    """A benchmark's minutes of work would end in a traceback at the write."""
+    from conftest import load_tool
+
+    (tmp_path / "FILE").write_text("a file where a folder should be")
+    target = str(tmp_path) if where == "DIR" else str(tmp_path / where)
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool).main(["--json", target, "--device", "cpu"] if tool != "bench_file_reads" else
+                             ["--json", target, "--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: argument --json: ") and says in err, err
 
 
 @pytest.mark.parametrize("tool, argv, says", [

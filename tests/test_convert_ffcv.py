@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,26 @@ def test_flat_val_with_labels_file_and_subset(conv, tmp_path):
                            progress=False)
     assert summary["classes"] == ["class_00", "class_01", "class_02"]
     assert read_beton(out)[0] == [2, 0, 2]  # the third class_02 image is past the subset
+
+
+def test_class_folders_with_classes_from_keep_the_training_splits_labels(conv, tmp_path):
+    """A val split in class folders holding only some of train's classes: labels are places in train's list
+    (ImageFolder's mapping of the val split alone would shift them)."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    make_image_folder(train, num_classes=3, per_class=1)
+    make_image_folder(val, num_classes=3, per_class=2)
+    shutil.rmtree(val / "class_00")
+    summary = conv.convert(val, tmp_path / "val.beton", classes_from=train, num_workers=1, progress=False)
+    assert summary["classes"] == ["class_00", "class_01", "class_02"]
+    assert read_beton(tmp_path / "val.beton")[0] == [1, 1, 2, 2]
+    (val / "class_09").mkdir()  # a class train does not have: no label to give it
+    with pytest.raises(conv.UsageError, match="has class folders that --classes-from does not: class_09"):
+        conv.convert(val, tmp_path / "val2.beton", classes_from=train, num_workers=1, progress=False)
+    with pytest.raises(conv.UsageError, match="--classes-from .* is not a folder"):
+        conv.convert(val, tmp_path / "val2.beton", classes_from=tmp_path / "nowhere", num_workers=1, progress=False)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(conv.UsageError, match="labels file .* is not a text file"):
+        conv.convert(tmp_path, tmp_path / "val2.beton", labels=tmp_path / "binary.txt", num_workers=1, progress=False)
 
 
 def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp_path):

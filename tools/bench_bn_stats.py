@@ -19,14 +19,12 @@ Prints a table and writes JSON with the median step time of each and the ratios 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from fastssl.cli import ToolArgumentParser
+from fastssl.cli import ToolArgumentParser, output_file, write_output_json
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import MiraNetwork
 from fastssl.runtime import device_arg, pick_device
@@ -47,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("auto", "bf16", "no"), default="auto",
                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--json", type=output_file, help="write the results here")
     args = ap.parse_args(argv)
     if min(args.steps, args.rounds, args.global_size, args.local_size, args.prototypes) < 1 or args.num_local < 0:
         ap.error("--steps, --rounds, --prototypes and the sizes must be positive, --num-local >= 0")
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in MODES:
         print(f"{mode:<12} {result['step_ms'][mode]:>9.1f} {result['ratio_to_per_forward'][mode]:>14.3f}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_output_json(args.json, result, sort_keys=False)
         print(f"wrote {args.json}")
     return result
 

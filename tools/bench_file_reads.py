@@ -22,11 +22,10 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 from fastssl.bench.loaders import summarize
-from fastssl.cli import ToolArgumentParser
-from fastssl.run_log import utc_now, write_json
+from fastssl.cli import ToolArgumentParser, output_file, write_output_json
+from fastssl.run_log import utc_now
 from pipelines.folder import DataLayoutError, scan_source
 
 
@@ -49,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch (per process)")
     ap.add_argument("--files", type=int, default=2048, help="files per repetition (the first of the folder)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", type=output_file, help="write the results here")
     args = ap.parse_args(argv)
     try:
         args.thread_counts = [int(t) for t in args.threads.split(",")]
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "repeats": args.repeats},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "date": utc_now()}
     if args.json:
-        write_json(Path(args.json), report, sort_keys=False)
+        write_output_json(args.json, report, sort_keys=False)
         print(f"wrote {args.json}")
     return report
 

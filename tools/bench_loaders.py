@@ -35,8 +35,8 @@ from typing import NoReturn
 import torch
 
 from fastssl.bench import loaders as loader_bench
-from fastssl.cli import ToolArgumentParser
-from fastssl.run_log import utc_now, write_json
+from fastssl.cli import ToolArgumentParser, output_file, write_output_json
+from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.beton import BetonError
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--local-size", type=int, default=96)
     ap.add_argument("--num-local", type=int, default=6)
     ap.add_argument("--device", default="auto", type=device_arg, help="auto (cuda when present) | cpu | cuda")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", type=output_file, help="write the results here")
     args = ap.parse_args(argv)
     unknown = set(args.backends.split(",")) - set(ALL_BACKENDS) - set(VARIANTS)
     if unknown:
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": utc_now(),
     }
     if args.json:
-        write_json(Path(args.json), report, sort_keys=False)
+        write_output_json(args.json, report, sort_keys=False)
         print(f"wrote {args.json}")
     return report
 

@@ -28,16 +28,15 @@ and type (default: 2 views, float32).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from fastssl.bench.assignment import BETA, TAU, implementations, time_call
-from fastssl.cli import ToolArgumentParser
+from fastssl.cli import ToolArgumentParser, output_file, write_output_json
 from fastssl.ops import _cuda_ext
 from fastssl.ops.mira_fused import solve_views
 from fastssl.profiling import device_trace
-from fastssl.run_log import utc_now, write_json
+from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
 
 GPU_SIZES = ("64x3000", "512x3000", "4096x3000", "64x16384", "512x16384", "4096x16384")
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--iters", type=int, default=30, help="MIRA fixed-point iterations")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--json", type=output_file, help="write the records here")
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                     help="comma-separated implementations: " + ", ".join(DEFAULT_IMPLS + EXTRA_IMPLS)
                     + f" (default {','.join(DEFAULT_IMPLS)}; {', '.join(CUDA_ONLY)}: CUDA only)")
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if "error" in r:
                 print(f"        {r['implementation']}: {r['error']}")
         if args.json:  # after every size: a run stopped at a deadline keeps the sizes it finished
-            write_json(Path(args.json), {"date": utc_now(), "torch": torch.__version__,
+            write_output_json(args.json, {"date": utc_now(), "torch": torch.__version__,
                                          "fused_status": _cuda_ext.status(), "records": records,
                                          "complete": (b, k) == sizes[-1]}, sort_keys=False)
     if device.type == "cuda":

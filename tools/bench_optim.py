@@ -16,16 +16,14 @@ round's two steps ran back to back: the figure least moved by a load that comes 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastssl.cli import ToolArgumentParser
+from fastssl.cli import ToolArgumentParser, output_file, write_output_json
 from fastssl.optim import LARS, param_groups
 from fastssl.runtime import device_arg, pick_device
 
@@ -64,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="every parameter one element (same names, ndim, groups): the arithmetic vanishes and the "
                          "step time is the host's cost per op, which a GPU step pays per kernel launch")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
-    ap.add_argument("--json", type=Path, help="also write the medians and the ratio here")
+    ap.add_argument("--json", type=output_file, help="also write the medians and the ratio here")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:  # no timed round: no median to report
         ap.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  per_parameter / foreach = {result['ratio_per_parameter_over_foreach']:.3f} "
           f"(median of the per-round ratios {paired:.3f})")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_output_json(args.json, result, sort_keys=False)
     return result
 
 

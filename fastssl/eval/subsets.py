@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from fastssl.eval.errors import EvalError
+from pipelines.folder import read_text_file
 
 __all__ = ["subset_samples", "read_subset_lines", "match_subset"]
 
@@ -29,7 +30,7 @@ def read_subset_lines(path: Path) -> list[str]:
         raise EvalError(f"subset file {str(path)!r} {what}; pass a text file with one image "
                         "per line (e.g. SimCLR's 1percent.txt)")
     names = []
-    for raw in path.read_text().splitlines():
+    for raw in read_text_file(path, "subset file", EvalError).splitlines():
         line = raw.split("#", 1)[0].strip().replace("\\", "/")
         if line:
             names.append(line[2:] if line.startswith("./") else line)
