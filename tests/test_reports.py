@@ -369,6 +369,20 @@ def test_run_report_names_a_damaged_file_and_a_folder_it_cannot_write(tmp_path, 
     err = capsys.readouterr().err
     assert "results.json cannot be read (JSONDecodeError" in err and "report without it" in err
     assert err.count("\n") == 1
+    (run / "results.json").unlink()
+    logs = {name: (run / name).read_bytes() for name in ("run_info.json", "train_log.csv", "epochs.csv")}
+    for name, damage, says in [
+            ("run_info.json", b"[", "run_info.json cannot be read (JSONDecodeError"),
+            ("run_info.json", b"{}", "run_info.json is damaged: it lacks the run's environment or recipe"),
+            ("train_log.csv", b"\x80\x02junk\n" * 3, "train_log.csv is damaged ("),
+            ("train_log.csv", b"a,b\n1,2\n", "train_log.csv is damaged: its header 'a,b' has no step column"),
+            ("epochs.csv", logs["epochs.csv"] + b"x,y\n", "epochs.csv is damaged: row 3 has step 'y', not a number")]:
+        (run / name).write_bytes(damage)
+        assert tool.main([str(run)]) == 2, name  # a traceback, or "no training step logged" for a junk log
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        (run / name).write_bytes(logs[name])
+    assert tool.main([str(run)]) == 0
 
 
 def test_run_report_rejects_missing_and_foreign_directories(tmp_path, capsys):

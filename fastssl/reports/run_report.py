@@ -26,12 +26,28 @@ EVAL_FILES = ("eval_knn.json", "eval_knn_*.json", "eval_linear.json", "finetune_
 
 
 def read_csv(path: Path) -> list[dict]:
-    """Rows with numbers as floats ('' -> None); a missing file (run just started) gives no rows."""
+    """Rows with numbers as floats ('' -> None); a missing file (run just started) gives no rows. A
+    damaged log (not text, no `step` column, a step or epoch that is not a number) is a ReportError
+    naming it, not a traceback or a report of a run that "logged no step"."""
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: _number(v) for k, v in r.items()} for r in rows if r.get("step")]
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ReportError(f"{path} is damaged ({err}); restore it, or move it away to report without it") from None
+    if columns and "step" not in columns:
+        raise ReportError(f"{path} is damaged: its header {','.join(columns[:6])!r} has no step column; restore it, "
+                          f"or move it away to report without it")
+    out = [{k: _number(v) for k, v in r.items()} for r in rows if r.get("step")]
+    for line, row in enumerate(out, start=2):
+        bad = next((k for k in ("step", "epoch") if k in row and not isinstance(row[k], (float, type(None)))), None)
+        if bad:
+            raise ReportError(f"{path} is damaged: row {line} has {bad} {row[bad]!r}, not a number; restore it, "
+                              f"or move it away to report without it")
+    return out
 
 
 def _number(v: str | None):
@@ -47,7 +63,10 @@ def run_info(run_dir: Path) -> tuple[dict, dict, str]:
     """(environment, recipe, note) from run_info.json, or from config.json and this machine for old runs."""
     info_path = run_dir / "run_info.json"
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        info = read_json(info_path)
+        if not isinstance(info.get("environment"), dict) or not isinstance(info.get("recipe"), dict):
+            raise ReportError(f"{info_path} is damaged: it lacks the run's environment or recipe; restore it, or "
+                              f"move it away to report with this machine's instead")
         return info["environment"], info["recipe"], ""
     try:
         cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
