@@ -364,6 +364,23 @@ def test_bench_tools_refuse_unusable_sizes_at_parse_time(capsys, tool, argv, say
     assert exit_info.value.code == 2 and says in err, err
 
 
+@pytest.mark.parametrize("tool, argv", [
+    ("bench_loaders", ["--backends", "torchvision", "--device", "cpu", "--batches", "2", "--warmup", "1",
+                       "--repeats", "1", "--batch-size", "4", "--workers", "1"]),
+    ("bench_file_reads", ["--repeats", "1"])])
+def test_bench_tools_on_a_folder_of_unreadable_images_exit_2_in_one_line(tmp_path, capsys, tool, argv):
+    from conftest import load_tool
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(10):
+            (tmp_path / f"c{c}" / f"x{i}.JPEG").write_bytes(b"\x00junk" * 60)
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool).main(["--data", str(tmp_path), *argv])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith("error: 16 unreadable images in a row"), err[-3:]
+
+
 @pytest.mark.parametrize("tool", ["bench_mira", "bench_optim", "bench_bn_stats", "bench_loaders", "bench_file_reads"])
 @pytest.mark.parametrize("where, says", [("DIR", "is a folder; pass a file name"),
                                          ("FILE/x.json", "cannot write in ")])

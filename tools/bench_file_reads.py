@@ -71,13 +71,17 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(2)
     order = list(range(min(args.files, len(samples))))
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    read_epoch(samples, batches, 1)  # untimed: the files into the page cache
     runs: dict[int, list[float]] = {t: [] for t in args.thread_counts}
-    for rep in range(args.repeats):
-        for threads in args.thread_counts:
-            runs[threads].append(read_epoch(samples, batches, threads))
-            print(f"  repeat {rep + 1}/{args.repeats} threads {threads:3d} {runs[threads][-1]:10.0f} files/s",
-                  flush=True)
+    try:
+        read_epoch(samples, batches, 1)  # untimed: the files into the page cache
+        for rep in range(args.repeats):
+            for threads in args.thread_counts:
+                runs[threads].append(read_epoch(samples, batches, threads))
+                print(f"  repeat {rep + 1}/{args.repeats} threads {threads:3d} {runs[threads][-1]:10.0f} files/s",
+                      flush=True)
+    except DataLayoutError as err:  # files that cannot be read
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     results = {str(t): summarize(r) for t, r in runs.items()}
     first = results[str(args.thread_counts[0])]["images_per_s"]
     print(f"\n{'threads':>7s} {'files/s':>10s} {'min':>10s} {'max':>10s} {'x ' + str(args.thread_counts[0]):>9s}")

@@ -35,7 +35,7 @@ from typing import NoReturn
 import torch
 
 from fastssl.bench import loaders as loader_bench
-from fastssl.cli import ToolArgumentParser, output_file, write_output_json
+from fastssl.cli import ToolArgumentParser, output_file, without_worker_traceback, write_output_json
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
@@ -190,8 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     memory: dict[str, dict] = {}
     starts: dict[str, list[float]] = {}
-    runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress, memory,
-                                          starts)
+    try:
+        runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress,
+                                              memory, starts)
+    except DataLayoutError as err:  # a folder of unreadable images: said by the loader, in a worker maybe
+        usage_error(without_worker_traceback(str(err)))
     results = {name: {**loader_bench.summarize(runs[name]),
                       "epoch_start_s": statistics.median(starts[name]) if name in starts else None,
                       "epoch_start_runs": starts.get(name, []),
