@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -68,18 +67,14 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
 def output_file(text: str) -> Path:
     """argparse type of a tool's output file (`--json`): refused at once, as a usage error, where it
-    cannot be written (a folder, a parent that is a file or read-only), not after the tool's work."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; pass a file name, e.g. {path / 'results.json'}")
+    cannot be written (`eval.errors.check_output_file`), not after the tool's work."""
+    from fastssl.eval.errors import EvalError, check_output_file
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as err:
-        raise argparse.ArgumentTypeError(f"cannot write in {err.filename or path.parent}: {err.strerror or err}; "
-                                         f"pass a writable place") from None
-    return path
+        check_output_file(Path(text), "the file")
+    except EvalError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return Path(text)
 
 
 def write_output_json(path: Path, data: dict, sort_keys: bool = True) -> None:

@@ -177,6 +177,9 @@ def test_bad_input_is_named(tool, toy_run, tmp_path, capsys):
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # a copy cut short: not "use the backbone file"
     err = error_of(tool, [str(tmp_path / "cut.pth"), *data], capsys)
     assert "cannot be read as a torch file" in err and "damaged or cut short" in err and "checkpoint.pt" not in err
+    Image.new("RGB", (8, 8)).save(tmp_path / "an_image.JPEG")  # a file named by mistake: not "holds more than tensors"
+    err = error_of(tool, [str(tmp_path / "an_image.JPEG"), *data], capsys)
+    assert "is not a torch file (an image, a text or JSON file?)" in err, err
     for name in ("yak", "zebra"):  # two classes: a single class is refused before the classes are compared
         (tmp_path / "other_val" / name).mkdir(parents=True)
         Image.new("RGB", (40, 40)).save(tmp_path / "other_val" / name / "z.JPEG")

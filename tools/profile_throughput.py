@@ -41,13 +41,14 @@ from pathlib import Path
 import torch
 
 from fastssl.bench.profile import PARTIAL_REPORT, ProfileSettings, configure, run_profile
-from fastssl.cli import ToolArgumentParser
+from fastssl.cli import ToolArgumentParser, without_worker_traceback
 from fastssl.config import ConfigError
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.reports.markdown import compare_markdown, profile_markdown
 from fastssl.reports.schema import ReportError, load_report
 from fastssl.run_log import write_json
 from pipelines.beton import BetonError
+from pipelines.beton_convert import ConversionError
 from pipelines.folder import DataLayoutError
 from pipelines.spec import LoaderUnavailable
 
@@ -135,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, global_batch = configure(settings, overrides)
         report = run_profile(settings, cfg, global_batch, args.out)
     except (ConfigError, ReportError, FileNotFoundError, BetonError, LoaderUnavailable, DataLayoutError,
-            EvalError) as err:
+            EvalError, ConversionError) as err:  # ConversionError: the data as a .beton for ffcv's stage
         if created and args.out.is_dir() and not any(args.out.iterdir()):
             args.out.rmdir()  # refused: no empty folder left behind
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
         return 2
     write_json(args.out / "report.json", report)
     (args.out / PARTIAL_REPORT).unlink(missing_ok=True)

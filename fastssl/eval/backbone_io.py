@@ -29,9 +29,14 @@ def _read_state(path: Path) -> dict:
     if path.suffix == ".pkl":  # tools/export_backbone.py's detectron2 file: numpy arrays under detectron2's names
         raise EvalError(f"{str(path)!r} is a detectron2 export (for detectron2's MODEL.WEIGHTS); evaluate the "
                         "backbone_<arch>.pth it was exported from (or its *_tv_detection.pth)")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if len(head) == 4 and not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor a pickle
+        raise EvalError(f"{str(path)!r} is not a torch file (an image, a text or JSON file?); pass a run directory "
+                        "or the backbone_<arch>.pth a run exported")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled objects (checkpoint.pt), or a file cut short, or no torch file at all
+    except Exception as err:  # pickled objects (checkpoint.pt), or a file cut short
         if "Weights only load failed" in str(err):  # it unpickles to more than tensors: a training checkpoint
             raise EvalError(f"{str(path)!r} is not an exported backbone (it holds more than tensors); use the "
                             "run's backbone_<arch>.pth, not checkpoint.pt") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,7 +70,12 @@ def check_output_dir(path: Path, flag: str) -> None:
     is a file. Checked without creating anything, so a tool can refuse before any work and still create
     the directory only once it has something to put there."""
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None or existing.is_dir():
+    if existing is None:
+        return
+    if existing.is_dir():
+        if not os.access(existing, os.W_OK):  # a read-only mount or folder: refused now, not after the work
+            raise EvalError(f"{flag} {str(path)!r} cannot be written: {str(existing)!r} is read-only for this "
+                            f"user; name a writable place")
         return
     what = "is a file" if existing == path else f"is under {str(existing)!r}, which is a file"
     raise EvalError(f"{flag} {str(path)!r} {what}, not a directory; name a directory (it is created if missing)")
