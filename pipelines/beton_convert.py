@@ -160,7 +160,8 @@ def scan(src: Path, labels: Path | None, classes_from: Path | None, subset_per_c
         raise UsageError(f"source {str(src)!r} is not a folder")
     if labels is not None:
         if not labels.is_file():
-            raise UsageError(f"labels file {str(labels)!r} does not exist")
+            raise UsageError(f"labels file {str(labels)!r} {'is a folder' if labels.is_dir() else 'does not exist'}; "
+                             "pass a file of lines `<file name> <class>`")
         return scan_flat_folder(src, labels, classes_from, subset_per_class)
     has_dirs = any(e.is_dir() for e in os.scandir(src))
     if not has_dirs:
@@ -330,7 +331,8 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         inv.skipped.extend(job["skipped"])
         good = [(path, label) for path, label in inv.samples if path not in skipped]
         if not good:
-            raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped); "
+            first = f", e.g. {inv.skipped[0]['path']}: {inv.skipped[0]['reason']}" if inv.skipped else ""
+            raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped{first}); "
                                   "nothing to write")
         estimate = check_space(good, out, already=already, max_resolution=max_resolution,
                                write_mode=write_mode, compress_probability=compress_probability,

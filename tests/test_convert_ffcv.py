@@ -138,8 +138,8 @@ def test_failures_exit_1_usage_errors_exit_2_and_neither_leaves_a_file(conv, tmp
     src = tmp_path / "train" / "c0"
     src.mkdir(parents=True)
     (src / "a.JPEG").write_bytes(b"junk" * 20)
-    with pytest.raises(conv.ConversionError, match="no readable images"):
-        conv.convert(tmp_path / "train", out, num_workers=1, progress=False)
+    with pytest.raises(conv.ConversionError, match=r"no readable images .*\(1 skipped, e\.g\. .*a\.JPEG: "):
+        conv.convert(tmp_path / "train", out, num_workers=1, progress=False)  # the cause, not only a count
     (tmp_path / "a_folder.beton").mkdir()  # --force replaces a file: a folder failed only after the whole conversion
     with pytest.raises(conv.UsageError, match="is a folder; name the .beton file to write"):
         conv.convert(tmp_path / "train", tmp_path / "a_folder.beton", num_workers=1, progress=False, force=True)
