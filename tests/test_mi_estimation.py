@@ -11,9 +11,10 @@ from conftest import load_tool
 
 def test_quick_run_writes_json_within_the_ceilings(tmp_path, one_thread, capsys):
     tool = load_tool("mi_estimation")
-    tool.main(["--quick", "--no-compile", "--out", str(tmp_path)])
+    tool.main(["--quick", "--iters", "20", "--no-compile", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "mi_estimation.json").read_text())
     n = report["config"]["n"]
+    assert (report["config"]["iters_per_level"], n) == (20, 16)  # --quick's n, and the --iters given
     assert set(report["families"]) == {"separable", "joint"}
     for family in report["families"].values():
         est = family["estimates"]
@@ -30,6 +31,14 @@ def test_quick_run_writes_json_within_the_ceilings(tmp_path, one_thread, capsys)
         assert not png.exists() and "matplotlib is not installed" in capsys.readouterr().out
     else:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_quick_does_not_hide_a_bad_iters(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:  # --quick used to replace it with 100, silently
+        load_tool("mi_estimation").main(["--quick", "--iters", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--iters and --batch must be at least 2" in capsys.readouterr().err
 
 
 def test_an_out_that_is_a_file_is_refused_before_the_training(tmp_path, capsys):

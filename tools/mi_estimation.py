@@ -51,16 +51,17 @@ def _progress(family: str) -> Callable[[float, float], None]:
 def main(argv: list[str] | None = None) -> dict:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/mi_estimation", help="output folder (JSON and PNG)")
-    ap.add_argument("--iters", type=int, default=4000, help="iterations per MI level (paper: 4000)")
-    ap.add_argument("--batch", type=int, default=128, help="n = m (paper: 128)")
+    ap.add_argument("--iters", type=int, help="iterations per MI level (default: the paper's 4000; --quick: 100)")
+    ap.add_argument("--batch", type=int, help="n = m (default: the paper's 128; --quick: 16)")
     ap.add_argument("--critics", default="separable,joint",
                     help="comma-separated critics: separable, joint, or separable,joint (the default: both)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="100 iterations per level, n = 16: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="100 iterations per level, n = 16: a smoke run (an "
+                    "explicit --iters or --batch still wins)")
     ap.add_argument("--no-compile", action="store_true", help="eager critics (compiling fuses the joint critic)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.iters, args.batch = 100, 16
+    args.iters = args.iters if args.iters is not None else 100 if args.quick else 4000
+    args.batch = args.batch if args.batch is not None else 16 if args.quick else 128
     families = args.critics.split(",")
     if not families or set(families) - {"separable", "joint"} or args.iters < 2 or args.batch < 2:
         ap.error("--critics takes separable and/or joint; --iters and --batch must be at least 2")
