@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"        {r['implementation']}: {r['error']}")
         if args.json:  # after every size: a run stopped at a deadline keeps the sizes it finished
             write_output_json(args.json, {"date": utc_now(), "torch": torch.__version__,
-                                         "fused_status": _cuda_ext.status(), "records": records,
-                                         "complete": (b, k) == sizes[-1]}, sort_keys=False)
+                                          "fused_status": _cuda_ext.status(), "records": records,
+                                          "complete": (b, k) == sizes[-1]}, sort_keys=False)
     if device.type == "cuda":
         st = _cuda_ext.status()
         print(f"views ran the fused CUDA kernel: {'yes' if st['fused_calls'] else 'no'}"

@@ -1196,8 +1196,8 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = _OneLineErrors(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Stages: " + ", ".join(f"{i} {s.name}" for i, s in enumerate(STAGES, 1)))
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="Stages: " + ", ".join(f"{i} {s.name}" for i, s in enumerate(STAGES, 1)))
     ap.add_argument("--out", type=Path, help="report folder: gpu_check.json, gpu_check.md, logs/, tool reports")
     ap.add_argument("--stages", help="comma-separated names or numbers (default: all, in order)")
     ap.add_argument("--dry-run", action="store_true", help="every stage on CPU at tiny sizes (CUDA hidden)")
