@@ -516,12 +516,18 @@ def _run_chunks(chunks: list[_Chunk], workers: int, on_done: Callable[[int], Non
 
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
-    """Atomic rename; with force, move the old tree aside first, then delete it."""
+    """Atomic rename; with force, move the old tree aside first, then delete it (put back if the
+    new one cannot take its place)."""
     trash = None
     if force and (out.exists() or out.is_symlink()):
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, trash)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if trash is not None:
+            os.replace(trash, out)
+        raise
     if trash is not None:
         if trash.is_dir() and not trash.is_symlink():
             shutil.rmtree(trash, ignore_errors=True)
@@ -598,12 +604,15 @@ def make_demo_dataset(
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         try:
             _swap_into_place(tmp, out, force)
-        except OSError:
-            # Another process (a parallel `make demo`) finished first: accept its
-            # result if it is the same dataset, else report the conflict.
-            existing = _check_existing(out, arguments)
+        except OSError as err:
+            # Without force, another process (a parallel `make demo`) may have finished
+            # first: accept its result if it is the same dataset, refuse it if it differs.
+            # Else OUT cannot be replaced (a mount point, a protected folder): say so.
+            existing = None if force else _check_existing(out, arguments)
             if existing is None:
-                raise
+                raise OutputDirError(f"cannot put the dataset at {out}: {err.strerror or err} (a mount point or "
+                                     "a protected folder cannot be replaced); pass a new folder inside it, "
+                                     f"e.g. {out / 'demo'}") from err
             shutil.rmtree(tmp, ignore_errors=True)
             return {**existing, "status": "exists"}
     except BaseException:

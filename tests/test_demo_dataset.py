@@ -145,6 +145,31 @@ def test_a_demo_folder_without_its_manifest_is_refused(tiny: Path) -> None:
         demo_data.make_demo_dataset(tiny, progress=False, force=True, **TINY)
 
 
+@pytest.mark.parametrize("failing", ["aside", "into place"])
+def test_a_replacement_that_cannot_take_the_place_keeps_the_old_dataset(tiny: Path, monkeypatch, failing) -> None:
+    """--force onto a mount point or a protected folder: a rename fails (EBUSY, EPERM), moving the
+    old tree aside or the new one into its place; the old dataset stays (is put back) and the error
+    says why, as a refusal (exit 2), not a traceback."""
+    import errno
+    import os
+
+    before = _files(tiny)
+    real, calls = os.replace, []
+
+    def busy(src, dst):
+        calls.append((Path(src), Path(dst)))
+        if len(calls) == {"aside": 1, "into place": 2}[failing]:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(demo_data.os, "replace", busy)
+    other = {**TINY, "val_per_class": 3}
+    with pytest.raises(demo_data.OutputDirError, match=f"cannot put the dataset at {tiny}: Device or resource busy"):
+        demo_data.make_demo_dataset(tiny, progress=False, force=True, workers=1, **other)
+    assert calls[0][0] == tiny and len(calls) == {"aside": 1, "into place": 3}[failing]
+    assert _files(tiny) == before and sorted(p.name for p in tiny.parent.iterdir()) == ["demo"]
+
+
 def test_empty_directory_is_filled(tmp_path: Path) -> None:
     (tmp_path / "demo").mkdir()
     assert demo_data.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)["status"] == "created"
