@@ -77,3 +77,12 @@ def test_a_bad_choice_is_refused_in_one_line(tmp_path):
     out = run_script(tmp_path, "13.0", "--cuda", "11", "all")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("error: DALI_CUDA") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_an_extra_pyproject_does_not_declare_is_refused_in_one_line(tmp_path):
+    """pip itself only warns about an unknown extra, then installs without it."""
+    pytest.importorskip("tomllib")
+    out = run_script(tmp_path, None, "all,tset")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error: EXTRAS names tset, which pyproject.toml does not declare; choose from ")
+    assert "all-cuda13" in out.stderr and len(out.stderr.strip().splitlines()) == 1

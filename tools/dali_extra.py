@@ -11,7 +11,8 @@ then asks this script which extras to install:
 `auto` follows `torch.version.cuda` (a CPU-only torch, or a CUDA major without a DALI extra here,
 keeps the default, CUDA 12); 12 or 13 choose by hand (`make setup DALI_CUDA=13`).
 `--remove-other` uninstalls the other build when it is installed (the two share the
-`nvidia.dali` package folder, so they must never be installed together).
+`nvidia.dali` package folder, so they must never be installed together). A name pyproject does
+not declare is refused (exit 2): pip would only warn and install without it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib.metadata
 import subprocess
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Optional
 
 DALI_DIST = {"12": "nvidia-dali-cuda120", "13": "nvidia-dali-cuda130"}
@@ -79,6 +81,16 @@ def to_remove(extras: str, installed: Iterable[str]) -> list[str]:
     return [dist for cuda, dist in DALI_DIST.items() if cuda != build and dist in set(installed)]
 
 
+def declared_extras(pyproject: Path = Path(__file__).resolve().parents[1] / "pyproject.toml") -> Optional[set[str]]:
+    """The extras pyproject declares; None where it cannot be read (Python < 3.11 has no tomllib),
+    and then the names are left for pip to judge."""
+    try:
+        import tomllib
+        return set(tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"])
+    except (ImportError, OSError, KeyError, ValueError):
+        return None
+
+
 def torch_cuda_version() -> Optional[str]:
     """`torch.version.cuda` of the installed torch; None for a CPU-only build or no torch."""
     try:
@@ -110,6 +122,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if choice not in CHOICES:
         print(f"error: DALI_CUDA / --cuda must be one of {', '.join(CHOICES)}, got {args.cuda!r}; "
               f"e.g. make setup DALI_CUDA=13", file=sys.stderr)
+        return 2
+    declared = declared_extras()
+    unknown = sorted({e.strip() for e in args.extras.split(",") if e.strip()} - (declared or set()))
+    if declared is not None and unknown:  # pip would only warn, and install without them
+        print(f"error: EXTRAS names {', '.join(unknown)}, which pyproject.toml does not declare; choose from "
+              f"{', '.join(sorted(declared))}, e.g. make setup EXTRAS=all", file=sys.stderr)
         return 2
     torch_cuda = torch_cuda_version() if choice == "auto" else None
     cuda = dali_cuda_for(torch_cuda) if choice == "auto" else choice
