@@ -305,8 +305,9 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         partial.acquire()  # a folder we cannot write to fails now, with its real cause
     except ConversionBusy as err:
         raise ConversionError(str(err)) from None
-    except OSError as err:
-        raise ConversionError(os_error_message(err, out)) from None
+    except OSError as err:  # an output folder the user cannot write to is theirs to change: a usage error
+        unwritable = err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        raise (UsageError if unwritable else ConversionError)(os_error_message(err, out)) from None
     owned = False  # whether the folder's content is this conversion's (resumed, or started here)
     try:
         inv = scan(src, labels, classes_from, subset_per_class)

@@ -35,7 +35,11 @@ def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--backends", "torchvision,nope"])
     assert "unknown backends ['nope']" in capsys.readouterr().err
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"")
     for args, needle in ((["--data", str(tmp_path / "missing")], "does not exist"),
+                         (["--data", str(beton)], f"{beton} is a file (give a .beton with --beton"),
+                         (["--photo-like", "0"], "at least 1), not 0"),
                          (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "16",
                            "--batches", "5"], "batches per epoch, need"),
                          (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "512"],

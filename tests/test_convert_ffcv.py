@@ -557,7 +557,7 @@ def test_a_disk_too_small_for_the_estimate_is_refused_before_writing(conv, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # no partial, no summary
 
 
-def test_unwritable_output_folder_is_one_clear_error_exit_1(tmp_path):
+def test_unwritable_output_folder_is_a_usage_error_in_one_line(tmp_path):
     """Tests run as root, whom chmod does not stop; sysfs refuses new files even to root."""
     folder = Path("/sys")
     probe = folder / f"fastssl-probe-{os.getpid()}"
@@ -572,7 +572,7 @@ def test_unwritable_output_folder_is_one_clear_error_exit_1(tmp_path):
     make_image_folder(src, num_classes=2, per_class=2)
     run = subprocess.run([sys.executable, TOOL, str(src), str(folder / "x.beton"), "--num-workers", "1"],
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 1, run.stderr
+    assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot write in /sys: "), run.stderr
     assert any(cause in lines[0] for cause in ("permission denied", "read-only file system", "operation not permitted"))

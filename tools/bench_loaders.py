@@ -117,7 +117,7 @@ def photo_like_folder(count: int, root: Path = Path("data/bench/photo")) -> Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help=f"JPEG folder in ImageNet layout (default {DEFAULT_DATA})")
-    ap.add_argument("--photo-like", type=int, default=0, metavar="N",
+    ap.add_argument("--photo-like", type=int, metavar="N",
                     help="instead of --data, use N generated ImageNet-like JPEGs (~400 x 350, photographic entropy)")
     ap.add_argument("--beton", help="the same data as a .beton for ffcv (default: converted under data/bench/)")
     ap.add_argument("--backends", default=",".join(ALL_BACKENDS),
@@ -147,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown backends {sorted(unknown)}; choose from {', '.join([*ALL_BACKENDS, *VARIANTS])}")
     if min(args.batch_size, args.batches, args.repeats, args.workers) < 1 or args.warmup < 0:
         ap.error("--batch-size, --batches, --repeats and --workers must be positive; --warmup >= 0")
+    if args.photo_like is not None and args.photo_like < 1:
+        ap.error(f"--photo-like takes a number of images (at least 1), not {args.photo_like}")
     return args
 
 
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     data = photo_like_folder(args.photo_like) if args.photo_like else Path(args.data)
+    if data.is_file():
+        usage_error(f"--data takes a JPEG folder in ImageNet layout; {data} is a file"
+                    + (" (give a .beton with --beton, beside its JPEG folder)" if data.suffix == ".beton" else ""))
     if not data.is_dir():
         hint = " (run `make demo` once to generate it)" if args.data == DEFAULT_DATA else ""
         usage_error(f"data folder {data} does not exist{hint}")

@@ -14,11 +14,11 @@ What it guarantees:
   images, and empty class folders are listed with the reason in the summary;
   CMYK, grayscale, palette and PNG-named-.JPEG images are converted to RGB.
 * Exit status: 0 whenever the `.beton` was produced (skips included); 1 when it could not
-  be (nothing readable, a write error such as a read-only output folder or a full disk, a
-  worker that crashed, another converter writing the same output); 2 for a usage error:
-  bad options, a missing source, labels file, --classes-from or output folder, an output
-  that exists without --force, or a source that holds splits (`train/`, `val/`) instead of
-  class folders (the message names the split folder to pass).
+  be (nothing readable, a write error such as a full disk, a worker that crashed, another
+  converter writing the same output); 2 for a usage error: bad options, a missing source,
+  labels file, --classes-from or output folder, an output folder you cannot write to, an
+  output that exists without --force, or a source that holds splits (`train/`, `val/`)
+  instead of class folders (the message names the split folder to pass).
 * A disk that cannot hold it is refused before any image is written: the size is estimated
   from a sample of the images' headers (raw storage exactly, compressed images at the
   source's bytes per pixel, which errs high; ImageNet at the defaults: about 2.4 times the
