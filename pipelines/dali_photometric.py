@@ -9,9 +9,9 @@ merged (docs/benchmarks.md compares it with the GPU's graph run on the CPU,
 `--data.dali_cpu_fast false`).
 
 The draws (coins, factors, sigma) are DALI random ops, so a run stays repeatable from
-the pipeline seed. The numba function is compiled once per process (seconds; numba
-caches the steps on disk, DALI's C wrapper is rebuilt) and shared by every view and
-pipeline. On a GPU, `pipelines.dali` keeps its conditional graph of DALI operators.
+the pipeline seed. The operator is built once per process and shared by every view
+and pipeline; its compiled callbacks come from numba's disk cache (`available()`). On a
+GPU, `pipelines.dali` keeps its conditional graph of DALI operators.
 """
 
 from __future__ import annotations
@@ -42,20 +42,27 @@ def _augment_sample(out0, in0, in1):
 
 
 def available() -> bool:
-    """Build the shared operator on first use (each build costs a compile); False, with one
-    warning naming why, when DALI's numba plugin cannot build it (the caller then runs
-    DALI's own operators under conditionals: slower on a CPU, the same augmentations)."""
+    """Build the shared operator on first use; False, with one warning naming why, when
+    neither route can build it (the caller then runs DALI's own operators under
+    conditionals: slower on a CPU, the same augmentations). First route: our callbacks from
+    numba's disk cache (`pipelines.dali_numba_op`, about 1 s); second: DALI's own
+    `NumbaFunction` of the functions below, compiled in this process (8-10 s on 2 cores)."""
     global _OPERATOR, _UNAVAILABLE
     if _OPERATOR is None and _UNAVAILABLE is None:
         try:
-            _OPERATOR = NumbaFunction(run_fn=_augment_sample, setup_fn=_same_shape,
-                                      in_types=[types.UINT8, types.FLOAT], ins_ndim=[3, 1],
-                                      out_types=[types.UINT8], outs_ndim=[3], device="cpu")
-        except Exception as err:  # a numba/DALI version mismatch surfaces as anything
-            _UNAVAILABLE = f"{type(err).__name__}: {err}"
-            warnings.warn("DALI CPU mode: the numba photometric steps could not be built "
-                          f"({_UNAVAILABLE.splitlines()[0]}); using DALI's operators under conditionals "
-                          "instead (slower on a CPU, same augmentations)", stacklevel=2)
+            from pipelines.dali_numba_op import PhotometricOperator
+
+            _OPERATOR = PhotometricOperator()
+        except Exception:  # a DALI whose numba operator changed its internals: let DALI compile its own
+            try:
+                _OPERATOR = NumbaFunction(run_fn=_augment_sample, setup_fn=_same_shape,
+                                          in_types=[types.UINT8, types.FLOAT], ins_ndim=[3, 1],
+                                          out_types=[types.UINT8], outs_ndim=[3], device="cpu")
+            except Exception as err:  # a numba/DALI version mismatch surfaces as anything
+                _UNAVAILABLE = f"{type(err).__name__}: {err}"
+                warnings.warn("DALI CPU mode: the numba photometric steps could not be built "
+                              f"({_UNAVAILABLE.splitlines()[0]}); using DALI's operators under conditionals "
+                              "instead (slower on a CPU, same augmentations)", stacklevel=2)
     return _OPERATOR is not None
 
 

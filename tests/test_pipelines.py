@@ -477,9 +477,12 @@ def test_dali_cpu_falls_back_to_its_operators_when_numba_steps_cannot_be_built(i
     """A numba/DALI mismatch costs speed, not the run: one warning, the conditional graph."""
     import pipelines.dali_photometric as dp
 
+    import pipelines.dali_numba_op as cached
+
     def broken(*args, **kwargs):
         raise TypeError("numba plugin says no")
 
+    monkeypatch.setattr(cached, "PhotometricOperator", broken)
     monkeypatch.setattr(dp, "NumbaFunction", broken)
     monkeypatch.setattr(dp, "_OPERATOR", None)
     monkeypatch.setattr(dp, "_UNAVAILABLE", None)
@@ -491,6 +494,72 @@ def test_dali_cpu_falls_back_to_its_operators_when_numba_steps_cannot_be_built(i
     assert [tuple(v.shape) for v in batches[0].views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
     assert all(torch.isfinite(v).all() for b in batches for v in b.views)
     assert not dp.available()  # decided once per process: no second build, no second warning
+
+
+@requires_dali
+def test_dali_cpu_photometric_operator_equals_the_numba_steps_called_directly():
+    """The cached callbacks (`pipelines.dali_numba_op`) read DALI's tables right: in a DALI
+    pipeline, each sample of crops of other shapes comes out as `apply_drawn_u8` makes it."""
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import types as dali_types
+
+    from pipelines import cpu_augment as ca
+    from pipelines.dali_numba_op import PhotometricOperator
+
+    rng = np.random.default_rng(0)
+    n = 12
+    crops = [rng.integers(0, 256, (int(rng.integers(3, 40)), int(rng.integers(3, 40)), 3), dtype=np.uint8)
+             for _ in range(n)]
+    drawn = np.zeros((n, ca.NUM_DRAWN), np.float32)
+    drawn[:, ca.DRAWN_JITTER] = rng.integers(0, 2, n)
+    drawn[:, [ca.DRAWN_BRIGHTNESS, ca.DRAWN_CONTRAST, ca.DRAWN_SATURATION]] = rng.uniform(0.6, 1.4, (n, 3))
+    drawn[:, ca.DRAWN_HUE] = rng.uniform(-0.1, 0.1, n)
+    drawn[:, [ca.DRAWN_GRAYSCALE, ca.DRAWN_BLUR, ca.DRAWN_SOLARIZE]] = rng.integers(0, 2, (n, 3))
+    drawn[:, ca.DRAWN_SIGMA] = rng.uniform(0.1, 2.0, n)
+    drawn[:, ca.DRAWN_ORDER] = rng.integers(0, 24, n)
+    operator = PhotometricOperator()
+
+    @pipeline_def(batch_size=n, num_threads=2, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: crops, batch=True, dtype=dali_types.UINT8, layout="HWC")
+        rows = fn.external_source(source=lambda: list(drawn), batch=True, dtype=dali_types.FLOAT)
+        return operator(images, rows)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    changed = 0
+    for i in range(n):
+        expected = crops[i].copy()
+        ca.apply_drawn_u8(expected, drawn[i])
+        got = np.array(out[i])
+        assert got.shape == crops[i].shape and np.array_equal(got, expected), i
+        changed += not np.array_equal(got, crops[i])
+    assert changed >= n // 2  # the steps ran: most samples drew at least one
+
+
+@requires_dali
+def test_dali_cpu_builds_dalis_own_numba_operator_when_the_cached_one_fails(monkeypatch):
+    """A DALI whose operator internals changed costs start-up time (DALI compiles its own),
+    not the numba steps: no warning, the same run and setup functions."""
+    import warnings
+
+    import pipelines.dali_numba_op as cached
+    import pipelines.dali_photometric as dp
+
+    def broken():
+        raise AttributeError("NumbaFunction has no attribute _spec")
+
+    built = []
+    monkeypatch.setattr(cached, "PhotometricOperator", broken)
+    monkeypatch.setattr(dp, "NumbaFunction", lambda **kwargs: built.append(kwargs) or "dali's own")
+    monkeypatch.setattr(dp, "_OPERATOR", None)
+    monkeypatch.setattr(dp, "_UNAVAILABLE", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dp.available() and dp._OPERATOR == "dali's own"
+    assert len(built) == 1 and built[0]["run_fn"] is dp._augment_sample and built[0]["setup_fn"] is dp._same_shape
+    assert built[0]["device"] == "cpu" and built[0]["ins_ndim"] == [3, 1] and built[0]["outs_ndim"] == [3]
 
 
 # ------------------------------------------------------------------ one data config, backends apart
