@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import _importable, load_tool
+from conftest import _installed, load_tool
 
 SMALL = ["--batch-size", "4", "--batches", "2", "--warmup", "1", "--repeats", "2", "--workers", "1",
          "--global-size", "16", "--local-size", "8", "--num-local", "2"]
@@ -16,7 +16,7 @@ def test_every_backend_is_measured_and_written(image_folder, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # the .beton for ffcv is converted under ./data/bench
     bench = load_tool("bench_loaders")
     wanted = ["torchvision", "synthetic"] + [b for b in ("dali", "dali-gpu-graph", "ffcv")
-                                             if _importable("ffcv" if b == "ffcv" else "nvidia.dali")]
+                                             if _installed("ffcv" if b == "ffcv" else "nvidia.dali")]
     out = tmp_path / "bench.json"
     report = bench.main(["--data", str(image_folder), "--backends", ",".join(wanted), "--json", str(out), *SMALL])
     written = json.loads(out.read_text())
@@ -50,7 +50,7 @@ def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
         assert exit_.value.code == 2 and needle in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _importable("nvidia.dali"), reason="DALI is not installed")
+@pytest.mark.skipif(not _installed("nvidia.dali"), reason="DALI is not installed")
 def test_file_reads_are_measured_per_thread_count_and_bad_input_exits_2(image_folder, tmp_path, capsys):
     """tools/bench_file_reads.py: every file of the folder read once per repetition and thread count."""
     bench = load_tool("bench_file_reads")
