@@ -402,3 +402,19 @@ def test_the_figures_are_printed_before_the_report_is_written(tool, toy_run, tmp
     monkeypatch.setattr(targets, "write_json", lambda *a, **k: printed.append(capsys.readouterr().out))
     tool.main([str(toy_run), *TOY_ARGS, "--epochs", "1", "--json", str(tmp_path / "r.json")])
     assert len(printed) == 1 and "top1" in printed[0]
+
+
+def test_a_report_that_replaces_an_earlier_one_says_so(tmp_path, capsys):
+    """The default place holds one report per run and tool: a second evaluation overwrites the first."""
+    import json
+
+    from fastssl.eval.targets import write_report
+
+    path = tmp_path / "eval_linear.json"
+    write_report(path, {"top1": 1.0}, "| top1 |")
+    first = capsys.readouterr().out
+    write_report(path, {"top1": 2.0}, "| top1 |")
+    second = capsys.readouterr().out
+    assert first == f"wrote {path} and {path.with_suffix('.md')}\n"
+    assert second == first.rstrip("\n") + " (replacing an earlier report there; pass --json elsewhere to keep both)\n"
+    assert json.loads(path.read_text()) == {"top1": 2.0}

@@ -77,10 +77,12 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
 
 
 def write_report(path: Path, report: dict, text: str | None = None) -> None:
-    """Write a tool's JSON report (and `text`, a Markdown twin, beside it as .md), printing "wrote ...";
-    a failed write (a full disk) is an EvalError that says so. Call it after the figures are printed:
+    """Write a tool's JSON report (and `text`, a Markdown twin, beside it as .md), printing "wrote ..."
+    and whether it replaced an earlier one (the default place is one per run and tool); a failed
+    write (a full disk) is an EvalError that says so. Call it after the figures are printed:
     they then survive the failure on the screen."""
     md_path = path.with_suffix(".md")
+    replaced = path.exists()
     try:
         write_json(path, report, sort_keys=False)
         if text is not None:
@@ -88,7 +90,8 @@ def write_report(path: Path, report: dict, text: str | None = None) -> None:
     except OSError as err:
         raise EvalError(f"the figures above could not be written to {str(path)!r} ({err.strerror or err}); free "
                         f"space there, or pass --json with another place, and run again") from None
-    print(f"wrote {path}" + (f" and {md_path}" if text is not None else ""))
+    print(f"wrote {path}" + (f" and {md_path}" if text is not None else "")
+          + (" (replacing an earlier report there; pass --json elsewhere to keep both)" if replaced else ""))
 
 
 def require_data(found: dict) -> None:
