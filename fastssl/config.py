@@ -152,7 +152,7 @@ class EvalConfig:
     aug.mean / aug.std (`eval_view`)."""
 
     knn_every: int = 10  # epochs between online k-NN evaluations; 0 = only after the last epoch; -1 = never
-    knn_at_start: bool = False  # also run the k-NN on the randomly initialised network (a baseline)
+    knn_at_start: bool = False  # also k-NN the randomly initialised network (a baseline; not after a set-up stop signal)
     knn_k: int = 20  # neighbours that vote (DINO: 20)
     knn_temperature: float = 0.07  # votes weighted by exp(cosine / T) (DINO: 0.07)
     batch_size: int = 256  # images per batch when extracting k-NN features

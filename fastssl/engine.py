@@ -161,7 +161,8 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
     if before is not None and before.requested:
         stop.requested, stop.signal_name = True, before.signal_name
     try:
-        if knn and cfg.eval.knn_at_start and state.step == 0:
+        # not after a stop asked for in set-up: SLURM's warning leaves minutes, the k-NN may take them
+        if knn and cfg.eval.knn_at_start and state.step == 0 and not stop.agreed(accelerator):
             results["knn_random_init"] = knn(exported_backbone(cfg, parts), "the randomly initialised network")
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, parts, loader, state, log, stop, guard)
