@@ -2,19 +2,19 @@
 
 Why: DALI's `NumbaFunction` compiles its C callbacks (a generic wrapper around the run and
 setup functions: pointer unpacking, six optional outputs and inputs, error strings) in
-every process that builds it, uncached: 8-10 s on 2 cores, paid by every training process,
-loader benchmark and DataLoader-free test in DALI's CPU mode. Here the two callbacks are
+every process that builds it, uncached: 7-9 s on 2 cores, paid by every training process,
+loader benchmark and test process in DALI's CPU mode. Here the two callbacks are
 written for our one signature (one uint8 HWC crop and its float32 row of draws in, the
-crop out) and compiled with numba's disk cache (`cache=True`): about 1 s to load after
-the first process on a machine (docs/benchmarks.md).
+crop out) and compiled with numba's disk cache (`cache=True`): 0.3 s to load after the
+first process on a machine, which compiles them in 5 s (docs/benchmarks.md).
 
 The callbacks follow DALI's C interface for CPU numba operators (`nvidia.dali.plugin.numba`,
 DALI 2.x): per sample, `run(out_ptrs, out_shape_ptrs, out_ndims, num_outs, in_ptrs,
 in_shape_ptrs, in_ndims, num_ins)`, where each `*_ptrs` argument addresses a table of
 int64 addresses (of data, or of an int64 shape array), one per output or input; and per
 batch `setup(out_shape_ptrs, out_ndims, num_outs, in_shape_ptrs, in_ndims, num_ins,
-num_samples)`, where the tables hold one address per output (input) and sample, outputs
-(inputs) first. tests/test_pipelines.py runs the operator in a DALI pipeline against
+num_samples)`, where each table holds one shape address per (output or input, sample),
+row by output or input. tests/test_pipelines.py runs the operator in a DALI pipeline against
 `apply_drawn_u8` called directly. Imported only when DALI's CPU mode builds it: the
 import compiles (or loads) the callbacks.
 """

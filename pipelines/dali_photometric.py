@@ -45,8 +45,8 @@ def available() -> bool:
     """Build the shared operator on first use; False, with one warning naming why, when
     neither route can build it (the caller then runs DALI's own operators under
     conditionals: slower on a CPU, the same augmentations). First route: our callbacks from
-    numba's disk cache (`pipelines.dali_numba_op`, about 1 s); second: DALI's own
-    `NumbaFunction` of the functions below, compiled in this process (8-10 s on 2 cores)."""
+    numba's disk cache (`pipelines.dali_numba_op`, 0.3 s); second: DALI's own
+    `NumbaFunction` of the functions below, compiled in this process (7-9 s on 2 cores)."""
     global _OPERATOR, _UNAVAILABLE
     if _OPERATOR is None and _UNAVAILABLE is None:
         try:
