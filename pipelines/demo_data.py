@@ -611,8 +611,8 @@ def make_demo_dataset(
             existing = None if force else _check_existing(out, arguments)
             if existing is None:
                 raise OutputDirError(f"cannot put the dataset at {out}: {err.strerror or err} (a mount point or "
-                                     "a protected folder cannot be replaced); pass a new folder inside it, "
-                                     f"e.g. {out / 'demo'}") from err
+                                     "a protected folder cannot be replaced); pass another path, e.g. for a "
+                                     f"mount point a new folder inside it: {out / 'demo'}") from err
             shutil.rmtree(tmp, ignore_errors=True)
             return {**existing, "status": "exists"}
     except BaseException:

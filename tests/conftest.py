@@ -27,8 +27,8 @@ def _installed(module: str) -> bool:
     """Whether `module` is installed, found without importing it. Every process that imports this
     file pays for what it imports here: the two-process tests' children (spawned, they import the
     test module and so this file) and the training scripts the tests start. Importing FFCV (its
-    numba dictionary compiles) and DALI cost each of them about 4 s on 2 cores. A package that is
-    installed but cannot be imported fails its tests instead of skipping them."""
+    numba dictionary compiles) and DALI cost each of them about 3.5 s on 2 cores. A package that
+    is installed but cannot be imported fails its tests instead of skipping them."""
     import importlib.util
 
     try:
