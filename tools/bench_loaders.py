@@ -28,14 +28,12 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 from fastssl.bench import loaders as loader_bench
-from fastssl.cli import ToolArgumentParser, output_file, without_worker_traceback, write_output_json
+from fastssl.cli import ToolArgumentParser, exit_with, output_file, write_output_json
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
@@ -152,22 +150,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def usage_error(message: str) -> NoReturn:
-    """Bad input: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     data = photo_like_folder(args.photo_like) if args.photo_like else Path(args.data)
     if data.is_file():
-        usage_error(f"--data takes a JPEG folder in ImageNet layout; {data} is a file"
-                    + (" (give a .beton with --beton, beside its JPEG folder)" if data.suffix == ".beton" else ""))
+        exit_with(f"--data takes a JPEG folder in ImageNet layout; {data} is a file"
+                  + (" (give a .beton with --beton, beside its JPEG folder)" if data.suffix == ".beton" else ""))
     if not data.is_dir():
         hint = " (run `make demo` once to generate it)" if args.data == DEFAULT_DATA else ""
-        usage_error(f"data folder {data} does not exist{hint}")
+        exit_with(f"data folder {data} does not exist{hint}")
     recipe = MultiCropRecipe(global_size=args.global_size, local_size=args.local_size, num_local=args.num_local)
     names = [b for b in args.backends.split(",") if available(b)]
     skipped = [b for b in args.backends.split(",") if b not in names]
@@ -181,11 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             loaders[name] = build_train_loader(spec)
         except (BetonError, DataLayoutError) as err:  # --beton names a foreign file; fewer images than a batch
-            usage_error(str(err))
+            exit_with(err)
         need = args.warmup + args.batches
         if len(loaders[name]) < need:
-            usage_error(f"{name}: {len(loaders[name])} batches per epoch, need {need}; "
-                        "use more data or fewer --batches/--warmup")
+            exit_with(f"{name}: {len(loaders[name])} batches per epoch, need {need}; "
+                      "use more data or fewer --batches/--warmup")
     print(f"warming up {', '.join(names)} (first batches compile/spawn) ...", flush=True)
 
     width = max([14, *map(len, names)])  # the name column
@@ -199,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = loader_bench.interleaved_rates(loaders, args.repeats, args.warmup, args.batches, device, progress,
                                               memory, starts)
     except DataLayoutError as err:  # a folder of unreadable images: said by the loader, in a worker maybe
-        usage_error(without_worker_traceback(str(err)))
+        exit_with(err)
     results = {name: {**loader_bench.summarize(runs[name]),
                       "epoch_start_s": statistics.median(starts[name]) if name in starts else None,
                       "epoch_start_runs": starts.get(name, []),
