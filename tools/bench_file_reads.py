@@ -20,11 +20,10 @@ import argparse
 import importlib.util
 import os
 import platform
-import sys
 import time
 
 from fastssl.bench.loaders import summarize
-from fastssl.cli import ToolArgumentParser, output_file, write_output_json
+from fastssl.cli import ToolArgumentParser, exit_with, output_file, write_output_json
 from fastssl.run_log import utc_now
 from pipelines.folder import DataLayoutError, scan_source
 
@@ -62,13 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if importlib.util.find_spec("nvidia.dali") is None:  # the source lives in the DALI loader's module
-        print("error: DALI is not installed (`make setup` installs it)", file=sys.stderr)
-        sys.exit(2)
+        exit_with("DALI is not installed (`make setup` installs it)")
     try:
         samples, _ = scan_source(args.data)
     except DataLayoutError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     order = list(range(min(args.files, len(samples))))
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     runs: dict[int, list[float]] = {t: [] for t in args.thread_counts}
@@ -80,8 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  repeat {rep + 1}/{args.repeats} threads {threads:3d} {runs[threads][-1]:10.0f} files/s",
                       flush=True)
     except DataLayoutError as err:  # files that cannot be read
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     results = {str(t): summarize(r) for t, r in runs.items()}
     first = results[str(args.thread_counts[0])]["images_per_s"]
     print(f"\n{'threads':>7s} {'files/s':>10s} {'min':>10s} {'max':>10s} {'x ' + str(args.thread_counts[0]):>9s}")
