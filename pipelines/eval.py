@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
 from pipelines.images import UNREADABLE, load_rgb
-from pipelines.processes import leave_process_group, stop_signals_held
+from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import rank_share, sample_rng
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
 
@@ -101,7 +101,8 @@ class EvalLoader:
         batches = [self.indices[i : i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                             collate_fn=collate, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=leave_process_group if self.num_workers else None)
+                            worker_init_fn=leave_process_group if self.num_workers else None,
+                            multiprocessing_context=loader_workers_context(self.num_workers))
         with stop_signals_held():
             delivered = iter(loader)  # starts the workers
         for batch in delivered:

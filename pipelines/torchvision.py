@@ -22,7 +22,7 @@ from pipelines.batch import MultiCropBatch
 from pipelines.device_augment import augment_views, normalize_uint8
 from pipelines.folder import scan_source
 from pipelines.images import UNREADABLE, load_rgb, next_readable
-from pipelines.processes import leave_process_group, stop_signals_held
+from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import ShardedLoader, batch_seed, sample_rng
 from pipelines.spec import LoaderSpec
 
@@ -141,7 +141,8 @@ class TorchvisionLoader(ShardedLoader):
         loader = DataLoader(self.dataset, batch_sampler=keyed, num_workers=s.num_workers,
                             collate_fn=collate_views, pin_memory=s.device.type == "cuda",
                             worker_init_fn=_worker_init if s.num_workers else None,
-                            prefetch_factor=4 if s.num_workers else None)
+                            prefetch_factor=4 if s.num_workers else None,
+                            multiprocessing_context=loader_workers_context(s.num_workers))
         met: set[int] = set()  # unreadable images met this epoch: each counts once (MultiCropBatch.num_skipped)
         with stop_signals_held():
             batches = iter(loader)  # starts the workers

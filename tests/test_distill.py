@@ -243,7 +243,10 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, tea
     """A real SIGTERM after step 4 (the first of epoch 2's three): GracefulStop lets the step finish,
     the loop checkpoints mid-epoch and exits 143; --resume then logs the same steps, losses and
     epoch means, and ends with the same weights and queues, as the uninterrupted run (with and
-    without DataLoader workers: each image's augmentation is drawn from its own seed)."""
+    without DataLoader workers: each image's augmentation is drawn from its own seed).
+
+    A terminal's Ctrl-C or SLURM's scancel sends the signal to the trainer's whole process group;
+    a worker still in it would die of it and fail the trainer, so the workers must have left it."""
     common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3", "--train.epochs", "2",
               "--data.num_workers", workers]
     run(DistillConfig(), tiny_args(tmp_path, "once", *common))
@@ -253,7 +256,11 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, tea
         finish_step(self, *args)
         steps[0] += 1
         if steps[0] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
+            me = os.getpid()
+            workers_now = [int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()]
+            assert len(workers_now) == int(workers)  # mid-epoch: the epoch's workers live
+            assert all(os.getpgid(c) != os.getpgid(me) for c in workers_now)  # out of the group's signals
+            os.kill(me, signal.SIGTERM)
 
     monkeypatch.setattr(DistillObjective, "finish_step", finish_then_sigterm)
     capsys.readouterr()

@@ -729,18 +729,31 @@ def test_the_ffcv_backend_leaves_the_torch_thread_count_alone(image_folder, tmp_
 
 START_METHODS_SCRIPT = '''
 import multiprocessing
+import os
+import signal
 import sys
 
 import torch
 
+import pipelines.eval
+import pipelines.torchvision
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import EvalView
 from pipelines.eval import EvalLoader
+from pipelines.processes import STOP_SIGNALS, leave_process_group
 
 
-def read(root, method, workers):
-    """Epoch 1 of the training loader and the evaluation loader, workers started by `method`."""
-    multiprocessing.set_start_method(method, force=True)
+def first_step(worker_id=None):
+    """The workers' `leave_process_group`, first noting how the worker was born: by which process,
+    and whether the stop signals were held."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with open(os.environ["WORKER_BIRTHS"], "a") as f:
+        f.write(f"{os.getppid()}:{int(STOP_SIGNALS <= held)}\\n")
+    leave_process_group(worker_id)
+
+
+def read(root, workers):
+    """Epoch 1 of the training loader and the evaluation loader."""
     recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=2)
     spec = LoaderSpec(data=DataConfig(backend="torchvision", train=root), recipe=recipe, batch_size=4, seed=4,
                       num_workers=workers)
@@ -750,29 +763,34 @@ def read(root, method, workers):
     return train, [(x, y) for x, y, _ in EvalLoader(root, EvalView(16), 4, num_workers=workers)]
 
 
-if __name__ == "__main__":  # forkserver workers import this script: nothing may run then
-    reference = read(sys.argv[1], "fork", 0)
-    for method in ("forkserver",):
-        for ours, theirs in zip(read(sys.argv[1], method, 2), reference):
-            assert len(ours) == len(theirs) > 0
-            for a, b in zip(ours, theirs):
-                for x, y in zip(a, b):
-                    torch.testing.assert_close(x, y, atol=0, rtol=0)
-        print(method, "equal", flush=True)
+if __name__ == "__main__":  # a forkserver worker would import this script: nothing may run then
+    multiprocessing.set_start_method("forkserver", force=True)  # Python 3.14's default on Linux
+    pipelines.torchvision.leave_process_group = pipelines.eval.leave_process_group = first_step
+    reference = read(sys.argv[1], 0)
+    for ours, theirs in zip(read(sys.argv[1], 2), reference):
+        assert len(ours) == len(theirs) > 0
+        for a, b in zip(ours, theirs):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
+    print("equal", os.getpid(), flush=True)
 '''
 
 
 @pytest.mark.slow
-def test_loader_workers_started_by_forkserver_deliver_the_same_batches(image_folder, tmp_path):
-    """Python 3.14 starts DataLoader workers by forkserver on Linux, which pickles the dataset and
-    imports the main script in each worker: the loaders' datasets, collate and worker set-up must
-    survive that and give the batches of the training process itself."""
+def test_loader_workers_are_forked_by_the_trainer_whatever_pythons_default(image_folder, tmp_path):
+    """Python 3.14 starts processes by forkserver on Linux. The training and evaluation loaders'
+    workers must still be forked by the trainer with the stop signals held (a fork server's are
+    born with SIGTERM and SIGINT free, in the trainer's process group, and get the dataset pickled
+    at each epoch), and give the trainer's own batches."""
+    import os
     import subprocess
     import sys
 
-    script = tmp_path / "start_methods.py"
+    script, births = tmp_path / "start_methods.py", tmp_path / "births.txt"
     script.write_text(START_METHODS_SCRIPT)
     done = subprocess.run([sys.executable, str(script), str(image_folder)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=dict(os.environ, WORKER_BIRTHS=str(births)))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[0] == "forkserver equal", done.stdout
+    word, trainer = done.stdout.split()[:2]
+    assert word == "equal", done.stdout
+    assert births.read_text().split() == [f"{trainer}:1"] * 4  # 2 training workers, then 2 evaluation workers

@@ -37,6 +37,7 @@ from fastssl.recovery import TrainingDiverged, after_write_failure
 from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
+from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import shard_batches
 
 CLASSIFIER_FORMAT = "fastssl-classifier/1"
@@ -111,7 +112,9 @@ def lr_at(cfg: DistillConfig, epoch: int) -> float:
 def top1(model: Classifier, loader, device: torch.device) -> float:
     model.eval()
     right = total = 0
-    for batch in loader:
+    with stop_signals_held():  # its workers leave the process group before a stop signal reaches them
+        batches = iter(loader)
+    for batch in batches:
         if batch is None:  # no readable image in it
             continue
         x, y = batch
@@ -219,7 +222,9 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     workers = cfg.data.num_workers
     # its own generator: evaluating must not draw from the global RNG (a resumed run would diverge)
     val_loader = DataLoader(ReadableItems(val_set), batch_size=256, shuffle=False, num_workers=workers,
-                            generator=torch.Generator().manual_seed(0), collate_fn=collate_readable)
+                            generator=torch.Generator().manual_seed(0), collate_fn=collate_readable,
+                            worker_init_fn=leave_process_group if workers else None,
+                            multiprocessing_context=loader_workers_context(workers))
     model.train()
     stop = GracefulStop()
     saved_step = state.step if resume else None  # the step of the checkpoint on disk
@@ -286,9 +291,13 @@ def run_epoch(cfg: DistillConfig, epoch: int, train_items: Dataset, model: Disti
     if cfg.train.steps_per_epoch:
         batches = batches[: cfg.train.steps_per_epoch]
     loader = DataLoader(train_items, batch_sampler=[[(epoch, i) for i in b] for b in batches[state.batch_in_epoch:]],
-                        num_workers=cfg.data.num_workers)
+                        num_workers=cfg.data.num_workers,
+                        worker_init_fn=leave_process_group if cfg.data.num_workers else None,
+                        multiprocessing_context=loader_workers_context(cfg.data.num_workers))
     window_start = time.time()
-    for x, y in loader:
+    with stop_signals_held():  # the workers leave the process group before a stop signal reaches them
+        delivered = iter(loader)
+    for x, y in delivered:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits_s, feat_s = model.student(x)
         logits_t = emb_s = emb_t = None

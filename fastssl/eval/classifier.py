@@ -33,6 +33,7 @@ from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, INTERPOLAT
 from fastssl.models.backbone import FEATURE_DIMS
 from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
+from pipelines.processes import loader_workers_context
 
 # torchvision's RandomResizedCrop default, as the authors' eval_linear.py and SwAV's eval_semisup.py.
 TRAIN_SCALE = (0.08, 1.0)
@@ -89,7 +90,8 @@ def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int 
     batches whose images were all unreadable. A seeded `LabelledImages` is asked for (epoch, index):
     its random crops are a function of them, not of the workers."""
     keyed = batches if getattr(dataset, "seed", None) is None else [[(epoch, i) for i in b] for b in batches]
-    loader = DataLoader(dataset, batch_sampler=keyed, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_sampler=keyed, num_workers=num_workers, collate_fn=collate,
+                        multiprocessing_context=loader_workers_context(num_workers))
     return (batch for batch in loader if batch is not None)
 
 
