@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.context import BaseContext
@@ -59,10 +60,11 @@ def leave_process_group(_worker_id: int | None = None) -> None:
 
 
 def loader_workers_context(num_workers: int) -> BaseContext | None:
-    """The start method of every DataLoader's workers (its `multiprocessing_context`): fork, where the
-    platform has it, whatever Python's default; None (no workers, or no fork) leaves DataLoader's own.
+    """The start method of every DataLoader's workers (its `multiprocessing_context`): fork on Linux,
+    whatever Python's default; None (no workers, or another system: macOS forks unsafely and
+    defaults to spawn) leaves DataLoader's own.
 
-    Why not Python 3.14's default, forkserver (on Linux; Python 3.13 and earlier fork):
+    Why not Python 3.14's default on Linux, forkserver (Python 3.13 and earlier fork there):
     * the fork server is a child of the trainer, in its process group, and its workers are born
       with SIGTERM and SIGINT unblocked (measured with Python 3.11 and forkserver): a stop signal
       sent to the group while they start kills them, and the trainer fails instead of saving
@@ -73,6 +75,6 @@ def loader_workers_context(num_workers: int) -> BaseContext | None:
     Forking a trainer is safe because the workers never touch CUDA and the loaders free their DALI
     pipelines before any fork (tests/test_no_fork_hang.py). The converter's workers, which run FFCV's
     writer from any process, use a fork server of their own (`pipelines.beton_writer`)."""
-    if num_workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
+    if num_workers <= 0 or not sys.platform.startswith("linux"):
         return None
     return multiprocessing.get_context("fork")
