@@ -25,7 +25,7 @@ from pathlib import Path
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
 from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialConversion, job_fingerprint
-from pipelines.beton_writer import (ConvertDataset, WorkerError, check_files, signals_deferred, worker_context,
+from pipelines.beton_writer import (ConvertDataset, NothingToWrite, WorkerError, signals_deferred, worker_context,
                                     write_beton)
 from pipelines.cores import torch_threads_kept
 from pipelines.folder import is_image_file, read_text_file, walk_files
@@ -174,6 +174,9 @@ def scan(src: Path, labels: Path | None, classes_from: Path | None, subset_per_c
 
 
 PARTIAL = ".partial-"
+# How a saved conversion numbers its images: by their place in the source's list (earlier versions
+# numbered the images that passed a check pass run first, and saved no such entry).
+SAMPLE_IDS = "source order"
 
 
 def partial_path(out: Path, pid: int | None = None) -> Path:
@@ -234,14 +237,23 @@ def check_space(samples: list[tuple[str, int]], out: Path, already: int = 0, **o
     return need
 
 
+def no_images_message(src: Path, skipped: list[dict]) -> str:
+    """The error for a source without one convertible image, naming the first skipped file and why."""
+    first = f", e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
+    return f"no readable images under {str(src)!r} ({len(skipped)} skipped{first}); nothing to write"
+
+
 def resumable_job(partial: PartialConversion, inv: Inventory, options: dict, restart: bool) -> dict | None:
-    """The job saved in `partial` when it converts the same files with the same options (its
-    check pass is reused and `write_beton` continues its progress); None for a new conversion.
-    Says on stderr what it found."""
+    """The job saved in `partial` when it converts the same files with the same options
+    (`write_beton` continues its progress); None for a new conversion. Says on stderr what it found."""
     saved, count = partial.saved_job(), partial.saved_count()
     if saved is None or not count:
         return None
     where = str(partial.dir)
+    if saved.get("sample_ids") != SAMPLE_IDS:
+        print(f"starting over: {where} holds a conversion interrupted under an earlier version of this converter, "
+              f"which numbered its images differently ({count} images saved); they are discarded", file=sys.stderr)
+        return None
     if restart:
         print(f"--restart: discarding the {count} images an interrupted conversion saved in {where}", file=sys.stderr)
         return None
@@ -318,34 +330,36 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         workers = num_workers or os.cpu_count() or 1
         options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
                    "compress_probability": compress_probability, "write_mode": write_mode}
+        if not inv.samples:
+            raise ConversionError(no_images_message(src, inv.skipped))
         job = resumable_job(partial, inv, options, restart)
-        owned = job is not None
         already = partial.size_bytes() if job is not None else 0
-        if job is None:  # a new conversion: check every image once
-            reasons = check_files([p for p, _ in inv.samples], workers, progress)
-            bad = [{"path": p, "reason": r} for (p, _), r in zip(inv.samples, reasons) if r is not None]
-            job = {"fingerprint": job_fingerprint(inv.samples, inv.classes, options), "skipped": bad,
-                   "images": len(inv.samples) - len(bad)}
+        if job is None:  # a new conversion
+            job = {"fingerprint": job_fingerprint(inv.samples, inv.classes, options), "images": len(inv.samples),
+                   "sample_ids": SAMPLE_IDS}
             partial.start(job)
-            owned = True
-        skipped = {item["path"] for item in job["skipped"]}
-        inv.skipped.extend(job["skipped"])
-        good = [(path, label) for path, label in inv.samples if path not in skipped]
-        if not good:
-            first = f", e.g. {inv.skipped[0]['path']}: {inv.skipped[0]['reason']}" if inv.skipped else ""
-            raise ConversionError(f"no readable images under {str(src)!r} ({len(inv.skipped)} skipped{first}); "
-                                  "nothing to write")
-        estimate = check_space(good, out, already=already, max_resolution=max_resolution,
+        owned = True
+        num_workers = min(workers, len(inv.samples))
+        estimate = check_space(inv.samples, out, already=already, max_resolution=max_resolution,
                                write_mode=write_mode, compress_probability=compress_probability,
-                               num_workers=min(workers, len(good)))
+                               num_workers=num_workers)
         fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                              jpeg_quality=jpeg_quality, compress_probability=compress_probability),
                   LABEL_FIELD: IntField()}
-        resumed = write_beton(partial, fields, ConvertDataset(good), num_workers=min(workers, len(good)),
-                              progress=progress, checkpoint_every_s=checkpoint_every_s)
+        try:  # the images are checked as they are written: a bad one is skipped, and listed
+            resumed, bad = write_beton(partial, fields, ConvertDataset(inv.samples, max_resolution),
+                                       num_workers=num_workers, progress=progress,
+                                       checkpoint_every_s=checkpoint_every_s)
+        except NothingToWrite as err:
+            for i, reason in sorted(err.skipped.items()):
+                inv.skip(inv.samples[i][0], reason)
+            raise ConversionError(no_images_message(src, inv.skipped)) from None
+        for i, reason in sorted(bad.items()):
+            inv.skip(inv.samples[i][0], reason)
+        good = [sample for i, sample in enumerate(inv.samples) if i not in bad]
     except BaseException as err:
-        # A conversion this run did not take over (stopped while checking, before its `start`) is
-        # left as it was, unmentioned: the same command would not continue it.
+        # A conversion this run did not take over (stopped before its `start`) is left as it was,
+        # unmentioned: the same command would not continue it.
         kept = keep_or_discard(partial) if owned else leave_alone(partial)
         if isinstance(err, ConversionError):
             if not kept:

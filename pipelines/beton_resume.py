@@ -7,9 +7,8 @@ folder beside the output, `.OUT.partial/`:
 
 * `data`: the `.beton` being written (FFCV's layout: header, metadata, data pages; the
   allocation table and the final metadata are added when it completes);
-* `job.json`: what is being converted (a fingerprint of the file list, labels and options)
-  and the check pass's verdicts, so a resume neither mixes two conversions nor checks the
-  images again;
+* `job.json`: what is being converted (a fingerprint of the file list, labels and options,
+  and how images are numbered), so a resume never mixes two conversions;
 * `progress.npz`: the samples whose bytes are on disk (`Progress`), saved every
   `--checkpoint-every` seconds and when the converter is stopped;
 * `lock`: an exclusive `flock` while a converter works in the folder (the kernel drops it

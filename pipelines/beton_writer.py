@@ -1,5 +1,5 @@
-"""The converter's worker processes: checking images and writing a `.beton`, never forked
-from the caller.
+"""The converter's worker processes: decoding the images (skipping the bad ones) and writing a
+`.beton`, never forked from the caller.
 
 They live in an importable module because they are started by a fork server (see
 `worker_context`), which imports their code by name.
@@ -11,7 +11,7 @@ import os
 import sys
 
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, PartialConversion, Progress, durable_samples
-from pipelines.images import decode_problem
+from pipelines.images import decode_for_conversion
 from pipelines.processes import describe_exit
 
 # --------------------------------------------------------------------------- writing (the converter's workers)
@@ -35,6 +35,22 @@ from pipelines.processes import describe_exit
 WORKER_MODULES = ["pipelines.beton_writer", "pipelines.beton", "pipelines.images", "ffcv.fields", "ffcv.writer",
                   "ffcv.memory_allocator"]
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class SkippedImage(Exception):
+    """An image the converter leaves out (it cannot be read or decoded); `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NothingToWrite(RuntimeError):
+    """Every image was skipped; `skipped` maps sample ids to their reasons."""
+
+    def __init__(self, skipped: dict[int, str]):
+        super().__init__(f"all {len(skipped)} images were skipped")
+        self.skipped = skipped
 
 
 class WorkerError(RuntimeError):
@@ -128,12 +144,14 @@ class signals_deferred:
 
 
 class ConvertDataset:
-    """Indexable (image, label) pairs for FFCV's writer; seeds numpy per image so that the
-    writer's random JPEG-or-raw choice ('proportion' mode) is reproducible. Pickled once per
-    worker (the sample list, about 100 bytes an image)."""
+    """Indexable (image, label) pairs for FFCV's writer; an image that cannot be converted raises
+    SkippedImage with the reason. Seeds numpy per image so that the writer's random JPEG-or-raw
+    choice ('proportion' mode) is reproducible. Pickled once per worker (the sample list, about
+    100 bytes an image)."""
 
-    def __init__(self, samples: list[tuple[str, int]]):
+    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None = None):
         self.samples = samples
+        self.max_resolution = max_resolution
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -141,18 +159,30 @@ class ConvertDataset:
     def __getitem__(self, i: int):
         import numpy as np
 
-        from pipelines.images import load_rgb
-
         path, label = self.samples[i]
         np.random.seed(i % (2**32))
-        try:
-            return np.asarray(load_rgb(path)), label  # full decode, CMYK / L / P / RGBA -> RGB
-        except OSError as err:
-            if err.errno is None:
-                raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
-            raise type(err)(err.errno, f"{path}: {err.strerror}") from err  # errno kept (ENOSPC, ENOENT...)
-        except Exception as err:
-            raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
+        pixels, reason = decode_for_conversion(path)  # CMYK / L / P / RGBA -> RGB
+        if pixels is None:
+            raise SkippedImage(reason)
+        return keep_a_pixel(pixels, self.max_resolution), label
+
+
+def keep_a_pixel(pixels, max_resolution: int | None):
+    """`pixels`, resized here only when FFCV's RGBImageField would resize a side to 0 pixels. FFCV
+    scales the longer side to `max_resolution` and truncates both (`int`): a very thin image (a
+    2000 x 3 banner at 500) gets a side of 0, and OpenCV's resize fails the whole conversion. Such
+    an image is resized the same way (INTER_AREA) with each side at least 1 pixel, and FFCV then
+    leaves it as it is; every other image is returned untouched, for FFCV to resize."""
+    import numpy as np
+
+    height, width = pixels.shape[:2]
+    ratio = 1.0 if max_resolution is None else max_resolution / max(height, width)
+    if ratio >= 1 or min((np.array([width, height]) * ratio).astype(int)) >= 1:
+        return pixels
+    import cv2
+
+    size = (max(1, int(width * ratio)), max(1, int(height * ratio)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
 def _write_worker(errors, work_fn, args) -> None:
@@ -169,9 +199,9 @@ def _write_worker(errors, work_fn, args) -> None:
 
 def _write_samples(work, metadata_sm, metadata_type, fields, allocator, done, finished, dataset) -> None:
     """FFCV's `worker_job_indexed_dataset`, reporting as it goes: after each chunk, the chunk's
-    sample ids and their allocation-table entries go to `finished` (FFCV sends a worker's whole
-    table once, at its end), so the parent can save progress while the conversion runs; a
-    final None says this worker's last page is written."""
+    written sample ids, their allocation-table entries and the skipped ones with their reasons go
+    to `finished` (FFCV sends a worker's whole table once, at its end), so the parent can save
+    progress while the conversion runs; a final None says this worker's last page is written."""
     import numpy as np
     from ffcv.writer import handle_sample
 
@@ -179,9 +209,16 @@ def _write_samples(work, metadata_sm, metadata_type, fields, allocator, done, fi
     names = metadata_type.names
     with allocator:  # on leaving: this worker's last page is written
         while (chunk := work.get()) is not None:
+            written, skipped = [], []
             for dest, source in chunk:
-                handle_sample(dataset[source], dest, names, metadata, allocator, fields)
-            finished.put(([dest for dest, _ in chunk], allocator.allocations))
+                try:
+                    sample = dataset[source]
+                except SkippedImage as err:
+                    skipped.append((dest, err.reason))
+                    continue
+                handle_sample(sample, dest, names, metadata, allocator, fields)
+                written.append(dest)
+            finished.put((written, allocator.allocations, skipped))
             allocator.allocations = []  # reported; a new chunk starts with a new sample
             with done.get_lock():
                 done.value += len(chunk)
@@ -206,37 +243,10 @@ def _raise_if_failed(procs: list, errors, what: str) -> None:
     raise WorkerError(f"{what} worker failed: {message}", errno)
 
 
-def check_files(paths: list[str], num_workers: int, progress: bool = False) -> list[str | None]:
-    """`decode_problem` over `paths` in `num_workers` processes, in order. A worker that dies
-    raises WorkerError at once (ProcessPoolExecutor notices; multiprocessing.Pool would
-    silently replace the worker and wait forever for the lost task)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from tqdm.auto import tqdm
-
-    if not paths:
-        return []
-    pool = ProcessPoolExecutor(max(1, num_workers), mp_context=worker_context(), initializer=worker_init)
-    try:
-        with signals_deferred():  # map() submits every chunk, starting the workers, right away
-            checked = pool.map(decode_problem, paths, chunksize=16)
-        results = list(tqdm(checked, total=len(paths), desc="checking", unit="img", disable=not progress))
-    except BaseException as err:
-        for p in list((getattr(pool, "_processes", None) or {}).values()):  # private, but no public way
-            if p.is_alive():
-                p.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if isinstance(err, (BrokenProcessPool, BrokenPipeError)):  # the latter: died as it started
-            raise WorkerError("a worker checking the images died (killed or crashed)") from None
-        raise
-    pool.shutdown(wait=True)
-    return results
-
-
 class _Collected:
     """What the parent knows of the samples written so far: which finished (their metadata rows
-    are final) and where their bytes are; from it, the progress a resume can trust."""
+    are final) and where their bytes are, and which were skipped and why; from it, the progress
+    a resume can trust (a skipped sample is not part of it: a resume tries it again)."""
 
     def __init__(self, n: int, saved: Progress | None):
         import numpy as np
@@ -248,6 +258,7 @@ class _Collected:
         if saved is not None:
             self.received[saved.sample_ids.astype(np.int64)] = True
             self.tables.append(saved.allocations.astype(ALLOC_TABLE_TYPE))
+        self.skipped: dict[int, str] = {}
         self.workers_done = 0
 
     def drain(self, finished) -> None:
@@ -264,10 +275,11 @@ class _Collected:
             if report is None:
                 self.workers_done += 1
                 continue
-            ids, entries = report
+            ids, entries, skipped = report
             ids, entries = np.asarray(ids, dtype=np.int64), np.array(entries, dtype=self.dtype)
             self.tables.append(entries)  # before the ids: a stop in between must not leave a sample without bytes
             self.received[ids] = True
+            self.skipped.update(skipped)
 
     def table(self):
         import numpy as np
@@ -323,13 +335,33 @@ def _resume(writer, partial: PartialConversion, saved: Progress) -> None:
     del metadata
 
 
+def _compact(writer, table, skipped: dict[int, str]):
+    """Leave the skipped samples out of the finished file: the written samples' metadata rows move,
+    in sample order, to the front of the shared metadata that `finalize` writes, the allocation
+    table's ids follow them, and the header counts only them. The metadata region keeps its size
+    (the data pages start after it); FFCV reads its first `num_samples` rows. Returns the table."""
+    import numpy as np
+
+    keep = np.ones(writer.num_samples, dtype=bool)
+    keep[np.fromiter(skipped, dtype=np.int64)] = False
+    metadata = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
+    metadata[: int(keep.sum())] = metadata[keep]  # the right side is a copy
+    del metadata  # no view may outlive the shared memory
+    table = table.copy()
+    table["sample_id"] = (np.cumsum(keep) - 1)[table["sample_id"].astype(np.int64)]
+    writer.header["num_samples"] = int(keep.sum())
+    return table
+
+
 def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_workers: int, chunksize: int = 32,
-                progress: bool = False, checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> int:
+                progress: bool = False, checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> tuple[int, dict[int, str]]:
     """FFCV's `DatasetWriter.from_indexed_dataset` into `partial.data`, continuing the progress
     saved there, saving its own every `checkpoint_every_s` seconds and when it stops (error,
-    signal); returns how many samples were already saved. Workers come from `worker_context()`
-    and the parent never waits on a dead one: any error or death raises WorkerError, the other
-    workers are killed and the shared memory is released. The file is FFCV's (its `prepare`,
+    signal). Returns how many samples were already saved, and the skipped ones (the dataset
+    raised SkippedImage: {sample id: reason}), which the finished file leaves out (`_compact`);
+    NothingToWrite when every sample was skipped. Workers come from `worker_context()` and the
+    parent never waits on a dead one: any error or death raises WorkerError, the other workers
+    are killed and the shared memory is released. The file is FFCV's (its `prepare`,
     `handle_sample` and `finalize` are used unchanged)."""
     import ctypes
     import time
@@ -349,6 +381,7 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
     procs: list = []
     queues: list = []
     allocator = collected = None
+    compacted = False  # the shared metadata rows no longer sit at their sample ids: no progress from them
 
     def save() -> None:
         written = allocator.next_page_written.value  # read first: those pages are on disk now
@@ -407,10 +440,22 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
                 time.sleep(0.05)
         for p in procs:
             p.join(timeout=30)
-        writer.finalize(collected.table().tolist())
-        return resumed
+        collected.drain(finished)
+        unaccounted = n - int(collected.received.sum()) - len(collected.skipped)
+        if unaccounted:
+            raise WorkerError(f"{unaccounted} images were neither written nor skipped by the writing workers")
+        if len(collected.skipped) == n:
+            raise NothingToWrite(collected.skipped)
+        if collected.skipped:
+            save()  # the last progress that the rows below describe, should the finalisation fail
+            compacted = True
+            table = _compact(writer, collected.table(), collected.skipped)
+        else:
+            table = collected.table()
+        writer.finalize(table.tolist())
+        return resumed, collected.skipped
     except BaseException as err:
-        if collected is not None and allocator is not None:
+        if collected is not None and allocator is not None and not compacted:
             with suppress(Exception):  # keep what is on disk; a failure here (the disk is full) keeps the last save
                 save()
         deadline = time.monotonic() + 0.5  # the workers that died: for the message below

@@ -2,7 +2,8 @@
 
 * Decoding with PIL (`load_rgb`): fully, so a truncated file fails here and not later, and
   converted to RGB; `UNREADABLE` are the errors PIL raises on a bad file.
-* The converter's verdict on a file (`decode_problem`): the sniff, then a reduced-scale decode.
+* The converter's verdict on a file and its pixels (`decode_for_conversion`): the sniff, then a
+  full decode of the bytes read once.
 * Sniffing (`problem`): cheap checks on encoded bytes, before a decoder that cannot skip a
   bad sample sees them. DALI's decoders fail the WHOLE pipeline on one undecodable sample
   ("Current pipeline object is no longer valid"), so the DALI loaders screen each file's
@@ -24,6 +25,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import itertools
 import threading
 import warnings
@@ -97,27 +99,26 @@ def problem(data: bytes | memoryview) -> str | None:
     return None
 
 
-def decode_problem(path: str) -> str | None:
-    """Why the file at `path` cannot be decoded (the converter's verdict), or None. Decodes at reduced
-    scale (JPEG draft mode): every compressed byte is still read, so truncation is caught, at a
-    fraction of a full decode's cost."""
+def decode_for_conversion(path: str) -> tuple[np.ndarray | None, str | None]:
+    """(the file's pixels, RGB, H x W x 3 uint8; None), or (None, why it cannot be converted): the
+    converter's verdict, from one read of the file. The sniff (`problem`) first, then a full decode,
+    which reads every compressed byte, so a truncated or corrupt stream is caught here."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
-        return f"unreadable: {err}"
+        return None, f"unreadable: {err}"
     reason = problem(data)
     if reason is not None:
-        return reason
+        return None, reason
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.width < 1 or img.height < 1:
-                return "zero-sized image"
+                return None, "zero-sized image"
+            return np.asarray(img.convert("RGB")), None
     except UNREADABLE as err:
-        return f"undecodable: {type(err).__name__}: {err}"
-    return None
+        return None, f"undecodable: {type(err).__name__}: {err}"
 
 
 def read_screened(path: str) -> tuple[np.ndarray | None, str | None]:

@@ -276,8 +276,8 @@ def assert_nothing_left_or_kept(folder: Path, out: Path, err: str) -> None:
 def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beton(big_folder, tmp_path,
                                                                                    start_converter):
     """Progress saved every 0.1 s; killed (SIGKILL: nothing runs after it) once some images are
-    saved. The rerun continues from them, without checking the images again, and its .beton
-    holds exactly what an uninterrupted conversion stores."""
+    saved. The rerun continues from them, and its .beton holds exactly what an uninterrupted
+    conversion stores."""
     out = tmp_path / "x.beton"
     proc = start_converter(big_folder, out, "--checkpoint-every", "0.1", "--write-mode", "raw")  # many pages
     below = set(wait_for_workers(proc, out, writing=True))
@@ -295,7 +295,6 @@ def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beto
                             "--write-mode", "raw"], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming the interrupted conversion in {tmp_path / '.x.beton.partial'}: " in rerun.stderr
-    assert "checking" not in rerun.stderr  # the check pass's verdicts were saved with the job
     assert "of them by an earlier run" in rerun.stdout, rerun.stdout
     assert json.loads(summary_path(out).read_text())["resumed"] >= saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
@@ -323,29 +322,19 @@ def test_sigterm_saves_progress_and_stops_the_workers(big_folder, tmp_path, star
     assert not alive(below)
 
 
-@pytest.mark.parametrize("writing", [False, True], ids=["checking", "writing"])
-def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_path, writing, start_converter):
-    """The image check is short (draft decodes): a kill that lands after a checking worker's
-    last task costs nothing, and the conversion rightly completes. Such a late kill is
-    retried (at most 3 attempts); the test needs one kill that hit a worker with work left."""
-    for attempt in range(3):
-        out = tmp_path / "x.beton"
-        proc = start_converter(big_folder, out)
-        below = wait_for_workers(proc, out, writing)
-        victim = min(c for c, p in below.items() if p != proc.pid)  # a worker, not the fork server
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        try:
-            code, _, err = proc.finish(timeout=15)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the converter still waits {time.monotonic() - killed:.0f} s after a worker died") \
-                from None
-        if writing or code != 0:
-            break
-        assert out.is_file(), err  # too late to matter: the conversion is whole
-        for leftover in tmp_path.iterdir():
-            leftover.unlink()  # the .beton and its summary: the partial folder went with the success
-    assert code == 1 and "worker" in err and "died" in err, (attempt, err)
+def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_path, start_converter):
+    out = tmp_path / "x.beton"
+    proc = start_converter(big_folder, out)
+    below = wait_for_workers(proc, out, writing=True)
+    victim = min(c for c, p in below.items() if p != proc.pid)  # a worker, not the fork server
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        code, _, err = proc.finish(timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the converter still waits {time.monotonic() - killed:.0f} s after a worker died") \
+            from None
+    assert code == 1 and "worker" in err and "died" in err, err
     assert err.count("error:") == 1 and "Traceback" not in err, err
     assert_nothing_left_or_kept(tmp_path, out, err)
     deadline = time.monotonic() + 10
@@ -355,24 +344,67 @@ def test_a_worker_killed_fails_the_conversion_within_seconds(big_folder, tmp_pat
 
 
 def test_a_failing_worker_reports_its_error_and_keeps_only_saved_images(conv, tmp_path, monkeypatch):
-    """An image that vanishes between the check and the write: FFCV's writer waited forever."""
+    """A worker's error (here: a label FFCV cannot store) fails the conversion at once, with the
+    worker's message; FFCV's own writer waited forever for such a worker."""
     src = tmp_path / "train"
-    paths = make_image_folder(src, num_classes=2, per_class=3)
-    real = conv.check_files
-
-    def check_then_delete(*args, **kwargs):
-        result = real(*args, **kwargs)
-        paths[4].unlink()
-        return result
-
-    monkeypatch.setattr(conv, "check_files", check_then_delete)
+    make_image_folder(src, num_classes=2, per_class=3)
+    listed = conv.scan(src, None, None, 0)
+    listed.samples[4] = (listed.samples[4][0], "not a label")
+    monkeypatch.setattr(conv, "scan", lambda *args: listed)
     out = tmp_path / "out" / "x.beton"
     out.parent.mkdir()
     start = time.monotonic()
-    with pytest.raises(conv.ConversionError, match=f"{paths[4]}: No such file") as failed:
+    with pytest.raises(conv.ConversionError, match="writing worker failed: ValueError") as failed:
         conv.convert(src, out, num_workers=2, progress=False)
     assert time.monotonic() - start < 60
     assert_nothing_left_or_kept(tmp_path / "out", out, str(failed.value))
+
+
+def test_an_image_gone_before_its_write_is_skipped_and_listed(conv, tmp_path, monkeypatch):
+    """The files are listed first and read as they are written: one deleted in between is skipped
+    like any unreadable file, and the others are written."""
+    src = tmp_path / "train"
+    paths = make_image_folder(src, num_classes=2, per_class=3)
+    real = conv.check_space
+
+    def check_then_delete(*args, **kwargs):
+        paths[4].unlink()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "check_space", check_then_delete)
+    summary = conv.convert(src, tmp_path / "x.beton", num_workers=2, progress=False)
+    assert summary["written"] == 5 and [s["path"] for s in summary["skipped"]] == [str(paths[4])]
+    assert summary["skipped"][0]["reason"].startswith("unreadable: ") and "No such file" in summary["skipped"][0]["reason"]
+
+
+def test_skipped_images_leave_no_trace_in_the_beton(conv, tmp_path):
+    """Bad images among good ones, found as the workers write: the .beton equals the conversion of
+    the good ones alone (raw storage: no random choice), sample for sample, and its header counts them."""
+    src, clean = tmp_path / "train", tmp_path / "clean"
+    paths = make_image_folder(src, num_classes=2, per_class=5)
+    make_image_folder(clean, num_classes=2, per_class=5)
+    for k in (0, 3, 9):  # the first, one inside, the last
+        data = paths[k].read_bytes()
+        paths[k].write_bytes(data[: len(data) // 2])  # truncated
+        (clean / paths[k].relative_to(src)).unlink()
+    summary = conv.convert(src, tmp_path / "x.beton", num_workers=2, progress=False, write_mode="raw")
+    assert summary["written"] == 7 and sorted(s["path"] for s in summary["skipped"]) == sorted(
+        str(paths[k]) for k in (0, 3, 9))
+    conv.convert(clean, tmp_path / "clean.beton", num_workers=2, progress=False, write_mode="raw")
+    assert stored_content(tmp_path / "x.beton") == stored_content(tmp_path / "clean.beton")
+    labels, _ = read_beton(tmp_path / "x.beton")
+    assert labels == [0] * 3 + [1] * 4
+
+
+def test_an_image_thinner_than_a_pixel_at_the_stored_size_is_kept(conv, tmp_path):
+    """FFCV's resize truncates each side: a 2000 x 3 banner at --max-resolution 500 would be 0
+    pixels high, and OpenCV failed the whole conversion. It is stored 500 x 1."""
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=1, per_class=2)
+    Image.fromarray(np.full((3, 2000, 3), 200, np.uint8)).save(src / "class_00" / "banner.JPEG")
+    summary = conv.convert(src, tmp_path / "x.beton", num_workers=1, progress=False, max_resolution=500)
+    assert summary["written"] == 3 and summary["skipped"] == []
+    assert sorted(read_beton(tmp_path / "x.beton")[1])[0] == (1, 500)  # (height, width)
 
 
 def test_a_full_disk_keeps_the_images_written_and_the_same_call_finishes_later(conv, tmp_path, monkeypatch, capsys):
@@ -454,9 +486,23 @@ def test_saved_progress_whose_file_was_damaged_is_not_trusted(conv, tmp_path, mo
     assert stored_content(out) == stored_content(tmp_path / "fresh.beton")
 
 
+def test_a_conversion_saved_by_an_earlier_converter_starts_over(conv, tmp_path, monkeypatch, capsys):
+    """Earlier converters numbered the images that passed their check pass, not the source's list:
+    their saved images cannot be continued by sample id, so they are discarded, saying so."""
+    src, out = stopped_by_a_full_disk(conv, monkeypatch, tmp_path)
+    job_file = tmp_path / ".x.beton.partial" / "job.json"
+    job = json.loads(job_file.read_text())
+    job.pop("sample_ids")
+    job_file.write_text(json.dumps(job))
+    capsys.readouterr()
+    summary = conv.convert(src, out, num_workers=1, progress=False)
+    assert "under an earlier version of this converter" in capsys.readouterr().err and summary["resumed"] == 0
+
+
 def test_a_stop_before_a_run_takes_over_leaves_the_earlier_conversion_as_it_was(conv, tmp_path, monkeypatch):
-    """Saved images of other options: a run stopped while checking its own files neither claims
-    them (the same command would not continue them) nor removes them; their own command resumes."""
+    """Saved images of other options: a run stopped before it takes the folder over (while it lists
+    its files) neither claims them (the same command would not continue them) nor removes them;
+    their own command resumes."""
     src, out = stopped_by_a_full_disk(conv, monkeypatch, tmp_path, jpeg_quality=50)
     job = (tmp_path / ".x.beton.partial" / "job.json").read_text()
 
@@ -464,7 +510,7 @@ def test_a_stop_before_a_run_takes_over_leaves_the_earlier_conversion_as_it_was(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(conv, "check_files", stopped)
+        patch.setattr(conv, "scan", stopped)
         with pytest.raises(KeyboardInterrupt):
             conv.convert(src, out, num_workers=1, progress=False, jpeg_quality=90)
     assert saved_images(out) == 4 and (tmp_path / ".x.beton.partial" / "job.json").read_text() == job

@@ -12,7 +12,8 @@ What it guarantees:
   names, in label order, are written beside the output in `OUT.json` (e.g. `train.beton.json`).
 * Bad input is skipped and reported, never fatal: non-image files, truncated or corrupt
   images, and empty class folders are listed with the reason in the summary;
-  CMYK, grayscale, palette and PNG-named-.JPEG images are converted to RGB.
+  CMYK, grayscale, palette and PNG-named-.JPEG images are converted to RGB. Each image is
+  read and decoded once, by the worker that writes it (no separate check pass).
 * Exit status: 0 whenever the `.beton` was produced (skips included); 1 when it could not
   be (nothing readable, a write error such as a full disk, a worker that crashed, another
   converter writing the same output); 2 for a usage error: bad options, a missing source,
@@ -27,7 +28,7 @@ What it guarantees:
   `.OUT.partial/`, and moved into place only when complete. Progress is saved there every
   `--checkpoint-every` seconds (default 60) and when the converter is stopped (Ctrl-C,
   SIGTERM, a SLURM time limit) or fails (a full disk, a crashed worker); rerunning the same
-  command continues from the saved images without checking the files again, and says so.
+  command continues from the saved images, and says so (skipped images are tried again).
   Other files or options start over (saying so), as does `--restart`. A failure before
   any image was saved removes the folder; two converters never write one output at once
   (where the filesystem supports `flock`). A resumed `.beton` reads the same, and may be
