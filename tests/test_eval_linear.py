@@ -418,3 +418,68 @@ def test_a_report_that_replaces_an_earlier_one_says_so(tmp_path, capsys):
     assert first == f"wrote {path} and {path.with_suffix('.md')}\n"
     assert second == first.rstrip("\n") + " (replacing an earlier report there; pass --json elsewhere to keep both)\n"
     assert json.loads(path.read_text()) == {"top1": 2.0}
+
+
+def test_a_stopped_probe_goes_on_from_its_last_epoch_and_ends_as_an_uninterrupted_one(tool, toy_run, single_thread,
+                                                                                        tmp_path, monkeypatch, capsys):
+    """Stopped in its 4th epoch of 6 (3 steps each), the same command says it resumes after 3
+    epochs, takes only the last 9 steps, and ends with the losses and figures of a run that was
+    never stopped (cached features too: their copies are drawn per epoch). The saved progress
+    belongs to its settings only, and goes once the report is written."""
+    from fastssl.eval import linear
+    from fastssl.eval.probe_state import load_state
+
+    heads, evaluate, real, taken = [], linear.evaluate_head, linear.sgd_step, [0]
+
+    def evaluate_and_keep(backbone, head, *args, **kwargs):
+        heads.append(torch.cat([head.weight.detach().flatten(), head.bias.detach()]).clone())
+        return evaluate(backbone, head, *args, **kwargs)
+
+    monkeypatch.setattr(linear, "evaluate_head", evaluate_and_keep)
+    for name, mode in (("fresh", []), ("cached", ["--cached-features", "--cached-views", "2"])):
+        argv = [str(toy_run), "--epochs", "6", "--batch-size", "6", "--base-lr", "0.5", "--no-progress",
+                "--extract-batch-size", "8", *mode]
+        whole = tool.main(argv + ["--json", str(tmp_path / f"{name}_whole.json")])
+        out, partial = tmp_path / f"{name}.json", tmp_path / f".{name}.json.partial.pt"
+        taken[0] = 0
+
+        def counted(*args, stop_at=None, **kwargs):
+            taken[0] += 1
+            if taken[0] == stop_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(linear, "sgd_step", lambda *a, **k: counted(*a, stop_at=3 * 3 + 1, **k))
+        with pytest.raises(KeyboardInterrupt):
+            tool.main(argv + ["--json", str(out)])
+        assert partial.exists() and not out.exists()
+        capsys.readouterr()
+        assert load_state(partial, "another probe's fingerprint", restart=False) is None
+        assert "with other settings or training images" in capsys.readouterr().err
+        taken[0] = 0
+        monkeypatch.setattr(linear, "sgd_step", counted)
+        resumed = tool.main(argv + ["--json", str(out)])
+        assert f"resuming the linear probe from {partial}: 3 epochs done" in capsys.readouterr().err
+        assert taken[0] == 3 * 3
+        assert resumed["loss_per_epoch"] == whole["loss_per_epoch"]
+        assert (resumed["top1"], resumed["top5"]) == (whole["top1"], whole["top5"])
+        assert torch.equal(heads[-1], heads[0]) and not partial.exists()  # the same head, to the bit
+        heads.clear()
+        monkeypatch.setattr(linear, "sgd_step", real)
+
+
+def test_the_cached_copy_each_image_uses_depends_on_the_epoch_only():
+    """A resumed probe starts at a later epoch: the copies it picks there must be those an
+    uninterrupted probe picks after its earlier epochs (8 copies of 50 images, all distinct)."""
+    from fastssl.eval.linear import cached_source
+
+    feats = torch.arange(8 * 50 * 2, dtype=torch.float32).view(8, 50, 2)
+    labels, valid = torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.bool)
+    batches = [list(range(0, 25)), list(range(25, 50))]
+
+    def picked(epochs: list[int]) -> list[torch.Tensor]:
+        source = cached_source(feats, labels, valid, torch.device("cpu"), seed=3)
+        return [torch.cat([f for f, _ in source(e, batches)]) for e in epochs][-1]
+
+    assert torch.equal(picked([0, 1, 2]), picked([2]))
+    assert not torch.equal(picked([1]), picked([2]))  # a new draw each epoch

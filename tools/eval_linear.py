@@ -37,7 +37,11 @@ Two ways to feed the classifier:
   machine's available memory is short, and says what would fit.
 
 Data order, head initialisation and the choice of cached copy come from --seed; given the
-same cached features, the two modes see the same batches in the same order. Writes JSON
+same cached features, the two modes see the same batches in the same order. After every epoch
+the probe saves its progress beside the report (`.eval_linear.json.partial.pt`): a stopped
+probe (a time limit, Ctrl-C, kill) rerun with the same command goes on from its last epoch and
+ends as an uninterrupted one would (the --cached-features cache is computed again); other
+settings start over, as does --restart. Writes JSON
 (default RUN_DIR/eval_linear.json, or <stem>_eval_linear.json beside a backbone file)
 with the settings used, the per-epoch loss and the timings, and (for a run directory)
 the run's own k-NN figure beside it.
@@ -51,6 +55,7 @@ from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.linear import PROTOCOLS, apply_protocol, linear_probe, prepare
+from fastssl.eval.probe_state import forget_state, state_path
 from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
@@ -77,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extract-batch-size", type=int_at_least(1), default=256,
                     help="batch for running the frozen backbone")
+    ap.add_argument("--restart", action="store_true",
+                    help="start over, discarding an unfinished probe's saved epochs (kept beside the report)")
     add_run_arguments(ap, loader_help="reader of the resize + centre-crop images (val, and the --cached-views 0 "
                                       "cache): torchvision or dali; the random-resized-crop training images always "
                                       "use torchvision")
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_report(inputs.found["out"], report)
     except EvalError as err:
         exit_with(err)
+    forget_state(state_path(inputs.found["out"]))
     return report
 
 

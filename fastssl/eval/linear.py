@@ -12,6 +12,7 @@ which is what lets the fast mode be checked against the slow one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batch
                                      new_head, progress_bar, sgd_step, step_decay, to_device, train_crop_words,
                                      train_transform)
 from fastssl.eval.errors import EvalError
+from fastssl.eval.probe_state import fingerprint, load_state, save_state, state_path
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import cosine, scaled_lr
 from pipelines.augment import EvalView
 from pipelines.eval import eval_loader_class
+from pipelines.sampler import batch_seed
 
 __all__ = ["Protocol", "PROTOCOLS", "apply_protocol", "FeatureSource", "prepare", "linear_probe", "fit_linear",
            "per_epoch_source", "cached_source", "cache_train_features", "cache_bytes", "check_cache_fits",
@@ -129,10 +132,11 @@ def per_epoch_source(backbone: torch.nn.Module, dataset: LabelledImages, device:
 def cached_source(feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, device: torch.device,
                   seed: int) -> FeatureSource:
     """Stored features (views x N x D): each epoch every image uses one of its copies, drawn
-    from a generator of its own so the batch order equals the per-epoch source's."""
-    views = torch.Generator().manual_seed(seed + 1)
+    from a generator of the epoch's own (`batch_seed(seed, epoch, 0, 0)`), so the batch order
+    equals the per-epoch source's and a resumed probe draws what an uninterrupted one does."""
 
     def source(epoch: int, batches: list[list[int]]):
+        views = torch.Generator().manual_seed(batch_seed(seed, epoch, 0, 0))
         pick = torch.randint(feats.shape[0], (feats.shape[1],), generator=views)
         for batch in batches:
             idx = torch.tensor(batch)
@@ -144,15 +148,21 @@ def cached_source(feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
 
 
 def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argparse.Namespace,
-               bar=None) -> list[float]:
+               bar=None, resume: dict | None = None, save: Callable[[dict], object] | None = None) -> list[float]:
     """SGD on the head, the lr set once per epoch by `args.protocol` (cosine to 0, or steps at its
-    milestones); the mean training loss of every epoch."""
+    milestones); the mean training loss of every epoch. `resume`: a state `save` was given after
+    an epoch (`fastssl.eval.probe_state`), to go on from; `save(state)` is called after every epoch."""
     protocol = PROTOCOLS[args.protocol]
     peak = scaled_lr(args.base_lr, args.batch_size)
     opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=args.momentum, weight_decay=args.weight_decay)
     order = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for epoch in range(args.epochs):
+    losses, first = [], 0
+    if resume is not None:
+        head.load_state_dict(resume["head"])
+        opt.load_state_dict(resume["optimizer"])
+        order.set_state(resume["order"])
+        losses, first = list(resume["losses"]), resume["epoch"]
+    for epoch in range(first, args.epochs):
         for group in opt.param_groups:
             group["lr"] = (step_decay(epoch, peak, protocol.milestones, protocol.gamma) if protocol.milestones
                            else cosine(epoch, args.epochs, peak, 0.0))
@@ -162,6 +172,9 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
             loss = sgd_step(opt, F.cross_entropy(head(feats), labels), bar, epoch)
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
+        if save is not None:
+            save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer": opt.state_dict(),
+                  "order": order.get_state(), "losses": losses})
     return losses
 
 
@@ -196,17 +209,37 @@ def train_augmentation(args: argparse.Namespace, view: EvalView) -> str:
         f"{crops}, fresh every epoch"
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every tensor of `module`'s state: a probe resumes on the same weights only."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def probe_settings(inputs: EvalInputs, args: argparse.Namespace) -> dict:
+    """Everything an epoch of the probe depends on, for its saved progress' fingerprint."""
+    keys = ("protocol", "epochs", "batch_size", "base_lr", "momentum", "weight_decay", "cached_features",
+            "cached_views", "cache_dtype", "seed", "precision")
+    return {**{k: getattr(args, k) for k in keys}, "arch": inputs.arch, "weights": weights_digest(inputs.backbone),
+            "view": inputs.found["view"].describe()}
+
+
 def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     """Train the linear head as the command line says and test it on val; the report (not written).
 
     The batch is capped at the training set's size and the lr scales with the batch used;
-    the report keeps the requested one beside it."""
+    the report keeps the requested one beside it. Progress is saved after every epoch beside
+    the report and picked up by the same command (`fastssl.eval.probe_state`)."""
     found, train_samples = inputs.found, inputs.train_samples
     device, view, protocol = pick_device(args.device), found["view"], PROTOCOLS[args.protocol]
     requested = args.batch_size
     args = argparse.Namespace(**{**vars(args), "batch_size": min(args.batch_size, len(train_samples))})
     backbone = inputs.backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     head = new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed).to(device)
+    progress_file, key = state_path(inputs.found["out"]), fingerprint(probe_settings(inputs, args), train_samples)
+    resume = load_state(progress_file, key, getattr(args, "restart", False))
     start = time.perf_counter()
     if args.cached_features:
         feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, view, args, device)
@@ -219,7 +252,10 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
                else -(-len(train_samples) // args.batch_size))
     steps = args.epochs * batches
     bar = progress_bar(steps, "linear classifier", not args.no_progress, unit="step")
-    losses = fit_linear(head, source, len(train_samples), args, bar)
+    if bar is not None and resume is not None:
+        bar.update(resume["epoch"] * batches)
+    losses = fit_linear(head, source, len(train_samples), args, bar, resume,
+                        save=lambda state: save_state(progress_file, state, key))
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start - features_s
