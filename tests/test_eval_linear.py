@@ -450,10 +450,11 @@ def test_a_stopped_probe_goes_on_from_its_last_epoch_and_ends_as_an_uninterrupte
             return real(*args, **kwargs)
 
         monkeypatch.setattr(linear, "sgd_step", lambda *a, **k: counted(*a, stop_at=3 * 3 + 1, **k))
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as stopped:  # as by Ctrl-C
             tool.main(argv + ["--json", str(out)])
-        assert partial.exists() and not out.exists()
-        capsys.readouterr()
+        assert stopped.value.code == 130 and partial.exists() and not out.exists()
+        said = capsys.readouterr().err
+        assert f"interrupted; the epochs done are kept in {partial}: the same command goes on" in said, said
         assert load_state(partial, "another probe's fingerprint", restart=False) is None
         assert "with other settings or training images" in capsys.readouterr().err
         taken[0] = 0

@@ -50,6 +50,7 @@ the run's own k-NN figure beside it.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
         report = linear_probe(inputs, args)
     except EvalError as err:  # a split whose every image is unreadable
         exit_with(err)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
+        saved = state_path(inputs.found["out"])
+        print("interrupted; " + (f"the epochs done are kept in {saved}: the same command goes on from there"
+                                 if saved.exists() else "no epoch had ended: nothing is kept"), file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"linear ({report['features']}): top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  "
           f"({report['seconds']['total']:.0f} s)")
     try:
