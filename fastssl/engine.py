@@ -486,10 +486,12 @@ def exported_backbone(cfg: Config, parts: StepParts) -> torch.nn.Module:
 
 
 def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
-    """Refuse to start on a disk without room for one save: the weights twice (the optimiser's
-    momentum is as large), the teacher, the critic's key queue and the backbone export."""
+    """Refuse to start on a disk without room for one save: the weights, the optimiser's momentum
+    (as large; SGD keeps none at momentum 0, LARS always does), the teacher, the critic's key
+    queue and the backbone export."""
     student, critic = unwrap(parts.student).state_dict(), parts.objective.state
-    checkpoint = {"student": student, "momentum": student, "teacher": parts.teacher.state_dict(),
+    momentum = student if cfg.optim.name == "lars" or cfg.optim.momentum > 0 else {}
+    checkpoint = {"student": student, "momentum": momentum, "teacher": parts.teacher.state_dict(),
                   "critic": critic.state_dict() if critic is not None else None}
     path = backbone_path(cfg, run_dir)
     needed = (ckpt.bytes_needed(checkpoint, run_dir / ckpt.CHECKPOINT_NAME)

@@ -88,6 +88,28 @@ def test_full_disk_is_refused_before_writing_and_exits_2(tmp_path, monkeypatch, 
     assert not (run_dir / "checkpoint.pt").exists() and not leftovers(run_dir)
 
 
+def test_the_free_space_asked_at_start_counts_momentum_only_where_the_optimiser_keeps_it(tmp_path, monkeypatch):
+    """SGD keeps no momentum buffer at momentum 0; LARS always does (zeros at momentum 0)."""
+    from types import SimpleNamespace
+
+    net = torch.nn.Module()
+    net.backbone = torch.nn.Linear(100, 100)
+    parts = SimpleNamespace(student=net, teacher=net, objective=SimpleNamespace(state=None))
+    asked = {}
+    monkeypatch.setattr(ckpt, "check_free_space", lambda folder, needed, what: asked.__setitem__("bytes", needed))
+
+    def needed(name: str, momentum: float) -> int:
+        cfg = quick_config(tmp_path)
+        cfg.optim.name, cfg.optim.momentum = name, momentum
+        engine.check_room_for_a_save(cfg, tmp_path, parts)
+        return asked["bytes"]
+
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    extra = weights * (1 + ckpt.SPACE_MARGIN_SHARE)
+    assert needed("sgd", 0.9) - needed("sgd", 0.0) == pytest.approx(extra, abs=1)
+    assert needed("lars", 0.0) == needed("sgd", 0.9)
+
+
 @pytest.mark.parametrize("failure", [
     OSError(errno.ENOSPC, "No space left on device"),
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4246"),
