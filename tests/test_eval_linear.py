@@ -427,7 +427,7 @@ def test_a_stopped_probe_goes_on_from_its_last_epoch_and_ends_as_an_uninterrupte
     never stopped (cached features too: their copies are drawn per epoch). The saved progress
     belongs to its settings only, and goes once the report is written."""
     from fastssl.eval import linear
-    from fastssl.eval.probe_state import load_state
+    from fastssl.eval.progress_file import load_state
 
     heads, evaluate, real, taken = [], linear.evaluate_head, linear.sgd_step, [0]
 
@@ -455,8 +455,8 @@ def test_a_stopped_probe_goes_on_from_its_last_epoch_and_ends_as_an_uninterrupte
         assert stopped.value.code == 130 and partial.exists() and not out.exists()
         said = capsys.readouterr().err
         assert f"interrupted; the epochs done are kept in {partial}: the same command goes on" in said, said
-        assert load_state(partial, "another probe's fingerprint", restart=False) is None
-        assert "with other settings or training images" in capsys.readouterr().err
+        assert load_state(partial, "another probe's fingerprint", False, "the linear probe", str) is None
+        assert "unfinished run of the linear probe with other settings, weights or data" in capsys.readouterr().err
         taken[0] = 0
         monkeypatch.setattr(linear, "sgd_step", counted)
         resumed = tool.main(argv + ["--json", str(out)])

@@ -317,3 +317,40 @@ def test_solver_and_loader_settings_are_checked_before_any_work(tool, backbone_f
     with pytest.raises(SystemExit) as exit_info:
         tool.main([str(backbone_file), "--folder", f"mine={tmp_path}", flag, value])
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_stopped_table_goes_on_with_the_next_dataset(tool, tmp_path, backbone_file, monkeypatch, capsys):
+    """Stopped (Ctrl-C) while fitting its second dataset, the same command reuses the first one's
+    saved column, fits only the second, and reports what an uninterrupted run reports."""
+    pets, mine = tmp_path / "pets", tmp_path / "mine"
+    write_folder(pets / "train", 6, seed=1)
+    write_folder(pets / "test", 3, seed=3)
+    write_folder(mine / "train", 5, seed=4, classes=2)
+    write_folder(mine / "test", 3, seed=5, classes=2)
+    argv = [str(backbone_file), "--folder", f"pets={pets}", "--folder", f"mine={mine}", *FAST]
+    whole = tool.main(argv + ["--json", str(tmp_path / "whole.json")])
+    out, partial = tmp_path / "t.json", tmp_path / ".t.json.partial.pt"
+    real, fitted = tool.search_and_test, []
+
+    def fit(*args, stop_at=None, **kwargs):
+        fitted.append(kwargs["desc"])
+        if len(fitted) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tool, "search_and_test", lambda *a, **k: fit(*a, stop_at=2, **k))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        tool.main(argv + ["--json", str(out)])
+    assert stopped.value.code == 130 and not out.exists()
+    assert f"interrupted; the datasets done are kept in {partial}: the same command goes on" in capsys.readouterr().err
+    fitted.clear()
+    monkeypatch.setattr(tool, "search_and_test", fit)
+    again = tool.main(argv + ["--json", str(out)])
+    said = capsys.readouterr()
+    assert fitted == ["mine"] and f"resuming the transfer evaluation from {partial}: pets done" in said.err
+    assert "(saved by the earlier run)" in said.out
+    assert list(again["datasets"]) == ["pets", "mine"] and again["table"] == whole["table"]
+    for name in ("pets", "mine"):
+        assert again["datasets"][name]["val_scores"] == whole["datasets"][name]["val_scores"]
+    assert not partial.exists()

@@ -50,13 +50,12 @@ the run's own k-NN figure beside it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.linear import PROTOCOLS, apply_protocol, linear_probe, prepare
-from fastssl.eval.probe_state import forget_state, state_path
+from fastssl.eval.progress_file import forget_state, interrupted, state_path
 from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
@@ -102,10 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     except EvalError as err:  # a split whose every image is unreadable
         exit_with(err)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
-        saved = state_path(inputs.found["out"])
-        print("interrupted; " + (f"the epochs done are kept in {saved}: the same command goes on from there"
-                                 if saved.exists() else "no epoch had ended: nothing is kept"), file=sys.stderr)
-        raise SystemExit(130) from None
+        interrupted(state_path(inputs.found["out"]), "the epochs done")
     print(f"linear ({report['features']}): top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  "
           f"({report['seconds']['total']:.0f} s)")
     try:

@@ -14,13 +14,16 @@ torchvision's classes (download=False) under --data-root, in their own layout an
 splits, or from ImageNet-layout folders (--folder NAME=DIR with DIR/train, DIR/test and
 optionally DIR/val). Writes one JSON (default RUN_DIR/eval_transfer.json, or
 <stem>_eval_transfer.json beside a backbone file) and a Markdown table beside it (.md) in
-the paper's column order.
+the paper's column order. Each dataset's result is saved beside the report as it is done
+(`.eval_transfer.json.partial.pt`): a stopped run, rerun with the same command, reuses them
+and goes on with the next dataset; other weights or settings start over, as does --restart.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import time
 
@@ -30,6 +33,8 @@ from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_precision_argument, effective_precision
 from fastssl.eval.errors import EvalError, int_at_least, loader_workers, number_in
+from fastssl.eval.progress_file import (fingerprint, forget_state, interrupted, load_state, save_state, state_path,
+                                        weights_digest)
 from fastssl.eval.targets import resolve_target, write_report
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
                                    markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
@@ -66,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_precision_argument(ap)
     ap.add_argument("--json", help="where to write the results (the Markdown table goes beside it, .md)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--restart", action="store_true",
+                    help="start over, discarding the datasets an unfinished run saved (beside the report)")
     return ap.parse_args(argv)
 
 
@@ -90,6 +97,32 @@ def plan(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     return {n: (("folder", folders[n]) if n in folders else ("torchvision", args.data_root)) for n in order}
 
 
+def evaluate_dataset(name: str, splits: dict, num_classes: int, val_from: str, source: tuple[str, str],
+                     backbone: torch.nn.Module, args: argparse.Namespace, device: torch.device, solver: str,
+                     wds: list[float]) -> dict:
+    """One dataset's column: its splits' features, the penalty search on val, the refit and the
+    test score; printed in one line, returned for the report."""
+    start = time.perf_counter()
+    feats, targets = {}, {}
+    for split, data in splits.items():
+        try:
+            feats[split], targets[split] = extract_split(backbone, data, args.batch_size, args.num_workers,
+                                                         device, not args.no_progress, f"{name} {split}",
+                                                         args.precision)
+        except EvalError as err:  # a split whose every image is unreadable
+            exit_with(f"{name} {split}: {err}")
+    extract_s = time.perf_counter() - start
+    spec = spec_of(name)
+    fit = search_and_test(feats, targets, spec.metric, num_classes, solver, wds, device=device,
+                          max_iter=args.max_iter, tol=args.tol, progress=not args.no_progress, desc=name)
+    fit["seconds"]["features"] = round(extract_s, 2)
+    print(f"{spec.title}: {METRICS[spec.metric]} {fit['score']:.2f} (wd {fit['best_wd']:.3g}, "
+          f"val {fit['val_score']:.2f})", flush=True)
+    return {"title": spec.title, "metric": spec.metric, "metric_name": METRICS[spec.metric], "source": source[0],
+            "root": source[1], "val_split": val_from, "num_classes": num_classes,
+            **{f"num_{s}": len(t) for s, t in targets.items()}, **fit}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -111,27 +144,27 @@ def main(argv: list[str] | None = None) -> dict:
         exit_with(err)
     backbone = backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     wds = penalty_grid(args.wd_values)
+    progress_file = state_path(found["out"])
+    key = fingerprint({"weights": weights_digest(backbone), "arch": arch, "image_size": args.image_size,
+                       "solver": solver, "wd_grid": wds, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
+                       "precision": effective_precision(device, args.precision)})
+    saved = load_state(progress_file, key, args.restart, "the transfer evaluation",
+                       lambda state: f"{', '.join(state['datasets'])} done") or {"datasets": {}}
     results = {}
-    for name, (splits, num_classes, val_from) in opened.items():
-        start = time.perf_counter()
-        feats, targets = {}, {}
-        for split, data in splits.items():
-            try:
-                feats[split], targets[split] = extract_split(backbone, data, args.batch_size, args.num_workers,
-                                                             device, not args.no_progress, f"{name} {split}",
-                                                             args.precision)
-            except EvalError as err:  # a split whose every image is unreadable
-                exit_with(f"{name} {split}: {err}")
-        extract_s = time.perf_counter() - start
-        spec = spec_of(name)
-        fit = search_and_test(feats, targets, spec.metric, num_classes, solver, wds, device=device,
-                              max_iter=args.max_iter, tol=args.tol, progress=not args.no_progress, desc=name)
-        fit["seconds"]["features"] = round(extract_s, 2)
-        results[name] = {"title": spec.title, "metric": spec.metric, "metric_name": METRICS[spec.metric],
-                         "source": todo[name][0], "root": todo[name][1], "val_split": val_from,
-                         "num_classes": num_classes, **{f"num_{s}": len(t) for s, t in targets.items()}, **fit}
-        print(f"{spec.title}: {METRICS[spec.metric]} {fit['score']:.2f} (wd {fit['best_wd']:.3g}, "
-              f"val {fit['val_score']:.2f})", flush=True)
+    try:
+        for name, (splits, num_classes, val_from) in opened.items():
+            earlier = saved["datasets"].get(name)
+            if earlier is not None and (earlier["source"], earlier["root"]) == todo[name]:  # the same data
+                results[name] = earlier
+                print(f"{earlier['title']}: {earlier['metric_name']} {earlier['score']:.2f} (saved by the earlier "
+                      "run)", flush=True)
+                continue
+            results[name] = evaluate_dataset(name, splits, num_classes, val_from, todo[name], backbone, args, device,
+                                             solver, wds)
+            # plain JSON types (numpy's floats are not among what a weights-only load reads back)
+            save_state(progress_file, {"datasets": json.loads(json.dumps({**saved["datasets"], **results}))}, key)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
+        interrupted(progress_file, "the datasets done")
     model = str(found["checkpoint"])
     table = markdown_table({model: {n: r["score"] for n, r in results.items()}})
     report = {"checkpoint": model, "arch": arch, "feature_dim": FEATURE_DIMS[arch], "image_size": args.image_size,
@@ -146,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            f"{metric_note()}\n")
     except EvalError as err:
         exit_with(err)
+    forget_state(progress_file)
     return report
 
 

@@ -12,7 +12,6 @@ which is what lets the fast mode be checked against the slow one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batch
                                      new_head, progress_bar, sgd_step, step_decay, to_device, train_crop_words,
                                      train_transform)
 from fastssl.eval.errors import EvalError
-from fastssl.eval.probe_state import fingerprint, load_state, save_state, state_path
+from fastssl.eval.progress_file import fingerprint, load_state, save_state, state_path, weights_digest
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import cosine, scaled_lr
@@ -151,7 +150,7 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
                bar=None, resume: dict | None = None, save: Callable[[dict], object] | None = None) -> list[float]:
     """SGD on the head, the lr set once per epoch by `args.protocol` (cosine to 0, or steps at its
     milestones); the mean training loss of every epoch. `resume`: a state `save` was given after
-    an epoch (`fastssl.eval.probe_state`), to go on from; `save(state)` is called after every epoch."""
+    an epoch (`fastssl.eval.progress_file`), to go on from; `save(state)` is called after every epoch."""
     protocol = PROTOCOLS[args.protocol]
     peak = scaled_lr(args.base_lr, args.batch_size)
     opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -209,15 +208,6 @@ def train_augmentation(args: argparse.Namespace, view: EvalView) -> str:
         f"{crops}, fresh every epoch"
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A hash of every tensor of `module`'s state: a probe resumes on the same weights only."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def probe_settings(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     """Everything an epoch of the probe depends on, for its saved progress' fingerprint."""
     keys = ("protocol", "epochs", "batch_size", "base_lr", "momentum", "weight_decay", "cached_features",
@@ -231,7 +221,7 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
 
     The batch is capped at the training set's size and the lr scales with the batch used;
     the report keeps the requested one beside it. Progress is saved after every epoch beside
-    the report and picked up by the same command (`fastssl.eval.probe_state`)."""
+    the report and picked up by the same command (`fastssl.eval.progress_file`)."""
     found, train_samples = inputs.found, inputs.train_samples
     device, view, protocol = pick_device(args.device), found["view"], PROTOCOLS[args.protocol]
     requested = args.batch_size
@@ -239,7 +229,8 @@ def linear_probe(inputs: EvalInputs, args: argparse.Namespace) -> dict:
     backbone = inputs.backbone.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     head = new_head(FEATURE_DIMS[inputs.arch], len(inputs.classes), args.seed).to(device)
     progress_file, key = state_path(inputs.found["out"]), fingerprint(probe_settings(inputs, args), train_samples)
-    resume = load_state(progress_file, key, getattr(args, "restart", False))
+    resume = load_state(progress_file, key, getattr(args, "restart", False), "the linear probe",
+                        lambda state: f"{state['epoch']} epochs done")
     start = time.perf_counter()
     if args.cached_features:
         feats, labels, valid = cache_train_features(backbone, found["train"], train_samples, view, args, device)

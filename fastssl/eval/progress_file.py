@@ -1,0 +1,99 @@
+"""An unfinished evaluation's progress, kept beside its report so that a stopped one goes on where it was.
+
+Why: the long evaluations outlast many SLURM time limits. MIRA's linear protocol runs the frozen
+backbone over the training set once per epoch, 100 times (hours on ImageNet, on one GPU); the
+transfer table fits a penalty grid on each of 11 datasets. After every epoch (the probe) or
+dataset (the table) the tool saves what it needs to go on, atomically, in `.<report name>.partial.pt`
+beside its report; the same command finds it and goes on, ending with what an uninterrupted run
+reports. A fingerprint (the settings, the weights, the data) guards it: anything else starts
+over, saying so, as does `--restart`. The file goes once the report is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterable
+from typing import NoReturn
+from pathlib import Path
+
+import torch
+
+from fastssl.checkpoint import CheckpointError, atomic_save
+
+__all__ = ["state_path", "weights_digest", "fingerprint", "load_state", "save_state", "forget_state", "interrupted"]
+
+FORMAT = "fastssl-eval-progress/1"
+
+
+def state_path(report: Path) -> Path:
+    """Where the tool that writes `report` keeps its progress: a hidden file beside it."""
+    return report.with_name(f".{report.name}.partial.pt")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every tensor of `module`'s state: progress is resumed on the same weights only."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(settings: dict, items: Iterable[tuple[str, object]] = ()) -> str:
+    """What an evaluation computes: its settings (JSON-able) and an ordered list of (path, label)
+    items (a training list). Saved progress continues only under the same fingerprint."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path, label in items:
+        digest.update(f"{path}\0{label}\n".encode())
+    return digest.hexdigest()
+
+
+def load_state(path: Path, expected: str, restart: bool, what: str, done: Callable[[dict], str]) -> dict | None:
+    """The saved progress at `path` when it is this evaluation's (same fingerprint), else None;
+    says on stderr what it found and did with it. `what` names the evaluation ("the linear
+    probe"); `done(state)` says how far the saved one got ("3 epochs done")."""
+    if not path.exists():
+        return None
+    if restart:
+        print(f"--restart: starting over; {path} (an unfinished run of {what}) will be replaced", file=sys.stderr)
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} file")
+    except Exception as err:  # noqa: BLE001 - an unreadable file only loses a head start
+        print(f"starting over: {path} cannot be read ({type(err).__name__}: {str(err)[:120]}); it will be replaced",
+              file=sys.stderr)
+        return None
+    if state.get("fingerprint") != expected:
+        print(f"starting over: {path} is an unfinished run of {what} with other settings, weights or data; "
+              "it will be replaced", file=sys.stderr)
+        return None
+    print(f"resuming {what} from {path}: {done(state)}", file=sys.stderr)
+    return state
+
+
+def save_state(path: Path, state: dict, expected: str) -> bool:
+    """Write the progress (atomically); False, with one line on stderr, when it cannot be written
+    (a full disk): the evaluation goes on, only its head start is not renewed."""
+    try:
+        atomic_save({**state, "format": FORMAT, "fingerprint": expected}, path)
+    except CheckpointError as err:
+        print(f"warning: the progress was not saved: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def forget_state(path: Path) -> None:
+    """The report is written: the progress is no longer needed."""
+    path.unlink(missing_ok=True)
+
+
+def interrupted(path: Path, kept: str) -> NoReturn:
+    """After a Ctrl-C: one line saying whether progress (`kept`: "the epochs done") is kept at
+    `path` for the same command to go on from, instead of a traceback; exit status 130."""
+    print("interrupted; " + (f"{kept} are kept in {path}: the same command goes on from there" if path.exists()
+                             else "nothing was done yet: nothing is kept"), file=sys.stderr)
+    raise SystemExit(130)
