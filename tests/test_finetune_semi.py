@@ -117,3 +117,50 @@ def test_the_heads_start_as_their_protocols_do():
     assert probe.bias.abs().max() == 0
     assert abs(probe.weight.std().item() - 0.01) < 1e-4 and abs(probe.weight.mean().item()) < 1e-4  # 2M draws
 
+
+
+def test_a_stopped_finetuning_goes_on_from_its_last_epoch_and_ends_as_an_uninterrupted_one(tool, toy_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Stopped (Ctrl-C) in its 3rd epoch of 4, the same command resumes after 2 epochs, takes only
+    the last 2 epochs' steps and ends with the losses, figures and weights of an uninterrupted run."""
+    from fastssl.eval import finetune
+
+    subset = write_subset(tmp_path / "subset.txt", [p.name for p in train_images(toy_run)][::2])  # 9 images
+    argv = [str(toy_run), "--subset", str(subset), "--epochs", "4", "--batch-size", "4", "--milestones", "2,3",
+            "--no-progress"]
+    models, evaluate = [], finetune.evaluate_head
+
+    def evaluate_and_keep(backbone, head, *args, **kwargs):
+        models.append(torch.cat([t.detach().flatten().float() for t in [*backbone.state_dict().values(),
+                                                                          *head.state_dict().values()]]))
+        return evaluate(backbone, head, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "evaluate_head", evaluate_and_keep)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = tool.main(argv + ["--json", str(tmp_path / "whole.json")])
+        out, partial = tmp_path / "t.json", tmp_path / ".t.json.partial.pt"
+        real, taken = finetune.sgd_step, [0]
+
+        def counted(*args, stop_at=None, **kwargs):
+            taken[0] += 1
+            if taken[0] == stop_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(finetune, "sgd_step", lambda *a, **k: counted(*a, stop_at=2 * 2 + 1, **k))  # 2 a epoch
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            tool.main(argv + ["--json", str(out)])
+        assert stopped.value.code == 130 and partial.exists() and not out.exists()
+        assert f"interrupted; the epochs done are kept in {partial}" in capsys.readouterr().err
+        taken[0] = 0
+        monkeypatch.setattr(finetune, "sgd_step", counted)
+        resumed = tool.main(argv + ["--json", str(out)])
+    finally:
+        torch.set_num_threads(n)
+    assert f"resuming the fine-tuning from {partial}: 2 epochs done" in capsys.readouterr().err
+    assert taken[0] == 2 * 2 and resumed["loss_per_epoch"] == whole["loss_per_epoch"]
+    assert (resumed["top1"], resumed["top5"]) == (whole["top1"], whole["top5"])
+    assert torch.equal(models[-1], models[0]) and not partial.exists()  # the same weights, to the bit

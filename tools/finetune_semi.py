@@ -32,7 +32,9 @@ a last batch of a single image is dropped (BatchNorm cannot train on it). The 1%
 preset is picked from the subset's share of the train folder unless --labels-perc says.
 Writes JSON (default RUN_DIR/finetune_semi_<subset file's stem>.json, or
 <stem>_finetune_semi_<subset stem>.json beside a backbone file) with the settings and the
-result; the run's report picks each up.
+result; the run's report picks each up. After every epoch the fine-tuning saves its progress
+beside the report (`.<report name>.partial.pt`): stopped, the same command goes on from its
+last epoch; other settings, weights or subsets start over, as does --restart.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments
 from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.finetune import PRESETS, finetune_on_subset, prepare
+from fastssl.eval.progress_file import forget_state, interrupted, state_path
 from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=number_in(0), default=0.0)
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--eval-batch-size", type=int_at_least(1), default=256)
+    ap.add_argument("--restart", action="store_true",
+                    help="start over, discarding an unfinished run's saved epochs (kept beside the report)")
     add_run_arguments(ap, loader_help="reader of the val images (resize + centre crop): torchvision or dali; "
                                       "the fine-tuning crops always use torchvision")
     args = ap.parse_args(argv)
@@ -85,12 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
         report = finetune_on_subset(inputs, subset, args)
     except EvalError as err:  # a split whose every image is unreadable
         exit_with(err)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
+        interrupted(state_path(inputs.found["out"]), "the epochs done")
     print(f"fine-tuned on {len(subset)} images ({100 * report['subset_share']:.1f}% of train): "
           f"top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  ({report['seconds']['total']:.0f} s)")
     try:
         write_report(inputs.found["out"], report)
     except EvalError as err:
         exit_with(err)
+    forget_state(state_path(inputs.found["out"]))
     return report
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
                                      epoch_batches, evaluate_head, load_eval_inputs, new_head, progress_bar,
                                      sgd_step, step_decay, to_device, train_crop_words, train_transform)
+from fastssl.eval.progress_file import fingerprint, load_state, save_state, state_path, weights_digest
 from fastssl.eval.subsets import subset_samples
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
@@ -50,16 +52,24 @@ def pick_rates(args: argparse.Namespace, share: float) -> tuple[str, float, floa
 
 
 def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[float, float],
-             args: argparse.Namespace, device: torch.device, bar=None) -> list[float]:
-    """SGD on backbone and head together (two lrs), step decay per epoch; mean loss per epoch."""
+             args: argparse.Namespace, device: torch.device, bar=None, resume: dict | None = None,
+             save: Callable[[dict], object] | None = None) -> list[float]:
+    """SGD on backbone and head together (two lrs), step decay per epoch; mean loss per epoch.
+    `resume`: a state `save` was given after an epoch (`fastssl.eval.progress_file`), to go on
+    from; `save(state)` is called after every epoch."""
     backbone, head = model[0], model[1]
     base = (scaled_lr(rates[0], args.batch_size), scaled_lr(rates[1], args.batch_size))
     opt = torch.optim.SGD([{"params": backbone.parameters(), "lr": base[0]},
                            {"params": head.parameters(), "lr": base[1]}],
                           lr=base[0], momentum=args.momentum, weight_decay=args.weight_decay)
     order = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for epoch in range(args.epochs):
+    losses, first = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        order.set_state(resume["order"])
+        losses, first = list(resume["losses"]), resume["epoch"]
+    for epoch in range(first, args.epochs):
         for group, lr in zip(opt.param_groups, base):
             group["lr"] = step_decay(epoch, lr, args.milestones, args.gamma)
         model.train()
@@ -71,6 +81,9 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
             loss = sgd_step(opt, F.cross_entropy(logits.float(), labels.to(device)), bar, epoch)
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
+        if save is not None:
+            save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                  "order": order.get_state(), "losses": losses})
     return losses
 
 
@@ -88,10 +101,20 @@ def finetune_on_subset(inputs: EvalInputs, subset: list[tuple[str, int]], args: 
                                                             init="default"))
     model = model.to(device).to(memory_format=torch.channels_last)
     dataset = LabelledImages(subset, train_transform(view), seed=args.seed)  # crops of (seed, epoch, image)
-    steps = sum(len(epoch_batches(len(dataset), args.batch_size, torch.Generator(), True)) for _ in range(args.epochs))
+    per_epoch = len(epoch_batches(len(dataset), args.batch_size, torch.Generator(), True))
+    computed = {k: getattr(args, k) for k in ("epochs", "batch_size", "milestones", "gamma", "momentum",
+                                              "weight_decay", "seed", "precision")}
+    progress_file = state_path(found["out"])
+    key = fingerprint({**computed, "rates": [lr_trunk, lr_head], "arch": inputs.arch, "view": view.describe(),
+                       "weights": weights_digest(inputs.backbone)}, subset)  # the weights before fine-tuning
+    resume = load_state(progress_file, key, getattr(args, "restart", False), "the fine-tuning",
+                        lambda state: f"{state['epoch']} epochs done")
     start = time.perf_counter()
-    bar = progress_bar(steps, "fine-tuning", not args.no_progress, unit="step")
-    losses = finetune(model, dataset, (lr_trunk, lr_head), args, device, bar)
+    bar = progress_bar(per_epoch * args.epochs, "fine-tuning", not args.no_progress, unit="step")
+    if bar is not None and resume is not None:
+        bar.update(resume["epoch"] * per_epoch)
+    losses = finetune(model, dataset, (lr_trunk, lr_head), args, device, bar, resume,
+                      save=lambda state: save_state(progress_file, state, key))
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start

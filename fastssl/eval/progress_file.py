@@ -2,8 +2,9 @@
 
 Why: the long evaluations outlast many SLURM time limits. MIRA's linear protocol runs the frozen
 backbone over the training set once per epoch, 100 times (hours on ImageNet, on one GPU); the
-transfer table fits a penalty grid on each of 11 datasets. After every epoch (the probe) or
-dataset (the table) the tool saves what it needs to go on, atomically, in `.<report name>.partial.pt`
+semi-supervised fine-tuning trains the whole network for 20 epochs; the transfer table fits a
+penalty grid on each of 11 datasets. After every epoch (the probe, the fine-tuning) or dataset
+(the table) the tool saves what it needs to go on, atomically, in `.<report name>.partial.pt`
 beside its report; the same command finds it and goes on, ending with what an uninterrupted run
 reports. A fingerprint (the settings, the weights, the data) guards it: anything else starts
 over, saying so, as does `--restart`. The file goes once the report is written.
