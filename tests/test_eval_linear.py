@@ -484,3 +484,23 @@ def test_the_cached_copy_each_image_uses_depends_on_the_epoch_only():
 
     assert torch.equal(picked([0, 1, 2]), picked([2]))
     assert not torch.equal(picked([1]), picked([2]))  # a new draw each epoch
+
+
+def test_progress_that_cannot_be_read_or_removed_costs_only_the_head_start(tmp_path, capsys):
+    """A damaged progress file starts over, saying so; a folder in its place is not written over
+    (a warning), and its removal after the report only warns."""
+    from fastssl.eval.progress_file import forget_state, load_state, save_state, state_path
+
+    damaged = state_path(tmp_path / "a.json")
+    damaged.write_bytes(b"not a torch file")
+    assert load_state(damaged, "key", False, "the linear probe", str) is None
+    assert "cannot be read (not a progress file this tool wrote); it will be replaced" in capsys.readouterr().err
+    assert save_state(damaged, {"epoch": 1}, "key")
+    assert load_state(damaged, "key", False, "the linear probe", lambda s: f"{s['epoch']} epochs done")["epoch"] == 1
+    assert "resuming the linear probe from" in capsys.readouterr().err
+    folder = state_path(tmp_path / "b.json")
+    folder.mkdir()
+    assert load_state(folder, "key", False, "the linear probe", str) is None
+    assert not save_state(folder, {"epoch": 1}, "key") and folder.is_dir()
+    forget_state(folder)
+    assert "could not be removed" in capsys.readouterr().err

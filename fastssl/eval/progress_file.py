@@ -65,8 +65,8 @@ def load_state(path: Path, expected: str, restart: bool, what: str, done: Callab
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
     except Exception as err:  # noqa: BLE001 - an unreadable file only loses a head start
-        print(f"starting over: {path} cannot be read ({type(err).__name__}: {str(err)[:120]}); it will be replaced",
-              file=sys.stderr)
+        why = err.strerror if isinstance(err, OSError) and err.strerror else "not a progress file this tool wrote"
+        print(f"starting over: {path} cannot be read ({why}); it will be replaced", file=sys.stderr)
         return None
     if state.get("fingerprint") != expected:
         print(f"starting over: {path} is an unfinished run of {what} with other settings, weights or data; "
@@ -88,8 +88,12 @@ def save_state(path: Path, state: dict, expected: str) -> bool:
 
 
 def forget_state(path: Path) -> None:
-    """The report is written: the progress is no longer needed."""
-    path.unlink(missing_ok=True)
+    """The report is written: the progress is no longer needed (one that cannot be removed, e.g. a
+    folder of that name, is left with a line saying so: the report stands)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        print(f"warning: {path} could not be removed ({err.strerror or err}); the report is written", file=sys.stderr)
 
 
 def interrupted(path: Path, kept: str) -> NoReturn:
