@@ -250,14 +250,18 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, tea
     common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3", "--train.epochs", "2",
               "--data.num_workers", workers]
     run(DistillConfig(), tiny_args(tmp_path, "once", *common))
-    steps, finish_step = [0], DistillObjective.finish_step
+    steps, finish_step, me = [0], DistillObjective.finish_step, os.getpid()
+
+    def children() -> set[int]:
+        return {int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
+
+    earlier = children()  # the suite's own (a converter's fork server): not the run's
 
     def finish_then_sigterm(self, *args):
         finish_step(self, *args)
         steps[0] += 1
         if steps[0] == 4:
-            me = os.getpid()
-            workers_now = [int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()]
+            workers_now = children() - earlier
             assert len(workers_now) == int(workers)  # mid-epoch: the epoch's workers live
             assert all(os.getpgid(c) != os.getpgid(me) for c in workers_now)  # out of the group's signals
             os.kill(me, signal.SIGTERM)
