@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
                                      epoch_batches, evaluate_head, load_eval_inputs, new_head, progress_bar,
                                      sgd_step, step_decay, to_device, train_crop_words, train_transform)
-from fastssl.eval.progress_file import fingerprint, load_state, save_state, state_path, weights_digest
+from fastssl.eval.progress_file import (epoch_state, fingerprint, load_state, restore_epoch_state, save_state,
+                                        state_path, weights_digest)
 from fastssl.eval.subsets import subset_samples
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
@@ -63,12 +64,7 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
                            {"params": head.parameters(), "lr": base[1]}],
                           lr=base[0], momentum=args.momentum, weight_decay=args.weight_decay)
     order = torch.Generator().manual_seed(args.seed)
-    losses, first = [], 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        order.set_state(resume["order"])
-        losses, first = list(resume["losses"]), resume["epoch"]
+    losses, first = restore_epoch_state(resume, model, opt, order) if resume is not None else ([], 0)
     for epoch in range(first, args.epochs):
         for group, lr in zip(opt.param_groups, base):
             group["lr"] = step_decay(epoch, lr, args.milestones, args.gamma)
@@ -82,8 +78,7 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
         if save is not None:
-            save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                  "order": order.get_state(), "losses": losses})
+            save(epoch_state(epoch + 1, model, opt, order, losses))
     return losses
 
 

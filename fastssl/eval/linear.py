@@ -24,7 +24,8 @@ from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batch
                                      new_head, progress_bar, sgd_step, step_decay, to_device, train_crop_words,
                                      train_transform)
 from fastssl.eval.errors import EvalError
-from fastssl.eval.progress_file import fingerprint, load_state, save_state, state_path, weights_digest
+from fastssl.eval.progress_file import (epoch_state, fingerprint, load_state, restore_epoch_state, save_state,
+                                        state_path, weights_digest)
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import cosine, scaled_lr
@@ -155,12 +156,7 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
     peak = scaled_lr(args.base_lr, args.batch_size)
     opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=args.momentum, weight_decay=args.weight_decay)
     order = torch.Generator().manual_seed(args.seed)
-    losses, first = [], 0
-    if resume is not None:
-        head.load_state_dict(resume["head"])
-        opt.load_state_dict(resume["optimizer"])
-        order.set_state(resume["order"])
-        losses, first = list(resume["losses"]), resume["epoch"]
+    losses, first = restore_epoch_state(resume, head, opt, order) if resume is not None else ([], 0)
     for epoch in range(first, args.epochs):
         for group in opt.param_groups:
             group["lr"] = (step_decay(epoch, peak, protocol.milestones, protocol.gamma) if protocol.milestones
@@ -172,8 +168,7 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
         if save is not None:
-            save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer": opt.state_dict(),
-                  "order": order.get_state(), "losses": losses})
+            save(epoch_state(epoch + 1, head, opt, order, losses))
     return losses
 
 

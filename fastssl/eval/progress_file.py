@@ -23,7 +23,8 @@ import torch
 
 from fastssl.checkpoint import CheckpointError, atomic_save
 
-__all__ = ["state_path", "weights_digest", "fingerprint", "load_state", "save_state", "forget_state", "interrupted"]
+__all__ = ["state_path", "weights_digest", "fingerprint", "load_state", "save_state", "forget_state", "interrupted",
+           "epoch_state", "restore_epoch_state"]
 
 FORMAT = "fastssl-eval-progress/1"
 
@@ -49,6 +50,22 @@ def fingerprint(settings: dict, items: Iterable[tuple[str, object]] = ()) -> str
     for path, label in items:
         digest.update(f"{path}\0{label}\n".encode())
     return digest.hexdigest()
+
+
+def epoch_state(epochs_done: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                order: torch.Generator, losses: list[float]) -> dict:
+    """What a training evaluation (the probe, the fine-tuning) needs to go on after an epoch."""
+    return {"epoch": epochs_done, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "order": order.get_state(), "losses": list(losses)}
+
+
+def restore_epoch_state(state: dict, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        order: torch.Generator) -> tuple[list[float], int]:
+    """Put an `epoch_state` back; returns the losses so far and the first epoch left to run."""
+    module.load_state_dict(state["module"])
+    optimizer.load_state_dict(state["optimizer"])
+    order.set_state(state["order"])
+    return list(state["losses"]), state["epoch"]
 
 
 def load_state(path: Path, expected: str, restart: bool, what: str, done: Callable[[dict], str]) -> dict | None:
