@@ -72,17 +72,19 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_bad_input_is_named(trained_run, tmp_path):
+def test_bad_input_is_named(trained_run, tmp_path, capsys):
+    """The command line once (exit status 2, one line, no traceback), then the same exits in-process."""
     run, _ = trained_run
     out = run_tool(str(tmp_path / "nope"))
-    assert out.returncode == 2 and "does not exist" in out.stderr
-    out = run_tool(str(run / "checkpoint.pt"), "--train", "x", "--val", "y")
-    assert out.returncode == 2 and "not an exported backbone" in out.stderr
-    out = run_tool(str(run / "backbone_resnet18.pth"), "--arch", "resnet50", "--train", "x", "--val", "y")
-    assert out.returncode == 2 and "another architecture" in out.stderr
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "odd.pth")
-    out = run_tool(str(tmp_path / "odd.pth"), "--train", "x", "--val", "y")
-    assert out.returncode == 2 and "another architecture" in out.stderr
+    for argv, says in [([str(run / "checkpoint.pt")], "not an exported backbone"),
+                       ([str(run / "backbone_resnet18.pth"), "--arch", "resnet50"], "another architecture"),
+                       ([str(tmp_path / "odd.pth")], "another architecture")]:
+        with pytest.raises(SystemExit) as exited:
+            load_tool("eval_knn").main([*argv, "--train", "x", "--val", "y"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and says in err and err.count("\n") == 1, err
 
 
 def test_a_run_with_relative_data_paths_evaluates_from_any_directory(tmp_path, monkeypatch):
