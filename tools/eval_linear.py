@@ -38,7 +38,7 @@ Two ways to feed the classifier:
 
 Data order, head initialisation and the choice of cached copy come from --seed; given the
 same cached features, the two modes see the same batches in the same order. After every epoch
-the probe saves its progress beside the report (`.eval_linear.json.partial.pt`): a stopped
+the probe saves its progress beside the report (`.<report name>.partial.pt`): a stopped
 probe (a time limit, Ctrl-C, kill) rerun with the same command goes on from its last epoch and
 ends as an uninterrupted one would (the --cached-features cache is computed again); other
 settings start over, as does --restart. Writes JSON

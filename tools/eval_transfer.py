@@ -15,7 +15,7 @@ splits, or from ImageNet-layout folders (--folder NAME=DIR with DIR/train, DIR/t
 optionally DIR/val). Writes one JSON (default RUN_DIR/eval_transfer.json, or
 <stem>_eval_transfer.json beside a backbone file) and a Markdown table beside it (.md) in
 the paper's column order. Each dataset's result is saved beside the report as it is done
-(`.eval_transfer.json.partial.pt`): a stopped run, rerun with the same command, reuses them
+(`.<report name>.partial.pt`): a stopped run, rerun with the same command, reuses them
 and goes on with the next dataset; other weights or settings start over, as does --restart.
 """
 
