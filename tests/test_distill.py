@@ -28,6 +28,7 @@ from fastssl.distill.trainer import CLASSIFIER_NAME, save_classifier
 from fastssl.losses import cpc_bound, ml_cpc_bound
 from fastssl.models.cifar_resnet import build_classifier
 from pipelines.folder import DataLayoutError
+from test_engine import child_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "distill_mlcpc_cifar100.py"
@@ -251,17 +252,13 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, tea
               "--data.num_workers", workers]
     run(DistillConfig(), tiny_args(tmp_path, "once", *common))
     steps, finish_step, me = [0], DistillObjective.finish_step, os.getpid()
-
-    def children() -> set[int]:
-        return {int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
-
-    earlier = children()  # the suite's own (a converter's fork server): not the run's
+    earlier = set(child_processes(me))  # the suite's own (a converter's fork server): not the run's
 
     def finish_then_sigterm(self, *args):
         finish_step(self, *args)
         steps[0] += 1
         if steps[0] == 4:
-            workers_now = children() - earlier
+            workers_now = set(child_processes(me)) - earlier
             assert len(workers_now) == int(workers)  # mid-epoch: the epoch's workers live
             assert all(os.getpgid(c) != os.getpgid(me) for c in workers_now)  # out of the group's signals
             os.kill(me, signal.SIGTERM)
