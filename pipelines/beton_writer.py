@@ -440,8 +440,7 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
                 time.sleep(0.05)
         for p in procs:
             p.join(timeout=30)
-        collected.drain(finished)
-        unaccounted = n - int(collected.received.sum()) - len(collected.skipped)
+        unaccounted = n - int(collected.received.sum()) - len(collected.skipped)  # each worker's None came last
         if unaccounted:
             raise WorkerError(f"{unaccounted} images were neither written nor skipped by the writing workers")
         if len(collected.skipped) == n:
