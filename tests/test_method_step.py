@@ -1,20 +1,30 @@
 """One real `train_step` (fastssl/method.py) against float64 hand references: the ML-CPC loss scores
 the key queue as it was BEFORE the step (a key is never its own negative), the EMA teacher is
-m * teacher + (1 - m) * student, and the optimiser steps at the schedule's lr."""
+m * teacher + (1 - m) * student, and the optimiser steps at the schedule's lr. And no step makes the
+host wait for the device."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastssl.config import Config
 from fastssl.critic import MlCpcCritic
 from fastssl.method import StepParts, train_step
 from fastssl.models import MiraNetwork, make_teacher
-from fastssl.objectives import MlCpc
-from fastssl.schedules import StepSchedule
+from fastssl.objectives import MlCpc, build_objective
+from fastssl.schedules import StepSchedule, step_schedule
 
 B, DIM, QUEUE, T = 8, 16, 24, 0.07
 SCHED = StepSchedule(lr=0.05, beta=0.7, ema_momentum=0.9, freeze_prototypes=False, alpha=0.5)
@@ -86,3 +96,97 @@ def test_train_step_runs_the_optimiser_at_the_scheduled_lr(one_step):
     for name, g in one_step["grads"].items():
         expected = one_step["before"]["student"][name] - SCHED.lr * g
         torch.testing.assert_close(one_step["student"][name].detach(), expected, rtol=0, atol=1e-12, msg=name)
+
+
+# Ops that make the host wait for the device: a tensor read as a Python value (.item(), float(), int(),
+# `if tensor:`), a comparison answered with a bool, and ops whose output size depends on the values.
+HOST_WAITS = frozenset({"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "nonzero_static", "masked_select",
+                        "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive"})
+# (objective, optimiser, critic.shuffle_bn): the Table 8 recipe, ML-CPC beside MIRA with the batch-4096
+# recipe's LARS, and the MoCo setting's key encoder on shuffled sub-batches
+STEP_CASES = [("mira", "sgd", False), ("mira+mlcpc", "lars", False), ("mlcpc", "sgd", True)]
+
+
+class HostWaits(TorchDispatchMode):
+    """Every HOST_WAITS op dispatched while active, named with the fastssl line that called it. On a CPU
+    nothing waits, but the calls are the same as on a GPU, where each one would drain the launch queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.split("::")[-1] in HOST_WAITS:
+            ours = [f for f in traceback.extract_stack() if f"{os.sep}fastssl{os.sep}" in f.filename]
+            self.calls.append(f"{func._schema.name} from {ours[-1].filename}:{ours[-1].lineno}" if ours else
+                              func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def waits_in_a_step(objective: str, optimizer: str, shuffle_bn: bool, accelerator) -> list[str]:
+    """The host waits in one training step after two (the first builds the fused kernel, tunes cuDNN and
+    makes the optimiser's buffers), at a step past the first epoch's frozen prototypes. The loop's own
+    reads (a log row every `train.log_every` steps) are outside the step. On CUDA, also every wait that
+    CUDA's sync debug mode reports (copies from pageable memory and waits inside kernels' C++ too)."""
+    from fastssl.engine import build_parts
+
+    cfg = Config()
+    m = cfg.model
+    m.arch, m.num_prototypes, m.proj_hidden_dim, m.proj_dim = "resnet18", 64, 64, 32
+    cfg.method.objective, cfg.optim.name, cfg.train.global_batch_size = objective, optimizer, 8
+    cfg.critic.queue_size, cfg.critic.shuffle_bn, cfg.critic.shuffle_bn_splits = 32, shuffle_bn, 2
+    parts = build_parts(cfg, accelerator, build_objective(cfg, 1000, accelerator.device))
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(8, 3, size, size, generator=g).to(accelerator.device, memory_format=torch.channels_last)
+             for size in (32, 32, 16, 16, 16)]
+    steps_per_epoch, cuda = 10, accelerator.device.type == "cuda"
+    for step in (10, 11):
+        train_step(parts, views, step_schedule(cfg, step, steps_per_epoch))
+    watch = HostWaits()
+    with warnings.catch_warnings(record=True) as reported, watch:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(parts, views, step_schedule(cfg, 12, steps_per_epoch))
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    return watch.calls + [str(w.message) for w in reported if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.parametrize("objective,optimizer,shuffle_bn", STEP_CASES)
+def test_a_training_step_never_makes_the_host_wait(objective, optimizer, shuffle_bn):
+    """A step queues its work and returns: a .item() or a value-sized op in it would, on a GPU, stall the
+    host until the device drains, and the next launches would wait (the small-batch step is launch-bound)."""
+    assert waits_in_a_step(objective, optimizer, shuffle_bn, Accelerator(cpu=True)) == []
+    watch = HostWaits()
+    with watch:  # the watch itself sees such a call
+        bool(torch.ones(2).sum() > 1)
+    assert watch.calls == ["aten::_local_scalar_dense"]
+
+
+CUDA_STEPS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from fastssl.config import TrainConfig
+from fastssl.runtime import build_accelerator
+from test_method_step import STEP_CASES, waits_in_a_step
+accelerator = build_accelerator(TrainConfig(precision="bf16"))  # the Table 8 recipe's precision on an H100
+print(json.dumps({" ".join(map(str, case)): waits_in_a_step(*case, accelerator) for case in STEP_CASES}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
+def test_a_training_step_on_cuda_never_makes_the_host_wait():
+    """The same steps on the GPU, bf16, channels_last, the fused assignment and per-view BatchNorm's CUDA
+    kernels: nothing in them waits for the device. In a process of its own: this one's Accelerate state
+    may hold another precision. (fp16 is left out: its grad scaler reads an inf check every step, by design.)"""
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", CUDA_STEPS, str(tests)], cwd=tests.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    waits = json.loads(done.stdout.strip().splitlines()[-1])
+    assert waits == {" ".join(map(str, case)): [] for case in STEP_CASES}, waits
