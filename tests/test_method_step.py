@@ -12,11 +12,13 @@ import subprocess
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastssl.config import Config
@@ -98,8 +100,10 @@ def test_train_step_runs_the_optimiser_at_the_scheduled_lr(one_step):
         torch.testing.assert_close(one_step["student"][name].detach(), expected, rtol=0, atol=1e-12, msg=name)
 
 
-# Ops that make the host wait for the device: a tensor read as a Python value (.item(), float(), int(),
-# `if tensor:`), a comparison answered with a bool, and ops whose output size depends on the values.
+# What makes the host wait for the device: a tensor read on the host, called from Python (torch functions)
+# or inside an op and in the backward (aten ops: a value read as a number, a comparison answered with a
+# bool, an output sized by the values).
+HOST_READS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"})
 HOST_WAITS = frozenset({"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "nonzero_static", "masked_select",
                         "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive"})
 # (objective, optimiser, critic.shuffle_bn): the Table 8 recipe, ML-CPC beside MIRA with the batch-4096
@@ -107,20 +111,40 @@ HOST_WAITS = frozenset({"_local_scalar_dense", "equal", "is_nonzero", "nonzero",
 STEP_CASES = [("mira", "sgd", False), ("mira+mlcpc", "lars", False), ("mlcpc", "sgd", True)]
 
 
-class HostWaits(TorchDispatchMode):
-    """Every HOST_WAITS op dispatched while active, named with the fastssl line that called it. On a CPU
-    nothing waits, but the calls are the same as on a GPU, where each one would drain the launch queue."""
+def _called_from() -> str:
+    ours = [f for f in traceback.extract_stack() if f"{os.sep}fastssl{os.sep}" in f.filename]
+    return f" from {ours[-1].filename}:{ours[-1].lineno}" if ours else ""
 
-    def __init__(self) -> None:
+
+class _HostReads(TorchFunctionMode):
+    def __init__(self, seen: list[str]) -> None:
         super().__init__()
-        self.calls: list[str] = []
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.seen.append(f"{func.__name__}{_called_from()}")
+        return func(*args, **(kwargs or {}))
+
+
+class _HostWaits(TorchDispatchMode):
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name.split("::")[-1] in HOST_WAITS:
-            ours = [f for f in traceback.extract_stack() if f"{os.sep}fastssl{os.sep}" in f.filename]
-            self.calls.append(f"{func._schema.name} from {ours[-1].filename}:{ours[-1].lineno}" if ours else
-                              func._schema.name)
+            self.seen.append(f"{func._schema.name}{_called_from()}")
         return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def host_waits():
+    """The list of every host wait called while inside, each named with the fastssl line that called it. On
+    a CPU nothing waits, but the calls are those a GPU would see, where each one drains the launch queue."""
+    seen: list[str] = []
+    with _HostReads(seen), _HostWaits(seen):
+        yield seen
 
 
 def waits_in_a_step(objective: str, optimizer: str, shuffle_bn: bool, accelerator) -> list[str]:
@@ -142,8 +166,7 @@ def waits_in_a_step(objective: str, optimizer: str, shuffle_bn: bool, accelerato
     steps_per_epoch, cuda = 10, accelerator.device.type == "cuda"
     for step in (10, 11):
         train_step(parts, views, step_schedule(cfg, step, steps_per_epoch))
-    watch = HostWaits()
-    with warnings.catch_warnings(record=True) as reported, watch:
+    with warnings.catch_warnings(record=True) as reported, host_waits() as seen:
         warnings.simplefilter("always")
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
@@ -152,7 +175,7 @@ def waits_in_a_step(objective: str, optimizer: str, shuffle_bn: bool, accelerato
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
-    return watch.calls + [str(w.message) for w in reported if "synchroniz" in str(w.message)]
+    return seen + [str(w.message) for w in reported if "synchroniz" in str(w.message)]
 
 
 @pytest.mark.parametrize("objective,optimizer,shuffle_bn", STEP_CASES)
@@ -160,10 +183,10 @@ def test_a_training_step_never_makes_the_host_wait(objective, optimizer, shuffle
     """A step queues its work and returns: a .item() or a value-sized op in it would, on a GPU, stall the
     host until the device drains, and the next launches would wait (the small-batch step is launch-bound)."""
     assert waits_in_a_step(objective, optimizer, shuffle_bn, Accelerator(cpu=True)) == []
-    watch = HostWaits()
-    with watch:  # the watch itself sees such a call
+    with host_waits() as seen:  # the watch itself sees such calls, from Python and inside an op
         bool(torch.ones(2).sum() > 1)
-    assert watch.calls == ["aten::_local_scalar_dense"]
+        torch.ones(2).tolist()
+    assert seen == ["__bool__", "aten::_local_scalar_dense", "tolist"]
 
 
 CUDA_STEPS = """
