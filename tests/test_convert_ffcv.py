@@ -274,7 +274,7 @@ def assert_nothing_left_or_kept(folder: Path, out: Path, err: str) -> None:
 
 
 def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beton(big_folder, tmp_path,
-                                                                                   start_converter):
+                                                                                   start_converter, conv):
     """Progress saved every 0.1 s; killed (SIGKILL: nothing runs after it) once some images are
     saved. The rerun continues from them, and its .beton holds exactly what an uninterrupted
     conversion stores."""
@@ -300,8 +300,7 @@ def test_kill_9_leaves_no_worker_and_the_same_command_continues_to_the_same_beto
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.beton", "x.beton.json"]
     fresh = tmp_path / "fresh" / "x.beton"
     fresh.parent.mkdir()
-    subprocess.run([sys.executable, TOOL, str(big_folder), str(fresh), "--num-workers", "2", "--write-mode", "raw",
-                    "--no-progress"], check=True, capture_output=True, timeout=300)
+    conv.convert(big_folder, fresh, num_workers=2, write_mode="raw", progress=False)  # the same, uninterrupted
     assert stored_content(out) == stored_content(fresh)
 
 
