@@ -1,0 +1,151 @@
+"""The commands the docs give are commands the code takes: every `python tools/X.py ...`, `python
+recipes/Y.py ...` and `accelerate launch ... X.py ...` in README.md, docs/*.md and the tools' and
+recipes' docstrings parses with that tool's own parser (its flags, their values), and every
+`--section.field value` a recipe gets names a field of its config with a value the config accepts.
+Nothing runs: each tool is stopped right after it has parsed its arguments."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, load_recipe, load_tool
+
+from fastssl.cli import parse
+from fastssl.config import ConfigError
+
+SCRIPT = re.compile(r"(tools|recipes)/\w+\.py")
+LAUNCHERS = {"python", "python3", "accelerate"}
+OPERATORS = set("&;|<>()")
+
+
+def doc_texts() -> dict[str, str]:
+    """Where commands are written: the Markdown docs' code blocks, and the scripts' module docstrings."""
+    texts = {}
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), flags=re.S)
+        texts[str(doc.relative_to(REPO))] = "\n".join(blocks)
+    for script in sorted([*(REPO / "tools").glob("*.py"), *(REPO / "recipes").glob("*.py")]):
+        texts[str(script.relative_to(REPO))] = ast.get_docstring(ast.parse(script.read_text())) or ""
+    return texts
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script, its arguments) for each command line that runs one of our scripts: backslash
+    continuations joined, comments dropped, cut at shell operators. A `$VAR` the same text assigns
+    (`D="--data.source folder ..."`) is expanded; any other stands for a folder. `<name>` placeholders
+    are read as names; a usage synopsis (`[--flag a|b]`) is not a command."""
+    found = []
+    for where, text in doc_texts().items():
+        assigned: dict[str, str] = {}
+        for line in text.replace("\\\n", " ").splitlines():
+            line = re.sub(r"<([A-Za-z][\w.-]*)>", r"\1", line)
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            try:
+                tokens = list(lexer)
+            except ValueError:  # prose with an apostrophe, not a command
+                continue
+            if len(tokens) == 1 and (m := re.fullmatch(r"([A-Za-z_]\w*)=(.*)", tokens[0])):
+                assigned[m.group(1)] = m.group(2)
+                continue
+            segment: list[str] = []
+            for token in [*tokens, ";"]:
+                if token and set(token) <= OPERATORS:
+                    found += script_command(where, segment)
+                    segment = []
+                elif re.fullmatch(r"\$\w+", token) and token[1:] in assigned:
+                    segment += shlex.split(assigned[token[1:]])
+                else:
+                    segment.append(re.sub(r"\$\w+", "out", token))
+    return found
+
+
+def script_command(where: str, segment: list[str]) -> list[tuple[str, str, list[str]]]:
+    script = next((i for i, t in enumerate(segment) if SCRIPT.fullmatch(t)), None)
+    launcher = segment[0].rsplit("/", 1)[-1] if segment else ""
+    if script is None or launcher not in LAUNCHERS or any(t.startswith("[") for t in segment):
+        return []
+    return [(where, segment[script], segment[script + 1:])]
+
+
+class Parsed(Exception):
+    """Raised by the patched parser once a tool's arguments parsed: the tool goes no further."""
+
+    def __init__(self, extras: list[str]) -> None:
+        super().__init__()
+        self.extras = extras
+
+
+def tool_parse(name: str, args: list[str], monkeypatch) -> list[str] | str:
+    """The arguments the tool's parser left to others (a recipe's overrides), or its error."""
+    real = argparse.ArgumentParser.parse_known_args
+
+    def parse_known_then_stop(self, argv=None, namespace=None):
+        _, extras = real(self, argv, namespace)
+        raise Parsed(extras)
+
+    def parse_then_stop(self, argv=None, namespace=None):
+        _, extras = real(self, argv, namespace)
+        if extras:  # what parse_args says of them
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        raise Parsed([])
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", parse_known_then_stop)
+        patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        patch.setattr(torch.cuda, "is_available", lambda: True)  # the docs' GPU commands, on any machine
+        try:
+            load_tool(name).main(args)
+        except Parsed as parsed:
+            return parsed.extras
+        except SystemExit as exit_:
+            return [] if exit_.code == 0 and "--help" in args else f"exit {exit_.code}"
+    return "the tool ran to its end without parsing its arguments"
+
+
+def recipe_problem(recipe: str, args: list[str]) -> str | None:
+    """Why the recipe's config refuses these overrides, or None."""
+    name = Path(recipe).stem
+    cfg = load_recipe(name)
+    config_module = "fastssl.distill.config" if name.startswith("distill") else "fastssl.config"
+    validate = importlib.import_module(config_module).validate
+    try:
+        cfg, flags = parse(cfg, args)
+        if not flags["help"]:  # --help prints before the config is checked
+            validate(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_give_commands_to_check():
+    """The extraction finds the commands (a parser that found none would pass every check below)."""
+    scripts = {script for _, script, _ in COMMANDS}
+    assert {"recipes/mira_bs512.py", "tools/convert_imagenet_to_ffcv.py", "tools/eval_linear.py",
+            "tools/gpu_check.py", "recipes/distill_mlcpc_cifar100.py"} <= scripts
+    assert len(COMMANDS) >= 50
+
+
+@pytest.mark.parametrize("where,script,args", COMMANDS, ids=[f"{w}:{s}:{i}" for i, (w, s, _) in enumerate(COMMANDS)])
+def test_a_documented_command_parses(where, script, args, monkeypatch, capsys):
+    if script.startswith("recipes/"):
+        problem = recipe_problem(script, args)
+        assert problem is None, f"{where}: {script} {' '.join(args)}: {problem}"
+        return
+    left = tool_parse(Path(script).stem, args, monkeypatch)
+    assert isinstance(left, list), f"{where}: {script} {' '.join(args)}: {left}: {capsys.readouterr().err}"
+    if left:  # what a tool hands on to a recipe (profile_throughput's overrides)
+        default = load_tool(Path(script).stem).DEFAULT_RECIPE
+        recipe = args[args.index("--recipe") + 1] if "--recipe" in args else default
+        problem = recipe_problem(recipe, left)
+        assert problem is None, f"{where}: {script} {' '.join(args)}: {problem}"
