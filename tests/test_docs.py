@@ -1,8 +1,9 @@
 """The commands the docs give are commands the code takes: every `python tools/X.py ...`, `python
 recipes/Y.py ...` and `accelerate launch ... X.py ...` in README.md, docs/*.md and the tools' and
-recipes' docstrings parses with that tool's own parser (its flags, their values), and every
-`--section.field value` a recipe gets names a field of its config with a value the config accepts.
-Nothing runs: each tool is stopped right after it has parsed its arguments."""
+recipes' docstrings parses with that tool's own parser (its flags, their values), every
+`--section.field value` a recipe gets names a field of its config with a value the config accepts,
+and Accelerate's launcher takes its flags. Nothing runs: each tool is stopped right after it has
+parsed its arguments."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def doc_texts() -> dict[str, str]:
     return texts
 
 
-def documented_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, script, its arguments) for each command line that runs one of our scripts: backslash
+def documented_commands() -> list[tuple[str, list[str] | None, str, list[str]]]:
+    """(where, the launcher's flags or None, script, its arguments) for each command line that runs one of our scripts: backslash
     continuations joined, comments dropped, cut at shell operators. A `$VAR` the same text assigns
     (`D="--data.source folder ..."`) is expanded; any other stands for a folder. `<name>` placeholders
     are read as names; a usage synopsis (`[--flag a|b]`) is not a command."""
@@ -52,8 +53,9 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
                 tokens = list(lexer)
             except ValueError:  # prose with an apostrophe, not a command
                 continue
-            if len(tokens) == 1 and (m := re.fullmatch(r"([A-Za-z_]\w*)=(.*)", tokens[0])):
-                assigned[m.group(1)] = m.group(2)
+            assignments = [re.fullmatch(r"([A-Za-z_]\w*)=(.*)", t) for t in tokens]
+            if tokens and all(assignments):
+                assigned.update(m.groups() for m in assignments)
                 continue
             segment: list[str] = []
             for token in [*tokens, ";"]:
@@ -67,12 +69,13 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def script_command(where: str, segment: list[str]) -> list[tuple[str, str, list[str]]]:
+def script_command(where: str, segment: list[str]) -> list[tuple[str, list[str] | None, str, list[str]]]:
     script = next((i for i, t in enumerate(segment) if SCRIPT.fullmatch(t)), None)
     launcher = segment[0].rsplit("/", 1)[-1] if segment else ""
     if script is None or launcher not in LAUNCHERS or any(t.startswith("[") for t in segment):
         return []
-    return [(where, segment[script], segment[script + 1:])]
+    launch_flags = segment[2:script] if launcher == "accelerate" else None  # after `accelerate launch`
+    return [(where, launch_flags, segment[script], segment[script + 1:])]
 
 
 class Parsed(Exception):
@@ -130,14 +133,22 @@ COMMANDS = documented_commands()
 
 def test_the_docs_give_commands_to_check():
     """The extraction finds the commands (a parser that found none would pass every check below)."""
-    scripts = {script for _, script, _ in COMMANDS}
+    scripts = {script for _, _, script, _ in COMMANDS}
     assert {"recipes/mira_bs512.py", "tools/convert_imagenet_to_ffcv.py", "tools/eval_linear.py",
             "tools/gpu_check.py", "recipes/distill_mlcpc_cifar100.py"} <= scripts
-    assert len(COMMANDS) >= 50
+    assert len(COMMANDS) >= 50 and sum(launch is not None for _, launch, _, _ in COMMANDS) >= 5
 
 
-@pytest.mark.parametrize("where,script,args", COMMANDS, ids=[f"{w}:{s}:{i}" for i, (w, s, _) in enumerate(COMMANDS)])
-def test_a_documented_command_parses(where, script, args, monkeypatch, capsys):
+@pytest.mark.parametrize("where,launch,script,args", COMMANDS,
+                         ids=[f"{w}:{s}:{i}" for i, (w, _, s, _) in enumerate(COMMANDS)])
+def test_a_documented_command_parses(where, launch, script, args, monkeypatch, capsys):
+    if launch is not None:
+        from accelerate.commands.launch import launch_command_parser
+
+        try:
+            launch_command_parser().parse_args([*launch, script])
+        except SystemExit:
+            raise AssertionError(f"{where}: accelerate launch {' '.join(launch)}: {capsys.readouterr().err}") from None
     if script.startswith("recipes/"):
         problem = recipe_problem(script, args)
         assert problem is None, f"{where}: {script} {' '.join(args)}: {problem}"
