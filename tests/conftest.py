@@ -129,6 +129,23 @@ def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 6, size
     return paths
 
 
+@pytest.fixture(scope="session", autouse=True)
+def started_processes_keep_their_temporary_files_in_the_session(tmp_path_factory):
+    """The processes the tests start write their temporary files under this session's folder, which pytest
+    deletes when every test passed (pyproject's tmp_path_retention_policy). Processes that end without
+    Python's exit handlers (killed on purpose, or the two-process tests' `os._exit`) left DALI's
+    `__autograph_generated_file*.py`, torchrun's `torchelastic_*` and multiprocessing's `pymp-*` folders
+    in /tmp: about 50 at every run. This process's own temporary folder is unchanged (it was read first)."""
+    folder = tmp_path_factory.mktemp("tmp", numbered=False)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def torch_globals_restored():
     """Every test starts from torch's default generator seeded 0 (a test that fails in the suite fails
