@@ -186,3 +186,17 @@ def test_every_field_the_docs_and_messages_name_exists():
              for m in re.finditer(r"(?<![\w-])--[a-z_]+\.[a-z_0-9]+\b", path.read_text())}
     assert len({flag for flag, _ in named}) > 60  # the scan finds them
     assert sorted((flag, where) for flag, where in named if flag not in known | NOT_FIELDS) == []
+
+
+def test_the_readme_layout_names_every_module_and_only_files_that_exist():
+    """README's module map: each module of the packages, tools and recipes is named there (by file name,
+    or by module name for the eval package), and each file it names exists."""
+    text = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## Troubleshooting")]
+    ours = [p for folder in ("fastssl", "pipelines", "tools", "recipes") for p in (REPO / folder).rglob("*")
+            if p.suffix in (".py", ".sh") and p.name != "__init__.py"]
+    named = set(re.findall(r"\b(\w+)(?:\.\w+)?\b", layout))
+    unnamed = [str(p.relative_to(REPO)) for p in ours if p.stem not in named]
+    assert unnamed == []
+    files = {p.name for folder in ("fastssl", "pipelines", "tools", "recipes") for p in (REPO / folder).rglob("*")}
+    assert sorted(n for n in set(re.findall(r"\b\w+\.(?:py|sh|sbatch|yaml)\b", layout)) if n not in files) == []
