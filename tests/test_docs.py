@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,7 @@ def tool_parse(name: str, args: list[str], monkeypatch) -> list[str] | str:
         raise Parsed([])
 
     with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, name, sys.modules.get(name))  # other tests keep the module they loaded
         patch.setattr(argparse.ArgumentParser, "parse_known_args", parse_known_then_stop)
         patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
         patch.setattr(torch.cuda, "is_available", lambda: True)  # the docs' GPU commands, on any machine
