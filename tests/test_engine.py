@@ -318,8 +318,30 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, objective_args):
 ACCELERATE_2PROC = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no"]
 
+# Each process's host waits in its steps after the first two (test_method_step.host_waits), in waits<RANK>.json:
+# the distributed routes (the gathered logits, per-view BatchNorm's global statistics, the critic's queue).
+WATCH_THE_STEPS = f"""
+    import json, os, sys
+    sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+    import fastssl.engine as engine
+    from test_method_step import host_waits
+    _step, _watch = engine.train_step, {{"steps": 0, "watched": 0, "waits": []}}
+
+    def _watched_step(*args, **kwargs):
+        _watch["steps"] += 1
+        if _watch["steps"] <= 2:  # the first steps make buffers and may read a value once
+            return _step(*args, **kwargs)
+        with host_waits() as seen:
+            out = _step(*args, **kwargs)
+        _watch["watched"] += 1
+        _watch["waits"] += seen
+        Path(f"waits{{os.environ['RANK']}}.json").write_text(json.dumps(_watch))
+        return out
+
+    engine.train_step = _watched_step
+"""
 # Ends by asserting what the run left: its process group released.
-DIST_SCRIPT = tiny_synthetic_recipe(epochs=1, before=RECORD_THE_GROUP, log_every=10, after="""
+DIST_SCRIPT = tiny_synthetic_recipe(epochs=1, before=RECORD_THE_GROUP + WATCH_THE_STEPS, log_every=10, after="""
     import torch.distributed as dist
     assert not dist.is_initialized()
 """)
@@ -341,6 +363,9 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     # 32 images, global batch 8 (4 per process): 4 steps in the one epoch
     steps = read_csv(tmp_path / "run" / "train_log.csv")
     assert [r["step"] for r in steps] == ["4"]
+    for rank in (0, 1):  # steps 3 and 4 of each process: nothing in them waits for the device
+        watch = json.loads((tmp_path / f"waits{rank}.json").read_text())
+        assert (watch["watched"], watch["waits"]) == (2, []), watch
     if objective_args:  # the critic's queue was gathered from both processes: 4 steps x 2 views x 8 keys
         assert math.isfinite(float(steps[0]["mi_nats"]))
         queue = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["critic"]
