@@ -15,7 +15,7 @@ from dist_utils import DEVICES, on_device, requires_gloo, run_distributed
 
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import MiraNetwork
-from fastssl.models.per_view_bn import PerViewBatchNorm1d, PerViewBatchNorm2d, combine_view_stats
+from fastssl.models.per_view_bn import PerViewBatchNorm1d, PerViewBatchNorm2d, combine_view_stats, set_rows_per_view
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -317,3 +317,18 @@ def test_sync_batchnorm_per_forward_pools_every_processes_rows():
     for name, p in plain.named_parameters():  # each rank's gradient of its rows' loss: they sum to the whole's
         summed = outs[0]["grads"][name] + outs[1]["grads"][name]
         assert (summed - p.grad).abs().max() <= 1e-8 * p.grad.abs().max() + 1e-30, name
+
+
+def test_the_network_tells_its_batchnorms_the_rows_per_view_once_per_batch_size(monkeypatch):
+    """The walk over every module happens when the batch size changes, not at each forward; each
+    BatchNorm then reads the batch size it is given."""
+    import fastssl.models.network as network
+
+    walks = []
+    monkeypatch.setattr(network, "set_rows_per_view", lambda m, rows: walks.append(rows) or set_rows_per_view(m, rows))
+    net = MiraNetwork("resnet18", 32, 16, 10)
+    bns = [m for m in net.modules() if isinstance(m, PerViewBatchNorm2d)]
+    for batch in (4, 4, 4, 6, 6, 4):
+        net([torch.randn(batch, 3, 16, 16) for _ in range(2)])
+        assert {bn.rows_per_view for bn in bns} == {batch}
+    assert walks == [4, 6, 4]
