@@ -496,14 +496,19 @@ def test_gradient_accumulation_matches_the_unsplit_step(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_student_matches_eager(tmp_path):
-    """`--train.compile true` really runs torch.compile (inductor on CPU) and computes the same steps."""
+    """`--train.compile true` really runs torch.compile (inductor on CPU) and computes the same steps, from
+    one graph of the student compiled once (a recompile would cost a ResNet-50 minutes of inductor)."""
+    from torch._dynamo.utils import counters
+
     losses = {}
     for compiled in (False, True):
         cfg = tiny_config(tmp_path, epochs=1)
         cfg.train.compile, cfg.eval.knn_every = compiled, -1
         cfg.train.run_dir = str(tmp_path / f"run_{compiled}")
+        counters.clear()
         train(cfg)
         losses[compiled] = [float(r["loss"]) for r in read_csv(Path(cfg.train.run_dir) / "train_log.csv")]
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert len(losses[True]) == 3
     # same first step; later steps drift by fused-kernel rounding (0.24% by step 3 seen here)
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4)

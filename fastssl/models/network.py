@@ -58,10 +58,13 @@ class MiraNetwork(nn.Module):
         """Prototype logits per view, in the order of `views` (each B x K); with
         `with_embeddings`, also the L2-normalised projections per view (each B x d), which
         the ML-CPC critic scores. Every view must have the same batch size."""
-        if self.bn_stats == "per_view" and views[0].shape[0] != self._rows_per_view:
-            # a walk over every module (~0.2 ms on a CPU core) once per batch size, not on every forward
-            set_rows_per_view(self, views[0].shape[0])
-            self._rows_per_view = views[0].shape[0]
+        rows = views[0].shape[0]
+        # Eagerly, the walk over every module (~0.2 ms of host time) runs once per batch size, not at every
+        # forward; torch.compile traces it into the graph instead (a cached value read there would be guarded
+        # on, and its first change would compile the whole network again).
+        if self.bn_stats == "per_view" and (torch.compiler.is_compiling() or rows != self._rows_per_view):
+            set_rows_per_view(self, rows)
+            self._rows_per_view = rows
         z, logits = self.head(self.encode(views))
         if with_embeddings:
             return list(logits.chunk(len(views))), list(z.chunk(len(views)))
