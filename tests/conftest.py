@@ -135,7 +135,7 @@ def started_processes_keep_their_temporary_files_in_the_session(tmp_path_factory
     deletes when every test passed (pyproject's tmp_path_retention_policy). Processes that end without
     Python's exit handlers (killed on purpose, or the two-process tests' `os._exit`) left DALI's
     `__autograph_generated_file*.py`, torchrun's `torchelastic_*` and multiprocessing's `pymp-*` folders
-    in /tmp: about 50 at every run. This process's own temporary folder is unchanged (it was read first)."""
+    in /tmp: about 40 at every run. This process's own temporary folder is unchanged (it was read first)."""
     folder = tmp_path_factory.mktemp("tmp", numbered=False)
     before = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(folder)
