@@ -3,7 +3,8 @@ recipes/Y.py ...` and `accelerate launch ... X.py ...` in README.md, docs/*.md a
 recipes' docstrings parses with that tool's own parser (its flags, their values), every
 `--section.field value` a recipe gets names a field of its config with a value the config accepts,
 and Accelerate's launcher takes its flags. Nothing runs: each tool is stopped right after it has
-parsed its arguments."""
+parsed its arguments. Besides: every `--section.field` a user reads anywhere is a config field, and
+README's module map names every module and only files that exist."""
 
 from __future__ import annotations
 
