@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib
 import re
 import shlex
@@ -170,19 +169,13 @@ def test_a_documented_command_parses(where, launch, script, args, monkeypatch, c
 NOT_FIELDS = {"--section.field", "--data.field", "--optim.lrr"}
 
 
-def config_flags(cfg) -> set[str]:
-    sections = [(s.name, getattr(cfg, s.name)) for s in dataclasses.fields(cfg)]
-    return {f"--{name}.{field.name}" for name, section in sections if dataclasses.is_dataclass(section)
-            for field in dataclasses.fields(section)}
-
-
 def test_every_field_the_docs_and_messages_name_exists():
     """A `--section.field` named anywhere a user reads it (the docs, a docstring, an error message's fix) is a
     field of the training or the distillation config."""
-    from fastssl.config import Config
+    from fastssl.config import Config, field_names
     from fastssl.distill.config import DistillConfig
 
-    known = config_flags(Config()) | config_flags(DistillConfig())
+    known = {f"--{name}" for cfg in (Config(), DistillConfig()) for name in field_names(cfg)}
     texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"),
              *[p for folder in ("fastssl", "pipelines", "tools", "recipes") for p in (REPO / folder).rglob("*.py")]]
     named = {(m.group(0), str(path.relative_to(REPO))) for path in texts
