@@ -1,7 +1,7 @@
 """Two "nodes" on localhost: README's multi-node command, run for real, logs what one node logs.
 
-Each node is its own `accelerate launch --num_machines 2 --machine_rank R --main_process_ip
-127.0.0.1 --main_process_port P` (the command README.md gives for several nodes), with one
+Each node is its own `accelerate launch --num_machines 2 --machine_rank $NODE_RANK --main_process_ip
+127.0.0.1 --main_process_port $MAIN_PORT` (the command README.md gives for several nodes), with one
 CPU process over gloo; together they must train exactly as one node with two processes does
 (same seed, same data order, same global batch), so every logged loss is equal.
 
