@@ -13,7 +13,6 @@ turns them into exit code 2. A diverged run never writes a checkpoint.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,9 @@ from pipelines.cores import default_num_workers
 from pipelines.folder import DataLayoutError, remembered_scans
 from fastssl import checkpoint as ckpt
 from fastssl import runtime
-from fastssl.collectives import all_gather_objects, all_gather_rows
-from fastssl.config import Config, ConfigError, TrainConfig, eval_view, synced_batchnorm, to_dict, validate
+from fastssl.agreement import check_processes_agree, check_same_config
+from fastssl.collectives import all_gather_rows
+from fastssl.config import Config, eval_view, synced_batchnorm, to_dict, validate
 from fastssl.eval.online import OnlineKnn
 from fastssl.method import StepParts, train_step
 from fastssl.models import MiraNetwork, make_teacher, unwrap
@@ -36,27 +36,13 @@ from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_knn_failure,
-                              after_write_failure, continue_advice, latest_run_hint, out_of_memory_advice)
+                              after_write_failure, continue_advice, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
+from fastssl.run_dir import check_run_dir, create_run_dir, run_info, stamp_run_dir
 from fastssl.run_log import RunLog, write_run_json
-from fastssl.runtime import (GracefulStop, build_accelerator, failing_together, per_process, said_once_per_node,
-                             seed_everything)
+from fastssl.runtime import GracefulStop, build_accelerator, failing_together, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
 
-# Fields that may differ when resuming (they do not change what is computed). train.run_dir among
-# them: the run is the one found there, under whatever spelling (a trailing slash, a relative path)
-# and wherever it was moved or restored to.
-RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
-                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile",
-                     "train.cudnn_benchmark", "train.run_dir", "eval.batch_size", "eval.loader"}
-# Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
-# would. They are how a diverged run continues from its last good checkpoint.
-RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
-# Fields the processes of one run may set differently: where each node keeps its copy of the data, and how it
-# reads it. Every other field must be the same everywhere (`check_same_config`).
-PER_NODE_FIELDS = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_read_threads",
-                   "data.ffcv_os_cache", "train.progress"}
-PER_NODE_PATHS = {"data.val", "data.knn_train"}  # set on every process or on none
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -324,32 +310,6 @@ def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[Mira
     return student, teacher
 
 
-def check_same_config(cfg: Config, accelerator) -> None:
-    """Every process runs the same settings (but PER_NODE_FIELDS), or none starts: the same command
-    typed on each node with one override missing or different (a learning rate, a seed, log_every)
-    would train replicas that drift apart silently, or leave a collective unmatched. One all-gather."""
-    if accelerator.num_processes == 1:
-        return
-    flat = {}
-    for section, fields in to_dict(cfg).items():
-        for name, value in fields.items():
-            key = f"{section}.{name}"
-            if key in PER_NODE_PATHS:  # may differ, but not whether it is set (an empty data.val: no k-NN collectives)
-                flat[key] = bool(value)
-            elif key not in PER_NODE_FIELDS:
-                flat[key] = value
-    everyone = all_gather_objects(flat)
-    first_other = {name: next((r for r, c in enumerate(everyone) if c.get(name) != flat_0), None)
-                   for name, flat_0 in everyone[0].items()}
-    differ = sorted(name for name, rank in first_other.items() if rank is not None)
-    if differ:
-        shown = "; ".join(f"{name} (rank 0: {everyone[0][name]!r}, rank {first_other[name]}: "
-                          f"{everyone[first_other[name]].get(name)!r})" for name in differ[:5])
-        raise said_once_per_node(ConfigError(
-            f"the processes were started with different settings: {shown}; start every node with the same command "
-            f"(only the data paths, data.num_workers and the like may differ)"), accelerator)
-
-
 def resolve_auto_settings(cfg: Config, accelerator) -> None:
     """`--data.backend auto` and `--train.precision auto` become what they mean on this process's
     device, so the run's config.json, logs and a resume's comparison name what ran, and processes
@@ -359,22 +319,6 @@ def resolve_auto_settings(cfg: Config, accelerator) -> None:
     cfg.train.precision = accelerator.mixed_precision  # build_accelerator resolved "auto" on this device
     if why:
         accelerator.print(why)
-
-
-RUN_DIR_TIME = "{time}"  # in train.run_dir: the run's start time, e.g. runs/demo/{time}
-
-
-def stamp_run_dir(train_cfg: TrainConfig, accelerator) -> str:
-    """`train.run_dir` with RUN_DIR_TIME replaced by rank 0's clock, the same on every process
-    (each process's own clock could straddle a second), written back into the config."""
-    if RUN_DIR_TIME in train_cfg.run_dir:
-        stamp = [time.strftime("%Y%m%d-%H%M%S")]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            stamp = broadcast_object_list(stamp)
-        train_cfg.run_dir = train_cfg.run_dir.replace(RUN_DIR_TIME, stamp[0])
-    return train_cfg.run_dir
 
 
 def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
@@ -408,54 +352,6 @@ def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
     return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, eval_view(cfg), cfg.eval.batch_size,
                      accelerator, workers, cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.eval.loader,
                      progress=cfg.train.progress, data=cfg.data)
-
-
-def create_run_dir(run_dir: Path, accelerator) -> None:
-    """Create the run directory (once `check_run_dir` passed and the data was found: a refused
-    start leaves no empty directory) and check that every process sees it."""
-    with failing_together(accelerator):
-        if accelerator.is_main_process:  # an unwritable place fails here, before the networks are built
-            with ckpt.writing(run_dir):
-                run_dir.mkdir(parents=True, exist_ok=True)
-    check_run_dir_shared(run_dir, accelerator)
-
-
-SHARED_CHECK_WAIT_S = 10.0  # how long a process looks for the file rank 0 wrote in the run directory
-
-
-def check_run_dir_shared(run_dir: Path, accelerator) -> None:
-    """Every process sees the run directory rank 0 writes, or none starts.
-
-    Why: rank 0 writes the checkpoints and every rank reads them at a resume. A run directory on
-    a node-local disk passes every other check at a fresh start (all at step 0) and would fail
-    at the first resume, a whole job later (`check_processes_agree`). Rank 0 writes a file of a
-    name never used before, so that no NFS client has a cached "no such file" for it; the others
-    look for it for up to SHARED_CHECK_WAIT_S, as a new entry can take a moment to show there."""
-    if accelerator.num_processes == 1:
-        return
-    import secrets
-
-    from accelerate.utils import broadcast_object_list
-
-    name = broadcast_object_list([f".shared-check-{secrets.token_hex(8)}" if accelerator.is_main_process else None])
-    probe = run_dir / name[0]
-    with failing_together(accelerator):
-        if accelerator.is_main_process:
-            with ckpt.writing(run_dir):
-                probe.write_text("rank 0 wrote this; every process of the run must see it (fastssl)\n")
-    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
-    while not probe.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    seen = per_process(accelerator, [int(probe.exists())])  # a collective: every process has looked
-    if accelerator.is_main_process:
-        probe.unlink(missing_ok=True)
-    blind = [rank for rank, (found,) in enumerate(seen) if not found]
-    if blind:
-        who = f"process {blind[0]} does" if len(blind) == 1 else f"processes {', '.join(map(str, blind))} do"
-        raise said_once_per_node(ckpt.CheckpointError(
-            f"{who} not see the run directory {run_dir} that rank 0 writes its checkpoints to: every node must see "
-            f"the same run directory (a filesystem all nodes share), or a resume would find no checkpoint there; set "
-            f"--train.run_dir to a shared path"), accelerator)
 
 
 def open_records(cfg: Config, run_dir: Path, parts: StepParts, resume: bool, warned: dict, step: int,
@@ -497,113 +393,6 @@ def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
     needed = (ckpt.bytes_needed(checkpoint, run_dir / ckpt.CHECKPOINT_NAME)
               + ckpt.bytes_needed(exported_backbone(cfg, parts).state_dict(), path))
     ckpt.check_free_space(run_dir, needed, f"a checkpoint and {path.name}")
-
-
-def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None,
-                  auto: bool = False) -> dict:
-    """Refuse to overwrite another run, a resume without a checkpoint or one that changes what is
-    computed (each process checks its own view of the directory; nothing is written).
-
-    A fresh start is refused where an earlier run left its exported backbone without a checkpoint
-    (deleted to save space): the first save would replace those weights. Not under `--resume auto`,
-    whose job may have been killed between its first backbone and checkpoint writes, and starts over.
-
-    A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning; those
-    are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
-    """
-    saved = ckpt.saved_config(run_dir)
-    warned: dict[str, list] = {}
-    if resume and saved is not None:
-        now, default = to_dict(cfg), to_dict(Config())
-        changes = config_changes(saved, now) - RESUMABLE_CHANGES
-        values = {name: [saved.get(section, {}).get(field, default[section][field]), now[section][field]]
-                  for name in changes for section, field in [name.split(".")]}  # [the run's, this command's]
-        changed = sorted(changes - RESUMABLE_WITH_WARNING)
-        if changed:  # with both values: an `auto` may have resolved to another one here
-            raise ConfigError(f"--resume: these fields differ from the run being resumed in {run_dir}: "
-                              + ", ".join(f"{n} ({values[n][0]!r} in the run, {values[n][1]!r} now)" for n in changed)
-                              + "; resume with the run's values (drop those overrides) or start a new --train.run_dir")
-        for name in sorted(changes):
-            warned[name] = values[name]
-            if accelerator.is_main_process:
-                print(f"warning: --resume with {name} changed from {warned[name][0]!r} to {warned[name][1]!r}: the "
-                      f"run continues with the new value, so it no longer matches an uninterrupted run",
-                      file=sys.stderr)
-    elif resume:
-        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume"
-                          f"{latest_run_hint(run_dir, command)}")
-    elif saved is not None:
-        raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
-                          f"or choose another --train.run_dir (nothing was overwritten)")
-    elif not auto and (weights := ckpt.weights_without_checkpoint(run_dir)):
-        raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): "
-                          f"a new run there would replace them; move them away or choose another "
-                          f"--train.run_dir (nothing was overwritten)")
-    return warned
-
-
-def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None,
-             command: list[str] | None = None) -> dict:
-    """run_info.json's content: the machine, software and recipe of the run, for `tools/report.py`.
-    The recipe is named by the script the command ran (`command[1]`), else by the run directory.
-
-    A resumed run keeps the first record and adds the machine it resumed on (and the fields
-    it changed, as [old, new]). A damaged record is a CheckpointError, not a record started over.
-    """
-    from fastssl.reports.environment import describe_environment, describe_recipe
-
-    path = run_dir / "run_info.json"
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    env = describe_environment(accelerator.device)
-    if resume and path.exists():
-        info = ckpt.read_json_record(path, "the run's record (machines, software, recipe) for tools/report.py")
-        entry = {"date": now, "environment": env, "processes": accelerator.num_processes,
-                 **({"changed": changed} if changed else {})}
-        info.setdefault("resumed", []).append(entry)
-    else:
-        dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
-        name = Path(command[1]).stem if command and len(command) > 1 else run_dir.name
-        info = {"date": now, "environment": env,
-                "recipe": describe_recipe(cfg, name, dtype, accelerator.num_processes)}
-    info["cwd"] = str(Path.cwd())  # config.json's relative data paths are relative to it (tools/eval_*.py)
-    return info
-
-
-def config_changes(old: dict, new: dict) -> set[str]:
-    """Fields whose value differs; a field the saved run predates counts as its default value."""
-    default = to_dict(Config())
-    return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k, default[s].get(k)) != new[s][k]}
-
-
-def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: Path,
-                          own_state_missed: str | None = None) -> None:
-    """Every process sees the same data and resumes from the same step, or none starts.
-
-    The shards and every collective assume it. Node-local copies of a dataset that differ, or a
-    run directory that only some nodes see, would otherwise shard the data differently or
-    leave ranks at different steps: a hang in a later collective, or silently wrong shards.
-    A resume whose per-process states could not be restored on some processes (`own_state_missed`,
-    `ckpt.load_checkpoint`) goes on, and the main process says so once."""
-    rows = per_process(accelerator, [getattr(loader, "num_images", len(loader)), state.step,
-                                     int(own_state_missed is not None)])
-    missed = [rank for rank, r in enumerate(rows) if r[2]]
-    if missed and accelerator.is_main_process:
-        why = f" (rank 0: {own_state_missed})" if own_state_missed else ""
-        print(f"warning: --resume: the random generators and loader positions of {len(missed)} of {len(rows)} "
-              f"process(es) were not restored{why}; the run continues with the same data order (unless FFCV "
-              f"deals it: --data.ffcv_order random/sequential on another process count), but other "
-              f"augmentations than an uninterrupted run would draw", file=sys.stderr)
-    images, steps = {r[0] for r in rows}, {r[1] for r in rows}
-    if len(images) > 1:
-        seen = ", ".join(f"rank {rank}: {r[0]}" for rank, r in enumerate(rows))
-        raise said_once_per_node(DataLayoutError(
-            f"the processes see different numbers of training images ({seen}); every process must read the same "
-            f"data: are the nodes' copies of data.train the same?"), accelerator)
-    if len(steps) > 1:
-        seen = ", ".join(f"rank {rank}: step {r[1]}" for rank, r in enumerate(rows))
-        raise said_once_per_node(ckpt.CheckpointError(
-            f"the processes resume from different steps ({seen}): every node must see the same run directory "
-            f"{run_dir} (a filesystem all nodes share)"), accelerator)
 
 
 def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,

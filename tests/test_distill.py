@@ -304,7 +304,7 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     (tmp_path / "kept.pt").rename(tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(SystemExit) as exc:  # a resume that would compute something else names both values
         run(DistillConfig(), args + ["--resume", "--loss.alpha", "0.01"])
-    assert exc.value.code == 2 and ("these fields differ from the run in "
+    assert exc.value.code == 2 and ("these fields differ from the run being resumed in "
                                     f"{tmp_path / 'run'}: loss.alpha (0.05 in the run, 0.01 now); resume with the "
                                     "run's values") in capsys.readouterr().err
     from fastssl.config import Config, to_dict as ssl_dict

@@ -167,14 +167,14 @@ def test_auto_settings_become_what_this_process_runs():
 
 def test_config_changes_treat_fields_a_run_predates_as_defaults():
     """A run saved before a field existed resumes, unless the new value differs from the default."""
-    from fastssl.engine import config_changes
+    from fastssl.run_dir import config_changes
 
-    new = to_dict(Config())
+    new, default = to_dict(Config()), to_dict(Config())
     old = to_dict(Config())  # as checkpoint.pt stores it
     del old["data"]["dali_cpu_fast"], old["eval"]["loader"]
-    assert config_changes(old, new) == set()
+    assert config_changes(old, new, default) == set()
     new["data"]["dali_cpu_fast"] = not new["data"]["dali_cpu_fast"]
-    assert config_changes(old, new) == {"data.dali_cpu_fast"}
+    assert config_changes(old, new, default) == {"data.dali_cpu_fast"}
 
 
 def test_bad_data_fails_before_work(tmp_path):

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from test_engine import read_csv, tiny_config
+import fastssl.agreement as agreement
 import fastssl.engine as engine
 import fastssl.recovery as recovery
 import fastssl.relaunch as relaunch
+import fastssl.run_dir as run_dir_module
 from fastssl import checkpoint as ckpt
 from fastssl.cli import run
 from fastssl.config import Config, ConfigError
@@ -864,8 +866,8 @@ def _train_on_this_ranks_view(rank: int, world_size: int, roots: list[str], run_
 
     # Each rank's own run directory stands for one path whose content differs per node (a node-local disk):
     # on one machine the paths must differ, so the check that every node names the same path is told so.
-    engine.PER_NODE_FIELDS = engine.PER_NODE_FIELDS | {"train.run_dir"}
-    engine.SHARED_CHECK_WAIT_S = 1.0  # how long a node looks for rank 0's file in the run directory
+    agreement.PER_NODE_FIELDS = agreement.PER_NODE_FIELDS | {"train.run_dir"}
+    agreement.SHARED_CHECK_WAIT_S = 1.0  # how long a node looks for rank 0's file in the run directory
     missing = Path(roots[rank]).name == "missing"  # this node has no copy of the data
     cfg = quick_config(Path(roots[0] if missing else roots[rank]), epochs=1)
     cfg.data.train = str(Path(roots[rank]) / "data" / "train") if missing else cfg.data.train
@@ -1136,9 +1138,9 @@ def _stamp_with_a_clock_a_second_apart(rank: int, world_size: int) -> str:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    engine.time.strftime = lambda fmt: f"20261206-10000{rank}"  # this child's own clock, a second apart
+    run_dir_module.time.strftime = lambda fmt: f"20261206-10000{rank}"  # this child's own clock, a second apart
     train_cfg = SimpleNamespace(run_dir="runs/demo/{time}")
-    engine.stamp_run_dir(train_cfg, accelerator)
+    run_dir_module.stamp_run_dir(train_cfg, accelerator)
     return train_cfg.run_dir
 
 
@@ -1153,7 +1155,7 @@ def test_a_start_time_in_the_run_directory_is_rank_0s_on_every_process():
     outs = run_distributed(_stamp_with_a_clock_a_second_apart, world_size=2, timeout=90)
     assert outs == ["runs/demo/20261206-100000"] * 2
     one = SimpleNamespace(run_dir="runs/x/{time}/y")
-    engine.stamp_run_dir(one, SimpleNamespace(num_processes=1))
+    run_dir_module.stamp_run_dir(one, SimpleNamespace(num_processes=1))
     assert re.fullmatch(r"runs/x/\d{8}-\d{6}/y", one.run_dir), one.run_dir
     kept = SimpleNamespace(run_dir="runs/plain")
-    assert engine.stamp_run_dir(kept, SimpleNamespace(num_processes=1)) == "runs/plain"
+    assert run_dir_module.stamp_run_dir(kept, SimpleNamespace(num_processes=1)) == "runs/plain"

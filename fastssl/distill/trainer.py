@@ -35,6 +35,7 @@ from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
 from fastssl.recovery import TrainingDiverged, after_write_failure
 from fastssl.relaunch import one_process_refusal, rerun_command
+from fastssl.run_dir import resume_changes
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
@@ -145,18 +146,7 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
             raise ConfigError(f"--resume: {run_dir} holds a run of another recipe (its config has the sections "
                               f"{', '.join(sorted(saved))}); continue it with the recipe that started it, or give "
                               f"this one another --train.run_dir")
-        differ = sorted(f"{s}.{k}" for s in new for k in new[s]
-                        if saved.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES)
-        changed = [name for name in differ if name not in RESUMABLE_WITH_WARNING]
-        if changed:
-            shown = ", ".join(f"{name} ({saved.get(s, {}).get(k)!r} in the run, {new[s][k]!r} now)"
-                              for name in changed for s, k in [name.split(".")])
-            raise ConfigError(f"--resume: these fields differ from the run in {run_dir}: {shown}; resume with the "
-                              f"run's values (drop those overrides) or start a new --train.run_dir")
-        for name in differ:  # the ones a resume may change
-            s, k = name.split(".")
-            print(f"warning: --resume with {name} changed from {saved[s][k]!r} to {new[s][k]!r}: the run continues "
-                  f"with it, no longer as an uninterrupted run would", file=sys.stderr)
+        resume_changes(saved, new, to_dict(DistillConfig()), RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING, run_dir)
     with ckpt.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -1,0 +1,144 @@
+"""The run directory: its name, the checks that keep a start or a resume from harming the run
+in it, and its record of machines and recipe (run_info.json).
+
+A fresh start never overwrites another run; a resume continues only the computation it started:
+`resume_changes` is the rule both trainers (self-supervised and distillation) apply, each with
+its own fields that a resume may change.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from fastssl import checkpoint as ckpt
+from fastssl.agreement import check_run_dir_shared
+from fastssl.config import Config, ConfigError, TrainConfig, to_dict
+from fastssl.recovery import latest_run_hint
+from fastssl.relaunch import rerun_command
+from fastssl.runtime import failing_together
+
+# Fields that may differ when resuming (they do not change what is computed). train.run_dir among
+# them: the run is the one found there, under whatever spelling (a trailing slash, a relative path)
+# and wherever it was moved or restored to.
+RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
+                     "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile",
+                     "train.cudnn_benchmark", "train.run_dir", "eval.batch_size", "eval.loader"}
+
+
+# Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
+# would. They are how a diverged run continues from its last good checkpoint.
+RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
+
+
+RUN_DIR_TIME = "{time}"  # in train.run_dir: the run's start time, e.g. runs/demo/{time}
+
+
+def stamp_run_dir(train_cfg: TrainConfig, accelerator) -> str:
+    """`train.run_dir` with RUN_DIR_TIME replaced by rank 0's clock, the same on every process
+    (each process's own clock could straddle a second), written back into the config."""
+    if RUN_DIR_TIME in train_cfg.run_dir:
+        stamp = [time.strftime("%Y%m%d-%H%M%S")]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            stamp = broadcast_object_list(stamp)
+        train_cfg.run_dir = train_cfg.run_dir.replace(RUN_DIR_TIME, stamp[0])
+    return train_cfg.run_dir
+
+
+def create_run_dir(run_dir: Path, accelerator) -> None:
+    """Create the run directory (once `check_run_dir` passed and the data was found: a refused
+    start leaves no empty directory) and check that every process sees it."""
+    with failing_together(accelerator):
+        if accelerator.is_main_process:  # an unwritable place fails here, before the networks are built
+            with ckpt.writing(run_dir):
+                run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir_shared(run_dir, accelerator)
+
+
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None,
+                  auto: bool = False) -> dict:
+    """Refuse to overwrite another run, a resume without a checkpoint or one that changes what is
+    computed (each process checks its own view of the directory; nothing is written).
+
+    A fresh start is refused where an earlier run left its exported backbone without a checkpoint
+    (deleted to save space): the first save would replace those weights. Not under `--resume auto`,
+    whose job may have been killed between its first backbone and checkpoint writes, and starts over.
+
+    A resume may change RESUMABLE_CHANGES freely and RESUMABLE_WITH_WARNING with a warning; those
+    are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
+    """
+    saved = ckpt.saved_config(run_dir)
+    warned: dict[str, list] = {}
+    if resume and saved is not None:
+        warned = resume_changes(saved, to_dict(cfg), to_dict(Config()), RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING,
+                                run_dir, warn=accelerator.is_main_process)
+    elif resume:
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume"
+                          f"{latest_run_hint(run_dir, command)}")
+    elif saved is not None:
+        raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
+                          f"or choose another --train.run_dir (nothing was overwritten)")
+    elif not auto and (weights := ckpt.weights_without_checkpoint(run_dir)):
+        raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): "
+                          f"a new run there would replace them; move them away or choose another "
+                          f"--train.run_dir (nothing was overwritten)")
+    return warned
+
+
+def config_changes(old: dict, new: dict, default: dict) -> set[str]:
+    """Fields whose value differs; a field the saved run predates counts as its default value."""
+    return {f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k, default[s].get(k)) != new[s][k]}
+
+
+def resume_changes(saved: dict, now: dict, default: dict, free: set[str], with_warning: set[str], run_dir: Path,
+                   warn: bool = True) -> dict[str, list]:
+    """What a resume changes in the run's config (`saved`), or a ConfigError naming every field it may not
+    change, with both values (an `auto` may have resolved to another value on this machine).
+
+    `free` fields change what the run reads or shows, not what it computes; `with_warning` fields change
+    the computation in a way a user may want (how a diverged run goes on with a lower learning rate): they
+    are printed as a warning (when `warn`) and returned as {field: [the run's, this command's]} for the
+    run's record. A field the saved run predates counts as its `default`."""
+    changes = config_changes(saved, now, default) - free
+    values = {name: [saved.get(section, {}).get(field, default[section][field]), now[section][field]]
+              for name in changes for section, field in [name.split(".")]}
+    refused = sorted(changes - with_warning)
+    if refused:
+        raise ConfigError(f"--resume: these fields differ from the run being resumed in {run_dir}: "
+                          + ", ".join(f"{n} ({values[n][0]!r} in the run, {values[n][1]!r} now)" for n in refused)
+                          + "; resume with the run's values (drop those overrides) or start a new --train.run_dir")
+    for name in sorted(changes):
+        if warn:
+            print(f"warning: --resume with {name} changed from {values[name][0]!r} to {values[name][1]!r}: the "
+                  f"run continues with the new value, so it no longer matches an uninterrupted run", file=sys.stderr)
+    return {name: values[name] for name in sorted(changes)}
+
+
+def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None,
+             command: list[str] | None = None) -> dict:
+    """run_info.json's content: the machine, software and recipe of the run, for `tools/report.py`.
+    The recipe is named by the script the command ran (`command[1]`), else by the run directory.
+
+    A resumed run keeps the first record and adds the machine it resumed on (and the fields
+    it changed, as [old, new]). A damaged record is a CheckpointError, not a record started over.
+    """
+    from fastssl.reports.environment import describe_environment, describe_recipe
+
+    path = run_dir / "run_info.json"
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    env = describe_environment(accelerator.device)
+    if resume and path.exists():
+        info = ckpt.read_json_record(path, "the run's record (machines, software, recipe) for tools/report.py")
+        entry = {"date": now, "environment": env, "processes": accelerator.num_processes,
+                 **({"changed": changed} if changed else {})}
+        info.setdefault("resumed", []).append(entry)
+    else:
+        dtype = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
+        name = Path(command[1]).stem if command and len(command) > 1 else run_dir.name
+        info = {"date": now, "environment": env,
+                "recipe": describe_recipe(cfg, name, dtype, accelerator.num_processes)}
+    info["cwd"] = str(Path.cwd())  # config.json's relative data paths are relative to it (tools/eval_*.py)
+    return info
