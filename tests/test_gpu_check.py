@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_tool
 
+from fastssl.gpu_check.end_to_end import read_run_logs
+from fastssl.gpu_check.fused import per_iteration_us
+from fastssl.gpu_check.goals import goal
+from fastssl.gpu_check.gpu_tests import count_pytest_outcomes, gpu_test_files, parse_pytest_summary
+from fastssl.gpu_check.loaders import LOADER_VARIANTS
+from fastssl.gpu_check.runner import Context, Stage, StageSkipped, allotment
+
 gc = load_tool("gpu_check")
 
 
@@ -36,14 +43,14 @@ def test_a_failing_stage_records_its_traceback_and_the_next_stage_runs(tmp_path)
     def second(ctx):
         # the report on disk was rewritten after the failed stage and when this one started
         seen["report"], _ = read(ctx.out)
-        return {"results": {"value": 42}, "goals": [gc.goal("answer", 42.0, 40.0, "", True)],
+        return {"results": {"value": 42}, "goals": [goal("answer", 42.0, 40.0, "", True)],
                 "summary": ["second ran"]}
 
     def skipper(ctx):
-        raise gc.StageSkipped("nothing to do here")
+        raise StageSkipped("nothing to do here")
 
-    stages = [gc.Stage("one", "raises", 30, boom, needs_cuda=False), gc.Stage("two", "runs", 30, second, False),
-              gc.Stage("three", "skips", 30, skipper, False)]
+    stages = [Stage("one", "raises", 30, boom, needs_cuda=False), Stage("two", "runs", 30, second, False),
+              Stage("three", "skips", 30, skipper, False)]
     rc, report, md = run_main(tmp_path, stages)
     assert rc == 0
     on_disk = seen["report"]["stages"]
@@ -53,7 +60,7 @@ def test_a_failing_stage_records_its_traceback_and_the_next_stage_runs(tmp_path)
     assert one["status"] == "failed" and "Traceback" in one["traceback"] and "kaboom" in one["traceback"]
     assert two["status"] == "ok" and two["results"] == {"value": 42}
     assert three["status"] == "skipped" and three["reason"] == "skipped: nothing to do here"
-    assert report["goals"] == [{"stage": "two", **gc.goal("answer", 42.0, 40.0, "", True)}]
+    assert report["goals"] == [{"stage": "two", **goal("answer", 42.0, 40.0, "", True)}]
     assert report["goals"][0]["met"] is True
     assert "kaboom in stage one" in md and "second ran" in md and "| two | answer |" in md
 
@@ -76,9 +83,9 @@ def test_a_command_past_its_budget_is_killed_and_later_stages_are_skipped(tmp_pa
     def later(ctx):
         return {"results": {"ran": True}}
 
-    stages = [gc.Stage("slow", "sleeps", 300, slow, needs_cuda=False),
-              gc.Stage("overrun", "overruns", 300, overrun, needs_cuda=False),
-              gc.Stage("later", "after", 300, later, needs_cuda=False)]
+    stages = [Stage("slow", "sleeps", 300, slow, needs_cuda=False),
+              Stage("overrun", "overruns", 300, overrun, needs_cuda=False),
+              Stage("later", "after", 300, later, needs_cuda=False)]
     start = time.monotonic()
     rc, report, _ = run_main(tmp_path, stages, "--budget", "6")
     assert time.monotonic() - start < 40
@@ -105,8 +112,8 @@ def test_a_signal_to_gpu_check_kills_the_running_command_and_keeps_the_report(tm
         raise AssertionError("a stage after the interruption ran")
 
     start = time.monotonic()
-    rc, report, md = run_main(tmp_path, [gc.Stage("one", "interrupted", 300, stage, False),
-                                         gc.Stage("two", "never", 300, never, False)])
+    rc, report, md = run_main(tmp_path, [Stage("one", "interrupted", 300, stage, False),
+                                         Stage("two", "never", 300, never, False)])
     assert rc == 128 + 15 and time.monotonic() - start < 40
     assert [s["status"] for s in report["stages"]] == ["interrupted"]
     assert "SIGTERM" in report["stages"][0]["reason"] and "interrupted" in md
@@ -115,12 +122,12 @@ def test_a_signal_to_gpu_check_kills_the_running_command_and_keeps_the_report(tm
 
 
 def test_allotment_scales_caps_to_the_budget_left():
-    ctx = gc.Context(out=Path("."), scratch=Path("."), dry_run=False, cuda=True, deadline=time.monotonic() + 100)
-    stages = [gc.Stage(n, n, cap, lambda c: {}) for n, cap in (("a", 100), ("b", 100))]
-    assert gc.allotment(stages, ctx) == pytest.approx(50, abs=1)  # 200 s of caps, 100 s left
-    assert gc.allotment(stages[:1], ctx) == pytest.approx(100, abs=1)
+    ctx = Context(out=Path("."), scratch=Path("."), dry_run=False, cuda=True, deadline=time.monotonic() + 100)
+    stages = [Stage(n, n, cap, lambda c: {}) for n, cap in (("a", 100), ("b", 100))]
+    assert allotment(stages, ctx) == pytest.approx(50, abs=1)  # 200 s of caps, 100 s left
+    assert allotment(stages[:1], ctx) == pytest.approx(100, abs=1)
     ctx.deadline = time.monotonic() + 1000
-    assert gc.allotment(stages, ctx) == 100  # enough time: each stage gets its own cap
+    assert allotment(stages, ctx) == 100  # enough time: each stage gets its own cap
 
 
 @pytest.mark.parametrize("args,message", [
@@ -151,13 +158,13 @@ def test_stages_select_by_name_or_number_in_canonical_order():
 
 
 def test_pytest_summary_and_run_logs_are_read(tmp_path):
-    assert gc.parse_pytest_summary("...\n3 passed, 1 failed, 37 skipped, 12 deselected in 4.10s\n") == \
+    assert parse_pytest_summary("...\n3 passed, 1 failed, 37 skipped, 12 deselected in 4.10s\n") == \
         {"passed": 3, "failed": 1, "skipped": 37, "deselected": 12}
-    assert gc.parse_pytest_summary("== 2 errors in 1.0s ==") == {"errors": 2}
+    assert parse_pytest_summary("== 2 errors in 1.0s ==") == {"errors": 2}
     killed = ("tests/a.py::test_x[nvrtc-64] PASSED    [ 10%]\ntests/a.py::test_y SKIPPED (needs nvcc)  [ 20%]\n"
               "tests/b.py::test_z[2-bf16] FAILED    [ 30%]\ntests/b.py::test_w PASSED\nsome output PASSED\n")
-    assert gc.parse_pytest_summary(killed) == {}
-    assert gc.count_pytest_outcomes(killed) == ({"passed": 2, "skipped": 1, "failed": 1},
+    assert parse_pytest_summary(killed) == {}
+    assert count_pytest_outcomes(killed) == ({"passed": 2, "skipped": 1, "failed": 1},
                                                 ["tests/b.py::test_z[2-bf16]"])
     run = tmp_path / "run"
     run.mkdir()
@@ -165,7 +172,7 @@ def test_pytest_summary_and_run_logs_are_read(tmp_path):
                                     "0,20,100.0,0.5,5000,9000\n1,40,1000.0,0.1,6000,9500\n2,60,1200.0,0.3,5500,9400\n")
     (run / "train_log.csv").write_text("epoch,step,images_per_s,data_wait_share\n0,5,90,0.9\n0,10,95,0.8\n"
                                        "1,25,500,0.6\n1,30,1300,0.1\n1,35,1100,0.3\n2,45,700,0.5\n2,50,1200,0.2\n")
-    logs = gc.read_run_logs(run)
+    logs = read_run_logs(run)
     assert logs["images_per_s"] == pytest.approx(1100.0)  # epochs 2..3: the first is start-up
     assert logs["data_wait_share"] == pytest.approx(0.2)
     assert logs["peak_memory_mb"] == 6000 and logs["device_used_mb"] == 9500 and logs["steps"] == 60 and logs["log_images_per_s"][:2] == [90.0, 95.0]
@@ -195,13 +202,13 @@ def test_bench_loaders_variants_name_real_loader_settings():
     bl = load_tool("bench_loaders")
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     recipe_fields = {f.name for f in dataclasses.fields(MultiCropRecipe)}
-    assert set(gc.LOADER_VARIANTS) <= set(bl.ALL_BACKENDS) | set(bl.VARIANTS)
-    for name in gc.LOADER_VARIANTS:
+    assert set(LOADER_VARIANTS) <= set(bl.ALL_BACKENDS) | set(bl.VARIANTS)
+    for name in LOADER_VARIANTS:
         backend, overrides, recipe_overrides = bl.variant(name)
         assert backend in bl.ALL_BACKENDS and set(overrides) <= fields and set(recipe_overrides) <= recipe_fields
     assert bl.VARIANTS["dali-hw1"][1] == {"dali_hw_decoder_load": 1.0}
     assert bl.variant("dali-fixed-order")[2] == {"jitter_order": "fixed"}
-    assert bl.parse_args(["--backends", ",".join(gc.LOADER_VARIANTS)]).backends
+    assert bl.parse_args(["--backends", ",".join(LOADER_VARIANTS)]).backends
 
 
 def dry_run(tmp_path: Path, timeout: int) -> tuple[dict, str]:
@@ -237,8 +244,8 @@ def test_per_iteration_cost_is_the_difference_over_the_iterations():
     timings = {"2views": [rec("views", 512, 400.0), rec("fused", 512, 130.0), rec("fused", 64, 50.0),
                           rec("fused_graph", 512, None)],
                "2views-iters0": [rec("views", 512, 100.0), rec("fused", 512, 10.0), rec("fused_graph", 512, 8.0)]}
-    assert gc.per_iteration_us(timings, 512, 3000) == {"views": 10.0, "fused": 4.0}
-    assert gc.per_iteration_us({"2views": timings["2views"]}, 512, 3000) == {}
+    assert per_iteration_us(timings, 512, 3000) == {"views": 10.0, "fused": 4.0}
+    assert per_iteration_us({"2views": timings["2views"]}, 512, 3000) == {}
 
 
 @pytest.mark.slow
@@ -267,7 +274,7 @@ def test_dry_run_of_every_stage_in_a_subprocess(tmp_path):
 
 def test_the_gpu_tests_run_the_nvcc_kernel_file_last():
     """Its cold nvcc build comes last, so a deadline stops it, not the two-process GPU tests."""
-    files = gc.gpu_test_files()
+    files = gpu_test_files()
     assert files[-1] == "tests/test_mira_cuda.py"
     assert sorted(files) == sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py"))
 
