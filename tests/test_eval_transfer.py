@@ -16,8 +16,10 @@ import torchvision
 from PIL import Image
 
 from conftest import load_tool
-from fastssl.eval.transfer import (DATASETS, held_out, lbfgs_scores, mean_per_class_accuracy, search_and_test,
-                                   sklearn_scores, top1_accuracy, voc11_average_precision, voc11_map)
+from fastssl.eval.transfer import (DATASETS, mean_per_class_accuracy, search_and_test, top1_accuracy,
+                                   voc11_average_precision, voc11_map)
+from fastssl.eval.transfer_data import held_out
+from fastssl.eval.transfer_solvers import lbfgs_scores, sklearn_scores
 from fastssl.models.backbone import build_backbone
 
 pytest.importorskip("sklearn")
@@ -267,7 +269,7 @@ def write_voc2007(root: Path, per_class: int = 2) -> None:
     """VOCdevkit/VOC2007 as torchvision's VOCDetection reads it: JPEGImages/, Annotations/*.xml,
     ImageSets/Main/{train,val,test}.txt. Image i of class c shows c's colour and has one object
     of c; every third image also has a "difficult" object of class c + 1."""
-    from fastssl.eval.transfer import VOC_CLASSES
+    from fastssl.eval.transfer_data import VOC_CLASSES
 
     voc = root / "VOCdevkit" / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
@@ -291,7 +293,7 @@ def write_voc2007(root: Path, per_class: int = 2) -> None:
 
 
 def test_voc2007_from_torchvision_format(tool, tmp_path, backbone_file):
-    from fastssl.eval.transfer import voc_targets
+    from fastssl.eval.transfer_data import voc_targets
 
     data = tmp_path / "data"
     write_voc2007(data)

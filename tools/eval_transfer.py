@@ -36,9 +36,9 @@ from fastssl.eval.errors import EvalError, int_at_least, loader_workers, number_
 from fastssl.eval.progress_file import (fingerprint, forget_state, interrupted, load_state, save_state, state_path,
                                         weights_digest)
 from fastssl.eval.targets import resolve_target, write_report
-from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, extract_split, folder_splits,
-                                   markdown_table, metric_note, parse_dataset_names, penalty_grid, search_and_test,
-                                   spec_of, torchvision_splits, transfer_transform)
+from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, markdown_table, metric_note,
+                                   parse_dataset_names, penalty_grid, search_and_test, spec_of)
+from fastssl.eval.transfer_data import extract_split, folder_splits, torchvision_splits, transfer_transform
 from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
