@@ -27,7 +27,7 @@ from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialConversion, job_fingerprint
 from pipelines.beton_writer import (ConvertDataset, NothingToWrite, WorkerError, signals_deferred, worker_context,
                                     write_beton)
-from pipelines.cores import torch_threads_kept
+from pipelines.cores import torch_threads_kept, usable_cores
 from pipelines.folder import is_image_file, read_text_file, walk_files
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
@@ -327,7 +327,7 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
         with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
             from ffcv.fields import IntField, RGBImageField
 
-        workers = num_workers or os.cpu_count() or 1
+        workers = num_workers or usable_cores()
         options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
                    "compress_probability": compress_probability, "write_mode": write_mode}
         if not inv.samples:

@@ -11,7 +11,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["default_num_workers", "processes_on_this_machine", "torch_threads_kept"]
+__all__ = ["default_num_workers", "processes_on_this_machine", "torch_threads_kept", "usable_cores"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, which a SLURM job, a container or `taskset`
+    narrows to what the job was given (8 of a 128-core node), else the machine's count. Every default
+    that counts cores counts these: a worker pool sized by the machine would oversubscribe the job's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1  # pragma: no cover - not Linux
 
 
 def processes_on_this_machine(num_processes: int) -> int:
@@ -26,8 +35,7 @@ def default_num_workers(requested: int, num_processes: int) -> int:
     in all: on 8 nodes of 8 GPUs, a node's cores go to its 8 processes, not to 64)."""
     if requested >= 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes_on_this_machine(num_processes)))
+    return max(1, usable_cores() // max(1, processes_on_this_machine(num_processes)))
 
 
 @contextmanager

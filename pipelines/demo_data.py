@@ -64,6 +64,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipelines.cores import usable_cores
+
 #: Bump when the rendering changes: manifests of other versions do not match.
 GENERATOR_VERSION = 3
 
@@ -490,13 +492,9 @@ def _plan(root: Path, per_split: dict[str, int], num_classes: int, image_size: i
 
 
 def _default_workers() -> int:
-    """The cores this process may use (its affinity, not the machine's count: a container or a
-    SLURM job gets fewer), at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    """The cores this process may use (not the machine's count: a container or a SLURM job gets
+    fewer), at most 8."""
+    return min(usable_cores(), 8)
 
 
 def _run_chunks(chunks: list[_Chunk], workers: int, on_done: Callable[[int], None]) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import os
 import time
 import warnings
 import weakref
@@ -42,7 +41,7 @@ from queue import Empty
 import numpy as np
 import torch
 
-from pipelines.cores import torch_threads_kept
+from pipelines.cores import torch_threads_kept, usable_cores
 
 with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
     from ffcv.fields.basics import IntDecoder
@@ -94,7 +93,7 @@ def _set_decoder_threads(cls, n: int) -> None:
     `torch.set_num_threads(n)`: FFCV calls it with its worker count when a loader is made and in each
     epoch's thread, which would resize the trainer's torch thread pool (process-wide) behind its back
     (torchrun's OMP_NUM_THREADS=1 per process, or the user's own choice)."""
-    cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+    cls.num_threads = n if n >= 1 else usable_cores()
     set_numba_threads(cls.num_threads)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_image_folder, requires_ffcv
 from dist_utils import RECORD_THE_GROUP, tiny_synthetic_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +127,38 @@ def test_loader_workers_share_a_nodes_cores_among_its_own_processes(monkeypatch)
     assert default_num_workers(3, num_processes=64) == 3  # asked for: kept
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # no launcher: the run's processes are all here
     assert default_num_workers(-1, num_processes=4) == 16
+
+
+@requires_ffcv
+def test_what_counts_cores_counts_the_jobs_not_the_machines(monkeypatch, tmp_path):
+    """A SLURM job (a container, `taskset`) given 3 of a node's 64 cores: the converter's processes, the demo
+    generator's, the loaders' share and the core count a report gives are 3, not 64 (a pool sized by the
+    machine would put 64 processes on the job's 3 cores)."""
+    import torch
+
+    import pipelines.beton_convert as beton_convert
+    from fastssl.reports.environment import describe_environment
+    from pipelines import demo_data
+    from pipelines.beton_convert import ConversionError, convert
+    from pipelines.cores import default_num_workers, usable_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert usable_cores() == 3 and default_num_workers(-1, num_processes=1) == 3
+    assert demo_data._default_workers() == 3
+    assert describe_environment(torch.device("cpu"))["cpu_cores"] == 3
+    asked = []
+
+    def count_and_stop(partial, fields, dataset, num_workers, **kwargs):
+        asked.append(num_workers)
+        raise RuntimeError("stopped by the test before any worker starts")
+
+    monkeypatch.setattr(beton_convert, "write_beton", count_and_stop)
+    make_image_folder(tmp_path / "images", num_classes=2, per_class=4)
+    with pytest.raises(ConversionError, match="stopped by the test"):  # --num-workers 0: the default
+        convert(tmp_path / "images", tmp_path / "out.beton", num_workers=0, progress=False)
+    assert asked == [3]
 
 
 def test_dali_threads_for_num_workers_0_are_a_share_of_the_nodes_cores(monkeypatch):

@@ -39,6 +39,7 @@ from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
+from pipelines.cores import usable_cores
 from pipelines.folder import DataLayoutError
 
 ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
@@ -133,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of each repetition")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers / threads per backend")
+    ap.add_argument("--workers", type=int, default=usable_cores(),
+                    help="workers / threads per backend (default: the cores this process may use)")
     ap.add_argument("--global-size", type=int, default=224)
     ap.add_argument("--local-size", type=int, default=96)
     ap.add_argument("--num-local", type=int, default=6)

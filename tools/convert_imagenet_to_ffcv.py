@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="'proportion' mode: share of images stored as JPEG, the rest raw (default 0.5)")
     ap.add_argument("--write-mode", choices=WRITE_MODES, default="proportion",
                     help="FFCV's image storage mode (default proportion)")
-    ap.add_argument("--num-workers", type=int, default=0, help="processes (default: all cores)")
+    ap.add_argument("--num-workers", type=int, default=0, help="processes (default: every core this process may use)")
     ap.add_argument("--subset-per-class", type=int, default=0, help="keep the first N images of each class (0 = all)")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
     ap.add_argument("--restart", action="store_true",

@@ -6,7 +6,6 @@ A throughput figure without these is useless a week later, so every report carri
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
 import socket
 import sys
@@ -14,6 +13,7 @@ import sys
 import torch
 
 from fastssl.config import Config
+from pipelines.cores import usable_cores
 
 # DALI ships one distribution per CUDA major (README: Quickstart); both are listed, one is installed.
 PACKAGES = ("torch", "torchvision", "accelerate", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "ffcv", "numba",
@@ -44,8 +44,7 @@ def package_versions() -> dict[str, str | None]:
 
 def describe_environment(device: torch.device) -> dict:
     """Machine, device and software of this process."""
-    cuda = device.type == "cuda"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cuda, cores = device.type == "cuda", usable_cores()
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
