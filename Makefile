@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml tools/setup_system.sh tools/dali_extra.py
 	  $(PY) -m pip install --quiet --disable-pip-version-check -e ".[$$extras]"
 	@touch $@
 
-$(DEMO_DATA)/manifest.json: tools/make_demo_dataset.py pipelines/demo_data.py | $(STAMP)
+$(DEMO_DATA)/manifest.json: tools/make_demo_dataset.py pipelines/demo_data.py pipelines/demo_images.py | $(STAMP)
 	$(PY) tools/make_demo_dataset.py $(DEMO_DATA) --force
 
 demo: setup $(DEMO_DATA)/manifest.json

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import load_tool
-from pipelines import demo_data
+from pipelines import demo_data, demo_images
 
 # The command line only; the worker pool pickles functions of `pipelines.demo_data`, a package module,
 # so loading the tool here (or again in another test file) cannot break it.
@@ -56,18 +56,18 @@ def test_seed_changes_content(tmp_path: Path) -> None:
 def test_render_is_independent_of_generation_order() -> None:
     # Per-image seeding: rendering image 5 alone equals rendering it after others.
     rng = lambda: demo_data.image_rng(0, "train", 1, 5)  # noqa: E731
-    first = demo_data.render_image("star", "dots", 48, rng())
-    demo_data.render_image("ring", "checker", 48, demo_data.image_rng(0, "train", 0, 0))
-    assert np.array_equal(first, demo_data.render_image("star", "dots", 48, rng()))
+    first = demo_images.render_image("star", "dots", 48, rng())
+    demo_images.render_image("ring", "checker", 48, demo_data.image_rng(0, "train", 0, 0))
+    assert np.array_equal(first, demo_images.render_image("star", "dots", 48, rng()))
 
 
 # --------------------------------------------------------------------------- layout
 
 
 def test_layout_counts_and_images(tiny: Path) -> None:
-    names = demo_data.class_names(TINY["num_classes"])
+    names = demo_images.class_names(TINY["num_classes"])
     assert names == sorted(names), "sorted folder order must equal label order"
-    assert len(set(demo_data.class_specs(10))) == 10
+    assert len(set(demo_images.class_specs(10))) == 10
     for split, per_class in (("train", TINY["train_per_class"]), ("val", TINY["val_per_class"])):
         assert sorted(p.name for p in (tiny / split).iterdir()) == names
         for name in names:
@@ -87,14 +87,14 @@ def test_layout_counts_and_images(tiny: Path) -> None:
 
 
 def test_default_classes_differ_in_shape_and_in_texture() -> None:
-    specs = demo_data.class_specs(demo_data.DEFAULT_NUM_CLASSES)
+    specs = demo_images.class_specs(demo_data.DEFAULT_NUM_CLASSES)
     shapes = [s for s, _ in specs]
     textures = [t for _, t in specs]
     # Every default class has its own shape and its own texture; beyond that, reuse is even.
     assert len(set(shapes)) == len(specs) == len(set(textures))
-    more = demo_data.class_specs(demo_data.MAX_CLASSES)
-    assert len(set(more)) == demo_data.MAX_CLASSES
-    assert all(name.split("_", 1)[1] == f"{s}_{t}" for name, (s, t) in zip(demo_data.class_names(10), specs))
+    more = demo_images.class_specs(demo_images.MAX_CLASSES)
+    assert len(set(more)) == demo_images.MAX_CLASSES
+    assert all(name.split("_", 1)[1] == f"{s}_{t}" for name, (s, t) in zip(demo_images.class_names(10), specs))
 
 
 # --------------------------------------------------------------------------- idempotence / refusal
@@ -208,7 +208,7 @@ def test_cli_creates_then_reports_up_to_date(tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.parametrize(
     "flag,value",
     [("--train-per-class", "0"), ("--val-per-class", "-1"), ("--image-size", "31"),
-     ("--num-classes", "1"), ("--num-classes", str(demo_data.MAX_CLASSES + 1)), ("--seed", "x")],
+     ("--num-classes", "1"), ("--num-classes", str(demo_images.MAX_CLASSES + 1)), ("--seed", "x")],
 )
 def test_cli_rejects_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Generate the small, download-free demo dataset (ImageNet folder layout).
 
-The command line of `pipelines/demo_data.py`, which renders the images and holds
-why they look as they do (classes by shape and texture only, colours drawn from one
-distribution for every class) and how the output stays byte-identical for the same
-arguments, whatever the number of workers.
+The command line of `pipelines/demo_data.py`, which writes the dataset and says how the
+output stays byte-identical for the same arguments, whatever the number of workers;
+`pipelines/demo_images.py` renders the images and says why they look as they do (classes
+by shape and texture only, colours drawn from one distribution for every class).
 
 Layout written::
 
@@ -33,8 +33,9 @@ from typing import Sequence
 from fastssl.cli import ToolArgumentParser
 from fastssl.eval.errors import int_at_least  # the bounded-integer flag type every tool shares
 from pipelines.demo_data import (DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES, DEFAULT_SEED, DEFAULT_TRAIN_PER_CLASS,
-                                 DEFAULT_VAL_PER_CLASS, MAX_CLASSES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE,
-                                 DatasetExistsError, OutputDirError, make_demo_dataset)
+                                 DEFAULT_VAL_PER_CLASS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DatasetExistsError,
+                                 OutputDirError, make_demo_dataset)
+from pipelines.demo_images import MAX_CLASSES
 
 
 def build_parser() -> argparse.ArgumentParser:
