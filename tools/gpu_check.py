@@ -29,8 +29,10 @@ whatever ran is on disk even if the command itself is killed. Each stage calls t
 own tools with their own flags and reads their JSON. `--dry-run` runs the same code on the
 CPU at tiny sizes (CUDA hidden), so the script is proven before a GPU minute is spent; without
 it, stages that need CUDA record "skipped: no CUDA" on a machine without one.
-"""
 
+The stages live in `fastssl/gpu_check/`, one module each, with the runner and the report; this
+file is their command line, and the entry point of the workers they start.
+"""
 
 from __future__ import annotations
 
