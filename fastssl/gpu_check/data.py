@@ -6,10 +6,10 @@ made once per scratch folder, on the machine's local disk outside the checkout, 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 
+from pipelines.cores import usable_cores
 from fastssl.gpu_check.runner import PY, Context
 
 
@@ -64,7 +64,7 @@ def ensure_dataset(ctx: Context) -> dict:
         import multiprocessing
 
         # spawn: the parent may have initialised CUDA (torch.cuda.is_available); the workers need only PIL
-        with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1),
+        with ProcessPoolExecutor(max_workers=min(16, usable_cores()),
                                  mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_photo, jobs, chunksize=8))
         info["generate_s"] = time.monotonic() - t

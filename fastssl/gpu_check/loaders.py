@@ -4,8 +4,8 @@ DALI `mixed` at three hardware-decoder shares, FFCV with its device ops, torchvi
 
 from __future__ import annotations
 
-import os
 
+from pipelines.cores import usable_cores
 from fastssl.gpu_check.data import ensure_dataset
 from fastssl.gpu_check.goals import GOAL_LOADER_IPS, goal
 from fastssl.gpu_check.report import fmt, table
@@ -25,7 +25,7 @@ LOADER_TIMED_BATCHES = 18  # after 2 warm-up batches: 20 of an epoch's 23 batche
 
 def stage_loaders(ctx: Context) -> dict:
     data = ensure_dataset(ctx)
-    workers = 2 if ctx.dry_run else min(16, os.cpu_count() or 1)
+    workers = 2 if ctx.dry_run else min(16, usable_cores())
     backends: dict[str, dict] = {}
     runs, rows = {}, []
     for i, (group, variants) in enumerate(LOADER_GROUPS):
