@@ -23,8 +23,6 @@ from fastssl.runtime import failing_together, per_process, said_once_per_node
 # reads it. Every other field must be the same everywhere (`check_same_config`).
 PER_NODE_FIELDS = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_read_threads",
                    "data.ffcv_os_cache", "train.progress"}
-
-
 PER_NODE_PATHS = {"data.val", "data.knn_train"}  # set on every process or on none
 
 

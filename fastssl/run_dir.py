@@ -25,12 +25,9 @@ from fastssl.runtime import failing_together
 RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_hw_decoder_load",
                      "data.ffcv_os_cache", "train.progress", "train.log_every", "train.compile",
                      "train.cudnn_benchmark", "train.run_dir", "eval.batch_size", "eval.loader"}
-
-
 # Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one
 # would. They are how a diverged run continues from its last good checkpoint.
 RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
-
 
 RUN_DIR_TIME = "{time}"  # in train.run_dir: the run's start time, e.g. runs/demo/{time}
 
@@ -110,10 +107,9 @@ def resume_changes(saved: dict, now: dict, default: dict, free: set[str], with_w
         raise ConfigError(f"--resume: these fields differ from the run being resumed in {run_dir}: "
                           + ", ".join(f"{n} ({values[n][0]!r} in the run, {values[n][1]!r} now)" for n in refused)
                           + "; resume with the run's values (drop those overrides) or start a new --train.run_dir")
-    for name in sorted(changes):
-        if warn:
-            print(f"warning: --resume with {name} changed from {values[name][0]!r} to {values[name][1]!r}: the "
-                  f"run continues with the new value, so it no longer matches an uninterrupted run", file=sys.stderr)
+    for name in sorted(changes) if warn else ():
+        print(f"warning: --resume with {name} changed from {values[name][0]!r} to {values[name][1]!r}: the "
+              f"run continues with the new value, so it no longer matches an uninterrupted run", file=sys.stderr)
     return {name: values[name] for name in sorted(changes)}
 
 
