@@ -184,6 +184,10 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     Path(root / f"rank{{rank}}.json").write_text(json.dumps({{
         "world": dist.get_world_size(), "stopped_at": [state["epoch"], state["batch_in_epoch"], state["step"]],
         "loader_state": None if loader is None else [loader["epoch"], loader["batch"]]}}))
+    # As the command line ends a run: a rank that exits while its peer is still in the last collective
+    # aborts that peer's gloo thread ("terminate called without an active exception", exit -6).
+    from fastssl.runtime import end_process_group
+    end_process_group()
 """)
 
 
