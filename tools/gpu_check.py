@@ -47,7 +47,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastssl (not installed on the GPU machine)
+# This checkout's fastssl: the GPU machine does not install it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastssl.gpu_check.bn_stats import stage_bn_stats  # noqa: E402 - after the path
 from fastssl.gpu_check.compile_step import stage_compile, worker_compile_step  # noqa: E402
@@ -59,8 +60,8 @@ from fastssl.gpu_check.gpu_tests import stage_gpu_tests  # noqa: E402
 from fastssl.gpu_check.loaders import stage_loaders  # noqa: E402
 from fastssl.gpu_check.model_step import stage_model_step  # noqa: E402
 from fastssl.gpu_check.report import render_markdown  # noqa: E402
-from fastssl.gpu_check.runner import (DEFAULT_BUDGET_S, DEFAULT_SCRATCH, ROOT, Context, Interrupted, Stage,  # noqa: E402
-                                      raise_interrupted, run_stages, save_json, write_atomic)
+from fastssl.gpu_check.runner import (DEFAULT_BUDGET_S, DEFAULT_SCRATCH, ROOT, Context,  # noqa: E402
+                                      Interrupted, Stage, raise_interrupted, run_stages, save_json, write_atomic)
 
 
 STAGES = [

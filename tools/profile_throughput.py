@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--backends", default="torchvision,dali,ffcv,synthetic", help="loaders for the loader-only stage")
     ap.add_argument("--beton", help="the data as a .beton for ffcv (default: converted into a temporary folder "
                     "under --out, deleted at the end)")
-    ap.add_argument("--workers", type=int, default=-1, help="loader workers / threads (-1: every core this process may use)")
+    ap.add_argument("--workers", type=int, default=-1,
+                    help="loader workers / threads (-1: every core this process may use)")
     ap.add_argument("--steps", type=int, default=10 if cpu else 50, help="timed steps per stage")
     ap.add_argument("--warmup-steps", type=int, default=2 if cpu else 10)
     ap.add_argument("--loader-batches", type=int, default=6 if cpu else 40)
