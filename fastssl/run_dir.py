@@ -68,21 +68,34 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command
     are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
     """
     saved = ckpt.saved_config(run_dir)
-    warned: dict[str, list] = {}
-    if resume and saved is not None:
-        warned = resume_changes(saved, to_dict(cfg), to_dict(Config()), RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING,
-                                run_dir, warn=accelerator.is_main_process)
-    elif resume:
+    refuse_harmful_start(run_dir, saved is not None, resume, command, weights_may_predate_checkpoint=auto)
+    if not resume:
+        return {}
+    return resume_changes(saved, to_dict(cfg), to_dict(Config()), RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING, run_dir,
+                          warn=accelerator.is_main_process)
+
+
+def refuse_harmful_start(run_dir: Path, has_checkpoint: bool, resume: bool, command: list[str] | None,
+                         weight_patterns: tuple[str, ...] = ("backbone_*.pth",),
+                         weights_may_predate_checkpoint: bool = False) -> None:
+    """A ConfigError for a resume without a checkpoint, and for a fresh start over another run: its
+    checkpoint, or the weights it exported (`weight_patterns`) without one. Those are a finished run
+    whose checkpoint was deleted to save space, and the new run's first save would replace them;
+    unless `weights_may_predate_checkpoint`: a trainer that exports weights before its first
+    checkpoint, under `--resume auto`, may find them from its own killed start and starts over.
+    Each message says how to go on (`command` is the one that was run); nothing is written."""
+    if resume and not has_checkpoint:
         raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume"
                           f"{latest_run_hint(run_dir, command)}")
-    elif saved is not None:
+    if not resume and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
                           f"or choose another --train.run_dir (nothing was overwritten)")
-    elif not auto and (weights := ckpt.weights_without_checkpoint(run_dir)):
-        raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): "
-                          f"a new run there would replace them; move them away or choose another "
-                          f"--train.run_dir (nothing was overwritten)")
-    return warned
+    if not resume and not weights_may_predate_checkpoint:
+        weights = ckpt.weights_without_checkpoint(run_dir, weight_patterns)
+        if weights:
+            raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): "
+                              f"a new run there would replace them; move them away or choose another "
+                              f"--train.run_dir (nothing was overwritten)")
 
 
 def config_changes(old: dict, new: dict, default: dict) -> set[str]:

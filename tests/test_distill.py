@@ -296,7 +296,9 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     run(DistillConfig(), args)
     with pytest.raises(SystemExit) as exc:
         run(DistillConfig(), args)
-    assert exc.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "already holds a run; continue it with: " in err
+    assert " --resume" in err.split("continue it with: ")[1]  # the command that continues it, not just the flag
     (tmp_path / "run" / "checkpoint.pt").rename(tmp_path / "kept.pt")  # deleted to save space
     with pytest.raises(SystemExit) as exc:  # the trained classifier stays
         run(DistillConfig(), args)

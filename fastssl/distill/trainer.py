@@ -35,7 +35,7 @@ from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
 from fastssl.recovery import TrainingDiverged, after_write_failure
 from fastssl.relaunch import one_process_refusal, rerun_command
-from fastssl.run_dir import resume_changes
+from fastssl.run_dir import refuse_harmful_start, resume_changes
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
@@ -126,20 +126,14 @@ def top1(model: Classifier, loader, device: torch.device) -> float:
     return 100.0 * right / max(total, 1)
 
 
-def prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
+def prepare_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None) -> Path:
     """Refuse to overwrite a run, refuse a resume that changes what is computed; create the directory
     (config.json is written once a resume has loaded: a refused one leaves it as it was)."""
     run_dir = Path(cfg.train.run_dir)
     saved = ckpt.saved_config(run_dir)
-    if resume and saved is None:
-        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume")
-    if not resume and saved is not None:
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
-                          f"--train.run_dir (nothing was overwritten)")
-    if not resume and (weights := ckpt.weights_without_checkpoint(run_dir, (CLASSIFIER_NAME,))):
-        raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): a new "
-                          f"run there would replace it; move it away or choose another --train.run_dir (nothing "
-                          f"was overwritten)")
+    # The classifier is written after the last checkpoint, never before the first: found without a
+    # checkpoint, it is a finished run's, under `--resume auto` too.
+    refuse_harmful_start(run_dir, saved is not None, resume, command, (CLASSIFIER_NAME,))
     if resume:
         new = to_dict(cfg)
         if set(saved) != set(new):  # a self-supervised recipe's run (model/method/aug sections), not a distillation
@@ -188,7 +182,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     if len(train_set) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(train_set)} training "
                           f"images; lower --train.batch_size or add images")
-    run_dir = prepare_run_dir(cfg, resume)
+    run_dir = prepare_run_dir(cfg, resume, command)
 
     model = DistillStudent(build_classifier(cfg.model.student, num_classes, cfg.model.stem),
                            teacher_dim if lo.mi_weight > 0 else None, cfg.model.embed_dim).to(device)
