@@ -10,7 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from fastssl.config import Config, ConfigError, apply_overrides, field_help, validate
+from fastssl.config import Config, ConfigError, validate
+from fastssl.overrides import apply_overrides, field_help
 from pipelines.beton import BetonError
 from pipelines.folder import DataLayoutError
 from pipelines.spec import LoaderUnavailable

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from fastssl.config import (Config, ConfigError, apply_overrides, batch_errors, config_errors, from_dict, to_dict,
-                            validate)
+from fastssl.config import Config, ConfigError, batch_errors, config_errors, from_dict, to_dict, validate
+from fastssl.overrides import apply_overrides
 
 
 def valid() -> Config:
@@ -163,7 +163,7 @@ def test_misspelt_field_gets_suggestions():
 
 # ------------------------------------------------------------------ --help: what each field means
 def test_every_field_has_a_one_line_help():
-    from fastssl.config import field_help, field_names
+    from fastssl.overrides import field_help, field_names
 
     helps = field_help(Config())
     assert sorted(helps) == sorted(field_names(Config()))
@@ -177,7 +177,7 @@ def test_every_field_has_a_one_line_help():
 def test_help_is_the_comment_beside_the_field_or_above_it():
     import dataclasses
 
-    from fastssl.config import _comment_help
+    from fastssl.overrides import _comment_help
 
     @dataclasses.dataclass
     class Section:
@@ -194,7 +194,7 @@ def test_help_is_the_comment_beside_the_field_or_above_it():
 
 def test_usage_shows_each_field_with_the_recipe_value_and_its_help():
     from fastssl.cli import usage
-    from fastssl.config import field_help, field_names
+    from fastssl.overrides import field_help, field_names
 
     cfg = valid()
     cfg.optim.base_lr = 0.125

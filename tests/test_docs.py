@@ -172,7 +172,8 @@ NOT_FIELDS = {"--section.field", "--data.field", "--optim.lrr"}
 def test_every_field_the_docs_and_messages_name_exists():
     """A `--section.field` named anywhere a user reads it (the docs, a docstring, an error message's fix) is a
     field of the training or the distillation config."""
-    from fastssl.config import Config, field_names
+    from fastssl.config import Config
+    from fastssl.overrides import field_names
     from fastssl.distill.config import DistillConfig
 
     known = {f"--{name}" for cfg in (Config(), DistillConfig()) for name in field_names(cfg)}

@@ -1047,7 +1047,8 @@ def test_an_error_another_process_prints_exits_2_without_a_line(capsys):
 
 
 def _train_with_this_ranks_setting(rank: int, world_size: int, root: str, field: str, values: list) -> str:
-    from fastssl.config import ConfigError, set_field
+    from fastssl.config import ConfigError
+    from fastssl.overrides import set_field
     from fastssl.runtime import said_by_another_process
 
     cfg = quick_config(Path(root), epochs=1)

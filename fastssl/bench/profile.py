@@ -31,7 +31,8 @@ import torch
 import pipelines
 from fastssl.bench import assignment as assignment_timing
 from fastssl.bench import loaders as loader_timing
-from fastssl.config import Config, ConfigError, apply_overrides, validate
+from fastssl.config import Config, ConfigError, validate
+from fastssl.overrides import apply_overrides
 from fastssl.engine import build_parts, loader_spec, resolve_auto_settings, train
 from fastssl.method import train_step
 from fastssl.objectives import build_objective

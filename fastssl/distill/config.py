@@ -1,6 +1,6 @@
 """Typed configuration of a distillation run; same conventions as `fastssl.config`.
 
-Every field is overridable as `--section.field VALUE` (parsed by `fastssl.config.apply_overrides`,
+Every field is overridable as `--section.field VALUE` (parsed by `fastssl.overrides.apply_overrides`,
 help from the comment beside each field via `fastssl.cli.usage`); `config_errors` lists every
 invalid value before any work starts. Defaults are CRD's CIFAR-100 setting (Tian et al. 2020,
 train_student.py of their RepDistiller code and its README), which ML-CPC Sec. 5.2 keeps
