@@ -160,14 +160,22 @@ def after_knn_failure(command: list[str] | None, run_dir: Path, epoch: int) -> s
 def continue_advice(cfg: Config, command: list[str] | None, run_dir: Path, saved_step: int | None,
                     accelerator) -> str:
     """How to go on after a divergence: from the last good checkpoint, with a lower learning rate."""
-    lower = f"{cfg.optim.base_lr / 10:g}"
     precision = (" (or --train.precision no instead of mixed precision)"
                  if accelerator.mixed_precision in ("bf16", "fp16") else "")
+    return lower_lr_advice(command, run_dir, saved_step, "optim.base_lr", cfg.optim.base_lr, precision)
+
+
+def lower_lr_advice(command: list[str] | None, run_dir: Path, saved_step: int | None, lr_field: str, lr: float,
+                    also: str = "") -> str:
+    """The command that goes on after a divergence with a tenth of the learning rate `lr` (the
+    field `lr_field`, which a resume may change): from the last good checkpoint, or from the start
+    when none was written yet. `also` names another fix, after the field."""
+    lower = {lr_field: f"{lr / 10:g}"}
     if saved_step is None:
-        return (f"no checkpoint was written, so start again with a lower --optim.base_lr{precision}: "
-                f"{rerun_command(command, run_dir, resume=False, overrides={'optim.base_lr': lower})}")
+        return (f"no checkpoint was written, so start again with a lower --{lr_field}{also}: "
+                f"{rerun_command(command, run_dir, resume=False, overrides=lower)}")
     return (f"no checkpoint was written after it, so continue from the last good one (step {saved_step}) with a "
-            f"lower --optim.base_lr{precision}: {rerun_command(command, run_dir, overrides={'optim.base_lr': lower})}")
+            f"lower --{lr_field}{also}: {rerun_command(command, run_dir, overrides=lower)}")
 
 
 def latest_run_hint(run_dir: Path, command: list[str] | None) -> str:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastssl import checkpoint as ckpt
 from fastssl.critic import MlCpcCritic
 from fastssl.distill.config import DistillConfig
 from fastssl.distill.data import build_datasets
@@ -337,8 +338,9 @@ def test_a_loss_that_stops_being_finite_exits_2_and_its_advice_resumes_with_a_lo
     err = capsys.readouterr().err
     run_dir = tmp_path / "run"
     assert exc.value.code == 2 and "Traceback" not in err, err
-    assert err.startswith("error: training diverged at epoch 1 step 4: the loss is nan; continue from the "
-                          "checkpoint of step 3 with a lower --optim.lr: python distill.py "), err
+    assert err.startswith("error: training diverged at epoch 1 step 4: the loss is nan; no checkpoint was written "
+                          "after it, so continue from the last good one (step 3) with a lower --optim.lr: "
+                          "python distill.py "), err
     assert err.rstrip().endswith(f"--resume --train.run_dir {run_dir} --optim.lr 0.005"), err
     monkeypatch.undo()
     advised = err.rstrip().split(": python distill.py ", 1)[1].split()
@@ -348,6 +350,41 @@ def test_a_loss_that_stops_being_finite_exits_2_and_its_advice_resumes_with_a_lo
     assert re.search(r"^epoch 2/2: loss \d+\.\d{4}, top-1 \d+\.\d\d% \(\d+\.\d s\)$", out, re.M), out  # a line per epoch
     assert len(results["top1"]) == 1 and [r["step"] for r in read_rows(run_dir / "train_log.csv")] == \
         [str(i) for i in range(1, 7)]
+
+
+def test_a_full_disk_at_a_save_exits_2_keeps_the_last_checkpoint_and_its_advice_continues(tmp_path: Path,
+                                                                                        teacher: Path, monkeypatch,
+                                                                                        capsys) -> None:
+    """Epoch 1's checkpoint is written; the disk is full at epoch 2's: one line naming the cause and
+    the command that continues from step 3, which then ends the run."""
+    import shutil
+    from collections import namedtuple
+
+    usage, real_usage, saves = namedtuple("usage", "total used free"), shutil.disk_usage, []
+    real_save = ckpt.save_checkpoint
+
+    def count_saves(*args, **kwargs):
+        saves.append(kwargs["state"].step)
+        return real_save(*args, **kwargs)
+
+    def full_after_the_first_save(path):
+        return usage(2**40, 2**40 - 2**20, 2**20) if saves[1:] else real_usage(path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", count_saves)
+    monkeypatch.setattr(shutil, "disk_usage", full_after_the_first_save)
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "2",
+                     "--train.steps_per_epoch", "3")
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), args, prog="distill.py")
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert exc.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("error: not enough free space") and "then continue from the checkpoint of step 3 with: " \
+        "python distill.py " in err and err.rstrip().endswith(f"--resume --train.run_dir {run_dir}"), err
+    assert ckpt.saved_config(run_dir) is not None and not (run_dir / CLASSIFIER_NAME).exists()
+    monkeypatch.undo()
+    results = run(DistillConfig(), err.rstrip().split(": python distill.py ", 1)[1].split(), prog="distill.py")
+    assert [r["epoch"] for r in results["top1"]] == [2] and (run_dir / CLASSIFIER_NAME).is_file()
 
 
 def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_path: Path, teacher: Path,

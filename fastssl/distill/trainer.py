@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
-from fastssl.recovery import TrainingDiverged, after_write_failure
+from fastssl.recovery import TrainingDiverged, after_write_failure, lower_lr_advice
 from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_dir import refuse_harmful_start, resume_changes
 from fastssl.run_log import CsvLog, write_run_json
@@ -146,10 +148,56 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None)
     return run_dir
 
 
+@dataclass
+class DistillRun:
+    """What set-up hands the epochs: the run's parts, where it stands, and where its records go."""
+    cfg: DistillConfig
+    run_dir: Path
+    command: list[str] | None  # the user's command line, for messages that print the command that goes on
+    device: torch.device
+    num_classes: int
+    train_items: Dataset
+    val_loader: Any
+    model: DistillStudent
+    teacher: Classifier | None  # None when neither KD nor ML-CPC needs one (CE alone)
+    objective: DistillObjective
+    optimizer: torch.optim.Optimizer
+    state: ckpt.TrainState
+    results: dict
+    steps_log: CsvLog
+    epochs_log: CsvLog
+    saved_step: int | None  # the step of the checkpoint on disk (None: none yet)
+
+
 def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | None = None) -> dict:
     """Run (or continue) one distillation run; returns results.json's content ("interrupted": the
     signal's name when a stop signal ended it early, with a checkpoint; `command` is for the
     message that says how to continue)."""
+    run = set_up(cfg, resume, command)
+    stop = GracefulStop()
+    try:
+        for epoch in range(run.state.epoch, cfg.train.epochs):
+            started = time.time()  # of this epoch (of its rest, when it resumes mid-epoch)
+            if not run_epoch(run, epoch, stop):
+                return stopped(run, stop)
+            end_epoch(run, started)
+    except TrainingDiverged as err:
+        advice = lower_lr_advice(command, run.run_dir, run.saved_step, "optim.lr", cfg.optim.lr)
+        raise TrainingDiverged(f"{err}; {advice}") from None
+    except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
+        raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run.run_dir, run.saved_step)}") from err
+    finally:
+        stop.close()
+    save_classifier(run.model.student, cfg.model.student, run.num_classes, cfg.model.stem,
+                    run.run_dir / CLASSIFIER_NAME)
+    run.results["final_top1"] = run.results["top1"][-1]["top1"] if run.results["top1"] else None
+    write_run_json(run.run_dir / "results.json", run.results)
+    return run.results
+
+
+def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) -> DistillRun:
+    """Everything before the first step, in the order that fails soonest: the config, the data,
+    the teacher, the run directory, the networks, the checkpoint."""
     from torch.utils.data import DataLoader
 
     from fastssl.distill.data import ReadableItems, SeededItems, build_datasets, collate_readable
@@ -162,38 +210,27 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
     torch.manual_seed(cfg.train.seed)
     train_set, val_set, num_classes = build_datasets(cfg.data)
-    train_items = SeededItems(train_set, cfg.train.seed)
-    teacher = teacher_dim = None
+    teacher = None
     lo = cfg.loss
     if lo.kd_weight > 0 or lo.mi_weight > 0:
         teacher, _ = load_teacher(cfg.model.teacher, num_classes)
         teacher.to(device)
-        teacher_dim = teacher.feature_dim
-    critics: list[MlCpcCritic | None] = [None, None]
-    if lo.mi_weight > 0:  # queues of teacher and student embeddings; refuse a queue not smaller than the data
-        try:
-            critics = [MlCpcCritic(lo.queue_size, cfg.model.embed_dim, lo.temperature, dataset_size=len(train_set),
-                                   direction="one_way") for _ in range(2)]
-        except QueueLongerThanData as err:
-            raise ConfigError(f"loss.queue_size: {err}") from None
-    objective = DistillObjective(ce_weight=lo.ce_weight, kd_weight=lo.kd_weight, mi_weight=lo.mi_weight,
-                                 kd_temperature=lo.kd_temperature, alpha=lo.alpha, bound=lo.bound,
-                                 critic=critics[0], student_critic=critics[1]).to(device)
+    objective = build_objective(cfg, len(train_set)).to(device)
     if len(train_set) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(train_set)} training "
                           f"images; lower --train.batch_size or add images")
     run_dir = prepare_run_dir(cfg, resume, command)
 
     model = DistillStudent(build_classifier(cfg.model.student, num_classes, cfg.model.stem),
-                           teacher_dim if lo.mi_weight > 0 else None, cfg.model.embed_dim).to(device)
+                           teacher.feature_dim if teacher is not None and lo.mi_weight > 0 else None,
+                           cfg.model.embed_dim).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     state = ckpt.TrainState()
     results: dict = {"top1": []}
-    teacher_slot = teacher if teacher is not None else nn.Module()
     if resume:
-        state, missed = ckpt.load_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer,
-                                             scaler=None, rank=0, critic=objective.state)
+        state, missed = ckpt.load_checkpoint(run_dir, student=model, teacher=teacher_slot(teacher),
+                                             optimizer=optimizer, scaler=None, rank=0, critic=objective.state)
         if missed:
             print(f"warning: --resume: the random generators were not restored ({missed}); the run continues "
                   f"with other random draws than an uninterrupted run", file=sys.stderr)
@@ -201,8 +238,6 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
         results["top1"] = [r for r in results["top1"] if r["epoch"] <= state.epoch]
         results.pop("interrupted", None)
     write_run_json(run_dir / "config.json", to_dict(cfg))
-    steps_log = CsvLog(run_dir / "train_log.csv", STEP_FIELDS, state.step)
-    epochs_log = CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step)
     workers = cfg.data.num_workers
     # its own generator: evaluating must not draw from the global RNG (a resumed run would diverge)
     val_loader = DataLoader(ReadableItems(val_set), batch_size=256, shuffle=False, num_workers=workers,
@@ -210,105 +245,124 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
                             worker_init_fn=leave_process_group if workers else None,
                             multiprocessing_context=loader_workers_context(workers))
     model.train()
-    stop = GracefulStop()
-    saved_step = state.step if resume else None  # the step of the checkpoint on disk
-    try:
-        for epoch in range(state.epoch, cfg.train.epochs):
-            started = time.time()  # of this process's part of the epoch
-            if not run_epoch(cfg, epoch, train_items, model, teacher, objective, optimizer, state,
-                             steps_log, stop, device):
-                save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)  # mid-epoch
-                results["interrupted"] = stop.signal_name or "signal"
-                write_run_json(run_dir / "results.json", results)
-                print(f"stopped by {results['interrupted']} at epoch {state.epoch} step {state.step}: checkpoint "
-                      f"saved in {run_dir}; continue with: {rerun_command(command, run_dir)}", flush=True)
-                return results
-            last = state.epoch == cfg.train.epochs
-            epoch_row = {"epoch": state.epoch, "step": state.step, "seconds": time.time() - started,
-                         "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
-                         **{k: state.epoch_sums.get(k, 0.0) / max(state.epoch_loss_steps, 1) for k in TERMS}}
-            state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps, state.epoch_sums = 0, 0.0, 0, {}
-            if last or state.epoch % cfg.train.eval_every == 0:
-                epoch_row["top1"] = top1(model.student, val_loader, device)
-                results["top1"].append({"epoch": state.epoch, "top1": epoch_row["top1"]})
-            epochs_log.append(epoch_row)
-            print(f"epoch {state.epoch}/{cfg.train.epochs}: loss {epoch_row['loss']:.4f}"
-                  + (f", top-1 {epoch_row['top1']:.2f}%" if "top1" in epoch_row else "")
-                  + f" ({epoch_row['seconds']:.1f} s)", flush=True)
-            write_run_json(run_dir / "results.json", results)  # before the checkpoint: a kill between them loses no row
-            if last or state.epoch % cfg.train.checkpoint_every == 0:
-                save(cfg, run_dir, model, teacher_slot, optimizer, objective, state)
-                saved_step = state.step
-    except TrainingDiverged as err:
-        lower = {"optim.lr": f"{cfg.optim.lr / 10:g}"}
-        advice = (f"no checkpoint was written, so start again with a lower --optim.lr: "
-                  f"{rerun_command(command, run_dir, resume=False, overrides=lower)}" if saved_step is None else
-                  f"continue from the checkpoint of step {saved_step} with a lower --optim.lr: "
-                  f"{rerun_command(command, run_dir, overrides=lower)}")
-        raise TrainingDiverged(f"{err}; {advice}") from None
-    except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
-        raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
-    finally:
-        stop.close()
-    save_classifier(model.student, cfg.model.student, num_classes, cfg.model.stem, run_dir / CLASSIFIER_NAME)
-    results["final_top1"] = results["top1"][-1]["top1"] if results["top1"] else None
-    write_run_json(run_dir / "results.json", results)
-    return results
+    return DistillRun(cfg, run_dir, command, device, num_classes, SeededItems(train_set, cfg.train.seed), val_loader,
+                      model, teacher, objective, optimizer, state, results,
+                      CsvLog(run_dir / "train_log.csv", STEP_FIELDS, state.step),
+                      CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step), state.step if resume else None)
 
 
-def save(cfg: DistillConfig, run_dir: Path, model: DistillStudent, teacher_slot: nn.Module, optimizer,
-         objective: DistillObjective, state: ckpt.TrainState) -> None:
-    ckpt.save_checkpoint(run_dir, student=model, teacher=teacher_slot, optimizer=optimizer, scaler=None, state=state,
-                         config=to_dict(cfg), rank=0, is_main=True, critic=objective.state)
+def build_objective(cfg: DistillConfig, num_images: int) -> DistillObjective:
+    """The loss's terms; with ML-CPC, its queues of teacher and student embeddings (a queue not
+    smaller than the data is refused: it would hold the query's own positive among its negatives)."""
+    lo = cfg.loss
+    critics: list[MlCpcCritic | None] = [None, None]
+    if lo.mi_weight > 0:
+        try:
+            critics = [MlCpcCritic(lo.queue_size, cfg.model.embed_dim, lo.temperature, dataset_size=num_images,
+                                   direction="one_way") for _ in range(2)]
+        except QueueLongerThanData as err:
+            raise ConfigError(f"loss.queue_size: {err}") from None
+    return DistillObjective(ce_weight=lo.ce_weight, kd_weight=lo.kd_weight, mi_weight=lo.mi_weight,
+                            kd_temperature=lo.kd_temperature, alpha=lo.alpha, bound=lo.bound,
+                            critic=critics[0], student_critic=critics[1])
 
 
-def run_epoch(cfg: DistillConfig, epoch: int, train_items: Dataset, model: DistillStudent,
-              teacher: Classifier | None, objective: DistillObjective, optimizer, state: ckpt.TrainState,
-              steps_log: CsvLog, stop: GracefulStop, device: torch.device) -> bool:
+def end_epoch(run: DistillRun, started: float) -> None:
+    """An epoch's row (its mean loss and terms; top-1 every `eval_every` epochs and at the last),
+    results.json, then the checkpoint every `checkpoint_every` epochs and at the last."""
+    cfg, state = run.cfg, run.state
+    last = state.epoch == cfg.train.epochs
+    steps = max(state.epoch_loss_steps, 1)
+    row = {"epoch": state.epoch, "step": state.step, "seconds": time.time() - started,
+           "loss": state.epoch_loss_sum / steps, **{k: state.epoch_sums.get(k, 0.0) / steps for k in TERMS}}
+    state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps, state.epoch_sums = 0, 0.0, 0, {}
+    if last or state.epoch % cfg.train.eval_every == 0:
+        row["top1"] = top1(run.model.student, run.val_loader, run.device)
+        run.results["top1"].append({"epoch": state.epoch, "top1": row["top1"]})
+    run.epochs_log.append(row)
+    print(f"epoch {state.epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}"
+          + (f", top-1 {row['top1']:.2f}%" if "top1" in row else "") + f" ({row['seconds']:.1f} s)", flush=True)
+    write_run_json(run.run_dir / "results.json", run.results)  # before the checkpoint: a kill between them loses no row
+    if last or state.epoch % cfg.train.checkpoint_every == 0:
+        save(run)
+        run.saved_step = state.step
+
+
+def stopped(run: DistillRun, stop: GracefulStop) -> dict:
+    """A stop signal ended the epoch after a whole step: a checkpoint mid-epoch, and how to go on."""
+    save(run)
+    run.results["interrupted"] = stop.signal_name or "signal"
+    write_run_json(run.run_dir / "results.json", run.results)
+    print(f"stopped by {run.results['interrupted']} at epoch {run.state.epoch} step {run.state.step}: checkpoint "
+          f"saved in {run.run_dir}; continue with: {rerun_command(run.command, run.run_dir)}", flush=True)
+    return run.results
+
+
+def teacher_slot(teacher: Classifier | None) -> nn.Module:
+    """The checkpoint's teacher entry: the frozen teacher, or an empty module when there is none."""
+    return teacher if teacher is not None else nn.Module()
+
+
+def save(run: DistillRun) -> None:
+    ckpt.save_checkpoint(run.run_dir, student=run.model, teacher=teacher_slot(run.teacher), optimizer=run.optimizer,
+                         scaler=None, state=run.state, config=to_dict(run.cfg), rank=0, is_main=True,
+                         critic=run.objective.state)
+
+
+def run_epoch(run: DistillRun, epoch: int, stop: GracefulStop) -> bool:
     """Epoch `epoch` from batch `state.batch_in_epoch` on; the running sums live in `state`, so a stop
     mid-epoch checkpoints them. False when a stop signal ended it early (after a whole step)."""
     from torch.utils.data import DataLoader
 
-    for group in optimizer.param_groups:
+    cfg, state, workers = run.cfg, run.state, run.cfg.data.num_workers
+    for group in run.optimizer.param_groups:
         group["lr"] = lr_at(cfg, epoch)
-    batches = shard_batches(len(train_items), cfg.train.batch_size, 0, 1, cfg.train.seed, epoch)  # f(seed, epoch)
+    batches = shard_batches(len(run.train_items), cfg.train.batch_size, 0, 1, cfg.train.seed, epoch)  # f(seed, epoch)
     if cfg.train.steps_per_epoch:
         batches = batches[: cfg.train.steps_per_epoch]
-    loader = DataLoader(train_items, batch_sampler=[[(epoch, i) for i in b] for b in batches[state.batch_in_epoch:]],
-                        num_workers=cfg.data.num_workers,
-                        worker_init_fn=leave_process_group if cfg.data.num_workers else None,
-                        multiprocessing_context=loader_workers_context(cfg.data.num_workers))
+    keys = [[(epoch, i) for i in b] for b in batches[state.batch_in_epoch:]]  # SeededItems' (epoch, image) keys
+    loader = DataLoader(run.train_items, batch_sampler=keys, num_workers=workers,
+                        worker_init_fn=leave_process_group if workers else None,
+                        multiprocessing_context=loader_workers_context(workers))
     window_start = time.time()
     with stop_signals_held():  # the workers leave the process group before a stop signal reaches them
         delivered = iter(loader)
     for x, y in delivered:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits_s, feat_s = model.student(x)
-        logits_t = emb_s = emb_t = None
-        if teacher is not None:
-            with torch.no_grad():
-                logits_t, feat_t = teacher(x)
-            if model.embed_s is not None:
-                emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
-        terms = objective(logits_s, y, logits_t, emb_s, emb_t)
-        if not torch.isfinite(terms.loss):  # before the update: the weights stay those of the last good step
-            raise TrainingDiverged(f"training diverged at epoch {epoch} step {state.step}: the loss is "
-                                   f"{terms.loss.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        optimizer.step()
-        objective.finish_step(emb_s, emb_t)
+        row = train_step(run, x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True), epoch)
         state.step += 1
         state.batch_in_epoch += 1
-        row = {"loss": terms.loss.item(), **{k: getattr(terms, k).item() for k in TERMS}}
         state.epoch_loss_sum += row["loss"]
         state.epoch_loss_steps += 1
         state.epoch_sums = {k: state.epoch_sums.get(k, 0.0) + row[k] for k in TERMS}
         if state.step % cfg.train.log_every == 0:
             rate = x.shape[0] * cfg.train.log_every / max(time.time() - window_start, 1e-9)
-            steps_log.append({"epoch": epoch, "step": state.step, "lr": lr_at(cfg, epoch), "images_per_s": rate, **row})
+            run.steps_log.append({"epoch": epoch, "step": state.step, "lr": lr_at(cfg, epoch), "images_per_s": rate,
+                                  **row})
             window_start = time.time()
         if stop.requested:
             return False
     state.epoch = epoch + 1
     return True
+
+
+def train_step(run: DistillRun, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
+    """One SGD step: student and teacher on the same batch, the objective, the update, then the
+    batch's embeddings enqueued; the step's loss and terms. A loss that is not finite raises
+    TrainingDiverged before the update: the weights stay those of the last good step."""
+    model, objective = run.model, run.objective
+    logits_s, feat_s = model.student(x)
+    logits_t = emb_s = emb_t = None
+    if run.teacher is not None:
+        with torch.no_grad():
+            logits_t, feat_t = run.teacher(x)
+        if model.embed_s is not None:
+            emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
+    terms = objective(logits_s, y, logits_t, emb_s, emb_t)
+    if not torch.isfinite(terms.loss):
+        raise TrainingDiverged(f"training diverged at epoch {epoch} step {run.state.step}: the loss is "
+                               f"{terms.loss.item()}")
+    run.optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    run.optimizer.step()
+    objective.finish_step(emb_s, emb_t)
+    return {"loss": terms.loss.item(), **{k: getattr(terms, k).item() for k in TERMS}}
