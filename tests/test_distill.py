@@ -25,7 +25,7 @@ from fastssl.distill.data import build_datasets
 from fastssl.distill.losses import kd_loss, mi_bound
 from fastssl.distill.objective import DistillObjective
 from fastssl.distill.command import run
-from fastssl.distill.trainer import CLASSIFIER_NAME, save_classifier
+from fastssl.distill.classifier_file import CLASSIFIER_NAME, save_classifier
 from fastssl.losses import cpc_bound, ml_cpc_bound
 from fastssl.models.cifar_resnet import build_classifier
 from pipelines.folder import DataLayoutError

@@ -6,15 +6,12 @@ beta J_alpha against the queue of teacher embeddings (`DistillObjective`), SGD s
 the batch's teacher keys enqueued. The run directory holds config.json, train_log.csv /
 epochs.csv (`fastssl.run_log.CsvLog`), checkpoint.pt + rng/ (`fastssl.checkpoint`, written
 atomically at epoch ends, queue included), results.json and, at the end, classifier.pt:
-the student in the TEACHER format, so any run (a CE-only run is the supervised teacher
-trainer) can teach the next one. `train(cfg, resume=True)` continues from the checkpoint
+the student in the teacher format (`fastssl.distill.classifier_file`), so any run (a CE-only
+run is the supervised teacher trainer) can teach the next one. `train(cfg, resume=True)` continues from the checkpoint
 and ends with the same weights as an uninterrupted run. SIGTERM / SIGINT / SIGUSR1
 (`fastssl.runtime.GracefulStop`, as the main loop) stop it mid-epoch after the current step
 with a checkpoint; the data order and each image's augmentation are functions of (seed,
 epoch, image) (`pipelines.sampler`), so the resumed run trains on the same batches.
-
-Teacher format (`classifier.pt`, torch.save of a dict): {"format": "fastssl-classifier/1",
-"arch": str, "num_classes": int, "stem": str, "state_dict": the Classifier's state dict}.
 """
 
 from __future__ import annotations
@@ -34,7 +31,8 @@ from fastssl.config import ConfigError
 from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
-from fastssl.models.cifar_resnet import CLASSIFIER_ARCHS, Classifier, build_classifier
+from fastssl.distill.classifier_file import CLASSIFIER_NAME, load_teacher, save_classifier
+from fastssl.models.cifar_resnet import Classifier, build_classifier
 from fastssl.recovery import TrainingDiverged, after_write_failure, lower_lr_advice
 from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_dir import refuse_harmful_start, resume_changes
@@ -43,8 +41,6 @@ from fastssl.runtime import GracefulStop
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import shard_batches
 
-CLASSIFIER_FORMAT = "fastssl-classifier/1"
-CLASSIFIER_NAME = "classifier.pt"
 # mi_nats: J_alpha with student queries and teacher keys; mi_t_nats: the other direction
 STEP_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "lr", "images_per_s"]
 EPOCH_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "top1", "seconds"]
@@ -68,42 +64,6 @@ class DistillStudent(nn.Module):
         self.student = student
         self.embed_s = nn.Linear(student.feature_dim, embed_dim) if teacher_dim else None
         self.embed_t = nn.Linear(teacher_dim, embed_dim) if teacher_dim else None
-
-
-def save_classifier(model: Classifier, arch: str, num_classes: int, stem: str, path: Path) -> None:
-    """The teacher format, written atomically."""
-    ckpt.atomic_save({"format": CLASSIFIER_FORMAT, "arch": arch, "num_classes": num_classes, "stem": stem,
-                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
-
-
-def load_teacher(path: str, num_classes: int) -> tuple[Classifier, str]:
-    """The frozen teacher (eval mode, no gradients) and its arch; clear errors for bad files."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"model.teacher: no teacher checkpoint at {str(p)!r}; train one first (a run "
-                                f"with --loss.kd_weight 0 --loss.mi_weight 0 writes RUN_DIR/{CLASSIFIER_NAME}) "
-                                f"and pass its path")
-    try:
-        data = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unreadable file: the user's input, reported, not a traceback
-        raise ConfigError(f"model.teacher: {str(p)!r} cannot be read ({type(err).__name__}); "
-                          f"pass a {CLASSIFIER_NAME} written by this trainer") from None
-    if (not isinstance(data, dict) or data.get("format") != CLASSIFIER_FORMAT
-            or data.get("arch") not in CLASSIFIER_ARCHS):
-        raise ConfigError(f"model.teacher: {str(p)!r} is not a teacher checkpoint (format {CLASSIFIER_FORMAT!r} "
-                          f"with a known arch); pass a {CLASSIFIER_NAME} written by this trainer")
-    if data["num_classes"] != num_classes:
-        raise ConfigError(f"model.teacher: the teacher predicts {data['num_classes']} classes, the data has "
-                          f"{num_classes}; use a teacher trained on the same dataset")
-    teacher = build_classifier(data["arch"], data["num_classes"], data.get("stem", "cifar"))
-    try:
-        teacher.load_state_dict(data["state_dict"])
-    except (RuntimeError, KeyError, TypeError) as err:  # keys or shapes do not fit the named arch
-        raise ConfigError(f"model.teacher: {str(p)!r} does not hold a {data['arch']} for {num_classes} classes "
-                          f"({str(err).splitlines()[0][:120]}); pass a {CLASSIFIER_NAME} written by this "
-                          f"trainer") from None
-    teacher.eval().requires_grad_(False)
-    return teacher, data["arch"]
 
 
 def lr_at(cfg: DistillConfig, epoch: int) -> float:
