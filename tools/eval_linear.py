@@ -52,11 +52,9 @@ from __future__ import annotations
 import argparse
 
 from fastssl.cli import ToolArgumentParser, exit_with
-from fastssl.eval.classifier import add_data_arguments, add_run_arguments
+from fastssl.eval.classifier import add_data_arguments, add_run_arguments, train_and_report
 from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.linear import PROTOCOLS, apply_protocol, linear_probe, prepare
-from fastssl.eval.progress_file import forget_state, interrupted, state_path
-from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
 
@@ -97,20 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalError, EvalBackendError) as err:
         exit_with(err)
     try:
-        report = linear_probe(inputs, args)
-    except EvalError as err:  # a split whose every image is unreadable
+        return train_and_report(inputs, lambda: linear_probe(inputs, args), lambda report: (
+            f"linear ({report['features']}): top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  "
+            f"({report['seconds']['total']:.0f} s)"))
+    except EvalError as err:  # a split whose every image is unreadable, a report that cannot be written
         exit_with(err)
-    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
-        interrupted(state_path(inputs.found["out"]), "the epochs done")
-    print(f"linear ({report['features']}): top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  "
-          f"({report['seconds']['total']:.0f} s)")
-    try:
-        write_report(inputs.found["out"], report)
-    except EvalError as err:
-        exit_with(err)
-    forget_state(state_path(inputs.found["out"]))
-    return report
-
 
 if __name__ == "__main__":
     main()

@@ -42,11 +42,9 @@ from __future__ import annotations
 import argparse
 
 from fastssl.cli import ToolArgumentParser, exit_with
-from fastssl.eval.classifier import add_data_arguments, add_run_arguments
+from fastssl.eval.classifier import add_data_arguments, add_run_arguments, train_and_report
 from fastssl.eval.errors import EvalError, int_at_least, number_in
 from fastssl.eval.finetune import PRESETS, finetune_on_subset, prepare
-from fastssl.eval.progress_file import forget_state, interrupted, state_path
-from fastssl.eval.targets import write_report
 from pipelines.eval import EvalBackendError
 
 
@@ -87,20 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalError, EvalBackendError) as err:
         exit_with(err)
     try:
-        report = finetune_on_subset(inputs, subset, args)
-    except EvalError as err:  # a split whose every image is unreadable
+        return train_and_report(inputs, lambda: finetune_on_subset(inputs, subset, args), lambda report: (
+            f"fine-tuned on {len(subset)} images ({100 * report['subset_share']:.1f}% of train): "
+            f"top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  ({report['seconds']['total']:.0f} s)"))
+    except EvalError as err:  # a split whose every image is unreadable, a report that cannot be written
         exit_with(err)
-    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
-        interrupted(state_path(inputs.found["out"]), "the epochs done")
-    print(f"fine-tuned on {len(subset)} images ({100 * report['subset_share']:.1f}% of train): "
-          f"top1 {report['top1']:.1f}  top5 {report['top5']:.1f}  ({report['seconds']['total']:.0f} s)")
-    try:
-        write_report(inputs.found["out"], report)
-    except EvalError as err:
-        exit_with(err)
-    forget_state(state_path(inputs.found["out"]))
-    return report
-
 
 if __name__ == "__main__":
     main()

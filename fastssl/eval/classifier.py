@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,8 @@ from torchvision import transforms as T
 
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError, int_at_least, loader_workers, number_in
-from fastssl.eval.targets import require_data, resolve_target, run_knn_figure
+from fastssl.eval.progress_file import forget_state, interrupted, state_path
+from fastssl.eval.targets import require_data, resolve_target, run_knn_figure, write_report
 from fastssl.relaunch import one_process_refusal
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg
@@ -316,6 +317,22 @@ def load_eval_inputs(args: argparse.Namespace, tool: str, report: str | None = N
     require_data(found)
     train_samples, val_samples, classes = scan_splits(found["train"], found["val"])
     return EvalInputs(found, backbone, arch, train_samples, val_samples, classes)
+
+
+def train_and_report(inputs: EvalInputs, train: Callable[[], dict], summary: Callable[[dict], str]) -> dict:
+    """The classifier tools' end: `train` (Ctrl-C exits with one line saying which epochs are kept,
+    not a traceback), the `summary` line, the report, then the saved progress forgotten (it would
+    resume a finished evaluation). An EvalError (a split whose every image is unreadable, a report
+    that cannot be written) is the tool's to print."""
+    progress = state_path(inputs.found["out"])
+    try:
+        report = train()
+    except KeyboardInterrupt:
+        interrupted(progress, "the epochs done")
+    print(summary(report))
+    write_report(inputs.found["out"], report)
+    forget_state(progress)
+    return report
 
 
 def classifier_report(inputs: EvalInputs, target: str | Path, counts: dict, acc: dict[str, float], settings: dict,
