@@ -320,6 +320,18 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     assert exc.value.code == 2 and "holds a run of another recipe" in err and err.count("\n") == 1
 
 
+def two_epochs_that_fail(tmp_path: Path, teacher: Path, capsys) -> str:
+    """`python distill.py` for 2 epochs of 3 steps in tmp_path/run, which must exit 2 with one line
+    and no traceback; that line."""
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "2",
+                     "--train.steps_per_epoch", "3")
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), args, prog="distill.py")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
 def test_a_loss_that_stops_being_finite_exits_2_and_its_advice_resumes_with_a_lower_lr(tmp_path: Path, teacher: Path,
                                                                                         monkeypatch, capsys) -> None:
     """The advice is a command that runs: --resume with a lower --optim.lr (accepted, with a warning)."""
@@ -331,13 +343,8 @@ def test_a_loss_that_stops_being_finite_exits_2_and_its_advice_resumes_with_a_lo
         return dataclasses.replace(terms, loss=terms.loss * math.nan) if calls[0] == 5 else terms
 
     monkeypatch.setattr(DistillObjective, "__call__", nan_at_step_5)
-    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "2",
-                     "--train.steps_per_epoch", "3")
-    with pytest.raises(SystemExit) as exc:
-        run(DistillConfig(), args, prog="distill.py")
-    err = capsys.readouterr().err
+    err = two_epochs_that_fail(tmp_path, teacher, capsys)
     run_dir = tmp_path / "run"
-    assert exc.value.code == 2 and "Traceback" not in err, err
     assert err.startswith("error: training diverged at epoch 1 step 4: the loss is nan; no checkpoint was written "
                           "after it, so continue from the last good one (step 3) with a lower --optim.lr: "
                           "python distill.py "), err
@@ -372,13 +379,8 @@ def test_a_full_disk_at_a_save_exits_2_keeps_the_last_checkpoint_and_its_advice_
 
     monkeypatch.setattr(ckpt, "save_checkpoint", count_saves)
     monkeypatch.setattr(shutil, "disk_usage", full_after_the_first_save)
-    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "2",
-                     "--train.steps_per_epoch", "3")
-    with pytest.raises(SystemExit) as exc:
-        run(DistillConfig(), args, prog="distill.py")
-    err = capsys.readouterr().err
+    err = two_epochs_that_fail(tmp_path, teacher, capsys)
     run_dir = tmp_path / "run"
-    assert exc.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("error: not enough free space") and "then continue from the checkpoint of step 3 with: " \
         "python distill.py " in err and err.rstrip().endswith(f"--resume --train.run_dir {run_dir}"), err
     assert ckpt.saved_config(run_dir) is not None and not (run_dir / CLASSIFIER_NAME).exists()
