@@ -256,6 +256,11 @@ def objective_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+def _unknown_choice(name: str, value: str, choices) -> list[str]:
+    """The error of a field that takes one of a few names, when `value` is none of them."""
+    return [] if value in choices else [f"{name}: unknown {value!r}; choose one of {', '.join(choices)}"]
+
+
 def config_errors(cfg: Config) -> list[str]:
     """Every invalid value, as `section.field: problem (fix)`. Pure: touches no files."""
     e: list[str] = []
@@ -264,19 +269,14 @@ def config_errors(cfg: Config) -> list[str]:
     e += [f"aug.{msg}" for msg in cfg.aug.errors()]
     if m.arch not in ("resnet18", "resnet50"):
         e.append(f"model.arch: unknown architecture {m.arch!r}; choose resnet18 or resnet50")
-    if m.bn_stats not in BN_STATS:
-        e.append(f"model.bn_stats: unknown {m.bn_stats!r}; choose one of {', '.join(BN_STATS)}")
-    if m.head not in HEADS:
-        e.append(f"model.head: unknown {m.head!r}; choose one of {', '.join(HEADS)}")
-    if m.stem not in STEMS:
-        e.append(f"model.stem: unknown {m.stem!r}; choose one of {', '.join(STEMS)}")
-    if m.export not in EXPORTS:
-        e.append(f"model.export: unknown {m.export!r}; choose one of {', '.join(EXPORTS)}")
+    for name, value, choices in (("model.bn_stats", m.bn_stats, BN_STATS), ("model.head", m.head, HEADS),
+                                 ("model.stem", m.stem, STEMS), ("model.export", m.export, EXPORTS)):
+        e += _unknown_choice(name, value, choices)
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
     if mt.objective not in OBJECTIVES:
-        e.append(f"method.objective: unknown {mt.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        e += _unknown_choice("method.objective", mt.objective, OBJECTIVES)
     elif cfg.train.micro_batch_size and objective_class(mt.objective).couples_rows:
         e.append(f"train.micro_batch_size: method.objective {mt.objective} scores every row against the whole "
                  f"per-process batch (ML-CPC's one denominator), which gradient accumulation over chunks would change; "
@@ -291,10 +291,8 @@ def config_errors(cfg: Config) -> list[str]:
     e += _alpha_errors(cr)
     if cr.alpha_per not in ("epoch", "step"):
         e.append(f"critic.alpha_per: choose epoch or step, got {cr.alpha_per!r}")
-    if cr.bound not in CRITIC_BOUNDS:
-        e.append(f"critic.bound: unknown {cr.bound!r}; choose one of {', '.join(CRITIC_BOUNDS)}")
-    if cr.direction not in DIRECTIONS:
-        e.append(f"critic.direction: unknown {cr.direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    e += _unknown_choice("critic.bound", cr.bound, CRITIC_BOUNDS) + _unknown_choice("critic.direction", cr.direction,
+                                                                                   DIRECTIONS)
     if cr.shuffle_bn_splits < 1:
         e.append(f"critic.shuffle_bn_splits: must be >= 1, got {cr.shuffle_bn_splits}")
     if cr.shuffle_bn and mt.objective != "mlcpc":
