@@ -38,7 +38,7 @@ from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_mem
 from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_knn_failure,
                               after_write_failure, continue_advice, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
-from fastssl.run_dir import check_run_dir, create_run_dir, run_info, stamp_run_dir
+from fastssl.run_dir import check_run_dir, create_run_dir, finished_run, run_info, stamp_run_dir
 from fastssl.run_log import RunLog, write_run_json
 from fastssl.runtime import GracefulStop, build_accelerator, failing_together, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
@@ -79,9 +79,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
         run = set_up(cfg, resume, command)
         if run.saved_step is not None and run.state.epoch >= cfg.train.epochs:  # resumed after the end (a requeue)
             run.log.close()
-            epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
-            run.parts.accelerator.print(f"the run in {run.run_dir} has finished its {epochs} (step {run.state.step}): "
-                                        "nothing to do")
+            run.parts.accelerator.print(finished_run(run.run_dir, cfg.train.epochs, run.state.step))
             return run.results
         return train_epochs(run, time_limit_warning)
     finally:

@@ -126,6 +126,13 @@ def resume_changes(saved: dict, now: dict, default: dict, free: set[str], with_w
     return {name: values[name] for name in sorted(changes)}
 
 
+def finished_run(run_dir: Path, epochs: int, step: int) -> str:
+    """What a resume of a run that has done its `epochs` says (a requeue after the end, a repeated
+    command): it trains nothing and rewrites nothing."""
+    plural = "s" if epochs != 1 else ""
+    return f"the run in {run_dir} has finished its {epochs} epoch{plural} (step {step}): nothing to do"
+
+
 def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None,
              command: list[str] | None = None) -> dict:
     """run_info.json's content: the machine, software and recipe of the run, for `tools/report.py`.

@@ -239,6 +239,23 @@ def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
     assert [r["step"] for r in read_rows(tmp_path / "twice" / "train_log.csv")] == [str(i) for i in range(1, 7)]
 
 
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path: Path, teacher: Path, capsys) -> None:
+    """A requeue after the end (--resume auto) or a repeated command: one line; the classifier,
+    checkpoint, logs and results stay as they were."""
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "1",
+                     "--train.steps_per_epoch", "2")
+    first = run(DistillConfig(), args)
+    run_dir = tmp_path / "run"
+    kept = (CLASSIFIER_NAME, "checkpoint.pt", "train_log.csv", "epochs.csv", "results.json", "config.json")
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    capsys.readouterr()
+    again = run(DistillConfig(), args + ["--resume", "auto"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"the run in {run_dir} has finished its 1 epoch (step 2): nothing to do", out
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
+    assert again == first
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, teacher: Path, monkeypatch, capsys,
                                                              workers: str) -> None:

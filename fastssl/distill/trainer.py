@@ -35,7 +35,7 @@ from fastssl.distill.classifier_file import CLASSIFIER_NAME, load_teacher, save_
 from fastssl.models.cifar_resnet import Classifier, build_classifier
 from fastssl.recovery import TrainingDiverged, after_write_failure, lower_lr_advice
 from fastssl.relaunch import one_process_refusal, rerun_command
-from fastssl.run_dir import refuse_harmful_start, resume_changes
+from fastssl.run_dir import finished_run, refuse_harmful_start, resume_changes
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
@@ -134,6 +134,9 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
     signal's name when a stop signal ended it early, with a checkpoint; `command` is for the
     message that says how to continue)."""
     run = set_up(cfg, resume, command)
+    if run.saved_step is not None and run.state.epoch >= cfg.train.epochs:  # resumed after the end
+        print(finished_run(run.run_dir, cfg.train.epochs, run.state.step), flush=True)
+        return run.results
     stop = GracefulStop()
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
