@@ -317,6 +317,13 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "already holds a run; continue it with: " in err
     assert " --resume" in err.split("continue it with: ")[1]  # the command that continues it, not just the flag
+    with pytest.raises(SystemExit) as exc:  # said before the data is read
+        run(DistillConfig(), args + ["--data.train", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a start refused for its data leaves no run directory behind
+        run(DistillConfig(), tiny_args(tmp_path, "new", "--model.teacher", str(teacher), "--data.train",
+                                       str(tmp_path / "nowhere")))
+    assert exc.value.code == 2 and "nowhere" in capsys.readouterr().err and not (tmp_path / "new").exists()
     (tmp_path / "run" / "checkpoint.pt").rename(tmp_path / "kept.pt")  # deleted to save space
     with pytest.raises(SystemExit) as exc:  # the trained classifier stays
         run(DistillConfig(), args)

@@ -88,9 +88,9 @@ def top1(model: Classifier, loader, device: torch.device) -> float:
     return 100.0 * right / max(total, 1)
 
 
-def prepare_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None) -> Path:
-    """Refuse to overwrite a run, refuse a resume that changes what is computed; create the directory
-    (config.json is written once a resume has loaded: a refused one leaves it as it was)."""
+def check_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None) -> Path:
+    """Refuse to overwrite a run, refuse a resume that changes what is computed (nothing is written:
+    the directory is made once the data and the teacher were found)."""
     run_dir = Path(cfg.train.run_dir)
     saved = ckpt.saved_config(run_dir)
     # The classifier is written after the last checkpoint, never before the first: found without a
@@ -103,8 +103,6 @@ def prepare_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None)
                               f"{', '.join(sorted(saved))}); continue it with the recipe that started it, or give "
                               f"this one another --train.run_dir")
         resume_changes(saved, new, to_dict(DistillConfig()), RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING, run_dir)
-    with ckpt.writing(run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -159,8 +157,8 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
 
 
 def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) -> DistillRun:
-    """Everything before the first step, in the order that fails soonest: the config, the data,
-    the teacher, the run directory, the networks, the checkpoint."""
+    """Everything before the first step, in the order that fails soonest: the config, the run
+    directory, the data, the teacher, the networks, the checkpoint."""
     from torch.utils.data import DataLoader
 
     from fastssl.distill.data import ReadableItems, SeededItems, build_datasets, collate_readable
@@ -170,6 +168,7 @@ def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) ->
         raise ConfigError(refusal)
     resume = ckpt.resolve_resume(resume, Path(cfg.train.run_dir))
     validate(cfg)
+    run_dir = check_run_dir(cfg, resume, command)  # before the data is read
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
     torch.manual_seed(cfg.train.seed)
     train_set, val_set, num_classes = build_datasets(cfg.data)
@@ -182,7 +181,8 @@ def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) ->
     if len(train_set) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(train_set)} training "
                           f"images; lower --train.batch_size or add images")
-    run_dir = prepare_run_dir(cfg, resume, command)
+    with ckpt.writing(run_dir):  # once the data and the teacher were found: a refused start leaves no directory
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     model = DistillStudent(build_classifier(cfg.model.student, num_classes, cfg.model.stem),
                            teacher.feature_dim if teacher is not None and lo.mi_weight > 0 else None,
