@@ -364,20 +364,16 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
     are killed and the shared memory is released. The file is FFCV's (its `prepare`,
     `handle_sample` and `finalize` are used unchanged)."""
     import ctypes
-    import time
     from contextlib import suppress
-    from multiprocessing.shared_memory import SharedMemory
 
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.utils import chunks
     from ffcv.writer import DatasetWriter
-    from tqdm.auto import tqdm
 
     ctx = worker_context()
     num_workers = max(1, num_workers)
     writer = DatasetWriter(str(partial.data), fields, num_workers=num_workers)
     n = writer.num_samples = len(dataset)
-    saved = partial.load_progress()
     procs: list = []
     queues: list = []
     allocator = collected = None
@@ -390,16 +386,7 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
                                                  writer.metadata_sm, writer.metadata_type))
 
     try:
-        if saved is not None and saved.num_samples:
-            try:
-                _resume(writer, partial, saved)
-            except ValueError as err:  # (an OSError, e.g. a full disk, propagates: the progress stays)
-                print(f"starting over: {partial.data} cannot be continued ({err})", file=sys.stderr)
-                saved = None
-        if saved is None or not saved.num_samples:
-            saved = None
-            partial.forget_progress()
-            writer.prepare()  # header and field descriptors (the file rewritten); the metadata's shared memory
+        saved = _open(writer, partial)
         collected = _Collected(n, saved)
         todo = (~collected.received).nonzero()[0].tolist()  # the samples no earlier run saved
         work, finished, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -417,29 +404,9 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
         args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, finished, dataset)
         procs = [ctx.Process(target=_write_worker, args=(errors, _write_samples, args), daemon=True,
                              name=f"beton-writer-{i}") for i in range(num_workers)]
-        for p in procs:
-            try:
-                with signals_deferred():
-                    p.start()
-            except OSError as err:  # the fork server's child died before it got its work (EPIPE)
-                raise WorkerError(f"a writing worker died as it started ({err.strerror or err})") from err
+        _start(procs)
         resumed = n - len(todo)
-        last_save = time.monotonic()
-        with tqdm(total=n, initial=resumed, desc="writing", unit="img", disable=not progress) as bar:
-            while collected.workers_done < num_workers:
-                _raise_if_failed(procs, errors, "writing")
-                collected.drain(finished)
-                bar.update(resumed + done.value - bar.n)
-                if time.monotonic() - last_save >= checkpoint_every_s:
-                    save()
-                    last_save = time.monotonic()
-                if collected.workers_done < num_workers and all(p.exitcode == 0 for p in procs):
-                    collected.drain(finished)  # a clean exit comes after the worker's last report
-                    if collected.workers_done < num_workers:
-                        raise WorkerError("writing workers exited without reporting their last samples")
-                time.sleep(0.05)
-        for p in procs:
-            p.join(timeout=30)
+        _wait_for_workers(procs, errors, finished, collected, done, resumed, n, save, checkpoint_every_s, progress)
         unaccounted = n - int(collected.received.sum()) - len(collected.skipped)  # each worker's None came last
         if unaccounted:
             raise WorkerError(f"{unaccounted} images were neither written nor skipped by the writing workers")
@@ -457,30 +424,100 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
         if collected is not None and allocator is not None and not compacted:
             with suppress(Exception):  # keep what is on disk; a failure here (the disk is full) keeps the last save
                 save()
-        deadline = time.monotonic() + 0.5  # the workers that died: for the message below
-        for p in procs:
-            if p.pid is not None:
-                p.join(timeout=max(0.0, deadline - time.monotonic()))
-        if not isinstance(err, Exception):
-            raise
-        # A worker's death can surface first as another error here (a broken pipe while the
-        # next worker starts): name the death, the real cause.
-        dead = [p for p in procs if p.exitcode not in (None, 0)]
-        if dead and not isinstance(err, WorkerError):
-            raise WorkerError(f"writing worker (PID {dead[0].pid}) died: {describe_exit(dead[0].exitcode)}") from err
+        if isinstance(err, Exception):
+            raise _named_death(err, procs)
         raise
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            if p.pid is not None:
-                p.join(timeout=5)
-        for q in queues:
-            q.cancel_join_thread()  # unread work items must not block this process's exit
-            q.close()
-        shm = getattr(writer, "metadata_sm", None)
-        if isinstance(shm, SharedMemory):
-            shm.close()
-            with suppress(FileNotFoundError):
-                shm.unlink()
+        _release(procs, queues, writer)
+
+
+def _open(writer, partial: PartialConversion) -> Progress | None:
+    """Set `writer` up on what `partial` saved (its progress, returned), or from the start (None):
+    nothing was saved, or the saved file cannot be continued (said on stderr)."""
+    saved = partial.load_progress()
+    if saved is not None and saved.num_samples:
+        try:
+            _resume(writer, partial, saved)
+            return saved
+        except ValueError as err:  # (an OSError, e.g. a full disk, propagates: the progress stays)
+            print(f"starting over: {partial.data} cannot be continued ({err})", file=sys.stderr)
+    partial.forget_progress()
+    writer.prepare()  # header and field descriptors (the file rewritten); the metadata's shared memory
+    return None
+
+
+def _start(procs: list) -> None:
+    """Start the workers, each with no stop signal acted on halfway through its start."""
+    for p in procs:
+        try:
+            with signals_deferred():
+                p.start()
+        except OSError as err:  # the fork server's child died before it got its work (EPIPE)
+            raise WorkerError(f"a writing worker died as it started ({err.strerror or err})") from err
+
+
+def _wait_for_workers(procs: list, errors, finished, collected: _Collected, done, resumed: int, n: int, save,
+                      checkpoint_every_s: float, progress: bool) -> None:
+    """Until every worker reported its last samples: watch for a failure or a death (WorkerError
+    within a fraction of a second), collect the reports, move the bar, save the progress every
+    `checkpoint_every_s` seconds; then join the workers."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    num_workers = len(procs)
+    last_save = time.monotonic()
+    with tqdm(total=n, initial=resumed, desc="writing", unit="img", disable=not progress) as bar:
+        while collected.workers_done < num_workers:
+            _raise_if_failed(procs, errors, "writing")
+            collected.drain(finished)
+            bar.update(resumed + done.value - bar.n)
+            if time.monotonic() - last_save >= checkpoint_every_s:
+                save()
+                last_save = time.monotonic()
+            if collected.workers_done < num_workers and all(p.exitcode == 0 for p in procs):
+                collected.drain(finished)  # a clean exit comes after the worker's last report
+                if collected.workers_done < num_workers:
+                    raise WorkerError("writing workers exited without reporting their last samples")
+            time.sleep(0.05)
+    for p in procs:
+        p.join(timeout=30)
+
+
+def _named_death(err: Exception, procs: list) -> Exception:
+    """The error to raise for `err`: a worker's death can surface first as another error (a broken
+    pipe while the next worker starts), so a dead worker is named as the real cause."""
+    import time
+
+    deadline = time.monotonic() + 0.5  # the workers that died: for the message below
+    for p in procs:
+        if p.pid is not None:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+    dead = [p for p in procs if p.exitcode not in (None, 0)]
+    if dead and not isinstance(err, WorkerError):
+        named = WorkerError(f"writing worker (PID {dead[0].pid}) died: {describe_exit(dead[0].exitcode)}")
+        named.__cause__ = err
+        return named
+    return err
+
+
+def _release(procs: list, queues: list, writer) -> None:
+    """Kill the workers still running, close the queues without waiting on unread work, and free
+    the metadata's shared memory: a failed or stopped conversion leaves no process and no segment."""
+    from contextlib import suppress
+    from multiprocessing.shared_memory import SharedMemory
+
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        if p.pid is not None:
+            p.join(timeout=5)
+    for q in queues:
+        q.cancel_join_thread()  # unread work items must not block this process's exit
+        q.close()
+    shm = getattr(writer, "metadata_sm", None)
+    if isinstance(shm, SharedMemory):
+        shm.close()
+        with suppress(FileNotFoundError):
+            shm.unlink()
