@@ -2,8 +2,8 @@
 in it, and its record of machines and recipe (run_info.json).
 
 A fresh start never overwrites another run; a resume continues only the computation it started:
-`resume_changes` is the rule both trainers (self-supervised and distillation) apply, each with
-its own fields that a resume may change.
+`refuse_harmful_start` and `resume_changes` are the rules both trainers (self-supervised and
+distillation) apply, each with its own weight files and its own fields that a resume may change.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def resume_changes(saved: dict, now: dict, default: dict, free: set[str], with_w
 
 def finished_run(run_dir: Path, epochs: int, step: int) -> str:
     """What a resume of a run that has done its `epochs` says (a requeue after the end, a repeated
-    command): it trains nothing and rewrites nothing."""
+    command): it trains nothing, and the run's files keep their content."""
     plural = "s" if epochs != 1 else ""
     return f"the run in {run_dir} has finished its {epochs} epoch{plural} (step {step}): nothing to do"
 
