@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,7 +257,7 @@ def objective_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def _unknown_choice(name: str, value: str, choices) -> list[str]:
+def _unknown_choice(name: str, value: str, choices: Collection[str]) -> list[str]:
     """The error of a field that takes one of a few names, when `value` is none of them."""
     return [] if value in choices else [f"{name}: unknown {value!r}; choose one of {', '.join(choices)}"]
 
