@@ -12,12 +12,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.folder import DataLayoutError
 from fastssl import checkpoint as ckpt
 from fastssl.collectives import all_gather_objects
 from fastssl.config import Config, ConfigError, to_dict
 from fastssl.runtime import failing_together, per_process, said_once_per_node
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # Fields the processes of one run may set differently: where each node keeps its copy of the data, and how it
 # reads it. Every other field must be the same everywhere (`check_same_config`).
@@ -26,7 +30,7 @@ PER_NODE_FIELDS = {"data.train", "data.val", "data.knn_train", "data.num_workers
 PER_NODE_PATHS = {"data.val", "data.knn_train"}  # set on every process or on none
 
 
-def check_same_config(cfg: Config, accelerator) -> None:
+def check_same_config(cfg: Config, accelerator: Accelerator) -> None:
     """Every process runs the same settings (but PER_NODE_FIELDS), or none starts: the same command
     typed on each node with one override missing or different (a learning rate, a seed, log_every)
     would train replicas that drift apart silently, or leave a collective unmatched. One all-gather."""
@@ -55,7 +59,7 @@ def check_same_config(cfg: Config, accelerator) -> None:
 SHARED_CHECK_WAIT_S = 10.0  # how long a process looks for the file rank 0 wrote in the run directory
 
 
-def check_run_dir_shared(run_dir: Path, accelerator) -> None:
+def check_run_dir_shared(run_dir: Path, accelerator: Accelerator) -> None:
     """Every process sees the run directory rank 0 writes, or none starts.
 
     Why: rank 0 writes the checkpoints and every rank reads them at a resume. A run directory on
@@ -90,7 +94,7 @@ def check_run_dir_shared(run_dir: Path, accelerator) -> None:
             f"--train.run_dir to a shared path"), accelerator)
 
 
-def check_processes_agree(accelerator, loader, state: ckpt.TrainState, run_dir: Path,
+def check_processes_agree(accelerator: Accelerator, loader, state: ckpt.TrainState, run_dir: Path,
                           own_state_missed: str | None = None) -> None:
     """Every process sees the same data and resumes from the same step, or none starts.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +42,9 @@ from fastssl.run_dir import check_run_dir, create_run_dir, finished_run, run_inf
 from fastssl.run_log import RunLog, write_run_json
 from fastssl.runtime import GracefulStop, build_accelerator, failing_together, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -244,7 +247,7 @@ def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log
     return row
 
 
-def loader_health(accelerator, timing: dict, skipped: int) -> dict:
+def loader_health(accelerator: Accelerator, timing: dict, skipped: int) -> dict:
     """The meter's figures and the images skipped, for the whole run: the data-wait share of the
     process that waited most (a node on slow storage holds every other one back in the gradient
     all-reduce, where they count it as compute) and the skipped images of all processes. One
@@ -257,7 +260,7 @@ def loader_health(accelerator, timing: dict, skipped: int) -> dict:
             "skipped_images": int(everyone[:, 1].sum().item())}
 
 
-def mean_loss(losses: list[torch.Tensor], accelerator) -> float:
+def mean_loss(losses: list[torch.Tensor], accelerator: Accelerator) -> float:
     """Mean over the given steps and all processes (one sync, only when logging)."""
     if not losses:
         return float("nan")
@@ -265,7 +268,7 @@ def mean_loss(losses: list[torch.Tensor], accelerator) -> float:
     return accelerator.reduce(local, reduction="mean").item()
 
 
-def window_metrics(metrics: list[Metrics], accelerator) -> dict[str, float]:
+def window_metrics(metrics: list[Metrics], accelerator: Accelerator) -> dict[str, float]:
     """The objective's metrics over the log window: estimates (tensors) averaged over its steps
     and all processes, settings (numbers, e.g. ML-CPC's alpha and ceiling) as of its last step."""
     latest = metrics[-1] if metrics else {}
@@ -278,7 +281,7 @@ def should_eval(every: int, epoch: int, last: bool) -> bool:
     return every >= 0 and (last or (every > 0 and epoch % every == 0))
 
 
-def build_parts(cfg: Config, accelerator, objective: Objective) -> StepParts:
+def build_parts(cfg: Config, accelerator: Accelerator, objective: Objective) -> StepParts:
     """What every step uses: the student (prepared by Accelerate, compiled when asked), the EMA teacher,
     the optimiser and the objective. The loop and the profile's model stage both build them here."""
     with failing_together(accelerator):  # before DDP's first broadcast
@@ -293,7 +296,7 @@ def build_parts(cfg: Config, accelerator, objective: Objective) -> StepParts:
     return StepParts(student, teacher, optimizer, accelerator, objective, cfg.train.micro_batch_size)
 
 
-def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[MiraNetwork, MiraNetwork]:
+def build_networks(cfg: Config, accelerator: Accelerator, objective: Objective) -> tuple[MiraNetwork, MiraNetwork]:
     m = cfg.model
     student = MiraNetwork(m.arch, m.proj_hidden_dim, m.proj_dim, m.num_prototypes, m.bn_stats, m.sync_bn,
                           m.head, m.stem, m.zero_init_residual)
@@ -308,7 +311,7 @@ def build_networks(cfg: Config, accelerator, objective: Objective) -> tuple[Mira
     return student, teacher
 
 
-def resolve_auto_settings(cfg: Config, accelerator) -> None:
+def resolve_auto_settings(cfg: Config, accelerator: Accelerator) -> None:
     """`--data.backend auto` and `--train.precision auto` become what they mean on this process's
     device, so the run's config.json, logs and a resume's comparison name what ran, and processes
     that resolve them differently (nodes with other GPUs) are refused by `check_same_config`
@@ -319,7 +322,7 @@ def resolve_auto_settings(cfg: Config, accelerator) -> None:
         accelerator.print(why)
 
 
-def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
+def loader_spec(cfg: Config, accelerator: Accelerator, workers: int) -> pipelines.LoaderSpec:
     """The data section whole, with what only this process knows (rank, device, dtype, batch share)."""
     return pipelines.LoaderSpec(
         data=cfg.data, recipe=cfg.aug, batch_size=cfg.train.global_batch_size // accelerator.num_processes,
@@ -328,7 +331,7 @@ def loader_spec(cfg: Config, accelerator, workers: int) -> pipelines.LoaderSpec:
         dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32))
 
 
-def build_loader(cfg: Config, accelerator, workers: int):
+def build_loader(cfg: Config, accelerator: Accelerator, workers: int):
     """This process's training loader. The main process says what it lists before listing it (on
     network storage ImageNet's 1.28M files take a minute or more, silent otherwise), then what it found."""
     lists = cfg.data.backend in ("torchvision", "dali")  # a folder or a .txt list (ffcv: a .beton's header)
@@ -344,7 +347,7 @@ def build_loader(cfg: Config, accelerator, workers: int):
     return loader
 
 
-def build_knn(cfg: Config, accelerator, workers: int) -> OnlineKnn | None:
+def build_knn(cfg: Config, accelerator: Accelerator, workers: int) -> OnlineKnn | None:
     if not cfg.data.val or cfg.eval.knn_every < 0 or cfg.data.backend == "synthetic":
         return None
     return OnlineKnn(cfg.data.knn_train or cfg.data.train, cfg.data.val, eval_view(cfg), cfg.eval.batch_size,
@@ -420,7 +423,7 @@ def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
     accelerator.wait_for_everyone()
 
 
-def finish(run_dir: Path, accelerator, results: dict) -> None:
+def finish(run_dir: Path, accelerator: Accelerator, results: dict) -> None:
     """results.json, written by the main process; every process raises when it could not."""
     with failing_together(accelerator):
         if accelerator.is_main_process:

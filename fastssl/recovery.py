@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from fastssl import checkpoint as ckpt
 from fastssl.config import Config, objective_class
 from fastssl.relaunch import rerun_command
 from fastssl.runtime import failing_together
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # The divergence guard (checked at log steps and before every checkpoint): the weights' norm grew this
 # many times past its value at the start of the run, or this many times since the previous check, or the
@@ -49,7 +53,7 @@ class DivergenceGuard:
     that left alone would leave the others waiting for it in their next collective.
     """
 
-    def __init__(self, student, teacher, state: ckpt.TrainState, accelerator=None):
+    def __init__(self, student, teacher, state: ckpt.TrainState, accelerator: Accelerator | None = None):
         self.modules, self.state, self.accelerator = (student, teacher), state, accelerator
         self.previous = self.weight_norm()
         if not state.initial_weight_norm:
@@ -112,7 +116,7 @@ class OutOfDeviceMemory(RuntimeError):
     """The training device ran out of memory; the message says what to change and how to go on."""
 
 
-def out_of_memory_advice(cfg: Config, accelerator, step: int, command: list[str] | None, run_dir: Path,
+def out_of_memory_advice(cfg: Config, accelerator: Accelerator, step: int, command: list[str] | None, run_dir: Path,
                          saved_step: int | None, knn: bool = True) -> str:
     """What filled the device and how to go on: fewer images per process (more processes, which a
     checkpoint continues on, or gradient accumulation or a smaller batch in a new run), mixed
@@ -158,7 +162,7 @@ def after_knn_failure(command: list[str] | None, run_dir: Path, epoch: int) -> s
 
 
 def continue_advice(cfg: Config, command: list[str] | None, run_dir: Path, saved_step: int | None,
-                    accelerator) -> str:
+                    accelerator: Accelerator) -> str:
     """How to go on after a divergence: from the last good checkpoint, with a lower learning rate."""
     precision = (" (or --train.precision no instead of mixed precision)"
                  if accelerator.mixed_precision in ("bf16", "fp16") else "")

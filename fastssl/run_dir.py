@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastssl import checkpoint as ckpt
 from fastssl.agreement import check_run_dir_shared
@@ -18,6 +19,9 @@ from fastssl.config import Config, ConfigError, TrainConfig, to_dict
 from fastssl.recovery import latest_run_hint
 from fastssl.relaunch import rerun_command
 from fastssl.runtime import failing_together
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # Fields that may differ when resuming (they do not change what is computed). train.run_dir among
 # them: the run is the one found there, under whatever spelling (a trailing slash, a relative path)
@@ -32,7 +36,7 @@ RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
 RUN_DIR_TIME = "{time}"  # in train.run_dir: the run's start time, e.g. runs/demo/{time}
 
 
-def stamp_run_dir(train_cfg: TrainConfig, accelerator) -> str:
+def stamp_run_dir(train_cfg: TrainConfig, accelerator: Accelerator) -> str:
     """`train.run_dir` with RUN_DIR_TIME replaced by rank 0's clock, the same on every process
     (each process's own clock could straddle a second), written back into the config."""
     if RUN_DIR_TIME in train_cfg.run_dir:
@@ -45,7 +49,7 @@ def stamp_run_dir(train_cfg: TrainConfig, accelerator) -> str:
     return train_cfg.run_dir
 
 
-def create_run_dir(run_dir: Path, accelerator) -> None:
+def create_run_dir(run_dir: Path, accelerator: Accelerator) -> None:
     """Create the run directory (once `check_run_dir` passed and the data was found: a refused
     start leaves no empty directory) and check that every process sees it."""
     with failing_together(accelerator):
@@ -55,7 +59,7 @@ def create_run_dir(run_dir: Path, accelerator) -> None:
     check_run_dir_shared(run_dir, accelerator)
 
 
-def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator, command: list[str] | None,
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator: Accelerator, command: list[str] | None,
                   auto: bool = False) -> dict:
     """Refuse to overwrite another run, a resume without a checkpoint or one that changes what is
     computed (each process checks its own view of the directory; nothing is written).
@@ -133,7 +137,7 @@ def finished_run(run_dir: Path, epochs: int, step: int) -> str:
     return f"the run in {run_dir} has finished its {epochs} epoch{plural} (step {step}): nothing to do"
 
 
-def run_info(cfg: Config, run_dir: Path, accelerator, resume: bool, changed: dict | None = None,
+def run_info(cfg: Config, run_dir: Path, accelerator: Accelerator, resume: bool, changed: dict | None = None,
              command: list[str] | None = None) -> dict:
     """run_info.json's content: the machine, software and recipe of the run, for `tools/report.py`.
     The recipe is named by the script the command ran (`command[1]`), else by the run directory.

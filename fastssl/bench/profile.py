@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -45,6 +46,9 @@ from fastssl.runtime import build_accelerator, seed_everything
 from fastssl.schedules import step_schedule
 from pipelines.beton_convert import convert
 from pipelines.cores import default_num_workers
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 PARTIAL_REPORT = "report.partial.json"  # the model step's figures until the full report.json (not its schema)
 LOG_WINDOW_MAX = 10  # steps per log row of the profiled loop, at most (the recipes' default log_every)
@@ -97,7 +101,8 @@ def host_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_loaders(cfg: Config, accelerator, backends: list[str], s: ProfileSettings, scratch: Path) -> dict:
+def measure_loaders(cfg: Config, accelerator: Accelerator, backends: list[str], s: ProfileSettings,
+                    scratch: Path) -> dict:
     """Loader-only source images/s per backend, interleaved repetitions (bench_loaders' timing).
 
     The ffcv backend reads `--beton`, else a conversion of the recipe's folder written
@@ -138,7 +143,7 @@ def scratch_beton(folder: Path, scratch: Path) -> Path:
 class StepRunner:
     """Student, teacher, optimiser and objective of the recipe, and one call per training step."""
 
-    def __init__(self, cfg: Config, accelerator):
+    def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg = cfg
         self.objective = build_objective(cfg, None, accelerator.device)
         self.parts = build_parts(cfg, accelerator, self.objective)  # as the loop builds them
@@ -151,7 +156,7 @@ class StepRunner:
         self.step_index += 1
 
 
-def measure_model_step(runner: StepRunner, cfg: Config, accelerator, s: ProfileSettings,
+def measure_model_step(runner: StepRunner, cfg: Config, accelerator: Accelerator, s: ProfileSettings,
                        bench_assignment: Callable[[], float] | None = None) -> tuple[dict, PhaseTimer, float | None]:
     """Images/s of the step alone on a synthetic batch on the device; then the per-part breakdown.
 

@@ -11,6 +11,7 @@ every rank pick the nearest of all shares, so every rank computes the same accur
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -23,9 +24,12 @@ from pipelines.eval import build_eval_loader
 from pipelines.folder import DataLayoutError, Listing
 from pipelines.spec import DataConfig
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, loader: Iterable, accelerator, progress: bool = False,
+def embed(backbone: torch.nn.Module, loader: Iterable, accelerator: Accelerator, progress: bool = False,
           desc: str = "k-NN features", gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of the whole split, in dataset order, on every rank; with `gather=False`,
     of this rank's share only, in the order loaded.
@@ -74,7 +78,7 @@ def in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, index: torch.Ten
     return out[:count], out_labels[:count]
 
 
-def gather_neighbours(accelerator) -> Merge | None:
+def gather_neighbours(accelerator: Accelerator) -> Merge | None:
     """`knn_predict`'s merge across the processes (None on one): every rank's nearest neighbours
     of a chunk of queries, side by side (one all-gather of the similarities, one of the labels)."""
     if accelerator.num_processes == 1:
@@ -91,7 +95,7 @@ def gather_neighbours(accelerator) -> Merge | None:
     return merge
 
 
-def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator, ks: list[int],
+def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator: Accelerator, ks: list[int],
                temperature: float, progress: bool = False, what: str = "k-NN") -> tuple[dict[int, dict], int, int]:
     """Top-1/top-5 for each k in `ks`, each rank holding only its share of the memory bank; and the
     sizes of the bank and of the queries (whole splits). Every rank embeds with rank 0's BatchNorm
@@ -145,7 +149,7 @@ class OnlineKnn:
     the run's data configuration, whose DALI options the DALI eval loader shares with training.
     """
 
-    def __init__(self, train_root: str, val_root: str, view: EvalView, batch_size: int, accelerator,
+    def __init__(self, train_root: str, val_root: str, view: EvalView, batch_size: int, accelerator: Accelerator,
                  num_workers: int, k: int = 20, temperature: float = 0.07, loader: str = "torchvision",
                  progress: bool = False, data: DataConfig | None = None):
         common = dict(view=view, batch_size=batch_size, rank=accelerator.process_index,
