@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, PartialConversion, Progress, durable_samples
 from pipelines.images import decode_for_conversion
 from pipelines.processes import describe_exit
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.queues import Queue
+    from multiprocessing.sharedctypes import Synchronized
+
+    from ffcv.writer import DatasetWriter
 
 # --------------------------------------------------------------------------- writing (the converter's workers)
 #
@@ -431,7 +440,7 @@ def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_worker
         _release(procs, queues, writer)
 
 
-def _open(writer, partial: PartialConversion) -> Progress | None:
+def _open(writer: DatasetWriter, partial: PartialConversion) -> Progress | None:
     """Set `writer` up on what `partial` saved (its progress, returned), or from the start (None):
     nothing was saved, or the saved file cannot be continued (said on stderr)."""
     saved = partial.load_progress()
@@ -446,7 +455,7 @@ def _open(writer, partial: PartialConversion) -> Progress | None:
     return None
 
 
-def _start(procs: list) -> None:
+def _start(procs: list[BaseProcess]) -> None:
     """Start the workers, each with no stop signal acted on halfway through its start."""
     for p in procs:
         try:
@@ -456,8 +465,9 @@ def _start(procs: list) -> None:
             raise WorkerError(f"a writing worker died as it started ({err.strerror or err})") from err
 
 
-def _wait_for_workers(procs: list, errors, finished, collected: _Collected, done, resumed: int, n: int, save,
-                      checkpoint_every_s: float, progress: bool) -> None:
+def _wait_for_workers(procs: list[BaseProcess], errors: Queue, finished: Queue, collected: _Collected,
+                      done: Synchronized, resumed: int, n: int, save: Callable[[], None], checkpoint_every_s: float,
+                      progress: bool) -> None:
     """Until every worker reported its last samples: watch for a failure or a death (WorkerError
     within a fraction of a second), collect the reports, move the bar, save the progress every
     `checkpoint_every_s` seconds; then join the workers."""
@@ -484,7 +494,7 @@ def _wait_for_workers(procs: list, errors, finished, collected: _Collected, done
         p.join(timeout=30)
 
 
-def _named_death(err: Exception, procs: list) -> Exception:
+def _named_death(err: Exception, procs: list[BaseProcess]) -> Exception:
     """The error to raise for `err`: a worker's death can surface first as another error (a broken
     pipe while the next worker starts), so a dead worker is named as the real cause."""
     import time
@@ -501,7 +511,7 @@ def _named_death(err: Exception, procs: list) -> Exception:
     return err
 
 
-def _release(procs: list, queues: list, writer) -> None:
+def _release(procs: list[BaseProcess], queues: list[Queue], writer: DatasetWriter) -> None:
     """Kill the workers still running, close the queues without waiting on unread work, and free
     the metadata's shared memory: a failed or stopped conversion leaves no process and no segment."""
     from contextlib import suppress
