@@ -63,6 +63,10 @@ def test_a_failing_stage_records_its_traceback_and_the_next_stage_runs(tmp_path)
     assert report["goals"] == [{"stage": "two", **goal("answer", 42.0, 40.0, "", True)}]
     assert report["goals"][0]["met"] is True
     assert "kaboom in stage one" in md and "second ran" in md and "| two | answer |" in md
+    # a stage skipped for a reason of its own is not rerun; the failed one needs a fix first
+    assert report["next"] == ["failed: one; read their errors below, fix them on CPU (with a test where one can "
+                              "catch it), then rerun them: --stages one"]
+    assert "## Next\n\n- failed: one;" in md
 
 
 def test_a_command_past_its_budget_is_killed_and_later_stages_are_skipped(tmp_path):
@@ -94,6 +98,9 @@ def test_a_command_past_its_budget_is_killed_and_later_stages_are_skipped(tmp_pa
     assert slow_entry["results"]["seconds"] < 15  # a third of the budget, plus the kill
     assert "started" in (tmp_path / "out" / "logs" / "sleeper.log").read_text()
     assert later_entry["status"] == "skipped" and "out of time" in later_entry["reason"]
+    # what ran out of time, with the command that reruns it at once (each stage's own cap as budget)
+    assert report["next"] == ["ran out of time or never ran: slow, later; rerun them at once, on the warm machine: "
+                              "`python3 tools/gpu_check.py --out $OUT --stages slow,later --budget 420 --dry-run`"]
 
 
 def test_a_signal_to_gpu_check_kills_the_running_command_and_keeps_the_report(tmp_path):
@@ -117,6 +124,7 @@ def test_a_signal_to_gpu_check_kills_the_running_command_and_keeps_the_report(tm
     assert rc == 128 + 15 and time.monotonic() - start < 40
     assert [s["status"] for s in report["stages"]] == ["interrupted"]
     assert "SIGTERM" in report["stages"][0]["reason"] and "interrupted" in md
+    assert "--stages one,two --budget 420 --dry-run`" in report["next"][0]  # cut short, and never started
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
 
@@ -255,7 +263,7 @@ def test_dry_run_of_every_stage_in_a_subprocess(tmp_path):
     status = {s["name"]: s["status"] for s in report["stages"]}
     assert status == {s.name: "ok" for s in gc.STAGES}, [(s["name"], s.get("error"), s.get("errors"))
                                                         for s in report["stages"]]
-    assert report["dry_run"]
+    assert report["dry_run"] and report["next"] == ["every stage ran to its end: nothing to rerun"]
     check_fused_stage(report, md, tmp_path / "out")
     st = {s["name"]: s for s in report["stages"]}
     assert st["env"]["results"]["torch"] and "nvcc" in st["env"]["results"]

@@ -59,7 +59,7 @@ from fastssl.gpu_check.goals import all_goals  # noqa: E402
 from fastssl.gpu_check.gpu_tests import stage_gpu_tests  # noqa: E402
 from fastssl.gpu_check.loaders import stage_loaders  # noqa: E402
 from fastssl.gpu_check.model_step import stage_model_step  # noqa: E402
-from fastssl.gpu_check.report import render_markdown  # noqa: E402
+from fastssl.gpu_check.report import next_steps, render_markdown  # noqa: E402
 from fastssl.gpu_check.runner import (DEFAULT_BUDGET_S, DEFAULT_SCRATCH, ROOT, Context,  # noqa: E402
                                       Interrupted, Stage, raise_interrupted, run_stages, save_json, write_atomic)
 
@@ -164,6 +164,7 @@ def main(argv: Optional[list[str]] = None, stages: Optional[list[Stage]] = None)
         import torch
 
         cuda = torch.cuda.is_available()
+    caps = {s.name: s.cap_s for s in selected}
     t0 = time.monotonic()
     ctx = Context(out=args.out, scratch=scratch, dry_run=args.dry_run, cuda=cuda, deadline=t0 + args.budget)
     report: dict[str, Any] = {
@@ -181,6 +182,7 @@ def main(argv: Optional[list[str]] = None, stages: Optional[list[Stage]] = None)
             rep["device"] = env["results"]["device_name"] + (" (dry run: not used)" if args.dry_run else "")
         public = {k: v for k, v in rep.items() if not k.startswith("_")}
         public["goals"] = all_goals(rep)
+        public["next"] = next_steps(public, caps)
         write_atomic(args.out / "gpu_check.json", json.dumps(public, indent=1, default=str))
         write_atomic(args.out / "gpu_check.md", render_markdown(public))
 
@@ -198,6 +200,8 @@ def main(argv: Optional[list[str]] = None, stages: Optional[list[Stage]] = None)
           + ", ".join(f"{s['name']} {s['status']}" for s in report["stages"]))
     print(f"goals: {sum(g['met'] is True for g in goals)} met, {sum(g['met'] is False for g in goals)} missed, "
           f"{sum(g['met'] is None for g in goals)} not measured; wrote {args.out / 'gpu_check.md'} and .json")
+    for line in next_steps(report, caps):
+        print(f"next: {line}")
     return 0
 
 
