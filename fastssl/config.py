@@ -264,10 +264,13 @@ def _unknown_choice(name: str, value: str, choices: Collection[str]) -> list[str
 
 def config_errors(cfg: Config) -> list[str]:
     """Every invalid value, as `section.field: problem (fix)`. Pure: touches no files."""
+    return ([f"data.{msg}" for msg in cfg.data.errors()] + [f"aug.{msg}" for msg in cfg.aug.errors()]
+            + _model_errors(cfg.model) + _method_errors(cfg) + _critic_errors(cfg) + _optim_errors(cfg.optim, cfg.train)
+            + _train_errors(cfg.train) + _eval_errors(cfg))
+
+
+def _model_errors(m: ModelConfig) -> list[str]:
     e: list[str] = []
-    d, m, mt, o, t, ev = cfg.data, cfg.model, cfg.method, cfg.optim, cfg.train, cfg.eval
-    e += [f"data.{msg}" for msg in d.errors()]
-    e += [f"aug.{msg}" for msg in cfg.aug.errors()]
     if m.arch not in ("resnet18", "resnet50"):
         e.append(f"model.arch: unknown architecture {m.arch!r}; choose resnet18 or resnet50")
     for name, value, choices in (("model.bn_stats", m.bn_stats, BN_STATS), ("model.head", m.head, HEADS),
@@ -276,6 +279,12 @@ def config_errors(cfg: Config) -> list[str]:
     for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
         if getattr(m, name) < 1:
             e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
+    return e
+
+
+def _method_errors(cfg: Config) -> list[str]:
+    e: list[str] = []
+    mt = cfg.method
     if mt.objective not in OBJECTIVES:
         e += _unknown_choice("method.objective", mt.objective, OBJECTIVES)
     elif cfg.train.micro_batch_size and objective_class(mt.objective).couples_rows:
@@ -284,29 +293,6 @@ def config_errors(cfg: Config) -> list[str]:
                  f"set --train.micro_batch_size 0 (or lower --train.global_batch_size to fit memory)")
     if not positive_number(mt.mlcpc_weight):
         e.append(f"method.mlcpc_weight: must be a finite number > 0, got {mt.mlcpc_weight}")
-    cr = cfg.critic
-    if cr.queue_size < 1:
-        e.append(f"critic.queue_size: must be positive, got {cr.queue_size}")
-    if not positive_number(cr.temperature):
-        e.append(f"critic.temperature: temperatures must be positive and finite, got {cr.temperature}")
-    e += _alpha_errors(cr)
-    if cr.alpha_per not in ("epoch", "step"):
-        e.append(f"critic.alpha_per: choose epoch or step, got {cr.alpha_per!r}")
-    e += _unknown_choice("critic.bound", cr.bound, CRITIC_BOUNDS) + _unknown_choice("critic.direction", cr.direction,
-                                                                                   DIRECTIONS)
-    if cr.shuffle_bn_splits < 1:
-        e.append(f"critic.shuffle_bn_splits: must be >= 1, got {cr.shuffle_bn_splits}")
-    if cr.shuffle_bn and mt.objective != "mlcpc":
-        e.append(f"critic.shuffle_bn: only for method.objective mlcpc (the MIRA targets need the plain teacher), "
-                 f"got {mt.objective!r}; set --critic.shuffle_bn false")
-    if cr.shuffle_bn and m.bn_stats != "per_view":
-        e.append("critic.shuffle_bn: needs --model.bn_stats per_view (pooled BN cannot keep the sub-batches apart)")
-    if cr.shuffle_bn and t.global_batch_size % cr.shuffle_bn_splits:
-        e.append(f"critic.shuffle_bn_splits: {cr.shuffle_bn_splits} does not divide train.global_batch_size "
-                 f"{t.global_batch_size}; pick a divisor")
-    elif cr.shuffle_bn and t.global_batch_size // cr.shuffle_bn_splits < 2:
-        e.append(f"critic.shuffle_bn_splits: {cr.shuffle_bn_splits} groups of train.global_batch_size "
-                 f"{t.global_batch_size} leave fewer than 2 images per BatchNorm group; use fewer splits")
     if mt.assignment not in ("mira", "sinkhorn"):
         e.append(f"method.assignment: unknown {mt.assignment!r}; choose mira or sinkhorn")
     for name in ("tau_student", "tau_teacher", "sinkhorn_eps"):
@@ -324,6 +310,41 @@ def config_errors(cfg: Config) -> list[str]:
             e.append(f"method.{name}: EMA momentum must lie in [0, 1], got {getattr(mt, name)}")
     if mt.freeze_prototypes_epochs < 0:
         e.append("method.freeze_prototypes_epochs: must be >= 0")
+    return e
+
+
+def _critic_errors(cfg: Config) -> list[str]:
+    """The ML-CPC critic's fields, and the shuffled BatchNorm's needs of the rest of the recipe."""
+    e: list[str] = []
+    cr, mt, m, t = cfg.critic, cfg.method, cfg.model, cfg.train
+    if cr.queue_size < 1:
+        e.append(f"critic.queue_size: must be positive, got {cr.queue_size}")
+    if not positive_number(cr.temperature):
+        e.append(f"critic.temperature: temperatures must be positive and finite, got {cr.temperature}")
+    e += _alpha_errors(cr)
+    if cr.alpha_per not in ("epoch", "step"):
+        e.append(f"critic.alpha_per: choose epoch or step, got {cr.alpha_per!r}")
+    e += _unknown_choice("critic.bound", cr.bound, CRITIC_BOUNDS) + _unknown_choice("critic.direction", cr.direction,
+                                                                                   DIRECTIONS)
+    if cr.shuffle_bn_splits < 1:
+        e.append(f"critic.shuffle_bn_splits: must be >= 1, got {cr.shuffle_bn_splits}")
+    if cr.shuffle_bn and mt.objective != "mlcpc":
+        e.append(f"critic.shuffle_bn: only for method.objective mlcpc (the MIRA targets need the plain teacher), "
+                 f"got {mt.objective!r}; set --critic.shuffle_bn false")
+    if cr.shuffle_bn and m.bn_stats != "per_view":
+        e.append("critic.shuffle_bn: needs --model.bn_stats per_view (pooled BN cannot keep the sub-batches apart)")
+    if cr.shuffle_bn and cr.shuffle_bn_splits >= 1:  # (fewer is named above)
+        if t.global_batch_size % cr.shuffle_bn_splits:
+            e.append(f"critic.shuffle_bn_splits: {cr.shuffle_bn_splits} does not divide train.global_batch_size "
+                     f"{t.global_batch_size}; pick a divisor")
+        elif t.global_batch_size // cr.shuffle_bn_splits < 2:
+            e.append(f"critic.shuffle_bn_splits: {cr.shuffle_bn_splits} groups of train.global_batch_size "
+                     f"{t.global_batch_size} leave fewer than 2 images per BatchNorm group; use fewer splits")
+    return e
+
+
+def _optim_errors(o: OptimConfig, t: TrainConfig) -> list[str]:
+    e: list[str] = []
     if o.cosine_per not in ("epoch", "step"):
         e.append(f"optim.cosine_per: choose epoch or step, got {o.cosine_per!r}")
     if o.name not in ("sgd", "lars"):
@@ -334,10 +355,15 @@ def config_errors(cfg: Config) -> list[str]:
             e.append(f"optim.{name}: must be a finite number >= 0, got {value}")
     if o.name == "lars" and o.lars_eta == 0:  # LARS scales every update by eta: 0 would never move
         e.append("optim.lars_eta: LARS needs a trust coefficient > 0, got 0; e.g. --optim.lars_eta 0.001")
-    if t.epochs < 1:
-        e.append(f"train.epochs: must be >= 1, got {t.epochs}")
     if o.warmup_epochs > t.epochs:
         e.append(f"optim.warmup_epochs: {o.warmup_epochs} is longer than train.epochs={t.epochs}")
+    return e
+
+
+def _train_errors(t: TrainConfig) -> list[str]:
+    e: list[str] = []
+    if t.epochs < 1:
+        e.append(f"train.epochs: must be >= 1, got {t.epochs}")
     if t.global_batch_size < 2:
         e.append(f"train.global_batch_size: must be >= 2, got {t.global_batch_size}")
     if t.micro_batch_size < 0:
@@ -349,10 +375,20 @@ def config_errors(cfg: Config) -> list[str]:
     if not positive_number(t.collective_timeout_min):
         e.append(f"train.collective_timeout_min: must be a finite number of minutes > 0, got "
                  f"{t.collective_timeout_min}; e.g. --train.collective_timeout_min {TrainConfig.collective_timeout_min:g}")
-    if t.steps_per_epoch < 0 or t.log_every < 1 or t.checkpoint_every < 1:
-        e.append("train.steps_per_epoch must be >= 0, log_every and checkpoint_every >= 1")
+    if t.steps_per_epoch < 0:
+        e.append(f"train.steps_per_epoch: must be >= 0 (0: the whole epoch), got {t.steps_per_epoch}")
+    for name in ("log_every", "checkpoint_every"):
+        if getattr(t, name) < 1:
+            e.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if not t.run_dir:
         e.append("train.run_dir: must name a directory for logs and checkpoints")
+    return e
+
+
+def _eval_errors(cfg: Config) -> list[str]:
+    """The evaluation fields, and the online k-NN's need of JPEG folders."""
+    e: list[str] = []
+    d, ev = cfg.data, cfg.eval
     if (ev.knn_every >= 0 and d.val and not d.knn_train and d.backend not in ("ffcv", "synthetic")
             and d.train.lower().endswith(".txt")):
         e.append("data.knn_train: --data.train is a file list but the online k-NN reads JPEG folders; pass "
@@ -364,8 +400,10 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"eval.knn_k: must be >= 1, got {ev.knn_k}")
     if not positive_number(ev.knn_temperature):
         e.append(f"eval.knn_temperature: temperatures must be positive and finite, got {ev.knn_temperature}")
-    if ev.batch_size < 1 or ev.image_size < 0:
-        e.append("eval.batch_size must be >= 1 and eval.image_size >= 0")
+    if ev.batch_size < 1:
+        e.append(f"eval.batch_size: must be >= 1, got {ev.batch_size}")
+    if ev.image_size < 0:
+        e.append(f"eval.image_size: must be >= 0 (0: the recipe's global crop size), got {ev.image_size}")
     e += [f"eval.loader: {msg}" for msg in eval_backend_errors(ev.loader)]
     e += interpolation_errors("eval.interpolation", ev.interpolation)
     e += crop_fraction_errors("eval.crop_fraction", ev.crop_fraction)

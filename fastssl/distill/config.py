@@ -116,8 +116,10 @@ def config_errors(cfg: DistillConfig) -> list[str]:
     if d.source == "folder" and not (d.train and d.val):
         e.append("data.train/data.val: the folder source needs both; pass --data.train DIR --data.val DIR "
                  "(ImageNet layout: <class>/<image>)")
-    if d.image_size < 8 or d.num_workers < 0:
-        e.append("data.image_size must be >= 8 and data.num_workers >= 0")
+    if d.image_size < 8:
+        e.append(f"data.image_size: must be >= 8 pixels, got {d.image_size}")
+    if d.num_workers < 0:
+        e.append(f"data.num_workers: must be >= 0 (0: load in the main process), got {d.num_workers}")
     for name in ("student",):
         if getattr(m, name) not in CLASSIFIER_ARCHS:
             e.append(f"model.{name}: unknown {getattr(m, name)!r}; choose one of {', '.join(CLASSIFIER_ARCHS)}")
@@ -151,10 +153,13 @@ def config_errors(cfg: DistillConfig) -> list[str]:
         decay_epochs(o.decay_epochs)
     except ConfigError as err:
         e.append(str(err))
-    if t.epochs < 1 or t.batch_size < 2:
-        e.append(f"train.epochs must be >= 1 and train.batch_size >= 2, got {t.epochs} and {t.batch_size}")
-    if t.steps_per_epoch < 0 or t.log_every < 1 or t.checkpoint_every < 1 or t.eval_every < 1:
-        e.append("train.steps_per_epoch must be >= 0; log_every, checkpoint_every and eval_every >= 1")
+    if t.batch_size < 2:
+        e.append(f"train.batch_size: must be >= 2, got {t.batch_size}")
+    if t.steps_per_epoch < 0:
+        e.append(f"train.steps_per_epoch: must be >= 0 (0: the whole epoch), got {t.steps_per_epoch}")
+    for name in ("epochs", "log_every", "checkpoint_every", "eval_every"):
+        if getattr(t, name) < 1:
+            e.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if not t.run_dir:
         e.append("train.run_dir: must name a directory for logs and checkpoints")
     return e
