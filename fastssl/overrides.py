@@ -52,6 +52,8 @@ def eval_fraction(text: str) -> float:
     """Read a float, also written as a fraction such as `2/3` (beta's paper value)."""
     if "/" in text:
         num, den = text.split("/", 1)
+        if float(den) == 0:
+            raise ValueError("a fraction over 0")
         return float(num) / float(den)
     return float(text)
 

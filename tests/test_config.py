@@ -368,3 +368,28 @@ def test_no_combination_of_bad_values_raises_anything_but_the_list_of_errors(mak
         errors = errors_of(cfg)
         assert isinstance(errors, list) and all(re.match(r"[a-z_]+\.[a-z_*]+(/[a-z_.]+)?: ", e) for e in errors), \
             (trial, errors)
+
+
+@pytest.mark.parametrize("make", [valid, distill_valid], ids=["ssl", "distill"])
+def test_any_text_for_any_field_is_set_or_named_never_a_traceback(make):
+    """Every field from the command line with edge texts (a fraction over 0 was a ZeroDivisionError),
+    then the config checked: a ConfigError or nothing, never another exception."""
+    import importlib
+
+    from fastssl.overrides import field_names, set_field
+
+    validate_of = importlib.import_module(type(make()).__module__).validate
+    texts = ["0", "-1", "nan", "inf", "-inf", "", "x", "1e400", "2/0", "0/0", "1/3", "1,2", "0,0", "-1,2", "true",
+             "a,b,c,d", "nan,nan,nan,nan"]
+    for name in field_names(make()):
+        for text in texts:
+            cfg = make()
+            try:
+                set_field(cfg, name, text)
+                validate_of(cfg)
+                if make is valid:
+                    validate(cfg, 3, "cuda")
+            except ConfigError as err:
+                assert str(err), (name, text)
+    with pytest.raises(ConfigError, match=r"--optim.base_lr: cannot read '2/0' as float \(a fraction over 0\)"):
+        set_field(valid(), "optim.base_lr", "2/0")
