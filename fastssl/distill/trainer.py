@@ -7,11 +7,12 @@ the batch's teacher keys enqueued. The run directory holds config.json, train_lo
 epochs.csv (`fastssl.run_log.CsvLog`), checkpoint.pt + rng/ (`fastssl.checkpoint`, written
 atomically at epoch ends, queue included), results.json and, at the end, classifier.pt:
 the student in the teacher format (`fastssl.distill.classifier_file`), so any run (a CE-only
-run is the supervised teacher trainer) can teach the next one. `train(cfg, resume=True)` continues from the checkpoint
-and ends with the same weights as an uninterrupted run. SIGTERM / SIGINT / SIGUSR1
-(`fastssl.runtime.GracefulStop`, as the main loop) stop it mid-epoch after the current step
-with a checkpoint; the data order and each image's augmentation are functions of (seed,
-epoch, image) (`pipelines.sampler`), so the resumed run trains on the same batches.
+run is the supervised teacher trainer) can teach the next one. `train(cfg, resume=True)`
+continues from the checkpoint and ends with the same weights as an uninterrupted run.
+SIGTERM / SIGINT / SIGUSR1 (`fastssl.runtime.GracefulStop`, as the main loop) stop it
+mid-epoch after the current step with a checkpoint; the data order and each image's
+augmentation are functions of (seed, epoch, image) (`pipelines.sampler`), so the resumed run
+trains on the same batches.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from torch.utils.data import Dataset
 from fastssl import checkpoint as ckpt
 from fastssl.config import ConfigError
 from fastssl.critic import MlCpcCritic, QueueLongerThanData
+from fastssl.distill.classifier_file import CLASSIFIER_NAME, load_teacher, save_classifier
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
-from fastssl.distill.classifier_file import CLASSIFIER_NAME, load_teacher, save_classifier
 from fastssl.models.cifar_resnet import Classifier, build_classifier
 from fastssl.recovery import TrainingDiverged, after_write_failure, lower_lr_advice
 from fastssl.relaunch import one_process_refusal, rerun_command
