@@ -197,20 +197,41 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a run directory's config.json)."""
+    """Rebuild a Config from `to_dict` output (e.g. a run directory's config.json); a ConfigError
+    names whatever does not fit: an unknown section or field, a value of another type (a file
+    edited by hand, or another program's)."""
     cfg = Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"a saved config is an object of sections, not {type(data).__name__}")
+    sections = {f.name for f in dataclasses.fields(cfg)}
     for section_name, values in data.items():
-        section = getattr(cfg, section_name, None)
-        if section is None:
+        if section_name not in sections:
             raise ConfigError(f"{section_name}: unknown config section in saved config")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section_name}: a saved config's section is an object of fields, not "
+                              f"{type(values).__name__}")
+        section = getattr(cfg, section_name)
         types = field_types(section)
         for name, value in values.items():
             if name not in types:
                 raise ConfigError(f"{section_name}.{name}: unknown field in saved config")
-            if typing.get_origin(types[name]) is tuple:
-                value = tuple(value)
-            setattr(section, name, value)
+            setattr(section, name, _saved_value(value, types[name], f"{section_name}.{name}"))
     return cfg
+
+
+def _saved_value(value: Any, typ: Any, name: str) -> Any:
+    """`value` as JSON gives it back, as the field's declared type: a list becomes a tuple, a
+    whole number a float where the field is one (JSON keeps no difference); anything else that
+    is not of that type is a ConfigError."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_saved_value(v, a, name) for v, a in zip(value, args))
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(typ, type) and isinstance(value, typ) and (typ is bool or not isinstance(value, bool)):
+        return value
+    type_name = typ.__name__ if isinstance(typ, type) else str(typ)
+    raise ConfigError(f"{name}: the saved config holds {value!r}, not a value of type {type_name}")
 
 
 def dumps(cfg: Config) -> str:

@@ -393,3 +393,20 @@ def test_any_text_for_any_field_is_set_or_named_never_a_traceback(make):
                 assert str(err), (name, text)
     with pytest.raises(ConfigError, match=r"--optim.base_lr: cannot read '2/0' as float \(a fraction over 0\)"):
         set_field(valid(), "optim.base_lr", "2/0")
+
+
+@pytest.mark.parametrize("saved, message", [
+    ([1], "a saved config is an object of sections, not list"),
+    ({"train": 5}, "train: a saved config's section is an object of fields, not int"),
+    ({"train": {"epochs": "x"}}, "train.epochs: the saved config holds 'x', not a value of type int"),
+    ({"train": {"epochs": True}}, "train.epochs: the saved config holds True, not a value of type int"),
+    ({"aug": {"mean": [1, 2]}}, r"aug.mean: the saved config holds \[1, 2\], not a value of type tuple\[float, "),
+    ({"optim": {"base_lr": "0.1"}}, "optim.base_lr: the saved config holds '0.1', not a value of type float"),
+    ({"__class__": {}}, "__class__: unknown config section"),
+])
+def test_a_saved_config_that_does_not_fit_is_named(saved, message):
+    """config.json edited by hand or written by another program: a ConfigError (tools/report.py
+    says it in one line), not an AttributeError from deep inside."""
+    with pytest.raises(ConfigError, match=message):
+        from_dict(saved)
+    assert from_dict({"optim": {"base_lr": 1}, "aug": {"mean": [0, 0.5, 1]}}).aug.mean == (0.0, 0.5, 1.0)
