@@ -35,7 +35,7 @@ from fastssl.models import MiraNetwork, make_teacher, unwrap
 from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
-from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_knn_failure,
+from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_eval_failure,
                               after_write_failure, continue_advice, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
 from fastssl.run_dir import check_run_dir, create_run_dir, finished_run, run_info, stamp_run_dir
@@ -170,7 +170,9 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
                     with failing_together(accelerator):
                         log.epoch(epoch_row)
                     save(cfg, run_dir, parts, state, guard, loader)
-                    raise DataLayoutError(f"{err}; {after_knn_failure(command, run_dir, state.epoch)}") from err
+                    advice = after_eval_failure(command, run_dir, state.epoch,
+                                                " (or without the k-NN: add --data.val '')")
+                    raise DataLayoutError(f"{err}; {advice}") from err
                 results["knn"].append({"epoch": state.epoch, **scores})
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
             with failing_together(accelerator):

@@ -155,10 +155,11 @@ def after_write_failure(command: list[str] | None, run_dir: Path, saved_step: in
     return f"then continue from the checkpoint of step {saved_step} with: {rerun_command(command, run_dir)}"
 
 
-def after_knn_failure(command: list[str] | None, run_dir: Path, epoch: int) -> str:
-    """How to go on when the k-NN after an epoch found its images unreadable: the epoch was saved first."""
-    return (f"epoch {epoch} is saved: once the folder is fixed, continue with {rerun_command(command, run_dir)} "
-            f"(or without the k-NN: add --data.val '')")
+def after_eval_failure(command: list[str] | None, run_dir: Path, epoch: int, alternative: str = "") -> str:
+    """How to go on when the evaluation after an epoch found its images unreadable: the epoch was
+    saved first. `alternative`: how to go on without that evaluation, where a run can."""
+    return (f"epoch {epoch} is saved: once the folder is fixed, continue with {rerun_command(command, run_dir)}"
+            f"{alternative}")
 
 
 def continue_advice(cfg: Config, command: list[str] | None, run_dir: Path, saved_step: int | None,

@@ -222,6 +222,30 @@ def test_unreadable_images_are_skipped_with_a_warning_not_the_end_of_the_run(tmp
     assert 0 <= results["final_top1"] <= 100
 
 
+def test_a_val_split_with_no_readable_image_keeps_the_epoch_and_exits_2(tmp_path: Path, teacher: Path,
+                                                                        capsys) -> None:
+    """Its top-1 was 0 %, as if the student had learned nothing; now the epoch is saved first, one
+    line says why and how to go on, and that command (once the images are fixed) ends the run."""
+    val = tmp_path / "data" / "val"
+    kept = {p: p.read_bytes() for p in val.rglob("*.png")}
+    for p in kept:
+        p.write_bytes(b"not an image")
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "2",
+                     "--train.steps_per_epoch", "2", "--train.eval_every", "1")
+    with pytest.raises(SystemExit) as exc, pytest.warns(UserWarning, match="skipping unreadable image"):
+        run(DistillConfig(), args, prog="distill.py")
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: data.val: none of its {len(kept)} images could be read"), err
+    assert "epoch 1 is saved: once the folder is fixed, continue with python distill.py " in err, err
+    assert [r["epoch"] for r in read_rows(run_dir / "epochs.csv")] == ["1"] and ckpt.saved_config(run_dir)
+    for p, data in kept.items():
+        p.write_bytes(data)
+    results = run(DistillConfig(), err.split("continue with python distill.py ", 1)[1].split(), prog="distill.py")
+    assert [r["epoch"] for r in results["top1"]] == [2] and (run_dir / CLASSIFIER_NAME).is_file()
+
+
 def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
     """2 epochs in one go == 1 epoch, then --resume to 2 (queue, optimiser, RNG and data order restored)."""
     common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3"]

@@ -34,11 +34,12 @@ from fastssl.distill.classifier_file import CLASSIFIER_NAME, load_teacher, save_
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import Classifier, build_classifier
-from fastssl.recovery import TrainingDiverged, after_write_failure, lower_lr_advice
+from fastssl.recovery import TrainingDiverged, after_eval_failure, after_write_failure, lower_lr_advice
 from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_dir import finished_run, refuse_harmful_start, resume_changes
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
+from pipelines.folder import DataLayoutError
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import shard_batches
 
@@ -74,6 +75,8 @@ def lr_at(cfg: DistillConfig, epoch: int) -> float:
 
 @torch.no_grad()
 def top1(model: Classifier, loader, device: torch.device) -> float:
+    """Top-1 in percent over the readable images of `loader` (each unreadable one is named in a
+    warning); DataLayoutError when there is none."""
     model.eval()
     right = total = 0
     with stop_signals_held():  # its workers leave the process group before a stop signal reaches them
@@ -86,7 +89,10 @@ def top1(model: Classifier, loader, device: torch.device) -> float:
         right += (logits.argmax(1).cpu() == y).sum().item()
         total += y.numel()
     model.train()
-    return 100.0 * right / max(total, 1)
+    if not total:  # 0 % would read as a model that learned nothing
+        raise DataLayoutError(f"data.val: none of its {len(loader.dataset)} images could be read (each is named in "
+                              f"a warning above); replace or remove them")
+    return 100.0 * right / total
 
 
 def check_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None) -> Path:
@@ -241,7 +247,15 @@ def end_epoch(run: DistillRun, started: float) -> None:
            "loss": state.epoch_loss_sum / steps, **{k: state.epoch_sums.get(k, 0.0) / steps for k in TERMS}}
     state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps, state.epoch_sums = 0, 0.0, 0, {}
     if last or state.epoch % cfg.train.eval_every == 0:
-        row["top1"] = top1(run.model.student, run.val_loader, run.device)
+        try:
+            row["top1"] = top1(run.model.student, run.val_loader, run.device)
+        except DataLayoutError as err:  # no val image could be read: keep the epoch's training, then say so
+            run.epochs_log.append(row)
+            save(run)
+            if last:  # a resume would find the run finished
+                save_classifier(run.model.student, cfg.model.student, run.num_classes, cfg.model.stem,
+                                run.run_dir / CLASSIFIER_NAME)
+            raise DataLayoutError(f"{err}; {after_eval_failure(run.command, run.run_dir, state.epoch)}") from err
         run.results["top1"].append({"epoch": state.epoch, "top1": row["top1"]})
     run.epochs_log.append(row)
     print(f"epoch {state.epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}"
