@@ -156,8 +156,7 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run.run_dir, run.saved_step)}") from err
     finally:
         stop.close()
-    save_classifier(run.model.student, cfg.model.student, run.num_classes, cfg.model.stem,
-                    run.run_dir / CLASSIFIER_NAME)
+    export_classifier(run)
     run.results["final_top1"] = run.results["top1"][-1]["top1"] if run.results["top1"] else None
     write_run_json(run.run_dir / "results.json", run.results)
     return run.results
@@ -253,8 +252,7 @@ def end_epoch(run: DistillRun, started: float) -> None:
             run.epochs_log.append(row)
             save(run)
             if last:  # a resume would find the run finished
-                save_classifier(run.model.student, cfg.model.student, run.num_classes, cfg.model.stem,
-                                run.run_dir / CLASSIFIER_NAME)
+                export_classifier(run)
             raise DataLayoutError(f"{err}; {after_eval_failure(run.command, run.run_dir, state.epoch)}") from err
         run.results["top1"].append({"epoch": state.epoch, "top1": row["top1"]})
     run.epochs_log.append(row)
@@ -274,6 +272,12 @@ def stopped(run: DistillRun, stop: GracefulStop) -> dict:
     print(f"stopped by {run.results['interrupted']} at epoch {run.state.epoch} step {run.state.step}: checkpoint "
           f"saved in {run.run_dir}; continue with: {rerun_command(run.command, run.run_dir)}", flush=True)
     return run.results
+
+
+def export_classifier(run: DistillRun) -> None:
+    """The student as RUN_DIR/classifier.pt, in the teacher format: the run's product."""
+    save_classifier(run.model.student, run.cfg.model.student, run.num_classes, run.cfg.model.stem,
+                    run.run_dir / CLASSIFIER_NAME)
 
 
 def teacher_slot(teacher: Classifier | None) -> nn.Module:
