@@ -21,6 +21,7 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
 from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
@@ -222,11 +223,13 @@ def os_error_message(err: OSError | WorkerError, out: Path) -> str:
     return f"writing {str(out)!r} failed: {detail}"
 
 
-def check_space(samples: list[tuple[str, int]], out: Path, already: int = 0, **options) -> int:
+def check_space(samples: list[tuple[str, int]], out: Path, *, max_resolution: int, write_mode: str,
+                compress_probability: float, num_workers: int, already: int = 0) -> int:
     """The estimated size of the .beton (`pipelines.beton_size`); a ConversionError, before any
     image is written, when even 90 % of what is left to write (the estimate less the `already`
     written bytes of a resumed conversion) exceeds the free space where it goes."""
-    need = estimate_beton_bytes([p for p, _ in samples], **options)
+    need = estimate_beton_bytes([p for p, _ in samples], max_resolution=max_resolution, write_mode=write_mode,
+                                compress_probability=compress_probability, num_workers=num_workers)
     free = shutil.disk_usage(out.parent).free
     if 0.9 * need - already > free:
         raise ConversionError(
@@ -291,6 +294,79 @@ def keep_or_discard(partial: PartialConversion) -> str:
             f"({size_text}): the same command continues from there, --restart starts over")
 
 
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an output that cannot or must not be written, before any image is read."""
+    if out.is_dir():  # --force replaces a file; a folder would fail only once every image is written
+        raise UsageError(f"{str(out)!r} is a folder; name the .beton file to write, e.g. {str(out / 'train.beton')!r}")
+    if out.exists() and not force:
+        raise UsageError(f"{str(out)!r} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        what = ("is a file, not a folder: name the .beton inside a folder" if out.parent.exists() else
+                f"does not exist; create it first (mkdir -p {shlex.quote(str(out.parent))}) or name another")
+        raise UsageError(f"output folder {str(out.parent)!r} {what}")
+
+
+def acquire_partial(out: Path) -> PartialConversion:
+    """The partial folder of `out`, locked for this process; a folder we cannot write to fails
+    now, with its real cause (a usage error when the permission is the user's to change)."""
+    remove_stale_partials(out)
+    partial = PartialConversion(out)
+    try:
+        partial.acquire()
+    except ConversionBusy as err:
+        raise ConversionError(str(err)) from None
+    except OSError as err:
+        unwritable = err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        raise (UsageError if unwritable else ConversionError)(os_error_message(err, out)) from None
+    return partial
+
+
+def write_images(partial: PartialConversion, inv: Inventory, src: Path, out: Path, options: dict, *,
+                 already: int, num_workers: int, progress: bool,
+                 checkpoint_every_s: float) -> tuple[list[tuple[str, int]], int, int]:
+    """Write `inv`'s images into `partial` after checking the disk has room for them. A bad image
+    is skipped and listed in `inv`. Returns the samples written, the size estimate and how many
+    images an interrupted run had saved."""
+    with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
+        from ffcv.fields import IntField, RGBImageField
+
+    num_workers = min(num_workers, len(inv.samples))
+    estimate = check_space(inv.samples, out, already=already, num_workers=num_workers,
+                           max_resolution=options["max_resolution"], write_mode=options["write_mode"],
+                           compress_probability=options["compress_probability"])
+    fields = {IMAGE_FIELD: RGBImageField(**options), LABEL_FIELD: IntField()}
+    try:  # the images are checked as they are written: a bad one is skipped, and listed
+        resumed, bad = write_beton(partial, fields, ConvertDataset(inv.samples, options["max_resolution"]),
+                                   num_workers=num_workers, progress=progress, checkpoint_every_s=checkpoint_every_s)
+    except NothingToWrite as err:
+        for i, reason in sorted(err.skipped.items()):
+            inv.skip(inv.samples[i][0], reason)
+        raise ConversionError(no_images_message(src, inv.skipped)) from None
+    for i, reason in sorted(bad.items()):
+        inv.skip(inv.samples[i][0], reason)
+    good = [sample for i, sample in enumerate(inv.samples) if i not in bad]
+    return good, estimate, resumed
+
+
+def raise_stopped(err: BaseException, partial: PartialConversion, owned: bool, out: Path) -> NoReturn:
+    """Raise what stopped a conversion, as a ConversionError that says what was kept of it.
+    Whether the partial folder is kept: see `keep_or_discard`; a conversion this run did not
+    take over (`owned` false: stopped before its `start`) is left as it was, unmentioned, since
+    the same command would not continue it. A stop (Ctrl-C, a signal) stays what it is."""
+    kept = keep_or_discard(partial) if owned else leave_alone(partial)
+    if isinstance(err, ConversionError):
+        if not kept:
+            raise err
+        raise type(err)(f"{err}{kept}") from err.__cause__
+    if isinstance(err, (OSError, WorkerError)) and err.errno is not None:
+        raise ConversionError(os_error_message(err, out) + kept) from err
+    if isinstance(err, Exception):
+        raise ConversionError(f"writing {str(out)!r} failed: {err}{kept}") from err
+    if kept:
+        print(f"stopped{kept}", file=sys.stderr)
+    raise err
+
+
 def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: Path | None = None,
             max_resolution: int = 500, jpeg_quality: int = 90, compress_probability: float = 0.5,
             write_mode: str = "proportion", num_workers: int = 0, subset_per_class: int = 0,
@@ -303,84 +379,34 @@ def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: P
     never fork from this process (pipelines/beton_writer.py, `worker_context`)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
-    if out.is_dir():  # --force replaces a file; a folder would fail only once every image is written
-        raise UsageError(f"{str(out)!r} is a folder; name the .beton file to write, e.g. {str(out / 'train.beton')!r}")
-    if out.exists() and not force:
-        raise UsageError(f"{str(out)!r} exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        what = ("is a file, not a folder: name the .beton inside a folder" if out.parent.exists() else
-                f"does not exist; create it first (mkdir -p {shlex.quote(str(out.parent))}) or name another")
-        raise UsageError(f"output folder {str(out.parent)!r} {what}")
-    remove_stale_partials(out)
-    partial = PartialConversion(out)
-    try:
-        partial.acquire()  # a folder we cannot write to fails now, with its real cause
-    except ConversionBusy as err:
-        raise ConversionError(str(err)) from None
-    except OSError as err:  # an output folder the user cannot write to is theirs to change: a usage error
-        unwritable = err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-        raise (UsageError if unwritable else ConversionError)(os_error_message(err, out)) from None
+    check_output(out, force)
+    partial = acquire_partial(out)
+    options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+               "compress_probability": compress_probability, "write_mode": write_mode}
     owned = False  # whether the folder's content is this conversion's (resumed, or started here)
     try:
         inv = scan(src, labels, classes_from, subset_per_class)
         worker_context(start=True)  # the fork server imports FFCV (seconds) while this process does
-        with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
-            from ffcv.fields import IntField, RGBImageField
-
-        workers = num_workers or usable_cores()
-        options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
-                   "compress_probability": compress_probability, "write_mode": write_mode}
         if not inv.samples:
             raise ConversionError(no_images_message(src, inv.skipped))
         job = resumable_job(partial, inv, options, restart)
         already = partial.size_bytes() if job is not None else 0
         if job is None:  # a new conversion
-            job = {"fingerprint": job_fingerprint(inv.samples, inv.classes, options), "images": len(inv.samples),
-                   "sample_ids": SAMPLE_IDS}
-            partial.start(job)
+            partial.start({"fingerprint": job_fingerprint(inv.samples, inv.classes, options),
+                           "images": len(inv.samples), "sample_ids": SAMPLE_IDS})
         owned = True
-        num_workers = min(workers, len(inv.samples))
-        estimate = check_space(inv.samples, out, already=already, max_resolution=max_resolution,
-                               write_mode=write_mode, compress_probability=compress_probability,
-                               num_workers=num_workers)
-        fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                                             jpeg_quality=jpeg_quality, compress_probability=compress_probability),
-                  LABEL_FIELD: IntField()}
-        try:  # the images are checked as they are written: a bad one is skipped, and listed
-            resumed, bad = write_beton(partial, fields, ConvertDataset(inv.samples, max_resolution),
-                                       num_workers=num_workers, progress=progress,
-                                       checkpoint_every_s=checkpoint_every_s)
-        except NothingToWrite as err:
-            for i, reason in sorted(err.skipped.items()):
-                inv.skip(inv.samples[i][0], reason)
-            raise ConversionError(no_images_message(src, inv.skipped)) from None
-        for i, reason in sorted(bad.items()):
-            inv.skip(inv.samples[i][0], reason)
-        good = [sample for i, sample in enumerate(inv.samples) if i not in bad]
+        good, estimate, resumed = write_images(partial, inv, src, out, options, already=already,
+                                               num_workers=num_workers or usable_cores(), progress=progress,
+                                               checkpoint_every_s=checkpoint_every_s)
     except BaseException as err:
-        # A conversion this run did not take over (stopped before its `start`) is left as it was,
-        # unmentioned: the same command would not continue it.
-        kept = keep_or_discard(partial) if owned else leave_alone(partial)
-        if isinstance(err, ConversionError):
-            if not kept:
-                raise
-            raise type(err)(f"{err}{kept}") from err.__cause__
-        if isinstance(err, (OSError, WorkerError)) and err.errno is not None:
-            raise ConversionError(os_error_message(err, out) + kept) from err
-        if isinstance(err, Exception):
-            raise ConversionError(f"writing {str(out)!r} failed: {err}{kept}") from err
-        if kept:
-            print(f"stopped{kept}", file=sys.stderr)
-        raise
+        raise_stopped(err, partial, owned, out)
     with signals_deferred():  # a stop now would leave OUT without its summary: it waits for both
         try:
             partial.finish()
         except OSError as err:
             raise ConversionError(f"moving the finished .beton into place: {os_error_message(err, out)}") from err
-        return write_summary(src, out, inv, good, estimate, resumed, start, {
-            "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
-            "compress_probability": compress_probability, "write_mode": write_mode,
-            "subset_per_class": subset_per_class})
+        return write_summary(src, out, inv, good, estimate, resumed, start,
+                             {**options, "subset_per_class": subset_per_class})
 
 
 def write_summary(src: Path, out: Path, inv: Inventory, good: list, estimate: int, resumed: int, start: float,
