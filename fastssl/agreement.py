@@ -23,6 +23,8 @@ from fastssl.runtime import failing_together, per_process, said_once_per_node
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from pipelines.sampler import ShardedLoader
+
 # Fields the processes of one run may set differently: where each node keeps its copy of the data, and how it
 # reads it. Every other field must be the same everywhere (`check_same_config`).
 PER_NODE_FIELDS = {"data.train", "data.val", "data.knn_train", "data.num_workers", "data.dali_read_threads",
@@ -94,7 +96,7 @@ def check_run_dir_shared(run_dir: Path, accelerator: Accelerator) -> None:
             f"--train.run_dir to a shared path"), accelerator)
 
 
-def check_processes_agree(accelerator: Accelerator, loader, state: ckpt.TrainState, run_dir: Path,
+def check_processes_agree(accelerator: Accelerator, loader: ShardedLoader, state: ckpt.TrainState, run_dir: Path,
                           own_state_missed: str | None = None) -> None:
     """Every process sees the same data and resumes from the same step, or none starts.
 

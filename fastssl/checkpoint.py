@@ -19,13 +19,19 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fastssl.relaunch import CHECKPOINT_NAME
+
+if TYPE_CHECKING:
+    from pipelines.sampler import ShardedLoader
 
 # Free space asked for on top of the payload's tensor bytes: pickled metadata, zip records
 # and their 64-byte alignment (a few KiB per tensor), and a little room for everything else.
@@ -55,7 +61,7 @@ class TrainState:
     epoch_sums: dict[str, float] = field(default_factory=dict)  # other running sums (the distillation loss terms)
 
 
-def tensor_bytes(obj) -> int:
+def tensor_bytes(obj: object) -> int:
     """Bytes of every tensor / array inside nested dicts, lists and tuples (what torch.save writes)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -68,7 +74,7 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def bytes_needed(obj, path: Path) -> int:
+def bytes_needed(obj: object, path: Path) -> int:
     """What writing `obj` to `path` will take: its tensors plus a margin, and never less than the
     file it replaces (the old file stays until the rename, so both must fit at once)."""
     estimate = int(tensor_bytes(obj) * (1 + SPACE_MARGIN_SHARE)) + SPACE_MARGIN_BYTES
@@ -129,7 +135,7 @@ def write_error(path: Path, err: OSError) -> CheckpointError:
 
 
 @contextlib.contextmanager
-def writing(path: Path):
+def writing(path: Path) -> Iterator[None]:
     """Writes under `path` (a run's log, results or folder) that fail with an OSError raise
     `write_error` instead: the trainers' command lines print a CheckpointError as one line."""
     try:
@@ -138,7 +144,7 @@ def writing(path: Path):
         raise write_error(path, err) from err
 
 
-def atomic_save(obj, path: Path) -> None:
+def atomic_save(obj: object, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill or a full disk never leaves half a file.
 
     The free space is checked first; a failed write removes its temporary file (so the disk is
@@ -196,9 +202,10 @@ def rank_state_path(run_dir: Path, rank: int) -> Path:
     return run_dir / "rng" / f"rank{rank}.pt"
 
 
-def save_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, state: TrainState, config: dict,
-                    rank: int, is_main: bool, critic=None, exports: dict[Path, object] | None = None,
-                    loader_state=None, world_size: int = 1) -> None:
+def save_checkpoint(run_dir: Path, *, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, state: TrainState, config: dict, rank: int, is_main: bool,
+                    critic: nn.Module | None = None, exports: dict[Path, object] | None = None,
+                    loader_state: dict | None = None, world_size: int = 1) -> None:
     """Every rank writes its RNG state (and its loader's, `loader_state`: where DALI's random
     generators stand mid-epoch); the main process writes the shared state and `exports` (files
     that go with this step, e.g. the backbone: {path: object}).
@@ -262,7 +269,7 @@ def _foreign(path: Path, lacks: str) -> CheckpointError:
         f"{path.name} out of {path.parent} to start this run afresh")
 
 
-def _load(path: Path, mmap: bool = False):
+def _load(path: Path, mmap: bool = False) -> Any:
     """`path`'s object; `mmap`: tensors are mapped, not read, so only what is used is read from disk
     (where mapping fails, e.g. on a mount that cannot map files, it is read whole instead)."""
     try:
@@ -274,8 +281,9 @@ def _load(path: Path, mmap: bool = False):
         raise _unreadable(path, err) from err
 
 
-def load_checkpoint(run_dir: Path, *, student, teacher, optimizer, scaler, rank: int, critic=None,
-                    loader=None, world_size: int = 1) -> tuple[TrainState, str | None]:
+def load_checkpoint(run_dir: Path, *, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, rank: int, critic: nn.Module | None = None,
+                    loader: ShardedLoader | None = None, world_size: int = 1) -> tuple[TrainState, str | None]:
     """Restore everything `save_checkpoint` wrote (a loader's state into `loader`); returns where to
     continue, and why this process's own state (random generators, loader position) was not restored
     (None when it was): it belongs to another step (a save that failed part way) or to a run on

@@ -41,7 +41,8 @@ def plain_warnings() -> None:
     if getattr(default, "fastssl", False):
         return
 
-    def formatwarning(message, category, filename, lineno, line=None):
+    def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
         if str(filename).startswith(OWN_CODE):
             return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)
@@ -57,7 +58,7 @@ class ToolArgumentParser(argparse.ArgumentParser):
     another program, e.g. a test runner). Building one makes fastssl's warnings one line too
     (`plain_warnings`): every tool builds one first."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("prog", Path(sys._getframe(1).f_code.co_filename).name)
         super().__init__(*args, **kwargs)
         plain_warnings()
@@ -184,7 +185,7 @@ def parse(cfg: Config, argv: list[str]) -> tuple[Config, dict]:
     return apply_overrides(cfg, rest), flags
 
 
-def command_line(cfg, argv: list[str] | None, prog: str | None, *, check: Callable[[Any], None],
+def command_line(cfg: Any, argv: list[str] | None, prog: str | None, *, check: Callable[[Any], None],
                  dump: Callable[[Any], str], start: Callable[[Any, bool | str, list[str]], dict],
                  user_errors: Callable[[], tuple[type[Exception], ...]]) -> dict:
     """The flow every trainer's command line shares: parse, `--help`, `check` the config,

@@ -46,6 +46,8 @@ from fastssl.schedules import scaled_lr, step_schedule
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from pipelines.sampler import ShardedLoader
+
 # Loaders hand over views in the autocast dtype (the first conv would cast to it anyway).
 VIEW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -196,8 +198,8 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
     return results
 
 
-def run_epoch(cfg: Config, parts: StepParts, loader, state: ckpt.TrainState, log: RunLog, stop: GracefulStop,
-              guard: DivergenceGuard | None = None) -> dict | None:
+def run_epoch(cfg: Config, parts: StepParts, loader: ShardedLoader, state: ckpt.TrainState, log: RunLog,
+              stop: GracefulStop, guard: DivergenceGuard | None = None) -> dict | None:
     """One epoch (or its remainder after a resume); None when a stop was requested."""
     accelerator, every = parts.accelerator, cfg.train.log_every
     steps_per_epoch = min(len(loader), cfg.train.steps_per_epoch or len(loader))
@@ -333,7 +335,7 @@ def loader_spec(cfg: Config, accelerator: Accelerator, workers: int) -> pipeline
         dtype=VIEW_DTYPES.get(accelerator.mixed_precision, torch.float32))
 
 
-def build_loader(cfg: Config, accelerator: Accelerator, workers: int):
+def build_loader(cfg: Config, accelerator: Accelerator, workers: int) -> ShardedLoader:
     """This process's training loader. The main process says what it lists before listing it (on
     network storage ImageNet's 1.28M files take a minute or more, silent otherwise), then what it found."""
     lists = cfg.data.backend in ("torchvision", "dali")  # a folder or a .txt list (ffcv: a .beton's header)
@@ -399,7 +401,7 @@ def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
 
 
 def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,
-         guard: DivergenceGuard | None = None, loader=None) -> None:
+         guard: DivergenceGuard | None = None, loader: ShardedLoader | None = None) -> None:
     """Checkpoint and backbone, only of finite weights; a failure on any process fails all of them.
 
     A loader with `state_dict` (DALI) adds its mid-epoch state, so a resume draws the same augmentations."""

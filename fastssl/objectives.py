@@ -105,7 +105,8 @@ class Mira(Objective):
     def targets(self, teacher: TeacherOutput, sched: StepSchedule) -> list[Tensor]:
         return assign_targets(teacher.logits, self.method, sched.beta)
 
-    def loss(self, student_logits, student_z, targets, rows, sched):
+    def loss(self, student_logits: list[Tensor], student_z: list[Tensor], targets: list[Tensor], rows: slice,
+             sched: StepSchedule) -> tuple[Tensor, Metrics]:
         return swapped_prediction_loss(student_logits, [t[rows] for t in targets], self.method.tau_student), {}
 
 
@@ -137,7 +138,7 @@ class MlCpc(Objective):
                              direction=c.direction, bound=c.bound)
         return cls(critic, c.shuffle_bn_splits if c.shuffle_bn else None)
 
-    def teacher_forward(self, teacher, views):
+    def teacher_forward(self, teacher: nn.Module, views: list[Tensor]) -> TeacherOutput:
         if self.shuffle_bn_splits is None:
             return super().teacher_forward(teacher, views)
         logits, z, _ = shuffled_forward(teacher, views[:2], self.shuffle_bn_splits)
@@ -146,7 +147,8 @@ class MlCpc(Objective):
     def targets(self, teacher: TeacherOutput, sched: StepSchedule) -> list[Tensor]:
         return teacher.z
 
-    def loss(self, student_logits, student_z, targets, rows, sched):
+    def loss(self, student_logits: list[Tensor], student_z: list[Tensor], targets: list[Tensor], rows: slice,
+             sched: StepSchedule) -> tuple[Tensor, Metrics]:
         out = critic_loss(self.critic, student_z, [z[rows] for z in targets], sched.alpha)
         return out.loss, {"alpha": sched.alpha, "mi_nats": out.mi_nats, "mi_ceiling_nats": out.ceiling_nats}
 
@@ -171,14 +173,16 @@ class WeightedSum(Objective):
         self.uses_prototypes = any(o.uses_prototypes for _, o in parts)
         self.assignment = next((o.assignment for _, o in parts if o.assignment is not None), None)
 
-    def teacher_forward(self, teacher, views):
+    def teacher_forward(self, teacher: nn.Module, views: list[Tensor]) -> TeacherOutput:
         return self.parts[0][1].teacher_forward(teacher, views)
 
     def targets(self, teacher: TeacherOutput, sched: StepSchedule) -> list[Any]:
         return [o.targets(teacher, sched) for _, o in self.parts]
 
-    def loss(self, student_logits, student_z, targets, rows, sched):
-        total, metrics = None, {}
+    def loss(self, student_logits: list[Tensor], student_z: list[Tensor], targets: list[Any], rows: slice,
+             sched: StepSchedule) -> tuple[Tensor, Metrics]:
+        total: Tensor | None = None
+        metrics: Metrics = {}
         for (weight, objective), t in zip(self.parts, targets):
             loss, m = objective.loss(student_logits, student_z, t, rows, sched)
             total = weight * loss if total is None else total + weight * loss
@@ -189,7 +193,7 @@ class WeightedSum(Objective):
         for (_, objective), t in zip(self.parts, targets):
             objective.finish_step(t)
 
-    def to(self, device):
+    def to(self, device: torch.device | str) -> WeightedSum:
         for _, objective in self.parts:
             objective.to(device)
         return self

@@ -117,7 +117,7 @@ class _Phase:
             self.timer._sync()
             self.start = time.perf_counter()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.timer.enabled:
             self.timer._sync()
             self.timer.samples.setdefault(self.name, []).append(time.perf_counter() - self.start)

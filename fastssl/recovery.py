@@ -9,6 +9,7 @@ advice with `rerun_command`; the command line turns it into exit code 2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,8 @@ class DivergenceGuard:
     that left alone would leave the others waiting for it in their next collective.
     """
 
-    def __init__(self, student, teacher, state: ckpt.TrainState, accelerator: Accelerator | None = None):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, state: ckpt.TrainState,
+                 accelerator: Accelerator | None = None):
         self.modules, self.state, self.accelerator = (student, teacher), state, accelerator
         self.previous = self.weight_norm()
         if not state.initial_weight_norm:
@@ -79,7 +81,7 @@ class DivergenceGuard:
         """Before a checkpoint: the weights."""
         self._together(lambda: self._check_weights(step))
 
-    def _together(self, check) -> None:
+    def _together(self, check: Callable[[], object]) -> None:
         """Run `check`; its TrainingDiverged, or one found on another process, is raised on every
         process (`failing_together`: a node prints it once, naming the rank that found it if another)."""
         if self.accelerator is None:

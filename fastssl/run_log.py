@@ -52,7 +52,7 @@ class CsvLog:
             csv.DictWriter(f, fieldnames=self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
 
 
-def _fmt(value):
+def _fmt(value: object) -> object:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 

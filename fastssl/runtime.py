@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from types import FrameType
 
 import numpy as np
 import torch
@@ -155,7 +156,7 @@ class GracefulStop:
             except ValueError:  # not the main thread (e.g. inside some test runners)
                 pass
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
         first = self._first_seen.setdefault(signum, now)
         self.requested = True
@@ -223,7 +224,7 @@ def end_process_group(timeout_s: float | None = None) -> None:
     dist.destroy_process_group()
 
 
-def _all_counted(store, key: str, expected: int, deadline: float) -> bool:
+def _all_counted(store: torch.distributed.Store, key: str, expected: int, deadline: float) -> bool:
     """Add this process to `key`'s count, then wait (until `deadline`) for it to reach `expected`."""
     count = store.add(key, 1)
     while count < expected:

@@ -35,12 +35,13 @@ see its docstring for the sources), with what the authors' CIFAR command changes
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from fastssl.cli import run
 from fastssl.config import Config
 
 
-def _imagenet_recipe():
+def _imagenet_recipe() -> ModuleType:
     """recipes/mlcpc_moco.py, loaded by path (recipes are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("mlcpc_moco", Path(__file__).with_name("mlcpc_moco.py"))
     module = importlib.util.module_from_spec(spec)

@@ -28,6 +28,8 @@ and type (default: 2 views, float32).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -47,7 +49,7 @@ CUDA_ONLY = ("fused", "fused_graph")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def fused_module(device: torch.device):
+def fused_module(device: torch.device) -> ModuleType:
     """The fused extension (built and self-checked on `device`), or RuntimeError saying why not."""
     if device.type != "cuda":
         raise RuntimeError("the fused kernel needs a CUDA device")
@@ -57,7 +59,8 @@ def fused_module(device: torch.device):
     return ext
 
 
-def extra_implementation(name: str, views: list[torch.Tensor], num_iters: int):
+def extra_implementation(name: str, views: list[torch.Tensor], num_iters: int
+                         ) -> Callable[[list[torch.Tensor]], object]:
     """fn(views) for an opt-in implementation, prepared for these `views` (inputs pre-stacked).
 
     Why prepared: `fused` and `fused_graph` time the kernel without the op's stack and
@@ -82,7 +85,7 @@ def extra_implementation(name: str, views: list[torch.Tensor], num_iters: int):
     return lambda v: graph.replay()
 
 
-def kernel_census(fn, views) -> dict:
+def kernel_census(fn: Callable[[list[torch.Tensor]], object], views: list[torch.Tensor]) -> dict:
     """CUDA kernels launched by one call (names and count) from the torch profiler."""
     names = [name for name, _, _ in device_trace(lambda: fn(views))]
     return {"count": len(names), "distinct": sorted(set(names)), "triton": any("triton" in n.lower() for n in names)}

@@ -78,7 +78,8 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.ops: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: tuple[type, ...], args: tuple = (),
+                           kwargs: dict | None = None) -> object:
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 

@@ -47,6 +47,8 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 from fastssl.cli import ToolArgumentParser
 from pipelines.beton import summary_path
@@ -111,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def exit_on_signals() -> None:
     """SIGTERM / SIGHUP end the converter like Ctrl-C does: through its clean-up (progress saved,
     workers stopped), with the shell's status for the signal."""
-    def stop(signum: int, _frame) -> None:
+    def stop(signum: int, _frame: FrameType | None) -> NoReturn:
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -15,7 +15,9 @@ Writes (beside the backbone by default):
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -30,7 +32,7 @@ from fastssl.models.detection_export import (ExportError, d2_config_note, detect
 FORMATS = ("torchvision", "detectron2")
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file: a failed export leaves no half file behind."""
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 # This checkout's fastssl: the GPU machine does not install it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -106,7 +106,7 @@ class _OneLineErrors(argparse.ArgumentParser):
     """A bad option is one line and exit 2, as every other command of the project (fastssl.cli's parser,
     not imported here: it brings torch in, and a bad option should fail at once)."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (options: {self.prog} --help)\n")
 
 

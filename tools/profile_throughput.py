@@ -93,7 +93,7 @@ def settings_of(args: argparse.Namespace) -> ProfileSettings:
                            cross_check=not args.no_cross_check)
 
 
-def run_compare(args) -> int:
+def run_compare(args: argparse.Namespace) -> int:
     a, b = (load_report(p) for p in args.compare)
     for path, report in zip(args.compare, (a, b)):
         if report["kind"] != "profile":

@@ -27,7 +27,8 @@ def implementations(num_iters: int) -> dict[str, Callable[[list[torch.Tensor]], 
     }
 
 
-def time_call(fn, views, device: torch.device, warmup: int, repeats: int) -> float:
+def time_call(fn: Callable[[list[torch.Tensor]], object], views: list[torch.Tensor], device: torch.device,
+              warmup: int, repeats: int) -> float:
     """Median microseconds of fn(views)."""
     for _ in range(warmup):
         fn(views)

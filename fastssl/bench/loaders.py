@@ -13,9 +13,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from pipelines.sampler import ShardedLoader
 
 __all__ = ["available", "device_used_mb", "EpochTiming", "time_epoch", "interleaved_rates", "summarize"]
 
@@ -56,7 +59,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_epoch(loader, epoch: int, warmup: int, batches: int, device: torch.device,
+def time_epoch(loader: ShardedLoader, epoch: int, warmup: int, batches: int, device: torch.device,
                on_timed: Callable[[], None] | None = None) -> EpochTiming:
     """Source images/s over `batches` batches after `warmup` untimed ones, and (when `warmup`
     is at least 1) the seconds to the first of those; `on_timed()` runs after the timed

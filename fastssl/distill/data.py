@@ -12,6 +12,8 @@ whatever the worker count.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset, default_collate
 
@@ -20,12 +22,16 @@ from pipelines.folder import DataLayoutError, scan_image_folder
 from pipelines.images import UNREADABLE, next_readable
 from pipelines.sampler import sample_rng
 
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
 # CIFAR-100 channel statistics, as CRD's dataset/cifar100.py normalises
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 CIFAR_DIRS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py"}
 
 
-def transforms(size: int, train: bool, resize: bool):
+def transforms(size: int, train: bool, resize: bool) -> Callable[[Image.Image], torch.Tensor]:
     from torchvision import transforms as T
 
     steps = [T.Resize((size, size))] if resize else []
@@ -60,7 +66,7 @@ def build_datasets(cfg: DistillDataConfig) -> tuple[Dataset, Dataset, int]:
     return train, val, len(classes)
 
 
-def read_or_warn(dataset: Dataset, index: int):
+def read_or_warn(dataset: Dataset, index: int) -> tuple[torch.Tensor, int] | None:
     """`dataset[index]`, or None with a warning naming the file when its image cannot be read (an
     ImageFolder's bad file: one file must not end a run, as in the SSL loaders, `pipelines.images`)."""
     try:
@@ -82,10 +88,10 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
         epoch, index = key
 
-        def read(i: int):
+        def read(i: int) -> tuple[torch.Tensor, int] | None:
             with sample_rng(self.seed, epoch, i):
                 return read_or_warn(self.dataset, i)
 
@@ -106,11 +112,11 @@ class ReadableItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         return read_or_warn(self.dataset, index)
 
 
-def collate_readable(items: list):
+def collate_readable(items: list[tuple[torch.Tensor, int] | None]) -> list[torch.Tensor] | None:
     """A batch of the readable items; None when none of them was."""
     items = [it for it in items if it is not None]
     return default_collate(items) if items else None

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fastssl import checkpoint as ckpt
 from fastssl.config import ConfigError
@@ -74,7 +74,7 @@ def lr_at(cfg: DistillConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def top1(model: Classifier, loader, device: torch.device) -> float:
+def top1(model: Classifier, loader: DataLoader, device: torch.device) -> float:
     """Top-1 in percent over the readable images of `loader` (each unreadable one is named in a
     warning); DataLayoutError when there is none."""
     model.eval()
@@ -165,8 +165,6 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
 def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) -> DistillRun:
     """Everything before the first step, in the order that fails soonest: the config, the run
     directory, the data, the teacher, the networks, the checkpoint."""
-    from torch.utils.data import DataLoader
-
     from fastssl.distill.data import ReadableItems, SeededItems, build_datasets, collate_readable
 
     refusal = one_process_refusal("the distillation trainer", "recipes/distill_mlcpc_cifar100.py")
@@ -294,8 +292,6 @@ def save(run: DistillRun) -> None:
 def run_epoch(run: DistillRun, epoch: int, stop: GracefulStop) -> bool:
     """Epoch `epoch` from batch `state.batch_in_epoch` on; the running sums live in `state`, so a stop
     mid-epoch checkpoints them. False when a stop signal ended it early (after a whole step)."""
-    from torch.utils.data import DataLoader
-
     cfg, state, workers = run.cfg, run.state, run.cfg.data.num_workers
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(cfg, epoch)

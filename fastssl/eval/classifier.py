@@ -14,9 +14,10 @@ import argparse
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ from fastssl.models.backbone import FEATURE_DIMS
 from pipelines.eval import EVAL_BACKENDS, LabelledImages, build_eval_loader, collate, eval_transform
 from pipelines.folder import DataLayoutError, scan_image_folder
 from pipelines.processes import loader_workers_context
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # torchvision's RandomResizedCrop default, as the authors' eval_linear.py and SwAV's eval_semisup.py.
 TRAIN_SCALE = (0.08, 1.0)
@@ -74,7 +78,7 @@ def scan_splits(train: str, val: str) -> tuple[list, list, list[str]]:
     return train_samples, val_samples, classes
 
 
-def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor, bar=None, epoch: int = 0) -> float:
+def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor, bar: tqdm | None = None, epoch: int = 0) -> float:
     """One optimiser step on `loss`; advances the progress bar; the loss as a float."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -151,7 +155,7 @@ def effective_precision(device: torch.device, precision: str) -> str:
     return "bf16" if device.type == "cuda" and precision == "bf16" else "fp32"
 
 
-def autocast(device: torch.device, precision: str = "bf16"):
+def autocast(device: torch.device, precision: str = "bf16") -> AbstractContextManager:
     """`precision` "bf16": bf16 autocast on CUDA (as the training loop; the reference evaluation
     scripts of DINO, SwAV and the MIRA authors run fp32: --precision fp32); full precision on
     CPU whatever it says, as the loop's default there (`runtime.resolve_precision`: CPU bf16
@@ -167,7 +171,7 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device,
-            bar=None, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            bar: tqdm | None = None, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features N x D float32 on CPU, labels N, readable mask N) in dataset order.
 
     The backbone runs in eval mode (BatchNorm running statistics), as in every frozen-feature
@@ -192,8 +196,9 @@ def extract(backbone: nn.Module, batches: Iterator, n: int, device: torch.device
     return feats, labels, labels >= 0
 
 
-def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], transform, batch_size: int,
-                    num_workers: int, device: torch.device, bar=None, precision: str = "bf16",
+def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]],
+                    transform: Callable[[Any], torch.Tensor], batch_size: int,
+                    num_workers: int, device: torch.device, bar: tqdm | None = None, precision: str = "bf16",
                     seed: int | None = None, epoch: int = 0) -> tuple[torch.Tensor, ...]:
     """`extract` over a list of (path, label) in order, `batch_size` images per forward; a random
     `transform` draws from (seed, epoch, index) when `seed` is given (`LabelledImages`)."""
@@ -204,7 +209,7 @@ def extract_samples(backbone: nn.Module, samples: Sequence[tuple[str, int]], tra
 
 
 def extract_eval(backbone: nn.Module, root: str, samples: Sequence[tuple[str, int]], view: EvalView, loader: str,
-                 batch_size: int, num_workers: int, device: torch.device, bar=None,
+                 batch_size: int, num_workers: int, device: torch.device, bar: tqdm | None = None,
                  precision: str = "bf16") -> tuple[torch.Tensor, ...]:
     """`extract` of the eval transform (`view`) of the whole folder `root`, whose scan is `samples`, read
     by `loader` ("torchvision" or "dali", as tools' --loader).
@@ -243,7 +248,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
             "top5": round(100.0 * correct.any(dim=1).sum().item() / n, 3)}
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it") -> tqdm | None:
     """A tqdm bar (a dependency of the project; the training loop uses one), or None."""
     if not enabled:
         return None

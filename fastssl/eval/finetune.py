@@ -14,6 +14,7 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from fastssl.models.backbone import FEATURE_DIMS
 from fastssl.runtime import pick_device
 from fastssl.schedules import scaled_lr
 from pipelines.eval import eval_loader_class
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["PRESETS", "prepare", "finetune_on_subset", "finetune", "pick_rates"]
 
@@ -53,7 +57,7 @@ def pick_rates(args: argparse.Namespace, share: float) -> tuple[str, float, floa
 
 
 def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[float, float],
-             args: argparse.Namespace, device: torch.device, bar=None, resume: dict | None = None,
+             args: argparse.Namespace, device: torch.device, bar: tqdm | None = None, resume: dict | None = None,
              save: Callable[[dict], object] | None = None) -> list[float]:
     """SGD on backbone and head together (two lrs), step decay per epoch; mean loss per epoch.
     `resume`: a state `save` was given after an epoch (`fastssl.eval.progress_file`), to go on

@@ -14,7 +14,7 @@ are the k nearest of the whole bank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -70,7 +70,7 @@ def _validate(
 
 
 def _nearest(train_features: Tensor, train_labels: Tensor, query_features: Tensor, k: int, chunk_size: int,
-             merge: Merge | None):
+             merge: Merge | None) -> Iterator[tuple[Tensor, Tensor]]:
     """For each chunk of queries: the similarities (largest first) and labels of its `k` nearest bank
     rows (of the whole bank with `merge`), in `_score_dtype`, on the bank's device."""
     dtype = _score_dtype(train_features, query_features)

@@ -15,6 +15,7 @@ import argparse
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from fastssl.schedules import cosine, scaled_lr
 from pipelines.augment import EvalView
 from pipelines.eval import eval_loader_class
 from pipelines.sampler import batch_seed
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["Protocol", "PROTOCOLS", "apply_protocol", "FeatureSource", "prepare", "linear_probe", "fit_linear",
            "per_epoch_source", "cached_source", "cache_train_features", "cache_bytes", "check_cache_fits",
@@ -120,7 +124,7 @@ def per_epoch_source(backbone: torch.nn.Module, dataset: LabelledImages, device:
                      num_workers: int, precision: str) -> FeatureSource:
     """The paper's protocol: fresh crops every epoch through the frozen backbone."""
 
-    def source(epoch: int, batches: list[list[int]]):
+    def source(epoch: int, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in batches_loader(dataset, batches, num_workers, epoch):
             with torch.no_grad(), autocast(device, precision):
                 feats = backbone(to_device(images, device)).float()
@@ -135,7 +139,7 @@ def cached_source(feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
     from a generator of the epoch's own (`batch_seed(seed, epoch, 0, 0)`), so the batch order
     equals the per-epoch source's and a resumed probe draws what an uninterrupted one does."""
 
-    def source(epoch: int, batches: list[list[int]]):
+    def source(epoch: int, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         views = torch.Generator().manual_seed(batch_seed(seed, epoch, 0, 0))
         pick = torch.randint(feats.shape[0], (feats.shape[1],), generator=views)
         for batch in batches:
@@ -148,7 +152,8 @@ def cached_source(feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
 
 
 def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argparse.Namespace,
-               bar=None, resume: dict | None = None, save: Callable[[dict], object] | None = None) -> list[float]:
+               bar: tqdm | None = None, resume: dict | None = None,
+               save: Callable[[dict], object] | None = None) -> list[float]:
     """SGD on the head, the lr set once per epoch by `args.protocol` (cosine to 0, or steps at its
     milestones); the mean training loss of every epoch. `resume`: a state `save` was given after
     an epoch (`fastssl.eval.progress_file`), to go on from; `save(state)` is called after every epoch."""
@@ -172,7 +177,8 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
     return losses
 
 
-def cache_train_features(backbone, root: str, samples, view: EvalView, args, device) -> tuple[torch.Tensor, ...]:
+def cache_train_features(backbone: torch.nn.Module, root: str, samples: list[tuple[str, int]], view: EvalView,
+                         args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
     """K augmented copies (or one centre crop, read by --loader) of every training image through
     the backbone, as one preallocated K x N x D tensor (no second copy of an ImageNet-sized cache)."""
     copies, crop = max(args.cached_views, 1), PROTOCOLS[args.protocol].crop

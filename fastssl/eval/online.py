@@ -11,7 +11,7 @@ every rank pick the nearest of all shares, so every rank computes the same accur
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ from pipelines.spec import DataConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from pipelines.dali_eval import DaliEvalLoader
+    from pipelines.eval import EvalLoader
 
 
 @torch.no_grad()
@@ -95,7 +98,8 @@ def gather_neighbours(accelerator: Accelerator) -> Merge | None:
     return merge
 
 
-def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator: Accelerator, ks: list[int],
+def knn_scores(backbone: torch.nn.Module, bank_loader: EvalLoader | DaliEvalLoader,
+               query_loader: EvalLoader | DaliEvalLoader, accelerator: Accelerator, ks: list[int],
                temperature: float, progress: bool = False, what: str = "k-NN") -> tuple[dict[int, dict], int, int]:
     """Top-1/top-5 for each k in `ks`, each rank holding only its share of the memory bank; and the
     sizes of the bank and of the queries (whole splits). Every rank embeds with rank 0's BatchNorm
@@ -118,7 +122,7 @@ def knn_scores(backbone: torch.nn.Module, bank_loader, query_loader, accelerator
 
 
 def knn_loaders(backend: str, train_root: str, val_root: str, bank_listing: Listing | None = None,
-                **common) -> tuple:
+                **common: Any) -> tuple[EvalLoader | DaliEvalLoader, EvalLoader | DaliEvalLoader]:
     """The memory-bank (train) and query (val) eval loaders, which must have the same classes.
 
     Shared by the loop's online k-NN and tools/eval_knn.py. A bad folder, or two folders
@@ -137,7 +141,7 @@ def knn_loaders(backend: str, train_root: str, val_root: str, bank_listing: List
     return bank, queries
 
 
-def split_size(loader) -> int:
+def split_size(loader: EvalLoader | DaliEvalLoader) -> int:
     """Images in the whole split (all ranks) of an eval loader (`EvalLoader` or `DaliEvalLoader`)."""
     return len(loader.dataset) if hasattr(loader, "dataset") else len(loader.samples)
 

@@ -9,9 +9,10 @@ normalisation, then through the frozen backbone.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.eval import LabelledImages
 from pipelines.folder import DataLayoutError, scan_image_folder
 from pipelines.images import UNREADABLE
+
+# A torchvision transform: a PIL image in, the network's input tensor out.
+Transform = Callable[[Any], torch.Tensor]
 
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -46,13 +50,13 @@ class Indexed(Dataset):
     readable; the targets are looked up by position, which also serves VOC's multi-label ones).
     """
 
-    def __init__(self, base, indices: Sequence[int], transform):
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Transform):
         self.base, self.indices, self.transform = base, list(indices), transform
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, j: int):
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int, int] | None:
         try:
             image = self.base[self.indices[j]][0]
             return self.transform(image.convert("RGB")), j, j
@@ -80,7 +84,7 @@ def held_out(n: int, seed: int, fraction: float = HELD_OUT) -> tuple[np.ndarray,
     return order[cut:], order[:cut]
 
 
-def _labels_of(ds) -> np.ndarray:
+def _labels_of(ds: Dataset) -> np.ndarray:
     """Class indices of a torchvision classification dataset without decoding its images."""
     for attr in ("_labels", "targets", "y"):
         if isinstance(getattr(ds, attr, None), list):
@@ -90,7 +94,7 @@ def _labels_of(ds) -> np.ndarray:
     return np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)  # slow: decodes every image
 
 
-def voc_targets(ds) -> np.ndarray:
+def voc_targets(ds: Dataset) -> np.ndarray:
     """N x 20 targets of a VOCDetection split: 1 a non-difficult object of the class, -1 only
     difficult ones (ignored when scoring), 0 none."""
     out = np.zeros((len(ds), len(VOC_CLASSES)), dtype=np.int64)
@@ -105,7 +109,7 @@ def voc_targets(ds) -> np.ndarray:
     return out
 
 
-def _open(name: str, root: str, **kwargs):
+def _open(name: str, root: str, **kwargs: Any) -> Dataset:
     """The torchvision dataset, download=False; 'not found' becomes an EvalError naming the layout."""
     import torchvision.datasets as tvd
 
@@ -120,7 +124,7 @@ def _open(name: str, root: str, **kwargs):
                         f"--folder {name}=DIR with DIR/train and DIR/test in ImageNet layout") from err
 
 
-def _sun397_partition(ds, root: str) -> tuple[np.ndarray, np.ndarray]:
+def _sun397_partition(ds: Dataset, root: str) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the official partition 01 (Training_01.txt / Testing_01.txt) in torchvision's SUN397."""
     data_dir = Path(ds._data_dir)
     where = {"/" + p.relative_to(data_dir).as_posix(): i for i, p in enumerate(ds._image_files)}
@@ -149,14 +153,15 @@ def _caltech_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.sort(train), np.sort(test)
 
 
-def torchvision_splits(name: str, root: str, transform, seed: int = 0) -> tuple[dict[str, Split], int, str]:
+def torchvision_splits(name: str, root: str, transform: Transform, seed: int = 0) -> tuple[dict[str, Split], int, str]:
     """(train / val / test splits, number of classes, where val came from) of one of the 11 datasets
     read by its torchvision class from `root` (download=False)."""
 
-    def take(ds, idx, targets):
+    def take(ds: Dataset, idx: Sequence[int] | np.ndarray, targets: np.ndarray) -> Split:
         return Split(Indexed(ds, idx, transform), targets[np.asarray(idx, dtype=np.int64)])
 
-    def from_train(ds, labels, test_ds, test_labels):
+    def from_train(ds: Dataset, labels: np.ndarray, test_ds: Dataset, test_labels: np.ndarray
+                   ) -> dict[str, Split]:
         tr, va = held_out(len(ds), seed)
         return {"train": take(ds, tr, labels), "val": take(ds, va, labels),
                 "test": take(test_ds, range(len(test_ds)), test_labels)}
@@ -195,7 +200,7 @@ def torchvision_splits(name: str, root: str, transform, seed: int = 0) -> tuple[
     raise EvalError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
-def folder_splits(name: str, root: str, transform, seed: int = 0) -> tuple[dict[str, Split], int, str]:
+def folder_splits(name: str, root: str, transform: Transform, seed: int = 0) -> tuple[dict[str, Split], int, str]:
     """The same from ImageNet-layout folders ROOT/train, ROOT/test and, if present, ROOT/val
     (else 20 % of train held out). Single-label only (VOC2007's multi-label needs torchvision's VOC)."""
     if spec_of(name).metric == "map11":
@@ -214,7 +219,7 @@ def folder_splits(name: str, root: str, transform, seed: int = 0) -> tuple[dict[
             raise EvalError(f"{name}: {root}/{split} has other class folders than {root}/train "
                             f"({len(other)} vs {len(classes)}); the same classes are needed in every split")
 
-    def make(samples):
+    def make(samples: list[tuple[str, int]]) -> Split:
         return Split(LabelledImages([(p, i) for i, (p, _) in enumerate(samples)], transform),
                      np.asarray([c for _, c in samples], dtype=np.int64))
 

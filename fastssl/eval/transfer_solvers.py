@@ -10,6 +10,7 @@ for the big datasets (Food-101: 75k x 2048 features, 101 classes, 45 penalties).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -200,7 +201,7 @@ def lbfgs_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, cs: S
     return out
 
 
-def fit_scores(solver: str, *args, device: torch.device | str = "cpu", **kwargs) -> list[np.ndarray]:
+def fit_scores(solver: str, *args: Any, device: torch.device | str = "cpu", **kwargs: Any) -> list[np.ndarray]:
     """Decision scores per C of the chosen solver ("sklearn" or "lbfgs")."""
     if solver == "sklearn":
         return sklearn_scores(*args, **kwargs)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def worker_compile_step(args: dict, dry_run: bool) -> dict:
     save_json(out_path, res)
     torch._dynamo.reset()
 
-    def run(fn) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
+    def run(fn: Callable[[list[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]]
+            ) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
         student.zero_grad(set_to_none=True)
         loss, targets = fn(views)
         loss.backward()

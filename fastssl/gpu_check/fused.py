@@ -9,11 +9,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastssl.gpu_check.goals import GOAL_FUSED_ERR, GOAL_FUSED_SPEEDUP, GOAL_FUSED_US, goal
 from fastssl.gpu_check.report import fmt, table
 from fastssl.gpu_check.runner import PY, Context, read_json, save_json
+
+if TYPE_CHECKING:
+    import torch
 
 FUSED_GRID_GPU = {"B": [64, 512, 4096], "K": [100, 3000, 16384], "views": [1, 2], "dtypes": ["fp32", "bf16", "fp16"],
                   "inputs": ["randn", "x50", "pm1e4", "empty"], "iters": 30}
@@ -22,7 +25,7 @@ FUSED_GRID_DRY = {"B": [8], "K": [10, 50], "views": [1, 2], "dtypes": ["fp32", "
 BENCH_SIZES_GPU = "512x3000,64x3000,4096x3000,512x16384,4096x16384"
 
 
-def hard_logits(kind: str, v: int, b: int, k: int, seed: int, device: Any = "cpu"):
+def hard_logits(kind: str, v: int, b: int, k: int, seed: int, device: Any = "cpu") -> torch.Tensor:
     """V x B x K float32 logits of one kind, made on `device`: randn, x50 (randn * 50), pm1e4
     (+-1e4 extremes with ties) or empty (clusters nobody takes: -inf columns and hugely negative ones)."""
     import torch

@@ -54,7 +54,8 @@ class MiraNetwork(nn.Module):
         z = F.normalize(at_least_float32(self.projector(feats)), dim=1)
         return z, self.prototypes(z)
 
-    def forward(self, views: list[torch.Tensor], with_embeddings: bool = False):
+    def forward(self, views: list[torch.Tensor], with_embeddings: bool = False
+                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Prototype logits per view, in the order of `views` (each B x K); with
         `with_embeddings`, also the L2-normalised projections per view (each B x d), which
         the ML-CPC critic scores. Every view must have the same batch size."""

@@ -31,7 +31,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from fastssl.collectives import all_gather_stacked
 
@@ -61,12 +62,14 @@ def _compute(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _stats(x, eps):
+def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     var, mean = torch.var_mean(_compute(x), dim=_reduce_dims(x), correction=0)
     return mean, torch.rsqrt(var + eps)
 
 
-def _gather_stats_with_counts(x, mean, invstd, running_mean, running_var, momentum, eps, counts):
+def _gather_stats_with_counts(x: Tensor, mean: Tensor, invstd: Tensor, running_mean: Tensor | None,
+                              running_var: Tensor | None, momentum: float, eps: float,
+                              counts: Tensor) -> tuple[Tensor, Tensor]:
     var = invstd.reciprocal().square() - eps  # the exchanged form is SyncBN's: 1 / sqrt(var + eps)
     total, mean, var = combine_view_stats(counts, mean, var)
     if running_mean is not None:
@@ -76,14 +79,16 @@ def _gather_stats_with_counts(x, mean, invstd, running_mean, running_var, moment
     return mean, torch.rsqrt(var + eps)
 
 
-def _elemt(x, weight, bias, mean, invstd, eps, *, out):
+def _elemt(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor, eps: float, *,
+           out: Tensor) -> Tensor:
     y = (_compute(x) - _per_channel(mean, x)) * _per_channel(invstd, x)
     if weight is not None:
         y = y * _per_channel(weight, x) + _per_channel(bias, x)
     return out.copy_(y)
 
 
-def _backward_reduce(grad, x, mean, invstd, weight, input_g, weight_g, bias_g):
+def _backward_reduce(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, input_g: bool,
+                     weight_g: bool, bias_g: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     dy, xmu = _compute(grad), _compute(x) - _per_channel(mean, x)
     sum_dy, sum_dy_xmu = dy.sum(_reduce_dims(x)), (dy * xmu).sum(_reduce_dims(x))
     grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight_g else None
@@ -91,7 +96,8 @@ def _backward_reduce(grad, x, mean, invstd, weight, input_g, weight_g, bias_g):
     return sum_dy, sum_dy_xmu, grad_weight, grad_bias
 
 
-def _backward_elemt(grad, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+def _backward_elemt(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, sum_dy: Tensor,
+                    sum_dy_xmu: Tensor, count: Tensor) -> Tensor:
     n = count.sum().to(sum_dy.dtype)
     xmu = _compute(x) - _per_channel(mean, x)
     scale = invstd if weight is None else invstd * weight
@@ -115,7 +121,9 @@ class _PerViewNorm(torch.autograd.Function):
     `rows` rows); `group` None: this process's rows only, no collective."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momenta, eps, rows, group, kernels):
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, momenta: list[float], eps: float,
+                rows: int, group: dist.ProcessGroup | None, kernels: SimpleNamespace) -> Tensor:
         fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
             else torch.contiguous_format
         x = x.contiguous(memory_format=fmt)  # each view's block is then contiguous too
@@ -145,7 +153,7 @@ class _PerViewNorm(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, means, invstds, counts = ctx.saved_tensors
         input_g, weight_g, bias_g = ctx.needs_input_grad[:3]
         k, rows, c = ctx.kernels, ctx.rows, x.shape[1]
@@ -216,7 +224,7 @@ class _PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.num_batches_tracked.add_(num_views)
         return [1.0 / (seen + v + 1) for v in range(num_views)]
 
-    def _group(self):
+    def _group(self) -> dist.ProcessGroup | None:
         if not (self.sync and dist.is_available() and dist.is_initialized()):
             return None
         return dist.group.WORLD if dist.get_world_size() > 1 else None

@@ -50,7 +50,7 @@ def read_csv(path: Path) -> list[dict]:
     return out
 
 
-def _number(v: str | None):
+def _number(v: str | None) -> float | str | None:
     if v in (None, ""):
         return None
     try:
