@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     import torch
 
     from pipelines.batch import MultiCropBatch
+    from pipelines.sampler import ShardedLoader
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type[MultiCropBatch]:
     """`MultiCropBatch` on first use: it needs torch, and the config and `--help` import this package."""
     if name == "MultiCropBatch":
         from pipelines.batch import MultiCropBatch
@@ -28,7 +29,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
 
 
-def build_train_loader(spec: LoaderSpec):
+def build_train_loader(spec: LoaderSpec) -> ShardedLoader:
     """The training loader of `spec.data.backend` for this rank."""
     return registered_class(BACKENDS, spec.data.backend, "data backend", "pick --data.backend torchvision")(spec)
 

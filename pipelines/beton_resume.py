@@ -29,8 +29,10 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -80,7 +82,7 @@ def job_fingerprint(samples: list[tuple[str, int]], classes: list[str], options:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
+def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """`write(file)` into a temporary name beside `path`, flushed to disk, then renamed over it.
     A failed write (a full disk) leaves `path` as it was and no temporary file."""
     tmp = path.with_name(path.name + ".tmp")

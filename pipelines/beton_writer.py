@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, PartialConversion, Progress, durable_samples
 from pipelines.images import decode_for_conversion
 from pipelines.processes import describe_exit
 
 if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
     from multiprocessing.queues import Queue
+    from multiprocessing.shared_memory import SharedMemory
     from multiprocessing.sharedctypes import Synchronized
 
+    import numpy as np
+    from ffcv.fields import Field
+    from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
 
 # --------------------------------------------------------------------------- writing (the converter's workers)
@@ -70,7 +75,7 @@ class WorkerError(RuntimeError):
         self.errno = errno
 
 
-def worker_context(start: bool = False):
+def worker_context(start: bool = False) -> BaseContext:
     """The multiprocessing context of every converter worker: a fork server preloading the
     worker modules (see the comment above), or 'spawn' where there is no fork server.
     `start` starts the server now, so that its imports overlap the caller's work."""
@@ -143,7 +148,7 @@ class signals_deferred:
             if sig is not None:
                 self.saved[sig] = signal.signal(sig, lambda signum, _frame: self.pending.append(signum))
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         import signal
 
         for sig, handler in self.saved.items():
@@ -165,7 +170,7 @@ class ConvertDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         import numpy as np
 
         path, label = self.samples[i]
@@ -176,7 +181,7 @@ class ConvertDataset:
         return keep_a_pixel(pixels, self.max_resolution), label
 
 
-def keep_a_pixel(pixels, max_resolution: int | None):
+def keep_a_pixel(pixels: np.ndarray, max_resolution: int | None) -> np.ndarray:
     """`pixels`, resized here only when FFCV's RGBImageField would resize a side to 0 pixels. FFCV
     scales the longer side to `max_resolution` and truncates both (`int`): a very thin image (a
     2000 x 3 banner at 500) gets a side of 0, and OpenCV's resize fails the whole conversion. Such
@@ -194,7 +199,7 @@ def keep_a_pixel(pixels, max_resolution: int | None):
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
-def _write_worker(errors, work_fn, args) -> None:
+def _write_worker(errors: Queue, work_fn: Callable[..., object], args: tuple[Any, ...]) -> None:
     """A writing worker's body, with its failure reported to the parent (message and errno)."""
     worker_init()
     try:
@@ -206,7 +211,8 @@ def _write_worker(errors, work_fn, args) -> None:
         raise SystemExit(1) from None
 
 
-def _write_samples(work, metadata_sm, metadata_type, fields, allocator, done, finished, dataset) -> None:
+def _write_samples(work: Queue, metadata_sm: SharedMemory, metadata_type: np.dtype, fields: Mapping[str, Field],
+                   allocator: MemoryAllocator, done: Synchronized, finished: Queue, dataset: ConvertDataset) -> None:
     """FFCV's `worker_job_indexed_dataset`, reporting as it goes: after each chunk, the chunk's
     written sample ids, their allocation-table entries and the skipped ones with their reasons go
     to `finished` (FFCV sends a worker's whole table once, at its end), so the parent can save
@@ -234,7 +240,7 @@ def _write_samples(work, metadata_sm, metadata_type, fields, allocator, done, fi
     finished.put(None)
 
 
-def _raise_if_failed(procs: list, errors, what: str) -> None:
+def _raise_if_failed(procs: list, errors: Queue, what: str) -> None:
     """Raise WorkerError if a worker reported an error or died; return otherwise."""
     import queue
 
@@ -270,7 +276,7 @@ class _Collected:
         self.skipped: dict[int, str] = {}
         self.workers_done = 0
 
-    def drain(self, finished) -> None:
+    def drain(self, finished: Queue) -> None:
         """Take every report waiting in the `finished` queue."""
         import queue
 
@@ -290,13 +296,14 @@ class _Collected:
             self.received[ids] = True
             self.skipped.update(skipped)
 
-    def table(self):
+    def table(self) -> np.ndarray:
         import numpy as np
 
         self.tables = [np.concatenate(self.tables)]
         return self.tables[0]
 
-    def progress(self, pages_written: int, written_end: int, metadata_sm, metadata_type) -> Progress:
+    def progress(self, pages_written: int, written_end: int, metadata_sm: SharedMemory,
+                 metadata_type: np.dtype) -> Progress:
         """The samples wholly inside the first `pages_written` pages (ending at `written_end`)."""
         import numpy as np
 
@@ -309,7 +316,7 @@ class _Collected:
         return Progress(pages_written, ids, rows, table[durable[table["sample_id"].astype(np.int64)]])
 
 
-def _resume(writer, partial: PartialConversion, saved: Progress) -> None:
+def _resume(writer: DatasetWriter, partial: PartialConversion, saved: Progress) -> None:
     """Set `writer` up on the saved part of `partial.data` instead of FFCV's fresh `prepare`.
 
     The header and field descriptors are made by `prepare` on a scratch file and must equal
@@ -344,7 +351,7 @@ def _resume(writer, partial: PartialConversion, saved: Progress) -> None:
     del metadata
 
 
-def _compact(writer, table, skipped: dict[int, str]):
+def _compact(writer: DatasetWriter, table: np.ndarray, skipped: dict[int, str]) -> np.ndarray:
     """Leave the skipped samples out of the finished file: the written samples' metadata rows move,
     in sample order, to the front of the shared metadata that `finalize` writes, the allocation
     table's ids follow them, and the header counts only them. The metadata region keeps its size
@@ -362,8 +369,9 @@ def _compact(writer, table, skipped: dict[int, str]):
     return table
 
 
-def write_beton(partial: PartialConversion, fields: dict, dataset, *, num_workers: int, chunksize: int = 32,
-                progress: bool = False, checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> tuple[int, dict[int, str]]:
+def write_beton(partial: PartialConversion, fields: dict, dataset: ConvertDataset, *, num_workers: int,
+                chunksize: int = 32, progress: bool = False,
+                checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> tuple[int, dict[int, str]]:
     """FFCV's `DatasetWriter.from_indexed_dataset` into `partial.data`, continuing the progress
     saved there, saving its own every `checkpoint_every_s` seconds and when it stops (error,
     signal). Returns how many samples were already saved, and the skipped ones (the dataset

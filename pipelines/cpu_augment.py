@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numba import njit
 
-from pipelines.augment import JITTER_ORDERS
+from pipelines.augment import JITTER_ORDERS, MultiCropRecipe, ViewSpec
 
 GRAY_R, GRAY_G, GRAY_B = 0.2989, 0.587, 0.114  # torchvision's rgb_to_grayscale
 
@@ -334,7 +334,7 @@ def augment_crop_u8(img: np.ndarray, params: np.ndarray) -> None:
     apply_drawn_u8(img, drawn)
 
 
-def crop_params(recipe, view) -> np.ndarray:
+def crop_params(recipe: MultiCropRecipe, view: ViewSpec) -> np.ndarray:
     """The float64 parameter row `augment_crop_u8` reads for one view of the recipe."""
     b, c, s, h = recipe.jitter
     return np.array([recipe.flip_p, recipe.jitter_p, b, c, s, h, recipe.grayscale_p, view.blur_p,

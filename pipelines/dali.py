@@ -40,7 +40,8 @@ random-resized crops, and each view gets its augmentations per sample.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -59,6 +60,9 @@ from pipelines.images import (ReadAhead, free_dropped_pipelines, next_readable, 
                              run_retiring_bad_files)
 from pipelines.sampler import ShardedLoader, batch_seed
 from pipelines.spec import LoaderSpec
+
+if TYPE_CHECKING:
+    from nvidia.dali.pipeline import DataNode
 
 OUTPUT_NAMES_EXTRA = ("index", "label")
 
@@ -84,7 +88,7 @@ class _ShardSource:
     def __iter__(self) -> "_ShardSource":
         return self
 
-    def __next__(self):
+    def __next__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         if len(self.sent) >= len(self.batches):
             self.close()
             raise StopIteration
@@ -109,26 +113,26 @@ class _ShardSource:
         return read_unless_bad(self.samples, self.bad, i)
 
 
-def _coin(p: float):
+def _coin(p: float) -> DataNode:
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
 SOLARIZE_TABLE = [v if v < 128 else 255 - v for v in range(256)]  # torchvision's threshold 128
 
 
-def _solarize(img):
+def _solarize(img: DataNode) -> DataNode:
     """x -> 255 - x for x >= 128, exactly, on uint8: one table lookup per value."""
     return fn.lookup_table(img, keys=list(range(256)), values=SOLARIZE_TABLE, dtype=types.UINT8)
 
 
-def _flag(p: float):
+def _flag(p: float) -> DataNode | float:
     """Per-sample 0/1 float: 1 with probability p (a constant at p = 0 or 1)."""
     if p <= 0 or p >= 1:
         return float(p >= 1)
     return fn.cast(_coin(p), dtype=types.FLOAT)
 
 
-def _colour(img, recipe: MultiCropRecipe):
+def _colour(img: DataNode, recipe: MultiCropRecipe) -> DataNode:
     """Colour jitter (p; its steps in the recipe's `jitter_order`) and grayscale (p) with
     torchvision's definitions, run only on the samples that drew either (one conditional: each
     split and merge of the batch costs).
@@ -146,10 +150,10 @@ def _colour(img, recipe: MultiCropRecipe):
     jitter, gray = _flag(jp), _flag(gp)
     order = jitter_order(recipe, types.INT32) if recipe.num_jitter_orders > 1 else None
 
-    def factor(lo: float, hi: float, identity: float):
+    def factor(lo: float, hi: float, identity: float) -> DataNode:
         return identity + jitter * (uniform(lo, hi) - identity)
 
-    def steps(x):
+    def steps(x: DataNode) -> DataNode:
         return jitter_exact(x, factor(max(0.0, 1 - b), 1 + b, 1.0), factor(max(0.0, 1 - c), 1 + c, 1.0),
                             factor(max(0.0, 1 - s), 1 + s, 1.0), factor(-h, h, 0.0), gray, order)
 
@@ -160,7 +164,9 @@ def _colour(img, recipe: MultiCropRecipe):
     return img
 
 
-def jitter_exact(img, brightness, contrast, saturation, hue, gray=0.0, order=None):
+def jitter_exact(img: DataNode, brightness: DataNode | float, contrast: DataNode | float,
+                 saturation: DataNode | float, hue: DataNode | float, gray: DataNode | float = 0.0,
+                 order: DataNode | None = None) -> DataNode:
     """torchvision's ColorJitter (brightness, contrast, saturation, hue), then grayscale where
     `gray` is 1, on uint8 HWC images, as DALI arithmetic; the factors are per-sample DataNodes or
     numbers. `order`: per sample, an INT32 index into `JITTER_ORDERS` (each position then runs
@@ -184,7 +190,8 @@ def jitter_exact(img, brightness, contrast, saturation, hue, gray=0.0, order=Non
     return fn.reshape(out, layout="HWC")  # the layout of the samples that skip the step (a conditional merges both)
 
 
-def _step_drawn(step, r, g, b, factors):
+def _step_drawn(step: DataNode, r: DataNode, g: DataNode, b: DataNode, factors: Sequence[DataNode | float]
+                ) -> tuple[DataNode, DataNode, DataNode]:
     """Each sample's jitter step `step` (a per-sample INT32: 0 brightness ... 3 hue), under conditionals."""
     if step == 0:
         r, g, b = _jitter_step(0, r, g, b, factors[0])
@@ -197,7 +204,8 @@ def _step_drawn(step, r, g, b, factors):
     return r, g, b
 
 
-def _jitter_step(step: int, r, g, b, factor):
+def _jitter_step(step: int, r: DataNode, g: DataNode, b: DataNode, factor: DataNode | float
+                 ) -> tuple[DataNode, ...]:
     """Step `step` of the jitter (0 brightness, 1 contrast, 2 saturation, 3 hue) on float H x W
     channel planes in [0, 1].
 
@@ -223,24 +231,25 @@ def _jitter_step(step: int, r, g, b, factor):
                  for k in (_mod6(n + h6) for n in (5.0, 3.0, 1.0)))
 
 
-def _luma(r, g, b):
+def _luma(r: DataNode, g: DataNode, b: DataNode) -> DataNode:
     """torchvision's rgb_to_grayscale weights."""
     return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
 
 
-def _mod6(k):
+def _mod6(k: DataNode) -> DataNode:
     return k - 6.0 * dmath.floor(k * (1.0 / 6.0))
 
 
-def _either(a, b):
+def _either(a: DataNode | float, b: DataNode | float) -> DataNode | bool:
     """Per-sample `a or b` of two 0/1 flags, as a DALI boolean (a constant when both are)."""
     if not isinstance(a, float) or not isinstance(b, float):
         return fn.cast(a + b, dtype=types.BOOL)
     return bool(a or b)
 
 
-def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, interp=types.INTERP_CUBIC,
-                  numba_steps: bool = False, crop_only: bool = False):
+def _augment_view(images: DataNode, recipe: MultiCropRecipe, view: ViewSpec, out_dtype: types.DALIDataType,
+                  interp: types.DALIInterpType = types.INTERP_CUBIC, numba_steps: bool = False,
+                  crop_only: bool = False) -> DataNode:
     """One view of every sample: crop, the photometric steps each sample drew, flip and normalise.
 
     The photometric steps run either as DALI operators under conditionals (the `if`
@@ -262,7 +271,7 @@ def _augment_view(images, recipe: MultiCropRecipe, view: ViewSpec, out_dtype, in
                                     mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std])
 
 
-def _conditional_photometric(img, recipe: MultiCropRecipe, view: ViewSpec):
+def _conditional_photometric(img: DataNode, recipe: MultiCropRecipe, view: ViewSpec) -> DataNode:
     """Jitter, grayscale, blur and solarize as DALI operators, each under its own conditional (the GPU graph)."""
     img = _colour(img, recipe)
     if view.blur_p > 0:
@@ -278,8 +287,8 @@ def _conditional_photometric(img, recipe: MultiCropRecipe, view: ViewSpec):
 
 @pipeline_def(enable_conditionals=True)
 def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_device: str,
-                       hw_decoder_load: float, out_dtype, cpu_fast: bool = True, numba_steps: bool = False,
-                       crop_only: bool = False):
+                       hw_decoder_load: float, out_dtype: types.DALIDataType, cpu_fast: bool = True,
+                       numba_steps: bool = False, crop_only: bool = False) -> tuple[DataNode, ...]:
     """Encoded bytes -> one decode -> every view of the recipe, plus index and label.
 
     `numba_steps` (CPU mode only): the photometric steps as numba functions
@@ -316,7 +325,7 @@ class DaliLoader(ShardedLoader):
         return self.decoder_device == "cpu" and self.spec.data.dali_cpu_fast and numba_photometric_available()
 
     @property
-    def _out_dtype(self):
+    def _out_dtype(self) -> types.DALIDataType:
         return types.FLOAT16 if self.spec.dtype == torch.float16 else types.FLOAT
 
     def state_dict(self) -> dict | None:
@@ -378,7 +387,7 @@ class DaliLoader(ShardedLoader):
             live = self._iterator(source, self.start_batch + done)
             return live
 
-        def deliver(source: _ShardSource, k: int, out) -> MultiCropBatch:
+        def deliver(source: _ShardSource, k: int, out: list[dict[str, torch.Tensor]]) -> MultiCropBatch:
             nonlocal done
             # DALI returns batches in the order the source sent them: this is the pass's batch k.
             passed_over = source.passed_over[k]

@@ -22,7 +22,10 @@ adds.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from nvidia.dali.types import DALIInterpType
 
 __all__ = ["NVJPEG_MEMORY", "decoder_args", "dali_interp"]
 
@@ -57,7 +60,7 @@ def decoder_args(decoder_device: str, hw_decoder_load: float, cpu_args: Optional
     return dict(cpu_args or {})
 
 
-def dali_interp(name: str):
+def dali_interp(name: str) -> DALIInterpType:
     """DALI's resampling filter for a name of `pipelines.augment.INTERPOLATIONS`."""
     from nvidia.dali import types
 

@@ -23,6 +23,7 @@ is traced to its file with PIL and the pass goes on after the last delivered bat
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from pipelines.dali_decoder import dali_interp, decoder_args
 from pipelines.images import ReadAhead, free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import rank_share
 from pipelines.spec import DataConfig
+
+if TYPE_CHECKING:
+    from nvidia.dali.pipeline import DataNode
 
 OUTPUT_NAMES = ("images", "label", "index")
 
@@ -60,7 +64,7 @@ class _EvalSource:
     def __iter__(self) -> "_EvalSource":
         return self
 
-    def __next__(self):
+    def __next__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         batch, self.pending = self.pending, None
         if batch is None or not batch[0]:
             self.close()
@@ -96,13 +100,13 @@ class _EvalSource:
         return blobs, index, self.pos
 
 
-def _half_even(d):
+def _half_even(d: DataNode) -> DataNode:
     """round(d / 2) with Python's ties-to-even, on per-sample integers: torchvision's CenterCrop offset."""
     k = d // 2
     return k + (d - 2 * k) * (k - 2 * (k // 2))
 
 
-def _torchvision_geometry(images, view: EvalView):
+def _torchvision_geometry(images: DataNode, view: EvalView) -> tuple[DataNode, DataNode, DataNode, DataNode]:
     """Per-sample resized (height, width) and normalised crop positions that equal torchvision's.
 
     Why not `resize_shorter` + crop_pos 0.5: DALI rounds the long side (torchvision
@@ -119,7 +123,7 @@ def _torchvision_geometry(images, view: EvalView):
     new_h = short + tall * ((short * h) // w - short)
     new_w = short + (1 - tall) * ((short * w) // h - short)
 
-    def pos(extent):
+    def pos(extent: DataNode) -> DataNode:
         d = extent - size
         return fn.cast(_half_even(d), dtype=types.FLOAT) / fn.cast(d + fn.cast(d == 0, dtype=types.INT64),
                                                                      dtype=types.FLOAT)
@@ -128,7 +132,8 @@ def _torchvision_geometry(images, view: EvalView):
 
 
 @pipeline_def
-def eval_pipeline(source: _EvalSource, view: EvalView, decoder_device: str, hw_decoder_load: float, layout: str):
+def eval_pipeline(source: _EvalSource, view: EvalView, decoder_device: str, hw_decoder_load: float, layout: str
+                  ) -> tuple[DataNode, DataNode, DataNode]:
     """Encoded bytes -> decode -> shorter side round(size / crop_fraction), antialiased -> centre crop -> normalise."""
     jpegs, label, index = fn.external_source(source=source, num_outputs=3, batch=True,
                                              dtype=[types.UINT8, types.INT64, types.INT64])
@@ -189,7 +194,8 @@ class DaliEvalLoader:
                                   self.data.dali_read_threads)
             return None if current.empty else current
 
-        def deliver(source: _EvalSource, k: int, out):
+        def deliver(source: _EvalSource, k: int, out: list[dict[str, torch.Tensor]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             nonlocal start
             start = source.ends[k]
             return self._to_batch(out[0])

@@ -21,6 +21,9 @@ import compiles (or loads) the callbacks.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from numba import carray, cfunc
 from numba import types as nbt
@@ -31,21 +34,29 @@ from nvidia.dali.plugin.numba import NumbaFunction
 
 from pipelines.cpu_augment import apply_drawn_u8
 
+if TYPE_CHECKING:
+    from llvmlite import ir
+    from numba.core.base import BaseContext
+    from numba.core.typing.context import BaseContext as TypingContext
+    from numba.core.typing.templates import Signature
+
 SETUP_SIGNATURE = nbt.void(nbt.uint64, nbt.uint64, nbt.int32, nbt.uint64, nbt.uint64, nbt.int32, nbt.int32)
 RUN_SIGNATURE = nbt.void(nbt.uint64, nbt.uint64, nbt.uint64, nbt.int32, nbt.uint64, nbt.uint64, nbt.uint64, nbt.int32)
 
 
 @intrinsic
-def _pointer(typingctx, address):
+def _pointer(typingctx: TypingContext, address: nbt.Type) -> tuple[Signature, Callable[..., Any]]:
     """An int64 address as a void pointer, for `carray`."""
-    def codegen(context, builder, signature, args):
+    def codegen(context: BaseContext, builder: ir.IRBuilder, signature: Signature, args: Sequence[ir.Value]
+                ) -> ir.Value:
         return builder.inttoptr(args[0], cgutils.voidptr_t)
 
     return nbt.voidptr(address), codegen
 
 
 @cfunc(SETUP_SIGNATURE, nopython=True, cache=True)
-def _setup(out_shapes, out_ndims, num_outs, in_shapes, in_ndims, num_ins, num_samples):
+def _setup(out_shapes: int, out_ndims: int, num_outs: int, in_shapes: int, in_ndims: int, num_ins: int,
+           num_samples: int) -> None:
     """Each sample's output crop has its input crop's shape (H, W, 3)."""
     outs = carray(_pointer(out_shapes), (num_outs, num_samples), dtype=np.int64)
     ins = carray(_pointer(in_shapes), (num_ins, num_samples), dtype=np.int64)
@@ -57,7 +68,8 @@ def _setup(out_shapes, out_ndims, num_outs, in_shapes, in_ndims, num_ins, num_sa
 
 
 @cfunc(RUN_SIGNATURE, nopython=True, cache=True)
-def _run(out_data, out_shapes, out_ndims, num_outs, in_data, in_shapes, in_ndims, num_ins):
+def _run(out_data: int, out_shapes: int, out_ndims: int, num_outs: int, in_data: int, in_shapes: int, in_ndims: int,
+         num_ins: int) -> None:
     """One sample: copy the crop, then run the steps it drew (`apply_drawn_u8`)."""
     out_shape = carray(_pointer(carray(_pointer(out_shapes), 1, dtype=np.int64)[0]), 3, dtype=np.int64)
     in_shape_table = carray(_pointer(in_shapes), 2, dtype=np.int64)

@@ -17,6 +17,8 @@ GPU, `pipelines.dali` keeps its conditional graph of DALI operators.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from nvidia.dali import fn, types
 from nvidia.dali.plugin.numba import NumbaFunction
@@ -24,18 +26,22 @@ from nvidia.dali.plugin.numba import NumbaFunction
 from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.cpu_augment import NUM_DRAWN, apply_drawn_u8
 
+if TYPE_CHECKING:
+    import numpy as np
+    from nvidia.dali.pipeline import DataNode
+
 _OPERATOR: NumbaFunction | None = None
 _UNAVAILABLE: str | None = None  # why the operator could not be built (warned once)
 
 
-def _same_shape(outs, ins):
+def _same_shape(outs: Sequence[Sequence[np.ndarray]], ins: Sequence[Sequence[np.ndarray]]) -> None:
     """DALI setup function: the output crop has its input's shape."""
     for i in range(len(outs[0])):
         for d in range(3):
             outs[0][i][d] = ins[0][i][d]
 
 
-def _augment_sample(out0, in0, in1):
+def _augment_sample(out0: np.ndarray, in0: np.ndarray, in1: np.ndarray) -> None:
     """DALI run function (one sample): copy the crop, then run the steps it drew (`in1`)."""
     out0[:] = in0
     apply_drawn_u8(out0, in1)
@@ -66,19 +72,19 @@ def available() -> bool:
     return _OPERATOR is not None
 
 
-def uniform(lo: float, hi: float):
+def uniform(lo: float, hi: float) -> DataNode:
     """Per-sample U(lo, hi) as float32; the constant lo when the range is empty (DALI refuses it)."""
     if hi <= lo:
         return fn.cast(types.Constant(float(lo)), dtype=types.FLOAT)
     return fn.random.uniform(range=[lo, hi])
 
 
-def coin(p: float):
+def coin(p: float) -> DataNode:
     """Per-sample 0/1 float32, 1 with probability p (a coin of probability 0 or 1 is constant)."""
     return fn.cast(fn.random.coin_flip(probability=min(max(p, 0.0), 1.0)), dtype=types.FLOAT)
 
 
-def jitter_order(recipe: MultiCropRecipe, dtype=types.FLOAT):
+def jitter_order(recipe: MultiCropRecipe, dtype: types.DALIDataType = types.FLOAT) -> DataNode:
     """Per sample, an index into `JITTER_ORDERS` drawn uniformly from the recipe's orders (0 when fixed)."""
     n = recipe.num_jitter_orders
     if n <= 1:
@@ -86,7 +92,7 @@ def jitter_order(recipe: MultiCropRecipe, dtype=types.FLOAT):
     return fn.random.uniform(values=list(range(n)), dtype=dtype)
 
 
-def draws(recipe: MultiCropRecipe, view: ViewSpec):
+def draws(recipe: MultiCropRecipe, view: ViewSpec) -> DataNode:
     """Per sample, the row `apply_drawn_u8` reads (layout `cpu_augment.DRAWN_*`), drawn by DALI."""
     b, c, s, h = recipe.jitter
     row = [coin(recipe.jitter_p), uniform(max(0.0, 1 - b), 1 + b), uniform(max(0.0, 1 - c), 1 + c),
@@ -96,7 +102,7 @@ def draws(recipe: MultiCropRecipe, view: ViewSpec):
     return fn.stack(*row)
 
 
-def photometric(crops, recipe: MultiCropRecipe, view: ViewSpec):
+def photometric(crops: DataNode, recipe: MultiCropRecipe, view: ViewSpec) -> DataNode:
     """Jitter, grayscale, blur and solarize of one view (uint8 HWC crops in and out); needs `available()`."""
     if not available():
         raise RuntimeError(f"the numba photometric operator is unavailable: {_UNAVAILABLE}")

@@ -24,7 +24,8 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,8 @@ def jitter_step(x: torch.Tensor, step: int, factor: torch.Tensor) -> torch.Tenso
 
 
 def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
-                 hue: torch.Tensor, order: torch.Tensor | None = None, step=jitter_step) -> torch.Tensor:
+                 hue: torch.Tensor, order: torch.Tensor | None = None,
+                 step: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor] = jitter_step) -> torch.Tensor:
     """torchvision's ColorJitter with one factor per sample (each a length-N tensor), in [0, 1].
 
     `order`: per sample, an index into `JITTER_ORDERS` (a host tensor), or None for brightness,
@@ -169,7 +171,7 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
 _compiled_step = None
 
 
-def _jitter_step_for(device: torch.device):
+def _jitter_step_for(device: torch.device) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
     """The colour jitter's step function to use on `device` (`jitter_step`, maybe compiled).
 
     On a CPU the ~40 elementwise passes over the crops dominate the loader, each one reading
@@ -185,7 +187,7 @@ def _jitter_step_for(device: torch.device):
     if _compiled_step is None:
         compiled = torch.compile(jitter_step, dynamic=True)
 
-        def step(*args):
+        def step(*args: Any) -> torch.Tensor:
             global _compiled_step
             try:
                 return compiled(*args)

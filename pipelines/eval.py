@@ -12,7 +12,8 @@ when it is chosen (the names: `pipelines.spec.EVAL_BACKENDS`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -24,6 +25,9 @@ from pipelines.images import UNREADABLE, load_rgb
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import rank_share, sample_rng
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def eval_transform(view: EvalView) -> T.Compose:
@@ -44,13 +48,14 @@ class LabelledImages(Dataset):
     of a linear probe or a fine-tuning run are then the same whatever the number of loader
     workers, which otherwise each draw from a generator of their own."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform, seed: int | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable[[Image.Image], torch.Tensor],
+                 seed: int | None = None):
         self.samples, self.transform, self.seed = list(samples), transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]):
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | None:
         epoch, i = key if isinstance(key, tuple) else (None, key)
         path, label = self.samples[i]
         try:
@@ -72,7 +77,8 @@ class EvalFolder(LabelledImages):
         super().__init__(samples, eval_transform(view))
 
 
-def collate(items):
+def collate(items: list[tuple[torch.Tensor, int, int] | None]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Stack the readable items of a batch; None when none of them was readable."""
     items = [it for it in items if it is not None]
     if not items:
@@ -128,7 +134,7 @@ def eval_loader_class(backend: str) -> type:
 
 def build_eval_loader(backend: str, root: str, view: EvalView, batch_size: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 0, device: torch.device | None = None, channels_last: bool = True,
-                      data: DataConfig | None = None, listing: Listing | None = None):
+                      data: DataConfig | None = None, listing: Listing | None = None) -> Any:
     """This rank's evaluation loader of `root` through `backend` (a name of `pipelines.spec.EVAL_BACKENDS`),
     each image seen as `view` says.
 

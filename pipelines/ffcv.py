@@ -34,9 +34,10 @@ import gc
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from queue import Empty
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,11 +70,18 @@ from pipelines.folder import check_class_count, check_not_splits
 from pipelines.sampler import ShardedLoader, batch_seed, epoch_permutation
 from pipelines.spec import ORDERS, LoaderSpec
 
+if TYPE_CHECKING:
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from llvmlite import ir
+    from numba.core.base import BaseContext
+    from numba.core.typing.context import BaseContext as TypingContext
+    from numba.core.typing.templates import Signature
+
 # The orders of `pipelines.spec.ORDERS` that are FFCV's own ("sampler" is the shared one).
 FFCV_ORDERS = {name: OrderOption[name.upper()] for name in ORDERS if name != "sampler"}
 
 
-def _cached_compile(code, signature=None):
+def _cached_compile(code: Callable[..., Any], signature: Any = None) -> Callable[..., Any]:
     """FFCV's `Compiler.compile` with numba's on-disk cache (uncacheable stages fall back)."""
     from numba import njit
 
@@ -112,9 +120,11 @@ def epoch_key(seed: int, epoch: int) -> np.uint64:
 
 
 @intrinsic
-def _address_as_void_pointer(typingctx, address):
+def _address_as_void_pointer(typingctx: TypingContext, address: nb_types.Type
+                             ) -> tuple[Signature, Callable[..., Any]]:
     """An integer address as a void* (numba's recipe for memory that Python writes later)."""
-    def codegen(context, builder, signature, args):
+    def codegen(context: BaseContext, builder: ir.IRBuilder, signature: Signature, args: Sequence[ir.Value]
+                ) -> ir.Value:
         return builder.inttoptr(args[0], cgutils.voidptr_t)
     return nb_types.voidptr(address), codegen
 
@@ -171,17 +181,17 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
         super().__init__((int(self.offsets[-1]), 1))
 
     @property
-    def get_crop_generator(self):
+    def get_crop_generator(self) -> Callable[..., Any]:
         return get_random_crop
 
-    def declare_state_and_memory(self, previous_state: State):
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, AllocationQuery]]:
         self.max_width = np.uint64(self.metadata["width"].max())
         self.max_height = np.uint64(self.metadata["height"].max())
         shape, dtype = (int(self.offsets[-1]),), np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
                 (AllocationQuery(shape, dtype), AllocationQuery((self.max_height * self.max_width * np.uint64(3),), dtype)))
 
-    def generate_code(self):
+    def generate_code(self) -> Callable[..., Any]:
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
@@ -192,7 +202,8 @@ class MultiCropDecoder(ResizedCropRGBImageDecoder):
         num_views, photometric, params = len(sizes), self.photometric, self.params
         key_address = np.int64(self.key.ctypes.data)  # typed int64, not Literal[int]: one cached read_key
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
+        def decode(batch_indices: np.ndarray, my_storage: tuple[np.ndarray, np.ndarray], metadata: np.ndarray,
+                   storage_state: Any) -> np.ndarray:
             destination, temp_storage = my_storage
             key = read_key(key_address)
             for dst_ix in my_range(len(batch_indices)):
@@ -225,14 +236,14 @@ class _PlanOrder(TraversalOrder):
     (FFCV's Loader calls an order *instance* with itself, so the instance is its own factory.)
     """
 
-    def __init__(self, plan):
+    def __init__(self, plan: Callable[[int], np.ndarray]):
         self.plan = plan
 
-    def __call__(self, loader) -> "_PlanOrder":
+    def __call__(self, loader: Loader) -> "_PlanOrder":
         TraversalOrder.__init__(self, loader)
         return self
 
-    def sample_order(self, epoch: int):
+    def sample_order(self, epoch: int) -> np.ndarray:
         return self.plan(epoch)
 
 
@@ -242,7 +253,7 @@ _LIVE_LOADERS: "weakref.WeakSet[FfcvLoader]" = weakref.WeakSet()
 EPOCH_THREAD_JOIN_S = 120.0  # FFCV's thread finishes its batch in flight, then sees the stop
 
 
-def _stop_epoch_thread(epoch_it) -> None:
+def _stop_epoch_thread(epoch_it: EpochIterator) -> None:
     """Stop FFCV's epoch thread and wait for it, then free its memory.
 
     FFCV's `EpochIterator` is a daemon thread that keeps decoding until its queue is full
@@ -369,7 +380,7 @@ class FfcvLoader(ShardedLoader):
             if self._epoch_it is epoch_it:
                 self._epoch_it = None
 
-    def _batches(self, epoch_it, plan: np.ndarray) -> Iterator[MultiCropBatch]:
+    def _batches(self, epoch_it: EpochIterator, plan: np.ndarray) -> Iterator[MultiCropBatch]:
         s, recipe = self.spec, self.spec.recipe
         offsets = np.concatenate([[0], np.cumsum([3 * v.size**2 for v in recipe.views()])])
         for b, (rows, label) in enumerate(epoch_it):

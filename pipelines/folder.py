@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,7 +110,7 @@ def remembered_scans() -> Iterator[None]:
         _REMEMBERED = outer
 
 
-def check_not_splits(classes: Sequence[str], where: str, fix) -> None:
+def check_not_splits(classes: Sequence[str], where: str, fix: Callable[[str], str]) -> None:
     """Refuse "classes" that are all split names (train/, val/, ...): the data path is the parent
     of the split to use, and training would learn from one class named "train".
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from pipelines.augment import MultiCropRecipe
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     import torch
 
 # name -> "module:Class" of the training loaders; each class takes a LoaderSpec and offers len(),
@@ -157,7 +159,7 @@ class LoaderSpec:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
-def _torch():
+def _torch() -> ModuleType:
     """torch, imported on first use: this module is read by the config and `--help`, which need none of it."""
     import torch
 

@@ -43,7 +43,7 @@ class FixedOrderColorJitter(T.ColorJitter):
     """ColorJitter with its steps always in the order brightness, contrast, saturation, hue
     (`--aug.jitter_order fixed`); it draws what ColorJitter draws, the order included."""
 
-    def forward(self, img):
+    def forward(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
         _, *factors = self.get_params(self.brightness, self.contrast, self.saturation, self.hue)
         steps = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
         for step, factor in zip(steps, factors):
@@ -94,7 +94,7 @@ class MultiCropFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int, int, list[int]]:
         """(views, index of the image used, its label, indices of the unreadable images passed over).
 
         The unreadable ones are returned by index, not counted: consecutive bad files are
@@ -116,7 +116,8 @@ class MultiCropFolder(Dataset):
             return None
 
 
-def collate_views(items) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, set[int]]:
+def collate_views(items: list[tuple[list[torch.Tensor], int, int, list[int]]]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, set[int]]:
     views = [torch.stack([it[0][v] for it in items]) for v in range(len(items[0][0]))]
     index = torch.tensor([it[1] for it in items])
     label = torch.tensor([it[2] for it in items])
