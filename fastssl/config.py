@@ -21,6 +21,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastssl.arg_types import MAX_SEED
 from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, EvalView, MultiCropRecipe,
                                crop_fraction_errors, interpolation_errors)
 from pipelines.spec import DataConfig, eval_backend_errors
@@ -285,9 +286,28 @@ def _unknown_choice(name: str, value: str, choices: Collection[str]) -> list[str
 
 def config_errors(cfg: Config) -> list[str]:
     """Every invalid value, as `section.field: problem (fix)`. Pure: touches no files."""
-    return ([f"data.{msg}" for msg in cfg.data.errors()] + [f"aug.{msg}" for msg in cfg.aug.errors()]
-            + _model_errors(cfg.model) + _method_errors(cfg) + _critic_errors(cfg) + _optim_errors(cfg.optim, cfg.train)
-            + _train_errors(cfg.train) + _eval_errors(cfg))
+    errors = ([f"data.{msg}" for msg in cfg.data.errors()] + [f"aug.{msg}" for msg in cfg.aug.errors()]
+              + _model_errors(cfg.model) + _method_errors(cfg) + _critic_errors(cfg)
+              + _optim_errors(cfg.optim, cfg.train) + _train_errors(cfg.train) + _eval_errors(cfg))
+    return errors + non_finite_errors(cfg, errors)
+
+
+def non_finite_errors(cfg: Any, said: list[str]) -> list[str]:
+    """`section.field: must be a finite number, got nan` for each float of `cfg`'s sections (a field, or
+    an item of a tuple field) that is NaN or infinite and that no message in `said` names yet. The
+    command line reads `nan` and `inf` as floats, and a range check such as `lo <= hi` passes NaN
+    (every comparison with it is False): this one covers every field, with those a section's own
+    checks miss (`--aug.jitter nan,...` failed in torchvision's ColorJitter at the first batch)."""
+    named = {msg.split(":", 1)[0].split("[", 1)[0] for msg in said}
+    errors = []
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            name, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            items = value if isinstance(value, (tuple, list)) else (value,)
+            if name not in named and any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                errors.append(f"{name}: must be a finite number, got {value}")
+    return errors
 
 
 def _model_errors(m: ModelConfig) -> list[str]:
@@ -374,6 +394,8 @@ def _optim_errors(o: OptimConfig, t: TrainConfig) -> list[str]:
         value = getattr(o, name)
         if not (math.isfinite(value) and value >= 0):
             e.append(f"optim.{name}: must be a finite number >= 0, got {value}")
+    if math.isfinite(o.momentum) and o.momentum >= 1:  # a velocity that never decays: the updates grow
+        e.append(f"optim.momentum: must lie in [0, 1), got {o.momentum}; the authors' is 0.9")
     if o.name == "lars" and o.lars_eta == 0:  # LARS scales every update by eta: 0 would never move
         e.append("optim.lars_eta: LARS needs a trust coefficient > 0, got 0; e.g. --optim.lars_eta 0.001")
     if o.warmup_epochs > t.epochs:
@@ -389,8 +411,8 @@ def _train_errors(t: TrainConfig) -> list[str]:
         e.append(f"train.global_batch_size: must be >= 2, got {t.global_batch_size}")
     if t.micro_batch_size < 0:
         e.append("train.micro_batch_size: must be >= 0 (0 = no gradient accumulation)")
-    if t.seed < 0:
-        e.append(f"train.seed: must be >= 0, got {t.seed}")
+    if not 0 <= t.seed <= MAX_SEED:
+        e.append(f"train.seed: must lie in [0, {MAX_SEED}], got {t.seed}")
     if t.precision not in ("auto", "bf16", "fp16", "no"):
         e.append(f"train.precision: unknown {t.precision!r}; choose auto, bf16, fp16 or no")
     if not positive_number(t.collective_timeout_min):

@@ -495,6 +495,22 @@ def test_a_temperature_that_is_not_a_positive_finite_number_is_named(field: str,
         validate(cfg)
 
 
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "seed", -1, r"train.seed: must lie in \[0, 4294967295\], got -1"),  # was NumPy's ValueError
+    ("train", "seed", 10**23, r"train.seed: must lie in \[0, 4294967295\]"),
+    ("optim", "momentum", 1.0, r"optim.momentum: must lie in \[0, 1\), got 1.0"),
+])
+def test_a_seed_or_momentum_out_of_range_is_named(section: str, field: str, value: float, message: str) -> None:
+    from fastssl.config import ConfigError
+    from fastssl.distill.config import validate
+
+    cfg = DistillConfig()
+    cfg.model.teacher = "t.pt"
+    setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
 def test_several_launched_processes_are_refused(tmp_path: Path, teacher: Path, monkeypatch, capsys) -> None:
     """`accelerate launch` with 8 processes would start 8 copies racing on one run directory."""
     monkeypatch.setenv("WORLD_SIZE", "8")

@@ -13,7 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from fastssl.config import ConfigError, positive_number
+from fastssl.arg_types import MAX_SEED
+from fastssl.config import ConfigError, non_finite_errors, positive_number
 
 SOURCES = ("cifar100", "cifar10", "folder")
 
@@ -149,12 +150,16 @@ def config_errors(cfg: DistillConfig) -> list[str]:
         value = getattr(o, name)
         if not (math.isfinite(value) and value >= 0):
             e.append(f"optim.{name}: must be a finite number >= 0, got {value}")
+    if math.isfinite(o.momentum) and o.momentum >= 1:  # a velocity that never decays: the updates grow
+        e.append(f"optim.momentum: must lie in [0, 1), got {o.momentum}; CRD's is 0.9")
     try:
         decay_epochs(o.decay_epochs)
     except ConfigError as err:
         e.append(str(err))
     if t.batch_size < 2:
         e.append(f"train.batch_size: must be >= 2, got {t.batch_size}")
+    if not 0 <= t.seed <= MAX_SEED:
+        e.append(f"train.seed: must lie in [0, {MAX_SEED}], got {t.seed}")
     if t.steps_per_epoch < 0:
         e.append(f"train.steps_per_epoch: must be >= 0 (0: the whole epoch), got {t.steps_per_epoch}")
     for name in ("epochs", "log_every", "checkpoint_every", "eval_every"):
@@ -162,7 +167,7 @@ def config_errors(cfg: DistillConfig) -> list[str]:
             e.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if not t.run_dir:
         e.append("train.run_dir: must name a directory for logs and checkpoints")
-    return e
+    return e + non_finite_errors(cfg, e)
 
 
 def validate(cfg: DistillConfig) -> None:
