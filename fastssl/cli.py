@@ -7,6 +7,8 @@ import dataclasses
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -96,6 +98,22 @@ def exit_with(err: Exception | str) -> NoReturn:
     if not (isinstance(err, BaseException) and runtime is not None and runtime.said_by_another_process(err)):
         print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextmanager
+def sizes_that_fit(flags: str) -> Iterator[None]:
+    """Around a benchmark whose sizes come from the command line: sizes that do not fit in memory (the
+    host's or the device's) exit 2 naming the flags to lower, not with an allocator's traceback."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in said:
+            raise
+        exit_with(f"out of memory at these sizes ({said[:160]}); lower {flags}")
 
 
 def exit_once_per_node(err: Exception) -> NoReturn:

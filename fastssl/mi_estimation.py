@@ -37,6 +37,7 @@ DIM = 20  # the paper's data dimension
 MI_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)  # the true MI, in nats, one level after the other
 ALPHAS = ("1", "0.1", "0.01", "alpha_min")  # as they appear in the estimators' names
 LR = 5e-4  # Adam's learning rate, the paper's
+FAMILIES = ("separable", "joint")  # the critic families of the paper's Figure 2
 
 # (name, bound, alpha): the name is the result's key ("ml_cpc alpha=0.1"), bound "cpc" or "ml_cpc".
 Spec = tuple[str, str, float]
@@ -178,8 +179,8 @@ def run_family(family: str, iters_per_level: int, n: int, seed: int, compile_cri
     Returns {"estimates": {name: one value per iteration}, "true_mi": one value per iteration,
     "seconds": the training time, "alphas": {name: alpha}}.
     """
-    if family not in ("separable", "joint"):
-        raise ValueError(f"unknown critic family {family!r}; choose separable or joint")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown critic family {family!r}; choose {' or '.join(FAMILIES)}")
     specs = estimators(n, n)
     torch.manual_seed(seed)  # the critics' initial weights: `seed` makes a run repeatable, not only its data
     critics = SeparableCritics(len(specs)) if family == "separable" else JointCritics(len(specs))

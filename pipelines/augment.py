@@ -19,6 +19,7 @@ from dataclasses import dataclass
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NUM_GLOBAL_VIEWS = 2
+MIN_CROP = 8  # the smallest crop side, in pixels, a recipe accepts (global_size, local_size)
 # Resampling filters a crop or an evaluation resize may use. The authors differ: MIRA's
 # (DINO's) training crops are bicubic, ML-CPC's MoCo crops and MIRA's evaluation
 # resizes bilinear. The names are torchvision's `InterpolationMode` values; DALI's filters:
@@ -141,8 +142,8 @@ class MultiCropRecipe:
         """Every problem with the values, as `field: what is wrong (fix)` strings."""
         out: list[str] = []
         for name in ("global_size", "local_size"):
-            if getattr(self, name) < 8:
-                out.append(f"{name}: must be at least 8 pixels, got {getattr(self, name)}")
+            if getattr(self, name) < MIN_CROP:
+                out.append(f"{name}: must be at least {MIN_CROP} pixels, got {getattr(self, name)}")
         if self.num_local < 0:
             out.append(f"num_local: must be >= 0, got {self.num_local}")
         for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):

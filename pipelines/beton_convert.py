@@ -104,7 +104,7 @@ def read_labels_file(path: Path) -> list[tuple[str, str]]:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise ConversionError(f"{path}:{lineno}: expected `<file name> <class>`, got {raw!r}")
+            raise UsageError(f"{path}:{lineno}: expected `<file name> <class>`, got {raw!r}")
         pairs.append((parts[0], parts[1]))
     return pairs
 

@@ -345,15 +345,31 @@ def test_a_distillation_run_is_named_by_every_evaluation_tool(distill_run, capsy
     with pytest.raises(SystemExit):
         load_tool(tool).main([str(distill_run), *extra])
     assert "has no model.arch" in capsys.readouterr().err
+    (distill_run / "config.json").write_text(json.dumps({"model": {"arch": "resnet18"}}))  # was KeyError: 'data'
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool).main([str(distill_run), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "has no data section" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("tool, argv, says", [
     ("bench_mira", ["--sizes", "16x"], "argument --sizes: '16x' is not BxK with B, K >= 1"),
     ("bench_mira", ["--sizes", "64x3000,0x10"], "argument --sizes: '0x10' is not BxK with B, K >= 1"),
-    ("bench_mira", ["--repeats", "0"], "--views and --repeats must be >= 1"),
-    ("bench_optim", ["--rounds", "0", "--tiny"], "--rounds must be >= 1"),
+    ("bench_mira", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    ("bench_mira", ["--iters", "-1"], "argument --iters: must be >= 0, got -1"),
+    ("bench_mira", ["--impls", "reference,reference,views"], "argument --impls: 'reference' is given twice"),
+    ("bench_optim", ["--rounds", "0", "--tiny"], "argument --rounds: must be >= 1, got 0"),
+    ("bench_optim", ["--threads", "100000000000", "--tiny"], "argument --threads: must be between 1 and 1024"),
     ("bench_bn_stats", ["--batch", "1", "--arch", "resnet18", "--global-size", "32"],
-     "--batch must be >= 2, got 1: BatchNorm in training mode needs 2 images per view"),
+     "argument --batch: must be >= 2, got 1"),
+    ("bench_loaders", ["--global-size", "0"], "argument --global-size: must be >= 8, got 0"),
+    ("bench_loaders", ["--num-local", "-1"], "argument --num-local: must be >= 0, got -1"),
+    ("bench_loaders", ["--backends", "torchvision,,bogus"], "argument --backends: an empty item in"),
+    ("bench_loaders", ["--backends", "torchvision,bogus"], "argument --backends: unknown 'bogus'; choose from"),
+    ("profile_throughput", ["--warmup-steps", "-3", "--out", "x"], "argument --warmup-steps: must be >= 0, got -3"),
+    ("profile_throughput", ["--backends", "dali,", "--out", "x"], "argument --backends: an empty item in 'dali,'"),
+    # Sizes no memory holds: the allocator's RuntimeError was a traceback.
+    ("bench_mira", ["--sizes", "1000000000x1000000000"], "out of memory at these sizes (")
 ])
 def test_bench_tools_refuse_unusable_sizes_at_parse_time(capsys, tool, argv, says):
     from conftest import load_tool
@@ -428,3 +444,20 @@ def test_fastssl_warnings_are_one_line_and_other_libraries_keep_their_format(mon
             == "warning: skipping unreadable image a.JPEG\n")
     other = warnings.formatwarning("old API", DeprecationWarning, "/usr/lib/python3/x.py", 3, "")
     assert other.startswith("/usr/lib/python3/x.py:3: DeprecationWarning: old API")
+
+
+def test_no_tool_reads_a_number_flag_without_bounds():
+    """`type=int` / `type=float` accept nan, inf, negative and astronomically large values, which failed
+    far from the command line (an overflow in torch's seeding, a NaN budget that skipped every stage, a
+    traceback in PIL for a crop of 0 pixels). Every number flag goes through `fastssl.arg_types`."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    bare = []
+    for path in sorted([*root.glob("tools/*.py"), *root.glob("fastssl/**/*.py"), *root.glob("recipes/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                for kw in node.keywords:
+                    if kw.arg == "type" and isinstance(kw.value, ast.Name) and kw.value.id in ("int", "float"):
+                        bare.append(f"{path.relative_to(root)}:{node.lineno} type={kw.value.id}")
+    assert not bare, bare

@@ -34,12 +34,12 @@ def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
     bench = load_tool("bench_loaders")
     with pytest.raises(SystemExit):
         bench.main(["--backends", "torchvision,nope"])
-    assert "unknown backends ['nope']" in capsys.readouterr().err
+    assert "argument --backends: unknown 'nope'; choose from torchvision, dali, ffcv" in capsys.readouterr().err
     beton = tmp_path / "train.beton"
     beton.write_bytes(b"")
     for args, needle in ((["--data", str(tmp_path / "missing")], "does not exist"),
                          (["--data", str(beton)], f"{beton} is a file (give a .beton with --beton"),
-                         (["--photo-like", "0"], "at least 1), not 0"),
+                         (["--photo-like", "0"], "argument --photo-like: must be >= 1, got 0"),
                          (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "16",
                            "--batches", "5"], "batches per epoch, need"),
                          (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "512"],
@@ -62,7 +62,8 @@ def test_file_reads_are_measured_per_thread_count_and_bad_input_exits_2(image_fo
     assert written["config"]["files"] == 18  # the whole folder: fewer than --files
     for r in written["threads"].values():
         assert len(r["runs"]) == 2 and r["min"] <= r["files_per_s"] <= r["max"] and r["files_per_s"] > 0
-    for args, needle in ((["--threads", "1,x"], "comma-separated whole numbers"),
+    for args, needle in ((["--threads", "1,x"], "argument --threads: expected an integer, got 'x'"),
+                         (["--threads", "2,2"], "argument --threads: '2' is given twice"),
                          (["--data", str(tmp_path / "missing")], "does not exist")):
         with pytest.raises(SystemExit) as exit_:
             bench.main(args)

@@ -97,6 +97,9 @@ def test_flat_val_with_labels_file_and_subset(conv, tmp_path):
                            progress=False)
     assert summary["classes"] == ["class_00", "class_01", "class_02"]
     assert read_beton(out)[0] == [2, 0, 2]  # the third class_02 image is past the subset
+    labels.write_text("v0.JPEG class_02\nonly_one_field\n")  # the user's file is wrong: a usage error (exit 2)
+    with pytest.raises(conv.UsageError, match=r"val_labels.txt:2: expected `<file name> <class>`"):
+        conv.convert(val, tmp_path / "other.beton", labels=labels, classes_from=train, progress=False)
 
 
 def test_class_folders_with_classes_from_keep_the_training_splits_labels(conv, tmp_path):

@@ -216,7 +216,7 @@ def test_num_workers_defaults_to_this_process_share_of_the_cores(monkeypatch):
     import os
 
     from fastssl.eval.classifier import add_run_arguments
-    from fastssl.eval.errors import loader_workers
+    from fastssl.arg_types import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")

@@ -239,6 +239,27 @@ def test_linear_schedule_is_the_per_epoch_cosine():
         assert cosine(e, 100, 0.3, 0.0) == pytest.approx(0.3 * 0.5 * (1 + np.cos(np.pi * e / 100)))
 
 
+def test_a_diverging_probe_stops_with_the_lr_to_lower_and_saves_no_nan_epoch():
+    """An lr far too large made the loss NaN: the probe ran to the end and wrote NaN into the report with
+    exit status 0. The first non-finite epoch now ends it with an EvalError (exit 2) that names the flag,
+    before that epoch is saved for a resume."""
+    import fastssl.eval.linear as linear
+    from fastssl.eval.errors import EvalError
+
+    feats, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    saved = []
+
+    def source(epoch, batches):
+        for batch in batches:
+            yield feats[batch] * (math.inf if epoch == 1 else 1.0), labels[batch]
+
+    args = argparse.Namespace(base_lr=0.075, batch_size=4, momentum=0.9, weight_decay=0.0, seed=0, epochs=4,
+                              protocol="mira")
+    with pytest.raises(EvalError, match=r"the mean loss of epoch 2 is nan; lower --base-lr \(now 0.075\)"):
+        linear.fit_linear(torch.nn.Linear(4, 3), source, len(labels), args, save=saved.append)
+    assert [state["epoch"] for state in saved] == [1]  # epoch 1 only: the NaN epoch was not saved
+
+
 def lrs_of_fit_linear(monkeypatch, args: argparse.Namespace) -> list[tuple[int, float]]:
     """(epoch, lr) of every step `fit_linear` takes on 6 toy features (batches of args.batch_size)."""
     import fastssl.eval.linear as linear
@@ -361,10 +382,15 @@ def test_the_shared_flags_are_checked_when_parsed(tool, capsys, flag, value):
 @pytest.mark.parametrize("tool_name, flag, value, says", [
     ("eval_linear", "--weight-decay", "-5", "argument --weight-decay: must be a finite number in [0, inf), got -5"),
     ("eval_linear", "--momentum", "nan", "argument --momentum: must be a finite number in [0, 1), got nan"),
-    ("eval_linear", "--base-lr", "0", "argument --base-lr: must be a finite number in (0, inf), got 0"),
-    ("finetune_semi", "--lr", "-1", "argument --lr: must be a finite number in (0, inf), got -1"),
+    ("eval_linear", "--base-lr", "0", "argument --base-lr: must be a finite number in (0, 1e+06], got 0"),
+    ("eval_linear", "--base-lr", "1e300", "argument --base-lr: must be a finite number in (0, 1e+06], got 1e300"),
+    ("eval_linear", "--seed", str(10**23), f"argument --seed: must be between 0 and {2**32 - 1}, got {10**23}"),
+    ("finetune_semi", "--lr", "-1", "argument --lr: must be a finite number in (0, 1e+06], got -1"),
     ("finetune_semi", "--gamma", "nan", "argument --gamma: must be a finite number in (0, 1], got nan"),
-    ("finetune_semi", "--milestones", "12,-3", "--milestones must be comma-separated epochs >= 1"),
+    ("finetune_semi", "--milestones", "12,-3", "argument --milestones: must be >= 1, got -3"),
+    ("finetune_semi", "--milestones", "1,,1", "argument --milestones: an empty item in '1,,1'"),
+    ("finetune_semi", "--milestones", "4,4", "argument --milestones: '4' is given twice in '4,4'"),
+    ("finetune_semi", "--seed", "-1", f"argument --seed: must be between 0 and {2**32 - 1}, got -1"),
     ("eval_knn", "--temperature", "nan", "argument --temperature: must be a finite number in (0, inf), got nan"),
 ])
 def test_optimiser_and_vote_settings_are_checked_before_any_work(tool_name, flag, value, says, capsys):
@@ -504,3 +530,19 @@ def test_progress_that_cannot_be_read_or_removed_costs_only_the_head_start(tmp_p
     assert not save_state(folder, {"epoch": 1}, "key") and folder.is_dir()
     forget_state(folder)
     assert "could not be removed" in capsys.readouterr().err
+
+
+def test_the_runs_own_knn_is_read_for_the_report_and_a_damaged_results_json_costs_only_that_figure(tmp_path):
+    """The probe's report shows the run's last online k-NN (results.json). A results.json cut short (a run
+    killed while writing it) or edited was a JSONDecodeError traceback after the whole probe had trained,
+    with no report written: now a warning, and the report without that one figure."""
+    from fastssl.eval.targets import run_knn_figure
+
+    results = tmp_path / "results.json"
+    assert run_knn_figure(tmp_path) is None  # no results.json: no figure, no warning
+    results.write_text(json.dumps({"knn": [{"epoch": 1, "top1": 20.0}, {"epoch": 2, "top1": 25.5}]}))
+    assert run_knn_figure(tmp_path) == {"epoch": 2, "top1": 25.5}
+    for damaged in ('{"knn": [', '{"knn": "x"}', '["knn"]', '{"knn": [3]}'):
+        results.write_text(damaged)
+        with pytest.warns(UserWarning, match="leaves out the run's own k-NN: .*results.json' cannot be read"):
+            assert run_knn_figure(tmp_path) is None

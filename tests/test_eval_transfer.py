@@ -255,6 +255,8 @@ def test_bad_input_exits_2(tool, tmp_path, backbone_file, capsys):
         (["--folder", f"voc2007={tmp_path}"], "multi-label"),
         ([], "no dataset to evaluate"),
         (["--folder", f"my pets={tmp_path}"], "plain name"),
+        (["--folder", f"pets={tmp_path}", "--folder", f"pets={tmp_path / 'empty'}"], "names 'pets' twice"),
+        (["--folder", f"pets={tmp_path}", "--json", str(tmp_path / "t.md")], "ends in .md"),
     ]
     for extra, says in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -116,6 +116,12 @@ def test_out_dir_is_made_and_the_detectron2_note_fits_the_architecture(tool, tmp
     assert written["detectron2"].parent == tmp_path / "exports" / "r18" and written["detectron2"].is_file()
     note = capsys.readouterr().out
     assert "MODEL.RESNETS.DEPTH 18, MODEL.RESNETS.RES2_OUT_CHANNELS 64" in note and "STRIDE_IN_1X1 False" in note
+    assert "replacing" not in note
+    # Another backbone of the same name into the same folder (two runs' exports side by side) replaces the first:
+    # said, not silent.
+    tool.main([str(tmp_path / "backbone_resnet18.pth"), "--format", "detectron2",
+               "--out-dir", str(tmp_path / "exports" / "r18")])
+    assert "(replacing the file there; pass --out-dir elsewhere to keep both)" in capsys.readouterr().out
 
 
 def test_bad_input_exits_2(tool, tmp_path, capsys):
@@ -123,7 +129,8 @@ def test_bad_input_exits_2(tool, tmp_path, capsys):
     torch.save(net.state_dict(), tmp_path / "backbone_resnet18.pth")
     for argv, says in (([str(tmp_path / "nothing.pth")], "does not exist"),
                        ([str(tmp_path / "backbone_resnet18.pth")], "CIFAR stem"),
-                       ([str(tmp_path / "backbone_resnet18.pth"), "--format", "onnx"], "unknown --format")):
+                       ([str(tmp_path / "backbone_resnet18.pth"), "--format", "onnx"],
+                        "argument --format: unknown 'onnx'; choose from torchvision, detectron2")):
         with pytest.raises(SystemExit) as exit_info:
             tool.main(argv)
         assert exit_info.value.code == 2

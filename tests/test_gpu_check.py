@@ -142,8 +142,9 @@ def test_allotment_scales_caps_to_the_budget_left():
     (["--stages", "env,warp"], "unknown stage 'warp'"),
     (["--stages", ","], "--stages ',' names no stage"),
     (["--stages", ""], "--stages '' names no stage"),  # not every stage: that is --stages left out
-    (["--budget", "0"], "--budget must be positive"),
-    (["--budget", "abc"], "argument --budget: invalid float value: 'abc'"),
+    (["--budget", "0"], "argument --budget: must be a finite number in (0, inf), got 0"),
+    (["--budget", "nan"], "argument --budget: must be a finite number in (0, inf), got nan"),  # every stage skipped
+    (["--budget", "abc"], "argument --budget: expected a number, got 'abc'"),
     (["--scratch", str(REPO / "data" / "x")], "inside the checkout"),
     (["--scratch", "FILE/x"], "cannot write in "),  # checked before any stage, not a traceback in one
     ([], "--out DIR is required"),

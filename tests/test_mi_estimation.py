@@ -38,7 +38,14 @@ def test_quick_does_not_hide_a_bad_iters(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as exit_info:  # --quick used to replace it with 100, silently
         load_tool("mi_estimation").main(["--quick", "--iters", "0", "--out", str(tmp_path)])
-    assert exit_info.value.code == 2 and "--iters and --batch must be at least 2" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --iters: must be >= 2, got 0" in capsys.readouterr().err
+    for flag, value, says in (("--batch", str(10**8), "argument --batch: must be between 2 and 8192"),  # was killed
+                              ("--seed", str(10**23), "argument --seed: must be between 0 and 4294967295"),
+                              ("--critics", "joint,joint", "argument --critics: 'joint' is given twice"),
+                              ("--critics", "separable,bilinear", "argument --critics: unknown 'bilinear'")):
+        with pytest.raises(SystemExit) as exit_info:
+            load_tool("mi_estimation").main(["--quick", flag, value, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err, flag
 
 
 def test_an_out_that_is_a_file_is_refused_before_the_training(tmp_path, capsys):

@@ -325,9 +325,24 @@ def test_compare_refuses_a_run_report(profile_report, tmp_path, capsys):
     assert "is a run report; --compare takes two profile reports" in capsys.readouterr().err
 
 
+def test_compare_names_a_report_whose_figures_were_edited_away(profile_report, tmp_path, capsys):
+    """The schema's keys are there but a stage's figures are not (an edit, a stage that stopped): one line,
+    exit 2, naming the missing figure (it was a KeyError traceback)."""
+    edited = json.loads((profile_report / "report.json").read_text())
+    edited["stages"] = {}
+    (tmp_path / "report.json").write_text(json.dumps(edited))
+    assert load_tool("profile_throughput").main(["--compare", str(profile_report), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "lacks the profile figure 'model_step'" in err and err.count("\n") == 1, err
+
+
 def test_profile_rejects_a_missing_recipe(tmp_path, capsys):
     code = load_tool("profile_throughput").main(["--recipe", str(tmp_path / "nope.py"), "--out", str(tmp_path)])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    (tmp_path / "notes.py").write_text("hello world\n")  # was a SyntaxError traceback
+    code = load_tool("profile_throughput").main(["--recipe", str(tmp_path / "notes.py"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "notes.py is not valid Python (line 1: invalid syntax)" in err and err.count("\n") == 1, err
 
 
 def test_run_report_of_a_finished_run(tmp_path):
@@ -379,13 +394,26 @@ def test_run_report_names_a_damaged_file_and_a_folder_it_cannot_write(tmp_path, 
             ("run_info.json", b"{}", "run_info.json is damaged: it lacks the run's environment or recipe"),
             ("train_log.csv", b"\x80\x02junk\n" * 3, "train_log.csv is damaged ("),
             ("train_log.csv", b"a,b\n1,2\n", "train_log.csv is damaged: its header 'a,b' has no step column"),
-            ("epochs.csv", logs["epochs.csv"] + b"x,y\n", "epochs.csv is damaged: row 3 has step 'y', not a number")]:
+            ("epochs.csv", logs["epochs.csv"] + b"x,y\n", "epochs.csv is damaged: row 3 has step 'y', not a number"),
+            ("epochs.csv", logs["epochs.csv"] + b"0,4,nan,1,2,3,4,5,6,7,8,9,10\n", "row 3 has more fields than"),
+            ("train_log.csv", logs["train_log.csv"] + b"0,5,abc\n", "train_log.csv is damaged: row 5 has loss 'abc'"),
+            ("results.json", b'{"knn": "x"}', "results.json is damaged: its knn is 'x', not an object of figures"),
+            ("results.json", b'{"knn": [{"epoch": 0, "top1": "12"}]}', "its knn[-1].top1 is '12', not a number"),
+            ("results.json", b'{"knn_random_init": [1]}', "results.json is damaged: its knn_random_init is '[1]'"),
+            ("eval_linear.json", b'{"top1": "abc"}', "eval_linear.json is damaged: its top1 is 'abc', not a number")]:
         (run / name).write_bytes(damage)
         assert tool.main([str(run)]) == 2, name  # a traceback, or "no training step logged" for a junk log
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
-        (run / name).write_bytes(logs[name])
+        if name in logs:
+            (run / name).write_bytes(logs[name])
+        else:
+            (run / name).unlink()
     assert tool.main([str(run)]) == 0
+    whole = load_report(run / "report")
+    (run / "train_log.csv").write_bytes(logs["train_log.csv"] + b"0,4")  # a kill while the last row was written
+    assert tool.main([str(run)]) == 0  # was a TypeError: the cut row's loss was None
+    assert load_report(run / "report")["steps"] == whole["steps"] and "last logged loss" in capsys.readouterr().out
 
 
 def test_run_report_rejects_missing_and_foreign_directories(tmp_path, capsys):

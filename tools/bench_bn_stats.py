@@ -24,10 +24,12 @@ import time
 
 import torch
 
-from fastssl.cli import ToolArgumentParser, output_file, write_output_json
+from fastssl.arg_types import int_at_least
+from fastssl.cli import ToolArgumentParser, output_file, sizes_that_fit, write_output_json
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import MiraNetwork
 from fastssl.runtime import device_arg, pick_device
+from pipelines.augment import MIN_CROP
 
 MODES = ("per_view", "per_forward", "separate")
 
@@ -35,23 +37,20 @@ MODES = ("per_view", "per_forward", "separate")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
-    ap.add_argument("--batch", type=int, default=64, help="images per view (Table 8: 64 per GPU)")
-    ap.add_argument("--global-size", type=int, default=224)
-    ap.add_argument("--local-size", type=int, default=96)
-    ap.add_argument("--num-local", type=int, default=6)
-    ap.add_argument("--prototypes", type=int, default=3000)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median step is reported)")
+    # --batch >= 2: the student trains, and its BatchNorm layers normalise each view over its images.
+    ap.add_argument("--batch", type=int_at_least(2), default=64, help="images per view (Table 8: 64 per GPU)")
+    ap.add_argument("--global-size", type=int_at_least(MIN_CROP), default=224)
+    ap.add_argument("--local-size", type=int_at_least(MIN_CROP), default=96)
+    ap.add_argument("--num-local", type=int_at_least(0), default=6)
+    ap.add_argument("--prototypes", type=int_at_least(1), default=3000)
+    ap.add_argument("--steps", type=int_at_least(1), default=5, help="timed steps per mode and round")
+    ap.add_argument("--rounds", type=int_at_least(1), default=3,
+                    help="interleaved rounds (the median step is reported)")
     ap.add_argument("--precision", choices=("auto", "bf16", "no"), default="auto",
                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     ap.add_argument("--json", type=output_file, help="write the results here")
-    args = ap.parse_args(argv)
-    if min(args.steps, args.rounds, args.global_size, args.local_size, args.prototypes) < 1 or args.num_local < 0:
-        ap.error("--steps, --rounds, --prototypes and the sizes must be positive, --num-local >= 0")
-    if args.batch < 2:  # the student trains: its BatchNorm layers normalise each view over its images
-        ap.error(f"--batch must be >= 2, got {args.batch}: BatchNorm in training mode needs 2 images per view")
-    return args
+    return ap.parse_args(argv)
 
 
 def synchronize(device: torch.device) -> None:
@@ -102,7 +101,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    with sizes_that_fit("--batch, --prototypes, --global-size, --local-size or --num-local"):
+        result = run(args)
     print(f"student step, {result['arch']}, {result['views']}, {result['batch_per_view']} per view, "
           f"{result['precision']}, {result['device']}")
     print(f"{'mode':<12} {'ms/step':>9} {'x per_forward':>14}")

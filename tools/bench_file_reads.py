@@ -23,6 +23,7 @@ import platform
 import time
 
 from fastssl.bench.loaders import summarize
+from fastssl.arg_types import comma_list, int_at_least
 from fastssl.cli import ToolArgumentParser, exit_with, output_file, write_output_json
 from fastssl.run_log import utc_now
 from pipelines.folder import DataLayoutError, scan_source
@@ -43,19 +44,14 @@ def read_epoch(samples: list[tuple[str, int]], batches: list[list[int]], threads
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo/train", help="image folder in ImageNet layout (or a .txt list)")
-    ap.add_argument("--threads", default="1,8", help="comma-separated reader-thread counts to compare")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per batch (per process)")
-    ap.add_argument("--files", type=int, default=2048, help="files per repetition (the first of the folder)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=comma_list(int_at_least(1, 1024)), default=[1, 8],
+                    help="comma-separated reader-thread counts to compare (default 1,8)")
+    ap.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per batch (per process)")
+    ap.add_argument("--files", type=int_at_least(1), default=2048,
+                    help="files per repetition (the first of the folder)")
+    ap.add_argument("--repeats", type=int_at_least(1), default=5)
     ap.add_argument("--json", type=output_file, help="write the results here")
-    args = ap.parse_args(argv)
-    try:
-        args.thread_counts = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        ap.error(f"--threads: comma-separated whole numbers, got {args.threads!r}")
-    if min(args.thread_counts + [args.batch_size, args.files, args.repeats]) < 1:
-        ap.error("--threads, --batch-size, --files and --repeats must be positive")
-    return args
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,19 +64,19 @@ def main(argv: list[str] | None = None) -> dict:
         exit_with(err)
     order = list(range(min(args.files, len(samples))))
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    runs: dict[int, list[float]] = {t: [] for t in args.thread_counts}
+    runs: dict[int, list[float]] = {t: [] for t in args.threads}
     try:
         read_epoch(samples, batches, 1)  # untimed: the files into the page cache
         for rep in range(args.repeats):
-            for threads in args.thread_counts:
+            for threads in args.threads:
                 runs[threads].append(read_epoch(samples, batches, threads))
                 print(f"  repeat {rep + 1}/{args.repeats} threads {threads:3d} {runs[threads][-1]:10.0f} files/s",
                       flush=True)
     except DataLayoutError as err:  # files that cannot be read
         exit_with(err)
     results = {str(t): summarize(r) for t, r in runs.items()}
-    first = results[str(args.thread_counts[0])]["images_per_s"]
-    print(f"\n{'threads':>7s} {'files/s':>10s} {'min':>10s} {'max':>10s} {'x ' + str(args.thread_counts[0]):>9s}")
+    first = results[str(args.threads[0])]["images_per_s"]
+    print(f"\n{'threads':>7s} {'files/s':>10s} {'min':>10s} {'max':>10s} {'x ' + str(args.threads[0]):>9s}")
     for t, r in results.items():
         r["files_per_s"] = r.pop("images_per_s")
         print(f"{t:>7s} {r['files_per_s']:10.0f} {r['min']:10.0f} {r['max']:10.0f} {r['files_per_s'] / first:9.2f}")

@@ -32,11 +32,13 @@ from pathlib import Path
 
 import torch
 
+from fastssl.arg_types import comma_list, int_at_least, one_of
 from fastssl.bench import loaders as loader_bench
 from fastssl.cli import ToolArgumentParser, exit_with, output_file, write_output_json
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
+from pipelines.augment import MIN_CROP
 from pipelines.beton import BetonError
 from pipelines.beton_convert import convert
 from pipelines.cores import usable_cores
@@ -116,10 +118,10 @@ def photo_like_folder(count: int, root: Path = Path("data/bench/photo")) -> Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help=f"JPEG folder in ImageNet layout (default {DEFAULT_DATA})")
-    ap.add_argument("--photo-like", type=int, metavar="N",
+    ap.add_argument("--photo-like", type=int_at_least(1), metavar="N",
                     help="instead of --data, use N generated ImageNet-like JPEGs (~400 x 350, photographic entropy)")
     ap.add_argument("--beton", help="the same data as a .beton for ffcv (default: converted under data/bench/)")
-    ap.add_argument("--backends", default=",".join(ALL_BACKENDS),
+    ap.add_argument("--backends", type=comma_list(one_of([*ALL_BACKENDS, *VARIANTS])), default=list(ALL_BACKENDS),
                     help="comma-separated subset of " + ", ".join(ALL_BACKENDS) + "; opt-in ablation: "
                     "dali-gpu-graph (DALI with --data.dali_cpu_fast off: bicubic crops, accurate IDCT, "
                     "DALI operators under conditionals, as on a GPU); opt-in variants: "
@@ -130,26 +132,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "dali-fixed-order, dali-gpu-graph-fixed-order, ffcv-fixed-order and "
                     "torchvision-device-augment-fixed-order "
                     "(--aug.jitter_order fixed: the jitter's steps in one order; the default draws one per view)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=8, help="timed batches per repetition")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed batches at the start of each repetition")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=usable_cores(),
+    ap.add_argument("--batch-size", type=int_at_least(1), default=64)
+    ap.add_argument("--batches", type=int_at_least(1), default=8, help="timed batches per repetition")
+    ap.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed batches at the start of each repetition")
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
+    ap.add_argument("--workers", type=int_at_least(1), default=usable_cores(),
                     help="workers / threads per backend (default: the cores this process may use)")
-    ap.add_argument("--global-size", type=int, default=224)
-    ap.add_argument("--local-size", type=int, default=96)
-    ap.add_argument("--num-local", type=int, default=6)
+    ap.add_argument("--global-size", type=int_at_least(MIN_CROP), default=224)
+    ap.add_argument("--local-size", type=int_at_least(MIN_CROP), default=96)
+    ap.add_argument("--num-local", type=int_at_least(0), default=6)
     ap.add_argument("--device", default="auto", type=device_arg, help="auto (cuda when present) | cpu | cuda")
     ap.add_argument("--json", type=output_file, help="write the results here")
-    args = ap.parse_args(argv)
-    unknown = set(args.backends.split(",")) - set(ALL_BACKENDS) - set(VARIANTS)
-    if unknown:
-        ap.error(f"unknown backends {sorted(unknown)}; choose from {', '.join([*ALL_BACKENDS, *VARIANTS])}")
-    if min(args.batch_size, args.batches, args.repeats, args.workers) < 1 or args.warmup < 0:
-        ap.error("--batch-size, --batches, --repeats and --workers must be positive; --warmup >= 0")
-    if args.photo_like is not None and args.photo_like < 1:
-        ap.error(f"--photo-like takes a number of images (at least 1), not {args.photo_like}")
-    return args
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         hint = " (run `make demo` once to generate it)" if args.data == DEFAULT_DATA else ""
         exit_with(f"data folder {data} does not exist{hint}")
     recipe = MultiCropRecipe(global_size=args.global_size, local_size=args.local_size, num_local=args.num_local)
-    names = [b for b in args.backends.split(",") if available(b)]
-    skipped = [b for b in args.backends.split(",") if b not in names]
+    names = [b for b in args.backends if available(b)]
+    skipped = [b for b in args.backends if b not in names]
     loaders = {}
     for name in names:
         backend, overrides, recipe_overrides = variant(name)

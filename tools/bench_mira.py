@@ -33,8 +33,9 @@ from types import ModuleType
 
 import torch
 
+from fastssl.arg_types import comma_list, int_at_least, one_of
 from fastssl.bench.assignment import BETA, TAU, implementations, time_call
-from fastssl.cli import ToolArgumentParser, output_file, write_output_json
+from fastssl.cli import ToolArgumentParser, output_file, sizes_that_fit, write_output_json
 from fastssl.ops import _cuda_ext
 from fastssl.ops.mira_fused import solve_views
 from fastssl.profiling import device_trace
@@ -108,22 +109,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sizes", type=size_list,
                     help="comma-separated BxK (default: B 64-4096 x K 3000-16384 on GPU, small sizes on CPU)")
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
-    ap.add_argument("--iters", type=int, default=30, help="MIRA fixed-point iterations")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--iters", type=int_at_least(0), default=30, help="MIRA fixed-point iterations")
+    ap.add_argument("--warmup", type=int_at_least(0), default=3)
+    ap.add_argument("--repeats", type=int_at_least(1), default=20, help="timed calls (the median is reported)")
     ap.add_argument("--json", type=output_file, help="write the records here")
-    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+    ap.add_argument("--impls", type=comma_list(one_of(DEFAULT_IMPLS + EXTRA_IMPLS)), default=list(DEFAULT_IMPLS),
                     help="comma-separated implementations: " + ", ".join(DEFAULT_IMPLS + EXTRA_IMPLS)
                     + f" (default {','.join(DEFAULT_IMPLS)}; {', '.join(CUDA_ONLY)}: CUDA only)")
-    ap.add_argument("--views", type=int, default=2, help="teacher views per call (default 2)")
+    ap.add_argument("--views", type=int_at_least(1), default=2, help="teacher views per call (default 2)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="logits dtype (default fp32)")
     args = ap.parse_args(argv)
-    impls = [n for n in args.impls.split(",") if n]
-    unknown = sorted(set(impls) - set(DEFAULT_IMPLS + EXTRA_IMPLS))
-    if unknown or not impls:
-        ap.error(f"unknown implementations {unknown}; choose from {', '.join(DEFAULT_IMPLS + EXTRA_IMPLS)}")
-    if args.views < 1 or args.repeats < 1:  # no timed repeat: no median to report
-        ap.error(f"--views and --repeats must be >= 1, got {args.views} and {args.repeats}")
+    impls = args.impls
     device = pick_device(args.device)
     sizes = args.sizes or size_list(",".join(GPU_SIZES if device.type == "cuda" else CPU_SIZES))
     records = []
@@ -132,7 +128,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'B':>6s} {'K':>6s} " + " ".join(f"{n:>12s}" for n in impls) + ("   ref/views" if ratio else ""))
     for b, k in sizes:
         g = torch.Generator(device=device).manual_seed(0)
-        views = [torch.randn(b, k, generator=g, device=device).to(DTYPES[args.dtype]) for _ in range(args.views)]
+        with sizes_that_fit("--sizes or --views"):
+            views = [torch.randn(b, k, generator=g, device=device).to(DTYPES[args.dtype]) for _ in range(args.views)]
         row = {}
         for name in impls:
             record = {"implementation": name, "B": b, "K": k, "device": str(device), "views": args.views,

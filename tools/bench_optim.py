@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastssl.arg_types import int_at_least
 from fastssl.cli import ToolArgumentParser, output_file, write_output_json
 from fastssl.optim import LARS, param_groups
 from fastssl.runtime import device_arg, pick_device
@@ -56,19 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
     ap.add_argument("--device", default="cpu", type=device_arg, help="cpu | cuda | auto")
-    ap.add_argument("--rounds", type=int, default=30, help="timed steps of each optimiser, interleaved")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps of each first (the first makes buffers)")
+    ap.add_argument("--rounds", type=int_at_least(1), default=30, help="timed steps of each optimiser, interleaved")
+    ap.add_argument("--warmup", type=int_at_least(0), default=3,
+                    help="untimed steps of each first (the first makes buffers)")
     ap.add_argument("--tiny", action="store_true",
                     help="every parameter one element (same names, ndim, groups): the arithmetic vanishes and the "
                          "step time is the host's cost per op, which a GPU step pays per kernel launch")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
+    ap.add_argument("--threads", type=int_at_least(1, 1024),
+                    help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
     ap.add_argument("--json", type=output_file, help="also write the medians and the ratio here")
-    args = ap.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0:  # no timed round: no median to report
-        ap.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be >= 1, got {args.threads}")
-    return args
+    return ap.parse_args(argv)
 
 
 class OpCounter(TorchDispatchMode):

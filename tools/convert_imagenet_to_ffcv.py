@@ -17,9 +17,9 @@ What it guarantees:
 * Exit status: 0 whenever the `.beton` was produced (skips included); 1 when it could not
   be (nothing readable, a write error such as a full disk, a worker that crashed, another
   converter writing the same output); 2 for a usage error: bad options, a missing source,
-  labels file, --classes-from or output folder, an output folder you cannot write to, an
-  output that exists without --force, or a source that holds splits (`train/`, `val/`)
-  instead of class folders (the message names the split folder to pass).
+  --classes-from or output folder, a missing or malformed labels file, an output folder you
+  cannot write to, an output that exists without --force, or a source that holds splits
+  (`train/`, `val/`) instead of class folders (the message names the split folder to pass).
 * A disk that cannot hold it is refused before any image is written: the size is estimated
   from a sample of the images' headers (raw storage exactly, compressed images at the
   source's bytes per pixel, which errs high; ImageNet at the defaults: about 2.4 times the
@@ -50,6 +50,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from fastssl.arg_types import int_at_least, number_in
 from fastssl.cli import ToolArgumentParser
 from pipelines.beton import summary_path
 from pipelines.beton_convert import WRITE_MODES, ConversionError, UsageError, convert
@@ -77,36 +78,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("out", type=Path, help="output .beton (its summary goes to OUT.json)")
     ap.add_argument("--labels", type=Path, help="flat folders: file of `<file name> <class name or number>` lines")
     ap.add_argument("--classes-from", type=Path, help="take the class list (sorted folder names) from this split")
-    ap.add_argument("--max-resolution", type=int, default=500, help="longest side after resizing (default 500)")
-    ap.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
-    ap.add_argument("--compress-probability", type=float, default=0.5,
+    ap.add_argument("--max-resolution", type=int_at_least(8), default=500,
+                    help="longest side after resizing (default 500)")
+    ap.add_argument("--jpeg-quality", type=int_at_least(1, 100), default=90,
+                    help="JPEG quality of stored images (default 90)")
+    ap.add_argument("--compress-probability", type=number_in(0, 1), default=0.5,
                     help="'proportion' mode: share of images stored as JPEG, the rest raw (default 0.5)")
     ap.add_argument("--write-mode", choices=WRITE_MODES, default="proportion",
                     help="FFCV's image storage mode (default proportion)")
-    ap.add_argument("--num-workers", type=int, default=0, help="processes (default: every core this process may use)")
-    ap.add_argument("--subset-per-class", type=int, default=0, help="keep the first N images of each class (0 = all)")
+    ap.add_argument("--num-workers", type=int_at_least(0), default=0,
+                    help="processes (default: every core this process may use)")
+    ap.add_argument("--subset-per-class", type=int_at_least(0), default=0,
+                    help="keep the first N images of each class (0 = all)")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
     ap.add_argument("--restart", action="store_true",
                     help="discard the progress an interrupted conversion saved in .OUT.partial/ and start over")
-    ap.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
+    ap.add_argument("--checkpoint-every", type=number_in(0, low_open=True), default=CHECKPOINT_EVERY_S,
+                    metavar="SECONDS",
                     help=f"save progress this often while writing (default {CHECKPOINT_EVERY_S:g})")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    bad = []
-    if args.max_resolution < 8:
-        bad.append(f"--max-resolution must be at least 8, got {args.max_resolution}")
-    if not 1 <= args.jpeg_quality <= 100:
-        bad.append(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
-    if not 0 <= args.compress_probability <= 1:
-        bad.append(f"--compress-probability must be in [0, 1], got {args.compress_probability}")
-    if not args.checkpoint_every > 0:
-        bad.append(f"--checkpoint-every must be > 0 seconds, got {args.checkpoint_every}")
-    if args.num_workers < 0 or args.subset_per_class < 0:
-        bad.append("--num-workers and --subset-per-class must be >= 0")
     if args.out.suffix != ".beton":
-        bad.append(f"OUT should end in .beton, got {str(args.out)!r}")
-    if bad:
-        ap.error("; ".join(bad))
+        ap.error(f"OUT should end in .beton, got {str(args.out)!r}")
     return args
 
 

@@ -35,7 +35,8 @@ import torch
 from fastssl.cli import ToolArgumentParser, exit_with, leave_process_group
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments, effective_precision
-from fastssl.eval.errors import EvalError, int_at_least, number_in
+from fastssl.arg_types import int_at_least, number_in
+from fastssl.eval.errors import EvalError
 from fastssl.eval.online import knn_loaders, knn_scores
 from fastssl.eval.subsets import subset_samples
 from fastssl.eval.targets import require_data, resolve_target, write_report

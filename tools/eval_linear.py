@@ -53,7 +53,8 @@ import argparse
 
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments, train_and_report
-from fastssl.eval.errors import EvalError, int_at_least, number_in
+from fastssl.arg_types import int_at_least, learning_rate, number_in, seed_number
+from fastssl.eval.errors import EvalError
 from fastssl.eval.linear import PROTOCOLS, apply_protocol, linear_probe, prepare
 from pipelines.eval import EvalBackendError
 
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "x0.1 at epochs 60 and 80, RandomCrop(32, padding=4)); both 100 epochs, momentum 0.9, wd 0")
     ap.add_argument("--epochs", type=int_at_least(1), help="default: the protocol's (100)")
     ap.add_argument("--batch-size", type=int_at_least(1), help="default: the protocol's (1024 / 256)")
-    ap.add_argument("--base-lr", type=number_in(0, low_open=True),
+    ap.add_argument("--base-lr", type=learning_rate,
                     help="lr = base_lr x batch / 256 (default: the protocol's: 0.075 / 3)")
     ap.add_argument("--momentum", type=number_in(0, 1, high_open=True), default=0.9)
     ap.add_argument("--weight-decay", type=number_in(0), default=0.0)
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cached-views", type=int_at_least(0), default=10,
                     help="augmented copies per training image in the cache; 0 = one centre crop each")
     ap.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_number, default=0)
     ap.add_argument("--extract-batch-size", type=int_at_least(1), default=256,
                     help="batch for running the frozen backbone")
     ap.add_argument("--restart", action="store_true",

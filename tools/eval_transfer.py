@@ -32,10 +32,11 @@ import torch
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_precision_argument, effective_precision
-from fastssl.eval.errors import EvalError, int_at_least, loader_workers, number_in
+from fastssl.arg_types import int_at_least, loader_workers, number_in, seed_number
+from fastssl.eval.errors import EvalError
 from fastssl.eval.progress_file import (fingerprint, forget_state, interrupted, load_state, save_state, state_path,
                                         weights_digest)
-from fastssl.eval.targets import resolve_target, write_report
+from fastssl.eval.targets import markdown_twin, resolve_target, write_report
 from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, markdown_table, metric_note,
                                    parse_dataset_names, penalty_grid, search_and_test, spec_of)
 from fastssl.eval.transfer_data import extract_split, folder_splits, torchvision_splits, transfer_transform
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="size of the penalty grid logspace(-6, 5, n) (paper: 45)")
     ap.add_argument("--max-iter", type=int_at_least(1), default=1000, help="solver iterations per fit")
     ap.add_argument("--tol", type=number_in(0), default=1e-4, help="solver tolerance (max |gradient|, scikit-learn's)")
-    ap.add_argument("--seed", type=int, default=0, help="held-out validation split (Ericsson: 0)")
+    ap.add_argument("--seed", type=seed_number, default=0, help="held-out validation split (Ericsson: 0)")
     ap.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per backbone forward")
     ap.add_argument("--num-workers", type=loader_workers, default="-1",
                     help="DataLoader workers (-1: this process's share of the cores, the default; 0: the main process)")
@@ -86,6 +87,8 @@ def plan(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         name = name.strip().lower()
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name == "all":
             raise EvalError(f"--folder NAME must be a plain name (letters, digits, _ -), got {name!r}")
+        if name in folders:  # the last one would win without a word
+            raise EvalError(f"--folder names {name!r} twice ({folders[name]} and {root}); give each dataset once")
         folders[name] = root  # one of the 11 takes its metric; another name is the user's own (top-1)
     names = parse_dataset_names(args.datasets) if args.datasets else []
     if names and not args.data_root:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         todo = plan(args)
         # Not a linear probe on a training folder: the data come per dataset (no `require_data`).
         found = resolve_target(args.target, tool="eval_transfer", arch=args.arch, json_path=args.json)
+        markdown_twin(found["out"])  # a --json ending in .md is refused before any work
         backbone, arch = load_backbone(found["checkpoint"], found["arch"])
         if solver == "sklearn":  # a missing scikit-learn is said now, before any feature extraction
             importlib.import_module("sklearn")

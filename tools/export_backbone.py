@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import torch
 
+from fastssl.arg_types import comma_list, one_of
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
@@ -47,14 +48,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="a run directory, or an exported backbone_<arch>.pth")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
-    ap.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated subset of {', '.join(FORMATS)}")
+    ap.add_argument("--format", type=comma_list(one_of(FORMATS)), default=list(FORMATS),
+                    help=f"comma-separated subset of {', '.join(FORMATS)} (default: both)")
     ap.add_argument("--out-dir", help="where to write (default: beside the backbone)")
     args = ap.parse_args(argv)
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    formats = args.format
     try:
-        unknown = [f for f in formats if f not in FORMATS]
-        if unknown or not formats:
-            raise EvalError(f"unknown --format {','.join(unknown) or args.format!r}; choose from {', '.join(FORMATS)}")
         found = resolve_target(args.target, tool="export", arch=args.arch)  # the weights alone: no data
         path = Path(found["checkpoint"])
         # The same checks as every tool (the right file, a known architecture); the loaded weights are the file's.
@@ -71,19 +70,22 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             raise EvalError(f"--out-dir {str(out_dir)!r} cannot be created ({err.strerror}); name a writable directory")
     except (EvalError, ExportError) as err:
         exit_with(err)
-    written = {}
+    written, replaced = {}, set()
     try:  # a failed write (a full disk, a folder of that name) keeps the file it would have replaced
         if "torchvision" in formats:
             written["torchvision"] = out_dir / f"{path.stem}_tv_detection.pth"
+            replaced.update({"torchvision"} if written["torchvision"].exists() else set())
             atomic_write(written["torchvision"], lambda f: torch.save(body, f))
         if d2 is not None:
             written["detectron2"] = out_dir / f"{path.stem}_detectron2.pkl"
+            replaced.update({"detectron2"} if written["detectron2"].exists() else set())
             atomic_write(written["detectron2"], lambda f: pickle.dump(d2, f))
     except OSError as err:
         exit_with(f"{str(list(written.values())[-1])!r} could not be written ({err.strerror or err}); free space "
                   f"there, or pass --out-dir with another folder")
-    for fmt, p in written.items():
-        print(f"wrote {p} ({fmt})")
+    for fmt, p in written.items():  # a shared --out-dir holds one file per backbone name: say when one was replaced
+        print(f"wrote {p} ({fmt})" + (" (replacing the file there; pass --out-dir elsewhere to keep both)"
+                                      if fmt in replaced else ""))
     if d2 is not None:
         print(f"detectron2 config: MODEL.WEIGHTS {written['detectron2']}, {d2_config_note(arch)}")
     return written

@@ -43,7 +43,8 @@ import argparse
 
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments, train_and_report
-from fastssl.eval.errors import EvalError, int_at_least, number_in
+from fastssl.arg_types import comma_list, int_at_least, learning_rate, number_in, seed_number
+from fastssl.eval.errors import EvalError
 from fastssl.eval.finetune import PRESETS, finetune_on_subset, prepare
 from pipelines.eval import EvalBackendError
 
@@ -56,26 +57,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--labels-perc", choices=sorted(PRESETS), help="lr preset (default: from the subset's share)")
     ap.add_argument("--epochs", type=int_at_least(1), default=20)
     ap.add_argument("--batch-size", type=int_at_least(1), default=256)
-    ap.add_argument("--lr", type=number_in(0, low_open=True), help="backbone lr at batch 256 (default: the preset's)")
-    ap.add_argument("--lr-head", type=number_in(0, low_open=True), help="head lr at batch 256 (default: the preset's)")
-    ap.add_argument("--milestones", default="12,16", help="epochs at which both lrs are multiplied by --gamma")
+    ap.add_argument("--lr", type=learning_rate, help="backbone lr at batch 256 (default: the preset's)")
+    ap.add_argument("--lr-head", type=learning_rate, help="head lr at batch 256 (default: the preset's)")
+    ap.add_argument("--milestones", type=comma_list(int_at_least(1), allow_empty=True), default=[12, 16],
+                    help="comma-separated epochs at which both lrs are multiplied by --gamma (default 12,16; "
+                    "'' for none)")
     ap.add_argument("--gamma", type=number_in(0, 1, low_open=True), default=0.2, help="lr factor at each milestone")
     ap.add_argument("--momentum", type=number_in(0, 1, high_open=True), default=0.9)
     ap.add_argument("--weight-decay", type=number_in(0), default=0.0)
-    ap.add_argument("--seed", type=int, default=31)
+    ap.add_argument("--seed", type=seed_number, default=31)
     ap.add_argument("--eval-batch-size", type=int_at_least(1), default=256)
     ap.add_argument("--restart", action="store_true",
                     help="start over, discarding an unfinished run's saved epochs (kept beside the report)")
     add_run_arguments(ap, loader_help="reader of the val images (resize + centre crop): torchvision or dali; "
                                       "the fine-tuning crops always use torchvision")
-    args = ap.parse_args(argv)
-    try:
-        args.milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
-        if any(m < 1 for m in args.milestones):
-            raise ValueError
-    except ValueError:
-        ap.error(f"--milestones must be comma-separated epochs >= 1, got {args.milestones!r}")
-    return args
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -50,7 +50,8 @@ from typing import Any, NoReturn, Optional
 # This checkout's fastssl: the GPU machine does not install it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastssl.gpu_check.bn_stats import stage_bn_stats  # noqa: E402 - after the path
+from fastssl.arg_types import number_in  # noqa: E402 - after the path
+from fastssl.gpu_check.bn_stats import stage_bn_stats  # noqa: E402
 from fastssl.gpu_check.compile_step import stage_compile, worker_compile_step  # noqa: E402
 from fastssl.gpu_check.end_to_end import stage_end_to_end  # noqa: E402
 from fastssl.gpu_check.env import stage_env, worker_env  # noqa: E402
@@ -119,7 +120,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="every stage on CPU at tiny sizes (CUDA hidden)")
     ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH,
                     help=f"generated data, JIT builds and runs, outside the checkout (default {DEFAULT_SCRATCH})")
-    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+    ap.add_argument("--budget", type=number_in(0, low_open=True), default=DEFAULT_BUDGET_S,
                     help=f"seconds for the whole run (default {DEFAULT_BUDGET_S:.0f}); later stages are "
                     "skipped when it is spent")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -146,8 +147,6 @@ def main(argv: Optional[list[str]] = None, stages: Optional[list[Stage]] = None)
         selected = stages if stages is not None else select_stages(args.stages)
     except ValueError as err:
         return user_error(f"{err}")
-    if args.budget <= 0:
-        return user_error(f"--budget must be positive, got {args.budget}; pass seconds, e.g. --budget 420")
     scratch = args.scratch.resolve()
     if scratch == ROOT or ROOT in scratch.parents:
         return user_error(f"--scratch {scratch} is inside the checkout; pass a folder outside it (e.g. /tmp/gc)")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fastssl.cli import ToolArgumentParser
-from fastssl.eval.errors import int_at_least  # the bounded-integer flag type every tool shares
+from fastssl.arg_types import int_at_least, seed_number
 from pipelines.demo_data import (DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES, DEFAULT_SEED, DEFAULT_TRAIN_PER_CLASS,
                                  DEFAULT_VAL_PER_CLASS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DatasetExistsError,
                                  OutputDirError, make_demo_dataset)
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation images per class (default %(default)s)")
     p.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE,
                    help="side of the square images in pixels (default %(default)s)")
-    p.add_argument("--seed", type=int_at_least(0), default=DEFAULT_SEED, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=seed_number, default=DEFAULT_SEED, help="random seed (default %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="rebuild even if OUT holds a demo dataset (incomplete or made with other arguments); "
                         "any other non-empty OUT is refused")

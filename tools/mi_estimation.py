@@ -32,11 +32,14 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from fastssl.arg_types import comma_list, int_at_least, one_of, seed_number
 from fastssl.cli import ToolArgumentParser, exit_with
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.losses import alpha_min
-from fastssl.mi_estimation import DIM, LR, MI_LEVELS, plot, run_family, summarise
+from fastssl.mi_estimation import DIM, FAMILIES, LR, MI_LEVELS, plot, run_family, summarise
 from fastssl.run_log import write_json
+
+MAX_BATCH = 8192  # n = m: the critics' n x m scores (x the estimators and Adam's state) must fit in memory
 
 
 def _progress(family: str) -> Callable[[float, float], None]:
@@ -51,20 +54,21 @@ def _progress(family: str) -> Callable[[float, float], None]:
 def main(argv: list[str] | None = None) -> dict:
     ap = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/mi_estimation", help="output folder (JSON and PNG)")
-    ap.add_argument("--iters", type=int, help="iterations per MI level (default: the paper's 4000; --quick: 100)")
-    ap.add_argument("--batch", type=int, help="n = m (default: the paper's 128; --quick: 16)")
-    ap.add_argument("--critics", default="separable,joint",
+    ap.add_argument("--iters", type=int_at_least(2), help="iterations per MI level (default: the paper's 4000; "
+                    "--quick: 100)")
+    ap.add_argument("--batch", type=int_at_least(2, MAX_BATCH),
+                    help=f"n = m (default: the paper's 128; --quick: 16; at most {MAX_BATCH}: the critics score "
+                    "n x m pairs)")
+    ap.add_argument("--critics", type=comma_list(one_of(FAMILIES)), default=list(FAMILIES),
                     help="comma-separated critics: separable, joint, or separable,joint (the default: both)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_number, default=0)
     ap.add_argument("--quick", action="store_true", help="100 iterations per level, n = 16: a smoke run (an "
                     "explicit --iters or --batch still wins)")
     ap.add_argument("--no-compile", action="store_true", help="eager critics (compiling fuses the joint critic)")
     args = ap.parse_args(argv)
     args.iters = args.iters if args.iters is not None else 100 if args.quick else 4000
     args.batch = args.batch if args.batch is not None else 16 if args.quick else 128
-    families = args.critics.split(",")
-    if not families or set(families) - {"separable", "joint"} or args.iters < 2 or args.batch < 2:
-        ap.error("--critics takes separable and/or joint; --iters and --batch must be at least 2")
+    families = args.critics
     out = Path(args.out)
     try:
         check_output_dir(out, "--out")  # before the minutes of training, not after

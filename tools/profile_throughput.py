@@ -40,19 +40,22 @@ from pathlib import Path
 
 import torch
 
+from fastssl.arg_types import comma_list, int_at_least, one_of
 from fastssl.bench.profile import PARTIAL_REPORT, ProfileSettings, configure, run_profile
 from fastssl.cli import ToolArgumentParser, without_worker_traceback
 from fastssl.config import ConfigError
 from fastssl.eval.errors import EvalError, check_output_dir
+from fastssl.reports.analysis import flatten_figures
 from fastssl.reports.markdown import compare_markdown, profile_markdown
 from fastssl.reports.schema import ReportError, load_report
 from fastssl.run_log import write_json
 from pipelines.beton import BetonError
 from pipelines.beton_convert import ConversionError
 from pipelines.folder import DataLayoutError
-from pipelines.spec import LoaderUnavailable
+from pipelines.spec import BACKENDS, LoaderUnavailable
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mira_demo.py"
+DEFAULT_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")  # the loader stage's, in its table's order
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -62,31 +65,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="recipe file (default: the demo)")
     ap.add_argument("--out", type=Path, help="report directory (report.md, report.json, PNGs)")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two report directories or JSON files")
-    ap.add_argument("--gpus", type=int, default=1, help="processes of the real run: this one gets global batch / G")
-    ap.add_argument("--backends", default="torchvision,dali,ffcv,synthetic", help="loaders for the loader-only stage")
+    ap.add_argument("--gpus", type=int_at_least(1), default=1,
+                    help="processes of the real run: this one gets global batch / G")
+    ap.add_argument("--backends", type=comma_list(one_of(list(BACKENDS))), default=list(DEFAULT_BACKENDS),
+                    help=f"loaders for the loader-only stage (default {','.join(DEFAULT_BACKENDS)})")
     ap.add_argument("--beton", help="the data as a .beton for ffcv (default: converted into a temporary folder "
                     "under --out, deleted at the end)")
-    ap.add_argument("--workers", type=int, default=-1,
+    ap.add_argument("--workers", type=int_at_least(-1), default=-1,
                     help="loader workers / threads (-1: every core this process may use)")
-    ap.add_argument("--steps", type=int, default=10 if cpu else 50, help="timed steps per stage")
-    ap.add_argument("--warmup-steps", type=int, default=2 if cpu else 10)
-    ap.add_argument("--loader-batches", type=int, default=6 if cpu else 40)
-    ap.add_argument("--warmup-batches", type=int, default=2 if cpu else 5)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--assign-warmup", type=int, default=3)
-    ap.add_argument("--assign-repeats", type=int, default=10 if cpu else 50)
+    ap.add_argument("--steps", type=int_at_least(1), default=10 if cpu else 50, help="timed steps per stage")
+    ap.add_argument("--warmup-steps", type=int_at_least(0), default=2 if cpu else 10)
+    ap.add_argument("--loader-batches", type=int_at_least(1), default=6 if cpu else 40)
+    ap.add_argument("--warmup-batches", type=int_at_least(0), default=2 if cpu else 5)
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
+    ap.add_argument("--assign-warmup", type=int_at_least(0), default=3)
+    ap.add_argument("--assign-repeats", type=int_at_least(1), default=10 if cpu else 50)
     ap.add_argument("--no-cross-check", action="store_true",
                     help="skip the cross-check (the assignment timed alone around the instrumented pass)")
     args, overrides = ap.parse_known_args(argv)
     if not args.compare and args.out is None:
         ap.error("--out DIR is required (or --compare A B)")
-    if min(args.gpus, args.steps, args.loader_batches, args.repeats, args.assign_repeats) < 1:
-        ap.error("--gpus, --steps, --loader-batches, --repeats and --assign-repeats must be >= 1")
     return args, overrides
 
 
 def settings_of(args: argparse.Namespace) -> ProfileSettings:
-    return ProfileSettings(recipe=args.recipe, gpus=args.gpus, backends=tuple(args.backends.split(",")), beton=args.beton,
+    return ProfileSettings(recipe=args.recipe, gpus=args.gpus, backends=tuple(args.backends), beton=args.beton,
                            workers=args.workers, steps=args.steps, warmup_steps=args.warmup_steps,
                            loader_batches=args.loader_batches, warmup_batches=args.warmup_batches,
                            repeats=args.repeats, assign_warmup=args.assign_warmup, assign_repeats=args.assign_repeats,
@@ -99,6 +102,11 @@ def run_compare(args: argparse.Namespace) -> int:
         if report["kind"] != "profile":
             raise ReportError(f"{str(path)!r} is a {report['kind']} report; --compare takes two profile reports "
                               "(tools/profile_throughput.py --out DIR writes one)")
+        try:
+            flatten_figures(report)
+        except (KeyError, TypeError, AttributeError) as err:  # the schema's keys are there, their content is not
+            raise ReportError(f"{str(path)!r} lacks the profile figure {err} (a stage stopped early, or the file "
+                              "was edited); regenerate it with tools/profile_throughput.py --out DIR") from None
     text = compare_markdown(a, b, str(args.compare[0]), str(args.compare[1]))
     print(text)
     if args.out:

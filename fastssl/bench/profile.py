@@ -82,7 +82,11 @@ def load_recipe(path: Path) -> Config:
         raise ConfigError(f"recipe {str(path)!r} is not a Python file; pass a recipe .py under recipes/ "
                           "(e.g. recipes/mira_bs512.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:  # another file named .py, or a recipe edited into invalid Python
+        raise ConfigError(f"{path} is not valid Python (line {err.lineno}: {err.msg}): is it a fastssl recipe? "
+                          "(e.g. recipes/mira_bs512.py)") from None
     if not hasattr(module, "config"):
         raise ConfigError(f"{path} has no config() function: is it a fastssl recipe?")
     cfg = module.config()

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from fastssl.eval.backbone_io import load_backbone
-from fastssl.eval.errors import EvalError, int_at_least, loader_workers, number_in
+from fastssl.arg_types import int_at_least, loader_workers, number_in
+from fastssl.eval.errors import EvalError
 from fastssl.eval.progress_file import forget_state, interrupted, state_path
 from fastssl.eval.targets import require_data, resolve_target, run_knn_figure, write_report
 from fastssl.relaunch import one_process_refusal
@@ -88,6 +89,15 @@ def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor, bar: tqdm | None = 
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
     return value
+
+
+def check_converging(mean_loss: float, epoch: int, lower: str) -> None:
+    """An EvalError when an epoch's mean training loss is NaN or infinite (an lr far too large, or
+    features that are not numbers): every later epoch and the accuracy would be meaningless, and the
+    report would carry NaN with exit status 0. `lower` says which lr to lower, and its value."""
+    if not math.isfinite(mean_loss):
+        raise EvalError(f"training diverged: the mean loss of epoch {epoch + 1} is {mean_loss}; {lower}, "
+                        "or check that the backbone's features are finite")
 
 
 def batches_loader(dataset: Dataset, batches: list[list[int]], num_workers: int = 0, epoch: int = 0) -> Iterator:

@@ -1,68 +1,17 @@
-"""The evaluation tools' user error: bad input, said with what to pass instead; and the argument
-checks that find it before any work (so that a bad value is one line, not a traceback halfway in)."""
+"""The evaluation tools' user error: bad input, said with what to pass instead; and the output checks
+that find it before any work (so that a bad path is one line, not a traceback after hours of work).
+The flags' value types are `fastssl.arg_types`'."""
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EvalError", "int_at_least", "loader_workers", "number_in", "check_output_dir", "check_output_file"]
+__all__ = ["EvalError", "check_output_dir", "check_output_file"]
 
 
 class EvalError(ValueError):
     """Bad input: say what was wrong and how to fix it."""
-
-
-def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """argparse `type` of an integer flag with bounds: a value out of them is a usage error at parse time
-    (`argument --batch-size: must be >= 1, got 0`, exit 2), where torch or a DataLoader would fail later
-    with a traceback. One definition for every tool, so that they word it alike."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-
-    return parse
-
-
-def loader_workers(text: str) -> int:
-    """argparse `type` of --num-workers: -1 is this process's share of the machine's cores (the default:
-    on ImageNet, decoding in the main process alone would keep the GPU waiting), 0 loads in the main
-    process, N > 0 as given. The share divides the cores among a launcher's processes on the node."""
-    from pipelines.cores import default_num_workers
-
-    return default_num_workers(int_at_least(-1)(text), 1)
-
-
-def number_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
-              ) -> Callable[[str], float]:
-    """argparse `type` of a finite float flag in [low, high] (either end open when asked): NaN, inf or a
-    value out of range is a usage error at parse time (`argument --momentum: must lie in [0, 1), got nan`),
-    not torch's traceback after the features were extracted, nor a NaN written into the JSON."""
-    left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
-    span = f"{left}{low:g}, {'inf' if high == math.inf else f'{high:g}'}{right}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        inside = (math.isfinite(value) and (value > low if low_open else value >= low)
-                  and (value < high if high_open else value <= high))
-        if not inside:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
-        return value
-
-    return parse
 
 
 def check_output_dir(path: Path, flag: str) -> None:

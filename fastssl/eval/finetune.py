@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
-                                     epoch_batches, evaluate_head, load_eval_inputs, new_head, progress_bar,
-                                     sgd_step, step_decay, to_device, train_crop_words, train_transform)
+from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, check_converging,
+                                     classifier_report, epoch_batches, evaluate_head, load_eval_inputs, new_head,
+                                     progress_bar, sgd_step, step_decay, to_device, train_crop_words, train_transform)
 from fastssl.eval.progress_file import (epoch_state, fingerprint, load_state, restore_epoch_state, save_state,
                                         state_path, weights_digest)
 from fastssl.eval.subsets import subset_samples
@@ -81,6 +81,7 @@ def finetune(model: torch.nn.Sequential, dataset: LabelledImages, rates: tuple[f
             loss = sgd_step(opt, F.cross_entropy(logits.float(), labels.to(device)), bar, epoch)
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
+        check_converging(losses[-1], epoch, f"lower --lr / --lr-head (now {rates[0]:g} / {rates[1]:g})")
         if save is not None:
             save(epoch_state(epoch + 1, model, opt, order, losses))
     return losses

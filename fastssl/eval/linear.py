@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, classifier_report,
-                                     epoch_batches, evaluate_head, extract_eval, extract_samples, load_eval_inputs,
-                                     new_head, progress_bar, sgd_step, step_decay, to_device, train_crop_words,
-                                     train_transform)
+from fastssl.eval.classifier import (EvalInputs, LabelledImages, autocast, batches_loader, check_converging,
+                                     classifier_report, epoch_batches, evaluate_head, extract_eval, extract_samples,
+                                     load_eval_inputs, new_head, progress_bar, sgd_step, step_decay, to_device,
+                                     train_crop_words, train_transform)
 from fastssl.eval.errors import EvalError
 from fastssl.eval.progress_file import (epoch_state, fingerprint, load_state, restore_epoch_state, save_state,
                                         state_path, weights_digest)
@@ -172,6 +172,7 @@ def fit_linear(head: torch.nn.Linear, source: FeatureSource, n: int, args: argpa
             loss = sgd_step(opt, F.cross_entropy(head(feats), labels), bar, epoch)
             total, count = total + loss * len(labels), count + len(labels)
         losses.append(round(total / max(count, 1), 5))
+        check_converging(losses[-1], epoch, f"lower --base-lr (now {args.base_lr:g})")
         if save is not None:
             save(epoch_state(epoch + 1, head, opt, order, losses))
     return losses

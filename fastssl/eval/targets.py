@@ -9,6 +9,7 @@ keeps the three tools from drifting apart in what they accept or where they writ
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from fastssl.eval.errors import EvalError, check_output_file
@@ -16,7 +17,7 @@ from fastssl.run_log import write_json, write_text_atomic
 from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, EvalView
 
 __all__ = ["TARGETS", "DISTILL_RECIPE", "resolve_target", "require_data", "read_run_config", "distillation_run",
-           "start_dir", "from_run", "run_knn_figure", "write_report"]
+           "start_dir", "from_run", "run_knn_figure", "markdown_twin", "write_report"]
 
 # What every evaluation tool takes, for the messages that refuse something else.
 TARGETS = "a run directory of a self-supervised recipe (recipes/mira_*.py, mlcpc_*.py) or its backbone_<arch>.pth"
@@ -47,15 +48,16 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     if target.is_dir():
         cfg = read_run_config(target)
         start = start_dir(target, cfg)
-        saved_train = next((cfg["data"][k] for k in train_keys if cfg["data"].get(k)), None)
+        data, aug, ev = cfg["data"], cfg["aug"], cfg.get("eval", {})
+        saved_train = next((data[k] for k in train_keys if data.get(k)), None)
         found["arch"] = found["arch"] or cfg["model"]["arch"]
         found["train"] = found["train"] or (saved_train and from_run(saved_train, start))
-        found["val"] = found["val"] or (cfg["data"]["val"] and from_run(cfg["data"]["val"], start))
-        found["size"] = found["size"] or cfg["eval"].get("image_size") or cfg["aug"]["global_size"]
-        found["interpolation"] = found["interpolation"] or cfg["eval"].get("interpolation")
-        found["crop_fraction"] = found["crop_fraction"] or cfg["eval"].get("crop_fraction")
-        found["mean"] = found["mean"] or cfg["aug"].get("mean")
-        found["std"] = found["std"] or cfg["aug"].get("std")
+        found["val"] = found["val"] or (data.get("val") and from_run(data["val"], start))
+        found["size"] = found["size"] or ev.get("image_size") or aug.get("global_size") or 224
+        found["interpolation"] = found["interpolation"] or ev.get("interpolation")
+        found["crop_fraction"] = found["crop_fraction"] or ev.get("crop_fraction")
+        found["mean"] = found["mean"] or aug.get("mean")
+        found["std"] = found["std"] or aug.get("std")
         # The run's own arch names its file (a run has one); a different --arch is then refused by
         # load_backbone as "another architecture", which is what it is.
         found["checkpoint"] = target / f"backbone_{cfg['model']['arch']}.pth"
@@ -76,13 +78,23 @@ def resolve_target(target: str | Path, *, tool: str, train: str | None = None, v
     return found
 
 
+def markdown_twin(path: Path) -> Path:
+    """Where a report's Markdown twin goes: beside the JSON, as .md. A --json that ends in .md would be
+    its own twin (the table would replace the JSON): an EvalError, before any work."""
+    if path.suffix.lower() == ".md":
+        json_path = str(path.with_suffix(".json"))
+        raise EvalError(f"--json {str(path)!r} ends in .md, where the Markdown table goes (beside the JSON, "
+                        f"as .md): the table would replace the figures; name the JSON {json_path!r}")
+    return path.with_suffix(".md")
+
+
 def write_report(path: Path, report: dict, text: str | None = None) -> None:
     """Write a tool's JSON report (and `text`, a Markdown twin, beside it as .md), printing "wrote ..."
     and whether it replaced an earlier one (the default place is one per run and tool); a failed
     write (a full disk) is an EvalError that says so. Call it after the figures are printed:
     they then survive the failure on the screen."""
-    md_path = path.with_suffix(".md")
-    replaced = path.exists()
+    md_path = markdown_twin(path)
+    replaced = path.exists() or (text is not None and md_path.exists())
     try:
         write_json(path, report, sort_keys=False)
         if text is not None:
@@ -132,6 +144,10 @@ def read_run_config(run_dir: Path) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not cfg["model"].get("arch"):
         raise EvalError(f"{str(path)!r} has no model.arch, so {str(run_dir)!r} is not a self-supervised run; "
                         f"pass {TARGETS}")
+    for section in ("data", "aug", "eval"):  # what resolve_target reads; a run of these recipes saves all three
+        if not isinstance(cfg.get(section, {}), dict) or (section != "eval" and section not in cfg):
+            raise EvalError(f"{str(path)!r} has no {section} section (edited, or not written by these recipes), "
+                            f"so the run's data and crops are unknown; pass {TARGETS}, with --train and --val")
     return cfg
 
 
@@ -172,9 +188,18 @@ def from_run(path: str, start: Path | None) -> str:
 
 
 def run_knn_figure(target: str | Path) -> dict | None:
-    """The run's own last online k-NN (results.json), for a report to show beside its figure."""
+    """The run's own last online k-NN (results.json), for a report to show beside its figure; None
+    when there is none. Read when the evaluation is over, so a results.json that cannot be read (a
+    run killed while writing it, a hand edit) costs a warning and that one figure, not the report."""
     path = Path(target) / "results.json"
     if not Path(target).is_dir() or not path.is_file():
         return None
-    knn = json.loads(path.read_text()).get("knn") or []
-    return knn[-1] if knn else None
+    try:
+        knn = json.loads(path.read_text()).get("knn") or []
+        last = knn[-1] if knn else None
+        if last is not None and not isinstance(last, dict):
+            raise ValueError(f"its last k-NN entry is {last!r}, not an object")
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as err:
+        warnings.warn(f"the report leaves out the run's own k-NN: {str(path)!r} cannot be read ({err})", stacklevel=2)
+        return None
+    return last

@@ -26,9 +26,9 @@ EVAL_FILES = ("eval_knn.json", "eval_knn_*.json", "eval_linear.json", "finetune_
 
 
 def read_csv(path: Path) -> list[dict]:
-    """Rows with numbers as floats ('' -> None); a missing file (run just started) gives no rows. A
-    damaged log (not text, no `step` column, a step or epoch that is not a number) is a ReportError
-    naming it, not a traceback or a report of a run that "logged no step"."""
+    """Rows with numbers as floats ('' -> None); a missing file (run just started) gives no rows, and a
+    last row cut short by a kill is left out. A damaged log (not text, no `step` column, a value that is
+    not a number) is a ReportError naming it, not a traceback or a report of a run that "logged no step"."""
     if not path.is_file():
         return []
     try:
@@ -41,9 +41,16 @@ def read_csv(path: Path) -> list[dict]:
     if columns and "step" not in columns:
         raise ReportError(f"{path} is damaged: its header {','.join(columns[:6])!r} has no step column; restore it, "
                           f"or move it away to report without it")
+    for line, row in enumerate(rows, start=2):
+        if None in row:  # csv.DictReader's key for the fields past the header's
+            raise ReportError(f"{path} is damaged: row {line} has more fields than its header; restore it, or move "
+                              f"it away to report without it")
+    if rows and None in rows[-1].values() and all(isinstance(_number(v), (float, type(None)))
+                                                  for v in rows[-1].values()):
+        rows.pop()  # fewer fields than the header, all numbers: a run killed while writing its last row
     out = [{k: _number(v) for k, v in r.items()} for r in rows if r.get("step")]
-    for line, row in enumerate(out, start=2):
-        bad = next((k for k in ("step", "epoch") if k in row and not isinstance(row[k], (float, type(None)))), None)
+    for line, row in enumerate(out, start=2):  # every column the loggers write is a number (or empty)
+        bad = next((k for k in ("step", "epoch", *row) if not isinstance(row.get(k), (float, type(None)))), None)
         if bad:
             raise ReportError(f"{path} is damaged: row {line} has {bad} {row[bad]!r}, not a number; restore it, "
                               f"or move it away to report without it")
@@ -81,18 +88,37 @@ def run_info(run_dir: Path) -> tuple[dict, dict, str]:
 def evaluations(run_dir: Path, results: dict) -> dict:
     """Final figures of every evaluation found in the run directory."""
     out = {}
-    if results.get("knn_random_init"):
-        first = results["knn_random_init"]
-        out["online k-NN, random init"] = {"top1": first["top1"], "top5": first["top5"],
+    results_path = run_dir / "results.json"
+    first = results.get("knn_random_init")
+    if first:
+        top1, top5 = _figures(first, results_path, "knn_random_init")
+        out["online k-NN, random init"] = {"top1": top1, "top5": top5,
                                            "detail": "before training (knn_at_start), k = 20"}
     if results.get("knn"):
-        last = results["knn"][-1]
-        out["online k-NN (loop)"] = {"top1": last["top1"], "top5": last["top5"], "detail": f"epoch {last['epoch']}, k = 20"}
+        knn = results["knn"]
+        last = knn[-1] if isinstance(knn, list) else knn
+        top1, top5 = _figures(last, results_path, "knn[-1]" if isinstance(knn, list) else "knn")
+        out["online k-NN (loop)"] = {"top1": top1, "top5": top5,
+                                     "detail": f"epoch {last.get('epoch', '?')}, k = 20"}
     for path in (path for pattern in EVAL_FILES for path in sorted(run_dir.glob(pattern))):
-        data = read_json(path)
-        top1, top5 = _headline(data)
+        top1, top5 = _figures(_headline(read_json(path)), path, "")
         out[path.stem] = {"top1": top1, "top5": top5, "detail": path.name}
     return out
+
+
+def _figures(entry: object, path: Path, where: str) -> tuple[float | None, float | None]:
+    """(top1, top5) of an evaluation's entry (`where` in `path`), each a number or absent; a ReportError
+    naming the file and the value when it is not (a file edited by hand, or another program's)."""
+    fix = "restore it, or move it away to report without it"
+    if not isinstance(entry, dict):
+        raise ReportError(f"{path} is damaged: its {where or 'content'} is {str(entry)[:80]!r}, not an object of "
+                          f"figures; {fix}")
+    for key in ("top1", "top5", "epoch"):
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ReportError(f"{path} is damaged: its {where}{'.' if where else ''}{key} is {value!r}, not a number; "
+                              f"{fix}")
+    return entry.get("top1"), entry.get("top5")
 
 
 def read_json(path: Path) -> dict:
@@ -104,17 +130,18 @@ def read_json(path: Path) -> dict:
         raise ReportError(str(err)) from None
 
 
-def _headline(data: dict) -> tuple[float | None, float | None]:
-    """top-1/top-5 of an evaluation JSON: top-level keys, or k = 20 of eval_knn's per-k table."""
+def _headline(data: dict) -> object:
+    """The entry holding top-1/top-5 of an evaluation JSON: the top level, or k = 20 of eval_knn's per-k
+    table; {} when there is none."""
     if "top1" in data:
-        return data.get("top1"), data.get("top5")
+        return data
     for key in ("k", "results", "knn"):
         table = data.get(key)
         if isinstance(table, dict):
             best = table.get("20") or table.get(20) or next(iter(table.values()), {})
             if isinstance(best, dict):
-                return best.get("top1"), best.get("top5")
-    return None, None
+                return best
+    return {}
 
 
 # Data-wait shares that name the loader: past LOADER_BOUND the loop mostly waits for it; past
@@ -142,7 +169,8 @@ def run_verdict(epochs: list[dict], steps: list[dict]) -> str:
     mean_ips = sum(ips) / len(ips) if ips else 0.0
     mean_wait = sum(waits) / len(waits) if waits else 0.0
     last = steps[-1]
-    text = (f"{len(epochs)} epoch(s) finished, step {int(last['step'])}, last logged loss {last['loss']:.4f}. "
+    loss = "not logged" if last.get("loss") is None else f"{last['loss']:.4f}"
+    text = (f"{len(epochs)} epoch(s) finished, step {int(last['step'])}, last logged loss {loss}. "
             f"Mean {mean_ips:.1f} images/s; the loop waited for data {100 * mean_wait:.0f}% of the time, so "
             + wait_verdict(mean_wait))
     peaks = [r["peak_memory_mb"] for r in epochs if r.get("peak_memory_mb")]
