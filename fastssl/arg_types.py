@@ -9,7 +9,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["MAX_SEED", "int_at_least", "number_in", "seed_number", "learning_rate", "loader_workers", "one_of", "comma_list"]
+__all__ = ["MAX_SEED", "int_at_least", "number_in", "seed_number", "learning_rate", "loader_workers", "one_of",
+           "comma_list"]
 
 T = TypeVar("T")
 

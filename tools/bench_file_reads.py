@@ -22,8 +22,8 @@ import os
 import platform
 import time
 
-from fastssl.bench.loaders import summarize
 from fastssl.arg_types import comma_list, int_at_least
+from fastssl.bench.loaders import summarize
 from fastssl.cli import ToolArgumentParser, exit_with, output_file, write_output_json
 from fastssl.run_log import utc_now
 from pipelines.folder import DataLayoutError, scan_source
