@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastssl.arg_types import MAX_SEED
-from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, EvalView, MultiCropRecipe,
+from pipelines.augment import (EVAL_CROP_FRACTION, EVAL_INTERPOLATION, MAX_CROP, EvalView, MultiCropRecipe,
                                crop_fraction_errors, interpolation_errors)
 from pipelines.spec import DataConfig, eval_backend_errors
 
@@ -36,6 +36,12 @@ STEMS = ("imagenet", "cifar")  # ModelConfig.stem
 EXPORTS = ("teacher", "student")  # ModelConfig.export
 CRITIC_BOUNDS = ("mlcpc", "cpc")  # CriticConfig.bound: the names of fastssl.losses.BOUNDS (no torch here)
 DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (read by fastssl.critic as well)
+# Upper bounds past which a value can only be a typo: torch, PIL or the allocator would fail with a
+# traceback far from the command line (a timeout past a C int, a weight matrix of terabytes).
+MAX_WIDTH = 65_536  # the projector's widths (the paper's 2048 and 256)
+MAX_PROTOTYPES = 1_000_000  # K (the paper's 3000)
+MAX_ITERS = 100_000  # fixed-point or Sinkhorn iterations (the paper's 30; the fused kernel counts in int32)
+MAX_TIMEOUT_MIN = 100_000.0  # minutes a collective may wait (about 69 days)
 
 
 class ConfigError(ValueError):
@@ -317,9 +323,9 @@ def _model_errors(m: ModelConfig) -> list[str]:
     for name, value, choices in (("model.bn_stats", m.bn_stats, BN_STATS), ("model.head", m.head, HEADS),
                                  ("model.stem", m.stem, STEMS), ("model.export", m.export, EXPORTS)):
         e += _unknown_choice(name, value, choices)
-    for name in ("proj_hidden_dim", "proj_dim", "num_prototypes"):
-        if getattr(m, name) < 1:
-            e.append(f"model.{name}: must be positive, got {getattr(m, name)}")
+    for name, most in (("proj_hidden_dim", MAX_WIDTH), ("proj_dim", MAX_WIDTH), ("num_prototypes", MAX_PROTOTYPES)):
+        if not 1 <= getattr(m, name) <= most:
+            e.append(f"model.{name}: must lie in [1, {most}], got {getattr(m, name)}")
     return e
 
 
@@ -342,10 +348,10 @@ def _method_errors(cfg: Config) -> list[str]:
     for name in ("beta_start", "beta_end"):
         if not 0 <= getattr(mt, name) < 1:
             e.append(f"method.{name}: beta must lie in [0, 1) (Proposition 1), got {getattr(mt, name)}")
-    if mt.num_iters < 0:
-        e.append(f"method.num_iters: must be >= 0 (0: the start point's targets), got {mt.num_iters}")
-    if mt.sinkhorn_iters < 1:
-        e.append(f"method.sinkhorn_iters: Sinkhorn-Knopp needs at least 1 iteration, got {mt.sinkhorn_iters}")
+    if not 0 <= mt.num_iters <= MAX_ITERS:
+        e.append(f"method.num_iters: must lie in [0, {MAX_ITERS}] (0: the start point's targets), got {mt.num_iters}")
+    if not 1 <= mt.sinkhorn_iters <= MAX_ITERS:
+        e.append(f"method.sinkhorn_iters: Sinkhorn-Knopp needs 1 to {MAX_ITERS} iterations, got {mt.sinkhorn_iters}")
     for name in ("ema_momentum_start", "ema_momentum_end"):
         if not 0 <= getattr(mt, name) <= 1:
             e.append(f"method.{name}: EMA momentum must lie in [0, 1], got {getattr(mt, name)}")
@@ -415,8 +421,8 @@ def _train_errors(t: TrainConfig) -> list[str]:
         e.append(f"train.seed: must lie in [0, {MAX_SEED}], got {t.seed}")
     if t.precision not in ("auto", "bf16", "fp16", "no"):
         e.append(f"train.precision: unknown {t.precision!r}; choose auto, bf16, fp16 or no")
-    if not positive_number(t.collective_timeout_min):
-        e.append(f"train.collective_timeout_min: must be a finite number of minutes > 0, got "
+    if not positive_number(t.collective_timeout_min) or t.collective_timeout_min > MAX_TIMEOUT_MIN:
+        e.append(f"train.collective_timeout_min: must be a finite number of minutes in (0, {MAX_TIMEOUT_MIN:g}], got "
                  f"{t.collective_timeout_min}; e.g. --train.collective_timeout_min {TrainConfig.collective_timeout_min:g}")
     if t.steps_per_epoch < 0:
         e.append(f"train.steps_per_epoch: must be >= 0 (0: the whole epoch), got {t.steps_per_epoch}")
@@ -445,8 +451,8 @@ def _eval_errors(cfg: Config) -> list[str]:
         e.append(f"eval.knn_temperature: temperatures must be positive and finite, got {ev.knn_temperature}")
     if ev.batch_size < 1:
         e.append(f"eval.batch_size: must be >= 1, got {ev.batch_size}")
-    if ev.image_size < 0:
-        e.append(f"eval.image_size: must be >= 0 (0: the recipe's global crop size), got {ev.image_size}")
+    if not 0 <= ev.image_size <= MAX_CROP:
+        e.append(f"eval.image_size: must lie in [0, {MAX_CROP}] (0: the recipe's global crop size), got {ev.image_size}")
     e += [f"eval.loader: {msg}" for msg in eval_backend_errors(ev.loader)]
     e += interpolation_errors("eval.interpolation", ev.interpolation)
     e += crop_fraction_errors("eval.crop_fraction", ev.crop_fraction)

@@ -20,6 +20,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NUM_GLOBAL_VIEWS = 2
 MIN_CROP = 8  # the smallest crop side, in pixels, a recipe accepts (global_size, local_size)
+MAX_CROP = 4096  # the largest (PIL overflows far above it, and one 4096 px view is 200 MB of floats)
+MAX_LOCAL_VIEWS = 64  # local crops per image (the paper's 6; every one is a student forward)
+MAX_BLUR_SIGMA = 1000.0  # pixels (the paper's 0.1-2); PIL refuses astronomically large radii
 # Resampling filters a crop or an evaluation resize may use. The authors differ: MIRA's
 # (DINO's) training crops are bicubic, ML-CPC's MoCo crops and MIRA's evaluation
 # resizes bilinear. The names are torchvision's `InterpolationMode` values; DALI's filters:
@@ -142,10 +145,12 @@ class MultiCropRecipe:
         """Every problem with the values, as `field: what is wrong (fix)` strings."""
         out: list[str] = []
         for name in ("global_size", "local_size"):
-            if getattr(self, name) < MIN_CROP:
-                out.append(f"{name}: must be at least {MIN_CROP} pixels, got {getattr(self, name)}")
-        if self.num_local < 0:
-            out.append(f"num_local: must be >= 0, got {self.num_local}")
+            if not MIN_CROP <= getattr(self, name) <= MAX_CROP:
+                out.append(f"{name}: must lie in [{MIN_CROP}, {MAX_CROP}] pixels, got {getattr(self, name)}")
+        if not 0 <= self.num_local <= MAX_LOCAL_VIEWS:
+            out.append(f"num_local: must lie in [0, {MAX_LOCAL_VIEWS}], got {self.num_local}")
+        if self.blur_sigma[1] > MAX_BLUR_SIGMA:
+            out.append(f"blur_sigma: at most {MAX_BLUR_SIGMA:g} pixels, got {self.blur_sigma}")
         for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:

@@ -155,6 +155,7 @@ def walk_files(folder: str | os.PathLike) -> list[str]:
     return out
 
 
+MAX_CLASSES = 1_000_000  # a file list's labels are class numbers below this (ImageNet-21k has 21,841)
 LIST_HINT = "expected one `relative/path/to/image.JPEG <label>` per line (paths relative to the list's folder)"
 
 
@@ -186,6 +187,9 @@ def scan_file_list(list_file: str | os.PathLike) -> tuple[list[tuple[str, int]],
         path, _, label = line.rpartition(" ")
         if not path or not label.strip().lstrip("-").isdigit() or int(label) < 0:
             raise DataLayoutError(f"{list_file}:{lineno}: cannot read {raw!r}; {LIST_HINT}")
+        if int(label) >= MAX_CLASSES:  # the classes are 0..max label: a huge one would list billions
+            raise DataLayoutError(f"{list_file}:{lineno}: label {int(label)} in {raw!r}; labels are class numbers "
+                                  f"0..N-1 (at most {MAX_CLASSES - 1}); {LIST_HINT}")
         full = path.strip() if os.path.isabs(path.strip()) else str(base / path.strip())
         if not os.path.isfile(full):
             missing.append(full)

@@ -40,6 +40,10 @@ EVAL_BACKENDS = {
 ORDERS = ("sampler", "random", "quasi_random", "sequential")
 
 
+# Loader workers per process: each is a process of its own (hundreds of MB), so a number past any
+# machine's cores forks until the memory is gone.
+MAX_WORKERS = 1024
+
 OWN_PACKAGES = ("pipelines", "fastssl")  # an ImportError naming one of these is a bug, not a missing install
 
 
@@ -110,9 +114,9 @@ class DataConfig:
         if self.backend == "ffcv" and self.val and not self.knn_train:
             out.append("knn_train: the ffcv backend trains from a .beton but the online k-NN reads JPEG "
                        "folders; pass --data.knn_train /path/to/imagenet/train, or drop --data.val")
-        if self.num_workers < -1:
-            out.append(f"num_workers: loader workers per process (0: load in the training process), or -1 for "
-                       f"this machine's cores shared by its processes; got {self.num_workers}")
+        if not -1 <= self.num_workers <= MAX_WORKERS:
+            out.append(f"num_workers: loader workers per process (0: load in the training process, at most "
+                       f"{MAX_WORKERS}), or -1 for this machine's cores shared by its processes; got {self.num_workers}")
         if self.ffcv_order not in ORDERS:
             out.append(f"ffcv_order: unknown {self.ffcv_order!r}; choose {', '.join(ORDERS[:-1])} or {ORDERS[-1]}")
         if self.dali_read_threads < 1:

@@ -92,6 +92,16 @@ def test_single_label_file_list_warns(tmp_path):
     assert len(samples) == 3
 
 
+def test_a_file_list_label_past_any_class_count_is_named_before_the_classes_are_listed(tmp_path):
+    """The classes of a file list are 0..its largest label: 999999999999 listed that many names until the
+    kernel killed the run (24 GB)."""
+    make_image_folder(tmp_path / "imgs", 1, 2)
+    lst = tmp_path / "list.txt"
+    lst.write_text("imgs/class_00/img_000.JPEG 0\nimgs/class_00/img_001.JPEG 999999999999\n")
+    with pytest.raises(DataLayoutError, match=r"list.txt:2: label 999999999999 .*at most 999999\)"):
+        scan_source(lst)
+
+
 def test_a_binary_file_given_as_a_file_list_or_subset_is_named_not_a_decode_error(tmp_path):
     from fastssl.eval.errors import EvalError
     from fastssl.eval.subsets import read_subset_lines

@@ -499,8 +499,10 @@ def test_a_temperature_that_is_not_a_positive_finite_number_is_named(field: str,
     ("train", "seed", -1, r"train.seed: must lie in \[0, 4294967295\], got -1"),  # was NumPy's ValueError
     ("train", "seed", 10**23, r"train.seed: must lie in \[0, 4294967295\]"),
     ("optim", "momentum", 1.0, r"optim.momentum: must lie in \[0, 1\), got 1.0"),
+    ("model", "embed_dim", 10**20, r"model.embed_dim: must lie in \[1, 65536\]"),  # a torch traceback
+    ("data", "image_size", 100_000, r"data.image_size: must lie in \[8, 4096\] pixels"),  # a MemoryError
 ])
-def test_a_seed_or_momentum_out_of_range_is_named(section: str, field: str, value: float, message: str) -> None:
+def test_a_value_out_of_range_is_named(section: str, field: str, value: float, message: str) -> None:
     from fastssl.config import ConfigError
     from fastssl.distill.config import validate
 

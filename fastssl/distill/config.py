@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 
 from fastssl.arg_types import MAX_SEED
-from fastssl.config import ConfigError, non_finite_errors, positive_number
+from fastssl.config import MAX_WIDTH, ConfigError, non_finite_errors, positive_number
+from pipelines.augment import MAX_CROP, MIN_CROP
 
 SOURCES = ("cifar100", "cifar10", "folder")
 
@@ -117,8 +118,8 @@ def config_errors(cfg: DistillConfig) -> list[str]:
     if d.source == "folder" and not (d.train and d.val):
         e.append("data.train/data.val: the folder source needs both; pass --data.train DIR --data.val DIR "
                  "(ImageNet layout: <class>/<image>)")
-    if d.image_size < 8:
-        e.append(f"data.image_size: must be >= 8 pixels, got {d.image_size}")
+    if not MIN_CROP <= d.image_size <= MAX_CROP:
+        e.append(f"data.image_size: must lie in [{MIN_CROP}, {MAX_CROP}] pixels, got {d.image_size}")
     if d.num_workers < 0:
         e.append(f"data.num_workers: must be >= 0 (0: load in the main process), got {d.num_workers}")
     for name in ("student",):
@@ -126,8 +127,8 @@ def config_errors(cfg: DistillConfig) -> list[str]:
             e.append(f"model.{name}: unknown {getattr(m, name)!r}; choose one of {', '.join(CLASSIFIER_ARCHS)}")
     if m.stem not in ("cifar", "imagenet"):
         e.append(f"model.stem: unknown {m.stem!r}; choose cifar or imagenet")
-    if m.embed_dim < 1:
-        e.append(f"model.embed_dim: must be positive, got {m.embed_dim}")
+    if not 1 <= m.embed_dim <= MAX_WIDTH:
+        e.append(f"model.embed_dim: must lie in [1, {MAX_WIDTH}], got {m.embed_dim}")
     for name in ("ce_weight", "kd_weight", "mi_weight"):
         value = getattr(lo, name)
         if not (math.isfinite(value) and value >= 0):
