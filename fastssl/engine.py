@@ -13,6 +13,7 @@ turns them into exit code 2. A diverged run never writes a checkpoint.
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from fastssl import checkpoint as ckpt
 from fastssl import runtime
 from fastssl.agreement import check_processes_agree, check_same_config
 from fastssl.collectives import all_gather_rows
-from fastssl.config import Config, eval_view, synced_batchnorm, to_dict, validate
+from fastssl.config import Config, ConfigError, eval_view, synced_batchnorm, to_dict, validate
 from fastssl.eval.online import OnlineKnn
 from fastssl.method import StepParts, train_step
 from fastssl.models import MiraNetwork, make_teacher, unwrap
@@ -36,9 +37,9 @@ from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_eval_failure,
-                              after_write_failure, continue_advice, out_of_memory_advice)
+                              after_write_failure, continue_advice, latest_run_hint, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
-from fastssl.run_dir import check_run_dir, create_run_dir, finished_run, run_info, stamp_run_dir
+from fastssl.run_dir import RUN_DIR_TIME, check_run_dir, create_run_dir, finished_run, run_info, stamp_run_dir
 from fastssl.run_log import RunLog, write_run_json
 from fastssl.runtime import GracefulStop, build_accelerator, failing_together, seed_everything
 from fastssl.schedules import scaled_lr, step_schedule
@@ -63,7 +64,7 @@ class Run:
     knn: OnlineKnn | None
     state: ckpt.TrainState
     results: dict
-    log: RunLog
+    log: RunLog | None  # None: a finished run resumed, which has nothing to do and rewrites no record
     saved_step: int | None  # the step of the checkpoint on disk (None: none yet)
 
 
@@ -82,8 +83,7 @@ def train(cfg: Config, resume: bool | str = False, command: list[str] | None = N
     time_limit_warning = runtime.GracefulStop(("SIGUSR1",))
     try:
         run = set_up(cfg, resume, command)
-        if run.saved_step is not None and run.state.epoch >= cfg.train.epochs:  # resumed after the end (a requeue)
-            run.log.close()
+        if run.log is None:  # resumed after the end (a requeue)
             run.parts.accelerator.print(finished_run(run.run_dir, cfg.train.epochs, run.state.step))
             return run.results
         return train_epochs(run, time_limit_warning)
@@ -97,6 +97,11 @@ def set_up(cfg: Config, resume: bool | str, command: list[str] | None) -> Run:
     networks, the checkpoint. Set-up fails on every process or none (`failing_together`): a node whose
     copy of the data or view of the run directory is wrong would otherwise fail alone, the others
     waiting for it in a collective."""
+    if resume and RUN_DIR_TIME in cfg.train.run_dir:  # every start would name a new directory: never a resume
+        a_start = Path(cfg.train.run_dir.replace(RUN_DIR_TIME, "_"))  # its siblings are the earlier starts
+        raise ConfigError(f"train.run_dir: {cfg.train.run_dir!r} names a new directory at every start ({RUN_DIR_TIME} "
+                          f"is the start time), so --resume{' auto' if resume == 'auto' else ''} could never "
+                          f"continue it; pass the run's own directory{latest_run_hint(a_start, command)}")
     auto, resume = resume == "auto", ckpt.resolve_resume(resume, Path(cfg.train.run_dir))  # before any rank saves
     validate(cfg)
     accelerator = build_accelerator(cfg.train)
@@ -128,10 +133,12 @@ def set_up(cfg: Config, resume: bool | str, command: list[str] | None) -> Run:
             results["knn"] = [k for k in results["knn"] if k["epoch"] <= state.epoch]
     check_processes_agree(accelerator, loader, state, run_dir, own_state_missed)
     saved_step = state.step if resume else None
-    try:
-        log = open_records(cfg, run_dir, parts, resume, warned, state.step, command)  # once a resume is sure to go on
-    except ckpt.CheckpointError as err:
-        raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
+    log = None  # a finished run resumed (a requeue): nothing to do, and its records stay as they are
+    if not (resume and state.epoch >= cfg.train.epochs):
+        try:
+            log = open_records(cfg, run_dir, parts, resume, warned, state.step, command)  # a resume sure to go on
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     if auto:
         accelerator.print(f"--resume auto: {f'continuing from step {state.step}' if resume else 'no checkpoint, starting'}"
                           f" the run in {run_dir}")
@@ -172,8 +179,10 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
                     with failing_together(accelerator):
                         log.epoch(epoch_row)
                     save(cfg, run_dir, parts, state, guard, loader)
+                    measure = (f"once the folder is fixed, measure the k-NN with: python tools/eval_knn.py "
+                               f"{shlex.quote(str(run_dir))} (--val DIR for another folder)")
                     advice = after_eval_failure(command, run_dir, state.epoch,
-                                                " (or without the k-NN: add --data.val '')")
+                                                " (or without the k-NN: add --data.val '')", measure if last else None)
                     raise DataLayoutError(f"{err}; {advice}") from err
                 results["knn"].append({"epoch": state.epoch, **scores})
                 epoch_row.update(knn_top1=scores["top1"], knn_top5=scores["top5"])

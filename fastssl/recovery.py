@@ -157,9 +157,14 @@ def after_write_failure(command: list[str] | None, run_dir: Path, saved_step: in
     return f"then continue from the checkpoint of step {saved_step} with: {rerun_command(command, run_dir)}"
 
 
-def after_eval_failure(command: list[str] | None, run_dir: Path, epoch: int, alternative: str = "") -> str:
+def after_eval_failure(command: list[str] | None, run_dir: Path, epoch: int, alternative: str = "",
+                       after_last: str | None = None) -> str:
     """How to go on when the evaluation after an epoch found its images unreadable: the epoch was
-    saved first. `alternative`: how to go on without that evaluation, where a run can."""
+    saved first. `alternative`: how to go on without that evaluation, where a run can. After the
+    last epoch a resume has nothing left to do (it would exit 0 without the evaluation), so the
+    words say so and end with `after_last`: how that evaluation can still be had."""
+    if after_last is not None:
+        return f"every epoch ({epoch}) is trained and saved, so a resume has nothing left to do; {after_last}"
     return (f"epoch {epoch} is saved: once the folder is fixed, continue with {rerun_command(command, run_dir)}"
             f"{alternative}")
 

@@ -115,7 +115,13 @@ def resume_changes(saved: dict, now: dict, default: dict, free: set[str], with_w
     `free` fields change what the run reads or shows, not what it computes; `with_warning` fields change
     the computation in a way a user may want (how a diverged run goes on with a lower learning rate): they
     are printed as a warning (when `warn`) and returned as {field: [the run's, this command's]} for the
-    run's record. A field the saved run predates counts as its `default`."""
+    run's record. A field the saved run predates counts as its `default`. A run of the other trainer
+    (its config has sections this one lacks) is named as such, not as a list of every field."""
+    foreign = sorted(set(saved) - set(default))
+    if foreign:
+        raise ConfigError(f"--resume: {run_dir} holds a run of another trainer (its saved config has the sections "
+                          f"{', '.join(foreign)}, which this recipe's config has not); resume it with the recipe "
+                          f"that started it (run_info.json names it), or pass another --train.run_dir")
     changes = config_changes(saved, now, default) - free
     values = {name: [saved.get(section, {}).get(field, default[section][field]), now[section][field]]
               for name in changes for section, field in [name.split(".")]}

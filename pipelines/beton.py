@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from pipelines.cores import torch_threads_kept
 
@@ -27,10 +30,29 @@ def summary_path(beton: str | Path) -> Path:
     return Path(f"{beton}.json")
 
 
+def layout_damage(reader: Any, file_size: int) -> str:
+    """What does not add up in a .beton's layout ("" when all does), from what FFCV's `Reader` read:
+    its samples' metadata, and its allocation table, which runs from `alloc_table_ptr` to the end of
+    the file and locates every sample's stored image, all before the table."""
+    header, table = reader.header, reader.alloc_table
+    table_bytes = file_size - int(header["alloc_table_ptr"])
+    if table_bytes < 0 or table_bytes % table.dtype.itemsize:
+        return f"its allocation table (the file's last {table_bytes} bytes) is not a whole number of entries"
+    if len(reader.metadata) != reader.num_samples:
+        return f"the header lists {reader.num_samples} images, the metadata holds {len(reader.metadata)}"
+    if len(table) and int((table["ptr"] + table["size"]).max()) > int(header["alloc_table_ptr"]):
+        return "an image's data runs past the start of the allocation table"
+    stored = len(np.unique(table["sample_id"])) if len(table) else 0
+    if stored != reader.num_samples:
+        return f"the header lists {reader.num_samples} images, the allocation table locates {stored}"
+    return ""
+
+
 def check_beton(path: str | Path) -> list[str]:
     """Validate a `.beton` before training; returns its class names (label order) when known.
 
-    Reads only the header (FFCV's `Reader`), so it is cheap enough to run on every start.
+    Reads only the header, metadata and allocation table (FFCV's `Reader`), not the images, so it is
+    cheap enough to run on every start; a file cut short is named here (`layout_damage`).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -50,6 +72,10 @@ def check_beton(path: str | Path) -> list[str]:
     if not {IMAGE_FIELD, LABEL_FIELD} <= names:
         raise BetonError(f"{str(path)!r} has fields {sorted(names)}, not {IMAGE_FIELD!r} and {LABEL_FIELD!r}; "
                          f"{CONVERT_HINT}")
+    damage = layout_damage(reader, path.stat().st_size)
+    if damage:  # FFCV's reader thread would die on it mid-epoch, and leave the training loop waiting
+        raise BetonError(f"{str(path)!r} is damaged: {damage} (a copy or a download cut short?); copy it again, "
+                         f"or {CONVERT_HINT}")
     classes: list[str] = []
     try:
         classes = list(json.loads(summary_path(path).read_text())["classes"])

@@ -63,7 +63,7 @@ from numba.extending import intrinsic
 
 from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
-from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, check_beton
+from pipelines.beton import CONVERT_HINT, IMAGE_FIELD, LABEL_FIELD, BetonError, check_beton
 from pipelines.cpu_augment import augment_crop_u8, crop_params
 from pipelines.device_augment import augment_views, normalize_crops
 from pipelines.folder import check_class_count, check_not_splits
@@ -253,6 +253,35 @@ _LIVE_LOADERS: "weakref.WeakSet[FfcvLoader]" = weakref.WeakSet()
 EPOCH_THREAD_JOIN_S = 120.0  # FFCV's thread finishes its batch in flight, then sees the stop
 
 
+READER_POLL_S = 1.0  # how often the training thread, waiting for a batch, looks whether FFCV's thread is alive
+
+
+def _delivered(epoch_it: EpochIterator, path: str) -> Iterator[Any]:
+    """FFCV's batches, as iterating `epoch_it` gives them. FFCV's own `__next__` waits on its queue with
+    no timeout, so when its thread dies (an exception in its decoder: a .beton damaged inside) the
+    training thread waited forever, deaf even to SIGTERM; here it raises a BetonError instead."""
+    from ffcv.loader.epoch_iterator import IS_CUDA
+
+    while True:
+        try:
+            item = epoch_it.output_queue.get(timeout=READER_POLL_S)
+        except Empty:
+            if epoch_it.is_alive():
+                continue
+            try:  # its last put may have come just before it ended
+                item = epoch_it.output_queue.get_nowait()
+            except Empty:
+                raise BetonError(f"FFCV's reader of {path!r} stopped mid-epoch (its error is printed above): the "
+                                 f".beton is damaged; copy it again, or {CONVERT_HINT}") from None
+        if item is None:  # the end of the epoch
+            epoch_it.close()
+            return
+        slot, result = item
+        if IS_CUDA:  # as FFCV's __next__: the batch's copy to the device is done before it is used
+            epoch_it.current_stream.wait_stream(epoch_it.cuda_streams[slot])
+        yield result
+
+
 def _stop_epoch_thread(epoch_it: EpochIterator) -> None:
     """Stop FFCV's epoch thread and wait for it, then free its memory.
 
@@ -383,7 +412,7 @@ class FfcvLoader(ShardedLoader):
     def _batches(self, epoch_it: EpochIterator, plan: np.ndarray) -> Iterator[MultiCropBatch]:
         s, recipe = self.spec, self.spec.recipe
         offsets = np.concatenate([[0], np.cumsum([3 * v.size**2 for v in recipe.views()])])
-        for b, (rows, label) in enumerate(epoch_it):
+        for b, (rows, label) in enumerate(_delivered(epoch_it, s.path)):
             batch_no = self.start_batch + b
             g = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, s.rank, batch_no))  # host draws
             crops = [rows[:, offsets[v]:offsets[v + 1]].reshape(-1, view.size, view.size, 3)

@@ -147,10 +147,20 @@ def check_class_count(classes: Sequence[str], need_labels: bool, where: str, fou
 
 
 def walk_files(folder: str | os.PathLike) -> list[str]:
-    """Every file name under `folder`, links followed. From directory listings alone: no stat per
-    file, which on a network filesystem is what makes an ImageNet-sized scan take minutes."""
-    out = []
-    for dirpath, _, names in os.walk(folder, followlinks=True):
+    """Every file name under `folder`, links followed, each directory once and none above `folder`: a
+    link back up (`class/up -> ..`) listed the whole tree again under that class, as its images.
+    From directory listings (a few stats per directory, none per file): on a network filesystem a
+    stat per file is what makes an ImageNet-sized scan take minutes."""
+    root = os.path.realpath(folder)
+    out, seen = [], {root}
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        kept = []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real not in seen and not root.startswith(real + os.sep):  # not a link up to the root's parents
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept  # os.walk descends into these only
         out.extend(os.path.join(dirpath, n) for n in names)
     return out
 

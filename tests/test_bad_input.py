@@ -92,6 +92,15 @@ def test_single_label_file_list_warns(tmp_path):
     assert len(samples) == 3
 
 
+def test_a_link_back_up_the_tree_lists_each_image_once(tmp_path):
+    """`class_00/up -> ..` listed the whole tree again under class_00 (984 images from 24), as class_00's."""
+    make_image_folder(tmp_path / "train", 2, 3)
+    (tmp_path / "train" / "class_00" / "up").symlink_to("..")
+    samples, classes = scan_source(tmp_path / "train")
+    assert classes == ["class_00", "class_01"] and len(samples) == 6
+    assert sorted(label for _, label in samples) == [0, 0, 0, 1, 1, 1]
+
+
 def test_a_file_list_label_past_any_class_count_is_named_before_the_classes_are_listed(tmp_path):
     """The classes of a file list are 0..its largest label: 999999999999 listed that many names until the
     kernel killed the run (24 GB)."""
@@ -180,9 +189,12 @@ def test_a_knn_whose_val_images_are_all_unreadable_keeps_the_epoch_and_exits_2(t
               "--data.num_workers", "0", "--train.epochs", "1", "--eval.knn_at_start", "false",
               "--eval.knn_every", "1")
     assert_clean_error(out, "the k-NN's queries (val) has no readable image")
-    assert "epoch 1 is saved" in out.stderr and "--resume" in out.stderr
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     assert (tmp_path / "run" / "epochs.csv").read_text().count("\n") == 2  # the header and the epoch's row
+    # The last epoch's: a --resume would find the run finished and exit 0 without any k-NN; the advice is the tool.
+    assert "every epoch (1) is trained and saved, so a resume has nothing left to do" in out.stderr
+    measure = out.stderr.split("measure the k-NN with: ", 1)[1].split(" (--val DIR")[0]
+    assert measure == f"python tools/eval_knn.py {tmp_path / 'run'}", out.stderr
 
 
 def test_recipe_with_a_queue_longer_than_the_data_exits_2_before_any_output(tmp_path):

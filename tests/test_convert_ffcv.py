@@ -167,6 +167,44 @@ def test_loader_names_the_converter_for_a_missing_or_foreign_file(tmp_path):
         check_beton(tmp_path / "junk.beton")
 
 
+def test_a_beton_cut_short_is_named_before_training(conv, tmp_path):
+    """A .beton missing its last 100 bytes passed the header check; FFCV's reader thread then died on it
+    mid-epoch and the training loop waited for it forever (deaf to SIGTERM). Every cut is now named."""
+    from pipelines.beton import BetonError, check_beton
+
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=4)
+    whole = tmp_path / "whole.beton"
+    conv.convert(src, whole, num_workers=1, progress=False)
+    assert check_beton(whole) == ["class_00", "class_01"]
+    data = whole.read_bytes()
+    for cut in (1, 16, 24, 100, 1000):  # into the allocation table's last entry, a whole entry, more
+        short = tmp_path / f"cut{cut}.beton"
+        short.write_bytes(data[:-cut])
+        with pytest.raises(BetonError, match=rf"cut{cut}.beton' is (damaged|not a readable .beton)"):
+            check_beton(short)
+
+
+def test_a_dead_ffcv_reader_thread_ends_the_epoch_with_an_error_not_a_wait():
+    """FFCV's __next__ waits on its queue with no timeout: a reader thread that died left the loop waiting."""
+    import queue
+    import types
+
+    from pipelines.beton import BetonError
+    from pipelines.ffcv import _delivered
+
+    def reader(items: list, alive: bool) -> types.SimpleNamespace:
+        q = queue.Queue()
+        for item in items:
+            q.put(item)
+        return types.SimpleNamespace(output_queue=q, is_alive=lambda: alive, close=lambda: None)
+
+    assert list(_delivered(reader([(0, "a"), (1, "b"), None], alive=True), "x.beton")) == ["a", "b"]
+    assert list(_delivered(reader([(0, "a"), None], alive=False), "x.beton")) == ["a"]  # ended after its last put
+    with pytest.raises(BetonError, match="FFCV's reader of 'x.beton' stopped mid-epoch"):
+        list(_delivered(reader([(0, "a")], alive=False), "x.beton"))
+
+
 # --------------------------------------------------------------------------- never hangs, nothing left behind
 
 

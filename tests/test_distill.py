@@ -244,6 +244,14 @@ def test_a_val_split_with_no_readable_image_keeps_the_epoch_and_exits_2(tmp_path
         p.write_bytes(data)
     results = run(DistillConfig(), err.split("continue with python distill.py ", 1)[1].split(), prog="distill.py")
     assert [r["epoch"] for r in results["top1"]] == [2] and (run_dir / CLASSIFIER_NAME).is_file()
+    for p in kept:  # unreadable at the last epoch: a resume would find the run finished, so that is said
+        p.write_bytes(b"not an image")
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="skipping unreadable image"):
+        run(DistillConfig(), tiny_args(tmp_path, "last", "--model.teacher", str(teacher), "--train.epochs", "1",
+                                       "--train.steps_per_epoch", "2"), prog="distill.py")
+    err = capsys.readouterr().err
+    assert (f"every epoch (1) is trained and saved, so a resume has nothing left to do; the student is in "
+            f"{tmp_path / 'last' / CLASSIFIER_NAME}, its top-1 not measured") in err, err
 
 
 def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
@@ -473,8 +481,16 @@ def test_bad_teacher_and_kd_without_teacher_exit_2(tmp_path: Path, capsys) -> No
     torch.save({"state_dict": {}}, bad)
     wrong = tmp_path / "wrong.pt"
     save_classifier(build_classifier("resnet8", 2), "resnet20", 2, "cifar", wrong)  # weights of another arch
+    counts = {}  # a teacher file whose class count is missing (a KeyError) or text ("the teacher predicts 2
+    for name, value in (("no_count", None), ("text_count", "2")):  # classes, the data has 2")
+        data = torch.load(wrong, weights_only=False)
+        data.pop("num_classes") if value is None else data.update(num_classes=value)
+        counts[name] = tmp_path / f"{name}.pt"
+        torch.save(data, counts[name])
     for extra, message in ((["--model.teacher", str(bad)], "is not a teacher checkpoint"),
                            (["--model.teacher", str(wrong)], "does not hold a resnet20 for 2 classes"),
+                           (["--model.teacher", str(counts["no_count"])], "records None as its number of classes"),
+                           (["--model.teacher", str(counts["text_count"])], "records '2' as its number of classes"),
                            ([], "KD and the ML-CPC term need a teacher")):
         with pytest.raises(SystemExit) as exc:
             run(DistillConfig(), tiny_args(tmp_path, "run", *extra))

@@ -280,13 +280,18 @@ def test_truncated_checkpoint_is_named_with_the_fix_and_exits_2(tmp_path, capsys
 
 @pytest.mark.parametrize("name, holds", [("results.json", "the run's evaluation history"),
                                          ("run_info.json", "the run's record (machines, software, recipe)")])
-def test_a_damaged_results_or_run_info_file_is_named_on_resume_and_exits_2(tmp_path, capsys, name, holds):
+def test_a_damaged_results_or_run_info_file_is_named_on_resume_and_exits_2(tmp_path, capsys, monkeypatch, name,
+                                                                            holds):
     """results.json holds the k-NN history a resume continues, run_info.json the machines it ran on:
     a damaged one is named, not replaced, and the refused resume leaves the run's record
     (config.json, run_info.json) as it was, even with a field a resume may change (it would
     otherwise be recorded as the run's config)."""
-    cfg = quick_config(tmp_path, epochs=1)
-    engine.train(cfg)
+    cfg = quick_config(tmp_path, epochs=2)
+    StopAt.counter[0], StopAt.step = 0, 2
+    with monkeypatch.context() as patched:  # stopped at step 2 of 6: a resume has work left, and reads the records
+        patched.setattr(engine, "GracefulStop", StopAt)
+        patched.setattr(engine, "train_step", counting(engine.train_step))
+        engine.train(cfg)
     run_dir = Path(cfg.train.run_dir)
     path = run_dir / name
     path.write_text("x")
@@ -424,12 +429,15 @@ def test_the_run_directory_is_refused_before_the_data_is_listed(tmp_path, monkey
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):
-    """A requeue after the end (--resume auto) or a repeated command: one line; the checkpoint,
-    logs and results stay as they were (run_info.json records the attempt, as any resume)."""
+    """A requeue after the end (--resume auto) or a repeated command: one line; the checkpoint, logs,
+    results and records stay as they were. A resume with a changed lr trained nothing but rewrote
+    config.json with the new lr and added the change to run_info.json, as if it had run."""
+    import copy
+
     cfg = quick_config(tmp_path, epochs=1)
     first = engine.train(cfg)
     run_dir = Path(cfg.train.run_dir)
-    kept = ("checkpoint.pt", "train_log.csv", "epochs.csv", "results.json", "config.json")
+    kept = ("checkpoint.pt", "train_log.csv", "epochs.csv", "results.json", "config.json", "run_info.json")
     before = {name: (run_dir / name).read_bytes() for name in kept}
     capsys.readouterr()
     again = engine.train(cfg, resume="auto")
@@ -437,6 +445,42 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):
     assert out.rstrip().endswith(f"the run in {run_dir} has finished its 1 epoch (step 3): nothing to do"), out
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
     assert again == json.loads(json.dumps(first))
+    changed = copy.deepcopy(cfg)
+    changed.optim.base_lr /= 2
+    engine.train(changed, resume=True)
+    assert capsys.readouterr().out.rstrip().endswith("nothing to do")
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
+
+
+def test_a_resume_of_the_other_trainers_run_names_it(tmp_path):
+    """A distillation run's directory resumed by a self-supervised recipe listed about 20 "fields that
+    differ" with this recipe's defaults as the run's values; it is now named for what it is."""
+    from fastssl.distill.config import DistillConfig, to_dict as distill_dict
+
+    cfg = quick_config(tmp_path, epochs=1)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True)
+    torch.save({"config": distill_dict(DistillConfig())}, run_dir / "checkpoint.pt")  # the config it keeps
+    with pytest.raises(ConfigError, match=r"holds a run of another trainer \(its saved config has the sections "
+                                          r"loss, .*resume it with the recipe that started it") as info:
+        engine.train(cfg, resume=True)
+    assert "differ" not in str(info.value)
+
+
+def test_a_resume_of_a_run_directory_named_by_its_start_time_is_refused(tmp_path):
+    """`runs/demo/{time}` names a new directory at every start: `--resume auto` (a SLURM requeue) started
+    afresh in a new one each time, from step 0, and `--resume` could never find its checkpoint."""
+    cfg = quick_config(tmp_path, epochs=1)
+    cfg.train.run_dir = str(tmp_path / "runs" / "{time}")
+    for resume in ("auto", True):
+        with pytest.raises(ConfigError, match=r"train.run_dir: .*\{time\} is the start time\), so --resume"):
+            engine.train(cfg, resume=resume)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "20261207-101500").mkdir(parents=True)  # an earlier start, with its checkpoint
+    (tmp_path / "runs" / "20261207-101500" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"to continue the latest run in .*runs: python recipes/mira_demo.py "
+                                          r"--resume --train.run_dir .*runs/20261207-101500$"):
+        engine.train(cfg, resume="auto", command=["python", "recipes/mira_demo.py", "--resume", "auto"])
 
 
 # ---- out of device memory ---------------------------------------------------------------------------------------

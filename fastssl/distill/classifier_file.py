@@ -41,6 +41,10 @@ def load_teacher(path: str, num_classes: int) -> tuple[Classifier, str]:
             or data.get("arch") not in CLASSIFIER_ARCHS):
         raise ConfigError(f"model.teacher: {str(p)!r} is not a teacher checkpoint (format {CLASSIFIER_FORMAT!r} "
                           f"with a known arch); pass a {CLASSIFIER_NAME} written by this trainer")
+    classes = data.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:  # a damaged or edited file
+        raise ConfigError(f"model.teacher: {str(p)!r} records {classes!r} as its number of classes, not a count; "
+                          f"pass a {CLASSIFIER_NAME} written by this trainer")
     if data["num_classes"] != num_classes:
         raise ConfigError(f"model.teacher: the teacher predicts {data['num_classes']} classes, the data has "
                           f"{num_classes}; use a teacher trained on the same dataset")

@@ -249,9 +249,12 @@ def end_epoch(run: DistillRun, started: float) -> None:
         except DataLayoutError as err:  # no val image could be read: keep the epoch's training, then say so
             run.epochs_log.append(row)
             save(run)
+            exported = None
             if last:  # a resume would find the run finished
                 export_classifier(run)
-            raise DataLayoutError(f"{err}; {after_eval_failure(run.command, run.run_dir, state.epoch)}") from err
+                exported = f"the student is in {run.run_dir / CLASSIFIER_NAME}, its top-1 not measured"
+            advice = after_eval_failure(run.command, run.run_dir, state.epoch, after_last=exported)
+            raise DataLayoutError(f"{err}; {advice}") from err
         run.results["top1"].append({"epoch": state.epoch, "top1": row["top1"]})
     run.epochs_log.append(row)
     print(f"epoch {state.epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}"
