@@ -104,15 +104,14 @@ def exit_with(err: Exception | str) -> NoReturn:
 def sizes_that_fit(flags: str) -> Iterator[None]:
     """Around a benchmark whose sizes come from the command line: sizes that do not fit in memory (the
     host's or the device's) exit 2 naming the flags to lower, not with an allocator's traceback."""
-    import torch
+    from fastssl.recovery import is_out_of_memory
 
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError) \
-                and "can't allocate memory" not in said:
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
             raise
+        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         exit_with(f"out of memory at these sizes ({said[:160]}); lower {flags}")
 
 

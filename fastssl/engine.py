@@ -37,7 +37,8 @@ from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_eval_failure,
-                              after_write_failure, continue_advice, latest_run_hint, out_of_memory_advice)
+                              after_write_failure, continue_advice, is_out_of_memory, latest_run_hint,
+                              out_of_memory_advice)
 from fastssl.relaunch import rerun_command
 from fastssl.run_dir import RUN_DIR_TIME, check_run_dir, create_run_dir, finished_run, run_info, stamp_run_dir
 from fastssl.run_log import RunLog, write_run_json
@@ -196,7 +197,9 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
         raise TrainingDiverged(f"{err}; {continue_advice(cfg, command, run_dir, saved_step, accelerator)}") from err
     except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
-    except torch.OutOfMemoryError:  # a batch too large for the device: a setting to change, not a crash
+    except (RuntimeError, MemoryError) as err:  # a batch too large for the device: a setting to change, not a crash
+        if not is_out_of_memory(err):
+            raise
         raise OutOfDeviceMemory(out_of_memory_advice(cfg, accelerator, state.step, command, run_dir, saved_step,
                                                      knn=knn is not None)) from None
     finally:

@@ -118,6 +118,14 @@ class OutOfDeviceMemory(RuntimeError):
     """The training device ran out of memory; the message says what to change and how to go on."""
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation that failed: a GPU's (torch.OutOfMemoryError), Python's MemoryError,
+    or torch's CPU allocator, which raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory: you tried to allocate ... bytes")."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
 def out_of_memory_advice(cfg: Config, accelerator: Accelerator, step: int, command: list[str] | None, run_dir: Path,
                          saved_step: int | None, knn: bool = True) -> str:
     """What filled the device and how to go on: fewer images per process (more processes, which a

@@ -485,27 +485,37 @@ def test_a_resume_of_a_run_directory_named_by_its_start_time_is_refused(tmp_path
 
 # ---- out of device memory ---------------------------------------------------------------------------------------
 
-def out_of_memory_at(step: int):
-    """A train_step that fails as a CUDA allocation would, at its `step`-th call."""
+ALLOCATION_FAILURES = {  # what a failed allocation raises: the GPU's, torch's CPU allocator's, Python's
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                           "capacity of 79.19 GiB of which 1.02 GiB is free."),
+    "host": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 4096000000 bytes. Error code 12"),
+    "python": MemoryError,
+}
+
+
+def out_of_memory_at(step: int, kind: str = "cuda"):
+    """A train_step that fails as an allocation of `kind` would, at its `step`-th call."""
     real, count = engine.train_step, [0]
 
     def step_fn(*args, **kwargs):
         count[0] += 1
         if count[0] == step:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
-                                         "capacity of 79.19 GiB of which 1.02 GiB is free.")
+            raise ALLOCATION_FAILURES[kind]()
         return real(*args, **kwargs)
     return step_fn
 
 
-@pytest.mark.parametrize("fails_at, saved", [(2, None), (5, 3)])
+@pytest.mark.parametrize("fails_at, saved, kind", [(2, None, "cuda"), (5, 3, "cuda"), (2, None, "host"),
+                                                   (5, 3, "python")])
 def test_out_of_device_memory_exits_2_with_the_batch_per_process_and_the_command(tmp_path, monkeypatch, capsys,
-                                                                                 fails_at, saved):
-    """A batch too large for the GPU is a setting to change: one line naming the images per process
-    and the fixes, then the command that goes on (from the checkpoint kept on disk, if any)."""
+                                                                                 fails_at, saved, kind):
+    """A batch too large for the GPU (or, on a CPU, for the host: a traceback until now) is a setting to
+    change: one line naming the images per process and the fixes, then the command that goes on (from
+    the checkpoint kept on disk, if any)."""
     cfg = quick_config(tmp_path, epochs=2)  # 3 steps per epoch, a checkpoint per epoch
     run_dir = Path(cfg.train.run_dir)
-    monkeypatch.setattr(engine, "train_step", out_of_memory_at(fails_at))
+    monkeypatch.setattr(engine, "train_step", out_of_memory_at(fails_at, kind))
     code, _, err = exit_of(cfg, [], capsys)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     per_process = cfg.train.global_batch_size
