@@ -179,7 +179,18 @@ def after_eval_failure(command: list[str] | None, run_dir: Path, epoch: int, alt
 
 def continue_advice(cfg: Config, command: list[str] | None, run_dir: Path, saved_step: int | None,
                     accelerator: Accelerator) -> str:
-    """How to go on after a divergence: from the last good checkpoint, with a lower learning rate."""
+    """How to go on after a divergence: from the last good checkpoint, with a lower learning rate; or,
+    when the schedule's start or end lr lies above its peak (base_lr x batch / 256), that one first."""
+    from fastssl.schedules import scaled_lr
+
+    peak = scaled_lr(cfg.optim.base_lr, cfg.train.global_batch_size)
+    above = [f"--optim.{name} {getattr(cfg.optim, name):g}" for name in ("warmup_start_lr", "final_lr")
+             if getattr(cfg.optim, name) > peak]
+    if above:  # not a field a resume may change: a new run
+        return (f"{' and '.join(above)} {'lies' if len(above) == 1 else 'lie'} above the schedule's peak lr "
+                f"({peak:g}, from --optim.base_lr), the "
+                f"likely cause; a resume cannot change them: start a new run (another --train.run_dir) with "
+                f"lower values")
     precision = (" (or --train.precision no instead of mixed precision)"
                  if accelerator.mixed_precision in ("bf16", "fp16") else "")
     return lower_lr_advice(command, run_dir, saved_step, "optim.base_lr", cfg.optim.base_lr, precision)

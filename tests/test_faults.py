@@ -611,6 +611,22 @@ def test_divergence_advice_resumes_the_last_good_checkpoint_with_a_lower_lr(tmp_
         engine.train(cfg, resume=True)
 
 
+def test_divergence_advice_names_a_start_or_end_lr_above_the_peak(tmp_path):
+    """`--optim.final_lr 1e30` diverged, and the advice was a 10x lower base_lr (the lr that was not the
+    cause) on a resume; the schedule's ends cannot change on a resume either."""
+    from types import SimpleNamespace
+
+    cfg = quick_config(tmp_path)
+    cfg.optim.final_lr = 1e30
+    advice = recovery.continue_advice(cfg, ["python", "r.py"], Path(cfg.train.run_dir), 3,
+                                      SimpleNamespace(mixed_precision="no"))
+    assert advice.startswith("--optim.final_lr 1e+30 lies above the schedule's peak lr (") and "--resume" not in advice
+    assert "a resume cannot change them: start a new run (another --train.run_dir) with lower values" in advice
+    cfg.optim.final_lr = 0.0
+    assert "a lower --optim.base_lr" in recovery.continue_advice(cfg, ["python", "r.py"], Path(cfg.train.run_dir), 3,
+                                                                 SimpleNamespace(mixed_precision="no"))
+
+
 class StopAt:
     """Replaces GracefulStop: asks to stop once `step` steps ran (as a SIGINT would)."""
 
