@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     try:  # a failed write (a full disk, a folder of that name) keeps the file it would have replaced
         if "torchvision" in formats:
             written["torchvision"] = out_dir / f"{path.stem}_tv_detection.pth"
-            replaced.update({"torchvision"} if written["torchvision"].exists() else set())
+            if written["torchvision"].exists():
+                replaced.add("torchvision")
             atomic_write(written["torchvision"], lambda f: torch.save(body, f))
         if d2 is not None:
             written["detectron2"] = out_dir / f"{path.stem}_detectron2.pkl"
-            replaced.update({"detectron2"} if written["detectron2"].exists() else set())
+            if written["detectron2"].exists():
+                replaced.add("detectron2")
             atomic_write(written["detectron2"], lambda f: pickle.dump(d2, f))
     except OSError as err:
         exit_with(f"{str(list(written.values())[-1])!r} could not be written ({err.strerror or err}); free space "
