@@ -44,7 +44,7 @@ from pipelines.beton_convert import convert
 from pipelines.cores import usable_cores
 from pipelines.folder import DataLayoutError
 
-ALL_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")
+ALL_BACKENDS = loader_bench.BACKEND_ORDER
 # Opt-in ablations (name -> backend, DataConfig overrides and MultiCropRecipe overrides), measured only
 # when named in --backends.
 VARIANTS = {"dali-gpu-graph": ("dali", {"dali_cpu_fast": False}, {}),  # the GPU's DALI graph run on the CPU

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from fastssl.arg_types import comma_list, int_at_least, one_of
+from fastssl.bench.loaders import BACKEND_ORDER
 from fastssl.bench.profile import PARTIAL_REPORT, ProfileSettings, configure, run_profile
 from fastssl.cli import ToolArgumentParser, without_worker_traceback
 from fastssl.config import ConfigError
@@ -55,7 +56,6 @@ from pipelines.folder import DataLayoutError
 from pipelines.spec import BACKENDS, LoaderUnavailable
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mira_demo.py"
-DEFAULT_BACKENDS = ("torchvision", "dali", "ffcv", "synthetic")  # the loader stage's, in its table's order
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two report directories or JSON files")
     ap.add_argument("--gpus", type=int_at_least(1), default=1,
                     help="processes of the real run: this one gets global batch / G")
-    ap.add_argument("--backends", type=comma_list(one_of(list(BACKENDS))), default=list(DEFAULT_BACKENDS),
-                    help=f"loaders for the loader-only stage (default {','.join(DEFAULT_BACKENDS)})")
+    ap.add_argument("--backends", type=comma_list(one_of(list(BACKENDS))), default=list(BACKEND_ORDER),
+                    help=f"loaders for the loader-only stage (default {','.join(BACKEND_ORDER)})")
     ap.add_argument("--beton", help="the data as a .beton for ffcv (default: converted into a temporary folder "
                     "under --out, deleted at the end)")
     ap.add_argument("--workers", type=int_at_least(-1), default=-1,

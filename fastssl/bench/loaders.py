@@ -20,10 +20,13 @@ import torch
 if TYPE_CHECKING:
     from pipelines.sampler import ShardedLoader
 
-__all__ = ["available", "device_used_mb", "EpochTiming", "time_epoch", "interleaved_rates", "summarize"]
+__all__ = ["BACKEND_ORDER", "available", "device_used_mb", "EpochTiming", "time_epoch", "interleaved_rates", "summarize"]
 
 # The import that tells whether an optional backend is installed.
 BACKEND_MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+# The training loaders a loader benchmark measures by default, in its table's order
+# (tools/bench_loaders.py, tools/profile_throughput.py's loader stage).
+BACKEND_ORDER = ("torchvision", "dali", "ffcv", "synthetic")
 
 
 def available(backend: str) -> bool:
