@@ -286,6 +286,9 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path: Path, teac
     assert out.splitlines()[0] == f"the run in {run_dir} has finished its 1 epoch (step 2): nothing to do", out
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
     assert again == first
+    run(DistillConfig(), args + ["--resume", "--optim.lr", "0.001"])  # config.json took the new lr, as if it ran
+    assert "nothing to do" in capsys.readouterr().out
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

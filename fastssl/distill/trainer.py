@@ -204,7 +204,8 @@ def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) ->
         results = {"top1": [], **ckpt.read_results(run_dir)}
         results["top1"] = [r for r in results["top1"] if r["epoch"] <= state.epoch]
         results.pop("interrupted", None)
-    write_run_json(run_dir / "config.json", to_dict(cfg))
+    if not (resume and state.epoch >= cfg.train.epochs):  # a finished run resumed keeps its record (`train`)
+        write_run_json(run_dir / "config.json", to_dict(cfg))
     workers = cfg.data.num_workers
     # its own generator: evaluating must not draw from the global RNG (a resumed run would diverge)
     val_loader = DataLoader(ReadableItems(val_set), batch_size=256, shuffle=False, num_workers=workers,
