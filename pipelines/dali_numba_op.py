@@ -21,48 +21,28 @@ import compiles (or loads) the callbacks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
 from numba import carray, cfunc
 from numba import types as nbt
-from numba.core import cgutils
-from numba.extending import intrinsic
 from nvidia.dali import types
 from nvidia.dali.plugin.numba import NumbaFunction
 
 from pipelines.cpu_augment import apply_drawn_u8
-
-if TYPE_CHECKING:
-    from llvmlite import ir
-    from numba.core.base import BaseContext
-    from numba.core.typing.context import BaseContext as TypingContext
-    from numba.core.typing.templates import Signature
+from pipelines.numba_pointer import void_pointer
 
 SETUP_SIGNATURE = nbt.void(nbt.uint64, nbt.uint64, nbt.int32, nbt.uint64, nbt.uint64, nbt.int32, nbt.int32)
 RUN_SIGNATURE = nbt.void(nbt.uint64, nbt.uint64, nbt.uint64, nbt.int32, nbt.uint64, nbt.uint64, nbt.uint64, nbt.int32)
-
-
-@intrinsic
-def _pointer(typingctx: TypingContext, address: nbt.Type) -> tuple[Signature, Callable[..., Any]]:
-    """An int64 address as a void pointer, for `carray`."""
-    def codegen(context: BaseContext, builder: ir.IRBuilder, signature: Signature, args: Sequence[ir.Value]
-                ) -> ir.Value:
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return nbt.voidptr(address), codegen
 
 
 @cfunc(SETUP_SIGNATURE, nopython=True, cache=True)
 def _setup(out_shapes: int, out_ndims: int, num_outs: int, in_shapes: int, in_ndims: int, num_ins: int,
            num_samples: int) -> None:
     """Each sample's output crop has its input crop's shape (H, W, 3)."""
-    outs = carray(_pointer(out_shapes), (num_outs, num_samples), dtype=np.int64)
-    ins = carray(_pointer(in_shapes), (num_ins, num_samples), dtype=np.int64)
+    outs = carray(void_pointer(out_shapes), (num_outs, num_samples), dtype=np.int64)
+    ins = carray(void_pointer(in_shapes), (num_ins, num_samples), dtype=np.int64)
     for i in range(num_samples):
-        dst = carray(_pointer(outs[0, i]), 3, dtype=np.int64)
-        src = carray(_pointer(ins[0, i]), 3, dtype=np.int64)
+        dst = carray(void_pointer(outs[0, i]), 3, dtype=np.int64)
+        src = carray(void_pointer(ins[0, i]), 3, dtype=np.int64)
         for d in range(3):
             dst[d] = src[d]
 
@@ -71,15 +51,15 @@ def _setup(out_shapes: int, out_ndims: int, num_outs: int, in_shapes: int, in_nd
 def _run(out_data: int, out_shapes: int, out_ndims: int, num_outs: int, in_data: int, in_shapes: int, in_ndims: int,
          num_ins: int) -> None:
     """One sample: copy the crop, then run the steps it drew (`apply_drawn_u8`)."""
-    out_shape = carray(_pointer(carray(_pointer(out_shapes), 1, dtype=np.int64)[0]), 3, dtype=np.int64)
-    in_shape_table = carray(_pointer(in_shapes), 2, dtype=np.int64)
-    crop_shape = carray(_pointer(in_shape_table[0]), 3, dtype=np.int64)
-    drawn_shape = carray(_pointer(in_shape_table[1]), 1, dtype=np.int64)
-    in_table = carray(_pointer(in_data), 2, dtype=np.int64)
-    out = carray(_pointer(carray(_pointer(out_data), 1, dtype=np.int64)[0]),
+    out_shape = carray(void_pointer(carray(void_pointer(out_shapes), 1, dtype=np.int64)[0]), 3, dtype=np.int64)
+    in_shape_table = carray(void_pointer(in_shapes), 2, dtype=np.int64)
+    crop_shape = carray(void_pointer(in_shape_table[0]), 3, dtype=np.int64)
+    drawn_shape = carray(void_pointer(in_shape_table[1]), 1, dtype=np.int64)
+    in_table = carray(void_pointer(in_data), 2, dtype=np.int64)
+    out = carray(void_pointer(carray(void_pointer(out_data), 1, dtype=np.int64)[0]),
                  (out_shape[0], out_shape[1], out_shape[2]), dtype=np.uint8)
-    crop = carray(_pointer(in_table[0]), (crop_shape[0], crop_shape[1], crop_shape[2]), dtype=np.uint8)
-    drawn = carray(_pointer(in_table[1]), drawn_shape[0], dtype=np.float32)
+    crop = carray(void_pointer(in_table[0]), (crop_shape[0], crop_shape[1], crop_shape[2]), dtype=np.uint8)
+    drawn = carray(void_pointer(in_table[1]), drawn_shape[0], dtype=np.float32)
     out[:] = crop
     apply_drawn_u8(out, drawn)
 

@@ -34,7 +34,7 @@ import gc
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from queue import Empty
 from typing import TYPE_CHECKING, Any
@@ -52,14 +52,10 @@ with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.state import State
-    from ffcv.reader import Reader
     from ffcv.transforms import ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
 from numba import carray, njit
 from numba import set_num_threads as set_numba_threads
-from numba import types as nb_types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from pipelines.augment import MultiCropRecipe
 from pipelines.batch import MultiCropBatch
@@ -67,15 +63,12 @@ from pipelines.beton import CONVERT_HINT, IMAGE_FIELD, LABEL_FIELD, BetonError, 
 from pipelines.cpu_augment import augment_crop_u8, crop_params
 from pipelines.device_augment import augment_views, normalize_crops
 from pipelines.folder import check_class_count, check_not_splits
+from pipelines.numba_pointer import void_pointer
 from pipelines.sampler import ShardedLoader, batch_seed, epoch_permutation
 from pipelines.spec import ORDERS, LoaderSpec
 
 if TYPE_CHECKING:
     from ffcv.loader.epoch_iterator import EpochIterator
-    from llvmlite import ir
-    from numba.core.base import BaseContext
-    from numba.core.typing.context import BaseContext as TypingContext
-    from numba.core.typing.templates import Signature
 
 # The orders of `pipelines.spec.ORDERS` that are FFCV's own ("sampler" is the shared one).
 FFCV_ORDERS = {name: OrderOption[name.upper()] for name in ORDERS if name != "sampler"}
@@ -119,16 +112,6 @@ def epoch_key(seed: int, epoch: int) -> np.uint64:
     return np.random.SeedSequence([seed, epoch], spawn_key=(DECODER_STREAM,)).generate_state(1, np.uint64)[0]
 
 
-@intrinsic
-def _address_as_void_pointer(typingctx: TypingContext, address: nb_types.Type
-                             ) -> tuple[Signature, Callable[..., Any]]:
-    """An integer address as a void* (numba's recipe for memory that Python writes later)."""
-    def codegen(context: BaseContext, builder: ir.IRBuilder, signature: Signature, args: Sequence[ir.Value]
-                ) -> ir.Value:
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-    return nb_types.voidptr(address), codegen
-
-
 @njit(cache=True, nogil=True)
 def read_key(address: int) -> np.uint64:
     """The uint64 at `address`: the decoder's epoch key, read at every batch.
@@ -136,7 +119,7 @@ def read_key(address: int) -> np.uint64:
     Why an address: numba freezes a NumPy array a compiled function closes over as a
     constant, so an array that Python updates each epoch must be reached through its address.
     """
-    return carray(_address_as_void_pointer(address), 1, np.uint64)[0]
+    return carray(void_pointer(address), 1, np.uint64)[0]
 
 
 @njit(cache=True, nogil=True)
@@ -327,14 +310,14 @@ class FfcvLoader(ShardedLoader):
     """Multi-crop batches from a `.beton` written by tools/convert_imagenet_to_ffcv.py."""
 
     def __init__(self, spec: LoaderSpec):
-        classes = check_beton(spec.path)  # clear error naming the converter
+        classes, num_images = check_beton(spec.path)  # clear error naming the converter
         # The folder scanner's checks, on the class names the converter recorded (when known).
         check_not_splits(classes, f"{spec.path!r} was converted from a folder that",
                          lambda split: f"convert its {split}/ folder instead: python tools/convert_imagenet_to_ffcv.py "
                                        f"SRC/{split} OUT.beton")
         if len(classes) == 1:
             check_class_count(classes, False, repr(str(spec.path)), f"has one class ({classes[0]!r})")
-        super().__init__(spec, int(Reader(spec.path).num_samples))
+        super().__init__(spec, num_images)
         order = spec.data.ffcv_order
         if order not in ORDERS:
             raise ValueError(f"data.ffcv_order: unknown {order!r}; choose one of {', '.join(ORDERS)}")

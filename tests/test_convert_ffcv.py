@@ -176,13 +176,86 @@ def test_a_beton_cut_short_is_named_before_training(conv, tmp_path):
     make_image_folder(src, num_classes=2, per_class=4)
     whole = tmp_path / "whole.beton"
     conv.convert(src, whole, num_workers=1, progress=False)
-    assert check_beton(whole) == ["class_00", "class_01"]
+    assert check_beton(whole) == (["class_00", "class_01"], 8)
     data = whole.read_bytes()
     for cut in (1, 16, 24, 100, 1000):  # into the allocation table's last entry, a whole entry, more
         short = tmp_path / f"cut{cut}.beton"
         short.write_bytes(data[:-cut])
         with pytest.raises(BetonError, match=rf"cut{cut}.beton' is (damaged|not a readable .beton)"):
             check_beton(short)
+
+
+def test_images_zeroed_or_overwritten_in_a_beton_are_named_before_training(conv, tmp_path):
+    """A .beton whose image bytes were zeroed (a copy to a failing disk, a sparse file) has a sound layout
+    and trained without a word; the stored JPEGs' markers and the raw images' sizes now tell."""
+    from ffcv.reader import Reader
+
+    from pipelines.beton import BetonError, check_beton
+
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=4)
+    whole = tmp_path / "whole.beton"
+    conv.convert(src, whole, num_workers=1, progress=False, write_mode="proportion", compress_probability=0.5)
+    image = Reader(str(whole)).metadata["f0"]
+    assert check_beton(whole).num_images == 8 and 0 < int((image["mode"] == 0).sum()) < 8  # JPEG and raw both
+    data = bytearray(whole.read_bytes())
+    first_jpeg = int(np.flatnonzero(image["mode"] == 0)[0])
+    start = int(image["data_ptr"][first_jpeg])
+    for name, offset in (("head", start), ("tail", None)):
+        damaged = bytearray(data)
+        if offset is None:  # every image's bytes zeroed, as a sparse copy reads
+            images_end = int(Reader(str(whole)).header["alloc_table_ptr"])
+            damaged[int(image["data_ptr"].min()):images_end] = bytes(images_end - int(image["data_ptr"].min()))
+        else:
+            damaged[offset:offset + 2] = b"\x00\x00"
+        bad = tmp_path / f"{name}.beton"
+        bad.write_bytes(bytes(damaged))
+        with pytest.raises(BetonError, match=rf"{name}.beton' is damaged: image \d+'s stored JPEG lacks"):
+            check_beton(bad)
+
+
+def test_image_damage_names_a_raw_image_of_the_wrong_size_and_a_stray_pointer(conv, tmp_path):
+    import types
+
+    from ffcv.reader import Reader
+
+    from pipelines.beton import image_damage
+
+    src = tmp_path / "train"
+    make_image_folder(src, num_classes=2, per_class=2)
+    path = tmp_path / "raw.beton"
+    conv.convert(src, path, num_workers=1, progress=False, write_mode="raw")
+    reader = Reader(str(path))
+    assert image_damage(reader, path) == ""
+
+    def edited(field: str, change: int) -> types.SimpleNamespace:
+        metadata = reader.metadata.copy()
+        metadata["f0"][field][2] += change
+        return types.SimpleNamespace(metadata=metadata, handlers=reader.handlers, alloc_table=reader.alloc_table)
+
+    height, width = (int(reader.metadata["f0"][side][2]) for side in ("height", "width"))
+    assert image_damage(edited("width", 1), path) == (f"image 2 is stored raw as {height * width * 3} bytes, "
+                                                      f"not {height} x {width + 1} x 3")
+    assert image_damage(edited("data_ptr", 1), path) == "image 2's data is not where the allocation table says"
+
+
+def test_a_beton_whose_image_field_is_not_an_rgb_image_field_is_named(tmp_path):
+    from ffcv.fields import BytesField, IntField
+    from ffcv.writer import DatasetWriter
+
+    from pipelines.beton import BetonError, check_beton
+
+    class Bytes:
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+            return np.frombuffer(b"abcd", dtype=np.uint8), i
+
+    path = tmp_path / "bytes.beton"
+    DatasetWriter(str(path), {"image": BytesField(), "label": IntField()}, num_workers=1).from_indexed_dataset(Bytes())
+    with pytest.raises(BetonError, match="stores its 'image' field as BytesField, not the RGBImageField"):
+        check_beton(path)
 
 
 def test_a_dead_ffcv_reader_thread_ends_the_epoch_with_an_error_not_a_wait():
