@@ -87,7 +87,7 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     if free < needed:
         raise CheckpointError(
             f"not enough free space to save {what} in {folder}: it needs about {needed / MIB:,.0f} MiB and the disk "
-            f"has {free / MIB:,.0f} MiB free (disk full); nothing was written, what {folder} held is kept. "
+            f"has {free / MIB:,.0f} MiB free (disk full), so it stopped before writing; what {folder} held is kept. "
             f"Free space on that disk (e.g. delete old runs) or move the run directory to a larger disk")
 
 

@@ -209,6 +209,13 @@ def lower_lr_advice(command: list[str] | None, run_dir: Path, saved_step: int | 
             f"lower --{lr_field}{also}: {rerun_command(command, run_dir, overrides=lower)}")
 
 
+def before_any_update_advice(command: list[str] | None, run_dir: Path, causes: str) -> str:
+    """After a loss that was not finite at a run's first step: the weights were still the initial ones,
+    so a lower learning rate (it had not acted yet) cannot help; `causes` names what can."""
+    return (f"no update had been made yet, so the learning rate is not the cause: check {causes}; then start "
+            f"again with: {rerun_command(command, run_dir, resume=False)}")
+
+
 def latest_run_hint(run_dir: Path, command: list[str] | None) -> str:
     """For a --resume that found no checkpoint: the newest sibling run that has one (the demo's
     run directory is a new timestamp each start, so its resume must name the old one)."""

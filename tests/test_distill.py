@@ -404,7 +404,7 @@ def test_a_loss_that_stops_being_finite_exits_2_and_its_advice_resumes_with_a_lo
     monkeypatch.setattr(DistillObjective, "__call__", nan_at_step_5)
     err = two_epochs_that_fail(tmp_path, teacher, capsys)
     run_dir = tmp_path / "run"
-    assert err.startswith("error: training diverged at epoch 1 step 4: the loss is nan; no checkpoint was written "
+    assert err.startswith("error: training diverged at epoch 2 step 5: the loss is nan; no checkpoint was written "
                           "after it, so continue from the last good one (step 3) with a lower --optim.lr: "
                           "python distill.py "), err
     assert err.rstrip().endswith(f"--resume --train.run_dir {run_dir} --optim.lr 0.005"), err
@@ -416,6 +416,37 @@ def test_a_loss_that_stops_being_finite_exits_2_and_its_advice_resumes_with_a_lo
     assert re.search(r"^epoch 2/2: loss \d+\.\d{4}, top-1 \d+\.\d\d% \(\d+\.\d s\)$", out, re.M), out  # a line per epoch
     assert len(results["top1"]) == 1 and [r["step"] for r in read_rows(run_dir / "train_log.csv")] == \
         [str(i) for i in range(1, 7)]
+
+
+def test_a_loss_not_finite_before_any_update_names_its_causes_not_the_lr(tmp_path: Path, teacher: Path,
+                                                                          capsys) -> None:
+    """A temperature so small that the logits overflow gave NaN at the first step, and the advice was a
+    lower lr, which had not acted yet; the advice now names the loss's settings and starts again."""
+    args = tiny_args(tmp_path, "run", "--model.teacher", str(teacher), "--train.epochs", "1",
+                     "--loss.temperature", "1e-300")
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), args, prog="distill.py")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert re.match(r"error: training diverged at epoch 1 step 1: the loss is (nan|inf); no update had been made "
+                    r"yet, so the learning rate is not the cause: check the loss's temperatures "
+                    r"\(--loss.temperature, --loss.kd_temperature\)", err), err
+    assert "--optim.lr 0.005" not in err and "--resume" not in err and err.rstrip().endswith(
+        f"--train.run_dir {tmp_path / 'run'}"), err
+
+
+def test_a_teacher_whose_weights_are_not_finite_is_refused_before_training(tmp_path: Path, teacher: Path,
+                                                                          capsys) -> None:
+    data = torch.load(teacher, weights_only=False)
+    name = next(k for k, v in data["state_dict"].items() if v.is_floating_point())
+    data["state_dict"][name] = data["state_dict"][name] * math.nan
+    torch.save(data, teacher)
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), tiny_args(tmp_path, "run", "--model.teacher", str(teacher)), prog="distill.py")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"error: model.teacher: {str(teacher)!r} holds weights that are not "
+                                                  f"finite ({name}): a diverged run's?"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_full_disk_at_a_save_exits_2_keeps_the_last_checkpoint_and_its_advice_continues(tmp_path: Path,
@@ -446,6 +477,34 @@ def test_a_full_disk_at_a_save_exits_2_keeps_the_last_checkpoint_and_its_advice_
     monkeypatch.undo()
     results = run(DistillConfig(), err.rstrip().split(": python distill.py ", 1)[1].split(), prog="distill.py")
     assert [r["epoch"] for r in results["top1"]] == [2] and (run_dir / CLASSIFIER_NAME).is_file()
+
+
+def test_a_full_disk_at_the_start_exits_2_before_any_record_is_written(tmp_path: Path, teacher: Path, monkeypatch,
+                                                                        capsys) -> None:
+    """The room for one save (checkpoint and classifier) is checked before config.json and the logs: a
+    full disk had been found only at the first checkpoint, an epoch of training later."""
+    import shutil
+    from collections import namedtuple
+
+    from fastssl.distill import trainer
+
+    usage, asked = namedtuple("usage", "total used free"), {}
+    real_check = ckpt.check_free_space
+
+    def asking(folder: Path, needed: int, what: str) -> None:
+        asked[what] = needed
+        real_check(folder, needed, what)
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    monkeypatch.setattr(ckpt, "check_free_space", asking)
+    err = two_epochs_that_fail(tmp_path, teacher, capsys)
+    assert err.startswith(f"error: not enough free space to save a checkpoint and {CLASSIFIER_NAME} in "), err
+    assert "so it stopped before writing" in err, err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no config.json, no logs, no checkpoint
+    student = build_classifier("resnet8", 4)
+    weights = sum(t.numel() * t.element_size() for t in student.state_dict().values())
+    assert asked[f"a checkpoint and {CLASSIFIER_NAME}"] > 3 * weights  # the student, its momentum, the export
+    assert list(asked) == [f"a checkpoint and {CLASSIFIER_NAME}"]  # refused at the start, before any step
 
 
 def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_path: Path, teacher: Path,

@@ -55,5 +55,10 @@ def load_teacher(path: str, num_classes: int) -> tuple[Classifier, str]:
         raise ConfigError(f"model.teacher: {str(p)!r} does not hold a {data['arch']} for {num_classes} classes "
                           f"({str(err).splitlines()[0][:120]}); pass a {CLASSIFIER_NAME} written by this "
                           f"trainer") from None
+    broken = [name for name, t in teacher.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:  # every loss term it feeds would be NaN from the first step
+        raise ConfigError(f"model.teacher: {str(p)!r} holds weights that are not finite ({broken[0]}"
+                          f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}): a diverged run's? "
+                          f"Pass a teacher that trained well")
     teacher.eval().requires_grad_(False)
     return teacher, data["arch"]

@@ -34,7 +34,8 @@ from fastssl.distill.classifier_file import CLASSIFIER_NAME, load_teacher, save_
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import Classifier, build_classifier
-from fastssl.recovery import TrainingDiverged, after_eval_failure, after_write_failure, lower_lr_advice
+from fastssl.recovery import (TrainingDiverged, after_eval_failure, after_write_failure, before_any_update_advice,
+                              lower_lr_advice)
 from fastssl.relaunch import one_process_refusal, rerun_command
 from fastssl.run_dir import finished_run, refuse_harmful_start, resume_changes
 from fastssl.run_log import CsvLog, write_run_json
@@ -47,6 +48,9 @@ from pipelines.sampler import shard_batches
 STEP_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "lr", "images_per_s"]
 EPOCH_FIELDS = ["epoch", "step", "loss", "ce", "kd", "mi_nats", "mi_t_nats", "top1", "seconds"]
 TERMS = ("ce", "kd", "mi_nats", "mi_t_nats")  # averaged over the epoch with the loss (TrainState.epoch_sums)
+# What makes the loss not finite before any update: the settings it divides by, the teacher it reads, the data.
+LOSS_CAUSES = ("the loss's temperatures (--loss.temperature, --loss.kd_temperature), the teacher (--model.teacher) "
+               "and the images")
 # Fields a resume may change: where the data, the teacher and the run itself lie (moved, restored, or
 # spelled differently), how much is logged, how long it runs.
 RESUMABLE_CHANGES = {"data.root", "data.train", "data.val", "data.num_workers", "model.teacher", "train.log_every",
@@ -150,7 +154,8 @@ def train(cfg: DistillConfig, resume: bool | str = False, command: list[str] | N
                 return stopped(run, stop)
             end_epoch(run, started)
     except TrainingDiverged as err:
-        advice = lower_lr_advice(command, run.run_dir, run.saved_step, "optim.lr", cfg.optim.lr)
+        advice = (before_any_update_advice(command, run.run_dir, LOSS_CAUSES) if run.state.step == 0
+                  else lower_lr_advice(command, run.run_dir, run.saved_step, "optim.lr", cfg.optim.lr))
         raise TrainingDiverged(f"{err}; {advice}") from None
     except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run.run_dir, run.saved_step)}") from err
@@ -205,6 +210,7 @@ def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) ->
         results["top1"] = [r for r in results["top1"] if r["epoch"] <= state.epoch]
         results.pop("interrupted", None)
     if not (resume and state.epoch >= cfg.train.epochs):  # a finished run resumed keeps its record (`train`)
+        check_room_for_a_save(cfg, run_dir, model, teacher, objective)  # a full disk stops the run before it writes
         write_run_json(run_dir / "config.json", to_dict(cfg))
     workers = cfg.data.num_workers
     # its own generator: evaluating must not draw from the global RNG (a resumed run would diverge)
@@ -217,6 +223,21 @@ def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) ->
                       model, teacher, objective, optimizer, state, results,
                       CsvLog(run_dir / "train_log.csv", STEP_FIELDS, state.step),
                       CsvLog(run_dir / "epochs.csv", EPOCH_FIELDS, state.step), state.step if resume else None)
+
+
+def check_room_for_a_save(cfg: DistillConfig, run_dir: Path, model: DistillStudent, teacher: Classifier | None,
+                          objective: DistillObjective) -> None:
+    """Refuse to start on a disk without room for one save: the checkpoint (the student, SGD's momentum
+    when it keeps one, the teacher, the critic's queues) and the exported classifier. Checked before
+    config.json and the logs are written, so a full disk stops the run now, not at its first checkpoint."""
+    student = model.state_dict()
+    critic = objective.state
+    checkpoint = {"student": student, "momentum": student if cfg.optim.momentum > 0 else {},
+                  "teacher": teacher_slot(teacher).state_dict(),
+                  "critic": critic.state_dict() if critic is not None else None}
+    needed = (ckpt.bytes_needed(checkpoint, run_dir / ckpt.CHECKPOINT_NAME)
+              + ckpt.bytes_needed(model.student.state_dict(), run_dir / CLASSIFIER_NAME))
+    ckpt.check_free_space(run_dir, needed, f"a checkpoint and {CLASSIFIER_NAME}")
 
 
 def build_objective(cfg: DistillConfig, num_images: int) -> DistillObjective:
@@ -341,7 +362,7 @@ def train_step(run: DistillRun, x: torch.Tensor, y: torch.Tensor, epoch: int) ->
             emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
     terms = objective(logits_s, y, logits_t, emb_s, emb_t)
     if not torch.isfinite(terms.loss):
-        raise TrainingDiverged(f"training diverged at epoch {epoch} step {run.state.step}: the loss is "
+        raise TrainingDiverged(f"training diverged at epoch {epoch + 1} step {run.state.step + 1}: the loss is "
                                f"{terms.loss.item()}")
     run.optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
