@@ -60,13 +60,13 @@ class LabelledImages(Dataset):
         path, label = self.samples[i]
         try:
             image = load_rgb(path)
-            if self.seed is None or epoch is None:
-                return self.transform(image), label, i
-            with sample_rng(self.seed, epoch, i):
-                return self.transform(image), label, i
-        except UNREADABLE as err:
+        except UNREADABLE as err:  # only the decode: a transform's error is a bug, not a file to pass over
             warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
             return None
+        if self.seed is None or epoch is None:
+            return self.transform(image), label, i
+        with sample_rng(self.seed, epoch, i):
+            return self.transform(image), label, i
 
 
 class EvalFolder(LabelledImages):

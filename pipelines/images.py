@@ -69,6 +69,19 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+class UnreadableImage(OSError):
+    """A file PIL cannot decode (`decoded_rgb`): the one error a dataset whose transform runs in the same
+    call (torchvision's ImageFolder) may pass over; a transform's own error stays what it is, and stops."""
+
+
+def decoded_rgb(path: str) -> Image.Image:
+    """`load_rgb`, its `UNREADABLE` errors raised as `UnreadableImage` (an ImageFolder's `loader`)."""
+    try:
+        return load_rgb(path)
+    except UNREADABLE as err:
+        raise UnreadableImage(f"{type(err).__name__}: {err}") from err
+
+
 def image_format(head: bytes) -> str | None:
     """'jpeg', 'png', 'bmp', 'tiff', 'webp', or None when the bytes are no image we decode."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":

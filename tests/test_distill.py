@@ -222,6 +222,23 @@ def test_unreadable_images_are_skipped_with_a_warning_not_the_end_of_the_run(tmp
     assert 0 <= results["final_top1"] <= 100
 
 
+def test_a_transforms_error_is_raised_not_taken_for_an_unreadable_image(tmp_path: Path) -> None:
+    """Any ValueError in an item's transform was taken for an unreadable file: every image was passed over."""
+    from fastssl.distill.data import SeededItems
+
+    make_folder(tmp_path / "data")
+    train_set, _, _ = build_datasets(DistillConfig(data=dataclasses.replace(
+        DistillConfig().data, source="folder", train=str(tmp_path / "data" / "train"),
+        val=str(tmp_path / "data" / "val"), image_size=16)).data)
+
+    def broken(image: object) -> None:
+        raise ValueError("a transform's bug")
+
+    train_set.transform = broken
+    with pytest.raises(ValueError, match="a transform's bug"):
+        SeededItems(train_set, 0)[(0, 0)]
+
+
 def test_a_val_split_with_no_readable_image_keeps_the_epoch_and_exits_2(tmp_path: Path, teacher: Path,
                                                                         capsys) -> None:
     """Its top-1 was 0 %, as if the student had learned nothing; now the epoch is saved first, one

@@ -283,3 +283,20 @@ def test_the_online_knn_dali_loader_gets_the_runs_dali_options(tmp_path, monkeyp
             next(iter(loader))
     expected = EvalView(cfg.aug.global_size, "bicubic", 0.5, (0.5, 0.5, 0.5), IMAGENET_STD)
     assert seen == [(0.3, expected), (0.3, expected)]
+
+
+def test_a_transforms_error_is_raised_not_taken_for_an_unreadable_image(folder):
+    """LabelledImages caught any ValueError around the transform too: a bug skipped every image as unreadable."""
+    from pipelines.eval import LabelledImages
+
+    def broken(image: Image.Image) -> torch.Tensor:
+        raise ValueError("a transform's bug")
+
+    samples = [(str(p), 0) for p in sorted(Path(folder).rglob("*.JPEG"))[:2]]
+    for seed in (None, 3):
+        with pytest.raises(ValueError, match="a transform's bug"):
+            LabelledImages(samples, broken, seed=seed)[(0, 1) if seed else 1]
+    bad = Path(folder).parent / "bad.JPEG"
+    bad.write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping unreadable image .*bad.JPEG"):
+        assert LabelledImages([(str(bad), 0)], broken)[0] is None  # the decode fails first: skipped

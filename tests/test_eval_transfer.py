@@ -358,3 +358,30 @@ def test_a_stopped_table_goes_on_with_the_next_dataset(tool, tmp_path, backbone_
     for name in ("pets", "mine"):
         assert again["datasets"][name]["val_scores"] == whole["datasets"][name]["val_scores"]
     assert not partial.exists()
+
+
+def test_indexed_raises_a_transforms_error_and_skips_only_unreadable_images():
+    """Any ValueError in the transform was taken for an unreadable image: a bug skipped every image."""
+    import io
+
+    from fastssl.eval.transfer_data import Indexed
+
+    good = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    whole = png_bytes(good)
+    cut = Image.open(io.BytesIO(whole[: len(whole) // 2]))  # lazy, as torchvision's datasets open files
+
+    def broken(image: Image.Image) -> None:
+        raise ValueError("a transform's bug")
+
+    with pytest.raises(ValueError, match="a transform's bug"):
+        Indexed([(good, 0)], [0], broken)[0]
+    with pytest.warns(UserWarning, match="skipping unreadable image 0 of list"):
+        assert Indexed([(cut, 0)], [0], broken)[0] is None
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, default_collate
 
 from fastssl.distill.config import DistillDataConfig
 from pipelines.folder import DataLayoutError, scan_image_folder
-from pipelines.images import UNREADABLE, next_readable
+from pipelines.images import UnreadableImage, decoded_rgb, next_readable
 from pipelines.sampler import sample_rng
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ def build_datasets(cfg: DistillDataConfig) -> tuple[Dataset, Dataset, int]:
     if classes != val_classes:
         raise DataLayoutError(f"data.val {cfg.val!r} has other class folders than data.train {cfg.train!r} "
                               f"({len(val_classes)} vs {len(classes)}); give both splits of one dataset")
-    train = ImageFolder(cfg.train, transform=transforms(cfg.image_size, True, True))
-    val = ImageFolder(cfg.val, transform=transforms(cfg.image_size, False, True))
+    train = ImageFolder(cfg.train, transform=transforms(cfg.image_size, True, True), loader=decoded_rgb)
+    val = ImageFolder(cfg.val, transform=transforms(cfg.image_size, False, True), loader=decoded_rgb)
     return train, val, len(classes)
 
 
@@ -71,9 +71,9 @@ def read_or_warn(dataset: Dataset, index: int) -> tuple[torch.Tensor, int] | Non
     ImageFolder's bad file: one file must not end a run, as in the SSL loaders, `pipelines.images`)."""
     try:
         return dataset[index]
-    except UNREADABLE as err:
+    except UnreadableImage as err:  # the decode's (`build_datasets`' loader); a transform's error stops the run
         path = dataset.samples[index][0] if hasattr(dataset, "samples") else f"item {index}"
-        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=2)
+        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
         return None
 
 

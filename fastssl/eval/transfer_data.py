@@ -58,13 +58,13 @@ class Indexed(Dataset):
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, int, int] | None:
         try:
-            image = self.base[self.indices[j]][0]
-            return self.transform(image.convert("RGB")), j, j
-        except UNREADABLE as err:
+            image = self.base[self.indices[j]][0].convert("RGB")  # decodes: a bad file fails here
+        except UNREADABLE as err:  # only the read: a transform's error is a bug, not a file to pass over
             import warnings
 
             warnings.warn(f"skipping unreadable image {j} of {type(self.base).__name__}: {err}", stacklevel=1)
             return None
+        return self.transform(image), j, j
 
 
 @dataclass
