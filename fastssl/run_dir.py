@@ -8,6 +8,7 @@ distillation) apply, each with its own weight files and its own fields that a re
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ RESUMABLE_CHANGES = {"data.train", "data.val", "data.knn_train", "data.num_worke
 RESUMABLE_WITH_WARNING = {"optim.base_lr", "train.precision"}
 
 RUN_DIR_TIME = "{time}"  # in train.run_dir: the run's start time, e.g. runs/demo/{time}
+# The records both trainers write in a run directory; config.json first, before any other.
+RUN_RECORDS = ("config.json", "run_info.json", "results.json", "train_log.csv", "epochs.csv")
 
 
 def stamp_run_dir(train_cfg: TrainConfig, accelerator: Accelerator) -> str:
@@ -83,7 +86,8 @@ def refuse_harmful_start(run_dir: Path, has_checkpoint: bool, resume: bool, comm
                          weight_patterns: tuple[str, ...] = ("backbone_*.pth",),
                          weights_may_predate_checkpoint: bool = False) -> None:
     """A ConfigError for a resume without a checkpoint, and for a fresh start over another run: its
-    checkpoint, or the weights it exported (`weight_patterns`) without one. Those are a finished run
+    checkpoint, files named as a run's records that no trainer wrote (`records_of_no_run`), or the
+    weights it exported (`weight_patterns`) without one. Those are a finished run
     whose checkpoint was deleted to save space, and the new run's first save would replace them;
     unless `weights_may_predate_checkpoint`: a trainer that exports weights before its first
     checkpoint, under `--resume auto`, may find them from its own killed start and starts over.
@@ -94,12 +98,33 @@ def refuse_harmful_start(run_dir: Path, has_checkpoint: bool, resume: bool, comm
     if not resume and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
                           f"or choose another --train.run_dir (nothing was overwritten)")
+    others = [] if resume else records_of_no_run(run_dir)
+    if others:
+        raise ConfigError(f"{run_dir} holds {', '.join(others)}, not a fastssl run's (no trainer's config.json is "
+                          f"there): a run there would replace them; move them away or choose another "
+                          f"--train.run_dir (nothing was overwritten)")
     if not resume and not weights_may_predate_checkpoint:
         weights = ckpt.weights_without_checkpoint(run_dir, weight_patterns)
         if weights:
             raise ConfigError(f"{run_dir} holds {', '.join(weights)} of an earlier run (without its checkpoint): "
                               f"a new run there would replace them; move them away or choose another "
                               f"--train.run_dir (nothing was overwritten)")
+
+
+def records_of_no_run(run_dir: Path) -> list[str]:
+    """The files named as a run's records (RUN_RECORDS) in `run_dir` when its config.json is not a
+    trainer's (a project folder's own config.json, another tool's logs): a fresh start would replace them.
+    A start killed before its first checkpoint leaves a trainer's config.json, written before any other
+    record, so its records are the new start's to replace."""
+    present = [name for name in RUN_RECORDS if (run_dir / name).exists()]
+    if not present:
+        return []
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return present
+    train = config.get("train") if isinstance(config, dict) else None
+    return [] if isinstance(train, dict) and "run_dir" in train else present
 
 
 def config_changes(old: dict, new: dict, default: dict) -> set[str]:

@@ -524,6 +524,18 @@ def test_a_full_disk_at_the_start_exits_2_before_any_record_is_written(tmp_path:
     assert list(asked) == [f"a checkpoint and {CLASSIFIER_NAME}"]  # refused at the start, before any step
 
 
+def test_a_fresh_start_over_a_folder_with_its_own_config_json_is_refused(tmp_path: Path, teacher: Path,
+                                                                          capsys) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"mine": true}')
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), tiny_args(tmp_path, "run", "--model.teacher", str(teacher)), prog="distill.py")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "holds config.json, not a fastssl run's" in err, err
+    assert (run_dir / "config.json").read_text() == '{"mine": true}' and len(list(run_dir.iterdir())) == 1
+
+
 def test_a_damaged_results_file_is_named_on_resume_and_nothing_is_rewritten(tmp_path: Path, teacher: Path,
                                                                               capsys) -> None:
     """results.json holds the top-1 history a resume continues: a damaged one is named (exit 2), and

@@ -428,6 +428,25 @@ def test_the_run_directory_is_refused_before_the_data_is_listed(tmp_path, monkey
         engine.train(cfg, resume=resume)
 
 
+def test_a_fresh_start_over_files_no_run_wrote_is_refused_and_keeps_them(tmp_path):
+    """A run directory that is a project folder (its own config.json, a results.json) was a run's to
+    overwrite; a start killed before its first checkpoint leaves a trainer's config.json, and restarts
+    (test_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_once)."""
+    cfg = quick_config(tmp_path, epochs=1)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text('{"mine": 1}')
+    for config in (None, '{"model": "the project\'s own"}', "not json"):
+        if config is not None:
+            (run_dir / "config.json").write_text(config)
+        names = "results.json" if config is None else "config.json, results.json"
+        with pytest.raises(ConfigError, match=rf"{run_dir} holds {names}, not a fastssl run's \(no trainer's "
+                                              rf"config.json is there\): a run there would replace them"):
+            engine.train(cfg)
+    assert (run_dir / "results.json").read_text() == '{"mine": 1}' and (run_dir / "config.json").read_text() == "not json"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "results.json"]
+
+
 def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):
     """A requeue after the end (--resume auto) or a repeated command: one line; the checkpoint, logs,
     results and records stay as they were. A resume with a changed lr trained nothing but rewrote
