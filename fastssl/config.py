@@ -34,6 +34,8 @@ BN_STATS = ("per_view", "per_forward")  # ModelConfig.bn_stats
 HEADS = ("mira", "moco")  # ModelConfig.head
 STEMS = ("imagenet", "cifar")  # ModelConfig.stem
 EXPORTS = ("teacher", "student")  # ModelConfig.export
+ASSIGNMENTS = ("mira", "sinkhorn")  # MethodConfig.assignment
+PRECISIONS = ("auto", "bf16", "fp16", "no")  # TrainConfig.precision
 CRITIC_BOUNDS = ("mlcpc", "cpc")  # CriticConfig.bound: the names of fastssl.losses.BOUNDS (no torch here)
 DIRECTIONS = ("symmetric", "one_way")  # CriticConfig.direction (read by fastssl.critic as well)
 # Upper bounds past which a value can only be a typo: torch, PIL or the allocator would fail with a
@@ -340,8 +342,7 @@ def _method_errors(cfg: Config) -> list[str]:
                  f"set --train.micro_batch_size 0 (or lower --train.global_batch_size to fit memory)")
     if not positive_number(mt.mlcpc_weight):
         e.append(f"method.mlcpc_weight: must be a finite number > 0, got {mt.mlcpc_weight}")
-    if mt.assignment not in ("mira", "sinkhorn"):
-        e.append(f"method.assignment: unknown {mt.assignment!r}; choose mira or sinkhorn")
+    e += _unknown_choice("method.assignment", mt.assignment, ASSIGNMENTS)
     for name in ("tau_student", "tau_teacher", "sinkhorn_eps"):
         if not positive_number(getattr(mt, name)):
             e.append(f"method.{name}: temperatures must be positive and finite, got {getattr(mt, name)}")
@@ -419,8 +420,7 @@ def _train_errors(t: TrainConfig) -> list[str]:
         e.append("train.micro_batch_size: must be >= 0 (0 = no gradient accumulation)")
     if not 0 <= t.seed <= MAX_SEED:
         e.append(f"train.seed: must lie in [0, {MAX_SEED}], got {t.seed}")
-    if t.precision not in ("auto", "bf16", "fp16", "no"):
-        e.append(f"train.precision: unknown {t.precision!r}; choose auto, bf16, fp16 or no")
+    e += _unknown_choice("train.precision", t.precision, PRECISIONS)
     if not positive_number(t.collective_timeout_min) or t.collective_timeout_min > MAX_TIMEOUT_MIN:
         e.append(f"train.collective_timeout_min: must be a finite number of minutes in (0, {MAX_TIMEOUT_MIN:g}], got "
                  f"{t.collective_timeout_min}; e.g. --train.collective_timeout_min {TrainConfig.collective_timeout_min:g}")

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from fastssl.arg_types import MAX_SEED
-from fastssl.config import MAX_WIDTH, ConfigError, non_finite_errors, positive_number
+from fastssl.config import MAX_WIDTH, STEMS, ConfigError, non_finite_errors, positive_number
 from pipelines.augment import MAX_CROP, MIN_CROP
 
 SOURCES = ("cifar100", "cifar10", "folder")
@@ -125,8 +125,8 @@ def config_errors(cfg: DistillConfig) -> list[str]:
     for name in ("student",):
         if getattr(m, name) not in CLASSIFIER_ARCHS:
             e.append(f"model.{name}: unknown {getattr(m, name)!r}; choose one of {', '.join(CLASSIFIER_ARCHS)}")
-    if m.stem not in ("cifar", "imagenet"):
-        e.append(f"model.stem: unknown {m.stem!r}; choose cifar or imagenet")
+    if m.stem not in STEMS:
+        e.append(f"model.stem: unknown {m.stem!r}; choose one of {', '.join(STEMS)}")
     if not 1 <= m.embed_dim <= MAX_WIDTH:
         e.append(f"model.embed_dim: must lie in [1, {MAX_WIDTH}], got {m.embed_dim}")
     for name in ("ce_weight", "kd_weight", "mi_weight"):
