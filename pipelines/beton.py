@@ -103,7 +103,8 @@ def image_damage(reader: Any, path: Path, spot_checks: int = JPEG_SPOT_CHECKS) -
             head = f.read(2)
             f.seek(start + size - 2)
             if size < 4 or head != JPEG_START or f.read(2) != JPEG_END:
-                return f"image {int(i)}'s stored JPEG lacks JPEG's start or end marker (its bytes zeroed or overwritten)"
+                return (f"image {int(i)}'s stored JPEG lacks JPEG's start or end marker (its bytes zeroed or "
+                        f"overwritten)")
     return ""
 
 
@@ -138,8 +139,8 @@ def check_beton(path: str | Path) -> BetonContents:
                          f"{CONVERT_HINT}")
     damage = layout_damage(reader, path.stat().st_size) or image_damage(reader, path)
     if damage:  # FFCV's reader thread would die on it mid-epoch, and leave the training loop waiting
-        raise BetonError(f"{str(path)!r} is damaged: {damage} (a copy or a download cut short or gone wrong?); copy it again, "
-                         f"or {CONVERT_HINT}")
+        raise BetonError(f"{str(path)!r} is damaged: {damage} (a copy or a download cut short or gone wrong?); "
+                         f"copy it again, or {CONVERT_HINT}")
     classes: list[str] = []
     try:
         classes = list(json.loads(summary_path(path).read_text())["classes"])
