@@ -113,6 +113,16 @@ def test_cifar_resnets_match_crd_sizes() -> None:
         assert logits.shape == (2, 100) and feats.shape == (2, 256)
 
 
+def test_the_recipe_trains_crds_objective_with_ml_cpc_in_place_of_its_nce() -> None:
+    """ML-CPC Sec. 5.2 replaces CRD's objective keeping CRD's hyper-parameters; the CRD rows of its Tables 1-2
+    (75.48 / 75.51 ...) are CRD without KD (-r 1 -a 0 -b 0.8). The recipe's default had added KD (-a 1)."""
+    from conftest import load_recipe
+
+    loss = load_recipe("distill_mlcpc_cifar100").loss
+    assert (loss.ce_weight, loss.kd_weight, loss.mi_weight) == (1.0, 0.0, 0.8)
+    assert (loss.bound, loss.alpha, loss.temperature, loss.queue_size) == ("mlcpc", 0.05, 0.07, 16384)
+
+
 # --------------------------------------------------------------------------- data
 
 

@@ -45,10 +45,12 @@ class DistillModelConfig:
 
 @dataclass
 class DistillLossConfig:
-    """gamma CE + alpha_KD KD - beta J_alpha: weights are CRD's "CRD+KD" run (-r 1 -a 1 -b 0.8)."""
+    """gamma CE + alpha_KD KD - beta J_alpha: weights are CRD's own objective (-r 1 -a 0 -b 0.8), whose
+    NCE ML-CPC replaces: the CRD rows of ML-CPC's Tables 1-2 are CRD's without KD (its "CRD+KD" run,
+    -a 1, is `--loss.kd_weight 1`)."""
 
     ce_weight: float = 1.0  # gamma: cross-entropy with the labels (CRD -r 1)
-    kd_weight: float = 1.0  # Hinton KD weight (CRD+KD -a 1; CRD's plain KD run: -r 0.1 -a 0.9); 0 = off
+    kd_weight: float = 0.0  # Hinton KD weight (CRD -a 0; CRD+KD -a 1; CRD's plain KD run: -r 0.1 -a 0.9); 0 = off
     kd_temperature: float = 4.0  # KD softmax temperature T (CRD kd_T 4)
     mi_weight: float = 0.8  # beta: weight of -J_alpha, the (ML-)CPC bound (CRD -b 0.8); 0 = off
     bound: str = "mlcpc"  # mlcpc (alpha-ML-CPC, J_alpha, Eq. 6) | cpc (alpha-CPC, L_alpha, Eq. 4)
