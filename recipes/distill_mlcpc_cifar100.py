@@ -13,7 +13,8 @@ CIFAR-100 is read from torchvision's on-disk format (/data/cifar/cifar-100-pytho
 downloaded), or from ImageNet-layout folders with --data.source folder --data.train DIR --data.val DIR.
 Values (fastssl.distill.config's defaults; sources there): CRD's train_student.py -- batch 64,
 240 epochs, SGD lr 0.05 (x0.1 at 150, 180, 210), momentum 0.9, wd 5e-4, embedding dim 128,
-16,384 negatives, tau 0.07, KD T 4 -- and CRD's own weights -r 1 -a 0 -b 0.8 (CE 1, no KD,
+CRD's memory with 16,384 negatives of other classes per query (the authors' ContrastMemory;
+--loss.negatives queue for FIFO queues), tau 0.07, KD T 4 -- and CRD's own weights -r 1 -a 0 -b 0.8 (CE 1, no KD,
 bound 0.8): the paper replaces CRD's objective, and its tables' CRD rows are CRD without KD.
 alpha 0.05: ML-CPC Table 1's J_0.05 (75.50% on this pair; Fig. 4's best alphas are 0.01-0.05,
 around alpha_min(64, 16384) ~ 0.0156). --loss.kd_weight 1 adds Hinton's KD (CRD's "CRD+KD").

@@ -224,8 +224,8 @@ def test_unreadable_images_are_skipped_with_a_warning_not_the_end_of_the_run(tmp
         val=str(tmp_path / "data" / "val"), image_size=16)).data)
     bad = [p for p, _ in train_set.samples].index(str(tmp_path / "data" / "train" / "c0" / "0.png"))
     with pytest.warns(UserWarning, match="skipping unreadable image .*0.png"):
-        x, y = SeededItems(train_set, 0)[(0, bad)]
-    assert y == train_set.samples[bad + 1][1] and x.shape == (3, 16, 16)
+        x, y, used = SeededItems(train_set, 0)[(0, bad)]
+    assert used == bad + 1 and y == train_set.samples[bad + 1][1] and x.shape == (3, 16, 16)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         results = run(DistillConfig(), tiny_args(tmp_path, "run", "--model.teacher", str(teacher),
                                                  "--train.epochs", "1"), prog="distill")
@@ -281,9 +281,11 @@ def test_a_val_split_with_no_readable_image_keeps_the_epoch_and_exits_2(tmp_path
             f"{tmp_path / 'last' / CLASSIFIER_NAME}, its top-1 not measured") in err, err
 
 
-def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
-    """2 epochs in one go == 1 epoch, then --resume to 2 (queue, optimiser, RNG and data order restored)."""
-    common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3"]
+@pytest.mark.parametrize("negatives", ["memory", "queue"])
+def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path, negatives: str) -> None:
+    """2 epochs in one go == 1 epoch, then --resume to 2 (memory or queues, optimiser, RNG and data order
+    restored)."""
+    common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "3", "--loss.negatives", negatives]
     run(DistillConfig(), tiny_args(tmp_path, "once", *common, "--train.epochs", "2"))
     run(DistillConfig(), tiny_args(tmp_path, "first", *common, "--train.epochs", "1"))
     (tmp_path / "first").rename(tmp_path / "twice")  # a run directory moved (or restored) elsewhere resumes
@@ -295,6 +297,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path) -> None:
     q1 = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=False)["critic"]
     q2 = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)["critic"]
     assert q1.keys() == q2.keys() and all(torch.equal(q1[k], q2[k]) for k in q1)
+    assert {k.split(".")[0] for k in q1} == ({"memory"} if negatives == "memory" else {"teacher_keys", "student_keys"})
     assert [r["step"] for r in read_rows(tmp_path / "twice" / "train_log.csv")] == [str(i) for i in range(1, 7)]
 
 
@@ -513,8 +516,6 @@ def test_a_full_disk_at_the_start_exits_2_before_any_record_is_written(tmp_path:
     import shutil
     from collections import namedtuple
 
-    from fastssl.distill import trainer
-
     usage, asked = namedtuple("usage", "total used free"), {}
     real_check = ckpt.check_free_space
 
@@ -618,6 +619,7 @@ def test_a_temperature_that_is_not_a_positive_finite_number_is_named(field: str,
     ("optim", "momentum", 1.0, r"optim.momentum: must lie in \[0, 1\), got 1.0"),
     ("model", "embed_dim", 10**20, r"model.embed_dim: must lie in \[1, 65536\]"),  # a torch traceback
     ("data", "image_size", 100_000, r"data.image_size: must lie in \[8, 4096\] pixels"),  # a MemoryError
+    ("loss", "negatives", "bank", r"loss.negatives: unknown 'bank'; choose one of memory, queue$"),
 ])
 def test_a_value_out_of_range_is_named(section: str, field: str, value: float, message: str) -> None:
     from fastssl.config import ConfigError

@@ -18,6 +18,7 @@ from fastssl.config import MAX_WIDTH, STEMS, ConfigError, non_finite_errors, pos
 from pipelines.augment import MAX_CROP, MIN_CROP
 
 SOURCES = ("cifar100", "cifar10", "folder")
+NEGATIVES = ("memory", "queue")  # DistillLossConfig.negatives
 
 
 @dataclass
@@ -56,7 +57,10 @@ class DistillLossConfig:
     bound: str = "mlcpc"  # mlcpc (alpha-ML-CPC, J_alpha, Eq. 6) | cpc (alpha-CPC, L_alpha, Eq. 4)
     alpha: float = 0.05  # fixed alpha (ML-CPC Table 1: J_0.05 / J_0.01; alpha_min(64, 16384) ~ 0.0156)
     temperature: float = 0.07  # critic temperature tau of <s, t> / tau (CRD nce_t 0.07)
-    queue_size: int = 16384  # teacher embeddings of earlier batches used as negatives (CRD nce_k 16384)
+    # memory (CRD's, the authors': each image's own entry of the other network's memory is the positive,
+    # queue_size entries of other classes the negatives) | queue (FIFO queues of the latest embeddings)
+    negatives: str = "memory"
+    queue_size: int = 16384  # negatives per query (CRD nce_k 16384): memory draws, or the queue's length
 
 
 @dataclass
@@ -145,6 +149,8 @@ def config_errors(cfg: DistillConfig) -> list[str]:
             e.append(f"loss.{name}: temperatures must be positive and finite, got {getattr(lo, name)}")
     if lo.bound not in BOUNDS:
         e.append(f"loss.bound: unknown {lo.bound!r}; choose one of {', '.join(BOUNDS)}")
+    if lo.negatives not in NEGATIVES:
+        e.append(f"loss.negatives: unknown {lo.negatives!r}; choose one of {', '.join(NEGATIVES)}")
     if lo.queue_size < 1:
         e.append(f"loss.queue_size: must be positive, got {lo.queue_size}")
     elif not 0 < lo.alpha <= lo.queue_size + 1:

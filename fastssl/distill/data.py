@@ -88,7 +88,8 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """(image, label, its index in the dataset: `index`, or the readable image that replaced it)."""
         epoch, index = key
 
         def read(i: int) -> tuple[torch.Tensor, int] | None:
@@ -98,8 +99,9 @@ class SeededItems(Dataset):
         samples = getattr(self.dataset, "samples", None)  # an ImageFolder's files; CIFAR's arrays always read
         if samples is None:
             with sample_rng(self.seed, epoch, index):
-                return self.dataset[index]
-        return next_readable(samples, index, read)[0]
+                return (*self.dataset[index], index)
+        (image, label), used, _ = next_readable(samples, index, read)
+        return image, label, used
 
 
 class ReadableItems(Dataset):

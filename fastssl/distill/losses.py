@@ -10,6 +10,9 @@
   negatives that network's embeddings of earlier batches (the memory queue). As in CRD,
   both directions are scored (student queries against teacher keys, teacher queries against
   student keys: CRD's `s_loss + t_loss`), and keys are constants: each head learns as a query.
+- `memory_scores`, `memory_update`: the same critic against CRD's memory (`fastssl.distill.memory`):
+  the positive is the query's own image's entry in the other network's memory, the negatives
+  entries of images of other classes; after the step the entries move towards the embeddings.
 - `mi_bound`: the alpha-ML-CPC bound J_alpha (Song & Ermon 2020, Eq. 6) or alpha-CPC
   L_alpha (Eq. 4) on those scores, with alpha fixed through training (Sec. 5.2). It calls
   `fastssl.losses.ml_cpc_bound` / `cpc_bound`; the distillation loss is its negation.
@@ -65,3 +68,21 @@ def distill_loss(ce: Tensor, kd: Tensor, bound: Tensor, ce_weight: float, kd_wei
     gamma CE + alpha_KD KD - beta J_alpha (CRD's flags -r, -a, -b); `bound` is the sum of
     both directions' estimates, as CRD sums its two contrastive losses."""
     return ce_weight * ce + kd_weight * kd - mi_weight * bound
+
+
+def memory_scores(queries: Tensor, rows: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(positives n, negatives n x K): <q_i, r_i0> / tau and <q_i, r_ij> / tau for CRD's memory rows
+    (`rows`: n x (K + 1) x d, each image's own entry of the other network's memory first, then its K
+    drawn negatives). The queries are L2-normalised, the rows are stored normalised and are constants.
+    CRD's scores are exp(<q, r> / tau) / Z with one constant Z: it cancels in J_alpha and L_alpha."""
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    q = F.normalize(queries.to(dtype), dim=1)
+    scores = torch.bmm(rows.detach().to(dtype), q.unsqueeze(2)).squeeze(2) / temperature
+    return scores[:, 0], scores[:, 1:]
+
+
+def memory_update(entries: Tensor, embeddings: Tensor, momentum: float) -> Tensor:
+    """CRD's memory update of the batch's own entries: normalise(m * entry + (1 - m) * embedding),
+    m = 0.5 (CRD's nce_m); the embeddings are L2-normalised first, as CRD's Embed outputs."""
+    mixed = momentum * entries + (1 - momentum) * F.normalize(embeddings.detach().to(entries.dtype), dim=1)
+    return F.normalize(mixed, dim=1)

@@ -2,10 +2,11 @@
 
 `train(cfg)` validates the config, reads the data and the frozen teacher, then runs epochs
 of: student and teacher forward on the same augmented batch, gamma CE + alpha_KD KD -
-beta J_alpha against the queue of teacher embeddings (`DistillObjective`), SGD step, then
-the batch's teacher keys enqueued. The run directory holds config.json, train_log.csv /
-epochs.csv (`fastssl.run_log.CsvLog`), checkpoint.pt + rng/ (`fastssl.checkpoint`, written
-atomically at epoch ends, queue included), results.json and, at the end, classifier.pt:
+beta J_alpha against CRD's memory (or queues) of both networks' embeddings
+(`DistillObjective`), SGD step, then the batch's memory entries updated (or its keys enqueued).
+The run directory holds config.json, train_log.csv / epochs.csv (`fastssl.run_log.CsvLog`),
+checkpoint.pt + rng/ (`fastssl.checkpoint`, written atomically at epoch ends, memory or queues
+included), results.json and, at the end, classifier.pt:
 the student in the teacher format (`fastssl.distill.classifier_file`), so any run (a CE-only
 run is the supervised teacher trainer) can teach the next one. `train(cfg, resume=True)`
 continues from the checkpoint and ends with the same weights as an uninterrupted run.
@@ -32,6 +33,7 @@ from fastssl.config import ConfigError
 from fastssl.critic import MlCpcCritic, QueueLongerThanData
 from fastssl.distill.classifier_file import CLASSIFIER_NAME, load_teacher, save_classifier
 from fastssl.distill.config import DistillConfig, decay_epochs, to_dict, validate
+from fastssl.distill.memory import ContrastMemory
 from fastssl.distill.objective import DistillObjective
 from fastssl.models.cifar_resnet import Classifier, build_classifier
 from fastssl.recovery import (TrainingDiverged, after_eval_failure, after_write_failure, before_any_update_advice,
@@ -186,7 +188,7 @@ def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) ->
     if lo.kd_weight > 0 or lo.mi_weight > 0:
         teacher, _ = load_teacher(cfg.model.teacher, num_classes)
         teacher.to(device)
-    objective = build_objective(cfg, len(train_set)).to(device)
+    objective = build_objective(cfg, list(train_set.targets)).to(device)
     if len(train_set) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(train_set)} training "
                           f"images; lower --train.batch_size or add images")
@@ -240,12 +242,22 @@ def check_room_for_a_save(cfg: DistillConfig, run_dir: Path, model: DistillStude
     ckpt.check_free_space(run_dir, needed, f"a checkpoint and {CLASSIFIER_NAME}")
 
 
-def build_objective(cfg: DistillConfig, num_images: int) -> DistillObjective:
-    """The loss's terms; with ML-CPC, its queues of teacher and student embeddings (a queue not
-    smaller than the data is refused: it would hold the query's own positive among its negatives)."""
+def build_objective(cfg: DistillConfig, labels: list[int]) -> DistillObjective:
+    """The loss's terms; with ML-CPC, CRD's memories of every training image (`labels`: their classes,
+    for the negatives), or queues of teacher and student embeddings (a queue not smaller than the
+    data is refused: it would hold the query's own positive among its negatives)."""
     lo = cfg.loss
     critics: list[MlCpcCritic | None] = [None, None]
+    if lo.mi_weight > 0 and lo.negatives == "memory":
+        try:
+            memory = ContrastMemory(torch.as_tensor(labels), cfg.model.embed_dim, lo.queue_size, lo.temperature,
+                                    cfg.train.seed)
+        except ValueError as err:  # one class only: no negatives of other classes
+            raise ConfigError(f"loss.negatives memory: {err}; use --loss.negatives queue") from None
+        return DistillObjective(ce_weight=lo.ce_weight, kd_weight=lo.kd_weight, mi_weight=lo.mi_weight,
+                                kd_temperature=lo.kd_temperature, alpha=lo.alpha, bound=lo.bound, memory=memory)
     if lo.mi_weight > 0:
+        num_images = len(labels)
         try:
             critics = [MlCpcCritic(lo.queue_size, cfg.model.embed_dim, lo.temperature, dataset_size=num_images,
                                    direction="one_way") for _ in range(2)]
@@ -330,8 +342,9 @@ def run_epoch(run: DistillRun, epoch: int, stop: GracefulStop) -> bool:
     window_start = time.time()
     with stop_signals_held():  # the workers leave the process group before a stop signal reaches them
         delivered = iter(loader)
-    for x, y in delivered:
-        row = train_step(run, x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True), epoch)
+    for x, y, indices in delivered:
+        row = train_step(run, x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True), indices,
+                         epoch)
         state.step += 1
         state.batch_in_epoch += 1
         state.epoch_loss_sum += row["loss"]
@@ -348,10 +361,12 @@ def run_epoch(run: DistillRun, epoch: int, stop: GracefulStop) -> bool:
     return True
 
 
-def train_step(run: DistillRun, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
-    """One SGD step: student and teacher on the same batch, the objective, the update, then the
-    batch's embeddings enqueued; the step's loss and terms. A loss that is not finite raises
-    TrainingDiverged before the update: the weights stay those of the last good step."""
+def train_step(run: DistillRun, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, epoch: int
+               ) -> dict[str, float]:
+    """One SGD step: student and teacher on the same batch (`indices`: its images in the dataset), the
+    objective, the update, then the batch's embeddings into the memory or the queues; the step's loss
+    and terms. A loss that is not finite raises TrainingDiverged before the update: the weights, the
+    memory and the queues stay those of the last good step."""
     model, objective = run.model, run.objective
     logits_s, feat_s = model.student(x)
     logits_t = emb_s = emb_t = None
@@ -360,12 +375,12 @@ def train_step(run: DistillRun, x: torch.Tensor, y: torch.Tensor, epoch: int) ->
             logits_t, feat_t = run.teacher(x)
         if model.embed_s is not None:
             emb_s, emb_t = model.embed_s(feat_s), model.embed_t(feat_t)
-    terms = objective(logits_s, y, logits_t, emb_s, emb_t)
+    terms = objective(logits_s, y, logits_t, emb_s, emb_t, indices, run.state.step)
     if not torch.isfinite(terms.loss):
         raise TrainingDiverged(f"training diverged at epoch {epoch + 1} step {run.state.step + 1}: the loss is "
                                f"{terms.loss.item()}")
     run.optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
     run.optimizer.step()
-    objective.finish_step(emb_s, emb_t)
+    objective.finish_step(emb_s, emb_t, indices)
     return {"loss": terms.loss.item(), **{k: getattr(terms, k).item() for k in TERMS}}
