@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
 DIM = 20  # the paper's data dimension
 MI_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)  # the true MI, in nats, one level after the other
 ALPHAS = ("1", "0.1", "0.01", "alpha_min")  # as they appear in the estimators' names
+SEPARABLE_LAYERS = 2  # hidden layers of f and g (the authors' likely 3: `mlp(..., layers=2)` has layers + 1)
 LR = 5e-4  # Adam's learning rate, the paper's
 FAMILIES = ("separable", "joint")  # the critic families of the paper's Figure 2
 
@@ -93,11 +94,11 @@ class SeparableCritics(nn.Module):
     repository: likely 2, i.e. three hidden layers).
     """
 
-    def __init__(self, ensemble: int, hidden: int = 256, embed: int = 32):
+    def __init__(self, ensemble: int, hidden: int = 256, embed: int = 32, layers: int = SEPARABLE_LAYERS):
         super().__init__()
         self.ensemble = ensemble
-        self.f = ensemble_mlp(ensemble, DIM, hidden, embed, layers=2)
-        self.g = ensemble_mlp(ensemble, DIM, hidden, embed, layers=2)
+        self.f = ensemble_mlp(ensemble, DIM, hidden, embed, layers=layers)
+        self.g = ensemble_mlp(ensemble, DIM, hidden, embed, layers=layers)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx = self.f(x.expand(self.ensemble, -1, -1))
@@ -131,12 +132,12 @@ class JointCritics(nn.Module):
         return (hidden * self.out[:, None, None, :]).sum(-1)
 
 
-def estimators(n: int, m: int) -> list[Spec]:
+def estimators(n: int, m: int, alphas: Sequence[str] = ALPHAS) -> list[Spec]:
     """(name, bound, alpha) for every estimator of the figure: CPC (Eq. 4) then ML-CPC (Eq. 6),
-    each at every alpha of ALPHAS, "alpha_min" being alpha_{m,n} (Theorem 2)."""
+    each at every alpha of `alphas` (numbers as text, or "alpha_min": alpha_{m,n}, Theorem 2)."""
     out = []
     for bound in ("cpc", "ml_cpc"):
-        for a in ALPHAS:
+        for a in alphas:
             alpha = alpha_min(n, m) if a == "alpha_min" else float(a)
             out.append((f"{bound} alpha={a}", bound, alpha))
     return out
@@ -169,7 +170,8 @@ def bounds_of(scores: torch.Tensor, specs: list[Spec]) -> torch.Tensor:
 
 
 def run_family(family: str, iters_per_level: int, n: int, seed: int, compile_critics: bool,
-               on_level: Callable[[float, float], None] | None = None) -> dict[str, Any]:
+               on_level: Callable[[float, float], None] | None = None, alphas: Sequence[str] = ALPHAS,
+               separable_layers: int = SEPARABLE_LAYERS) -> dict[str, Any]:
     """Train every estimator of one critic family ("separable" or "joint") through MI_LEVELS.
 
     All estimators see the same data (n pairs an iteration, m = n) and each maximises its own
@@ -181,9 +183,10 @@ def run_family(family: str, iters_per_level: int, n: int, seed: int, compile_cri
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown critic family {family!r}; choose {' or '.join(FAMILIES)}")
-    specs = estimators(n, n)
+    specs = estimators(n, n, alphas)
     torch.manual_seed(seed)  # the critics' initial weights: `seed` makes a run repeatable, not only its data
-    critics = SeparableCritics(len(specs)) if family == "separable" else JointCritics(len(specs))
+    critics = (SeparableCritics(len(specs), layers=separable_layers) if family == "separable"
+               else JointCritics(len(specs)))
     opt = torch.optim.Adam(critics.parameters(), lr=LR, foreach=True)
     forward = torch.compile(critics) if compile_critics else critics
     g = torch.Generator().manual_seed(seed)

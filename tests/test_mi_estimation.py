@@ -42,7 +42,11 @@ def test_quick_does_not_hide_a_bad_iters(tmp_path, capsys):
     for flag, value, says in (("--batch", str(10**8), "argument --batch: must be between 2 and 8192"),  # was killed
                               ("--seed", str(10**23), "argument --seed: must be between 0 and 4294967295"),
                               ("--critics", "joint,joint", "argument --critics: 'joint' is given twice"),
-                              ("--critics", "separable,bilinear", "argument --critics: unknown 'bilinear'")):
+                              ("--critics", "separable,bilinear", "argument --critics: unknown 'bilinear'"),
+                              ("--alphas", "1,0", "argument --alphas: must be "),
+                              ("--alphas", "0.1,0.1", "argument --alphas: '0.1' is given twice"),
+                              ("--alphas", "1,17", "argument --alphas: 17 above m = n = 16"),
+                              ("--separable-layers", "0", "argument --separable-layers: must be between 1 and 16")):
         with pytest.raises(SystemExit) as exit_info:
             load_tool("mi_estimation").main(["--quick", flag, value, "--out", str(tmp_path)])
         assert exit_info.value.code == 2 and says in capsys.readouterr().err, flag
@@ -73,3 +77,18 @@ def test_the_seed_makes_a_run_repeatable(one_thread):
     assert other != runs[0]
     with pytest.raises(ValueError, match="unknown critic family 'joints'"):
         run_family("joints", iters_per_level=1, n=16, seed=7, compile_critics=False)
+
+
+def test_the_alphas_and_the_separable_depth_are_the_runs_to_choose(one_thread):
+    """The paper's figure goes down to alpha 1e-4, and the authors' separable MLPs are likely deeper than ours."""
+    import torch
+
+    from fastssl.mi_estimation import SeparableCritics, run_family
+
+    result = run_family("separable", iters_per_level=2, n=16, seed=7, compile_critics=False,
+                        alphas=["0.0001", "alpha_min"], separable_layers=3)
+    assert list(result["estimates"]) == ["cpc alpha=0.0001", "cpc alpha=alpha_min", "ml_cpc alpha=0.0001",
+                                         "ml_cpc alpha=alpha_min"]
+    assert result["alphas"]["ml_cpc alpha=0.0001"] == 0.0001
+    hidden = [m for m in SeparableCritics(2, layers=3).f if isinstance(m, torch.nn.ReLU)]
+    assert len(hidden) == 3
