@@ -18,7 +18,7 @@ evaluated for all 128 x 128 pairs, which is what makes a joint critic
 expensive; one layer keeps the whole experiment within 15 minutes on 2 CPU cores).
 Adam, lr 5e-4. Estimators: CPC (Eq. 4) and ML-CPC (Eq. 6) at alpha in {1, 0.1, 0.01}
 and alpha_min(n, m) (`--alphas`; the paper's figure also has 0.001 and 0.0001); each estimator
-trains its own critic on its own bound. All 8
+trains its own critic on its own bound. All the
 estimators of one critic family train together as one batched ensemble (the same data,
 independent parameters), so the cost is one forward/backward per iteration.
 
