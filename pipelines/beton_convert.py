@@ -29,7 +29,7 @@ from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialCo
 from pipelines.beton_writer import (ConvertDataset, NothingToWrite, WorkerError, signals_deferred, worker_context,
                                     write_beton)
 from pipelines.cores import torch_threads_kept, usable_cores
-from pipelines.folder import is_image_file, read_text_file, walk_files
+from pipelines.folder import DataLayoutError, class_folder_names, is_image_file, read_text_file, walk_files
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 # Folder names that mean "a split", not "a class": a source whose sub-folders are all among
@@ -63,7 +63,10 @@ class Inventory:
 
 def class_names(folder: Path) -> list[str]:
     """ImageFolder's classes: the sorted sub-folder names. Refuses a folder of splits (UsageError)."""
-    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    try:
+        names = class_folder_names(folder)
+    except DataLayoutError as err:  # a class folder's link points nowhere
+        raise UsageError(str(err)) from None
     if names and {n.lower() for n in names} <= SPLIT_NAMES:
         pick = next((n for n in names if n.lower() in ("train", "training")), names[0])
         raise UsageError(f"{str(folder)!r} holds the splits {', '.join(names)}, not class folders; "

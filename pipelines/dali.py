@@ -51,7 +51,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import JITTER_ORDERS, MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
-from pipelines.dali_decoder import dali_interp, decoder_args
+from pipelines.dali_decoder import ORIENTATION_AS_PIL, dali_interp, decoder_args
 from pipelines.dali_photometric import available as numba_photometric_available
 from pipelines.dali_photometric import jitter_order, photometric, uniform
 from pipelines.device_augment import GRAY_WEIGHTS, augment_views
@@ -300,7 +300,8 @@ def multicrop_pipeline(source: _ShardSource, recipe: MultiCropRecipe, decoder_de
     fast = cpu_fast and decoder_device == "cpu"
     decode_args = decoder_args(decoder_device, hw_decoder_load, {"use_fast_idct": fast},  # + nvJPEG memory on GPU
                                threads=Pipeline.current().num_threads)
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decode_args)
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **ORIENTATION_AS_PIL,
+                               **decode_args)
     interp = types.INTERP_LINEAR if fast else dali_interp(recipe.interpolation)  # the fast CPU path: linear
     numba_steps = numba_steps and decoder_device == "cpu"
     views = [_augment_view(images, recipe, view, out_dtype, interp, numba_steps, crop_only)

@@ -40,6 +40,9 @@ NVJPEG_MEMORY: dict[str, int] = {
 
 EXAMPLE_THREADS = 4  # the decoder threads of DALI's ImageNet example (its --workers)
 DALI_DEFAULT_PADDING = {"device_memory_padding": 16 * 2**20, "host_memory_padding": 8 * 2**20}  # DALI's own
+# EXIF orientation ignored, as PIL (the torchvision loaders, the converter, so FFCV) ignores it: a
+# rotated photo gives the same pixels, and so the same crops, in every backend and evaluation.
+ORIENTATION_AS_PIL = {"adjust_orientation": False}
 
 
 def decoder_args(decoder_device: str, hw_decoder_load: float, cpu_args: Optional[dict[str, Any]] = None,

@@ -32,7 +32,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
-from pipelines.dali_decoder import dali_interp, decoder_args
+from pipelines.dali_decoder import ORIENTATION_AS_PIL, dali_interp, decoder_args
 from pipelines.images import ReadAhead, free_dropped_pipelines, placement, read_unless_bad, run_retiring_bad_files
 from pipelines.sampler import rank_share
 from pipelines.spec import DataConfig
@@ -139,11 +139,9 @@ def eval_pipeline(source: _EvalSource, view: EvalView, decoder_device: str, hw_d
                                              dtype=[types.UINT8, types.INT64, types.INT64])
     decode_args = decoder_args(decoder_device, hw_decoder_load,  # + nvJPEG memory on GPU (pipelines/dali_decoder.py)
                                threads=Pipeline.current().num_threads)
-    # adjust_orientation=False: PIL (EvalLoader) ignores EXIF rotation, so DALI must too, or a
-    # rotated photo would be cropped from another region than in the torchvision figures.
     # jpeg_fancy_upsampling: nvJPEG upsamples chroma as libjpeg-turbo (PIL) does, not its own way.
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False,
-                               jpeg_fancy_upsampling=True, **decode_args)
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True,
+                               **ORIENTATION_AS_PIL, **decode_args)
     new_h, new_w, pos_y, pos_x = _torchvision_geometry(images, view)
     images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=dali_interp(view.interpolation),
                        antialias=True)

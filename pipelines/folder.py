@@ -54,7 +54,7 @@ def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True) -> L
     if not root.is_dir():
         raise DataLayoutError(f"data path {str(root)!r} is a file, not a folder; {LAYOUT_HINT}"
                               + ("" if need_labels else " (or a file list ending in .txt)"))
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = class_folder_names(root)
     if not classes:
         loose = [e.name for e in os.scandir(root) if e.is_file() and is_image_file(e.name)]
         what = f"it holds {len(loose)} images but no class folders" if loose else "it is empty"
@@ -72,6 +72,20 @@ def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True) -> L
         check_class_count(classes, need_labels, f"data path {str(root)!r}",
                           f"has one class folder ({classes[0]!r}, {len(samples)} images)", hint)
     return samples, classes
+
+
+def class_folder_names(root: Path) -> list[str]:
+    """ImageFolder's classes: the sorted names of `root`'s sub-folders (not hidden ones). A link there
+    whose target is missing (an unmounted disk) is refused: its class would vanish without a word and
+    every later class would take the label before its own."""
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    dangling = [e for e in entries if e.is_symlink() and not os.path.exists(e.path) and not is_image_file(e.name)]
+    if dangling:
+        link = dangling[0]
+        raise DataLayoutError(f"{link.path!r} is a link to {os.readlink(link.path)!r}, which does not exist (an "
+                              f"unmounted disk?); mount it, fix the link or remove it (a class folder left out "
+                              f"would shift the labels of the classes after it)")
+    return sorted(e.name for e in entries if e.is_dir())
 
 
 def _list_class_folders(root: Path, classes: list[str]) -> list[tuple[str, int]]:

@@ -48,14 +48,22 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 MAX_REPLACEMENTS = 16  # bad images in a row before a loader gives up: the data, not a file, is broken
 MAX_PIPELINE_ERRORS = 8  # restarts per pass before giving up: something else is wrong
 
-# Magic numbers of the formats DALI (nvImageCodec) and PIL both decode.
+# Magic numbers of the image formats PIL decodes (webp, pnm and avif are recognised in `image_format`).
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "jpeg"),
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (b"\xff\x4f\xff\x51", "jpeg2000"),  # a bare codestream (.j2k)
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"\x00\x00\x01\x00", "ico"),
 )
+# The formats DALI's decoders (nvImageCodec) read too; a file of another format would fail its pipeline.
+DALI_FORMATS = frozenset({"jpeg", "png", "bmp", "tiff", "webp", "pnm", "jpeg2000"})
+ANY_FORMAT = DALI_FORMATS | {"gif", "ico", "avif"}  # what PIL decodes too: the converter reads them
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND"
 MIN_BYTES = 32
@@ -66,7 +74,21 @@ def load_rgb(path: str) -> Image.Image:
     """Decode fully (so truncation is found here, not later) and convert CMYK/L/P/RGBA to RGB."""
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        return eight_bit(img).convert("RGB")
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """A grey image of more than 8 bits as 8-bit "L", scaled as DALI's decoders scale it: 16-bit
+    integers by their high byte, floats from [0, 1] (or clipped to [0, 255] when they exceed 1).
+    PIL's convert("RGB") clips instead, so a 16-bit scan came out almost white. Others pass as they are."""
+    if img.mode.startswith("I;16") or img.mode == "I":  # "I": 32-bit integers, in practice 16-bit data
+        pixels = np.asarray(img).astype(np.int64) >> 8
+    elif img.mode == "F":
+        pixels = np.asarray(img, dtype=np.float64)
+        pixels = np.nan_to_num(pixels * 255 if pixels.size and np.nanmax(pixels) <= 1 else pixels)
+    else:
+        return img
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
 
 
 class UnreadableImage(OSError):
@@ -83,19 +105,24 @@ def decoded_rgb(path: str) -> Image.Image:
 
 
 def image_format(head: bytes) -> str | None:
-    """'jpeg', 'png', 'bmp', 'tiff', 'webp', or None when the bytes are no image we decode."""
+    """The format of an image's first 16 bytes (a name of ANY_FORMAT), or None when they are no image's."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "avif"
+    if head[:1] == b"P" and head[1:2] in b"123456" and head[2:3] in (b" ", b"\t", b"\n", b"\r"):
+        return "pnm"  # PBM / PGM / PPM
     for magic, name in _SIGNATURES:
         if head.startswith(magic):
             return name
     return None
 
 
-def problem(data: bytes | memoryview) -> str | None:
+def problem(data: bytes | memoryview, formats: frozenset[str] = DALI_FORMATS) -> str | None:
     """Why these encoded bytes would not decode (a short reason), or None if they look whole.
 
-    The reason strings are written to logs and converter reports, so they name the fix.
+    `formats`: those the decoder reads (DALI's by default; the converter's are PIL's). The reason
+    strings are written to logs and converter reports, so they name the fix.
     """
     head, tail, size = bytes(data[:16]), bytes(data[-64:]), len(data)
     if size < MIN_BYTES:
@@ -103,13 +130,27 @@ def problem(data: bytes | memoryview) -> str | None:
     fmt = image_format(head)
     if fmt is None:
         return "not an image (unknown file signature): remove it from the data folder"
-    # FF D9 cannot occur inside entropy-coded data (0xFF is stuffed as FF 00), so finding
-    # it among the last bytes (writers may pad after it) means the stream reached its end.
-    if fmt == "jpeg" and _JPEG_END not in tail:
+    if fmt not in formats:
+        return (f"a {fmt.upper()} image, which DALI does not decode: convert it to JPEG or PNG, or train with "
+                f"--data.backend torchvision")
+    # FF D9 cannot occur inside entropy-coded data (0xFF is stuffed as FF 00), so finding it among
+    # the last bytes means the stream reached its end. Writers may append more after it (padding,
+    # a phone's "motion photo" video): then only a decode can tell (rare, so its cost is too).
+    if fmt == "jpeg" and _JPEG_END not in tail and not _decodes(data):
         return "truncated JPEG (no end-of-image marker): re-copy or re-download the file"
-    if fmt == "png" and _PNG_END not in tail:
+    if fmt == "png" and _PNG_END not in tail and not _decodes(data):
         return "truncated PNG (no IEND chunk): re-copy or re-download the file"
     return None
+
+
+def _decodes(data: bytes | memoryview) -> bool:
+    """Whether PIL decodes these bytes whole (its decoders stop at the image's end, whatever follows)."""
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            img.load()
+        return True
+    except UNREADABLE:
+        return False
 
 
 def decode_for_conversion(path: str) -> tuple[np.ndarray | None, str | None]:
@@ -121,7 +162,7 @@ def decode_for_conversion(path: str) -> tuple[np.ndarray | None, str | None]:
             data = f.read()
     except OSError as err:
         return None, f"unreadable: {err}"
-    reason = problem(data)
+    reason = problem(data, ANY_FORMAT)
     if reason is not None:
         return None, reason
     try:
@@ -129,7 +170,7 @@ def decode_for_conversion(path: str) -> tuple[np.ndarray | None, str | None]:
             img.load()
             if img.width < 1 or img.height < 1:
                 return None, "zero-sized image"
-            return np.asarray(img.convert("RGB")), None
+            return np.asarray(eight_bit(img).convert("RGB")), None
     except UNREADABLE as err:
         return None, f"undecodable: {type(err).__name__}: {err}"
 

@@ -1,0 +1,116 @@
+"""Image files as the loaders read them (`pipelines.images`, `pipelines.folder`): every backend must see
+the same pixels of the same files. Deep images scaled as DALI scales them, the formats the byte screen
+knows, bytes after an image's end, EXIF orientation, and a class folder's link that points nowhere."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FILE_BACKENDS, make_image_folder
+from pipelines.augment import MultiCropRecipe
+from pipelines.images import ANY_FORMAT, DALI_FORMATS, decode_for_conversion, load_rgb, problem
+
+RAMP16 = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+
+
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_grey_image_keeps_its_tones(tmp_path: Path, fmt: str) -> None:
+    """PIL's convert("RGB") clipped 16-bit values to 255 (99.6% of a ramp came out white); DALI keeps the
+    high byte. Both PIL paths (the torchvision loaders, the converter) now do as DALI does."""
+    path = tmp_path / f"ramp.{fmt.lower()}"
+    path.write_bytes(encoded(Image.fromarray(RAMP16), fmt))
+    expected = (RAMP16.astype(np.float64) / 256).astype(np.uint8)
+    for pixels in (np.asarray(load_rgb(str(path))), decode_for_conversion(str(path))[0]):
+        assert pixels.shape == (64, 64, 3) and (pixels == expected[..., None]).all()
+
+
+def test_a_float_grey_image_in_0_to_1_is_scaled_to_8_bits(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    path = tmp_path / "ramp.tif"
+    path.write_bytes(encoded(Image.fromarray(ramp), "TIFF"))
+    pixels = np.asarray(load_rgb(str(path)))[..., 0].astype(np.float64)
+    assert np.abs(pixels - ramp * 255).max() <= 1.0  # was all 0 (black) or 1
+
+
+def test_the_screen_names_formats_dali_cannot_decode_and_passes_the_rest() -> None:
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    files = {"gif": encoded(rgb, "GIF"), "pnm": encoded(rgb, "PPM"), "jpeg2000": encoded(rgb, "JPEG2000"),
+             "ico": encoded(rgb, "ICO"), "pgm": encoded(rgb.convert("L"), "PPM")}
+    for name in ("pnm", "pgm", "jpeg2000"):
+        assert problem(files[name]) is None, name  # DALI decodes them: they were "not an image"
+    for name in ("gif", "ico"):
+        assert problem(files[name]) == (f"a {name.upper()} image, which DALI does not decode: convert it to JPEG "
+                                        f"or PNG, or train with --data.backend torchvision")
+        assert problem(files[name], ANY_FORMAT) is None  # the converter decodes them with PIL
+    assert DALI_FORMATS < ANY_FORMAT
+
+
+def test_bytes_after_an_images_end_are_not_truncation_but_a_cut_still_is() -> None:
+    """Phones append a video after a JPEG's end ("motion photos"), writers pad: the end marker was looked for
+    in the last 64 bytes only, and such files were skipped as truncated by DALI and the converter."""
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    for fmt, says in (("JPEG", "truncated JPEG"), ("PNG", "truncated PNG")):
+        whole = encoded(rgb, fmt)
+        assert problem(whole + bytes(200)) is None and problem(whole + os.urandom(5000)) is None, fmt
+        assert problem(whole[: len(whole) * 2 // 3]).startswith(says), fmt
+
+
+def rotated_folder(root: Path) -> Path:
+    """2 classes x 4 images, 96 x 64, top half white, bottom black, each tagged "rotate 90 degrees" in EXIF."""
+    pixels = np.zeros((64, 96, 3), dtype=np.uint8)
+    pixels[:32] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer turns it 90 degrees clockwise
+    for c in range(2):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.jpg", quality=95, exif=exif)
+    return root
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_every_backend_ignores_exif_orientation_as_pil_does(tmp_path: Path, backend: str) -> None:
+    """DALI's training decoder turned photos by their EXIF tag where PIL (torchvision, the converter, so FFCV)
+    and the DALI evaluation do not: the same image trained upright in one backend and on its side in another."""
+    from test_pipelines import spec_for
+
+    from pipelines import build_train_loader
+
+    recipe = MultiCropRecipe(global_size=16, local_size=8, num_local=0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                             blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0), global_scale=(0.9, 1.0))
+    loader = build_train_loader(spec_for(rotated_folder(tmp_path / "train"), recipe, backend=backend))
+    for batch in loader:
+        for view in batch.views:
+            top, bottom = view[:, :, :4].mean().item(), view[:, :, -4:].mean().item()
+            left, right = view[:, :, :, :4].mean().item(), view[:, :, :, -4:].mean().item()
+            assert top - bottom > 2.5 and abs(left - right) < 0.5, (backend, top, bottom, left, right)
+
+
+def test_a_class_folder_link_that_points_nowhere_is_refused_not_dropped(tmp_path: Path) -> None:
+    """A link to an unmounted disk made its class vanish and the classes after it take its label."""
+    from pipelines.beton_convert import UsageError, scan_class_folders
+    from pipelines.folder import DataLayoutError, scan_image_folder
+
+    root = tmp_path / "train"
+    make_image_folder(root, num_classes=2, per_class=2)
+    os.symlink(tmp_path / "unmounted" / "class_01b", root / "class_01b")
+    with pytest.raises(DataLayoutError, match=r"class_01b' is a link to .*unmounted/class_01b', which does not "
+                                              r"exist \(an unmounted disk\?\)"):
+        scan_image_folder(root)
+    with pytest.raises(UsageError, match="which does not exist"):
+        scan_class_folders(root)
+    (root / "class_01b").unlink()
+    os.symlink(root / "class_01", root / "class_01b")  # a link that works is a class like any other
+    assert scan_image_folder(root)[1] == ["class_00", "class_01", "class_01b"]
