@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Detection-ready weights: the EMA teacher's backbone for torchvision and detectron2 detectors.
+"""Detection-ready weights: a run's exported backbone for torchvision and detectron2 detectors.
+
+The backbone is the one the run exported (`model.export`): the EMA teacher's by default, the student's
+in the MoCo recipes.
 
     python tools/export_backbone.py runs/demo/<timestamp>                 # both formats, into the run
     python tools/export_backbone.py backbone_resnet50.pth --format detectron2 --out-dir exports/

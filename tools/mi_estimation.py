@@ -22,10 +22,9 @@ trains its own critic on its own bound. All the
 estimators of one critic family train together as one batched ensemble (the same data,
 independent parameters), so the cost is one forward/backward per iteration.
 
-Outputs, in --out: `mi_estimation.json` (per estimator: the per-iteration estimates
-smoothed as in the paper's plots, and, per MI level, the mean estimate over the last
-half of the level) and `mi_estimation.png` (one panel per estimator, estimates against
-the true MI).
+Outputs, in --out: `mi_estimation.json` (per estimator: the raw per-iteration estimates, and,
+per MI level, the mean estimate over the last half of the level) and `mi_estimation.png` (one
+panel per estimator: the estimates, raw and smoothed as in the paper's plots, against the true MI).
 """
 
 from __future__ import annotations
