@@ -21,7 +21,7 @@ from torchvision import transforms as T
 
 from pipelines.augment import EvalView
 from pipelines.folder import Listing, scan_image_folder
-from pipelines.images import UNREADABLE, load_rgb
+from pipelines.images import UNREADABLE, load_rgb, why_unreadable
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import rank_share, sample_rng
 from pipelines.spec import EVAL_BACKENDS, DataConfig, LoaderUnavailable, registered_class
@@ -61,7 +61,7 @@ class LabelledImages(Dataset):
         try:
             image = load_rgb(path)
         except UNREADABLE as err:  # only the decode: a transform's error is a bug, not a file to pass over
-            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
+            warnings.warn(f"skipping unreadable image {path}: {why_unreadable(err)}", stacklevel=1)
             return None
         if self.seed is None or epoch is None:
             return self.transform(image), label, i

@@ -91,6 +91,15 @@ def eight_bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
 
 
+def why_unreadable(err: BaseException) -> str:
+    """What PIL's error on a file means, for the warning that skips it: its type and message, or, for an
+    image above PIL's decompression-bomb limit (which DALI decodes), that limit and how to lift it."""
+    if isinstance(err, Image.DecompressionBombError):
+        return (f"larger than PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels x 2 (its guard against "
+                f"decompression bombs; DALI has none): shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS in your recipe")
+    return f"{type(err).__name__}: {err}"
+
+
 class UnreadableImage(OSError):
     """A file PIL cannot decode (`decoded_rgb`): the one error a dataset whose transform runs in the same
     call (torchvision's ImageFolder) may pass over; a transform's own error stays what it is, and stops."""
@@ -101,7 +110,7 @@ def decoded_rgb(path: str) -> Image.Image:
     try:
         return load_rgb(path)
     except UNREADABLE as err:
-        raise UnreadableImage(f"{type(err).__name__}: {err}") from err
+        raise UnreadableImage(why_unreadable(err)) from err
 
 
 def image_format(head: bytes) -> str | None:
@@ -172,7 +181,7 @@ def decode_for_conversion(path: str) -> tuple[np.ndarray | None, str | None]:
                 return None, "zero-sized image"
             return np.asarray(eight_bit(img).convert("RGB")), None
     except UNREADABLE as err:
-        return None, f"undecodable: {type(err).__name__}: {err}"
+        return None, f"undecodable: {why_unreadable(err)}"
 
 
 def read_screened(path: str) -> tuple[np.ndarray | None, str | None]:
@@ -296,7 +305,7 @@ def find_bad_files(samples: list[tuple[str, int]], indices: Iterable[int]) -> di
         try:
             load_rgb(samples[i][0])
         except UNREADABLE as err:
-            bad[i] = f"undecodable: {type(err).__name__}: {err}"
+            bad[i] = f"undecodable: {why_unreadable(err)}"
     return bad
 
 

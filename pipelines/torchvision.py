@@ -21,7 +21,7 @@ from pipelines.augment import MultiCropRecipe, ViewSpec
 from pipelines.batch import MultiCropBatch
 from pipelines.device_augment import augment_views, normalize_uint8
 from pipelines.folder import scan_source
-from pipelines.images import UNREADABLE, load_rgb, next_readable
+from pipelines.images import UNREADABLE, load_rgb, next_readable, why_unreadable
 from pipelines.processes import leave_process_group, loader_workers_context, stop_signals_held
 from pipelines.sampler import ShardedLoader, batch_seed, sample_rng
 from pipelines.spec import LoaderSpec
@@ -112,7 +112,7 @@ class MultiCropFolder(Dataset):
         try:
             return load_rgb(path)
         except UNREADABLE as err:
-            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=1)
+            warnings.warn(f"skipping unreadable image {path}: {why_unreadable(err)}", stacklevel=1)
             return None
 
 

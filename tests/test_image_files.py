@@ -5,6 +5,7 @@ knows, bytes after an image's end, EXIF orientation, and a class folder's link t
 from __future__ import annotations
 
 import io
+import re
 import os
 from pathlib import Path
 
@@ -114,3 +115,18 @@ def test_a_class_folder_link_that_points_nowhere_is_refused_not_dropped(tmp_path
     (root / "class_01b").unlink()
     os.symlink(root / "class_01", root / "class_01b")  # a link that works is a class like any other
     assert scan_image_folder(root)[1] == ["class_00", "class_01", "class_01b"]
+
+
+def test_an_image_above_pils_size_limit_is_skipped_with_the_limit_and_how_to_lift_it(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """It was skipped as "unreadable ... could be decompression bomb DOS attack", while DALI trains on it."""
+    from pipelines.eval import LabelledImages
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,920 pixels is past twice the limit: PIL refuses
+    says = "larger than PIL's limit of 100 pixels x 2 (its guard against decompression bombs; DALI has none)"
+    assert decode_for_conversion(str(path)) == (None, f"undecodable: {says}: shrink it, or raise "
+                                                      f"PIL.Image.MAX_IMAGE_PIXELS in your recipe")
+    with pytest.warns(UserWarning, match=rf"skipping unreadable image .*big.png: {re.escape(says)}"):
+        assert LabelledImages([(str(path), 0)], lambda image: image)[0] is None

@@ -25,7 +25,7 @@ from fastssl.eval.transfer import DATASETS, spec_of
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.eval import LabelledImages
 from pipelines.folder import DataLayoutError, scan_image_folder
-from pipelines.images import UNREADABLE
+from pipelines.images import UNREADABLE, why_unreadable
 
 # A torchvision transform: a PIL image in, the network's input tensor out.
 Transform = Callable[[Any], torch.Tensor]
@@ -62,7 +62,8 @@ class Indexed(Dataset):
         except UNREADABLE as err:  # only the read: a transform's error is a bug, not a file to pass over
             import warnings
 
-            warnings.warn(f"skipping unreadable image {j} of {type(self.base).__name__}: {err}", stacklevel=1)
+            warnings.warn(f"skipping unreadable image {j} of {type(self.base).__name__}: {why_unreadable(err)}",
+                          stacklevel=1)
             return None
         return self.transform(image), j, j
 
