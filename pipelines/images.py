@@ -88,7 +88,7 @@ def eight_bit(img: Image.Image) -> Image.Image:
         pixels = np.nan_to_num(pixels * 255 if pixels.size and np.nanmax(pixels) <= 1 else pixels)
     else:
         return img
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def why_unreadable(err: BaseException) -> str:
