@@ -9,10 +9,11 @@ distillation) apply, each with its own weight files and its own fields that a re
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastssl import checkpoint as ckpt
 from fastssl.agreement import check_run_dir_shared
@@ -154,11 +155,24 @@ def resume_changes(saved: dict, now: dict, default: dict, free: set[str], with_w
     if refused:
         raise ConfigError(f"--resume: these fields differ from the run being resumed in {run_dir}: "
                           + ", ".join(f"{n} ({values[n][0]!r} in the run, {values[n][1]!r} now)" for n in refused)
-                          + "; resume with the run's values (drop those overrides) or start a new --train.run_dir")
+                          + "; resume with the run's values (" + " ".join(flag_text(n, values[n][0]) for n in refused)
+                          + ": drop your overrides of them, or pass them where a default changed since the run) or "
+                          "start a new --train.run_dir")
     for name in sorted(changes) if warn else ():
         print(f"warning: --resume with {name} changed from {values[name][0]!r} to {values[name][1]!r}: the "
               f"run continues with the new value, so it no longer matches an uninterrupted run", file=sys.stderr)
     return {name: values[name] for name in sorted(changes)}
+
+
+def flag_text(name: str, value: Any) -> str:
+    """`--name value` as a command line sets it (tuples comma-separated, booleans true / false), quoted for a shell."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (list, tuple)):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return f"--{name} {shlex.quote(text)}"
 
 
 def finished_run(run_dir: Path, epochs: int, step: int) -> str:

@@ -18,6 +18,9 @@ LAYOUT_HINT = "expected ImageNet layout: ROOT/<class_name>/<image>.JPEG, one fol
 # Folder names of dataset splits: a data path whose only "classes" are these is the parent of the split to use.
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 EVAL_NEEDS_CLASSES = 2  # with one class every k-NN / linear prediction is right: the accuracy means nothing
+# Who needs the labels (`need_labels`) and how their data is chosen: the self-supervised recipes' evaluations.
+EVALUATIONS = ("the k-NN and linear evaluations", " (a recipe's online k-NN reads --data.val and --data.knn_train, "
+               "else --data.train; --eval.knn_every -1 turns it off)")
 
 
 class DataLayoutError(ValueError):
@@ -36,7 +39,8 @@ def is_image_file(name: str) -> bool:
 Listing = tuple[list[tuple[str, int]], list[str]]
 
 
-def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True) -> Listing:
+def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True,
+                      labels_for: tuple[str, str] = EVALUATIONS) -> Listing:
     """All (path, class index) pairs under `root`, in a deterministic order, and the classes.
 
     Fails before any training work with a message naming the problem: a missing path,
@@ -70,7 +74,7 @@ def scan_image_folder(root: str | os.PathLike, *, need_labels: bool = True) -> L
         hint = (f"; if the class folders are inside {str(root / classes[0])!r}, point at the folder that holds "
                 "them" if nested else "")
         check_class_count(classes, need_labels, f"data path {str(root)!r}",
-                          f"has one class folder ({classes[0]!r}, {len(samples)} images)", hint)
+                          f"has one class folder ({classes[0]!r}, {len(samples)} images)", hint, labels_for)
     return samples, classes
 
 
@@ -137,8 +141,10 @@ def check_not_splits(classes: Sequence[str], where: str, fix: Callable[[str], st
     raise DataLayoutError(f"{where} holds only split folders ({folders}) where class folders belong; {fix(pick)}")
 
 
-def check_class_count(classes: Sequence[str], need_labels: bool, where: str, found: str, hint: str = "") -> None:
-    """One class: refused for evaluation data (`need_labels`), a one-time warning for training data.
+def check_class_count(classes: Sequence[str], need_labels: bool, where: str, found: str, hint: str = "",
+                      labels_for: tuple[str, str] = EVALUATIONS) -> None:
+    """One class: refused for labelled data (`need_labels`; `labels_for`: who needs the labels, and how
+    that data is chosen), a one-time warning for training data.
 
     Self-supervised training ignores labels, so a single folder of unlabelled images is
     legitimate; but it is also what a wrong path looks like, and the labels matter to the
@@ -147,11 +153,10 @@ def check_class_count(classes: Sequence[str], need_labels: bool, where: str, fou
     if len(classes) >= EVAL_NEEDS_CLASSES:
         return
     if need_labels:
-        raise DataLayoutError(f"{where} {found}: the k-NN and linear evaluations need labelled images in at "
-                              f"least {EVAL_NEEDS_CLASSES} class folders (with one class every prediction is "
-                              "right); pass a folder with one sub-folder per class (a recipe's online k-NN reads "
-                              "--data.val and --data.knn_train, else --data.train; --eval.knn_every -1 turns it off)"
-                              f"{hint}")
+        who, how = labels_for
+        raise DataLayoutError(f"{where} {found}: {who} need labelled images in at least {EVAL_NEEDS_CLASSES} class "
+                              f"folders (with one class every prediction is right); pass a folder with one "
+                              f"sub-folder per class{how}{hint}")
     if where in _WARNED_SINGLE_CLASS:
         return
     _WARNED_SINGLE_CLASS.add(where)

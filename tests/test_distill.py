@@ -232,6 +232,20 @@ def test_unreadable_images_are_skipped_with_a_warning_not_the_end_of_the_run(tmp
     assert 0 <= results["final_top1"] <= 100
 
 
+def test_a_folder_of_one_class_is_refused_in_the_distillation_trainers_own_terms(tmp_path: Path) -> None:
+    """The refusal named the self-supervised recipes' k-NN flags, which this trainer has not."""
+    from fastssl.config import ConfigError
+
+    make_folder(tmp_path / "data", classes=1)
+    cfg = DistillConfig(data=dataclasses.replace(DistillConfig().data, source="folder",
+                                                  train=str(tmp_path / "data" / "train"),
+                                                  val=str(tmp_path / "data" / "val"), image_size=16))
+    with pytest.raises((DataLayoutError, ConfigError)) as info:
+        build_datasets(cfg.data)
+    assert "the distillation trainer's classifier and its top-1 need labelled images in at least 2 class" \
+        in str(info.value) and "--eval.knn_every" not in str(info.value), info.value
+
+
 def test_a_transforms_error_is_raised_not_taken_for_an_unreadable_image(tmp_path: Path) -> None:
     """Any ValueError in an item's transform was taken for an unreadable file: every image was passed over."""
     from fastssl.distill.data import SeededItems
@@ -299,6 +313,36 @@ def test_resume_matches_uninterrupted(tmp_path: Path, teacher: Path, negatives: 
     assert q1.keys() == q2.keys() and all(torch.equal(q1[k], q2[k]) for k in q1)
     assert {k.split(".")[0] for k in q1} == ({"memory"} if negatives == "memory" else {"teacher_keys", "student_keys"})
     assert [r["step"] for r in read_rows(tmp_path / "twice" / "train_log.csv")] == [str(i) for i in range(1, 7)]
+
+
+def test_a_run_saved_before_the_memory_existed_resumes_with_its_queues(tmp_path: Path, teacher: Path,
+                                                                        capsys) -> None:
+    """A run's config from before `loss.negatives` (and the kd_weight default of 1) lacks the field; it used
+    queues. Its resume met a traceback (the memory's keys missing from the checkpoint), and with
+    `--loss.negatives queue` a refusal that said the run had used the memory. The refusal now names the
+    flags that resume it, and they do."""
+    import json
+
+    common = ["--model.teacher", str(teacher), "--train.steps_per_epoch", "2", "--loss.kd_weight", "1"]
+    run(DistillConfig(), tiny_args(tmp_path, "old", *common, "--loss.negatives", "queue", "--train.epochs", "1"))
+    run_dir = tmp_path / "old"
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    del state["config"]["loss"]["negatives"]  # as written before the field existed
+    torch.save(state, run_dir / "checkpoint.pt")
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["loss"]["negatives"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    plain = tiny_args(tmp_path, "old", "--model.teacher", str(teacher), "--train.steps_per_epoch", "2",
+                      "--train.epochs", "2", "--resume")
+    with pytest.raises(SystemExit) as exc:
+        run(DistillConfig(), plain)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    assert ("loss.kd_weight (1.0 in the run, 0.0 now), loss.negatives ('queue' in the run, 'memory' now); resume "
+            "with the run's values (--loss.kd_weight 1.0 --loss.negatives queue: ") in err, err
+    results = run(DistillConfig(), plain + ["--loss.kd_weight", "1.0", "--loss.negatives", "queue"])
+    assert [r["epoch"] for r in results["top1"]] == [1, 2]
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path: Path, teacher: Path, capsys) -> None:

@@ -255,7 +255,9 @@ def test_a_resume_that_changes_what_is_computed_names_each_field_with_both_value
     code, _, err = exit_of(cfg, ["--resume", "--optim.momentum", "0.5", "--train.seed", "7"], capsys)
     assert code == 2 and "Traceback" not in err, err
     assert (f"error: --resume: these fields differ from the run being resumed in {run_dir}: optim.momentum (0.9 in "
-            f"the run, 0.5 now), train.seed (0 in the run, 7 now); resume with the run's values") in err
+            f"the run, 0.5 now), train.seed (0 in the run, 7 now); resume with the run's values (--optim.momentum "
+            f"0.9 --train.seed 0: drop your overrides of them, or pass them where a default changed since the run)") \
+        in err
     assert (run_dir / "config.json").read_bytes() == config
 
 

@@ -56,8 +56,9 @@ def build_datasets(cfg: DistillDataConfig) -> tuple[Dataset, Dataset, int]:
         return train, test, len(train.classes)
     from torchvision.datasets import ImageFolder
 
-    _, classes = scan_image_folder(cfg.train)
-    _, val_classes = scan_image_folder(cfg.val)
+    labels_for = ("the distillation trainer's classifier and its top-1", "")
+    _, classes = scan_image_folder(cfg.train, labels_for=labels_for)
+    _, val_classes = scan_image_folder(cfg.val, labels_for=labels_for)
     if classes != val_classes:
         raise DataLayoutError(f"data.val {cfg.val!r} has other class folders than data.train {cfg.train!r} "
                               f"({len(val_classes)} vs {len(classes)}); give both splits of one dataset")

@@ -61,6 +61,9 @@ RESUMABLE_CHANGES = {"data.root", "data.train", "data.val", "data.num_workers", 
 # Fields a resume may change with a warning: the run continues, but no longer as an uninterrupted one would.
 # A lower optim.lr is how a run whose loss stopped being finite continues from its last checkpoint.
 RESUMABLE_WITH_WARNING = {"optim.lr"}
+# What a run saved before a field existed did, where that differs from the field's default now: such a
+# run's config lacks the field, and its resume must compare with what the run computed.
+PREDATED_VALUES = {("loss", "negatives"): "queue"}
 
 
 class DistillStudent(nn.Module):
@@ -115,7 +118,10 @@ def check_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None) -
             raise ConfigError(f"--resume: {run_dir} holds a run of another recipe (its config has the sections "
                               f"{', '.join(sorted(saved))}); continue it with the recipe that started it, or give "
                               f"this one another --train.run_dir")
-        resume_changes(saved, new, to_dict(DistillConfig()), RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING, run_dir)
+        before = to_dict(DistillConfig())
+        for (section, name), value in PREDATED_VALUES.items():
+            before[section][name] = value
+        resume_changes(saved, new, before, RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING, run_dir)
     return run_dir
 
 
