@@ -236,7 +236,7 @@ def set_up(cfg: DistillConfig, resume: bool | str, command: list[str] | None) ->
 def check_room_for_a_save(cfg: DistillConfig, run_dir: Path, model: DistillStudent, teacher: Classifier | None,
                           objective: DistillObjective) -> None:
     """Refuse to start on a disk without room for one save: the checkpoint (the student, SGD's momentum
-    when it keeps one, the teacher, the critic's queues) and the exported classifier. Checked before
+    when it keeps one, the teacher, the memory or queues) and the exported classifier. Checked before
     config.json and the logs are written, so a full disk stops the run now, not at its first checkpoint."""
     student = model.state_dict()
     critic = objective.state
