@@ -91,6 +91,13 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
             f"Free space on that disk (e.g. delete old runs) or move the run directory to a larger disk")
 
 
+def check_room_at_start(run_dir: Path, checkpoint: dict, export: Path, exported: object) -> None:
+    """Refuse to start a run on a disk without room for one save, before any record is written: the
+    tensors a checkpoint holds (`checkpoint`) and the weights exported beside it (`exported`, at `export`)."""
+    needed = bytes_needed(checkpoint, run_dir / CHECKPOINT_NAME) + bytes_needed(exported, export)
+    check_free_space(run_dir, needed, f"a checkpoint and {export.name}")
+
+
 def _reason(err: BaseException) -> str:
     """The exception's type and first sentence (PyTorch's reader errors run on for lines)."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -406,10 +406,8 @@ def check_room_for_a_save(cfg: Config, run_dir: Path, parts: StepParts) -> None:
     momentum = student if cfg.optim.name == "lars" or cfg.optim.momentum > 0 else {}
     checkpoint = {"student": student, "momentum": momentum, "teacher": parts.teacher.state_dict(),
                   "critic": critic.state_dict() if critic is not None else None}
-    path = backbone_path(cfg, run_dir)
-    needed = (ckpt.bytes_needed(checkpoint, run_dir / ckpt.CHECKPOINT_NAME)
-              + ckpt.bytes_needed(exported_backbone(cfg, parts).state_dict(), path))
-    ckpt.check_free_space(run_dir, needed, f"a checkpoint and {path.name}")
+    exported = exported_backbone(cfg, parts).state_dict()
+    ckpt.check_room_at_start(run_dir, checkpoint, backbone_path(cfg, run_dir), exported)
 
 
 def save(cfg: Config, run_dir: Path, parts: StepParts, state: ckpt.TrainState,

@@ -78,7 +78,7 @@ def image_damage(reader: Any, path: Path, spot_checks: int = JPEG_SPOT_CHECKS) -
     meta = reader.metadata[f"f{list(reader.handlers).index(IMAGE_FIELD)}"]
     table = reader.alloc_table
     # Each image's allocation, found by address. FFCV writes both arrays nearly sorted, so the sorts are
-    # cheap, and sorted queries keep searchsorted sequential (ImageNet's 1.28M: 0.03 s, vs 0.27 s unsorted).
+    # cheap, and sorted queries keep searchsorted's memory accesses sequential rather than random.
     by_ptr = np.argsort(table["ptr"], kind="stable")
     by_data = np.argsort(meta["data_ptr"], kind="stable")
     ptrs = table["ptr"][by_ptr]

@@ -243,9 +243,7 @@ def check_room_for_a_save(cfg: DistillConfig, run_dir: Path, model: DistillStude
     checkpoint = {"student": student, "momentum": student if cfg.optim.momentum > 0 else {},
                   "teacher": teacher_slot(teacher).state_dict(),
                   "critic": critic.state_dict() if critic is not None else None}
-    needed = (ckpt.bytes_needed(checkpoint, run_dir / ckpt.CHECKPOINT_NAME)
-              + ckpt.bytes_needed(model.student.state_dict(), run_dir / CLASSIFIER_NAME))
-    ckpt.check_free_space(run_dir, needed, f"a checkpoint and {CLASSIFIER_NAME}")
+    ckpt.check_room_at_start(run_dir, checkpoint, run_dir / CLASSIFIER_NAME, model.student.state_dict())
 
 
 def build_objective(cfg: DistillConfig, labels: list[int]) -> DistillObjective:
