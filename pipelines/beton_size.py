@@ -44,6 +44,8 @@ def estimate_beton_bytes(paths: Sequence[str], *, max_resolution: int, write_mod
     page, and a page per writer process, plus one for the header and tables)."""
     from PIL import Image
 
+    from pipelines.images import open_image_file
+
     pages = (num_workers + 1) * PAGE_BYTES
     if not paths:
         return pages
@@ -51,7 +53,7 @@ def estimate_beton_bytes(paths: Sequence[str], *, max_resolution: int, write_mod
     sizes = []
     for path in picked:
         try:
-            with Image.open(path) as img:  # the header only
+            with open_image_file(path) as f, Image.open(f) as img:  # the header only
                 width, height = img.size
             file_bytes = os.path.getsize(path)
         except (OSError, ValueError):  # gone or broken since it was checked: the writer reports it, by name

@@ -27,6 +27,8 @@ from __future__ import annotations
 import gc
 import io
 import itertools
+import os
+import stat
 import threading
 import warnings
 from collections import deque
@@ -70,9 +72,30 @@ MIN_BYTES = 32
 _BAD_FILE_LOCK = threading.Lock()  # readers in several threads record (and warn about) a bad file once
 
 
+def open_image_file(path: str | os.PathLike) -> io.BufferedReader:
+    """`path` opened for reading in binary, or OSError (saying what it is) when it is not a regular file.
+
+    Why: opening a named pipe (a FIFO left in a data folder, named like an image) blocks until
+    something writes to it, so a plain open() hung the loader for ever. The scan lists names
+    without a stat per file (see `folder.walk_files`), so the check happens here: the open does
+    not block (O_NONBLOCK; no effect on a regular file's reads) and the fstat costs no extra
+    filesystem round trip."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a folder" if stat.S_ISDIR(mode) else "a device file")
+            raise OSError(f"{kind}, not a regular file: remove it from the data folder")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode fully (so truncation is found here, not later) and convert CMYK/L/P/RGBA to RGB."""
-    with Image.open(path) as img:
+    with open_image_file(path) as f, Image.open(f) as img:
         img.load()
         return eight_bit(img).convert("RGB")
 
@@ -167,7 +190,7 @@ def decode_for_conversion(path: str) -> tuple[np.ndarray | None, str | None]:
     converter's verdict, from one read of the file. The sniff (`problem`) first, then a full decode,
     which reads every compressed byte, so a truncated or corrupt stream is caught here."""
     try:
-        with open(path, "rb") as f:
+        with open_image_file(path) as f:
             data = f.read()
     except OSError as err:
         return None, f"unreadable: {err}"
@@ -187,7 +210,8 @@ def decode_for_conversion(path: str) -> tuple[np.ndarray | None, str | None]:
 def read_screened(path: str) -> tuple[np.ndarray | None, str | None]:
     """(the file's bytes, None), or (None, why) when it cannot be read or would not decode."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open_image_file(path) as f:
+            data = np.fromfile(f, dtype=np.uint8)
     except OSError as err:
         return None, f"unreadable: {err}"
     reason = problem(memoryview(data))

@@ -275,6 +275,25 @@ def test_three_corrupt_jpegs_count_three_skips_per_epoch(tmp_path, backend, batc
         assert sum(b.num_skipped for b in batches) == 3
 
 
+@pytest.mark.timeout(120)  # without the check, the open of a named pipe waits for a writer for ever
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=requires_dali)])
+def test_a_named_pipe_named_like_an_image_is_skipped_as_what_it_is_not_waited_on(tmp_path, backend):
+    import os
+
+    from pipelines.images import decode_for_conversion
+
+    root = tmp_path / "train"
+    make_image_folder(root, 2, 4, size=24)
+    fifo = root / "class_01" / "img_fifo.JPEG"
+    os.mkfifo(fifo)
+    loader = build_train_loader(spec_for(root, backend=backend, batch_size=3))
+    with pytest.warns(UserWarning, match=r"img_fifo\.JPEG.*a named pipe \(FIFO\), not a regular file: remove it"):
+        batches = list(loader)
+    assert sum(len(b.index) for b in batches) == 9 and sum(b.num_skipped for b in batches) == 1  # replaced
+    assert decode_for_conversion(str(fifo)) == (None, "unreadable: a named pipe (FIFO), not a regular file: "
+                                                      "remove it from the data folder")
+
+
 # ------------------------------------------------------------------ a decoder that dies on a bad file
 
 
