@@ -37,8 +37,8 @@ from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_eval_failure,
-                              after_write_failure, continue_advice, is_out_of_memory, latest_run_hint,
-                              out_of_memory_advice)
+                              after_write_failure, before_any_update_advice, continue_advice, first_loss_causes,
+                              is_out_of_memory, latest_run_hint, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
 from fastssl.run_dir import RUN_DIR_TIME, check_run_dir, create_run_dir, finished_run, run_info, stamp_run_dir
 from fastssl.run_log import RunLog, write_run_json
@@ -194,7 +194,9 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
                 save(cfg, run_dir, parts, state, guard, loader)
                 saved_step = state.step
     except TrainingDiverged as err:
-        raise TrainingDiverged(f"{err}; {continue_advice(cfg, command, run_dir, saved_step, accelerator)}") from err
+        advice = (before_any_update_advice(command, run_dir, first_loss_causes(cfg, accelerator)) if err.at_first_step
+                  else continue_advice(cfg, command, run_dir, saved_step, accelerator))
+        raise TrainingDiverged(f"{err}; {advice}") from err
     except ckpt.CheckpointError as err:  # a full disk: the checkpoint on disk is kept
         raise ckpt.CheckpointError(f"{err}; {after_write_failure(command, run_dir, saved_step)}") from err
     except (RuntimeError, MemoryError) as err:  # a batch too large for the device: a setting to change, not a crash
@@ -242,7 +244,8 @@ def run_epoch(cfg: Config, parts: StepParts, loader: ShardedLoader, state: ckpt.
                 with failing_together(accelerator):  # only the main process writes: the others must hear it failed
                     log.step(row)
                 if guard is not None:
-                    guard.check(row["loss"], state.step)
+                    guard.check(row["loss"], state.step, lambda: mean_loss(losses[:1], accelerator)
+                                if state.step == len(losses) else None)  # the run's first step is this epoch's
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
                                 wait=f"{100 * row['data_wait_share']:.0f}%")
                 stopping = stop.agreed(accelerator)

@@ -33,7 +33,13 @@ LOSS_WARM_ROWS = 5
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss or the weights stopped being finite, or exploded; the message says how to continue."""
+    """The loss or the weights stopped being finite, or exploded; the message says how to continue.
+    `at_first_step`: the run's very first loss, from the initial weights, was not finite (no learning
+    rate had acted on them: the cause lies elsewhere)."""
+
+    def __init__(self, message: str, at_first_step: bool = False):
+        super().__init__(message)
+        self.at_first_step = at_first_step
 
 
 class DivergenceGuard:
@@ -73,9 +79,10 @@ class DivergenceGuard:
         norms = foreach(tensors) if foreach is not None else [t.norm() for t in tensors]
         return torch.stack([n.float() for n in norms]).norm().item()
 
-    def check(self, loss: float, step: int) -> None:
-        """At a log step: the loss, then the weights."""
-        self._together(lambda: (self._check_loss(loss, step), self._check_weights(step)))
+    def check(self, loss: float, step: int, first_loss: Callable[[], float | None] = lambda: None) -> None:
+        """At a log step: the loss (the window's mean), then the weights. `first_loss`: the run's first
+        loss when that step is in the window (else None); asked for only when the loss is not finite."""
+        self._together(lambda: (self._check_loss(loss, step, first_loss), self._check_weights(step)))
 
     def check_weights(self, step: int) -> None:
         """Before a checkpoint: the weights."""
@@ -102,9 +109,11 @@ class DivergenceGuard:
                                    f"{norm / start:.3g} times its {start:.3g} at the start of the run")
         self.previous = norm
 
-    def _check_loss(self, loss: float, step: int) -> None:
+    def _check_loss(self, loss: float, step: int, first_loss: Callable[[], float | None]) -> None:
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}")
+            first = first_loss()
+            raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}",
+                                   at_first_step=first is not None and not math.isfinite(first))
         mean = self.loss_mean
         if (mean is not None and self.rows >= LOSS_WARM_ROWS
                 and abs(loss - mean) > DIVERGED_LOSS_FACTOR * max(abs(mean), 1.0)):
@@ -214,6 +223,17 @@ def before_any_update_advice(command: list[str] | None, run_dir: Path, causes: s
     so a lower learning rate (it had not acted yet) cannot help; `causes` names what can."""
     return (f"no update had been made yet, so the learning rate is not the cause: check {causes}; then start "
             f"again with: {rerun_command(command, run_dir, resume=False)}")
+
+
+def first_loss_causes(cfg: Config, accelerator: Accelerator) -> str:
+    """What can make a self-supervised run's very first loss not finite: the objective's temperatures,
+    half precision's range, the images."""
+    temperatures = {"mira": "--method.tau_student, --method.tau_teacher", "mlcpc": "--critic.temperature",
+                    "mira+mlcpc": "--method.tau_student, --method.tau_teacher, --critic.temperature"}
+    causes = f"the loss's temperatures ({temperatures.get(cfg.method.objective, 'those of --method.objective')})"
+    if accelerator.mixed_precision == "fp16":
+        causes += ", --train.precision fp16 (its range overflows: bf16 or no)"
+    return causes + " and the images"
 
 
 def latest_run_hint(run_dir: Path, command: list[str] | None) -> str:

@@ -632,6 +632,48 @@ def test_divergence_advice_resumes_the_last_good_checkpoint_with_a_lower_lr(tmp_
         engine.train(cfg, resume=True)
 
 
+def loss_not_finite_at(steps: set[int]):
+    """A train_step whose loss is nan at the given steps (1-based), its weights left as they are."""
+    real, count = engine.train_step, [0]
+
+    def step_fn(parts, *args, **kwargs):
+        loss, metrics = real(parts, *args, **kwargs)
+        count[0] += 1
+        return (loss * float("nan") if count[0] in steps else loss), metrics
+    return step_fn
+
+
+@pytest.mark.parametrize("bad_steps,first", [({1}, True), ({2}, False)])
+def test_a_first_loss_that_is_not_finite_names_its_causes_not_the_learning_rate(tmp_path, monkeypatch, bad_steps,
+                                                                               first):
+    """The run's very first loss comes from the initial weights, before any update: a lower learning rate
+    cannot help it. A later one, in the same log window, keeps the lower-lr advice."""
+    cfg = quick_config(tmp_path)
+    cfg.train.log_every = 2
+    monkeypatch.setattr(engine, "train_step", loss_not_finite_at(bad_steps))
+    with pytest.raises(recovery.TrainingDiverged) as info:
+        engine.train(cfg, command=["python", "recipes/tiny.py"])
+    message = str(info.value)
+    assert message.startswith("training diverged at step 2: the loss is nan; ")
+    causes = ("no update had been made yet, so the learning rate is not the cause: check the loss's temperatures "
+              "(--method.tau_student, --method.tau_teacher) and the images; then start again with: "
+              f"python recipes/tiny.py --train.run_dir {cfg.train.run_dir}")
+    assert (causes in message) == first and ("a lower --optim.base_lr" in message) != first, message
+
+
+def test_the_first_loss_causes_follow_the_objective_and_the_precision(tmp_path):
+    from types import SimpleNamespace
+
+    cfg = quick_config(tmp_path)
+    cfg.method.objective = "mlcpc"
+    assert recovery.first_loss_causes(cfg, SimpleNamespace(mixed_precision="fp16")) == (
+        "the loss's temperatures (--critic.temperature), --train.precision fp16 (its range overflows: bf16 or no) "
+        "and the images")
+    cfg.method.objective = "mira+mlcpc"
+    assert "(--method.tau_student, --method.tau_teacher, --critic.temperature) and the images" in \
+        recovery.first_loss_causes(cfg, SimpleNamespace(mixed_precision="bf16"))
+
+
 def test_divergence_advice_names_a_start_or_end_lr_above_the_peak(tmp_path):
     """`--optim.final_lr 1e30` diverged, and the advice was a 10x lower base_lr (the lr that was not the
     cause) on a resume; the schedule's ends cannot change on a resume either."""
