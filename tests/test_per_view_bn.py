@@ -9,6 +9,8 @@ batch (that view's rows on both processes).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from dist_utils import DEVICES, on_device, requires_gloo, run_distributed
@@ -131,15 +133,20 @@ def test_uneven_batch_is_refused():
 
 
 def test_channels_last_and_bf16_autocast():
-    """channels_last in and out, exact in float32; under bf16 autocast the logits (cosines, computed
-    in float32) are no further from the float32 answer than plain BatchNorm's per-view forwards are."""
+    """channels_last in and out: in float32, as close to the float64 answer as plain BatchNorm's per-view
+    forwards are (its convolutions are other kernels, so not bit-equal: which ones depends on the CPU's
+    instruction set); under bf16 autocast the logits (cosines, computed in float32) are no further from
+    the float32 answer than plain BatchNorm's per-view forwards are."""
     per_view, plain = twin_networks()
     per_view = per_view.to(memory_format=torch.channels_last)
     views = make_views(16)
     last = [v.contiguous(memory_format=torch.channels_last) for v in views]
     ref = per_view_reference(plain, views)[0]
-    for a, b in zip(per_view(last), ref):
-        torch.testing.assert_close(a, b, **TOL)
+    ref64 = per_view_reference(copy.deepcopy(plain).double(), [v.double() for v in views])[0]
+    ours = per_view(last)
+    fp32_err = max((b.double() - c).abs().max().item() for b, c in zip(ref, ref64))
+    ours_err = max((a.double() - c).abs().max().item() for a, c in zip(ours, ref64))
+    assert ours_err <= 2 * fp32_err + 1e-6, (ours_err, fp32_err)
     feats = per_view.backbone(last[0])
     assert feats.shape == (16, 512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
