@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fastssl.config import ConfigError, objective_class
 from fastssl.critic import CriticOutput, MlCpcCritic, QueueLongerThanData, shuffled_forward
 from fastssl.losses import swapped_prediction_loss
-from fastssl.ops import mira_assign_views, sinkhorn_assign
+from fastssl.ops import mira_assign_views, pseudo_label_mi, sinkhorn_assign
 
 if TYPE_CHECKING:
     from fastssl.config import Config, MiraConfig
@@ -107,7 +107,12 @@ class Mira(Objective):
 
     def loss(self, student_logits: list[Tensor], student_z: list[Tensor], targets: list[Tensor], rows: slice,
              sched: StepSchedule) -> tuple[Tensor, Metrics]:
-        return swapped_prediction_loss(student_logits, [t[rows] for t in targets], self.method.tau_student), {}
+        """The swapped-prediction loss (Eq. 8), and `label_mi_nats`: the pseudo-labels' mutual information
+        with the images (Eq. 2) over this process's rows, mean of the 2 views; near 0 once the
+        representation collapsed (the loss then sits at log K)."""
+        label_mi = sum(pseudo_label_mi(t) for t in targets) / len(targets)
+        loss = swapped_prediction_loss(student_logits, [t[rows] for t in targets], self.method.tau_student)
+        return loss, {"label_mi_nats": label_mi}
 
 
 def critic_loss(critic: MlCpcCritic, student_z: list[Tensor], teacher_z: list[Tensor], alpha: float) -> CriticOutput:

@@ -14,7 +14,8 @@ from pathlib import Path
 from fastssl.checkpoint import writing
 
 STEP_FIELDS = ["epoch", "step", "loss", "lr", "beta", "ema_momentum", "images_per_s", "data_wait_share",
-               "step_time_s", "skipped_images", "alpha", "mi_nats", "mi_ceiling_nats"]  # the last 3: critic runs
+               "step_time_s", "skipped_images", "label_mi_nats",  # MIRA runs
+               "alpha", "mi_nats", "mi_ceiling_nats"]  # the last 3: critic runs
 EPOCH_FIELDS = ["epoch", "step", "loss", "images_per_s", "data_wait_share", "step_time_s", "peak_memory_mb",
                 "device_used_mb", "skipped_images", "knn_top1", "knn_top5", "seconds"]
 

@@ -557,6 +557,10 @@ def test_each_objective_trains_and_its_loss_falls(tmp_path, objective):
     assert losses[-1] < losses[0], losses
     steps = read_csv(run / "train_log.csv")
     saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    # MIRA's pseudo-labels' mutual information (Eq. 2) over a process's 8 rows: within [0, log 8]
+    label_mi = [float(r["label_mi_nats"]) for r in steps if r["label_mi_nats"] != ""]
+    assert len(label_mi) == (len(steps) if "mira" in objective else 0)
+    assert all(0 <= v <= math.log(8) + 1e-5 for v in label_mi) and (len(set(label_mi)) > 1 or not label_mi)
     if objective == "mira":
         assert steps[0]["mi_nats"] == "" and saved["critic"] is None
     else:  # the estimate and its ceiling log((Q + 1) / alpha) are logged; the queue is checkpointed

@@ -9,6 +9,8 @@ a = beta / (1 - beta), u^(0) = (colmean P)^(1-beta), Eq. 7 update, Eq. 5 target.
 from __future__ import annotations
 
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -337,3 +339,19 @@ def test_two_processes_match_single_process():
         if min(splits) > 0:
             local = torch.cat([mira_assign(part, beta=beta, num_iters=n) for part in torch.split(x, splits)])
             assert (local - full).abs().max().item() > 1e-3
+
+
+def test_pseudo_label_mi_meets_its_closed_forms():
+    """Eq. 2: 0 for identical rows (whatever they are) and for uniform ones; log B for one-hot rows on
+    B distinct clusters; log(B / 2) for pairs of rows that share a cluster; never negative."""
+    from fastssl.ops import pseudo_label_mi
+
+    g = torch.Generator().manual_seed(0)
+    row = torch.softmax(torch.randn(1, 12, generator=g), dim=1)
+    assert pseudo_label_mi(row.expand(8, 12)).item() == pytest.approx(0.0, abs=1e-6)
+    assert pseudo_label_mi(torch.full((8, 12), 1 / 12)).item() == pytest.approx(0.0, abs=1e-6)
+    assert pseudo_label_mi(torch.eye(12)[:8]).item() == pytest.approx(math.log(8), rel=1e-6)
+    assert pseudo_label_mi(torch.eye(12)[[0, 0, 1, 1, 2, 2, 3, 3]]).item() == pytest.approx(math.log(4), rel=1e-6)
+    soft = torch.softmax(torch.randn(64, 12, generator=g) * 3, dim=1)
+    assert 0 < pseudo_label_mi(soft).item() < math.log(12)
+

@@ -148,9 +148,15 @@ def test_mira_objective_is_eq5_targets_and_eq8_loss():
     refs = [ref_mira_np(t.numpy(), 0.225, 0.7, 30) for t in tl]
     for got, ref in zip(targets, refs):
         assert np.abs(got.double().numpy() - ref).max() < 1e-5
-    loss, _ = obj.loss(student, [], targets, slice(0, 16), sched)
+    loss, metrics = obj.loss(student, [], targets, slice(0, 16), sched)
     want = hand_loss([s.double().tolist() for s in student], [r.tolist() for r in refs], 0.1)
     assert loss.item() == pytest.approx(want, rel=1e-5)
+
+    def eq2(w):  # Eq. 2, written as the paper writes it: -sum_j wbar_j log wbar_j + 1/B sum_ij w_ij log w_ij
+        wbar = w.mean(0)
+        return -sum(x * np.log(x) for x in wbar if x > 0) + sum(x * np.log(x) for x in w.ravel() if x > 0) / len(w)
+
+    assert metrics["label_mi_nats"].item() == pytest.approx((eq2(refs[0]) + eq2(refs[1])) / 2, rel=1e-5)
 
 
 def test_teacher_forward_keeps_global_view_order():

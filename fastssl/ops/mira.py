@@ -136,3 +136,17 @@ def mira_assign(logits: Tensor, tau: float = 0.225, beta: float = 2 / 3, num_ite
     num_iters = check_iters("num_iters", num_iters, 0)
     log_n = torch.log(global_count(x.shape[0], x.device, compute_dtype(x.dtype), group))
     return mira_fixed_point(x, tau, beta, num_iters, lambda t: global_logsumexp_cols(t, group), log_n)
+
+
+def pseudo_label_mi(targets: Tensor) -> Tensor:
+    """The mini-batch mutual information between pseudo-labels and samples, Eq. 2, in nats:
+
+        I(Y_W; B) = H(wbar) - 1/B sum_i H(w_i),      wbar = colmean(W),
+
+    for `targets` W (B x K, rows on the simplex), with 0 log 0 = 0. It is the quantity MIRA's
+    assignment maximises (Eq. 1); 0 when every row is the same (the labels tell nothing of
+    the sample: what a collapsed teacher gives), at most log(min(B, K)), which one-hot
+    labels spread evenly over min(B, K) clusters reach. A 0-dim float32 tensor (no sync)."""
+    w = targets.float()
+    wbar = w.mean(0)
+    return torch.special.xlogy(w, w).sum(1).mean() - torch.special.xlogy(wbar, wbar).sum()
