@@ -77,9 +77,9 @@ def open_image_file(path: str | os.PathLike) -> io.BufferedReader:
 
     Why: opening a named pipe (a FIFO left in a data folder, named like an image) blocks until
     something writes to it, so a plain open() hung the loader for ever. The scan lists names
-    without a stat per file (see `folder.walk_files`), so the check happens here: the open does
-    not block (O_NONBLOCK; no effect on a regular file's reads) and the fstat costs no extra
-    filesystem round trip."""
+    without a stat per file (see `folder.walk_files`), so the check happens here, on the open file
+    (no second lookup of the path): the open does not block (O_NONBLOCK, which changes nothing for
+    a regular file's reads)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         mode = os.fstat(fd).st_mode
