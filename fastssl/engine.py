@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shlex
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,8 @@ from fastssl.objectives import Metrics, Objective, build_objective
 from fastssl.optim import build_optimizer
 from fastssl.profiling import ThroughputMeter, device_memory_in_use_mb, peak_memory_mb, reset_peak_memory
 from fastssl.recovery import (DivergenceGuard, OutOfDeviceMemory, TrainingDiverged, after_eval_failure,
-                              after_write_failure, before_any_update_advice, continue_advice, first_loss_causes,
-                              is_out_of_memory, latest_run_hint, out_of_memory_advice)
+                              after_write_failure, before_any_update_advice, collapse_warning, continue_advice,
+                              first_loss_causes, is_out_of_memory, latest_run_hint, out_of_memory_advice)
 from fastssl.relaunch import rerun_command
 from fastssl.run_dir import RUN_DIR_TIME, check_run_dir, create_run_dir, finished_run, run_info, stamp_run_dir
 from fastssl.run_log import RunLog, write_run_json
@@ -154,7 +155,7 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
         run.cfg, run.run_dir, run.command, run.parts, run.loader, run.knn, run.state, run.results, run.log)
     accelerator, saved_step = parts.accelerator, run.saved_step
     guard = DivergenceGuard(parts.student, parts.teacher, state, accelerator)
-    stop = GracefulStop()
+    stop, said_collapsed = GracefulStop(), False
     if before is not None and before.requested:
         stop.requested, stop.signal_name = True, before.signal_name
     try:
@@ -163,6 +164,10 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
             results["knn_random_init"] = knn(exported_backbone(cfg, parts), "the randomly initialised network")
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, parts, loader, state, log, stop, guard)
+            if epoch_row is not None and not said_collapsed and (collapsed := collapse_warning(epoch_row, cfg.model.num_prototypes)):
+                said_collapsed = True  # once a run: a collapse lasts
+                if accelerator.is_local_main_process:
+                    warnings.warn(collapsed, stacklevel=1)
             if epoch_row is None:  # asked to stop: checkpoint mid-epoch, say how to resume
                 save(cfg, run_dir, parts, state, guard, loader)
                 saved_step = state.step
@@ -261,7 +266,8 @@ def run_epoch(cfg: Config, parts: StepParts, loader: ShardedLoader, state: ckpt.
     row = {"epoch": state.epoch, "step": state.step, "loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
            "peak_memory_mb": peak_memory_mb(accelerator.device),
            "device_used_mb": device_memory_in_use_mb(accelerator.device),
-           "seconds": time.perf_counter() - started, **loader_health(accelerator, whole.summary(), skipped)}
+           "seconds": time.perf_counter() - started, **loader_health(accelerator, whole.summary(), skipped),
+           **window_metrics(metrics, accelerator)}
     state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
     return row
 

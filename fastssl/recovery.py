@@ -30,6 +30,13 @@ DIVERGED_WEIGHT_GROWTH = 1e4
 DIVERGED_WEIGHT_JUMP = 10.0
 DIVERGED_LOSS_FACTOR = 10.0
 LOSS_WARM_ROWS = 5
+# An epoch (the second or later) whose pseudo-labels carry less mutual information with the images than
+# COLLAPSED_LABEL_MI_NATS (Eq. 2) while its loss stays above COLLAPSED_LOSS_SHARE x log K is warned about
+# as a collapse. On the demo's data a collapsed run's second epoch averaged 0.04 nats and a loss of
+# 0.998 log K; a healthy one's 0.6 nats and 0.44 log K (its label MI falls as training goes on, so the
+# MI alone could not tell). The most a process's rows can carry is log(min(rows, K)).
+COLLAPSED_LABEL_MI_NATS = 0.1
+COLLAPSED_LOSS_SHARE = 0.95
 
 
 class TrainingDiverged(FloatingPointError):
@@ -216,6 +223,20 @@ def lower_lr_advice(command: list[str] | None, run_dir: Path, saved_step: int | 
                 f"{rerun_command(command, run_dir, resume=False, overrides=lower)}")
     return (f"no checkpoint was written after it, so continue from the last good one (step {saved_step}) with a "
             f"lower --{lr_field}{also}: {rerun_command(command, run_dir, overrides=lower)}")
+
+
+def collapse_warning(epoch_row: dict, num_prototypes: int) -> str | None:
+    """The warning for an epoch of a MIRA run whose pseudo-labels say almost nothing about the images
+    while the student learns nothing to predict (see COLLAPSED_LABEL_MI_NATS), from the second epoch
+    on (the first starts from a random network), or None."""
+    mi, loss, epoch = epoch_row.get("label_mi_nats"), epoch_row["loss"], epoch_row["epoch"] + 1
+    log_k = math.log(num_prototypes)
+    if mi is None or epoch < 2 or not (mi < COLLAPSED_LABEL_MI_NATS and loss > COLLAPSED_LOSS_SHARE * log_k):
+        return None
+    return (f"epoch {epoch}: MIRA's pseudo-labels carry {mi:.3g} nats of information about the images (label_mi_nats "
+            f"in train_log.csv) and the loss stays at {loss:.4g}, log K = {log_k:.4g}: the representation has "
+            f"likely collapsed, every image mapped alike. On the demo's data --method.tau_teacher 0.225 collapsed "
+            f"and 0.1 trains; a resume keeps the collapsed weights, so start again (another --train.run_dir)")
 
 
 def before_any_update_advice(command: list[str] | None, run_dir: Path, causes: str) -> str:

@@ -576,3 +576,30 @@ def test_queue_as_long_as_the_dataset_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="critic.queue_size: 24 is not smaller than the dataset"):
         train(cfg)
     assert not Path(cfg.train.run_dir).exists(), "refused before any output"
+
+
+def test_a_collapse_is_warned_about_once_from_the_second_epoch(tmp_path):
+    """A teacher temperature of 100 makes every image's pseudo-labels alike (what a collapsed network
+    gives): MIRA's label_mi_nats (Eq. 2) stays near 0, and the run says so once, after epoch 2 (the first
+    epoch starts from a random network)."""
+    import warnings
+
+    from fastssl.recovery import COLLAPSED_LABEL_MI_NATS, collapse_warning
+
+    cfg = tiny_config(tmp_path, epochs=3)
+    cfg.eval.knn_every, cfg.eval.knn_at_start, cfg.method.tau_teacher = -1, False, 100.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    said = [str(w.message) for w in caught if "pseudo-labels carry" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("epoch 2: MIRA's pseudo-labels carry "), said
+    assert "the representation has likely collapsed" in said[0] and "--method.tau_teacher" in said[0]
+    assert f"log K = {math.log(12):.4g}" in said[0]
+    steps = read_csv(Path(cfg.train.run_dir) / "train_log.csv")
+    assert max(float(r["label_mi_nats"]) for r in steps) < COLLAPSED_LABEL_MI_NATS
+    collapsed = {"epoch": 1, "label_mi_nats": 0.01, "loss": math.log(12)}
+    assert collapse_warning(collapsed, 12) is not None
+    assert collapse_warning({**collapsed, "epoch": 0}, 12) is None  # the first epoch: never
+    assert collapse_warning({**collapsed, "label_mi_nats": COLLAPSED_LABEL_MI_NATS}, 12) is None
+    assert collapse_warning({**collapsed, "loss": 0.9 * math.log(12)}, 12) is None  # the student learns
+    assert collapse_warning({"epoch": 5, "loss": 9.0}, 12) is None  # no MIRA: no pseudo-labels
