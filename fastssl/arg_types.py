@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["MAX_SEED", "int_at_least", "number_in", "seed_number", "learning_rate", "loader_workers", "one_of",
+__all__ = ["MAX_SEED", "MAX_WORKERS", "int_at_least", "number_in", "seed_number", "learning_rate", "loader_workers", "one_of",
            "comma_list"]
 
 T = TypeVar("T")
@@ -64,13 +64,18 @@ seed_number = int_at_least(0, MAX_SEED)
 learning_rate = number_in(0, 1e6, low_open=True)
 
 
+# Worker processes a tool's --num-workers may start: more than any machine has cores (a typo's 100000
+# spent minutes starting processes, then left some behind when it was killed).
+MAX_WORKERS = 512
+
+
 def loader_workers(text: str) -> int:
     """--num-workers: -1 is this process's share of the machine's cores (the default: on ImageNet,
     decoding in the main process alone would keep the GPU waiting), 0 loads in the main process,
-    N > 0 as given. The share divides the cores among a launcher's processes on the node."""
+    N > 0 as given, up to MAX_WORKERS. The share divides the cores among a launcher's processes on the node."""
     from pipelines.cores import default_num_workers
 
-    return default_num_workers(int_at_least(-1)(text), 1)
+    return default_num_workers(int_at_least(-1, MAX_WORKERS)(text), 1)
 
 
 def one_of(choices: Sequence[str]) -> Callable[[str], str]:

@@ -459,6 +459,9 @@ def test_bench_tools_refuse_an_unwritable_json_before_any_work(tmp_path, capsys,
     ("eval_linear", ["RUN", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     ("convert_imagenet_to_ffcv", [], "the following arguments are required: src, out"),
     ("eval_knn", ["RUN", "--ks", "0"], "--ks must be comma-separated positive integers, got '0'"),
+    ("eval_knn", ["RUN", "--num-workers", "100000"], "argument --num-workers: must be between -1 and 512, got 100000"),
+    ("convert_imagenet_to_ffcv", ["SRC", "OUT", "--num-workers", "100000"],
+     "argument --num-workers: must be between 0 and 512, got 100000"),
     ("report", ["--out"], "argument --out: expected one argument"),
 ])
 def test_a_tools_bad_argument_is_one_line_naming_where_the_options_are(capsys, tool, argv, says):

@@ -530,6 +530,14 @@ def test_progress_that_cannot_be_read_or_removed_costs_only_the_head_start(tmp_p
     assert not save_state(folder, {"epoch": 1}, "key") and folder.is_dir()
     forget_state(folder)
     assert "could not be removed" in capsys.readouterr().err
+    # a --json into a folder not made yet (the report makes it at the end): the progress makes it first; it
+    # was a FileNotFoundError traceback from the free-space check, after the first dataset's work
+    fresh = state_path(tmp_path / "new" / "deeper" / "c.json")
+    assert save_state(fresh, {"epoch": 2}, "key") and fresh.is_file()
+    (tmp_path / "a_file").write_text("a file where the folder goes")
+    under_a_file = state_path(tmp_path / "a_file" / "d.json")
+    assert not save_state(under_a_file, {"epoch": 2}, "key")
+    assert "warning: the progress was not saved" in capsys.readouterr().err
 
 
 def test_the_runs_own_knn_is_read_for_the_report_and_a_damaged_results_json_costs_only_that_figure(tmp_path):

@@ -160,6 +160,26 @@ def test_an_export_that_cannot_be_written_exits_2_in_one_line(tool, tmp_path, ca
     assert "backbone_resnet18_tv_detection.pth' could not be written" in err and "--out-dir" in err
 
 
+def test_a_full_disk_in_torch_save_exits_2_in_one_line_and_keeps_the_old_export(tool, tmp_path, capsys, monkeypatch):
+    """torch.save's writer reports a full disk as a RuntimeError ("unexpected pos ..."), not an OSError:
+    it was a traceback. The file it would have replaced stays whole."""
+    torch.save(build_backbone("resnet18").state_dict(), tmp_path / "backbone_resnet18.pth")
+    old = tmp_path / "backbone_resnet18_tv_detection.pth"
+    old.write_bytes(b"the earlier export")
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6440640 vs 6440528")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(tmp_path / "backbone_resnet18.pth"), "--format", "torchvision"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "could not be written (the write stopped short: is the disk full?); free space there" in err
+    assert old.read_bytes() == b"the earlier export" and not list(tmp_path.glob("*.tmp"))
+
+
 def test_the_evaluation_tools_take_the_torchvision_export_and_name_the_detectron2_one(written, run):
     """The torchvision detection export is the backbone without BatchNorm's step counters: the
     evaluations load it as the backbone itself; the detectron2 file is named for what it is."""

@@ -50,7 +50,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from fastssl.arg_types import int_at_least, number_in
+from fastssl.arg_types import MAX_WORKERS, int_at_least, number_in
 from fastssl.cli import ToolArgumentParser
 from pipelines.beton import summary_path
 from pipelines.beton_convert import WRITE_MODES, ConversionError, UsageError, convert
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="'proportion' mode: share of images stored as JPEG, the rest raw (default 0.5)")
     ap.add_argument("--write-mode", choices=WRITE_MODES, default="proportion",
                     help="FFCV's image storage mode (default proportion)")
-    ap.add_argument("--num-workers", type=int_at_least(0), default=0,
+    ap.add_argument("--num-workers", type=int_at_least(0, MAX_WORKERS), default=0,
                     help="processes (default: every core this process may use)")
     ap.add_argument("--subset-per-class", type=int_at_least(0), default=0,
                     help="keep the first N images of each class (0 = all)")

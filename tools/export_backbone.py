@@ -17,6 +17,7 @@ Writes (beside the backbone by default):
 
 from __future__ import annotations
 
+import errno
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -85,9 +86,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             if written["detectron2"].exists():
                 replaced.add("detectron2")
             atomic_write(written["detectron2"], lambda f: pickle.dump(d2, f))
-    except OSError as err:
-        exit_with(f"{str(list(written.values())[-1])!r} could not be written ({err.strerror or err}); free space "
-                  f"there, or pass --out-dir with another folder")
+    except (OSError, RuntimeError) as err:  # torch.save's writer reports a full disk as a RuntimeError
+        full = isinstance(err, RuntimeError) or err.errno == errno.ENOSPC
+        why = "the write stopped short: is the disk full?" if isinstance(err, RuntimeError) else err.strerror or err
+        exit_with(f"{str(list(written.values())[-1])!r} could not be written ({why}); "
+                  + ("free space there, or pass --out-dir with another folder" if full else
+                     "pass --out-dir with a folder you can write to"))
     for fmt, p in written.items():  # a shared --out-dir holds one file per backbone name: say when one was replaced
         print(f"wrote {p} ({fmt})" + (" (replacing the file there; pass --out-dir elsewhere to keep both)"
                                       if fmt in replaced else ""))

@@ -94,11 +94,13 @@ def load_state(path: Path, expected: str, restart: bool, what: str, done: Callab
 
 
 def save_state(path: Path, state: dict, expected: str) -> bool:
-    """Write the progress (atomically); False, with one line on stderr, when it cannot be written
-    (a full disk): the evaluation goes on, only its head start is not renewed."""
+    """Write the progress (atomically), its folder made when missing (a --json into a new folder, which
+    the report makes too); False, with one line on stderr, when it cannot be written (a full disk):
+    the evaluation goes on, only its head start is not renewed."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({**state, "format": FORMAT, "fingerprint": expected}, path)
-    except CheckpointError as err:
+    except (CheckpointError, OSError) as err:
         print(f"warning: the progress was not saved: {err}", file=sys.stderr)
         return False
     return True
