@@ -314,7 +314,7 @@ def test_voc2007_from_torchvision_format(tool, tmp_path, backbone_file):
 @pytest.mark.parametrize("flag, value, says", [("--tol", "-1", "argument --tol: must be a finite number in [0, inf), got -1"),
                                                ("--tol", "nan", "argument --tol: must be a finite number in [0, inf), got nan"),
                                                ("--tol", "inf", "argument --tol: must be a finite number in [0, inf), got inf"),
-                                               ("--num-workers", "-2", "argument --num-workers: must be >= -1")])
+                                               ("--num-workers", "-2", "argument --num-workers: must be between -1 and 512, got -2")])
 def test_solver_and_loader_settings_are_checked_before_any_work(tool, backbone_file, tmp_path, capsys, flag, value,
                                                                 says):
     """scikit-learn would refuse --tol -1 only after every feature was extracted, with its own traceback."""
