@@ -164,7 +164,9 @@ def train_epochs(run: Run, before: runtime.GracefulStop | None = None) -> dict:
             results["knn_random_init"] = knn(exported_backbone(cfg, parts), "the randomly initialised network")
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_row = run_epoch(cfg, parts, loader, state, log, stop, guard)
-            if epoch_row is not None and not said_collapsed and (collapsed := collapse_warning(epoch_row, cfg.model.num_prototypes)):
+            collapsed = None if epoch_row is None or said_collapsed else collapse_warning(epoch_row,
+                                                                                          cfg.model.num_prototypes)
+            if collapsed:
                 said_collapsed = True  # once a run: a collapse lasts
                 if accelerator.is_local_main_process:
                     warnings.warn(collapsed, stacklevel=1)
