@@ -34,11 +34,17 @@ $(DEMO_DATA)/manifest.json: tools/make_demo_dataset.py pipelines/demo_data.py pi
 demo: setup $(DEMO_DATA)/manifest.json
 	@$(PY) recipes/mira_demo.py
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each taking a whole test file at a time
+# (a file's module-scoped fixtures are built once). Most tests are one Python thread: run serially,
+# the suite kept CI's two cores 61% busy; with 2 workers 94% (docs/benchmarks.md, "Test suite").
+TEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_XDIST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow"
 
 clean-demo:
 	rm -rf $(DEMO_DATA) runs/demo

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import data_path, make_image_folder, requires_dali, requires_ffcv
-from dist_utils import RECORD_THE_GROUP, tiny_synthetic_recipe
+from dist_utils import RECORD_THE_GROUP, free_port, tiny_synthetic_recipe
 from fastssl.config import Config, ConfigError, to_dict
 from fastssl.engine import train
 
@@ -316,8 +316,11 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, objective_args):
         torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=1e-6)
 
 
-ACCELERATE_2PROC = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+def accelerate_2proc() -> list[str]:
+    """`python -m accelerate.commands.launch` of two CPU processes, on a port free now: not the launcher's
+    default 29500, which a launch in another test process running beside this one (pytest-xdist) holds."""
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 # Each process's host waits in its steps after the first two (test_method_step.host_waits), in waits<RANK>.json:
 # the distributed routes (the gathered logits, per-view BatchNorm's global statistics, the critic's queue).
@@ -354,7 +357,7 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     script = tmp_path / "dist_run.py"
     script.write_text(DIST_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    ok = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run"),
+    ok = subprocess.run([sys.executable, *accelerate_2proc(), str(script), "--train.run_dir", str(tmp_path / "run"),
                          "--train.collective_timeout_min", "7.5", *objective_args], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -373,13 +376,13 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
         assert int(queue["queue.ptr"]) == (4 * 2 * 8) % 20  # 64 keys written into 20 slots
     if objective_args:
         return
-    bad = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run2"),
+    bad = subprocess.run([sys.executable, *accelerate_2proc(), str(script), "--train.run_dir", str(tmp_path / "run2"),
                           "--train.global_batch_size", "9"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode != 0
     assert "not divisible by the 2 processes" in bad.stderr
     # a value the command line alone makes wrong: both processes exit 2, the node's first one says why
-    value = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run3"),
+    value = subprocess.run([sys.executable, *accelerate_2proc(), str(script), "--train.run_dir", str(tmp_path / "run3"),
                             "--optim.base_lr", "-1"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=600)
     assert value.returncode != 0, value.stderr
@@ -389,7 +392,7 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     # and release the group together; a process that left while its peer was in the last collective aborted it
     for rank in (0, 1):
         (tmp_path / f"rank{rank}.json").unlink()
-    resume = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), "--train.run_dir", str(tmp_path / "run4"),
+    resume = subprocess.run([sys.executable, *accelerate_2proc(), str(script), "--train.run_dir", str(tmp_path / "run4"),
                              "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert "exitcode  : 2" in resume.stderr and "exitcode  : -6" not in resume.stderr, resume.stderr
     assert resume.stderr.count("no checkpoint") == 1, resume.stderr  # both met it: one line for the node

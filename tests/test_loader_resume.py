@@ -32,7 +32,7 @@ from conftest import data_path, requires_dali, requires_ffcv
 from fastssl import engine
 from fastssl.config import to_dict
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
-from test_engine import ACCELERATE_2PROC, read_csv
+from test_engine import accelerate_2proc, read_csv
 from test_faults import StopAt, counting, quick_config
 
 
@@ -210,7 +210,7 @@ def test_two_processes_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path,
     script = tmp_path / "stop_resume.py"
     script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, *ACCELERATE_2PROC, str(script), str(config)], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, *accelerate_2proc(), str(script), str(config)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     for rank in (0, 1):

@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image_folder, requires_ffcv
-from dist_utils import RECORD_THE_GROUP, tiny_synthetic_recipe
+from dist_utils import RECORD_THE_GROUP, free_port, tiny_synthetic_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 240  # a run takes ~25 s on 2 loaded cores
@@ -34,12 +33,6 @@ DEADLINE_S = 240  # a run takes ~25 s on 2 loaded cores
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
 
 SCRIPT = tiny_synthetic_recipe(epochs=1, before=RECORD_THE_GROUP)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -25,7 +25,7 @@ from fastssl.config import Config, ConfigError
 from fastssl.relaunch import rerun_command
 
 from conftest import kill_tree
-from dist_utils import tiny_synthetic_recipe
+from dist_utils import free_port, tiny_synthetic_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "tools" / "slurm"
@@ -393,11 +393,3 @@ def test_batch_shell_signal_checkpoints_through_the_launcher_and_requeues(tmp_pa
     assert f"--resume auto: continuing from step {stopped}" in out
     assert read_steps(run) == list(range(1, 13))  # 32 images / 8 = 4 steps x 3 epochs, each logged once
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 42\n"  # finished: not requeued again
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
