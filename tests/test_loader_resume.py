@@ -155,8 +155,9 @@ def test_ffcv_draws_repeat_whatever_the_start_batch_and_threads(tmp_path):
         assert not torch.equal(views[0], views[1]) and not torch.equal(views[2], views[3]), index
 
 
-# Run by both processes of one `accelerate launch`: the uninterrupted run, then a run stopped one batch
-# into epoch 1 (every rank stops at that step, as a signal agreed by all ranks would) and its resume.
+# Run by both processes of one `accelerate launch`, for each config file it is given: the uninterrupted run,
+# then a run stopped one batch into epoch 1 (every rank stops at that step, as a signal agreed by all ranks
+# would) and its resume. Several configs share a launch: its processes' start-up is paid once.
 TWO_PROCESS_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -167,23 +168,24 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     from fastssl.config import from_dict
     from test_faults import StopAt, counting
 
-    cfg = from_dict(json.loads(Path(sys.argv[1]).read_text()))
-    root = Path(cfg.train.run_dir)
-    cfg.train.run_dir = str(root / "reference")
-    engine.train(cfg)
-    cfg.train.run_dir = str(root / "stopped")
-    StopAt.counter[0], StopAt.step = 0, 4
-    real_stop, real_step = engine.GracefulStop, engine.train_step
-    engine.GracefulStop, engine.train_step = StopAt, counting(engine.train_step)
-    engine.train(cfg)
-    engine.GracefulStop, engine.train_step = real_stop, real_step
-    state = torch.load(root / "stopped" / "checkpoint.pt", weights_only=False)["state"]
-    rank = dist.get_rank()
-    loader = torch.load(root / "stopped" / "rng" / f"rank{{rank}}.pt", weights_only=False).get("loader")
-    engine.train(cfg, resume=True)
-    Path(root / f"rank{{rank}}.json").write_text(json.dumps({{
-        "world": dist.get_world_size(), "stopped_at": [state["epoch"], state["batch_in_epoch"], state["step"]],
-        "loader_state": None if loader is None else [loader["epoch"], loader["batch"]]}}))
+    for config in sys.argv[1:]:
+        cfg = from_dict(json.loads(Path(config).read_text()))
+        root = Path(cfg.train.run_dir)
+        cfg.train.run_dir = str(root / "reference")
+        engine.train(cfg)
+        cfg.train.run_dir = str(root / "stopped")
+        StopAt.counter[0], StopAt.step = 0, 4
+        real_stop, real_step = engine.GracefulStop, engine.train_step
+        engine.GracefulStop, engine.train_step = StopAt, counting(engine.train_step)
+        engine.train(cfg)
+        engine.GracefulStop, engine.train_step = real_stop, real_step
+        state = torch.load(root / "stopped" / "checkpoint.pt", weights_only=False)["state"]
+        rank = dist.get_rank()
+        loader = torch.load(root / "stopped" / "rng" / f"rank{{rank}}.pt", weights_only=False).get("loader")
+        engine.train(cfg, resume=True)
+        Path(root / f"rank{{rank}}.json").write_text(json.dumps({{
+            "world": dist.get_world_size(), "stopped_at": [state["epoch"], state["batch_in_epoch"], state["step"]],
+            "loader_state": None if loader is None else [loader["epoch"], loader["batch"]]}}))
     # As the command line ends a run: a rank that exits while its peer is still in the last collective
     # aborts that peer's gloo thread ("terminate called without an active exception", exit -6).
     from fastssl.runtime import end_process_group
@@ -192,31 +194,35 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,order", [pytest.param("dali", "sampler", marks=requires_dali),
-                                           pytest.param("ffcv", "sampler", marks=requires_ffcv),
-                                           pytest.param("ffcv", "random", marks=requires_ffcv)],
-                         ids=["dali", "ffcv-sampler", "ffcv-random"])
-def test_two_processes_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, backend, order):
+@pytest.mark.parametrize("backend,orders", [pytest.param("dali", ["sampler"], marks=requires_dali),
+                                            pytest.param("ffcv", ["sampler", "random"], marks=requires_ffcv)],
+                         ids=["dali", "ffcv"])
+def test_two_processes_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, backend, orders):
     """Two ranks of 4 images a step, 3 steps an epoch, textured images (every crop box shows other
     pixels): the resumed run logs the uninterrupted run's losses, so every rank resumed its own shard
-    with its own draws. "random" is FFCV's own order, which FFCV deals to the ranks itself."""
-    cfg = quick_config(tmp_path, epochs=2)
+    with its own draws. FFCV in both orders: "sampler" (ours) and "random", FFCV's own, which FFCV
+    deals to the ranks itself."""
     folder = textured_folder(tmp_path / "noise", count=24)
-    cfg.data.backend, cfg.data.ffcv_order, cfg.data.knn_train = backend, order, str(folder)
-    cfg.data.train = data_path(backend, folder, write_mode="jpg")
-    cfg.train.run_dir = str(tmp_path / "runs")
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(to_dict(cfg)))
+    configs = []
+    for order in orders:
+        cfg = quick_config(tmp_path / order, epochs=2)
+        cfg.data.backend, cfg.data.ffcv_order, cfg.data.knn_train = backend, order, str(folder)
+        cfg.data.train = data_path(backend, folder, write_mode="jpg")
+        cfg.train.run_dir = str(tmp_path / order / "runs")
+        configs.append(tmp_path / order / "config.json")
+        configs[-1].write_text(json.dumps(to_dict(cfg)))
     script = tmp_path / "stop_resume.py"
     script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, *accelerate_2proc(), str(script), str(config)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *accelerate_2proc(), str(script), *map(str, configs)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    for rank in (0, 1):
-        report = json.loads((tmp_path / "runs" / f"rank{rank}.json").read_text())
-        assert report["world"] == 2 and report["stopped_at"] == [1, 1, 4], report
-        assert report["loader_state"] == ([1, 1] if backend == "dali" else None), report
-    reference, got = losses(tmp_path / "runs" / "reference"), losses(tmp_path / "runs" / "stopped")
-    assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7))
-    assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6)
+    for order in orders:
+        runs = tmp_path / order / "runs"
+        for rank in (0, 1):
+            report = json.loads((runs / f"rank{rank}.json").read_text())
+            assert report["world"] == 2 and report["stopped_at"] == [1, 1, 4], (order, report)
+            assert report["loader_state"] == ([1, 1] if backend == "dali" else None), (order, report)
+        reference, got = losses(runs / "reference"), losses(runs / "stopped")
+        assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, 7)), order
+        assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-6), order
