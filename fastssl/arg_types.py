@@ -9,8 +9,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["MAX_SEED", "MAX_WORKERS", "int_at_least", "number_in", "seed_number", "learning_rate", "loader_workers", "one_of",
-           "comma_list"]
+__all__ = ["MAX_IMAGE_SIZE", "MAX_SEED", "MAX_WORKERS", "int_at_least", "number_in", "seed_number", "learning_rate",
+           "loader_workers", "one_of", "comma_list"]
 
 T = TypeVar("T")
 
@@ -67,6 +67,9 @@ learning_rate = number_in(0, 1e6, low_open=True)
 # Worker processes a tool's --num-workers may start: more than any machine has cores (a typo's 100000
 # spent minutes starting processes, then left some behind when it was killed).
 MAX_WORKERS = 512
+# The evaluation tools' largest crop: 4.6x ImageNet's 224 per side; 100000 ran the host out of memory
+# (killed without a word) before the first batch.
+MAX_IMAGE_SIZE = 1024
 
 
 def loader_workers(text: str) -> int:

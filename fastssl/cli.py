@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any, Callable, NoReturn
 
 from fastssl.config import Config, ConfigError, validate
@@ -81,6 +85,18 @@ def output_file(text: str) -> Path:
     return Path(text)
 
 
+def write_fix(err: BaseException, flag: str) -> str:
+    """What to do about a tool's output that could not be written, `flag` naming where it goes: room,
+    when the disk is full (ENOSPC, EDQUOT, or torch.save's zip writer stopping short, its RuntimeError
+    on a full disk); otherwise another place, since a read-only or forbidden folder gains nothing from
+    freeing space."""
+    full = (err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) if isinstance(err, OSError)
+            else isinstance(err, RuntimeError))
+    if full:
+        return f"free space there, or pass {flag} with another folder"
+    return f"pass {flag} with a folder you can write to"
+
+
 def write_output_json(path: Path, data: dict, sort_keys: bool = True) -> None:
     """`run_log.write_json` for a tool's `--json`; a failed write (a full disk) exits 2 with one line."""
     from fastssl.run_log import write_json
@@ -88,7 +104,7 @@ def write_output_json(path: Path, data: dict, sort_keys: bool = True) -> None:
     try:
         write_json(path, data, sort_keys)
     except OSError as err:
-        exit_with(f"could not write {path}: {err.strerror or err}; free space there or pass another --json")
+        exit_with(f"could not write {path}: {err.strerror or err}; {write_fix(err, '--json')}")
 
 
 def exit_with(err: Exception | str) -> NoReturn:
@@ -131,6 +147,47 @@ def without_worker_traceback(message: str) -> str:
         return message
     last = message.rstrip().splitlines()[-1]  # "pipelines.folder.DataLayoutError: <the message>"
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a `kill`, a scheduler's time limit, a closed terminal) met where a tool
+    stops as it does on Ctrl-C (`stop_signals_interrupt`): a KeyboardInterrupt, so that the tool's
+    handling of one (what is kept, how to go on) covers it, with the signal it came from."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_exit_status(err: KeyboardInterrupt) -> int:
+    """The shell's status for what interrupted: 128 + the signal's number (SIGTERM 143), 130 for Ctrl-C."""
+    return 128 + err.signum if isinstance(err, StopSignal) else 130
+
+
+def interrupted_by(err: KeyboardInterrupt) -> str:
+    """"interrupted" and, for a signal other than Ctrl-C, which one: the first words of a stop's line."""
+    return f"interrupted by {err}" if isinstance(err, StopSignal) else "interrupted"
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP raise StopSignal where they land, as Ctrl-C raises KeyboardInterrupt,
+    so that the tool's own line on a stop (what it kept, the command that goes on) is said for them
+    too; by default they end the process at once, without a word. Outside the main thread (where
+    handlers cannot be set) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: FrameType | None) -> NoReturn:
+        raise StopSignal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def interrupted_advice(command: list[str], run_dir: Path) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipelines.beton import IMAGE_FIELD, LABEL_FIELD, summary_path
-from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes
+from pipelines.beton_size import SAMPLE_SIZE, estimate_beton_bytes, size_text
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, ConversionBusy, PartialConversion, job_fingerprint
 from pipelines.beton_writer import (ConvertDataset, NothingToWrite, WorkerError, signals_deferred, worker_context,
                                     write_beton)
@@ -236,8 +236,8 @@ def check_space(samples: list[tuple[str, int]], out: Path, *, max_resolution: in
     free = shutil.disk_usage(out.parent).free
     if 0.9 * need - already > free:
         raise ConversionError(
-            f"the .beton would take about {need / 1e9:.1f} GB (from {min(len(samples), SAMPLE_SIZE)} sampled "
-            f"images) and {str(out.parent.resolve())!r} has {free / 1e9:.1f} GB free; free some space, write it "
+            f"the .beton would take about {size_text(need)} (from {min(len(samples), SAMPLE_SIZE)} sampled "
+            f"images) and {str(out.parent.resolve())!r} has {size_text(free)} free; free some space, write it "
             f"elsewhere, or store less: --max-resolution 256, or --write-mode jpg"
             + ("" if already else " (nothing was written)"))
     return need
@@ -291,10 +291,8 @@ def keep_or_discard(partial: PartialConversion) -> str:
         return ""
     partial.release()
     total = (partial.saved_job() or {}).get("images", "?")
-    size = partial.size_bytes()
-    size_text = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
     return (f"; the {count} of {total} images written so far are kept in {str(partial.dir)!r} "
-            f"({size_text}): the same command continues from there, --restart starts over")
+            f"({size_text(partial.size_bytes())}): the same command continues from there, --restart starts over")
 
 
 def check_output(out: Path, force: bool) -> None:

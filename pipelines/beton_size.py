@@ -14,11 +14,20 @@ import os
 import random
 from collections.abc import Sequence
 
-__all__ = ["stored_bytes", "estimate_beton_bytes", "SAMPLE_SIZE", "PAGE_BYTES"]
+__all__ = ["stored_bytes", "estimate_beton_bytes", "size_text", "SAMPLE_SIZE", "PAGE_BYTES"]
 
 SAMPLE_SIZE = 400  # headers read (a few ms each, even on a network filesystem)
 PAGE_BYTES = 8 * 2**20  # FFCV DatasetWriter's default page: a sample never spans two
 PAGE_WASTE = 1.05  # the unfilled end of each page (about half a sample per page)
+
+
+def size_text(num_bytes: float) -> str:
+    """A size as the converter's messages say it: GB from 1 GB, MB from 1 MB, kB below (a small
+    set's "0.0 GB" said nothing)."""
+    for unit, scale, digits in (("GB", 1e9, 1), ("MB", 1e6, 0), ("kB", 1e3, 0)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.{digits}f} {unit}"
+    return f"{num_bytes:.0f} bytes"
 
 
 def stored_bytes(width: int, height: int, file_bytes: int, *, max_resolution: int, write_mode: str,

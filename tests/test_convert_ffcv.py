@@ -427,7 +427,7 @@ def test_sigterm_saves_progress_and_stops_the_workers(big_folder, tmp_path, star
         code, _, err = proc.finish(timeout=15)
     except subprocess.TimeoutExpired:
         raise AssertionError("the converter did not stop within 15 s of SIGTERM") from None
-    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err and "interrupted by SIGTERM" in err, err
     assert_nothing_left_or_kept(tmp_path, out, err)
     deadline = time.monotonic() + 10
     while alive(below) and time.monotonic() < deadline:
@@ -710,10 +710,14 @@ def test_a_disk_too_small_for_the_estimate_is_refused_before_writing(conv, tmp_p
     make_image_folder(src, num_classes=2, per_class=2)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(conv.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
-    with pytest.raises(conv.ConversionError, match=r"would take about 0\.0 GB \(from 4 sampled images\) and "
-                                                   rf"'{tmp_path}' has 0\.0 GB free; .*--max-resolution 256"):
+    with pytest.raises(conv.ConversionError, match=r"would take about \d+ MB \(from 4 sampled images\) and "
+                                                   rf"'{tmp_path}' has 1 kB free; .*--max-resolution 256"):
         conv.convert(src, tmp_path / "x.beton", num_workers=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # no partial, no summary
+    from pipelines.beton_size import size_text  # a small set's sizes were said as "0.0 GB"
+
+    assert [size_text(b) for b in (999, 1000, 45_600, 2.4e6, 1.25e11)] == ["999 bytes", "1 kB", "46 kB", "2 MB",
+                                                                           "125.0 GB"]
 
 
 def test_unwritable_output_folder_is_a_usage_error_in_one_line(tmp_path):

@@ -616,6 +616,22 @@ def test_missing_teacher_checkpoint_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_a_teacher_run_directory_is_read_for_its_classifier(tmp_path: Path, teacher: Path) -> None:
+    """The teacher run's directory (as the eval tools take a run directory) is its classifier.pt; a folder
+    without one is named as such, not as "no teacher checkpoint at" a path that exists."""
+    from fastssl.distill.classifier_file import load_teacher
+
+    run_dir = tmp_path / "teacher_run"
+    run_dir.mkdir()
+    (run_dir / CLASSIFIER_NAME).write_bytes(teacher.read_bytes())
+    from_file, arch = load_teacher(str(teacher), 4)
+    from_dir, arch_of_dir = load_teacher(str(run_dir), 4)
+    assert arch == arch_of_dir == "resnet8"
+    assert all(torch.equal(a, b) for a, b in zip(from_file.state_dict().values(), from_dir.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path / 'data'}' is a folder without a {CLASSIFIER_NAME}"):
+        load_teacher(str(tmp_path / "data"), 4)
+
+
 def test_bad_teacher_and_kd_without_teacher_exit_2(tmp_path: Path, capsys) -> None:
     make_folder(tmp_path / "data", classes=2, per_class=2)
     bad = tmp_path / "bad.pt"

@@ -199,8 +199,8 @@ def test_two_processes_share_the_splits_and_score_as_one(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, bound", [
-    ("--batch-size", "0", ">= 1"), ("--batch-size", "-1", ">= 1"), ("--image-size", "-5", ">= 1"),
-    ("--num-workers", "-2", "between -1 and 512"),
+    ("--batch-size", "0", ">= 1"), ("--batch-size", "-1", ">= 1"), ("--image-size", "-5", "between 1 and 1024"),
+    ("--image-size", "100000", "between 1 and 1024"), ("--num-workers", "-2", "between -1 and 512"),
 ])
 def test_sizes_and_worker_counts_are_checked_when_parsed(tmp_path, capsys, flag, value, bound):
     """A usage error naming the flag, not a ValueError from range() or the DataLoader after the backbone loaded."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,11 @@ def test_voc2007_from_torchvision_format(tool, tmp_path, backbone_file):
 @pytest.mark.parametrize("flag, value, says", [("--tol", "-1", "argument --tol: must be a finite number in [0, inf), got -1"),
                                                ("--tol", "nan", "argument --tol: must be a finite number in [0, inf), got nan"),
                                                ("--tol", "inf", "argument --tol: must be a finite number in [0, inf), got inf"),
-                                               ("--num-workers", "-2", "argument --num-workers: must be between -1 and 512, got -2")])
+                                               ("--num-workers", "-2", "argument --num-workers: must be between -1 and 512, got -2"),
+                                               ("--wd-values", "100000000",
+                                                "argument --wd-values: must be between 1 and 1000, got 100000000"),
+                                               ("--image-size", "100000",
+                                                "argument --image-size: must be between 1 and 1024, got 100000")])
 def test_solver_and_loader_settings_are_checked_before_any_work(tool, backbone_file, tmp_path, capsys, flag, value,
                                                                 says):
     """scikit-learn would refuse --tol -1 only after every feature was extracted, with its own traceback."""
@@ -324,7 +329,7 @@ def test_solver_and_loader_settings_are_checked_before_any_work(tool, backbone_f
 
 
 def test_a_stopped_table_goes_on_with_the_next_dataset(tool, tmp_path, backbone_file, monkeypatch, capsys):
-    """Stopped (Ctrl-C) while fitting its second dataset, the same command reuses the first one's
+    """Stopped (SIGHUP, as Ctrl-C) while fitting its second dataset, the same command reuses the first one's
     saved column, fits only the second, and reports what an uninterrupted run reports."""
     pets, mine = tmp_path / "pets", tmp_path / "mine"
     write_folder(pets / "train", 6, seed=1)
@@ -338,16 +343,17 @@ def test_a_stopped_table_goes_on_with_the_next_dataset(tool, tmp_path, backbone_
 
     def fit(*args, stop_at=None, **kwargs):
         fitted.append(kwargs["desc"])
-        if len(fitted) == stop_at:
-            raise KeyboardInterrupt
+        if len(fitted) == stop_at:  # a closed terminal's SIGHUP: said as a Ctrl-C is
+            signal.raise_signal(signal.SIGHUP)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tool, "search_and_test", lambda *a, **k: fit(*a, stop_at=2, **k))
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
         tool.main(argv + ["--json", str(out)])
-    assert stopped.value.code == 130 and not out.exists()
-    assert f"interrupted; the datasets done are kept in {partial}: the same command goes on" in capsys.readouterr().err
+    assert stopped.value.code == 128 + signal.SIGHUP and not out.exists()
+    said = capsys.readouterr().err
+    assert f"interrupted by SIGHUP; the datasets done are kept in {partial}: the same command goes on" in said
     fitted.clear()
     monkeypatch.setattr(tool, "search_and_test", fit)
     again = tool.main(argv + ["--json", str(out)])

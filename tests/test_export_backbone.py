@@ -193,3 +193,21 @@ def test_the_evaluation_tools_take_the_torchvision_export_and_name_the_detectron
     assert all(torch.equal(theirs[k], ours[k]) for k in ours if not k.endswith("num_batches_tracked"))
     with pytest.raises(EvalError, match="is a detectron2 export .* evaluate the backbone_<arch>.pth"):
         load_backbone(written["detectron2"], None)
+
+
+def test_a_whole_torchvision_classifier_is_read_without_its_fc_layer(tmp_path, capsys):
+    """torchvision's own resnet18 state_dict (a supervised baseline) carries fc.*: its backbone is read, with a
+    note, not refused as "another architecture"; the wrong --arch still is."""
+    from fastssl.eval.backbone_io import load_backbone
+    from fastssl.eval.errors import EvalError
+
+    torch.manual_seed(3)
+    whole = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(whole, tmp_path / "resnet18_supervised.pth")
+    net, arch = load_backbone(tmp_path / "resnet18_supervised.pth", None)
+    assert arch == "resnet18" and "its fc.weight, fc.bias are not read" in capsys.readouterr().err
+    loaded = net.state_dict()
+    assert set(loaded) == set(whole) - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(loaded[k], whole[k]) for k in loaded)
+    with pytest.raises(EvalError, match="from another architecture; try --arch resnet18"):
+        load_backbone(tmp_path / "resnet18_supervised.pth", "resnet50")

@@ -881,6 +881,49 @@ def test_a_ctrl_c_in_set_up_exits_130_with_one_line_saying_how_to_go_on(tmp_path
                        f"start again with: python recipes/x.py --train.run_dir {run_dir}")
 
 
+def test_the_tools_stop_signals_raise_where_they_land_and_are_put_back():
+    """Inside `stop_signals_interrupt` SIGTERM and SIGHUP raise StopSignal (a KeyboardInterrupt, so the
+    tools' Ctrl-C lines cover them) with the shell's status; outside, the handlers it found are back.
+    Off the main thread (no handlers there) it changes nothing."""
+    import signal
+    import threading
+
+    from fastssl.cli import StopSignal, interrupt_exit_status, interrupted_by, stop_signals_interrupt
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig in before:
+        with pytest.raises(KeyboardInterrupt) as caught, stop_signals_interrupt():
+            signal.raise_signal(sig)
+        assert isinstance(caught.value, StopSignal) and caught.value.signum == sig
+        assert interrupt_exit_status(caught.value) == 128 + sig
+        assert interrupted_by(caught.value) == f"interrupted by {signal.Signals(sig).name}"
+        assert {s: signal.getsignal(s) for s in before} == before
+    assert (interrupt_exit_status(KeyboardInterrupt()), interrupted_by(KeyboardInterrupt())) == (130, "interrupted")
+    seen = []
+
+    def off_the_main_thread():
+        with stop_signals_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    worker = threading.Thread(target=off_the_main_thread)
+    worker.start()
+    worker.join()
+    assert seen == [before[signal.SIGTERM]]
+
+
+def test_a_tools_failed_write_is_told_to_free_space_only_when_the_disk_is_full():
+    """A read-only or forbidden folder was told "free space there": only a full disk (or torch.save's
+    writer stopping short, its RuntimeError) gains from room; anything else needs another place."""
+    from fastssl.cli import write_fix
+
+    full = [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
+            RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")]
+    elsewhere = [OSError(errno.EROFS, "Read-only file system"), OSError(errno.EACCES, "Permission denied"),
+                 OSError(errno.ENOENT, "No such file or directory")]
+    assert {write_fix(err, "--json") for err in full} == {"free space there, or pass --json with another folder"}
+    assert {write_fix(err, "--out") for err in elsewhere} == {"pass --out with a folder you can write to"}
+
+
 def test_a_ctrl_c_while_torch_is_imported_exits_130_with_one_line(tmp_path):
     """A Ctrl-C in the first second lands inside `import torch`: the advice must not import a half-loaded
     torch again (it crashed with a second traceback, or a segfault)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -145,16 +146,17 @@ def test_a_stopped_finetuning_goes_on_from_its_last_epoch_and_ends_as_an_uninter
 
         def counted(*args, stop_at=None, **kwargs):
             taken[0] += 1
-            if taken[0] == stop_at:
-                raise KeyboardInterrupt
+            if taken[0] == stop_at:  # a `kill` (or a scheduler's time limit): not silence, as Ctrl-C's line
+                signal.raise_signal(signal.SIGTERM)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(finetune, "sgd_step", lambda *a, **k: counted(*a, stop_at=2 * 2 + 1, **k))  # 2 a epoch
         capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
             tool.main(argv + ["--json", str(out)])
-        assert stopped.value.code == 130 and partial.exists() and not out.exists()
-        assert f"interrupted; the epochs done are kept in {partial}" in capsys.readouterr().err
+        assert stopped.value.code == 128 + signal.SIGTERM and partial.exists() and not out.exists()
+        assert f"interrupted by SIGTERM; the epochs done are kept in {partial}" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the tool's handler is gone with it
         taken[0] = 0
         monkeypatch.setattr(finetune, "sgd_step", counted)
         resumed = tool.main(argv + ["--json", str(out)])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import signal
+
+import pytest
 
 from conftest import load_tool
 
@@ -59,6 +62,25 @@ def test_an_out_that_is_a_file_is_refused_before_the_training(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_tool("mi_estimation").main(["--quick", "--no-compile", "--out", str(tmp_path / "a_file")])
     assert exit_info.value.code == 2 and "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM"])
+def test_a_stopped_run_says_so_in_one_line(tmp_path, monkeypatch, capsys, stop):
+    """Ctrl-C, or a `kill` mid-training: one line and the shell's status for it, not a traceback or silence."""
+    tool = load_tool("mi_estimation")
+
+    def stopped(*args, **kwargs):
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(tool, "run_family", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--quick", "--no-compile", "--out", str(tmp_path / "out")])
+    said = capsys.readouterr().err
+    code, first = (130, "interrupted;") if stop == "ctrl-c" else (128 + signal.SIGTERM, "interrupted by SIGTERM;")
+    assert exit_info.value.code == code and said.startswith(first) and "run the command again" in said, said
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not (tmp_path / "out" / "mi_estimation.json").exists()
 
 
 def test_the_seed_makes_a_run_repeatable(one_thread):

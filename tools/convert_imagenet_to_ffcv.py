@@ -44,14 +44,11 @@ What it guarantees:
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
-from typing import NoReturn
 
 from fastssl.arg_types import MAX_WORKERS, int_at_least, number_in
-from fastssl.cli import ToolArgumentParser
+from fastssl.cli import ToolArgumentParser, interrupt_exit_status, interrupted_by, stop_signals_interrupt
 from pipelines.beton import summary_path
 from pipelines.beton_convert import WRITE_MODES, ConversionError, UsageError, convert
 from pipelines.beton_resume import CHECKPOINT_EVERY_S
@@ -103,32 +100,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def exit_on_signals() -> None:
-    """SIGTERM / SIGHUP end the converter like Ctrl-C does: through its clean-up (progress saved,
-    workers stopped), with the shell's status for the signal."""
-    def stop(signum: int, _frame: FrameType | None) -> NoReturn:
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_signals()
     try:
-        summary = convert(args.src, args.out, labels=args.labels, classes_from=args.classes_from,
-                          max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-                          compress_probability=args.compress_probability, write_mode=args.write_mode,
-                          num_workers=args.num_workers, subset_per_class=args.subset_per_class,
-                          force=args.force, restart=args.restart, progress=not args.no_progress,
-                          checkpoint_every_s=args.checkpoint_every)
+        with stop_signals_interrupt():  # SIGTERM / SIGHUP go through the clean-up as Ctrl-C does
+            summary = convert(args.src, args.out, labels=args.labels, classes_from=args.classes_from,
+                              max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
+                              compress_probability=args.compress_probability, write_mode=args.write_mode,
+                              num_workers=args.num_workers, subset_per_class=args.subset_per_class,
+                              force=args.force, restart=args.restart, progress=not args.no_progress,
+                              checkpoint_every_s=args.checkpoint_every)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # what was kept is said by the conversion's clean-up
+        print(interrupted_by(err), file=sys.stderr)
+        return interrupt_exit_status(err)
     print_summary(summary)
     return 0
 

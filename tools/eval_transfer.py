@@ -29,15 +29,15 @@ import time
 
 import torch
 
-from fastssl.cli import ToolArgumentParser, exit_with
+from fastssl.cli import ToolArgumentParser, exit_with, stop_signals_interrupt
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_precision_argument, effective_precision
-from fastssl.arg_types import int_at_least, loader_workers, number_in, seed_number
+from fastssl.arg_types import MAX_IMAGE_SIZE, int_at_least, loader_workers, number_in, seed_number
 from fastssl.eval.errors import EvalError
 from fastssl.eval.progress_file import (fingerprint, forget_state, interrupted, load_state, save_state, state_path,
                                         weights_digest)
 from fastssl.eval.targets import markdown_twin, resolve_target, write_report
-from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, METRICS, markdown_table, metric_note,
+from fastssl.eval.transfer import (DATASETS, DEFAULT_WD_VALUES, MAX_WD_VALUES, METRICS, markdown_table, metric_note,
                                    parse_dataset_names, penalty_grid, search_and_test, spec_of)
 from fastssl.eval.transfer_data import extract_split, folder_splits, torchvision_splits, transfer_transform
 from fastssl.models.backbone import FEATURE_DIMS
@@ -55,12 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="read dataset NAME from ImageNet-layout DIR/train, DIR/test (and DIR/val if present); "
                          "a NAME outside the 11 is your own dataset, scored by top-1 in a column after avg.")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
-    ap.add_argument("--image-size", type=int_at_least(1), default=224,
+    ap.add_argument("--image-size", type=int_at_least(1, MAX_IMAGE_SIZE), default=224,
                     help="resize (bicubic) + centre crop size (paper: 224)")
     ap.add_argument("--solver", choices=("auto", "sklearn", "lbfgs"), default="auto",
                     help="scikit-learn (the reference) or the batched PyTorch L-BFGS; "
                          "auto: lbfgs on CUDA, else sklearn")
-    ap.add_argument("--wd-values", type=int_at_least(1), default=DEFAULT_WD_VALUES,
+    ap.add_argument("--wd-values", type=int_at_least(1, MAX_WD_VALUES), default=DEFAULT_WD_VALUES,
                     help="size of the penalty grid logspace(-6, 5, n) (paper: 45)")
     ap.add_argument("--max-iter", type=int_at_least(1), default=1000, help="solver iterations per fit")
     ap.add_argument("--tol", type=number_in(0), default=1e-4, help="solver tolerance (max |gradient|, scikit-learn's)")
@@ -156,19 +156,21 @@ def main(argv: list[str] | None = None) -> dict:
                        lambda state: f"{', '.join(state['datasets'])} done") or {"datasets": {}}
     results = {}
     try:
-        for name, (splits, num_classes, val_from) in opened.items():
-            earlier = saved["datasets"].get(name)
-            if earlier is not None and (earlier["source"], earlier["root"]) == todo[name]:  # the same data
-                results[name] = earlier
-                print(f"{earlier['title']}: {earlier['metric_name']} {earlier['score']:.2f} (saved by the earlier "
-                      "run)", flush=True)
-                continue
-            results[name] = evaluate_dataset(name, splits, num_classes, val_from, todo[name], backbone, args, device,
-                                             solver, wds)
-            # plain JSON types (numpy's floats are not among what a weights-only load reads back)
-            save_state(progress_file, {"datasets": json.loads(json.dumps({**saved["datasets"], **results}))}, key)
-    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
-        interrupted(progress_file, "the datasets done")
+        with stop_signals_interrupt():
+            for name, (splits, num_classes, val_from) in opened.items():
+                earlier = saved["datasets"].get(name)
+                if earlier is not None and (earlier["source"], earlier["root"]) == todo[name]:  # the same data
+                    results[name] = earlier
+                    print(f"{earlier['title']}: {earlier['metric_name']} {earlier['score']:.2f} (saved by the "
+                          "earlier run)", flush=True)
+                    continue
+                results[name] = evaluate_dataset(name, splits, num_classes, val_from, todo[name], backbone, args,
+                                                 device, solver, wds)
+                # plain JSON types (numpy's floats are not among what a weights-only load reads back)
+                done = json.loads(json.dumps({**saved["datasets"], **results}))
+                save_state(progress_file, {"datasets": done}, key)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: one line saying what is kept, not a traceback
+        interrupted(progress_file, "the datasets done", err)
     model = str(found["checkpoint"])
     table = markdown_table({model: {n: r["score"] for n, r in results.items()}})
     report = {"checkpoint": model, "arch": arch, "feature_dim": FEATURE_DIMS[arch], "image_size": args.image_size,

@@ -17,7 +17,6 @@ Writes (beside the backbone by default):
 
 from __future__ import annotations
 
-import errno
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import BinaryIO
 import torch
 
 from fastssl.arg_types import comma_list, one_of
-from fastssl.cli import ToolArgumentParser, exit_with
+from fastssl.cli import ToolArgumentParser, exit_with, write_fix
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
 from fastssl.eval.targets import resolve_target
@@ -87,11 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                 replaced.add("detectron2")
             atomic_write(written["detectron2"], lambda f: pickle.dump(d2, f))
     except (OSError, RuntimeError) as err:  # torch.save's writer reports a full disk as a RuntimeError
-        full = isinstance(err, RuntimeError) or err.errno == errno.ENOSPC
         why = "the write stopped short: is the disk full?" if isinstance(err, RuntimeError) else err.strerror or err
-        exit_with(f"{str(list(written.values())[-1])!r} could not be written ({why}); "
-                  + ("free space there, or pass --out-dir with another folder" if full else
-                     "pass --out-dir with a folder you can write to"))
+        exit_with(f"{str(list(written.values())[-1])!r} could not be written ({why}); {write_fix(err, '--out-dir')}")
     for fmt, p in written.items():  # a shared --out-dir holds one file per backbone name: say when one was replaced
         print(f"wrote {p} ({fmt})" + (" (replacing the file there; pass --out-dir elsewhere to keep both)"
                                       if fmt in replaced else ""))

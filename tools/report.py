@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastssl.cli import ToolArgumentParser
+from fastssl.cli import ToolArgumentParser, write_fix
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.eval.targets import DISTILL_RECIPE, distillation_run
 from fastssl.reports.markdown import run_markdown
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder that cannot be made: the run directory is only read
-        print(f"error: the report could not be written in {str(out)!r} ({err.strerror or err}); free space there, "
-              f"or pass --out with another folder", file=sys.stderr)
+        print(f"error: the report could not be written in {str(out)!r} ({err.strerror or err}); "
+              f"{write_fix(err, '--out')}", file=sys.stderr)
         return 2
     print(report["verdict"])
     print(f"wrote {out / 'report.md'}, report.json and {len(report['charts'])} charts")

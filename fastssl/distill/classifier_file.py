@@ -26,8 +26,14 @@ def save_classifier(model: Classifier, arch: str, num_classes: int, stem: str, p
 
 
 def load_teacher(path: str, num_classes: int) -> tuple[Classifier, str]:
-    """The frozen teacher (eval mode, no gradients) and its arch; clear errors for bad files."""
+    """The frozen teacher (eval mode, no gradients) and its arch; clear errors for bad files. `path` is
+    the teacher's file or the run directory that wrote it (its CLASSIFIER_NAME)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / CLASSIFIER_NAME).is_file():
+            raise FileNotFoundError(f"model.teacher: {str(p)!r} is a folder without a {CLASSIFIER_NAME}; pass the "
+                                    f"directory of a teacher run that finished an epoch, or the teacher's file")
+        p = p / CLASSIFIER_NAME
     if not p.is_file():
         raise FileNotFoundError(f"model.teacher: no teacher checkpoint at {str(p)!r}; train one first (a run "
                                 f"with --loss.kd_weight 0 --loss.mi_weight 0 writes RUN_DIR/{CLASSIFIER_NAME}) "

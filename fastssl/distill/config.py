@@ -39,7 +39,7 @@ class DistillModelConfig:
 
     # student architecture: resnet8x4 | resnet32x4 | resnet8 ... resnet110 (CIFAR) | resnet18 | resnet50
     student: str = "resnet8x4"
-    teacher: str = ""  # teacher checkpoint (classifier.pt of a run of this trainer); "" = none (CE only)
+    teacher: str = ""  # teacher: the classifier.pt of a run of this trainer, or its run dir; "" = none (CE only)
     embed_dim: int = 128  # width of both linear embedding heads (CRD's feat_dim)
     stem: str = "cifar"  # torchvision ResNets only: cifar (3x3 stem, 32 px) | imagenet
 

@@ -7,6 +7,7 @@ another architecture) with a message that says what to pass instead.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,9 @@ from fastssl.eval.errors import EvalError
 from fastssl.models.backbone import FEATURE_DIMS, build_backbone
 
 __all__ = ["infer_arch", "load_backbone"]
+
+# The classifier layer of a whole torchvision ResNet's state_dict, which an exported backbone leaves out.
+CLASSIFIER_KEYS = frozenset({"fc.weight", "fc.bias"})
 
 
 def infer_arch(state: dict) -> str:
@@ -52,7 +56,8 @@ def _read_state(path: Path) -> dict:
 
 
 def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
-    """An exported backbone (torchvision keys without fc.*), checked key by key.
+    """An exported backbone (torchvision keys without fc.*), checked key by key; a whole torchvision
+    classifier (with fc.*) is read too, its classifier left out with a note.
 
     Checked before `load_state_dict` so that a mismatch is reported as "another
     architecture, try --arch X" instead of a 100-line PyTorch key dump.
@@ -67,6 +72,12 @@ def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if not (missing or wrong) and unexpected and set(unexpected) <= CLASSIFIER_KEYS:
+        # a whole torchvision classifier (a supervised baseline's weights): its backbone is all the tools read
+        print(f"note: {str(path)!r} is a whole classifier: its {', '.join(unexpected)} are not read (the "
+              "evaluation trains its own head)", file=sys.stderr)
+        state = {k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}
+        unexpected = []
     if missing or unexpected or wrong:
         raise EvalError(f"{str(path)!r} does not fit a {arch} ({len(missing)} missing keys, {len(unexpected)} "
                         f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:2]}): it is "

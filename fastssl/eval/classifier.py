@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from fastssl.eval.backbone_io import load_backbone
-from fastssl.arg_types import int_at_least, loader_workers, number_in
+from fastssl.arg_types import MAX_IMAGE_SIZE, int_at_least, loader_workers, number_in
+from fastssl.cli import stop_signals_interrupt
 from fastssl.eval.errors import EvalError
 from fastssl.eval.progress_file import forget_state, interrupted, state_path
 from fastssl.eval.targets import require_data, resolve_target, run_knn_figure, write_report
@@ -273,7 +274,7 @@ def add_data_arguments(ap: argparse.ArgumentParser, train_help: str) -> None:
     ap.add_argument("--train", help=train_help)
     ap.add_argument("--val", help="validation folder (default: the run's data.val)")
     ap.add_argument("--arch", choices=sorted(FEATURE_DIMS), help="default: the run's, or inferred from the weights")
-    ap.add_argument("--image-size", type=int_at_least(1),
+    ap.add_argument("--image-size", type=int_at_least(1, MAX_IMAGE_SIZE),
                     help="crop size (default: the run's eval size or global crop, else 224)")
     ap.add_argument("--interpolation", choices=INTERPOLATIONS,
                     help=f"evaluation resize filter (default: the run's eval.interpolation, else {EVAL_INTERPOLATION})")
@@ -335,15 +336,16 @@ def load_eval_inputs(args: argparse.Namespace, tool: str, report: str | None = N
 
 
 def train_and_report(inputs: EvalInputs, train: Callable[[], dict], summary: Callable[[dict], str]) -> dict:
-    """The classifier tools' end: `train` (Ctrl-C exits with one line saying which epochs are kept,
-    not a traceback), the `summary` line, the report, then the saved progress forgotten (it would
-    resume a finished evaluation). An EvalError (a split whose every image is unreadable, a report
-    that cannot be written) is the tool's to print."""
+    """The classifier tools' end: `train` (Ctrl-C, SIGTERM or SIGHUP exits with one line saying which
+    epochs are kept, not a traceback or silence), the `summary` line, the report, then the saved
+    progress forgotten (it would resume a finished evaluation). An EvalError (a split whose every
+    image is unreadable, a report that cannot be written) is the tool's to print."""
     progress = state_path(inputs.found["out"])
     try:
-        report = train()
-    except KeyboardInterrupt:
-        interrupted(progress, "the epochs done")
+        with stop_signals_interrupt():
+            report = train()
+    except KeyboardInterrupt as err:
+        interrupted(progress, "the epochs done", err)
     print(summary(report))
     write_report(inputs.found["out"], report)
     forget_state(progress)

@@ -115,9 +115,13 @@ def forget_state(path: Path) -> None:
         print(f"warning: {path} could not be removed ({err.strerror or err}); the report is written", file=sys.stderr)
 
 
-def interrupted(path: Path, kept: str) -> NoReturn:
-    """After a Ctrl-C: one line saying whether progress (`kept`: "the epochs done") is kept at
-    `path` for the same command to go on from, instead of a traceback; exit status 130."""
-    print("interrupted; " + (f"{kept} are kept in {path}: the same command goes on from there" if path.exists()
-                             else "nothing was done yet: nothing is kept"), file=sys.stderr)
-    raise SystemExit(130)
+def interrupted(path: Path, kept: str, err: KeyboardInterrupt) -> NoReturn:
+    """After a Ctrl-C, SIGTERM or SIGHUP (`err`, see `fastssl.cli.stop_signals_interrupt`): one line
+    saying whether progress (`kept`: "the epochs done") is kept at `path` for the same command to go
+    on from, instead of a traceback; the shell's exit status for the signal (Ctrl-C: 130)."""
+    from fastssl.cli import interrupt_exit_status, interrupted_by
+
+    print(f"{interrupted_by(err)}; " + (f"{kept} are kept in {path}: the same command goes on from there"
+                                         if path.exists() else "nothing was done yet: nothing is kept"),
+          file=sys.stderr)
+    raise SystemExit(interrupt_exit_status(err))

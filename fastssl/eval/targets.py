@@ -12,6 +12,7 @@ import json
 import warnings
 from pathlib import Path
 
+from fastssl.cli import write_fix
 from fastssl.eval.errors import EvalError, check_output_file
 from fastssl.run_log import write_json, write_text_atomic
 from pipelines.augment import EVAL_CROP_FRACTION, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, EvalView
@@ -100,8 +101,8 @@ def write_report(path: Path, report: dict, text: str | None = None) -> None:
         if text is not None:
             write_text_atomic(md_path, text)
     except OSError as err:
-        raise EvalError(f"the figures above could not be written to {str(path)!r} ({err.strerror or err}); free "
-                        f"space there, or pass --json with another place, and run again") from None
+        raise EvalError(f"the figures above could not be written to {str(path)!r} ({err.strerror or err}); "
+                        f"{write_fix(err, '--json')}, and run again") from None
     print(f"wrote {path}" + (f" and {md_path}" if text is not None else "")
           + (" (replacing an earlier report there; pass --json elsewhere to keep both)" if replaced else ""))
 
