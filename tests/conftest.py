@@ -21,6 +21,10 @@ from PIL import Image
 # workers and process pairs take the cores, and OpenMP threads contending with them made elementwise ops
 # on ~40k-element tensors 100x slower (a 2-worker training subprocess ran 3x slower on 2 threads).
 torch.set_num_threads(1)
+# The loaders' colour jitter on a CPU runs inductor's build of `jitter_step` (pipelines/device_augment.py),
+# which a cold cache builds in about 30 s per process and session: the suite runs the eager step it is
+# built from (processes started by the tests too), and test_device_augment holds the build to it.
+os.environ.setdefault("FASTSSL_EAGER_AUGMENT", "1")
 
 
 def _installed(module: str) -> bool:

@@ -83,6 +83,30 @@ def test_augment_view_contract():
     torch.testing.assert_close(y, (crops.permute(0, 3, 1, 2).float() / 255 - mean) / std)
 
 
+def test_the_compiled_colour_jitter_computes_the_eager_one(monkeypatch):
+    """On a CPU the loaders run inductor's build of `jitter_step` (the rest of the suite runs the eager
+    step: FASTSSL_EAGER_AUGMENT=1 in conftest): each of the four steps, at two sizes and factors across
+    their ranges, equals the eager step to float rounding (6e-8 measured), and builds without the
+    warning that falls back to eager."""
+    import warnings
+
+    import pipelines.device_augment as da
+
+    monkeypatch.delenv("FASTSSL_EAGER_AUGMENT", raising=False)
+    monkeypatch.setattr(da, "_compiled_step", None)
+    step = da._jitter_step_for(torch.device("cpu"))
+    assert step is not da.jitter_step
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed build falls back to eager with a warning: here, a failure
+        for n, size in ((5, 16), (3, 8)):
+            x = torch.rand(n, 3, size, size, generator=g)
+            for s, (low, high) in enumerate(((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))):
+                factor = low + (high - low) * torch.rand(n, generator=g)
+                torch.testing.assert_close(step(x, s, factor), da.jitter_step(x, s, factor), rtol=0, atol=1e-6,
+                                           msg=f"step {s}, {n} x {size}")
+
+
 ALL_STEPS = MultiCropRecipe(global_size=16, local_size=8, num_local=2, flip_p=0.5, jitter_p=0.8, grayscale_p=0.2,
                             blur_p=(0.5, 0.5, 0.5), solarize_p=(0.5, 0.5, 0.5))
 

@@ -224,7 +224,10 @@ def dry_run(tmp_path: Path, timeout: int) -> tuple[dict, str]:
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out),
            "--scratch", str(tmp_path / "scratch"), "--budget", str(timeout - 30)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # One OpenMP thread per child, as the suite's other started processes: two threads each beside the
+    # suite's second worker (make test) left both cores' time to OpenMP's waits.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read(out)
