@@ -22,8 +22,8 @@ PAGE_WASTE = 1.05  # the unfilled end of each page (about half a sample per page
 
 
 def size_text(num_bytes: float) -> str:
-    """A size as the converter's messages say it: GB from 1 GB, MB from 1 MB, kB below (a small
-    set's "0.0 GB" said nothing)."""
+    """A size as the converter's messages say it: GB from 1 GB, MB from 1 MB, then kB, then bytes (a
+    small set's "0.0 GB" said nothing)."""
     for unit, scale, digits in (("GB", 1e9, 1), ("MB", 1e6, 0), ("kB", 1e3, 0)):
         if num_bytes >= scale:
             return f"{num_bytes / scale:.{digits}f} {unit}"

@@ -392,8 +392,9 @@ def test_two_real_processes_with_accelerate_launch(tmp_path, objective_args):
     # and release the group together; a process that left while its peer was in the last collective aborted it
     for rank in (0, 1):
         (tmp_path / f"rank{rank}.json").unlink()
-    resume = subprocess.run([sys.executable, *accelerate_2proc(), str(script), "--train.run_dir", str(tmp_path / "run4"),
-                             "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    resume = subprocess.run([sys.executable, *accelerate_2proc(), str(script), "--train.run_dir",
+                             str(tmp_path / "run4"), "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
     assert "exitcode  : 2" in resume.stderr and "exitcode  : -6" not in resume.stderr, resume.stderr
     assert resume.stderr.count("no checkpoint") == 1, resume.stderr  # both met it: one line for the node
     assert all((tmp_path / f"rank{rank}.json").exists() for rank in (0, 1)), resume.stderr
