@@ -76,26 +76,38 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, accelerator: Acceler
     are returned as {field: [old, new]} for `open_records`, which writes the run's record later.
     """
     saved = ckpt.saved_config(run_dir)
-    refuse_harmful_start(run_dir, saved is not None, resume, command, weights_may_predate_checkpoint=auto)
+    refuse_harmful_start(run_dir, saved is not None, resume, command, weights_may_predate_checkpoint=auto,
+                         foreign=foreign_sections(saved, to_dict(Config())))
     if not resume:
         return {}
     return resume_changes(saved, to_dict(cfg), to_dict(Config()), RESUMABLE_CHANGES, RESUMABLE_WITH_WARNING, run_dir,
                           warn=accelerator.is_main_process)
 
 
+def foreign_sections(saved: dict | None, own: dict) -> list[str]:
+    """The sections of a run's saved config that this trainer's config (`own`) has not: a run of the
+    other trainer (distillation vs self-supervised) when any. A section added since the run is not one."""
+    return sorted(set(saved or {}) - set(own))
+
+
 def refuse_harmful_start(run_dir: Path, has_checkpoint: bool, resume: bool, command: list[str] | None,
                          weight_patterns: tuple[str, ...] = ("backbone_*.pth",),
-                         weights_may_predate_checkpoint: bool = False) -> None:
+                         weights_may_predate_checkpoint: bool = False, foreign: list[str] = ()) -> None:
     """A ConfigError for a resume without a checkpoint, and for a fresh start over another run: its
     checkpoint, files named as a run's records that no trainer wrote (`records_of_no_run`), or the
     weights it exported (`weight_patterns`) without one. Those are a finished run
     whose checkpoint was deleted to save space, and the new run's first save would replace them;
     unless `weights_may_predate_checkpoint`: a trainer that exports weights before its first
     checkpoint, under `--resume auto`, may find them from its own killed start and starts over.
-    Each message says how to go on (`command` is the one that was run); nothing is written."""
+    Each message says how to go on (`command` is the one that was run; `foreign`: the saved config's
+    sections this trainer lacks, a run this recipe cannot continue); nothing is written."""
     if resume and not has_checkpoint:
         raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; start without --resume"
                           f"{latest_run_hint(run_dir, command)}")
+    if not resume and has_checkpoint and foreign:
+        raise ConfigError(f"{run_dir} already holds a run of another trainer (its saved config has the sections "
+                          f"{', '.join(foreign)}): continue it with the recipe that started it (run_info.json names "
+                          f"it) or choose another --train.run_dir (nothing was overwritten)")
     if not resume and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds a run; continue it with: {rerun_command(command, run_dir)} "
                           f"or choose another --train.run_dir (nothing was overwritten)")
@@ -143,7 +155,7 @@ def resume_changes(saved: dict, now: dict, default: dict, free: set[str], with_w
     are printed as a warning (when `warn`) and returned as {field: [the run's, this command's]} for the
     run's record. A field the saved run predates counts as its `default`. A run of the other trainer
     (its config has sections this one lacks) is named as such, not as a list of every field."""
-    foreign = sorted(set(saved) - set(default))
+    foreign = foreign_sections(saved, default)
     if foreign:
         raise ConfigError(f"--resume: {run_dir} holds a run of another trainer (its saved config has the sections "
                           f"{', '.join(foreign)}, which this recipe's config has not); resume it with the recipe "

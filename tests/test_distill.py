@@ -451,6 +451,11 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, teacher: Path, capsys) 
         run(DistillConfig(), args + ["--resume"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "holds a run of another recipe" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exc:  # a fresh start is not told to --resume what it cannot
+        run(DistillConfig(), args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "already holds a run of another trainer (its saved config has the sections " \
+        "aug, critic, eval, method): continue it with the recipe that started it" in err and "--resume" not in err
 
 
 def two_epochs_that_fail(tmp_path: Path, teacher: Path, capsys, *extra: str) -> str:

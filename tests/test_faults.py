@@ -486,6 +486,10 @@ def test_a_resume_of_the_other_trainers_run_names_it(tmp_path):
                                           r"loss, .*resume it with the recipe that started it") as info:
         engine.train(cfg, resume=True)
     assert "differ" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"already holds a run of another trainer \(its saved config has the "
+                                          r"sections loss\): continue it with the recipe that started it") as info:
+        engine.train(cfg)  # a fresh start was told to continue it with this recipe's --resume, which is refused
+    assert "--resume" not in str(info.value)
 
 
 def test_a_resume_of_a_run_directory_named_by_its_start_time_is_refused(tmp_path):

@@ -39,7 +39,7 @@ from fastssl.models.cifar_resnet import Classifier, build_classifier
 from fastssl.recovery import (TrainingDiverged, after_eval_failure, after_write_failure, before_any_update_advice,
                               lower_lr_advice)
 from fastssl.relaunch import one_process_refusal, rerun_command
-from fastssl.run_dir import finished_run, refuse_harmful_start, resume_changes
+from fastssl.run_dir import finished_run, foreign_sections, refuse_harmful_start, resume_changes
 from fastssl.run_log import CsvLog, write_run_json
 from fastssl.runtime import GracefulStop
 from pipelines.folder import DataLayoutError
@@ -111,10 +111,11 @@ def check_run_dir(cfg: DistillConfig, resume: bool, command: list[str] | None) -
     saved = ckpt.saved_config(run_dir)
     # The classifier is written after the last checkpoint, never before the first: found without a
     # checkpoint, it is a finished run's, under `--resume auto` too.
-    refuse_harmful_start(run_dir, saved is not None, resume, command, (CLASSIFIER_NAME,))
+    refuse_harmful_start(run_dir, saved is not None, resume, command, (CLASSIFIER_NAME,),
+                         foreign=foreign_sections(saved, to_dict(DistillConfig())))
     if resume:
         new = to_dict(cfg)
-        if set(saved) != set(new):  # a self-supervised recipe's run (model/method/aug sections), not a distillation
+        if foreign_sections(saved, new):  # a self-supervised recipe's run (method/aug sections), not a distillation
             raise ConfigError(f"--resume: {run_dir} holds a run of another recipe (its config has the sections "
                               f"{', '.join(sorted(saved))}); continue it with the recipe that started it, or give "
                               f"this one another --train.run_dir")
