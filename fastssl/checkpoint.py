@@ -104,11 +104,17 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.split('. ')[0][:160]}"
 
 
-def _is_disk_full(err: BaseException, folder: Path, needed: int) -> bool:
-    """ENOSPC/EDQUOT, or PyTorch's zip writer failing ("unexpected pos ...") on a disk now short of room."""
+def out_of_room(err: BaseException) -> bool:
+    """Whether a write failed for want of room: ENOSPC/EDQUOT, by errno or by the words of a writer that
+    kept only the message."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return True
-    if "No space left" in str(err) or "Disk quota" in str(err):
+    return "No space left" in str(err) or "Disk quota" in str(err)
+
+
+def _is_disk_full(err: BaseException, folder: Path, needed: int) -> bool:
+    """`out_of_room`, or PyTorch's zip writer failing ("unexpected pos ...") on a disk now short of room."""
+    if out_of_room(err):
         return True
     try:
         return shutil.disk_usage(folder).free < needed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import os
 import signal
 import sys
@@ -90,9 +89,9 @@ def write_fix(err: BaseException, flag: str) -> str:
     when the disk is full (ENOSPC, EDQUOT, or torch.save's zip writer stopping short, its RuntimeError
     on a full disk); otherwise another place, since a read-only or forbidden folder gains nothing from
     freeing space."""
-    full = (err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) if isinstance(err, OSError)
-            else isinstance(err, RuntimeError))
-    if full:
+    from fastssl.checkpoint import out_of_room
+
+    if out_of_room(err) or isinstance(err, RuntimeError):
         return f"free space there, or pass {flag} with another folder"
     return f"pass {flag} with a folder you can write to"
 
