@@ -156,6 +156,61 @@ def test_params_match_the_kernel_struct():
     assert p.a == pytest.approx(0.7 / 0.3, rel=1e-7) and p.log2_b == 9.0
 
 
+class FakeDriver:
+    """cuda.bindings.driver's calls `_DeviceKernels` makes, on an H100 whose entry points have the
+    static shared memory given, enforcing CUDA's rule for the dynamic-smem attribute: dynamic + static
+    <= the device's opt-in maximum, else CUDA_ERROR_INVALID_VALUE."""
+
+    OPTIN = 227 * 1024
+
+    def __init__(self, static: dict[str, int]) -> None:
+        real = _nvrtc._bindings("driver")
+        self.CUresult, self.CUdevice_attribute = real.CUresult, real.CUdevice_attribute
+        self.CUfunction_attribute = real.CUfunction_attribute
+        self.static, self.dynamic_limit = static, {}
+        self.ok = self.CUresult.CUDA_SUCCESS
+
+    def cuGetErrorName(self, err): return (self.ok, err.name.encode())
+    def cuInit(self, flags): return (self.ok,)
+    def cuDeviceGet(self, index): return (self.ok, index)
+    def cuDevicePrimaryCtxRetain(self, device): return (self.ok, 7)
+    def cuCtxGetCurrent(self): return (self.ok, 7)
+    def cuModuleLoadData(self, image): return (self.ok, "module")
+    def cuModuleGetFunction(self, module, name): return (self.ok, name.decode())
+
+    def cuDeviceGetAttribute(self, attr, device):
+        a = self.CUdevice_attribute
+        return (self.ok, {a.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH: 1, a.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: 132,
+                          a.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: self.OPTIN}[attr])
+
+    def cuFuncGetAttribute(self, attr, fn):
+        assert attr == self.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+        return (self.ok, self.static[fn])
+
+    def cuFuncSetAttribute(self, fn, attr, value):
+        assert attr == self.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if value + self.static[fn] > self.OPTIN:
+            return (self.CUresult.CUDA_ERROR_INVALID_VALUE,)
+        self.dynamic_limit[fn] = value
+        return (self.ok,)
+
+
+def test_the_dynamic_smem_limit_leaves_room_for_each_entry_points_static_shared_memory(monkeypatch):
+    """As mira_fused.cu's `dynamic_smem_limit`: each function's limit is raised to the opt-in maximum
+    less its static shared memory (raising it to the whole maximum is refused when a kernel has any),
+    and the plan is bounded by the smallest of them."""
+    if (why := _nvrtc_here()) is not None:
+        pytest.skip(f"cuda.bindings is not available here: {why}")
+    static = {name: 1024 * (i == 2) for i, name in enumerate(_nvrtc.ENTRY_POINTS)}
+    driver = FakeDriver(static)
+    monkeypatch.setattr(_nvrtc, "_bindings", lambda name: driver)
+    monkeypatch.setattr(_nvrtc, "compile_kernel", lambda arch: _nvrtc.Compiled(b"\x7fELF", "cubin", f"sm_{arch}"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    dev = _nvrtc._DeviceKernels(0)
+    assert driver.dynamic_limit == {name: FakeDriver.OPTIN - static[name] for name in _nvrtc.ENTRY_POINTS}
+    assert dev.smem_max == FakeDriver.OPTIN - 1024 and (dev.cooperative, dev.sms) == (True, 132)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
 def test_load_without_a_gpu_says_so():
     nvrtc_or_skip()

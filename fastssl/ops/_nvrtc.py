@@ -266,19 +266,25 @@ class _DeviceKernels:
         get = lambda a: int(_drv_check(drv.cuDeviceGetAttribute(a, self.device), "cuDeviceGetAttribute"))
         self.cooperative = get(attr.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH) == 1
         self.sms = get(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        self.smem_max = get(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        optin = get(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         major, minor = torch.cuda.get_device_capability(index)
         self.compiled = compile_kernel(10 * major + minor)
         self._image = ctypes.create_string_buffer(self.compiled.image)  # NUL-terminated (PTX needs it)
         self.module = _drv_check(drv.cuModuleLoadData(ctypes.addressof(self._image)), "cuModuleLoadData")
         self.functions = {}
+        limits = []
         for name in ENTRY_POINTS:
             fn = _drv_check(drv.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
-            # As mira_fused.cu: the dynamic-smem limit raised to the device maximum once.
+            # As mira_fused.cu: the dynamic-smem limit raised once to the most the device allows beside
+            # the function's static shared memory (CUDA: the two together may not exceed the opt-in maximum).
+            static = int(_drv_check(drv.cuFuncGetAttribute(
+                drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn), "cuFuncGetAttribute"))
+            limits.append(optin - static)
             _drv_check(drv.cuFuncSetAttribute(
-                fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.smem_max),
+                fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limits[-1]),
                 "cuFuncSetAttribute")
             self.functions[name] = fn
+        self.smem_max = min(limits)  # the plan's bound on dynamic shared memory, whichever entry point it picks
         self._occupancy: dict[tuple[str, int], int] = {}
 
     def make_current(self) -> None:

@@ -57,6 +57,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <tuple>
 
 // ----------------------------------------------------------------------------------- host side
@@ -94,10 +95,30 @@ const void* kernel_for(MiraInput dtype, bool in_smem) {
     if (err_ != cudaSuccess) return err_; \
   } while (0)
 
-// Resident CTAs per SM for (kernel, dynamic smem) on `device`; cached (the query is not free).
-// The kernel's dynamic-smem limit is raised to the device maximum once, so that any later
-// launch of it, with any smem size the plan picks, is allowed.
-cudaError_t blocks_per_sm(const void* kernel, size_t smem, int device, int smem_max, int* blocks) {
+// The most dynamic shared memory `kernel` may be given on `device`: the opt-in maximum less the
+// kernel's static shared memory (CUDA: the two together may not exceed the opt-in maximum). The
+// kernel's limit is raised to it once, so that any later launch of it, with any smem size the plan
+// picks, is allowed. Cached.
+cudaError_t dynamic_smem_limit(const void* kernel, int device, int smem_optin, int* limit) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(kernel, device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr;
+    MIRA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, kernel));
+    const int max_dynamic = smem_optin - (int)attr.sharedSizeBytes;
+    MIRA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic));
+    it = cache.emplace(key, max_dynamic).first;
+  }
+  *limit = it->second;
+  return cudaSuccess;
+}
+
+// Resident CTAs per SM for (kernel, dynamic smem) on `device` (its limit already raised by
+// `dynamic_smem_limit`); cached (the query is not free).
+cudaError_t blocks_per_sm(const void* kernel, size_t smem, int device, int* blocks) {
   static std::mutex mu;
   static std::map<std::tuple<const void*, size_t, int>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
@@ -106,11 +127,6 @@ cudaError_t blocks_per_sm(const void* kernel, size_t smem, int device, int smem_
   if (it != cache.end()) {
     *blocks = it->second;
     return cudaSuccess;
-  }
-  const auto raised = std::make_tuple(kernel, (size_t)0, device);  // smem 0: "limit raised" marker
-  if (cache.find(raised) == cache.end()) {
-    MIRA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_max));
-    cache.emplace(raised, -1);
   }
   MIRA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, smem));
   cache.emplace(key, *blocks);
@@ -122,10 +138,10 @@ cudaError_t blocks_per_sm(const void* kernel, size_t smem, int device, int smem_
 // Shared-memory log P when the CTA's rows fit at one CTA per SM; else stream from global.
 // Either way the grid never exceeds what the occupancy calculator says is co-resident.
 cudaError_t mira_plan(MiraInput dtype, int64_t V, int64_t B, int64_t K, int device, MiraPlan* plan) {
-  int coop = 0, sms = 0, smem_max = 0, blocks = 0;
+  int coop = 0, sms = 0, smem_optin = 0, smem_max = 0, blocks = 0;
   MIRA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   MIRA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  MIRA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  MIRA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   *plan = MiraPlan{};
   if (coop != 1) {
     plan->error = "the device does not support cooperative launches";
@@ -137,22 +153,26 @@ cudaError_t mira_plan(MiraInput dtype, int64_t V, int64_t B, int64_t K, int devi
     plan->error = "B x K per CTA is too large (" + std::to_string(rows0) + " x " + std::to_string(K) + ")";
     return cudaSuccess;
   }
+  const void* smem_kernel = kernel_for(dtype, true);
   const size_t smem_s = smem_bytes_for(rows0, K, true);
+  MIRA_RETURN_IF_ERROR(dynamic_smem_limit(smem_kernel, device, smem_optin, &smem_max));
   if (smem_s <= (size_t)smem_max) {
-    MIRA_RETURN_IF_ERROR(blocks_per_sm(kernel_for(dtype, true), smem_s, device, smem_max, &blocks));
+    MIRA_RETURN_IF_ERROR(blocks_per_sm(smem_kernel, smem_s, device, &blocks));
     const int64_t cap = (int64_t)blocks * sms;
     if (cap >= cpv0) {
       *plan = MiraPlan{true, cpv0, std::min(V, cap / cpv0), smem_s, ""};
       return cudaSuccess;
     }
   }
+  const void* gmem_kernel = kernel_for(dtype, false);
   const size_t smem_g = smem_bytes_for(rows0, K, false);
+  MIRA_RETURN_IF_ERROR(dynamic_smem_limit(gmem_kernel, device, smem_optin, &smem_max));
   if (smem_g > (size_t)smem_max) {
     plan->error = "B = " + std::to_string(B) + " rows per view is too many: " + std::to_string(rows0) +
                   " rows per CTA need " + std::to_string(smem_g) + " bytes of shared memory";
     return cudaSuccess;
   }
-  MIRA_RETURN_IF_ERROR(blocks_per_sm(kernel_for(dtype, false), smem_g, device, smem_max, &blocks));
+  MIRA_RETURN_IF_ERROR(blocks_per_sm(gmem_kernel, smem_g, device, &blocks));
   const int64_t cap = (int64_t)blocks * sms;
   if (cap < 1) {
     plan->error = "the kernel cannot be resident on this device";
