@@ -189,6 +189,21 @@ def stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def stop_in_one_line(kept: str) -> Iterator[None]:
+    """Around a tool's main: Ctrl-C, SIGTERM and SIGHUP end it with one line, "interrupted[ by SIGTERM];
+    <kept>", and the shell's status for the signal (130, 143), where Ctrl-C printed a traceback and
+    SIGTERM ended it without a word (and without its clean-up: `finally` blocks run on a StopSignal).
+    For tools whose stop needs no more said than what is kept (`kept`: e.g. "nothing is written: run
+    the command again")."""
+    try:
+        with stop_signals_interrupt():
+            yield
+    except KeyboardInterrupt as err:
+        print(f"{interrupted_by(err)}; {kept}", file=sys.stderr, flush=True)
+        raise SystemExit(interrupt_exit_status(err)) from None
+
+
 def interrupted_advice(command: list[str], run_dir: Path) -> str:
     """What a Ctrl-C that reached the command line (KeyboardInterrupt) leaves, and the command to go on.
 

@@ -30,6 +30,7 @@ from pipelines.beton_writer import (ConvertDataset, NothingToWrite, WorkerError,
                                     write_beton)
 from pipelines.cores import torch_threads_kept, usable_cores
 from pipelines.folder import DataLayoutError, class_folder_names, is_image_file, read_text_file, walk_files
+from pipelines.processes import pid_alive
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 # Folder names that mean "a split", not "a class": a source whose sub-folders are all among
@@ -186,16 +187,6 @@ SAMPLE_IDS = "source order"
 def partial_path(out: Path, pid: int | None = None) -> Path:
     """The hidden name `out` is written under until it is complete; it carries the writer's PID."""
     return out.with_name(f".{out.name}{PARTIAL}{os.getpid() if pid is None else pid}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
 
 
 def remove_stale_partials(out: Path) -> list[Path]:

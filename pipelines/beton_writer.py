@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.beton_resume import CHECKPOINT_EVERY_S, PartialConversion, Progress, durable_samples
 from pipelines.images import decode_for_conversion
-from pipelines.processes import describe_exit
+from pipelines.processes import describe_exit, pool_worker_ignores_interrupts
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -106,8 +106,7 @@ def worker_init() -> None:
     import threading
     import time
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pool_worker_ignores_interrupts()
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -22,11 +22,13 @@ Like the rest of `pipelines`, it imports nothing from `fastssl`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from tqdm import tqdm
 from pipelines.cores import usable_cores
 from pipelines.demo_images import (GENERATOR_VERSION, MAX_CLASSES, class_names, class_specs, encode_jpeg,
                                     render_image)
+from pipelines.processes import pid_alive, pool_worker_ignores_interrupts
 
 DEFAULT_NUM_CLASSES = 10
 DEFAULT_TRAIN_PER_CLASS = 250
@@ -218,7 +221,7 @@ def _run_chunks(chunks: list[_Chunk], workers: int, on_done: Callable[[int], Non
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(min(workers, len(chunks))) as pool:
+    with ctx.Pool(min(workers, len(chunks)), initializer=pool_worker_ignores_interrupts) as pool:
         for n in pool.imap_unordered(_render_chunk, chunks):
             on_done(n)
 
@@ -241,6 +244,16 @@ def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             trash.unlink()
+
+
+def _remove_stale_tmp_dirs(out: Path) -> None:
+    """Delete the temporary folders beside OUT left by runs killed outright (kill -9, power loss):
+    those whose PID no longer runs. A stop that Python sees (Ctrl-C, SIGTERM) removes its own."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"removed {tmp}: left by an interrupted run (PID {pid} is gone)", file=sys.stderr)
 
 
 def _make_tmp_dir(out: Path, tmp: Path) -> None:
@@ -293,6 +306,7 @@ def make_demo_dataset(
     per_split = {"train": train_per_class, "val": val_per_class}
     total = num_classes * (train_per_class + val_per_class)
     workers = _default_workers() if workers is None else workers
+    _remove_stale_tmp_dirs(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     _make_tmp_dir(out, tmp)

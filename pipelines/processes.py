@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.context import BaseContext
 
-__all__ = ["describe_exit", "STOP_SIGNALS", "stop_signals_held", "leave_process_group", "loader_workers_context"]
+__all__ = ["describe_exit", "pid_alive", "STOP_SIGNALS", "stop_signals_held", "leave_process_group",
+           "loader_workers_context", "pool_worker_ignores_interrupts"]
 
 
 def describe_exit(code: int) -> str:
@@ -22,6 +23,28 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit status {code}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (someone else's counts): a file or folder named by a dead
+    writer's PID is left over from a kill and may be removed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def pool_worker_ignores_interrupts() -> None:
+    """A worker pool's initializer: Ctrl-C reaches the whole process group, and the worker leaves it
+    to its parent, which stops the pool and says one line, where each worker would print a
+    KeyboardInterrupt traceback; SIGTERM and SIGHUP take their default action, not a handler the
+    worker inherited from its parent (`fastssl.cli.stop_signals_interrupt`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 # The signals a launcher forwards to a trainer's process group and the trainer turns into a stop.

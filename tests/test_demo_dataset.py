@@ -7,7 +7,13 @@ on: the label is carried by shape/texture, not by colour.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_tool
+from conftest import REPO, kill_tree, load_tool
 from pipelines import demo_data, demo_images
 
 # The command line only; the worker pool pickles functions of `pipelines.demo_data`, a package module,
 # so loading the tool here (or again in another test file) cannot break it.
 tool = load_tool("make_demo_dataset")
+TOOL = REPO / "tools" / "make_demo_dataset.py"
 
 TINY = dict(num_classes=3, train_per_class=4, val_per_class=2, image_size=40, seed=3)
 
@@ -328,3 +335,58 @@ def test_cli_refuses_an_output_it_cannot_create(tmp_path: Path, capsys: pytest.C
     if Path("/proc/self").is_dir():  # Linux
         assert tool.main(["/proc/fastssl_demo", *tiny]) == 2
         assert "cannot create /proc/fastssl_demo: /proc takes no new folders" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM"])
+def test_a_stopped_cli_says_so_in_one_line_and_removes_its_unfinished_dataset(tmp_path: Path, stop: str) -> None:
+    """Ctrl-C (to the whole process group, as a terminal sends it, pool workers included) or a `kill`
+    mid-render: one line and the shell's status for it; no worker tracebacks, no folder left behind."""
+    out = tmp_path / "demo"
+    err_log = tmp_path / "stderr.txt"
+    with err_log.open("w") as err_sink:
+        proc = subprocess.Popen([sys.executable, str(TOOL), str(out), "--num-classes", "4", "--train-per-class",
+                                 "400", "--val-per-class", "1", "--image-size", "128", "--workers", "2",
+                                 "--no-progress"], stdout=subprocess.DEVNULL, stderr=err_sink,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(tmp_path.glob(".demo.tmp-*/train/*/*.JPEG")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no image was written in 120 s"
+            time.sleep(0.05)
+        assert proc.poll() is None, "the dataset was finished before the stop: make it larger"
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        kill_tree(proc)
+    said = err_log.read_text()
+    expected, first = (130, "interrupted;") if stop == "ctrl-c" else (128 + signal.SIGTERM, "interrupted by SIGTERM;")
+    assert code == expected and said.startswith(first) and "Traceback" not in said, said
+    assert said.count("\n") == 1 and "run the command again" in said, said
+    assert list(tmp_path.iterdir()) == [err_log]
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path: Path, capsys) -> None:
+    """kill -9 leaves the temporary folder; the next run removes it (its PID is gone), not a live run's."""
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale, live = tmp_path / f".demo.tmp-{gone.pid}", tmp_path / f".demo.tmp-{os.getppid()}"
+    for folder in (stale, live):
+        (folder / "train").mkdir(parents=True)
+    demo_data.make_demo_dataset(tmp_path / "demo", progress=False, workers=1, **TINY)
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale}: left by an interrupted run (PID {gone.pid} is gone)" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    def no_room(pixels):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(demo_data, "encode_jpeg", no_room)
+    assert tool.main([str(tmp_path / "demo"), "--num-classes", "2", "--train-per-class", "1", "--val-per-class", "1",
+                      "--image-size", "32", "--no-progress", "--workers", "1"]) == 2
+    said = capsys.readouterr().err
+    assert "No space left on device" in said and "free space there" in said and "Traceback" not in said
+    assert list(tmp_path.iterdir()) == []

@@ -25,7 +25,7 @@ import time
 import torch
 
 from fastssl.arg_types import int_at_least
-from fastssl.cli import ToolArgumentParser, output_file, sizes_that_fit, write_output_json
+from fastssl.cli import ToolArgumentParser, output_file, sizes_that_fit, stop_in_one_line, write_output_json
 from fastssl.losses import swapped_prediction_loss
 from fastssl.models import MiraNetwork
 from fastssl.runtime import device_arg, pick_device
@@ -115,4 +115,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_in_one_line("nothing is written before the benchmark ends: run it again"):
+        main()

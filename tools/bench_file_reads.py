@@ -24,7 +24,7 @@ import time
 
 from fastssl.arg_types import comma_list, int_at_least
 from fastssl.bench.loaders import summarize
-from fastssl.cli import ToolArgumentParser, exit_with, output_file, write_output_json
+from fastssl.cli import ToolArgumentParser, exit_with, output_file, stop_in_one_line, write_output_json
 from fastssl.run_log import utc_now
 from pipelines.folder import DataLayoutError, scan_source
 
@@ -91,4 +91,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_in_one_line("nothing is written before the benchmark ends: run it again"):
+        main()

@@ -35,7 +35,7 @@ import torch
 
 from fastssl.arg_types import comma_list, int_at_least, one_of
 from fastssl.bench.assignment import BETA, TAU, implementations, time_call
-from fastssl.cli import ToolArgumentParser, output_file, sizes_that_fit, write_output_json
+from fastssl.cli import ToolArgumentParser, output_file, sizes_that_fit, stop_in_one_line, write_output_json
 from fastssl.ops import _cuda_ext
 from fastssl.ops.mira_fused import solve_views
 from fastssl.profiling import device_trace
@@ -169,4 +169,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_in_one_line("nothing is written before the benchmark ends: run it again"):
+        main()

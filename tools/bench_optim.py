@@ -24,7 +24,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastssl.arg_types import int_at_least
-from fastssl.cli import ToolArgumentParser, output_file, write_output_json
+from fastssl.cli import ToolArgumentParser, output_file, stop_in_one_line, write_output_json
 from fastssl.optim import LARS, param_groups
 from fastssl.runtime import device_arg, pick_device
 
@@ -144,4 +144,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_in_one_line("nothing is written before the benchmark ends: run it again"):
+        main()

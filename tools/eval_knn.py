@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fastssl.cli import ToolArgumentParser, exit_with, leave_process_group
+from fastssl.cli import ToolArgumentParser, exit_with, leave_process_group, stop_in_one_line
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.classifier import add_data_arguments, add_run_arguments, effective_precision
 from fastssl.arg_types import int_at_least, number_in
@@ -133,4 +133,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_in_one_line("nothing is written before the k-NN ends: run the command again"):
+        main()

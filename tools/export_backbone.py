@@ -25,7 +25,7 @@ from typing import BinaryIO
 import torch
 
 from fastssl.arg_types import comma_list, one_of
-from fastssl.cli import ToolArgumentParser, exit_with, write_fix
+from fastssl.cli import ToolArgumentParser, exit_with, stop_in_one_line, write_fix
 from fastssl.eval.backbone_io import load_backbone
 from fastssl.eval.errors import EvalError
 from fastssl.eval.targets import resolve_target
@@ -97,4 +97,5 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_in_one_line("a file written before is kept whole, an unfinished one removed: run the command again"):
+        main()

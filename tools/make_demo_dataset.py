@@ -14,7 +14,8 @@ Layout written::
 
 Exit status: 0 when OUT holds the dataset (written now, or already there); 2 for bad
 options, an OUT that holds an incomplete or different demo dataset (without --force) or
-anything that is not a demo dataset (--force or not), or an OUT that cannot be created.
+anything that is not a demo dataset (--force or not), or an OUT that cannot be created or
+filled (a full disk); 130 / 143 when stopped by Ctrl-C / SIGTERM (the unfinished dataset removed).
 
 Usage::
 
@@ -30,8 +31,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fastssl.cli import ToolArgumentParser
-from fastssl.arg_types import int_at_least, seed_number
+from fastssl.arg_types import MAX_WORKERS, int_at_least, seed_number
+from fastssl.cli import ToolArgumentParser, stop_in_one_line, write_fix
 from pipelines.demo_data import (DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES, DEFAULT_SEED, DEFAULT_TRAIN_PER_CLASS,
                                  DEFAULT_VAL_PER_CLASS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DatasetExistsError,
                                  OutputDirError, make_demo_dataset)
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rebuild even if OUT holds a demo dataset (incomplete or made with other arguments); "
                         "any other non-empty OUT is refused")
-    p.add_argument("--workers", type=int_at_least(1), default=None,
+    p.add_argument("--workers", type=int_at_least(1, MAX_WORKERS), default=None,
                    help="parallel processes (default: available cores, at most 8); output does not depend on it")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -80,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DatasetExistsError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a disk that filled up, a folder made read-only, from a render worker or here
+        print(f"error: the dataset could not be written under {args.out_dir} ({err.strerror or err}; the unfinished "
+              f"one is removed); {write_fix(err, 'OUT')}", file=sys.stderr)
+        return 2
     counts = result["counts"]
     if result["status"] == "exists":
         print(f"{args.out_dir}: already up to date ({counts['train']} train / {counts['val']} val images); nothing to do")
@@ -90,4 +95,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stop_in_one_line("the unfinished dataset is removed: run the command again"):
+        sys.exit(main())

@@ -30,13 +30,11 @@ panel per estimator: the estimates, raw and smoothed as in the paper's plots, ag
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from fastssl.arg_types import comma_list, int_at_least, number_in, one_of, seed_number
-from fastssl.cli import (ToolArgumentParser, exit_with, interrupt_exit_status, interrupted_by, stop_signals_interrupt,
-                         write_fix)
+from fastssl.cli import ToolArgumentParser, exit_with, stop_in_one_line, write_fix
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.losses import alpha_min
 from fastssl.mi_estimation import (ALPHAS, DIM, FAMILIES, LR, MI_LEVELS, SEPARABLE_LAYERS, plot, run_family,
@@ -96,15 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
         check_output_dir(out, "--out")  # before the minutes of training, not after
     except EvalError as err:
         exit_with(err)
-    try:
-        with stop_signals_interrupt():
-            results = {f: run_family(f, args.iters, args.batch, args.seed, not args.no_compile,
-                                     on_level=_progress(f), alphas=args.alphas, separable_layers=args.separable_layers)
-                       for f in families}
-    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: one line, not a traceback or silence
-        print(f"{interrupted_by(err)}; nothing is written before every critic has trained: run the command again",
-              file=sys.stderr)
-        raise SystemExit(interrupt_exit_status(err)) from None
+    with stop_in_one_line("nothing is written before every critic has trained: run the command again"):
+        results = {f: run_family(f, args.iters, args.batch, args.seed, not args.no_compile,
+                                 on_level=_progress(f), alphas=args.alphas, separable_layers=args.separable_layers)
+                   for f in families}
     report = {
         "config": {"dim": DIM, "mi_levels": MI_LEVELS, "iters_per_level": args.iters, "n": args.batch,
                    "m": args.batch, "log_m": math.log(args.batch), "alpha_min": alpha_min(args.batch, args.batch),
