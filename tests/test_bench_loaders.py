@@ -44,7 +44,8 @@ def test_bad_arguments_are_named(image_folder, tmp_path, capsys):
                            "--batches", "5"], "batches per epoch, need"),
                          (["--data", str(image_folder), "--backends", "torchvision", "--batch-size", "512"],
                           "fewer than one global batch of 512"),
-                         (["--device", "nope"], "unknown device 'nope'")):
+                         (["--device", "nope"], "unknown device 'nope'"),
+                         (["--workers", "100000"], "argument --workers: must be between 1 and 512, got 100000")):
         with pytest.raises(SystemExit) as exit_:
             bench.main(args)
         assert exit_.value.code == 2 and needle in capsys.readouterr().err
@@ -143,3 +144,37 @@ def test_an_epochs_start_is_timed_apart_from_its_rate(monkeypatch):
     starts: dict = {}
     bench.interleaved_rates({"a": Loader()}, repeats=3, warmup=1, batches=1, device=torch.device("cpu"), starts=starts)
     assert starts == {"a": [5.0, 5.0, 5.0]}
+
+
+def test_the_ffcv_beton_is_converted_again_when_the_folder_changes(image_folder, tmp_path, monkeypatch):
+    """The .beton made for ffcv is named by the folder's files: the same folder is converted once, a folder
+    regenerated in place (other images, the same names and count) gets a .beton of its own."""
+    monkeypatch.chdir(tmp_path)
+    bench = load_tool("bench_loaders")
+    converted = []
+    monkeypatch.setattr(bench, "convert", lambda src, out, **kw: (converted.append(out), out.write_bytes(b"beton")))
+    first = bench.beton_for(image_folder)
+    assert bench.beton_for(image_folder) == first and converted == [first]
+    image = next(p for p in sorted(image_folder.rglob("*")) if p.is_file())
+    image.write_bytes(image.read_bytes() + b"\0")  # the same name, other bytes
+    second = bench.beton_for(image_folder)
+    assert second != first and converted == [first, second] and second.parent == first.parent
+
+
+@pytest.mark.skipif(not _installed("ffcv"), reason="FFCV is not installed")
+def test_an_ffcv_folder_that_cannot_be_converted_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
+    """The converter's refusal (no readable image, a folder of splits) or data/bench/ unwritable: exit 2."""
+    from pipelines.beton_convert import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    bench = load_tool("bench_loaders")
+    for failure, needle in ((UsageError("the folder holds the splits train, val"), "holds the splits train, val"),
+                            (PermissionError(13, "Permission denied"), "run from a folder you can write to")):
+        def refuse(src, out, **kw):
+            raise failure
+
+        monkeypatch.setattr(bench, "convert", refuse)
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--data", str(image_folder), "--backends", "ffcv", *SMALL])
+        said = capsys.readouterr().err
+        assert exit_.value.code == 2 and said.startswith("error: ffcv: ") and needle in said, said

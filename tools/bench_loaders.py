@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import platform
 import statistics
@@ -32,15 +33,16 @@ from pathlib import Path
 
 import torch
 
-from fastssl.arg_types import comma_list, int_at_least, one_of
+from fastssl.arg_types import MAX_WORKERS, comma_list, int_at_least, one_of
 from fastssl.bench import loaders as loader_bench
-from fastssl.cli import ToolArgumentParser, exit_with, output_file, write_output_json
+from fastssl.checkpoint import out_of_room
+from fastssl.cli import ToolArgumentParser, exit_with, output_file, stop_in_one_line, write_output_json
 from fastssl.run_log import utc_now
 from fastssl.runtime import device_arg, pick_device
 from pipelines import DataConfig, LoaderSpec, MultiCropRecipe, build_train_loader
 from pipelines.augment import MIN_CROP
 from pipelines.beton import BetonError
-from pipelines.beton_convert import convert
+from pipelines.beton_convert import ConversionError, convert
 from pipelines.cores import usable_cores
 from pipelines.folder import DataLayoutError
 
@@ -75,13 +77,24 @@ def variant(name: str) -> tuple[str, dict, dict]:
     return VARIANTS.get(name, (name, {}, {}))
 
 
-def count_images(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def bench_folder_fix(err: OSError) -> str:
+    """What to do when data/bench/ (under the working folder) could not be written."""
+    return ("free space there" if out_of_room(err) else "run from a folder you can write to")
 
 
 def beton_for(folder: Path) -> Path:
-    """A .beton of `folder` under data/bench/, converted once (JPEG storage, as ImageNet's would be)."""
-    out = Path("data/bench") / f"{folder.resolve().parent.name}_{folder.name}_{count_images(folder)}.beton"
+    """A .beton of `folder` under data/bench/, converted once (JPEG storage, as ImageNet's would be).
+
+    Named by a fingerprint of the folder's files (their paths, sizes and modification times): a folder
+    regenerated in place (`make_demo_dataset.py --force`, other images) gets a .beton of its own, not
+    the one of the images it had before."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    fingerprint = hashlib.sha1(str(folder.resolve()).encode())
+    for path in files:
+        stat = path.stat()
+        fingerprint.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    name = f"{folder.resolve().parent.name}_{folder.name}_{len(files)}_{fingerprint.hexdigest()[:12]}.beton"
+    out = Path("data/bench") / name
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"converting {folder} -> {out} for the ffcv backend")
@@ -89,13 +102,14 @@ def beton_for(folder: Path) -> Path:
     return out
 
 
-def photo_like_folder(count: int, root: Path = Path("data/bench/photo")) -> Path:
+def photo_like_folder(count: int, parent: Path = Path("data/bench")) -> Path:
     """`count` ImageNet-like JPEGs (about 400 x 350, quality 90, 1/f colour noise, so the
-    entropy and file size are photographic: ~100 KB), in 10 class folders; made once."""
+    entropy and file size are photographic: ~100 KB), in 10 class folders; made once per count."""
     import numpy as np
     from PIL import Image
 
-    done = root / f".complete-{count}"
+    root = parent / f"photo-{count}"
+    done = root / ".complete"
     if done.exists():
         return root
     print(f"writing {count} photo-like JPEGs to {root} (once)")
@@ -136,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int_at_least(1), default=8, help="timed batches per repetition")
     ap.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed batches at the start of each repetition")
     ap.add_argument("--repeats", type=int_at_least(1), default=3)
-    ap.add_argument("--workers", type=int_at_least(1), default=usable_cores(),
+    ap.add_argument("--workers", type=int_at_least(1, MAX_WORKERS), default=usable_cores(),
                     help="workers / threads per backend (default: the cores this process may use)")
     ap.add_argument("--global-size", type=int_at_least(MIN_CROP), default=224)
     ap.add_argument("--local-size", type=int_at_least(MIN_CROP), default=96)
@@ -149,7 +163,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
-    data = photo_like_folder(args.photo_like) if args.photo_like else Path(args.data)
+    try:
+        data = photo_like_folder(args.photo_like) if args.photo_like else Path(args.data)
+    except OSError as err:
+        exit_with(f"the photo-like images could not be written under data/bench/ ({err.strerror or err}); "
+                  f"{bench_folder_fix(err)}")
     if data.is_file():
         exit_with(f"--data takes a JPEG folder in ImageNet layout; {data} is a file"
                   + (" (give a .beton with --beton, beside its JPEG folder)" if data.suffix == ".beton" else ""))
@@ -162,7 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     loaders = {}
     for name in names:
         backend, overrides, recipe_overrides = variant(name)
-        path = str(args.beton or beton_for(data)) if backend == "ffcv" else str(data)
+        try:
+            path = str(args.beton or beton_for(data)) if backend == "ffcv" else str(data)
+        except ConversionError as err:  # no readable image, a folder of splits: the converter's words
+            exit_with(f"{name}: {data} could not be converted for it: {err}")
+        except OSError as err:
+            exit_with(f"{name}: the .beton of {data} could not be written under data/bench/ ({err.strerror or err}); "
+                      f"{bench_folder_fix(err)}, or pass one with --beton")
         spec = LoaderSpec(data=DataConfig(backend=backend, train=path, synthetic_size=100_000, **overrides),
                           recipe=dataclasses.replace(recipe, **recipe_overrides), batch_size=args.batch_size,
                           num_workers=args.workers, device=device, seed=0)
@@ -222,4 +246,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_in_one_line("nothing is written before the benchmark ends: run it again"):
+        main()
