@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -278,27 +279,51 @@ def test_the_profiled_loop_logs_the_largest_window_that_divides_warm_up_and_time
         [10, 2, 1, 7, 6, 10]
 
 
-def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monkeypatch):
-    """tools/gpu_check.py stops a profile at its deadline: report.partial.json holds the model step
-    (and its peak memory) from the moment it is measured until the full report.json replaces it."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM in the loop"])
+def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monkeypatch, capsys, stop):
+    """tools/gpu_check.py stops a profile at its deadline, a user with Ctrl-C or `kill`: report.partial.json
+    holds the model step (and its peak memory) from the moment it is measured until the full report.json
+    replaces it, and the stop is one line with the shell's status. Stopped in stage 3, the training loop
+    checkpoints its scratch run and returns: the profile ends there, it does not go on to fail."""
     tool = load_tool("profile_throughput")
     cfg = tiny_config(tmp_path, epochs=1)
     recipe = write_recipe(tmp_path, cfg)
-
-    def deadline(*args):
-        raise KeyboardInterrupt
-
     from fastssl.bench import profile
 
-    monkeypatch.setattr(profile, "measure_end_to_end", deadline)
-    with pytest.raises(KeyboardInterrupt):
-        tool.main(["--recipe", str(recipe), "--out", str(tmp_path / "out"), "--backends", "synthetic",
-                   "--data.backend", "synthetic", "--steps", "1", "--warmup-steps", "1", "--loader-batches", "1",
-                   "--warmup-batches", "0", "--repeats", "1", "--workers", "0"])
+    if stop == "ctrl-c":
+        def deadline(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(profile, "measure_end_to_end", deadline)
+    else:
+        monkeypatch.setattr(profile, "train", lambda c: {"interrupted": "SIGTERM"})
+    code = tool.main(["--recipe", str(recipe), "--out", str(tmp_path / "out"), "--backends", "synthetic",
+                      "--data.backend", "synthetic", "--steps", "1", "--warmup-steps", "1", "--loader-batches", "1",
+                      "--warmup-batches", "0", "--repeats", "1", "--workers", "0"])
+    partial = tmp_path / "out" / "report.partial.json"
+    said = capsys.readouterr()
+    first = "interrupted;" if stop == "ctrl-c" else "interrupted by SIGTERM;"
+    assert code == (130 if stop == "ctrl-c" else 128 + signal.SIGTERM)
+    assert said.err == f"{first} {partial} keeps the stages that finished: run the command again\n", said.err
+    assert ("scratch run, deleted now" in said.out) == (stop != "ctrl-c")
     assert not (tmp_path / "out" / "report.json").exists()  # report.json is only ever a whole report
-    report = json.loads((tmp_path / "out" / "report.partial.json").read_text())
+    report = json.loads(partial.read_text())
     assert "model step" in report["partial"] and report["stages"]["model_step"]["images_per_s"] > 0
     assert "peak_device_mb" in report["memory"] and "assignment" in report["breakdown_ms"]
+
+
+def test_a_profile_stopped_before_writing_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    from fastssl.bench import profile
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile, "measure_loaders", stopped)
+    cfg = tiny_config(tmp_path, epochs=1)
+    code = load_tool("profile_throughput").main(["--recipe", str(write_recipe(tmp_path, cfg)), "--out",
+                                                 str(tmp_path / "out"), "--backends", "synthetic", "--workers", "0"])
+    assert code == 130 and capsys.readouterr().err == "interrupted; nothing is kept: run the command again\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_compare_two_reports(profile_report, tmp_path):
@@ -592,3 +617,19 @@ def test_the_run_verdict_names_the_loader_by_how_much_the_loop_waited(share, say
 
     steps = [{"step": 10, "loss": 1.0, "images_per_s": 100.0, "data_wait_share": share}]
     assert run_verdict([], steps).endswith(says)
+
+
+def test_a_profile_that_cannot_write_its_report_is_one_line(tmp_path, monkeypatch, capsys):
+    """A disk that fills up under --out (a chart's PNG, report.json): exit 2, what to do, no traceback."""
+    import errno
+
+    tool = load_tool("profile_throughput")
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tool, "run_profile", no_room)
+    cfg = tiny_config(tmp_path, epochs=1)
+    code = tool.main(["--recipe", str(write_recipe(tmp_path, cfg)), "--out", str(tmp_path / "out")])
+    said = capsys.readouterr().err
+    assert code == 2 and said.startswith("error: [Errno 28] No space left on device") and "free space there" in said

@@ -40,10 +40,11 @@ from pathlib import Path
 
 import torch
 
-from fastssl.arg_types import comma_list, int_at_least, one_of
+from fastssl.arg_types import MAX_WORKERS, comma_list, int_at_least, one_of
 from fastssl.bench.loaders import BACKEND_ORDER
 from fastssl.bench.profile import PARTIAL_REPORT, ProfileSettings, configure, run_profile
-from fastssl.cli import ToolArgumentParser, without_worker_traceback
+from fastssl.cli import (ToolArgumentParser, interrupt_exit_status, interrupted_by, stop_signals_interrupt,
+                         without_worker_traceback, write_fix)
 from fastssl.config import ConfigError
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.reports.analysis import flatten_figures
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     help=f"loaders for the loader-only stage (default {','.join(BACKEND_ORDER)})")
     ap.add_argument("--beton", help="the data as a .beton for ffcv (default: converted into a temporary folder "
                     "under --out, deleted at the end)")
-    ap.add_argument("--workers", type=int_at_least(-1), default=-1,
+    ap.add_argument("--workers", type=int_at_least(-1, MAX_WORKERS), default=-1,
                     help="loader workers / threads (-1: every core this process may use)")
     ap.add_argument("--steps", type=int_at_least(1), default=10 if cpu else 50, help="timed steps per stage")
     ap.add_argument("--warmup-steps", type=int_at_least(0), default=2 if cpu else 10)
@@ -137,19 +138,37 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     created = args.out is not None and not args.out.exists()
     try:
-        if args.out is not None:  # before any work (its mkdir would otherwise fail after the recipe is built)
-            check_output_dir(args.out, "--out")
-        if args.compare:
-            return run_compare(args)
-        settings = settings_of(args)
-        cfg, global_batch = configure(settings, overrides)
-        report = run_profile(settings, cfg, global_batch, args.out)
+        with stop_signals_interrupt():
+            return profile(args, overrides)
     except (ConfigError, ReportError, FileNotFoundError, BetonError, LoaderUnavailable, DataLayoutError,
-            EvalError, ConversionError) as err:  # ConversionError: the data as a .beton for ffcv's stage
-        if created and args.out.is_dir() and not any(args.out.iterdir()):
-            args.out.rmdir()  # refused: no empty folder left behind
-        print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
+            EvalError, ConversionError, OSError) as err:  # ConversionError: the data as a .beton for ffcv's stage
+        remove_if_empty(args.out, created)  # refused: no empty folder left behind
+        fix = f"; {write_fix(err, '--out')}" if type(err) is OSError or isinstance(err, PermissionError) else ""
+        print(f"error: {without_worker_traceback(str(err))}{fix}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: one line, not a traceback or silence
+        remove_if_empty(args.out, created)
+        partial = args.out / PARTIAL_REPORT if args.out is not None else None
+        kept = f"{partial} keeps the stages that finished" if partial and partial.exists() else "nothing is kept"
+        print(f"{interrupted_by(err)}; {kept}: run the command again", file=sys.stderr)
+        return interrupt_exit_status(err)
+
+
+def remove_if_empty(out: Path | None, created: bool) -> None:
+    """The --out folder this run created, if nothing was written into it."""
+    if created and out is not None and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def profile(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The profile (or the comparison) and its report files: the tool's work, its failures main's to say."""
+    if args.out is not None:  # before any work (its mkdir would otherwise fail after the recipe is built)
+        check_output_dir(args.out, "--out")
+    if args.compare:
+        return run_compare(args)
+    settings = settings_of(args)
+    cfg, global_batch = configure(settings, overrides)
+    report = run_profile(settings, cfg, global_batch, args.out)
     write_json(args.out / "report.json", report)
     (args.out / PARTIAL_REPORT).unlink(missing_ok=True)
     (args.out / "report.md").write_text(profile_markdown(report))

@@ -19,6 +19,7 @@ import copy
 import csv
 import importlib.util
 import resource
+import signal
 import statistics
 import tempfile
 import time
@@ -32,6 +33,7 @@ import torch
 import pipelines
 from fastssl.bench import assignment as assignment_timing
 from fastssl.bench import loaders as loader_timing
+from fastssl.cli import StopSignal
 from fastssl.config import Config, ConfigError, validate
 from fastssl.overrides import apply_overrides
 from fastssl.engine import build_parts, loader_spec, resolve_auto_settings, train
@@ -224,7 +226,12 @@ def measure_end_to_end(cfg: Config, s: ProfileSettings, scratch: Path) -> dict:
     c.optim.warmup_epochs = min(c.optim.warmup_epochs, 1)  # one epoch of `need` steps; the lr costs no time
     c.train.progress, c.eval.knn_every, c.eval.knn_at_start = False, -1, False
     c.data.num_workers = s.workers
-    train(c)
+    stopped = train(c).get("interrupted")
+    if stopped is not None:  # the loop checkpointed its scratch run and said so: the profile ends here
+        print("    (that checkpoint is the profile's scratch run, deleted now: a profile is run again, not resumed)",
+              flush=True)
+        signum = getattr(signal, stopped, signal.SIGINT)
+        raise KeyboardInterrupt() if signum == signal.SIGINT else StopSignal(signum)
     with (Path(c.train.run_dir) / "train_log.csv").open() as f:
         rows = list(csv.DictReader(f))
     ran = int(rows[-1]["step"]) if rows else 0
