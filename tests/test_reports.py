@@ -249,6 +249,7 @@ def test_end_to_end_is_the_training_loops_own_log(tmp_path, monkeypatch):
         every = c.train.log_every
         rows = "".join(f"0,{(i + 1) * every},{ips},{wait},{wall}\n" for i, (ips, wait, wall) in enumerate(logged))
         (run / "train_log.csv").write_text("epoch,step,images_per_s,data_wait_share,step_time_s\n" + rows)
+        return {"epochs": 1}  # train's results: no "interrupted"
 
     monkeypatch.setattr(profile, "train", fake_train)
     settings = profile.ProfileSettings(recipe=Path("unused.py"), warmup_steps=1, steps=2, workers=0)
@@ -418,7 +419,8 @@ def test_run_report_names_a_damaged_file_and_a_folder_it_cannot_write(tmp_path, 
             ("run_info.json", b"[", "run_info.json cannot be read (JSONDecodeError"),
             ("run_info.json", b"{}", "run_info.json is damaged: it lacks the run's environment or recipe"),
             ("train_log.csv", b"\x80\x02junk\n" * 3, "train_log.csv is damaged ("),
-            ("train_log.csv", b"a,b\n1,2\n", "train_log.csv is damaged: its header 'a,b' has no step column"),
+            ("train_log.csv", b"a,b\n1,2\n", "its header 'a,b' has no step, loss, images_per_s column"),
+            ("train_log.csv", b"epoch,step,loss\n0,1,2.0\n", "its header 'epoch,step,loss' has no images_per_s column"),
             ("epochs.csv", logs["epochs.csv"] + b"x,y\n", "epochs.csv is damaged: row 3 has step 'y', not a number"),
             ("epochs.csv", logs["epochs.csv"] + b"0,4,nan,1,2,3,4,5,6,7,8,9,10\n", "row 3 has more fields than"),
             ("train_log.csv", logs["train_log.csv"] + b"0,5,abc\n", "train_log.csv is damaged: row 5 has loss 'abc'"),

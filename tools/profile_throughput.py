@@ -50,7 +50,7 @@ from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.reports.analysis import flatten_figures
 from fastssl.reports.markdown import compare_markdown, profile_markdown
 from fastssl.reports.schema import ReportError, load_report
-from fastssl.run_log import write_json
+from fastssl.run_log import write_json, write_text_atomic
 from pipelines.beton import BetonError
 from pipelines.beton_convert import ConversionError
 from pipelines.folder import DataLayoutError
@@ -112,7 +112,7 @@ def run_compare(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compare.md").write_text(text + "\n")
+        write_text_atomic(args.out / "compare.md", text + "\n")
         print(f"wrote {args.out / 'compare.md'}")
     return 0
 
@@ -171,7 +171,7 @@ def profile(args: argparse.Namespace, overrides: list[str]) -> int:
     report = run_profile(settings, cfg, global_batch, args.out)
     write_json(args.out / "report.json", report)
     (args.out / PARTIAL_REPORT).unlink(missing_ok=True)
-    (args.out / "report.md").write_text(profile_markdown(report))
+    write_text_atomic(args.out / "report.md", profile_markdown(report))
     print(f"\n{report['verdict']}\n")
     print_checks(report["checks"])
     print(f"wrote {args.out / 'report.md'} and report.json ({report['seconds']:.0f} s)")

@@ -24,7 +24,7 @@ from fastssl.eval.targets import DISTILL_RECIPE, distillation_run
 from fastssl.reports.markdown import run_markdown
 from fastssl.reports.run_report import build_run_report
 from fastssl.reports.schema import ReportError
-from fastssl.run_log import utc_now, write_json
+from fastssl.run_log import utc_now, write_json, write_text_atomic
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(out, "--out")
         report = build_run_report(args.run_dir, out, utc_now())  # writes the charts into `out`
         write_json(out / "report.json", report)
-        (out / "report.md").write_text(run_markdown(report))
+        write_text_atomic(out / "report.md", run_markdown(report))
     except (ReportError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,10 +25,11 @@ from .schema import ReportError, new_report
 EVAL_FILES = ("eval_knn.json", "eval_knn_*.json", "eval_linear.json", "finetune_semi*.json")
 
 
-def read_csv(path: Path) -> list[dict]:
+def read_csv(path: Path, required: tuple[str, ...] = ("step",)) -> list[dict]:
     """Rows with numbers as floats ('' -> None); a missing file (run just started) gives no rows, and a
-    last row cut short by a kill is left out. A damaged log (not text, no `step` column, a value that is
-    not a number) is a ReportError naming it, not a traceback or a report of a run that "logged no step"."""
+    last row cut short by a kill is left out. A damaged log (not text, without one of the `required`
+    columns the report reads, a value that is not a number) is a ReportError naming it, not a traceback
+    or a report of a run that "logged no step"."""
     if not path.is_file():
         return []
     try:
@@ -38,9 +39,10 @@ def read_csv(path: Path) -> list[dict]:
             columns = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as err:
         raise ReportError(f"{path} is damaged ({err}); restore it, or move it away to report without it") from None
-    if columns and "step" not in columns:
-        raise ReportError(f"{path} is damaged: its header {','.join(columns[:6])!r} has no step column; restore it, "
-                          f"or move it away to report without it")
+    missing = [name for name in required if name not in columns]
+    if columns and missing:
+        raise ReportError(f"{path} is damaged: its header {','.join(columns[:6])!r} has no {', '.join(missing)} "
+                          f"column; restore it, or move it away to report without it")
     for line, row in enumerate(rows, start=2):
         if None in row:  # csv.DictReader's key for the fields past the header's
             raise ReportError(f"{path} is damaged: row {line} has more fields than its header; restore it, or move "
@@ -190,7 +192,8 @@ def build_run_report(run_dir: Path, out: Path, date: str) -> dict:
         raise ReportError(f"{str(run_dir)!r} is not a run directory (no config.json); pass the directory a recipe "
                           "printed as its run directory")
     environment, recipe, note = run_info(run_dir)
-    epochs, steps = read_csv(run_dir / "epochs.csv"), read_csv(run_dir / "train_log.csv")
+    epochs = read_csv(run_dir / "epochs.csv", ("step", "epoch"))
+    steps = read_csv(run_dir / "train_log.csv", ("step", "loss", "images_per_s"))  # the charts' columns
     results_path = run_dir / "results.json"
     results = read_json(results_path) if results_path.is_file() else {}
     report = new_report("run", environment, recipe, date)
