@@ -100,8 +100,9 @@ def scan_class_folders(src: Path, subset_per_class: int = 0, classes: list[str] 
 
 
 def read_labels_file(path: Path) -> list[tuple[str, str]]:
-    """`<file name> <class name or label number>` per line (`#` comments, blank lines ok)."""
-    pairs = []
+    """`<file name> <class name or label number>` per line (`#` comments, blank lines ok), each file once:
+    a file listed twice would be written twice, under one class or two."""
+    pairs, first_line = [], {}
     for lineno, raw in enumerate(read_text_file(path, "labels file", UsageError).splitlines(), start=1):
         line = raw.split("#", 1)[0].strip().replace(",", " ")
         if not line:
@@ -109,6 +110,10 @@ def read_labels_file(path: Path) -> list[tuple[str, str]]:
         parts = line.split()
         if len(parts) != 2:
             raise UsageError(f"{path}:{lineno}: expected `<file name> <class>`, got {raw!r}")
+        if parts[0] in first_line:
+            raise UsageError(f"{path}:{lineno}: {parts[0]} is listed again (first on line {first_line[parts[0]]}); "
+                             "list each image once, with its one class")
+        first_line[parts[0]] = lineno
         pairs.append((parts[0], parts[1]))
     return pairs
 

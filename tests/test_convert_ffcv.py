@@ -100,6 +100,10 @@ def test_flat_val_with_labels_file_and_subset(conv, tmp_path):
     labels.write_text("v0.JPEG class_02\nonly_one_field\n")  # the user's file is wrong: a usage error (exit 2)
     with pytest.raises(conv.UsageError, match=r"val_labels.txt:2: expected `<file name> <class>`"):
         conv.convert(val, tmp_path / "other.beton", labels=labels, classes_from=train, progress=False)
+    labels.write_text("v0.JPEG class_02\nv1.JPEG class_00\n# v0 again\nv0.JPEG class_01\n")  # one image, 2 classes
+    with pytest.raises(conv.UsageError, match=r"val_labels.txt:4: v0.JPEG is listed again \(first on line 1\)"):
+        conv.convert(val, tmp_path / "other.beton", labels=labels, classes_from=train, progress=False)
+    assert not (tmp_path / "other.beton").exists()
 
 
 def test_class_folders_with_classes_from_keep_the_training_splits_labels(conv, tmp_path):
