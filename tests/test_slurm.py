@@ -353,6 +353,14 @@ def test_requeue_only_after_the_signal_and_a_checkpoint_of_this_job(tmp_path):
     code, out = signalled_job(tmp_path, f"bash {step}", run_dir, env)
     assert code == 0 and "not requeued: the run finished" in out, out
     assert calls.read_text() == "requeue 42\n"
+    # signalled, saved, and scontrol refuses the requeue: the job fails, saying how to go on
+    step.write_text(f"sleep 30 & trap 'echo new > {run_dir}/checkpoint.pt; kill $!; exit 138' USR1\n"
+                    f"touch {tmp_path}/ready\nwait\n")
+    refusing = tmp_path / "scontrol_refuses"
+    refusing.write_text("#!/bin/bash\necho 'scontrol: error: Job is not requeueable' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    code, out = signalled_job(tmp_path, f"bash {step}", run_dir, {**env, "SCONTROL": str(refusing)})
+    assert code == 1 and "Job is not requeueable" in out and "submit the same sbatch command again" in out, out
 
 
 @pytest.mark.parametrize("override", [["--train.run_dir", "/elsewhere"], ["--train.run_dir=/elsewhere"]])
@@ -365,6 +373,9 @@ def test_batch_scripts_refuse_a_run_dir_override(override):
     fine = subprocess.run(["bash", "-c", body, "sbatch", "--train.seed", "3"], capture_output=True, text=True,
                           timeout=30)
     assert fine.returncode == 0 and fine.stdout == "went on\n"
+    timed = subprocess.run(["bash", "-c", body, "sbatch"], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "RUN_DIR": "runs/mira/{time}"})
+    assert timed.returncode == 2 and timed.stdout == "" and "names a new folder at every start" in timed.stderr
 
 
 @pytest.mark.slow

@@ -19,8 +19,15 @@
 refuse_run_dir_override() {
     # The batch scripts' RUN_DIR is where requeueing looks for this job's checkpoint: a
     # --train.run_dir among the overrides would send the run elsewhere and silently end the
-    # requeueing at the first time limit.
+    # requeueing at the first time limit, and so would a RUN_DIR with {time} (a new folder at
+    # every start, without the checkpoint).
     local arg
+    case "${RUN_DIR:-}" in
+        *"{time}"*)
+            echo "error: RUN_DIR=$RUN_DIR names a new folder at every start ({time}): a requeued job would not" \
+                 "find its checkpoint; give a fixed one, e.g. RUN_DIR=runs/mira_bs512_$(date +%F)" >&2
+            exit 2 ;;
+    esac
     for arg in "$@"; do
         case "$arg" in
             --train.run_dir|--train.run_dir=*)
@@ -58,7 +65,11 @@ run_requeueable() {
     if [ "$FASTSSL_STOP_SIGNALLED" = 1 ] && [ "$status" != 0 ] && saved_since "$run_dir" "$started"; then
         rm -f "$started"
         echo "$(date -u +%FT%TZ) checkpoint in $run_dir: requeueing job ${SLURM_JOB_ID:-?} (it continues with --resume auto)"
-        ${SCONTROL:-scontrol} requeue "${SLURM_JOB_ID:?not inside a SLURM job}"
+        if ! ${SCONTROL:-scontrol} requeue "${SLURM_JOB_ID:?not inside a SLURM job}"; then
+            echo "$(date -u +%FT%TZ) error: scontrol requeue failed (above); the run is checkpointed in $run_dir:" \
+                 "submit the same sbatch command again and it continues there (--resume auto)" >&2
+            return 1
+        fi
         return 0
     fi
     rm -f "$started"
