@@ -365,6 +365,8 @@ def test_compare_names_a_report_whose_figures_were_edited_away(profile_report, t
 def test_profile_rejects_a_missing_recipe(tmp_path, capsys):
     code = load_tool("profile_throughput").main(["--recipe", str(tmp_path / "nope.py"), "--out", str(tmp_path)])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = load_tool("profile_throughput").main(["--recipe", str(tmp_path), "--out", str(tmp_path)])
+    assert code == 2 and f"recipe {str(tmp_path)!r} is a folder; pass a file under recipes/" in capsys.readouterr().err
     (tmp_path / "notes.py").write_text("hello world\n")  # was a SyntaxError traceback
     code = load_tool("profile_throughput").main(["--recipe", str(tmp_path / "notes.py"), "--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -78,7 +78,8 @@ class ProfileSettings:
 def load_recipe(path: Path) -> Config:
     """The Config built by a recipe file's `config()`."""
     if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist; pass a file under recipes/ (e.g. recipes/mira_bs512.py)")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"recipe {str(path)!r} {what}; pass a file under recipes/ (e.g. recipes/mira_bs512.py)")
     spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
     if spec is None:  # importlib only loads .py files (a .json, a .yaml ... gives no spec)
         raise ConfigError(f"recipe {str(path)!r} is not a Python file; pass a recipe .py under recipes/ "
