@@ -302,7 +302,8 @@ def add_run_arguments(ap: argparse.ArgumentParser, loader_help: str) -> None:
     ap.add_argument("--loader", choices=sorted(EVAL_BACKENDS), default="torchvision", help=loader_help)
     ap.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda")
     add_precision_argument(ap)
-    ap.add_argument("--json", help="where to write the results")
+    ap.add_argument("--json", help="where to write the results (default: in the run directory, or beside the "
+                    "backbone file, named after the tool; an earlier report there is replaced)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
