@@ -242,16 +242,18 @@ def next_readable(samples: list[tuple[str, int]], index: int, read: Callable[[in
     after MAX_REPLACEMENTS bad images in a row the data itself is broken, and this says so.
     """
     passed: list[int] = []
-    for attempt in range(MAX_REPLACEMENTS):
+    for attempt in range(min(MAX_REPLACEMENTS, len(samples))):  # each image once in a small folder
         i = (index + attempt) % len(samples)
         got = read(i)
         if got is not None:
             return got, i, passed
         passed.append(i)
     first, last = samples[index][0], samples[passed[-1]][0]
-    raise DataLayoutError(f"{MAX_REPLACEMENTS} unreadable images in a row, from {first} to {last} (each named in a "
-                          f"warning above): the data, not one file, is broken (an interrupted copy, a full disk, "
-                          f"another format under .JPEG names); copy the data again, or remove those files")
+    which = (f"all {len(passed)} images are unreadable" if len(passed) == len(samples) else
+             f"{len(passed)} unreadable images in a row, from {first} to {last}")
+    raise DataLayoutError(f"{which} (each named in a warning above): the data, not one file, is broken (an "
+                          f"interrupted copy, a full disk, another format under .JPEG names); copy the data again, "
+                          f"or remove those files")
 
 
 class ReadAhead(Iterator[T]):

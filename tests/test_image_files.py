@@ -133,3 +133,28 @@ def test_an_image_above_pils_size_limit_is_skipped_with_the_limit_and_how_to_lif
                                                       f"PIL.Image.MAX_IMAGE_PIXELS in your recipe")
     with pytest.warns(UserWarning, match=rf"skipping unreadable image .*big.png: {re.escape(says)}"):
         assert LabelledImages([(str(path), 0)], lambda image: image)[0] is None
+
+
+def test_the_next_readable_image_is_looked_for_once_per_file_and_a_broken_folder_is_named() -> None:
+    """A bad training image is replaced by the next good one, wrapping around the dataset; a small folder
+    of bad files is tried once each (not 16 times over) and said to be all unreadable; in a large one,
+    16 bad files in a row are the limit, named from the first to the last."""
+    from pipelines.folder import DataLayoutError
+    from pipelines.images import MAX_REPLACEMENTS, next_readable
+
+    samples = [(f"x{i}.JPEG", 0) for i in range(5)]
+    tried: list[int] = []
+
+    def read(i: int) -> str | None:
+        tried.append(i)
+        return f"image {i}" if i == 1 else None
+
+    assert next_readable(samples, 3, read) == ("image 1", 1, [3, 4, 0]) and tried == [3, 4, 0, 1]
+    tried.clear()
+    with pytest.raises(DataLayoutError, match=r"^all 3 images are unreadable \(each named"):
+        next_readable(samples[:3], 2, lambda i: tried.append(i))
+    assert tried == [2, 0, 1]
+    many = [(f"x{i}.JPEG", 0) for i in range(40)]
+    with pytest.raises(DataLayoutError, match=rf"^{MAX_REPLACEMENTS} unreadable images in a row, from x5.JPEG to "
+                                              rf"x{5 + MAX_REPLACEMENTS - 1}.JPEG"):
+        next_readable(many, 5, lambda i: None)

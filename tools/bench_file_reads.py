@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated reader-thread counts to compare (default 1,8)")
     ap.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per batch (per process)")
     ap.add_argument("--files", type=int_at_least(1), default=2048,
-                    help="files per repetition (the first of the folder)")
+                    help="files per repetition (the first of the folder; all of it when it holds fewer)")
     ap.add_argument("--repeats", type=int_at_least(1), default=5)
     ap.add_argument("--json", type=output_file, help="write the results here")
     return ap.parse_args(argv)
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     except DataLayoutError as err:
         exit_with(err)
     order = list(range(min(args.files, len(samples))))
+    if len(order) < args.files:
+        print(f"{args.data} holds {len(samples)} images: each repetition reads all of them (--files {args.files})")
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     runs: dict[int, list[float]] = {t: [] for t in args.threads}
     try:
