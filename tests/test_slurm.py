@@ -259,6 +259,8 @@ def test_node_launcher_runs_readmes_multinode_command():
     one = dry_run("recipes/mira_bs512.py", SLURM_JOB_NUM_NODES="1", MASTER_PORT="23456")
     assert one.stdout.split() == ["accelerate", "launch", *ours.split(), "--multi_gpu", "--num_processes", "8",
                                   "--num_machines", "1", "--main_process_port", "23456", "recipes/mira_bs512.py"]
+    spaced = dry_run("recipes/mira_bs512.py", "--data.train", "/data/my images/train", SLURM_JOB_NUM_NODES="1")
+    assert spaced.stdout.rstrip().endswith(r"--data.train /data/my\ images/train"), spaced.stdout
     on_four = dry_run("recipes/mira_bs512.py", SLURM_GPUS_ON_NODE="4", GPUS_PER_NODE="")  # sbatch --gpus-per-node 4
     assert "--num_processes 4 " in on_four.stdout
     none = dry_run()

@@ -37,7 +37,8 @@ else
     cmd=("${launch[@]}" --num_processes "$GPUS_PER_NODE" --num_machines 1 --main_process_port "$MASTER_PORT" "$@")
 fi
 if [ "${FASTSSL_SLURM_DRY_RUN:-0}" = 1 ]; then
-    printf '%s\n' "${cmd[*]}"
+    quoted=$(printf '%q ' "${cmd[@]}")  # as a shell would take it back: an argument with a space stays one
+    printf '%s\n' "${quoted% }"
     exit 0
 fi
 exec "${cmd[@]}"
