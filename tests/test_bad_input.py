@@ -397,6 +397,7 @@ def test_a_distillation_run_is_named_by_every_evaluation_tool(distill_run, capsy
     ("bench_mira", ["--sizes", "16x"], "argument --sizes: '16x' is not BxK with B, K >= 1"),
     ("bench_mira", ["--sizes", "64x3000,0x10"], "argument --sizes: '0x10' is not BxK with B, K >= 1"),
     ("bench_mira", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    ("bench_optim", ["--warmup", "0"], "argument --warmup: must be >= 1, got 0"),
     ("bench_mira", ["--iters", "-1"], "argument --iters: must be >= 0, got -1"),
     ("bench_mira", ["--impls", "reference,reference,views"], "argument --impls: 'reference' is given twice"),
     ("bench_optim", ["--rounds", "0", "--tiny"], "argument --rounds: must be >= 1, got 0"),

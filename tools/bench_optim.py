@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"))
     ap.add_argument("--device", default="cpu", type=device_arg, help="cpu | cuda | auto")
     ap.add_argument("--rounds", type=int_at_least(1), default=30, help="timed steps of each optimiser, interleaved")
-    ap.add_argument("--warmup", type=int_at_least(0), default=3,
-                    help="untimed steps of each first (the first makes buffers)")
+    ap.add_argument("--warmup", type=int_at_least(1), default=3,
+                    help="untimed steps of each first, at least 1: the first makes the momentum buffers")
     ap.add_argument("--tiny", action="store_true",
                     help="every parameter one element (same names, ndim, groups): the arithmetic vanishes and the "
                          "step time is the host's cost per op, which a GPU step pays per kernel launch")
