@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ReportError, FileNotFoundError, BetonError, LoaderUnavailable, DataLayoutError,
             EvalError, ConversionError, OSError) as err:  # ConversionError: the data as a .beton for ffcv's stage
         remove_if_empty(args.out, created)  # refused: no empty folder left behind
-        fix = f"; {write_fix(err, '--out')}" if type(err) is OSError or isinstance(err, PermissionError) else ""
+        # a write that failed (a full disk, a forbidden folder) says what to do; a missing input names itself
+        wrote = isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
+        fix = f"; {write_fix(err, '--out')}" if wrote else ""
         print(f"error: {without_worker_traceback(str(err))}{fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: one line, not a traceback or silence

@@ -57,8 +57,8 @@
 #include <map>
 #include <mutex>
 #include <string>
-#include <utility>
 #include <tuple>
+#include <utility>
 
 // ----------------------------------------------------------------------------------- host side
 // (mirrored in Python by fastssl/ops/_nvrtc.py for the NVRTC route: keep the two in step)
