@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastssl.cli import ToolArgumentParser, write_fix
+from fastssl.cli import ToolArgumentParser, stop_in_one_line, write_fix
 from fastssl.eval.errors import EvalError, check_output_dir
 from fastssl.eval.targets import DISTILL_RECIPE, distillation_run
 from fastssl.reports.markdown import run_markdown
@@ -70,4 +70,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stop_in_one_line("the run directory is only read: run the command again"):
+        sys.exit(main())
