@@ -582,23 +582,30 @@ def test_saved_progress_whose_file_was_damaged_is_not_trusted(conv, tmp_path, mo
     and still writes the right .beton, and no shared memory is left behind."""
     from ffcv.writer import DatasetWriter
 
+    from multiprocessing import shared_memory
+
     src, out = stopped_by_a_full_disk(conv, monkeypatch, tmp_path)
     data = tmp_path / ".x.beton.partial" / "data"
     os.truncate(data, data.stat().st_size // 2)
-    shared_before = set(os.listdir("/dev/shm"))
     capsys.readouterr()
-    real_prepare = DatasetWriter.prepare
-    stale_record = []
+    real_prepare, real_shared = DatasetWriter.prepare, shared_memory.SharedMemory.__init__
+    stale_record, created = [], []
+
+    def shared(self, *args, **kwargs):  # the segments this process creates (not another test worker's)
+        real_shared(self, *args, **kwargs)
+        if kwargs.get("create") or (len(args) > 1 and args[1]):
+            created.append(Path("/dev/shm") / self.name)
 
     def prepare(self):  # the file is rewritten from its start here: no record of the old one may remain
         stale_record.append((tmp_path / ".x.beton.partial" / "progress.npz").exists())
         return real_prepare(self)
 
     monkeypatch.setattr(DatasetWriter, "prepare", prepare)
+    monkeypatch.setattr(shared_memory.SharedMemory, "__init__", shared)
     summary = conv.convert(src, out, num_workers=1, progress=False)
     assert f"starting over: {data} cannot be continued (the saved file is shorter" in capsys.readouterr().err
     assert stale_record[-1] is False, stale_record
-    assert summary["resumed"] == 0 and set(os.listdir("/dev/shm")) <= shared_before
+    assert summary["resumed"] == 0 and created and not any(p.exists() for p in created), created
     conv.convert(src, tmp_path / "fresh.beton", num_workers=1, progress=False)
     assert stored_content(out) == stored_content(tmp_path / "fresh.beton")
 
