@@ -17,6 +17,9 @@ from fastssl.gpu_check.runner import PY, Context, read_json
 LOADER_GROUPS = [("dali", ["dali-hw0", "dali", "dali-hw1", "dali-fixed-order", "dali-device-augment"]),
                  ("ffcv", ["ffcv", "ffcv-fixed-order"]), ("torchvision", ["torchvision", "torchvision-device-augment"])]
 LOADER_VARIANTS = [v for _, group in LOADER_GROUPS for v in group]
+# Variants that only set nvJPEG's hardware-decoder share: a CPU has no such decoder, so in a dry run
+# they would be the `dali` loader again, timed twice more; it leaves them out.
+HW_DECODER_VARIANTS = ("dali-hw0", "dali-hw1")
 GPU_LOADERS = {"dali-hw0": "DALI mixed, hw decoder 0", "dali": "DALI mixed, hw decoder 0.65",
                "dali-hw1": "DALI mixed, hw decoder 1.0", "dali-device-augment": "DALI mixed crops + device ops",
                "ffcv": "FFCV + device ops"}
@@ -29,6 +32,8 @@ def stage_loaders(ctx: Context) -> dict:
     backends: dict[str, dict] = {}
     runs, rows = {}, []
     for i, (group, variants) in enumerate(LOADER_GROUPS):
+        if ctx.dry_run:
+            variants = [v for v in variants if v not in HW_DECODER_VARIANTS]
         path = ctx.out / "loaders" / f"bench_loaders_{group}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         argv = [PY, "tools/bench_loaders.py", "--data", data["train"], "--beton", data["beton"], "--backends",
