@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pipelines.cores import usable_cores
 from pipelines.demo_images import (GENERATOR_VERSION, MAX_CLASSES, class_names, class_specs, encode_jpeg,
                                     render_image)
-from pipelines.processes import pid_alive, pool_worker_ignores_interrupts
+from pipelines.processes import pid_alive, pool_worker_ignores_interrupts, stop_signals_held
 
 DEFAULT_NUM_CLASSES = 10
 DEFAULT_TRAIN_PER_CLASS = 250
@@ -221,7 +221,9 @@ def _run_chunks(chunks: list[_Chunk], workers: int, on_done: Callable[[int], Non
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(min(workers, len(chunks)), initializer=pool_worker_ignores_interrupts) as pool:
+    with stop_signals_held():  # a Ctrl-C while the workers start waits until they ignore it
+        pool = ctx.Pool(min(workers, len(chunks)), initializer=pool_worker_ignores_interrupts)
+    with pool:
         for n in pool.imap_unordered(_render_chunk, chunks):
             on_done(n)
 

@@ -37,16 +37,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def pool_worker_ignores_interrupts() -> None:
-    """A worker pool's initializer: Ctrl-C reaches the whole process group, and the worker leaves it
-    to its parent, which stops the pool and says one line, where each worker would print a
-    KeyboardInterrupt traceback; SIGTERM and SIGHUP take their default action, not a handler the
-    worker inherited from its parent (`fastssl.cli.stop_signals_interrupt`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
-
 # The signals a launcher forwards to a trainer's process group and the trainer turns into a stop.
 STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
@@ -79,6 +69,18 @@ def leave_process_group(_worker_id: int | None = None) -> None:
     os.setpgid(0, 0)
     while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:  # a held one, sent to the trainer's group
         pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def pool_worker_ignores_interrupts() -> None:
+    """A worker pool's initializer: Ctrl-C reaches the whole process group, and the worker leaves it
+    to its parent, which stops the pool and says one line, where each worker would print a
+    KeyboardInterrupt traceback; SIGTERM and SIGHUP take their default action, not a handler the
+    worker inherited from its parent (`fastssl.cli.stop_signals_interrupt`). A pool started under
+    `stop_signals_held` has its workers born with them held: released here, once ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
