@@ -79,8 +79,8 @@ def test_bad_input_is_named(trained_run, tmp_path, capsys):
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "odd.pth")
     for argv, says in [([str(run / "checkpoint.pt")], "not an exported backbone"),
-                       ([str(run / "backbone_resnet18.pth"), "--arch", "resnet50"], "another architecture"),
-                       ([str(tmp_path / "odd.pth")], "another architecture")]:
+                       ([str(run / "backbone_resnet18.pth"), "--arch", "resnet50"], "it is a resnet18's: pass --arch resnet18"),
+                       ([str(tmp_path / "odd.pth")], "(damaged, or another network's): export it again")]:
         with pytest.raises(SystemExit) as exited:
             load_tool("eval_knn").main([*argv, "--train", "x", "--val", "y"])
         err = capsys.readouterr().err

@@ -168,9 +168,9 @@ def test_bad_input_is_named(tool, toy_run, tmp_path, capsys):
     backbone = str(toy_run / "backbone_resnet18.pth")
     assert "no data" in error_of(tool, [backbone], capsys)
     data = ["--train", str(toy_run.parent / "data" / "train"), "--val", str(toy_run.parent / "data" / "val")]
-    assert "another architecture" in error_of(tool, [backbone, "--arch", "resnet50", *data], capsys)
+    assert "it is a resnet18's: pass --arch resnet18" in error_of(tool, [backbone, "--arch", "resnet50", *data], capsys)
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1)}, tmp_path / "odd.pth")
-    assert "another architecture" in error_of(tool, [str(tmp_path / "odd.pth"), *data], capsys)
+    assert "export it again" in error_of(tool, [str(tmp_path / "odd.pth"), *data], capsys)
     torch.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pt")
     assert "not an exported backbone" in error_of(tool, [str(tmp_path / "checkpoint.pt"), *data], capsys)
     whole = (toy_run / "backbone_resnet18.pth").read_bytes()
@@ -364,7 +364,7 @@ def test_the_target_is_checked_before_the_data_and_the_runs_own_file_is_read(too
     err = error_of(tool, [str(tmp_path / "checkpoint.pt")], capsys)
     assert "is not an exported backbone" in err and "no data" not in err
     err = error_of(tool, [str(toy_run), "--arch", "resnet50"], capsys)
-    assert "from another architecture; try --arch resnet18" in err
+    assert "it is a resnet18's: pass --arch resnet18" in err
     bare = tmp_path / "young_run"
     bare.mkdir()
     (bare / "config.json").write_text((toy_run / "config.json").read_text())

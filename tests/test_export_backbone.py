@@ -209,5 +209,5 @@ def test_a_whole_torchvision_classifier_is_read_without_its_fc_layer(tmp_path, c
     loaded = net.state_dict()
     assert set(loaded) == set(whole) - {"fc.weight", "fc.bias"}
     assert all(torch.equal(loaded[k], whole[k]) for k in loaded)
-    with pytest.raises(EvalError, match="from another architecture; try --arch resnet18"):
+    with pytest.raises(EvalError, match="it is a resnet18's: pass --arch resnet18"):
         load_backbone(tmp_path / "resnet18_supervised.pth", "resnet50")

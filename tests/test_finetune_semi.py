@@ -82,7 +82,7 @@ def test_bad_subsets_are_named(tool, toy_run, tmp_path, capsys):
     assert "does not exist" in error_of(tool, [str(tmp_path / "no_run"), "--subset", str(bad)], capsys)
     err = error_of(tool, [str(toy_run / "backbone_resnet18.pth"), "--arch", "resnet50", "--subset", str(bad),
                           "--train", "x", "--val", "y"], capsys)
-    assert "another architecture" in err
+    assert "it is a resnet18's: pass --arch resnet18" in err
 
 
 def test_the_same_file_name_in_two_classes_is_ambiguous(tool, toy_run, tmp_path, capsys):

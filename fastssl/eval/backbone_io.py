@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fastssl.eval.errors import EvalError
-from fastssl.models.backbone import FEATURE_DIMS, build_backbone
+from fastssl.models.backbone import build_backbone
 
 __all__ = ["infer_arch", "load_backbone"]
 
@@ -60,7 +60,7 @@ def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
     classifier (with fc.*) is read too, its classifier left out with a note.
 
     Checked before `load_state_dict` so that a mismatch is reported as "another
-    architecture, try --arch X" instead of a 100-line PyTorch key dump.
+    architecture: pass --arch X" instead of a 100-line PyTorch key dump.
     """
     state = _read_state(Path(path))
     arch = arch or infer_arch(state)
@@ -79,8 +79,11 @@ def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, str]:
         state = {k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}
         unexpected = []
     if missing or unexpected or wrong:
+        found = infer_arch(state)  # its blocks' kind: a file of the other architecture is told to name it
+        fix = (f"it is a {found}'s: pass --arch {found}" if found != arch else
+               f"its blocks are a {arch}'s but its layers are not (damaged, or another network's): export it again "
+               "with tools/export_backbone.py")
         raise EvalError(f"{str(path)!r} does not fit a {arch} ({len(missing)} missing keys, {len(unexpected)} "
-                        f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:2]}): it is "
-                        f"from another architecture; try --arch {' or '.join(a for a in FEATURE_DIMS if a != arch)}")
+                        f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:2]}); {fix}")
     net.load_state_dict(state)
     return net, arch
