@@ -33,6 +33,8 @@ from pipelines.folder import DataLayoutError, class_folder_names, is_image_file,
 from pipelines.processes import pid_alive
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
+DEFAULT_JPEG_QUALITY = 90  # of the images stored as JPEG
+DEFAULT_COMPRESS_PROBABILITY = 0.5  # 'proportion' mode: the share stored as JPEG
 # Folder names that mean "a split", not "a class": a source whose sub-folders are all among
 # these is the dataset root (data/imagenet) given instead of one split (data/imagenet/train).
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
@@ -365,7 +367,8 @@ def raise_stopped(err: BaseException, partial: PartialConversion, owned: bool, o
 
 
 def convert(src: Path, out: Path, *, labels: Path | None = None, classes_from: Path | None = None,
-            max_resolution: int = 500, jpeg_quality: int = 90, compress_probability: float = 0.5,
+            max_resolution: int = 500, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+            compress_probability: float = DEFAULT_COMPRESS_PROBABILITY,
             write_mode: str = "proportion", num_workers: int = 0, subset_per_class: int = 0,
             force: bool = False, restart: bool = False, progress: bool = True,
             checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> dict:

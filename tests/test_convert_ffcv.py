@@ -796,3 +796,20 @@ def test_beton_errors_are_user_errors_in_the_cli_and_bench_loaders(tmp_path, ima
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err
+
+
+def test_an_option_the_write_mode_does_not_read_is_said(conv, capsys):
+    """--jpeg-quality with raw storage, --compress-probability outside 'proportion': a note, not silence;
+    an option left out takes the converter's default."""
+    tool = load_tool("convert_imagenet_to_ffcv")
+    args = tool.parse_args(["src", "out.beton", "--write-mode", "raw", "--jpeg-quality", "80",
+                            "--compress-probability", "0.2"])
+    assert capsys.readouterr().err == ("note: --jpeg-quality and --compress-probability have no effect with "
+                                       "--write-mode raw\n")
+    assert (args.jpeg_quality, args.compress_probability) == (80, 0.2)
+    args = tool.parse_args(["src", "out.beton", "--write-mode", "jpg", "--jpeg-quality", "80"])
+    assert capsys.readouterr().err == "" and args.compress_probability == conv.DEFAULT_COMPRESS_PROBABILITY
+    tool.parse_args(["src", "out.beton", "--write-mode", "smart", "--compress-probability", "0.9"])
+    assert capsys.readouterr().err == "note: --compress-probability has no effect with --write-mode smart\n"
+    args = tool.parse_args(["src", "out.beton"])
+    assert capsys.readouterr().err == "" and args.jpeg_quality == conv.DEFAULT_JPEG_QUALITY

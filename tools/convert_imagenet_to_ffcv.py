@@ -50,7 +50,8 @@ from pathlib import Path
 from fastssl.arg_types import MAX_WORKERS, int_at_least, number_in
 from fastssl.cli import ToolArgumentParser, interrupt_exit_status, interrupted_by, stop_signals_interrupt
 from pipelines.beton import summary_path
-from pipelines.beton_convert import WRITE_MODES, ConversionError, UsageError, convert
+from pipelines.beton_convert import (DEFAULT_COMPRESS_PROBABILITY, DEFAULT_JPEG_QUALITY, WRITE_MODES, ConversionError,
+                                    UsageError, convert)
 from pipelines.beton_resume import CHECKPOINT_EVERY_S
 
 
@@ -77,10 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--classes-from", type=Path, help="take the class list (sorted folder names) from this split")
     ap.add_argument("--max-resolution", type=int_at_least(8), default=500,
                     help="longest side after resizing (default 500)")
-    ap.add_argument("--jpeg-quality", type=int_at_least(1, 100), default=90,
-                    help="JPEG quality of stored images (default 90)")
-    ap.add_argument("--compress-probability", type=number_in(0, 1), default=0.5,
-                    help="'proportion' mode: share of images stored as JPEG, the rest raw (default 0.5)")
+    ap.add_argument("--jpeg-quality", type=int_at_least(1, 100),
+                    help=f"JPEG quality of stored images (default {DEFAULT_JPEG_QUALITY}; not with --write-mode raw)")
+    ap.add_argument("--compress-probability", type=number_in(0, 1),
+                    help="'proportion' mode: share of images stored as JPEG, the rest raw "
+                    f"(default {DEFAULT_COMPRESS_PROBABILITY})")
     ap.add_argument("--write-mode", choices=WRITE_MODES, default="proportion",
                     help="FFCV's image storage mode (default proportion)")
     ap.add_argument("--num-workers", type=int_at_least(0, MAX_WORKERS), default=0,
@@ -97,6 +99,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.out.suffix != ".beton":
         ap.error(f"OUT should end in .beton, got {str(args.out)!r}")
+    # An option the storage mode does not read is said, not silently dropped: FFCV's RGBImageField
+    # reads the quality in every mode that writes JPEGs, the probability in 'proportion' only.
+    unused = [flag for flag, value, modes in (("--jpeg-quality", args.jpeg_quality, ("proportion", "jpg", "smart")),
+                                              ("--compress-probability", args.compress_probability, ("proportion",)))
+              if value is not None and args.write_mode not in modes]
+    if unused:
+        print(f"note: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with --write-mode "
+              f"{args.write_mode}", file=sys.stderr)
+    if args.jpeg_quality is None:
+        args.jpeg_quality = DEFAULT_JPEG_QUALITY
+    if args.compress_probability is None:
+        args.compress_probability = DEFAULT_COMPRESS_PROBABILITY
     return args
 
 
