@@ -280,7 +280,7 @@ def test_the_profiled_loop_logs_the_largest_window_that_divides_warm_up_and_time
         [10, 2, 1, 7, 6, 10]
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM in the loop"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM in the loop", "a peer's stop in the loop"])
 def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monkeypatch, capsys, stop):
     """tools/gpu_check.py stops a profile at its deadline, a user with Ctrl-C or `kill`: report.partial.json
     holds the model step (and its peak memory) from the moment it is measured until the full report.json
@@ -296,15 +296,17 @@ def test_a_profile_stopped_after_the_model_step_keeps_its_figures(tmp_path, monk
             raise KeyboardInterrupt
 
         monkeypatch.setattr(profile, "measure_end_to_end", deadline)
-    else:
-        monkeypatch.setattr(profile, "train", lambda c: {"interrupted": "SIGTERM"})
+    else:  # the loop names the signal, or "signal" when another process received it
+        said_by_loop = "SIGTERM" if stop == "SIGTERM in the loop" else "signal"
+        monkeypatch.setattr(profile, "train", lambda c: {"interrupted": said_by_loop})
     code = tool.main(["--recipe", str(recipe), "--out", str(tmp_path / "out"), "--backends", "synthetic",
                       "--data.backend", "synthetic", "--steps", "1", "--warmup-steps", "1", "--loader-batches", "1",
                       "--warmup-batches", "0", "--repeats", "1", "--workers", "0"])
     partial = tmp_path / "out" / "report.partial.json"
     said = capsys.readouterr()
-    first = "interrupted;" if stop == "ctrl-c" else "interrupted by SIGTERM;"
-    assert code == (130 if stop == "ctrl-c" else 128 + signal.SIGTERM)
+    sigterm = stop == "SIGTERM in the loop"
+    first = "interrupted by SIGTERM;" if sigterm else "interrupted;"
+    assert code == (128 + signal.SIGTERM if sigterm else 130)
     assert said.err == f"{first} {partial} keeps the stages that finished: run the command again\n", said.err
     assert ("scratch run, deleted now" in said.out) == (stop != "ctrl-c")
     assert not (tmp_path / "out" / "report.json").exists()  # report.json is only ever a whole report

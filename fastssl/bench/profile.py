@@ -44,7 +44,7 @@ from fastssl.reports import analysis, charts
 from fastssl.reports.environment import describe_environment, describe_recipe
 from fastssl.reports.schema import new_report
 from fastssl.run_log import utc_now, write_json
-from fastssl.runtime import build_accelerator, seed_everything
+from fastssl.runtime import build_accelerator, seed_everything, stop_exit_code
 from fastssl.schedules import step_schedule
 from pipelines.beton_convert import convert
 from pipelines.cores import default_num_workers
@@ -231,7 +231,7 @@ def measure_end_to_end(cfg: Config, s: ProfileSettings, scratch: Path) -> dict:
     if stopped is not None:  # the loop checkpointed its scratch run and said so: the profile ends here
         print("    (that checkpoint is the profile's scratch run, deleted now: a profile is run again, not resumed)",
               flush=True)
-        signum = getattr(signal, stopped, signal.SIGINT)
+        signum = stop_exit_code(stopped) - 128  # the loop's "signal" (a peer's stop) counts as Ctrl-C
         raise KeyboardInterrupt() if signum == signal.SIGINT else StopSignal(signum)
     with (Path(c.train.run_dir) / "train_log.csv").open() as f:
         rows = list(csv.DictReader(f))
