@@ -30,7 +30,7 @@ from pipelines.beton_writer import (ConvertDataset, NothingToWrite, WorkerError,
                                     write_beton)
 from pipelines.cores import torch_threads_kept, usable_cores
 from pipelines.folder import DataLayoutError, class_folder_names, is_image_file, read_text_file, walk_files
-from pipelines.processes import pid_alive
+from pipelines.processes import left_by_dead_processes
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 DEFAULT_JPEG_QUALITY = 90  # of the images stored as JPEG
@@ -201,10 +201,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
     killed (kill -9, power loss): those whose PID no longer runs. Says so on stderr."""
     removed = []
     for name in (out.name, summary_path(out).name):
-        for path in out.parent.glob(f".{glob.escape(name)}{PARTIAL}*"):
-            pid = path.name.rsplit(PARTIAL, 1)[1]
-            if not pid.isdigit() or pid_alive(int(pid)):
-                continue
+        for path, pid in left_by_dead_processes(out.parent.glob(f".{glob.escape(name)}{PARTIAL}*"), PARTIAL):
             with suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pipelines.cores import usable_cores
 from pipelines.demo_images import (GENERATOR_VERSION, MAX_CLASSES, class_names, class_specs, encode_jpeg,
                                     render_image)
-from pipelines.processes import pid_alive, pool_worker_ignores_interrupts, stop_signals_held
+from pipelines.processes import left_by_dead_processes, pool_worker_ignores_interrupts, stop_signals_held
 
 DEFAULT_NUM_CLASSES = 10
 DEFAULT_TRAIN_PER_CLASS = 250
@@ -251,9 +251,8 @@ def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
 def _remove_stale_tmp_dirs(out: Path) -> None:
     """Delete the temporary folders beside OUT left by runs killed outright (kill -9, power loss):
     those whose PID no longer runs. A stop that Python sees (Ctrl-C, SIGTERM) removes its own."""
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not pid_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+    for tmp, pid in left_by_dead_processes(out.parent.glob(f".{glob.escape(out.name)}.tmp-*"), ".tmp-"):
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"removed {tmp}: left by an interrupted run (PID {pid} is gone)", file=sys.stderr)
 

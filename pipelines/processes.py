@@ -7,12 +7,13 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from multiprocessing.context import BaseContext
+from pathlib import Path
 
-__all__ = ["describe_exit", "pid_alive", "STOP_SIGNALS", "stop_signals_held", "leave_process_group",
-           "loader_workers_context", "pool_worker_ignores_interrupts"]
+__all__ = ["describe_exit", "pid_alive", "left_by_dead_processes", "STOP_SIGNALS", "stop_signals_held",
+           "leave_process_group", "loader_workers_context", "pool_worker_ignores_interrupts"]
 
 
 def describe_exit(code: int) -> str:
@@ -35,6 +36,15 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's live process
     return True
+
+
+def left_by_dead_processes(paths: Iterable[Path], marker: str) -> Iterator[tuple[Path, str]]:
+    """(path, PID) of those `paths` named `<name><marker><PID>` whose PID no longer runs: what a writer
+    killed outright (kill -9, power loss) left behind, which the next run may remove."""
+    for path in paths:
+        pid = path.name.rsplit(marker, 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            yield path, pid
 
 
 # The signals a launcher forwards to a trainer's process group and the trainer turns into a stop.
